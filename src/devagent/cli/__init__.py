@@ -1,0 +1,14 @@
+"""The ``devagent`` command line: one click group, one module per command family."""
+
+from __future__ import annotations
+
+import click
+
+from devagent import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="devagent")
+def main() -> None:
+    """devagent: live-migrate QEMU VMs between hosts without shared storage,
+    with device agents that never fail or lose a guest I/O request."""
