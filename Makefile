@@ -1,0 +1,53 @@
+# devagent — the two commands of the quick start are `make demo` and `make test`.
+# Every target installs what it needs and is idempotent: a second run skips what is done.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEB_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio iproute2 libnbd-bin gcc make \
+                python3-venv iputils-ping
+PYTEST_ARGS ?=
+
+.PHONY: all deps venv guest demo test lint unit clean
+
+all: test
+
+# Debian packages: apt-get runs only when one of them is missing.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
+
+# The virtual environment with devagent in editable mode; rebuilt when pyproject.toml changes.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml | deps
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+# The test guest (kernel, initramfs with ioprobe) in the cache folder; skipped when present.
+guest: venv
+	$(BIN)/devagent guest build
+
+demo: deps venv guest
+	$(BIN)/devagent demo
+
+lint: venv
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+test: deps venv guest lint
+	$(BIN)/pytest -q -rs $(PYTEST_ARGS)
+
+unit: venv
+	$(BIN)/pytest -q -m 'not vm and not lab' $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,68 @@
+"""Entry point of ``devagentd``: parse the command line, build the app, serve until signalled."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from devagent.daemon.api import build_app
+from devagent.daemon.host import Host
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="devagentd",
+        description="devagent host daemon: runs the VMs of one host and their device agents.",
+    )
+    parser.add_argument("--host-name", required=True, help="this host's name in the lab (a, b, …)")
+    parser.add_argument(
+        "--listen", required=True, metavar="ADDR:PORT", help="address and port of the HTTP API"
+    )
+    parser.add_argument("--dir", required=True, type=Path, help="this host's state folder")
+    parser.add_argument(
+        "--token-file", required=True, type=Path, help="file holding the API bearer token"
+    )
+    parser.add_argument(
+        "--shared-dir",
+        type=Path,
+        default=None,
+        help="folder every host of the lab sees (for the 'shared' storage baseline)",
+    )
+    return parser.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    addr, _, port = args.listen.rpartition(":")
+    token = args.token_file.read_text().strip()
+    host = Host(
+        name=args.host_name, address=addr, port=int(port), root=args.dir, shared_dir=args.shared_dir
+    )
+    app = build_app(host, token)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, addr, int(port), reuse_address=True)
+    await site.start()
+    logging.getLogger("devagentd").info("host %s listening on %s", args.host_name, args.listen)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s devagentd[{args.host_name}] %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    asyncio.run(serve(args))
