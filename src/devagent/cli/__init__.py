@@ -12,3 +12,15 @@ from devagent import __version__
 def main() -> None:
     """devagent: live-migrate QEMU VMs between hosts without shared storage,
     with device agents that never fail or lose a guest I/O request."""
+
+
+def _register() -> None:
+    from devagent.cli.demo_cmd import demo_cmd
+    from devagent.cli.migrate_cmd import migrate_cmd
+    from devagent.cli.vm_cmd import vm_group
+
+    for command in (vm_group, migrate_cmd, demo_cmd):
+        main.add_command(command)
+
+
+_register()

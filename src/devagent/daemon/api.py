@@ -1,19 +1,54 @@
-"""The daemon's HTTP JSON API (aiohttp). Every route but none requires ``Authorization:
-Bearer TOKEN``; errors are JSON objects ``{"error": message}`` with a 4xx/5xx status."""
+"""The daemon's HTTP JSON API (aiohttp).
+
+Every route requires ``Authorization: Bearer TOKEN`` (401 otherwise). Errors are JSON objects
+``{"error": message}``: a bad request 400, an unknown VM or migration 404, an operation the
+object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with its trace).
+
+    GET    /v1/health                         host name and address
+    GET    /v1/vms                            every VM of this host
+    POST   /v1/vms                            start a VM (VmRequest)
+    GET    /v1/vms/{name}                     one VM's state and last heartbeat
+    DELETE /v1/vms/{name}                     stop a VM
+    GET    /v1/vms/{name}/heartbeats?since=T  probe heartbeats that arrived after T
+    POST   /v1/vms/{name}/probe               {"command": "pause"|"resume"|"verify"}
+    POST   /v1/vms/{name}/integrity           disk equals what the guest last wrote?
+    POST   /v1/vms/{name}/migrate             start a migration (MigrationRequest) → 202
+    GET    /v1/migrations[/{id}]              migrations this host ran as the source
+    POST   /v1/incoming                       (peer) prepare an incoming VM → {"uri"}
+    POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it
+    DELETE /v1/incoming/{name}                (peer) roll back: remove it
+"""
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+import json
+import logging
+import socket
+from dataclasses import asdict
+from typing import Any
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 from devagent.daemon.host import Host
+from devagent.daemon.migration import MigrationJob, MigrationRequest
+from devagent.daemon.vms import VmRequest
+from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.qemu.config import VmConfig
+from devagent.qemu.vm import VmState
+
+log = logging.getLogger(__name__)
 
 HOST_KEY = web.AppKey("host", Host)
+MAX_BODY = 1 << 20
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_STATUS: list[tuple[type[DevagentError], int]] = [
+    (UsageError, 400),
+    (NotFound, 404),
+    (StateError, 409),
+    (PeerError, 502),
+]
 
 
 def json_error(status: int, message: str) -> web.Response:
@@ -33,13 +68,180 @@ def token_middleware(token: str) -> Middleware:
     return check
 
 
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as http:
+        if http.status >= 400:
+            return json_error(http.status, http.reason or "error")
+        raise
+    except DevagentError as err:
+        status = next((code for kind, code in _STATUS if isinstance(err, kind)), 500)
+        log.info("%s %s -> %d: %s", request.method, request.path, status, err)
+        return json_error(status, str(err))
+    except Exception as err:
+        log.exception("%s %s crashed", request.method, request.path)
+        return json_error(500, f"internal error: {err!r}")
+
+
+async def body(request: web.Request) -> Any:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise UsageError(f"request body over {MAX_BODY} bytes")
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"request body is not valid JSON: {err}") from err
+
+
+def host_of(request: web.Request) -> Host:
+    return request.app[HOST_KEY]
+
+
 async def health(request: web.Request) -> web.Response:
-    host = request.app[HOST_KEY]
+    host = host_of(request)
     return web.json_response({"host": host.name, "address": host.address, "port": host.port})
 
 
+async def list_vms(request: web.Request) -> web.Response:
+    vms = host_of(request).vms.vms.values()
+    return web.json_response({"vms": [m.status() for m in vms]})
+
+
+async def start_vm(request: web.Request) -> web.Response:
+    vm_request = VmRequest.from_json(await body(request))
+    managed = await host_of(request).vms.start(vm_request)
+    return web.json_response(managed.status(), status=201)
+
+
+async def get_vm(request: web.Request) -> web.Response:
+    return web.json_response(host_of(request).vms.get(request.match_info["name"]).status())
+
+
+async def stop_vm(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await host_of(request).vms.remove(name)
+    return web.json_response({"name": name, "state": "stopped"})
+
+
+async def heartbeats(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    try:
+        since = float(request.query.get("since", "0"))
+    except ValueError:
+        raise UsageError("'since' must be a number (host time in seconds)") from None
+    beats = [asdict(b) for b in managed.heartbeats_since(since)]
+    return web.json_response({"heartbeats": beats})
+
+
+async def probe_command(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    payload = await body(request)
+    command = payload.get("command") if isinstance(payload, dict) else None
+    if not isinstance(command, str):
+        raise UsageError("body must be {'command': 'pause'|'resume'|'verify'}")
+    event = await managed.probe_command(command)
+    return web.json_response({"event": asdict(event)})
+
+
+async def integrity(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    return web.json_response({"integrity": await managed.check_integrity()})
+
+
+async def migrate(request: web.Request) -> web.Response:
+    host = host_of(request)
+    managed = host.vms.get(request.match_info["name"])
+    migration = MigrationRequest.from_json(await body(request))
+    busy = [j for j in host.migrations.values() if j.managed is managed and j.finished_at is None]
+    if busy:
+        raise StateError(f"VM {managed.name} is already migrating (job {busy[0].id})")
+    managed.vm.require(VmState.RUNNING)
+    job = MigrationJob(host, managed, migration)
+    host.migrations[job.id] = job
+    job.start()
+    return web.json_response(job.status(), status=202)
+
+
+async def list_migrations(request: web.Request) -> web.Response:
+    jobs = host_of(request).migrations.values()
+    return web.json_response({"migrations": [j.status() for j in jobs]})
+
+
+async def get_migration(request: web.Request) -> web.Response:
+    job_id = request.match_info["id"]
+    job = host_of(request).migrations.get(job_id)
+    if job is None:
+        raise NotFound(f"no migration {job_id!r} on host {host_of(request).name}")
+    return web.json_response(job.status())
+
+
+def free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def prepare_incoming(request: web.Request) -> web.Response:
+    host = host_of(request)
+    payload = await body(request)
+    if not isinstance(payload, dict) or "request" not in payload or "config" not in payload:
+        raise UsageError("body must be {'request': VmRequest, 'config': VmConfig}")
+    vm_request = VmRequest.from_json(payload["request"])
+    config = VmConfig.from_json(payload["config"])
+    managed = await host.vms.prepare_incoming(vm_request, config)
+    uri = f"tcp:{host.address}:{free_port(host.address)}"
+    try:
+        await managed.vm.qmp("migrate-incoming", uri=uri)
+    except BaseException:
+        await host.vms.remove(managed.name)
+        raise
+    return web.json_response({"uri": uri, "vm": managed.status()}, status=201)
+
+
+async def commit_incoming(request: web.Request) -> web.Response:
+    host = host_of(request)
+    managed = host.vms.get(request.match_info["name"])
+    if managed.role != "incoming":
+        raise StateError(f"VM {managed.name} is not an incoming VM")
+    await managed.wait_running(timeout=30.0)
+    managed.role = "running"
+    managed.save()
+    return web.json_response({"resumed_at": managed.vm.resumed_at, "vm": managed.status()})
+
+
+async def abort_incoming(request: web.Request) -> web.Response:
+    host = host_of(request)
+    name = request.match_info["name"]
+    managed = host.vms.get(name)
+    if managed.role != "incoming":
+        raise StateError(f"VM {name} is not an incoming VM: refusing to remove it")
+    await host.vms.remove(name)
+    return web.json_response({"name": name, "state": "removed"})
+
+
 def build_app(host: Host, token: str) -> web.Application:
-    app = web.Application(middlewares=[token_middleware(token)])
+    app = web.Application(
+        middlewares=[token_middleware(token), error_middleware], client_max_size=MAX_BODY
+    )
     app[HOST_KEY] = host
-    app.router.add_get("/v1/health", health)
+    r = app.router
+    r.add_get("/v1/health", health)
+    r.add_get("/v1/vms", list_vms)
+    r.add_post("/v1/vms", start_vm)
+    r.add_get("/v1/vms/{name}", get_vm)
+    r.add_delete("/v1/vms/{name}", stop_vm)
+    r.add_get("/v1/vms/{name}/heartbeats", heartbeats)
+    r.add_post("/v1/vms/{name}/probe", probe_command)
+    r.add_post("/v1/vms/{name}/integrity", integrity)
+    r.add_post("/v1/vms/{name}/migrate", migrate)
+    r.add_get("/v1/migrations", list_migrations)
+    r.add_get("/v1/migrations/{id}", get_migration)
+    r.add_post("/v1/incoming", prepare_incoming)
+    r.add_post("/v1/incoming/{name}/commit", commit_incoming)
+    r.add_delete("/v1/incoming/{name}", abort_incoming)
     return app

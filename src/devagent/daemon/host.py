@@ -1,9 +1,15 @@
-"""The daemon's view of its host: name, address, state folder, and the VMs it runs."""
+"""The daemon's view of its host: name, address, folders, its VMs and migrations."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from devagent.daemon.vms import VmManager
+
+if TYPE_CHECKING:
+    from devagent.daemon.migration import MigrationJob
 
 
 @dataclass
@@ -13,3 +19,13 @@ class Host:
     port: int
     root: Path
     shared_dir: Path | None = None
+    vms: VmManager = field(init=False)
+    migrations: dict[str, MigrationJob] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vms = VmManager(self.name, self.root, self.shared_dir)
+
+    @property
+    def loopback(self) -> bool:
+        """A loopback lab: every host shares the machine's one network stack."""
+        return self.address.startswith("127.")

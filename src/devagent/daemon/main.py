@@ -43,6 +43,7 @@ async def serve(args: argparse.Namespace) -> None:
     host = Host(
         name=args.host_name, address=addr, port=int(port), root=args.dir, shared_dir=args.shared_dir
     )
+    await host.vms.adopt_all()
     app = build_app(host, token)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

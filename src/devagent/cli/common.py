@@ -1,0 +1,80 @@
+"""What every command shares: running a coroutine with devagent errors turned into a clear
+message and exit code, the consoles, and finding a lab's daemons."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+
+from devagent.client import Endpoint
+from devagent.errors import DevagentError, UsageError
+
+T = TypeVar("T")
+
+out = Console()  # reports and tables: standard output
+err = Console(stderr=True)  # progress and messages: standard error
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print only JSON, for scripts.")
+lab_option = click.option(
+    "--lab",
+    "lab_name",
+    default=lambda: os.environ.get("DEVAGENT_LAB", "lab"),
+    show_default="$DEVAGENT_LAB or 'lab'",
+    help="Which lab's hosts to use.",
+)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; a devagent error prints one line and exits 1 (2 for misuse)."""
+    try:
+        return asyncio.run(coro)
+    except UsageError as error:
+        err.print(f"[red]error:[/red] {error}")
+        sys.exit(2)
+    except DevagentError as error:
+        err.print(f"[red]error:[/red] {error}")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def lab_endpoints(lab_name: str) -> list[Endpoint]:
+    from devagent.lab.lab import Lab
+
+    lab = Lab.load(lab_name)
+    return [Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts]
+
+
+def endpoint_for(host: str, lab_name: str) -> Endpoint:
+    """A host by its lab name (``a``) or, outside a lab, by URL with $DEVAGENT_TOKEN."""
+    if host.startswith(("http://", "https://")):
+        return Endpoint(url=host.rstrip("/"), token=os.environ.get("DEVAGENT_TOKEN", ""), name=host)
+    for endpoint in lab_endpoints(lab_name):
+        if endpoint.name == host:
+            return endpoint
+    names = ", ".join(e.name for e in lab_endpoints(lab_name))
+    raise UsageError(f"lab {lab_name!r} has no host {host!r} (hosts: {names})")
+
+
+def lab_link_rate(lab_name: str) -> int | None:
+    """The lab's shaped link rate in bit/s, or None when unshaped or not a lab."""
+    from devagent.lab.lab import Lab
+
+    try:
+        lab = Lab.load(lab_name)
+    except DevagentError:
+        return None
+    rate = getattr(lab, "link_rate_bps", None)
+    return int(rate) if rate else None

@@ -1,0 +1,81 @@
+"""Progress of long steps: rich bars on a terminal, one line per phase otherwise."""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+from devagent.cli.common import err
+
+
+class MigrationProgress:
+    """Feed it the migration job's status dicts (``orchestrate.follow_migration``)."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.phase: str | None = None
+        self.bars: Progress | None = None
+        self.ram_task: Any = None
+
+    def __enter__(self) -> MigrationProgress:
+        if self.enabled and err.is_terminal:
+            self.bars = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TimeElapsedColumn(),
+                console=err,
+                transient=True,
+            )
+            self.bars.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+
+    def __call__(self, job: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        phase = job["phase"]
+        if phase != self.phase:
+            self.phase = phase
+            err.print(f"[bold]{job['vm']}[/]: {phase} ({job['progress'].get('elapsed_s', 0)} s)")
+        ram = job["progress"]
+        if self.bars is not None and "ram_total" in ram:
+            if self.ram_task is None:
+                self.ram_task = self.bars.add_task("RAM", total=ram["ram_total"])
+            self.bars.update(self.ram_task, completed=ram["ram_transferred"])
+
+
+class Spinner:
+    """A status line for a wait: ``with Spinner("booting") as s: s.update("…")``."""
+
+    def __init__(self, text: str, enabled: bool = True):
+        self.enabled = enabled and err.is_terminal
+        self.status = err.status(text) if self.enabled else None
+
+    def __enter__(self) -> Spinner:
+        if self.status is not None:
+            self.status.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.status is not None:
+            self.status.stop()
+
+    def update(self, text: str) -> None:
+        if self.status is not None:
+            self.status.update(text)

@@ -1,0 +1,41 @@
+"""How a migration report looks on a terminal."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from devagent.report import MEASURES, MigrationReport
+
+UNITS = {
+    "time_to_switchover_s": "s",
+    "total_time_s": "s",
+    "downtime_ms": "ms",
+    "max_io_gap_ms": "ms",
+    "guest_max_latency_ms": "ms",
+    "guest_p99_latency_ms": "ms",
+    "limit_s": "s",
+    "bytes_between_hosts": "bytes",
+}
+MUST_BE_ZERO = ("guest_io_errors", "guest_verify_failures")
+
+
+def report_table(report: MigrationReport) -> Table:
+    title = (
+        f"migration of {report.vm}: {report.source} → {report.destination} "
+        f"({report.storage}) — {report.status}"
+    )
+    table = Table(title=title, title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_column("", style="dim")
+    for name in MEASURES:
+        value = getattr(report, name)
+        if value is None:
+            table.add_row(name, "—", report.missing.get(name, ""))
+            continue
+        text = f"{value:,}" if isinstance(value, int) else str(value)
+        if name in MUST_BE_ZERO or name == "integrity":
+            good = value == 0 or value == "ok"
+            text = f"[{'green' if good else 'red'}]{text}[/]"
+        table.add_row(name, text, UNITS.get(name, ""))
+    return table

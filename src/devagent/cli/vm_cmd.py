@@ -1,0 +1,183 @@
+"""``devagent vm``: start, list, show and stop VMs on a lab's hosts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.table import Table
+
+from devagent.cli.common import (
+    endpoint_for,
+    err,
+    json_option,
+    lab_endpoints,
+    lab_option,
+    out,
+    print_json,
+    run,
+)
+from devagent.cli.progress import Spinner
+from devagent.client import DaemonClient
+from devagent.orchestrate import locate_vm, start_vm
+
+
+@click.group("vm")
+def vm_group() -> None:
+    """Start, list, inspect and stop VMs."""
+
+
+@vm_group.command("start")
+@click.argument("name")
+@click.option("--host", required=True, help="Host to start it on (a lab host name, or a URL).")
+@click.option(
+    "--disk-size", default="1G", show_default=True, help="Size of the probe guest's disk."
+)
+@click.option("--ram", default="256M", show_default=True, help="Guest RAM (M or G suffix).")
+@click.option(
+    "--workload",
+    default="moderate",
+    show_default=True,
+    help="ioprobe profile: idle, moderate, heavy, optionally with overrides "
+    "(moderate,rate=500,prefill=256M).",
+)
+@click.option(
+    "--storage",
+    type=click.Choice(["shared", "local"]),
+    default="shared",
+    show_default=True,
+    help="Where the disk lives: the lab's shared folder or the host's own.",
+)
+@click.option("--disk", "disk_image", help="Run your own guest from this image (raw or qcow2).")
+@click.option("--kernel", help="With --disk: boot this kernel directly instead of the firmware.")
+@click.option("--initrd", help="With --kernel: the initrd.")
+@click.option("--append", help="With --kernel: the kernel command line.")
+@click.option(
+    "--no-wait", is_flag=True, help="Return once QEMU runs, without waiting for the probe."
+)
+@json_option
+@lab_option
+def start(
+    name: str,
+    host: str,
+    disk_size: str,
+    ram: str,
+    workload: str,
+    storage: str,
+    disk_image: str | None,
+    kernel: str | None,
+    initrd: str | None,
+    append: str | None,
+    no_wait: bool,
+    as_json: bool,
+    lab_name: str,
+) -> None:
+    """Boot VM NAME on HOST: by default the test guest running ioprobe with WORKLOAD;
+    with --disk, your own guest (which has no probe, so fewer measures)."""
+    from devagent.daemon.vms import parse_size
+
+    request: dict[str, Any] = {
+        "name": name,
+        "ram_mb": parse_size(ram) >> 20,
+        "disk_size": parse_size(disk_size),
+        "storage": storage,
+    }
+    if disk_image:
+        request.update(disk=disk_image, kernel=kernel, initrd=initrd, append=append)
+    else:
+        request["workload"] = workload
+
+    async def go() -> dict[str, Any]:
+        endpoint = endpoint_for(host, lab_name)
+        with Spinner(f"starting {name} on {host}", enabled=not as_json) as spinner:
+            return await start_vm(
+                endpoint,
+                request,
+                wait=not no_wait,
+                progress=lambda p: spinner.update(
+                    f"{name} on {host}: {p['phase']} {p['elapsed_s']:.1f} s"
+                ),
+            )
+
+    status = run(go())
+    if as_json:
+        print_json(status)
+    elif status.get("boot_s") is not None and status["probe"]:
+        err.print(
+            f"VM {name} runs on host {host}; probe's first heartbeat after {status['boot_s']} s"
+        )
+    else:
+        err.print(f"VM {name} runs on host {host} (no ioprobe: your own guest)")
+
+
+@vm_group.command("list")
+@json_option
+@lab_option
+def list_vms(as_json: bool, lab_name: str) -> None:
+    """Every VM on every host of the lab."""
+
+    async def go() -> list[dict[str, Any]]:
+        rows = []
+        for endpoint in lab_endpoints(lab_name):
+            async with DaemonClient(endpoint) as client:
+                for vm in (await client.get("/v1/vms"))["vms"]:
+                    rows.append({"host": endpoint.name, **vm})
+        return rows
+
+    rows = run(go())
+    if as_json:
+        print_json(rows)
+        return
+    table = Table("host", "vm", "state", "role", "ram", "storage", "ops total", "errors")
+    for row in rows:
+        beat = row["last_heartbeat"] or {}
+        table.add_row(
+            row["host"],
+            row["name"],
+            row["state"],
+            row["role"],
+            f"{row['ram_mb']}M",
+            row["storage"],
+            str(beat.get("ops_total", "—")),
+            str(beat.get("errors", "—")),
+        )
+    out.print(table)
+
+
+@vm_group.command("status")
+@click.argument("name")
+@json_option
+@lab_option
+def status(name: str, as_json: bool, lab_name: str) -> None:
+    """Where VM NAME runs, its state and its probe's last heartbeat."""
+
+    async def go() -> dict[str, Any]:
+        endpoint, vm = await locate_vm(lab_endpoints(lab_name), name)
+        return {"host": endpoint.name, **vm}
+
+    info = run(go())
+    if as_json:
+        print_json(info)
+        return
+    for key, value in info.items():
+        out.print(f"{key:>20}: {value}")
+
+
+@vm_group.command("stop")
+@click.argument("name")
+@json_option
+@lab_option
+def stop(name: str, as_json: bool, lab_name: str) -> None:
+    """Stop VM NAME wherever it runs."""
+
+    async def go() -> dict[str, Any]:
+        endpoint, _ = await locate_vm(lab_endpoints(lab_name), name)
+        async with DaemonClient(endpoint) as client:
+            answer: dict[str, Any] = await client.delete(f"/v1/vms/{name}")
+            return {"host": endpoint.name, **answer}
+
+    answer = run(go())
+    if as_json:
+        print_json(answer)
+    else:
+        err.print(f"VM {name} stopped on host {answer['host']}")

@@ -1,0 +1,280 @@
+"""A live migration as the source daemon runs it, peer to peer with the destination daemon.
+
+The job's life is one enum, :class:`Phase`, moved through one table. The source daemon
+prepares the destination (``POST /v1/incoming``: an incoming QEMU waiting for the VM), runs
+QEMU's RAM migration over QMP, has the destination commit the VM once QEMU reports
+completion, releases its own copy, and writes the report from both hosts' probe heartbeats.
+
+Before switchover any failure rolls back: the migration is cancelled, the VM keeps running on
+the source untouched, and the destination is told to remove everything it made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from devagent.client import DaemonClient, Endpoint
+from devagent.daemon.host import Host
+from devagent.daemon.netstat import link_bytes
+from devagent.daemon.vms import ManagedVm
+from devagent.errors import DevagentError, PeerError, StateError, UsageError
+from devagent.guest.probe import Heartbeat
+from devagent.qemu.vm import VmState
+from devagent.report import MigrationReport, fill_io_measures, limit_seconds
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("shared",)
+POLL_S = 0.1
+BASELINE_S = 3.0  # steady-state window before the migration, for io_rate_ratio
+SETTLE_BEATS = 5  # heartbeats with I/O the destination must show before the report closes
+SETTLE_TIMEOUT_S = 10.0
+
+
+class Phase(Enum):
+    PREPARING = "preparing"
+    RAM = "ram"
+    SWITCHOVER = "switchover"
+    FINISHING = "finishing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+_NEXT: dict[Phase, frozenset[Phase]] = {
+    Phase.PREPARING: frozenset({Phase.RAM, Phase.FAILED}),
+    Phase.RAM: frozenset({Phase.SWITCHOVER, Phase.FAILED}),
+    Phase.SWITCHOVER: frozenset({Phase.FINISHING, Phase.FAILED}),
+    Phase.FINISHING: frozenset({Phase.COMPLETED, Phase.FAILED}),
+    Phase.COMPLETED: frozenset(),
+    Phase.FAILED: frozenset(),
+}
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    destination: Endpoint
+    storage: str = "shared"
+    link_rate_bps: int | None = None
+    downtime_limit_ms: int | None = None
+    auto_converge: bool = True
+
+    @classmethod
+    def from_json(cls, body: Any) -> MigrationRequest:
+        if not isinstance(body, dict):
+            raise UsageError("the request body must be a JSON object")
+        storage = body.get("storage", "shared")
+        if storage not in STRATEGIES:
+            raise UsageError(
+                f"storage {storage!r} is not available: choose one of {', '.join(STRATEGIES)}"
+            )
+        rate = body.get("link_rate_bps")
+        downtime = body.get("downtime_limit_ms")
+        for key, value in (("link_rate_bps", rate), ("downtime_limit_ms", downtime)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise UsageError(f"'{key}' must be a positive integer")
+        return cls(
+            destination=Endpoint.from_json(body.get("to")),
+            storage=storage,
+            link_rate_bps=rate,
+            downtime_limit_ms=downtime,
+            auto_converge=bool(body.get("auto_converge", True)),
+        )
+
+
+class MigrationJob:
+    def __init__(self, host: Host, managed: ManagedVm, request: MigrationRequest):
+        self.id = secrets.token_hex(4)
+        self.host = host
+        self.managed = managed
+        self.request = request
+        self.phase = Phase.PREPARING
+        self.started_at = time.time()
+        self.finished_at: float | None = None
+        self.progress: dict[str, Any] = {}
+        dest = request.destination
+        self.report = MigrationReport(
+            vm=managed.name,
+            source=host.name,
+            destination=dest.name or dest.url,
+            storage=request.storage,
+            link_rate_bps=request.link_rate_bps,
+        )
+        self.log = logging.getLogger(f"{__name__}.{managed.name}")
+        self.task: asyncio.Task[None] | None = None
+
+    def _move(self, phase: Phase) -> None:
+        if phase not in _NEXT[self.phase]:
+            raise StateError(
+                f"migration {self.id}: no transition {self.phase.value} -> {phase.value}"
+            )
+        self.log.info("migration %s to %s: %s", self.id, self.report.destination, phase.value)
+        self.phase = phase
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "vm": self.managed.name,
+            "phase": self.phase.value,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "progress": self.progress,
+            "report": self.report.to_json(),
+        }
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"migration-{self.id}")
+
+    async def _run(self) -> None:
+        try:
+            await self._migrate()
+        except asyncio.CancelledError:
+            self._fail("cancelled")
+            raise
+        except DevagentError as err:
+            self._fail(str(err))
+        except Exception as err:  # a bug: keep the daemon up and say what happened
+            self.log.exception("migration %s crashed", self.id)
+            self._fail(f"internal error: {err!r}")
+
+    def _fail(self, message: str) -> None:
+        self.log.error("migration %s failed: %s", self.id, message)
+        self.report.status = "failed"
+        self.report.error = message
+        self.phase = Phase.FAILED
+        self.finished_at = time.time()
+
+    async def _migrate(self) -> None:
+        managed, vm = self.managed, self.managed.vm
+        vm.require(VmState.RUNNING)
+        self._check_storage()
+        t0 = self.started_at
+        bytes0 = link_bytes(self.host.loopback)
+        async with DaemonClient(self.request.destination) as peer:
+            answer = await peer.post(
+                "/v1/incoming",
+                {"request": managed.request.to_json(), "config": managed.config.to_json()},
+            )
+            uri = str(answer["uri"])
+            try:
+                self._move(Phase.RAM)
+                done = await self._ram(uri)
+            except BaseException as err:
+                await self._roll_back(peer, err)
+                raise
+            self._move(Phase.SWITCHOVER)
+            committed = await peer.post(f"/v1/incoming/{managed.name}/commit")
+            resumed_at = float(committed["resumed_at"])
+            self._move(Phase.FINISHING)
+            await self.host.vms.remove(managed.name)
+            released_at = time.time()
+            bytes1 = link_bytes(self.host.loopback)
+            dest_beats = await self._settle(peer, resumed_at)
+            report = self.report
+            report.time_to_switchover_s = round(resumed_at - t0, 3)
+            report.total_time_s = round(released_at - t0, 3)
+            report.downtime_ms = done.get("downtime")
+            ram = done.get("ram", {})
+            report.ram_bytes = managed.config.ram_mb << 20
+            report.ram_transferred_bytes = ram.get("transferred")
+            report.disk_bytes_moved = 0
+            if bytes0 is not None and bytes1 is not None:
+                report.bytes_between_hosts = bytes1 - bytes0
+            else:
+                report.missing["bytes_between_hosts"] = "loopback lab: the hosts share one link"
+            report.limit_s = limit_seconds(report.ram_bytes, self.request.link_rate_bps)
+            if report.limit_s is None:
+                report.missing["limit_s"] = "the link rate is not known (unshaped link)"
+            beats = [*managed.heartbeats, *dest_beats]
+            fill_io_measures(
+                report,
+                beats,
+                start=t0,
+                end=max(released_at, resumed_at),
+                baseline_start=t0 - BASELINE_S,
+            )
+            if managed.request.has_probe:
+                answer = await peer.post(f"/v1/vms/{managed.name}/integrity")
+                report.integrity = str(answer["integrity"])
+            else:
+                report.missing["integrity"] = "no ioprobe in the guest to say what it last wrote"
+        report.status = "completed"
+        self._move(Phase.COMPLETED)
+        self.finished_at = time.time()
+
+    def _check_storage(self) -> None:
+        disk = self.managed.config.disks[0].path if self.managed.config.disks else None
+        shared = self.host.shared_dir
+        if (
+            self.request.storage == "shared"
+            and (disk is None or shared is None or not disk.startswith(str(shared) + "/"))
+            and self.managed.request.disk is None
+        ):
+            raise UsageError(
+                f"VM {self.managed.name}'s disk is local to host {self.host.name}: "
+                "the 'shared' strategy needs a disk both hosts see (vm start --storage shared)"
+            )
+
+    async def _ram(self, uri: str) -> dict[str, Any]:
+        vm = self.managed.vm
+        capabilities = [{"capability": "events", "state": True}]
+        capabilities.append({"capability": "auto-converge", "state": self.request.auto_converge})
+        await vm.qmp("migrate-set-capabilities", capabilities=capabilities)
+        params: dict[str, Any] = {"max-bandwidth": (self.request.link_rate_bps or 8 << 33) // 8}
+        if self.request.downtime_limit_ms:
+            params["downtime-limit"] = self.request.downtime_limit_ms
+        await vm.qmp("migrate-set-parameters", **params)
+        await vm.qmp("migrate", uri=uri)
+        while True:
+            info: dict[str, Any] = await vm.qmp("query-migrate")
+            status = info.get("status")
+            ram = info.get("ram", {})
+            self.progress = {
+                "status": status,
+                "ram_transferred": ram.get("transferred", 0),
+                "ram_remaining": ram.get("remaining", 0),
+                "ram_total": ram.get("total", self.managed.config.ram_mb << 20),
+                "elapsed_s": round(time.time() - self.started_at, 3),
+            }
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise PeerError(
+                    f"QEMU migration {status}: {info.get('error-desc', 'no reason given')}"
+                )
+            if vm.exited:
+                raise PeerError(f"source QEMU of VM {self.managed.name} exited during migration")
+            await asyncio.sleep(POLL_S)
+
+    async def _roll_back(self, peer: DaemonClient, cause: BaseException) -> None:
+        """Before switchover: keep the VM on the source, leave nothing on the destination."""
+        vm = self.managed.vm
+        self.log.warning("rolling back migration %s: %s", self.id, cause)
+        with contextlib.suppress(DevagentError):
+            await vm.qmp("migrate_cancel")
+        with contextlib.suppress(DevagentError):
+            status = await vm.qmp("query-status")
+            if status.get("status") in ("paused", "postmigrate", "finish-migrate"):
+                await vm.qmp("cont")
+        with contextlib.suppress(DevagentError):
+            await peer.delete(f"/v1/incoming/{self.managed.name}")
+
+    async def _settle(self, peer: DaemonClient, resumed_at: float) -> list[Heartbeat]:
+        """Wait until the destination's probe shows steady I/O, and return its heartbeats."""
+        if not self.managed.request.has_probe:
+            return []
+        deadline = time.time() + SETTLE_TIMEOUT_S
+        wants_io = any(b.ops > 0 for b in self.managed.heartbeats)
+        while True:
+            raw = await peer.get(f"/v1/vms/{self.managed.name}/heartbeats", since=self.started_at)
+            beats = [Heartbeat(**b) for b in raw["heartbeats"]]
+            after = [b for b in beats if b.host_time > resumed_at and (b.ops > 0 or not wants_io)]
+            if len(after) >= SETTLE_BEATS or time.time() > deadline:
+                return beats
+            await asyncio.sleep(0.2)

@@ -1,0 +1,372 @@
+"""The VMs a daemon runs: how an API request becomes a QEMU configuration, and what the
+daemon keeps of each VM (the :class:`Vm`, the probe's heartbeats, its folder).
+
+Each VM's folder ``<host dir>/vms/<name>/`` holds ``vm.json`` (request, configuration, pid),
+QEMU's sockets and logs; a daemon that restarts adopts every VM whose QEMU still runs, so a
+daemon restart never touches a guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import shutil
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.guest.build import load_guest
+from devagent.guest.probe import (
+    ConsoleParser,
+    Heartbeat,
+    Paused,
+    ProbeEvent,
+    Verified,
+    disk_digest,
+)
+from devagent.guest.workload import parse_workload
+from devagent.qemu.config import DiskFormat, DiskSpec, VmConfig
+from devagent.qemu.vm import Vm, VmState, pid_alive
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
+HEARTBEATS_KEPT = 36_000  # one hour at ten a second
+Storage = Literal["shared", "local"]
+Role = Literal["running", "incoming"]
+
+
+def parse_size(text: str | int) -> int:
+    """``"1G"`` → 1073741824; plain integers are bytes."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    return int(match.group(1)) << (10 * power)
+
+
+@dataclass(frozen=True)
+class VmRequest:
+    """What a user asks for when starting a VM (the API's ``POST /v1/vms`` body)."""
+
+    name: str
+    ram_mb: int = 256
+    disk_size: int = 1 << 30
+    workload: str | None = "moderate"
+    disk: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str | None = None
+    storage: Storage = "shared"
+
+    @classmethod
+    def from_json(cls, body: Any) -> VmRequest:
+        if not isinstance(body, dict):
+            raise UsageError("the request body must be a JSON object")
+        unknown = set(body) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
+        name = body.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise UsageError("'name' must be 1-32 characters of a-z, 0-9 and '-'")
+        ram = body.get("ram_mb", 256)
+        if not isinstance(ram, int) or not 64 <= ram <= 65536:
+            raise UsageError("'ram_mb' must be an integer from 64 to 65536")
+        size = parse_size(body.get("disk_size", 1 << 30))
+        if not 1 << 20 <= size <= 1 << 40:
+            raise UsageError("'disk_size' must be from 1M to 1T")
+        storage = body.get("storage", "shared")
+        if storage not in ("shared", "local"):
+            raise UsageError("'storage' must be 'shared' or 'local'")
+        strings = {}
+        for key in ("workload", "disk", "kernel", "initrd", "append"):
+            value = body.get(key, cls.__dataclass_fields__[key].default)
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"'{key}' must be a string")
+            strings[key] = value
+        if strings["disk"] is None and (strings["kernel"] or strings["initrd"]):
+            raise UsageError("'kernel'/'initrd' are for a user's own guest: give 'disk' too")
+        if strings["disk"] is not None:
+            strings["workload"] = None  # a user's own guest runs no ioprobe
+        elif strings["workload"] is not None:
+            parse_workload(strings["workload"])  # raises UsageError when malformed
+        return cls(name=name, ram_mb=ram, disk_size=size, storage=storage, **strings)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def has_probe(self) -> bool:
+        return self.disk is None
+
+
+def image_format(path: Path) -> DiskFormat:
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise NotFound(f"disk image {path}: {err.strerror}") from err
+    return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+
+def build_config(request: VmRequest, disk_path: Path) -> VmConfig:
+    """The QEMU configuration for ``request`` with its disk at ``disk_path``."""
+    fmt: DiskFormat = "raw" if request.disk is None else image_format(disk_path)
+    disk = DiskSpec(node="disk0", path=str(disk_path), format=fmt)
+    if request.has_probe:
+        guest = load_guest()
+        assert request.workload is not None
+        workload = parse_workload(request.workload)
+        return VmConfig(
+            name=request.name,
+            ram_mb=request.ram_mb,
+            kernel=str(guest.kernel),
+            initrd=str(guest.initrd),
+            append=f"console=ttyS0 quiet panic=-1 {workload.to_kernel_arg()}",
+            disks=(disk,),
+        )
+    return VmConfig(
+        name=request.name,
+        ram_mb=request.ram_mb,
+        kernel=request.kernel,
+        initrd=request.initrd,
+        append=request.append,
+        disks=(disk,),
+    )
+
+
+class ManagedVm:
+    """A VM as its daemon keeps it: the QEMU process and what its probe said."""
+
+    def __init__(self, request: VmRequest, config: VmConfig, run_dir: Path, role: Role):
+        self.request = request
+        self.config = config
+        self.run_dir = run_dir
+        self.role: Role = role
+        self.heartbeats: deque[Heartbeat] = deque(maxlen=HEARTBEATS_KEPT)
+        self.parser = ConsoleParser() if request.has_probe else None
+        self.vm = Vm(config, run_dir, on_console=self._on_console if self.parser else None)
+        self.log = logging.getLogger(f"{__name__}.{config.name}")
+        self._waiters: list[tuple[type[ProbeEvent], asyncio.Future[ProbeEvent]]] = []
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def _on_console(self, data: bytes, host_time: float) -> None:
+        assert self.parser is not None
+        for event in self.parser.feed(data, host_time):
+            if isinstance(event, Heartbeat):
+                self.heartbeats.append(event)
+            else:
+                self.log.info("probe: %s", event)
+            for kind, future in list(self._waiters):
+                if isinstance(event, kind) and not future.done():
+                    future.set_result(event)
+                    self._waiters.remove((kind, future))
+
+    async def probe_command(self, command: str, timeout: float = 30.0) -> ProbeEvent:
+        """Send ``pause``, ``resume`` or ``verify`` to the guest's ioprobe and wait for its
+        answer (``resume`` is answered by the next heartbeat)."""
+        if self.parser is None:
+            raise StateError(f"VM {self.name} runs no ioprobe")
+        self.vm.require(VmState.RUNNING)
+        kinds: dict[str, type[ProbeEvent]] = {
+            "pause": Paused,
+            "verify": Verified,
+            "resume": Heartbeat,
+        }
+        if command not in kinds:
+            raise UsageError(f"unknown probe command {command!r}: use {', '.join(kinds)}")
+        future: asyncio.Future[ProbeEvent] = asyncio.get_running_loop().create_future()
+        self._waiters.append((kinds[command], future))
+        await self.vm.send_console(command + "\n")
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError as err:
+            raise PeerError(f"VM {self.name}: ioprobe did not answer {command!r}") from err
+        finally:
+            if (kinds[command], future) in self._waiters:
+                self._waiters.remove((kinds[command], future))
+
+    async def wait_running(self, timeout: float) -> None:
+        """Wait until the guest runs (an incoming VM resumes once its migration completes)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.vm.state is not VmState.RUNNING:
+            if self.vm.exited or self.vm.state is VmState.FAILED:
+                raise PeerError(f"VM {self.name}: QEMU failed: {self.vm.log_tail()}")
+            if asyncio.get_running_loop().time() > deadline:
+                raise PeerError(f"VM {self.name} not running after {timeout:.0f} s")
+            await asyncio.sleep(0.02)
+
+    async def check_integrity(self) -> str:
+        """Pause the probe, compare the disk with what the guest last wrote (the probe's
+        digest over the generation of every block it wrote), then let the probe go on."""
+        paused = await self.probe_command("pause")
+        assert isinstance(paused, Paused)
+        try:
+            disk = self.config.disks[0]
+            if disk.path is None:
+                raise StateError(f"VM {self.name}'s disk is not a file on this host")
+            found = await asyncio.to_thread(disk_digest, Path(disk.path))
+        finally:
+            await self.probe_command("resume")
+        if found.digest == paused.digest:
+            return "ok"
+        return (
+            f"mismatch: the guest last wrote digest {paused.digest}, the disk holds {found.digest}"
+        )
+
+    def heartbeats_since(self, since: float) -> list[Heartbeat]:
+        return [b for b in self.heartbeats if b.host_time > since]
+
+    def save(self) -> None:
+        record = {
+            "request": self.request.to_json(),
+            "config": self.config.to_json(),
+            "pid": self.vm.pid,
+            "role": self.role,
+        }
+        tmp = self.run_dir / "vm.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(self.run_dir / "vm.json")
+
+    def status(self) -> dict[str, Any]:
+        last = self.heartbeats[-1] if self.heartbeats else None
+        first = self.heartbeats[0] if self.heartbeats else None
+        return {
+            "name": self.name,
+            "state": self.vm.state.value,
+            "role": self.role,
+            "pid": self.vm.pid,
+            "ram_mb": self.config.ram_mb,
+            "disk": self.config.disks[0].path if self.config.disks else None,
+            "storage": self.request.storage,
+            "workload": self.request.workload,
+            "probe": self.parser is not None,
+            "started_at": self.vm.started_at,
+            "resumed_at": self.vm.resumed_at,
+            "first_heartbeat_at": first.host_time if first else None,
+            "last_heartbeat": asdict(last) if last else None,
+        }
+
+
+class VmManager:
+    """Every VM of one host."""
+
+    def __init__(self, host_name: str, root: Path, shared_dir: Path | None):
+        self.host_name = host_name
+        self.root = root
+        self.shared_dir = shared_dir
+        self.vms: dict[str, ManagedVm] = {}
+        self._lock = asyncio.Lock()
+
+    def get(self, name: str) -> ManagedVm:
+        try:
+            return self.vms[name]
+        except KeyError:
+            raise NotFound(f"no VM {name!r} on host {self.host_name}") from None
+
+    def run_dir(self, name: str) -> Path:
+        return self.root / "vms" / name
+
+    def disk_path(self, request: VmRequest) -> Path:
+        if request.disk is not None:
+            path = Path(request.disk)
+            if not path.exists():
+                raise NotFound(f"disk image {path} does not exist on host {self.host_name}")
+            return path
+        if request.storage == "shared":
+            if self.shared_dir is None:
+                raise UsageError(f"host {self.host_name} has no shared folder")
+            folder = self.shared_dir
+        else:
+            folder = self.root / "disks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{request.name}.img"
+
+    async def start(self, request: VmRequest) -> ManagedVm:
+        async with self._lock:
+            if request.name in self.vms:
+                raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
+            disk = self.disk_path(request)
+            if request.disk is None and not disk.exists():
+                with disk.open("wb") as f:
+                    f.truncate(request.disk_size)
+            config = build_config(request, disk)
+            managed = self._add(request, config, "running")
+        await self._launch(managed)
+        return managed
+
+    async def prepare_incoming(self, request: VmRequest, config: VmConfig) -> ManagedVm:
+        """Start QEMU waiting for ``config``'s VM to arrive by live migration."""
+        async with self._lock:
+            if request.name in self.vms:
+                raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
+            incoming = VmConfig.from_json({**config.to_json(), "incoming": True})
+            managed = self._add(request, incoming, "incoming")
+        await self._launch(managed)
+        return managed
+
+    def _add(self, request: VmRequest, config: VmConfig, role: Role) -> ManagedVm:
+        run_dir = self.run_dir(request.name)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        managed = ManagedVm(request, config, run_dir, role)
+        self.vms[request.name] = managed
+        return managed
+
+    async def _launch(self, managed: ManagedVm) -> None:
+        try:
+            await managed.vm.launch()
+        except BaseException:
+            await self.remove(managed.name)
+            raise
+        managed.save()
+        log.info("VM %s started on host %s (pid %s)", managed.name, self.host_name, managed.vm.pid)
+
+    async def remove(self, name: str, *, keep_dir: bool = False) -> None:
+        """Stop the VM's QEMU and forget it."""
+        managed = self.vms.pop(name, None)
+        if managed is None:
+            raise NotFound(f"no VM {name!r} on host {self.host_name}")
+        await managed.vm.stop()
+        if not keep_dir:
+            shutil.rmtree(managed.run_dir, ignore_errors=True)
+        log.info("VM %s removed from host %s", name, self.host_name)
+
+    async def adopt_all(self) -> None:
+        """After a daemon restart: take over every VM whose QEMU still runs."""
+        for record_path in sorted((self.root / "vms").glob("*/vm.json")):
+            try:
+                record = json.loads(record_path.read_text())
+                request = VmRequest.from_json(record["request"])
+                config = VmConfig.from_json(record["config"])
+                pid = int(record["pid"])
+            except (OSError, ValueError, KeyError, TypeError, UsageError) as err:
+                log.warning("cannot read %s: %s", record_path, err)
+                continue
+            if not pid_alive(pid):
+                log.info("VM %s (pid %d) is gone; forgetting it", request.name, pid)
+                shutil.rmtree(record_path.parent, ignore_errors=True)
+                continue
+            managed = ManagedVm(request, config, record_path.parent, record.get("role", "running"))
+            try:
+                await managed.vm.adopt(pid)
+            except PeerError as err:
+                log.warning("cannot adopt VM %s: %s", request.name, err)
+                continue
+            self.vms[request.name] = managed
+            log.info("adopted VM %s (pid %d, %s)", request.name, pid, managed.vm.state.value)
+
+    async def stop_all(self) -> None:
+        """Used only by tests and lab teardown: daemons normally leave VMs running."""
+        for name in list(self.vms):
+            await self.remove(name)

@@ -1,0 +1,1 @@
+"""QEMU driven over QMP: a VM's configuration and its lifecycle object."""

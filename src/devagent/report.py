@@ -1,0 +1,155 @@
+"""The migration report: the measures of a migration, under the same names everywhere
+(CLI ``--json``, benchmarks, docs), and the pure functions that compute them.
+
+A measure that cannot be had for a run (no probe in a user's guest, no link counters in a
+loopback lab) is ``None`` and ``missing`` says why, so a report never passes a guess off
+as a figure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from typing import Any, Protocol
+
+MEASURES = (
+    "time_to_switchover_s",
+    "total_time_s",
+    "downtime_ms",
+    "max_io_gap_ms",
+    "guest_max_latency_ms",
+    "guest_p99_latency_ms",
+    "io_rate_ratio",
+    "bytes_between_hosts",
+    "limit_s",
+    "guest_io_errors",
+    "guest_verify_failures",
+    "integrity",
+)
+
+
+class Beat(Protocol):
+    """What the measures need of a probe heartbeat."""
+
+    @property
+    def host_time(self) -> float: ...
+    @property
+    def ops(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+    @property
+    def verify_failures(self) -> int: ...
+    @property
+    def lat_max_us(self) -> int: ...
+    @property
+    def lat_p99_us(self) -> int: ...
+
+
+@dataclass
+class MigrationReport:
+    vm: str
+    source: str
+    destination: str
+    storage: str
+    status: str = "running"
+    error: str | None = None
+    time_to_switchover_s: float | None = None
+    total_time_s: float | None = None
+    downtime_ms: float | None = None
+    max_io_gap_ms: float | None = None
+    guest_max_latency_ms: float | None = None
+    guest_p99_latency_ms: float | None = None
+    io_rate_ratio: float | None = None
+    bytes_between_hosts: int | None = None
+    limit_s: float | None = None
+    guest_io_errors: int | None = None
+    guest_verify_failures: int | None = None
+    integrity: str | None = None
+    ram_bytes: int | None = None
+    ram_transferred_bytes: int | None = None
+    disk_bytes_moved: int | None = None
+    link_rate_bps: int | None = None
+    missing: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MigrationReport:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+    def mark_missing(self, reason: str, *names: str) -> None:
+        for name in names:
+            if getattr(self, name) is None:
+                self.missing[name] = reason
+
+
+def max_io_gap_s(beats: Sequence[Beat], start: float, end: float) -> float | None:
+    """Largest wall-clock gap between two consecutive heartbeats that saw completed I/O,
+    over [start, end], counting from the last such heartbeat before ``start``."""
+    times = sorted(b.host_time for b in beats if b.ops > 0)
+    before = [t for t in times if t < start]
+    inside = [t for t in times if start <= t <= end]
+    points = before[-1:] + inside
+    if len(points) < 2:
+        return None
+    return max(b - a for a, b in pairwise(points))
+
+
+def ops_rate(beats: Iterable[Beat], start: float, end: float) -> float | None:
+    """Completed guest I/O per second over [start, end]."""
+    if end <= start:
+        return None
+    chosen = [b for b in beats if start < b.host_time <= end]
+    if not chosen:
+        return None
+    return sum(b.ops for b in chosen) / (end - start)
+
+
+def fill_io_measures(
+    report: MigrationReport,
+    beats: Sequence[Beat],
+    *,
+    start: float,
+    end: float,
+    baseline_start: float,
+) -> None:
+    """Fill the measures that come from the guest probe's heartbeats: ``start``/``end`` bound
+    the migration, [baseline_start, start] is the steady state it is compared with."""
+    if not beats:
+        report.mark_missing(
+            "no probe heartbeats (the guest runs no ioprobe)",
+            "max_io_gap_ms",
+            "guest_max_latency_ms",
+            "guest_p99_latency_ms",
+            "io_rate_ratio",
+            "guest_io_errors",
+            "guest_verify_failures",
+        )
+        return
+    window = [b for b in beats if start <= b.host_time <= end]
+    gap = max_io_gap_s(beats, start, end)
+    if gap is not None:
+        report.max_io_gap_ms = round(gap * 1000, 1)
+    else:
+        report.missing["max_io_gap_ms"] = "the guest completed no I/O during the migration"
+    if window:
+        report.guest_max_latency_ms = round(max(b.lat_max_us for b in window) / 1000, 3)
+        report.guest_p99_latency_ms = round(max(b.lat_p99_us for b in window) / 1000, 3)
+    before, during = ops_rate(beats, baseline_start, start), ops_rate(beats, start, end)
+    if before and during is not None:
+        report.io_rate_ratio = round(during / before, 3)
+    else:
+        report.missing["io_rate_ratio"] = "no guest I/O before the migration to compare with"
+    last = max(beats, key=lambda b: b.host_time)
+    report.guest_io_errors = last.errors
+    report.guest_verify_failures = last.verify_failures
+
+
+def limit_seconds(bytes_to_move: int, link_rate_bps: int | None) -> float | None:
+    """The physical floor of a migration's total time: bytes that must cross ÷ link rate."""
+    if not link_rate_bps:
+        return None
+    return round(bytes_to_move * 8 / link_rate_bps, 3)

@@ -1,0 +1,83 @@
+"""The daemon's API refuses what it must: no token, bad JSON, bad fields, unknown VMs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from devagent.daemon.api import build_app
+from devagent.daemon.host import Host
+
+TOKEN = "s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+async def client(tmp_path: Path) -> AsyncIterator[TestClient[object, object]]:
+    host = Host(name="a", address="127.0.0.1", port=0, root=tmp_path, shared_dir=tmp_path)
+    async with TestClient(TestServer(build_app(host, TOKEN))) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer nope"}, {"Authorization": TOKEN}]
+)
+async def test_requests_without_the_token_get_401(
+    client: TestClient[object, object], headers: dict[str, str]
+) -> None:
+    for method, path in (("GET", "/v1/health"), ("GET", "/v1/vms"), ("POST", "/v1/vms")):
+        resp = await client.request(method, path, headers=headers, json={"name": "x"})
+        assert resp.status == 401, (method, path)
+        assert "token" in (await resp.json())["error"]
+
+
+async def test_health_with_the_token(client: TestClient[object, object]) -> None:
+    resp = await client.get("/v1/health", headers=AUTH)
+    assert resp.status == 200
+    assert (await resp.json())["host"] == "a"
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        (b'{"name": "Bad Name!"}', "'name'"),
+        (b'{"name": "ok", "ram_mb": "lots"}', "'ram_mb'"),
+        (b'{"name": "ok", "disk_size": "12Q"}', "bad size"),
+        (b'{"name": "ok", "storage": "cloud"}', "'storage'"),
+        (b'{"name": "ok", "colour": "red"}', "unknown field"),
+        (b'{"name": "ok", "kernel": "/vmlinuz"}', "give 'disk' too"),
+        (b"\xff\xfe", "not valid JSON"),
+    ],
+)
+async def test_bad_vm_requests_get_a_clear_400(
+    client: TestClient[object, object], body: bytes, fragment: str
+) -> None:
+    resp = await client.post("/v1/vms", data=body, headers=AUTH)
+    assert resp.status == 400
+    assert fragment in (await resp.json())["error"]
+
+
+async def test_unknown_vm_and_migration_get_404(client: TestClient[object, object]) -> None:
+    for path in ("/v1/vms/ghost", "/v1/vms/ghost/heartbeats", "/v1/migrations/0000"):
+        resp = await client.get(path, headers=AUTH)
+        assert resp.status == 404, path
+        assert "ghost" in (await resp.json())["error"] or "0000" in (await resp.json())["error"]
+    resp = await client.post("/v1/vms/ghost/migrate", json={"to": {"url": "x"}}, headers=AUTH)
+    assert resp.status == 404
+
+
+async def test_bad_migration_requests(client: TestClient[object, object]) -> None:
+    resp = await client.post("/v1/incoming", json={"request": {}}, headers=AUTH)
+    assert resp.status == 400
+    resp = await client.delete("/v1/incoming/ghost", headers=AUTH)
+    assert resp.status == 404
+
+
+async def test_oversized_body_is_refused(client: TestClient[object, object]) -> None:
+    resp = await client.post("/v1/vms", data=b"x" * (2 << 20), headers=AUTH)
+    assert resp.status == 413

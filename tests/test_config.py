@@ -1,0 +1,75 @@
+"""A VM's configuration, as QEMU arguments and as JSON handed between daemons."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from devagent.daemon.vms import VmRequest, parse_size
+from devagent.errors import UsageError
+from devagent.qemu.config import DiskSpec, VmConfig
+
+
+def test_direct_kernel_boot_with_a_file_disk() -> None:
+    config = VmConfig(
+        name="v1",
+        kernel="/k",
+        initrd="/i",
+        append="console=ttyS0",
+        disks=(DiskSpec(path="/d.img"),),
+    )
+    args = config.qemu_args()
+    assert args[args.index("-kernel") + 1] == "/k"
+    assert args[args.index("-append") + 1] == "console=ttyS0"
+    blockdev = json.loads(args[args.index("-blockdev") + 1])
+    assert blockdev["file"] == {
+        "driver": "file",
+        "filename": "/d.img",
+        "cache": {"direct": False, "no-flush": False},
+        "aio": "threads",
+    }
+    assert "-incoming" not in args
+    assert "bootindex" not in args[args.index("-device") + 1]
+
+
+def test_firmware_boot_of_a_qcow2_over_nbd_incoming() -> None:
+    disk = DiskSpec(nbd_socket="/s.sock", nbd_export="vda", format="qcow2", reconnect_delay_s=5)
+    config = VmConfig(name="v2", disks=(disk,), incoming=True)
+    args = config.qemu_args()
+    blockdev = json.loads(args[args.index("-blockdev") + 1])
+    assert blockdev["driver"] == "qcow2"
+    assert blockdev["file"]["server"] == {"type": "unix", "path": "/s.sock"}
+    assert blockdev["file"]["reconnect-delay"] == 5
+    assert args[args.index("-incoming") + 1] == "defer"
+    assert "bootindex=1" in args[args.index("-device") + 1]
+
+
+def test_config_round_trips_json() -> None:
+    config = VmConfig(name="v3", disks=(DiskSpec(path="/x"),), extra_args=("-S",))
+    assert VmConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+
+
+def test_disk_needs_exactly_one_source() -> None:
+    with pytest.raises(UsageError):
+        DiskSpec()
+    with pytest.raises(UsageError):
+        DiskSpec(path="/a", nbd_socket="/b")
+
+
+def test_bad_config_json() -> None:
+    with pytest.raises(UsageError):
+        VmConfig.from_json({"name": "x", "bogus": 1})
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("1G", 1 << 30), ("256M", 256 << 20), ("4k", 4096), (7, 7)]
+)
+def test_sizes(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+def test_request_defaults_and_user_guest() -> None:
+    assert VmRequest.from_json({"name": "v"}).has_probe
+    user = VmRequest.from_json({"name": "u", "disk": "/img", "workload": "heavy"})
+    assert not user.has_probe and user.workload is None

@@ -1,0 +1,90 @@
+"""The measures computed from heartbeats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from devagent.daemon.netstat import parse_proc_net_dev
+from devagent.report import (
+    MigrationReport,
+    fill_io_measures,
+    limit_seconds,
+    max_io_gap_s,
+    ops_rate,
+)
+
+
+@dataclass(frozen=True)
+class B:
+    host_time: float
+    ops: int = 10
+    errors: int = 0
+    verify_failures: int = 0
+    lat_max_us: int = 1000
+    lat_p99_us: int = 800
+
+
+def beats(times: list[float], **kw: int) -> list[B]:
+    return [B(t, **kw) for t in times]
+
+
+def test_gap_is_the_largest_between_beats_with_io() -> None:
+    series = beats([0.9, 1.0, 1.1, 1.2, 1.9, 2.0])
+    assert abs((max_io_gap_s(series, 1.0, 2.0) or 0) - 0.7) < 1e-9
+
+
+def test_gap_counts_from_the_last_beat_before_the_window() -> None:
+    series = beats([0.1, 1.5, 1.6])
+    assert abs((max_io_gap_s(series, 1.0, 2.0) or 0) - 1.4) < 1e-9
+
+
+def test_beats_without_io_do_not_close_a_gap() -> None:
+    series = [B(1.0), B(1.1, ops=0), B(1.2, ops=0), B(1.5)]
+    assert abs((max_io_gap_s(series, 1.0, 2.0) or 0) - 0.5) < 1e-9
+
+
+def test_no_io_gives_no_gap() -> None:
+    assert max_io_gap_s(beats([1.0, 1.1], ops=0), 1.0, 2.0) is None
+
+
+def test_rate_and_ratio() -> None:
+    series = beats([0.5, 1.0, 1.5, 2.0], ops=10) + beats([2.5, 3.0], ops=5)
+    assert ops_rate(series, 0.0, 2.0) == 20.0
+    report = MigrationReport(vm="v", source="a", destination="b", storage="shared")
+    fill_io_measures(report, series, start=2.0, end=3.0, baseline_start=0.0)
+    assert report.io_rate_ratio == 0.5
+    assert report.max_io_gap_ms == 500.0
+    assert report.guest_io_errors == 0
+
+
+def test_errors_come_from_the_last_beat() -> None:
+    series = [B(1.0), B(2.0, errors=3, verify_failures=1)]
+    report = MigrationReport(vm="v", source="a", destination="b", storage="shared")
+    fill_io_measures(report, series, start=1.5, end=2.5, baseline_start=0.0)
+    assert (report.guest_io_errors, report.guest_verify_failures) == (3, 1)
+
+
+def test_no_beats_marks_measures_missing() -> None:
+    report = MigrationReport(vm="v", source="a", destination="b", storage="shared")
+    fill_io_measures(report, [], start=0, end=1, baseline_start=0)
+    assert report.max_io_gap_ms is None
+    assert "ioprobe" in report.missing["max_io_gap_ms"]
+
+
+def test_limit() -> None:
+    assert limit_seconds(125_000_000, 1_000_000_000) == 1.0
+    assert limit_seconds(1, None) is None
+
+
+def test_report_round_trips_json() -> None:
+    report = MigrationReport(vm="v", source="a", destination="b", storage="shared", downtime_ms=3)
+    assert MigrationReport.from_json(report.to_json() | {"future_field": 1}) == report
+
+
+def test_proc_net_dev() -> None:
+    text = """Inter-|   Receive                            |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0
+  eth0:    5000      10    0    0    0     0          0         0     7000      12    0    0    0     0       0          0
+"""
+    assert parse_proc_net_dev(text) == {"lo": (100, 100), "eth0": (5000, 7000)}
