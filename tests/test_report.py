@@ -82,9 +82,12 @@ def test_report_round_trips_json() -> None:
 
 
 def test_proc_net_dev() -> None:
-    text = """Inter-|   Receive                            |  Transmit
- face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
-    lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0
-  eth0:    5000      10    0    0    0     0          0         0     7000      12    0    0    0     0       0          0
-"""
+    text = (
+        "Inter-|   Receive |  Transmit\n"
+        " face |bytes    packets errs drop fifo frame compressed multicast|bytes ...\n"
+        "    lo:     100       1    0    0    0     0          0         0"
+        "      100       1    0    0    0     0       0          0\n"
+        "  eth0:    5000      10    0    0    0     0          0         0"
+        "     7000      12    0    0    0     0       0          0\n"
+    )
     assert parse_proc_net_dev(text) == {"lo": (100, 100), "eth0": (5000, 7000)}
