@@ -281,6 +281,13 @@ class Lab:
         return list(self._hosts)
 
     @property
+    def link_rate_bps(self) -> int | None:
+        """The rate (bits/s) that bounds traffic between any two hosts: the slowest shaped
+        link; None when no link is shaped (or in loopback mode)."""
+        rates = [h.link_rate_bps for h in self._hosts if h.link_rate_bps is not None]
+        return min(rates) if rates else None
+
+    @property
     def bridge(self) -> str | None:
         return None if self.loopback else f"{BRIDGE_PREFIX}{self.name}"
 
@@ -334,6 +341,7 @@ class Lab:
             "dir": str(self.dir),
             "subnet": None if self.subnet is None else str(self.subnet),
             "bridge": self.bridge,
+            "link_rate_bps": self.link_rate_bps,
             "mgmt_address": self.mgmt_address,
             "token_file": str(self.token_file),
             "shared_dir": str(self.shared_dir),
@@ -714,7 +722,7 @@ class Lab:
         namespaces, veths and bridge, then its folder. Idempotent. Returns whether anything
         was found. Raises :class:`StateError` naming what could not be removed."""
         validate_name(name)
-        labdir = labs_root() / name
+        labdir = known.dir if known is not None else labs_root() / name
         lab = known
         if lab is None:
             with contextlib.suppress(NotFound, StateError):
@@ -724,14 +732,13 @@ class Lab:
         have_ip = shutil.which("ip") is not None
 
         bridge = f"{BRIDGE_PREFIX}{name}"
-        namespaces = {h.netns for h in hosts if h.netns}
+        namespaces: set[str] = set()
         links: set[str] = set()
         if have_ip:
             ns_prefix = f"{NETNS_PREFIX}{name}-"
             present_ns = set(net.netns_names())
-            namespaces = {ns for ns in present_ns if ns.startswith(ns_prefix)} | (
-                namespaces & present_ns
-            )
+            namespaces = {ns for ns in present_ns if ns.startswith(ns_prefix)}
+            namespaces |= {h.netns for h in hosts if h.netns and h.netns in present_ns}
             links = {
                 link
                 for link in net.link_names()
