@@ -419,18 +419,18 @@ class Lab:
             _check_path_room(labdir / "hosts" / host_name)
 
         if loopback:
-            net_obj = None
+            network = None
             ports = cls._free_loopback_ports(name, hosts)
             lab_hosts = [
                 LabHost(h, LOOPBACK_ADDRESS, port, labdir / "hosts" / h)
                 for h, port in zip(names, ports, strict=True)
             ]
         else:
-            net_obj = _choose_subnet(name, hosts, subnet)
+            network = _choose_subnet(name, hosts, subnet)
             lab_hosts = [
                 LabHost(
                     h,
-                    str(net_obj.network_address + i + 1),
+                    str(network.network_address + i + 1),
                     DAEMON_PORT,
                     labdir / "hosts" / h,
                     netns=f"{NETNS_PREFIX}{name}-{h}",
@@ -445,7 +445,7 @@ class Lab:
             labdir.mkdir()
         except FileExistsError as err:
             raise StateError(f"lab {name!r} already exists ({labdir})") from err
-        lab = cls(name, loopback=loopback, hosts=lab_hosts, subnet=net_obj)
+        lab = cls(name, loopback=loopback, hosts=lab_hosts, subnet=network)
         try:
             lab._build(binary)
         except BaseException:
