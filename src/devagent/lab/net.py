@@ -1,0 +1,167 @@
+"""Thin, synchronous wrappers over ip(8) and tc(8) for the lab.
+
+Everything the lab does to the kernel's network goes through :func:`run`, so a failing command
+becomes one :class:`CommandFailed` that names the command and quotes its stderr. Link rates are
+plain ``int`` bits per second inside devagent; :func:`parse_rate` is the one place that reads
+the ``100mbit`` notation. Shaping uses ``tbf`` because this kernel has no ``netem``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import re
+import subprocess
+from collections.abc import Sequence
+from typing import Any
+
+from devagent.errors import EnvironmentProblem, UsageError
+
+log = logging.getLogger(__name__)
+
+RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit|tbit)?\s*$", re.IGNORECASE)
+MIN_RATE_BPS = 8_000
+MAX_RATE_BPS = 100 * 10**9
+
+# tbf needs a bucket of at least one (GSO-sized) packet and at least one timer tick of tokens;
+# 10 ms worth of bytes, never under 64 KiB, satisfies both at every rate we allow.
+TBF_MIN_BURST_BYTES = 64 * 1024
+TBF_BURST_SECONDS = 0.010
+TBF_LATENCY = "50ms"
+
+
+class CommandFailed(EnvironmentProblem):
+    """An ``ip``/``tc`` command exited non-zero; carries argv, exit code and stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        super().__init__(f"`{' '.join(argv)}` failed (exit {returncode}): {self.stderr}")
+
+
+def run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run one command, capture its output; raise :class:`CommandFailed` when ``check``."""
+    log.debug("run %s", " ".join(argv))
+    try:
+        done = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    except FileNotFoundError as err:
+        raise EnvironmentProblem(f"{argv[0]} is not installed (package iproute2)") from err
+    except subprocess.TimeoutExpired as err:
+        raise EnvironmentProblem(f"`{' '.join(argv)}` did not finish in 30 s") from err
+    if check and done.returncode != 0:
+        raise CommandFailed(argv, done.returncode, done.stderr)
+    return done
+
+
+def _json(argv: Sequence[str]) -> list[dict[str, Any]]:
+    out = run(argv).stdout.strip()
+    if not out:
+        return []
+    data = json.loads(out)
+    return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+
+
+def ns_prefix(netns: str | None) -> list[str]:
+    """The argv prefix that runs a command inside ``netns`` (nothing for the root namespace)."""
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def netns_names() -> list[str]:
+    return [str(item["name"]) for item in _json(["ip", "-j", "netns", "list"]) if "name" in item]
+
+
+def link_names(netns: str | None = None) -> list[str]:
+    argv = ["ip", "-j", *(["-n", netns] if netns else []), "link", "show"]
+    return [str(item["ifname"]) for item in _json(argv) if "ifname" in item]
+
+
+def link_is_up(dev: str) -> bool:
+    """Whether ``dev`` (root namespace) is administratively up."""
+    items = _json(["ip", "-j", "link", "show", "dev", dev])
+    return bool(items) and "UP" in items[0].get("flags", [])
+
+
+def netns_pids(netns: str) -> set[int]:
+    done = run(["ip", "netns", "pids", netns], check=False)
+    return {int(word) for word in done.stdout.split() if word.isdigit()}
+
+
+def used_ipv4_networks() -> list[ipaddress.IPv4Network]:
+    """Every IPv4 network the root namespace has an address in or a route to."""
+    nets: list[ipaddress.IPv4Network] = []
+    for item in _json(["ip", "-j", "-4", "addr", "show"]):
+        for addr in item.get("addr_info", []):
+            if "local" in addr and "prefixlen" in addr:
+                iface = ipaddress.IPv4Interface(f"{addr['local']}/{addr['prefixlen']}")
+                nets.append(iface.network)
+    for route in _json(["ip", "-j", "-4", "route", "show"]):
+        dst = route.get("dst")
+        if isinstance(dst, str) and dst != "default":
+            try:
+                nets.append(ipaddress.IPv4Network(dst, strict=False))
+            except ValueError:
+                continue
+    return nets
+
+
+def parse_rate(text: str | int) -> int:
+    """``"100mbit"`` → ``100_000_000`` bits/s. Units are decimal (tc's): bit, kbit, mbit, gbit,
+    tbit; a bare number is bits/s. Raises :class:`UsageError` for anything else."""
+    if isinstance(text, int):
+        value = float(text)
+    else:
+        match = RATE_RE.match(text)
+        if not match:
+            raise UsageError(
+                f"bad link rate {text!r}: give a number and a unit among "
+                f"{', '.join(RATE_UNITS)} (e.g. 100mbit, 1gbit)"
+            )
+        value = float(match.group(1)) * RATE_UNITS[(match.group(2) or "bit").lower()]
+    bps = int(value)
+    if not MIN_RATE_BPS <= bps <= MAX_RATE_BPS:
+        raise UsageError(
+            f"link rate {text!r} is out of range ({format_rate(MIN_RATE_BPS)}"
+            f"..{format_rate(MAX_RATE_BPS)})"
+        )
+    return bps
+
+
+def format_rate(bps: int) -> str:
+    """``100_000_000`` → ``"100mbit"`` (the largest unit that divides exactly)."""
+    for unit, factor in sorted(RATE_UNITS.items(), key=lambda kv: -kv[1]):
+        if bps % factor == 0:
+            return f"{bps // factor}{unit}"
+    return f"{bps}bit"
+
+
+def shape(dev: str, rate_bps: int | None, netns: str | None = None) -> None:
+    """Limit the egress of ``dev`` to ``rate_bps`` with tbf, or remove the limit (None)."""
+    where = ["-n", netns] if netns else []
+    if rate_bps is None:
+        run(["tc", *where, "qdisc", "del", "dev", dev, "root"], check=False)
+        return
+    burst = max(TBF_MIN_BURST_BYTES, int(rate_bps / 8 * TBF_BURST_SECONDS))
+    run(
+        [
+            *("tc", *where, "qdisc", "replace", "dev", dev, "root", "tbf"),
+            *("rate", f"{rate_bps}bit", "burst", str(burst), "latency", TBF_LATENCY),
+        ]
+    )
+
+
+def shaped_rate(dev: str, netns: str | None = None) -> int | None:
+    """The tbf rate (bits/s) at the root of ``dev``'s egress, or None when unshaped."""
+    where = ["-n", netns] if netns else []
+    try:
+        items = _json(["tc", "-j", *where, "qdisc", "show", "dev", dev])
+    except CommandFailed:
+        return None
+    for item in items:
+        if item.get("root") and item.get("kind") == "tbf":
+            rate = item.get("options", {}).get("rate")
+            if isinstance(rate, int):
+                return rate * 8  # tc -j reports bytes per second
+    return None
