@@ -29,6 +29,7 @@ from devagent.guest.probe import (
     disk_digest,
 )
 from devagent.guest.workload import parse_workload
+from devagent.qemu.accel import choose_accel
 from devagent.qemu.config import DiskFormat, DiskSpec, VmConfig
 from devagent.qemu.vm import Vm, VmState, pid_alive
 
@@ -126,6 +127,7 @@ def build_config(request: VmRequest, disk_path: Path) -> VmConfig:
         return VmConfig(
             name=request.name,
             ram_mb=request.ram_mb,
+            accel=choose_accel(guest),
             kernel=str(guest.kernel),
             initrd=str(guest.initrd),
             append=f"console=ttyS0 quiet panic=-1 {workload.to_kernel_arg()}",

@@ -1,0 +1,52 @@
+"""Shared fixtures: a private state folder, the test guest, and labs that are always torn
+down — and checked to leave nothing behind — even when a test fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devagent.guest.build import GuestImage, build_guest
+
+
+@pytest.fixture(scope="session")
+def guest() -> GuestImage:
+    """The test guest; built on first use (``make test`` builds it before pytest)."""
+    return build_guest()
+
+
+@pytest.fixture
+def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A short private state root (unix socket paths must stay under 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="da-", dir="/tmp"))
+    monkeypatch.setenv("DEVAGENT_STATE", str(path))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (a lab's folder, say)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline[:200]}")
+    return found
+
+
+def namespaces() -> list[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return [line.split()[0] for line in out.splitlines() if line.strip()]

@@ -1,0 +1,95 @@
+"""A real live migration between two hosts of a lab (network namespaces, a devagentd in
+each), with ioprobe writing and verifying in the guest throughout."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from devagent.client import DaemonClient, Endpoint
+from devagent.errors import NotFound
+from devagent.guest.build import GuestImage
+from devagent.lab.lab import Lab
+from devagent.orchestrate import locate_vm, migrate, start_vm, wait_heartbeats
+from tests.conftest import namespaces, processes_mentioning
+
+pytestmark = [pytest.mark.vm, pytest.mark.lab]
+
+
+@pytest.fixture
+def lab(state_dir: Path, guest: GuestImage) -> Iterator[Lab]:
+    lab = Lab.up(name="tmig", hosts=2, link_rate="1gbit")
+    try:
+        yield lab
+    finally:
+        lab.down()
+    assert processes_mentioning(str(state_dir)) == []
+    assert not [ns for ns in namespaces() if ns.startswith("da-tmig")]
+
+
+def endpoints(lab: Lab) -> tuple[Endpoint, Endpoint]:
+    a, b = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts)
+    return a, b
+
+
+async def test_the_real_daemon_refuses_no_token_and_bad_json(lab: Lab) -> None:
+    a, _ = endpoints(lab)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{a.url}/v1/vms") as resp:
+            assert resp.status == 401
+        headers = {"Authorization": f"Bearer {lab.token}"}
+        async with session.post(f"{a.url}/v1/vms", data=b"{oops", headers=headers) as resp:
+            assert resp.status == 400
+            assert "not valid JSON" in (await resp.json())["error"]
+
+
+async def test_shared_storage_migration_a_to_b(lab: Lab) -> None:
+    a, b = endpoints(lab)
+    request = {"name": "mig1", "disk_size": "256M", "workload": "moderate,span=32M"}
+    status = await start_vm(a, request)
+    print(f"\nboot to first heartbeat: {status['boot_s']} s")
+    await wait_heartbeats(a, "mig1", 20)
+
+    report = await migrate(a, b, "mig1", storage="shared", link_rate_bps=1_000_000_000)
+    print(report.to_json())
+    assert report.status == "completed", report.error
+    assert report.guest_io_errors == 0
+    assert report.guest_verify_failures == 0
+    assert report.integrity == "ok"
+    assert report.downtime_ms is not None and report.downtime_ms >= 0
+    assert report.max_io_gap_ms is not None and report.max_io_gap_ms > 0
+    assert report.time_to_switchover_s is not None and report.total_time_s is not None
+    assert 0 < report.time_to_switchover_s <= report.total_time_s
+    assert report.bytes_between_hosts is not None
+    assert report.bytes_between_hosts > (report.ram_transferred_bytes or 0) > 0
+
+    # The VM now runs on b, and only there; its probe goes on.
+    where, vm = await locate_vm([a, b], "mig1")
+    assert where.name == "b" and vm["state"] == "running"
+    async with DaemonClient(a) as client:
+        with pytest.raises(NotFound):
+            await client.get("/v1/vms/mig1")
+    beats = await wait_heartbeats(b, "mig1", 10)
+    assert all(beat["errors"] == 0 and beat["verify_failures"] == 0 for beat in beats)
+
+    # and it can come back.
+    back = await migrate(b, a, "mig1", storage="shared", link_rate_bps=1_000_000_000)
+    assert back.status == "completed", back.error
+    assert (back.guest_io_errors, back.guest_verify_failures, back.integrity) == (0, 0, "ok")
+
+
+async def test_a_migration_to_a_dead_destination_leaves_the_vm_on_the_source(lab: Lab) -> None:
+    a, _ = endpoints(lab)
+    await start_vm(a, {"name": "mig2", "disk_size": "64M", "workload": "moderate,span=16M"})
+    ghost = Endpoint(url="http://127.0.0.1:9", token=lab.token, name="ghost")
+    report = await migrate(a, ghost, "mig2", storage="shared")
+    assert report.status == "failed" and report.error and "ghost" in report.error
+    where, vm = await locate_vm([a], "mig2")
+    assert vm["state"] == "running"
+    beats = await wait_heartbeats(a, "mig2", 5)
+    assert beats[-1]["errors"] == 0
+    await asyncio.sleep(0)
