@@ -66,7 +66,7 @@ async def test_boot_probe_and_clean_stop(guest: GuestImage, state_dir: Path) -> 
 async def test_a_missing_kernel_fails_launch_cleanly(state_dir: Path) -> None:
     config = VmConfig(name="bad", kernel=str(state_dir / "no-such-kernel"))
     vm = Vm(config, state_dir / "bad")
-    with pytest.raises(Exception, match="QEMU exited at launch|no QMP socket"):
+    with pytest.raises(Exception, match=r"QEMU exited at launch|no QMP socket"):
         await vm.launch()
     assert vm.state in (VmState.FAILED, VmState.STOPPED)
     assert processes_mentioning(str(state_dir)) == []

@@ -43,7 +43,13 @@ log = logging.getLogger(__name__)
 HOST_KEY = web.AppKey("host", Host)
 MAX_BODY = 1 << 20
 
+
+class BodyTooLarge(UsageError):
+    """A request body over :data:`MAX_BODY` bytes."""
+
+
 _STATUS: list[tuple[type[DevagentError], int]] = [
+    (BodyTooLarge, 413),
     (UsageError, 400),
     (NotFound, 404),
     (StateError, 409),
@@ -87,7 +93,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 async def body(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise UsageError(f"request body over {MAX_BODY} bytes")
+        raise BodyTooLarge(f"request body over {MAX_BODY} bytes")
     raw = await request.read()
     if not raw:
         return {}

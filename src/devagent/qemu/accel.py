@@ -54,8 +54,9 @@ def probe_kvm(guest: GuestImage, timeout: float = PROBE_TIMEOUT_S) -> bool:
         "-append", "console=ttyS0 quiet panic=-1",
         "-serial", "stdio",
     ]  # fmt: skip
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     assert proc.stdout is not None
     seen = b""
     deadline = time.monotonic() + timeout
@@ -86,6 +87,8 @@ def choose_accel(guest: GuestImage, *, probe: bool = False) -> Accel:
         return "tcg"
     started = time.monotonic()
     works = probe_kvm(guest)
-    log.info("KVM probe boot: %s in %.1f s", "works" if works else "fails", time.monotonic() - started)
+    log.info(
+        "KVM probe boot: %s in %.1f s", "works" if works else "fails", time.monotonic() - started
+    )
     path.write_text(json.dumps({"key": key, "kvm": works, "probed_at": time.time()}))
     return "kvm" if works else "tcg"

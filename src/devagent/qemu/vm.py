@@ -212,6 +212,10 @@ class Vm:
                 qmp.connect(str(self.qmp_path)), max(0.5, deadline - time.monotonic())
             )
         except (QMPError, OSError, TimeoutError) as err:
+            if await self.wait_exit(1.0):
+                raise PeerError(
+                    f"VM {self.config.name}: QEMU exited at launch: {self.log_tail()}"
+                ) from err
             raise PeerError(f"VM {self.config.name}: QMP connect failed: {err}") from err
         self._qmp = qmp
         self._tasks.append(
@@ -337,7 +341,8 @@ class Vm:
             self._console_writer.close()
             self._console_writer = None
         if self._qmp is not None:
-            with contextlib.suppress(QMPError, OSError):
+            # QEMU gone first means the session ends in EOF: expected, as in QEMU's machine.py
+            with contextlib.suppress(QMPError, OSError, EOFError):
                 await self._qmp.disconnect()
             self._qmp = None
         for task in self._tasks:
