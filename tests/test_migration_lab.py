@@ -88,7 +88,7 @@ async def test_a_migration_to_a_dead_destination_leaves_the_vm_on_the_source(lab
     ghost = Endpoint(url="http://127.0.0.1:9", token=lab.token, name="ghost")
     report = await migrate(a, ghost, "mig2", storage="shared")
     assert report.status == "failed" and report.error and "ghost" in report.error
-    where, vm = await locate_vm([a], "mig2")
+    _, vm = await locate_vm([a], "mig2")
     assert vm["state"] == "running"
     beats = await wait_heartbeats(a, "mig2", 5)
     assert beats[-1]["errors"] == 0

@@ -16,11 +16,12 @@ def main() -> None:
 
 def _register() -> None:
     from devagent.cli.demo_cmd import demo_cmd
+    from devagent.cli.guest_cmd import guest_group
     from devagent.cli.lab_cmd import lab_group
     from devagent.cli.migrate_cmd import migrate_cmd
     from devagent.cli.vm_cmd import vm_group
 
-    for command in (lab_group, vm_group, migrate_cmd, demo_cmd):
+    for command in (guest_group, lab_group, vm_group, migrate_cmd, demo_cmd):
         main.add_command(command)
 
 

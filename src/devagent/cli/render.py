@@ -24,7 +24,7 @@ def report_table(report: MigrationReport) -> Table:
         f"migration of {report.vm}: {report.source} → {report.destination} "
         f"({report.storage}) — {report.status}"
     )
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", min_width=len(title))
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("", style="dim")

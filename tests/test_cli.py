@@ -1,0 +1,117 @@
+"""The devagent command line, run as a user runs it: real processes, a real lab."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from devagent.guest.build import GuestImage
+from tests.conftest import namespaces, processes_mentioning
+
+DEVAGENT = str(Path(sys.executable).with_name("devagent"))
+
+
+def cli(*args: str, check: bool = True, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [DEVAGENT, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"devagent {' '.join(args)} -> {result.returncode}\n{result.stderr}")
+    return result
+
+
+def cli_json(*args: str) -> Any:
+    return json.loads(cli(*args, "--json").stdout)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["lab"], ["lab", "up"], ["vm", "start"], ["migrate"], ["demo"], ["guest", "build"]],
+)
+def test_every_command_explains_itself(command: list[str]) -> None:
+    result = cli(*command, "--help")
+    assert "Usage:" in result.stdout
+    assert len(result.stdout.splitlines()) > 3
+
+
+@pytest.fixture
+def cli_lab(state_dir: Path, guest: GuestImage) -> Iterator[str]:
+    os.environ["DEVAGENT_LAB"] = "tcli"
+    try:
+        up = cli_json("lab", "up", "--hosts", "2", "--link-rate", "100mbit")
+        assert [h["name"] for h in up["hosts"]] == ["a", "b"]
+        yield "tcli"
+    finally:
+        cli("lab", "down", check=False)
+        os.environ.pop("DEVAGENT_LAB", None)
+        assert processes_mentioning(str(state_dir)) == []
+        assert not [ns for ns in namespaces() if ns.startswith("da-tcli")]
+
+
+@pytest.mark.vm
+@pytest.mark.lab
+def test_a_user_session_through_the_cli(cli_lab: str, guest: GuestImage, state_dir: Path) -> None:
+    started = cli_json(
+        "vm", "start", "v1", "--host", "a", "--disk-size", "64M", "--workload", "moderate,span=16M"
+    )
+    assert started["state"] == "running" and started["boot_s"] > 0
+
+    report = cli_json("migrate", "v1", "--to", "b")
+    assert report["status"] == "completed"
+    assert (report["guest_io_errors"], report["guest_verify_failures"]) == (0, 0)
+    assert report["integrity"] == "ok"
+    assert report["link_rate_bps"] == 100_000_000
+
+    listed = cli_json("vm", "list")
+    assert [(v["host"], v["name"], v["state"]) for v in listed] == [("b", "v1", "running")]
+
+    # A user's own guest: a qcow2 image booted with a kernel, no ioprobe in it.
+    image = state_dir / "labs" / cli_lab / "shared" / "user.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    cli(
+        "vm", "start", "u1", "--host", "a", "--disk", str(image),
+        "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),
+        "--append", "console=ttyS0 quiet",
+    )  # fmt: skip
+    user_report = cli_json("migrate", "u1", "--to", "b")
+    assert user_report["status"] == "completed"
+    assert user_report["downtime_ms"] is not None
+    assert user_report["max_io_gap_ms"] is None
+    assert "ioprobe" in user_report["missing"]["max_io_gap_ms"]
+    assert "ioprobe" in user_report["missing"]["integrity"]
+
+    stopped = cli_json("vm", "stop", "v1")
+    assert stopped["host"] == "b"
+    assert [v["name"] for v in cli_json("vm", "list")] == ["u1"]
+
+
+@pytest.mark.lab
+def test_cli_errors_are_one_clear_line(cli_lab: str) -> None:
+    missing = cli("migrate", "ghost", "--to", "b", check=False)
+    assert missing.returncode == 1
+    assert "no host of the lab runs VM 'ghost'" in missing.stderr
+    assert "Traceback" not in missing.stderr
+    bad = cli("vm", "start", "v2", "--host", "a", "--workload", "frantic", check=False)
+    assert bad.returncode == 2
+    assert "frantic" in bad.stderr and "Traceback" not in bad.stderr
+    nohost = cli("vm", "start", "v3", "--host", "zz", check=False)
+    assert nohost.returncode == 2 and "no host 'zz'" in nohost.stderr
+
+
+@pytest.mark.vm
+def test_demo_in_loopback_mode_prints_a_json_report(state_dir: Path, guest: GuestImage) -> None:
+    result = cli("demo", "--loopback", "--json")
+    report = json.loads(result.stdout)
+    assert report["status"] == "completed"
+    assert (report["guest_io_errors"], report["guest_verify_failures"]) == (0, 0)
+    assert report["integrity"] == "ok"
+    assert report["bytes_between_hosts"] is None
+    assert "loopback" in report["missing"]["bytes_between_hosts"]
+    assert processes_mentioning(str(state_dir)) == []
