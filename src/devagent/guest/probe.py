@@ -210,6 +210,11 @@ class ConsoleParser:
         self.overlong_lines = 0
         self.other_lines = 0
 
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of an unfinished line held until its newline arrives."""
+        return len(self._buffer)
+
     def feed(self, data: bytes, host_time: float) -> list[ProbeEvent]:
         """Parse ``data`` (received at wall-clock ``host_time``) and return the events of
         every line it completes."""
