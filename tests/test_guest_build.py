@@ -104,6 +104,15 @@ def test_a_missing_tool_is_a_clear_environment_problem(
         build_guest()
 
 
+def test_unpack_bzimage_finds_the_elf_behind_a_gzip_stream() -> None:
+    elf = b"\x7fELF\x02" + bytes(100)
+    image = b"MZ setup code \x1f\x8b\x08\x00 not a stream" + gzip.compress(elf) + b"trailer"
+    assert build.unpack_bzimage(image) == elf
+    assert build.unpack_bzimage(b"MZ nothing compressed here") is None
+    assert not build.has_pvh_entry(elf)  # no program headers, no note
+    assert not build.has_pvh_entry(b"MZ")
+
+
 # --- the real build ---------------------------------------------------------------------
 
 
@@ -111,7 +120,10 @@ def test_build_makes_kernel_and_initrd_and_a_second_build_does_nothing(
     guest_image: GuestImage,
 ) -> None:
     assert guest_image.kernel.stat().st_size > 1 << 20
-    assert guest_image.kernel.name == f"vmlinuz-{guest_image.kernel_version}"
+    # Debian's kernel has a PVH entry: the guest boots the unpacked ELF.
+    assert guest_image.kernel.name == f"vmlinux-{guest_image.kernel_version}"
+    assert build.has_pvh_entry(guest_image.kernel.read_bytes())
+    assert (guest_image.kernel.parent / f"vmlinuz-{guest_image.kernel_version}").is_file()
     assert guest_image.initrd.read_bytes()[:2] == b"\x1f\x8b"  # gzip
     assert load_guest() == guest_image
     assert not needs_build()
@@ -170,6 +182,7 @@ def test_a_changed_init_rebuilds_only_the_initramfs(
     real = guest_image.kernel.parent
     version = guest_image.kernel_version
     shutil.copy(guest_image.kernel, tmp_path)
+    shutil.copy(real / f"vmlinuz-{version}", tmp_path)
     shutil.copytree(real / f"modules-{version}", tmp_path / f"modules-{version}")
     shutil.copy(guest_image.initrd, tmp_path)
     shutil.copy(real / build.MANIFEST, tmp_path)
@@ -354,3 +367,33 @@ def test_boot_run_verify_pause_and_the_disk_matches(
     assert on_disk.valid_blocks == paused.written_blocks
     assert on_disk.invalid_crc_blocks == 0
     assert console.parser.garbage_lines == 0
+
+
+@pytest.fixture
+def booted_with_nic(guest_image: GuestImage, tmp_path: Path) -> Iterator[Console]:
+    disk = tmp_path / "disk.raw"
+    with disk.open("wb") as f:
+        f.truncate(8 << 20)
+    append = f"devagent.ip=10.0.2.15/24 {parse_workload('idle').to_kernel_arg()}"
+    argv = [
+        *qemu_command(guest_image, disk, append, cache="writeback"),
+        "-netdev", "user,id=n0",
+        "-device", "virtio-net-pci,netdev=n0",
+    ]  # fmt: skip
+    console = Console(argv)
+    try:
+        yield console
+    finally:
+        console.close()
+
+
+@pytest.mark.vm
+def test_boot_with_an_address_brings_eth0_up_and_idles(booted_with_nic: Console) -> None:
+    console = booted_with_nic
+    console.wait_for(Ready, timeout=120)
+    beat = console.wait_for(Heartbeat)
+    assert isinstance(beat, Heartbeat)
+    assert (beat.phase, beat.ops, beat.errors) == ("idle", 0, 0)
+    transcript = console.transcript.decode(errors="replace")
+    assert "DEVAGENT-NET eth0 10.0.2.15/24" in transcript
+    assert "insmod" not in transcript  # every module loaded
