@@ -95,6 +95,12 @@ def test_load_guest_in_an_empty_cache_says_how_to_build(
     assert needs_build()
 
 
+def test_cache_dir_defaults_to_the_home_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DEVAGENT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert cache_dir() == Path("/home/someone/.cache/devagent")
+
+
 def test_a_missing_tool_is_a_clear_environment_problem(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -495,3 +495,16 @@ def test_block_header_layout_matches_ioprobe(host_ioprobe: Path, tmp_path: Path)
     magic, index, generation, crc, size = struct.unpack_from("<8sQQII", block)
     assert (magic, index, generation, size) == (b"DAGPROBE", 0, 1, 4096)
     assert crc == zlib.crc32(block[32:])
+
+
+def test_disk_digest_ignores_the_magic_off_block_boundaries(tmp_path: Path) -> None:
+    image = tmp_path / "noise.raw"
+    data = bytearray(16 * 4096)
+    data[100:108] = MAGIC  # inside block 0, not at its start
+    data[4096 * 2 + 1 : 4096 * 2 + 9] = MAGIC
+    data[4096 * 5 : 4096 * 6] = make_block(5, 9)
+    data[-4:] = MAGIC[:4]  # a cut magic at the very end
+    image.write_bytes(bytes(data))
+    found = disk_digest(image)
+    assert (found.digest, found.valid_blocks) == (f"{block_hash(5, 9):016x}", 1)
+    assert found.misplaced_blocks == found.invalid_crc_blocks == 0
