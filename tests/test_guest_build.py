@@ -39,6 +39,7 @@ from devagent.guest.probe import (
     disk_digest,
 )
 from devagent.guest.workload import parse_workload
+from devagent.qemu.accel import choose_accel
 
 
 @pytest.fixture(scope="module")
@@ -227,6 +228,7 @@ def test_cli_guest_build_json(guest_image: GuestImage) -> None:
         "initrd": str(guest_image.initrd),
         "kernel_version": guest_image.kernel_version,
         "built": False,
+        "accel": choose_accel(guest_image),  # the KVM probe's cached answer
     }
 
 

@@ -9,6 +9,7 @@ import click
 
 from devagent.errors import DevagentError, UsageError
 from devagent.guest.build import build_guest, cache_dir, needs_build
+from devagent.qemu.accel import choose_accel, no_cached_accel
 
 
 @click.group("guest")
@@ -29,6 +30,9 @@ def build(force: bool, as_json: bool) -> None:
     try:
         built = force or needs_build()
         image = build_guest(force=force, log=None if as_json else progress)
+        if not as_json and no_cached_accel(image):
+            progress("probing KVM with a real boot (once per machine; TCG if it hangs)")
+        accel = choose_accel(image, probe=True)
     except UsageError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
@@ -42,8 +46,10 @@ def build(force: bool, as_json: bool) -> None:
             "initrd": str(image.initrd),
             "kernel_version": image.kernel_version,
             "built": built,
+            "accel": accel,
         }
         click.echo(json.dumps(record, indent=2))
     else:
         click.echo(f"kernel {image.kernel}")
         click.echo(f"initrd {image.initrd}")
+        click.echo(f"accel  {accel} (KVM only where a probe boot under it reached userspace)")

@@ -73,9 +73,22 @@ def probe_kvm(guest: GuestImage, timeout: float = PROBE_TIMEOUT_S) -> bool:
         proc.wait()
 
 
+def no_cached_accel(guest: GuestImage) -> bool:
+    """True when no probe answer is cached for this guest and QEMU."""
+    try:
+        cached = json.loads(_probe_file().read_text())
+    except (OSError, ValueError):
+        return True
+    return bool(cached.get("key") != _key(guest))
+
+
+def _key(guest: GuestImage) -> dict[str, str]:
+    return {"kernel": guest.kernel_version, "qemu": qemu_version()}
+
+
 def choose_accel(guest: GuestImage, *, probe: bool = False) -> Accel:
     """The cached probe's answer; with ``probe``, run the probe when no answer is cached."""
-    key = {"kernel": guest.kernel_version, "qemu": qemu_version()}
+    key = _key(guest)
     path = _probe_file()
     try:
         cached = json.loads(path.read_text())
