@@ -50,3 +50,17 @@ def processes_mentioning(text: str) -> list[str]:
 def namespaces() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind() -> Iterator[None]:
+    """After the whole run: no QEMU, daemon or agent of a test, no test namespace."""
+    yield
+    leftovers = processes_mentioning("/tmp/da-")
+    stray_ns = [ns for ns in namespaces() if ns.startswith("da-")]
+    for line in leftovers:
+        os.kill(int(line.split(":")[0]), 9)
+    for ns in stray_ns:
+        subprocess.run(["ip", "netns", "delete", ns], check=False)
+    assert leftovers == [], f"processes left behind: {leftovers}"
+    assert stray_ns == [], f"namespaces left behind: {stray_ns}"
