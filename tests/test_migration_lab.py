@@ -93,3 +93,27 @@ async def test_a_migration_to_a_dead_destination_leaves_the_vm_on_the_source(lab
     beats = await wait_heartbeats(a, "mig2", 5)
     assert beats[-1]["errors"] == 0
     await asyncio.sleep(0)
+
+
+async def test_a_daemon_restart_leaves_the_guest_untouched(lab: Lab) -> None:
+    a, b = endpoints(lab)
+    status = await start_vm(
+        a, {"name": "rst1", "disk_size": "64M", "workload": "moderate,span=16M"}
+    )
+    qemu_pid = status["pid"]
+    await wait_heartbeats(a, "rst1", 5)
+    old_daemon = lab.host("a").pid
+    restarted = await asyncio.to_thread(lab.restart_daemon, "a")
+    assert restarted.pid is not None and restarted.pid != old_daemon
+
+    # The new daemon adopted the same QEMU; the probe's counters went on, with no error.
+    async with DaemonClient(a) as client:
+        vm = await client.get("/v1/vms/rst1")
+    assert vm["pid"] == qemu_pid and vm["state"] == "running"
+    beats = await wait_heartbeats(a, "rst1", 10)
+    assert beats[0]["hb"] > 10  # heartbeat numbers continue from before the restart
+    assert all(beat["errors"] == 0 and beat["verify_failures"] == 0 for beat in beats)
+    # and the adopted VM still migrates.
+    report = await migrate(a, b, "rst1", storage="shared")
+    assert report.status == "completed", report.error
+    assert report.integrity == "ok"

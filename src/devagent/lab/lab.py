@@ -594,6 +594,31 @@ class Lab:
             if pending:
                 time.sleep(0.1)
 
+    def restart_daemon(self, host: str | LabHost) -> LabHost:
+        """Stop one host's devagentd and start it again (its VMs and agents must survive:
+        they run in their own sessions and the new daemon adopts them)."""
+        target = self.host(host)
+        if target.pid is not None:
+            procs.terminate([target.pid])
+        self._procs.pop(target.name, None)
+        self._start_daemon(daemon_binary(), target)
+        self._save()
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        proc = self._procs[target.name]
+        while True:
+            if proc.poll() is not None:
+                log_file = target.dir / "devagentd.log"
+                raise PeerError(
+                    f"devagentd of host {target.name} exited on restart:\n" + _tail(log_file)
+                )
+            try:
+                self.health(target, timeout=HEALTH_PROBE_TIMEOUT_S)
+                return self.host(target.name)
+            except PeerError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
     def _replace_host(self, new: LabHost) -> None:
         self._hosts = [new if h.name == new.name else h for h in self._hosts]
 
