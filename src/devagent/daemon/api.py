@@ -26,6 +26,7 @@ import json
 import logging
 import socket
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -196,10 +197,13 @@ async def prepare_incoming(request: web.Request) -> web.Response:
     host = host_of(request)
     payload = await body(request)
     if not isinstance(payload, dict) or "request" not in payload or "config" not in payload:
-        raise UsageError("body must be {'request': VmRequest, 'config': VmConfig}")
+        raise UsageError("body must be {'request': VmRequest, 'config': VmConfig, 'image': path}")
     vm_request = VmRequest.from_json(payload["request"])
     config = VmConfig.from_json(payload["config"])
-    managed = await host.vms.prepare_incoming(vm_request, config)
+    image = payload.get("image")
+    if not isinstance(image, str):
+        raise UsageError("body needs 'image': the disk image's path on this host")
+    managed = await host.vms.prepare_incoming(vm_request, config, Path(image))
     uri = f"tcp:{host.address}:{free_port(host.address)}"
     try:
         await managed.vm.qmp("migrate-incoming", uri=uri)

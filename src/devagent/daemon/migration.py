@@ -159,7 +159,11 @@ class MigrationJob:
         async with DaemonClient(self.request.destination) as peer:
             answer = await peer.post(
                 "/v1/incoming",
-                {"request": managed.request.to_json(), "config": managed.config.to_json()},
+                {
+                    "request": managed.request.to_json(),
+                    "config": managed.config.to_json(),
+                    "image": str(managed.image),  # 'shared': the destination sees it too
+                },
             )
             uri = str(answer["uri"])
             try:
@@ -209,13 +213,9 @@ class MigrationJob:
         self.finished_at = time.time()
 
     def _check_storage(self) -> None:
-        disk = self.managed.config.disks[0].path if self.managed.config.disks else None
         shared = self.host.shared_dir
-        if (
-            self.request.storage == "shared"
-            and (disk is None or shared is None or not disk.startswith(str(shared) + "/"))
-            and self.managed.request.disk is None
-        ):
+        in_shared = shared is not None and self.managed.image.is_relative_to(shared)
+        if self.request.storage == "shared" and not in_shared and self.managed.request.disk is None:
             raise UsageError(
                 f"VM {self.managed.name}'s disk is local to host {self.host.name}: "
                 "the 'shared' strategy needs a disk both hosts see (vm start --storage shared)"

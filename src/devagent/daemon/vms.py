@@ -14,10 +14,11 @@ import logging
 import re
 import shutil
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from devagent.daemon.agents import AgentProcess
 from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.guest.build import load_guest
 from devagent.guest.probe import (
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 HEARTBEATS_KEPT = 36_000  # one hour at ten a second
+NBD_RECONNECT_DELAY_S = 5  # QEMU's NBD client reconnects to a restarted agent
 Storage = Literal["shared", "local"]
 Role = Literal["running", "incoming"]
 
@@ -65,6 +67,7 @@ class VmRequest:
     initrd: str | None = None
     append: str | None = None
     storage: Storage = "shared"
+    agent: bool = True  # False: QEMU opens the image itself (the QEMU-only baselines)
 
     @classmethod
     def from_json(cls, body: Any) -> VmRequest:
@@ -97,7 +100,10 @@ class VmRequest:
             strings["workload"] = None  # a user's own guest runs no ioprobe
         elif strings["workload"] is not None:
             parse_workload(strings["workload"])  # raises UsageError when malformed
-        return cls(name=name, ram_mb=ram, disk_size=size, storage=storage, **strings)
+        agent = body.get("agent", True)
+        if not isinstance(agent, bool):
+            raise UsageError("'agent' must be true or false")
+        return cls(name=name, ram_mb=ram, disk_size=size, storage=storage, agent=agent, **strings)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,10 +122,22 @@ def image_format(path: Path) -> DiskFormat:
     return "qcow2" if magic == b"QFI\xfb" else "raw"
 
 
-def build_config(request: VmRequest, disk_path: Path) -> VmConfig:
-    """The QEMU configuration for ``request`` with its disk at ``disk_path``."""
-    fmt: DiskFormat = "raw" if request.disk is None else image_format(disk_path)
-    disk = DiskSpec(node="disk0", path=str(disk_path), format=fmt)
+def disk_spec(request: VmRequest, image: Path, agent: AgentProcess | None) -> DiskSpec:
+    """The VM's disk: the agent's NBD export when it has one, else the image itself."""
+    fmt: DiskFormat = "raw" if request.disk is None else image_format(image)
+    if agent is None:
+        return DiskSpec(node="disk0", path=str(image), format=fmt)
+    return DiskSpec(
+        node="disk0",
+        nbd_socket=str(agent.nbd_socket),
+        nbd_export=agent.export,
+        format=fmt,
+        reconnect_delay_s=NBD_RECONNECT_DELAY_S,
+    )
+
+
+def build_config(request: VmRequest, disk: DiskSpec) -> VmConfig:
+    """The QEMU configuration for ``request`` with ``disk``."""
     if request.has_probe:
         guest = load_guest()
         assert request.workload is not None
@@ -146,11 +164,21 @@ def build_config(request: VmRequest, disk_path: Path) -> VmConfig:
 class ManagedVm:
     """A VM as its daemon keeps it: the QEMU process and what its probe said."""
 
-    def __init__(self, request: VmRequest, config: VmConfig, run_dir: Path, role: Role):
+    def __init__(
+        self,
+        request: VmRequest,
+        config: VmConfig,
+        run_dir: Path,
+        role: Role,
+        image: Path,
+        agents: list[AgentProcess] | None = None,
+    ):
         self.request = request
         self.config = config
         self.run_dir = run_dir
         self.role: Role = role
+        self.image = image  # the disk image on this host, served by the agent (if any)
+        self.agents = agents or []
         self.heartbeats: deque[Heartbeat] = deque(maxlen=HEARTBEATS_KEPT)
         self.parser = ConsoleParser() if request.has_probe else None
         self.vm = Vm(config, run_dir, on_console=self._on_console if self.parser else None)
@@ -213,10 +241,7 @@ class ManagedVm:
         paused = await self.probe_command("pause")
         assert isinstance(paused, Paused)
         try:
-            disk = self.config.disks[0]
-            if disk.path is None:
-                raise StateError(f"VM {self.name}'s disk is not a file on this host")
-            found = await asyncio.to_thread(disk_digest, Path(disk.path))
+            found = await asyncio.to_thread(disk_digest, self.image)
         finally:
             await self.probe_command("resume")
         if found.digest == paused.digest:
@@ -234,6 +259,8 @@ class ManagedVm:
             "config": self.config.to_json(),
             "pid": self.vm.pid,
             "role": self.role,
+            "image": str(self.image),
+            "agents": [a.to_json() for a in self.agents],
         }
         tmp = self.run_dir / "vm.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))
@@ -248,7 +275,8 @@ class ManagedVm:
             "role": self.role,
             "pid": self.vm.pid,
             "ram_mb": self.config.ram_mb,
-            "disk": self.config.disks[0].path if self.config.disks else None,
+            "disk": str(self.image),
+            "agents": [{"node": a.node, "pid": a.pid, "alive": a.alive} for a in self.agents],
             "storage": self.request.storage,
             "workload": self.request.workload,
             "probe": self.parser is not None,
@@ -297,36 +325,49 @@ class VmManager:
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
-            disk = self.disk_path(request)
-            if request.disk is None and not disk.exists():
-                with disk.open("wb") as f:
+            image = self.disk_path(request)
+            if request.disk is None and not image.exists():
+                with image.open("wb") as f:
                     f.truncate(request.disk_size)
-            config = build_config(request, disk)
-            managed = self._add(request, config, "running")
+            managed = self._add(request, image, "running", config=None)
         await self._launch(managed)
         return managed
 
-    async def prepare_incoming(self, request: VmRequest, config: VmConfig) -> ManagedVm:
-        """Start QEMU waiting for ``config``'s VM to arrive by live migration."""
+    async def prepare_incoming(
+        self, request: VmRequest, config: VmConfig, image: Path
+    ) -> ManagedVm:
+        """Start QEMU waiting for ``config``'s VM to arrive by live migration, its disk
+        ``image`` served by an agent of this host (unless the VM runs without one)."""
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
-            incoming = VmConfig.from_json({**config.to_json(), "incoming": True})
-            managed = self._add(request, incoming, "incoming")
+            managed = self._add(request, image, "incoming", config=config)
         await self._launch(managed)
         return managed
 
-    def _add(self, request: VmRequest, config: VmConfig, role: Role) -> ManagedVm:
+    def _add(
+        self, request: VmRequest, image: Path, role: Role, config: VmConfig | None
+    ) -> ManagedVm:
         run_dir = self.run_dir(request.name)
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
-        managed = ManagedVm(request, config, run_dir, role)
+        agent = None
+        if request.agent:
+            agent = AgentProcess(request.name, "disk0", str(image), str(run_dir))
+        disk = disk_spec(request, image, agent)
+        if config is None:
+            config = build_config(request, disk)
+        else:  # an incoming VM: the source's configuration with this host's disk
+            config = replace(config, disks=(disk,), incoming=True)
+        managed = ManagedVm(request, config, run_dir, role, image, [agent] if agent else [])
         self.vms[request.name] = managed
         return managed
 
     async def _launch(self, managed: ManagedVm) -> None:
         try:
+            for agent in managed.agents:
+                await agent.start()
             await managed.vm.launch()
         except BaseException:
             await self.remove(managed.name)
@@ -335,31 +376,45 @@ class VmManager:
         log.info("VM %s started on host %s (pid %s)", managed.name, self.host_name, managed.vm.pid)
 
     async def remove(self, name: str, *, keep_dir: bool = False) -> None:
-        """Stop the VM's QEMU and forget it."""
+        """Stop the VM's QEMU, then its agents, and forget it."""
         managed = self.vms.pop(name, None)
         if managed is None:
             raise NotFound(f"no VM {name!r} on host {self.host_name}")
         await managed.vm.stop()
+        for agent in managed.agents:
+            await agent.stop()
         if not keep_dir:
             shutil.rmtree(managed.run_dir, ignore_errors=True)
         log.info("VM %s removed from host %s", name, self.host_name)
 
     async def adopt_all(self) -> None:
-        """After a daemon restart: take over every VM whose QEMU still runs."""
+        """After a daemon restart: take over every VM whose QEMU still runs, with its agents."""
         for record_path in sorted((self.root / "vms").glob("*/vm.json")):
             try:
                 record = json.loads(record_path.read_text())
                 request = VmRequest.from_json(record["request"])
                 config = VmConfig.from_json(record["config"])
                 pid = int(record["pid"])
+                image = Path(record["image"])
+                agents = [AgentProcess.from_json(a) for a in record.get("agents", [])]
             except (OSError, ValueError, KeyError, TypeError, UsageError) as err:
                 log.warning("cannot read %s: %s", record_path, err)
                 continue
             if not pid_alive(pid):
                 log.info("VM %s (pid %d) is gone; forgetting it", request.name, pid)
+                for agent in agents:
+                    await agent.kill()
                 shutil.rmtree(record_path.parent, ignore_errors=True)
                 continue
-            managed = ManagedVm(request, config, record_path.parent, record.get("role", "running"))
+            dead = [a.node for a in agents if not a.alive]
+            if dead:
+                log.error(
+                    "VM %s: agent(s) for %s gone; its disk waits for them",
+                    request.name,
+                    ", ".join(dead),
+                )
+            role = record.get("role", "running")
+            managed = ManagedVm(request, config, record_path.parent, role, image, agents)
             try:
                 await managed.vm.adopt(pid)
             except PeerError as err:

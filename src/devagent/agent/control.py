@@ -1,0 +1,127 @@
+"""The control channel of an agent process: a small HTTP JSON API on a unix socket (mode
+0600, so only its host's root reaches it), through which the host daemon supervises the
+agent without ever sitting in the data path.
+
+    GET  /status                  the agent's and its journal's figures
+    POST /quiesce                 hold new requests, return once none is in flight
+    POST /resume                  release the held requests in arrival order
+    GET  /completions?since=T     wall-clock times of the completions after T
+    POST /stop                    stop serving (answer or fail every request), then exit
+
+A quiesce that nobody resumes is resumed by the agent itself after ``max_hold_s``, so a
+daemon that dies mid-exchange cannot freeze its guest's disk for ever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from devagent.agent.agent import BlockAgent
+
+from devagent.errors import DevagentError, StateError, UsageError
+
+log = logging.getLogger(__name__)
+
+AGENT_KEY = web.AppKey("agent", BlockAgent)
+STOP_KEY = web.AppKey("stop", asyncio.Event)
+HOLD_KEY = web.AppKey("hold", dict)
+MAX_HOLD_S = 30.0
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except UsageError as err:
+        return _error(400, str(err))
+    except StateError as err:
+        return _error(409, str(err))
+    except DevagentError as err:
+        return _error(500, str(err))
+
+
+async def _status(request: web.Request) -> web.Response:
+    agent = request.app[AGENT_KEY]
+    stats = agent.stats()
+    stats["pid"] = os.getpid()
+    stats["backend"] = repr(agent.backend)
+    stats["held"] = request.app[HOLD_KEY].get("since") is not None
+    return web.json_response(stats)
+
+
+async def _quiesce(request: web.Request) -> web.Response:
+    agent, hold = request.app[AGENT_KEY], request.app[HOLD_KEY]
+    if hold.get("since") is not None:
+        raise StateError("the agent is already quiesced")
+    started = time.time()
+    await agent.journal.quiesce()
+    hold["since"] = time.time()
+    hold["timer"] = asyncio.get_running_loop().call_later(MAX_HOLD_S, _auto_resume, agent, hold)
+    return web.json_response({"drained_in_s": round(hold["since"] - started, 6)})
+
+
+def _auto_resume(agent: BlockAgent, hold: dict[str, Any]) -> None:
+    log.warning("export %r held for %.0f s without resume: resuming", agent.export_name, MAX_HOLD_S)
+    hold["since"] = None
+    agent.journal.resume()
+
+
+async def _resume(request: web.Request) -> web.Response:
+    agent, hold = request.app[AGENT_KEY], request.app[HOLD_KEY]
+    since = hold.get("since")
+    if since is None:
+        raise StateError("the agent is not quiesced")
+    hold["timer"].cancel()
+    hold["since"] = None
+    agent.journal.resume()
+    return web.json_response({"held_s": round(time.time() - since, 6)})
+
+
+async def _completions(request: web.Request) -> web.Response:
+    try:
+        since = float(request.query.get("since", "0"))
+    except ValueError:
+        raise UsageError("'since' must be a number") from None
+    times = request.app[AGENT_KEY].journal.completions_since(since)
+    return web.json_response({"completions": times})
+
+
+async def _stop(request: web.Request) -> web.Response:
+    request.app[STOP_KEY].set()
+    return web.json_response({"stopping": True})
+
+
+def build_control_app(agent: BlockAgent, stop: asyncio.Event) -> web.Application:
+    app = web.Application(middlewares=[_errors])
+    app[AGENT_KEY] = agent
+    app[STOP_KEY] = stop
+    app[HOLD_KEY] = {"since": None}
+    app.router.add_get("/status", _status)
+    app.router.add_post("/quiesce", _quiesce)
+    app.router.add_post("/resume", _resume)
+    app.router.add_get("/completions", _completions)
+    app.router.add_post("/stop", _stop)
+    return app
+
+
+async def serve_control(agent: BlockAgent, path: Path, stop: asyncio.Event) -> web.AppRunner:
+    """Start the control API on ``path``; the caller cleans the returned runner up."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    runner = web.AppRunner(build_control_app(agent, stop), access_log=None)
+    await runner.setup()
+    await web.UnixSite(runner, str(path)).start()
+    os.chmod(path, 0o600)
+    return runner
