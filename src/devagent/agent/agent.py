@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from devagent.agent.backend import Backend, BackendError, Extent
-from devagent.agent.journal import Journal, JournalClosed
+from devagent.agent.journal import Entry, Journal, JournalClosed
 from devagent.errors import StateError, UsageError
 from devagent.nbd.codec import (
     BadRequest,
@@ -40,6 +40,10 @@ from devagent.nbd.codec import (
 from devagent.nbd.proto import Command, CommandFlag, Errno, NbdProtocolError
 
 log = logging.getLogger(__name__)
+
+
+#: Commands the reader tries to answer synchronously (see ``_Connection._at_once``).
+_AT_ONCE = frozenset({Command.READ, Command.WRITE})
 
 
 class AgentState(enum.Enum):
@@ -143,7 +147,12 @@ class _Connection(asyncio.Protocol):
             if isinstance(event, NeedData):
                 break
             if isinstance(event, Request | BadRequest):
-                task = asyncio.create_task(self._serve(event))
+                entry = None
+                if isinstance(event, Request) and event.command in _AT_ONCE:
+                    entry = self.agent.journal.try_admit(event.command, event.offset, event.length)
+                    if entry is not None and self._at_once(event, entry):
+                        continue
+                task = asyncio.create_task(self._serve(event, entry))
                 self.pending[task] = event
                 task.add_done_callback(self._done)
             elif isinstance(event, OptionHandled):
@@ -207,23 +216,42 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(parts)
 
-    async def _serve(self, request: Request | BadRequest) -> None:
+    def _at_once(self, request: Request, entry: Entry) -> bool:
+        """Answer a READ or plain WRITE the backend can do without blocking (page cache),
+        with no task; False if it cannot (the caller then starts a task)."""
+        backend = self.agent.backend
+        if request.command is Command.READ:
+            data = backend.read_nowait(request.offset, request.length)
+            if data is None:
+                return False
+            parts = self.codec.reply_read(request.handle, request.offset, data)
+        else:
+            assert request.data is not None
+            if request.flags or not backend.write_nowait(request.offset, request.data):
+                return False
+            parts = self.codec.reply_ok(request.handle)
+        self.agent.journal.complete(entry)
+        self._write(parts)
+        return True
+
+    async def _serve(self, request: Request | BadRequest, entry: Entry | None = None) -> None:
         journal = self.agent.journal
         kind = request.command if isinstance(request, Request) else Command.READ
-        task = asyncio.current_task()
-        assert task is not None
-        self.gated.add(task)
-        try:
-            entry = await journal.admit(kind, request.offset, request.length)
-        except JournalClosed:
-            self._write(
-                self.codec.reply_error(
-                    request.handle, request.command, Errno.ESHUTDOWN, "the agent is stopping"
+        if entry is None:
+            task = asyncio.current_task()
+            assert task is not None
+            self.gated.add(task)
+            try:
+                entry = await journal.admit(kind, request.offset, request.length)
+            except JournalClosed:
+                self._write(
+                    self.codec.reply_error(
+                        request.handle, request.command, Errno.ESHUTDOWN, "the agent is stopping"
+                    )
                 )
-            )
-            return
-        finally:
-            self.gated.discard(task)
+                return
+            finally:
+                self.gated.discard(task)
         errno = 0
         try:
             if isinstance(request, BadRequest):

@@ -22,12 +22,13 @@ import errno as errno_mod
 import logging
 import os
 import stat
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from devagent.errors import DevagentError
 from devagent.nbd.proto import Errno
@@ -35,10 +36,29 @@ from devagent.nbd.proto import Errno
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+_Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
+#: Most calls one pool job runs; a larger burst is spread over several workers.
+BATCH_MAX = 8
+
+
+def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in results:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
+#: Largest write done inline on the event loop (see ``Local.write_nowait``).
+INLINE_MAX = 64 * 1024
+#: An inline write slower than this turns inline writes off for INLINE_COOLDOWN seconds.
+INLINE_STALL = 0.002
+INLINE_COOLDOWN = 5.0
 #: Zero buffer size for write_zeroes when the kernel cannot zero a range itself.
 ZERO_CHUNK = 1024 * 1024
 
@@ -94,6 +114,14 @@ class Backend(ABC):
     def read_only(self) -> bool:
         return False
 
+    def read_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        """The bytes at once if they can be had without blocking, else None (then use read)."""
+        return None
+
+    def write_nowait(self, offset: int, data: bytes) -> bool:
+        """Write at once if that cannot block for long; False if not done (then use write)."""
+        return False
+
     @abstractmethod
     async def read(self, offset: int, length: int) -> bytes | bytearray: ...
 
@@ -132,7 +160,14 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
 class Local(Backend):
     """A file or block device on this host."""
 
-    def __init__(self, path: str | Path, *, read_only: bool = False, workers: int = 4) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        workers: int = 4,
+        inline_writes: bool = True,
+    ) -> None:
         self.path = Path(path)
         self._read_only = read_only
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -144,6 +179,9 @@ class Local(Backend):
         self._size = os.lseek(self._fd, 0, os.SEEK_END)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="local-io")
         self._closed = False
+        self._batch: list[_Job] = []
+        self.inline_writes = inline_writes
+        self._inline_off_until = 0.0
 
     def __repr__(self) -> str:
         return f"Local({str(self.path)!r})"
@@ -156,13 +194,51 @@ class Local(Backend):
     def read_only(self) -> bool:
         return self._read_only
 
-    async def _run(self, what: str, fn: Callable[[], T]) -> T:
+    async def _run(self, what: str, fn: Callable[[], T], *, alone: bool = False) -> T:
+        """Run ``fn`` in the pool.  Calls made in one loop iteration share one pool job (one
+        thread hop for a burst of requests); ``alone`` keeps a slow call (fdatasync, FUA)
+        from holding up a batch."""
         if self._closed:
             raise BackendError(f"{self!r} is closed", Errno.ESHUTDOWN)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if alone:
+            self._pool.submit(self._run_batch, loop, [(fn, future)])
+        else:
+            self._batch.append((fn, future))
+            if len(self._batch) == 1:
+                loop.call_soon(self._dispatch, loop)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+            result: T = await future
+            return result
         except OSError as err:
             raise BackendError(f"{what} on {self.path}: {err.strerror}", nbd_errno(err)) from err
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._batch = self._batch, []
+        for start in range(0, len(batch), BATCH_MAX):
+            self._pool.submit(self._run_batch, loop, batch[start : start + BATCH_MAX])
+
+    @staticmethod
+    def _run_batch(loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for fn, future in batch:
+            try:
+                results.append((future, fn(), None))
+            except Exception as err:
+                results.append((future, None, err))
+        loop.call_soon_threadsafe(_settle, results)
+
+    def read_nowait(self, offset: int, length: int) -> bytearray | None:
+        """The bytes if the page cache holds them all (never blocks), else None."""
+        if self._closed or not length:
+            return None
+        buf = bytearray(length)
+        try:
+            done = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError:
+            return None
+        return buf if done == length else None
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
         buf = bytearray(length)
@@ -192,6 +268,39 @@ class Local(Backend):
             await self._run("read", rest)
         return buf
 
+    def write_nowait(self, offset: int, data: bytes) -> bool:
+        """A small page-aligned buffered write, inline, while inline writes stay fast.
+
+        Such a write only copies into the page cache (full pages: no read-modify-write).  It
+        can still block, on dirty-page throttling or the filesystem journal: a write that
+        takes over ``INLINE_STALL`` turns inline writes off for ``INLINE_COOLDOWN`` seconds,
+        so a slow device costs the loop at most one short stall per cooldown.
+        """
+        n = len(data)
+        if (
+            not self.inline_writes
+            or self._closed
+            or n > INLINE_MAX
+            or (offset | n) & 4095
+            or time.monotonic() < self._inline_off_until
+        ):
+            return False
+        start = time.monotonic()
+        try:
+            done = os.pwrite(self._fd, data, offset)
+        except OSError:
+            return False  # let the pool path redo it and report the error
+        took = time.monotonic() - start
+        if took > INLINE_STALL:
+            self._inline_off_until = start + took + INLINE_COOLDOWN
+            log.info(
+                "%r: inline write took %.1f ms; inline writes off for %.0f s",
+                self,
+                took * 1000,
+                INLINE_COOLDOWN,
+            )
+        return done == n  # a short write is finished by the pool path
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         flags = os.RWF_DSYNC if fua else 0
 
@@ -201,10 +310,10 @@ class Local(Backend):
             while done < len(view):
                 done += os.pwritev(self._fd, [view[done:]], offset + done, flags)
 
-        await self._run("write", write_all)
+        await self._run("write", write_all, alone=fua)
 
     async def flush(self) -> None:
-        await self._run("flush", lambda: os.fdatasync(self._fd))
+        await self._run("flush", lambda: os.fdatasync(self._fd), alone=True)
 
     async def trim(self, offset: int, length: int) -> None:
         def punch() -> None:

@@ -122,6 +122,19 @@ class Journal:
             await self._flush_barrier(entry)
         return entry
 
+    def try_admit(self, kind: Command, offset: int = 0, length: int = 0) -> Entry | None:
+        """Admit at once when the gate is open and nobody waits, else None (then ``admit``).
+
+        The synchronous path lets the agent answer a page-cache read without a task.
+        A FLUSH always takes ``admit``: it may have to wait for earlier writes.
+        """
+        if self.state is not JournalState.OPEN or self._waiting or kind is Command.FLUSH:
+            return None
+        self._seq += 1
+        entry = Entry(self._seq, kind, offset, length, arrived=self._clock())
+        self._start(entry)
+        return entry
+
     def _drop_waiter(self, entry: Entry) -> None:
         self._waiting = deque(w for w in self._waiting if w[0] is not entry)
 

@@ -18,9 +18,10 @@ goes to ``CLOSED``.
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from devagent.nbd.proto import (
     BASE_ALLOCATION,
@@ -106,6 +107,14 @@ class Buffer:
         chunk = bytes(self._data[self._cursor : self._cursor + n])
         self._cursor += n
         return chunk
+
+    def unpack(self, fmt: struct.Struct) -> tuple[Any, ...] | None:
+        """Unpack ``fmt`` at the cursor without copying, or ``None`` if it is not all here."""
+        if len(self._data) - self._cursor < fmt.size:
+            return None
+        values = fmt.unpack_from(self._data, self._cursor)
+        self._cursor += fmt.size
+        return values
 
     def discard(self, n: int) -> int:
         """Drop up to ``n`` bytes at the cursor and commit; return how many were dropped."""
@@ -247,6 +256,24 @@ _ALLOWED_FLAGS: dict[Command, CommandFlag] = {
     Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
 }
 _WRITING = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+
+
+_COMMANDS = {command.value: command for command in Command}
+_FLAGS = [CommandFlag(value) for value in range(1 + max(map(int, _ALLOWED_FLAGS.values())))]
+
+
+@dataclass(frozen=True, slots=True)
+class _BadRequestFactory:
+    handle: int
+    kind: int
+    flags: int
+    offset: int
+    length: int
+
+    def __call__(self, errno: Errno, message: str) -> BadRequest:
+        return BadRequest(
+            self.handle, self.kind, self.flags, self.offset, self.length, errno, message
+        )
 
 
 def _decode_string(raw: bytes, what: str) -> str:
@@ -517,16 +544,13 @@ class ServerConnection:
             self._discard -= self._buffer.discard(self._discard)
             if self._discard:
                 return NEED_DATA
-        raw = self._buffer.consume(REQUEST.size)
-        if raw is None:
+        header = self._buffer.unpack(REQUEST)
+        if header is None:
             return NEED_DATA
-        magic, flags, kind, handle, offset, length = REQUEST.unpack(raw)
+        magic, flags, kind, handle, offset, length = header
         if magic != REQUEST_MAGIC:
             raise self._violation(f"bad request magic {magic:#x}")
-
-        def bad(errno: Errno, message: str) -> BadRequest:
-            return BadRequest(handle, kind, flags, offset, length, errno, message)
-
+        bad = _BadRequestFactory(handle, kind, flags, offset, length)
         if kind == Command.WRITE:
             if length > MAX_PAYLOAD:
                 self._buffer.commit()
@@ -541,10 +565,9 @@ class ServerConnection:
             data = None
         self._buffer.commit()
         assert self.export is not None
-        try:
-            command = parse(Command, kind)
-        except NbdProtocolError as err:
-            return bad(Errno.EINVAL, str(err))
+        command = _COMMANDS.get(kind)
+        if command is None:
+            return bad(Errno.EINVAL, f"unknown Command value {kind:#x}")
         if command is Command.DISC:
             return Disconnect("disc")
         allowed = _ALLOWED_FLAGS.get(command)
@@ -569,7 +592,7 @@ class ServerConnection:
                 return bad(Errno.EINVAL, "no metadata context negotiated")
             if length == 0:
                 return bad(Errno.EINVAL, "BLOCK_STATUS of zero length")
-        return Request(handle, command, CommandFlag(flags), offset, length, data)
+        return Request(handle, command, _FLAGS[flags], offset, length, data)
 
     # -- replies ------------------------------------------------------------------------
 
