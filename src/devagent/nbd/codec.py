@@ -378,7 +378,7 @@ class ServerConnection:
         self._buffer.commit()
         (value,) = CLIENT_FLAGS.unpack(raw)
         known = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
-        if value & ~known:
+        if value & ~int(known):  # int: ~ on an IntFlag keeps only its members
             raise self._violation(f"unknown client flags {value:#x}")
         self.no_zeroes = bool(value & ClientFlag.C_NO_ZEROES)
         self._transition(ClientFlag(value))
@@ -573,7 +573,7 @@ class ServerConnection:
         allowed = _ALLOWED_FLAGS.get(command)
         if allowed is None:
             return bad(Errno.EINVAL, f"command {command.name} not supported")
-        if flags & ~allowed:
+        if flags & ~int(allowed):
             return bad(Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}")
         if command is Command.READ and length > MAX_PAYLOAD:
             return bad(Errno.EOVERFLOW, f"read of {length} bytes over {MAX_PAYLOAD}")
