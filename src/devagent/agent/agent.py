@@ -112,9 +112,12 @@ class _Connection(asyncio.Protocol):
         self._pump()
 
     def eof_received(self) -> bool | None:
+        # The client is gone: whatever still waits at a closed gate will never be wanted.
+        for task in self.gated:
+            task.cancel()
         self.codec.receive_data(b"")
         self._pump()
-        return None
+        return bool(self.pending)  # keep the socket until the running requests end
 
     def connection_lost(self, exc: Exception | None) -> None:
         for task in self.gated:
@@ -200,15 +203,19 @@ class _Connection(asyncio.Protocol):
             self._update_reading()
 
     def _close_when_idle(self) -> None:
-        """Stop reading; close once every pending request has replied."""
+        """Take no more requests; close once every pending request has replied.
+
+        Reading goes on (the codec ignores bytes once closed) so that a client that drops
+        the socket after DISC is noticed and its requests held at the gate are cancelled.
+        """
         self._closing = True
         if self.transport is None:
             return
         if not self.pending:
             self.transport.close()
-        elif not self._paused_reading:
-            self.transport.pause_reading()
-            self._paused_reading = True
+        elif self._paused_reading:
+            self.transport.resume_reading()
+            self._paused_reading = False
 
     # -- one request -----------------------------------------------------------------------
 

@@ -137,8 +137,12 @@ class NbdClient:
         handle, parts = self._codec.request(command, offset, length, data, flags)
         waiter: asyncio.Future[Completed] = asyncio.get_running_loop().create_future()
         self._waiters[handle] = waiter
-        self._writer.writelines(parts)
-        await self._writer.drain()
+        try:
+            self._writer.writelines(parts)
+            await self._writer.drain()
+        except OSError as err:  # ConnectionResetError & co: the reader fails the waiters
+            self._waiters.pop(handle, None)
+            raise PeerError(f"NBD connection lost: {err}") from err
         done = await waiter
         if done.error:
             raise NbdRequestFailed(command, done.error, done.message)
