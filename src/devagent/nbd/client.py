@@ -142,6 +142,10 @@ class NbdClient:
             await self._writer.drain()
         except OSError as err:  # ConnectionResetError & co: the reader fails the waiters
             self._waiters.pop(handle, None)
+            if waiter.done():
+                waiter.exception()  # retrieved: the error is raised below instead
+            else:
+                waiter.cancel()
             raise PeerError(f"NBD connection lost: {err}") from err
         done = await waiter
         if done.error:
