@@ -280,6 +280,7 @@ class Local(Backend):
         if (
             not self.inline_writes
             or self._closed
+            or self._read_only
             or n > INLINE_MAX
             or (offset | n) & 4095
             or time.monotonic() < self._inline_off_until
@@ -301,7 +302,12 @@ class Local(Backend):
             )
         return done == n  # a short write is finished by the pool path
 
+    def _require_writable(self, what: str) -> None:
+        if self._read_only:
+            raise BackendError(f"{what} on read-only {self.path}", Errno.EPERM)
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self._require_writable("write")
         flags = os.RWF_DSYNC if fua else 0
 
         def write_all() -> None:
@@ -316,6 +322,8 @@ class Local(Backend):
         await self._run("flush", lambda: os.fdatasync(self._fd), alone=True)
 
     async def trim(self, offset: int, length: int) -> None:
+        self._require_writable("trim")
+
         def punch() -> None:
             try:
                 _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
@@ -326,6 +334,7 @@ class Local(Backend):
         await self._run("trim", punch)
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        self._require_writable("write_zeroes")
         mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_trim else FALLOC_FL_ZERO_RANGE
 
         def zero() -> None:
