@@ -241,6 +241,8 @@ class Local(Backend):
         return buf if done == length else None
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
+        if self._closed:  # never touch the fd number: it may belong to another file now
+            raise BackendError(f"{self!r} is closed", Errno.ESHUTDOWN)
         buf = bytearray(length)
         done = 0
         if length:
