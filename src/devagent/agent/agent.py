@@ -46,6 +46,14 @@ log = logging.getLogger(__name__)
 _AT_ONCE = frozenset({Command.READ, Command.WRITE})
 
 
+def _as_command(value: int) -> Command:
+    """The journal's kind for a refused request: its command if known, else READ."""
+    try:
+        return Command(value)
+    except ValueError:
+        return Command.READ
+
+
 class AgentState(enum.Enum):
     CREATED = "created"
     SERVING = "serving"
@@ -243,7 +251,7 @@ class _Connection(asyncio.Protocol):
 
     async def _serve(self, request: Request | BadRequest, entry: Entry | None = None) -> None:
         journal = self.agent.journal
-        kind = request.command if isinstance(request, Request) else Command.READ
+        kind = request.command if isinstance(request, Request) else _as_command(request.command)
         if entry is None:
             task = asyncio.current_task()
             assert task is not None

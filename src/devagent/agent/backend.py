@@ -216,6 +216,9 @@ class Local(Backend):
 
     def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
         batch, self._batch = self._batch, []
+        if self._closed:  # closed between the call and this callback
+            _settle([(f, None, OSError(errno_mod.EBADF, "backend closed")) for _, f in batch])
+            return
         for start in range(0, len(batch), BATCH_MAX):
             self._pool.submit(self._run_batch, loop, batch[start : start + BATCH_MAX])
 
