@@ -1,0 +1,395 @@
+"""Backends: where a device's bytes really go.
+
+``Backend`` is the small interface the agent drives (and tests fake); ``Local`` puts the bytes
+in a file or block device on this host.
+
+I/O stays off the event loop, with one exception that cannot block: a read is first tried
+inline with ``preadv2(RWF_NOWAIT)``, which the kernel answers only from the page cache and
+otherwise refuses with EAGAIN; whatever it could not serve goes to a thread pool.  Writes
+(``RWF_NOWAIT`` buffered writes are not supported on every filesystem), FUA writes
+(``RWF_DSYNC``: durable before the reply), flushes (``fdatasync``), hole punching and
+``SEEK_DATA``/``SEEK_HOLE`` scans always run in the pool.
+
+Errors leave a backend as :class:`BackendError` carrying the NBD errno to answer with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import ctypes.util
+import errno as errno_mod
+import logging
+import os
+import stat
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from devagent.errors import DevagentError
+from devagent.nbd.proto import Errno
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_Job = tuple[Callable[[], Any], "asyncio.Future[Any]"]
+#: Most calls one pool job runs; a larger burst is spread over several workers.
+BATCH_MAX = 8
+
+
+def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, value, error in results:
+        if future.cancelled():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+#: Largest write done inline on the event loop (see ``Local.write_nowait``).
+INLINE_MAX = 64 * 1024
+#: An inline write slower than this turns inline writes off for INLINE_COOLDOWN seconds.
+INLINE_STALL = 0.002
+INLINE_COOLDOWN = 5.0
+#: Zero buffer size for write_zeroes when the kernel cannot zero a range itself.
+ZERO_CHUNK = 1024 * 1024
+
+
+class BackendError(DevagentError):
+    """A backend operation failed; ``errno`` is the NBD error to reply with."""
+
+    def __init__(self, message: str, errno: Errno = Errno.EIO) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+_ERRNO_MAP = {
+    errno_mod.EPERM: Errno.EPERM,
+    errno_mod.EACCES: Errno.EPERM,
+    errno_mod.EROFS: Errno.EPERM,
+    errno_mod.ENOSPC: Errno.ENOSPC,
+    errno_mod.EDQUOT: Errno.ENOSPC,
+    errno_mod.EFBIG: Errno.ENOSPC,
+    errno_mod.EINVAL: Errno.EINVAL,
+    errno_mod.ENOMEM: Errno.ENOMEM,
+    errno_mod.EOPNOTSUPP: Errno.ENOTSUP,
+}
+
+
+def nbd_errno(err: OSError) -> Errno:
+    """The NBD errno that best tells a client about ``err`` (section "Error values")."""
+    return _ERRNO_MAP.get(err.errno or 0, Errno.EIO)
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of bytes with one allocation status (``base:allocation``)."""
+
+    length: int
+    hole: bool = False
+    zero: bool = False
+
+    @property
+    def nbd_flags(self) -> int:
+        return (1 if self.hole else 0) | (2 if self.zero else 0)
+
+
+class Backend(ABC):
+    """Where a device's bytes go.  All offsets and lengths are already checked against
+    ``size`` by the caller."""
+
+    @property
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @property
+    def read_only(self) -> bool:
+        return False
+
+    def read_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        """The bytes at once if they can be had without blocking, else None (then use read)."""
+        return None
+
+    def write_nowait(self, offset: int, data: bytes) -> bool:
+        """Write at once if that cannot block for long; False if not done (then use write)."""
+        return False
+
+    @abstractmethod
+    async def read(self, offset: int, length: int) -> bytes | bytearray: ...
+
+    @abstractmethod
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None: ...
+
+    @abstractmethod
+    async def flush(self) -> None: ...
+
+    @abstractmethod
+    async def trim(self, offset: int, length: int) -> None: ...
+
+    @abstractmethod
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None: ...
+
+    @abstractmethod
+    async def block_status(self, offset: int, length: int) -> list[Extent]: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class Local(Backend):
+    """A file or block device on this host."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        workers: int = 4,
+        inline_writes: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self._read_only = read_only
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        try:
+            self._fd = os.open(self.path, flags)
+        except OSError as err:
+            raise BackendError(f"cannot open {self.path}: {err.strerror}", nbd_errno(err)) from err
+        self._is_block = stat.S_ISBLK(os.fstat(self._fd).st_mode)
+        self._size = os.lseek(self._fd, 0, os.SEEK_END)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="local-io")
+        self._closed = False
+        self._batch: list[_Job] = []
+        self.inline_writes = inline_writes
+        self._inline_off_until = 0.0
+
+    def __repr__(self) -> str:
+        return f"Local({str(self.path)!r})"
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def read_only(self) -> bool:
+        return self._read_only
+
+    async def _run(self, what: str, fn: Callable[[], T], *, alone: bool = False) -> T:
+        """Run ``fn`` in the pool.  Calls made in one loop iteration share one pool job (one
+        thread hop for a burst of requests); ``alone`` keeps a slow call (fdatasync, FUA)
+        from holding up a batch."""
+        if self._closed:
+            raise BackendError(f"{self!r} is closed", Errno.ESHUTDOWN)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        if alone:
+            self._pool.submit(self._run_batch, loop, [(fn, future)])
+        else:
+            self._batch.append((fn, future))
+            if len(self._batch) == 1:
+                loop.call_soon(self._dispatch, loop)
+        try:
+            result: T = await future
+            return result
+        except OSError as err:
+            raise BackendError(f"{what} on {self.path}: {err.strerror}", nbd_errno(err)) from err
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        batch, self._batch = self._batch, []
+        if self._closed:  # closed between the call and this callback
+            _settle([(f, None, OSError(errno_mod.EBADF, "backend closed")) for _, f in batch])
+            return
+        for start in range(0, len(batch), BATCH_MAX):
+            self._pool.submit(self._run_batch, loop, batch[start : start + BATCH_MAX])
+
+    @staticmethod
+    def _run_batch(loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        for fn, future in batch:
+            try:
+                results.append((future, fn(), None))
+            except Exception as err:
+                results.append((future, None, err))
+        loop.call_soon_threadsafe(_settle, results)
+
+    def read_nowait(self, offset: int, length: int) -> bytearray | None:
+        """The bytes if the page cache holds them all (never blocks), else None."""
+        if self._closed or not length:
+            return None
+        buf = bytearray(length)
+        try:
+            done = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+        except OSError:
+            return None
+        return buf if done == length else None
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        if self._closed:  # never touch the fd number: it may belong to another file now
+            raise BackendError(f"{self!r} is closed", Errno.ESHUTDOWN)
+        buf = bytearray(length)
+        done = 0
+        if length:
+            try:  # page-cache hit: served inline without blocking the loop
+                done = os.preadv(self._fd, [buf], offset, os.RWF_NOWAIT)
+            except BlockingIOError:
+                done = 0
+            except OSError as err:
+                if err.errno != errno_mod.EOPNOTSUPP:
+                    raise BackendError(
+                        f"read on {self.path}: {err.strerror}", nbd_errno(err)
+                    ) from err
+        if done < length:
+            view = memoryview(buf)[done:]
+
+            def rest() -> int:
+                got = done
+                while got < length:
+                    n = os.preadv(self._fd, [view[got - done :]], offset + got)
+                    if n == 0:
+                        raise OSError(errno_mod.EIO, "short read (device shrank?)")
+                    got += n
+                return got
+
+            await self._run("read", rest)
+        return buf
+
+    def write_nowait(self, offset: int, data: bytes) -> bool:
+        """A small page-aligned buffered write, inline, while inline writes stay fast.
+
+        Such a write only copies into the page cache (full pages: no read-modify-write).  It
+        can still block, on dirty-page throttling or the filesystem journal: a write that
+        takes over ``INLINE_STALL`` turns inline writes off for ``INLINE_COOLDOWN`` seconds,
+        so a slow device costs the loop at most one short stall per cooldown.
+        """
+        n = len(data)
+        if (
+            not self.inline_writes
+            or self._closed
+            or self._read_only
+            or n > INLINE_MAX
+            or (offset | n) & 4095
+            or time.monotonic() < self._inline_off_until
+        ):
+            return False
+        start = time.monotonic()
+        try:
+            done = os.pwrite(self._fd, data, offset)
+        except OSError:
+            return False  # let the pool path redo it and report the error
+        took = time.monotonic() - start
+        if took > INLINE_STALL:
+            self._inline_off_until = start + took + INLINE_COOLDOWN
+            log.info(
+                "%r: inline write took %.1f ms; inline writes off for %.0f s",
+                self,
+                took * 1000,
+                INLINE_COOLDOWN,
+            )
+        return done == n  # a short write is finished by the pool path
+
+    def _require_writable(self, what: str) -> None:
+        if self._read_only:
+            raise BackendError(f"{what} on read-only {self.path}", Errno.EPERM)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        self._require_writable("write")
+        flags = os.RWF_DSYNC if fua else 0
+
+        def write_all() -> None:
+            view = memoryview(data)
+            done = 0
+            while done < len(view):
+                done += os.pwritev(self._fd, [view[done:]], offset + done, flags)
+
+        await self._run("write", write_all, alone=fua)
+
+    async def flush(self) -> None:
+        await self._run("flush", lambda: os.fdatasync(self._fd), alone=True)
+
+    async def trim(self, offset: int, length: int) -> None:
+        self._require_writable("trim")
+
+        def punch() -> None:
+            try:
+                _fallocate(self._fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            except OSError as err:  # trim is a hint: a device that cannot discard ignores it
+                if err.errno not in (errno_mod.EOPNOTSUPP, errno_mod.ENOSYS):
+                    raise
+
+        await self._run("trim", punch)
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        self._require_writable("write_zeroes")
+        mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_trim else FALLOC_FL_ZERO_RANGE
+
+        def zero() -> None:
+            try:
+                _fallocate(self._fd, mode, offset, length)
+                return
+            except OSError as err:
+                if err.errno not in (errno_mod.EOPNOTSUPP, errno_mod.ENOSYS, errno_mod.EINVAL):
+                    raise
+            zeros = bytes(min(length, ZERO_CHUNK))
+            done = 0
+            while done < length:
+                n = min(len(zeros), length - done)
+                done += os.pwrite(self._fd, zeros[:n], offset + done)
+
+        await self._run("write_zeroes", zero)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        if self._is_block:
+            return [Extent(length)]
+        return await self._run("block_status", lambda: self._scan(offset, length))
+
+    def _scan(self, offset: int, length: int) -> list[Extent]:
+        end = offset + length
+        extents: list[Extent] = []
+        pos = offset
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as err:
+                if err.errno == errno_mod.ENXIO:  # no data after pos: hole to the end
+                    data = end
+                elif err.errno in (errno_mod.EINVAL, errno_mod.EOPNOTSUPP):
+                    return [Extent(length)]
+                else:
+                    raise
+            if data > pos:
+                stop = min(data, end)
+                extents.append(Extent(stop - pos, hole=True, zero=True))
+                pos = stop
+                continue
+            hole = os.lseek(self._fd, pos, os.SEEK_HOLE)
+            stop = min(hole, end)
+            extents.append(Extent(stop - pos))
+            pos = stop
+        return extents
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        os.close(self._fd)

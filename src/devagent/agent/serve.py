@@ -1,0 +1,48 @@
+"""Run one block agent in the foreground until cancelled (or SIGINT/SIGTERM from the CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from devagent.agent.agent import BlockAgent
+from devagent.agent.backend import Local
+from devagent.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) into its parts."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def serve(
+    image: str | Path,
+    *,
+    unix: str | Path | None = None,
+    tcp: tuple[str, int] | None = None,
+    name: str = "",
+    read_only: bool = False,
+    on_ready: Callable[[BlockAgent], None] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve ``image`` until ``stop`` is set or the task is cancelled, then stop cleanly."""
+    if unix is None and tcp is None:
+        raise UsageError("give a unix socket path or a TCP address to listen on")
+    agent = BlockAgent(Local(image, read_only=read_only), name)
+    try:
+        if unix is not None:
+            await agent.listen_unix(unix)
+        if tcp is not None:
+            await agent.listen_tcp(*tcp)
+        if on_ready is not None:
+            on_ready(agent)
+        await (stop.wait() if stop is not None else asyncio.Event().wait())
+    finally:
+        await asyncio.shield(agent.stop())

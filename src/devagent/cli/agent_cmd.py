@@ -1,0 +1,108 @@
+"""``devagent agent ...``: run a block agent in the foreground, benchmark it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from pathlib import Path
+
+import click
+
+from devagent.agent.agent import BlockAgent
+from devagent.agent.bench import run_bench
+from devagent.agent.serve import parse_hostport, serve
+from devagent.errors import DevagentError
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def _uri(agent: BlockAgent, address: str) -> str:
+    kind, _, rest = address.partition(":")
+    if kind == "unix":
+        return f"nbd+unix:///{agent.export_name}?socket={rest}"
+    return f"nbd://{rest}/{agent.export_name}"
+
+
+@click.group("agent")
+def agent_group() -> None:
+    """Block device agents (NBD servers with a journal and swappable backends)."""
+
+
+@agent_group.command("serve")
+@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--unix", "unix", type=click.Path(path_type=Path), help="Listen on this socket.")
+@click.option("--tcp", "tcp", metavar="HOST:PORT", help="Listen on this TCP address.")
+@click.option("--name", default="", show_default=True, help="Export name.")
+@click.option("--read-only", is_flag=True, help="Refuse writes.")
+@click.option("--quiet", is_flag=True, help="Log warnings only.")
+def serve_cmd(
+    image: Path, unix: Path | None, tcp: str | None, name: str, read_only: bool, quiet: bool
+) -> None:
+    """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
+    if unix is None and tcp is None:
+        raise click.UsageError("give --unix PATH or --tcp HOST:PORT")
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        address = parse_hostport(tcp) if tcp is not None else None
+    except DevagentError as err:
+        raise click.BadParameter(str(err), param_hint="--tcp") from err
+
+    def ready(agent: BlockAgent) -> None:
+        for listening in agent.addresses:
+            click.echo(f"listening on {listening}  ({_uri(agent, listening)})", err=False)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(
+            image, unix=unix, tcp=address, name=name, read_only=read_only, on_ready=ready, stop=stop
+        )
+
+    try:
+        asyncio.run(main())
+    except DevagentError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo("stopped")
+
+
+@agent_group.command("bench")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--size", default="256M", show_default=True, help="Image size.")
+@click.option("--count-4k", default=40000, show_default=True, help="Requests per 4 KiB run.")
+@click.option("--count-1m", default=1000, show_default=True, help="Requests per 1 MiB run.")
+@click.option("--rounds", default=3, show_default=True, help="Runs per server (best counts).")
+def bench_cmd(as_json: bool, size: str, count_4k: int, count_1m: int, rounds: int) -> None:
+    """Drive the agent and qemu-nbd with the same client; print both and their ratio."""
+    try:
+        report = run_bench(
+            size=_size(size), count_small=count_4k, count_large=count_1m, rounds=rounds
+        )
+    except DevagentError as err:
+        raise click.ClickException(str(err)) from err
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"{'workload':<20} {'unit':>6} {'agent':>10} {'qemu-nbd':>10} {'ratio':>7}")
+    for row in report["results"]:
+        click.echo(
+            f"{row['name']:<20} {row['unit']:>6} {row['agent']:>10.0f} "
+            f"{row['qemu_nbd']:>10.0f} {row['ratio']:>7.2f}"
+        )
+    click.echo(f"client: {report['client']}")
+
+
+if __name__ == "__main__":  # the benchmark starts the agent as `python -m devagent.cli.agent_cmd`
+    agent_group()

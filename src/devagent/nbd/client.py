@@ -1,0 +1,201 @@
+"""A small asyncio NBD client over the pure codec: GO handshake, structured replies,
+pipelined requests matched by handle.
+
+Used by tests and by the ``Remote`` backend (an agent forwarding to another agent).  One
+reader task feeds the codec and resolves the waiter of each completed handle; writes go
+straight to the stream.  When the connection drops every waiter gets :class:`PeerError`,
+nobody hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from devagent.errors import PeerError, StateError
+from devagent.nbd.codec import NO_FLAGS, ClientConnection, Completed, NeedData, Ready
+from devagent.nbd.proto import BASE_ALLOCATION, Command, CommandFlag, Errno, TransmissionFlag
+
+log = logging.getLogger(__name__)
+
+
+class NbdRequestFailed(PeerError):
+    """The server answered a request with an error."""
+
+    def __init__(self, command: Command, errno: int, message: str = "") -> None:
+        try:
+            name = Errno(errno).name
+        except ValueError:
+            name = str(errno)
+        super().__init__(f"{command.name} failed: {name} {message}".rstrip())
+        self.command = command
+        self.errno = errno
+
+
+class NbdClient:
+    """An NBD connection in the transmission phase."""
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, codec: ClientConnection
+    ) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._codec = codec
+        self._waiters: dict[int, asyncio.Future[Completed]] = {}
+        self._closed_error: BaseException | None = None
+        self._task = asyncio.create_task(self._read_loop())
+
+    @classmethod
+    async def connect(
+        cls,
+        *,
+        unix: str | Path | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        export: str = "",
+        structured: bool = True,
+        contexts: tuple[str, ...] = (BASE_ALLOCATION,),
+    ) -> NbdClient:
+        """Connect, negotiate with NBD_OPT_GO and return a client ready for requests."""
+        try:
+            if unix is not None:
+                reader, writer = await asyncio.open_unix_connection(str(unix))
+            else:
+                reader, writer = await asyncio.open_connection(host, port)
+        except OSError as err:
+            raise PeerError(f"cannot connect to NBD server: {err}") from err
+        codec = ClientConnection(export, structured=structured, contexts=contexts)
+        try:
+            while True:
+                event = codec.next_event()
+                out = codec.data_to_send()
+                if out:
+                    writer.write(out)
+                if isinstance(event, Ready):
+                    break
+                if isinstance(event, NeedData):
+                    codec.receive_data(await reader.read(65536))
+        except BaseException:
+            writer.close()
+            raise
+        return cls(reader, writer, codec)
+
+    @property
+    def size(self) -> int:
+        return self._codec.size
+
+    @property
+    def flags(self) -> TransmissionFlag:
+        return self._codec.flags
+
+    @property
+    def structured(self) -> bool:
+        return self._codec.structured
+
+    @property
+    def contexts(self) -> dict[int, str]:
+        return dict(self._codec.contexts)
+
+    async def _read_loop(self) -> None:
+        error: BaseException = PeerError("NBD server closed the connection")
+        try:
+            while True:
+                data = await self._reader.read(1 << 20)
+                self._codec.receive_data(data)
+                while True:
+                    event = self._codec.next_event()
+                    if isinstance(event, NeedData):
+                        break
+                    if isinstance(event, Completed):
+                        waiter = self._waiters.pop(event.handle, None)
+                        if waiter is not None and not waiter.done():
+                            waiter.set_result(event)
+                if not data:
+                    break
+        except (PeerError, OSError) as err:
+            error = err if isinstance(err, PeerError) else PeerError(f"NBD connection: {err}")
+        finally:
+            self._closed_error = error
+            for waiter in self._waiters.values():
+                if not waiter.done():
+                    waiter.set_exception(error)
+            self._waiters.clear()
+
+    async def call(
+        self,
+        command: Command,
+        offset: int = 0,
+        length: int = 0,
+        data: bytes | None = None,
+        flags: CommandFlag = NO_FLAGS,
+    ) -> Completed:
+        """Send one request and wait for its reply (raises NbdRequestFailed on an error)."""
+        if self._closed_error is not None:
+            raise PeerError(f"NBD connection is closed: {self._closed_error}")
+        handle, parts = self._codec.request(command, offset, length, data, flags)
+        waiter: asyncio.Future[Completed] = asyncio.get_running_loop().create_future()
+        self._waiters[handle] = waiter
+        try:
+            self._writer.writelines(parts)
+            await self._writer.drain()
+        except OSError as err:  # ConnectionResetError & co: the reader fails the waiters
+            self._waiters.pop(handle, None)
+            if waiter.done():
+                waiter.exception()  # retrieved: the error is raised below instead
+            else:
+                waiter.cancel()
+            raise PeerError(f"NBD connection lost: {err}") from err
+        done = await waiter
+        if done.error:
+            raise NbdRequestFailed(command, done.error, done.message)
+        return done
+
+    async def read(self, offset: int, length: int) -> bytes:
+        done = await self.call(Command.READ, offset, length)
+        return done.data if done.data is not None else b""
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        flags = CommandFlag.FUA if fua else CommandFlag(0)
+        await self.call(Command.WRITE, offset, len(data), data, flags)
+
+    async def flush(self) -> None:
+        await self.call(Command.FLUSH)
+
+    async def trim(self, offset: int, length: int) -> None:
+        await self.call(Command.TRIM, offset, length)
+
+    async def write_zeroes(self, offset: int, length: int, no_hole: bool = False) -> None:
+        flags = CommandFlag.NO_HOLE if no_hole else CommandFlag(0)
+        await self.call(Command.WRITE_ZEROES, offset, length, flags=flags)
+
+    async def block_status(
+        self, offset: int, length: int, req_one: bool = False
+    ) -> list[tuple[int, int]]:
+        """(length, flags) extents of ``base:allocation`` from ``offset``."""
+        if not self._codec.contexts:
+            raise StateError("no metadata context was negotiated")
+        flags = CommandFlag.REQ_ONE if req_one else CommandFlag(0)
+        done = await self.call(Command.BLOCK_STATUS, offset, length, flags=flags)
+        return done.extents or []
+
+    async def close(self) -> None:
+        """Soft disconnect (NBD_CMD_DISC) and close the socket."""
+        if self._closed_error is None:
+            with contextlib.suppress(Exception):
+                _, parts = self._codec.request(Command.DISC)
+                self._writer.writelines(parts)
+                await self._writer.drain()
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._writer.wait_closed()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+    async def __aenter__(self) -> NbdClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
