@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from devagent.agent.agent import BlockAgent
 
+from devagent.agent.agent import BlockAgent
 from devagent.errors import DevagentError, StateError, UsageError
 
 log = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Local
+from devagent.agent.control import serve_control
 from devagent.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -31,18 +32,26 @@ async def serve(
     read_only: bool = False,
     on_ready: Callable[[BlockAgent], None] | None = None,
     stop: asyncio.Event | None = None,
+    control: str | Path | None = None,
 ) -> None:
     """Serve ``image`` until ``stop`` is set or the task is cancelled, then stop cleanly."""
     if unix is None and tcp is None:
         raise UsageError("give a unix socket path or a TCP address to listen on")
     agent = BlockAgent(Local(image, read_only=read_only), name)
+    stop = stop if stop is not None else asyncio.Event()
+    runner = None
     try:
         if unix is not None:
             await agent.listen_unix(unix)
         if tcp is not None:
             await agent.listen_tcp(*tcp)
+        if control is not None:
+            runner = await serve_control(agent, Path(control), stop)
         if on_ready is not None:
             on_ready(agent)
-        await (stop.wait() if stop is not None else asyncio.Event().wait())
+        await stop.wait()
     finally:
         await asyncio.shield(agent.stop())
+        if runner is not None:
+            await runner.cleanup()
+            Path(control or "").unlink(missing_ok=True)

@@ -43,15 +43,30 @@ def agent_group() -> None:
 @click.option("--name", default="", show_default=True, help="Export name.")
 @click.option("--read-only", is_flag=True, help="Refuse writes.")
 @click.option("--quiet", is_flag=True, help="Log warnings only.")
+@click.option(
+    "--control",
+    type=click.Path(path_type=Path),
+    help="Also serve the control API (status, quiesce, resume) on this unix socket.",
+)
+@click.option("--label", default="", help="Put this text (e.g. 'vm=vm1 device=disk0') in logs.")
 def serve_cmd(
-    image: Path, unix: Path | None, tcp: str | None, name: str, read_only: bool, quiet: bool
+    image: Path,
+    unix: Path | None,
+    tcp: str | None,
+    name: str,
+    read_only: bool,
+    quiet: bool,
+    control: Path | None,
+    label: str,
 ) -> None:
-    """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM."""
+    """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM, the way qemu-nbd
+    would, but through devagent's journal."""
     if unix is None and tcp is None:
         raise click.UsageError("give --unix PATH or --tcp HOST:PORT")
+    tag = f" [{label}]" if label else ""
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s agent{tag} %(name)s: %(message)s",
     )
     try:
         address = parse_hostport(tcp) if tcp is not None else None
@@ -68,7 +83,14 @@ def serve_cmd(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         await serve(
-            image, unix=unix, tcp=address, name=name, read_only=read_only, on_ready=ready, stop=stop
+            image,
+            unix=unix,
+            tcp=address,
+            name=name,
+            read_only=read_only,
+            on_ready=ready,
+            stop=stop,
+            control=control,
         )
 
     try:
