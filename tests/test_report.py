@@ -91,3 +91,12 @@ def test_proc_net_dev() -> None:
         "     7000      12    0    0    0     0       0          0\n"
     )
     assert parse_proc_net_dev(text) == {"lo": (100, 100), "eth0": (5000, 7000)}
+
+
+def test_agent_completions_make_the_gap_exact() -> None:
+    series = beats([0.5, 1.0, 1.1, 1.2, 1.3, 2.0])  # heartbeats would say 700 ms
+    done = [0.99, 1.001, 1.002, 1.25, 1.31, 1.32, 1.9]
+    report = MigrationReport(vm="v", source="a", destination="b", storage="shared")
+    fill_io_measures(report, series, start=1.0, end=2.0, baseline_start=0.0, completions=done)
+    assert report.max_io_gap_ms == 580.0
+    assert report.io_gap_source == "agent journals"

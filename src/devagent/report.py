@@ -70,6 +70,7 @@ class MigrationReport:
     ram_transferred_bytes: int | None = None
     disk_bytes_moved: int | None = None
     link_rate_bps: int | None = None
+    io_gap_source: str | None = None
     missing: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -86,16 +87,21 @@ class MigrationReport:
                 self.missing[name] = reason
 
 
-def max_io_gap_s(beats: Sequence[Beat], start: float, end: float) -> float | None:
-    """Largest wall-clock gap between two consecutive heartbeats that saw completed I/O,
-    over [start, end], counting from the last such heartbeat before ``start``."""
-    times = sorted(b.host_time for b in beats if b.ops > 0)
-    before = [t for t in times if t < start]
-    inside = [t for t in times if start <= t <= end]
+def largest_gap(times: Iterable[float], start: float, end: float) -> float | None:
+    """Largest gap between consecutive ``times`` over [start, end], counting from the last
+    time before ``start``."""
+    ordered = sorted(times)
+    before = [t for t in ordered if t < start]
+    inside = [t for t in ordered if start <= t <= end]
     points = before[-1:] + inside
     if len(points) < 2:
         return None
     return max(b - a for a, b in pairwise(points))
+
+
+def max_io_gap_s(beats: Sequence[Beat], start: float, end: float) -> float | None:
+    """Largest wall-clock gap between two consecutive heartbeats that saw completed I/O."""
+    return largest_gap((b.host_time for b in beats if b.ops > 0), start, end)
 
 
 def ops_rate(beats: Iterable[Beat], start: float, end: float) -> float | None:
@@ -115,9 +121,16 @@ def fill_io_measures(
     start: float,
     end: float,
     baseline_start: float,
+    completions: Sequence[float] | None = None,
 ) -> None:
     """Fill the measures that come from the guest probe's heartbeats: ``start``/``end`` bound
-    the migration, [baseline_start, start] is the steady state it is compared with."""
+    the migration, [baseline_start, start] is the steady state it is compared with. With
+    ``completions`` (the agents' journals on both hosts) ``max_io_gap_ms`` is exact rather
+    than bounded below by the heartbeats' 100 ms period."""
+    if not beats and completions:
+        gap = largest_gap(completions, start, end)
+        report.max_io_gap_ms = round(gap * 1000, 1) if gap is not None else None
+        report.io_gap_source = "agent journals"
     if not beats:
         report.mark_missing(
             "no probe heartbeats (the guest runs no ioprobe)",
@@ -130,7 +143,12 @@ def fill_io_measures(
         )
         return
     window = [b for b in beats if start <= b.host_time <= end]
-    gap = max_io_gap_s(beats, start, end)
+    if completions:
+        gap = largest_gap(completions, start, end)
+        report.io_gap_source = "agent journals"
+    else:
+        gap = max_io_gap_s(beats, start, end)
+        report.io_gap_source = "probe heartbeats"
     if gap is not None:
         report.max_io_gap_ms = round(gap * 1000, 1)
     else:

@@ -17,12 +17,21 @@ def main() -> None:
 def _register() -> None:
     from devagent.cli.agent_cmd import agent_group
     from devagent.cli.demo_cmd import demo_cmd
+    from devagent.cli.device_cmd import device_group
     from devagent.cli.guest_cmd import guest_group
     from devagent.cli.lab_cmd import lab_group
     from devagent.cli.migrate_cmd import migrate_cmd
     from devagent.cli.vm_cmd import vm_group
 
-    for command in (agent_group, guest_group, lab_group, vm_group, migrate_cmd, demo_cmd):
+    for command in (
+        agent_group,
+        guest_group,
+        lab_group,
+        vm_group,
+        device_group,
+        migrate_cmd,
+        demo_cmd,
+    ):
         main.add_command(command)
 
 

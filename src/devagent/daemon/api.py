@@ -10,6 +10,8 @@ object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with i
     GET    /v1/vms/{name}                     one VM's state and last heartbeat
     DELETE /v1/vms/{name}                     stop a VM
     GET    /v1/vms/{name}/heartbeats?since=T  probe heartbeats that arrived after T
+    GET    /v1/vms/{name}/devices             each disk's agent: backend, in flight, journal
+    GET    /v1/vms/{name}/completions?since=T completion times of guest I/O on the agents
     POST   /v1/vms/{name}/probe               {"command": "pause"|"resume"|"verify"}
     POST   /v1/vms/{name}/integrity           disk equals what the guest last wrote?
     POST   /v1/vms/{name}/migrate             start a migration (MigrationRequest) → 202
@@ -144,6 +146,20 @@ async def heartbeats(request: web.Request) -> web.Response:
     return web.json_response({"heartbeats": beats})
 
 
+async def devices(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    return web.json_response({"devices": await managed.devices()})
+
+
+async def completions(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    try:
+        since = float(request.query.get("since", "0"))
+    except ValueError:
+        raise UsageError("'since' must be a number (host time in seconds)") from None
+    return web.json_response({"completions": await managed.completions_since(since)})
+
+
 async def probe_command(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     payload = await body(request)
@@ -246,6 +262,8 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_get("/v1/vms/{name}", get_vm)
     r.add_delete("/v1/vms/{name}", stop_vm)
     r.add_get("/v1/vms/{name}/heartbeats", heartbeats)
+    r.add_get("/v1/vms/{name}/devices", devices)
+    r.add_get("/v1/vms/{name}/completions", completions)
     r.add_post("/v1/vms/{name}/probe", probe_command)
     r.add_post("/v1/vms/{name}/integrity", integrity)
     r.add_post("/v1/vms/{name}/migrate", migrate)

@@ -176,10 +176,17 @@ class MigrationJob:
             committed = await peer.post(f"/v1/incoming/{managed.name}/commit")
             resumed_at = float(committed["resumed_at"])
             self._move(Phase.FINISHING)
+            source_done = await managed.completions_since(t0 - BASELINE_S)
             await self.host.vms.remove(managed.name)
             released_at = time.time()
             bytes1 = link_bytes(self.host.loopback)
             dest_beats = await self._settle(peer, resumed_at)
+            dest_done = (
+                await peer.get(f"/v1/vms/{managed.name}/completions", since=t0 - BASELINE_S)
+            )["completions"]
+            completions = None
+            if source_done is not None and dest_done is not None:
+                completions = [*source_done, *dest_done]
             report = self.report
             report.time_to_switchover_s = round(resumed_at - t0, 3)
             report.total_time_s = round(released_at - t0, 3)
@@ -202,6 +209,7 @@ class MigrationJob:
                 start=t0,
                 end=max(released_at, resumed_at),
                 baseline_start=t0 - BASELINE_S,
+                completions=completions,
             )
             if managed.request.has_probe:
                 answer = await peer.post(f"/v1/vms/{managed.name}/integrity")

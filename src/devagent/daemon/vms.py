@@ -250,6 +250,45 @@ class ManagedVm:
             f"mismatch: the guest last wrote digest {paused.digest}, the disk holds {found.digest}"
         )
 
+    async def devices(self) -> list[dict[str, Any]]:
+        """Each disk: its backend, in-flight requests, journal figures (from its agent)."""
+        rows: list[dict[str, Any]] = []
+        for agent in self.agents:
+            row: dict[str, Any] = {
+                "vm": self.name,
+                "device": agent.node,
+                "image": agent.image,
+                "agent_pid": agent.pid,
+                "nbd_socket": str(agent.nbd_socket),
+            }
+            try:
+                row["agent"] = await agent.call("GET", "/status")
+                row["state"] = "serving"
+            except (PeerError, StateError) as err:
+                row["state"] = f"unreachable: {err}"
+            rows.append(row)
+        if not self.agents:
+            rows.append(
+                {
+                    "vm": self.name,
+                    "device": "disk0",
+                    "image": str(self.image),
+                    "state": "direct (QEMU opens the image; no agent)",
+                }
+            )
+        return rows
+
+    async def completions_since(self, since: float) -> list[float] | None:
+        """Completion times of guest I/O on this host's agents after ``since``; None when the
+        VM has no agent (then only the probe's heartbeats tell)."""
+        if not self.agents:
+            return None
+        times: list[float] = []
+        for agent in self.agents:
+            answer = await agent.call("GET", "/completions", since=since)
+            times.extend(answer["completions"])
+        return sorted(times)
+
     def heartbeats_since(self, since: float) -> list[Heartbeat]:
         return [b for b in self.heartbeats if b.host_time > since]
 

@@ -1,0 +1,67 @@
+"""The block agent under a running guest: QEMU's virtio disk on the agent, ioprobe writing
+and verifying, while the agent is quiesced and resumed again and again."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devagent.client import DaemonClient, Endpoint
+from devagent.daemon.agents import AgentProcess
+from devagent.errors import StateError
+from devagent.guest.build import GuestImage
+from devagent.lab.lab import Lab
+from devagent.orchestrate import start_vm, wait_heartbeats
+from devagent.report import largest_gap
+
+pytestmark = [pytest.mark.vm]
+
+CYCLES = 100
+
+
+@pytest.fixture
+def lab(state_dir: Path, guest: GuestImage) -> Iterator[Lab]:
+    lab = Lab.up(name="tagt", hosts=1, loopback=True)
+    try:
+        yield lab
+    finally:
+        lab.down()
+
+
+async def test_100_quiesce_resume_cycles_under_a_writing_guest(lab: Lab) -> None:
+    host = lab.hosts[0]
+    a = Endpoint(url=host.url, token=lab.token, name=host.name)
+    request = {"name": "q1", "disk_size": "64M", "workload": "moderate,rate=400,span=16M"}
+    await start_vm(a, request)
+    await wait_heartbeats(a, "q1", 10)
+    async with DaemonClient(a) as client:
+        devices = (await client.get("/v1/vms/q1/devices"))["devices"]
+    assert [d["device"] for d in devices] == ["disk0"] and devices[0]["state"] == "serving"
+    status = devices[0]["agent"]
+    assert status["connections"] >= 1  # QEMU's NBD client
+    run_dir = str(Path(devices[0]["nbd_socket"]).parent)
+    agent = AgentProcess(vm="q1", node="disk0", image=devices[0]["image"], run_dir=run_dir)
+
+    started = time.time()
+    held = []
+    for _ in range(CYCLES):
+        drained = await agent.call("POST", "/quiesce")
+        assert drained["drained_in_s"] >= 0
+        held.append((await agent.call("POST", "/resume"))["held_s"])
+    finished = time.time()
+    after = await wait_heartbeats(a, "q1", 10)
+
+    assert after[-1]["errors"] == 0 and after[-1]["verify_failures"] == 0
+    async with DaemonClient(a) as client:
+        done = (await client.get("/v1/vms/q1/completions", since=started - 1))["completions"]
+    assert len([t for t in done if started <= t <= finished]) > 0  # I/O went on in between
+    gap = largest_gap(done, started, finished) or 0
+    print(
+        f"\n{CYCLES} quiesce/resume cycles in {finished - started:.2f} s; longest hold "
+        f"{max(held) * 1000:.1f} ms; largest completion gap {gap * 1000:.1f} ms"
+    )
+    with pytest.raises(StateError, match="not quiesced"):
+        await agent.call("POST", "/resume")
