@@ -3,6 +3,8 @@ and verifying, while the agent is quiesced and resumed again and again."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,3 +67,30 @@ async def test_100_quiesce_resume_cycles_under_a_writing_guest(lab: Lab) -> None
     )
     with pytest.raises(StateError, match="not quiesced"):
         await agent.call("POST", "/resume")
+
+
+async def test_an_agent_killed_under_a_writing_guest_is_restarted(lab: Lab) -> None:
+    host = lab.hosts[0]
+    a = Endpoint(url=host.url, token=lab.token, name=host.name)
+    request = {"name": "k1", "disk_size": "64M", "workload": "moderate,rate=300,span=16M"}
+    await start_vm(a, request)
+    await wait_heartbeats(a, "k1", 10)
+    async with DaemonClient(a) as client:
+        before = (await client.get("/v1/vms/k1/devices"))["devices"][0]
+    os.kill(before["agent_pid"], signal.SIGKILL)
+    killed_at = time.time()
+
+    # The daemon restarts the agent; QEMU's NBD client reconnects; the guest never errs.
+    beats = await wait_heartbeats(a, "k1", 30, timeout=60)
+    async with DaemonClient(a) as client:
+        after = (await client.get("/v1/vms/k1/devices"))["devices"][0]
+        verified = (await client.post("/v1/vms/k1/probe", {"command": "verify"}))["event"]
+    assert after["agent_pid"] != before["agent_pid"] and after["state"] == "serving"
+    assert beats[-1]["errors"] == 0 and beats[-1]["verify_failures"] == 0
+    assert verified["failures"] == 0 and verified["blocks"] > 0
+    async with DaemonClient(a) as client:
+        around = (await client.get("/v1/vms/k1/heartbeats", since=killed_at - 1))["heartbeats"]
+    with_io = [b["host_time"] for b in around if b["ops"] > 0]
+    gap = largest_gap(with_io, killed_at - 1, max(with_io))
+    assert gap is not None
+    print(f"\nagent SIGKILLed and restarted: largest guest I/O gap {gap * 1000:.0f} ms")

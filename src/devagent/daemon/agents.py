@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -39,6 +40,9 @@ class AgentProcess:
     image: str
     run_dir: str
     pid: int | None = None
+    listen_address: str | None = None  # also serve peers on TCP at this host address
+    backend: dict[str, Any] | None = None  # backend spec; None: Local on ``image``
+    tcp_address: str | None = None  # "tcp:HOST:PORT" once started with listen_address
 
     @property
     def nbd_socket(self) -> Path:
@@ -65,13 +69,20 @@ class AgentProcess:
 
     def argv(self) -> list[str]:
         devagent = str(Path(sys.executable).with_name("devagent"))
-        return [
+        argv = [
             devagent, "agent", "serve", self.image,
             "--unix", str(self.nbd_socket),
             "--name", self.export,
             "--control", str(self.control_socket),
             "--label", f"vm={self.vm} device={self.node}",
         ]  # fmt: skip
+        if self.listen_address:
+            # a restarted agent takes the port it had, so peers reconnect to the same address
+            port = self.tcp_address.rpartition(":")[2] if self.tcp_address else "0"
+            argv += ["--tcp", f"{self.listen_address}:{port}"]
+        if self.backend is not None:
+            argv += ["--backend-json", json.dumps(self.backend)]
+        return argv
 
     async def start(self) -> None:
         """Start the agent and return once its control socket answers."""
@@ -95,7 +106,9 @@ class AgentProcess:
                 )
             if self.control_socket.exists() and self.nbd_socket.exists():
                 with contextlib.suppress(PeerError):
-                    await self.call("GET", "/status")
+                    status = await self.call("GET", "/status")
+                    tcp = [a for a in status.get("addresses", []) if a.startswith("tcp:")]
+                    self.tcp_address = tcp[0] if tcp else None
                     break
             if time.monotonic() > deadline:
                 await self.kill()

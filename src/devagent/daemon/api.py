@@ -16,6 +16,9 @@ object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with i
     POST   /v1/vms/{name}/integrity           disk equals what the guest last wrote?
     POST   /v1/vms/{name}/migrate             start a migration (MigrationRequest) → 202
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
+    GET    /v1/exports                        disks of this host served to other hosts
+    POST   /v1/exports                        {"name", "size"}: a new disk, served on TCP
+    DELETE /v1/exports/{name}                 remove an export and its disk
     POST   /v1/incoming                       (peer) prepare an incoming VM → {"uri"}
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it
     DELETE /v1/incoming/{name}                (peer) roll back: remove it
@@ -23,6 +26,7 @@ object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with i
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -34,10 +38,12 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
 from devagent.daemon.migration import MigrationJob, MigrationRequest
 from devagent.daemon.vms import VmRequest
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.guest.probe import disk_digest
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
 
@@ -202,6 +208,30 @@ async def get_migration(request: web.Request) -> web.Response:
     return web.json_response(job.status())
 
 
+async def create_export(request: web.Request) -> web.Response:
+    name, size = parse_export_request(await body(request))
+    agent = await host_of(request).exports.create(name, size)
+    return web.json_response(ExportManager.status(agent), status=201)
+
+
+async def list_exports(request: web.Request) -> web.Response:
+    exports = host_of(request).exports.exports.values()
+    return web.json_response({"exports": [ExportManager.status(a) for a in exports]})
+
+
+async def export_digest(request: web.Request) -> web.Response:
+    """The probe digest of an export's disk (for the integrity of a remote disk)."""
+    agent = host_of(request).exports.get(request.match_info["name"])
+    found = await asyncio.to_thread(disk_digest, Path(agent.image))
+    return web.json_response(asdict(found))
+
+
+async def delete_export(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    await host_of(request).exports.remove(name)
+    return web.json_response({"name": name, "state": "removed"})
+
+
 def free_port(address: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((address, 0))
@@ -269,6 +299,10 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_post("/v1/vms/{name}/migrate", migrate)
     r.add_get("/v1/migrations", list_migrations)
     r.add_get("/v1/migrations/{id}", get_migration)
+    r.add_get("/v1/exports", list_exports)
+    r.add_post("/v1/exports", create_export)
+    r.add_delete("/v1/exports/{name}", delete_export)
+    r.add_post("/v1/exports/{name}/digest", export_digest)
     r.add_post("/v1/incoming", prepare_incoming)
     r.add_post("/v1/incoming/{name}/commit", commit_incoming)
     r.add_delete("/v1/incoming/{name}", abort_incoming)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from devagent.daemon.exports import ExportManager
 from devagent.daemon.vms import VmManager
 
 if TYPE_CHECKING:
@@ -20,10 +21,12 @@ class Host:
     root: Path
     shared_dir: Path | None = None
     vms: VmManager = field(init=False)
+    exports: ExportManager = field(init=False)
     migrations: dict[str, MigrationJob] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.vms = VmManager(self.name, self.root, self.shared_dir)
+        self.vms = VmManager(self.name, self.root, self.shared_dir, self.address)
+        self.exports = ExportManager(self.name, self.root, self.address)
 
     @property
     def loopback(self) -> bool:

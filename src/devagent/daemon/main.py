@@ -43,6 +43,7 @@ async def serve(args: argparse.Namespace) -> None:
     host = Host(
         name=args.host_name, address=addr, port=int(port), root=args.dir, shared_dir=args.shared_dir
     )
+    await host.exports.adopt_all()
     await host.vms.adopt_all()
     app = build_app(host, token)
     runner = web.AppRunner(app, access_log=None)
@@ -50,12 +51,29 @@ async def serve(args: argparse.Namespace) -> None:
     site = web.TCPSite(runner, addr, int(port), reuse_address=True)
     await site.start()
     logging.getLogger("devagentd").info("host %s listening on %s", args.host_name, args.listen)
+    supervisor = asyncio.create_task(supervise(host), name="supervisor")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    supervisor.cancel()
     await runner.cleanup()
+
+
+SUPERVISE_EVERY_S = 0.25
+
+
+async def supervise(host: Host) -> None:
+    """Restart the agents that die, as long as the daemon runs."""
+    log = logging.getLogger("devagentd.supervisor")
+    while True:
+        await asyncio.sleep(SUPERVISE_EVERY_S)
+        try:
+            await host.exports.supervise_once()
+            await host.vms.supervise_once()
+        except Exception:
+            log.exception("supervision pass failed")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.guest.build import load_guest
@@ -68,6 +69,7 @@ class VmRequest:
     append: str | None = None
     storage: Storage = "shared"
     agent: bool = True  # False: QEMU opens the image itself (the QEMU-only baselines)
+    disk_from: dict[str, str] | None = None  # the disk lives on this peer host (an Endpoint)
 
     @classmethod
     def from_json(cls, body: Any) -> VmRequest:
@@ -88,7 +90,7 @@ class VmRequest:
         storage = body.get("storage", "shared")
         if storage not in ("shared", "local"):
             raise UsageError("'storage' must be 'shared' or 'local'")
-        strings = {}
+        strings: dict[str, Any] = {}
         for key in ("workload", "disk", "kernel", "initrd", "append"):
             value = body.get(key, cls.__dataclass_fields__[key].default)
             if value is not None and not isinstance(value, str):
@@ -241,14 +243,18 @@ class ManagedVm:
         paused = await self.probe_command("pause")
         assert isinstance(paused, Paused)
         try:
-            found = await asyncio.to_thread(disk_digest, self.image)
+            if self.request.disk_from is not None:  # the disk lives on the peer: ask it
+                peer = Endpoint.from_json(self.request.disk_from)
+                async with DaemonClient(peer) as client:
+                    answer = await client.post(f"/v1/exports/{self.name}/digest")
+                digest = str(answer["digest"])
+            else:
+                digest = (await asyncio.to_thread(disk_digest, self.image)).digest
         finally:
             await self.probe_command("resume")
-        if found.digest == paused.digest:
+        if digest == paused.digest:
             return "ok"
-        return (
-            f"mismatch: the guest last wrote digest {paused.digest}, the disk holds {found.digest}"
-        )
+        return f"mismatch: the guest last wrote digest {paused.digest}, the disk holds {digest}"
 
     async def devices(self) -> list[dict[str, Any]]:
         """Each disk: its backend, in-flight requests, journal figures (from its agent)."""
@@ -305,6 +311,11 @@ class ManagedVm:
         tmp.write_text(json.dumps(record, indent=1))
         tmp.replace(self.run_dir / "vm.json")
 
+    def disk_location(self) -> str:
+        if self.request.disk_from is not None:
+            return f"host {self.request.disk_from.get('name')} (remote)"
+        return str(self.image)
+
     def status(self) -> dict[str, Any]:
         last = self.heartbeats[-1] if self.heartbeats else None
         first = self.heartbeats[0] if self.heartbeats else None
@@ -314,7 +325,7 @@ class ManagedVm:
             "role": self.role,
             "pid": self.vm.pid,
             "ram_mb": self.config.ram_mb,
-            "disk": str(self.image),
+            "disk": self.disk_location(),
             "agents": [{"node": a.node, "pid": a.pid, "alive": a.alive} for a in self.agents],
             "storage": self.request.storage,
             "workload": self.request.workload,
@@ -329,10 +340,11 @@ class ManagedVm:
 class VmManager:
     """Every VM of one host."""
 
-    def __init__(self, host_name: str, root: Path, shared_dir: Path | None):
+    def __init__(self, host_name: str, root: Path, shared_dir: Path | None, address: str):
         self.host_name = host_name
         self.root = root
         self.shared_dir = shared_dir
+        self.address = address  # agents also serve peers (migration, remote access) here
         self.vms: dict[str, ManagedVm] = {}
         self._lock = asyncio.Lock()
 
@@ -364,13 +376,32 @@ class VmManager:
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
-            image = self.disk_path(request)
-            if request.disk is None and not image.exists():
-                with image.open("wb") as f:
-                    f.truncate(request.disk_size)
-            managed = self._add(request, image, "running", config=None)
+            if request.disk_from is not None:
+                remote = await self._remote_disk(request)
+                managed = self._add(request, Path("/nonexistent"), "running", None, remote)
+            else:
+                image = self.disk_path(request)
+                if request.disk is None and not image.exists():
+                    with image.open("wb") as f:
+                        f.truncate(request.disk_size)
+                managed = self._add(request, image, "running", config=None)
         await self._launch(managed)
         return managed
+
+    async def _remote_disk(self, request: VmRequest) -> dict[str, Any]:
+        """Have the peer host make the VM's disk and serve it; the backend spec to reach it."""
+        assert request.disk_from is not None
+        peer = Endpoint.from_json(request.disk_from)
+        async with DaemonClient(peer) as client:
+            export = await client.post(
+                "/v1/exports", {"name": request.name, "size": request.disk_size}
+            )
+        return {
+            "kind": "remote",
+            "address": export["address"],
+            "export": export["export"],
+            "host": peer.name,
+        }
 
     async def prepare_incoming(
         self, request: VmRequest, config: VmConfig, image: Path
@@ -385,7 +416,12 @@ class VmManager:
         return managed
 
     def _add(
-        self, request: VmRequest, image: Path, role: Role, config: VmConfig | None
+        self,
+        request: VmRequest,
+        image: Path,
+        role: Role,
+        config: VmConfig | None,
+        backend: dict[str, Any] | None = None,
     ) -> ManagedVm:
         run_dir = self.run_dir(request.name)
         if run_dir.exists():
@@ -393,7 +429,14 @@ class VmManager:
         run_dir.mkdir(parents=True)
         agent = None
         if request.agent:
-            agent = AgentProcess(request.name, "disk0", str(image), str(run_dir))
+            agent = AgentProcess(
+                vm=request.name,
+                node="disk0",
+                image=str(image),
+                run_dir=str(run_dir),
+                listen_address=self.address,
+                backend=backend,
+            )
         disk = disk_spec(request, image, agent)
         if config is None:
             config = build_config(request, disk)
@@ -422,9 +465,22 @@ class VmManager:
         await managed.vm.stop()
         for agent in managed.agents:
             await agent.stop()
+        if managed.request.disk_from is not None and managed.role == "running":
+            await self._release_remote_disk(managed)
         if not keep_dir:
             shutil.rmtree(managed.run_dir, ignore_errors=True)
         log.info("VM %s removed from host %s", name, self.host_name)
+
+    async def _release_remote_disk(self, managed: ManagedVm) -> None:
+        assert managed.request.disk_from is not None
+        peer = Endpoint.from_json(managed.request.disk_from)
+        try:
+            async with DaemonClient(peer) as client:
+                await client.delete(f"/v1/exports/{managed.name}")
+        except (PeerError, NotFound) as err:
+            log.warning(
+                "VM %s: could not remove its disk on host %s: %s", managed.name, peer.name, err
+            )
 
     async def adopt_all(self) -> None:
         """After a daemon restart: take over every VM whose QEMU still runs, with its agents."""
@@ -461,6 +517,32 @@ class VmManager:
                 continue
             self.vms[request.name] = managed
             log.info("adopted VM %s (pid %d, %s)", request.name, pid, managed.vm.state.value)
+
+    async def supervise_once(self) -> list[str]:
+        """Restart every agent of a live VM that died; returns what it restarted."""
+        restarted = []
+        for managed in list(self.vms.values()):
+            if managed.vm.state in (VmState.STOPPING, VmState.STOPPED) or managed.vm.exited:
+                continue
+            for agent in managed.agents:
+                if agent.alive:
+                    continue
+                log.error(
+                    "VM %s: agent for %s died (%s); restarting it",
+                    managed.name,
+                    agent.node,
+                    agent.tail(2),
+                )
+                try:
+                    await agent.start()
+                except PeerError as err:
+                    log.error(
+                        "VM %s: agent for %s will not restart: %s", managed.name, agent.node, err
+                    )
+                    continue
+                managed.save()
+                restarted.append(f"{managed.name}/{agent.node}")
+        return restarted
 
     async def stop_all(self) -> None:
         """Used only by tests and lab teardown: daemons normally leave VMs running."""

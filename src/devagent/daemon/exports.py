@@ -1,0 +1,124 @@
+"""Exports: disks that live on this host and are served, by an agent of their own, to VMs on
+other hosts (remote device access). An export's folder ``<host dir>/exports/<name>/`` holds
+its image, its agent's sockets and ``export.json``; a restarted daemon adopts the agents that
+still run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from devagent.daemon.agents import AgentProcess
+from devagent.errors import NotFound, PeerError, StateError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+class ExportManager:
+    def __init__(self, host_name: str, root: Path, address: str):
+        self.host_name = host_name
+        self.root = root / "exports"
+        self.address = address
+        self.exports: dict[str, AgentProcess] = {}
+
+    def get(self, name: str) -> AgentProcess:
+        try:
+            return self.exports[name]
+        except KeyError:
+            raise NotFound(f"no export {name!r} on host {self.host_name}") from None
+
+    async def create(self, name: str, size: int) -> AgentProcess:
+        """A new zero-filled disk of ``size`` bytes, served on TCP to peers."""
+        if name in self.exports:
+            raise StateError(f"export {name!r} already exists on host {self.host_name}")
+        folder = self.root / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        image = folder / "disk.img"
+        with image.open("wb") as f:
+            f.truncate(size)
+        agent = AgentProcess(
+            vm=name, node="export", image=str(image), run_dir=str(folder),
+            listen_address=self.address,
+        )  # fmt: skip
+        self.exports[name] = agent
+        try:
+            await agent.start()
+        except BaseException:
+            await self.remove(name)
+            raise
+        if agent.tcp_address is None:
+            await self.remove(name)
+            raise PeerError(f"export {name!r}: its agent reports no TCP address")
+        (folder / "export.json").write_text(json.dumps(agent.to_json()))
+        log.info(
+            "export %s on host %s: %s (%d bytes)", name, self.host_name, agent.tcp_address, size
+        )
+        return agent
+
+    async def remove(self, name: str) -> None:
+        agent = self.exports.pop(name, None)
+        if agent is None:
+            raise NotFound(f"no export {name!r} on host {self.host_name}")
+        await agent.stop()
+        shutil.rmtree(self.root / name, ignore_errors=True)
+        log.info("export %s removed from host %s", name, self.host_name)
+
+    async def adopt_all(self) -> None:
+        for record in sorted(self.root.glob("*/export.json")):
+            try:
+                agent = AgentProcess.from_json(json.loads(record.read_text()))
+            except (OSError, ValueError, TypeError) as err:
+                log.warning("cannot read %s: %s", record, err)
+                continue
+            if agent.alive:
+                self.exports[agent.vm] = agent
+                log.info("adopted export %s (agent pid %s)", agent.vm, agent.pid)
+            else:
+                log.warning("export %s: its agent is gone; restarting it", agent.vm)
+                self.exports[agent.vm] = agent
+                await agent.start()
+
+    async def supervise_once(self) -> list[str]:
+        restarted = []
+        for name, agent in list(self.exports.items()):
+            if not agent.alive and name in self.exports:
+                log.error("export %s: its agent died (%s); restarting it", name, agent.tail(2))
+                try:
+                    await agent.start()
+                except PeerError as err:
+                    log.error("export %s: agent will not restart: %s", name, err)
+                    continue
+                restarted.append(name)
+        return restarted
+
+    @staticmethod
+    def status(agent: AgentProcess) -> dict[str, Any]:
+        return {
+            "name": agent.vm,
+            "address": agent.tcp_address,
+            "export": agent.export,
+            "image": agent.image,
+            "size": Path(agent.image).stat().st_size,
+            "agent_pid": agent.pid,
+            "alive": agent.alive,
+        }
+
+
+def parse_export_request(body: Any) -> tuple[str, int]:
+    from devagent.daemon.vms import NAME_RE, parse_size
+
+    if not isinstance(body, dict):
+        raise UsageError("the request body must be a JSON object")
+    name = body.get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UsageError("'name' must be 1-32 characters of a-z, 0-9 and '-'")
+    size = parse_size(body.get("size", 1 << 30))
+    if not 1 << 20 <= size <= 1 << 40:
+        raise UsageError("'size' must be from 1M to 1T")
+    return name, size
