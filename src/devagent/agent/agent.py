@@ -42,6 +42,8 @@ from devagent.nbd.proto import Command, CommandFlag, Errno, NbdProtocolError
 log = logging.getLogger(__name__)
 
 
+#: Replies with a payload this large are not coalesced with others.
+COALESCE_MAX = 64 * 1024
 #: Commands the reader tries to answer synchronously (see ``_Connection._at_once``).
 _AT_ONCE = frozenset({Command.READ, Command.WRITE})
 
@@ -98,6 +100,7 @@ class _Connection(asyncio.Protocol):
         self.gated: set[asyncio.Task[None]] = set()  # tasks not yet admitted by the journal
         self._paused_reading = False
         self._paused_writing = False
+        self._out: list[Bytes] = []  # replies not yet handed to the transport
         self._closing = False
         self.closed = asyncio.get_running_loop().create_future()
 
@@ -205,10 +208,16 @@ class _Connection(asyncio.Protocol):
         if not task.cancelled() and task.exception() is not None:
             self.log.error("request failed unexpectedly", exc_info=task.exception())
         if self._closing:
-            if not self.pending and self.transport is not None:
-                self.transport.close()
+            if not self.pending:
+                self.close()
         else:
             self._update_reading()
+
+    def close(self) -> None:
+        """Hand the queued replies to the transport, then close it (it sends them first)."""
+        self._flush()
+        if self.transport is not None:
+            self.transport.close()
 
     def _close_when_idle(self) -> None:
         """Take no more requests; close once every pending request has replied.
@@ -220,7 +229,7 @@ class _Connection(asyncio.Protocol):
         if self.transport is None:
             return
         if not self.pending:
-            self.transport.close()
+            self.close()
         elif self._paused_reading:
             self.transport.resume_reading()
             self._paused_reading = False
@@ -228,8 +237,23 @@ class _Connection(asyncio.Protocol):
     # -- one request -----------------------------------------------------------------------
 
     def _write(self, parts: list[Bytes]) -> None:
+        """Queue one reply: small replies of one loop iteration leave in one send; a large
+        one goes at once (joining megabytes only costs copies)."""
+        if len(parts[-1]) >= COALESCE_MAX:
+            self._flush()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.writelines(parts)
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.extend(parts)
+
+    def _flush(self) -> None:
+        if not self._out:
+            return
+        out, self._out = self._out, []
         if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(parts)
+            self.transport.writelines(out)
 
     def _at_once(self, request: Request, entry: Entry) -> bool:
         """Answer a READ or plain WRITE the backend can do without blocking (page cache),
@@ -412,8 +436,7 @@ class BlockAgent:
             if late:
                 await asyncio.wait(late)
         for connection in list(self._connections):
-            if connection.transport is not None:
-                connection.transport.close()
+            connection.close()
         for server in self._servers:
             await server.wait_closed()
         for path in self._unix_paths:

@@ -57,8 +57,8 @@ FALLOC_FL_ZERO_RANGE = 0x10
 #: Largest write done inline on the event loop (see ``Local.write_nowait``).
 INLINE_MAX = 64 * 1024
 #: An inline write slower than this turns inline writes off for INLINE_COOLDOWN seconds.
-INLINE_STALL = 0.002
-INLINE_COOLDOWN = 5.0
+INLINE_STALL = 0.010
+INLINE_COOLDOWN = 2.0
 #: Zero buffer size for write_zeroes when the kernel cannot zero a range itself.
 ZERO_CHUNK = 1024 * 1024
 
