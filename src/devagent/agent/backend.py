@@ -282,16 +282,11 @@ class Local(Backend):
         so a slow device costs the loop at most one short stall per cooldown.
         """
         n = len(data)
-        if (
-            not self.inline_writes
-            or self._closed
-            or self._read_only
-            or n > INLINE_MAX
-            or (offset | n) & 4095
-            or time.monotonic() < self._inline_off_until
-        ):
+        if not self.inline_writes or self._closed or self._read_only or n > INLINE_MAX:
             return False
         start = time.monotonic()
+        if (offset | n) & 4095 or start < self._inline_off_until:
+            return False
         try:
             done = os.pwrite(self._fd, data, offset)
         except OSError:

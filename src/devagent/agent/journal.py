@@ -131,8 +131,11 @@ class Journal:
         if self.state is not JournalState.OPEN or self._waiting or kind is Command.FLUSH:
             return None
         self._seq += 1
-        entry = Entry(self._seq, kind, offset, length, arrived=self._clock())
-        self._start(entry)
+        now = self._clock()
+        entry = Entry(self._seq, kind, offset, length, arrived=now, admitted=now)
+        self._in_flight[entry.seq] = entry
+        if kind in WRITE_CLASS:
+            self._writes_in_flight.add(entry.seq)
         return entry
 
     def _drop_waiter(self, entry: Entry) -> None:

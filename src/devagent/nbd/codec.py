@@ -104,7 +104,8 @@ class Buffer:
         """Take ``n`` bytes from the cursor, or ``None`` (cursor unmoved) if fewer are here."""
         if len(self) < n:
             return None
-        chunk = bytes(self._data[self._cursor : self._cursor + n])
+        with memoryview(self._data) as view:  # one copy, not two
+            chunk = bytes(view[self._cursor : self._cursor + n])
         self._cursor += n
         return chunk
 
