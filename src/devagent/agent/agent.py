@@ -1,10 +1,13 @@
 """The block agent: serves one export over NBD (unix sockets and TCP) through the journal.
 
 Per connection there is one reader (``data_received`` feeding the pure codec), one writer
-(the transport: each reply goes out in one ``writelines`` call, so replies never interleave),
-and a map of pending requests (one task each, so many are in flight at once).  Replies leave
-in completion order, matched by handle.  Backpressure: past ``max_in_flight`` requests or a
-full transport write buffer the connection stops reading until it drains.
+(``_write``: a reply is queued whole, so replies never interleave, and the small replies of
+one loop iteration leave in one send), and a map of pending requests (one task each, so many
+are in flight at once).  Replies leave in completion order, matched by handle.  A READ the
+page cache can serve and a small aligned WRITE are answered by the reader itself, without a
+task (the journal still admits and completes them); everything else gets a task.
+Backpressure: past ``max_in_flight`` requests or a full transport write buffer the
+connection stops reading until it drains.
 
 On disconnect every request already admitted runs to its end (a write the guest sent is never
 half done) and requests still waiting at a closed gate are cancelled, so nobody hangs and no
@@ -102,14 +105,14 @@ class _Connection(asyncio.Protocol):
         self._paused_writing = False
         self._out: list[Bytes] = []  # replies not yet handed to the transport
         self._closing = False
-        self.closed = asyncio.get_running_loop().create_future()
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        peer = transport.get_extra_info("peername") or "unix"
+        self.agent._accepted += 1
+        peer = transport.get_extra_info("peername") or f"unix#{self.agent._accepted}"
         if isinstance(peer, tuple):
             peer = f"{peer[0]}:{peer[1]}"
         child = log.getChild(self.agent.export_name or "default")
@@ -135,8 +138,6 @@ class _Connection(asyncio.Protocol):
             task.cancel()
         self.agent._connections.discard(self)
         self._closing = True
-        if not self.closed.done():
-            self.closed.set_result(None)
         self.log.debug("connection lost (%d requests still running)", len(self.pending))
 
     def pause_writing(self) -> None:
@@ -365,6 +366,7 @@ class BlockAgent:
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
         self._connections: set[_Connection] = set()
+        self._accepted = 0
         self._swap_lock = asyncio.Lock()
         self.addresses: list[str] = []
 
