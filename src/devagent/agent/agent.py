@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import os
 from collections.abc import MutableMapping, Sequence
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 
 #: Replies with a payload this large are not coalesced with others.
 COALESCE_MAX = 64 * 1024
-#: Commands the reader tries to answer synchronously (see ``_Connection._at_once``).
+#: Commands the reader starts without a task (``_read_at_once``, ``_start_write``).
 _AT_ONCE = frozenset({Command.READ, Command.WRITE})
 
 
@@ -99,7 +100,7 @@ class _Connection(asyncio.Protocol):
         self.codec = ServerConnection({agent.export_name: agent.export})
         self.transport: asyncio.Transport | None = None
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
-        self.pending: dict[asyncio.Task[None], Request | BadRequest] = {}
+        self.pending: dict[asyncio.Future[Any], Request | BadRequest] = {}
         self.gated: set[asyncio.Task[None]] = set()  # tasks not yet admitted by the journal
         self._paused_reading = False
         self._paused_writing = False
@@ -165,8 +166,12 @@ class _Connection(asyncio.Protocol):
                 entry = None
                 if isinstance(event, Request) and event.command in _AT_ONCE:
                     entry = self.agent.journal.try_admit(event.command, event.offset, event.length)
-                    if entry is not None and self._at_once(event, entry):
-                        continue
+                    if entry is not None:
+                        if event.command is Command.WRITE:
+                            self._start_write(event, entry)
+                            continue
+                        if self._read_at_once(event, entry):
+                            continue
                 task = asyncio.create_task(self._serve(event, entry))
                 self.pending[task] = event
                 task.add_done_callback(self._done)
@@ -205,9 +210,13 @@ class _Connection(asyncio.Protocol):
         self._paused_reading = want_pause
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self.pending.pop(task, None)
         if not task.cancelled() and task.exception() is not None:
             self.log.error("request failed unexpectedly", exc_info=task.exception())
+        self._forget(task)
+
+    def _forget(self, future: asyncio.Future[Any]) -> None:
+        """A pending request is over: close if we were waiting for that, else read on."""
+        self.pending.pop(future, None)
         if self._closing:
             if not self.pending:
                 self.close()
@@ -256,23 +265,47 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
 
-    def _at_once(self, request: Request, entry: Entry) -> bool:
-        """Answer a READ or plain WRITE the backend can do without blocking (page cache),
-        with no task; False if it cannot (the caller then starts a task)."""
-        backend = self.agent.backend
-        if request.command is Command.READ:
-            data = backend.read_nowait(request.offset, request.length)
-            if data is None:
-                return False
-            parts = self.codec.reply_read(request.handle, request.offset, data)
-        else:
-            assert request.data is not None
-            if request.flags or not backend.write_nowait(request.offset, request.data):
-                return False
-            parts = self.codec.reply_ok(request.handle)
+    def _read_at_once(self, request: Request, entry: Entry) -> bool:
+        """Answer a READ the page cache can serve, with no task; False if it cannot (the
+        caller then starts a task with the already admitted entry)."""
+        data = self.agent.backend.read_nowait(request.offset, request.length)
+        if data is None:
+            return False
         self.agent.journal.complete(entry)
-        self._write(parts)
+        self._write(self.codec.reply_read(request.handle, request.offset, data))
         return True
+
+    def _start_write(self, request: Request, entry: Entry) -> None:
+        """A WRITE, with no task: done inline if the backend can do it without blocking
+        (measured: twice the 4 KiB rate of a thread hop), else handed to the backend and
+        answered from the completion callback."""
+        assert request.data is not None
+        fua = bool(request.flags & CommandFlag.FUA)
+        if not fua and self.agent.backend.write_nowait(request.offset, request.data):
+            self.agent.journal.complete(entry)
+            self._write(self.codec.reply_ok(request.handle))
+            return
+        future = self.agent.backend.start_write(request.offset, request.data, fua)
+        self.pending[future] = request
+        future.add_done_callback(functools.partial(self._write_done, request, entry))
+
+    def _write_done(self, request: Request, entry: Entry, future: asyncio.Future[Any]) -> None:
+        parts: list[Bytes] | None = None
+        if future.cancelled():
+            errno: int = Errno.ESHUTDOWN
+        elif (err := future.exception()) is None:
+            errno, parts = 0, self.codec.reply_ok(request.handle)
+        else:
+            errno = err.errno if isinstance(err, BackendError) else Errno.EIO
+            if isinstance(err, BackendError):
+                self.log.warning("WRITE %d+%d failed: %s", request.offset, request.length, err)
+            else:
+                self.log.error("WRITE %d+%d crashed", request.offset, request.length, exc_info=err)
+            parts = self.codec.reply_error(request.handle, Command.WRITE, Errno(errno), str(err))
+        self.agent.journal.complete(entry, errno)
+        if parts is not None:
+            self._write(parts)
+        self._forget(future)
 
     async def _serve(self, request: Request | BadRequest, entry: Entry | None = None) -> None:
         journal = self.agent.journal
