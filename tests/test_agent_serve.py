@@ -227,3 +227,21 @@ async def test_tcp_listener(image: Path) -> None:
         await agent.stop()
     with pytest.raises(OSError), socket.create_connection((host, port), timeout=1):
         pass
+
+
+async def test_max_in_flight_bounds_requests_even_when_buffered(tmp_path: Path) -> None:
+    backend = MemoryBackend(hold=True)
+    agent = BlockAgent(backend, "mem", max_in_flight=4)
+    sock = tmp_path / "mem.sock"
+    await agent.listen_unix(sock)
+    try:
+        async with await NbdClient.connect(unix=sock, export="mem") as client:
+            writes = [asyncio.create_task(client.write(i * 512, b"z" * 512)) for i in range(40)]
+            await until(lambda: backend.started == 4)
+            await asyncio.sleep(0.05)
+            assert backend.started == 4 and agent.journal.in_flight == 4
+            backend.release.set()
+            await asyncio.gather(*writes)  # the rest were read and served as slots freed
+            assert backend.started == 40
+    finally:
+        await agent.stop()

@@ -152,7 +152,8 @@ class _Connection(asyncio.Protocol):
     # -- the reader ----------------------------------------------------------------------
 
     def _pump(self) -> None:
-        while not self._closing:
+        # Stop at max_in_flight even with complete requests buffered: _forget pumps again.
+        while not self._closing and len(self.pending) < self.agent.max_in_flight:
             try:
                 event = self.codec.next_event()
             except NbdProtocolError as err:
@@ -216,10 +217,13 @@ class _Connection(asyncio.Protocol):
 
     def _forget(self, future: asyncio.Future[Any]) -> None:
         """A pending request is over: close if we were waiting for that, else read on."""
+        full = len(self.pending) >= self.agent.max_in_flight
         self.pending.pop(future, None)
         if self._closing:
             if not self.pending:
                 self.close()
+        elif full:  # requests may wait in the codec's buffer
+            self._pump()
         else:
             self._update_reading()
 
