@@ -245,3 +245,22 @@ async def test_max_in_flight_bounds_requests_even_when_buffered(tmp_path: Path) 
             assert backend.started == 40
     finally:
         await agent.stop()
+
+
+async def test_a_client_that_never_negotiates_is_closed(
+    tmp_path: Path, image: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = BlockAgent(Local(image), "disk", handshake_timeout=0.2)
+    sock = tmp_path / "agent.sock"
+    await agent.listen_unix(sock)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        await reader.readexactly(18)  # greeting, then silence
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+        assert any("no handshake within" in r.getMessage() for r in caplog.records)
+        async with await NbdClient.connect(unix=sock, export="disk") as client:
+            await asyncio.sleep(0.4)  # negotiated clients are not subject to it
+            assert await client.read(0, 2) == bytes([0, 1])
+    finally:
+        await agent.stop()

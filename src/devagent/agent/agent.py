@@ -106,6 +106,7 @@ class _Connection(asyncio.Protocol):
         self._paused_writing = False
         self._out: list[Bytes] = []  # replies not yet handed to the transport
         self._closing = False
+        self._handshake_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -121,6 +122,14 @@ class _Connection(asyncio.Protocol):
         self.agent._connections.add(self)
         self.log.debug("connected")
         transport.write(self.codec.data_to_send())
+        self._handshake_timer = asyncio.get_running_loop().call_later(
+            self.agent.handshake_timeout, self._handshake_expired
+        )
+
+    def _handshake_expired(self) -> None:
+        if self.codec.export is None and not self._closing:
+            self.log.warning("closing: no handshake within %.0f s", self.agent.handshake_timeout)
+            self._close_when_idle()
 
     def data_received(self, data: bytes) -> None:
         self.codec.receive_data(data)
@@ -135,6 +144,8 @@ class _Connection(asyncio.Protocol):
         return bool(self.pending)  # keep the socket until the running requests end
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
         for task in self.gated:
             task.cancel()
         self.agent._connections.discard(self)
@@ -181,6 +192,8 @@ class _Connection(asyncio.Protocol):
                 self.log.debug("option %#x: %s", event.option, event.reply.name)
             elif isinstance(event, Negotiated):
                 self._send_handshake()
+                if self._handshake_timer is not None:
+                    self._handshake_timer.cancel()
                 self.log.info(
                     "export %r negotiated (structured=%s, contexts=%s)",
                     event.export.name,
@@ -393,12 +406,14 @@ class BlockAgent:
         journal: Journal | None = None,
         description: str = "",
         max_in_flight: int = 128,
+        handshake_timeout: float = 30.0,
     ) -> None:
         self.backend = backend
         self.export_name = export_name
         self.export = Export(export_name, backend.size, backend.read_only, description)
         self.journal = journal if journal is not None else Journal()
         self.max_in_flight = max_in_flight
+        self.handshake_timeout = handshake_timeout
         self.state = AgentState.CREATED
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
