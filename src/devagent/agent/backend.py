@@ -415,5 +415,6 @@ class Local(Backend):
         if self._closed:
             return
         self._closed = True
-        self._pool.shutdown(wait=True)
+        # Jobs already queued (a last fdatasync) finish first; wait off the loop.
+        await asyncio.to_thread(self._pool.shutdown, wait=True)
         os.close(self._fd)
