@@ -14,6 +14,7 @@ import pytest
 from agent_fakes import MemoryBackend, read_bytes, until
 from devagent.agent.agent import AgentState, BlockAgent
 from devagent.agent.backend import Local
+from devagent.agent.journal import JournalClosed
 from devagent.errors import PeerError, UsageError
 from devagent.nbd.client import NbdClient, NbdRequestFailed
 from devagent.nbd.proto import CLIENT_FLAGS, Errno
@@ -138,7 +139,8 @@ async def test_stop_answers_requests_in_flight_and_fails_waiting_ones(tmp_path: 
             await held
         assert failed.value.errno == Errno.ESHUTDOWN
         await stop
-        await quiesce
+        with pytest.raises(JournalClosed):  # the stop overtook the quiesce
+            await quiesce
         assert agent.state is AgentState.STOPPED and backend.closed
         assert not sock.exists()
         with pytest.raises(PeerError):
@@ -225,3 +227,40 @@ async def test_tcp_listener(image: Path) -> None:
         await agent.stop()
     with pytest.raises(OSError), socket.create_connection((host, port), timeout=1):
         pass
+
+
+async def test_max_in_flight_bounds_requests_even_when_buffered(tmp_path: Path) -> None:
+    backend = MemoryBackend(hold=True)
+    agent = BlockAgent(backend, "mem", max_in_flight=4)
+    sock = tmp_path / "mem.sock"
+    await agent.listen_unix(sock)
+    try:
+        async with await NbdClient.connect(unix=sock, export="mem") as client:
+            writes = [asyncio.create_task(client.write(i * 512, b"z" * 512)) for i in range(40)]
+            await until(lambda: backend.started == 4)
+            await asyncio.sleep(0.05)
+            assert backend.started == 4 and agent.journal.in_flight == 4
+            backend.release.set()
+            await asyncio.gather(*writes)  # the rest were read and served as slots freed
+            assert backend.started == 40
+    finally:
+        await agent.stop()
+
+
+async def test_a_client_that_never_negotiates_is_closed(
+    tmp_path: Path, image: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = BlockAgent(Local(image), "disk", handshake_timeout=0.2)
+    sock = tmp_path / "agent.sock"
+    await agent.listen_unix(sock)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(sock))
+        await reader.readexactly(18)  # greeting, then silence
+        assert await asyncio.wait_for(reader.read(), 30) == b""
+        writer.close()
+        assert any("no handshake within" in r.getMessage() for r in caplog.records)
+        async with await NbdClient.connect(unix=sock, export="disk") as client:
+            await asyncio.sleep(0.4)  # negotiated clients are not subject to it
+            assert await client.read(0, 2) == bytes([0, 1])
+    finally:
+        await agent.stop()

@@ -183,3 +183,15 @@ async def test_measures_gap_ring_histogram_with_a_fake_clock() -> None:
     assert sum(journal.histogram) == 5
     assert journal.latency_percentile(1.0) >= 0.5  # the slow one is in the top bucket
     assert journal.latency_percentile(0.5) < 0.01
+
+
+async def test_shutdown_while_quiescing_ends_the_quiesce_with_an_error() -> None:
+    journal = Journal()
+    entry = await journal.admit(Command.WRITE)
+    quiesce = asyncio.create_task(journal.quiesce())
+    await settle()
+    journal.shutdown()
+    journal.complete(entry)
+    with pytest.raises(JournalClosed, match="shut down while quiescing"):
+        await quiesce
+    assert journal.state is JournalState.CLOSED

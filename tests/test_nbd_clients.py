@@ -17,6 +17,7 @@ import pytest
 from agent_fakes import read_bytes
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Local
+from devagent.nbd.client import NbdClient
 
 pytestmark = pytest.mark.skipif(
     not all(shutil.which(t) for t in ("qemu-img", "qemu-io", "nbdinfo", "nbdcopy")),
@@ -204,3 +205,42 @@ def test_cli_serve_needs_an_address(tmp_path: Path) -> None:
         timeout=60,
     )
     assert out.returncode == 2 and "give --unix PATH or --tcp HOST:PORT" in out.stderr
+
+
+async def test_our_client_against_qemu_nbd(tmp_path: Path) -> None:
+    """The asyncio client (the future Remote backend's) talks to a foreign server too."""
+    image = tmp_path / "q.img"
+    make_sparse(image, SIZE, {2 * MiB: b"\x33" * MiB})
+    sock = tmp_path / "q.sock"
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-nbd",
+        "-f",
+        "raw",
+        "-x",
+        "q",
+        "-k",
+        str(sock),
+        "-t",
+        str(image),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(300):
+            if sock.exists():
+                break
+            await asyncio.sleep(0.05)
+        async with await NbdClient.connect(unix=sock, export="q") as client:
+            assert client.size == SIZE and client.structured and client.contexts
+            await asyncio.gather(
+                *(client.write(i * 65536, bytes([i]) * 65536, fua=i % 2 == 0) for i in range(16))
+            )
+            reads = await asyncio.gather(*(client.read(i * 65536, 65536) for i in range(16)))
+            assert reads == [bytes([i]) * 65536 for i in range(16)]
+            await client.flush()
+            extents = await client.block_status(MiB, 2 * MiB)
+            assert extents[0][1] & 1  # a hole at 1 MiB
+            assert any(flags == 0 for _, flags in extents)  # data at 2 MiB
+    finally:
+        proc.terminate()
+        await proc.wait()

@@ -13,6 +13,7 @@ from devagent.nbd.codec import (
     Completed,
     Disconnect,
     Export,
+    NeedData,
     Negotiated,
     OptionHandled,
     Ready,
@@ -526,3 +527,29 @@ def test_ready_event_from_pair() -> None:
     assert ready == [
         Ready(EXPORT.size, EXPORT.transmission_flags, True, {BASE_ALLOCATION_ID: BASE_ALLOCATION})
     ]
+
+
+def test_client_handshake_split_at_every_offset() -> None:
+    # what a server says during a full GO handshake, recorded once
+    server = ServerConnection({"disk": EXPORT})
+    client = ClientConnection("disk")
+    said = bytearray(server.data_to_send())
+    client.receive_data(bytes(said))
+    while True:
+        event = client.next_event()
+        server.receive_data(client.data_to_send())
+        events(server)
+        out = server.data_to_send()
+        if isinstance(event, Ready):
+            break
+        said += out
+        client.receive_data(out)
+    stream = bytes(said)
+    for cut in range(1, len(stream)):
+        fresh = ClientConnection("disk")
+        got: list[object] = []
+        for piece in (stream[:cut], stream[cut:]):
+            fresh.receive_data(piece)
+            while not isinstance(ev := fresh.next_event(), NeedData):
+                got.append(ev)
+        assert got == [event], cut

@@ -81,8 +81,8 @@ class Journal:
         self._barriers: list[_FlushBarrier] = []
         self._waiting: deque[tuple[Entry, asyncio.Future[None]]] = deque()
         self._drained: asyncio.Event | None = None
-        self.counts: Counter[str] = Counter()
-        self.bytes: Counter[str] = Counter()
+        self._counts: Counter[Command] = Counter()
+        self._bytes: Counter[Command] = Counter()
         self.errors = 0
         self.histogram = [0] * HISTOGRAM_BUCKETS
         self._ring: deque[float] = deque(maxlen=ring_size)
@@ -131,8 +131,11 @@ class Journal:
         if self.state is not JournalState.OPEN or self._waiting or kind is Command.FLUSH:
             return None
         self._seq += 1
-        entry = Entry(self._seq, kind, offset, length, arrived=self._clock())
-        self._start(entry)
+        now = self._clock()
+        entry = Entry(self._seq, kind, offset, length, arrived=now, admitted=now)
+        self._in_flight[entry.seq] = entry
+        if kind in WRITE_CLASS:
+            self._writes_in_flight.add(entry.seq)
         return entry
 
     def _drop_waiter(self, entry: Entry) -> None:
@@ -162,9 +165,10 @@ class Journal:
             raise StateError(f"request #{entry.seq} is not in flight")
         now = self._clock()
         entry.completed, entry.error = now, error
-        name = entry.kind.name
-        self.counts[name] += 1
-        self.bytes[name] += entry.length if entry.kind in (Command.READ, Command.WRITE) else 0
+        kind = entry.kind
+        self._counts[kind] += 1
+        if kind is Command.READ or kind is Command.WRITE:
+            self._bytes[kind] += entry.length
         if error:
             self.errors += 1
         micros = max(1, int((now - entry.arrived) * 1e6))
@@ -197,6 +201,8 @@ class Journal:
             raise
         finally:
             self._drained = None
+        if self.state is JournalState.CLOSED:  # shut down while draining
+            raise JournalClosed("the journal was shut down while quiescing")
         self.state = JournalState.QUIESCED
 
     def resume(self) -> None:
@@ -220,6 +226,11 @@ class Journal:
                 gate.set_exception(JournalClosed("the agent is stopping"))
 
     # -- measures ------------------------------------------------------------------------
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Completed requests per command name."""
+        return {kind.name: n for kind, n in self._counts.items()}
 
     def completions_since(self, t: float) -> list[float]:
         """Completion times (wall clock) at or after ``t`` still held in the ring, oldest first."""
@@ -249,10 +260,10 @@ class Journal:
             "state": self.state.value,
             "in_flight": self.in_flight,
             "waiting": self.waiting,
-            "completed": sum(self.counts.values()),
+            "completed": sum(self._counts.values()),
             "errors": self.errors,
-            "counts": dict(self.counts),
-            "bytes": dict(self.bytes),
+            "counts": self.counts,
+            "bytes": {kind.name: n for kind, n in self._bytes.items()},
             "max_gap_ms": round(self.max_gap * 1000, 3),
             "p99_latency_ms": round(self.latency_percentile(0.99) * 1000, 3),
             "latency_histogram_us": {

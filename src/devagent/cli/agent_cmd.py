@@ -105,7 +105,7 @@ def serve_cmd(
 @click.option("--size", default="256M", show_default=True, help="Image size.")
 @click.option("--count-4k", default=40000, show_default=True, help="Requests per 4 KiB run.")
 @click.option("--count-1m", default=1000, show_default=True, help="Requests per 1 MiB run.")
-@click.option("--rounds", default=3, show_default=True, help="Runs per server (best counts).")
+@click.option("--rounds", default=5, show_default=True, help="Runs per server (best counts).")
 def bench_cmd(as_json: bool, size: str, count_4k: int, count_1m: int, rounds: int) -> None:
     """Drive the agent and qemu-nbd with the same client; print both and their ratio."""
     try:

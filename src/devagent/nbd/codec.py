@@ -70,6 +70,8 @@ Bytes = bytes | bytearray | memoryview
 
 #: Id of ``base:allocation`` in NBD_REP_META_CONTEXT replies to SET_META_CONTEXT.
 BASE_ALLOCATION_ID = 1
+#: A structured reply header followed by the offset of an OFFSET_DATA chunk.
+_DATA_CHUNK = struct.Struct(STRUCTURED_REPLY.format + "Q")
 #: No command flags.
 NO_FLAGS = CommandFlag(0)
 #: Preferred block size we advertise in NBD_INFO_BLOCK_SIZE.
@@ -104,7 +106,8 @@ class Buffer:
         """Take ``n`` bytes from the cursor, or ``None`` (cursor unmoved) if fewer are here."""
         if len(self) < n:
             return None
-        chunk = bytes(self._data[self._cursor : self._cursor + n])
+        with memoryview(self._data) as view:  # one copy, not two
+            chunk = bytes(view[self._cursor : self._cursor + n])
         self._cursor += n
         return chunk
 
@@ -256,24 +259,12 @@ _ALLOWED_FLAGS: dict[Command, CommandFlag] = {
     Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
 }
 _WRITING = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+#: Commands that answer ENOSPC (not EINVAL) past the end of the export (section "Error values").
+_SPACE_ERRORS = frozenset({Command.WRITE, Command.WRITE_ZEROES})
 
 
 _COMMANDS = {command.value: command for command in Command}
 _FLAGS = [CommandFlag(value) for value in range(1 + max(map(int, _ALLOWED_FLAGS.values())))]
-
-
-@dataclass(frozen=True, slots=True)
-class _BadRequestFactory:
-    handle: int
-    kind: int
-    flags: int
-    offset: int
-    length: int
-
-    def __call__(self, errno: Errno, message: str) -> BadRequest:
-        return BadRequest(
-            self.handle, self.kind, self.flags, self.offset, self.length, errno, message
-        )
 
 
 def _decode_string(raw: bytes, what: str) -> str:
@@ -550,13 +541,13 @@ class ServerConnection:
         magic, flags, kind, handle, offset, length = header
         if magic != REQUEST_MAGIC:
             raise self._violation(f"bad request magic {magic:#x}")
-        bad = _BadRequestFactory(handle, kind, flags, offset, length)
         if kind == Command.WRITE:
             if length > MAX_PAYLOAD:
                 self._buffer.commit()
                 self._discard = length
                 self._discard -= self._buffer.discard(self._discard)
-                return bad(Errno.EOVERFLOW, f"write of {length} bytes over {MAX_PAYLOAD}")
+                message = f"write of {length} bytes over {MAX_PAYLOAD}"
+                return BadRequest(handle, kind, flags, offset, length, Errno.EOVERFLOW, message)
             data = self._buffer.consume(length)
             if data is None:
                 self._buffer.rollback()
@@ -564,35 +555,43 @@ class ServerConnection:
         else:
             data = None
         self._buffer.commit()
-        assert self.export is not None
         command = _COMMANDS.get(kind)
-        if command is None:
-            return bad(Errno.EINVAL, f"unknown Command value {kind:#x}")
         if command is Command.DISC:
             return Disconnect("disc")
+        refusal = self._refusal(command, kind, flags, offset, length)
+        if refusal is not None:
+            return BadRequest(handle, kind, flags, offset, length, *refusal)
+        assert command is not None
+        return Request(handle, command, _FLAGS[flags], offset, length, data)
+
+    def _refusal(
+        self, command: Command | None, kind: int, flags: int, offset: int, length: int
+    ) -> tuple[Errno, str] | None:
+        """Why a framed request must be refused (section "Error values"), or None."""
+        assert self.export is not None
+        if command is None:
+            return Errno.EINVAL, f"unknown Command value {kind:#x}"
         allowed = _ALLOWED_FLAGS.get(command)
         if allowed is None:
-            return bad(Errno.EINVAL, f"command {command.name} not supported")
+            return Errno.EINVAL, f"command {command.name} not supported"
         if flags & ~int(allowed):
-            return bad(Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}")
+            return Errno.EINVAL, f"flags {flags:#x} not valid for {command.name}"
         if command is Command.READ and length > MAX_PAYLOAD:
-            return bad(Errno.EOVERFLOW, f"read of {length} bytes over {MAX_PAYLOAD}")
+            return Errno.EOVERFLOW, f"read of {length} bytes over {MAX_PAYLOAD}"
         if command is Command.FLUSH:
             if offset or length:
-                return bad(Errno.EINVAL, "FLUSH offset and length must be zero")
+                return Errno.EINVAL, "FLUSH offset and length must be zero"
         elif offset + length > self.export.size:
-            errno = (
-                Errno.ENOSPC if command in (Command.WRITE, Command.WRITE_ZEROES) else Errno.EINVAL
-            )
-            return bad(errno, f"{offset}+{length} beyond the export size {self.export.size}")
+            errno = Errno.ENOSPC if command in _SPACE_ERRORS else Errno.EINVAL
+            return errno, f"{offset}+{length} beyond the export size {self.export.size}"
         if command in _WRITING and self.export.read_only:
-            return bad(Errno.EPERM, "export is read-only")
+            return Errno.EPERM, "export is read-only"
         if command is Command.BLOCK_STATUS:
             if not self._contexts:
-                return bad(Errno.EINVAL, "no metadata context negotiated")
+                return Errno.EINVAL, "no metadata context negotiated"
             if length == 0:
-                return bad(Errno.EINVAL, "BLOCK_STATUS of zero length")
-        return Request(handle, command, _FLAGS[flags], offset, length, data)
+                return Errno.EINVAL, "BLOCK_STATUS of zero length"
+        return None
 
     # -- replies ------------------------------------------------------------------------
 
@@ -614,10 +613,15 @@ class ServerConnection:
                     STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.NONE, handle, 0
                 )
             ]
-        header = STRUCTURED_REPLY.pack(
-            STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.OFFSET_DATA, handle, 8 + len(data)
+        header = _DATA_CHUNK.pack(
+            STRUCTURED_REPLY_MAGIC,
+            ReplyFlag.DONE,
+            ChunkType.OFFSET_DATA,
+            handle,
+            8 + len(data),
+            offset,
         )
-        return [header + U64.pack(offset), data]
+        return [header, data]
 
     def reply_error(
         self, handle: int, command: int, errno: Errno, message: str = ""
