@@ -44,6 +44,7 @@ class Disk(MemoryBackend):
         super().__init__(size)
         self.during_read: Callable[[int, int], Awaitable[None]] | None = None
         self.after_write: Callable[[int, int], Awaitable[None]] | None = None
+        self.during_status: Callable[[], Awaitable[None]] | None = None
 
     async def read(self, offset: int, length: int) -> bytes:
         data = await super().read(offset, length)
@@ -58,6 +59,8 @@ class Disk(MemoryBackend):
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         await self._enter("status", offset, length)
+        if self.during_status is not None:
+            await self.during_status()
         out: list[Extent] = []
         pos, end = offset, offset + length
         while pos < end:
@@ -120,6 +123,65 @@ async def test_target_not_zeroed_gets_zeroes_where_the_source_has_holes() -> Non
     assert target.data == source.data
 
 
+async def test_a_write_into_a_hole_during_the_first_pass_is_copied() -> None:
+    """The first pass clears a window's bits before it asks ``block_status``: a write that
+    lands after the answer was made marks its chunk again."""
+    source, target = Disk(), Disk()
+    mirror = Mirrored(source, target, chunk_size=CHUNK)
+
+    async def guest_write() -> None:
+        source.during_status = None
+        await mirror.write(20 * CHUNK, b"\x20" * 512)
+
+    source.during_status = guest_write
+    assert await mirror.run()
+    assert target.ops("write") == [(20 * CHUNK, CHUNK)]
+    assert target.data == source.data
+
+
+async def test_a_cancelled_run_leaves_its_chunks_dirty() -> None:
+    source, target = Disk(), Disk()
+    fill(source, 0, 0x01, count=4)
+    mirror = Mirrored(source, target, chunk_size=CHUNK, max_copy=CHUNK)
+    target.hold = True
+    job = asyncio.create_task(mirror.run())
+    while target.started < 4:
+        await asyncio.sleep(0)
+    assert mirror.dirty_bytes == 4 * CHUNK  # copies in flight count as dirty
+    job.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await job
+    assert mirror.state is S.COPYING and mirror.dirty_bytes == 4 * CHUNK
+    target.hold = False
+    target.release.set()
+    await mirror.finish()
+    assert target.data == source.data
+
+
+async def test_local_to_local_keeps_holes_and_marks_inline_writes(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    for path in (src, dst):
+        with path.open("wb") as f:
+            f.truncate(SIZE)
+    with src.open("r+b") as f:
+        f.seek(CHUNK)
+        f.write(b"\x11" * CHUNK)
+    mirror = Mirrored(Local(src), Local(dst), chunk_size=CHUNK)
+    try:
+        assert await mirror.run()
+        assert mirror.write_nowait(8 * CHUNK, b"\x88" * 4096)  # the agent's inline path
+        assert mirror.dirty_bytes == CHUNK
+        await mirror.trim(CHUNK, 4096)
+        await mirror.finish()
+        assert mirror.write_nowait(0, b"\x01" * 4096) is False  # write-through from now
+        await mirror.write(0, b"\x01" * 4096)
+        status = await mirror.target.block_status(0, SIZE)
+        assert Extent(SIZE - 9 * CHUNK, True, True) in status  # the tail stayed a hole
+    finally:
+        await mirror.close()
+    assert src.read_bytes() == dst.read_bytes()
+
+
 async def test_a_write_during_a_chunk_copy_dirties_it_again() -> None:
     source, target = Disk(), Disk()
     fill(source, 1, 0x01)
@@ -178,6 +240,8 @@ async def test_sync_mode_never_leaves_dirty_chunks() -> None:
         if writes < 20:
             start = offset + rng.randrange(0, length - 512, 512)
             guests.append(asyncio.create_task(mirror.write(start, rng.randbytes(512))))
+            for _ in range(5):  # the write would be done by now if it did not wait
+                await asyncio.sleep(0)
 
     source.during_read = guest_write
     assert await mirror.run(converge_bytes=SIZE)  # sync mode ignores it: converges to zero
