@@ -45,8 +45,8 @@ import enum
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.agent.state import Bitmap, DeviceState
@@ -101,6 +101,16 @@ class MirrorStateError(StateError):
 class MirrorFailed(PeerError):
     """The mirror job failed (the target, or a read of the source for a copy); the guest's
     I/O on the source is unharmed.  ``__cause__`` is the error that failed it."""
+
+
+class _MirrorLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes each record with the mirror's source and target."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        name = self.extra["mirror"] if self.extra else "?"
+        return f"[{name}] {msg}", kwargs
 
 
 class Mirrored(Backend):
@@ -165,7 +175,7 @@ class Mirrored(Backend):
         self.passes = 0
         #: Set by :func:`cutover`: the agent now owns the target, ``close`` leaves it open.
         self.handed_over = False
-        self.log = log.getChild(f"{id(self):x}")
+        self.log = _MirrorLog(log, {"mirror": f"{source!r} -> {target!r}"})
 
     def __repr__(self) -> str:
         return f"Mirrored({self.source!r} -> {self.target!r}, {self.state.value})"
@@ -188,12 +198,12 @@ class Mirrored(Backend):
         """``self.state in states``, read afresh (after an await the state may have moved)."""
         return self.state in states
 
-    def _fail(self, err: BaseException) -> None:
+    def _fail(self, err: BaseException, level: int = logging.ERROR) -> None:
         if self.state is MirrorState.FAILED:
             return
         self.error = err
         self._through = False  # the target is abandoned: serve the source alone
-        self.log.error("mirror failed: %s", err)
+        self.log.log(level, "mirror failed: %s", err)
         self._transition(MirrorEvent.FAIL)
 
     def _failed_error(self) -> MirrorFailed:
@@ -263,10 +273,13 @@ class Mirrored(Backend):
         return state
 
     def stats(self) -> dict[str, object]:
+        """A JSON-ready summary."""
         return {
             "state": self.state.value,
             "sync": self.sync,
+            "rate_limit": self.rate_limit,
             "copied_bytes": self.copied_bytes,
+            "zeroed_bytes": self.zeroed_bytes,
             "dirty_bytes": self.dirty_bytes,
             "passes": self.passes,
             "error": None if self.error is None else str(self.error),
@@ -375,7 +388,7 @@ class Mirrored(Backend):
         """Close the source, and the target unless :func:`cutover` handed it to the agent.
         A job not FINISHED is FAILED by this."""
         if self.state is not MirrorState.FINISHED:
-            self._fail(StateError("the mirror was closed"))
+            self._fail(StateError("the mirror was closed before it finished"), logging.WARNING)
         await self.source.close()
         if not self.handed_over:
             await self.target.close()
@@ -386,8 +399,9 @@ class Mirrored(Backend):
         """Copy until the dirty set is at most ``converge_bytes`` (zero in sync mode).
 
         The first pass copies every chunk that holds data; each later pass copies what was
-        dirtied meanwhile.  Returns True once CONVERGED, False if ``max_passes`` ran out (the
-        state stays COPYING; call ``run`` again or ``finish``).  Raises MirrorFailed.
+        dirtied meanwhile.  Returns True once CONVERGED, False if this call's ``max_passes``
+        ran out (the state stays COPYING; call ``run`` again, or ``finish``).  ``passes``
+        counts the passes of every call.  Raises MirrorFailed.
         """
         if self.state is MirrorState.FAILED:
             raise self._failed_error()
@@ -401,16 +415,16 @@ class Mirrored(Backend):
         self._running = True
         try:
             await self._guard(self._sweep())
-            first = True
+            done = 0
             while self.state is MirrorState.COPYING:
-                if not first and self.dirty_bytes <= limit:
+                if done and self.dirty_bytes <= limit:
                     self._transition(MirrorEvent.CONVERGE)
                     return True
-                if self.passes >= max_passes:
-                    self.log.info("no convergence after %d passes", self.passes)
+                if done >= max_passes:
+                    self.log.info("no convergence after %d passes", done)
                     return False
                 self.passes += 1
-                first = False
+                done += 1
                 await self._guard(self._copy_pass(self._dirty_chunks(), throttle=True))
                 self.log.debug(
                     "pass %d: %d bytes copied, %d dirty",
