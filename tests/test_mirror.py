@@ -43,6 +43,7 @@ class Disk(MemoryBackend):
     def __init__(self, size: int = SIZE) -> None:
         super().__init__(size)
         self.during_read: Callable[[int, int], Awaitable[None]] | None = None
+        self.before_write: Callable[[int, int], Awaitable[None]] | None = None
         self.after_write: Callable[[int, int], Awaitable[None]] | None = None
         self.during_status: Callable[[], Awaitable[None]] | None = None
 
@@ -53,6 +54,8 @@ class Disk(MemoryBackend):
         return data
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        if self.before_write is not None:
+            await self.before_write(offset, len(data))
         await super().write(offset, data, fua)
         if self.after_write is not None:
             await self.after_write(offset, len(data))
@@ -110,6 +113,18 @@ async def test_first_pass_skips_holes_and_copies_neighbours_together() -> None:
     assert target.ops("write") == [(3 * CHUNK, CHUNK), (10 * CHUNK, 3 * CHUNK)]
     assert target.ops("zero") == []  # the target starts zeroed: holes cost nothing
     assert mirror.copied_bytes == 4 * CHUNK and mirror.passes == 1
+    assert target.data == source.data
+
+
+async def test_a_size_that_is_not_a_whole_number_of_chunks() -> None:
+    size = 10 * CHUNK + 4096  # 11 chunks, the last one short
+    source, target = Disk(size), Disk(size)
+    source.data[-4096:] = b"\xff" * 4096
+    mirror = Mirrored(source, target, chunk_size=CHUNK, sync=True)
+    assert mirror.dirty_bytes == size
+    assert await mirror.run()
+    assert mirror.dirty_bytes == 0 and target.ops("write") == [(10 * CHUNK, 4096)]
+    await mirror.write(size - 512, b"\x01" * 512)
     assert target.data == source.data
 
 
@@ -253,6 +268,25 @@ async def test_sync_mode_never_leaves_dirty_chunks() -> None:
         await mirror.write(rng.randrange(0, SIZE - 4096, 512), rng.randbytes(4096))
         await mirror.trim(rng.randrange(0, SIZE - CHUNK, 512), 4096)
         assert mirror.dirty_bytes == 0
+    assert target.data == source.data
+
+
+async def test_overlapping_write_through_requests_reach_both_sides_in_one_order() -> None:
+    source, target = Disk(), Disk()
+    mirror = Mirrored(source, target, chunk_size=CHUNK, sync=True)
+    await mirror.run()
+
+    async def slow_once(offset: int, length: int) -> None:
+        target.before_write = None
+        for _ in range(20):  # time enough for the second write to finish, if it did not wait
+            await asyncio.sleep(0)
+
+    target.before_write = slow_once
+    first = asyncio.create_task(mirror.write(0, b"A" * 4096))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(mirror.write(2048, b"B" * 4096))
+    await asyncio.gather(first, second)
+    assert source.data[:6144] == b"A" * 2048 + b"B" * 4096
     assert target.data == source.data
 
 

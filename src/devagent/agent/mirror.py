@@ -25,7 +25,10 @@ Ordering rules (each one is what makes a copy never leave a stale byte on the ta
    older bytes on top of the guest's newer ones, and the dirty set only shrinks.  A TRIM is
    done as ``write_zeroes(may_trim=True)`` on both sides (zeroes are a valid result of a
    trim), so both read back the same.
-4. Flush/FUA: the target's durability is promised only by ``finish``, which flushes it after
+4. Overlapping write-through requests run one after another: two in flight at once could
+   land in one order on the source and in the other on the target (the guest cannot tell
+   which order it gets, but both copies must get the same).
+5. Flush/FUA: the target's durability is promised only by ``finish``, which flushes it after
    the last copy and before it reports FINISHED.  In write-through mode a guest FUA write is
    FUA on both sides and a guest FLUSH flushes both, so an acknowledged durable write is
    durable on both copies.
@@ -152,13 +155,18 @@ class Mirrored(Backend):
         if dirty is not None:
             if dirty.n_bits != self.n_chunks:
                 raise UsageError(f"dirty bitmap has {dirty.n_bits} bits for {self.n_chunks}")
-            self._dirty = Bitmap(self.n_chunks, dirty.to_bytes())
+            bits = bytearray(dirty.to_bytes())
             self._swept = True  # the handed-over set already says what the target lacks
         else:
-            self._dirty = Bitmap(self.n_chunks, b"\xff" * ((self.n_chunks + 7) // 8))
+            bits = bytearray(b"\xff" * ((self.n_chunks + 7) // 8))
             self._swept = False
+        if self.n_chunks & 7:  # no bit past the last chunk: count() counts every bit
+            bits[-1] &= (1 << (self.n_chunks & 7)) - 1
+        self._dirty = Bitmap(self.n_chunks, bytes(bits))
         self._copying: set[int] = set()
         self._writing: Counter[int] = Counter()
+        self._through_ranges: dict[int, tuple[int, int]] = {}  # write-through writes in flight
+        self._through_seq = 0
         self._untracked_writes = 0  # source-only writes in flight (they mark after landing)
         self._through = sync  # write-through: guest writes go to both sides
         self._pulse = asyncio.Event()
@@ -315,21 +323,23 @@ class Mirrored(Backend):
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         chunks = self._chunks(offset, len(data))
         if self._through:
-            await self._write_both(chunks, lambda b: b.write(offset, data, fua))
+            await self._write_both(offset, len(data), lambda b: b.write(offset, data, fua))
         else:
             await self._write_source(chunks, self.source.write(offset, data, fua))
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
         chunks = self._chunks(offset, length)
         if self._through:
-            await self._write_both(chunks, lambda b: b.write_zeroes(offset, length, may_trim))
+            await self._write_both(
+                offset, length, lambda b: b.write_zeroes(offset, length, may_trim)
+            )
         else:
             await self._write_source(chunks, self.source.write_zeroes(offset, length, may_trim))
 
     async def trim(self, offset: int, length: int) -> None:
         chunks = self._chunks(offset, length)
         if self._through:  # rule 3: zeroes, so both sides read back the same
-            await self._write_both(chunks, lambda b: b.write_zeroes(offset, length, True))
+            await self._write_both(offset, length, lambda b: b.write_zeroes(offset, length, True))
         else:
             await self._write_source(chunks, self.source.trim(offset, length))
 
@@ -352,18 +362,28 @@ class Mirrored(Backend):
             self._untracked_writes -= 1
             self._wake()
 
-    async def _write_both(self, chunks: range, op: Callable[[Backend], Awaitable[None]]) -> None:
-        while any(chunk in self._copying for chunk in chunks):  # rule 3
+    async def _write_both(
+        self, offset: int, length: int, op: Callable[[Backend], Awaitable[None]]
+    ) -> None:
+        chunks = self._chunks(offset, length)
+        end = offset + length
+        while any(chunk in self._copying for chunk in chunks) or any(
+            start < end and offset < stop for start, stop in self._through_ranges.values()
+        ):  # rules 3 and 4
             await self._pulse.wait()
         if not self._through:  # the job failed while we waited
             await self._write_source(chunks, op(self.source))
             return
+        self._through_seq += 1
+        token = self._through_seq
+        self._through_ranges[token] = (offset, end)
         self._writing.update(chunks)
         try:
             source, target = await asyncio.gather(
                 op(self.source), op(self.target), return_exceptions=True
             )
         finally:
+            del self._through_ranges[token]
             self._writing.subtract(chunks)
             self._writing = +self._writing
             self._wake()
