@@ -1,0 +1,665 @@
+"""Mirror: push a live device to another backend (pre-copy storage migration, device swap).
+
+:class:`Mirrored` is a backend the agent swaps in under a running guest.  The guest is served
+by ``source``; every write-class request marks its chunks in a dirty :class:`Bitmap`; the copy
+job (``run``) pushes dirty chunks to ``target`` until few are left; ``finish`` (guest I/O
+quiesced) pushes the rest and flushes the target; :func:`cutover` does quiesce → finish →
+point the agent at the target → resume in one go.
+
+The dirty bitmap means "the target may lack these bytes".  It starts all set (or as handed
+over); the first pass clears the chunks ``source.block_status`` reports as zero, since **the
+target is assumed to start zero-filled** (pass ``target_zeroed=False`` and those ranges get
+``write_zeroes`` on the target instead).
+
+Ordering rules (each one is what makes a copy never leave a stale byte on the target):
+
+1. A guest write marks its chunks dirty *after* the source has it (and also before, so an
+   exported bitmap is conservative).  A copy clears a chunk's bit *before* it reads the
+   source.  So a write either completed before the clear (the read sees it) or marks the
+   chunk again after the clear (the next pass copies it again).
+2. At most one copy of a chunk is in flight (``_copying``): two copies of one chunk could
+   land on the target in the wrong order, the older bytes last.
+3. Write-through (``sync=True``, and every mode from ``finish`` on): a guest write waits for
+   a copy in flight on its chunks, then holds them (``_writing``; the copier skips held
+   chunks) while it writes source and target concurrently.  The copier can then never put
+   older bytes on top of the guest's newer ones, and the dirty set only shrinks.  A TRIM is
+   done as ``write_zeroes(may_trim=True)`` on both sides (zeroes are a valid result of a
+   trim), so both read back the same.
+4. Overlapping write-through requests run one after another: two in flight at once could
+   land in one order on the source and in the other on the target (the guest cannot tell
+   which order it gets, but both copies must get the same).
+5. Flush/FUA: the target's durability is promised only by ``finish``, which flushes it after
+   the last copy and before it reports FINISHED.  In write-through mode a guest FUA write is
+   FUA on both sides and a guest FLUSH flushes both, so an acknowledged durable write is
+   durable on both copies.
+
+Failures: an error on the target (or reading the source for a copy) fails the *job*: state
+FAILED, ``run``/``finish`` raise :class:`MirrorFailed`, the bitmap still records what the
+target lacks, and the guest goes on being served by the source, unharmed.  The one exception
+is ``sync=True``: there a guest write is acknowledged only when both copies have it, so a
+write whose target half failed is answered EIO (the job is FAILED; later writes go to the
+source only).  A write whose *source* half failed answers the source's error as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+from devagent.agent.backend import Backend, BackendError, Extent
+from devagent.agent.state import Bitmap, DeviceState
+from devagent.errors import PeerError, StateError, UsageError
+from devagent.nbd.proto import Errno
+
+if TYPE_CHECKING:
+    from devagent.agent.agent import BlockAgent
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 64 * 1024
+#: Most bytes one copy moves: neighbouring dirty chunks are read and written in one request.
+MAX_COPY = 1024 * 1024
+#: The first pass asks ``block_status`` about this many bytes at a time.
+SWEEP_WINDOW = 64 * 1024 * 1024
+#: Name of the dirty bitmap in an exported :class:`DeviceState`.
+DIRTY_BITMAP = "mirror-dirty"
+
+
+class MirrorState(enum.Enum):
+    COPYING = "copying"  # tracking and (when ``run`` runs) copying
+    CONVERGED = "converged"  # ``run`` brought the dirty set under its limit
+    FINISHED = "finished"  # target == source, target flushed; writes now go to both
+    FAILED = "failed"  # the job failed; the guest is served by the source alone
+
+
+class MirrorEvent(enum.Enum):
+    CONVERGE = "converge"
+    RECOPY = "recopy"
+    FINISH = "finish"
+    FAIL = "fail"
+
+
+_S, _E = MirrorState, MirrorEvent
+#: Every allowed transition; anything else is a bug in the caller (:class:`MirrorStateError`).
+TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
+    (_S.COPYING, _E.CONVERGE): _S.CONVERGED,
+    (_S.CONVERGED, _E.RECOPY): _S.COPYING,
+    (_S.COPYING, _E.FINISH): _S.FINISHED,
+    (_S.CONVERGED, _E.FINISH): _S.FINISHED,
+    (_S.COPYING, _E.FAIL): _S.FAILED,
+    (_S.CONVERGED, _E.FAIL): _S.FAILED,
+    (_S.FINISHED, _E.FAIL): _S.FAILED,
+}
+
+
+class MirrorStateError(StateError):
+    """A mirror was asked for something its state does not allow."""
+
+
+class MirrorFailed(PeerError):
+    """The mirror job failed (the target, or a read of the source for a copy); the guest's
+    I/O on the source is unharmed.  ``__cause__`` is the error that failed it."""
+
+
+class _MirrorLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes each record with the mirror's source and target."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        name = self.extra["mirror"] if self.extra else "?"
+        return f"[{name}] {msg}", kwargs
+
+
+class Mirrored(Backend):
+    """Serves ``source`` and mirrors it to ``target`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        source: Backend,
+        target: Backend,
+        *,
+        chunk_size: int = DEFAULT_CHUNK,
+        sync: bool = False,
+        parallel: int = 4,
+        rate_limit: float | None = None,
+        max_copy: int = MAX_COPY,
+        target_zeroed: bool = True,
+        dirty: Bitmap | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if source.size != target.size:
+            raise UsageError(f"mirror target is {target.size} bytes, the source {source.size}")
+        if chunk_size <= 0 or chunk_size & 511:
+            raise UsageError(f"chunk size {chunk_size} is not a positive multiple of 512")
+        if parallel < 1:
+            raise UsageError(f"parallel copies must be at least 1, not {parallel}")
+        self.source = source
+        self.target = target
+        self.chunk_size = chunk_size
+        self.sync = sync
+        self.parallel = parallel
+        #: Bytes per second the background copy may move (None: no limit); ``finish`` ignores it.
+        self.rate_limit = rate_limit
+        self._max_run = max(1, max_copy // chunk_size)
+        self._target_zeroed = target_zeroed
+        self._clock = clock
+        self._sleep = sleep
+        self.n_chunks = (source.size + chunk_size - 1) // chunk_size
+        if dirty is not None:
+            if dirty.n_bits != self.n_chunks:
+                raise UsageError(f"dirty bitmap has {dirty.n_bits} bits for {self.n_chunks}")
+            bits = bytearray(dirty.to_bytes())
+            self._swept = True  # the handed-over set already says what the target lacks
+        else:
+            bits = bytearray(b"\xff" * ((self.n_chunks + 7) // 8))
+            self._swept = False
+        if self.n_chunks & 7:  # no bit past the last chunk: count() counts every bit
+            bits[-1] &= (1 << (self.n_chunks & 7)) - 1
+        self._dirty = Bitmap(self.n_chunks, bytes(bits))
+        self._copying: set[int] = set()
+        self._writing: Counter[int] = Counter()
+        self._through_ranges: dict[int, tuple[int, int]] = {}  # write-through writes in flight
+        self._through_seq = 0
+        self._untracked_writes = 0  # source-only writes in flight (they mark after landing)
+        self._through = sync  # write-through: guest writes go to both sides
+        self._pulse = asyncio.Event()
+        self._settled = asyncio.Event()
+        self._sweep_lock = asyncio.Lock()
+        self._running = False
+        self._next_free = 0.0
+        self._zero_buf = b""
+        self.state = MirrorState.COPYING
+        self.history: list[MirrorState] = [self.state]
+        self.error: BaseException | None = None
+        self.copied_bytes = 0
+        self.zeroed_bytes = 0
+        self.passes = 0
+        #: Set by :func:`cutover`: the agent now owns the target, ``close`` leaves it open.
+        self.handed_over = False
+        self.log = _MirrorLog(log, {"mirror": f"{source!r} -> {target!r}"})
+
+    def __repr__(self) -> str:
+        return f"Mirrored({self.source!r} -> {self.target!r}, {self.state.value})"
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _transition(self, event: MirrorEvent) -> None:
+        new = TRANSITIONS.get((self.state, event))
+        if new is None:
+            raise MirrorStateError(f"mirror {self.state.value}: no transition on {event.value}")
+        self.log.info("%s --%s--> %s", self.state.value, event.value, new.value)
+        self.state = new
+        self.history.append(new)
+        if new is MirrorState.COPYING:
+            self._settled.clear()
+        else:
+            self._settled.set()
+
+    def _is(self, *states: MirrorState) -> bool:
+        """``self.state in states``, read afresh (after an await the state may have moved)."""
+        return self.state in states
+
+    def _fail(self, err: BaseException, level: int = logging.ERROR) -> None:
+        if self.state is MirrorState.FAILED:
+            return
+        self.error = err
+        self._through = False  # the target is abandoned: serve the source alone
+        self.log.log(level, "mirror failed: %s", err)
+        self._transition(MirrorEvent.FAIL)
+
+    def _failed_error(self) -> MirrorFailed:
+        failed = MirrorFailed(f"mirror failed: {self.error}")
+        failed.__cause__ = self.error
+        return failed
+
+    async def wait_converged(self) -> None:
+        """Return once the job is CONVERGED or FINISHED; raise MirrorFailed if it FAILED."""
+        while True:
+            await self._settled.wait()
+            if self.state is MirrorState.FAILED:
+                raise self._failed_error()
+            if self.state is not MirrorState.COPYING:
+                return
+
+    def _wake(self) -> None:
+        """Wake everyone waiting for a copy or a write to end."""
+        self._pulse.set()
+        self._pulse = asyncio.Event()
+
+    # -- the dirty set ---------------------------------------------------------------------
+
+    def _chunks(self, offset: int, length: int) -> range:
+        if length <= 0:
+            return range(0)
+        return range(offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1)
+
+    def _mark(self, chunks: range) -> None:
+        for chunk in chunks:
+            self._dirty.set(chunk)
+
+    def _span(self, first: int, count: int) -> tuple[int, int]:
+        offset = first * self.chunk_size
+        return offset, min((first + count) * self.chunk_size, self.size) - offset
+
+    def _dirty_chunks(self) -> list[int]:
+        out: list[int] = []
+        for index, byte in enumerate(self._dirty.to_bytes()):
+            if byte:
+                base = index * 8
+                out.extend(base + bit for bit in range(8) if byte >> bit & 1)
+        return out
+
+    def dirty_bitmap(self) -> Bitmap:
+        """A copy of the chunks the target may lack (copies in flight count as dirty)."""
+        bitmap = Bitmap(self.n_chunks, self._dirty.to_bytes())
+        for chunk in self._copying:
+            bitmap.set(chunk)
+        return bitmap
+
+    @property
+    def dirty_bytes(self) -> int:
+        bitmap = self.dirty_bitmap()
+        total = bitmap.count() * self.chunk_size
+        if self.n_chunks and bitmap[self.n_chunks - 1]:
+            total -= self.n_chunks * self.chunk_size - self.size
+        return total
+
+    def export_state(self) -> DeviceState:
+        """The dirty set and counters as a :class:`DeviceState` (bitmap ``mirror-dirty``)."""
+        state = DeviceState(self.size, self.chunk_size)
+        state.bitmaps[DIRTY_BITMAP] = self.dirty_bitmap()
+        state.counters.update(
+            {"mirror_copied_bytes": self.copied_bytes, "mirror_passes": self.passes}
+        )
+        return state
+
+    def stats(self) -> dict[str, object]:
+        """A JSON-ready summary."""
+        return {
+            "state": self.state.value,
+            "sync": self.sync,
+            "rate_limit": self.rate_limit,
+            "copied_bytes": self.copied_bytes,
+            "zeroed_bytes": self.zeroed_bytes,
+            "dirty_bytes": self.dirty_bytes,
+            "passes": self.passes,
+            "error": None if self.error is None else str(self.error),
+        }
+
+    # -- the guest's side: the Backend interface ---------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.source.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.source.read_only
+
+    def read_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        return self.source.read_nowait(offset, length)
+
+    def write_nowait(self, offset: int, data: bytes) -> bool:
+        if self._through:
+            return False
+        if not self.source.write_nowait(offset, data):
+            return False
+        self._mark(self._chunks(offset, len(data)))  # landed: rule 1
+        return True
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        return await self.source.read(offset, length)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        return await self.source.block_status(offset, length)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        chunks = self._chunks(offset, len(data))
+        if self._through:
+            await self._write_both(offset, len(data), lambda b: b.write(offset, data, fua))
+        else:
+            await self._write_source(chunks, self.source.write(offset, data, fua))
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        chunks = self._chunks(offset, length)
+        if self._through:
+            await self._write_both(
+                offset, length, lambda b: b.write_zeroes(offset, length, may_trim)
+            )
+        else:
+            await self._write_source(chunks, self.source.write_zeroes(offset, length, may_trim))
+
+    async def trim(self, offset: int, length: int) -> None:
+        chunks = self._chunks(offset, length)
+        if self._through:  # rule 3: zeroes, so both sides read back the same
+            await self._write_both(offset, length, lambda b: b.write_zeroes(offset, length, True))
+        else:
+            await self._write_source(chunks, self.source.trim(offset, length))
+
+    async def flush(self) -> None:
+        if not self._through:
+            await self.source.flush()
+            return
+        source, target = await asyncio.gather(
+            self.source.flush(), self.target.flush(), return_exceptions=True
+        )
+        self._settle_both(source, target, range(0))
+
+    async def _write_source(self, chunks: range, op: Awaitable[None]) -> None:
+        self._mark(chunks)
+        self._untracked_writes += 1
+        try:
+            await op
+        finally:  # even a failed write may have changed part of the source
+            self._mark(chunks)  # rule 1: after the source has it
+            self._untracked_writes -= 1
+            self._wake()
+
+    async def _write_both(
+        self, offset: int, length: int, op: Callable[[Backend], Awaitable[None]]
+    ) -> None:
+        chunks = self._chunks(offset, length)
+        end = offset + length
+        while any(chunk in self._copying for chunk in chunks) or any(
+            start < end and offset < stop for start, stop in self._through_ranges.values()
+        ):  # rules 3 and 4
+            await self._pulse.wait()
+        if not self._through:  # the job failed while we waited
+            await self._write_source(chunks, op(self.source))
+            return
+        self._through_seq += 1
+        token = self._through_seq
+        self._through_ranges[token] = (offset, end)
+        self._writing.update(chunks)
+        try:
+            source, target = await asyncio.gather(
+                op(self.source), op(self.target), return_exceptions=True
+            )
+        finally:
+            del self._through_ranges[token]
+            self._writing.subtract(chunks)
+            self._writing = +self._writing
+            self._wake()
+        self._settle_both(source, target, chunks)
+
+    def _settle_both(self, source: object, target: object, chunks: range) -> None:
+        """Answer a request done on both sides: the source's error wins; a target error fails
+        the job and, in sync mode only, the request (EIO)."""
+        if isinstance(source, BaseException):
+            if not isinstance(target, BaseException):
+                self._mark(chunks)  # the target has bytes the source may not
+            raise source
+        if isinstance(target, asyncio.CancelledError):
+            raise target
+        if isinstance(target, BaseException):
+            self._mark(chunks)
+            self._fail(target)
+            if self.sync:
+                raise BackendError(f"mirror target failed: {target}", Errno.EIO) from target
+
+    async def close(self) -> None:
+        """Close the source, and the target unless :func:`cutover` handed it to the agent.
+        A job not FINISHED is FAILED by this."""
+        if self.state is not MirrorState.FINISHED:
+            self._fail(StateError("the mirror was closed before it finished"), logging.WARNING)
+        await self.source.close()
+        if not self.handed_over:
+            await self.target.close()
+
+    # -- the copy job ------------------------------------------------------------------------
+
+    async def run(self, *, converge_bytes: int = 0, max_passes: int = 10) -> bool:
+        """Copy until the dirty set is at most ``converge_bytes`` (zero in sync mode).
+
+        The first pass copies every chunk that holds data; each later pass copies what was
+        dirtied meanwhile.  Returns True once CONVERGED, False if this call's ``max_passes``
+        ran out (the state stays COPYING; call ``run`` again, or ``finish``).  ``passes``
+        counts the passes of every call.  Raises MirrorFailed.
+        """
+        if self.state is MirrorState.FAILED:
+            raise self._failed_error()
+        if self._running:
+            raise MirrorStateError("the mirror job is already running")
+        if self.state is MirrorState.CONVERGED:
+            self._transition(MirrorEvent.RECOPY)
+        elif self.state is not MirrorState.COPYING:
+            raise MirrorStateError(f"cannot run a mirror that is {self.state.value}")
+        limit = 0 if self.sync else converge_bytes
+        self._running = True
+        try:
+            await self._guard(self._sweep())
+            done = 0
+            while self.state is MirrorState.COPYING:
+                if done and self.dirty_bytes <= limit:
+                    self._transition(MirrorEvent.CONVERGE)
+                    return True
+                if done >= max_passes:
+                    self.log.info("no convergence after %d passes", done)
+                    return False
+                self.passes += 1
+                done += 1
+                await self._guard(self._copy_pass(self._dirty_chunks(), throttle=True))
+                self.log.debug(
+                    "pass %d: %d bytes copied, %d dirty",
+                    self.passes,
+                    self.copied_bytes,
+                    self.dirty_bytes,
+                )
+            if self._is(MirrorState.FAILED):
+                raise self._failed_error()
+            return not self._is(MirrorState.COPYING)
+        finally:
+            self._running = False
+
+    async def finish(self) -> None:
+        """Make target == source and flush the target; then state FINISHED.
+
+        Call it with the guest's I/O quiesced (see :func:`cutover`).  From its start every
+        guest write goes to both sides, so the dirty set only shrinks even if some I/O still
+        arrives.  After it the agent may switch to the target at any time.
+        """
+        if self.state is MirrorState.FAILED:
+            raise self._failed_error()
+        if self.state is MirrorState.FINISHED:
+            return
+        self._through = True
+        await self._guard(self._sweep())
+        while not self._is(MirrorState.FAILED):
+            busy = self._copying.union(self._writing)
+            ready = [c for c in self._dirty_chunks() if c not in busy]
+            if ready:
+                await self._guard(self._copy_pass(ready, throttle=False))
+            elif self._copying or self._writing or self._untracked_writes:
+                await self._pulse.wait()
+            else:
+                break
+        if not self._is(MirrorState.FAILED):
+            await self._guard(self.target.flush())
+        if self._is(MirrorState.FAILED):
+            raise self._failed_error()
+        self._transition(MirrorEvent.FINISH)
+        self.log.info("finished: %d bytes copied in %d passes", self.copied_bytes, self.passes)
+
+    async def _guard(self, job: Awaitable[None]) -> None:
+        """Run a piece of the job; any error fails the job and leaves as MirrorFailed."""
+        try:
+            await job
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self._fail(err)
+            raise self._failed_error() from err
+
+    async def _sweep(self) -> None:
+        """Clear the chunks the source holds as zeroes (the target starts zeroed), or zero
+        them on the target.  Per window: claim the chunks and clear their bits, then ask
+        ``block_status``; a write that lands after the claim marks its chunk again."""
+        async with self._sweep_lock:
+            if self._swept:
+                return
+            window = max(self.chunk_size, SWEEP_WINDOW // self.chunk_size * self.chunk_size)
+            for start in range(0, self.size, window):
+                length = min(window, self.size - start)
+                claimed = [c for c in self._chunks(start, length) if c not in self._copying]
+                self._copying.update(claimed)
+                for chunk in claimed:
+                    self._dirty.set(chunk, False)
+                try:
+                    zero = await self._zero_ranges(start, length)
+                    zero_chunks: set[int] = set()
+                    for offset, n in zero:
+                        first = -(-offset // self.chunk_size)
+                        stop = (offset + n) // self.chunk_size
+                        if offset + n == self.size:
+                            stop = self.n_chunks
+                        zero_chunks.update(range(first, stop))
+                    for chunk in claimed:
+                        if chunk not in zero_chunks:
+                            self._dirty.set(chunk)
+                    if not self._target_zeroed:
+                        for first, count in _runs(sorted(zero_chunks & set(claimed))):
+                            offset, n = self._span(first, count)
+                            await self.target.write_zeroes(offset, n, True)
+                            self.zeroed_bytes += n
+                except BaseException:
+                    for chunk in claimed:
+                        self._dirty.set(chunk)
+                    raise
+                finally:
+                    self._copying.difference_update(claimed)
+                    self._wake()
+            self._swept = True
+
+    async def _zero_ranges(self, start: int, length: int) -> list[tuple[int, int]]:
+        """(offset, length) ranges of [start, start+length) that the source reads as zero."""
+        out: list[tuple[int, int]] = []
+        pos, end = start, start + length
+        while pos < end:
+            extents = await self.source.block_status(pos, end - pos)
+            if not extents or all(e.length <= 0 for e in extents):
+                break  # a backend that says nothing: treat the rest as data
+            for extent in extents:
+                n = min(extent.length, end - pos)
+                if n <= 0:
+                    continue
+                if extent.zero:
+                    out.append((pos, n))
+                pos += n
+                if pos >= end:
+                    break
+        return out
+
+    async def _copy_pass(self, chunks: Iterable[int], *, throttle: bool) -> None:
+        """Copy ``chunks`` (if still dirty) with ``parallel`` copies in flight."""
+        todo = iter(chunks)
+
+        async def worker() -> None:
+            for chunk in todo:
+                if self.state is MirrorState.FAILED:
+                    return
+                if throttle:
+                    await self._throttle()
+                claimed = self._claim(chunk)
+                if claimed is not None:
+                    await self._copy(*claimed, throttle=throttle)
+
+        tasks = [asyncio.create_task(worker()) for _ in range(self.parallel)]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                error = task.exception()
+                if error is not None:
+                    raise error
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _claim(self, chunk: int) -> tuple[int, int] | None:
+        """Take ``chunk`` and the dirty free chunks after it (at most ``max_copy`` bytes)."""
+        if not self._free_dirty(chunk):
+            return None
+        count = 1
+        while count < self._max_run and self._free_dirty(chunk + count):
+            count += 1
+        self._copying.update(range(chunk, chunk + count))
+        return chunk, count
+
+    def _free_dirty(self, chunk: int) -> bool:
+        return (
+            chunk < self.n_chunks
+            and self._dirty[chunk]
+            and chunk not in self._copying
+            and chunk not in self._writing
+        )
+
+    async def _copy(self, first: int, count: int, *, throttle: bool) -> None:
+        chunks = range(first, first + count)
+        offset, length = self._span(first, count)
+        if throttle:
+            self._charge(length)
+        done = False
+        try:
+            for chunk in chunks:  # rule 1: clear before the read
+                self._dirty.set(chunk, False)
+            data = await self.source.read(offset, length)
+            if data == self._zeroes(length):
+                await self.target.write_zeroes(offset, length, True)
+            else:
+                await self.target.write(offset, bytes(data))
+            done = True
+        finally:
+            if not done:
+                self._mark(chunks)
+            self._copying.difference_update(chunks)
+            self._wake()
+        self.copied_bytes += length
+
+    def _zeroes(self, length: int) -> bytes:
+        if len(self._zero_buf) < length:
+            self._zero_buf = bytes(length)
+        return self._zero_buf if len(self._zero_buf) == length else self._zero_buf[:length]
+
+    async def _throttle(self) -> None:
+        while self.rate_limit and (wait := self._next_free - self._clock()) > 0:
+            await self._sleep(wait)
+
+    def _charge(self, length: int) -> None:
+        if self.rate_limit:
+            self._next_free = max(self._next_free, self._clock()) + length / self.rate_limit
+
+
+def _runs(chunks: list[int]) -> list[tuple[int, int]]:
+    """Sorted chunk numbers as (first, count) runs of neighbours."""
+    out: list[tuple[int, int]] = []
+    for chunk in chunks:
+        if out and out[-1][0] + out[-1][1] == chunk:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((chunk, 1))
+    return out
+
+
+async def cutover(agent: BlockAgent) -> Backend:
+    """Quiesce ``agent``, finish its :class:`Mirrored` backend, switch it to the target,
+    resume.  Returns the source (the caller closes it).  On failure the agent goes on
+    serving the mirror's source and the error (MirrorFailed) is raised."""
+    mirror = agent.backend
+    if not isinstance(mirror, Mirrored):
+        raise UsageError(f"agent backend is {mirror!r}, not a mirror")
+    await agent.journal.quiesce()
+    try:
+        await mirror.finish()
+        agent.backend = mirror.target
+        mirror.handed_over = True
+    finally:
+        agent.journal.resume()
+    log.info("agent %r now serves the mirror target %r", agent.export_name, mirror.target)
+    return mirror.source
