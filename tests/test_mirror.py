@@ -5,10 +5,8 @@ through the mirrored one and qemu-img comparing the images."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -587,23 +585,3 @@ async def test_real_mirror_over_tcp_with_qemu_io_writing(pair: Pair, sync: bool)
     await run_qemu_io(pair.sock, ["write -P 0x5a 0 4096", "flush"])
     with pair.dst.open("rb") as f:
         assert f.read(4096) == b"\x5a" * 4096
-
-
-@pytest.mark.skipif(not os.environ.get("MIRROR_BENCH"), reason="set MIRROR_BENCH=1 to measure")
-async def test_measure_mirror_throughput_256mib(tmp_path: Path) -> None:
-    agents = Pair(tmp_path, 256 << 20)
-    try:
-        with agents.src.open("r+b") as f:  # fully allocated: every byte must move
-            block = os.urandom(1 << 20)
-            for _ in range(256):
-                f.write(block)
-        mirror = await agents.start(chunk_size=CHUNK)
-        start = time.monotonic()
-        assert await mirror.run()
-        await mirror.finish()
-        took = time.monotonic() - start
-        print(f"\nmirror 256 MiB over loopback TCP: {took:.2f} s, {256 / took:.0f} MiB/s")
-        assert mirror.copied_bytes == 256 << 20
-    finally:
-        await agents.stop()
-    assert (await run("cmp", str(agents.src), str(agents.dst)))[0] == 0

@@ -23,7 +23,7 @@ import enum
 import functools
 import logging
 import os
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -460,14 +460,22 @@ class BlockAgent:
         log.info("export %r serving on %s", self.export_name, address)
         return bound[0], bound[1]
 
-    async def swap_backend(self, new: Backend) -> Backend:
-        """Quiesce, switch to ``new``, resume; returns the old backend (the caller closes it)."""
+    async def swap_backend(
+        self, new: Backend, *, before_switch: Callable[[], Awaitable[object]] | None = None
+    ) -> Backend:
+        """Quiesce, switch to ``new``, resume; returns the old backend (the caller closes it).
+
+        ``before_switch`` runs while every guest request is held and none is in flight (a
+        mirror's last copy, say); if it raises, nothing is switched and the held requests go
+        on with the old backend."""
         self._require(AgentState.CREATED, AgentState.SERVING)
         if new.size != self.backend.size:
             raise UsageError(f"new backend is {new.size} bytes, the export is {self.backend.size}")
         async with self._swap_lock:
             await self.journal.quiesce()
             try:
+                if before_switch is not None:
+                    await before_switch()
                 old, self.backend = self.backend, new
             finally:
                 self.journal.resume()

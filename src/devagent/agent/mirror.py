@@ -654,12 +654,7 @@ async def cutover(agent: BlockAgent) -> Backend:
     mirror = agent.backend
     if not isinstance(mirror, Mirrored):
         raise UsageError(f"agent backend is {mirror!r}, not a mirror")
-    await agent.journal.quiesce()
-    try:
-        await mirror.finish()
-        agent.backend = mirror.target
-        mirror.handed_over = True
-    finally:
-        agent.journal.resume()
+    await agent.swap_backend(mirror.target, before_switch=mirror.finish)
+    mirror.handed_over = True
     log.info("agent %r now serves the mirror target %r", agent.export_name, mirror.target)
     return mirror.source

@@ -15,7 +15,7 @@ def main() -> None:
 
 
 def _register() -> None:
-    from devagent.cli.agent_cmd import agent_group
+    from devagent.cli.agent_cmd import agent_group, bench_cmd
     from devagent.cli.demo_cmd import demo_cmd
     from devagent.cli.device_cmd import device_group
     from devagent.cli.guest_cmd import guest_group
@@ -33,6 +33,13 @@ def _register() -> None:
         demo_cmd,
     ):
         main.add_command(command)
+
+
+    @main.group("bench")
+    def bench_group() -> None:
+        """Benchmarks: devagent measured against QEMU's own tools in the same run."""
+
+    bench_group.add_command(bench_cmd, name="agent")
 
 
 _register()
