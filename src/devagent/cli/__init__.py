@@ -34,7 +34,6 @@ def _register() -> None:
     ):
         main.add_command(command)
 
-
     @main.group("bench")
     def bench_group() -> None:
         """Benchmarks: devagent measured against QEMU's own tools in the same run."""
