@@ -21,10 +21,14 @@ def guest() -> GuestImage:
     return build_guest()
 
 
+SESSION_DIRS: list[Path] = []  # every state root this pytest run made, and only those
+
+
 @pytest.fixture
 def state_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A short private state root (unix socket paths must stay under 108 bytes)."""
     path = Path(tempfile.mkdtemp(prefix="da-", dir="/tmp"))
+    SESSION_DIRS.append(path)
     monkeypatch.setenv("DEVAGENT_STATE", str(path))
     try:
         yield path
@@ -54,10 +58,12 @@ def namespaces() -> list[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind() -> Iterator[None]:
-    """After the whole run: no QEMU, daemon or agent of a test, no test namespace."""
+    """After the whole run: no QEMU, daemon or agent started under this run's state roots,
+    and no namespace of a lab this run made (other pytest runs on the machine are left be)."""
     yield
-    leftovers = processes_mentioning("/tmp/da-")
-    stray_ns = [ns for ns in namespaces() if ns.startswith("da-")]
+    leftovers = [line for root in SESSION_DIRS for line in processes_mentioning(str(root))]
+    labs = {lab.name for root in SESSION_DIRS for lab in (root / "labs").glob("*")}
+    stray_ns = [ns for ns in namespaces() if any(ns.startswith(f"da-{lab}-") for lab in labs)]
     for line in leftovers:
         os.kill(int(line.split(":")[0]), 9)
     for ns in stray_ns:
