@@ -196,18 +196,28 @@ class ChunkLocks:
 class Pacer:
     """Spaces out byte transfers to ``rate`` bytes per second on average."""
 
-    def __init__(self, rate: float) -> None:
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         if rate <= 0:
             raise UsageError(f"rate limit must be positive, got {rate}")
         self.rate = rate
+        self._clock = clock
+        self._sleep = sleep
         self._next = 0.0
 
     async def take(self, n: int) -> None:
-        now = time.monotonic()
+        """Wait for this transfer's turn: ``n`` bytes start now, the next ones after
+        ``n / rate`` seconds."""
+        now = self._clock()
         start = max(now, self._next)
         self._next = start + n / self.rate
         if start > now:
-            await asyncio.sleep(start - now)
+            await self._sleep(start - now)
 
 
 def _runs(chunks: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -490,7 +500,8 @@ class Fetch(Backend):
             async with self._locks.hold(chunks):
                 missing = [c for c in chunks if not self._map.is_present(c)]
                 if missing:
-                    self.fetched_on_demand += await self._fetch_store(missing)
+                    moved = await self._fetch_store(missing)
+                    self.fetched_on_demand += moved
                     self._mark_fetched(missing)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
@@ -689,7 +700,8 @@ class Fetch(Backend):
                 await self._local.write_zeroes(start, end - start, True)
                 self.skipped_as_zero += end - start
             if fetch:
-                self.fetched_in_background += await self._fetch_store(fetch)
+                moved = await self._fetch_store(fetch)
+                self.fetched_in_background += moved
             self._mark_fetched(missing)
 
     async def _zero_chunks(self, batch: Sequence[int]) -> list[int]:

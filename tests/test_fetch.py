@@ -1,0 +1,404 @@
+"""Fetch backend against an in-memory fake remote: copy-on-read, single-flight, partial writes
+into absent chunks, writes racing fetches, the copier (priority, rate, holes), durability of
+the presence bitmap across an agent crash, progress."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from devagent.agent.backend import Backend, BackendError, Extent
+from devagent.agent.fetch import HEADER_SIZE, Fetch, Pacer, presence_path
+from devagent.errors import UsageError
+from devagent.nbd.proto import Errno
+
+
+async def until(condition: Callable[[], bool], what: str = "condition") -> None:
+    """Poll until ``condition()`` holds; a hang guard (30 s), not a timing assertion."""
+    for _ in range(3000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{what} never became true")
+
+
+CHUNK = 64 * 1024
+SIZE = 64 * CHUNK  # 4 MiB
+
+
+class FakeRemote(Backend):
+    """Bytes in memory; reads can be held (all, or those at some offsets) or made to fail."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = bytearray(data)
+        self.reads: list[tuple[int, int]] = []
+        self.status_calls = 0
+        self.hold_all = False
+        self.hold_at: set[int] = set()
+        self.release = asyncio.Event()
+        self.fail: Errno | None = None
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.reads.append((offset, length))
+        if self.hold_all or offset in self.hold_at:
+            await self.release.wait()
+        if self.fail is not None:
+            raise BackendError("remote read failed on purpose", self.fail)
+        return bytes(self.data[offset : offset + length])
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        raise AssertionError("Fetch must never write to its remote")
+
+    async def flush(self) -> None:
+        raise AssertionError("Fetch must never flush its remote")
+
+    async def trim(self, offset: int, length: int) -> None:
+        raise AssertionError("Fetch must never trim its remote")
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        raise AssertionError("Fetch must never zero its remote")
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Zero 4 KiB blocks are holes, the rest data."""
+        self.status_calls += 1
+        out: list[Extent] = []
+        for pos in range(offset, offset + length, 4096):
+            n = min(4096, offset + length - pos)
+            zero = not any(self.data[pos : pos + n])
+            if out and out[-1].zero == zero:
+                out[-1] = Extent(out[-1].length + n, zero, zero)
+            else:
+                out.append(Extent(n, zero, zero))
+        return out
+
+    def chunk_reads(self, index: int) -> int:
+        start, end = index * CHUNK, (index + 1) * CHUNK
+        return sum(1 for off, n in self.reads if off < end and off + n > start)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def pattern(size: int = SIZE, seed: int = 1) -> bytearray:
+    return bytearray(random.Random(seed).randbytes(size))
+
+
+@pytest.fixture
+def remote() -> FakeRemote:
+    return FakeRemote(pattern())
+
+
+@pytest.fixture
+async def fetch(tmp_path: Path, remote: FakeRemote) -> AsyncIterator[Fetch]:
+    backend = Fetch(tmp_path / "replica.img", remote, chunk_size=CHUNK)
+    try:
+        yield backend
+    finally:
+        remote.release.set()
+        await backend.close()
+
+
+def on_disk(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def durable_bits(replica: Path, n_chunks: int) -> list[bool]:
+    raw = presence_path(replica).read_bytes()[HEADER_SIZE:]
+    return [bool(raw[i >> 3] & (1 << (i & 7))) for i in range(n_chunks)]
+
+
+async def abandon(backend: Fetch) -> None:
+    """What SIGKILL leaves: the page cache as it is, no sync, no final bitmap write."""
+    await backend.stop_copier()
+    if backend._sync_timer is not None:
+        backend._sync_timer.cancel()
+    await backend._local.close()
+    backend._map.close()
+    backend._closed = True
+
+
+async def test_a_read_fetches_absent_chunks_once_and_then_serves_the_replica(
+    fetch: Fetch, remote: FakeRemote
+) -> None:
+    assert fetch.present_bytes == 0 and not fetch.complete
+    got = await fetch.read(CHUNK + 100, CHUNK)  # spans chunks 1 and 2
+    assert got == remote.data[CHUNK + 100 : 2 * CHUNK + 100]
+    assert remote.reads == [(CHUNK, 2 * CHUNK)]  # one remote read for the run
+    assert fetch.present_bytes == 2 * CHUNK
+    assert fetch.fetched_on_demand == 2 * CHUNK
+    assert await fetch.read(CHUNK, 2 * CHUNK) == remote.data[CHUNK : 3 * CHUNK]
+    assert len(remote.reads) == 1  # served from the replica
+    assert on_disk(fetch.path)[CHUNK : 3 * CHUNK] == remote.data[CHUNK : 3 * CHUNK]
+    assert fetch.read_nowait(CHUNK, 4096) is not None
+    assert fetch.read_nowait(0, 4096) is None  # chunk 0 is absent
+
+
+async def test_concurrent_reads_of_one_chunk_fetch_it_once(
+    fetch: Fetch, remote: FakeRemote
+) -> None:
+    remote.hold_all = True
+    readers = [asyncio.create_task(fetch.read(5 * CHUNK + i * 512, 512)) for i in range(20)]
+    await until(lambda: len(remote.reads) >= 1, "the first fetch")
+    await asyncio.sleep(0.05)  # give the other readers every chance to fetch too
+    remote.release.set()
+    results = await asyncio.gather(*readers)
+    assert remote.chunk_reads(5) == 1
+    for i, data in enumerate(results):
+        assert data == remote.data[5 * CHUNK + i * 512 : 5 * CHUNK + (i + 1) * 512]
+
+
+async def test_a_partial_write_into_an_absent_chunk_keeps_the_rest_of_it(
+    fetch: Fetch, remote: FakeRemote
+) -> None:
+    await fetch.write(3 * CHUNK + 1000, b"\xee" * 3000)
+    expected = bytearray(remote.data[3 * CHUNK : 4 * CHUNK])
+    expected[1000:4000] = b"\xee" * 3000
+    assert await fetch.read(3 * CHUNK, CHUNK) == expected
+    assert remote.chunk_reads(3) == 1
+    # a write spanning chunks 6..8 partly: 6 and 8 fetched, 7 (wholly covered) not
+    await fetch.write(6 * CHUNK + CHUNK // 2, b"\x11" * (2 * CHUNK))
+    assert remote.chunk_reads(6) == 1 and remote.chunk_reads(8) == 1
+    assert remote.chunk_reads(7) == 0
+    expected = bytearray(remote.data[6 * CHUNK : 9 * CHUNK])
+    expected[CHUNK // 2 : CHUNK // 2 + 2 * CHUNK] = b"\x11" * (2 * CHUNK)
+    assert await fetch.read(6 * CHUNK, 3 * CHUNK) == expected
+    assert len(remote.reads) == 3  # the read was served locally
+
+
+async def test_a_write_of_whole_chunks_needs_no_fetch(fetch: Fetch, remote: FakeRemote) -> None:
+    await fetch.write(10 * CHUNK, b"\x22" * (2 * CHUNK))
+    assert remote.reads == []
+    assert await fetch.read(10 * CHUNK, 2 * CHUNK) == b"\x22" * (2 * CHUNK)
+    assert fetch.present_bytes == 2 * CHUNK
+    assert durable_bits(fetch.path, 64)[10:12] == [True, True]  # guest writes: bits at once
+
+
+async def test_a_write_racing_a_fetch_of_its_chunk_wins(fetch: Fetch, remote: FakeRemote) -> None:
+    remote.hold_all = True
+    reader = asyncio.create_task(fetch.read(4 * CHUNK, CHUNK))
+    await until(lambda: remote.reads != [], "the fetch")
+    writer = asyncio.create_task(fetch.write(4 * CHUNK, b"\x33" * CHUNK))
+    partial = asyncio.create_task(fetch.write(4 * CHUNK + 10, b"\x44" * 10))
+    await asyncio.sleep(0.05)
+    assert not writer.done() and not partial.done()  # ordered behind the fetch
+    remote.release.set()
+    await asyncio.gather(writer, partial)
+    expected = bytearray(b"\x33" * CHUNK)
+    expected[10:20] = b"\x44" * 10
+    assert len(await reader) == CHUNK  # concurrent with the writes: may see them or not
+    # the fetch never overwrote the writes that came after it; the partial write found the
+    # chunk present and fetched nothing more
+    assert await fetch.read(4 * CHUNK, CHUNK) == expected
+    assert remote.chunk_reads(4) == 1
+
+
+async def test_write_zeroes_and_trim_into_absent_chunks(fetch: Fetch, remote: FakeRemote) -> None:
+    await fetch.write_zeroes(2 * CHUNK + 4096, 4096)
+    expected = bytearray(remote.data[2 * CHUNK : 3 * CHUNK])
+    expected[4096:8192] = bytes(4096)
+    assert await fetch.read(2 * CHUNK, CHUNK) == expected
+    await fetch.write_zeroes(20 * CHUNK, 3 * CHUNK, may_trim=True)  # whole chunks: no fetch
+    assert remote.chunk_reads(20) == remote.chunk_reads(21) == 0
+    assert await fetch.read(20 * CHUNK, 3 * CHUNK) == bytes(3 * CHUNK)
+    # trim: whole absent chunks become present (punched), a partly covered one stays absent
+    await fetch.trim(30 * CHUNK, CHUNK + 512)
+    assert fetch._map.is_present(30) and not fetch._map.is_present(31)
+    assert await fetch.read(31 * CHUNK, CHUNK) == remote.data[31 * CHUNK : 32 * CHUNK]
+
+
+async def test_a_failing_remote_fails_the_request_and_marks_nothing(
+    fetch: Fetch, remote: FakeRemote
+) -> None:
+    remote.fail = Errno.EIO
+    with pytest.raises(BackendError) as failed:
+        await fetch.read(0, 4096)
+    assert failed.value.errno == Errno.EIO
+    with pytest.raises(BackendError):
+        await fetch.write(CHUNK + 1, b"x")
+    assert fetch.present_bytes == 0
+    remote.fail = None
+    assert await fetch.read(CHUNK, 2) == remote.data[CHUNK : CHUNK + 2]
+
+
+async def test_the_copier_fills_everything_skipping_zero_ranges(tmp_path: Path) -> None:
+    data = bytearray(SIZE)
+    data[0:CHUNK] = pattern(CHUNK, 2)  # chunk 0 data
+    data[10 * CHUNK + 5 : 10 * CHUNK + 9] = b"abcd"  # chunk 10: a few bytes
+    data[SIZE - 100 :] = b"z" * 100  # the last chunk
+    remote = FakeRemote(data)
+    backend = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK)
+    try:
+        backend.start_copier()
+        await backend.wait_complete()
+        assert backend.complete and backend.present_bytes == SIZE
+        assert on_disk(backend.path) == data
+        assert backend.fetched_in_background == 3 * CHUNK
+        assert backend.skipped_as_zero == SIZE - 3 * CHUNK
+        fetched = sorted({off // CHUNK for off, _ in remote.reads})
+        assert fetched == [0, 10, 63]
+        assert all(durable_bits(backend.path, 64))
+        assert os.stat(backend.path).st_blocks * 512 < SIZE // 2  # still sparse
+    finally:
+        await backend.close()
+    assert remote.closed
+
+
+async def test_the_copier_yields_to_on_demand_fetches(tmp_path: Path) -> None:
+    remote = FakeRemote(pattern())
+    backend = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK, copy_workers=1, copy_batch=CHUNK)
+    try:
+        remote.hold_at = {50 * CHUNK}
+        backend.start_copier()
+        await until(lambda: len(remote.reads) >= 3, "the copier's first fetches")
+        demand = asyncio.create_task(backend.read(50 * CHUNK, 4096))
+        await until(lambda: (50 * CHUNK, CHUNK) in remote.reads, "the demand fetch")
+        seen = len(remote.reads)
+        await asyncio.sleep(0.1)
+        assert len(remote.reads) <= seen + 1  # at most the batch already under way
+        assert not demand.done()
+        remote.release.set()
+        assert await demand == remote.data[50 * CHUNK : 50 * CHUNK + 4096]
+        await backend.wait_complete()
+        assert remote.chunk_reads(50) == 1
+        assert backend.fetched_on_demand == CHUNK
+        assert backend.fetched_in_background == SIZE - CHUNK
+        assert on_disk(backend.path) == remote.data
+    finally:
+        remote.release.set()
+        await backend.close()
+
+
+async def test_the_pacer_spaces_transfers_to_the_rate() -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = Pacer(4 << 20, clock=lambda: now[0], sleep=sleep)
+    for _ in range(9):
+        await pacer.take(1 << 20)
+    assert slept == pytest.approx([0.25] * 8)  # the first goes at once
+    assert now[0] == pytest.approx(102.0)
+    with pytest.raises(UsageError):
+        Pacer(0)
+
+
+async def test_a_rate_limited_copier_completes(tmp_path: Path) -> None:
+    remote = FakeRemote(pattern(8 * CHUNK))
+    backend = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK, rate_limit=16 << 20)
+    try:
+        assert backend._pacer is not None
+        backend.start_copier()
+        await backend.wait_complete()
+        assert on_disk(backend.path) == remote.data
+    finally:
+        await backend.close()
+
+
+async def test_an_agent_crash_keeps_every_completed_write(tmp_path: Path) -> None:
+    remote = FakeRemote(pattern())
+    replica = tmp_path / "r.img"
+    first = Fetch(replica, remote, chunk_size=CHUNK, sync_interval=3600)
+    await first.write(5 * CHUNK + 7, b"\x55" * 100)  # partial write into an absent chunk
+    await first.write(8 * CHUNK, b"\x66" * CHUNK)  # whole chunk
+    await first.read(12 * CHUNK, 10)  # copy-on-read: bit waits for a sync
+    await first.read(13 * CHUNK, 10)
+    await first.write(13 * CHUNK + 1, b"\x77")  # a write into a fetched, unsynced chunk
+    await abandon(first)  # SIGKILL: no sync, no close
+
+    bits = durable_bits(replica, 64)
+    assert bits[5] and bits[8] and bits[13] and not bits[12]
+    remote.data[:] = pattern(seed=9)  # any re-fetch would now show other bytes
+    second = Fetch(replica, remote, chunk_size=CHUNK)
+    try:
+        assert second.present_bytes == 3 * CHUNK
+        chunk5 = await second.read(5 * CHUNK, CHUNK)
+        assert chunk5[7:107] == b"\x55" * 100
+        assert chunk5[:7] == pattern()[5 * CHUNK : 5 * CHUNK + 7]  # the old remote's bytes
+        assert await second.read(8 * CHUNK, CHUNK) == b"\x66" * CHUNK
+        chunk13 = await second.read(13 * CHUNK, 4)
+        assert (
+            chunk13
+            == pattern()[13 * CHUNK : 13 * CHUNK + 1]
+            + b"\x77"
+            + pattern()[13 * CHUNK + 2 : 13 * CHUNK + 4]
+        )
+        # chunk 12 was never durable: fetched again (from the changed remote)
+        assert await second.read(12 * CHUNK, 10) == remote.data[12 * CHUNK : 12 * CHUNK + 10]
+    finally:
+        await second.close()
+
+
+async def test_flush_makes_fetched_bits_durable(fetch: Fetch) -> None:
+    fetch.sync_interval = 3600
+    await fetch.read(0, 10)
+    assert not durable_bits(fetch.path, 64)[0]
+    await fetch.flush()
+    assert durable_bits(fetch.path, 64)[0]
+
+
+async def test_a_restarted_fetch_resumes_where_it_was(tmp_path: Path) -> None:
+    remote = FakeRemote(pattern())
+    replica = tmp_path / "r.img"
+    first = Fetch(replica, remote, chunk_size=CHUNK)
+    await first.read(0, 10 * CHUNK)
+    await first.close()
+    assert remote.closed
+    reads = len(remote.reads)
+    second = Fetch(replica, remote, chunk_size=CHUNK)
+    try:
+        assert second.present_bytes == 10 * CHUNK
+        second.start_copier()
+        await second.wait_complete()
+        assert len(remote.reads) > reads
+        assert all(off >= 10 * CHUNK for off, _ in remote.reads[reads:])
+        assert on_disk(replica) == remote.data
+        assert second.status()["complete"] is True
+    finally:
+        await second.close()
+    with pytest.raises(UsageError, match="chunks of"):
+        Fetch(replica, FakeRemote(pattern()), chunk_size=2 * CHUNK)
+    with pytest.raises(UsageError, match="bytes, the remote"):
+        Fetch(replica, FakeRemote(pattern(2 * SIZE)), chunk_size=CHUNK)
+
+
+async def test_block_status_mixes_replica_and_remote(tmp_path: Path) -> None:
+    data = bytearray(SIZE)
+    data[: 4 * CHUNK] = b"\x01" * (4 * CHUNK)
+    remote = FakeRemote(data)
+    backend = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK)
+    try:
+        await backend.write(8 * CHUNK, b"\x02" * CHUNK)  # present, data
+        await backend.write_zeroes(9 * CHUNK, CHUNK)  # present, hole
+        extents = await backend.block_status(0, 12 * CHUNK)
+        assert sum(e.length for e in extents) == 12 * CHUNK
+        flat = []
+        for e in extents:
+            flat += [e.zero] * (e.length // 4096)
+        per_chunk = [flat[i * 16] for i in range(12)]
+        assert per_chunk == [False] * 4 + [True] * 4 + [False, True, True, True]
+    finally:
+        await backend.close()
+
+
+async def test_progress_figures(fetch: Fetch) -> None:
+    fetch.start_copier()
+    await fetch.wait_complete()
+    status = fetch.status()
+    assert status["present_bytes"] == SIZE == status["size"]
+    assert status["complete"] is True
+    assert status["fetched_in_background_bytes"] + status["fetched_on_demand_bytes"] == SIZE
+    assert fetch.write_nowait(0, b"\0" * 4096) in (True, False)
+    assert await fetch.read(0, 4096) is not None
