@@ -95,6 +95,7 @@ class Remote(Backend):
         self.reconnects = 0
         self.last_error: str | None = None
         self.timeouts = 0
+        self.retries = 0  # requests sent again after a lost connection
         self._client: NbdClient | None = None
         self._size: int | None = None
         self._ready = asyncio.Event()
@@ -149,6 +150,7 @@ class Remote(Backend):
             "connected": self.connected,
             "reconnects": self.reconnects,
             "timeouts": self.timeouts,
+            "retries": self.retries,
             "last_error": self.last_error,
         }
 
@@ -322,12 +324,14 @@ class Remote(Backend):
             except NbdRequestFailed as err:
                 if err.errno == Errno.ESHUTDOWN:  # the peer is stopping: try its successor
                     self._lost(client, err)
+                    self.retries += 1
                     continue
                 raise BackendError(
                     f"{self.address} export {self.export!r}: {err}", _errno(err.errno)
                 ) from err
             except PeerError as err:
                 self._lost(client, err)
+                self.retries += 1
 
     async def read(self, offset: int, length: int) -> bytes:
         done = await self._call(Command.READ, offset, length)
