@@ -104,8 +104,10 @@ def agent_process(image: Path) -> Callable[[int], subprocess.Popen[bytes]]:
 
     def start(port: int) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "devagent.cli.agent_cmd", "serve", str(image)]
-            + ["--tcp", f"127.0.0.1:{port}", "--name", "disk", "--quiet"],
+            [
+                *(sys.executable, "-m", "devagent.cli.agent_cmd", "serve", str(image)),
+                *("--tcp", f"127.0.0.1:{port}", "--name", "disk", "--quiet"),
+            ],
             stdout=subprocess.DEVNULL,
         )
         started.append(proc)
@@ -169,9 +171,11 @@ async def test_a_peer_away_past_io_timeout_fails_with_eio_then_recovers(
     try:
         await served.stop()
         await until(lambda: not remote.connected, "the Remote noticing the stop")
-        with caplog.at_level(logging.ERROR, logger="devagent.agent.remote"):
-            with pytest.raises(BackendError) as failed:
-                await remote.read(0, BLOCK)
+        with (
+            caplog.at_level(logging.ERROR, logger="devagent.agent.remote"),
+            pytest.raises(BackendError) as failed,
+        ):
+            await remote.read(0, BLOCK)
         assert failed.value.errno == Errno.EIO
         assert f"tcp:127.0.0.1:{port}" in str(failed.value) and "'disk'" in str(failed.value)
         assert any(f"127.0.0.1:{port}" in r.getMessage() for r in caplog.records)
