@@ -299,26 +299,24 @@ class Remote(Backend):
         data: bytes | None = None,
         flags: CommandFlag = NO_FLAGS,
     ) -> Completed:
-        deadline = time.monotonic() + self.io_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.io_timeout
         while True:
             if self.state is RemoteState.CLOSED:
                 raise BackendError(f"{self!r} is closed", Errno.ESHUTDOWN)
-            remaining = deadline - time.monotonic()
             client = self._client
             if client is None:
-                if remaining <= 0:
-                    raise self._timed_out(command, offset, length, f"down: {self.last_error}")
                 try:
-                    await asyncio.wait_for(self._ready.wait(), remaining)
+                    async with asyncio.timeout_at(deadline):
+                        await self._ready.wait()
                 except TimeoutError:
                     raise self._timed_out(
                         command, offset, length, f"down: {self.last_error}"
                     ) from None
                 continue
             try:
-                return await asyncio.wait_for(
-                    client.call(command, offset, length, data, flags), max(remaining, 0.001)
-                )
+                async with asyncio.timeout_at(deadline):
+                    return await client.call(command, offset, length, data, flags)
             except TimeoutError:
                 raise self._timed_out(command, offset, length, "no reply") from None
             except NbdRequestFailed as err:
