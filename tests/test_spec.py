@@ -266,3 +266,54 @@ async def test_agent_serve_backend_json_with_a_real_client(
     os.kill(proc.pid, signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert not sock.exists()
+
+
+async def qemu_io(uri: str, *commands: str) -> None:
+    args = [a for command in commands for a in ("-c", command)]
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-io", "-f", "raw", *args, uri, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0 and b"Pattern verification failed" not in out, out
+
+
+async def test_a_fetch_agent_killed_and_restarted_keeps_every_acknowledged_write(
+    source: Path, source_agent: int, tmp_path: Path, cli_agent: Callable[..., Any]
+) -> None:
+    sock, replica = tmp_path / "k.sock", tmp_path / "replica.img"
+    spec = json.dumps(
+        {
+            "kind": "fetch",
+            "path": str(replica),
+            "remote": {
+                "kind": "remote",
+                "address": f"tcp:127.0.0.1:{source_agent}",
+                "export": "src",
+            },
+            "copier": False,
+        }
+    )
+    uri = f"nbd+unix:///disk?socket={sock}"
+    writes = ("write -P 0x5a 70000 3000", "write -P 0x6b 1M 64k", "write -P 0x7c 2000000 200000")
+    checks = ("read -P 0x5a 70000 3000", "read -P 0x6b 1M 64k", "read -P 0x7c 2000000 200000")
+    first = await cli_agent("--backend-json", spec, "--unix", str(sock), "--name", "disk")
+    assert first.stdout is not None
+    await asyncio.wait_for(first.stdout.readline(), 30)
+    await qemu_io(uri, "read 3M 64k", *writes)  # no flush: only the page cache has them
+    first.kill()  # SIGKILL: no final sync, no bitmap write at exit
+    await first.wait()
+    second = await cli_agent("--backend-json", spec, "--unix", str(sock), "--name", "disk")
+    assert second.stdout is not None
+    await asyncio.wait_for(second.stdout.readline(), 30)
+    await qemu_io(uri, *checks)
+    # the bytes around the partial writes are still the source's
+    expected = bytearray(source.read_bytes())
+    expected[70000:73000] = b"\x5a" * 3000
+    expected[1 << 20 : (1 << 20) + 65536] = b"\x6b" * 65536
+    expected[2000000:2200000] = b"\x7c" * 200000
+    copy = tmp_path / "copy.img"
+    nbdcopy = await asyncio.create_subprocess_exec("nbdcopy", uri, str(copy))
+    assert await asyncio.wait_for(nbdcopy.wait(), 60) == 0
+    assert copy.read_bytes() == expected
+    second.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(second.wait(), 30) == 0
