@@ -315,6 +315,7 @@ async def test_an_agent_crash_keeps_every_completed_write(tmp_path: Path) -> Non
     await first.write(8 * CHUNK, b"\x66" * CHUNK)  # whole chunk
     await first.read(12 * CHUNK, 10)  # copy-on-read: bit waits for a sync
     await first.read(13 * CHUNK, 10)
+    assert not first.write_nowait(12 * CHUNK, bytes(4096))  # its bit still waits for a sync
     await first.write(13 * CHUNK + 1, b"\x77")  # a write into a fetched, unsynced chunk
     await abandon(first)  # SIGKILL: no sync, no close
 

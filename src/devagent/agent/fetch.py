@@ -483,8 +483,11 @@ class Fetch(Backend):
         return self._local.read_nowait(offset, length)
 
     def write_nowait(self, offset: int, data: bytes) -> bool:
-        if not self._all_present.is_set() and any(
-            not self._map.is_durable(c) for c in self._chunks(offset, len(data))
+        """Inline only where every chunk is present with its bit durable already (nothing to
+        persist after the write)."""
+        chunks = self._chunks(offset, len(data))
+        if self._absent(offset, len(data)) or (
+            self._unsynced and any(c in self._unsynced for c in chunks)
         ):
             return False
         return self._local.write_nowait(offset, data)
@@ -577,7 +580,8 @@ class Fetch(Backend):
                 start = max(offset, self._span(first)[0])
                 end = min(offset + length, self._span(last)[1])
                 await self._local.trim(start, end - start)
-            whole = [c for c in absent if not self._map.is_present(c) and c in targets]
+            chosen = set(targets)
+            whole = [c for c in absent if not self._map.is_present(c) and c in chosen]
             self._mark_written(whole)
             self._persist_written(offset, length)
 
