@@ -70,6 +70,24 @@ def test_specs_are_validated_with_clear_errors() -> None:
         ({"kind": "local", "path": "/x", "colour": 1}, "unknown field"),
         ({"kind": "local", "path": 3}, "wrong type"),
         ({"kind": "remote", "address": "10.0.0.1:1"}, "tcp:HOST:PORT"),
+        (
+            {
+                "kind": "fetch",
+                "path": "/r",
+                "remote": {"kind": "local", "path": "/x"},
+                "copy_workers": 0,
+            },
+            "copy_workers",
+        ),
+        (
+            {
+                "kind": "fetch",
+                "path": "/r",
+                "remote": {"kind": "local", "path": "/x"},
+                "rate_limit": -1,
+            },
+            "rate_limit",
+        ),
         ({"kind": "remote", "address": "tcp:h:1", "io_timeout": True}, "expected a number"),
         ({"kind": "remote", "address": "tcp:h:1", "io_timeout": 0}, "positive"),
         ({"kind": "fetch", "path": "/r", "remote": {"kind": "local"}}, "backend.remote"),

@@ -43,7 +43,9 @@ Durability — what survives what:
 - A chunk never reads as present unless its data is in the replica: the in-memory bit is set
   only after the data's ``pwrite`` returned.
 
-The background copier (``start_copier``) walks the absent chunks in order with a few workers,
+The background copier (``start_copier``) walks the absent chunks in order with a few workers
+(``copy_workers`` batches of ``copy_batch`` bytes in flight: enough to fill a LAN link, few
+enough that an on-demand fetch queued behind them on the same connection waits little),
 yields to on-demand fetches (it waits while any is pending), keeps an optional rate limit,
 and asks the remote's ``block_status`` which ranges are zeroes: those chunks are punched in
 the replica (a no-op on a fresh sparse file; it also clears anything a crash left between a
@@ -243,7 +245,7 @@ class Fetch(Backend):
         *,
         chunk_size: int = 64 * 1024,
         rate_limit: float | None = None,
-        copy_workers: int = 4,
+        copy_workers: int = 2,
         copy_batch: int = 1 << 20,
         sync_batch: int = 256,
         sync_interval: float = 1.0,

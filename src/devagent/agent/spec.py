@@ -4,7 +4,8 @@
     {"kind": "remote", "address": "tcp:HOST:PORT" | "unix:/PATH", "export": "",
      "io_timeout": 120, "connect_timeout": 10}
     {"kind": "fetch",  "path": "/replica.img", "remote": {a local or remote spec},
-     "chunk_size": 65536, "rate_limit": null, "copier": true, "then_local": false}
+     "chunk_size": 65536, "rate_limit": null, "copier": true, "then_local": false,
+     "copy_workers": 2, "copy_batch": 1048576}
 
 ``check_spec`` validates and fills defaults (``UsageError`` naming the bad field);
 ``open_backend`` opens the backend; ``Duties`` runs what a spec asks for after opening
@@ -47,6 +48,8 @@ _FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "rate_limit": ((int, float, type(None)), None),
         "copier": (bool, True),
         "then_local": (bool, False),
+        "copy_workers": (int, 2),
+        "copy_batch": (int, 1 << 20),
     },
 }
 
@@ -87,7 +90,11 @@ def check_spec(spec: Any, *, where: str = "backend") -> Spec:
         if size < 4096 or size & (size - 1) or size > 8 << 20:
             raise UsageError(f"{where}.chunk_size: a power of two in 4 KiB..8 MiB, got {size}")
         if out["rate_limit"] is not None and out["rate_limit"] <= 0:
-            raise UsageError(f"{where}.rate_limit: must be positive (or null), got {size}")
+            raise UsageError(f"{where}.rate_limit: must be positive (or null)")
+        if not 1 <= out["copy_workers"] <= 64:
+            raise UsageError(f"{where}.copy_workers: 1..64, got {out['copy_workers']}")
+        if not size <= out["copy_batch"] <= 32 << 20:
+            raise UsageError(f"{where}.copy_batch: chunk_size..32 MiB, got {out['copy_batch']}")
     return out
 
 
@@ -115,6 +122,8 @@ async def open_backend(spec: Any) -> Backend:
             source,
             chunk_size=spec["chunk_size"],
             rate_limit=spec["rate_limit"],
+            copy_workers=spec["copy_workers"],
+            copy_batch=spec["copy_batch"],
         )
     except BaseException:
         await source.close()
