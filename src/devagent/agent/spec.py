@@ -26,11 +26,13 @@ from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Backend, Local
 from devagent.agent.fetch import Fetch
 from devagent.agent.remote import Remote, parse_address
-from devagent.errors import DevagentError, UsageError
+from devagent.errors import DevagentError, StateError, UsageError
 
 log = logging.getLogger(__name__)
 
 Spec = dict[str, Any]
+#: How often ``then_local`` retries a swap the agent's state refused (a quiesce in progress).
+THEN_LOCAL_RETRY_S = 1.0
 
 _FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
     # field: (accepted types, default; ... means required)
@@ -162,23 +164,27 @@ class Duties:
         except DevagentError as err:
             log.error("replica %s: cannot make it durable, staying on Fetch: %s", fetch.path, err)
             return
-        if self.agent.backend is not fetch:
-            return
-        local = Local(fetch.path)
-        try:
-            old = await self.agent.swap_backend(local)
-        except BaseException:
-            await local.close()
-            raise
-        log.info(
-            "export %r: replica %s complete; now served by %r, remote %r dropped",
-            self.agent.export_name,
-            fetch.path,
-            local,
-            fetch.remote,
-        )
-        self._tasks.pop(id(fetch), None)
-        await old.close()
+        while self.agent.backend is fetch:
+            local = Local(fetch.path)
+            try:
+                old = await self.agent.swap_backend(local)
+            except StateError as err:  # held by /quiesce, say: try again shortly
+                await local.close()
+                log.info("replica %s complete, swap to Local put off: %s", fetch.path, err)
+                await asyncio.sleep(THEN_LOCAL_RETRY_S)
+                continue
+            except BaseException:
+                await local.close()
+                raise
+            log.info(
+                "export %r: replica %s complete; now served by %r, remote %r dropped",
+                self.agent.export_name,
+                fetch.path,
+                local,
+                fetch.remote,
+            )
+            self._tasks.pop(id(fetch), None)
+            await old.close()
 
     async def cancel(self, backend: Backend) -> None:
         task = self._tasks.pop(id(backend), None)
