@@ -42,6 +42,8 @@ class FakeRemote(Backend):
         self.hold_at: set[int] = set()
         self.release = asyncio.Event()
         self.fail: Errno | None = None
+        self.latency: tuple[float, float] | None = None  # (min, max) seconds per read
+        self.rng = random.Random(0)
         self.closed = False
 
     @property
@@ -50,6 +52,8 @@ class FakeRemote(Backend):
 
     async def read(self, offset: int, length: int) -> bytes:
         self.reads.append((offset, length))
+        if self.latency is not None:
+            await asyncio.sleep(self.rng.uniform(*self.latency))
         if self.hold_all or offset in self.hold_at:
             await self.release.wait()
         if self.fail is not None:
@@ -403,6 +407,81 @@ async def test_progress_figures(fetch: Fetch) -> None:
     assert status["fetched_in_background_bytes"] + status["fetched_on_demand_bytes"] == SIZE
     assert fetch.write_nowait(0, b"\0" * 4096) in (True, False)
     assert await fetch.read(0, 4096) is not None
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+async def test_random_concurrent_requests_with_the_copier_match_a_model(
+    tmp_path: Path, seed: int
+) -> None:
+    """Rounds of concurrent requests on disjoint random ranges, a slow remote, the copier
+    running, one agent crash and restart half way: the replica ends equal to the model."""
+    rng = random.Random(seed)
+    size = 32 * CHUNK + 12345  # a short last chunk
+    remote = FakeRemote(pattern(size, seed))
+    remote.latency = (0.0, 0.003)
+    model = bytearray(remote.data)
+    defined = bytearray(b"\1" * size)  # 0 where a trim left the bytes unspecified
+    replica = tmp_path / "r.img"
+
+    def pick(taken: list[tuple[int, int]]) -> tuple[int, int] | None:
+        length = rng.choice([1, 512, 4096, CHUNK - 7, CHUNK, 3 * CHUNK + 100])
+        offset = rng.randrange(0, size - length)
+        if any(offset < e and s < offset + length for s, e in taken):
+            return None
+        taken.append((offset, offset + length))
+        return offset, length
+
+    backend = Fetch(replica, remote, chunk_size=CHUNK, copy_workers=3, copy_batch=2 * CHUNK)
+    try:
+        for round_no in range(24):
+            if round_no == 4:
+                backend.start_copier()
+            if round_no == 12:  # SIGKILL and restart, copier going again
+                await abandon(backend)
+                backend = Fetch(replica, remote, chunk_size=CHUNK, copy_workers=3)
+                backend.start_copier()
+            taken: list[tuple[int, int]] = []
+            ops = []
+            for _ in range(8):
+                where = pick(taken)
+                if where is None:
+                    continue
+                offset, length = where
+                kind = rng.choice(["read", "read", "write", "write", "zero", "trim"])
+                if kind == "read":
+                    ops.append((kind, offset, length, backend.read(offset, length)))
+                elif kind == "write":
+                    data = rng.randbytes(length)
+                    ops.append((kind, offset, data, backend.write(offset, data)))
+                elif kind == "zero":
+                    ops.append((kind, offset, length, backend.write_zeroes(offset, length)))
+                else:
+                    ops.append((kind, offset, length, backend.trim(offset, length)))
+            results = await asyncio.gather(*(op[3] for op in ops))
+            for (kind, offset, arg, _), result in zip(ops, results, strict=True):
+                if kind == "read":
+                    assert isinstance(arg, int) and result is not None
+                    for i in range(arg):
+                        if defined[offset + i]:
+                            assert result[i] == model[offset + i], (round_no, offset + i)
+                elif kind == "write":
+                    assert isinstance(arg, bytes)
+                    model[offset : offset + len(arg)] = arg
+                    defined[offset : offset + len(arg)] = b"\1" * len(arg)
+                elif kind == "zero":
+                    assert isinstance(arg, int)
+                    model[offset : offset + arg] = bytes(arg)
+                    defined[offset : offset + arg] = b"\1" * arg
+                else:
+                    assert isinstance(arg, int)
+                    defined[offset : offset + arg] = bytes(arg)
+        await backend.wait_complete()
+        final = on_disk(replica)
+        assert len(final) == size
+        mismatches = [i for i in range(size) if defined[i] and final[i] != model[i]]
+        assert mismatches == []
+    finally:
+        await backend.close()
 
 
 # -- live: a real NBD client through an agent whose backend is Fetch ----------------------
