@@ -242,7 +242,10 @@ class Remote(Backend):
                     raise PeerError(f"export size changed from {self._size} to {client.size} bytes")
                 if client.flags & TransmissionFlag.SEND_FLUSH:
                     # Barrier: writes still running from the old connection end first.
-                    await asyncio.wait_for(client.flush(), self.io_timeout)
+                    try:
+                        await asyncio.wait_for(client.flush(), self.io_timeout)
+                    except NbdRequestFailed as err:  # refused, not lost: go on without it
+                        self.log.info("barrier flush on reconnect refused: %s", err)
             except (PeerError, TimeoutError) as err:
                 if client is not None:
                     await _close_quietly(client)
