@@ -335,3 +335,56 @@ async def test_a_fetch_agent_killed_and_restarted_keeps_every_acknowledged_write
     assert copy.read_bytes() == expected
     second.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(second.wait(), 30) == 0
+
+
+async def test_swap_a_local_disk_for_a_remote_one_under_a_client(tmp_path: Path) -> None:
+    """Remote device access: an agent re-pointed from a local file to another agent's disk
+    while a client keeps writing; every write lands where the backend was at its time."""
+    far = tmp_path / "far.img"
+    far.write_bytes(bytes(SIZE))
+    far_agent = BlockAgent(Local(far), "far")
+    _, port = await far_agent.listen_tcp("127.0.0.1", 0)
+    near = tmp_path / "near.img"
+    near.write_bytes(bytes(SIZE))
+    sock, ctl = tmp_path / "n.sock", tmp_path / "n.ctl"
+    stop = asyncio.Event()
+    ready: list[BlockAgent] = []
+    task = asyncio.create_task(
+        serve(near, unix=sock, name="disk", control=ctl, stop=stop, on_ready=ready.append)
+    )
+    try:
+        await until(lambda: bool(ready), "the agent")
+        async with await NbdClient.connect(unix=sock, export="disk") as client:
+            swapped = asyncio.Event()
+            written: list[tuple[int, bool]] = []
+
+            async def writer() -> None:
+                for i in range(200):
+                    after = swapped.is_set()
+                    await client.write(i * 4096, bytes([i + 1]) * 4096)
+                    written.append((i, after))
+                    await asyncio.sleep(0)
+
+            writing = asyncio.create_task(writer())
+            await until(lambda: len(written) >= 20, "writes before the swap")
+            spec = {"kind": "remote", "address": f"tcp:127.0.0.1:{port}", "export": "far"}
+            status, body = await control(ctl, "POST", "/swap", {"backend": spec})
+            swapped.set()
+            assert status == 200, body
+            await writing
+            _, body = await control(ctl, "GET", "/status")
+            assert body["backend_status"]["kind"] == "remote"
+            assert body["backend_status"]["connected"] is True
+        near_data, far_data = near.read_bytes(), far.read_bytes()
+        for i, after in written:
+            block = bytes([i + 1]) * 4096
+            here, there = near_data[i * 4096 : (i + 1) * 4096], far_data[i * 4096 : (i + 1) * 4096]
+            if after:  # sent once the swap had answered: on the far disk only
+                assert there == block and here == bytes(4096)
+            else:  # sent before or during the swap: on exactly one of them
+                assert (here, there) in ((block, bytes(4096)), (bytes(4096), block))
+        assert far_data[199 * 4096 : 200 * 4096] == bytes([200]) * 4096
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await far_agent.stop()
