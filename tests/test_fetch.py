@@ -122,7 +122,9 @@ def durable_bits(replica: Path, n_chunks: int) -> list[bool]:
 
 
 async def abandon(backend: Fetch) -> None:
-    """What SIGKILL leaves: the page cache as it is, no sync, no final bitmap write."""
+    """What SIGKILL leaves: the page cache as it is, no sync, no final bitmap write (once
+    the stores under way are done, to keep the test deterministic)."""
+    await backend.settle()
     await backend.stop_copier()
     if backend._sync_timer is not None:
         backend._sync_timer.cancel()
@@ -138,6 +140,7 @@ async def test_a_read_fetches_absent_chunks_once_and_then_serves_the_replica(
     got = await fetch.read(CHUNK + 100, CHUNK)  # spans chunks 1 and 2
     assert got == remote.data[CHUNK + 100 : 2 * CHUNK + 100]
     assert remote.reads == [(CHUNK, 2 * CHUNK)]  # one remote read for the run
+    await fetch.settle()  # the answer may leave before the chunks are stored
     assert fetch.present_bytes == 2 * CHUNK
     assert fetch.fetched_on_demand == 2 * CHUNK
     assert await fetch.read(CHUNK, 2 * CHUNK) == remote.data[CHUNK : 3 * CHUNK]
@@ -145,6 +148,24 @@ async def test_a_read_fetches_absent_chunks_once_and_then_serves_the_replica(
     assert on_disk(fetch.path)[CHUNK : 3 * CHUNK] == remote.data[CHUNK : 3 * CHUNK]
     assert fetch.read_nowait(CHUNK, 4096) is not None
     assert fetch.read_nowait(0, 4096) is None  # chunk 0 is absent
+
+
+async def test_a_read_answered_before_its_store_still_orders_later_writes(
+    fetch: Fetch, remote: FakeRemote
+) -> None:
+    for index in range(7, 12):
+        assert (
+            await fetch.read(index * CHUNK, CHUNK)
+            == remote.data[index * CHUNK : (index + 1) * CHUNK]
+        )
+        await fetch.write(index * CHUNK + 100, b"\x88" * 200)  # right after the answer
+    await fetch.settle()
+    for index in range(7, 12):
+        data = await fetch.read(index * CHUNK, CHUNK)
+        assert data[100:300] == b"\x88" * 200
+        assert data[:100] == remote.data[index * CHUNK : index * CHUNK + 100]
+        assert on_disk(fetch.path)[index * CHUNK + 100 : index * CHUNK + 300] == b"\x88" * 200
+    assert len(remote.reads) == 5  # the writes found their chunks present (or being stored)
 
 
 async def test_concurrent_reads_of_one_chunk_fetch_it_once(
@@ -349,6 +370,7 @@ async def test_an_agent_crash_keeps_every_completed_write(tmp_path: Path) -> Non
 async def test_flush_makes_fetched_bits_durable(fetch: Fetch) -> None:
     fetch.sync_interval = 3600
     await fetch.read(0, 10)
+    await fetch.settle()
     assert not durable_bits(fetch.path, 64)[0]
     await fetch.flush()
     assert durable_bits(fetch.path, 64)[0]

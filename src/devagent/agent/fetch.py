@@ -235,6 +235,27 @@ def _runs(chunks: Sequence[int]) -> Iterator[tuple[int, int]]:
         yield first, last
 
 
+class _EarlyRead:
+    """A read's range, answered from the first fetched piece that holds all of it."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+        self.future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def offer(self, start: int, data: bytes | bytearray) -> None:
+        skip = self.offset - start
+        if not self.future.done() and skip >= 0 and skip + self.length <= len(data):
+            self.future.set_result(bytes(data[skip : skip + self.length]))
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """The read was answered already; a store that failed after it leaves its chunks absent
+    (fetched again next time) and a log line."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("storing fetched chunks failed: %s", task.exception())
+
+
 class Fetch(Backend):
     """A replica file filled from ``remote`` on demand and in the background."""
 
@@ -328,6 +349,12 @@ class Fetch(Backend):
     @property
     def copier_running(self) -> bool:
         return self._copier is not None and not self._copier.done()
+
+    async def settle(self) -> None:
+        """Return once the locked work under way has ended (a read answered early may still
+        be storing its chunks)."""
+        while self._jobs:
+            await asyncio.gather(*list(self._jobs), return_exceptions=True)
 
     async def wait_complete(self) -> None:
         """Return once every chunk is present and durable (replica and bitmap synced)."""
@@ -458,11 +485,14 @@ class Fetch(Backend):
             if not self._demand:
                 self._demand_idle.set()
 
-    async def _fetch_store(self, chunks: Sequence[int]) -> int:
-        """Copy ``chunks`` (locked, absent) from the remote into the replica; bytes moved."""
+    async def _fetch_store(self, chunks: Sequence[int], early: _EarlyRead | None = None) -> int:
+        """Copy ``chunks`` (locked, absent) from the remote into the replica; bytes moved.
+        ``early`` gets its bytes as soon as a fetched piece holds them all."""
 
         async def one(start: int, end: int) -> int:
             data = await self.remote.read(start, end - start)
+            if early is not None:
+                early.offer(start, data)
             await self._local.write(start, bytes(data))
             return end - start
 
@@ -495,17 +525,34 @@ class Fetch(Backend):
         return self._local.write_nowait(offset, data)
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Copy-on-read.  The answer leaves as soon as the remote's bytes are here: storing
+        them goes on under the chunks' locks, so anything after this read is ordered after
+        the store."""
         absent = self._absent(offset, length)
-        if absent:
-            await self._guarded(self._fill(absent))
+        if not absent:
+            return await self._local.read(offset, length)
+        early = _EarlyRead(offset, length)
+        job = asyncio.ensure_future(self._guarded(self._fill(absent, early)))
+        racing: set[asyncio.Future[Any]] = {early.future, job}
+        try:
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            job.cancel()  # only our wait on the guarded work: the work itself goes on
+            raise
+        if early.future.done():
+            job.add_done_callback(_retrieve)
+            return early.future.result()
+        await job
         return await self._local.read(offset, length)
 
-    async def _fill(self, chunks: Sequence[int]) -> None:
+    async def _fill(self, chunks: Sequence[int], early: _EarlyRead | None = None) -> None:
         with self._on_demand():
             async with self._locks.hold(chunks):
                 missing = [c for c in chunks if not self._map.is_present(c)]
                 if missing:
-                    moved = await self._fetch_store(missing)
+                    if early is not None and len(missing) != len(chunks):
+                        early = None  # part of the range is in the replica already
+                    moved = await self._fetch_store(missing, early)
                     self.fetched_on_demand += moved
                     self._mark_fetched(missing)
 
