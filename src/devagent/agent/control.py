@@ -6,6 +6,8 @@ agent without ever sitting in the data path.
     POST /quiesce                 hold new requests, return once none is in flight
     POST /resume                  release the held requests in arrival order
     GET  /completions?since=T     wall-clock times of the completions after T
+    POST /swap {"backend": SPEC}  open SPEC (see ``agent.spec``), make it the agent's backend
+                                  (quiesce, switch, resume), close the old one
     POST /stop                    stop serving (answer or fail every request), then exit
 
 A quiesce that nobody resumes is resumed by the agent itself after ``max_hold_s``, so a
@@ -25,6 +27,7 @@ from typing import Any
 from aiohttp import web
 
 from devagent.agent.agent import BlockAgent
+from devagent.agent.spec import Duties, backend_status, check_spec, open_backend
 from devagent.errors import DevagentError, StateError, UsageError
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,7 @@ log = logging.getLogger(__name__)
 AGENT_KEY = web.AppKey("agent", BlockAgent)
 STOP_KEY = web.AppKey("stop", asyncio.Event)
 HOLD_KEY = web.AppKey("hold", dict)
+DUTIES_KEY = web.AppKey("duties", Duties)
 MAX_HOLD_S = 30.0
 
 
@@ -58,6 +62,7 @@ async def _status(request: web.Request) -> web.Response:
     stats["pid"] = os.getpid()
     stats["backend"] = repr(agent.backend)
     stats["held"] = request.app[HOLD_KEY].get("since") is not None
+    stats["backend_status"] = backend_status(agent.backend)
     return web.json_response(stats)
 
 
@@ -98,29 +103,63 @@ async def _completions(request: web.Request) -> web.Response:
     return web.json_response({"completions": times})
 
 
+async def _swap(request: web.Request) -> web.Response:
+    agent, duties = request.app[AGENT_KEY], request.app[DUTIES_KEY]
+    try:
+        body = await request.json()
+    except ValueError:
+        raise UsageError('the body must be JSON: {"backend": SPEC}') from None
+    if not isinstance(body, dict) or "backend" not in body:
+        raise UsageError('the body must be {"backend": SPEC}')
+    spec = check_spec(body["backend"])
+    if request.app[HOLD_KEY].get("since") is not None:
+        raise StateError("the agent is quiesced by /quiesce: resume it before a swap")
+    new = await open_backend(spec)
+    started = time.monotonic()
+    try:
+        old = await agent.swap_backend(new)
+    except BaseException:
+        await new.close()
+        raise
+    hold_s = time.monotonic() - started
+    await duties.cancel(old)
+    duties.start(new, spec)
+    try:
+        await old.close()
+    except DevagentError as err:
+        log.warning("closing the old backend %r failed: %s", old, err)
+    return web.json_response({"old": repr(old), "new": repr(new), "hold_s": round(hold_s, 6)})
+
+
 async def _stop(request: web.Request) -> web.Response:
     request.app[STOP_KEY].set()
     return web.json_response({"stopping": True})
 
 
-def build_control_app(agent: BlockAgent, stop: asyncio.Event) -> web.Application:
+def build_control_app(
+    agent: BlockAgent, stop: asyncio.Event, duties: Duties | None = None
+) -> web.Application:
     app = web.Application(middlewares=[_errors])
     app[AGENT_KEY] = agent
+    app[DUTIES_KEY] = duties if duties is not None else Duties(agent)
     app[STOP_KEY] = stop
     app[HOLD_KEY] = {"since": None}
     app.router.add_get("/status", _status)
     app.router.add_post("/quiesce", _quiesce)
     app.router.add_post("/resume", _resume)
     app.router.add_get("/completions", _completions)
+    app.router.add_post("/swap", _swap)
     app.router.add_post("/stop", _stop)
     return app
 
 
-async def serve_control(agent: BlockAgent, path: Path, stop: asyncio.Event) -> web.AppRunner:
+async def serve_control(
+    agent: BlockAgent, path: Path, stop: asyncio.Event, duties: Duties | None = None
+) -> web.AppRunner:
     """Start the control API on ``path``; the caller cleans the returned runner up."""
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
-    runner = web.AppRunner(build_control_app(agent, stop), access_log=None)
+    runner = web.AppRunner(build_control_app(agent, stop, duties), access_log=None)
     await runner.setup()
     await web.UnixSite(runner, str(path)).start()
     os.chmod(path, 0o600)

@@ -13,6 +13,7 @@ import click
 from devagent.agent.agent import BlockAgent
 from devagent.agent.bench import run_bench
 from devagent.agent.serve import parse_hostport, serve
+from devagent.agent.spec import check_spec
 from devagent.errors import DevagentError
 
 
@@ -37,7 +38,16 @@ def agent_group() -> None:
 
 
 @agent_group.command("serve")
-@click.argument("image", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "image", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--backend-json",
+    "backend_json",
+    metavar="JSON",
+    help='Serve this backend instead of IMAGE, e.g. \'{"kind": "fetch", "path": "r.img", '
+    '"remote": {"kind": "remote", "address": "tcp:10.0.0.1:10809", "export": "disk"}}\'.',
+)
 @click.option("--unix", "unix", type=click.Path(path_type=Path), help="Listen on this socket.")
 @click.option("--tcp", "tcp", metavar="HOST:PORT", help="Listen on this TCP address.")
 @click.option("--name", default="", show_default=True, help="Export name.")
@@ -50,7 +60,8 @@ def agent_group() -> None:
 )
 @click.option("--label", default="", help="Put this text (e.g. 'vm=vm1 device=disk0') in logs.")
 def serve_cmd(
-    image: Path,
+    image: Path | None,
+    backend_json: str | None,
     unix: Path | None,
     tcp: str | None,
     name: str,
@@ -59,10 +70,20 @@ def serve_cmd(
     control: Path | None,
     label: str,
 ) -> None:
-    """Serve IMAGE over NBD in the foreground until SIGINT or SIGTERM, the way qemu-nbd
-    would, but through devagent's journal."""
+    """Serve IMAGE (or the backend --backend-json describes: local, remote or fetch) over
+    NBD in the foreground until SIGINT or SIGTERM, the way qemu-nbd would, but through
+    devagent's journal."""
     if unix is None and tcp is None:
         raise click.UsageError("give --unix PATH or --tcp HOST:PORT")
+    if (image is None) == (backend_json is None):
+        raise click.UsageError("give either IMAGE or --backend-json")
+    spec = None
+    if backend_json is not None:
+        try:
+            spec = json.loads(backend_json)
+            check_spec(spec)
+        except (ValueError, DevagentError) as err:
+            raise click.BadParameter(str(err), param_hint="--backend-json") from err
     tag = f" [{label}]" if label else ""
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -84,6 +105,7 @@ def serve_cmd(
             loop.add_signal_handler(signum, stop.set)
         await serve(
             image,
+            backend_spec=spec,
             unix=unix,
             tcp=address,
             name=name,

@@ -1,0 +1,810 @@
+"""``Fetch``: a local replica being filled from a remote device, served as it fills.
+
+The replica is a sparse file the size of the remote device; a presence bitmap beside it
+(``<replica>.present``, one bit per chunk) says which chunks the replica holds.  A present
+chunk is served from the replica only; an absent one is first copied from the remote.
+Nothing is ever written to the remote.
+
+Requests:
+
+- A read of absent chunks fetches them (one remote read per run of absent chunks), stores
+  them, marks them present, then answers from the replica (copy-on-read).
+- A write never loses the part of a chunk it does not cover: whole absent chunks are simply
+  overwritten; an absent chunk the write covers only partly is fetched, and its uncovered
+  head or tail stored, before the write.  WRITE_ZEROES likewise.  TRIM is advisory: it
+  punches present chunks and whole absent chunks, and leaves partly covered absent chunks to
+  the remote's data (which is as good an answer as any after a trim).
+- Every chunk operation that may run while a chunk is absent holds that chunk's lock
+  (taken in ascending order: no deadlock), and re-checks presence once it holds it.  So
+  concurrent reads of one chunk fetch it once (the second finds it present), and a fetch
+  and a write of one chunk are ordered: a fetch can never overwrite a newer write.  Present
+  chunks never go absent again, so requests on present chunks take no lock at all.
+- The locked part of a request runs as its own task, shielded from cancellation: the thread
+  pool finishes a write whatever happens to the coroutine that asked for it, so a lock must
+  not be released before the write is really done.
+
+Durability — what survives what:
+
+- A bit written to the bitmap file with ``pwrite`` is in the page cache: it survives SIGKILL
+  of the agent (not a host crash).  Bits of chunks completed by a guest write (WRITE,
+  WRITE_ZEROES, TRIM of a whole chunk, and any write into a chunk fetched but not yet
+  synced) are written at once, after the data's ``pwrite``: an acknowledged write is never
+  re-fetched over after an agent restart.
+- Bits of chunks fetched from the remote (background copier and copy-on-read) are written only
+  after an ``fdatasync`` of the replica, in batches (``sync_batch`` chunks or
+  ``sync_interval`` seconds): such a chunk can always be fetched again, so a host crash just
+  re-fetches it, and never shows a present chunk whose data did not reach the disk.
+- FLUSH (and FUA, which is a write then a FLUSH) ``fdatasync``s the replica, then writes the
+  pending fetched bits, then ``fdatasync``s the bitmap: after a FLUSH every bit on disk has
+  its data on disk.
+- Between FLUSHes a host crash (not an agent crash) may leave the bit of a guest-written
+  chunk on disk without its data: the guest's unflushed write is lost, as on any disk, and
+  for a chunk first written partly, its fetched remainder too.  Agent crashes never.
+- A chunk never reads as present unless its data is in the replica: the in-memory bit is set
+  only after the data's ``pwrite`` returned.
+
+The background copier (``start_copier``) walks the absent chunks in order with a few workers
+(``copy_workers`` batches of ``copy_batch`` bytes in flight: enough to fill a LAN link, few
+enough that an on-demand fetch queued behind them on the same connection waits little),
+yields to on-demand fetches (it waits while any is pending), keeps an optional rate limit,
+and asks the remote's ``block_status`` which ranges are zeroes: those chunks are punched in
+the replica (a no-op on a fresh sparse file; it also clears anything a crash left between a
+data write and its bit) and marked present without any data crossing the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from devagent.agent.backend import Backend, BackendError, Extent, Local
+from devagent.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MAGIC = b"DAPRESNT"
+VERSION = 1
+_HEADER = struct.Struct(">8sHQI")
+HEADER_SIZE = 32
+#: Largest single read asked of the remote.
+FETCH_MAX = 8 << 20
+#: How far ahead one remote BLOCK_STATUS looks for the copier.
+STATUS_WINDOW = 1 << 30
+
+
+def presence_path(replica: str | Path) -> Path:
+    replica = Path(replica)
+    return replica.with_name(replica.name + ".present")
+
+
+class PresenceMap:
+    """One bit per chunk, twice: ``present`` (may be served from the replica) and ``durable``
+    (what the bitmap file holds; a subset of ``present``)."""
+
+    def __init__(self, path: Path, size: int, chunk_size: int, *, fresh: bool) -> None:
+        self.path = path
+        self.n_chunks = (size + chunk_size - 1) // chunk_size
+        n_bytes = (self.n_chunks + 7) // 8
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            header = os.pread(self._fd, HEADER_SIZE, 0)
+            if fresh or not header:
+                os.ftruncate(self._fd, 0)
+                packed = _HEADER.pack(MAGIC, VERSION, size, chunk_size)
+                os.pwrite(self._fd, packed.ljust(HEADER_SIZE, b"\0"), 0)
+                os.ftruncate(self._fd, HEADER_SIZE + n_bytes)
+                bits = bytes(n_bytes)
+            else:
+                if len(header) < _HEADER.size:
+                    raise UsageError(f"{path} is truncated")
+                magic, version, f_size, f_chunk = _HEADER.unpack_from(header)
+                if magic != MAGIC or version != VERSION:
+                    raise UsageError(f"{path} is not a presence bitmap of version {VERSION}")
+                if (f_size, f_chunk) != (size, chunk_size):
+                    raise UsageError(
+                        f"{path} is for {f_size} bytes in chunks of {f_chunk}, not {size} in "
+                        f"chunks of {chunk_size} (remove the replica and its bitmap to restart)"
+                    )
+                bits = os.pread(self._fd, n_bytes, HEADER_SIZE)
+                if len(bits) != n_bytes:
+                    raise UsageError(f"{path} is truncated")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self.present = bytearray(bits)
+        self.durable = bytearray(bits)
+        self.count = sum(bin(b).count("1") for b in bits)
+
+    def is_present(self, index: int) -> bool:
+        return bool(self.present[index >> 3] & (1 << (index & 7)))
+
+    def is_durable(self, index: int) -> bool:
+        return bool(self.durable[index >> 3] & (1 << (index & 7)))
+
+    def mark_present(self, chunks: Sequence[int]) -> None:
+        for index in chunks:
+            mask = 1 << (index & 7)
+            if not self.present[index >> 3] & mask:
+                self.present[index >> 3] |= mask
+                self.count += 1
+
+    def persist(self, chunks: Sequence[int]) -> None:
+        """Make these (present) bits durable: into the file at once (page cache)."""
+        lo, hi = len(self.durable), -1
+        for index in chunks:
+            byte, mask = index >> 3, 1 << (index & 7)
+            if self.present[byte] & mask and not self.durable[byte] & mask:
+                self.durable[byte] |= mask
+                lo, hi = min(lo, byte), max(hi, byte)
+        if hi >= lo:
+            os.pwrite(self._fd, self.durable[lo : hi + 1], HEADER_SIZE + lo)
+
+    def sync(self) -> None:
+        os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass
+class _Slot:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+class ChunkLocks:
+    """Per-chunk locks, made on demand and dropped when unused."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, _Slot] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, chunks: Sequence[int]) -> AsyncIterator[None]:
+        users: list[int] = []
+        acquired: list[int] = []
+        try:
+            for index in sorted(set(chunks)):
+                slot = self._slots.get(index)
+                if slot is None:
+                    slot = self._slots[index] = _Slot()
+                slot.users += 1
+                users.append(index)
+                await slot.lock.acquire()
+                acquired.append(index)
+            yield
+        finally:
+            for index in acquired:
+                self._slots[index].lock.release()
+            for index in users:
+                slot = self._slots[index]
+                slot.users -= 1
+                if not slot.users:
+                    del self._slots[index]
+
+
+class Pacer:
+    """Spaces out byte transfers to ``rate`` bytes per second on average."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise UsageError(f"rate limit must be positive, got {rate}")
+        self.rate = rate
+        self._clock = clock
+        self._sleep = sleep
+        self._next = 0.0
+
+    async def take(self, n: int) -> None:
+        """Wait for this transfer's turn: ``n`` bytes start now, the next ones after
+        ``n / rate`` seconds."""
+        now = self._clock()
+        start = max(now, self._next)
+        self._next = start + n / self.rate
+        if start > now:
+            await self._sleep(start - now)
+
+
+def _runs(chunks: Sequence[int]) -> Iterator[tuple[int, int]]:
+    """Sorted chunk indexes as (first, last) runs of consecutive ones."""
+    first = last = -2
+    for index in sorted(chunks):
+        if index != last + 1:
+            if last >= 0:
+                yield first, last
+            first = index
+        last = index
+    if last >= 0:
+        yield first, last
+
+
+class _EarlyRead:
+    """A read's range, answered from the first fetched piece that holds all of it."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+        self.future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def offer(self, start: int, data: bytes | bytearray) -> None:
+        skip = self.offset - start
+        if not self.future.done() and skip >= 0 and skip + self.length <= len(data):
+            self.future.set_result(bytes(data[skip : skip + self.length]))
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """The read was answered already; a store that failed after it leaves its chunks absent
+    (fetched again next time) and a log line."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("storing fetched chunks failed: %s", task.exception())
+
+
+class Fetch(Backend):
+    """A replica file filled from ``remote`` on demand and in the background."""
+
+    def __init__(
+        self,
+        replica_path: str | Path,
+        remote: Backend,
+        *,
+        chunk_size: int = 64 * 1024,
+        rate_limit: float | None = None,
+        copy_workers: int = 2,
+        copy_batch: int = 1 << 20,
+        sync_batch: int = 256,
+        sync_interval: float = 1.0,
+    ) -> None:
+        if chunk_size < 4096 or chunk_size & (chunk_size - 1) or chunk_size > FETCH_MAX:
+            raise UsageError(f"chunk size must be a power of two in 4 KiB..8 MiB: {chunk_size}")
+        self.path = Path(replica_path)
+        self.remote = remote
+        self.chunk_size = chunk_size
+        self._size = remote.size
+        self.copy_workers = max(1, copy_workers)
+        self._batch_chunks = max(1, copy_batch // chunk_size)
+        self.sync_batch = sync_batch
+        self.sync_interval = sync_interval
+        self._pacer = Pacer(rate_limit) if rate_limit else None
+        self.rate_limit = rate_limit
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        if fresh:
+            with self.path.open("wb") as f:
+                f.truncate(self._size)
+        elif self.path.stat().st_size != self._size:
+            raise UsageError(
+                f"replica {self.path} is {self.path.stat().st_size} bytes, the remote {self._size}"
+            )
+        self._map = PresenceMap(presence_path(self.path), self._size, chunk_size, fresh=fresh)
+        self._local = Local(self.path)
+        self._locks = ChunkLocks()
+        self._demand = 0
+        self._demand_idle = asyncio.Event()
+        self._demand_idle.set()
+        self._unsynced: set[int] = set()
+        self._sync_lock = asyncio.Lock()
+        self._sync_task: asyncio.Task[None] | None = None
+        self._sync_timer: asyncio.TimerHandle | None = None
+        self._all_present = asyncio.Event()
+        if self._map.count == self._map.n_chunks:
+            self._all_present.set()
+        self._jobs: set[asyncio.Task[Any]] = set()
+        self._copier: asyncio.Task[None] | None = None
+        self._cursor = 0
+        self._status_lock = asyncio.Lock()
+        self._status: list[tuple[int, int, bool]] = []  # (start, end, zero) from the remote
+        self._closed = False
+        self.fetched_on_demand = 0
+        self.fetched_in_background = 0
+        self.skipped_as_zero = 0
+        self.log = log.getChild(self.path.name)
+        self.log.info(
+            "replica %s of %r: %d of %d chunks present%s",
+            self.path,
+            remote,
+            self._map.count,
+            self._map.n_chunks,
+            " (new)" if fresh else "",
+        )
+
+    def __repr__(self) -> str:
+        return f"Fetch({str(self.path)!r}, {self.remote!r})"
+
+    # -- progress --------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def complete(self) -> bool:
+        return self._map.count == self._map.n_chunks
+
+    @property
+    def present_bytes(self) -> int:
+        n = self._map.n_chunks
+        if not n:
+            return 0
+        total = self._map.count * self.chunk_size
+        if self._map.is_present(n - 1):
+            total -= n * self.chunk_size - self._size
+        return total
+
+    @property
+    def copier_running(self) -> bool:
+        return self._copier is not None and not self._copier.done()
+
+    async def settle(self) -> None:
+        """Return once the locked work under way has ended (a read answered early may still
+        be storing its chunks)."""
+        while self._jobs:
+            await asyncio.gather(*list(self._jobs), return_exceptions=True)
+
+    async def wait_complete(self) -> None:
+        """Return once every chunk is present and durable (replica and bitmap synced)."""
+        await self._all_present.wait()
+        await self.flush()
+
+    def status(self) -> dict[str, Any]:
+        remote_status = getattr(self.remote, "status", None)
+        return {
+            "kind": "fetch",
+            "path": str(self.path),
+            "size": self._size,
+            "chunk_size": self.chunk_size,
+            "present_bytes": self.present_bytes,
+            "complete": self.complete,
+            "fetched_on_demand_bytes": self.fetched_on_demand,
+            "fetched_in_background_bytes": self.fetched_in_background,
+            "skipped_as_zero_bytes": self.skipped_as_zero,
+            "copier": self.copier_running,
+            "rate_limit": self.rate_limit,
+            "remote": remote_status() if callable(remote_status) else repr(self.remote),
+        }
+
+    # -- chunk arithmetic --------------------------------------------------------------------
+
+    def _span(self, index: int) -> tuple[int, int]:
+        start = index * self.chunk_size
+        return start, min(start + self.chunk_size, self._size)
+
+    def _chunks(self, offset: int, length: int) -> range:
+        if length <= 0:
+            return range(0)
+        return range(offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1)
+
+    def _absent(self, offset: int, length: int) -> list[int]:
+        if self._all_present.is_set():
+            return []
+        return [c for c in self._chunks(offset, length) if not self._map.is_present(c)]
+
+    def _covers(self, index: int, offset: int, length: int) -> bool:
+        start, end = self._span(index)
+        return offset <= start and end <= offset + length
+
+    # -- marking -----------------------------------------------------------------------------
+
+    def _mark_fetched(self, chunks: Sequence[int]) -> None:
+        """Fetched data is in the replica: serve it now, persist its bits after a sync."""
+        self._map.mark_present(chunks)
+        self._unsynced.update(chunks)
+        self._after_mark()
+        if len(self._unsynced) >= self.sync_batch:
+            self._kick_sync()
+        elif self._sync_timer is None and self._unsynced:
+            loop = asyncio.get_running_loop()
+            self._sync_timer = loop.call_later(self.sync_interval, self._kick_sync)
+
+    def _mark_written(self, chunks: Sequence[int]) -> None:
+        """A guest write completed these chunks: persist their bits at once."""
+        self._map.mark_present(chunks)
+        self._persist(chunks)
+        self._after_mark()
+
+    def _persist(self, chunks: Sequence[int]) -> None:
+        self._map.persist(chunks)
+        self._unsynced.difference_update(chunks)
+
+    def _persist_written(self, offset: int, length: int) -> None:
+        """A write went to present chunks; any whose bit still waits for a sync gets it now."""
+        if self._unsynced:
+            waiting = [c for c in self._chunks(offset, length) if c in self._unsynced]
+            if waiting:
+                self._persist(waiting)
+
+    def _after_mark(self) -> None:
+        if self.complete and not self._all_present.is_set():
+            self._all_present.set()
+            self.log.info("replica %s is complete (%d bytes)", self.path, self._size)
+
+    def _kick_sync(self) -> None:
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
+        if self._sync_task is None or self._sync_task.done():
+            self._sync_task = asyncio.create_task(self._sync_quietly())
+
+    async def _sync_quietly(self) -> None:
+        try:
+            await self._sync_fetched()
+        except BackendError as err:
+            self.log.warning("syncing the replica failed: %s (will retry)", err)
+            if self._sync_timer is None and not self._closed:
+                loop = asyncio.get_running_loop()
+                self._sync_timer = loop.call_later(self.sync_interval, self._kick_sync)
+
+    async def _sync_fetched(self, *, bitmap_too: bool = False) -> None:
+        """fdatasync the replica, then persist the bits of the chunks fetched before it."""
+        async with self._sync_lock:
+            pending = list(self._unsynced)
+            if pending or bitmap_too:
+                await self._local.flush()
+                self._persist(pending)
+            if bitmap_too:
+                await asyncio.to_thread(self._map.sync)
+
+    # -- running locked work safely ----------------------------------------------------------
+
+    async def _guarded(self, work: Awaitable[T]) -> T:
+        """Run ``work`` (which holds chunk locks) to its end even if our caller is cancelled."""
+        task = asyncio.ensure_future(work)
+        self._jobs.add(task)
+        task.add_done_callback(self._job_done)
+        return await asyncio.shield(task)
+
+    def _job_done(self, task: asyncio.Task[Any]) -> None:
+        self._jobs.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the awaiting caller, if any, got it too
+
+    @contextlib.contextmanager
+    def _on_demand(self) -> Iterator[None]:
+        """Count an on-demand fetch: the copier waits while any is pending."""
+        self._demand += 1
+        self._demand_idle.clear()
+        try:
+            yield
+        finally:
+            self._demand -= 1
+            if not self._demand:
+                self._demand_idle.set()
+
+    async def _fetch_store(self, chunks: Sequence[int], early: _EarlyRead | None = None) -> int:
+        """Copy ``chunks`` (locked, absent) from the remote into the replica; bytes moved.
+        ``early`` gets its bytes as soon as a fetched piece holds them all."""
+
+        async def one(start: int, end: int) -> int:
+            data = await self.remote.read(start, end - start)
+            if early is not None:
+                early.offer(start, data)
+            await self._local.write(start, bytes(data))
+            return end - start
+
+        pieces: list[tuple[int, int]] = []
+        for first, last in _runs(chunks):
+            start, end = self._span(first)[0], self._span(last)[1]
+            for pos in range(start, end, FETCH_MAX):
+                pieces.append((pos, min(pos + FETCH_MAX, end)))
+        results = await asyncio.gather(*(one(s, e) for s, e in pieces), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return sum(r for r in results if isinstance(r, int))
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def read_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
+        if self._absent(offset, length):
+            return None
+        return self._local.read_nowait(offset, length)
+
+    def write_nowait(self, offset: int, data: bytes) -> bool:
+        """Inline only where every chunk is present with its bit durable already (nothing to
+        persist after the write)."""
+        chunks = self._chunks(offset, len(data))
+        if self._absent(offset, len(data)) or (
+            self._unsynced and any(c in self._unsynced for c in chunks)
+        ):
+            return False
+        return self._local.write_nowait(offset, data)
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Copy-on-read.  The answer leaves as soon as the remote's bytes are here: storing
+        them goes on under the chunks' locks, so anything after this read is ordered after
+        the store."""
+        absent = self._absent(offset, length)
+        if not absent:
+            return await self._local.read(offset, length)
+        early = _EarlyRead(offset, length)
+        job = asyncio.ensure_future(self._guarded(self._fill(absent, early)))
+        racing: set[asyncio.Future[Any]] = {early.future, job}
+        try:
+            await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            job.cancel()  # only our wait on the guarded work: the work itself goes on
+            raise
+        if early.future.done():
+            job.add_done_callback(_retrieve)
+            return early.future.result()
+        await job
+        return await self._local.read(offset, length)
+
+    async def _fill(self, chunks: Sequence[int], early: _EarlyRead | None = None) -> None:
+        with self._on_demand():
+            async with self._locks.hold(chunks):
+                missing = [c for c in chunks if not self._map.is_present(c)]
+                if missing:
+                    if early is not None and len(missing) != len(chunks):
+                        early = None  # part of the range is in the replica already
+                    moved = await self._fetch_store(missing, early)
+                    self.fetched_on_demand += moved
+                    self._mark_fetched(missing)
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        absent = self._absent(offset, len(data))
+        if absent:
+            await self._guarded(
+                self._overwrite(offset, len(data), absent, lambda: self._local.write(offset, data))
+            )
+        else:
+            await self._local.write(offset, data)
+            self._persist_written(offset, len(data))
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
+        def zero() -> Awaitable[None]:
+            return self._local.write_zeroes(offset, length, may_trim)
+
+        absent = self._absent(offset, length)
+        if absent:
+            await self._guarded(self._overwrite(offset, length, absent, zero))
+        else:
+            await zero()
+            self._persist_written(offset, length)
+
+    async def _overwrite(
+        self, offset: int, length: int, absent: Sequence[int], op: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Run ``op`` (which writes [offset, offset+length)) over ``absent`` chunks, first
+        storing the parts of partly covered ones that ``op`` does not write."""
+        partial = [c for c in absent if not self._covers(c, offset, length)]
+        with self._on_demand() if partial else contextlib.nullcontext():
+            async with self._locks.hold(absent):
+                still = [c for c in absent if not self._map.is_present(c)]
+                await asyncio.gather(
+                    *(
+                        self._store_uncovered(c, offset, length)
+                        for c in still
+                        if not self._covers(c, offset, length)
+                    )
+                )
+                await op()
+                self._mark_written(still)
+                self._persist_written(offset, length)
+
+    async def _store_uncovered(self, index: int, offset: int, length: int) -> None:
+        start, end = self._span(index)
+        data = await self.remote.read(start, end - start)
+        self.fetched_on_demand += end - start
+        if start < offset:
+            await self._local.write(start, bytes(data[: offset - start]))
+        if offset + length < end:
+            await self._local.write(offset + length, bytes(data[offset + length - start :]))
+
+    async def trim(self, offset: int, length: int) -> None:
+        absent = self._absent(offset, length)
+        if not absent:
+            await self._local.trim(offset, length)
+            self._persist_written(offset, length)
+            return
+        await self._guarded(self._trim_locked(offset, length, absent))
+
+    async def _trim_locked(self, offset: int, length: int, absent: Sequence[int]) -> None:
+        async with self._locks.hold(absent):
+            # punch present chunks and whole absent ones; partly covered absent ones keep
+            # the remote's data (a trimmed range may read back as anything)
+            targets = [
+                c
+                for c in self._chunks(offset, length)
+                if self._map.is_present(c) or self._covers(c, offset, length)
+            ]
+            for first, last in _runs(targets):
+                start = max(offset, self._span(first)[0])
+                end = min(offset + length, self._span(last)[1])
+                await self._local.trim(start, end - start)
+            chosen = set(targets)
+            whole = [c for c in absent if not self._map.is_present(c) and c in chosen]
+            self._mark_written(whole)
+            self._persist_written(offset, length)
+
+    async def flush(self) -> None:
+        await self._sync_fetched(bitmap_too=True)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        """From the replica where present, from the remote where absent (possibly shorter
+        than asked when the remote answers short)."""
+        out: list[Extent] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            index = pos // self.chunk_size
+            present = self._map.is_present(index)
+            stop = self._span(index)[1]
+            while stop < end and self._map.is_present(stop // self.chunk_size) == present:
+                stop = self._span(stop // self.chunk_size)[1]
+            stop = min(stop, end)
+            source: Backend = self._local if present else self.remote
+            extents = await source.block_status(pos, stop - pos)
+            got = 0
+            for extent in extents:
+                take = min(extent.length, stop - pos - got)
+                if take <= 0:
+                    break
+                out.append(Extent(take, extent.hole, extent.zero))
+                got += take
+            if got < stop - pos:
+                break
+            pos = stop
+        return out
+
+    # -- the background copier ---------------------------------------------------------------
+
+    def start_copier(self) -> None:
+        if self._closed or self.copier_running:
+            return
+        self._copier = asyncio.create_task(self._copy())
+
+    async def stop_copier(self) -> None:
+        copier, self._copier = self._copier, None
+        if copier is not None and not copier.done():
+            copier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await copier
+
+    async def _copy(self) -> None:
+        started = time.monotonic()
+        before = self.fetched_in_background
+        self._cursor = 0
+        workers = [asyncio.create_task(self._copy_worker()) for _ in range(self.copy_workers)]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+        await self._sync_fetched(bitmap_too=True)
+        took = time.monotonic() - started
+        moved = self.fetched_in_background - before
+        self.log.info(
+            "copier done in %.2f s: %d bytes fetched (%.1f MB/s), %d skipped as zero",
+            took,
+            moved,
+            moved / took / 1e6 if took > 0 else 0.0,
+            self.skipped_as_zero,
+        )
+
+    def _next_batch(self) -> list[int] | None:
+        n = self._map.n_chunks
+        index = self._cursor
+        while index < n and self._map.is_present(index):
+            index += 1
+        batch: list[int] = []
+        while index < n and len(batch) < self._batch_chunks and not self._map.is_present(index):
+            batch.append(index)
+            index += 1
+        self._cursor = index
+        return batch or None
+
+    async def _copy_worker(self) -> None:
+        while True:
+            await self._demand_idle.wait()
+            batch = self._next_batch()
+            if batch is None:
+                return
+            delay = 0.05
+            while True:
+                try:
+                    await self._guarded(self._copy_batch(batch))
+                    break
+                except BackendError as err:
+                    self.log.warning(
+                        "copier: chunks %d..%d: %s (retrying in %.2f s)",
+                        batch[0],
+                        batch[-1],
+                        err,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+    async def _copy_batch(self, batch: Sequence[int]) -> None:
+        zero = set(await self._zero_chunks(batch))
+        data_bytes = sum(
+            self._span(c)[1] - self._span(c)[0]
+            for c in batch
+            if c not in zero and not self._map.is_present(c)
+        )
+        if self._pacer is not None and data_bytes:
+            await self._pacer.take(data_bytes)
+        await self._demand_idle.wait()
+        async with self._locks.hold(batch):
+            missing = [c for c in batch if not self._map.is_present(c)]
+            if not missing:
+                return
+            fetch = [c for c in missing if c not in zero]
+            for first, last in _runs([c for c in missing if c in zero]):
+                start, end = self._span(first)[0], self._span(last)[1]
+                await self._local.write_zeroes(start, end - start, True)
+                self.skipped_as_zero += end - start
+            if fetch:
+                moved = await self._fetch_store(fetch)
+                self.fetched_in_background += moved
+            self._mark_fetched(missing)
+
+    async def _zero_chunks(self, batch: Sequence[int]) -> list[int]:
+        """The chunks of ``batch`` that the remote reports as reading zeroes."""
+        start, end = self._span(batch[0])[0], self._span(batch[-1])[1]
+        async with self._status_lock:
+            known_from = self._status[0][0] if self._status else 0
+            known_to = self._status[-1][1] if self._status else 0
+            if not (known_from <= start and end <= known_to):
+                try:
+                    extents = await self.remote.block_status(
+                        start, min(STATUS_WINDOW, self._size - start)
+                    )
+                except BackendError as err:
+                    self.log.debug("remote block status failed: %s", err)
+                    extents = []
+                self._status = []
+                pos = start
+                for extent in extents:
+                    self._status.append((pos, pos + extent.length, extent.zero))
+                    pos += extent.length
+            zeros = [(s, e) for s, e, z in self._status if z and e > start and s < end]
+        out = []
+        for index in batch:
+            c_start, c_end = self._span(index)
+            if any(s <= c_start and c_end <= e for s, e in zeros):
+                out.append(index)
+        return out
+
+    # -- closing -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop the copier, let locked work end, persist what is synced, close everything
+        (the remote too)."""
+        if self._closed:
+            return
+        self._closed = True
+        await self.stop_copier()
+        await self.remote.close()  # pending fetches fail at once instead of waiting
+        if self._jobs:
+            await asyncio.gather(*list(self._jobs), return_exceptions=True)
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
+        if self._sync_task is not None:
+            await asyncio.gather(self._sync_task, return_exceptions=True)
+        try:
+            await self._sync_fetched(bitmap_too=True)
+        except BackendError as err:
+            self.log.warning("final sync of %s failed: %s", self.path, err)
+        await self._local.close()
+        self._map.close()
+        self.log.info("closed: %d of %d bytes present", self.present_bytes, self._size)

@@ -1,0 +1,390 @@
+"""Backend specs, the agent process with a spec (in process and as `agent serve
+--backend-json`), the control API's POST /swap and backend_status, then_local."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from devagent.agent.agent import BlockAgent
+from devagent.agent.backend import Local
+from devagent.agent.fetch import Fetch
+from devagent.agent.remote import Remote
+from devagent.agent.serve import serve
+from devagent.agent.spec import check_spec, open_backend
+from devagent.errors import UsageError
+from devagent.nbd.client import NbdClient
+
+SIZE = 4 << 20
+
+
+async def until(condition: Callable[[], bool], what: str = "condition") -> None:
+    """Poll until ``condition()`` holds; a hang guard (30 s), not a timing assertion."""
+    for _ in range(3000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{what} never became true")
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    path = tmp_path / "source.img"
+    path.write_bytes(random.Random(11).randbytes(SIZE))
+    return path
+
+
+@pytest.fixture
+async def source_agent(source: Path) -> AsyncIterator[int]:
+    agent = BlockAgent(Local(source, read_only=True), "src")
+    _, port = await agent.listen_tcp("127.0.0.1", 0)
+    try:
+        yield port
+    finally:
+        await agent.stop()
+
+
+def test_specs_are_validated_with_clear_errors() -> None:
+    local = check_spec({"kind": "local", "path": "/x"})
+    assert local == {"kind": "local", "path": "/x", "read_only": False}
+    fetch = check_spec(
+        {"kind": "fetch", "path": "/r", "remote": {"kind": "remote", "address": "tcp:h:1"}}
+    )
+    assert fetch["chunk_size"] == 65536 and fetch["copier"] and not fetch["then_local"]
+    assert fetch["remote"]["io_timeout"] == 120.0 and fetch["remote"]["export"] == ""
+    bad: list[tuple[Any, str]] = [
+        ([], "JSON object"),
+        ({"kind": "nfs"}, "'kind' must be one of"),
+        ({"kind": "local"}, "needs 'path'"),
+        ({"kind": "local", "path": "/x", "colour": 1}, "unknown field"),
+        ({"kind": "local", "path": 3}, "wrong type"),
+        ({"kind": "remote", "address": "10.0.0.1:1"}, "tcp:HOST:PORT"),
+        (
+            {
+                "kind": "fetch",
+                "path": "/r",
+                "remote": {"kind": "local", "path": "/x"},
+                "copy_workers": 0,
+            },
+            "copy_workers",
+        ),
+        (
+            {
+                "kind": "fetch",
+                "path": "/r",
+                "remote": {"kind": "local", "path": "/x"},
+                "rate_limit": -1,
+            },
+            "rate_limit",
+        ),
+        ({"kind": "remote", "address": "tcp:h:1", "io_timeout": True}, "expected a number"),
+        ({"kind": "remote", "address": "tcp:h:1", "io_timeout": 0}, "positive"),
+        ({"kind": "fetch", "path": "/r", "remote": {"kind": "local"}}, "backend.remote"),
+        (
+            {
+                "kind": "fetch",
+                "path": "/r",
+                "remote": {"kind": "local", "path": "/x"},
+                "chunk_size": 5000,
+            },
+            "power of two",
+        ),
+        (
+            {
+                "kind": "fetch",
+                "path": "/r",
+                "remote": {
+                    "kind": "fetch",
+                    "path": "/s",
+                    "remote": {"kind": "local", "path": "/x"},
+                },
+            },
+            "cannot fetch from a fetch",
+        ),
+    ]
+    for spec, message in bad:
+        with pytest.raises(UsageError, match=message):
+            check_spec(spec)
+
+
+async def test_open_backend_opens_each_kind(
+    source: Path, source_agent: int, tmp_path: Path
+) -> None:
+    local = await open_backend({"kind": "local", "path": str(source), "read_only": True})
+    assert isinstance(local, Local) and local.read_only and local.size == SIZE
+    await local.close()
+    remote = await open_backend(
+        {"kind": "remote", "address": f"tcp:127.0.0.1:{source_agent}", "export": "src"}
+    )
+    assert isinstance(remote, Remote) and remote.size == SIZE
+    await remote.close()
+    spec = {
+        "kind": "fetch",
+        "path": str(tmp_path / "r.img"),
+        "remote": {"kind": "remote", "address": f"tcp:127.0.0.1:{source_agent}", "export": "src"},
+    }
+    fetch = await open_backend(spec)
+    try:
+        assert isinstance(fetch, Fetch) and fetch.copier_running
+        await fetch.wait_complete()
+        assert (tmp_path / "r.img").read_bytes() == source.read_bytes()
+    finally:
+        await fetch.close()
+
+
+async def control(sock: Path, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    connector = aiohttp.UnixConnector(path=str(sock))
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.request(method, f"http://agent{path}", json=body) as response,
+    ):
+        return response.status, await response.json()
+
+
+async def test_swap_through_the_control_api_then_local(
+    source: Path, source_agent: int, tmp_path: Path
+) -> None:
+    start = tmp_path / "start.img"
+    start.write_bytes(bytes(SIZE))
+    sock, ctl = tmp_path / "a.sock", tmp_path / "a.ctl"
+    stop = asyncio.Event()
+    ready: list[BlockAgent] = []
+    task = asyncio.create_task(
+        serve(start, unix=sock, name="disk", control=ctl, stop=stop, on_ready=ready.append)
+    )
+    try:
+        await until(lambda: bool(ready), "the agent")
+        status, body = await control(ctl, "GET", "/status")
+        assert body["backend_status"] == {"kind": "local", "path": str(start), "read_only": False}
+        replica = tmp_path / "replica.img"
+        remote_spec = {"kind": "remote", "address": f"tcp:127.0.0.1:{source_agent}"}
+        fetch_spec = {
+            "kind": "fetch",
+            "path": str(replica),
+            "remote": {**remote_spec, "export": "src"},
+            "rate_limit": 8 << 20,
+            "then_local": True,
+        }
+        status, body = await control(ctl, "POST", "/swap", {"backend": {"kind": "nfs"}})
+        assert status == 400 and "kind" in body["error"]
+        small = tmp_path / "small.img"
+        small.write_bytes(bytes(4096))
+        status, body = await control(
+            ctl, "POST", "/swap", {"backend": {"kind": "local", "path": str(small)}}
+        )
+        assert status == 400 and "bytes" in body["error"]
+        status, body = await control(ctl, "POST", "/swap", {"backend": fetch_spec})
+        assert status == 200, body
+        assert body["old"] == f"Local({str(start)!r})"
+        assert "Fetch" in body["new"] and body["hold_s"] >= 0
+        async with await NbdClient.connect(unix=sock, export="disk") as client:
+            assert await client.read(SIZE - 8192, 8192) == source.read_bytes()[-8192:]
+            _, body = await control(ctl, "GET", "/status")
+            seen = body["backend_status"]
+            assert seen["kind"] in ("fetch", "local")  # it may already have finished
+            if seen["kind"] == "fetch":
+                assert seen["size"] == SIZE and seen["remote"]["connected"] is True
+            for _ in range(3000):  # then_local: the agent swaps itself to Local(replica)
+                _, body = await control(ctl, "GET", "/status")
+                if body["backend_status"]["kind"] == "local":
+                    break
+                await asyncio.sleep(0.01)
+            assert body["backend_status"] == {
+                "kind": "local",
+                "path": str(replica),
+                "read_only": False,
+            }
+            assert await client.read(0, SIZE) == source.read_bytes()
+            await client.write(0, b"\x99" * 4096)  # the replica is now the disk
+        assert replica.read_bytes()[:4096] == b"\x99" * 4096
+        assert source.read_bytes()[:4096] != b"\x99" * 4096
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert not sock.exists() and not ctl.exists()
+
+
+async def test_serve_needs_an_image_or_a_spec(tmp_path: Path, source: Path) -> None:
+    with pytest.raises(UsageError):
+        await serve(unix=tmp_path / "s")
+    with pytest.raises(UsageError):
+        await serve(source, backend_spec={"kind": "local", "path": str(source)}, unix="s")
+
+
+@pytest.fixture
+async def cli_agent() -> AsyncIterator[Callable[..., Any]]:
+    procs: list[asyncio.subprocess.Process] = []
+
+    async def start(*args: str) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "devagent.cli.agent_cmd", "serve", *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+async def test_agent_serve_backend_json_with_a_real_client(
+    source: Path, source_agent: int, tmp_path: Path, cli_agent: Callable[..., Any]
+) -> None:
+    sock, ctl, replica = tmp_path / "f.sock", tmp_path / "f.ctl", tmp_path / "replica.img"
+    spec = {
+        "kind": "fetch",
+        "path": str(replica),
+        "remote": {"kind": "remote", "address": f"tcp:127.0.0.1:{source_agent}", "export": "src"},
+        "copier": False,
+        "then_local": True,
+    }
+    bad = await cli_agent("--backend-json", "{nope", "--unix", str(sock))
+    _, err = await asyncio.wait_for(bad.communicate(), 30)
+    assert bad.returncode == 2 and b"--backend-json" in err
+    proc = await cli_agent(
+        *("--backend-json", json.dumps(spec), "--unix", str(sock), "--control", str(ctl)),
+        *("--name", "disk"),
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert b"listening on unix:" in line, line
+    await until(ctl.exists, "the control socket")
+    out = tmp_path / "copy.img"
+    # nbdcopy reads it all through the agent: every chunk arrives by copy-on-read
+    nbdcopy = await asyncio.create_subprocess_exec(
+        "nbdcopy", f"nbd+unix:///disk?socket={sock}", str(out)
+    )
+    assert await asyncio.wait_for(nbdcopy.wait(), 60) == 0
+    assert out.read_bytes() == source.read_bytes()
+    for _ in range(3000):
+        _, body = await control(ctl, "GET", "/status")
+        if body["backend_status"]["kind"] == "local":
+            break
+        await asyncio.sleep(0.01)
+    assert body["backend_status"]["path"] == str(replica)
+    assert replica.read_bytes() == source.read_bytes()
+    os.kill(proc.pid, signal.SIGTERM)
+    assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert not sock.exists()
+
+
+async def qemu_io(uri: str, *commands: str) -> None:
+    args = [a for command in commands for a in ("-c", command)]
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-io", "-f", "raw", *args, uri, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0 and b"Pattern verification failed" not in out, out
+
+
+async def test_a_fetch_agent_killed_and_restarted_keeps_every_acknowledged_write(
+    source: Path, source_agent: int, tmp_path: Path, cli_agent: Callable[..., Any]
+) -> None:
+    sock, replica = tmp_path / "k.sock", tmp_path / "replica.img"
+    spec = json.dumps(
+        {
+            "kind": "fetch",
+            "path": str(replica),
+            "remote": {
+                "kind": "remote",
+                "address": f"tcp:127.0.0.1:{source_agent}",
+                "export": "src",
+            },
+            "copier": False,
+        }
+    )
+    uri = f"nbd+unix:///disk?socket={sock}"
+    writes = ("write -P 0x5a 70000 3000", "write -P 0x6b 1M 64k", "write -P 0x7c 2000000 200000")
+    checks = ("read -P 0x5a 70000 3000", "read -P 0x6b 1M 64k", "read -P 0x7c 2000000 200000")
+    first = await cli_agent("--backend-json", spec, "--unix", str(sock), "--name", "disk")
+    assert first.stdout is not None
+    await asyncio.wait_for(first.stdout.readline(), 30)
+    await qemu_io(uri, "read 3M 64k", *writes)  # no flush: only the page cache has them
+    first.kill()  # SIGKILL: no final sync, no bitmap write at exit
+    await first.wait()
+    second = await cli_agent("--backend-json", spec, "--unix", str(sock), "--name", "disk")
+    assert second.stdout is not None
+    await asyncio.wait_for(second.stdout.readline(), 30)
+    await qemu_io(uri, *checks)
+    # the bytes around the partial writes are still the source's
+    expected = bytearray(source.read_bytes())
+    expected[70000:73000] = b"\x5a" * 3000
+    expected[1 << 20 : (1 << 20) + 65536] = b"\x6b" * 65536
+    expected[2000000:2200000] = b"\x7c" * 200000
+    copy = tmp_path / "copy.img"
+    nbdcopy = await asyncio.create_subprocess_exec("nbdcopy", uri, str(copy))
+    assert await asyncio.wait_for(nbdcopy.wait(), 60) == 0
+    assert copy.read_bytes() == expected
+    second.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(second.wait(), 30) == 0
+
+
+async def test_swap_a_local_disk_for_a_remote_one_under_a_client(tmp_path: Path) -> None:
+    """Remote device access: an agent re-pointed from a local file to another agent's disk
+    while a client keeps writing; every write lands where the backend was at its time."""
+    far = tmp_path / "far.img"
+    far.write_bytes(bytes(SIZE))
+    far_agent = BlockAgent(Local(far), "far")
+    _, port = await far_agent.listen_tcp("127.0.0.1", 0)
+    near = tmp_path / "near.img"
+    near.write_bytes(bytes(SIZE))
+    sock, ctl = tmp_path / "n.sock", tmp_path / "n.ctl"
+    stop = asyncio.Event()
+    ready: list[BlockAgent] = []
+    task = asyncio.create_task(
+        serve(near, unix=sock, name="disk", control=ctl, stop=stop, on_ready=ready.append)
+    )
+    try:
+        await until(lambda: bool(ready), "the agent")
+        async with await NbdClient.connect(unix=sock, export="disk") as client:
+            swapped = asyncio.Event()
+            written: list[tuple[int, bool]] = []
+
+            async def writer() -> None:
+                for i in range(200):
+                    after = swapped.is_set()
+                    await client.write(i * 4096, bytes([i + 1]) * 4096)
+                    written.append((i, after))
+                    await asyncio.sleep(0)
+
+            writing = asyncio.create_task(writer())
+            await until(lambda: len(written) >= 20, "writes before the swap")
+            spec = {"kind": "remote", "address": f"tcp:127.0.0.1:{port}", "export": "far"}
+            status, body = await control(ctl, "POST", "/swap", {"backend": spec})
+            swapped.set()
+            assert status == 200, body
+            await writing
+            _, body = await control(ctl, "GET", "/status")
+            assert body["backend_status"]["kind"] == "remote"
+            assert body["backend_status"]["connected"] is True
+        near_data, far_data = near.read_bytes(), far.read_bytes()
+        for i, after in written:
+            block = bytes([i + 1]) * 4096
+            here, there = near_data[i * 4096 : (i + 1) * 4096], far_data[i * 4096 : (i + 1) * 4096]
+            if after:  # sent once the swap had answered: on the far disk only
+                assert there == block and here == bytes(4096)
+            else:  # sent before or during the swap: on exactly one of them
+                assert (here, there) in ((block, bytes(4096)), (bytes(4096), block))
+        assert far_data[199 * 4096 : 200 * 4096] == bytes([200]) * 4096
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await far_agent.stop()
