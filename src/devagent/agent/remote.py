@@ -207,10 +207,8 @@ class Remote(Backend):
 
     async def _watch(self, client: NbdClient) -> None:
         """Notice a dropped connection even when no request is in flight."""
-        # NbdClient offers no public "closed" awaitable yet: its reader task ends on EOF.
-        reader: asyncio.Task[None] = client._task
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait([reader])
+            await client.wait_closed()
             self._lost(client, PeerError("the peer closed the connection"))
 
     def _lost(self, client: NbdClient, err: BaseException) -> None:
@@ -395,5 +393,4 @@ async def _close_quietly(client: NbdClient) -> None:
     try:
         await asyncio.wait_for(client.close(), CLOSE_GRACE)
     except (TimeoutError, OSError, PeerError):
-        writer: asyncio.StreamWriter = client._writer
-        writer.transport.abort()
+        client.abort()

@@ -180,6 +180,14 @@ class NbdClient:
         done = await self.call(Command.BLOCK_STATUS, offset, length, flags=flags)
         return done.extents or []
 
+    async def wait_closed(self) -> None:
+        """Return once the connection is gone (the peer closed it, or :meth:`close`)."""
+        await asyncio.wait([self._task])
+
+    def abort(self) -> None:
+        """Drop the socket at once, without a polite NBD_CMD_DISC."""
+        self._writer.transport.abort()
+
     async def close(self) -> None:
         """Soft disconnect (NBD_CMD_DISC) and close the socket."""
         if self._closed_error is None:
