@@ -8,6 +8,10 @@ agent without ever sitting in the data path.
     GET  /completions?since=T     wall-clock times of the completions after T
     POST /swap {"backend": SPEC}  open SPEC (see ``agent.spec``), make it the agent's backend
                                   (quiesce, switch, resume), close the old one
+    POST /mirror                  {"target": SPEC, "sync", "converge_bytes", "rate_limit"}:
+                                  mirror the device to another backend under the guest
+    POST /mirror/cutover          once converged: last copy with I/O held, switch to target
+    POST /mirror/cancel           stop mirroring, keep serving the source
     POST /stop                    stop serving (answer or fail every request), then exit
 
 A quiesce that nobody resumes is resumed by the agent itself after ``max_hold_s``, so a
@@ -27,6 +31,7 @@ from typing import Any
 from aiohttp import web
 
 from devagent.agent.agent import BlockAgent
+from devagent.agent.mirror import Mirrored, cutover
 from devagent.agent.spec import Duties, backend_status, check_spec, open_backend
 from devagent.errors import DevagentError, StateError, UsageError
 
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 AGENT_KEY = web.AppKey("agent", BlockAgent)
 STOP_KEY = web.AppKey("stop", asyncio.Event)
 HOLD_KEY = web.AppKey("hold", dict)
+MIRROR_KEY = web.AppKey("mirror", dict)
 DUTIES_KEY = web.AppKey("duties", Duties)
 MAX_HOLD_S = 30.0
 
@@ -131,6 +137,88 @@ async def _swap(request: web.Request) -> web.Response:
     return web.json_response({"old": repr(old), "new": repr(new), "hold_s": round(hold_s, 6)})
 
 
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise UsageError("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise UsageError("the body must be a JSON object")
+    return body
+
+
+async def _mirror(request: web.Request) -> web.Response:
+    """Start mirroring the served device to ``target`` (a backend spec) under the running
+    guest: the agent's backend becomes a :class:`Mirrored` of the current one."""
+    agent, jobs = request.app[AGENT_KEY], request.app[MIRROR_KEY]
+    body = await _json_body(request)
+    spec = check_spec(body.get("target"), where="target")
+    if isinstance(agent.backend, Mirrored) or jobs.get("task") is not None:
+        raise StateError("a mirror is already running")
+    if request.app[HOLD_KEY].get("since") is not None:
+        raise StateError("the agent is quiesced by /quiesce: resume it first")
+    target = await open_backend(spec)
+    try:
+        mirror = Mirrored(
+            agent.backend,
+            target,
+            sync=bool(body.get("sync", False)),
+            rate_limit=body.get("rate_limit"),
+            target_zeroed=bool(body.get("target_zeroed", True)),
+        )
+        await agent.swap_backend(mirror)
+    except BaseException:
+        await target.close()
+        raise
+    converge = int(body.get("converge_bytes", 0))
+    jobs["task"] = asyncio.create_task(mirror.run(converge_bytes=converge, max_passes=50))
+    jobs["spec"] = spec
+    return web.json_response({"mirror": mirror.stats(), "target": repr(target)}, status=202)
+
+
+def _running_mirror(request: web.Request) -> tuple[Mirrored, asyncio.Task[bool]]:
+    agent, jobs = request.app[AGENT_KEY], request.app[MIRROR_KEY]
+    task = jobs.get("task")
+    if not isinstance(agent.backend, Mirrored) or task is None:
+        raise StateError("no mirror is running")
+    return agent.backend, task
+
+
+async def _mirror_cutover(request: web.Request) -> web.Response:
+    """Wait for the mirror to converge, then copy the last dirty chunks with guest I/O held
+    and switch the agent to the target. The source backend is closed."""
+    agent, jobs = request.app[AGENT_KEY], request.app[MIRROR_KEY]
+    mirror, task = _running_mirror(request)
+    if not await task:
+        raise StateError(f"the mirror did not converge: {mirror.stats()}")
+    started = time.time()
+    source = await cutover(agent)
+    held = time.time() - started
+    jobs.clear()
+    await source.close()
+    return web.json_response(
+        {
+            "held_from": started,
+            "held_s": round(held, 6),
+            "mirror": mirror.stats(),
+            "new": repr(agent.backend),
+        }
+    )
+
+
+async def _mirror_cancel(request: web.Request) -> web.Response:
+    """Stop the mirror and go on serving its source; the target is closed, untouched after."""
+    agent, jobs = request.app[AGENT_KEY], request.app[MIRROR_KEY]
+    mirror, task = _running_mirror(request)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, DevagentError):
+        await task
+    await agent.swap_backend(mirror.source)
+    jobs.clear()
+    await mirror.target.close()
+    return web.json_response({"cancelled": True, "mirror": mirror.stats()})
+
+
 async def _stop(request: web.Request) -> web.Response:
     request.app[STOP_KEY].set()
     return web.json_response({"stopping": True})
@@ -144,11 +232,15 @@ def build_control_app(
     app[DUTIES_KEY] = duties if duties is not None else Duties(agent)
     app[STOP_KEY] = stop
     app[HOLD_KEY] = {"since": None}
+    app[MIRROR_KEY] = {}
     app.router.add_get("/status", _status)
     app.router.add_post("/quiesce", _quiesce)
     app.router.add_post("/resume", _resume)
     app.router.add_get("/completions", _completions)
     app.router.add_post("/swap", _swap)
+    app.router.add_post("/mirror", _mirror)
+    app.router.add_post("/mirror/cutover", _mirror_cutover)
+    app.router.add_post("/mirror/cancel", _mirror_cancel)
     app.router.add_post("/stop", _stop)
     return app
 

@@ -25,6 +25,7 @@ from typing import Any
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Backend, Local
 from devagent.agent.fetch import Fetch
+from devagent.agent.mirror import Mirrored
 from devagent.agent.remote import Remote, parse_address
 from devagent.errors import DevagentError, StateError, UsageError
 
@@ -139,6 +140,13 @@ def backend_status(backend: Backend) -> dict[str, Any]:
     """The figures ``GET /status`` shows for a backend."""
     if isinstance(backend, Fetch | Remote):
         return backend.status()
+    if isinstance(backend, Mirrored):
+        return {
+            "kind": "mirror",
+            **backend.stats(),
+            "source": backend_status(backend.source),
+            "target": backend_status(backend.target),
+        }
     if isinstance(backend, Local):
         return {"kind": "local", "path": str(backend.path), "read_only": backend.read_only}
     return {"kind": type(backend).__name__}
