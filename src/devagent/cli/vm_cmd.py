@@ -48,6 +48,10 @@ def vm_group() -> None:
     show_default=True,
     help="Where the disk lives: the lab's shared folder or the host's own.",
 )
+@click.option(
+    "--disk-host",
+    help="Put the disk on this other host: the VM uses it over the network (remote access).",
+)
 @click.option("--disk", "disk_image", help="Run your own guest from this image (raw or qcow2).")
 @click.option("--kernel", help="With --disk: boot this kernel directly instead of the firmware.")
 @click.option("--initrd", help="With --kernel: the initrd.")
@@ -64,6 +68,7 @@ def start(
     ram: str,
     workload: str,
     storage: str,
+    disk_host: str | None,
     disk_image: str | None,
     kernel: str | None,
     initrd: str | None,
@@ -89,6 +94,8 @@ def start(
 
     async def go() -> dict[str, Any]:
         endpoint = endpoint_for(host, lab_name)
+        if disk_host is not None:
+            request["disk_from"] = endpoint_for(disk_host, lab_name).to_json()
         with Spinner(f"starting {name} on {host}", enabled=not as_json) as spinner:
             return await start_vm(
                 endpoint,

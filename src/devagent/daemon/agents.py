@@ -131,14 +131,23 @@ class AgentProcess:
     def alive(self) -> bool:
         return self.pid is not None and pid_alive(self.pid)
 
-    async def call(self, method: str, path: str, **params: Any) -> Any:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float = 60.0,
+        **params: Any,
+    ) -> Any:
         """One request on the control socket; failures become :class:`PeerError`."""
         connector = aiohttp.UnixConnector(path=str(self.control_socket))
-        timeout = aiohttp.ClientTimeout(total=60)
+        limit = aiohttp.ClientTimeout(total=timeout)
+        url = f"http://agent{path}"
         try:
             async with (
-                aiohttp.ClientSession(connector=connector, timeout=timeout) as session,
-                session.request(method, f"http://agent{path}", params=params or None) as resp,
+                aiohttp.ClientSession(connector=connector, timeout=limit) as session,
+                session.request(method, url, params=params or None, json=body) as resp,
             ):
                 body = await resp.json(content_type=None)
                 if resp.status == 409:

@@ -12,6 +12,8 @@ object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with i
     GET    /v1/vms/{name}/heartbeats?since=T  probe heartbeats that arrived after T
     GET    /v1/vms/{name}/devices             each disk's agent: backend, in flight, journal
     GET    /v1/vms/{name}/completions?since=T completion times of guest I/O on the agents
+    POST   /v1/vms/{name}/devices/{node}/swap {"to": PATH}: move the live disk onto PATH
+    POST   /v1/vms/{name}/devices/{node}/attach-remote {"from": PEER}: move it to a peer host
     POST   /v1/vms/{name}/probe               {"command": "pause"|"resume"|"verify"}
     POST   /v1/vms/{name}/integrity           disk equals what the guest last wrote?
     POST   /v1/vms/{name}/migrate             start a migration (MigrationRequest) → 202
@@ -38,6 +40,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from devagent.client import Endpoint
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
 from devagent.daemon.migration import MigrationJob, MigrationRequest
@@ -155,6 +158,28 @@ async def heartbeats(request: web.Request) -> web.Response:
 async def devices(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     return web.json_response({"devices": await managed.devices()})
+
+
+async def swap_device(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    payload = await body(request)
+    to = payload.get("to") if isinstance(payload, dict) else None
+    if not isinstance(to, str) or not to.startswith("/"):
+        raise UsageError("body must be {'to': ABSOLUTE_PATH, 'sync': bool}")
+    sync = bool(payload.get("sync", False))
+    result = await managed.swap_disk(request.match_info["node"], Path(to), sync=sync)
+    return web.json_response(result)
+
+
+async def attach_remote(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    payload = await body(request)
+    if not isinstance(payload, dict):
+        raise UsageError("body must be {'from': {'url', 'token', 'name'}, 'sync': bool}")
+    peer = Endpoint.from_json(payload.get("from"))
+    sync = bool(payload.get("sync", False))
+    result = await managed.attach_remote(request.match_info["node"], peer, sync=sync)
+    return web.json_response(result)
 
 
 async def completions(request: web.Request) -> web.Response:
@@ -294,6 +319,8 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_get("/v1/vms/{name}/heartbeats", heartbeats)
     r.add_get("/v1/vms/{name}/devices", devices)
     r.add_get("/v1/vms/{name}/completions", completions)
+    r.add_post("/v1/vms/{name}/devices/{node}/swap", swap_device)
+    r.add_post("/v1/vms/{name}/devices/{node}/attach-remote", attach_remote)
     r.add_post("/v1/vms/{name}/probe", probe_command)
     r.add_post("/v1/vms/{name}/integrity", integrity)
     r.add_post("/v1/vms/{name}/migrate", migrate)

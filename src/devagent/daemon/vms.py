@@ -9,10 +9,12 @@ daemon restart never touches a guest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import shutil
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,11 +36,13 @@ from devagent.guest.workload import parse_workload
 from devagent.qemu.accel import choose_accel
 from devagent.qemu.config import DiskFormat, DiskSpec, VmConfig
 from devagent.qemu.vm import Vm, VmState, pid_alive
+from devagent.report import largest_gap
 
 log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 HEARTBEATS_KEPT = 36_000  # one hour at ten a second
+MIRROR_TIMEOUT_S = 3600.0
 NBD_RECONNECT_DELAY_S = 5  # QEMU's NBD client reconnects to a restarted agent
 Storage = Literal["shared", "local"]
 Role = Literal["running", "incoming"]
@@ -255,6 +259,144 @@ class ManagedVm:
         if digest == paused.digest:
             return "ok"
         return f"mismatch: the guest last wrote digest {paused.digest}, the disk holds {digest}"
+
+    def agent_for(self, node: str) -> AgentProcess:
+        for agent in self.agents:
+            if agent.node == node:
+                return agent
+        if not self.agents:
+            raise StateError(f"VM {self.name}'s disk has no agent (QEMU opens it directly)")
+        raise NotFound(f"VM {self.name} has no device {node!r}")
+
+    async def _mirror_and_pivot(
+        self, agent: AgentProcess, target: dict[str, Any], *, target_zeroed: bool, sync: bool
+    ) -> dict[str, Any]:
+        """Mirror ``agent``'s device to ``target`` under the running guest, then pivot onto
+        it; the answer carries the guest I/O gap around the pivot, from the journal."""
+        started = time.time()
+        await agent.call(
+            "POST",
+            "/mirror",
+            {"target": target, "target_zeroed": target_zeroed, "sync": sync},
+        )
+        try:
+            done = await agent.call("POST", "/mirror/cutover", timeout=MIRROR_TIMEOUT_S)
+        except BaseException:
+            with contextlib.suppress(PeerError, StateError):
+                await agent.call("POST", "/mirror/cancel")
+            raise
+        held_from, held_s = float(done["held_from"]), float(done["held_s"])
+        await asyncio.sleep(0.5)  # let completions after the pivot arrive
+        times = (await agent.call("GET", "/completions", since=held_from - 1.0))["completions"]
+        gap = largest_gap(times, held_from - 0.5, held_from + held_s + 0.5)
+        return {
+            "vm": self.name,
+            "device": agent.node,
+            "duration_s": round(time.time() - started, 3),
+            "copied_bytes": done["mirror"]["copied_bytes"],
+            "held_ms": round(held_s * 1000, 3),
+            "io_gap_ms": round(gap * 1000, 3) if gap is not None else None,
+            "backend": done["new"],
+        }
+
+    async def fetch_home(
+        self, node: str, path: Path, *, rate_limit: int | None = None
+    ) -> dict[str, Any]:
+        """Bring a disk that lives on another host home to ``path`` on this host: the agent
+        serves from a local replica filled on demand (copy-on-read) and in the background,
+        and switches to it as ``Local`` once complete; then the peer's export is removed."""
+        agent = self.agent_for(node)
+        remote = agent.backend
+        if self.request.disk_from is None or remote is None or remote.get("kind") != "remote":
+            raise StateError(f"VM {self.name}'s {node} does not live on another host")
+        if path.exists():
+            raise UsageError(f"{path} exists: a replica is made new")
+        started = time.time()
+        spec: dict[str, Any] = {
+            "kind": "fetch",
+            "path": str(path),
+            "remote": {k: v for k, v in remote.items() if k != "host"},
+            "copier": True,
+            "then_local": True,
+        }
+        if rate_limit:
+            spec["rate_limit"] = rate_limit
+        swapped = await agent.call("POST", "/swap", {"backend": spec})
+        agent.backend, agent.image = spec, str(path)  # a restarted agent resumes the fetch
+        self.image = path
+        self.save()
+        while True:  # until the agent has switched itself to Local on the replica
+            status = await agent.call("GET", "/status")
+            if status["backend_status"].get("kind") == "local":
+                break
+            await asyncio.sleep(0.2)
+        peer = Endpoint.from_json(self.request.disk_from)
+        agent.backend = None
+        self.request = replace(self.request, disk_from=None)
+        self.save()
+        with contextlib.suppress(PeerError, NotFound):
+            async with DaemonClient(peer) as client:
+                await client.delete(f"/v1/exports/{self.name}")
+        return {
+            "vm": self.name,
+            "device": node,
+            "duration_s": round(time.time() - started, 3),
+            "held_ms": round(float(swapped["hold_s"]) * 1000, 3),
+            "backend": repr(status["backend_status"]),
+            "released": peer.name,
+        }
+
+    async def swap_disk(self, node: str, path: Path, *, sync: bool = False) -> dict[str, Any]:
+        """Device dynamic exchange: move the live disk onto ``path`` (a file or block
+        device of this host) without the guest noticing. A disk that lives on another host
+        comes home through a fetched replica instead of a mirror."""
+        if self.request.disk_from is not None:
+            return await self.fetch_home(node, path)
+        agent = self.agent_for(node)
+        if path.resolve() == Path(agent.image).resolve() and agent.backend is None:
+            raise UsageError(f"VM {self.name}'s {node} already lives on {path}")
+        size = int((await agent.call("GET", "/status"))["size"])
+        zeroed = not path.exists()
+        if zeroed:
+            with path.open("wb") as f:
+                f.truncate(size)
+        elif path.is_file() and path.stat().st_size != size:
+            raise UsageError(f"{path} is {path.stat().st_size} bytes; the disk is {size}")
+        result = await self._mirror_and_pivot(
+            agent, {"kind": "local", "path": str(path)}, target_zeroed=zeroed, sync=sync
+        )
+        result["old_image"] = agent.image
+        agent.image, agent.backend = str(path), None
+        if node == "disk0":
+            self.image = path
+        self.save()
+        return result
+
+    async def attach_remote(
+        self, node: str, peer: Endpoint, *, sync: bool = False
+    ) -> dict[str, Any]:
+        """Remote device access for a running VM: move its disk to host ``peer`` (an export
+        there) and go on using it from here, over the network."""
+        agent = self.agent_for(node)
+        if self.request.disk_from is not None:
+            raise StateError(f"VM {self.name}'s disk already lives on another host")
+        size = int((await agent.call("GET", "/status"))["size"])
+        async with DaemonClient(peer) as client:
+            export = await client.post("/v1/exports", {"name": self.name, "size": size})
+        target = {"kind": "remote", "address": export["address"], "export": export["export"]}
+        try:
+            result = await self._mirror_and_pivot(agent, target, target_zeroed=True, sync=sync)
+        except BaseException:
+            async with DaemonClient(peer) as client:
+                with contextlib.suppress(PeerError, NotFound):
+                    await client.delete(f"/v1/exports/{self.name}")
+            raise
+        result["old_image"] = agent.image
+        result["lives_on"] = peer.name
+        agent.backend = {**target, "host": peer.name}
+        self.request = replace(self.request, disk_from=peer.to_json())
+        self.save()
+        return result
 
     async def devices(self) -> list[dict[str, Any]]:
         """Each disk: its backend, in-flight requests, journal figures (from its agent)."""
