@@ -73,3 +73,14 @@ def test_request_defaults_and_user_guest() -> None:
     assert VmRequest.from_json({"name": "v"}).has_probe
     user = VmRequest.from_json({"name": "u", "disk": "/img", "workload": "heavy"})
     assert not user.has_probe and user.workload is None
+
+
+def test_request_keeps_where_the_disk_lives() -> None:
+    peer = {"url": "http://10.0.0.1:7480", "token": "t", "name": "a"}
+    request = VmRequest.from_json({"name": "r", "disk_from": peer})
+    assert request.disk_from == peer
+    assert VmRequest.from_json(request.to_json()) == request
+    with pytest.raises(UsageError, match="disk_from"):
+        VmRequest.from_json({"name": "r", "disk_from": peer, "disk": "/x"})
+    with pytest.raises(UsageError, match="peer"):
+        VmRequest.from_json({"name": "r", "disk_from": "a"})

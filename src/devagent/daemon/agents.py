@@ -69,8 +69,9 @@ class AgentProcess:
 
     def argv(self) -> list[str]:
         devagent = str(Path(sys.executable).with_name("devagent"))
+        source = [self.image] if self.backend is None else []  # else the spec says it
         argv = [
-            devagent, "agent", "serve", self.image,
+            devagent, "agent", "serve", *source,
             "--unix", str(self.nbd_socket),
             "--name", self.export,
             "--control", str(self.control_socket),

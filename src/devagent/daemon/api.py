@@ -167,7 +167,12 @@ async def swap_device(request: web.Request) -> web.Response:
     if not isinstance(to, str) or not to.startswith("/"):
         raise UsageError("body must be {'to': ABSOLUTE_PATH, 'sync': bool}")
     sync = bool(payload.get("sync", False))
-    result = await managed.swap_disk(request.match_info["node"], Path(to), sync=sync)
+    rate = payload.get("rate_limit")
+    if rate is not None and (not isinstance(rate, int) or rate <= 0):
+        raise UsageError("'rate_limit' must be a positive number of bytes per second")
+    result = await managed.swap_disk(
+        request.match_info["node"], Path(to), sync=sync, rate_limit=rate
+    )
     return web.json_response(result)
 
 

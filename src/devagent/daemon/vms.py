@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 HEARTBEATS_KEPT = 36_000  # one hour at ten a second
 MIRROR_TIMEOUT_S = 3600.0
+MIRROR_CONVERGE_BYTES = 1 << 20  # left for the last copy, done with the guest's I/O held
 NBD_RECONNECT_DELAY_S = 5  # QEMU's NBD client reconnects to a restarted agent
 Storage = Literal["shared", "local"]
 Role = Literal["running", "incoming"]
@@ -109,7 +110,20 @@ class VmRequest:
         agent = body.get("agent", True)
         if not isinstance(agent, bool):
             raise UsageError("'agent' must be true or false")
-        return cls(name=name, ram_mb=ram, disk_size=size, storage=storage, agent=agent, **strings)
+        disk_from = body.get("disk_from")
+        if disk_from is not None:
+            disk_from = Endpoint.from_json(disk_from).to_json()
+            if strings["disk"] is not None or not agent:
+                raise UsageError("'disk_from' makes a new disk on the peer: no 'disk' with it")
+        return cls(
+            name=name,
+            ram_mb=ram,
+            disk_size=size,
+            storage=storage,
+            agent=agent,
+            disk_from=disk_from,
+            **strings,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -277,7 +291,12 @@ class ManagedVm:
         await agent.call(
             "POST",
             "/mirror",
-            {"target": target, "target_zeroed": target_zeroed, "sync": sync},
+            {
+                "target": target,
+                "target_zeroed": target_zeroed,
+                "sync": sync,
+                "converge_bytes": MIRROR_CONVERGE_BYTES,
+            },
         )
         try:
             done = await agent.call("POST", "/mirror/cutover", timeout=MIRROR_TIMEOUT_S)
@@ -315,7 +334,7 @@ class ManagedVm:
         spec: dict[str, Any] = {
             "kind": "fetch",
             "path": str(path),
-            "remote": {k: v for k, v in remote.items() if k != "host"},
+            "remote": remote,
             "copier": True,
             "then_local": True,
         }
@@ -325,8 +344,15 @@ class ManagedVm:
         agent.backend, agent.image = spec, str(path)  # a restarted agent resumes the fetch
         self.image = path
         self.save()
+        deadline = time.time() + MIRROR_TIMEOUT_S
         while True:  # until the agent has switched itself to Local on the replica
-            status = await agent.call("GET", "/status")
+            try:
+                status = await agent.call("GET", "/status")
+            except PeerError:  # the agent died: the supervisor restarts it, resuming the fetch
+                if time.time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
             if status["backend_status"].get("kind") == "local":
                 break
             await asyncio.sleep(0.2)
@@ -346,12 +372,14 @@ class ManagedVm:
             "released": peer.name,
         }
 
-    async def swap_disk(self, node: str, path: Path, *, sync: bool = False) -> dict[str, Any]:
+    async def swap_disk(
+        self, node: str, path: Path, *, sync: bool = False, rate_limit: int | None = None
+    ) -> dict[str, Any]:
         """Device dynamic exchange: move the live disk onto ``path`` (a file or block
         device of this host) without the guest noticing. A disk that lives on another host
         comes home through a fetched replica instead of a mirror."""
         if self.request.disk_from is not None:
-            return await self.fetch_home(node, path)
+            return await self.fetch_home(node, path, rate_limit=rate_limit)
         agent = self.agent_for(node)
         if path.resolve() == Path(agent.image).resolve() and agent.backend is None:
             raise UsageError(f"VM {self.name}'s {node} already lives on {path}")
@@ -393,7 +421,7 @@ class ManagedVm:
             raise
         result["old_image"] = agent.image
         result["lives_on"] = peer.name
-        agent.backend = {**target, "host": peer.name}
+        agent.backend = target
         self.request = replace(self.request, disk_from=peer.to_json())
         self.save()
         return result
@@ -520,7 +548,9 @@ class VmManager:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
             if request.disk_from is not None:
                 remote = await self._remote_disk(request)
-                managed = self._add(request, Path("/nonexistent"), "running", None, remote)
+                peer_name = request.disk_from["name"] if request.disk_from else "peer"
+                where = Path(f"/remote/{peer_name}/{request.name}")  # no local image here
+                managed = self._add(request, where, "running", None, remote)
             else:
                 image = self.disk_path(request)
                 if request.disk is None and not image.exists():
@@ -538,12 +568,7 @@ class VmManager:
             export = await client.post(
                 "/v1/exports", {"name": request.name, "size": request.disk_size}
             )
-        return {
-            "kind": "remote",
-            "address": export["address"],
-            "export": export["export"],
-            "host": peer.name,
-        }
+        return {"kind": "remote", "address": export["address"], "export": export["export"]}
 
     async def prepare_incoming(
         self, request: VmRequest, config: VmConfig, image: Path
