@@ -91,6 +91,22 @@ def test_a_user_session_through_the_cli(cli_lab: str, guest: GuestImage, state_d
     assert "ioprobe" in user_report["missing"]["guest_max_latency_ms"]
     assert "ioprobe" in user_report["missing"]["integrity"]
 
+    # Device dynamic exchange and remote access through the CLI.
+    devices = cli_json("device", "status", "v1")
+    assert [(d["host"], d["device"], d["state"]) for d in devices] == [("b", "disk0", "serving")]
+    target = state_dir / "v1-swapped.img"
+    swapped = cli_json("device", "swap", "v1", "disk0", "--to", str(target))
+    assert swapped["old_image"] != str(target) and target.stat().st_size == 64 << 20
+    assert cli_json("device", "status", "v1")[0]["image"] == str(target)
+    remote = cli_json(
+        "vm", "start", "r1", "--host", "a", "--disk-host", "b", "--disk-size", "32M",
+        "--workload", "moderate,span=8M",
+    )  # fmt: skip
+    assert remote["disk"] == "host b (remote)"
+    remote_device = cli_json("device", "status", "r1")[0]
+    assert remote_device["agent"]["backend_status"]["kind"] == "remote"
+    cli("vm", "stop", "r1")
+
     stopped = cli_json("vm", "stop", "v1")
     assert stopped["host"] == "b"
     assert [v["name"] for v in cli_json("vm", "list")] == ["u1"]
