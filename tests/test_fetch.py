@@ -578,3 +578,22 @@ async def test_qemu_io_through_a_fetch_agent_then_compare(tmp_path: Path) -> Non
         elif fetch is not None:
             await fetch.close()
         await src_agent.stop()
+
+
+async def test_a_seeded_presence_file_is_trusted(tmp_path: Path) -> None:
+    """Chunks a mirror pushed before switchover are served from the replica, not fetched."""
+    from devagent.agent.fetch import seed_presence
+
+    size, chunk = 8 * 65536, 65536
+    source = FakeRemote(b"S" * size)
+    replica = tmp_path / "replica.img"
+    replica.write_bytes(b"M" * (4 * chunk) + bytes(size - 4 * chunk))  # chunks 0-3 pushed
+    seed_presence(replica, size, chunk, [0, 1, 2, 3])
+    fetch = Fetch(replica, source, chunk_size=chunk)
+    try:
+        assert fetch.present_bytes == 4 * chunk
+        assert await fetch.read(0, chunk) == b"M" * chunk  # from the replica
+        assert await fetch.read(5 * chunk, chunk) == b"S" * chunk  # fetched
+        assert not [off for off, _ in source.reads if off < 4 * chunk]
+    finally:
+        await fetch.close()

@@ -23,6 +23,7 @@ import enum
 import functools
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -240,6 +241,13 @@ class _Connection(asyncio.Protocol):
         else:
             self._update_reading()
 
+    @property
+    def is_unix(self) -> bool:
+        """A connection on a unix socket: the local QEMU, not a peer agent."""
+        if self.transport is None:
+            return False
+        return isinstance(self.transport.get_extra_info("sockname"), str)
+
     def close(self) -> None:
         """Hand the queued replies to the transport, then close it (it sends them first)."""
         self._flush()
@@ -395,6 +403,10 @@ class _Connection(asyncio.Protocol):
         return self.codec.reply_ok(handle)
 
 
+def _is_unix(server: asyncio.Server) -> bool:
+    return any(sock.family == socket.AF_UNIX for sock in server.sockets)
+
+
 class BlockAgent:
     """Serves ``backend`` as the NBD export ``export_name`` on any number of sockets."""
 
@@ -418,6 +430,7 @@ class BlockAgent:
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
         self._connections: set[_Connection] = set()
+        self.fenced = False  # the local VM instance is refused (see fence_local)
         self._accepted = 0
         self._swap_lock = asyncio.Lock()
         self.addresses: list[str] = []
@@ -446,6 +459,26 @@ class BlockAgent:
         self.addresses.append(address)
         log.info("export %r serving on %s", self.export_name, address)
         return address
+
+    async def fence_local(self) -> int:
+        """Refuse the VM instance on this host for good (one writer at a time): stop serving
+        the unix sockets its QEMU uses, remove them so that it cannot reconnect, and drop its
+        connections. Peers on TCP (the destination fetching the disk) are served on.
+        Returns how many connections were dropped."""
+        unix_servers = [s for s in self._servers if _is_unix(s)]
+        for server in unix_servers:
+            server.close()
+            self._servers.remove(server)
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        self.addresses = [a for a in self.addresses if not a.startswith("unix:")]
+        dropped = [c for c in self._connections if c.is_unix]
+        for connection in dropped:
+            connection.close()
+        self.fenced = True
+        log.info("export %r fenced: %d local connection(s) dropped", self.export_name, len(dropped))
+        return len(dropped)
 
     async def listen_tcp(self, host: str, port: int = 0) -> tuple[str, int]:
         """Serve on TCP (port 0 picks a free one); returns the bound host and port."""

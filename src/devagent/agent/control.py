@@ -12,6 +12,8 @@ agent without ever sitting in the data path.
                                   mirror the device to another backend under the guest
     POST /mirror/cutover          once converged: last copy with I/O held, switch to target
     POST /mirror/cancel           stop mirroring, keep serving the source
+    POST /mirror/stop             the same, answering the chunks the target may still lack
+    POST /fence                   refuse the local VM instance (its unix sockets) for good
     POST /stop                    stop serving (answer or fail every request), then exit
 
 A quiesce that nobody resumes is resumed by the agent itself after ``max_hold_s``, so a
@@ -21,6 +23,7 @@ daemon that dies mid-exchange cannot freeze its guest's disk for ever.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -222,6 +225,33 @@ async def _mirror_cancel(request: web.Request) -> web.Response:
     return web.json_response({"cancelled": True, "mirror": mirror.stats()})
 
 
+async def _fence(request: web.Request) -> web.Response:
+    dropped = await request.app[AGENT_KEY].fence_local()
+    return web.json_response({"fenced": True, "dropped": dropped})
+
+
+async def _mirror_stop(request: web.Request) -> web.Response:
+    """Stop pushing and hand over what is left: the chunks the target may still lack."""
+    agent, jobs = request.app[AGENT_KEY], request.app[MIRROR_KEY]
+    mirror, task = _running_mirror(request)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, DevagentError):
+        await task
+    await agent.swap_backend(mirror.source)  # waits for copies in flight: none lands later
+    jobs.clear()
+    await mirror.target.close()
+    dirty = mirror.dirty_bitmap()
+    return web.json_response(
+        {
+            "chunk_size": mirror.chunk_size,
+            "chunks": dirty.n_bits,
+            "dirty": base64.b64encode(dirty.to_bytes()).decode(),
+            "dirty_bytes": mirror.dirty_bytes,
+            "mirror": mirror.stats(),
+        }
+    )
+
+
 async def _stop(request: web.Request) -> web.Response:
     request.app[STOP_KEY].set()
     return web.json_response({"stopping": True})
@@ -244,6 +274,8 @@ def build_control_app(
     app.router.add_post("/mirror", _mirror)
     app.router.add_post("/mirror/cutover", _mirror_cutover)
     app.router.add_post("/mirror/cancel", _mirror_cancel)
+    app.router.add_post("/mirror/stop", _mirror_stop)
+    app.router.add_post("/fence", _fence)
     app.router.add_post("/stop", _stop)
     return app
 

@@ -87,6 +87,19 @@ def presence_path(replica: str | Path) -> Path:
     return replica.with_name(replica.name + ".present")
 
 
+def seed_presence(replica: Path, size: int, chunk_size: int, present: Sequence[int]) -> None:
+    """Write a fresh presence file saying the ``present`` chunks are already in ``replica``
+    (a replica some other means filled, e.g. a mirror's push before switchover). The replica's
+    data must be durable first: the caller syncs it."""
+    bits = PresenceMap(presence_path(replica), size, chunk_size, fresh=True)
+    try:
+        bits.mark_present(present)
+        bits.persist(present)
+        bits.sync()
+    finally:
+        bits.close()
+
+
 class PresenceMap:
     """One bit per chunk, twice: ``present`` (may be served from the replica) and ``durable``
     (what the bitmap file holds; a subset of ``present``)."""
