@@ -40,6 +40,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from devagent.agent.spec import check_spec
 from devagent.client import Endpoint
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
@@ -273,20 +274,33 @@ async def prepare_incoming(request: web.Request) -> web.Response:
     host = host_of(request)
     payload = await body(request)
     if not isinstance(payload, dict) or "request" not in payload or "config" not in payload:
-        raise UsageError("body must be {'request': VmRequest, 'config': VmConfig, 'image': path}")
+        raise UsageError(
+            "body must be {'request': VmRequest, 'config': VmConfig, and 'image' (shared "
+            "storage) or 'size' with an optional 'backend' (the disk moves)}"
+        )
     vm_request = VmRequest.from_json(payload["request"])
     config = VmConfig.from_json(payload["config"])
     image = payload.get("image")
-    if not isinstance(image, str):
-        raise UsageError("body needs 'image': the disk image's path on this host")
-    managed = await host.vms.prepare_incoming(vm_request, config, Path(image))
+    size = payload.get("size", 0)
+    if image is not None and not isinstance(image, str):
+        raise UsageError("'image' must be the disk image's path on this host")
+    if image is None and (not isinstance(size, int) or size <= 0):
+        raise UsageError("without 'image', give the disk's 'size' in bytes")
+    backend = payload.get("backend")
+    if backend is not None:
+        check_spec(backend)
+    managed = await host.vms.prepare_incoming(
+        vm_request, config, Path(image) if image else None, size=size, backend=backend
+    )
     uri = f"tcp:{host.address}:{free_port(host.address)}"
     try:
         await managed.vm.qmp("migrate-incoming", uri=uri)
     except BaseException:
         await host.vms.remove(managed.name)
         raise
-    return web.json_response({"uri": uri, "vm": managed.status()}, status=201)
+    disk = managed.agents[0].tcp_address if managed.agents else None
+    answer = {"uri": uri, "disk_address": disk, "vm": managed.status()}
+    return web.json_response(answer, status=201)
 
 
 async def commit_incoming(request: web.Request) -> web.Response:
@@ -294,10 +308,14 @@ async def commit_incoming(request: web.Request) -> web.Response:
     managed = host.vms.get(request.match_info["name"])
     if managed.role != "incoming":
         raise StateError(f"VM {managed.name} is not an incoming VM")
-    await managed.wait_running(timeout=30.0)
-    managed.role = "running"
-    managed.save()
-    return web.json_response({"resumed_at": managed.vm.resumed_at, "vm": managed.status()})
+    payload = await body(request)
+    fetch = payload.get("fetch") if isinstance(payload, dict) else None
+    if fetch is not None:
+        if not isinstance(fetch, dict) or "remote" not in fetch:
+            raise UsageError("'fetch' must be {'remote': SPEC, 'present': BASE64, 'chunk_size'}")
+        check_spec(fetch["remote"])
+    resumed_at = await managed.commit_incoming(fetch)
+    return web.json_response({"resumed_at": resumed_at, "vm": managed.status()})
 
 
 async def abort_incoming(request: web.Request) -> web.Response:

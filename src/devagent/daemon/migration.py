@@ -12,12 +12,14 @@ the source untouched, and the destination is told to remove everything it made.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import secrets
 import time
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 from devagent.client import DaemonClient, Endpoint
@@ -31,7 +33,10 @@ from devagent.report import MigrationReport, fill_io_measures, limit_seconds
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("shared",)
+STRATEGIES = ("shared", "postcopy", "precopy", "hybrid")
+PEER_TIMEOUT_S = 600.0
+PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
+FETCH_CHUNK = 64 << 10
 POLL_S = 0.1
 BASELINE_S = 3.0  # steady-state window before the migration, for io_rate_ratio
 SETTLE_BEATS = 5  # heartbeats with I/O the destination must show before the report closes
@@ -154,30 +159,72 @@ class MigrationJob:
         managed, vm = self.managed, self.managed.vm
         vm.require(VmState.RUNNING)
         self._check_storage()
+        storage = self.request.storage
+        moves_disk = storage != "shared"
+        agent = managed.agents[0] if managed.agents else None
         t0 = self.started_at
         bytes0 = link_bytes(self.host.loopback)
-        async with DaemonClient(self.request.destination) as peer:
-            answer = await peer.post(
-                "/v1/incoming",
-                {
-                    "request": managed.request.to_json(),
-                    "config": managed.config.to_json(),
-                    "image": str(managed.image),  # 'shared': the destination sees it too
-                },
-            )
+        incoming: dict[str, Any] = {
+            "request": managed.request.to_json(),
+            "config": managed.config.to_json(),
+        }
+        source_disk: dict[str, Any] = {}
+        disk_size = 0
+        if moves_disk:
+            assert agent is not None and agent.tcp_address is not None
+            source_disk = {"kind": "remote", "address": agent.tcp_address, "export": agent.export}
+            disk_size = int((await agent.call("GET", "/status"))["size"])
+            incoming["size"] = disk_size
+            if storage == "postcopy":  # reads go to the source until the switchover
+                incoming["backend"] = source_disk
+        else:
+            incoming["image"] = str(managed.image)  # the destination sees it too
+        async with DaemonClient(self.request.destination, timeout=PEER_TIMEOUT_S) as peer:
+            answer = await peer.post("/v1/incoming", incoming)
             uri = str(answer["uri"])
+            target = {"kind": "remote", "address": answer["disk_address"], "export": "disk0"}
+            handover: dict[str, Any] | None = None
             try:
+                if storage in ("precopy", "hybrid"):
+                    assert agent is not None
+                    converge = PRECOPY_CONVERGE_BYTES if storage == "precopy" else 0
+                    await agent.call(
+                        "POST", "/mirror", {"target": target, "converge_bytes": converge}
+                    )
+                if storage == "precopy":
+                    await self._disk_converged()
                 self._move(Phase.RAM)
                 done = await self._ram(uri)
+                # QEMU stopped the guest here and flushed its disk: the switchover.
+                if storage == "precopy":
+                    assert agent is not None
+                    await agent.call("POST", "/mirror/cutover", timeout=PEER_TIMEOUT_S)
+                elif storage == "hybrid":
+                    assert agent is not None
+                    handover = await agent.call("POST", "/mirror/stop")
             except BaseException as err:
                 await self._roll_back(peer, err)
                 raise
+            if moves_disk:  # one writer: the instance here may never write again
+                assert agent is not None
+                await agent.call("POST", "/fence")
             self._move(Phase.SWITCHOVER)
-            committed = await peer.post(f"/v1/incoming/{managed.name}/commit")
+            commit: dict[str, Any] = {}
+            if storage in ("postcopy", "hybrid"):
+                commit["fetch"] = {"remote": source_disk, "chunk_size": FETCH_CHUNK}
+                if handover is not None:
+                    commit["fetch"]["present"] = _clean_chunks(handover)
+                    commit["fetch"]["chunk_size"] = handover["chunk_size"]
+            committed = await peer.post(f"/v1/incoming/{managed.name}/commit", commit)
             resumed_at = float(committed["resumed_at"])
             self._move(Phase.FINISHING)
             source_done = await managed.completions_since(t0 - BASELINE_S)
-            await self.host.vms.remove(managed.name)
+            managed.role = "migrated"
+            await vm.stop()  # the old instance; its agent serves the destination on
+            if storage in ("postcopy", "hybrid"):
+                await self._disk_arrived(peer)
+            allocated = allocated_bytes(managed.image) if moves_disk else 0
+            await self.host.vms.remove(managed.name, delete_disk=moves_disk)
             released_at = time.time()
             bytes1 = link_bytes(self.host.loopback)
             dest_beats = await self._settle(peer, resumed_at)
@@ -194,12 +241,12 @@ class MigrationJob:
             ram = done.get("ram", {})
             report.ram_bytes = managed.config.ram_mb << 20
             report.ram_transferred_bytes = ram.get("transferred")
-            report.disk_bytes_moved = 0
+            report.disk_bytes_moved = self.progress.get("disk_bytes_moved", 0)
             if bytes0 is not None and bytes1 is not None:
                 report.bytes_between_hosts = bytes1 - bytes0
             else:
                 report.missing["bytes_between_hosts"] = "loopback lab: the hosts share one link"
-            report.limit_s = limit_seconds(report.ram_bytes, self.request.link_rate_bps)
+            report.limit_s = limit_seconds(allocated + report.ram_bytes, self.request.link_rate_bps)
             if report.limit_s is None:
                 report.missing["limit_s"] = "the link rate is not known (unshaped link)"
             beats = [*managed.heartbeats, *dest_beats]
@@ -220,7 +267,50 @@ class MigrationJob:
         self._move(Phase.COMPLETED)
         self.finished_at = time.time()
 
+    async def _disk_converged(self) -> None:
+        """Pre-copy: wait until the source agent's mirror has little left to copy."""
+        agent = self.managed.agents[0]
+        while True:
+            mirror = (await agent.call("GET", "/status"))["backend_status"]
+            self._disk_progress(mirror.get("copied_bytes", 0), mirror.get("dirty_bytes", 0))
+            if mirror.get("state") in ("converged", "finished"):
+                return
+            if mirror.get("state") == "failed" or mirror.get("kind") != "mirror":
+                raise PeerError(f"the disk mirror failed: {mirror.get('error')}")
+            await asyncio.sleep(POLL_S)
+
+    async def _disk_arrived(self, peer: DaemonClient) -> None:
+        """Post-copy: wait until the destination's replica is complete and local."""
+        name = self.managed.name
+        while True:
+            device = (await peer.get(f"/v1/vms/{name}/devices"))["devices"][0]
+            backend = device.get("agent", {}).get("backend_status", {})
+            fetch = backend if backend.get("kind") == "fetch" else device.get("last_fetch")
+            if fetch:
+                present = fetch["present_bytes"]
+                self._disk_progress(present, fetch["size"] - present)
+                moved = fetch["fetched_on_demand_bytes"] + fetch["fetched_in_background_bytes"]
+                self.progress["disk_bytes_moved"] = moved
+            if backend.get("kind") == "local":
+                return
+            await asyncio.sleep(POLL_S)
+
+    def _disk_progress(self, done: int, left: int) -> None:
+        self.progress.update(disk_done=done, disk_left=left)
+
     def _check_storage(self) -> None:
+        if self.request.storage != "shared":
+            if not self.managed.agents:
+                raise UsageError(
+                    f"VM {self.managed.name} runs without a device agent: only 'shared' "
+                    "storage can migrate it"
+                )
+            if self.managed.request.disk_from is not None:
+                raise UsageError(
+                    f"VM {self.managed.name}'s disk lives on another host: migrate it with "
+                    "'shared' (the disk stays where it is)"
+                )
+            return
         shared = self.host.shared_dir
         in_shared = shared is not None and self.managed.image.is_relative_to(shared)
         if self.request.storage == "shared" and not in_shared and self.managed.request.disk is None:
@@ -264,6 +354,9 @@ class MigrationJob:
         """Before switchover: keep the VM on the source, leave nothing on the destination."""
         vm = self.managed.vm
         self.log.warning("rolling back migration %s: %s", self.id, cause)
+        for agent in self.managed.agents:  # a disk mirror to the destination stops
+            with contextlib.suppress(DevagentError):
+                await agent.call("POST", "/mirror/cancel")
         with contextlib.suppress(DevagentError):
             await vm.qmp("migrate_cancel")
         with contextlib.suppress(DevagentError):
@@ -286,3 +379,21 @@ class MigrationJob:
             if len(after) >= SETTLE_BEATS or time.time() > deadline:
                 return beats
             await asyncio.sleep(0.2)
+
+
+def _clean_chunks(handover: dict[str, Any]) -> str:
+    """The chunks a stopped mirror's target holds (not dirty), as base64 bits."""
+    dirty = base64.b64decode(handover["dirty"])
+    n = int(handover["chunks"])
+    clean = bytearray(~b & 0xFF for b in dirty)
+    if n % 8:
+        clean[-1] &= (1 << (n % 8)) - 1
+    return base64.b64encode(bytes(clean)).decode()
+
+
+def allocated_bytes(path: Path) -> int:
+    """Bytes a (sparse) image really holds."""
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0

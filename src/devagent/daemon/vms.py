@@ -9,9 +9,11 @@ daemon restart never touches a guest.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from devagent.agent.fetch import presence_path, seed_presence
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.errors import NotFound, PeerError, StateError, UsageError
@@ -43,10 +46,11 @@ log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 HEARTBEATS_KEPT = 36_000  # one hour at ten a second
 MIRROR_TIMEOUT_S = 3600.0
+FETCH_CHUNK = 64 << 10
 MIRROR_CONVERGE_BYTES = 1 << 20  # left for the last copy, done with the guest's I/O held
 NBD_RECONNECT_DELAY_S = 5  # QEMU's NBD client reconnects to a restarted agent
 Storage = Literal["shared", "local"]
-Role = Literal["running", "incoming"]
+Role = Literal["running", "incoming", "migrated"]  # migrated: left behind, serving its disk
 
 
 def parse_size(text: str | int) -> int:
@@ -133,6 +137,14 @@ class VmRequest:
         return self.disk is None
 
 
+def _sync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def image_format(path: Path) -> DiskFormat:
     try:
         with path.open("rb") as f:
@@ -199,6 +211,8 @@ class ManagedVm:
         self.role: Role = role
         self.image = image  # the disk image on this host, served by the agent (if any)
         self.agents = agents or []
+        self.fetching: asyncio.Task[dict[str, Any]] | None = None  # replica being filled
+        self.last_fetch: dict[str, Any] | None = None  # its figures, kept once it is local
         self.heartbeats: deque[Heartbeat] = deque(maxlen=HEARTBEATS_KEPT)
         self.parser = ConsoleParser() if request.has_probe else None
         self.vm = Vm(config, run_dir, on_console=self._on_console if self.parser else None)
@@ -344,20 +358,8 @@ class ManagedVm:
         agent.backend, agent.image = spec, str(path)  # a restarted agent resumes the fetch
         self.image = path
         self.save()
-        deadline = time.time() + MIRROR_TIMEOUT_S
-        while True:  # until the agent has switched itself to Local on the replica
-            try:
-                status = await agent.call("GET", "/status")
-            except PeerError:  # the agent died: the supervisor restarts it, resuming the fetch
-                if time.time() > deadline:
-                    raise
-                await asyncio.sleep(0.2)
-                continue
-            if status["backend_status"].get("kind") == "local":
-                break
-            await asyncio.sleep(0.2)
+        status = await self._await_local(agent)
         peer = Endpoint.from_json(self.request.disk_from)
-        agent.backend = None
         self.request = replace(self.request, disk_from=None)
         self.save()
         with contextlib.suppress(PeerError, NotFound):
@@ -371,6 +373,71 @@ class ManagedVm:
             "backend": repr(status["backend_status"]),
             "released": peer.name,
         }
+
+    async def _await_local(self, agent: AgentProcess) -> dict[str, Any]:
+        """Wait until ``agent``'s Fetch replica is complete and the agent serves it as
+        ``Local``; then a restarted agent opens the replica as Local too."""
+        deadline = time.time() + MIRROR_TIMEOUT_S
+        while True:
+            try:
+                status: dict[str, Any] = await agent.call("GET", "/status")
+            except PeerError:  # the agent died: the supervisor restarts it, resuming the fetch
+                if time.time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+                continue
+            backend = status["backend_status"]
+            if backend.get("kind") == "fetch":
+                self.last_fetch = backend
+            if backend.get("kind") == "local":
+                if self.last_fetch is not None:  # the figures as the replica completed
+                    self.last_fetch = {**self.last_fetch, "present_bytes": self.last_fetch["size"]}
+                agent.backend = None
+                self.save()
+                return status
+            await asyncio.sleep(0.1)
+
+    async def commit_incoming(self, fetch: dict[str, Any] | None) -> float:
+        """The migration arrived: ready the disk, run the guest, return when it resumed.
+
+        With ``fetch`` (postcopy, hybrid) the agent swaps to a Fetch replica of the source's
+        disk (``fetch["remote"]``), seeded with the chunks a mirror already pushed
+        (``fetch["present"]``, base64 bits), copying the rest in the background; a task
+        watches it complete. Nothing runs the guest before the disk is ready: QEMU was
+        started paused (``-S``)."""
+        deadline = time.time() + 30.0
+        while (await self.vm.qmp("query-status"))["status"] == "inmigrate":
+            if self.vm.exited or time.time() > deadline:
+                raise PeerError(f"VM {self.name}: the migration did not arrive")
+            await asyncio.sleep(0.01)
+        if fetch is not None:
+            agent = self.agent_for("disk0")
+            size = self.image.stat().st_size
+            chunk = int(fetch.get("chunk_size", FETCH_CHUNK))
+            present_bits = base64.b64decode(fetch.get("present", ""))
+            present = [i for i in range(len(present_bits) * 8)
+                       if present_bits[i >> 3] & (1 << (i & 7))]  # fmt: skip
+            if present:
+                await asyncio.to_thread(_sync_file, self.image)
+                await asyncio.to_thread(seed_presence, self.image, size, chunk, present)
+            spec = {
+                "kind": "fetch",
+                "path": str(self.image),
+                "remote": fetch["remote"],
+                "chunk_size": chunk,
+                "copier": True,
+                "then_local": True,
+            }
+            await agent.call("POST", "/swap", {"backend": spec})
+            agent.backend = spec
+            self.fetching = asyncio.create_task(self._await_local(agent))
+        if self.vm.state is not VmState.RUNNING:
+            await self.vm.qmp("cont")
+        await self.wait_running(timeout=30.0)
+        self.role = "running"
+        self.save()
+        assert self.vm.resumed_at is not None
+        return self.vm.resumed_at
 
     async def swap_disk(
         self, node: str, path: Path, *, sync: bool = False, rate_limit: int | None = None
@@ -437,6 +504,8 @@ class ManagedVm:
                 "agent_pid": agent.pid,
                 "nbd_socket": str(agent.nbd_socket),
             }
+            if self.last_fetch is not None:
+                row["last_fetch"] = self.last_fetch
             try:
                 row["agent"] = await agent.call("GET", "/status")
                 row["state"] = "serving"
@@ -571,14 +640,35 @@ class VmManager:
         return {"kind": "remote", "address": export["address"], "export": export["export"]}
 
     async def prepare_incoming(
-        self, request: VmRequest, config: VmConfig, image: Path
+        self,
+        request: VmRequest,
+        config: VmConfig,
+        image: Path | None,
+        *,
+        size: int = 0,
+        backend: dict[str, Any] | None = None,
     ) -> ManagedVm:
-        """Start QEMU waiting for ``config``'s VM to arrive by live migration, its disk
-        ``image`` served by an agent of this host (unless the VM runs without one)."""
+        """Start QEMU waiting for ``config``'s VM to arrive by live migration.
+
+        With ``image`` (shared storage) this host's agent serves that same image. Without
+        it the disk moves: a new local replica of ``size`` bytes is made, served by the
+        agent through ``backend`` (e.g. ``Remote`` to the source's agent) or, with none, as
+        ``Local`` (a mirror's target); and QEMU stays paused after the migration (``-S``)
+        until :meth:`ManagedVm.commit_incoming` has the disk ready."""
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
-            managed = self._add(request, image, "incoming", config=config)
+            paused = image is None
+            if image is None:
+                image = self.root / "disks" / f"{request.name}.img"
+                image.parent.mkdir(parents=True, exist_ok=True)
+                for stale in (image, presence_path(image)):
+                    stale.unlink(missing_ok=True)
+                with image.open("wb") as f:
+                    f.truncate(size)
+            managed = self._add(
+                request, image, "incoming", config=config, backend=backend, paused=paused
+            )
         await self._launch(managed)
         return managed
 
@@ -589,6 +679,8 @@ class VmManager:
         role: Role,
         config: VmConfig | None,
         backend: dict[str, Any] | None = None,
+        *,
+        paused: bool = False,
     ) -> ManagedVm:
         run_dir = self.run_dir(request.name)
         if run_dir.exists():
@@ -608,7 +700,9 @@ class VmManager:
         if config is None:
             config = build_config(request, disk)
         else:  # an incoming VM: the source's configuration with this host's disk
-            config = replace(config, disks=(disk,), incoming=True)
+            disk = replace(disk, format=config.disks[0].format)  # a new replica has no header
+            extra = tuple(a for a in config.extra_args if a != "-S") + (("-S",) if paused else ())
+            config = replace(config, disks=(disk,), incoming=True, extra_args=extra)
         managed = ManagedVm(request, config, run_dir, role, image, [agent] if agent else [])
         self.vms[request.name] = managed
         return managed
@@ -624,14 +718,24 @@ class VmManager:
         managed.save()
         log.info("VM %s started on host %s (pid %s)", managed.name, self.host_name, managed.vm.pid)
 
-    async def remove(self, name: str, *, keep_dir: bool = False) -> None:
-        """Stop the VM's QEMU, then its agents, and forget it."""
+    async def remove(self, name: str, *, keep_dir: bool = False, delete_disk: bool = False) -> None:
+        """Stop the VM's QEMU, then its agents, and forget it. An incoming VM that never
+        arrived takes its new replica along; ``delete_disk`` removes the disk devagent made
+        for the VM (a migrated VM's source copy), never a user's own image."""
         managed = self.vms.pop(name, None)
         if managed is None:
             raise NotFound(f"no VM {name!r} on host {self.host_name}")
         await managed.vm.stop()
+        if managed.fetching is not None:
+            managed.fetching.cancel()
         for agent in managed.agents:
             await agent.stop()
+        made_here = managed.image.is_relative_to(self.root / "disks")
+        if (managed.role == "incoming" and made_here) or (
+            delete_disk and managed.request.disk is None and managed.request.disk_from is None
+        ):
+            for path in (managed.image, presence_path(managed.image)):
+                path.unlink(missing_ok=True)
         if managed.request.disk_from is not None and managed.role == "running":
             await self._release_remote_disk(managed)
         if not keep_dir:
