@@ -13,6 +13,7 @@ agent without ever sitting in the data path.
     POST /mirror/cutover          once converged: last copy with I/O held, switch to target
     POST /mirror/cancel           stop mirroring, keep serving the source
     POST /mirror/stop             the same, answering the chunks the target may still lack
+    POST /flush                   make what was written durable now
     POST /fence                   refuse the local VM instance (its unix sockets) for good
     POST /stop                    stop serving (answer or fail every request), then exit
 
@@ -225,6 +226,14 @@ async def _mirror_cancel(request: web.Request) -> web.Response:
     return web.json_response({"cancelled": True, "mirror": mirror.stats()})
 
 
+async def _flush(request: web.Request) -> web.Response:
+    """Make everything written so far durable now (ahead of a switchover, whose own flush
+    then has little left to do)."""
+    started = time.monotonic()
+    await request.app[AGENT_KEY].backend.flush()
+    return web.json_response({"flushed_in_s": round(time.monotonic() - started, 6)})
+
+
 async def _fence(request: web.Request) -> web.Response:
     dropped = await request.app[AGENT_KEY].fence_local()
     return web.json_response({"fenced": True, "dropped": dropped})
@@ -275,6 +284,7 @@ def build_control_app(
     app.router.add_post("/mirror/cutover", _mirror_cutover)
     app.router.add_post("/mirror/cancel", _mirror_cancel)
     app.router.add_post("/mirror/stop", _mirror_stop)
+    app.router.add_post("/flush", _flush)
     app.router.add_post("/fence", _fence)
     app.router.add_post("/stop", _stop)
     return app

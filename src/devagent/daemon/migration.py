@@ -193,6 +193,8 @@ class MigrationJob:
                     )
                 if storage == "precopy":
                     await self._disk_converged()
+                for each in managed.agents:  # leave the switchover's own flush little to do
+                    await each.call("POST", "/flush", timeout=PEER_TIMEOUT_S)
                 self._move(Phase.RAM)
                 done = await self._ram(uri)
                 # QEMU stopped the guest here and flushed its disk: the switchover.
@@ -220,7 +222,9 @@ class MigrationJob:
             self._move(Phase.FINISHING)
             source_done = await managed.completions_since(t0 - BASELINE_S)
             managed.role = "migrated"
-            await vm.stop()  # the old instance; its agent serves the destination on
+            # The old instance: inert since the switchover (its disk flushed and inactivated).
+            # After a fence its NBD client would wait out reconnect-delay on quit: kill it.
+            await (vm.kill() if moves_disk else vm.stop())
             if storage in ("postcopy", "hybrid"):
                 await self._disk_arrived(peer)
             allocated = allocated_bytes(managed.image) if moves_disk else 0
