@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("shared", "postcopy", "precopy", "hybrid")
 PEER_TIMEOUT_S = 600.0
+PEER_CHECK_S = 0.3  # how often the destination daemon is checked during the RAM phase
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
 FETCH_CHUNK = 64 << 10
 POLL_S = 0.1
@@ -196,14 +197,16 @@ class MigrationJob:
                 for each in managed.agents:  # leave the switchover's own flush little to do
                     await each.call("POST", "/flush", timeout=PEER_TIMEOUT_S)
                 self._move(Phase.RAM)
-                done = await self._ram(uri)
+                done = await self._ram(uri, peer)
                 # QEMU stopped the guest here and flushed its disk: the switchover.
                 if storage == "precopy":
                     assert agent is not None
-                    await agent.call("POST", "/mirror/cutover", timeout=PEER_TIMEOUT_S)
+                    cut = await agent.call("POST", "/mirror/cutover", timeout=PEER_TIMEOUT_S)
+                    self.progress["disk_bytes_pushed"] = cut["mirror"]["copied_bytes"]
                 elif storage == "hybrid":
                     assert agent is not None
                     handover = await agent.call("POST", "/mirror/stop")
+                    self.progress["disk_bytes_pushed"] = handover["mirror"]["copied_bytes"]
             except BaseException as err:
                 await self._roll_back(peer, err)
                 raise
@@ -245,7 +248,9 @@ class MigrationJob:
             ram = done.get("ram", {})
             report.ram_bytes = managed.config.ram_mb << 20
             report.ram_transferred_bytes = ram.get("transferred")
-            report.disk_bytes_moved = self.progress.get("disk_bytes_moved", 0)
+            report.disk_bytes_moved = self.progress.get("disk_bytes_moved", 0) + (
+                self.progress.get("disk_bytes_pushed", 0)
+            )
             if bytes0 is not None and bytes1 is not None:
                 report.bytes_between_hosts = bytes1 - bytes0
             else:
@@ -323,7 +328,7 @@ class MigrationJob:
                 "the 'shared' strategy needs a disk both hosts see (vm start --storage shared)"
             )
 
-    async def _ram(self, uri: str) -> dict[str, Any]:
+    async def _ram(self, uri: str, peer: DaemonClient) -> dict[str, Any]:
         vm = self.managed.vm
         capabilities = [{"capability": "events", "state": True}]
         capabilities.append({"capability": "auto-converge", "state": self.request.auto_converge})
@@ -333,6 +338,7 @@ class MigrationJob:
             params["downtime-limit"] = self.request.downtime_limit_ms
         await vm.qmp("migrate-set-parameters", **params)
         await vm.qmp("migrate", uri=uri)
+        next_check = time.monotonic() + PEER_CHECK_S
         while True:
             info: dict[str, Any] = await vm.qmp("query-migrate")
             status = info.get("status")
@@ -352,6 +358,15 @@ class MigrationJob:
                 )
             if vm.exited:
                 raise PeerError(f"source QEMU of VM {self.managed.name} exited during migration")
+            if time.monotonic() >= next_check:  # the destination's daemon must see it through
+                next_check = time.monotonic() + PEER_CHECK_S
+                try:
+                    await asyncio.wait_for(peer.get("/v1/health"), PEER_CHECK_S * 2)
+                except (PeerError, TimeoutError) as err:
+                    raise PeerError(
+                        f"destination host {self.report.destination} vanished during the "
+                        f"migration: {err}"
+                    ) from err
             await asyncio.sleep(POLL_S)
 
     async def _roll_back(self, peer: DaemonClient, cause: BaseException) -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -765,6 +766,19 @@ class VmManager:
                 agents = [AgentProcess.from_json(a) for a in record.get("agents", [])]
             except (OSError, ValueError, KeyError, TypeError, UsageError) as err:
                 log.warning("cannot read %s: %s", record_path, err)
+                continue
+            if record.get("role") == "incoming":
+                # A migration this daemon never saw through: the VM still runs on its source.
+                log.warning("VM %s was arriving when the daemon stopped: discarding it",
+                            request.name)  # fmt: skip
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                for agent in agents:
+                    await agent.kill()
+                if image.is_relative_to(self.root / "disks"):
+                    for path in (image, presence_path(image)):
+                        path.unlink(missing_ok=True)
+                shutil.rmtree(record_path.parent, ignore_errors=True)
                 continue
             if not pid_alive(pid):
                 log.info("VM %s (pid %d) is gone; forgetting it", request.name, pid)
