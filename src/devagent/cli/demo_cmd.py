@@ -30,14 +30,20 @@ BASELINE_BEATS = 30  # three seconds of steady guest I/O before migrating
 @click.option(
     "--storage",
     type=click.Choice(STRATEGIES),
-    default=STRATEGIES[-1],
+    default="hybrid",
     show_default=True,
-    help="Migration strategy.",
+    help="Migration strategy: hybrid (push from the start, fetch the rest after the "
+    "switchover), postcopy, precopy, or shared (both hosts see one image; RAM only).",
 )
 @click.option("--link-rate", default="1gbit", show_default=True, help="Shape the hosts' links.")
 @click.option("--disk-size", default="1G", show_default=True)
 @click.option("--ram", default="256M", show_default=True)
-@click.option("--workload", default="moderate", show_default=True, help="ioprobe profile.")
+@click.option(
+    "--workload",
+    default="moderate,prefill=256M",
+    show_default=True,
+    help="ioprobe profile; prefill writes that much of the disk before the migration.",
+)
 @click.option("--loopback", is_flag=True, help="Hosts on 127.0.0.1 instead of namespaces.")
 @json_option
 def demo_cmd(
@@ -101,7 +107,8 @@ async def run_demo(
             "ram_mb": parse_size(ram) >> 20,
             "disk_size": parse_size(disk_size),
             "workload": workload,
-            "storage": "shared",
+            # 'shared' needs the disk where both hosts see it; the others move it from a's own
+            "storage": "shared" if storage == "shared" else "local",
         }
         with Spinner(f"booting {DEMO_VM} on host {a.name}", enabled=verbose) as spinner:
             status = await start_vm(
@@ -113,8 +120,15 @@ async def run_demo(
                 f"{DEMO_VM} runs ioprobe ({workload}) on host {a.name}: first heartbeat after "
                 f"{status['boot_s']} s"
             )
+            while (beat := (await wait_heartbeats(a, DEMO_VM, 1, with_io=False))[-1])[
+                "phase"
+            ] == "prefill":
+                written = beat["written_blocks"] * 4096
+                spinner.update(f"ioprobe prefilling the disk: {written >> 20} MiB written")
             spinner.update("steady-state guest I/O before migrating")
-            await wait_heartbeats(a, DEMO_VM, BASELINE_BEATS, with_io=workload != "idle")
+            await wait_heartbeats(
+                a, DEMO_VM, BASELINE_BEATS, with_io=not workload.startswith("idle")
+            )
         say(f"migrating {DEMO_VM} {a.name} → {b.name} ({storage})")
         with MigrationProgress(enabled=verbose) as progress:
             return await migrate(

@@ -30,9 +30,11 @@ from devagent.report import MigrationReport
 @click.option(
     "--storage",
     type=click.Choice(STRATEGIES),
-    default=STRATEGIES[0],
+    default="hybrid",
     show_default=True,
-    help="How the disk moves. 'shared': both hosts see one image, only RAM moves.",
+    help="How the disk moves: hybrid (pushed from the start, the rest fetched after the "
+    "switchover), postcopy (fetched on demand and in the background after the switchover), "
+    "precopy (mirrored before the switchover), shared (both hosts see one image: RAM only).",
 )
 @click.option("--downtime-limit", type=int, help="QEMU's downtime limit in ms.")
 @json_option

@@ -18,6 +18,7 @@ class MigrationProgress:
         self.phase: str | None = None
         self.bars: Progress | None = None
         self.ram_task: Any = None
+        self.disk_task: Any = None
 
     def __enter__(self) -> MigrationProgress:
         if self.enabled and err.is_terminal:
@@ -48,11 +49,18 @@ class MigrationProgress:
         if phase != self.phase:
             self.phase = phase
             err.print(f"[bold]{job['vm']}[/]: {phase} ({job['progress'].get('elapsed_s', 0)} s)")
-        ram = job["progress"]
-        if self.bars is not None and "ram_total" in ram:
+        figures = job["progress"]
+        if self.bars is None:
+            return
+        if "ram_total" in figures:
             if self.ram_task is None:
-                self.ram_task = self.bars.add_task("RAM", total=ram["ram_total"])
-            self.bars.update(self.ram_task, completed=ram["ram_transferred"])
+                self.ram_task = self.bars.add_task("RAM ", total=figures["ram_total"])
+            self.bars.update(self.ram_task, completed=figures["ram_transferred"])
+        if "disk_done" in figures:
+            total = figures["disk_done"] + figures["disk_left"]
+            if self.disk_task is None:
+                self.disk_task = self.bars.add_task("disk", total=total)
+            self.bars.update(self.disk_task, completed=figures["disk_done"], total=total)
 
 
 class Spinner:
