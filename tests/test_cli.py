@@ -23,7 +23,9 @@ def cli(*args: str, check: bool = True, timeout: float = 240) -> subprocess.Comp
         [DEVAGENT, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"devagent {' '.join(args)} -> {result.returncode}\n{result.stderr}")
+        raise AssertionError(
+            f"devagent {' '.join(args)} -> {result.returncode}\n{result.stderr}\n{result.stdout}"
+        )
     return result
 
 

@@ -45,6 +45,7 @@ async def until_prefilled(at: Endpoint, vm: str) -> None:
 
 
 def check(report: MigrationReport) -> None:
+    assert report.status == "completed", report.error
     print(
         f"\n{report.storage} {report.source}→{report.destination}: switchover "
         f"{report.time_to_switchover_s} s, total {report.total_time_s} s (limit "

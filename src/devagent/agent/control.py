@@ -11,6 +11,7 @@ agent without ever sitting in the data path.
     POST /mirror                  {"target": SPEC, "sync", "converge_bytes", "rate_limit"}:
                                   mirror the device to another backend under the guest
     POST /mirror/cutover          once converged: last copy with I/O held, switch to target
+                                  (``{"keep_source": true}``: go on serving the source)
     POST /mirror/cancel           stop mirroring, keep serving the source
     POST /mirror/stop             the same, answering the chunks the target may still lack
     POST /flush                   make what was written durable now
@@ -145,6 +146,8 @@ async def _swap(request: web.Request) -> web.Response:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
     try:
         body = await request.json()
     except ValueError:
@@ -195,14 +198,19 @@ async def _mirror_cutover(request: web.Request) -> web.Response:
     """Wait for the mirror to converge, then copy the last dirty chunks with guest I/O held
     and switch the agent to the target. The source backend is closed."""
     agent, jobs = request.app[AGENT_KEY], request.app[MIRROR_KEY]
+    keep_source = bool((await _json_body(request)).get("keep_source", False))
     mirror, task = _running_mirror(request)
     if not await task and mirror.dirty_bytes > MAX_CUTOVER_DIRTY:
         raise StateError(f"the mirror did not converge: {mirror.stats()}")
     started = time.time()
-    source = await cutover(agent)
+    if keep_source:  # a migration: the target is complete, but this agent serves its own
+        await agent.swap_backend(mirror.source, before_switch=mirror.finish)
+        retired = mirror.target
+    else:
+        retired = await cutover(agent)
     held = time.time() - started
     jobs.clear()
-    await source.close()
+    await retired.close()
     return web.json_response(
         {
             "held_from": started,

@@ -289,8 +289,14 @@ async def prepare_incoming(request: web.Request) -> web.Response:
     backend = payload.get("backend")
     if backend is not None:
         check_spec(backend)
+    receive = bool(payload.get("receive", False))
     managed = await host.vms.prepare_incoming(
-        vm_request, config, Path(image) if image else None, size=size, backend=backend
+        vm_request,
+        config,
+        Path(image) if image else None,
+        size=size,
+        backend=backend,
+        receive=receive,
     )
     uri = f"tcp:{host.address}:{free_port(host.address)}"
     try:
@@ -298,8 +304,13 @@ async def prepare_incoming(request: web.Request) -> web.Response:
     except BaseException:
         await host.vms.remove(managed.name)
         raise
-    disk = managed.agents[0].tcp_address if managed.agents else None
-    answer = {"uri": uri, "disk_address": disk, "vm": managed.status()}
+    receiver = managed.receiver or (managed.agents[0] if managed.agents else None)
+    answer = {
+        "uri": uri,
+        "disk_address": receiver.tcp_address if receiver else None,
+        "disk_export": receiver.export if receiver else None,
+        "vm": managed.status(),
+    }
     return web.json_response(answer, status=201)
 
 
@@ -314,7 +325,8 @@ async def commit_incoming(request: web.Request) -> web.Response:
         if not isinstance(fetch, dict) or "remote" not in fetch:
             raise UsageError("'fetch' must be {'remote': SPEC, 'present': BASE64, 'chunk_size'}")
         check_spec(fetch["remote"])
-    resumed_at = await managed.commit_incoming(fetch)
+    local = bool(payload.get("local", False)) if isinstance(payload, dict) else False
+    resumed_at = await managed.commit_incoming(fetch, local=local)
     return web.json_response({"resumed_at": resumed_at, "vm": managed.status()})
 
 

@@ -87,7 +87,7 @@ class ExportManager:
     async def supervise_once(self) -> list[str]:
         restarted = []
         for name, agent in list(self.exports.items()):
-            if not agent.alive and name in self.exports:
+            if agent.pid is not None and not agent.alive and name in self.exports:
                 log.error("export %s: its agent died (%s); restarting it", name, agent.tail(2))
                 try:
                     await agent.start()

@@ -176,14 +176,20 @@ class MigrationJob:
             source_disk = {"kind": "remote", "address": agent.tcp_address, "export": agent.export}
             disk_size = int((await agent.call("GET", "/status"))["size"])
             incoming["size"] = disk_size
-            if storage == "postcopy":  # reads go to the source until the switchover
-                incoming["backend"] = source_disk
+            # Until the switchover the destination's QEMU reads through to the source (it
+            # reads a qcow2 header at launch, say); a mirror pushes into a receiver agent.
+            incoming["backend"] = source_disk
+            incoming["receive"] = storage in ("precopy", "hybrid")
         else:
             incoming["image"] = str(managed.image)  # the destination sees it too
         async with DaemonClient(self.request.destination, timeout=PEER_TIMEOUT_S) as peer:
             answer = await peer.post("/v1/incoming", incoming)
             uri = str(answer["uri"])
-            target = {"kind": "remote", "address": answer["disk_address"], "export": "disk0"}
+            target = {
+                "kind": "remote",
+                "address": answer["disk_address"],
+                "export": answer["disk_export"],
+            }
             handover: dict[str, Any] | None = None
             try:
                 if storage in ("precopy", "hybrid"):
@@ -201,7 +207,9 @@ class MigrationJob:
                 # QEMU stopped the guest here and flushed its disk: the switchover.
                 if storage == "precopy":
                     assert agent is not None
-                    cut = await agent.call("POST", "/mirror/cutover", timeout=PEER_TIMEOUT_S)
+                    cut = await agent.call(
+                        "POST", "/mirror/cutover", {"keep_source": True}, timeout=PEER_TIMEOUT_S
+                    )
                     self.progress["disk_bytes_pushed"] = cut["mirror"]["copied_bytes"]
                 elif storage == "hybrid":
                     assert agent is not None
@@ -214,7 +222,7 @@ class MigrationJob:
                 assert agent is not None
                 await agent.call("POST", "/fence")
             self._move(Phase.SWITCHOVER)
-            commit: dict[str, Any] = {}
+            commit: dict[str, Any] = {"local": storage == "precopy"}
             if storage in ("postcopy", "hybrid"):
                 commit["fetch"] = {"remote": source_disk, "chunk_size": FETCH_CHUNK}
                 if handover is not None:

@@ -214,6 +214,9 @@ class ManagedVm:
         self.agents = agents or []
         self.fetching: asyncio.Task[dict[str, Any]] | None = None  # replica being filled
         self.last_fetch: dict[str, Any] | None = None  # its figures, kept once it is local
+        # An incoming VM's replica as a mirror's target, until the switchover (the VM's own
+        # agent forwards to the source meanwhile, so QEMU never sees a half-copied disk).
+        self.receiver: AgentProcess | None = None
         self.heartbeats: deque[Heartbeat] = deque(maxlen=HEARTBEATS_KEPT)
         self.parser = ConsoleParser() if request.has_probe else None
         self.vm = Vm(config, run_dir, on_console=self._on_console if self.parser else None)
@@ -398,19 +401,29 @@ class ManagedVm:
                 return status
             await asyncio.sleep(0.1)
 
-    async def commit_incoming(self, fetch: dict[str, Any] | None) -> float:
+    async def commit_incoming(self, fetch: dict[str, Any] | None, local: bool = False) -> float:
         """The migration arrived: ready the disk, run the guest, return when it resumed.
 
         With ``fetch`` (postcopy, hybrid) the agent swaps to a Fetch replica of the source's
         disk (``fetch["remote"]``), seeded with the chunks a mirror already pushed
         (``fetch["present"]``, base64 bits), copying the rest in the background; a task
-        watches it complete. Nothing runs the guest before the disk is ready: QEMU was
+        watches it complete. With ``local`` (precopy) the replica is complete already and
+        the agent swaps to it. Nothing runs the guest before the disk is ready: QEMU was
         started paused (``-S``)."""
         deadline = time.time() + 30.0
         while (await self.vm.qmp("query-status"))["status"] == "inmigrate":
             if self.vm.exited or time.time() > deadline:
                 raise PeerError(f"VM {self.name}: the migration did not arrive")
             await asyncio.sleep(0.01)
+        if self.receiver is not None:  # the source stopped pushing: nothing lands later
+            await self.receiver.stop()
+            self.receiver = None
+        if local:
+            agent = self.agent_for("disk0")
+            await agent.call(
+                "POST", "/swap", {"backend": {"kind": "local", "path": str(self.image)}}
+            )
+            agent.backend = None
         if fetch is not None:
             agent = self.agent_for("disk0")
             size = self.image.stat().st_size
@@ -648,6 +661,7 @@ class VmManager:
         *,
         size: int = 0,
         backend: dict[str, Any] | None = None,
+        receive: bool = False,
     ) -> ManagedVm:
         """Start QEMU waiting for ``config``'s VM to arrive by live migration.
 
@@ -670,6 +684,20 @@ class VmManager:
             managed = self._add(
                 request, image, "incoming", config=config, backend=backend, paused=paused
             )
+            if receive:
+                managed.receiver = AgentProcess(
+                    vm=request.name,
+                    node="receive",
+                    image=str(image),
+                    run_dir=str(managed.run_dir),
+                    listen_address=self.address,
+                )
+        try:
+            if managed.receiver is not None:
+                await managed.receiver.start()
+        except BaseException:
+            await self.remove(managed.name)
+            raise
         await self._launch(managed)
         return managed
 
@@ -729,6 +757,8 @@ class VmManager:
         await managed.vm.stop()
         if managed.fetching is not None:
             managed.fetching.cancel()
+        if managed.receiver is not None:
+            await managed.receiver.stop()
         for agent in managed.agents:
             await agent.stop()
         made_here = managed.image.is_relative_to(self.root / "disks")
@@ -807,11 +837,13 @@ class VmManager:
         """Restart every agent of a live VM that died; returns what it restarted."""
         restarted = []
         for managed in list(self.vms.values()):
-            if managed.vm.state in (VmState.STOPPING, VmState.STOPPED) or managed.vm.exited:
+            if managed.vm.state not in (VmState.RUNNING, VmState.PAUSED, VmState.INCOMING):
+                continue  # not launched yet (its agents are being started), or going away
+            if managed.vm.exited:
                 continue
             for agent in managed.agents:
-                if agent.alive:
-                    continue
+                if agent.pid is None or agent.alive:
+                    continue  # never started, or alive
                 log.error(
                     "VM %s: agent for %s died (%s); restarting it",
                     managed.name,
