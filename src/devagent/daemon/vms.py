@@ -217,6 +217,7 @@ class ManagedVm:
         # An incoming VM's replica as a mirror's target, until the switchover (the VM's own
         # agent forwards to the source meanwhile, so QEMU never sees a half-copied disk).
         self.receiver: AgentProcess | None = None
+        self.retiring: asyncio.Task[None] | None = None  # the receiver, stopping
         self.heartbeats: deque[Heartbeat] = deque(maxlen=HEARTBEATS_KEPT)
         self.parser = ConsoleParser() if request.has_probe else None
         self.vm = Vm(config, run_dir, on_console=self._on_console if self.parser else None)
@@ -415,8 +416,8 @@ class ManagedVm:
             if self.vm.exited or time.time() > deadline:
                 raise PeerError(f"VM {self.name}: the migration did not arrive")
             await asyncio.sleep(0.01)
-        if self.receiver is not None:  # the source stopped pushing: nothing lands later
-            await self.receiver.stop()
+        if self.receiver is not None:  # the source stopped pushing: nothing lands later, so
+            self.retiring = asyncio.create_task(self.receiver.stop())  # off the critical path
             self.receiver = None
         if local:
             agent = self.agent_for("disk0")
@@ -559,6 +560,7 @@ class ManagedVm:
             "role": self.role,
             "image": str(self.image),
             "agents": [a.to_json() for a in self.agents],
+            "receiver": self.receiver.to_json() if self.receiver else None,
         }
         tmp = self.run_dir / "vm.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))
@@ -759,6 +761,8 @@ class VmManager:
             managed.fetching.cancel()
         if managed.receiver is not None:
             await managed.receiver.stop()
+        if managed.retiring is not None:
+            await managed.retiring
         for agent in managed.agents:
             await agent.stop()
         made_here = managed.image.is_relative_to(self.root / "disks")
@@ -794,6 +798,8 @@ class VmManager:
                 pid = int(record["pid"])
                 image = Path(record["image"])
                 agents = [AgentProcess.from_json(a) for a in record.get("agents", [])]
+                if record.get("receiver"):
+                    agents.append(AgentProcess.from_json(record["receiver"]))
             except (OSError, ValueError, KeyError, TypeError, UsageError) as err:
                 log.warning("cannot read %s: %s", record_path, err)
                 continue
