@@ -47,7 +47,7 @@ async def test_health_with_the_token(client: TestClient[object, object]) -> None
         (b"[1, 2]", "JSON object"),
         (b'{"name": "Bad Name!"}', "'name'"),
         (b'{"name": "ok", "ram_mb": "lots"}', "'ram_mb'"),
-        (b'{"name": "ok", "disk_size": "12Q"}', "bad size"),
+        (b'{"name": "ok", "disk_size": "12Q"}', "size '12Q'"),
         (b'{"name": "ok", "storage": "cloud"}', "'storage'"),
         (b'{"name": "ok", "colour": "red"}', "unknown field"),
         (b'{"name": "ok", "kernel": "/vmlinuz"}', "give 'disk' too"),

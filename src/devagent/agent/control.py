@@ -221,8 +221,9 @@ async def _mirror_cutover(request: web.Request) -> web.Response:
     )
 
 
-async def _mirror_cancel(request: web.Request) -> web.Response:
-    """Stop the mirror and go on serving its source; the target is closed, untouched after."""
+async def _end_mirror(request: web.Request) -> Mirrored:
+    """Stop the copy job and serve the mirror's source again; the swap waits for the copies
+    in flight, so nothing lands on the target after it. The target is closed."""
     agent, jobs = request.app[AGENT_KEY], request.app[MIRROR_KEY]
     mirror, task = _running_mirror(request)
     task.cancel()
@@ -231,6 +232,12 @@ async def _mirror_cancel(request: web.Request) -> web.Response:
     await agent.swap_backend(mirror.source)
     jobs.clear()
     await mirror.target.close()
+    return mirror
+
+
+async def _mirror_cancel(request: web.Request) -> web.Response:
+    """Stop the mirror and go on serving its source."""
+    mirror = await _end_mirror(request)
     return web.json_response({"cancelled": True, "mirror": mirror.stats()})
 
 
@@ -249,14 +256,7 @@ async def _fence(request: web.Request) -> web.Response:
 
 async def _mirror_stop(request: web.Request) -> web.Response:
     """Stop pushing and hand over what is left: the chunks the target may still lack."""
-    agent, jobs = request.app[AGENT_KEY], request.app[MIRROR_KEY]
-    mirror, task = _running_mirror(request)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, DevagentError):
-        await task
-    await agent.swap_backend(mirror.source)  # waits for copies in flight: none lands later
-    jobs.clear()
-    await mirror.target.close()
+    mirror = await _end_mirror(request)
     dirty = mirror.dirty_bitmap()
     return web.json_response(
         {

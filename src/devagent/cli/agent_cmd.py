@@ -15,14 +15,7 @@ from devagent.agent.bench import run_bench
 from devagent.agent.serve import parse_hostport, serve
 from devagent.agent.spec import check_spec
 from devagent.errors import DevagentError
-
-
-def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
+from devagent.guest.workload import parse_size
 
 
 def _uri(agent: BlockAgent, address: str) -> str:
@@ -132,7 +125,7 @@ def bench_cmd(as_json: bool, size: str, count_4k: int, count_1m: int, rounds: in
     """Drive the agent and qemu-nbd with the same client; print both and their ratio."""
     try:
         report = run_bench(
-            size=_size(size), count_small=count_4k, count_large=count_1m, rounds=rounds
+            size=parse_size(size), count_small=count_4k, count_large=count_1m, rounds=rounds
         )
     except DevagentError as err:
         raise click.ClickException(str(err)) from err

@@ -36,6 +36,7 @@ from devagent.guest.probe import (
     Verified,
     disk_digest,
 )
+from devagent.guest.workload import parse_size as parse_workload_size
 from devagent.guest.workload import parse_workload
 from devagent.qemu.accel import choose_accel
 from devagent.qemu.config import DiskFormat, DiskSpec, VmConfig
@@ -56,13 +57,7 @@ Role = Literal["running", "incoming", "migrated"]  # migrated: left behind, serv
 
 def parse_size(text: str | int) -> int:
     """``"1G"`` → 1073741824; plain integers are bytes."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
-    if not match:
-        raise UsageError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix")
-    power = " KMGT".index(match.group(2).upper() or " ")
-    return int(match.group(1)) << (10 * power)
+    return text if isinstance(text, int) else parse_workload_size(str(text))
 
 
 @dataclass(frozen=True)
