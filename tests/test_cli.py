@@ -65,7 +65,7 @@ def test_a_user_session_through_the_cli(cli_lab: str, guest: GuestImage, state_d
     )
     assert started["state"] == "running" and started["boot_s"] > 0
 
-    report = cli_json("migrate", "v1", "--to", "b")
+    report = cli_json("migrate", "v1", "--to", "b", "--storage", "shared")
     assert report["status"] == "completed"
     assert (report["guest_io_errors"], report["guest_verify_failures"]) == (0, 0)
     assert report["integrity"] == "ok"
@@ -82,7 +82,7 @@ def test_a_user_session_through_the_cli(cli_lab: str, guest: GuestImage, state_d
         "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),
         "--append", "console=ttyS0 quiet",
     )  # fmt: skip
-    user_report = cli_json("migrate", "u1", "--to", "b")
+    user_report = cli_json("migrate", "u1", "--to", "b", "--storage", "hybrid")
     assert user_report["status"] == "completed"
     assert user_report["downtime_ms"] is not None
     # Its agents' journals still give the I/O gap (long: that guest is idle) ...

@@ -861,8 +861,3 @@ class VmManager:
                 managed.save()
                 restarted.append(f"{managed.name}/{agent.node}")
         return restarted
-
-    async def stop_all(self) -> None:
-        """Used only by tests and lab teardown: daemons normally leave VMs running."""
-        for name in list(self.vms):
-            await self.remove(name)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp import QMPClient, QMPError
-from qemu.qmp.events import EventListener
 
 from devagent.errors import PeerError, StateError
 from devagent.qemu.config import VmConfig
@@ -366,4 +365,4 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["EventListener", "Vm", "VmState", "pid_alive"]
+__all__ = ["Vm", "VmState", "pid_alive"]
