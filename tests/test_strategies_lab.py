@@ -94,7 +94,7 @@ async def test_a_destination_dying_before_switchover_leaves_the_vm_on_the_source
     os.kill(b_daemon, signal.SIGKILL)
     failed = await attempt
     print(f"\nfailed as it should: {failed.error}")
-    assert failed.status == "failed" and "vanished" in (failed.error or "")
+    assert failed.status == "failed" and "host b" in (failed.error or "")
 
     # The VM runs on a, untouched: its probe goes on without an error.
     _, vm = await locate_vm([a], "rb1")

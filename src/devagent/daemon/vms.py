@@ -38,6 +38,7 @@ from devagent.guest.probe import (
 )
 from devagent.guest.workload import parse_size as parse_workload_size
 from devagent.guest.workload import parse_workload
+from devagent.lab.procs import terminate, under_path
 from devagent.qemu.accel import choose_accel
 from devagent.qemu.config import DiskFormat, DiskSpec, VmConfig
 from devagent.qemu.vm import Vm, VmState, pid_alive
@@ -772,6 +773,15 @@ class VmManager:
             shutil.rmtree(managed.run_dir, ignore_errors=True)
         log.info("VM %s removed from host %s", name, self.host_name)
 
+    async def _discard(self, folder: Path, image: Path) -> None:
+        """Kill whatever still runs from a VM's folder, remove it, and the replica made for
+        it on this host (never an image outside this host's own disks folder)."""
+        await asyncio.to_thread(terminate, under_path(folder), 2.0, 2.0)
+        if image.is_relative_to(self.root / "disks"):
+            for path in (image, presence_path(image)):
+                path.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
     async def _release_remote_disk(self, managed: ManagedVm) -> None:
         assert managed.request.disk_from is not None
         peer = Endpoint.from_json(managed.request.disk_from)
@@ -784,7 +794,12 @@ class VmManager:
             )
 
     async def adopt_all(self) -> None:
-        """After a daemon restart: take over every VM whose QEMU still runs, with its agents."""
+        """After a daemon restart: take over every VM whose QEMU still runs, with its agents;
+        remove what a start or a migration the daemon never saw through left behind."""
+        for folder in sorted((self.root / "vms").glob("*")):
+            if folder.is_dir() and not (folder / "vm.json").exists():
+                log.warning("%s has no record (a start that never finished): removing it", folder)
+                await self._discard(folder, self.root / "disks" / f"{folder.name}.img")
         for record_path in sorted((self.root / "vms").glob("*/vm.json")):
             try:
                 record = json.loads(record_path.read_text())
@@ -806,10 +821,7 @@ class VmManager:
                     os.kill(pid, signal.SIGKILL)
                 for agent in agents:
                     await agent.kill()
-                if image.is_relative_to(self.root / "disks"):
-                    for path in (image, presence_path(image)):
-                        path.unlink(missing_ok=True)
-                shutil.rmtree(record_path.parent, ignore_errors=True)
+                await self._discard(record_path.parent, image)
                 continue
             if not pid_alive(pid):
                 log.info("VM %s (pid %d) is gone; forgetting it", request.name, pid)
