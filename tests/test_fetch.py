@@ -580,20 +580,30 @@ async def test_qemu_io_through_a_fetch_agent_then_compare(tmp_path: Path) -> Non
         await src_agent.stop()
 
 
-async def test_a_seeded_presence_file_is_trusted(tmp_path: Path) -> None:
-    """Chunks a mirror pushed before switchover are served from the replica, not fetched."""
-    from devagent.agent.fetch import seed_presence
-
+async def test_seeded_chunks_are_served_from_the_replica_and_made_durable_later(
+    tmp_path: Path,
+) -> None:
+    """Chunks a mirror pushed before switchover are served from the replica, not fetched;
+    their bits reach the file only after a sync (like fetched ones), and a restarted agent
+    trusts its bitmap file, not the seed."""
     size, chunk = 8 * 65536, 65536
     source = FakeRemote(b"S" * size)
     replica = tmp_path / "replica.img"
     replica.write_bytes(b"M" * (4 * chunk) + bytes(size - 4 * chunk))  # chunks 0-3 pushed
-    seed_presence(replica, size, chunk, [0, 1, 2, 3])
-    fetch = Fetch(replica, source, chunk_size=chunk)
+    fetch = Fetch(replica, source, chunk_size=chunk, seed=[0, 1, 2, 3], sync_interval=60)
     try:
         assert fetch.present_bytes == 4 * chunk
+        assert presence_path(replica).read_bytes()[HEADER_SIZE:] == bytes(1)  # not durable yet
         assert await fetch.read(0, chunk) == b"M" * chunk  # from the replica
         assert await fetch.read(5 * chunk, chunk) == b"S" * chunk  # fetched
         assert not [off for off, _ in source.reads if off < 4 * chunk]
+        await fetch.settle()  # the early-answered read stores its chunk
+        await fetch.flush()
+        assert presence_path(replica).read_bytes()[HEADER_SIZE:] == bytes([0b101111])
     finally:
         await fetch.close()
+    again = Fetch(replica, source, chunk_size=chunk, seed=[6, 7])  # the file wins
+    try:
+        assert again.present_bytes == 5 * chunk
+    finally:
+        await again.close()

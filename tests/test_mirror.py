@@ -398,6 +398,37 @@ async def test_converges_under_a_steady_random_write_load() -> None:
     assert target.data == source.data
 
 
+async def test_an_active_mirror_converges_with_nothing_dirty_and_the_target_flushed() -> None:
+    """``active``: at convergence writes go to both sides and the rest is copied and flushed
+    with no hold, so the switchover's ``finish`` copies nothing."""
+    source, target = Disk(), Disk()
+    rng = random.Random(11)
+    fill(source, 0, 0x02, count=SIZE // CHUNK)
+    mirror = Mirrored(source, target, chunk_size=CHUNK, max_copy=CHUNK)
+    stop = asyncio.Event()
+
+    async def writer() -> None:  # the guest writes throughout, with no hold at any point
+        while not stop.is_set():
+            await mirror.write(rng.randrange(0, SIZE - 4096, 512), rng.randbytes(4096))
+            await asyncio.sleep(0)
+
+    load = asyncio.create_task(writer())
+    try:
+        assert await mirror.run(converge_bytes=8 * CHUNK, max_passes=20, active=True)
+        assert mirror.state is S.CONVERGED and mirror.dirty_bytes == 0
+        assert target.log[-1][0] in ("flush", "write")  # flushed; write-through may follow
+        assert "flush" in [op for op, _, _ in target.log]
+        await asyncio.sleep(0.01)  # more guest writes, each on both sides
+        assert mirror.dirty_bytes == 0
+    finally:
+        stop.set()
+        await load
+    copied = mirror.copied_bytes
+    await mirror.finish()
+    assert mirror.copied_bytes == copied and target.log[-1][0] == "flush"
+    assert target.data == source.data
+
+
 async def test_finish_flushes_the_target_after_the_last_copy() -> None:
     source, target = Disk(), Disk()
     fill(source, 7, 0x07)

@@ -71,6 +71,11 @@ class MigrationReport:
     disk_bytes_moved: int | None = None
     link_rate_bps: int | None = None
     io_gap_source: str | None = None
+    #: When the largest I/O gap began, in seconds after the migrate command.
+    max_io_gap_at_s: float | None = None
+    #: Seconds after the migrate command at which each step was reached (both hosts' steps:
+    #: the destination's are on the same wall clock).
+    timeline: dict[str, float] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -90,13 +95,20 @@ class MigrationReport:
 def largest_gap(times: Iterable[float], start: float, end: float) -> float | None:
     """Largest gap between consecutive ``times`` over [start, end], counting from the last
     time before ``start``."""
+    found = largest_gap_at(times, start, end)
+    return found[1] if found is not None else None
+
+
+def largest_gap_at(times: Iterable[float], start: float, end: float) -> tuple[float, float] | None:
+    """(when it began, how long) of the largest gap between consecutive ``times`` over
+    [start, end], counting from the last time before ``start``."""
     ordered = sorted(times)
     before = [t for t in ordered if t < start]
     inside = [t for t in ordered if start <= t <= end]
     points = before[-1:] + inside
     if len(points) < 2:
         return None
-    return max(b - a for a, b in pairwise(points))
+    return max(((a, b - a) for a, b in pairwise(points)), key=lambda gap: gap[1])
 
 
 def max_io_gap_s(beats: Sequence[Beat], start: float, end: float) -> float | None:
@@ -128,8 +140,7 @@ def fill_io_measures(
     ``completions`` (the agents' journals on both hosts) ``max_io_gap_ms`` is exact rather
     than bounded below by the heartbeats' 100 ms period."""
     if not beats and completions:
-        gap = largest_gap(completions, start, end)
-        report.max_io_gap_ms = round(gap * 1000, 1) if gap is not None else None
+        _fill_gap(report, largest_gap_at(completions, start, end), start)
         report.io_gap_source = "agent journals"
     if not beats:
         report.mark_missing(
@@ -144,13 +155,13 @@ def fill_io_measures(
         return
     window = [b for b in beats if start <= b.host_time <= end]
     if completions:
-        gap = largest_gap(completions, start, end)
+        found = largest_gap_at(completions, start, end)
         report.io_gap_source = "agent journals"
     else:
-        gap = max_io_gap_s(beats, start, end)
+        found = largest_gap_at((b.host_time for b in beats if b.ops > 0), start, end)
         report.io_gap_source = "probe heartbeats"
-    if gap is not None:
-        report.max_io_gap_ms = round(gap * 1000, 1)
+    if found is not None:
+        _fill_gap(report, found, start)
     else:
         report.missing["max_io_gap_ms"] = "the guest completed no I/O during the migration"
     if window:
@@ -164,6 +175,12 @@ def fill_io_measures(
     last = max(beats, key=lambda b: b.host_time)
     report.guest_io_errors = last.errors
     report.guest_verify_failures = last.verify_failures
+
+
+def _fill_gap(report: MigrationReport, found: tuple[float, float] | None, start: float) -> None:
+    if found is not None:
+        report.max_io_gap_ms = round(found[1] * 1000, 1)
+        report.max_io_gap_at_s = round(found[0] - start, 3)
 
 
 def limit_seconds(bytes_to_move: int, link_rate_bps: int | None) -> float | None:

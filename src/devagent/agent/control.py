@@ -8,8 +8,9 @@ agent without ever sitting in the data path.
     GET  /completions?since=T     wall-clock times of the completions after T
     POST /swap {"backend": SPEC}  open SPEC (see ``agent.spec``), make it the agent's backend
                                   (quiesce, switch, resume), close the old one
-    POST /mirror                  {"target": SPEC, "sync", "converge_bytes", "rate_limit"}:
-                                  mirror the device to another backend under the guest
+    POST /mirror                  {"target": SPEC, "sync", "converge_bytes", "rate_limit",
+                                  "active"}: mirror the device to another backend under
+                                  the guest (``active``: write-through once converged)
     POST /mirror/cutover          once converged: last copy with I/O held, switch to target
                                   (``{"keep_source": true}``: go on serving the source)
     POST /mirror/cancel           stop mirroring, keep serving the source
@@ -181,7 +182,10 @@ async def _mirror(request: web.Request) -> web.Response:
         await target.close()
         raise
     converge = int(body.get("converge_bytes", 0))
-    jobs["task"] = asyncio.create_task(mirror.run(converge_bytes=converge, max_passes=50))
+    active = bool(body.get("active", False))
+    jobs["task"] = asyncio.create_task(
+        mirror.run(converge_bytes=converge, max_passes=50, active=active)
+    )
     jobs["spec"] = spec
     return web.json_response({"mirror": mirror.stats(), "target": repr(target)}, status=202)
 

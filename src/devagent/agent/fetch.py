@@ -87,17 +87,9 @@ def presence_path(replica: str | Path) -> Path:
     return replica.with_name(replica.name + ".present")
 
 
-def seed_presence(replica: Path, size: int, chunk_size: int, present: Sequence[int]) -> None:
-    """Write a fresh presence file saying the ``present`` chunks are already in ``replica``
-    (a replica some other means filled, e.g. a mirror's push before switchover). The replica's
-    data must be durable first: the caller syncs it."""
-    bits = PresenceMap(presence_path(replica), size, chunk_size, fresh=True)
-    try:
-        bits.mark_present(present)
-        bits.persist(present)
-        bits.sync()
-    finally:
-        bits.close()
+def bits_to_chunks(bits: bytes, n_chunks: int) -> list[int]:
+    """The indexes of the set bits (bit ``i & 7`` of byte ``i >> 3``), below ``n_chunks``."""
+    return [i for i in range(min(len(bits) * 8, n_chunks)) if bits[i >> 3] & (1 << (i & 7))]
 
 
 class PresenceMap:
@@ -137,6 +129,7 @@ class PresenceMap:
         self.present = bytearray(bits)
         self.durable = bytearray(bits)
         self.count = sum(bin(b).count("1") for b in bits)
+        self.new = fresh or not header  # made now, not read back from an earlier run
 
     def is_present(self, index: int) -> bool:
         return bool(self.present[index >> 3] & (1 << (index & 7)))
@@ -283,6 +276,7 @@ class Fetch(Backend):
         copy_batch: int = 1 << 20,
         sync_batch: int = 256,
         sync_interval: float = 1.0,
+        seed: Sequence[int] = (),
     ) -> None:
         if chunk_size < 4096 or chunk_size & (chunk_size - 1) or chunk_size > FETCH_MAX:
             raise UsageError(f"chunk size must be a power of two in 4 KiB..8 MiB: {chunk_size}")
@@ -327,6 +321,11 @@ class Fetch(Backend):
         self.fetched_in_background = 0
         self.skipped_as_zero = 0
         self.log = log.getChild(self.path.name)
+        if self._map.new and seed:
+            # Chunks some other means put in the replica already (a mirror's push before a
+            # switchover): present now, durable after the next sync, exactly like fetched
+            # ones. Only into a new bitmap: a restarted agent trusts what its file says.
+            self._mark_fetched([c for c in seed if 0 <= c < self._map.n_chunks])
         self.log.info(
             "replica %s of %r: %d of %d chunks present%s",
             self.path,

@@ -415,13 +415,21 @@ class Mirrored(Backend):
 
     # -- the copy job ------------------------------------------------------------------------
 
-    async def run(self, *, converge_bytes: int = 0, max_passes: int = 10) -> bool:
+    async def run(
+        self, *, converge_bytes: int = 0, max_passes: int = 10, active: bool = False
+    ) -> bool:
         """Copy until the dirty set is at most ``converge_bytes`` (zero in sync mode).
 
         The first pass copies every chunk that holds data; each later pass copies what was
         dirtied meanwhile.  Returns True once CONVERGED, False if this call's ``max_passes``
         ran out (the state stays COPYING; call ``run`` again, or ``finish``).  ``passes``
         counts the passes of every call.  Raises MirrorFailed.
+
+        ``active``: once the dirty set is that small, guest writes start going to both
+        sides (write-through), the last dirty chunks are copied and the target is flushed,
+        all without holding the guest's I/O; only then CONVERGED.  ``finish`` then has
+        nothing left to copy and only the writes since to flush: a switchover's hold is
+        short whatever the disk's size.
         """
         if self.state is MirrorState.FAILED:
             raise self._failed_error()
@@ -438,6 +446,10 @@ class Mirrored(Backend):
             done = 0
             while self.state is MirrorState.COPYING:
                 if done and self.dirty_bytes <= limit:
+                    if active:
+                        await self._guard(self._drain(throttle=True))
+                        if self._is(MirrorState.FAILED):
+                            break
                     self._transition(MirrorEvent.CONVERGE)
                     return True
                 if done >= max_passes:
@@ -471,21 +483,27 @@ class Mirrored(Backend):
             return
         self._through = True
         await self._guard(self._sweep())
+        await self._guard(self._drain(throttle=False))
+        if self._is(MirrorState.FAILED):
+            raise self._failed_error()
+        self._transition(MirrorEvent.FINISH)
+        self.log.info("finished: %d bytes copied in %d passes", self.copied_bytes, self.passes)
+
+    async def _drain(self, *, throttle: bool) -> None:
+        """Go write-through, copy every dirty chunk, flush the target: then target ==
+        source, and stays so while writes go to both sides."""
+        self._through = True
         while not self._is(MirrorState.FAILED):
             busy = self._copying.union(self._writing)
             ready = [c for c in self._dirty_chunks() if c not in busy]
             if ready:
-                await self._guard(self._copy_pass(ready, throttle=False))
+                await self._copy_pass(ready, throttle=throttle)
             elif self._copying or self._writing or self._untracked_writes:
                 await self._pulse.wait()
             else:
                 break
         if not self._is(MirrorState.FAILED):
-            await self._guard(self.target.flush())
-        if self._is(MirrorState.FAILED):
-            raise self._failed_error()
-        self._transition(MirrorEvent.FINISH)
-        self.log.info("finished: %d bytes copied in %d passes", self.copied_bytes, self.passes)
+            await self.target.flush()
 
     async def _guard(self, job: Awaitable[None]) -> None:
         """Run a piece of the job; any error fails the job and leaves as MirrorFailed."""

@@ -5,17 +5,21 @@
      "io_timeout": 120, "connect_timeout": 10}
     {"kind": "fetch",  "path": "/replica.img", "remote": {a local or remote spec},
      "chunk_size": 65536, "rate_limit": null, "copier": true, "then_local": false,
-     "copy_workers": 2, "copy_batch": 1048576}
+     "copy_workers": 2, "copy_batch": 1048576, "present": BASE64}
 
 ``check_spec`` validates and fills defaults (``UsageError`` naming the bad field);
 ``open_backend`` opens the backend; ``Duties`` runs what a spec asks for after opening
 (``then_local``: once the replica is complete, swap the agent to ``Local(replica)`` and drop
-the remote).
+the remote). A fetch's ``present`` (base64 bits, bit ``i & 7`` of byte ``i >> 3`` for chunk
+``i``) names chunks already in the replica, e.g. pushed by a mirror before a switchover; it
+only seeds a new presence bitmap, never overrides one an earlier run of the agent kept.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -24,7 +28,7 @@ from typing import Any
 
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Backend, Local
-from devagent.agent.fetch import Fetch
+from devagent.agent.fetch import Fetch, bits_to_chunks
 from devagent.agent.mirror import Mirrored
 from devagent.agent.remote import Remote, parse_address
 from devagent.errors import DevagentError, StateError, UsageError
@@ -53,6 +57,7 @@ _FIELDS: dict[str, dict[str, tuple[type | tuple[type, ...], Any]]] = {
         "then_local": (bool, False),
         "copy_workers": (int, 2),
         "copy_batch": (int, 1 << 20),
+        "present": (str, ""),
     },
 }
 
@@ -98,7 +103,16 @@ def check_spec(spec: Any, *, where: str = "backend") -> Spec:
             raise UsageError(f"{where}.copy_workers: 1..64, got {out['copy_workers']}")
         if not size <= out["copy_batch"] <= 32 << 20:
             raise UsageError(f"{where}.copy_batch: chunk_size..32 MiB, got {out['copy_batch']}")
+        present_bits(out, where=where)
     return out
+
+
+def present_bits(spec: Spec, *, where: str = "backend") -> bytes:
+    """A fetch spec's ``present`` bits, decoded (``UsageError`` if it is not base64)."""
+    try:
+        return base64.b64decode(spec.get("present", ""), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise UsageError(f"{where}.present: not base64 bits: {err}") from None
 
 
 def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -127,6 +141,7 @@ async def open_backend(spec: Any) -> Backend:
             rate_limit=spec["rate_limit"],
             copy_workers=spec["copy_workers"],
             copy_batch=spec["copy_batch"],
+            seed=bits_to_chunks(present_bits(spec), 1 << 62),
         )
     except BaseException:
         await source.close()

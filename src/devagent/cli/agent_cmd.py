@@ -11,7 +11,6 @@ from pathlib import Path
 import click
 
 from devagent.agent.agent import BlockAgent
-from devagent.agent.bench import run_bench
 from devagent.agent.serve import parse_hostport, serve
 from devagent.agent.spec import check_spec
 from devagent.errors import DevagentError
@@ -123,6 +122,8 @@ def serve_cmd(
 @click.option("--rounds", default=5, show_default=True, help="Runs per server (best counts).")
 def bench_cmd(as_json: bool, size: str, count_4k: int, count_1m: int, rounds: int) -> None:
     """Drive the agent and qemu-nbd with the same client; print both and their ratio."""
+    from devagent.agent.bench import run_bench
+
     try:
         report = run_bench(
             size=parse_size(size), count_small=count_4k, count_large=count_1m, rounds=rounds
@@ -141,5 +142,5 @@ def bench_cmd(as_json: bool, size: str, count_4k: int, count_1m: int, rounds: in
     click.echo(f"client: {report['client']}")
 
 
-if __name__ == "__main__":  # the benchmark starts the agent as `python -m devagent.cli.agent_cmd`
+if __name__ == "__main__":  # the daemon and the benchmark start agents this way: it is lean
     agent_group()

@@ -68,10 +68,11 @@ class AgentProcess:
         return cls(**data)
 
     def argv(self) -> list[str]:
-        devagent = str(Path(sys.executable).with_name("devagent"))
+        # ``devagent agent serve``, through the agent's own command module: it imports only
+        # what an agent needs, so the agent is up sooner (a migration waits for it).
         source = [self.image] if self.backend is None else []  # else the spec says it
         argv = [
-            devagent, "agent", "serve", *source,
+            sys.executable, "-m", "devagent.cli.agent_cmd", "serve", *source,
             "--unix", str(self.nbd_socket),
             "--name", self.export,
             "--control", str(self.control_socket),

@@ -326,8 +326,9 @@ async def commit_incoming(request: web.Request) -> web.Response:
             raise UsageError("'fetch' must be {'remote': SPEC, 'present': BASE64, 'chunk_size'}")
         check_spec(fetch["remote"])
     local = bool(payload.get("local", False)) if isinstance(payload, dict) else False
-    resumed_at = await managed.commit_incoming(fetch, local=local)
-    return web.json_response({"resumed_at": resumed_at, "vm": managed.status()})
+    steps = await managed.commit_incoming(fetch, local=local)
+    resumed_at = steps.pop("resumed_at")
+    return web.json_response({"resumed_at": resumed_at, "steps": steps, "vm": managed.status()})
 
 
 async def abort_incoming(request: web.Request) -> web.Response:

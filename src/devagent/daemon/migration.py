@@ -15,12 +15,15 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from qemu.qmp import EventListener
 
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.host import Host
@@ -37,6 +40,9 @@ STRATEGIES = ("shared", "postcopy", "precopy", "hybrid")
 PEER_TIMEOUT_S = 600.0
 PEER_CHECK_S = 0.3  # how often the destination daemon is checked during the RAM phase
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
+#: Hybrid: the share of a known link rate the disk push may take while RAM migrates (the
+#: RAM decides the switchover; what the push leaves is fetched after it).
+HYBRID_PUSH_SHARE = float(os.environ.get("DEVAGENT_HYBRID_PUSH_SHARE", "0.25"))
 FETCH_CHUNK = 64 << 10
 POLL_S = 0.1
 BASELINE_S = 3.0  # steady-state window before the migration, for io_rate_ratio
@@ -123,6 +129,11 @@ class MigrationJob:
         self.log.info("migration %s to %s: %s", self.id, self.report.destination, phase.value)
         self.phase = phase
 
+    def _mark(self, step: str, at: float | None = None) -> None:
+        """Note on the report's timeline that ``step`` was reached (now, or at ``at``)."""
+        when = time.time() if at is None else at
+        self.report.timeline[step] = round(when - self.started_at, 3)
+
     def status(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -184,6 +195,7 @@ class MigrationJob:
             incoming["image"] = str(managed.image)  # the destination sees it too
         async with DaemonClient(self.request.destination, timeout=PEER_TIMEOUT_S) as peer:
             answer = await peer.post("/v1/incoming", incoming)
+            self._mark("destination_ready")
             uri = str(answer["uri"])
             target = {
                 "kind": "remote",
@@ -194,16 +206,22 @@ class MigrationJob:
             try:
                 if storage in ("precopy", "hybrid"):
                     assert agent is not None
-                    converge = PRECOPY_CONVERGE_BYTES if storage == "precopy" else 0
-                    await agent.call(
-                        "POST", "/mirror", {"target": target, "converge_bytes": converge}
-                    )
+                    mirror: dict[str, Any] = {"target": target}
+                    if storage == "precopy":  # converged, writes go to both copies
+                        mirror.update(converge_bytes=PRECOPY_CONVERGE_BYTES, active=True)
+                    elif self.request.link_rate_bps and HYBRID_PUSH_SHARE < 1:
+                        mirror["rate_limit"] = self._push_rate()
+                    await agent.call("POST", "/mirror", mirror)
+                    self._mark("mirror_started")
                 if storage == "precopy":
                     await self._disk_converged()
+                    self._mark("disk_converged")
                 for each in managed.agents:  # leave the switchover's own flush little to do
                     await each.call("POST", "/flush", timeout=PEER_TIMEOUT_S)
                 self._move(Phase.RAM)
+                self._mark("ram_started")
                 done = await self._ram(uri, peer)
+                self._mark("ram_completed")
                 # QEMU stopped the guest here and flushed its disk: the switchover.
                 if storage == "precopy":
                     assert agent is not None
@@ -215,12 +233,15 @@ class MigrationJob:
                     assert agent is not None
                     handover = await agent.call("POST", "/mirror/stop")
                     self.progress["disk_bytes_pushed"] = handover["mirror"]["copied_bytes"]
+                if storage in ("precopy", "hybrid"):
+                    self._mark("mirror_ended")
             except BaseException as err:
                 await self._roll_back(peer, err)
                 raise
             if moves_disk:  # one writer: the instance here may never write again
                 assert agent is not None
                 await agent.call("POST", "/fence")
+                self._mark("source_fenced")
             self._move(Phase.SWITCHOVER)
             commit: dict[str, Any] = {"local": storage == "precopy"}
             if storage in ("postcopy", "hybrid"):
@@ -230,6 +251,10 @@ class MigrationJob:
                     commit["fetch"]["chunk_size"] = handover["chunk_size"]
             committed = await peer.post(f"/v1/incoming/{managed.name}/commit", commit)
             resumed_at = float(committed["resumed_at"])
+            for step, at in committed.get("steps", {}).items():
+                self._mark(f"destination_{step}", float(at))
+            self._mark("resumed", resumed_at)
+            self._mark("committed")
             self._move(Phase.FINISHING)
             source_done = await managed.completions_since(t0 - BASELINE_S)
             managed.role = "migrated"
@@ -238,9 +263,11 @@ class MigrationJob:
             await (vm.kill() if moves_disk else vm.stop())
             if storage in ("postcopy", "hybrid"):
                 await self._disk_arrived(peer)
+                self._mark("disk_local")
             allocated = allocated_bytes(managed.image) if moves_disk else 0
             await self.host.vms.remove(managed.name, delete_disk=moves_disk)
             released_at = time.time()
+            self._mark("released", released_at)
             bytes1 = link_bytes(self.host.loopback)
             dest_beats = await self._settle(peer, resumed_at)
             dest_done = (
@@ -312,6 +339,10 @@ class MigrationJob:
                 return
             await asyncio.sleep(POLL_S)
 
+    def _push_rate(self) -> float:
+        """Bytes per second a hybrid push may take while RAM migrates."""
+        return (self.request.link_rate_bps or 0) / 8 * HYBRID_PUSH_SHARE
+
     def _disk_progress(self, done: int, left: int) -> None:
         self.progress.update(disk_done=done, disk_left=left)
 
@@ -341,11 +372,22 @@ class MigrationJob:
         capabilities = [{"capability": "events", "state": True}]
         capabilities.append({"capability": "auto-converge", "state": self.request.auto_converge})
         await vm.qmp("migrate-set-capabilities", capabilities=capabilities)
-        params: dict[str, Any] = {"max-bandwidth": (self.request.link_rate_bps or 8 << 33) // 8}
+        link = self.request.link_rate_bps
+        params: dict[str, Any] = {"max-bandwidth": (link or 8 << 33) // 8}
+        if link and self.request.storage == "hybrid":  # the push has the rest of the link
+            params["max-bandwidth"] = max(1, int(link / 8 - self._push_rate()))
         if self.request.downtime_limit_ms:
             params["downtime-limit"] = self.request.downtime_limit_ms
         await vm.qmp("migrate-set-parameters", **params)
-        await vm.qmp("migrate", uri=uri)
+        with vm.listen("MIGRATION", "STOP") as events:
+            await vm.qmp("migrate", uri=uri)
+            return await self._follow_ram(events, peer)
+
+    async def _follow_ram(self, events: EventListener, peer: DaemonClient) -> dict[str, Any]:
+        """Until QEMU's RAM migration ends: progress, the destination's health, and the
+        moment QEMU stopped the guest for the switchover (its STOP event's own stamp). The
+        loop wakes on every MIGRATION event, so the completion is seen at once."""
+        vm = self.managed.vm
         next_check = time.monotonic() + PEER_CHECK_S
         while True:
             info: dict[str, Any] = await vm.qmp("query-migrate")
@@ -375,7 +417,16 @@ class MigrationJob:
                         f"destination host {self.report.destination} vanished during the "
                         f"migration: {err}"
                     ) from err
-            await asyncio.sleep(POLL_S)
+            try:
+                event = await asyncio.wait_for(events.get(), POLL_S)
+            except TimeoutError:
+                continue
+            if event["event"] == "STOP":
+                stamp = event.get("timestamp")
+                at = None
+                if isinstance(stamp, dict):  # QEMU's own clock: the same host's wall clock
+                    at = float(stamp.get("seconds", 0)) + stamp.get("microseconds", 0) / 1e6
+                self._mark("source_stopped", at or None)
 
     async def _roll_back(self, peer: DaemonClient, cause: BaseException) -> None:
         """Before switchover: keep the VM on the source, leave nothing on the destination."""

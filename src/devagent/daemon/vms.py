@@ -9,7 +9,6 @@ daemon restart never touches a guest.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -23,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from devagent.agent.fetch import presence_path, seed_presence
+from devagent.agent.fetch import presence_path
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.errors import NotFound, PeerError, StateError, UsageError
@@ -132,14 +131,6 @@ class VmRequest:
     @property
     def has_probe(self) -> bool:
         return self.disk is None
-
-
-def _sync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def image_format(path: Path) -> DiskFormat:
@@ -398,8 +389,11 @@ class ManagedVm:
                 return status
             await asyncio.sleep(0.1)
 
-    async def commit_incoming(self, fetch: dict[str, Any] | None, local: bool = False) -> float:
-        """The migration arrived: ready the disk, run the guest, return when it resumed.
+    async def commit_incoming(
+        self, fetch: dict[str, Any] | None, local: bool = False
+    ) -> dict[str, float]:
+        """The migration arrived: ready the disk, run the guest, return when it resumed
+        (``resumed_at``) and when each step before it ended (wall clock).
 
         With ``fetch`` (postcopy, hybrid) the agent swaps to a Fetch replica of the source's
         disk (``fetch["remote"]``), seeded with the chunks a mirror already pushed
@@ -407,11 +401,13 @@ class ManagedVm:
         watches it complete. With ``local`` (precopy) the replica is complete already and
         the agent swaps to it. Nothing runs the guest before the disk is ready: QEMU was
         started paused (``-S``)."""
+        steps = {"commit": time.time()}
         deadline = time.time() + 30.0
         while (await self.vm.qmp("query-status"))["status"] == "inmigrate":
             if self.vm.exited or time.time() > deadline:
                 raise PeerError(f"VM {self.name}: the migration did not arrive")
             await asyncio.sleep(0.01)
+        steps["arrived"] = time.time()
         if self.receiver is not None:  # the source stopped pushing: nothing lands later, so
             self.retiring = asyncio.create_task(self.receiver.stop())  # off the critical path
             self.receiver = None
@@ -420,26 +416,23 @@ class ManagedVm:
             await agent.call(
                 "POST", "/swap", {"backend": {"kind": "local", "path": str(self.image)}}
             )
+            steps["disk_swapped"] = time.time()
             agent.backend = None
         if fetch is not None:
             agent = self.agent_for("disk0")
-            size = self.image.stat().st_size
-            chunk = int(fetch.get("chunk_size", FETCH_CHUNK))
-            present_bits = base64.b64decode(fetch.get("present", ""))
-            present = [i for i in range(len(present_bits) * 8)
-                       if present_bits[i >> 3] & (1 << (i & 7))]  # fmt: skip
-            if present:
-                await asyncio.to_thread(_sync_file, self.image)
-                await asyncio.to_thread(seed_presence, self.image, size, chunk, present)
+            # The chunks the mirror pushed are in the replica (the receiver wrote them): the
+            # agent serves them at once and makes them durable in the background.
             spec = {
                 "kind": "fetch",
                 "path": str(self.image),
                 "remote": fetch["remote"],
-                "chunk_size": chunk,
+                "chunk_size": int(fetch.get("chunk_size", FETCH_CHUNK)),
                 "copier": True,
                 "then_local": True,
+                "present": str(fetch.get("present", "")),
             }
             await agent.call("POST", "/swap", {"backend": spec})
+            steps["disk_swapped"] = time.time()
             agent.backend = spec
             self.fetching = asyncio.create_task(self._await_local(agent))
         if self.vm.state is not VmState.RUNNING:
@@ -448,7 +441,7 @@ class ManagedVm:
         self.role = "running"
         self.save()
         assert self.vm.resumed_at is not None
-        return self.vm.resumed_at
+        return {**steps, "resumed_at": self.vm.resumed_at}
 
     async def swap_disk(
         self, node: str, path: Path, *, sync: bool = False, rate_limit: int | None = None
@@ -690,13 +683,22 @@ class VmManager:
                     run_dir=str(managed.run_dir),
                     listen_address=self.address,
                 )
+        # The receiver starts beside the VM's own agent and QEMU: each agent takes a while
+        # to come up, and the migration waits for all of them.
+        receiver = managed.receiver
+        receiving = asyncio.ensure_future(receiver.start()) if receiver is not None else None
         try:
-            if managed.receiver is not None:
-                await managed.receiver.start()
+            await self._launch(managed)  # on failure it removes the VM (and its receiver)
+            if receiving is not None:
+                await receiving
         except BaseException:
-            await self.remove(managed.name)
+            if receiver is not None and receiving is not None:
+                receiving.cancel()
+                await asyncio.gather(receiving, return_exceptions=True)
+                await receiver.kill()
+            if managed.name in self.vms:
+                await self.remove(managed.name)
             raise
-        await self._launch(managed)
         return managed
 
     def _add(

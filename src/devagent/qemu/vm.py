@@ -19,12 +19,12 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import EventListener, QMPClient, QMPError
 
 from devagent.errors import PeerError, StateError
 from devagent.qemu.config import VmConfig
@@ -298,6 +298,14 @@ class Vm:
             return await self._qmp.execute(command, arguments or None)
         except QMPError as err:
             raise PeerError(f"VM {self.config.name}: QMP {command} failed: {err}") from err
+
+    @contextlib.contextmanager
+    def listen(self, *names: str) -> Iterator[EventListener]:
+        """QMP events of these names (all if none), queued from now until the block ends."""
+        if self._qmp is None:
+            raise StateError(f"VM {self.config.name}: no QMP session ({self.state.value})")
+        with self._qmp.listener(names or None) as listener:
+            yield listener
 
     async def wait_exit(self, timeout: float | None = None) -> bool:
         try:
