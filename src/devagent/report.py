@@ -76,6 +76,9 @@ class MigrationReport:
     #: Seconds after the migrate command at which each step was reached (both hosts' steps:
     #: the destination's are on the same wall clock).
     timeline: dict[str, float] = field(default_factory=dict)
+    #: The probe's heartbeats around the migration, one row each:
+    #: [seconds after the migrate command, host, ops in the beat, p99 ms, max latency ms].
+    io_series: list[list[Any]] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -181,6 +184,19 @@ def _fill_gap(report: MigrationReport, found: tuple[float, float] | None, start:
     if found is not None:
         report.max_io_gap_ms = round(found[1] * 1000, 1)
         report.max_io_gap_at_s = round(found[0] - start, 3)
+
+
+def io_series(
+    beats: Iterable[tuple[str, Beat]], start: float, end: float, t0: float
+) -> list[list[Any]]:
+    """The report's ``io_series``: (host, heartbeat) pairs within [start, end], oldest
+    first, as rows of [seconds after ``t0``, host, ops, p99 ms, max ms]."""
+    rows = [
+        [round(b.host_time - t0, 3), host, b.ops, b.lat_p99_us / 1000, b.lat_max_us / 1000]
+        for host, b in beats
+        if start <= b.host_time <= end
+    ]
+    return sorted(rows, key=lambda row: float(row[0]))
 
 
 def limit_seconds(bytes_to_move: int, link_rate_bps: int | None) -> float | None:

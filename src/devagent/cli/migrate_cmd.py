@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -19,14 +21,16 @@ from devagent.cli.common import (
 )
 from devagent.cli.progress import MigrationProgress
 from devagent.cli.render import report_table
+from devagent.client import DaemonClient
 from devagent.daemon.migration import STRATEGIES
-from devagent.orchestrate import locate_vm, migrate
+from devagent.errors import NotFound
+from devagent.orchestrate import follow_migration, locate_vm, migrate
 from devagent.report import MigrationReport
 
 
 @click.command("migrate")
 @click.argument("name")
-@click.option("--to", "to_host", required=True, help="Destination host (lab host name or URL).")
+@click.option("--to", "to_host", help="Destination host (lab host name or URL).")
 @click.option(
     "--storage",
     type=click.Choice(STRATEGIES),
@@ -37,20 +41,39 @@ from devagent.report import MigrationReport
     "precopy (mirrored before the switchover), shared (both hosts see one image: RAM only).",
 )
 @click.option("--downtime-limit", type=int, help="QEMU's downtime limit in ms.")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Do not start a migration: follow the one VM NAME is in now, to its report.",
+)
+@click.option(
+    "--plot",
+    "plot_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the timeline (phases, guest I/O rate and latency) into this PNG file.",
+)
 @json_option
 @lab_option
 def migrate_cmd(
     name: str,
-    to_host: str,
+    to_host: str | None,
     storage: str,
     downtime_limit: int | None,
+    watch: bool,
+    plot_file: Path | None,
     as_json: bool,
     lab_name: str,
 ) -> None:
     """Live-migrate VM NAME to host TO while its guest keeps doing I/O, then print the
-    measures: time to switchover, downtime, largest I/O gap, guest errors, and more."""
+    measures: time to switchover, downtime, largest I/O gap, guest errors, and more.
+    With --watch, follow a migration of NAME that is already running instead."""
+    if watch == (to_host is not None):
+        raise click.UsageError("give --to HOST to migrate, or --watch to follow a migration")
 
     async def go() -> MigrationReport:
+        if watch:
+            return await watch_migration(name, lab_name, enabled=not as_json)
+        assert to_host is not None
         source, _ = await locate_vm(lab_endpoints(lab_name), name)
         destination = endpoint_for(to_host, lab_name)
         if destination.url == source.url:
@@ -68,8 +91,26 @@ def migrate_cmd(
 
     report = run(go())
     show_report(report, as_json)
+    if plot_file is not None and report.timeline:
+        from devagent.plot import plot_timeline
+
+        plot_timeline(report, plot_file)
+        err.print(f"timeline drawn into {plot_file}")
     if report.status != "completed":
         sys.exit(1)
+
+
+async def watch_migration(name: str, lab_name: str, *, enabled: bool) -> MigrationReport:
+    """Follow the running migration of VM ``name`` (found on whichever lab host runs it as
+    the source) to its report."""
+    for endpoint in lab_endpoints(lab_name):
+        async with DaemonClient(endpoint) as client:
+            jobs: list[dict[str, Any]] = (await client.get("/v1/migrations"))["migrations"]
+            running = [j for j in jobs if j["vm"] == name and j["finished_at"] is None]
+            if running:
+                with MigrationProgress(enabled=enabled) as progress:
+                    return await follow_migration(client, running[-1]["id"], progress)
+    raise NotFound(f"VM {name} is not being migrated by any host of lab {lab_name!r}")
 
 
 def show_report(report: MigrationReport, as_json: bool) -> None:

@@ -32,7 +32,7 @@ from devagent.daemon.vms import ManagedVm
 from devagent.errors import DevagentError, PeerError, StateError, UsageError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.vm import VmState
-from devagent.report import MigrationReport, fill_io_measures, limit_seconds
+from devagent.report import MigrationReport, fill_io_measures, io_series, limit_seconds
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
 #: RAM decides the switchover; what the push leaves is fetched after it).
 HYBRID_PUSH_SHARE = float(os.environ.get("DEVAGENT_HYBRID_PUSH_SHARE", "0.25"))
 FETCH_CHUNK = 64 << 10
+COPY_WORKERS = 2  # the Fetch backend's default
+COPY_BATCH_MAX = 1 << 20
+COPY_AHEAD_S = 0.02  # how much link time the copier keeps in flight per worker
 POLL_S = 0.1
 BASELINE_S = 3.0  # steady-state window before the migration, for io_rate_ratio
 SETTLE_BEATS = 5  # heartbeats with I/O the destination must show before the report closes
@@ -249,6 +252,9 @@ class MigrationJob:
                 if handover is not None:
                     commit["fetch"]["present"] = _clean_chunks(handover)
                     commit["fetch"]["chunk_size"] = handover["chunk_size"]
+                commit["fetch"]["copy_batch"] = copy_batch(
+                    self.request.link_rate_bps, commit["fetch"]["chunk_size"]
+                )
             committed = await peer.post(f"/v1/incoming/{managed.name}/commit", commit)
             resumed_at = float(committed["resumed_at"])
             for step, at in committed.get("steps", {}).items():
@@ -294,6 +300,15 @@ class MigrationJob:
             if report.limit_s is None:
                 report.missing["limit_s"] = "the link rate is not known (unshaped link)"
             beats = [*managed.heartbeats, *dest_beats]
+            report.io_series = io_series(
+                [
+                    *((self.host.name, b) for b in managed.heartbeats),
+                    *((report.destination, b) for b in dest_beats),
+                ],
+                t0 - BASELINE_S,
+                max(released_at, resumed_at) + 1.0,
+                t0,
+            )
             fill_io_measures(
                 report,
                 beats,
@@ -467,6 +482,19 @@ def _clean_chunks(handover: dict[str, Any]) -> str:
     if n % 8:
         clean[-1] &= (1 << (n % 8)) - 1
     return base64.b64encode(bytes(clean)).decode()
+
+
+def copy_batch(link_rate_bps: int | None, chunk_size: int) -> int:
+    """Bytes per background copy request after the switchover: what the link moves in
+    ``COPY_AHEAD_S`` for each copy worker, so that a guest read fetched on demand waits
+    behind little of the copier's data (at 100 Mbit/s: 128 KiB, not 1 MiB)."""
+    if not link_rate_bps:
+        return COPY_BATCH_MAX
+    wanted = int(link_rate_bps / 8 * COPY_AHEAD_S / COPY_WORKERS)
+    batch = chunk_size
+    while batch * 2 <= min(wanted, COPY_BATCH_MAX):
+        batch *= 2
+    return batch
 
 
 def allocated_bytes(path: Path) -> int:

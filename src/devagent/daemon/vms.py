@@ -431,6 +431,8 @@ class ManagedVm:
                 "then_local": True,
                 "present": str(fetch.get("present", "")),
             }
+            if "copy_batch" in fetch:
+                spec["copy_batch"] = fetch["copy_batch"]
             await agent.call("POST", "/swap", {"backend": spec})
             steps["disk_swapped"] = time.time()
             agent.backend = spec
