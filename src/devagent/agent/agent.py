@@ -26,7 +26,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.agent.journal import Entry, Journal, JournalClosed
@@ -112,8 +112,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's are not asyncio.Transport subclasses, hence the cast).
+        self.transport = cast(asyncio.Transport, transport)
         self.agent._accepted += 1
         peer = transport.get_extra_info("peername") or f"unix#{self.agent._accepted}"
         if isinstance(peer, tuple):

@@ -2,17 +2,20 @@
 
 Makes a 2-host lab, boots the test guest with ioprobe on host a, lets it settle, live-migrates
 it to host b while ioprobe writes and verifies, prints the report, and removes the lab — also
-when a step fails.
+when a step fails. ``--migrations N`` moves it back and forth N times in a row (a→b, b→a, …),
+each verified, and prints one row per migration.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 
 import click
+from rich.table import Table
 
-from devagent.cli.common import err, json_option, run
+from devagent.cli.common import err, json_option, out, print_json, run
 from devagent.cli.migrate_cmd import show_report
 from devagent.cli.progress import MigrationProgress, Spinner
 from devagent.client import Endpoint
@@ -45,6 +48,19 @@ BASELINE_BEATS = 30  # three seconds of steady guest I/O before migrating
     help="ioprobe profile; prefill writes that much of the disk before the migration.",
 )
 @click.option("--loopback", is_flag=True, help="Hosts on 127.0.0.1 instead of namespaces.")
+@click.option(
+    "--migrations",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Migrate back and forth this many times in a row (a→b, b→a, …), each verified.",
+)
+@click.option(
+    "--plot",
+    "plot_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Draw the (last) migration's timeline into this PNG file.",
+)
 @json_option
 def demo_cmd(
     storage: str,
@@ -53,10 +69,12 @@ def demo_cmd(
     ram: str,
     workload: str,
     loopback: bool,
+    migrations: int,
+    plot_file: Path | None,
     as_json: bool,
 ) -> None:
     """Run devagent's main job end to end on a fresh 2-host lab and print its report."""
-    report = run(
+    reports = run(
         run_demo(
             storage=storage,
             link_rate=None if loopback else link_rate,
@@ -65,16 +83,53 @@ def demo_cmd(
             workload=workload,
             loopback=loopback,
             verbose=not as_json,
+            migrations=migrations,
         )
     )
-    show_report(report, as_json)
-    healthy = (
-        report.status == "completed"
-        and report.guest_io_errors == 0
-        and report.guest_verify_failures == 0
-        and report.integrity == "ok"
+    if migrations == 1:
+        show_report(reports[0], as_json)
+    elif as_json:
+        print_json({"migrations": [r.to_json() for r in reports], "healthy": healthy(reports)})
+    else:
+        out.print(round_trip_table(reports))
+    if plot_file is not None and reports[-1].timeline:
+        from devagent.plot import plot_timeline
+
+        plot_timeline(reports[-1], plot_file)
+        err.print(f"timeline drawn into {plot_file}")
+    sys.exit(0 if healthy(reports) and len(reports) == migrations else 1)
+
+
+def healthy(reports: list[MigrationReport]) -> bool:
+    """Every migration completed with no guest error or verify failure, integrity ok."""
+    return all(
+        r.status == "completed"
+        and r.guest_io_errors == 0
+        and r.guest_verify_failures == 0
+        and r.integrity == "ok"
+        for r in reports
     )
-    sys.exit(0 if healthy else 1)
+
+
+def round_trip_table(reports: list[MigrationReport]) -> Table:
+    table = Table(title=f"{len(reports)} migrations in a row", title_justify="left")
+    for column in ("#", "from → to", "status", "switchover s", "total s", "limit s",
+                   "downtime ms", "max I/O gap ms", "errors / verify", "integrity"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("from → to", "status") else "right")
+    for index, r in enumerate(reports, 1):
+        table.add_row(
+            str(index),
+            f"{r.source} → {r.destination}",
+            r.status if r.status == "completed" else f"[red]{r.status}: {r.error}[/]",
+            str(r.time_to_switchover_s),
+            str(r.total_time_s),
+            str(r.limit_s),
+            str(r.downtime_ms),
+            str(r.max_io_gap_ms),
+            f"{r.guest_io_errors} / {r.guest_verify_failures}",
+            str(r.integrity),
+        )
+    return table
 
 
 async def run_demo(
@@ -86,7 +141,9 @@ async def run_demo(
     workload: str,
     loopback: bool,
     verbose: bool,
-) -> MigrationReport:
+    migrations: int = 1,
+) -> list[MigrationReport]:
+    """Every migration's report, in order; it stops after the first that is not healthy."""
     from devagent.lab.lab import Lab
 
     def say(text: str) -> None:
@@ -129,16 +186,36 @@ async def run_demo(
             await wait_heartbeats(
                 a, DEMO_VM, BASELINE_BEATS, with_io=not workload.startswith("idle")
             )
-        say(f"migrating {DEMO_VM} {a.name} → {b.name} ({storage})")
-        with MigrationProgress(enabled=verbose) as progress:
-            return await migrate(
-                a,
-                b,
-                DEMO_VM,
-                storage=storage,
-                link_rate_bps=getattr(lab, "link_rate_bps", None),
-                progress=progress,
-            )
+        reports: list[MigrationReport] = []
+        source, destination = a, b
+        for index in range(migrations):
+            if index:  # the baseline of the next one: steady I/O on its source
+                await wait_heartbeats(
+                    source, DEMO_VM, BASELINE_BEATS, with_io=not workload.startswith("idle")
+                )
+            count = f" ({index + 1} of {migrations})" if migrations > 1 else ""
+            say(f"migrating {DEMO_VM} {source.name} → {destination.name} ({storage}){count}")
+            with MigrationProgress(enabled=verbose) as progress:
+                report = await migrate(
+                    source,
+                    destination,
+                    DEMO_VM,
+                    storage=storage,
+                    link_rate_bps=getattr(lab, "link_rate_bps", None),
+                    progress=progress,
+                )
+            reports.append(report)
+            if migrations > 1:
+                say(
+                    f"  {report.status}: switchover {report.time_to_switchover_s} s, total "
+                    f"{report.total_time_s} s, max I/O gap {report.max_io_gap_ms} ms, "
+                    f"errors {report.guest_io_errors}/{report.guest_verify_failures}, "
+                    f"integrity {report.integrity}"
+                )
+            if not healthy([report]):
+                break
+            source, destination = destination, source
+        return reports
     finally:
         say(f"removing the lab {DEMO_LAB!r}")
         await asyncio.to_thread(lab.down)
