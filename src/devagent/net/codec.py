@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from devagent.errors import ProtocolError, UsageError
-from devagent.nbd.codec import Buffer, Bytes
+from devagent.nbd.codec import Buffer
+
+Bytes = bytes | bytearray | memoryview
 
 #: The length header, network byte order (``net_stream_receive``: ``htonl(size)``).
 LENGTH = struct.Struct(">I")
