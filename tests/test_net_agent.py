@@ -247,6 +247,28 @@ async def test_migration_order_hold_forward_release_loses_nothing() -> None:
             await made.agent.stop()
 
 
+async def test_forward_while_held_hands_the_kept_frames_over_first() -> None:
+    """The source's half: held before its VM stops, forwarding once the VM runs on the
+    destination; what the source kept reaches the destination before what follows."""
+    source, dest = await make_rig("src"), await make_rig("dst")
+    try:
+        host, port = await dest.agent.listen_peer("127.0.0.1", 0)
+        source.agent.hold()
+        for k in range(5):
+            source.uplink.inject(eth(k))
+        assert await source.agent.forward(host, port) == 5
+        assert not source.agent.held
+        source.uplink.inject(eth(5))
+        assert await dest.vm.receive(6) == [eth(k) for k in range(6)]
+        assert await source.vm.nothing_for(0.1)
+        assert source.agent.net_frames_forwarded == 6
+        assert source.agent.delivered_from_hold == 0
+    finally:
+        for made in (source, dest):
+            await made.vm.close()
+            await made.agent.stop()
+
+
 async def test_forward_to_nobody_is_a_state_error(rig: Rig) -> None:
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]

@@ -19,7 +19,8 @@ Two directions, each a plain function call per frame on the loop (no queue, no t
 * **→ VM** (frames from the uplink, or from a peer agent): to QEMU, unless the agent is
   **held**, in which case they wait in a bounded buffer (count and bytes; past either bound
   the newest frame is dropped and counted) until ``release`` delivers them in arrival order.
-  With **forward** on, frames from the uplink go to the peer agent instead of the VM.
+  With **forward** on, frames from the uplink go to the peer agent instead of the VM;
+  forwarding that starts while held sends the kept frames first (a switchover's source).
 
 A frame that cannot be delivered (no VM connected, a full socket buffer, a full hold buffer,
 a dead peer) is dropped and counted in ``net_frames_lost`` with its reason: an Ethernet NIC
@@ -475,9 +476,14 @@ class NetAgent:
 
     # -- forwarding to a peer ----------------------------------------------------------------
 
-    async def forward(self, host: str, port: int, *, timeout: float = 5.0) -> None:
+    async def forward(self, host: str, port: int, *, timeout: float = 5.0) -> int:
         """Send the frames from the uplink to the peer agent at ``host:port`` instead of to
-        the VM, until :meth:`stop_forward`."""
+        the VM, until :meth:`stop_forward`.
+
+        If the agent is held, its kept frames go to the peer first, in order, and the hold
+        ends: the source's half of a switchover (hold before the VM stops here, forward once
+        it runs there) loses nothing that reached this agent.  Returns how many were handed
+        over that way."""
         self._require(AgentState.RUNNING)
         if self._forward is not None:
             raise StateError(f"net agent {self.label} already forwards to {self._forward.peer}")
@@ -492,8 +498,23 @@ class NetAgent:
             raise StateError(f"net agent {self.label}: cannot reach peer {peer}: {err}") from err
         if link not in self._peers:  # gone already, or refused while stopping
             raise StateError(f"net agent {self.label}: peer {peer} went away at once")
-        self._forward = _Forward(peer, link)
-        link.log.info("forwarding uplink frames to the peer")
+        forward = self._forward = _Forward(peer, link)
+        handed_over = 0
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            if hold.timer is not None:
+                hold.timer.cancel()
+            for frame in hold.frames:
+                if link.send(frame):
+                    handed_over += 1
+                else:
+                    self._lose(LostReason.PEER)
+            forward.frames += handed_over
+            self.net_frames_forwarded += handed_over
+        link.log.info(
+            "forwarding uplink frames to the peer (%d held frames handed over)", handed_over
+        )
+        return handed_over
 
     async def stop_forward(self) -> dict[str, Any]:
         """Deliver uplink frames to the local VM again; close the link once it has sent

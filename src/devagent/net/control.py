@@ -9,7 +9,8 @@ NIC's part of a migration through it; it is never in the data path.
                                        delivering them; released by the agent itself after
                                        ``max_hold_s`` if nobody does
     POST /release                      deliver the kept frames in order, then go on
-    POST /forward {"peer": "HOST:PORT"}   send the uplink's frames to that peer agent
+    POST /forward {"peer": "HOST:PORT"}   send the uplink's frames to that peer agent (if
+                                       held, the kept frames first: the hold ends)
     POST /stop-forward                 deliver them to the local VM again
     POST /swap {"uplink": SPEC}        open SPEC (``{"kind": "tap", "name": NAME}``) and make
                                        it the uplink without losing a frame
@@ -107,8 +108,8 @@ async def _forward(request: web.Request) -> web.Response:
         raise UsageError('the body must be {"peer": "HOST:PORT"}')
     host, port = parse_hostport(peer.removeprefix("tcp:"))
     agent = request.app[AGENT_KEY]
-    await agent.forward(host, port)
-    return web.json_response({"forwarding": f"{host}:{port}"})
+    handed_over = await agent.forward(host, port)
+    return web.json_response({"forwarding": f"{host}:{port}", "handed_over": handed_over})
 
 
 async def _stop_forward(request: web.Request) -> web.Response:
