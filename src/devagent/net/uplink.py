@@ -20,12 +20,13 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
-from devagent.errors import EnvironmentProblem, NotFound, UsageError
+from devagent.errors import EnvironmentProblem, NotFound, StateError, UsageError
 from devagent.net.codec import Bytes, Limit
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,10 @@ class TapUplink(Uplink):
         if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
             raise UsageError(f"bad tap name {name!r} (1 to {IFNAMSIZ - 1} bytes, no '/')")
         self.name = name
+        try:  # TUNSETIFF would make a new, unbridged tap of a name that does not exist
+            socket.if_nametoindex(name)
+        except OSError as err:
+            raise NotFound(f"no network interface {name!r} in this namespace") from err
         try:
             fd = os.open(tun_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError as err:
@@ -111,10 +116,11 @@ class TapUplink(Uplink):
             fcntl.ioctl(fd, TUNSETIFF, IFREQ.pack(name.encode(), IFF_TAP | IFF_NO_PI))
         except OSError as err:
             os.close(fd)
-            if err.errno in (errno.EPERM, errno.EBUSY):
-                raise UsageError(f"tap {name}: {os.strerror(err.errno)}") from err
-            raise NotFound(f"cannot attach to tap {name}: {err}") from err
+            if err.errno == errno.EBUSY:
+                raise StateError(f"tap {name} is in use by another process") from err
+            raise UsageError(f"cannot attach to {name} as a tap: {err}") from err
         self._fd: int | None = fd
+        self.failed: str | None = None  # why reading stopped for good
         self._deliver: Deliver | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -141,7 +147,9 @@ class TapUplink(Uplink):
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as err:  # the tap was deleted under us, say
-                log.warning("tap %s: read failed: %s", self.name, err)
+                log.error("tap %s: read failed, no more frames from it: %s", self.name, err)
+                self.failed = str(err)
+                self.stop_reading()
                 break
             if not frame:
                 break
@@ -168,6 +176,9 @@ class TapUplink(Uplink):
             log.debug("tap %s: write failed: %s", self.name, err)
             return self._sent(frame, False)
         return self._sent(frame, written == len(frame))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "failed": self.failed}
 
     async def close(self) -> None:
         self.stop_reading()
