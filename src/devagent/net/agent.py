@@ -119,6 +119,7 @@ class _Link(asyncio.Protocol):
             log, {"where": f"{agent.label} {role.value} {name}"}
         )
         self.sent_frames = 0
+        self.dropped = 0  # frames of this link's peer dropped as bad (logged once, then summed)
 
     # -- asyncio callbacks -------------------------------------------------------------------
 
@@ -141,6 +142,8 @@ class _Link(asyncio.Protocol):
         return False  # close our side too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.dropped > 1:
+            self.log.warning("%d bad frames dropped on this connection in all", self.dropped)
         self.agent._link_down(self, exc)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -161,7 +164,9 @@ class _Link(asyncio.Protocol):
                 return
             if isinstance(event, Dropped):
                 self.agent._count_bad(self.role, event.reason)
-                self.log.warning(
+                self.dropped += 1
+                self.log.log(
+                    logging.WARNING if self.dropped == 1 else logging.DEBUG,
                     "dropped a %s frame (declared %s bytes, %d came)",
                     event.reason.value,
                     event.length,
