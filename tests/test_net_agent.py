@@ -15,7 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from devagent.errors import StateError, UsageError
+from devagent.errors import PeerError, StateError, UsageError
 from devagent.net.agent import AgentState, NetAgent
 from devagent.net.codec import Limit, encode_frame
 from devagent.net.control import serve_control
@@ -269,14 +269,25 @@ async def test_forward_while_held_hands_the_kept_frames_over_first() -> None:
             await made.agent.stop()
 
 
-async def test_forward_to_nobody_is_a_state_error(rig: Rig) -> None:
+async def test_forward_to_nobody_is_a_peer_error(rig: Rig) -> None:
     server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     server.close()
     await server.wait_closed()
-    with pytest.raises(StateError, match="cannot reach"):
+    with pytest.raises(PeerError, match="cannot reach"):
         await rig.agent.forward("127.0.0.1", port)
     assert rig.agent.stats()["forward"] is None
+
+
+async def test_two_forwards_at_once_leave_one_forwarding(rig: Rig) -> None:
+    host, port = await rig.agent.listen_peer("127.0.0.1", 0)
+    results = await asyncio.gather(
+        rig.agent.forward(host, port), rig.agent.forward(host, port), return_exceptions=True
+    )
+    assert sorted(type(r).__name__ for r in results) == ["StateError", "int"]
+    forward = rig.agent.stats()["forward"]
+    assert forward is not None and forward["peer"] == f"{host}:{port}"
+    await rig.agent.stop_forward()
 
 
 async def test_a_lost_forwarding_peer_sends_frames_back_to_the_vm(rig: Rig) -> None:
@@ -501,6 +512,8 @@ async def test_control_api(rig: Rig, tmp_path: Path) -> None:
             assert rig.agent.uplink is opened[0]
 
             assert (await control.call("POST", "/forward", {"peer": "nonsense"}))[0] == 400
+            unreachable = {"peer": "127.0.0.1:1"}
+            assert (await control.call("POST", "/forward", unreachable))[0] == 502
             assert (await control.call("POST", "/stop-forward"))[0] == 409
             host, port = await rig.agent.listen_peer("127.0.0.1", 0)
             status, body = await control.call("POST", "/forward", {"peer": f"tcp:{host}:{port}"})

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from devagent.errors import StateError, UsageError
+from devagent.errors import PeerError, StateError, UsageError
 from devagent.net.codec import (
     NEED_DATA,
     Bytes,
@@ -500,9 +500,14 @@ class NetAgent:
                 timeout,
             )
         except (OSError, TimeoutError) as err:
-            raise StateError(f"net agent {self.label}: cannot reach peer {peer}: {err}") from err
-        if link not in self._peers:  # gone already, or refused while stopping
-            raise StateError(f"net agent {self.label}: peer {peer} went away at once")
+            raise PeerError(f"net agent {self.label}: cannot reach peer {peer}: {err}") from err
+        if self.state is not AgentState.RUNNING or self._forward is not None:
+            link.close()  # stopped, or another forward won the race while we connected
+            self._require(AgentState.RUNNING)
+            winner = self._forward.peer if self._forward is not None else "?"
+            raise StateError(f"net agent {self.label} already forwards to {winner}")
+        if link not in self._peers:  # gone already
+            raise PeerError(f"net agent {self.label}: peer {peer} went away at once")
         forward = self._forward = _Forward(peer, link)
         handed_over = 0
         hold, self._hold = self._hold, None

@@ -16,7 +16,8 @@ NIC's part of a migration through it; it is never in the data path.
                                        it the uplink without losing a frame
     POST /stop                         stop the agent (the process exits)
 
-Errors are JSON ``{"error": ...}``: 400 for a bad request, 409 for the wrong state.
+Errors are JSON ``{"error": ...}``: 400 for a bad request, 409 for the wrong state, 502 for
+a peer agent that cannot be reached.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from devagent.agent.serve import parse_hostport
-from devagent.errors import DevagentError, StateError, UsageError
+from devagent.errors import DevagentError, PeerError, StateError, UsageError
 from devagent.net.agent import HOLD_MAX_BYTES, HOLD_MAX_FRAMES, NetAgent
 from devagent.net.uplink import Uplink, check_uplink_spec, open_uplink
 
@@ -58,6 +59,8 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return _error(400, str(err))
     except StateError as err:
         return _error(409, str(err))
+    except PeerError as err:
+        return _error(502, str(err))
     except DevagentError as err:
         return _error(500, str(err))
 
