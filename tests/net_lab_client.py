@@ -1,7 +1,8 @@
 """Run inside a network namespace (``ip netns exec NS python net_lab_client.py ...``): talk
 to the test guest's TCP services and print one JSON line saying what came back.
 
-    echo HOST PORT BYTES SEED     send BYTES pseudo-random bytes, half-close, read the echo
+    echo HOST PORT BYTES SEED [RATE]   send BYTES pseudo-random bytes (at most RATE bytes/s),
+                                  half-close, read the echo
     stream HOST PORT LINES        read the lines "1\\n2\\n..." up to LINES, check each one
 """
 
@@ -16,7 +17,7 @@ import threading
 import time
 
 
-def echo(host: str, port: int, size: int, seed: int) -> dict[str, object]:
+def echo(host: str, port: int, size: int, seed: int, rate: int = 0) -> dict[str, object]:
     data = random.Random(seed).randbytes(size)
     sock = socket.create_connection((host, port), timeout=60)
     received = bytearray()
@@ -29,8 +30,10 @@ def echo(host: str, port: int, size: int, seed: int) -> dict[str, object]:
     reader = threading.Thread(target=read)
     reader.start()
     view = memoryview(data)
-    for offset in range(0, size, 8192):  # paced a little, so a swap lands mid-stream
+    for offset in range(0, size, 8192):
         sock.sendall(view[offset : offset + 8192])
+        if rate:  # paced, so that what the test does meanwhile lands mid-stream
+            time.sleep(max(0.0, started + (offset + 8192) / rate - time.monotonic()))
     sock.shutdown(socket.SHUT_WR)
     reader.join(120)
     sock.close()
@@ -67,7 +70,7 @@ def stream(host: str, port: int, lines: int) -> dict[str, object]:
 def main(argv: list[str]) -> None:
     kind, host, port = argv[0], argv[1], int(argv[2])
     if kind == "echo":
-        result = echo(host, port, int(argv[3]), int(argv[4]))
+        result = echo(host, port, int(argv[3]), int(argv[4]), *(int(a) for a in argv[5:6]))
     elif kind == "stream":
         result = stream(host, port, int(argv[3]))
     else:
