@@ -1,7 +1,8 @@
 """End to end: the test guest's NIC on a real net agent whose uplink is a tap on a bridge in
 a network namespace of this test's own (``net...``).  From the namespace: ping the guest,
 push bytes through its echo service and read its numbered stream, every byte checked;
-then swap the agent's uplink to a second tap and restart the agent under a live stream.
+then swap the agent's uplink to a second tap and restart the agent under a live stream; and
+a real live migration to a second QEMU and agent, driven in the order the daemon will use.
 Everything (QEMU, agent, namespace with its taps and bridge) goes, even on failure."""
 
 from __future__ import annotations

@@ -24,10 +24,10 @@ Two directions, each a plain function call per frame on the loop (no queue, no t
 
 A frame that cannot be delivered (no VM connected, a full socket buffer, a full hold buffer,
 a dead peer) is dropped and counted in ``net_frames_lost`` with its reason: an Ethernet NIC
-drops rather than queue without bound.  Frames the peer mangled are counted per link and
-reason and never reach anyone.  ``swap_uplink`` holds, stops the old uplink, hands on the
-frames still queued in it, starts the new one and releases, in one step of the loop: no
-frame in flight is lost or reordered.
+drops rather than queue without bound.  Frames a peer mangled are counted by kind of link
+(vm, peer) and reason, and never reach anyone.  ``swap_uplink`` holds, stops the old
+uplink, hands on the frames still queued in it, starts the new one and releases, in one
+step of the loop: no frame in flight is lost or reordered.
 """
 
 from __future__ import annotations
