@@ -21,6 +21,7 @@ def _register() -> None:
     from devagent.cli.guest_cmd import guest_group
     from devagent.cli.lab_cmd import lab_group
     from devagent.cli.migrate_cmd import migrate_cmd
+    from devagent.cli.net_cmd import net_agent_cmd
     from devagent.cli.vm_cmd import vm_group
 
     for command in (
@@ -33,6 +34,7 @@ def _register() -> None:
         demo_cmd,
     ):
         main.add_command(command)
+    agent_group.add_command(net_agent_cmd)
 
     @main.group("bench")
     def bench_group() -> None:

@@ -50,6 +50,29 @@ class DiskSpec:
 
 
 @dataclass(frozen=True)
+class NicSpec:
+    """One virtio NIC on QEMU's ``stream`` netdev, QEMU listening on the unix socket
+    ``stream_socket`` for its net agent (``devagent agent net --vm-socket``). QEMU is the
+    server because in 7.2 only the server side survives its peer going away: it listens
+    again, and the agent reconnects."""
+
+    id: str = "net0"
+    stream_socket: str = ""
+    mac: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.stream_socket:
+            raise UsageError(f"nic {self.id}: give the stream socket its agent connects to")
+
+    def qemu_args(self, index: int) -> list[str]:
+        netdev = f"stream,id={self.id},server=on,addr.type=unix,addr.path={self.stream_socket}"
+        device = f"virtio-net-pci,netdev={self.id},id=nic{index}"
+        if self.mac:
+            device += f",mac={self.mac}"
+        return ["-netdev", netdev, "-device", device]
+
+
+@dataclass(frozen=True)
 class VmConfig:
     """Everything needed to start (or receive) the same VM on any host."""
 
@@ -61,6 +84,7 @@ class VmConfig:
     initrd: str | None = None
     append: str | None = None
     disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
     incoming: bool = False
     extra_args: tuple[str, ...] = field(default=())
 
@@ -91,6 +115,8 @@ class VmConfig:
             if not self.kernel and index == 0:
                 device += ",bootindex=1"
             args += ["-device", device]
+        for index, nic in enumerate(self.nics):
+            args += nic.qemu_args(index)
         if self.incoming:
             args += ["-incoming", "defer"]
         return args + list(self.extra_args)
@@ -103,6 +129,7 @@ class VmConfig:
         try:
             fields = dict(data)
             fields["disks"] = tuple(DiskSpec(**d) for d in fields.get("disks", ()))
+            fields["nics"] = tuple(NicSpec(**n) for n in fields.get("nics", ()))
             fields["extra_args"] = tuple(fields.get("extra_args", ()))
             return cls(**fields)
         except TypeError as err:

@@ -1,0 +1,80 @@
+"""``devagent agent net``: run a net agent (one VM NIC's frame forwarder) in the foreground."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import click
+
+from devagent.agent.serve import parse_hostport
+from devagent.errors import DevagentError
+from devagent.net.agent import NetAgent
+from devagent.net.serve import serve
+
+
+@click.command("net")
+@click.option(
+    "--vm-socket",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="QEMU's stream socket (-netdev stream,server=on,addr.type=unix,addr.path=SOCK).",
+)
+@click.option("--tap", required=True, help="The uplink: an existing tap device (on a bridge).")
+@click.option("--peer-listen", metavar="HOST:PORT", help="Accept frames from peer agents here.")
+@click.option(
+    "--control",
+    type=click.Path(path_type=Path),
+    help="Serve the control API (status, hold, release, forward, swap) on this unix socket.",
+)
+@click.option("--vm", "vm_name", default="", help="The VM's name (for logs and status).")
+@click.option("--nic", default="net0", show_default=True, help="The NIC's id.")
+@click.option("--quiet", is_flag=True, help="Log warnings only.")
+def net_agent_cmd(
+    vm_socket: Path,
+    tap: str,
+    peer_listen: str | None,
+    control: Path | None,
+    vm_name: str,
+    nic: str,
+    quiet: bool,
+) -> None:
+    """Forward one VM NIC's frames between QEMU's stream netdev on --vm-socket and the tap
+    --tap, in the foreground until SIGINT or SIGTERM; the agent reconnects to QEMU whenever
+    the connection drops."""
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s net-agent %(name)s: %(message)s",
+    )
+    try:
+        listen = parse_hostport(peer_listen) if peer_listen is not None else None
+    except DevagentError as err:
+        raise click.BadParameter(str(err), param_hint="--peer-listen") from err
+
+    def ready(agent: NetAgent) -> None:
+        peers = ", ".join(agent.peer_addresses) or "no peer port"
+        click.echo(f"net agent {agent.label}: tap {tap} <-> {vm_socket} ({peers})")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve(
+            vm_socket,
+            {"kind": "tap", "name": tap},
+            vm=vm_name,
+            nic=nic,
+            peer_listen=listen,
+            control=control,
+            on_ready=ready,
+            stop=stop,
+        )
+
+    try:
+        asyncio.run(main())
+    except DevagentError as err:
+        raise click.ClickException(str(err)) from err
+    click.echo("stopped")

@@ -1,0 +1,1 @@
+"""The network device agent: QEMU's stream netdev framing, uplinks, the frame forwarder."""

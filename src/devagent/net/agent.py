@@ -1,0 +1,632 @@
+"""The net agent: forwards one VM NIC's Ethernet frames between QEMU and an uplink.
+
+::
+
+    QEMU  -netdev stream,server=on (unix SOCK)      peer agents (TCP, same framing)
+       ▲  the agent connects, and reconnects              ▲ forward: uplink → peer
+       │  4-byte length + frame                           │ frames from a peer → the VM
+       └──────────────────── NetAgent ────────────────────┘
+                                │ uplink (a tap on a bridge; swappable)
+
+QEMU is the stream *server* and the agent its client: QEMU 7.2's client side has no
+``reconnect`` and never comes back once its peer is gone, while its server side listens
+again after each disconnect.  So an agent restart (or a broken stream, which the agent
+answers by closing: see ``net.codec``) costs the NIC a pause, never its link for good.
+
+Two directions, each a plain function call per frame on the loop (no queue, no task):
+
+* **VM → uplink**: every frame QEMU sends goes to the current uplink.
+* **→ VM** (frames from the uplink, or from a peer agent): to QEMU, unless the agent is
+  **held**, in which case they wait in a bounded buffer (count and bytes; past either bound
+  the newest frame is dropped and counted) until ``release`` delivers them in arrival order.
+  With **forward** on, frames from the uplink go to the peer agent instead of the VM;
+  forwarding that starts while held sends the kept frames first (a switchover's source).
+
+A frame that cannot be delivered (no VM connected, a full socket buffer, a full hold buffer,
+a dead peer) is dropped and counted in ``net_frames_lost`` with its reason: an Ethernet NIC
+drops rather than queue without bound.  Frames a peer mangled are counted by kind of link
+(vm, peer) and reason, and never reach anyone.  ``swap_uplink`` holds, stops the old
+uplink, hands on the frames still queued in it, starts the new one and releases, in one
+step of the loop: no frame in flight is lost or reordered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devagent.errors import PeerError, StateError, UsageError
+from devagent.net.codec import (
+    NEED_DATA,
+    Bytes,
+    Closed,
+    Dropped,
+    DropReason,
+    Frame,
+    FrameDecoder,
+    Limit,
+    StreamProtocolError,
+    frame_header,
+)
+from devagent.net.uplink import Uplink
+
+log = logging.getLogger(__name__)
+
+#: Defaults of a hold: enough for a few seconds of a busy guest NIC, bounded.
+HOLD_MAX_FRAMES = 4096
+HOLD_MAX_BYTES = 8 << 20
+#: A hold nobody releases is released by the agent after this long (a dead daemon must
+#: not cut its guest off the network for ever).
+MAX_HOLD_S = 30.0
+#: Bytes a link may have queued for sending before frames to it are dropped.  Above the
+#: hold bound, so that a release never drops what the hold kept.
+LINK_BACKLOG = HOLD_MAX_BYTES + (1 << 20)
+#: First and longest pause between two attempts to reach QEMU's socket.
+RECONNECT_MIN_S = 0.05
+RECONNECT_MAX_S = 1.0
+
+
+class AgentState(enum.Enum):
+    CREATED = "created"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+class LinkRole(enum.Enum):
+    VM = "vm"  # the connection to QEMU's stream netdev
+    PEER = "peer"  # a connection from or to another agent
+
+
+class LostReason(enum.Enum):
+    NO_VM = "no_vm"  # no QEMU connected, not held
+    VM_BACKLOG = "vm_backlog"  # QEMU does not read fast enough
+    HOLD_OVERFLOW = "hold_overflow"  # the hold buffer was full
+    UPLINK = "uplink"  # the uplink refused the frame
+    PEER = "peer"  # the forwarding peer's link was full or gone
+
+
+class _LinkAdapter(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes each record with the VM/NIC and the link."""
+
+    def process(
+        self, msg: Any, kwargs: MutableMapping[str, Any]
+    ) -> tuple[Any, MutableMapping[str, Any]]:
+        where = self.extra["where"] if self.extra else "?"
+        return f"[{where}] {msg}", kwargs
+
+
+class _Link(asyncio.Protocol):
+    """One framed stream connection: QEMU's, or a peer agent's."""
+
+    def __init__(self, agent: NetAgent, role: LinkRole, name: str) -> None:
+        self.agent = agent
+        self.role = role
+        self.name = name
+        self.decoder = FrameDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.log: logging.LoggerAdapter[logging.Logger] = _LinkAdapter(
+            log, {"where": f"{agent.label} {role.value} {name}"}
+        )
+        self.sent_frames = 0
+        self.dropped = 0  # frames of this link's peer dropped as bad (logged once, then summed)
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.name = f"{peer[0]}:{peer[1]}"
+            self.log.extra = {"where": f"{self.agent.label} {self.role.value} {self.name}"}
+        self.agent._link_up(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.receive_data(data)
+        self._pump()
+
+    def eof_received(self) -> bool:
+        self.decoder.receive_data(b"")
+        self._pump()
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.dropped > 1:
+            self.log.warning("%d bad frames dropped on this connection in all", self.dropped)
+        self.agent._link_down(self, exc)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                event = self.decoder.next_event()
+            except StreamProtocolError as err:
+                self.agent._count_bad(self.role, err.reason)
+                self.log.warning("closing: %s", err)
+                if self.transport is not None:
+                    self.transport.abort()
+                return
+            if event is NEED_DATA or isinstance(event, Closed):
+                return
+            if isinstance(event, Dropped):
+                self.agent._count_bad(self.role, event.reason)
+                self.dropped += 1
+                self.log.log(
+                    logging.WARNING if self.dropped == 1 else logging.DEBUG,
+                    "dropped a %s frame (declared %s bytes, %d came)",
+                    event.reason.value,
+                    event.length,
+                    event.received,
+                )
+            elif isinstance(event, Frame):
+                self.agent._frame_from_link(self, event.data)
+
+    def send(self, frame: Bytes) -> bool:
+        """Queue one frame; False when the link is gone or its backlog is full."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() + len(frame) > self.agent.link_backlog:
+            return False
+        transport.writelines((frame_header(len(frame)), frame))
+        self.sent_frames += 1
+        return True
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass
+class _Hold:
+    """Frames for the VM kept while it is held."""
+
+    max_frames: int
+    max_bytes: int
+    reason: str
+    since: float = field(default_factory=time.time)
+    frames: deque[bytes] = field(default_factory=deque)
+    bytes: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _Forward:
+    peer: str
+    link: _Link
+    since: float = field(default_factory=time.time)
+    frames: int = 0
+
+
+def _counters() -> dict[str, int]:
+    names = ("frames", "bytes")
+    ways = ("from_vm", "to_vm", "from_uplink", "to_uplink", "from_peer")
+    return {f"{way}_{name}": 0 for way in ways for name in names}
+
+
+class NetAgent:
+    """Serves one VM NIC: QEMU's stream netdev on one side, ``uplink`` on the other."""
+
+    def __init__(
+        self,
+        uplink: Uplink,
+        *,
+        vm: str = "",
+        nic: str = "net0",
+        link_backlog: int = LINK_BACKLOG,
+        max_hold_s: float = MAX_HOLD_S,
+    ) -> None:
+        self.uplink = uplink
+        self.vm = vm
+        self.nic = nic
+        self.label = f"{vm or '?'}/{nic}"
+        self.link_backlog = link_backlog
+        self.max_hold_s = max_hold_s
+        self.state = AgentState.CREATED
+        self.counters = _counters()
+        self.net_frames_buffered = 0
+        self.net_frames_forwarded = 0
+        self.delivered_from_hold = 0
+        self.lost = {reason.value: 0 for reason in LostReason}
+        self.bad = {role.value: {r.value: 0 for r in DropReason} for role in LinkRole}
+        self.vm_link: _Link | None = None
+        self.vm_socket: Path | None = None
+        self.vm_connects = 0
+        self._peers: set[_Link] = set()
+        self._servers: list[asyncio.Server] = []
+        self.peer_addresses: list[str] = []
+        self._hold: _Hold | None = None
+        self._forward: _Forward | None = None
+        self._connector: asyncio.Task[None] | None = None
+        self._swap_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"NetAgent({self.label}, {self.uplink!r}, {self.state.value})"
+
+    def _require(self, *states: AgentState) -> None:
+        if self.state not in states:
+            raise StateError(f"net agent {self.label} is {self.state.value}")
+
+    @property
+    def net_frames_lost(self) -> int:
+        return sum(self.lost.values())
+
+    @property
+    def held(self) -> bool:
+        return self._hold is not None
+
+    # -- starting ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin reading the uplink."""
+        self._require(AgentState.CREATED)
+        self.uplink.start(self._frame_from_uplink)
+        self.state = AgentState.RUNNING
+        log.info("[%s] started on uplink %r", self.label, self.uplink)
+
+    def connect_vm(self, path: str | Path) -> None:
+        """Connect to QEMU's stream socket at ``path``, and again whenever it drops."""
+        self._require(AgentState.RUNNING)
+        if self._connector is not None:
+            raise StateError(f"net agent {self.label} already connects to {self.vm_socket}")
+        self.vm_socket = Path(path)
+        self._connector = asyncio.create_task(self._connect_loop(self.vm_socket))
+
+    async def attach_vm(self, sock: socket.socket) -> None:
+        """Serve QEMU (or a test's fake of it) on an already connected unix socket."""
+        self._require(AgentState.RUNNING)
+        if self.vm_link is not None:
+            raise StateError(f"net agent {self.label} already has a VM connected")
+        loop = asyncio.get_running_loop()
+        await loop.create_unix_connection(lambda: _Link(self, LinkRole.VM, "fd"), sock=sock)
+
+    async def _connect_loop(self, path: Path) -> None:
+        loop = asyncio.get_running_loop()
+        pause = RECONNECT_MIN_S
+        complained = False
+        while self.state is AgentState.RUNNING:
+            try:
+                _, link = await loop.create_unix_connection(
+                    lambda: _Link(self, LinkRole.VM, str(path)), str(path)
+                )
+            except OSError as err:
+                if not complained:
+                    log.info("[%s] waiting for QEMU on %s (%s)", self.label, path, err)
+                    complained = True
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RECONNECT_MAX_S)
+                continue
+            complained, pause = False, RECONNECT_MIN_S
+            await link.closed
+            if self.state is AgentState.RUNNING:
+                await asyncio.sleep(RECONNECT_MIN_S)
+
+    async def listen_peer(self, host: str, port: int = 0) -> tuple[str, int]:
+        """Accept peer agents on TCP: frames they send go to the VM."""
+        self._require(AgentState.CREATED, AgentState.RUNNING)
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _Link(self, LinkRole.PEER, "?"), host, port)
+        self._servers.append(server)
+        bound = server.sockets[0].getsockname()
+        self.peer_addresses.append(f"tcp:{bound[0]}:{bound[1]}")
+        log.info("[%s] accepting peer agents on %s:%d", self.label, bound[0], bound[1])
+        return bound[0], bound[1]
+
+    # -- links come and go -------------------------------------------------------------------
+
+    def _link_up(self, link: _Link) -> None:
+        if link.role is LinkRole.VM:
+            if self.vm_link is not None or self.state is not AgentState.RUNNING:
+                link.log.warning("refused: a VM is already connected")
+                link.close()
+                return
+            self.vm_link = link
+            self.vm_connects += 1
+            link.log.info("VM connected")
+        else:
+            self._peers.add(link)
+            link.log.info("peer connected")
+
+    def _link_down(self, link: _Link, exc: Exception | None) -> None:
+        why = f": {exc}" if exc else ""
+        if link is self.vm_link:
+            self.vm_link = None
+            link.log.info("VM disconnected%s", why)
+        elif link in self._peers:
+            self._peers.discard(link)
+            if self._forward is not None and self._forward.link is link:
+                link.log.warning(
+                    "forwarding peer lost%s after %d frames: uplink frames go to the VM again",
+                    why,
+                    self._forward.frames,
+                )
+                self._forward = None
+            else:
+                link.log.info("peer disconnected%s", why)
+
+    def _count_bad(self, role: LinkRole, reason: DropReason) -> None:
+        self.bad[role.value][reason.value] += 1
+
+    def _lose(self, reason: LostReason) -> None:
+        self.lost[reason.value] += 1
+
+    # -- the frame paths ---------------------------------------------------------------------
+
+    def _frame_from_link(self, link: _Link, frame: bytes) -> None:
+        if link.role is LinkRole.VM:
+            self._frame_from_vm(frame)
+        else:
+            self.counters["from_peer_frames"] += 1
+            self.counters["from_peer_bytes"] += len(frame)
+            self._toward_vm(frame)
+
+    def _frame_from_vm(self, frame: bytes) -> None:
+        self.counters["from_vm_frames"] += 1
+        self.counters["from_vm_bytes"] += len(frame)
+        if self.uplink.send(frame):
+            self.counters["to_uplink_frames"] += 1
+            self.counters["to_uplink_bytes"] += len(frame)
+        else:
+            self._lose(LostReason.UPLINK)
+
+    def _frame_from_uplink(self, frame: bytes) -> None:
+        self.counters["from_uplink_frames"] += 1
+        self.counters["from_uplink_bytes"] += len(frame)
+        if not Limit.MIN_FRAME <= len(frame) <= Limit.MAX_FRAME:
+            self._lose(LostReason.UPLINK)
+            return
+        forward = self._forward
+        if forward is None:
+            self._toward_vm(frame)
+        elif forward.link.send(frame):
+            forward.frames += 1
+            self.net_frames_forwarded += 1
+        else:
+            self._lose(LostReason.PEER)
+
+    def _toward_vm(self, frame: bytes) -> None:
+        hold = self._hold
+        if hold is None:
+            self._deliver_to_vm(frame)
+        elif len(hold.frames) >= hold.max_frames or hold.bytes + len(frame) > hold.max_bytes:
+            self._lose(LostReason.HOLD_OVERFLOW)
+        else:
+            hold.frames.append(frame)
+            hold.bytes += len(frame)
+            self.net_frames_buffered += 1
+
+    def _deliver_to_vm(self, frame: bytes) -> bool:
+        link = self.vm_link
+        if link is None:
+            self._lose(LostReason.NO_VM)
+            return False
+        if not link.send(frame):
+            self._lose(LostReason.VM_BACKLOG)
+            return False
+        self.counters["to_vm_frames"] += 1
+        self.counters["to_vm_bytes"] += len(frame)
+        return True
+
+    # -- hold and release --------------------------------------------------------------------
+
+    def hold(
+        self,
+        *,
+        max_frames: int = HOLD_MAX_FRAMES,
+        max_bytes: int = HOLD_MAX_BYTES,
+        reason: str = "hold",
+    ) -> None:
+        """Keep the frames for the VM (from the uplink and from peers) instead of delivering
+        them, up to ``max_frames`` and ``max_bytes``, until :meth:`release`."""
+        self._require(AgentState.RUNNING)
+        if self._hold is not None:
+            raise StateError(f"net agent {self.label} is already held ({self._hold.reason})")
+        if max_frames < 1 or max_bytes < Limit.MAX_FRAME:
+            raise UsageError(
+                f"a hold needs room for one frame at least: max_frames >= 1, "
+                f"max_bytes >= {Limit.MAX_FRAME} (got {max_frames}, {max_bytes})"
+            )
+        self._hold = _Hold(max_frames, max_bytes, reason)
+        self._hold.timer = asyncio.get_running_loop().call_later(
+            self.max_hold_s, self._hold_expired, self._hold
+        )
+        log.info(
+            "[%s] held (%s): up to %d frames, %d bytes", self.label, reason, max_frames, max_bytes
+        )
+
+    def _hold_expired(self, hold: _Hold) -> None:
+        if self._hold is hold:
+            log.warning("[%s] held %.0f s without release: releasing", self.label, self.max_hold_s)
+            self.release()
+
+    def release(self) -> dict[str, Any]:
+        """Deliver the kept frames to the VM in arrival order, then deliver as they come."""
+        hold = self._hold
+        if hold is None:
+            raise StateError(f"net agent {self.label} is not held")
+        if hold.timer is not None:
+            hold.timer.cancel()
+        self._hold = None
+        delivered = lost = 0
+        while hold.frames:
+            if self._deliver_to_vm(hold.frames.popleft()):
+                delivered += 1
+            else:
+                lost += 1
+        self.delivered_from_hold += delivered
+        held_s = time.time() - hold.since
+        log.info(
+            "[%s] released after %.3f s (%s): %d frames delivered, %d lost",
+            self.label,
+            held_s,
+            hold.reason,
+            delivered,
+            lost,
+        )
+        return {"delivered": delivered, "lost": lost, "held_s": round(held_s, 6)}
+
+    # -- forwarding to a peer ----------------------------------------------------------------
+
+    async def forward(self, host: str, port: int, *, timeout: float = 5.0) -> int:
+        """Send the frames from the uplink to the peer agent at ``host:port`` instead of to
+        the VM, until :meth:`stop_forward`.
+
+        If the agent is held, its kept frames go to the peer first, in order, and the hold
+        ends: the source's half of a switchover (hold before the VM stops here, forward once
+        it runs there) loses nothing that reached this agent.  Returns how many were handed
+        over that way."""
+        self._require(AgentState.RUNNING)
+        if self._forward is not None:
+            raise StateError(f"net agent {self.label} already forwards to {self._forward.peer}")
+        loop = asyncio.get_running_loop()
+        peer = f"{host}:{port}"
+        try:
+            _, link = await asyncio.wait_for(
+                loop.create_connection(lambda: _Link(self, LinkRole.PEER, peer), host, port),
+                timeout,
+            )
+        except (OSError, TimeoutError) as err:
+            raise PeerError(f"net agent {self.label}: cannot reach peer {peer}: {err}") from err
+        if self.state is not AgentState.RUNNING or self._forward is not None:
+            link.close()  # stopped, or another forward won the race while we connected
+            self._require(AgentState.RUNNING)
+            winner = self._forward.peer if self._forward is not None else "?"
+            raise StateError(f"net agent {self.label} already forwards to {winner}")
+        if link not in self._peers:  # gone already
+            raise PeerError(f"net agent {self.label}: peer {peer} went away at once")
+        forward = self._forward = _Forward(peer, link)
+        handed_over = 0
+        hold, self._hold = self._hold, None
+        if hold is not None:
+            if hold.timer is not None:
+                hold.timer.cancel()
+            for frame in hold.frames:
+                if link.send(frame):
+                    handed_over += 1
+                else:
+                    self._lose(LostReason.PEER)
+            forward.frames += handed_over
+            self.net_frames_forwarded += handed_over
+        link.log.info(
+            "forwarding uplink frames to the peer (%d held frames handed over)", handed_over
+        )
+        return handed_over
+
+    async def stop_forward(self) -> dict[str, Any]:
+        """Deliver uplink frames to the local VM again; close the link once it has sent
+        what it queued."""
+        forward = self._forward
+        if forward is None:
+            raise StateError(f"net agent {self.label} is not forwarding")
+        self._forward = None
+        forward.link.close()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(forward.link.closed), 5.0)
+        forward.link.log.info("forwarding stopped after %d frames", forward.frames)
+        return {"peer": forward.peer, "frames": forward.frames}
+
+    # -- swapping the uplink -----------------------------------------------------------------
+
+    async def swap_uplink(self, new: Uplink) -> Uplink:
+        """Make ``new`` the uplink without losing or reordering a frame: hold, stop the old
+        one, take the frames still queued in it, start the new one, release.  Returns the
+        old uplink, closed."""
+        self._require(AgentState.RUNNING)
+        async with self._swap_lock:
+            was_held = self._hold is not None
+            if not was_held:
+                self.hold(reason="swap")
+            old = self.uplink
+            old.stop_reading()
+            for frame in old.drain():
+                self._frame_from_uplink(frame)
+            self.uplink = new
+            new.start(self._frame_from_uplink)
+            if not was_held:
+                self.release()
+        await old.close()
+        log.info("[%s] uplink %r replaced by %r", self.label, old, new)
+        return old
+
+    # -- stopping ----------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop forwarding, drop every connection, let go of the uplink."""
+        if self.state in (AgentState.STOPPING, AgentState.STOPPED):
+            return
+        self.state = AgentState.STOPPING
+        if self._hold is not None:
+            if self._hold.timer is not None:
+                self._hold.timer.cancel()
+            self.lost[LostReason.NO_VM.value] += len(self._hold.frames)
+            self._hold = None
+        self._forward = None
+        if self._connector is not None:
+            self._connector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connector
+        for server in self._servers:
+            server.close()
+        links = [*self._peers, *([self.vm_link] if self.vm_link else [])]
+        for link in links:
+            link.close()
+        if links:
+            await asyncio.wait([asyncio.ensure_future(link.closed) for link in links], timeout=5)
+        for server in self._servers:
+            await server.wait_closed()
+        self.uplink.stop_reading()
+        await self.uplink.close()
+        self.state = AgentState.STOPPED
+        log.info("[%s] stopped", self.label)
+
+    # -- figures -----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        hold = self._hold
+        forward = self._forward
+        return {
+            "vm": self.vm,
+            "nic": self.nic,
+            "state": self.state.value,
+            "uplink": self.uplink.describe(),
+            "vm_socket": str(self.vm_socket) if self.vm_socket else None,
+            "vm_connected": self.vm_link is not None,
+            "vm_connects": self.vm_connects,
+            "peer_addresses": list(self.peer_addresses),
+            "peers": len(self._peers),
+            "held": hold is not None,
+            "hold": None
+            if hold is None
+            else {
+                "reason": hold.reason,
+                "since": hold.since,
+                "frames": len(hold.frames),
+                "bytes": hold.bytes,
+                "max_frames": hold.max_frames,
+                "max_bytes": hold.max_bytes,
+            },
+            "forward": None
+            if forward is None
+            else {"peer": forward.peer, "since": forward.since, "frames": forward.frames},
+            "counters": dict(self.counters),
+            "net_frames_buffered": self.net_frames_buffered,
+            "net_frames_forwarded": self.net_frames_forwarded,
+            "net_frames_lost": self.net_frames_lost,
+            "delivered_from_hold": self.delivered_from_hold,
+            "lost": dict(self.lost),
+            "bad_frames": {role: dict(reasons) for role, reasons in self.bad.items()},
+        }

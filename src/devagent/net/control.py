@@ -1,0 +1,167 @@
+"""The control channel of a net agent process: a small HTTP JSON API on a unix socket (mode
+0600), in the style of the block agent's (``devagent.agent.control``).  The daemon drives the
+NIC's part of a migration through it; it is never in the data path.
+
+    GET  /status                       the agent's figures: counters (``net_frames_buffered``,
+                                       ``net_frames_forwarded``, ``net_frames_lost``, frames
+                                       and bytes each way), hold, forward, uplink, links
+    POST /hold {"max_frames", "max_bytes"}   keep the frames for the VM (bounded) instead of
+                                       delivering them; released by the agent itself after
+                                       ``max_hold_s`` if nobody does
+    POST /release                      deliver the kept frames in order, then go on
+    POST /forward {"peer": "HOST:PORT"}   send the uplink's frames to that peer agent (if
+                                       held, the kept frames first: the hold ends)
+    POST /stop-forward                 deliver them to the local VM again
+    POST /swap {"uplink": SPEC}        open SPEC (``{"kind": "tap", "name": NAME}``) and make
+                                       it the uplink without losing a frame
+    POST /stop                         stop the agent (the process exits)
+
+Errors are JSON ``{"error": ...}``: 400 for a bad request, 409 for the wrong state, 502 for
+a peer agent that cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from devagent.agent.serve import parse_hostport
+from devagent.errors import DevagentError, PeerError, StateError, UsageError
+from devagent.net.agent import HOLD_MAX_BYTES, HOLD_MAX_FRAMES, NetAgent
+from devagent.net.uplink import Uplink, check_uplink_spec, open_uplink
+
+log = logging.getLogger(__name__)
+
+UplinkOpener = Callable[[dict[str, Any]], Uplink]
+
+AGENT_KEY = web.AppKey("net_agent", NetAgent)
+STOP_KEY = web.AppKey("stop", asyncio.Event)
+OPENER_KEY: web.AppKey[UplinkOpener] = web.AppKey("opener")
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except UsageError as err:
+        return _error(400, str(err))
+    except StateError as err:
+        return _error(409, str(err))
+    except PeerError as err:
+        return _error(502, str(err))
+    except DevagentError as err:
+        return _error(500, str(err))
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise UsageError("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise UsageError("the body must be a JSON object")
+    return body
+
+
+def _positive_int(body: dict[str, Any], key: str, default: int) -> int:
+    value = body.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise UsageError(f"{key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+async def _status(request: web.Request) -> web.Response:
+    stats = request.app[AGENT_KEY].stats()
+    stats["pid"] = os.getpid()
+    return web.json_response(stats)
+
+
+async def _hold(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    agent = request.app[AGENT_KEY]
+    agent.hold(
+        max_frames=_positive_int(body, "max_frames", HOLD_MAX_FRAMES),
+        max_bytes=_positive_int(body, "max_bytes", HOLD_MAX_BYTES),
+    )
+    return web.json_response({"held": True, "hold": agent.stats()["hold"]})
+
+
+async def _release(request: web.Request) -> web.Response:
+    return web.json_response(request.app[AGENT_KEY].release())
+
+
+async def _forward(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    peer = body.get("peer")
+    if not isinstance(peer, str):
+        raise UsageError('the body must be {"peer": "HOST:PORT"}')
+    host, port = parse_hostport(peer.removeprefix("tcp:"))
+    agent = request.app[AGENT_KEY]
+    handed_over = await agent.forward(host, port)
+    return web.json_response({"forwarding": f"{host}:{port}", "handed_over": handed_over})
+
+
+async def _stop_forward(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[AGENT_KEY].stop_forward())
+
+
+async def _swap(request: web.Request) -> web.Response:
+    body = await _json_body(request)
+    spec = check_uplink_spec(body.get("uplink"))
+    new = request.app[OPENER_KEY](spec)
+    agent = request.app[AGENT_KEY]
+    try:
+        old = await agent.swap_uplink(new)
+    except BaseException:
+        await new.close()
+        raise
+    return web.json_response({"old": repr(old), "new": repr(new)})
+
+
+async def _stop(request: web.Request) -> web.Response:
+    request.app[STOP_KEY].set()
+    return web.json_response({"stopping": True})
+
+
+def build_control_app(
+    agent: NetAgent, stop: asyncio.Event, opener: UplinkOpener = open_uplink
+) -> web.Application:
+    app = web.Application(middlewares=[_errors])
+    app[AGENT_KEY] = agent
+    app[STOP_KEY] = stop
+    app[OPENER_KEY] = opener
+    app.router.add_get("/status", _status)
+    app.router.add_post("/hold", _hold)
+    app.router.add_post("/release", _release)
+    app.router.add_post("/forward", _forward)
+    app.router.add_post("/stop-forward", _stop_forward)
+    app.router.add_post("/swap", _swap)
+    app.router.add_post("/stop", _stop)
+    return app
+
+
+async def serve_control(
+    agent: NetAgent, path: Path, stop: asyncio.Event, opener: UplinkOpener = open_uplink
+) -> web.AppRunner:
+    """Start the control API on ``path``; the caller cleans the returned runner up."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    runner = web.AppRunner(build_control_app(agent, stop, opener), access_log=None)
+    await runner.setup()
+    await web.UnixSite(runner, str(path)).start()
+    os.chmod(path, 0o600)
+    return runner
