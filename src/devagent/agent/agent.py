@@ -122,7 +122,7 @@ class _Connection(asyncio.Protocol):
         self.log = _PeerAdapter(child, {"peer": peer})
         self.agent._connections.add(self)
         self.log.debug("connected")
-        transport.write(self.codec.data_to_send())
+        self.transport.write(self.codec.data_to_send())
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.agent.handshake_timeout, self._handshake_expired
         )
