@@ -10,6 +10,7 @@ UNITS = {
     "time_to_switchover_s": "s",
     "total_time_s": "s",
     "downtime_ms": "ms",
+    "vm_pause_ms": "ms",
     "max_io_gap_ms": "ms",
     "guest_max_latency_ms": "ms",
     "guest_p99_latency_ms": "ms",
@@ -28,7 +29,7 @@ def report_table(report: MigrationReport) -> Table:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("", style="dim")
-    for name in MEASURES:
+    for name in (*MEASURES[:3], "vm_pause_ms", *MEASURES[3:]):
         value = getattr(report, name)
         if value is None:
             table.add_row(name, "—", report.missing.get(name, ""))
