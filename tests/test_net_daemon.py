@@ -25,7 +25,7 @@ from devagent.daemon.guestnet import (
 from devagent.daemon.netmigration import MAX_FORWARD_S, QUIET_S, NetMigration, forwarding_done
 from devagent.daemon.netstat import is_link
 from devagent.daemon.nics import NicAgent
-from devagent.daemon.vms import VmRequest, build_config, disk_spec
+from devagent.daemon.vms import VmManager, VmRequest, build_config, disk_spec
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.lab.traffic import parse_ping, ping_max_gap
 from devagent.net.agent import NetAgent
@@ -328,3 +328,31 @@ async def test_roll_back_after_the_hold_releases_the_source() -> None:
     await net.roll_back()
     assert [c for c in nic.calls if not c.startswith("GET")] == ["/hold", "/release"]
     assert marks == ["net_held"]
+
+
+def test_an_address_a_migrated_vm_took_away_is_not_handed_out_again(tmp_path: Path) -> None:
+    network = GuestNetwork.parse("br0", "10.213.7.100-10.213.7.102/24")
+    manager = VmManager("a", tmp_path, None, "10.213.7.1", network)
+    first = manager._plan_nics(VmRequest(name="v1", nics=1), None)
+    assert [(n.address, n.mac, n.made_tap) for n in first] == [
+        ("10.213.7.100/24", "52:54:00:d5:07:64", tap_name("v1", "net0"))
+    ]
+    manager._lend("10.213.7.100/24")  # v1 migrated away with it
+    again = VmManager("a", tmp_path, None, "10.213.7.1", network)  # and the daemon restarted
+    assert again._plan_nics(VmRequest(name="v2", nics=1), None)[0].address == "10.213.7.101/24"
+    back = again._plan_nics(
+        VmRequest(name="v1", nics=1),
+        [{"node": "net0", "address": "10.213.7.100/24", "mac": "52:54:00:d5:07:64"}],
+    )
+    assert [(n.address, n.hold, n.peer_listen) for n in back] == [
+        ("10.213.7.100/24", True, "10.213.7.1")
+    ]
+    assert again.lent == set()
+    assert (
+        VmManager("a", tmp_path, None, "10.213.7.1", None)._plan_nics(VmRequest(name="v3"), None)
+        == []
+    )
+    with pytest.raises(UsageError, match="no guest network"):
+        VmManager("a", tmp_path, None, "127.0.0.1", None)._plan_nics(
+            VmRequest(name="v3", nics=1), None
+        )

@@ -686,6 +686,12 @@ class VmManager:
     ):
         self.host_name = host_name
         self.network = network  # where VM NICs go; None: this host gives VMs no NIC
+        # Addresses of this host's block that VMs which migrated away still use: never
+        # handed out again (this host does not learn when such a VM stops elsewhere).
+        self.lent_path = root / "guest-addresses-lent.json"
+        self.lent: set[str] = set()
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self.lent = {str(a) for a in json.loads(self.lent_path.read_text())}
         self.root = root
         self.shared_dir = shared_dir
         self.address = address  # agents also serve peers (migration, remote access) here
@@ -851,6 +857,18 @@ class VmManager:
         self.vms[request.name] = managed
         return managed
 
+    def _lend(self, *addresses: str, back: bool = False) -> None:
+        """Note that VMs which migrated away use ``addresses`` (or, ``back``, that they
+        arrived here again)."""
+        before = set(self.lent)
+        if back:
+            self.lent.difference_update(addresses)
+        else:
+            self.lent.update(addresses)
+        if self.lent != before:
+            self.lent_path.parent.mkdir(parents=True, exist_ok=True)
+            self.lent_path.write_text(json.dumps(sorted(self.lent)))
+
     async def _start_nics(self, managed: ManagedVm) -> None:
         """Each NIC's tap on this host's guest bridge, and its net agent."""
         assert self.network is not None
@@ -874,6 +892,7 @@ class VmManager:
                 "its hosts one; a loopback lab cannot)"
             )
         if incoming:
+            self._lend(*(str(n["address"]) for n in incoming), back=True)
             return [
                 NicAgent(
                     vm=request.name,
@@ -889,6 +908,7 @@ class VmManager:
                 for n in incoming
             ]
         used = [ipaddress.IPv4Interface(n.address).ip for m in self.vms.values() for n in m.nics]
+        used += [ipaddress.IPv4Interface(a).ip for a in self.lent]
         address = pick_address(self.network, used)
         tap = tap_name(request.name, "net0")
         return [
@@ -940,6 +960,8 @@ class VmManager:
             await agent.stop()
         for nic in managed.nics:  # its net agent, and the tap made for it
             await nic.stop()
+        if managed.role == "migrated":  # it runs elsewhere with its address
+            self._lend(*(n.address for n in managed.nics))
         made_here = managed.image.is_relative_to(self.root / "disks")
         if (managed.role == "incoming" and made_here) or (
             delete_disk and managed.request.disk is None and managed.request.disk_from is None
