@@ -93,7 +93,7 @@ async def test_tcp_stream_and_ping_through_a_live_migration(lab: Lab, state_dir:
     assert netns_c is not None
     address = await boot_with_nic(a, "nvm1", netns_c, state_dir / "boot-ping.log")
     before = await nic_device(a, "nvm1")
-    assert before["state"] == "forwarding frames" and before["agent"]["vm_connected"]
+    assert before["state"] == "serving" and before["agent"]["vm_connected"]
 
     with (
         Pinger(netns_c, address, state_dir / "ping.log") as pinger,

@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from devagent.errors import EnvironmentProblem, PeerError, StateError
+from devagent.errors import EnvironmentProblem, PeerError, StateError, UsageError
 from devagent.qemu.vm import pid_alive
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class NicAgent:
         self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 30.0
     ) -> Any:
         """One request on the control socket; failures become :class:`PeerError` (a wrong
-        state :class:`StateError`)."""
+        state :class:`StateError`, a bad request :class:`UsageError`)."""
         connector = aiohttp.UnixConnector(path=str(self.control_socket))
         limit = aiohttp.ClientTimeout(total=timeout)
         try:
@@ -179,6 +179,8 @@ class NicAgent:
                 answer = await resp.json(content_type=None)
                 if resp.status == 409:
                     raise StateError(f"net agent {self.vm}/{self.node}: {answer.get('error')}")
+                if resp.status == 400:  # e.g. a tap that is not on this host
+                    raise UsageError(f"net agent {self.vm}/{self.node}: {answer.get('error')}")
                 if resp.status >= 400:
                     raise PeerError(f"net agent {self.vm}/{self.node}: {answer.get('error')}")
                 return answer

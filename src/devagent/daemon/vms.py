@@ -28,7 +28,7 @@ from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.guestnet import GuestNetwork, mac_for, pick_address, tap_name
 from devagent.daemon.nics import NicAgent, make_tap
-from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.guest.build import load_guest
 from devagent.guest.probe import (
     ConsoleParser,
@@ -534,12 +534,20 @@ class ManagedVm:
         """An arrived VM runs: its NICs' agents (held since they started) deliver what they
         kept, and QEMU announces the guest's MAC so that the network learns its new place
         (QEMU also announced it as the migration loaded; once more now that frames flow)."""
+        # Past the switchover: a failure here is logged, it does not fail the migration.
         for nic in self.nics:
-            released = await nic.call("POST", "/release")
             nic.hold = False  # a restarted agent starts unheld from now on
+            try:
+                released = await nic.call("POST", "/release")
+            except DevagentError as err:  # its hold ended already, or the agent restarts
+                self.log.error("%s: release failed: %s", nic.describe(), err)
+                continue
             self.log.info("%s released: %s", nic.describe(), released)
         steps = {"nic_released": time.time()}
-        await self.vm.qmp("announce-self", initial=50, max=550, rounds=5, step=100)
+        try:
+            await self.vm.qmp("announce-self", initial=50, max=550, rounds=5, step=100)
+        except DevagentError as err:
+            self.log.error("VM %s: announce-self failed: %s", self.name, err)
         steps["nic_announced"] = time.time()
         return steps
 
@@ -607,7 +615,14 @@ class ManagedVm:
             }
             try:
                 row["agent"] = await nic.call("GET", "/status")
-                row["state"] = "held" if row["agent"]["held"] else "forwarding frames"
+                forward = row["agent"].get("forward")
+                row["state"] = (
+                    "held"
+                    if row["agent"]["held"]
+                    else f"forwarding to {forward['peer']}"
+                    if forward
+                    else "serving"
+                )
             except (PeerError, StateError) as err:
                 row["state"] = f"unreachable: {err}"
             rows.append(row)
@@ -726,6 +741,8 @@ class VmManager:
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
+            if request.nics:  # before anything is made
+                self._require_network()
             if request.disk_from is not None:
                 remote = await self._remote_disk(request)
                 peer_name = request.disk_from["name"] if request.disk_from else "peer"
@@ -877,6 +894,14 @@ class VmManager:
             await asyncio.to_thread(make_tap, nic.made_tap, self.network.bridge)
             await nic.start()
 
+    def _require_network(self) -> GuestNetwork:
+        if self.network is None:
+            raise UsageError(
+                f"host {self.host_name} has no guest network for NICs (a namespace lab gives "
+                "its hosts one; a loopback lab cannot)"
+            )
+        return self.network
+
     def _plan_nics(
         self, request: VmRequest, incoming: list[dict[str, Any]] | None
     ) -> list[NicAgent]:
@@ -886,11 +911,7 @@ class VmManager:
         wanted = len(incoming) if incoming else request.nics
         if not wanted:
             return []
-        if self.network is None:
-            raise UsageError(
-                f"host {self.host_name} has no guest network for NICs (a namespace lab gives "
-                "its hosts one; a loopback lab cannot)"
-            )
+        network = self._require_network()
         if incoming:
             self._lend(*(str(n["address"]) for n in incoming), back=True)
             return [
@@ -909,14 +930,14 @@ class VmManager:
             ]
         used = [ipaddress.IPv4Interface(n.address).ip for m in self.vms.values() for n in m.nics]
         used += [ipaddress.IPv4Interface(a).ip for a in self.lent]
-        address = pick_address(self.network, used)
+        address = pick_address(network, used)
         tap = tap_name(request.name, "net0")
         return [
             NicAgent(
                 vm=request.name,
                 node="net0",
                 run_dir="",
-                address=f"{address}/{self.network.prefix}",
+                address=f"{address}/{network.prefix}",
                 mac=mac_for(address),
                 tap=tap,
                 made_tap=tap,
