@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -33,7 +34,9 @@ pytestmark = [
 
 @pytest.fixture
 def lab(request: pytest.FixtureRequest, state_dir: Path, guest: GuestImage) -> Iterator[Lab]:
-    name = "ntmig" if "migration" in request.node.name else "ntswp"
+    name = {"stream": "ntmig", "swap": "ntswp", "destination": "ntrb"}[
+        request.node.name.split("_")[2]
+    ]
     lab = Lab.up(name=name, hosts=3, link_rate="1gbit")
     try:
         yield lab
@@ -170,3 +173,42 @@ async def test_nic_swap_under_a_running_stream_loses_nothing(lab: Lab, state_dir
     assert after["tap"] == "swap0" and after["agent"]["uplink"]["name"] == "swap0"
     assert after["agent"]["uplink"]["rx_frames"] > 100  # the stream's second half came in there
     assert after["agent"]["net_frames_lost"] == before["agent"]["net_frames_lost"]
+
+
+async def test_a_destination_that_dies_leaves_the_vm_and_its_nic_on_the_source(
+    lab: Lab, state_dir: Path
+) -> None:
+    a, b, _ = endpoints(lab)
+    netns_b, netns_c = lab.host("b").netns, lab.host("c").netns
+    assert netns_b is not None and netns_c is not None
+    address = await boot_with_nic(a, "nvm3", netns_c, state_dir / "boot-ping.log")
+    lab.shape("a", "50mbit")  # a RAM migration long enough to be interrupted
+    with EchoStream(netns_c, address, seed=13, rate=128 << 10) as stream:
+        await asyncio.sleep(2)
+        attempt = asyncio.create_task(migrate(a, b, "nvm3", storage="shared"))
+        async with DaemonClient(a) as client:  # b made the NIC's tap and agent: RAM moves
+            deadline = time.monotonic() + 60
+            while not [j for j in (await client.get("/v1/migrations"))["migrations"]
+                       if j["phase"] == "ram"]:  # fmt: skip
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        b_daemon = lab.host("b").pid
+        assert b_daemon is not None
+        os.kill(b_daemon, signal.SIGKILL)
+        failed = await attempt
+        await asyncio.sleep(2)  # the stream goes on from a
+        echo = await asyncio.to_thread(stream.finish)
+
+    print(f"\nfailed as it should: {failed.error}\necho: {echo}")
+    assert failed.status == "failed" and "host b" in (failed.error or "")
+    assert echo["reset"] is False and echo["intact"] and echo["received"] > 256 << 10, echo
+    nic = await nic_device(a, "nvm3")
+    assert nic["state"] == "serving" and nic["agent"]["vm_connected"], nic
+
+    # b's daemon comes back and removes what the attempt made: VM, net agent, tap.
+    await asyncio.to_thread(lab.restart_daemon, "b")
+    async with DaemonClient(b) as client:
+        assert (await client.get("/v1/vms"))["vms"] == []
+    assert processes_mentioning(str(lab.host("b").dir / "vms")) == []
+    assert "dt" not in ip(netns_b, "-o", "link", "show", "master", GUEST_BRIDGE)

@@ -27,7 +27,7 @@ from devagent.agent.fetch import presence_path
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.guestnet import GuestNetwork, mac_for, pick_address, tap_name
-from devagent.daemon.nics import NicAgent, make_tap
+from devagent.daemon.nics import NicAgent, delete_tap, make_tap
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.guest.build import load_guest
 from devagent.guest.probe import (
@@ -788,6 +788,13 @@ class VmManager:
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
+            if len(nics or []) != len(config.nics):
+                raise UsageError(
+                    f"VM {request.name} has {len(config.nics)} NIC(s): 'nics' must describe "
+                    "each (node, address, mac)"
+                )
+            if nics:  # before anything is made
+                self._require_network()
             paused = image is None
             if image is None:
                 image = self.root / "disks" / f"{request.name}.img"
@@ -996,9 +1003,12 @@ class VmManager:
         log.info("VM %s removed from host %s", name, self.host_name)
 
     async def _discard(self, folder: Path, image: Path) -> None:
-        """Kill whatever still runs from a VM's folder, remove it, and the replica made for
-        it on this host (never an image outside this host's own disks folder)."""
+        """Kill whatever still runs from a VM's folder, remove it, the tap made for its NIC
+        and the replica made for it on this host (never an image outside this host's own
+        disks folder)."""
         await asyncio.to_thread(terminate, under_path(folder), 2.0, 2.0)
+        if self.network is not None:  # the tap a NIC would have had (named after the VM)
+            await asyncio.to_thread(delete_tap, tap_name(folder.name, "net0"))
         if image.is_relative_to(self.root / "disks"):
             for path in (image, presence_path(image)):
                 path.unlink(missing_ok=True)
