@@ -174,6 +174,27 @@ async def test_nic_swap_under_a_running_stream_loses_nothing(lab: Lab, state_dir
     assert after["agent"]["uplink"]["rx_frames"] > 100  # the stream's second half came in there
     assert after["agent"]["net_frames_lost"] == before["agent"]["net_frames_lost"]
 
+    with EchoStream(netns_c, address, seed=12, rate=512 << 10) as stream:
+        # The NIC's agent dies mid-stream: the daemon restarts it on its tap (swap0 now),
+        # QEMU takes the new connection, TCP resends what the gap dropped.
+        await asyncio.sleep(2)
+        killed = after["agent_pid"]
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (nic := await nic_device(a, "nvm2"))["agent_pid"] == killed or "agent" not in nic:
+            assert time.monotonic() < deadline, nic
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2)
+        again = await asyncio.to_thread(stream.finish)
+    print(f"after the agent's restart: {again}")
+    assert again["reset"] is False and again["intact"] and again["received"] > 256 << 10, again
+    assert nic["agent"]["uplink"]["name"] == "swap0" and nic["agent"]["vm_connected"]
+
+    # A daemon restart adopts the VM with its NIC's agent, untouched.
+    await asyncio.to_thread(lab.restart_daemon, "a")
+    adopted = await nic_device(a, "nvm2")
+    assert adopted["agent_pid"] == nic["agent_pid"] and adopted["state"] == "serving", adopted
+
 
 async def test_a_destination_that_dies_leaves_the_vm_and_its_nic_on_the_source(
     lab: Lab, state_dir: Path
