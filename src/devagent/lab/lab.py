@@ -727,6 +727,7 @@ class Lab:
         rows = []
         for host in self._hosts:
             row = host.to_json()
+            row["guest_addresses"] = self.guest_addresses(host)
             row["alive"] = self.daemon_alive(host)
             try:
                 self.health(host, timeout=HEALTH_PROBE_TIMEOUT_S)
