@@ -65,8 +65,13 @@ def test_a_user_session_through_the_cli(cli_lab: str, guest: GuestImage, state_d
     )
     assert started["state"] == "running" and started["boot_s"] > 0
 
-    report = cli_json("migrate", "v1", "--to", "b", "--storage", "shared")
+    plot = state_dir / "v1-timeline.png"
+    report = cli_json("migrate", "v1", "--to", "b", "--storage", "shared", "--plot", str(plot))
     assert report["status"] == "completed"
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    steps = report["timeline"]
+    assert 0 < steps["ram_started"] < steps["ram_completed"] <= steps["resumed"]
+    assert steps["resumed"] == report["time_to_switchover_s"]
     assert (report["guest_io_errors"], report["guest_verify_failures"]) == (0, 0)
     assert report["integrity"] == "ok"
     assert report["link_rate_bps"] == 100_000_000
@@ -82,7 +87,25 @@ def test_a_user_session_through_the_cli(cli_lab: str, guest: GuestImage, state_d
         "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),
         "--append", "console=ttyS0 quiet",
     )  # fmt: skip
-    user_report = cli_json("migrate", "u1", "--to", "b", "--storage", "hybrid")
+    # One terminal starts the migration, another follows it with --watch: the same report.
+    started_migration = subprocess.Popen(
+        [DEVAGENT, "migrate", "u1", "--to", "b", "--storage", "hybrid", "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    watched = None
+    for _ in range(100):
+        attempt = cli("migrate", "u1", "--watch", "--json", check=False)
+        if attempt.returncode == 0:
+            watched = json.loads(attempt.stdout)
+            break
+        assert "is not being migrated" in attempt.stderr  # not started yet, or over
+        if started_migration.poll() is not None:
+            break
+    out, _ = started_migration.communicate(timeout=240)
+    user_report = json.loads(out)
+    assert watched is not None, "the migration ended before --watch found it"
+    assert watched["time_to_switchover_s"] == user_report["time_to_switchover_s"]
     assert user_report["status"] == "completed"
     assert user_report["downtime_ms"] is not None
     # Its agents' journals still give the I/O gap (long: that guest is idle) ...
@@ -136,4 +159,20 @@ def test_demo_in_loopback_mode_prints_a_json_report(state_dir: Path, guest: Gues
     assert report["integrity"] == "ok"
     assert report["bytes_between_hosts"] is None
     assert "loopback" in report["missing"]["bytes_between_hosts"]
+    assert processes_mentioning(str(state_dir)) == []
+
+
+@pytest.mark.vm
+def test_demo_migrates_back_and_forth(state_dir: Path, guest: GuestImage) -> None:
+    plot = state_dir / "last.png"
+    result = cli("demo", "--loopback", "--json", "--migrations", "3", "--disk-size", "128M",
+                 "--workload", "moderate,prefill=32M", "--plot", str(plot))  # fmt: skip
+    answer = json.loads(result.stdout)
+    moves = [(r["source"], r["destination"]) for r in answer["migrations"]]
+    assert moves == [("a", "b"), ("b", "a"), ("a", "b")]
+    assert answer["healthy"] is True
+    for report in answer["migrations"]:
+        assert report["status"] == "completed" and report["integrity"] == "ok"
+        assert (report["guest_io_errors"], report["guest_verify_failures"]) == (0, 0)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
     assert processes_mentioning(str(state_dir)) == []

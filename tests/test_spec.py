@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -388,3 +389,86 @@ async def test_swap_a_local_disk_for_a_remote_one_under_a_client(tmp_path: Path)
         stop.set()
         await asyncio.wait_for(task, 30)
         await far_agent.stop()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_then_local_under_a_pipelined_client_loses_and_hangs_nothing(
+    source: Path, source_agent: int, tmp_path: Path, seed: int
+) -> None:
+    """A migration's tail in miniature: a seeded Fetch replica fills (copier and
+    copy-on-read) and swaps itself to Local while 16 workers pipeline reads, writes,
+    partial writes and flushes. Every request answers (the hang guard), every read sees
+    the last write or the source, and the final disk is exactly that."""
+    rng = random.Random(seed)
+    block, n_blocks = 4096, SIZE // 4096
+    replica = tmp_path / "replica.img"
+    seeded = sorted(rng.sample(range(SIZE // 65536), 16))  # chunks a mirror "pushed"
+    image = bytearray(SIZE)
+    original = source.read_bytes()
+    for chunk in seeded:
+        image[chunk * 65536 : (chunk + 1) * 65536] = original[chunk * 65536 : (chunk + 1) * 65536]
+    replica.write_bytes(bytes(image))
+    bits = bytearray(SIZE // 65536 // 8)
+    for chunk in seeded:
+        bits[chunk >> 3] |= 1 << (chunk & 7)
+    spec = {
+        "kind": "fetch",
+        "path": str(replica),
+        "remote": {"kind": "remote", "address": f"tcp:127.0.0.1:{source_agent}", "export": "src"},
+        "then_local": True,
+        "rate_limit": 6 << 20,  # the tail lasts while the workers run
+        "copy_batch": 65536,
+        "present": base64.b64encode(bytes(bits)).decode(),
+    }
+    sock, ctl = tmp_path / "t.sock", tmp_path / "t.ctl"
+    stop = asyncio.Event()
+    ready: list[BlockAgent] = []
+    task = asyncio.create_task(
+        serve(None, backend_spec=spec, unix=sock, name="disk", control=ctl, stop=stop,
+              on_ready=ready.append)
+    )  # fmt: skip
+    model = {i: original[i * block : (i + 1) * block] for i in range(n_blocks)}
+    went_local = asyncio.Event()
+    after_local = 0
+    try:
+        await until(lambda: bool(ready), "the agent")
+        async with await NbdClient.connect(unix=sock, export="disk") as client:
+
+            async def worker(me: int) -> None:
+                nonlocal after_local
+                mine = [i for i in range(n_blocks) if i % 16 == me]  # no two workers share one
+                while not went_local.is_set() or after_local < 400:
+                    i = rng.choice(mine)
+                    action = rng.random()
+                    if action < 0.45:
+                        got = await client.read(i * block, block)
+                        assert got == model[i], f"block {i}: stale or lost data"
+                    elif action < 0.9:
+                        if rng.random() < 0.3:  # a partial write: the rest must survive
+                            cut = rng.randrange(512, block, 512)
+                            head = rng.randbytes(cut)
+                            await client.write(i * block, head)
+                            model[i] = head + model[i][cut:]
+                        else:
+                            model[i] = rng.randbytes(block)
+                            await client.write(i * block, model[i])
+                    else:
+                        await client.flush()
+                    if went_local.is_set():
+                        after_local += 1
+
+            async def watch() -> None:
+                while True:
+                    _, body = await control(ctl, "GET", "/status")
+                    if body["backend_status"]["kind"] == "local":
+                        went_local.set()
+                        return
+                    await asyncio.sleep(0.02)
+
+            await asyncio.wait_for(asyncio.gather(watch(), *(worker(w) for w in range(16))), 60)
+            final = await client.read(0, SIZE)
+        assert final == b"".join(model[i] for i in range(n_blocks))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert replica.read_bytes() == b"".join(model[i] for i in range(n_blocks))

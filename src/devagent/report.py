@@ -61,6 +61,9 @@ class MigrationReport:
     time_to_switchover_s: float | None = None
     total_time_s: float | None = None
     downtime_ms: float | None = None
+    #: The VM's own pause: its STOP on the source to its RESUME on the destination, from
+    #: QEMU's events (QEMU 7.2's ``downtime_ms`` here is often 0 when the guest did pause).
+    vm_pause_ms: float | None = None
     max_io_gap_ms: float | None = None
     guest_max_latency_ms: float | None = None
     guest_p99_latency_ms: float | None = None

@@ -21,7 +21,7 @@ import asyncio
 import enum
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +32,10 @@ from devagent.nbd.proto import Command
 log = logging.getLogger(__name__)
 
 WRITE_CLASS = frozenset({Command.WRITE, Command.WRITE_ZEROES, Command.TRIM})
+#: WRITE_CLASS as bits (``1 << command``): the hot path tests a bit rather than hashing an
+#: enum member (an Enum's hash is a Python-level call).
+_WRITE_BITS = sum(1 << int(kind) for kind in WRITE_CLASS)
+_COMMAND_SLOTS = 32
 #: Latency histogram bucket ``i`` counts requests that took [2**i, 2**(i+1)) microseconds.
 HISTOGRAM_BUCKETS = 32
 
@@ -81,8 +85,8 @@ class Journal:
         self._barriers: list[_FlushBarrier] = []
         self._waiting: deque[tuple[Entry, asyncio.Future[None]]] = deque()
         self._drained: asyncio.Event | None = None
-        self._counts: Counter[Command] = Counter()
-        self._bytes: Counter[Command] = Counter()
+        self._counts = [0] * _COMMAND_SLOTS  # indexed by command value
+        self._bytes = [0] * _COMMAND_SLOTS
         self.errors = 0
         self.histogram = [0] * HISTOGRAM_BUCKETS
         self._ring: deque[float] = deque(maxlen=ring_size)
@@ -134,7 +138,7 @@ class Journal:
         now = self._clock()
         entry = Entry(self._seq, kind, offset, length, arrived=now, admitted=now)
         self._in_flight[entry.seq] = entry
-        if kind in WRITE_CLASS:
+        if _WRITE_BITS >> kind & 1:
             self._writes_in_flight.add(entry.seq)
         return entry
 
@@ -144,7 +148,7 @@ class Journal:
     def _start(self, entry: Entry) -> None:
         entry.admitted = self._clock()
         self._in_flight[entry.seq] = entry
-        if entry.kind in WRITE_CLASS:
+        if _WRITE_BITS >> entry.kind & 1:
             self._writes_in_flight.add(entry.seq)
 
     async def _flush_barrier(self, entry: Entry) -> None:
@@ -167,8 +171,7 @@ class Journal:
         entry.completed, entry.error = now, error
         kind = entry.kind
         self._counts[kind] += 1
-        if kind is Command.READ or kind is Command.WRITE:
-            self._bytes[kind] += entry.length
+        self._bytes[kind] += entry.length  # reported for READ and WRITE only
         if error:
             self.errors += 1
         micros = max(1, int((now - entry.arrived) * 1e6))
@@ -177,7 +180,7 @@ class Journal:
             self.max_gap = max(self.max_gap, now - self.last_completion)
         self.last_completion = now
         self._ring.append(now)
-        if entry.seq in self._writes_in_flight:
+        if self._writes_in_flight and entry.seq in self._writes_in_flight:
             self._writes_in_flight.discard(entry.seq)
             for barrier in self._barriers:
                 barrier.waiting_for.discard(entry.seq)
@@ -230,7 +233,7 @@ class Journal:
     @property
     def counts(self) -> dict[str, int]:
         """Completed requests per command name."""
-        return {kind.name: n for kind, n in self._counts.items()}
+        return {Command(value).name: n for value, n in enumerate(self._counts) if n}
 
     def completions_since(self, t: float) -> list[float]:
         """Completion times (wall clock) at or after ``t`` still held in the ring, oldest first."""
@@ -260,10 +263,14 @@ class Journal:
             "state": self.state.value,
             "in_flight": self.in_flight,
             "waiting": self.waiting,
-            "completed": sum(self._counts.values()),
+            "completed": sum(self._counts),
             "errors": self.errors,
             "counts": self.counts,
-            "bytes": {kind.name: n for kind, n in self._bytes.items()},
+            "bytes": {
+                kind.name: self._bytes[kind]
+                for kind in (Command.READ, Command.WRITE)
+                if self._bytes[kind]
+            },
             "max_gap_ms": round(self.max_gap * 1000, 3),
             "p99_latency_ms": round(self.latency_percentile(0.99) * 1000, 3),
             "latency_histogram_us": {

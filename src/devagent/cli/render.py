@@ -10,6 +10,7 @@ UNITS = {
     "time_to_switchover_s": "s",
     "total_time_s": "s",
     "downtime_ms": "ms",
+    "vm_pause_ms": "ms",
     "max_io_gap_ms": "ms",
     "guest_max_latency_ms": "ms",
     "guest_p99_latency_ms": "ms",
@@ -35,7 +36,7 @@ def report_table(report: MigrationReport) -> Table:
     table.add_column("value", justify="right")
     table.add_column("", style="dim")
     has_nic = report.net_frames_lost is not None
-    for name in MEASURES:
+    for name in (*MEASURES[:3], "vm_pause_ms", *MEASURES[3:]):
         value = getattr(report, name)
         if name in NET and not has_nic:
             continue

@@ -300,6 +300,11 @@ class MigrationJob:
             report.time_to_switchover_s = round(resumed_at - t0, 3)
             report.total_time_s = round(released_at - t0, 3)
             report.downtime_ms = done.get("downtime")
+            stopped = report.timeline.get("source_stopped")
+            if stopped is not None:
+                report.vm_pause_ms = round((resumed_at - self.started_at - stopped) * 1000, 1)
+            else:
+                report.missing["vm_pause_ms"] = "QEMU sent no STOP event for the switchover"
             ram = done.get("ram", {})
             report.ram_bytes = managed.config.ram_mb << 20
             report.ram_transferred_bytes = ram.get("transferred")

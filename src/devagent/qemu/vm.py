@@ -24,7 +24,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, QMPClient, QMPError
 
 from devagent.errors import PeerError, StateError
 from devagent.qemu.config import VmConfig
@@ -207,9 +207,19 @@ class Vm:
             await asyncio.sleep(0.02)
         qmp = QMPClient(self.config.name)
         try:
-            await asyncio.wait_for(
-                qmp.connect(str(self.qmp_path)), max(0.5, deadline - time.monotonic())
-            )
+            while True:
+                try:
+                    await asyncio.wait_for(
+                        qmp.connect(str(self.qmp_path)), max(0.5, deadline - time.monotonic())
+                    )
+                    break
+                except ConnectError as err:
+                    # QEMU binds the socket file before it listens: a connect in between is
+                    # refused. Try again while QEMU lives and time is left.
+                    refused = isinstance(err.exc, ConnectionRefusedError)
+                    if not refused or self._exited.is_set() or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.02)
         except (QMPError, OSError, TimeoutError) as err:
             if await self.wait_exit(1.0):
                 raise PeerError(
