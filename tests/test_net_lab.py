@@ -21,7 +21,7 @@ from devagent.client import DaemonClient, Endpoint
 from devagent.errors import NotFound
 from devagent.guest.build import GuestImage
 from devagent.lab.lab import GUEST_BRIDGE, Lab
-from devagent.lab.traffic import EchoStream, Pinger, ping_max_gap
+from devagent.lab.traffic import EchoStream, Pinger, ping_max_gap, wait_for_ping
 from devagent.orchestrate import locate_vm, migrate, start_vm
 from tests.conftest import namespaces, processes_mentioning
 
@@ -55,21 +55,13 @@ def endpoints(lab: Lab) -> list[Endpoint]:
     return [Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts]
 
 
-async def boot_with_nic(a: Endpoint, name: str, netns: str, log: Path) -> str:
+async def boot_with_nic(a: Endpoint, name: str, netns: str) -> str:
     """Start the test guest with a NIC on ``a``; its address once it answers a ping."""
     status = await start_vm(a, {"name": name, "disk_size": "64M", "workload": "idle", "nic": True})
     assert len(status["nics"]) == 1
     address: str = status["nics"][0]["address"].split("/")[0]
-    deadline = time.monotonic() + 90
-    while True:
-        done = await asyncio.to_thread(
-            subprocess.run,
-            ["ip", "netns", "exec", netns, "ping", "-n", "-c", "1", "-W", "1", address],
-            capture_output=True,
-        )
-        if done.returncode == 0:
-            return address
-        assert time.monotonic() < deadline, f"the guest {address} never answered a ping"
+    await asyncio.to_thread(wait_for_ping, netns, address, 90.0)
+    return address
 
 
 def lost_pings_outside(answers: list[tuple[float, int]], low: float, high: float) -> list[int]:
@@ -94,7 +86,7 @@ async def test_tcp_stream_and_ping_through_a_live_migration(lab: Lab, state_dir:
     a, b, c = endpoints(lab)
     netns_c = lab.host("c").netns
     assert netns_c is not None
-    address = await boot_with_nic(a, "nvm1", netns_c, state_dir / "boot-ping.log")
+    address = await boot_with_nic(a, "nvm1", netns_c)
     before = await nic_device(a, "nvm1")
     assert before["state"] == "serving" and before["agent"]["vm_connected"]
 
@@ -148,12 +140,22 @@ async def test_tcp_stream_and_ping_through_a_live_migration(lab: Lab, state_dir:
     after = await nic_device(b, "nvm1")
     assert after["agent"]["held"] is False and after["agent"]["vm_connected"]
 
+    # and back to a, where it takes its address again (b's tap goes, a makes a new one).
+    back = await migrate(b, a, "nvm1", storage="shared", link_rate_bps=1_000_000_000)
+    assert back.status == "completed" and back.net_frames_lost == 0, back.error
+    await asyncio.to_thread(wait_for_ping, netns_c, address, 10.0)
+    netns_b = lab.host("b").netns
+    assert netns_b is not None
+    assert "dt" not in ip(netns_b, "-o", "link", "show", "master", GUEST_BRIDGE)
+    home = await nic_device(a, "nvm1")
+    assert home["address"].startswith(address) and home["state"] == "serving"
+
 
 async def test_nic_swap_under_a_running_stream_loses_nothing(lab: Lab, state_dir: Path) -> None:
     a, _, _ = endpoints(lab)
     netns_a, netns_c = lab.host("a").netns, lab.host("c").netns
     assert netns_a is not None and netns_c is not None
-    address = await boot_with_nic(a, "nvm2", netns_c, state_dir / "boot-ping.log")
+    address = await boot_with_nic(a, "nvm2", netns_c)
     ip(netns_a, "tuntap", "add", "dev", "swap0", "mode", "tap")
     ip(netns_a, "link", "set", "swap0", "master", GUEST_BRIDGE, "up")
     before = await nic_device(a, "nvm2")
@@ -202,7 +204,7 @@ async def test_a_destination_that_dies_leaves_the_vm_and_its_nic_on_the_source(
     a, b, _ = endpoints(lab)
     netns_b, netns_c = lab.host("b").netns, lab.host("c").netns
     assert netns_b is not None and netns_c is not None
-    address = await boot_with_nic(a, "nvm3", netns_c, state_dir / "boot-ping.log")
+    address = await boot_with_nic(a, "nvm3", netns_c)
     lab.shape("a", "50mbit")  # a RAM migration long enough to be interrupted
     with EchoStream(netns_c, address, seed=13, rate=128 << 10) as stream:
         await asyncio.sleep(2)
