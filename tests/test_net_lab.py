@@ -140,9 +140,11 @@ async def test_tcp_stream_and_ping_through_a_live_migration(lab: Lab, state_dir:
     after = await nic_device(b, "nvm1")
     assert after["agent"]["held"] is False and after["agent"]["vm_connected"]
 
-    # and back to a, where it takes its address again (b's tap goes, a makes a new one).
-    back = await migrate(b, a, "nvm1", storage="shared", link_rate_bps=1_000_000_000)
+    # and back to a with its disk (hybrid), where it takes its address again (b's tap goes,
+    # a makes a new one).
+    back = await migrate(b, a, "nvm1", storage="hybrid", link_rate_bps=1_000_000_000)
     assert back.status == "completed" and back.net_frames_lost == 0, back.error
+    assert back.integrity == "ok" and "net_forward_stopped" in back.timeline
     await asyncio.to_thread(wait_for_ping, netns_c, address, 10.0)
     netns_b = lab.host("b").netns
     assert netns_b is not None
