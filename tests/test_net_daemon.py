@@ -299,6 +299,9 @@ async def test_the_nic_steps_in_order_and_the_figures() -> None:
     assert net.incoming() == [{"node": "net0", "address": nic.address, "mac": nic.mac}]
     await net.start()
     net.prepared({"nic_peers": {"net0": "tcp:10.213.7.2:4242"}})
+    await net.hold()  # QEMU's STOP event
+    await net.hold()
+    assert qemu.commands == [] and marks == ["net_held"]
     await net.at_pre_switchover()
     await net.at_pre_switchover()  # QEMU's status is seen again before it moves on
     assert qemu.commands == ["migrate-continue"]

@@ -6,6 +6,7 @@ swap to another tap under a running stream.  Everything goes, even on failure.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -41,6 +42,11 @@ def lab(request: pytest.FixtureRequest, state_dir: Path, guest: GuestImage) -> I
     try:
         yield lab
     finally:
+        for host in lab.hosts:  # shown when the test fails
+            for log in [host.dir / "devagentd.log", *sorted(host.dir.glob("vms/*/agent-*.log"))]:
+                with contextlib.suppress(OSError):
+                    tail = log.read_text(errors="replace").splitlines()[-30:]
+                    print(f"--- {log}", *tail, sep="\n")
         lab.down()
     assert processes_mentioning(str(state_dir)) == []
     assert not [ns for ns in namespaces() if ns.startswith(f"da-{name}-")]

@@ -468,6 +468,10 @@ class MigrationJob:
                 if isinstance(stamp, dict):  # QEMU's own clock: the same host's wall clock
                     at = float(stamp.get("seconds", 0)) + stamp.get("microseconds", 0) / 1e6
                 self._mark("source_stopped", at or None)
+                if self.net is not None:  # the guest stopped: frames for it wait from now
+                    await self.net.hold()
+            elif self.net is not None and _status_of(event) == "pre-switchover":
+                await self.net.at_pre_switchover()  # at once: QEMU waits for it
 
     async def _roll_back(self, peer: DaemonClient, cause: BaseException) -> None:
         """Before switchover: keep the VM on the source, leave nothing on the destination."""
@@ -500,6 +504,12 @@ class MigrationJob:
             if len(after) >= SETTLE_BEATS or time.time() > deadline:
                 return beats
             await asyncio.sleep(0.2)
+
+
+def _status_of(event: Any) -> object:
+    """The ``status`` of a MIGRATION event (None for any other event)."""
+    data = event.get("data")
+    return data.get("status") if isinstance(data, dict) else None
 
 
 def _clean_chunks(handover: dict[str, Any]) -> str:

@@ -4,12 +4,15 @@ The order (each step on the report's timeline)::
 
     destination   tap + net agent, held from its start ......................... release,
                   (frames for the guest wait there)                              announce
-    source        pause-before-switchover; at pre-switchover: hold  ─ forward ─ stop forwarding
-                  (net_held), migrate-continue       (net_forward_started)   (net_forward_stopped)
+    source        pause-before-switchover; at STOP: hold (net_held) ─ forward ─ stop forwarding
+                  at pre-switchover: migrate-continue  (net_forward_started) (net_forward_stopped)
 
 * While RAM migrates the guest's frames flow through the source's agent as always.
-* QEMU stops the guest and pauses before the switchover (``pause-before-switchover``): the
-  source's agent holds what arrives for the guest, and QEMU is told to continue.
+* QEMU stops the guest (its ``STOP`` event) and pauses before the switchover
+  (``pause-before-switchover``): the source's agent holds what arrives for the guest from
+  the ``STOP`` on (or at the pause at the latest), and QEMU is told to continue.  Frames
+  the agent handed QEMU just before it stopped the guest and that QEMU never read stay in
+  the old QEMU's socket and go with it: TCP resends them; a ping there goes unanswered.
 * Once QEMU completed, the guest will run on the destination only: the source's agent
   forwards its kept frames, then everything its tap still receives, to the destination's
   agent (still held: the guest does not run there yet).
@@ -83,6 +86,7 @@ class NetMigration:
         self.before: dict[str, dict[str, Any]] = {}
         self.peers: dict[str, str] = {}
         self.held = False
+        self.continued = False  # QEMU was told to go on past pre-switchover
         self.forwarding = False
 
     def incoming(self) -> list[dict[str, str]]:
@@ -106,14 +110,21 @@ class NetMigration:
                 raise PeerError(f"the destination made no net agent for {nic.describe()}")
             self.peers[nic.node] = peer.removeprefix("tcp:")
 
-    async def at_pre_switchover(self) -> None:
-        """QEMU stopped the guest and waits: hold what arrives for it, then let QEMU go on."""
+    async def hold(self) -> None:
+        """QEMU stopped the guest (its STOP event): keep what arrives for it from now."""
         if self.held:
-            return  # the status is seen again until QEMU moves on
+            return
         for nic in self.managed.nics:
             await nic.call("POST", "/hold")
         self.held = True
         self.mark("net_held")
+
+    async def at_pre_switchover(self) -> None:
+        """QEMU waits before the switchover: make sure the NICs hold, then let it go on."""
+        if self.continued:
+            return  # the status is seen again until QEMU moves on
+        await self.hold()
+        self.continued = True
         await self.managed.vm.qmp("migrate-continue", state="pre-switchover")
 
     async def switched_over(self) -> None:
@@ -185,4 +196,4 @@ class NetMigration:
             if self.forwarding:
                 with contextlib.suppress(DevagentError, StateError):
                     await nic.call("POST", "/stop-forward")
-        self.held = self.forwarding = False
+        self.held = self.forwarding = self.continued = False
