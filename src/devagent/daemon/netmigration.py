@@ -172,6 +172,8 @@ class NetMigration:
             buffered += now["net_frames_buffered"] - then["net_frames_buffered"]
             forwarded += now["net_frames_forwarded"] - then["net_frames_forwarded"]
             lost += now["net_frames_lost"] - then["net_frames_lost"]
+            if now.get("held"):  # it could not forward: what it keeps never reaches the guest
+                lost += now["hold"]["frames"]
             if now["net_frames_lost"] != then["net_frames_lost"]:
                 self.log.warning("%s lost frames: %s", nic.describe(), now["lost"])
         devices = (await peer.get(f"/v1/vms/{self.managed.name}/devices"))["devices"]
