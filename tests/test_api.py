@@ -81,3 +81,12 @@ async def test_bad_migration_requests(client: TestClient[object, object]) -> Non
 async def test_oversized_body_is_refused(client: TestClient[object, object]) -> None:
     resp = await client.post("/v1/vms", data=b"x" * (2 << 20), headers=AUTH)
     assert resp.status == 413
+
+
+async def test_a_nic_on_a_host_without_a_guest_network_is_a_clear_400(
+    client: TestClient[object, object], tmp_path: Path
+) -> None:
+    resp = await client.post("/v1/vms", json={"name": "n1", "nic": True}, headers=AUTH)
+    assert resp.status == 400
+    assert "no guest network" in (await resp.json())["error"]
+    assert not list(tmp_path.rglob("n1*"))  # nothing made for it

@@ -26,6 +26,10 @@ MEASURES = (
     "guest_io_errors",
     "guest_verify_failures",
     "integrity",
+    "net_frames_buffered",
+    "net_frames_forwarded",
+    "net_frames_lost",
+    "ping_max_gap_ms",
 )
 
 
@@ -69,6 +73,15 @@ class MigrationReport:
     guest_io_errors: int | None = None
     guest_verify_failures: int | None = None
     integrity: str | None = None
+    #: Frames for the guest the NICs' agents kept during the switchover (both hosts).
+    net_frames_buffered: int | None = None
+    #: Frames the source's agent forwarded to the destination's after the switchover.
+    net_frames_forwarded: int | None = None
+    #: Frames the NICs' agents dropped during the migration (both hosts): must be 0.
+    net_frames_lost: int | None = None
+    #: Largest gap between two consecutive answers of a 10 ms ping to the guest, seen on
+    #: the pinging host (set by whoever ran the pinger: ``devagent demo --net``).
+    ping_max_gap_ms: float | None = None
     ram_bytes: int | None = None
     ram_transferred_bytes: int | None = None
     disk_bytes_moved: int | None = None

@@ -4,13 +4,19 @@ Makes a 2-host lab, boots the test guest with ioprobe on host a, lets it settle,
 it to host b while ioprobe writes and verifies, prints the report, and removes the lab — also
 when a step fails. ``--migrations N`` moves it back and forth N times in a row (a→b, b→a, …),
 each verified, and prints one row per migration.
+
+``--net`` runs the NIC's scenario on a 3-host lab instead: the guest with a NIC on host a,
+from host c a TCP echo stream checked byte for byte and a ping every 10 ms, through a live
+migration a → b; the report gains the NIC's figures and the longest gap in the pings.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.table import Table
@@ -26,6 +32,9 @@ from devagent.report import MigrationReport
 
 DEMO_LAB = "demo"
 DEMO_VM = "demo-vm"
+NET_DEMO_LAB = "ntdemo"
+NET_BASELINE_S = 3.0  # stream and pings under way before migrating
+NET_AFTER_S = 2.0  # and after, from the destination
 BASELINE_BEATS = 30  # three seconds of steady guest I/O before migrating
 
 
@@ -61,6 +70,12 @@ BASELINE_BEATS = 30  # three seconds of steady guest I/O before migrating
     type=click.Path(dir_okay=False, path_type=Path),
     help="Draw the (last) migration's timeline into this PNG file.",
 )
+@click.option(
+    "--net",
+    is_flag=True,
+    help="The NIC's scenario on 3 hosts: a TCP stream and a 10 ms ping from host c to the "
+    "guest, checked through the migration a → b.",
+)
 @json_option
 def demo_cmd(
     storage: str,
@@ -71,9 +86,29 @@ def demo_cmd(
     loopback: bool,
     migrations: int,
     plot_file: Path | None,
+    net: bool,
     as_json: bool,
 ) -> None:
     """Run devagent's main job end to end on a fresh 2-host lab and print its report."""
+    if net:
+        if loopback:
+            raise click.UsageError("--net needs a namespace lab (guest NICs on host bridges)")
+        report, stream = run(
+            run_net_demo(
+                storage=storage, link_rate=link_rate, disk_size=disk_size, ram=ram,
+                workload=workload, verbose=not as_json,
+            )
+        )  # fmt: skip
+        if as_json:
+            print_json({**report.to_json(), "stream": stream})
+        else:
+            show_report(report, False)
+            err.print(
+                f"TCP stream from host c: {stream['sent']:,} bytes sent, {stream['received']:,} "
+                f"echoed back, {'intact' if stream['intact'] else 'NOT intact'}, "
+                f"{'reset' if stream['reset'] else 'no reset'}"
+            )
+        sys.exit(0 if net_healthy(report, stream) else 1)
     reports = run(
         run_demo(
             storage=storage,
@@ -109,6 +144,91 @@ def healthy(reports: list[MigrationReport]) -> bool:
         and r.integrity == "ok"
         for r in reports
     )
+
+
+def net_healthy(report: MigrationReport, stream: dict[str, Any]) -> bool:
+    """The NIC's scenario went through: the migration healthy, the stream intact and never
+    reset, no frame lost."""
+    return (
+        healthy([report])
+        and bool(stream.get("intact"))
+        and not stream.get("reset")
+        and report.net_frames_lost == 0
+    )
+
+
+async def run_net_demo(
+    *, storage: str, link_rate: str, disk_size: str, ram: str, workload: str, verbose: bool
+) -> tuple[MigrationReport, dict[str, Any]]:
+    """The NIC's scenario; the migration's report (with ``ping_max_gap_ms``) and the
+    stream's figures."""
+    from devagent.lab.lab import Lab
+    from devagent.lab.traffic import EchoStream, Pinger, ping_max_gap, wait_for_ping
+
+    def say(text: str) -> None:
+        if verbose:
+            err.print(text)
+
+    if NET_DEMO_LAB in Lab.list():
+        say(f"removing the lab {NET_DEMO_LAB!r} a previous run left")
+        await asyncio.to_thread(Lab.load(NET_DEMO_LAB).down)
+    say(f"making a 3-host lab (link {link_rate})")
+    lab = await asyncio.to_thread(Lab.up, name=NET_DEMO_LAB, hosts=3, link_rate=link_rate)
+    try:
+        a, b, _ = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts[:3])
+        netns_c = lab.host("c").netns
+        assert netns_c is not None
+        request = {
+            "name": DEMO_VM,
+            "ram_mb": parse_size(ram) >> 20,
+            "disk_size": parse_size(disk_size),
+            "workload": workload,
+            "storage": "shared" if storage == "shared" else "local",
+            "nic": True,
+        }
+        with Spinner(f"booting {DEMO_VM} with a NIC on host {a.name}", enabled=verbose) as spin:
+            status = await start_vm(a, request)
+            address = str(status["nics"][0]["address"]).split("/")[0]
+            await asyncio.to_thread(wait_for_ping, netns_c, address)
+            while (beat := (await wait_heartbeats(a, DEMO_VM, 1, with_io=False))[-1])[
+                "phase"
+            ] == "prefill":
+                spin.update(f"ioprobe prefilling the disk: {beat['written_blocks'] >> 8} MiB")
+            spin.update("steady-state guest I/O before migrating")
+            await wait_heartbeats(
+                a, DEMO_VM, BASELINE_BEATS, with_io=not workload.startswith("idle")
+            )
+        say(f"{DEMO_VM} answers on {address}; from host c: ping every 10 ms, TCP echo stream")
+        with (
+            Pinger(netns_c, address, lab.dir / "ping.log") as pinger,
+            EchoStream(netns_c, address) as stream,
+        ):
+            await asyncio.sleep(NET_BASELINE_S)
+            say(f"migrating {DEMO_VM} {a.name} → {b.name} ({storage}) under the stream")
+            started = time.time()
+            with MigrationProgress(enabled=verbose) as progress:
+                report = await migrate(
+                    a,
+                    b,
+                    DEMO_VM,
+                    storage=storage,
+                    link_rate_bps=lab.link_rate_bps,
+                    progress=progress,
+                )
+            ended = time.time()
+            await asyncio.sleep(NET_AFTER_S)
+            echoed = await asyncio.to_thread(stream.finish)
+            answers = pinger.stop()
+        gap = ping_max_gap(answers, started, ended)
+        if gap is not None:
+            report.ping_max_gap_ms = round(gap[1] * 1000, 1)
+            report.missing.pop("ping_max_gap_ms", None)
+        else:
+            report.missing["ping_max_gap_ms"] = "the guest answered no ping during the migration"
+        return report, echoed
+    finally:
+        say(f"removing the lab {NET_DEMO_LAB!r}")
+        await asyncio.to_thread(lab.down)
 
 
 def round_trip_table(reports: list[MigrationReport]) -> Table:

@@ -58,6 +58,21 @@ def status(vm: str | None, as_json: bool, lab_name: str) -> None:
     table = Table("host", "vm", "device", "backend", "present", "peer", "in flight", "completed")
     for row in rows:
         agent = row.get("agent", {})
+        if row.get("kind") == "nic":
+            counters = agent.get("counters", {})
+            frames = f"{counters.get('from_vm_frames', '—')} out"
+            frames += f" / {counters.get('to_vm_frames', '—')} in"
+            table.add_row(
+                row["host"],
+                row["vm"],
+                row["device"],
+                f"nic {row['address']} tap {row['tap']} ({row['state']})",
+                "—",
+                str((agent.get("forward") or {}).get("peer") or "—"),
+                str((agent.get("hold") or {}).get("frames", "—")),
+                frames,
+            )
+            continue
         journal = agent.get("journal", {})
         backend = agent.get("backend_status", {})
         table.add_row(
@@ -101,13 +116,22 @@ def _present(backend: dict[str, Any]) -> str:
 @device_group.command("swap")
 @click.argument("vm")
 @click.argument("device")
-@click.option("--to", "to_path", required=True, help="File or block device on the VM's host.")
+@click.option(
+    "--to",
+    "to_path",
+    required=True,
+    help="File or block device on the VM's host; for a NIC (net0), a tap on the VM's host.",
+)
 @click.option("--sync", is_flag=True, help="Mirror with synchronous writes (always converges).")
 @json_option
 @lab_option
 def swap(vm: str, device: str, to_path: str, sync: bool, as_json: bool, lab_name: str) -> None:
     """Device dynamic exchange: mirror VM's live DEVICE onto TO, then pivot the VM onto it,
-    while the guest runs and without failing a request."""
+    while the guest runs and without failing a request.  For a NIC, TO is a tap (on a
+    bridge) of the VM's host that becomes its uplink without a frame lost."""
+    if device.startswith("net"):
+        run(_swap_nic(vm, device, to_path, as_json, lab_name))
+        return
     path = str(Path(to_path).absolute())
 
     async def go() -> dict[str, Any]:
@@ -120,6 +144,21 @@ def swap(vm: str, device: str, to_path: str, sync: bool, as_json: bool, lab_name
                 return result
 
     _show_exchange(run(go()), as_json, f"now on {path}")
+
+
+async def _swap_nic(vm: str, device: str, tap: str, as_json: bool, lab_name: str) -> None:
+    endpoint, _ = await locate_vm(lab_endpoints(lab_name), vm)
+    async with DaemonClient(endpoint) as client:
+        result: dict[str, Any] = await client.post(
+            f"/v1/vms/{vm}/devices/{device}/swap", {"to": tap}
+        )
+    if as_json:
+        print_json(result)
+    else:
+        err.print(
+            f"{vm}/{device}: uplink {result['old_tap']} → {result['tap']} in "
+            f"{result['duration_s']} s, {result['net_frames_lost']} frames lost"
+        )
 
 
 @device_group.command("attach-remote")

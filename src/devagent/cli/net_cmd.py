@@ -11,7 +11,7 @@ import click
 
 from devagent.agent.serve import parse_hostport
 from devagent.errors import DevagentError
-from devagent.net.agent import NetAgent
+from devagent.net.agent import MAX_HOLD_S, NetAgent
 from devagent.net.serve import serve
 
 
@@ -31,6 +31,14 @@ from devagent.net.serve import serve
 )
 @click.option("--vm", "vm_name", default="", help="The VM's name (for logs and status).")
 @click.option("--nic", default="net0", show_default=True, help="The NIC's id.")
+@click.option("--hold", is_flag=True, help="Start held: keep frames for the VM until release.")
+@click.option(
+    "--max-hold",
+    type=click.FloatRange(min=0.1),
+    default=MAX_HOLD_S,
+    show_default=True,
+    help="Seconds after which a hold nobody released ends by itself.",
+)
 @click.option("--quiet", is_flag=True, help="Log warnings only.")
 def net_agent_cmd(
     vm_socket: Path,
@@ -39,6 +47,8 @@ def net_agent_cmd(
     control: Path | None,
     vm_name: str,
     nic: str,
+    hold: bool,
+    max_hold: float,
     quiet: bool,
 ) -> None:
     """Forward one VM NIC's frames between QEMU's stream netdev on --vm-socket and the tap
@@ -71,6 +81,8 @@ def net_agent_cmd(
             control=control,
             on_ready=ready,
             stop=stop,
+            hold=hold,
+            max_hold_s=max_hold,
         )
 
     try:
@@ -78,3 +90,7 @@ def net_agent_cmd(
     except DevagentError as err:
         raise click.ClickException(str(err)) from err
     click.echo("stopped")
+
+
+if __name__ == "__main__":  # how the daemon runs it: only what a net agent needs is imported
+    net_agent_cmd()

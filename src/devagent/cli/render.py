@@ -16,8 +16,14 @@ UNITS = {
     "guest_p99_latency_ms": "ms",
     "limit_s": "s",
     "bytes_between_hosts": "bytes",
+    "net_frames_buffered": "frames",
+    "net_frames_forwarded": "frames",
+    "net_frames_lost": "frames",
+    "ping_max_gap_ms": "ms",
 }
-MUST_BE_ZERO = ("guest_io_errors", "guest_verify_failures")
+MUST_BE_ZERO = ("guest_io_errors", "guest_verify_failures", "net_frames_lost")
+#: Shown only for a VM with a NIC.
+NET = ("net_frames_buffered", "net_frames_forwarded", "net_frames_lost", "ping_max_gap_ms")
 
 
 def report_table(report: MigrationReport) -> Table:
@@ -29,8 +35,11 @@ def report_table(report: MigrationReport) -> Table:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("", style="dim")
+    has_nic = report.net_frames_lost is not None
     for name in (*MEASURES[:3], "vm_pause_ms", *MEASURES[3:]):
         value = getattr(report, name)
+        if name in NET and not has_nic:
+            continue
         if value is None:
             table.add_row(name, "—", report.missing.get(name, ""))
             continue

@@ -57,6 +57,12 @@ def vm_group() -> None:
 @click.option("--initrd", help="With --kernel: the initrd.")
 @click.option("--append", help="With --kernel: the kernel command line.")
 @click.option(
+    "--nic",
+    is_flag=True,
+    help="Give it a NIC on the host's guest network (an address of the lab's subnet, a tap on "
+    "the host's bridge, a net agent); the test guest serves echo on port 7, lines on 19.",
+)
+@click.option(
     "--no-wait", is_flag=True, help="Return once QEMU runs, without waiting for the probe."
 )
 @json_option
@@ -73,6 +79,7 @@ def start(
     kernel: str | None,
     initrd: str | None,
     append: str | None,
+    nic: bool,
     no_wait: bool,
     as_json: bool,
     lab_name: str,
@@ -87,6 +94,8 @@ def start(
         "disk_size": parse_size(disk_size),
         "storage": storage,
     }
+    if nic:
+        request["nic"] = True
     if disk_image:
         request.update(disk=disk_image, kernel=kernel, initrd=initrd, append=append)
     else:
@@ -107,14 +116,16 @@ def start(
             )
 
     status = run(go())
+    nics = "".join(f", NIC {n['node']} {n['address']} (tap {n['tap']})" for n in status["nics"])
     if as_json:
         print_json(status)
     elif status.get("boot_s") is not None and status["probe"]:
         err.print(
-            f"VM {name} runs on host {host}; probe's first heartbeat after {status['boot_s']} s"
+            f"VM {name} runs on host {host}; probe's first heartbeat after "
+            f"{status['boot_s']} s{nics}"
         )
     else:
-        err.print(f"VM {name} runs on host {host} (no ioprobe: your own guest)")
+        err.print(f"VM {name} runs on host {host} (no ioprobe: your own guest){nics}")
 
 
 @vm_group.command("list")

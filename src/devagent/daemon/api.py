@@ -6,13 +6,15 @@ object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with i
 
     GET    /v1/health                         host name and address
     GET    /v1/vms                            every VM of this host
-    POST   /v1/vms                            start a VM (VmRequest)
+    POST   /v1/vms                            start a VM (VmRequest; "nic": true gives it a NIC)
     GET    /v1/vms/{name}                     one VM's state and last heartbeat
     DELETE /v1/vms/{name}                     stop a VM
     GET    /v1/vms/{name}/heartbeats?since=T  probe heartbeats that arrived after T
-    GET    /v1/vms/{name}/devices             each disk's agent: backend, in flight, journal
+    GET    /v1/vms/{name}/devices             each disk's agent: backend, in flight, journal;
+                                              each NIC's: address, tap, hold, forward, counters
     GET    /v1/vms/{name}/completions?since=T completion times of guest I/O on the agents
-    POST   /v1/vms/{name}/devices/{node}/swap {"to": PATH}: move the live disk onto PATH
+    POST   /v1/vms/{name}/devices/{node}/swap {"to": PATH}: move the live disk onto PATH;
+                                              for a NIC {"to": TAP}: make TAP its uplink
     POST   /v1/vms/{name}/devices/{node}/attach-remote {"from": PEER}: move it to a peer host
     POST   /v1/vms/{name}/probe               {"command": "pause"|"resume"|"verify"}
     POST   /v1/vms/{name}/integrity           disk equals what the guest last wrote?
@@ -21,7 +23,8 @@ object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with i
     GET    /v1/exports                        disks of this host served to other hosts
     POST   /v1/exports                        {"name", "size"}: a new disk, served on TCP
     DELETE /v1/exports/{name}                 remove an export and its disk
-    POST   /v1/incoming                       (peer) prepare an incoming VM → {"uri"}
+    POST   /v1/incoming                       (peer) prepare an incoming VM → {"uri"}; with
+                                              "nics", each NIC's agent, held → "nic_peers"
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it
     DELETE /v1/incoming/{name}                (peer) roll back: remove it
 """
@@ -165,6 +168,11 @@ async def swap_device(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     payload = await body(request)
     to = payload.get("to") if isinstance(payload, dict) else None
+    node = request.match_info["node"]
+    if any(nic.node == node for nic in managed.nics):
+        if not isinstance(to, str) or not to:
+            raise UsageError("for a NIC the body must be {'to': TAP}: a tap on the VM's host")
+        return web.json_response(await managed.swap_nic(node, to))
     if not isinstance(to, str) or not to.startswith("/"):
         raise UsageError("body must be {'to': ABSOLUTE_PATH, 'sync': bool}")
     sync = bool(payload.get("sync", False))
@@ -290,6 +298,11 @@ async def prepare_incoming(request: web.Request) -> web.Response:
     if backend is not None:
         check_spec(backend)
     receive = bool(payload.get("receive", False))
+    nics = payload.get("nics", [])
+    if not isinstance(nics, list) or not all(
+        isinstance(n, dict) and {"node", "address", "mac"} <= set(n) for n in nics
+    ):
+        raise UsageError("'nics' must be a list of {'node', 'address', 'mac'}")
     managed = await host.vms.prepare_incoming(
         vm_request,
         config,
@@ -297,6 +310,7 @@ async def prepare_incoming(request: web.Request) -> web.Response:
         size=size,
         backend=backend,
         receive=receive,
+        nics=nics,
     )
     uri = f"tcp:{host.address}:{free_port(host.address)}"
     try:
@@ -309,6 +323,7 @@ async def prepare_incoming(request: web.Request) -> web.Response:
         "uri": uri,
         "disk_address": receiver.tcp_address if receiver else None,
         "disk_export": receiver.export if receiver else None,
+        "nic_peers": {nic.node: nic.peer_address for nic in managed.nics},
         "vm": managed.status(),
     }
     return web.json_response(answer, status=201)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from devagent.daemon.exports import ExportManager
+from devagent.daemon.guestnet import GuestNetwork
 from devagent.daemon.vms import VmManager
 
 if TYPE_CHECKING:
@@ -20,12 +21,13 @@ class Host:
     port: int
     root: Path
     shared_dir: Path | None = None
+    network: GuestNetwork | None = None  # where VM NICs go (a lab host's bridge, addresses)
     vms: VmManager = field(init=False)
     exports: ExportManager = field(init=False)
     migrations: dict[str, MigrationJob] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.vms = VmManager(self.name, self.root, self.shared_dir, self.address)
+        self.vms = VmManager(self.name, self.root, self.shared_dir, self.address, self.network)
         self.exports = ExportManager(self.name, self.root, self.address)
 
     @property

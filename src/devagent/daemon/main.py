@@ -12,6 +12,7 @@ from pathlib import Path
 from aiohttp import web
 
 from devagent.daemon.api import build_app
+from devagent.daemon.guestnet import GuestNetwork
 from devagent.daemon.host import Host
 
 
@@ -34,14 +35,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="folder every host of the lab sees (for the 'shared' storage baseline)",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--guest-bridge", help="bridge of this host that VM NICs' taps join (NICs need it)"
+    )
+    parser.add_argument(
+        "--guest-addresses",
+        metavar="FIRST-LAST/PREFIX",
+        help="addresses this host gives its VMs' NICs (with --guest-bridge)",
+    )
+    args = parser.parse_args(argv)
+    if (args.guest_bridge is None) != (args.guest_addresses is None):
+        parser.error("--guest-bridge and --guest-addresses go together")
+    return args
 
 
 async def serve(args: argparse.Namespace) -> None:
     addr, _, port = args.listen.rpartition(":")
     token = args.token_file.read_text().strip()
+    network = None
+    if args.guest_bridge is not None:
+        network = GuestNetwork.parse(args.guest_bridge, args.guest_addresses)
     host = Host(
-        name=args.host_name, address=addr, port=int(port), root=args.dir, shared_dir=args.shared_dir
+        name=args.host_name,
+        address=addr,
+        port=int(port),
+        root=args.dir,
+        shared_dir=args.shared_dir,
+        network=network,
     )
     await host.exports.adopt_all()
     await host.vms.adopt_all()

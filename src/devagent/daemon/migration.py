@@ -27,6 +27,7 @@ from qemu.qmp import EventListener
 
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.host import Host
+from devagent.daemon.netmigration import NET_MEASURES, NetMigration
 from devagent.daemon.netstat import link_bytes
 from devagent.daemon.vms import ManagedVm
 from devagent.errors import DevagentError, PeerError, StateError, UsageError
@@ -123,6 +124,10 @@ class MigrationJob:
         )
         self.log = logging.getLogger(f"{__name__}.{managed.name}")
         self.task: asyncio.Task[None] | None = None
+        # The NICs' steps (hold, forward, hand-over), for a VM that has NICs.
+        self.net: NetMigration | None = None
+        if managed.nics:
+            self.net = NetMigration(managed, self.report, self._mark, self.log)
 
     def _move(self, phase: Phase) -> None:
         if phase not in _NEXT[self.phase]:
@@ -196,6 +201,9 @@ class MigrationJob:
             incoming["receive"] = storage in ("precopy", "hybrid")
         else:
             incoming["image"] = str(managed.image)  # the destination sees it too
+        if self.net is not None:  # the destination makes the same NICs, held
+            incoming["nics"] = self.net.incoming()
+            await self.net.start()
         async with DaemonClient(self.request.destination, timeout=PEER_TIMEOUT_S) as peer:
             answer = await peer.post("/v1/incoming", incoming)
             self._mark("destination_ready")
@@ -207,6 +215,8 @@ class MigrationJob:
             }
             handover: dict[str, Any] | None = None
             try:
+                if self.net is not None:
+                    self.net.prepared(answer)
                 if storage in ("precopy", "hybrid"):
                     assert agent is not None
                     mirror: dict[str, Any] = {"target": target}
@@ -245,6 +255,8 @@ class MigrationJob:
                 assert agent is not None
                 await agent.call("POST", "/fence")
                 self._mark("source_fenced")
+            if self.net is not None:  # the source's kept frames, and what comes, go there
+                await self.net.switched_over()
             self._move(Phase.SWITCHOVER)
             commit: dict[str, Any] = {"local": storage == "precopy"}
             if storage in ("postcopy", "hybrid"):
@@ -262,6 +274,8 @@ class MigrationJob:
             self._mark("resumed", resumed_at)
             self._mark("committed")
             self._move(Phase.FINISHING)
+            if self.net is not None:  # until the network has learned the guest's new place
+                await self.net.finish(peer, committed.get("steps", {}))
             source_done = await managed.completions_since(t0 - BASELINE_S)
             managed.role = "migrated"
             # The old instance: inert since the switchover (its disk flushed and inactivated).
@@ -322,6 +336,9 @@ class MigrationJob:
                 baseline_start=t0 - BASELINE_S,
                 completions=completions,
             )
+            if self.net is None:
+                report.mark_missing("the VM has no NIC", *NET_MEASURES)
+            report.mark_missing("no pinger ran (devagent demo --net runs one)", "ping_max_gap_ms")
             if managed.request.has_probe:
                 answer = await peer.post(f"/v1/vms/{managed.name}/integrity")
                 report.integrity = str(answer["integrity"])
@@ -391,6 +408,8 @@ class MigrationJob:
         vm = self.managed.vm
         capabilities = [{"capability": "events", "state": True}]
         capabilities.append({"capability": "auto-converge", "state": self.request.auto_converge})
+        if self.net is not None:  # QEMU waits at pre-switchover for the NICs' hold
+            capabilities += self.net.capabilities()
         await vm.qmp("migrate-set-capabilities", capabilities=capabilities)
         link = self.request.link_rate_bps
         params: dict[str, Any] = {"max-bandwidth": (link or 8 << 33) // 8}
@@ -422,6 +441,8 @@ class MigrationJob:
             }
             if status == "completed":
                 return info
+            if status == "pre-switchover" and self.net is not None:
+                await self.net.at_pre_switchover()
             if status in ("failed", "cancelled"):
                 raise PeerError(
                     f"QEMU migration {status}: {info.get('error-desc', 'no reason given')}"
@@ -447,6 +468,10 @@ class MigrationJob:
                 if isinstance(stamp, dict):  # QEMU's own clock: the same host's wall clock
                     at = float(stamp.get("seconds", 0)) + stamp.get("microseconds", 0) / 1e6
                 self._mark("source_stopped", at or None)
+                if self.net is not None:  # the guest stopped: frames for it wait from now
+                    await self.net.hold()
+            elif self.net is not None and _status_of(event) == "pre-switchover":
+                await self.net.at_pre_switchover()  # at once: QEMU waits for it
 
     async def _roll_back(self, peer: DaemonClient, cause: BaseException) -> None:
         """Before switchover: keep the VM on the source, leave nothing on the destination."""
@@ -457,6 +482,8 @@ class MigrationJob:
                 await agent.call("POST", "/mirror/cancel")
         with contextlib.suppress(DevagentError):
             await vm.qmp("migrate_cancel")
+        if self.net is not None:  # the guest stays here: what was held for it is delivered
+            await self.net.roll_back()
         with contextlib.suppress(DevagentError):
             status = await vm.qmp("query-status")
             if status.get("status") in ("paused", "postmigrate", "finish-migrate"):
@@ -477,6 +504,12 @@ class MigrationJob:
             if len(after) >= SETTLE_BEATS or time.time() > deadline:
                 return beats
             await asyncio.sleep(0.2)
+
+
+def _status_of(event: Any) -> object:
+    """The ``status`` of a MIGRATION event (None for any other event)."""
+    data = event.get("data")
+    return data.get("status") if isinstance(data, dict) else None
 
 
 def _clean_chunks(handover: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -25,7 +26,9 @@ from typing import Any, Literal
 from devagent.agent.fetch import presence_path
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
-from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.daemon.guestnet import GuestNetwork, mac_for, pick_address, tap_name
+from devagent.daemon.nics import NicAgent, delete_tap, make_tap
+from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.guest.build import load_guest
 from devagent.guest.probe import (
     ConsoleParser,
@@ -39,7 +42,7 @@ from devagent.guest.workload import parse_size as parse_workload_size
 from devagent.guest.workload import parse_workload
 from devagent.lab.procs import terminate, under_path
 from devagent.qemu.accel import choose_accel
-from devagent.qemu.config import DiskFormat, DiskSpec, VmConfig
+from devagent.qemu.config import DiskFormat, DiskSpec, NicSpec, VmConfig
 from devagent.qemu.vm import Vm, VmState, pid_alive
 from devagent.report import largest_gap
 
@@ -75,11 +78,18 @@ class VmRequest:
     storage: Storage = "shared"
     agent: bool = True  # False: QEMU opens the image itself (the QEMU-only baselines)
     disk_from: dict[str, str] | None = None  # the disk lives on this peer host (an Endpoint)
+    nics: int = 0  # NICs on this host's guest network (the test guest configures one)
 
     @classmethod
     def from_json(cls, body: Any) -> VmRequest:
         if not isinstance(body, dict):
             raise UsageError("the request body must be a JSON object")
+        body = dict(body)
+        if "nic" in body:  # "nic": true is one NIC
+            nic = body.pop("nic")
+            if not isinstance(nic, bool) or "nics" in body:
+                raise UsageError("'nic' must be true or false (or give 'nics', not both)")
+            body["nics"] = int(nic)
         unknown = set(body) - set(cls.__dataclass_fields__)
         if unknown:
             raise UsageError(f"unknown field(s): {', '.join(sorted(unknown))}")
@@ -115,8 +125,12 @@ class VmRequest:
             disk_from = Endpoint.from_json(disk_from).to_json()
             if strings["disk"] is not None or not agent:
                 raise UsageError("'disk_from' makes a new disk on the peer: no 'disk' with it")
+        nics = body.get("nics", 0)
+        if not isinstance(nics, int) or isinstance(nics, bool) or not 0 <= nics <= 1:
+            raise UsageError("'nics' must be 0 or 1 (the test guest configures one NIC)")
         return cls(
             name=name,
+            nics=nics,
             ram_mb=ram,
             disk_size=size,
             storage=storage,
@@ -156,8 +170,10 @@ def disk_spec(request: VmRequest, image: Path, agent: AgentProcess | None) -> Di
     )
 
 
-def build_config(request: VmRequest, disk: DiskSpec) -> VmConfig:
-    """The QEMU configuration for ``request`` with ``disk``."""
+def build_config(request: VmRequest, disk: DiskSpec, nics: tuple[NicAgent, ...] = ()) -> VmConfig:
+    """The QEMU configuration for ``request`` with ``disk`` and the NICs ``nics`` (the test
+    guest is told its address on the kernel command line: ``devagent.ip=``)."""
+    specs = tuple(NicSpec(id=n.node, stream_socket=str(n.stream_socket), mac=n.mac) for n in nics)
     if request.has_probe:
         guest = load_guest()
         assert request.workload is not None
@@ -168,8 +184,10 @@ def build_config(request: VmRequest, disk: DiskSpec) -> VmConfig:
             accel=choose_accel(guest),
             kernel=str(guest.kernel),
             initrd=str(guest.initrd),
-            append=f"console=ttyS0 quiet panic=-1 {workload.to_kernel_arg()}",
+            append=f"console=ttyS0 quiet panic=-1 {workload.to_kernel_arg()}"
+            + "".join(f" devagent.ip={n.address}" for n in nics[:1]),
             disks=(disk,),
+            nics=specs,
         )
     return VmConfig(
         name=request.name,
@@ -178,6 +196,7 @@ def build_config(request: VmRequest, disk: DiskSpec) -> VmConfig:
         initrd=request.initrd,
         append=request.append,
         disks=(disk,),
+        nics=specs,
     )
 
 
@@ -192,6 +211,7 @@ class ManagedVm:
         role: Role,
         image: Path,
         agents: list[AgentProcess] | None = None,
+        nics: list[NicAgent] | None = None,
     ):
         self.request = request
         self.config = config
@@ -199,6 +219,7 @@ class ManagedVm:
         self.role: Role = role
         self.image = image  # the disk image on this host, served by the agent (if any)
         self.agents = agents or []
+        self.nics = nics or []  # one net agent per NIC
         self.fetching: asyncio.Task[dict[str, Any]] | None = None  # replica being filled
         self.last_fetch: dict[str, Any] | None = None  # its figures, kept once it is local
         # An incoming VM's replica as a mirror's target, until the switchover (the VM's own
@@ -440,6 +461,8 @@ class ManagedVm:
         if self.vm.state is not VmState.RUNNING:
             await self.vm.qmp("cont")
         await self.wait_running(timeout=30.0)
+        if self.nics:
+            steps.update(await self.release_nics())
         self.role = "running"
         self.save()
         assert self.vm.resumed_at is not None
@@ -499,6 +522,58 @@ class ManagedVm:
         self.save()
         return result
 
+    # -- NICs ------------------------------------------------------------------------------
+
+    def nic_for(self, node: str) -> NicAgent:
+        for nic in self.nics:
+            if nic.node == node:
+                return nic
+        raise NotFound(f"VM {self.name} has no NIC {node!r}")
+
+    async def release_nics(self) -> dict[str, float]:
+        """An arrived VM runs: its NICs' agents (held since they started) deliver what they
+        kept, and QEMU announces the guest's MAC so that the network learns its new place
+        (QEMU also announced it as the migration loaded; once more now that frames flow)."""
+        # Past the switchover: a failure here is logged, it does not fail the migration.
+        for nic in self.nics:
+            nic.hold = False  # a restarted agent starts unheld from now on
+            try:
+                released = await nic.call("POST", "/release")
+            except DevagentError as err:  # its hold ended already, or the agent restarts
+                self.log.error("%s: release failed: %s", nic.describe(), err)
+                continue
+            self.log.info("%s released: %s", nic.describe(), released)
+        steps = {"nic_released": time.time()}
+        try:
+            await self.vm.qmp("announce-self", initial=50, max=550, rounds=5, step=100)
+        except DevagentError as err:
+            self.log.error("VM %s: announce-self failed: %s", self.name, err)
+        steps["nic_announced"] = time.time()
+        return steps
+
+    async def swap_nic(self, node: str, tap: str) -> dict[str, Any]:
+        """Device dynamic exchange for a NIC: make the tap ``tap`` (on this host) its uplink
+        without losing a frame."""
+        nic = self.nic_for(node)
+        if tap == nic.tap:
+            raise UsageError(f"VM {self.name}'s {node} already uses tap {tap}")
+        started = time.time()
+        before = await nic.call("GET", "/status")
+        swapped = await nic.call("POST", "/swap", {"uplink": {"kind": "tap", "name": tap}})
+        old, nic.tap = nic.tap, tap  # a restarted agent opens the new tap
+        self.save()
+        after = await nic.call("GET", "/status")
+        self.log.info("%s: uplink %s replaced by %s", nic.describe(), old, tap)
+        return {
+            "vm": self.name,
+            "device": node,
+            "old_tap": old,
+            "tap": tap,
+            "duration_s": round(time.time() - started, 3),
+            "swapped": swapped,
+            "net_frames_lost": after["net_frames_lost"] - before["net_frames_lost"],
+        }
+
     async def devices(self) -> list[dict[str, Any]]:
         """Each disk: its backend, in-flight requests, journal figures (from its agent)."""
         rows: list[dict[str, Any]] = []
@@ -527,6 +602,30 @@ class ManagedVm:
                     "state": "direct (QEMU opens the image; no agent)",
                 }
             )
+        for nic in self.nics:
+            row = {
+                "vm": self.name,
+                "device": nic.node,
+                "kind": "nic",
+                "address": nic.address,
+                "mac": nic.mac,
+                "tap": nic.tap,
+                "agent_pid": nic.pid,
+                "stream_socket": str(nic.stream_socket),
+            }
+            try:
+                row["agent"] = await nic.call("GET", "/status")
+                forward = row["agent"].get("forward")
+                row["state"] = (
+                    "held"
+                    if row["agent"]["held"]
+                    else f"forwarding to {forward['peer']}"
+                    if forward
+                    else "serving"
+                )
+            except (PeerError, StateError) as err:
+                row["state"] = f"unreachable: {err}"
+            rows.append(row)
         return rows
 
     async def completions_since(self, since: float) -> list[float] | None:
@@ -551,6 +650,7 @@ class ManagedVm:
             "role": self.role,
             "image": str(self.image),
             "agents": [a.to_json() for a in self.agents],
+            "nics": [n.to_json() for n in self.nics],
             "receiver": self.receiver.to_json() if self.receiver else None,
         }
         tmp = self.run_dir / "vm.json.tmp"
@@ -573,6 +673,11 @@ class ManagedVm:
             "ram_mb": self.config.ram_mb,
             "disk": self.disk_location(),
             "agents": [{"node": a.node, "pid": a.pid, "alive": a.alive} for a in self.agents],
+            "nics": [
+                {"node": n.node, "address": n.address, "mac": n.mac, "tap": n.tap, "pid": n.pid}
+                | {"alive": n.alive}
+                for n in self.nics
+            ],
             "storage": self.request.storage,
             "workload": self.request.workload,
             "probe": self.parser is not None,
@@ -586,8 +691,22 @@ class ManagedVm:
 class VmManager:
     """Every VM of one host."""
 
-    def __init__(self, host_name: str, root: Path, shared_dir: Path | None, address: str):
+    def __init__(
+        self,
+        host_name: str,
+        root: Path,
+        shared_dir: Path | None,
+        address: str,
+        network: GuestNetwork | None = None,
+    ):
         self.host_name = host_name
+        self.network = network  # where VM NICs go; None: this host gives VMs no NIC
+        # Addresses of this host's block that VMs which migrated away still use: never
+        # handed out again (this host does not learn when such a VM stops elsewhere).
+        self.lent_path = root / "guest-addresses-lent.json"
+        self.lent: set[str] = set()
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self.lent = {str(a) for a in json.loads(self.lent_path.read_text())}
         self.root = root
         self.shared_dir = shared_dir
         self.address = address  # agents also serve peers (migration, remote access) here
@@ -622,6 +741,8 @@ class VmManager:
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
+            if request.nics:  # before anything is made
+                self._require_network()
             if request.disk_from is not None:
                 remote = await self._remote_disk(request)
                 peer_name = request.disk_from["name"] if request.disk_from else "peer"
@@ -655,6 +776,7 @@ class VmManager:
         size: int = 0,
         backend: dict[str, Any] | None = None,
         receive: bool = False,
+        nics: list[dict[str, Any]] | None = None,
     ) -> ManagedVm:
         """Start QEMU waiting for ``config``'s VM to arrive by live migration.
 
@@ -666,6 +788,13 @@ class VmManager:
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
+            if len(nics or []) != len(config.nics):
+                raise UsageError(
+                    f"VM {request.name} has {len(config.nics)} NIC(s): 'nics' must describe "
+                    "each (node, address, mac)"
+                )
+            if nics:  # before anything is made
+                self._require_network()
             paused = image is None
             if image is None:
                 image = self.root / "disks" / f"{request.name}.img"
@@ -675,7 +804,13 @@ class VmManager:
                 with image.open("wb") as f:
                     f.truncate(size)
             managed = self._add(
-                request, image, "incoming", config=config, backend=backend, paused=paused
+                request,
+                image,
+                "incoming",
+                config=config,
+                backend=backend,
+                paused=paused,
+                incoming_nics=nics or [],
             )
             if receive:
                 managed.receiver = AgentProcess(
@@ -712,7 +847,9 @@ class VmManager:
         backend: dict[str, Any] | None = None,
         *,
         paused: bool = False,
+        incoming_nics: list[dict[str, Any]] | None = None,
     ) -> ManagedVm:
+        nics = self._plan_nics(request, incoming_nics)  # before any folder: it may refuse
         run_dir = self.run_dir(request.name)
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -727,23 +864,107 @@ class VmManager:
                 listen_address=self.address,
                 backend=backend,
             )
+        for nic in nics:
+            nic.run_dir = str(run_dir)
         disk = disk_spec(request, image, agent)
         if config is None:
-            config = build_config(request, disk)
+            config = build_config(request, disk, tuple(nics))
         else:  # an incoming VM: the source's configuration with this host's disk
             disk = replace(disk, format=config.disks[0].format)  # a new replica has no header
             extra = tuple(a for a in config.extra_args if a != "-S") + (("-S",) if paused else ())
             config = replace(config, disks=(disk,), incoming=True, extra_args=extra)
-        managed = ManagedVm(request, config, run_dir, role, image, [agent] if agent else [])
+            if nics:  # and this host's NIC sockets
+                local = {n.node: str(n.stream_socket) for n in nics}
+                specs = tuple(replace(n, stream_socket=local[n.id]) for n in config.nics)
+                config = replace(config, nics=specs)
+        managed = ManagedVm(request, config, run_dir, role, image, [agent] if agent else [], nics)
         self.vms[request.name] = managed
         return managed
 
+    def _lend(self, *addresses: str, back: bool = False) -> None:
+        """Note that VMs which migrated away use ``addresses`` (or, ``back``, that they
+        arrived here again)."""
+        before = set(self.lent)
+        if back:
+            self.lent.difference_update(addresses)
+        else:
+            self.lent.update(addresses)
+        if self.lent != before:
+            self.lent_path.parent.mkdir(parents=True, exist_ok=True)
+            self.lent_path.write_text(json.dumps(sorted(self.lent)))
+
+    async def _start_nics(self, managed: ManagedVm) -> None:
+        """Each NIC's tap on this host's guest bridge, and its net agent."""
+        assert self.network is not None
+        for nic in managed.nics:
+            assert nic.made_tap is not None
+            await asyncio.to_thread(make_tap, nic.made_tap, self.network.bridge)
+            await nic.start()
+
+    def _require_network(self) -> GuestNetwork:
+        if self.network is None:
+            raise UsageError(
+                f"host {self.host_name} has no guest network for NICs (a namespace lab gives "
+                "its hosts one; a loopback lab cannot)"
+            )
+        return self.network
+
+    def _plan_nics(
+        self, request: VmRequest, incoming: list[dict[str, Any]] | None
+    ) -> list[NicAgent]:
+        """The NICs of a new VM (an address and MAC of this host's block) or of an arriving
+        one (its own address and MAC; a local tap; held until it runs here, and accepting
+        the frames the source's agent forwards)."""
+        wanted = len(incoming) if incoming else request.nics
+        if not wanted:
+            return []
+        network = self._require_network()
+        if incoming:
+            self._lend(*(str(n["address"]) for n in incoming), back=True)
+            return [
+                NicAgent(
+                    vm=request.name,
+                    node=str(n["node"]),
+                    run_dir="",
+                    address=str(n["address"]),
+                    mac=str(n["mac"]),
+                    tap=tap_name(request.name, str(n["node"])),
+                    made_tap=tap_name(request.name, str(n["node"])),
+                    peer_listen=self.address,
+                    hold=True,
+                )
+                for n in incoming
+            ]
+        used = [ipaddress.IPv4Interface(n.address).ip for m in self.vms.values() for n in m.nics]
+        used += [ipaddress.IPv4Interface(a).ip for a in self.lent]
+        address = pick_address(network, used)
+        tap = tap_name(request.name, "net0")
+        return [
+            NicAgent(
+                vm=request.name,
+                node="net0",
+                run_dir="",
+                address=f"{address}/{network.prefix}",
+                mac=mac_for(address),
+                tap=tap,
+                made_tap=tap,
+                peer_listen=self.address,
+            )
+        ]
+
     async def _launch(self, managed: ManagedVm) -> None:
+        # The NICs' agents come up beside the disk's (each takes a while to start).
+        nics = asyncio.ensure_future(self._start_nics(managed)) if managed.nics else None
         try:
             for agent in managed.agents:
                 await agent.start()
+            if nics is not None:
+                await nics
             await managed.vm.launch()
         except BaseException:
+            if nics is not None:
+                nics.cancel()
+                await asyncio.gather(nics, return_exceptions=True)
             await self.remove(managed.name)
             raise
         managed.save()
@@ -765,6 +986,10 @@ class VmManager:
             await managed.retiring
         for agent in managed.agents:
             await agent.stop()
+        for nic in managed.nics:  # its net agent, and the tap made for it
+            await nic.stop()
+        if managed.role == "migrated":  # it runs elsewhere with its address
+            self._lend(*(n.address for n in managed.nics))
         made_here = managed.image.is_relative_to(self.root / "disks")
         if (managed.role == "incoming" and made_here) or (
             delete_disk and managed.request.disk is None and managed.request.disk_from is None
@@ -778,9 +1003,12 @@ class VmManager:
         log.info("VM %s removed from host %s", name, self.host_name)
 
     async def _discard(self, folder: Path, image: Path) -> None:
-        """Kill whatever still runs from a VM's folder, remove it, and the replica made for
-        it on this host (never an image outside this host's own disks folder)."""
+        """Kill whatever still runs from a VM's folder, remove it, the tap made for its NIC
+        and the replica made for it on this host (never an image outside this host's own
+        disks folder)."""
         await asyncio.to_thread(terminate, under_path(folder), 2.0, 2.0)
+        if self.network is not None:  # the tap a NIC would have had (named after the VM)
+            await asyncio.to_thread(delete_tap, tap_name(folder.name, "net0"))
         if image.is_relative_to(self.root / "disks"):
             for path in (image, presence_path(image)):
                 path.unlink(missing_ok=True)
@@ -812,6 +1040,7 @@ class VmManager:
                 pid = int(record["pid"])
                 image = Path(record["image"])
                 agents = [AgentProcess.from_json(a) for a in record.get("agents", [])]
+                nics = [NicAgent.from_json(n) for n in record.get("nics", [])]
                 if record.get("receiver"):
                     agents.append(AgentProcess.from_json(record["receiver"]))
             except (OSError, ValueError, KeyError, TypeError, UsageError) as err:
@@ -825,23 +1054,29 @@ class VmManager:
                     os.kill(pid, signal.SIGKILL)
                 for agent in agents:
                     await agent.kill()
+                for nic in nics:
+                    await nic.kill()
+                    nic.remove_tap()
                 await self._discard(record_path.parent, image)
                 continue
             if not pid_alive(pid):
                 log.info("VM %s (pid %d) is gone; forgetting it", request.name, pid)
                 for agent in agents:
                     await agent.kill()
+                for nic in nics:
+                    await nic.kill()
+                    nic.remove_tap()
                 shutil.rmtree(record_path.parent, ignore_errors=True)
                 continue
-            dead = [a.node for a in agents if not a.alive]
+            dead = [a.node for a in agents if not a.alive] + [n.node for n in nics if not n.alive]
             if dead:
                 log.error(
-                    "VM %s: agent(s) for %s gone; its disk waits for them",
+                    "VM %s: agent(s) for %s gone; its devices wait for them",
                     request.name,
                     ", ".join(dead),
                 )
             role = record.get("role", "running")
-            managed = ManagedVm(request, config, record_path.parent, role, image, agents)
+            managed = ManagedVm(request, config, record_path.parent, role, image, agents, nics)
             try:
                 await managed.vm.adopt(pid)
             except PeerError as err:
@@ -858,7 +1093,8 @@ class VmManager:
                 continue  # not launched yet (its agents are being started), or going away
             if managed.vm.exited:
                 continue
-            for agent in managed.agents:
+            agents: list[AgentProcess | NicAgent] = [*managed.agents, *managed.nics]
+            for agent in agents:
                 if agent.pid is None or agent.alive:
                     continue  # never started, or alive
                 log.error(

@@ -2,6 +2,10 @@
 
 Namespace mode (root): host ``h`` of lab ``L`` is the network namespace ``da-L-h``; its ``eth0``
 is one end of a veth pair whose root-side end ``dav-L-h`` is a port of the bridge ``dab-L``.
+Inside the host, ``eth0`` is a port of the host's own bridge ``br0``, which holds the host's
+address and the taps of its VMs' NICs: a guest is on the lab's network with an address of the
+lab's subnet (each host hands out its share of .100-.199), and after a migration the bridges
+learn its MAC on the new host's port from QEMU's announce.
 The bridge holds the management address (``.254`` of the lab's /24), so this process reaches
 every daemon directly; hosts reach each other through the bridge, and shaping a host's link
 means a tbf on both ends of its veth. Loopback mode: hosts are folders, daemons listen on
@@ -39,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from devagent.daemon.guestnet import guest_block
 from devagent.errors import (
     DevagentError,
     EnvironmentProblem,
@@ -60,6 +65,7 @@ NETNS_PREFIX = "da-"
 BRIDGE_PREFIX = "dab-"
 VETH_PREFIX = "dav-"
 NS_IFACE = "eth0"
+GUEST_BRIDGE = "br0"  # in each host's namespace: eth0 and the VMs' taps
 
 NAME_RE = re.compile(r"^[a-z0-9]{1,6}$")
 MAX_HOSTS = 26
@@ -532,8 +538,13 @@ class Lab:
             net.run(["ip", "link", "set", host.veth, "master", self.bridge])
             net.run(["ip", "link", "set", host.veth, "up"])
             net.run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            net.run(["ip", "-n", ns, "addr", "add", f"{host.address}/{prefix}", "dev", NS_IFACE])
+            net.run(["ip", "-n", ns, "link", "add", GUEST_BRIDGE, "type", "bridge"])
+            net.run(["ip", "-n", ns, "link", "set", NS_IFACE, "master", GUEST_BRIDGE])
+            net.run(
+                ["ip", "-n", ns, "addr", "add", f"{host.address}/{prefix}", "dev", GUEST_BRIDGE]
+            )
             net.run(["ip", "-n", ns, "link", "set", NS_IFACE, "up"])
+            net.run(["ip", "-n", ns, "link", "set", GUEST_BRIDGE, "up"])
             if host.link_rate_bps is not None:
                 self._shape_link(host, host.link_rate_bps)
 
@@ -544,6 +555,7 @@ class Lab:
                 *(str(binary), "--host-name", host.name),
                 *("--listen", f"{host.address}:{host.port}", "--dir", str(host.dir)),
                 *("--token-file", str(self.token_file), "--shared-dir", str(self.shared_dir)),
+                *self._guest_network_args(host),
             ],
         )
         with open(host.dir / "devagentd.log", "ab") as out:
@@ -558,6 +570,24 @@ class Lab:
         self._procs[host.name] = proc
         self._replace_host(dataclasses.replace(host, pid=proc.pid))
         self.log.debug("host %s: devagentd pid %d", host.name, proc.pid)
+
+    def guest_addresses(self, host: str | LabHost) -> str | None:
+        """The addresses host ``host`` gives its guests (``FIRST-LAST/PREFIX``), or None in
+        a loopback lab (its VMs get no NIC)."""
+        target = self.host(host)
+        if self.loopback or self.subnet is None:
+            return None
+        names = [h.name for h in self._hosts]
+        block = guest_block(self.subnet, names.index(target.name), len(names))
+        if block is None:
+            return None
+        return f"{block[0]}-{block[1]}/{self.subnet.prefixlen}"
+
+    def _guest_network_args(self, host: LabHost) -> builtins.list[str]:
+        block = self.guest_addresses(host)
+        if block is None:
+            return []
+        return ["--guest-bridge", GUEST_BRIDGE, "--guest-addresses", block]
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
@@ -697,6 +727,7 @@ class Lab:
         rows = []
         for host in self._hosts:
             row = host.to_json()
+            row["guest_addresses"] = self.guest_addresses(host)
             row["alive"] = self.daemon_alive(host)
             try:
                 self.health(host, timeout=HEALTH_PROBE_TIMEOUT_S)

@@ -210,6 +210,10 @@ class _Forward:
     link: _Link
     since: float = field(default_factory=time.time)
     frames: int = 0
+    #: Wall clock of the last unicast frame sent to the peer.  Broadcast and multicast
+    #: frames reach the peer's own uplink too: they say nothing about where the network
+    #: believes the VM is (see ``devagent.daemon.netmigration``).
+    last_at: float | None = None
 
 
 def _counters() -> dict[str, int]:
@@ -394,6 +398,8 @@ class NetAgent:
             self._toward_vm(frame)
         elif forward.link.send(frame):
             forward.frames += 1
+            if not frame[0] & 1:  # the group bit of the destination MAC
+                forward.last_at = time.time()
             self.net_frames_forwarded += 1
         else:
             self._lose(LostReason.PEER)
@@ -520,6 +526,8 @@ class NetAgent:
                 else:
                     self._lose(LostReason.PEER)
             forward.frames += handed_over
+            if handed_over:
+                forward.last_at = time.time()
             self.net_frames_forwarded += handed_over
         link.log.info(
             "forwarding uplink frames to the peer (%d held frames handed over)", handed_over
@@ -621,7 +629,12 @@ class NetAgent:
             },
             "forward": None
             if forward is None
-            else {"peer": forward.peer, "since": forward.since, "frames": forward.frames},
+            else {
+                "peer": forward.peer,
+                "since": forward.since,
+                "frames": forward.frames,
+                "last_unicast_at": forward.last_at,
+            },
             "counters": dict(self.counters),
             "net_frames_buffered": self.net_frames_buffered,
             "net_frames_forwarded": self.net_frames_forwarded,

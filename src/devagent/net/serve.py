@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from devagent.net.agent import NetAgent
+from devagent.net.agent import MAX_HOLD_S, NetAgent
 from devagent.net.control import UplinkOpener, serve_control
 from devagent.net.uplink import check_uplink_spec, open_uplink
 
@@ -24,15 +24,19 @@ async def serve(
     on_ready: Callable[[NetAgent], None] | None = None,
     stop: asyncio.Event | None = None,
     opener: UplinkOpener = open_uplink,
+    hold: bool = False,
+    max_hold_s: float = MAX_HOLD_S,
 ) -> None:
     """Attach to the uplink, connect to QEMU's stream socket ``vm_socket`` (and reconnect
     whenever it drops), accept peer agents on ``peer_listen``, serve ``control``."""
     uplink = opener(check_uplink_spec(uplink_spec))
-    agent = NetAgent(uplink, vm=vm, nic=nic)
+    agent = NetAgent(uplink, vm=vm, nic=nic, max_hold_s=max_hold_s)
     stop = stop if stop is not None else asyncio.Event()
     runner = None
     try:
         agent.start()
+        if hold:
+            agent.hold(reason="incoming")
         if peer_listen is not None:
             await agent.listen_peer(*peer_listen)
         agent.connect_vm(vm_socket)

@@ -1,0 +1,201 @@
+"""The NICs' part of a live migration, as the source daemon runs it beside the disk's.
+
+The order (each step on the report's timeline)::
+
+    destination   tap + net agent, held from its start ......................... release,
+                  (frames for the guest wait there)                              announce
+    source        pause-before-switchover; at STOP: hold (net_held) ─ forward ─ stop forwarding
+                  at pre-switchover: migrate-continue  (net_forward_started) (net_forward_stopped)
+
+* While RAM migrates the guest's frames flow through the source's agent as always.
+* QEMU stops the guest (its ``STOP`` event) and pauses before the switchover
+  (``pause-before-switchover``): the source's agent holds what arrives for the guest from
+  the ``STOP`` on (or at the pause at the latest), and QEMU is told to continue.  Frames
+  the agent handed QEMU just before it stopped the guest and that QEMU never read stay in
+  the old QEMU's socket and go with it: TCP resends them; a ping there goes unanswered.
+* Once QEMU completed, the guest will run on the destination only: the source's agent
+  forwards its kept frames, then everything its tap still receives, to the destination's
+  agent (still held: the guest does not run there yet).
+* The destination resumes the guest, releases its agent (its kept frames in order) and has
+  QEMU announce the guest's MAC (``announce-self``); the bridges learn the guest's new port.
+* The source stops forwarding when the network has learned the new place, by
+  :func:`forwarding_done`: no unicast frame came to forward for :data:`QUIET_S` after the
+  destination's announce, or :data:`MAX_FORWARD_S` after it whatever comes.  (Broadcast and
+  multicast frames are forwarded too, but they reach the destination's own tap as well:
+  they say nothing about where the bridges believe the guest is.)  Its agent and tap go
+  with the source's release.
+
+A failure before the switchover releases the source's agent (the guest runs on there, its
+held frames delivered); the destination's agent and tap go with its incoming VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from devagent.client import DaemonClient
+from devagent.daemon.vms import ManagedVm
+from devagent.errors import DevagentError, PeerError, StateError
+from devagent.report import MigrationReport
+
+#: The network has learned the guest's new place once nothing came to forward for this
+#: long after the destination's announce (QEMU's announce rounds come 50, 150, 300 ms in).
+QUIET_S = 0.5
+#: Forwarding stops at the latest this long after the announce (a chatty broadcast
+#: neighbour must not keep the source busy for ever).
+MAX_FORWARD_S = 10.0
+POLL_S = 0.05
+NET_MEASURES = ("net_frames_buffered", "net_frames_forwarded", "net_frames_lost")
+
+
+def forwarding_done(
+    now: float,
+    announced_at: float,
+    last_frame_at: float | None,
+    *,
+    quiet_s: float = QUIET_S,
+    max_s: float = MAX_FORWARD_S,
+) -> bool:
+    """Whether the source may stop forwarding at ``now``: ``quiet_s`` passed since both the
+    announce and the last unicast frame forwarded, or ``max_s`` since the announce."""
+    if now - announced_at >= max_s:
+        return True
+    quiet_since = max(announced_at, last_frame_at or announced_at)
+    return now - quiet_since >= quiet_s
+
+
+class NetMigration:
+    """The NICs of one migrating VM, on its source; the job calls it at each step."""
+
+    def __init__(
+        self,
+        managed: ManagedVm,
+        report: MigrationReport,
+        mark: Callable[..., None],
+        log: logging.Logger,
+    ) -> None:
+        self.managed = managed
+        self.report = report
+        self.mark = mark
+        self.log = log
+        self.before: dict[str, dict[str, Any]] = {}
+        self.peers: dict[str, str] = {}
+        self.held = False
+        self.continued = False  # QEMU was told to go on past pre-switchover
+        self.forwarding = False
+
+    def incoming(self) -> list[dict[str, str]]:
+        """What the destination needs to make the same NICs: id, address and MAC."""
+        return [{"node": n.node, "address": n.address, "mac": n.mac} for n in self.managed.nics]
+
+    @staticmethod
+    def capabilities() -> list[dict[str, Any]]:
+        return [{"capability": "pause-before-switchover", "state": True}]
+
+    async def start(self) -> None:
+        """The source agents' counters before the migration (the report counts from here)."""
+        for nic in self.managed.nics:
+            self.before[nic.node] = await nic.call("GET", "/status")
+
+    def prepared(self, answer: dict[str, Any]) -> None:
+        peers = answer.get("nic_peers") or {}
+        for nic in self.managed.nics:
+            peer = peers.get(nic.node)
+            if not isinstance(peer, str):
+                raise PeerError(f"the destination made no net agent for {nic.describe()}")
+            self.peers[nic.node] = peer.removeprefix("tcp:")
+
+    async def hold(self) -> None:
+        """QEMU stopped the guest (its STOP event): keep what arrives for it from now."""
+        if self.held:
+            return
+        for nic in self.managed.nics:
+            await nic.call("POST", "/hold")
+        self.held = True
+        self.mark("net_held")
+
+    async def at_pre_switchover(self) -> None:
+        """QEMU waits before the switchover: make sure the NICs hold, then let it go on."""
+        if self.continued:
+            return  # the status is seen again until QEMU moves on
+        await self.hold()
+        self.continued = True
+        await self.managed.vm.qmp("migrate-continue", state="pre-switchover")
+
+    async def switched_over(self) -> None:
+        """The guest will run on the destination only: forward there, kept frames first."""
+        for nic in self.managed.nics:
+            try:
+                answer = await nic.call("POST", "/forward", {"peer": self.peers[nic.node]})
+            except DevagentError as err:  # past the switchover: say it, go on
+                self.log.error("%s cannot forward to %s: %s", nic.describe(), self.peers, err)
+                continue
+            self.log.info(
+                "%s forwards to %s (%s kept frames handed over)",
+                nic.describe(),
+                self.peers[nic.node],
+                answer.get("handed_over"),
+            )
+            self.forwarding = True
+        self.held = False
+        self.mark("net_forward_started")
+
+    async def finish(self, peer: DaemonClient, steps: dict[str, Any]) -> None:
+        """After the destination announced the guest: stop forwarding once the network has
+        learned its place (:func:`forwarding_done`), then write the report's net figures."""
+        announced_at = float(steps.get("nic_announced", time.time()))
+        for nic in self.managed.nics:
+            while True:
+                status = await nic.call("GET", "/status")
+                forward = status.get("forward")
+                if forward is None or forwarding_done(
+                    time.time(), announced_at, forward.get("last_unicast_at")
+                ):
+                    break
+                await asyncio.sleep(POLL_S)
+            if forward is not None:
+                stopped = await nic.call("POST", "/stop-forward")
+                self.log.info("%s stopped forwarding: %s", nic.describe(), stopped)
+        self.forwarding = False
+        self.mark("net_forward_stopped")
+        await self._figures(peer)
+
+    async def _figures(self, peer: DaemonClient) -> None:
+        buffered = forwarded = lost = 0
+        for nic in self.managed.nics:
+            now, then = await nic.call("GET", "/status"), self.before[nic.node]
+            buffered += now["net_frames_buffered"] - then["net_frames_buffered"]
+            forwarded += now["net_frames_forwarded"] - then["net_frames_forwarded"]
+            lost += now["net_frames_lost"] - then["net_frames_lost"]
+            if now.get("held"):  # it could not forward: what it keeps never reaches the guest
+                lost += now["hold"]["frames"]
+            if now["net_frames_lost"] != then["net_frames_lost"]:
+                self.log.warning("%s lost frames: %s", nic.describe(), now["lost"])
+        devices = (await peer.get(f"/v1/vms/{self.managed.name}/devices"))["devices"]
+        for device in devices:
+            if device.get("kind") == "nic" and "agent" in device:
+                agent = device["agent"]  # new for this migration: all its figures count
+                buffered += agent["net_frames_buffered"]
+                lost += agent["net_frames_lost"]
+                if agent["net_frames_lost"]:
+                    self.log.warning("destination %s lost frames: %s", device["device"],
+                                     agent["lost"])  # fmt: skip
+        self.report.net_frames_buffered = buffered
+        self.report.net_frames_forwarded = forwarded
+        self.report.net_frames_lost = lost
+
+    async def roll_back(self) -> None:
+        """Before the switchover: the guest stays here; deliver what was held for it."""
+        for nic in self.managed.nics:
+            if self.held:
+                with contextlib.suppress(DevagentError, StateError):
+                    await nic.call("POST", "/release")
+            if self.forwarding:
+                with contextlib.suppress(DevagentError, StateError):
+                    await nic.call("POST", "/stop-forward")
+        self.held = self.forwarding = self.continued = False
