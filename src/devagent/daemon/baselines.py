@@ -65,7 +65,8 @@ STREAM_JOB = "bn-stream"
 TARGET_NODE = "bn-target"  # the source's NBD client node, the mirror's target
 EXPORT_ID = "bn-export"
 EXPORT_NAME = "disk0"
-READY_TIMEOUT_S = 1800.0  # a background mirror that never converges fails, clearly
+READY_TIMEOUT_S = 1800.0  # a background mirror that never converges fails, clearly...
+READY_LIMITS = 5.0  # ...or after this many times what the link allows, when its rate is known
 ARRIVAL_TIMEOUT_S = 30.0
 MODES = {"qemu-mirror": "mirror", "qemu-mirror-active": "mirror", "qemu-cor-stream": "cor-stream"}
 
@@ -246,7 +247,11 @@ class BaselineJob(MigrationJob):
                 raise
             try:
                 if mode == "mirror":
-                    await self._mirror_until_ready(answer["nbd"])
+                    limit = limit_seconds(
+                        allocated + (managed.config.ram_mb << 20), self.request.link_rate_bps
+                    )
+                    wait = READY_TIMEOUT_S if limit is None else max(60.0, READY_LIMITS * limit)
+                    await self._mirror_until_ready(answer["nbd"], wait)
                 self._move(Phase.RAM)
                 hook = self._end_mirror if mode == "mirror" else None
                 done = await self._ram_with_pause(str(answer["uri"]), peer, hook)
@@ -336,7 +341,7 @@ class BaselineJob(MigrationJob):
             with contextlib.suppress(DevagentError):
                 await self.managed.vm.qmp("nbd-server-stop")
 
-    async def _mirror_until_ready(self, nbd: dict[str, str]) -> None:
+    async def _mirror_until_ready(self, nbd: dict[str, str], timeout: float) -> None:
         vm = self.managed.vm
         server = {"type": "inet", "host": nbd["host"], "port": nbd["port"]}
         await vm.qmp(
@@ -351,7 +356,7 @@ class BaselineJob(MigrationJob):
             sync="full",
             **{"copy-mode": mode, "auto-dismiss": False},
         )
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + timeout
         while True:
             jobs: list[dict[str, Any]] = await vm.qmp("query-block-jobs")
             job = next((j for j in jobs if j.get("device") == MIRROR_JOB), None)
@@ -363,7 +368,7 @@ class BaselineJob(MigrationJob):
                 return
             if time.monotonic() > deadline:
                 raise PeerError(
-                    f"the QEMU mirror was not ready after {READY_TIMEOUT_S:.0f} s (the guest "
+                    f"the QEMU mirror was not ready after {timeout:.0f} s (the guest "
                     "dirties the disk faster than the link copies it)"
                 )
             await asyncio.sleep(POLL_S)
