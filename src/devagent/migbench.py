@@ -368,8 +368,11 @@ def _os_release() -> str:
     return platform.system()
 
 
-async def run_matrix(plan: Plan, say: Say) -> dict[str, Any]:
-    """Run ``plan`` on a fresh lab; returns ``{"plan", "machine", "runs", "summary"}``."""
+async def run_matrix(
+    plan: Plan, say: Say, on_run: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Run ``plan`` on a fresh lab; returns ``{"plan", "machine", "runs", "summary"}``.
+    ``on_run`` gets each run as it ends (to keep what a long matrix did so far)."""
     from devagent.lab.lab import Lab
 
     for strategy in plan.strategies:
@@ -400,6 +403,8 @@ async def run_matrix(plan: Plan, say: Say) -> dict[str, Any]:
                         run = await one_run(a, b, plan, link, rate, workload, strategy, index, n)
                         runs.append(run)
                         say(f"[{n}/{plan.count}] {describe(run)}")
+                        if on_run is not None:
+                            on_run(run)
     finally:
         say(f"removing the lab {LAB!r}")
         await asyncio.to_thread(lab.down)

@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -55,13 +56,24 @@ def migrate_bench_cmd(
         workloads=_split(workloads) or plan.workloads,
         strategies=_split(strategies) or plan.strategies,
     )
-    result = run(
-        run_matrix(plan, say=lambda text: err.print(text, highlight=False, soft_wrap=True))
-    )
+    partial = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        partial = out_dir / "runs-so-far.jsonl"
+        partial.write_text("")
+
+    def keep(one: dict[str, Any]) -> None:
+        if partial is not None:
+            with partial.open("a") as f:
+                f.write(json.dumps(one) + "\n")
+
+    def say(text: str) -> None:
+        err.print(text, highlight=False, soft_wrap=True)
+
+    result = run(run_matrix(plan, say=say, on_run=keep))
     result["command"] = command_line()
     table = markdown(result["summary"])
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "results.json").write_text(json.dumps(result, indent=1))
         (out_dir / "results.md").write_text(table)
         made = plots(result["summary"], result["runs"], out_dir)
