@@ -487,6 +487,7 @@ async def one_run(
         for beat in its
     ]
     result["timeline"].sort()
+    result["ratio"] = run_ratio(result["report"])  # total_time_s / limit_s
     end = result["report"].get("total_time_s")
     with_io = workload != "idle"
     result["hb_gap_ms"] = (

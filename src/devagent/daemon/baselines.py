@@ -222,6 +222,8 @@ async def stream_done(managed: ManagedVm) -> dict[str, Any]:
 class BaselineJob(MigrationJob):
     """A migration by one of the QEMU-only flows (``request.storage`` in MODES)."""
 
+    _next_check = 0.0  # when the destination's daemon is next asked whether it is alive
+
     async def _migrate(self) -> None:
         managed, vm = self.managed, self.managed.vm
         vm.require(VmState.RUNNING)
@@ -251,7 +253,7 @@ class BaselineJob(MigrationJob):
                         allocated + (managed.config.ram_mb << 20), self.request.link_rate_bps
                     )
                     wait = READY_TIMEOUT_S if limit is None else max(60.0, READY_LIMITS * limit)
-                    await self._mirror_until_ready(answer["nbd"], wait)
+                    await self._mirror_until_ready(answer["nbd"], wait, peer)
                 self._move(Phase.RAM)
                 hook = self._end_mirror if mode == "mirror" else None
                 done = await self._ram_with_pause(str(answer["uri"]), peer, hook)
@@ -341,7 +343,9 @@ class BaselineJob(MigrationJob):
             with contextlib.suppress(DevagentError):
                 await self.managed.vm.qmp("nbd-server-stop")
 
-    async def _mirror_until_ready(self, nbd: dict[str, str], timeout: float) -> None:
+    async def _mirror_until_ready(
+        self, nbd: dict[str, str], timeout: float, peer: DaemonClient
+    ) -> None:
         vm = self.managed.vm
         server = {"type": "inet", "host": nbd["host"], "port": nbd["port"]}
         await vm.qmp(
@@ -366,6 +370,7 @@ class BaselineJob(MigrationJob):
             self.progress.update(disk_done=job["offset"], disk_left=job["len"] - job["offset"])
             if job.get("ready"):
                 return
+            await self._check_peer(peer)
             if time.monotonic() > deadline:
                 raise PeerError(
                     f"the QEMU mirror was not ready after {timeout:.0f} s (the guest "
@@ -399,7 +404,6 @@ class BaselineJob(MigrationJob):
             params["downtime-limit"] = self.request.downtime_limit_ms
         await vm.qmp("migrate-set-parameters", **params)
         await vm.qmp("migrate", uri=uri)
-        next_check = time.monotonic() + PEER_CHECK_S
         while True:
             info: dict[str, Any] = await vm.qmp("query-migrate")
             status = info.get("status")
@@ -422,16 +426,20 @@ class BaselineJob(MigrationJob):
                 )
             if vm.exited:
                 raise PeerError(f"source QEMU of VM {self.managed.name} exited during migration")
-            if time.monotonic() >= next_check:
-                next_check = time.monotonic() + PEER_CHECK_S
-                try:
-                    await asyncio.wait_for(peer.get("/v1/health"), PEER_CHECK_S * 2)
-                except (PeerError, TimeoutError) as err:
-                    raise PeerError(
-                        f"destination host {self.report.destination} vanished during the "
-                        f"migration: {err}"
-                    ) from err
+            await self._check_peer(peer)
             await asyncio.sleep(POLL_S)
+
+    async def _check_peer(self, peer: DaemonClient) -> None:
+        """The destination's daemon must see the migration through (every PEER_CHECK_S)."""
+        if time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + PEER_CHECK_S
+        try:
+            await asyncio.wait_for(peer.get("/v1/health"), PEER_CHECK_S * 2)
+        except (PeerError, TimeoutError) as err:
+            raise PeerError(
+                f"destination host {self.report.destination} vanished during the migration: {err}"
+            ) from err
 
     async def _roll_back_baseline(self, peer: DaemonClient, cause: BaseException) -> None:
         """Before the switchover: the VM keeps running here, nothing stays on the peer."""
