@@ -449,7 +449,7 @@ async def one_run(
     result: dict[str, Any] = {"link": link, "workload": workload, "strategy": strategy,
                               "run": index, "vm": name}  # fmt: skip
     beats: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
-    t0 = time.time()
+    t0 = began = time.time()
     try:
         await start_vm(a, request)
         while (await wait_heartbeats(a, name, 1, with_io=False))[-1]["phase"] == "prefill":
@@ -488,6 +488,7 @@ async def one_run(
     ]
     result["timeline"].sort()
     result["ratio"] = run_ratio(result["report"])  # total_time_s / limit_s
+    result["wall_s"] = round(time.time() - began, 1)  # boot to removal: what the run cost
     end = result["report"].get("total_time_s")
     with_io = workload != "idle"
     result["hb_gap_ms"] = (
