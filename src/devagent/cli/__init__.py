@@ -16,6 +16,7 @@ def main() -> None:
 
 def _register() -> None:
     from devagent.cli.agent_cmd import agent_group, bench_cmd
+    from devagent.cli.bench_cmd import migrate_bench_cmd
     from devagent.cli.demo_cmd import demo_cmd
     from devagent.cli.device_cmd import device_group
     from devagent.cli.guest_cmd import guest_group
@@ -41,6 +42,7 @@ def _register() -> None:
         """Benchmarks: devagent measured against QEMU's own tools in the same run."""
 
     bench_group.add_command(bench_cmd, name="agent")
+    bench_group.add_command(migrate_bench_cmd, name="migrate")
 
 
 _register()

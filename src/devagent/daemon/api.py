@@ -27,6 +27,9 @@ object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with i
                                               "nics", each NIC's agent, held → "nic_peers"
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it
     DELETE /v1/incoming/{name}                (peer) roll back: remove it
+    POST   /v1/baselines/incoming             (peer) the same for a QEMU-only strategy
+    POST   /v1/baselines/incoming/{name}/commit       (peer) the RAM arrived: run the guest
+    POST   /v1/baselines/incoming/{name}/stream-done  (peer) wait for its block-stream
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from aiohttp.typedefs import Handler, Middleware
 
 from devagent.agent.spec import check_spec
 from devagent.client import Endpoint
+from devagent.daemon import baselines
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
-from devagent.daemon.migration import MigrationJob, MigrationRequest
+from devagent.daemon.migration import BASELINES, MigrationJob, MigrationRequest
 from devagent.daemon.vms import VmRequest
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.guest.probe import disk_digest
@@ -228,7 +232,8 @@ async def migrate(request: web.Request) -> web.Response:
     if busy:
         raise StateError(f"VM {managed.name} is already migrating (job {busy[0].id})")
     managed.vm.require(VmState.RUNNING)
-    job = MigrationJob(host, managed, migration)
+    kind = baselines.BaselineJob if migration.storage in BASELINES else MigrationJob
+    job = kind(host, managed, migration)
     host.migrations[job.id] = job
     job.start()
     return web.json_response(job.status(), status=202)
@@ -356,6 +361,25 @@ async def abort_incoming(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "state": "removed"})
 
 
+# --- the QEMU-only baselines (devagent.daemon.baselines), destination side --------------
+
+
+async def prepare_baseline(request: web.Request) -> web.Response:
+    answer = await baselines.prepare_incoming(host_of(request), await body(request))
+    return web.json_response(answer, status=201)
+
+
+async def commit_baseline(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    resumed_at = await baselines.commit_incoming(managed)
+    return web.json_response({"resumed_at": resumed_at, "vm": managed.status()})
+
+
+async def baseline_stream_done(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    return web.json_response(await baselines.stream_done(managed))
+
+
 def build_app(host: Host, token: str) -> web.Application:
     app = web.Application(
         middlewares=[token_middleware(token), error_middleware], client_max_size=MAX_BODY
@@ -384,4 +408,7 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_post("/v1/incoming", prepare_incoming)
     r.add_post("/v1/incoming/{name}/commit", commit_incoming)
     r.add_delete("/v1/incoming/{name}", abort_incoming)
+    r.add_post("/v1/baselines/incoming", prepare_baseline)
+    r.add_post("/v1/baselines/incoming/{name}/commit", commit_baseline)
+    r.add_post("/v1/baselines/incoming/{name}/stream-done", baseline_stream_done)
     return app

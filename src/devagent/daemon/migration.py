@@ -38,6 +38,8 @@ from devagent.report import MigrationReport, fill_io_measures, io_series, limit_
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("shared", "postcopy", "precopy", "hybrid")
+# QEMU's own storage migration, run side by side in the benchmarks: devagent.daemon.baselines
+BASELINES = ("qemu-mirror", "qemu-mirror-active", "qemu-cor-stream")
 PEER_TIMEOUT_S = 600.0
 PEER_CHECK_S = 0.3  # how often the destination daemon is checked during the RAM phase
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
@@ -86,9 +88,10 @@ class MigrationRequest:
         if not isinstance(body, dict):
             raise UsageError("the request body must be a JSON object")
         storage = body.get("storage", "shared")
-        if storage not in STRATEGIES:
+        if storage not in STRATEGIES + BASELINES:
             raise UsageError(
-                f"storage {storage!r} is not available: choose one of {', '.join(STRATEGIES)}"
+                f"storage {storage!r} is not available: choose one of "
+                f"{', '.join(STRATEGIES + BASELINES)}"
             )
         rate = body.get("link_rate_bps")
         downtime = body.get("downtime_limit_ms")

@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import tempfile
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +34,7 @@ from devagent.errors import DevagentError, NotFound, PeerError, StateError, Usag
 from devagent.guest.build import load_guest
 from devagent.guest.probe import (
     ConsoleParser,
+    DiskDigest,
     Heartbeat,
     Paused,
     ProbeEvent,
@@ -154,6 +157,20 @@ def image_format(path: Path) -> DiskFormat:
     except OSError as err:
         raise NotFound(f"disk image {path}: {err.strerror}") from err
     return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+
+def image_digest(path: Path) -> DiskDigest:
+    """The probe digest of a disk image: a raw one is read as it is; a qcow2 one (the
+    ``qemu-cor-stream`` baseline's overlay) through a raw copy ``qemu-img`` makes."""
+    if image_format(path) == "raw":
+        return disk_digest(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        raw = Path(tmp) / "raw.img"
+        argv = ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(raw)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise PeerError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+        return disk_digest(raw)
 
 
 def disk_spec(request: VmRequest, image: Path, agent: AgentProcess | None) -> DiskSpec:
@@ -294,7 +311,7 @@ class ManagedVm:
                     answer = await client.post(f"/v1/exports/{self.name}/digest")
                 digest = str(answer["digest"])
             else:
-                digest = (await asyncio.to_thread(disk_digest, self.image)).digest
+                digest = (await asyncio.to_thread(image_digest, self.image)).digest
         finally:
             await self.probe_command("resume")
         if digest == paused.digest:
@@ -836,6 +853,23 @@ class VmManager:
             if managed.name in self.vms:
                 await self.remove(managed.name)
             raise
+        return managed
+
+    async def add_incoming(self, request: VmRequest, config: VmConfig, image: Path) -> ManagedVm:
+        """Start QEMU with ``config`` as given, waiting for its VM to arrive, with no agent:
+        the QEMU-only baselines build their own block graph (devagent.daemon.baselines).
+        ``image``, made by the caller in this host's disks folder, goes if the VM never
+        arrives."""
+        async with self._lock:
+            if request.name in self.vms:
+                raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
+            run_dir = self.run_dir(request.name)
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True)
+            managed = ManagedVm(request, config, run_dir, "incoming", image)
+            self.vms[request.name] = managed
+        await self._launch(managed)
         return managed
 
     def _add(

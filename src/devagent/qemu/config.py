@@ -24,6 +24,12 @@ class DiskSpec:
     nbd_export: str = ""
     reconnect_delay_s: int = 0
     direct: bool = False
+    # The QEMU-only baselines (devagent.daemon.baselines) build a little more of the graph:
+    # zeroes written as holes, a qcow2 overlay whose backing is an NBD export on another
+    # host (``{"host", "port", "export"}``), and a copy-on-read filter on top.
+    unmap: bool = False
+    backing_nbd: dict[str, str] | None = None
+    copy_on_read: bool = False
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.nbd_socket is None):
@@ -46,7 +52,21 @@ class DiskSpec:
             }
             if self.reconnect_delay_s:
                 protocol["reconnect-delay"] = self.reconnect_delay_s
-        return {"driver": self.format, "node-name": self.node, "file": protocol}
+        top = f"{self.node}-overlay" if self.copy_on_read else self.node
+        node: dict[str, Any] = {"driver": self.format, "node-name": top, "file": protocol}
+        if self.unmap:
+            node.update({"discard": "unmap", "detect-zeroes": "unmap"})
+        if self.backing_nbd is not None:
+            server = {"type": "inet", **{k: self.backing_nbd[k] for k in ("host", "port")}}
+            node["backing"] = {
+                "driver": "raw",
+                "node-name": f"{self.node}-source",
+                "read-only": True,
+                "file": {"driver": "nbd", "server": server, "export": self.backing_nbd["export"]},
+            }
+        if self.copy_on_read:
+            return {"driver": "copy-on-read", "node-name": self.node, "file": node}
+        return node
 
 
 @dataclass(frozen=True)

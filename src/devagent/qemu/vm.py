@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from qemu.qmp import ConnectError, EventListener, QMPClient, QMPError
 
@@ -205,27 +205,21 @@ class Vm:
             if time.monotonic() > deadline:
                 raise PeerError(f"VM {self.config.name}: no QMP socket after {timeout:.0f} s")
             await asyncio.sleep(0.02)
-        qmp = QMPClient(self.config.name)
-        try:
-            while True:
-                try:
-                    await asyncio.wait_for(
-                        qmp.connect(str(self.qmp_path)), max(0.5, deadline - time.monotonic())
-                    )
-                    break
-                except ConnectError as err:
-                    # QEMU binds the socket file before it listens: a connect in between is
-                    # refused. Try again while QEMU lives and time is left.
-                    refused = isinstance(err.exc, ConnectionRefusedError)
-                    if not refused or self._exited.is_set() or time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.02)
-        except (QMPError, OSError, TimeoutError) as err:
-            if await self.wait_exit(1.0):
-                raise PeerError(
-                    f"VM {self.config.name}: QEMU exited at launch: {self.log_tail()}"
-                ) from err
-            raise PeerError(f"VM {self.config.name}: QMP connect failed: {err}") from err
+        while True:
+            qmp = QMPClient(self.config.name)
+            try:
+                await asyncio.wait_for(
+                    qmp.connect(str(self.qmp_path)), max(0.5, deadline - time.monotonic())
+                )
+                break
+            except ConnectError as err:
+                # The socket file appears at bind(), a moment before QEMU listens on it.
+                refused = isinstance(err.exc, ConnectionRefusedError)
+                if not refused or self._exited.is_set() or time.monotonic() > deadline:
+                    await self._connect_failed(err)
+                await asyncio.sleep(0.02)
+            except (QMPError, OSError, TimeoutError) as err:
+                await self._connect_failed(err)
         self._qmp = qmp
         self._tasks.append(
             asyncio.create_task(self._watch_events(qmp), name=f"{self.config.name}-qmp")
@@ -234,6 +228,13 @@ class Vm:
             await self._connect_console()
         status = await self.qmp("query-status")
         self._move(_QEMU_STATUS.get(str(status["status"]), VmState.PAUSED))
+
+    async def _connect_failed(self, err: BaseException) -> NoReturn:
+        if await self.wait_exit(1.0):
+            raise PeerError(
+                f"VM {self.config.name}: QEMU exited at launch: {self.log_tail()}"
+            ) from err
+        raise PeerError(f"VM {self.config.name}: QMP connect failed: {err}") from err
 
     async def _connect_console(self) -> None:
         try:

@@ -1,0 +1,116 @@
+"""The benchmark's pure part on made-up runs: medians, the best strategy's total/limit
+ratio, devagent's heartbeat gap against each QEMU baseline's, the markdown and the plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from devagent.migbench import (
+    QUICK,
+    heartbeat_gap_ms,
+    markdown,
+    median,
+    plots,
+    run_ratio,
+    summarize,
+)
+
+
+def made_up(strategy: str, run: int, total: float, limit: float, gap: float,
+            *, status: str = "completed", integrity: str = "ok") -> dict[str, Any]:  # fmt: skip
+    report = {
+        "status": status,
+        "error": None if status == "completed" else "boom",
+        "time_to_switchover_s": total / 2,
+        "total_time_s": total if status == "completed" else None,
+        "limit_s": limit,
+        "downtime_ms": 10.0,
+        "max_io_gap_ms": gap,
+        "guest_io_errors": 0,
+        "guest_verify_failures": 0,
+        "integrity": integrity if status == "completed" else None,
+        "bytes_between_hosts": 50_000_000,
+    }
+    timeline = [[t / 10, 5, "a"] for t in range(-30, 10)] + [
+        [1.0 + gap / 1000 + t / 10, 5, "b"] for t in range(20)
+    ]
+    return {"link": "1gbit", "workload": "moderate", "strategy": strategy, "run": run,
+            "report": report, "timeline": timeline, "hb_gap_ms": gap}  # fmt: skip
+
+
+def test_median_skips_missing_values_and_is_none_without_any() -> None:
+    assert median([3.0, None, 1.0, 2.0]) == 2.0
+    assert median([4, 1]) == 2.5
+    assert median([None, None]) is None
+
+
+def test_the_ratio_needs_both_figures() -> None:
+    assert run_ratio({"total_time_s": 3.0, "limit_s": 2.0}) == 1.5
+    assert run_ratio({"total_time_s": 3.0, "limit_s": None}) is None
+    assert run_ratio({"total_time_s": None, "limit_s": 2.0}) is None
+
+
+def test_the_heartbeat_gap_counts_from_the_last_beat_before_the_start() -> None:
+    timeline = [[-0.1, 3, "a"], [0.05, 3, "a"], [0.6, 3, "b"], [0.7, 0, "b"], [1.0, 3, "b"]]
+    assert heartbeat_gap_ms(timeline, 2.0) == 550.0
+    assert heartbeat_gap_ms(timeline, 2.0, with_io=False) == 550.0
+    assert heartbeat_gap_ms([[0.5, 0, "a"], [0.6, 0, "a"]], 2.0) is None
+
+
+def test_summary_medians_best_ratio_and_gap_comparison() -> None:
+    runs = [
+        made_up("shared", 0, 1.0, 2.0, 100), made_up("shared", 1, 1.2, 2.0, 100),
+        made_up("qemu-mirror", 0, 4.0, 2.0, 500), made_up("qemu-mirror", 1, 6.0, 2.0, 300),
+        made_up("qemu-mirror", 2, 5.0, 2.0, 400),
+        made_up("hybrid", 0, 3.0, 2.0, 200), made_up("hybrid", 1, 3.4, 2.0, 200),
+        made_up("hybrid", 2, 9.0, 2.0, 200),
+        made_up("postcopy", 0, 2.2, 2.0, 100), made_up("postcopy", 1, 2.0, 2.0, 100,
+                                                       status="failed"),
+        made_up("precopy", 0, 2.6, 2.0, 800, integrity="mismatch: ..."),
+    ]  # fmt: skip
+    [scenario] = summarize(runs)
+    rows = scenario["strategies"]
+    assert rows["qemu-mirror"]["total_time_s"] == 5.0
+    assert rows["qemu-mirror"]["ratio"] == 2.5
+    assert rows["qemu-mirror"]["hb_gap_ms"] == 400.0
+    assert rows["hybrid"]["ratio"] == 1.7  # the median of 1.5, 1.7 and 4.5
+    assert (rows["postcopy"]["runs"], rows["postcopy"]["completed"]) == (2, 1)
+    assert rows["postcopy"]["errors"] == ["boom"]
+    assert rows["precopy"]["integrity_ok"] == 0
+    # shared is the floor, not a contender; postcopy lost a run, precopy its integrity.
+    assert (scenario["best"], scenario["best_ratio"]) == ("hybrid", 1.7)
+    assert scenario["gap_vs_qemu"]["hybrid"] == {"qemu-mirror": 0.5}
+    assert scenario["gap_vs_qemu"]["precopy"] == {"qemu-mirror": 2.0}
+
+
+def test_markdown_has_one_table_per_scenario_and_a_row_per_strategy() -> None:
+    runs = [made_up(s, 0, 3.0, 2.0, 300) for s in ("shared", "qemu-cor-stream", "hybrid")]
+    runs += [{**made_up("hybrid", 0, 3.0, 2.0, 300), "workload": "heavy"}]
+    text = markdown(summarize(runs))
+    assert text.count("### 1gbit, ") == 2
+    moderate = text.split("### 1gbit, heavy")[0]
+    rows = [line for line in moderate.splitlines() if line.startswith("| `")]
+    assert [row.split("|")[1].strip() for row in rows[:3]] == [
+        "`shared`", "`qemu-cor-stream`", "`hybrid`"]  # fmt: skip
+    assert "| `hybrid` | 1/1 | 1.50 | 3.00 | 2.00 | 1.50 |" in moderate
+    assert "Best strategy moving the disk: `qemu-cor-stream`, total / limit 1.50" in moderate
+    assert "| `hybrid` | 300 vs 300 ms (1.00) |" in moderate
+    assert "No strategy moving the disk" not in moderate
+
+
+def test_plots_are_pngs(tmp_path: Path) -> None:
+    runs = [made_up(s, 0, 3.0, 2.0, 300) for s in ("shared", "qemu-mirror", "postcopy")]
+    made = plots(summarize(runs), runs, tmp_path)
+    assert sorted(p.name for p in made) == [
+        "bars-1gbit-moderate.png",
+        "timeline-1gbit-moderate-postcopy.png",
+        "timeline-1gbit-moderate-qemu-mirror.png",
+        "timeline-1gbit-moderate-shared.png",
+    ]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in made)
+
+
+def test_the_quick_plan_runs_every_strategy_once() -> None:
+    assert QUICK.runs == 1 and len(QUICK.strategies) == 7
+    assert QUICK.workload_spec("moderate") == "moderate,prefill=32M,span=64M"
