@@ -9,8 +9,9 @@ agent without ever sitting in the data path.
     POST /swap {"backend": SPEC}  open SPEC (see ``agent.spec``), make it the agent's backend
                                   (quiesce, switch, resume), close the old one
     POST /mirror                  {"target": SPEC, "sync", "converge_bytes", "rate_limit",
-                                  "active"}: mirror the device to another backend under
-                                  the guest (``active``: write-through once converged)
+                                  "active", "parallel", "max_copy"}: mirror the device to
+                                  another backend under the guest (``active``: write-through
+                                  once converged)
     POST /mirror/cutover          once converged: last copy with I/O held, switch to target
                                   (``{"keep_source": true}``: go on serving the source)
     POST /mirror/cancel           stop mirroring, keep serving the source
@@ -37,7 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from devagent.agent.agent import BlockAgent
-from devagent.agent.mirror import Mirrored, cutover
+from devagent.agent.mirror import MAX_COPY, Mirrored, cutover
 from devagent.agent.spec import Duties, backend_status, check_spec, open_backend
 from devagent.errors import DevagentError, StateError, UsageError
 
@@ -176,6 +177,8 @@ async def _mirror(request: web.Request) -> web.Response:
             sync=bool(body.get("sync", False)),
             rate_limit=body.get("rate_limit"),
             target_zeroed=bool(body.get("target_zeroed", True)),
+            parallel=_bounded(body, "parallel", 4, 1, 64),
+            max_copy=_bounded(body, "max_copy", MAX_COPY, 4096, 32 << 20),
         )
         await agent.swap_backend(mirror)
     except BaseException:
@@ -188,6 +191,14 @@ async def _mirror(request: web.Request) -> web.Response:
     )
     jobs["spec"] = spec
     return web.json_response({"mirror": mirror.stats(), "target": repr(target)}, status=202)
+
+
+def _bounded(body: dict[str, Any], key: str, default: int, low: int, high: int) -> int:
+    """An optional integer field of a request body, within [low, high]."""
+    value = body.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise UsageError(f"'{key}' must be an integer from {low} to {high}")
+    return value
 
 
 def _running_mirror(request: web.Request) -> tuple[Mirrored, asyncio.Task[bool]]:

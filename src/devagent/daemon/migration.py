@@ -46,6 +46,10 @@ PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
 #: Hybrid: the share of a known link rate the disk push may take while RAM migrates (the
 #: RAM decides the switchover; what the push leaves is fetched after it).
 HYBRID_PUSH_SHARE = float(os.environ.get("DEVAGENT_HYBRID_PUSH_SHARE", "0.25"))
+#: Hybrid push: copies in flight and bytes per copy. Stopping the push at the switchover
+#: waits for the copies in flight (nothing may land after it): 2 x 256 KiB is 4 ms at 1 Gbit/s.
+HYBRID_PUSH_PARALLEL = 2
+HYBRID_PUSH_COPY = 256 << 10
 FETCH_CHUNK = 64 << 10
 COPY_WORKERS = 2  # the Fetch backend's default
 COPY_BATCH_MAX = 1 << 20
@@ -225,8 +229,10 @@ class MigrationJob:
                     mirror: dict[str, Any] = {"target": target}
                     if storage == "precopy":  # converged, writes go to both copies
                         mirror.update(converge_bytes=PRECOPY_CONVERGE_BYTES, active=True)
-                    elif self.request.link_rate_bps and HYBRID_PUSH_SHARE < 1:
-                        mirror["rate_limit"] = self._push_rate()
+                    else:  # small copies: the switchover waits for those in flight
+                        mirror.update(parallel=HYBRID_PUSH_PARALLEL, max_copy=HYBRID_PUSH_COPY)
+                        if self.request.link_rate_bps and HYBRID_PUSH_SHARE < 1:
+                            mirror["rate_limit"] = self._push_rate()
                     await agent.call("POST", "/mirror", mirror)
                     self._mark("mirror_started")
                 if storage == "precopy":
