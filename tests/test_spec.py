@@ -24,7 +24,7 @@ from devagent.agent.fetch import Fetch
 from devagent.agent.remote import Remote
 from devagent.agent.serve import serve
 from devagent.agent.spec import check_spec, open_backend
-from devagent.errors import UsageError
+from devagent.errors import PeerError, UsageError
 from devagent.nbd.client import NbdClient
 
 SIZE = 4 << 20
@@ -472,3 +472,36 @@ async def test_then_local_under_a_pipelined_client_loses_and_hangs_nothing(
         stop.set()
         await asyncio.wait_for(task, 30)
     assert replica.read_bytes() == b"".join(model[i] for i in range(n_blocks))
+
+
+async def test_retire_answers_once_nothing_can_land_any_more(tmp_path: Path) -> None:
+    """A receiver's /retire: the writes it took are on disk when it answers, its sockets are
+    closed (a push still on the wire has nowhere to land), and the agent exits."""
+    image = tmp_path / "receive.img"
+    image.write_bytes(bytes(SIZE))
+    sock, ctl = tmp_path / "r.sock", tmp_path / "r.ctl"
+    stop = asyncio.Event()
+    ready: list[BlockAgent] = []
+    task = asyncio.create_task(
+        serve(image, unix=sock, name="receive", control=ctl, stop=stop, on_ready=ready.append)
+    )
+    await until(lambda: bool(ready), "the agent")
+    client = await NbdClient.connect(unix=sock, export="receive")
+    writes = [asyncio.create_task(client.write(i * 65536, bytes([i + 1]) * 65536))
+              for i in range(32)]  # fmt: skip
+    await asyncio.sleep(0)  # sent, some still in flight at the agent
+    status, body = await control(ctl, "POST", "/retire")
+    assert status == 200 and body["retired"] is True
+    done = await asyncio.gather(*writes, return_exceptions=True)
+    data = image.read_bytes()
+    for i, outcome in enumerate(done):  # acknowledged means on disk; none half-written
+        block = data[i * 65536 : (i + 1) * 65536]
+        if outcome is None:
+            assert block == bytes([i + 1]) * 65536
+        else:
+            assert block in (bytes(65536), bytes([i + 1]) * 65536)
+    with pytest.raises(PeerError, match="cannot connect"):
+        await NbdClient.connect(unix=sock, export="receive")
+    await asyncio.wait_for(task, 10)  # the agent's serve loop ends by itself
+    with contextlib.suppress(Exception):
+        await client.close()

@@ -19,6 +19,7 @@ agent without ever sitting in the data path.
     POST /flush                   make what was written durable now
     POST /fence                   refuse the local VM instance (its unix sockets) for good
     POST /stop                    stop serving (answer or fail every request), then exit
+    POST /retire                  the same, answering once nothing is in flight any more
 
 A quiesce that nobody resumes is resumed by the agent itself after ``max_hold_s``, so a
 daemon that dies mid-exchange cannot freeze its guest's disk for ever.
@@ -289,6 +290,17 @@ async def _stop(request: web.Request) -> web.Response:
     return web.json_response({"stopping": True})
 
 
+async def _retire(request: web.Request) -> web.Response:
+    """Stop serving at once and answer only when no request is in flight and no peer can
+    send another (every socket closed, the backend closed); then the process exits. A
+    migration's destination retires its receiver this way before the replica is served, so
+    no push that was still on the wire can land on it later."""
+    started = time.monotonic()
+    await request.app[AGENT_KEY].stop()
+    request.app[STOP_KEY].set()
+    return web.json_response({"retired": True, "took_s": round(time.monotonic() - started, 6)})
+
+
 def build_control_app(
     agent: BlockAgent, stop: asyncio.Event, duties: Duties | None = None
 ) -> web.Application:
@@ -310,6 +322,7 @@ def build_control_app(
     app.router.add_post("/flush", _flush)
     app.router.add_post("/fence", _fence)
     app.router.add_post("/stop", _stop)
+    app.router.add_post("/retire", _retire)
     return app
 
 

@@ -446,8 +446,18 @@ class ManagedVm:
                 raise PeerError(f"VM {self.name}: the migration did not arrive")
             await asyncio.sleep(0.002)  # the guest is paused meanwhile: look often
         steps["arrived"] = time.time()
-        if self.receiver is not None:  # the source stopped pushing: nothing lands later, so
-            self.retiring = asyncio.create_task(self.receiver.stop())  # off the critical path
+        if self.receiver is not None:
+            # A push the source gave up at the switchover may still be on the wire: the
+            # receiver stops now, its requests in flight finished, before the replica is
+            # served (the source counts such chunks as missing: they are fetched). Its
+            # process exits off the critical path.
+            try:
+                await self.receiver.call("POST", "/retire", timeout=30.0)
+            except (PeerError, StateError) as err:
+                log.warning("VM %s: receiver unreachable (%s): killing it", self.name, err)
+                await self.receiver.kill()
+            steps["receiver_retired"] = time.time()
+            self.retiring = asyncio.create_task(self.receiver.stop())
             self.receiver = None
         if local:
             agent = self.agent_for("disk0")
