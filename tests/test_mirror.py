@@ -429,6 +429,36 @@ async def test_an_active_mirror_converges_with_nothing_dirty_and_the_target_flus
     assert target.data == source.data
 
 
+async def test_an_active_mirror_that_cannot_keep_up_goes_write_through_and_converges() -> None:
+    """A writer that dirties more than each pass copies: without ``active`` the passes run
+    out; with it the mirror goes write-through and converges all the same."""
+    source, target = Disk(), Disk()
+    fill(source, 0, 0x03, count=SIZE // CHUNK)
+    mirror = Mirrored(source, target, chunk_size=CHUNK, max_copy=CHUNK)
+    rng = random.Random(5)
+
+    budget = [1200]  # the guest's writes, in all (write-through ones reach this hook too)
+    guest: list[asyncio.Task[None]] = []
+
+    async def dirty_many(offset: int, length: int) -> None:  # 3 new dirty chunks per copy
+        for _ in range(3):  # a concurrent guest: its writes do not wait on this copy
+            if budget[0] <= 0:
+                return
+            budget[0] -= 1
+            at = rng.randrange(0, SIZE // CHUNK) * CHUNK
+            guest.append(asyncio.create_task(mirror.write(at, rng.randbytes(4096))))
+        await asyncio.sleep(0)
+
+    target.after_write = dirty_many
+    assert not await mirror.run(converge_bytes=0, max_passes=2)
+    assert mirror.state is S.COPYING and mirror.dirty_bytes > 0
+    assert await mirror.run(converge_bytes=0, max_passes=2, active=True)
+    target.after_write = None
+    await asyncio.gather(*guest)
+    assert mirror.state is S.CONVERGED and mirror.dirty_bytes == 0
+    assert target.data == source.data
+
+
 async def test_finish_flushes_the_target_after_the_last_copy() -> None:
     source, target = Disk(), Disk()
     fill(source, 7, 0x07)

@@ -100,3 +100,17 @@ def test_agent_completions_make_the_gap_exact() -> None:
     fill_io_measures(report, series, start=1.0, end=2.0, baseline_start=0.0, completions=done)
     assert report.max_io_gap_ms == 580.0
     assert report.io_gap_source == "agent journals"
+
+
+def test_an_idle_guest_has_no_io_gap_even_with_journal_completions() -> None:
+    """The journals of an idle guest hold only QEMU's flushes: no gap is made of them."""
+    report = MigrationReport(vm="v", source="a", destination="b", storage="hybrid")
+    idle = beats([t / 10 for t in range(40)], ops=0)
+    fill_io_measures(report, idle, start=2.0, end=3.0, baseline_start=0.0,
+                     completions=[0.5, 2.9])  # fmt: skip
+    assert report.max_io_gap_ms is None
+    assert "idle" in report.missing["max_io_gap_ms"]
+    busy = MigrationReport(vm="v", source="a", destination="b", storage="hybrid")
+    fill_io_measures(busy, beats([t / 10 for t in range(40)]), start=2.0, end=3.0,
+                     baseline_start=0.0, completions=[1.9, 2.1, 2.5, 2.6])  # fmt: skip
+    assert busy.max_io_gap_ms == 400.0 and busy.max_io_gap_at_s == 0.1

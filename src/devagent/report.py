@@ -173,7 +173,12 @@ def fill_io_measures(
         )
         return
     window = [b for b in beats if start <= b.host_time <= end]
-    if completions:
+    if not any(b.ops for b in beats if baseline_start <= b.host_time <= end):
+        # An idle guest: the journals then hold only QEMU's own flushes, whose spacing
+        # says nothing about the guest's I/O.
+        report.missing["max_io_gap_ms"] = "the guest did no I/O around the migration (idle)"
+        found = None
+    elif completions:
         found = largest_gap_at(completions, start, end)
         report.io_gap_source = "agent journals"
     else:
@@ -182,7 +187,9 @@ def fill_io_measures(
     if found is not None:
         _fill_gap(report, found, start)
     else:
-        report.missing["max_io_gap_ms"] = "the guest completed no I/O during the migration"
+        report.missing.setdefault(
+            "max_io_gap_ms", "the guest completed no I/O during the migration"
+        )
     if window:
         report.guest_max_latency_ms = round(max(b.lat_max_us for b in window) / 1000, 3)
         report.guest_p99_latency_ms = round(max(b.lat_p99_us for b in window) / 1000, 3)

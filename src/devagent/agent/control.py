@@ -9,9 +9,9 @@ agent without ever sitting in the data path.
     POST /swap {"backend": SPEC}  open SPEC (see ``agent.spec``), make it the agent's backend
                                   (quiesce, switch, resume), close the old one
     POST /mirror                  {"target": SPEC, "sync", "converge_bytes", "rate_limit",
-                                  "active", "parallel", "max_copy"}: mirror the device to
-                                  another backend under the guest (``active``: write-through
-                                  once converged)
+                                  "active", "parallel", "max_copy", "max_passes"}: mirror
+                                  the device to another backend under the guest
+                                  (``active``: write-through once converged)
     POST /mirror/cutover          once converged: last copy with I/O held, switch to target
                                   (``{"keep_source": true}``: go on serving the source)
     POST /mirror/cancel           stop mirroring, keep serving the source
@@ -187,8 +187,9 @@ async def _mirror(request: web.Request) -> web.Response:
         raise
     converge = int(body.get("converge_bytes", 0))
     active = bool(body.get("active", False))
+    passes = _bounded(body, "max_passes", 50, 1, 1000)
     jobs["task"] = asyncio.create_task(
-        mirror.run(converge_bytes=converge, max_passes=50, active=active)
+        mirror.run(converge_bytes=converge, max_passes=passes, active=active)
     )
     jobs["spec"] = spec
     return web.json_response({"mirror": mirror.stats(), "target": repr(target)}, status=202)

@@ -425,9 +425,10 @@ class Mirrored(Backend):
         ran out (the state stays COPYING; call ``run`` again, or ``finish``).  ``passes``
         counts the passes of every call.  Raises MirrorFailed.
 
-        ``active``: once the dirty set is that small, guest writes start going to both
-        sides (write-through), the last dirty chunks are copied and the target is flushed,
-        all without holding the guest's I/O; only then CONVERGED.  ``finish`` then has
+        ``active``: once the dirty set is that small (or the passes ran out: write-through
+        always converges), guest writes start going to both sides, the last dirty chunks
+        are copied and the target is flushed, all without holding the guest's I/O; only
+        then CONVERGED.  ``finish`` then has
         nothing left to copy and only the writes since to flush: a switchover's hold is
         short whatever the disk's size.
         """
@@ -454,7 +455,16 @@ class Mirrored(Backend):
                     return True
                 if done >= max_passes:
                     self.log.info("no convergence after %d passes", done)
-                    return False
+                    if not active:
+                        return False
+                    # Write-through converges whatever the guest's write rate: its writes
+                    # reach both copies, so the dirty set only shrinks (the guest then
+                    # writes at the pace of the slower copy).
+                    await self._guard(self._drain(throttle=False))
+                    if self._is(MirrorState.FAILED):
+                        break
+                    self._transition(MirrorEvent.CONVERGE)
+                    return True
                 self.passes += 1
                 done += 1
                 await self._guard(self._copy_pass(self._dirty_chunks(), throttle=True))

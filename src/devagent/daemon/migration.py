@@ -43,6 +43,9 @@ BASELINES = ("qemu-mirror", "qemu-mirror-active", "qemu-cor-stream")
 PEER_TIMEOUT_S = 600.0
 PEER_CHECK_S = 0.3  # how often the destination daemon is checked during the RAM phase
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
+#: Passes a pre-copy mirror makes before it goes write-through anyway (a guest that dirties
+#: faster than the link copies would never leave 1 MiB behind).
+PRECOPY_PASSES = 8
 #: Hybrid: the share of a known link rate the disk push may take while RAM migrates (the
 #: RAM decides the switchover; what the push leaves is fetched after it).
 HYBRID_PUSH_SHARE = float(os.environ.get("DEVAGENT_HYBRID_PUSH_SHARE", "0.25"))
@@ -228,7 +231,11 @@ class MigrationJob:
                     assert agent is not None
                     mirror: dict[str, Any] = {"target": target}
                     if storage == "precopy":  # converged, writes go to both copies
-                        mirror.update(converge_bytes=PRECOPY_CONVERGE_BYTES, active=True)
+                        mirror.update(
+                            converge_bytes=PRECOPY_CONVERGE_BYTES,
+                            active=True,
+                            max_passes=PRECOPY_PASSES,
+                        )
                     else:  # small copies: the switchover waits for those in flight
                         mirror.update(parallel=HYBRID_PUSH_PARALLEL, max_copy=HYBRID_PUSH_COPY)
                         if self.request.link_rate_bps and HYBRID_PUSH_SHARE < 1:
@@ -360,7 +367,10 @@ class MigrationJob:
     async def _disk_converged(self) -> None:
         """Pre-copy: wait until the source agent's mirror has little left to copy."""
         agent = self.managed.agents[0]
+        deadline = time.monotonic() + PEER_TIMEOUT_S
         while True:
+            if time.monotonic() > deadline:
+                raise PeerError(f"the disk mirror did not converge in {PEER_TIMEOUT_S:.0f} s")
             mirror = (await agent.call("GET", "/status"))["backend_status"]
             self._disk_progress(mirror.get("copied_bytes", 0), mirror.get("dirty_bytes", 0))
             if mirror.get("state") in ("converged", "finished"):
