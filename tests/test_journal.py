@@ -176,11 +176,17 @@ async def test_measures_gap_ring_histogram_with_a_fake_clock() -> None:
     assert journal.max_gap == pytest.approx(0.5)
     assert journal.completions_since(0) == pytest.approx([1000.003, 1000.503, 1000.504, 1000.507])
     assert journal.completions_since(1000.5035) == pytest.approx([1000.504, 1000.507])
+    assert journal.covers(1000.002) and not journal.covers(1000.0)  # 1000.001 was dropped
+    entry = await journal.admit(Command.READ, 0, 4096)
+    now[0] += 0.0002  # within a millisecond of the last: counted, not put in the ring
+    journal.complete(entry)
+    assert journal.completions_since(1000.505) == pytest.approx([1000.507])
     stats = journal.stats()
-    assert stats["completed"] == 5 and stats["errors"] == 1
-    assert stats["counts"] == {"WRITE": 5} and stats["bytes"] == {"WRITE": 5 * 4096}
+    assert stats["completed"] == 6 and stats["errors"] == 1
+    assert stats["counts"] == {"WRITE": 5, "READ": 1}
+    assert stats["bytes"] == {"READ": 4096, "WRITE": 5 * 4096}
     assert stats["max_gap_ms"] == pytest.approx(500.0)
-    assert sum(journal.histogram) == 5
+    assert sum(journal.histogram) == 6
     assert journal.latency_percentile(1.0) >= 0.5  # the slow one is in the top bucket
     assert journal.latency_percentile(0.5) < 0.01
 

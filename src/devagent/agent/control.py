@@ -5,7 +5,8 @@ agent without ever sitting in the data path.
     GET  /status                  the agent's and its journal's figures
     POST /quiesce                 hold new requests, return once none is in flight
     POST /resume                  release the held requests in arrival order
-    GET  /completions?since=T     wall-clock times of the completions after T
+    GET  /completions?since=T     wall-clock times of the completions after T (one per ms at
+                                  most; ``complete`` false: the ring no longer reaches T)
     POST /swap {"backend": SPEC}  open SPEC (see ``agent.spec``), make it the agent's backend
                                   (quiesce, switch, resume), close the old one
     POST /mirror                  {"target": SPEC, "sync", "converge_bytes", "rate_limit",
@@ -116,8 +117,9 @@ async def _completions(request: web.Request) -> web.Response:
         since = float(request.query.get("since", "0"))
     except ValueError:
         raise UsageError("'since' must be a number") from None
-    times = request.app[AGENT_KEY].journal.completions_since(since)
-    return web.json_response({"completions": times})
+    journal = request.app[AGENT_KEY].journal
+    times = journal.completions_since(since)
+    return web.json_response({"completions": times, "complete": journal.covers(since)})
 
 
 async def _swap(request: web.Request) -> web.Response:

@@ -657,12 +657,16 @@ class ManagedVm:
 
     async def completions_since(self, since: float) -> list[float] | None:
         """Completion times of guest I/O on this host's agents after ``since``; None when the
-        VM has no agent (then only the probe's heartbeats tell)."""
+        VM has no agent, or an agent's journal no longer reaches back to ``since`` (a long
+        migration under heavy I/O): then only the probe's heartbeats tell."""
         if not self.agents:
             return None
         times: list[float] = []
         for agent in self.agents:
             answer = await agent.call("GET", "/completions", since=since)
+            if not answer.get("complete", True):
+                log.info("VM %s: the journal of %s no longer reaches back", self.name, agent.node)
+                return None
             times.extend(answer["completions"])
         return sorted(times)
 
