@@ -283,6 +283,9 @@ async def test_the_copier_yields_to_on_demand_fetches(tmp_path: Path) -> None:
     backend = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK, copy_workers=1, copy_batch=CHUNK)
     try:
         remote.hold_at = {50 * CHUNK}
+        # 4 ms a read: the copier cannot reach chunk 50 itself before the demand for it
+        # (an idle machine's copier otherwise did, within one poll of ``until``)
+        remote.latency = (0.004, 0.004)
         backend.start_copier()
         await until(lambda: len(remote.reads) >= 3, "the copier's first fetches")
         demand = asyncio.create_task(backend.read(50 * CHUNK, 4096))
