@@ -222,6 +222,24 @@ def io_series(
     return sorted(rows, key=lambda row: float(row[0]))
 
 
+def fill_link_measures(
+    report: MigrationReport,
+    bytes_before: int | None,
+    bytes_after: int | None,
+    bytes_to_move: int,
+    link_rate_bps: int | None,
+) -> None:
+    """``bytes_between_hosts`` from the source link's counters read before and after (None
+    in a loopback lab) and ``limit_s`` for ``bytes_to_move`` over a known link rate."""
+    if bytes_before is not None and bytes_after is not None:
+        report.bytes_between_hosts = bytes_after - bytes_before
+    else:
+        report.missing["bytes_between_hosts"] = "loopback lab: the hosts share one link"
+    report.limit_s = limit_seconds(bytes_to_move, link_rate_bps)
+    if report.limit_s is None:
+        report.missing["limit_s"] = "the link rate is not known (unshaped link)"
+
+
 def limit_seconds(bytes_to_move: int, link_rate_bps: int | None) -> float | None:
     """The physical floor of a migration's total time: bytes that must cross ÷ link rate."""
     if not link_rate_bps:

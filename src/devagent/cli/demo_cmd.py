@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
@@ -29,6 +30,9 @@ from devagent.daemon.migration import STRATEGIES
 from devagent.daemon.vms import parse_size
 from devagent.orchestrate import migrate, start_vm, wait_heartbeats
 from devagent.report import MigrationReport
+
+if TYPE_CHECKING:
+    from devagent.lab.lab import Lab
 
 DEMO_LAB = "demo"
 DEMO_VM = "demo-vm"
@@ -157,23 +161,33 @@ def net_healthy(report: MigrationReport, stream: dict[str, Any]) -> bool:
     )
 
 
+async def fresh_lab(
+    name: str, hosts: int, link_rate: str | None, *, loopback: bool, say: Callable[[str], None]
+) -> Lab:
+    """A new lab of ``hosts`` hosts named ``name``, removing one a previous run left."""
+    from devagent.lab.lab import Lab
+
+    if name in Lab.list():
+        say(f"removing the lab {name!r} a previous run left")
+        await asyncio.to_thread(Lab.load(name).down)
+    say(f"making a {hosts}-host lab (link {link_rate or 'unshaped'})")
+    return await asyncio.to_thread(
+        Lab.up, name=name, hosts=hosts, link_rate=link_rate, loopback=loopback
+    )
+
+
 async def run_net_demo(
     *, storage: str, link_rate: str, disk_size: str, ram: str, workload: str, verbose: bool
 ) -> tuple[MigrationReport, dict[str, Any]]:
     """The NIC's scenario; the migration's report (with ``ping_max_gap_ms``) and the
     stream's figures."""
-    from devagent.lab.lab import Lab
     from devagent.lab.traffic import EchoStream, Pinger, ping_max_gap, wait_for_ping
 
     def say(text: str) -> None:
         if verbose:
             err.print(text)
 
-    if NET_DEMO_LAB in Lab.list():
-        say(f"removing the lab {NET_DEMO_LAB!r} a previous run left")
-        await asyncio.to_thread(Lab.load(NET_DEMO_LAB).down)
-    say(f"making a 3-host lab (link {link_rate})")
-    lab = await asyncio.to_thread(Lab.up, name=NET_DEMO_LAB, hosts=3, link_rate=link_rate)
+    lab = await fresh_lab(NET_DEMO_LAB, 3, link_rate, loopback=False, say=say)
     try:
         a, b, _ = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts[:3])
         netns_c = lab.host("c").netns
@@ -264,19 +278,12 @@ async def run_demo(
     migrations: int = 1,
 ) -> list[MigrationReport]:
     """Every migration's report, in order; it stops after the first that is not healthy."""
-    from devagent.lab.lab import Lab
 
     def say(text: str) -> None:
         if verbose:
             err.print(text)
 
-    if DEMO_LAB in Lab.list():
-        say(f"removing the lab {DEMO_LAB!r} a previous run left")
-        await asyncio.to_thread(Lab.load(DEMO_LAB).down)
-    say(f"making a 2-host lab (link {link_rate or 'unshaped'})")
-    lab = await asyncio.to_thread(
-        Lab.up, name=DEMO_LAB, hosts=2, link_rate=link_rate, loopback=loopback
-    )
+    lab = await fresh_lab(DEMO_LAB, 2, link_rate, loopback=loopback, say=say)
     try:
         a, b = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts[:2])
         request = {

@@ -58,7 +58,7 @@ from devagent.daemon.vms import ManagedVm, VmRequest, image_format
 from devagent.errors import DevagentError, PeerError, StateError, UsageError
 from devagent.qemu.config import DiskSpec, VmConfig
 from devagent.qemu.vm import VmState
-from devagent.report import fill_io_measures, limit_seconds
+from devagent.report import fill_io_measures, fill_link_measures, limit_seconds
 
 MIRROR_JOB = "bn-mirror"
 STREAM_JOB = "bn-stream"
@@ -281,13 +281,9 @@ class BaselineJob(MigrationJob):
             report.missing["disk_bytes_moved"] = (
                 "QEMU's block jobs count holes as progress: see bytes_between_hosts"
             )
-            if bytes0 is not None and bytes1 is not None:
-                report.bytes_between_hosts = bytes1 - bytes0
-            else:
-                report.missing["bytes_between_hosts"] = "loopback lab: the hosts share one link"
-            report.limit_s = limit_seconds(allocated + report.ram_bytes, self.request.link_rate_bps)
-            if report.limit_s is None:
-                report.missing["limit_s"] = "the link rate is not known (unshaped link)"
+            fill_link_measures(
+                report, bytes0, bytes1, allocated + report.ram_bytes, self.request.link_rate_bps
+            )
             fill_io_measures(
                 report,
                 [*managed.heartbeats, *dest_beats],

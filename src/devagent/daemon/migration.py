@@ -15,7 +15,6 @@ import asyncio
 import base64
 import contextlib
 import logging
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from devagent.daemon.vms import ManagedVm
 from devagent.errors import DevagentError, PeerError, StateError, UsageError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.vm import VmState
-from devagent.report import MigrationReport, fill_io_measures, io_series, limit_seconds
+from devagent.report import MigrationReport, fill_io_measures, fill_link_measures, io_series
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
 PRECOPY_PASSES = 8
 #: Hybrid: the share of a known link rate the disk push may take while RAM migrates (the
 #: RAM decides the switchover; what the push leaves is fetched after it).
-HYBRID_PUSH_SHARE = float(os.environ.get("DEVAGENT_HYBRID_PUSH_SHARE", "0.25"))
+HYBRID_PUSH_SHARE = 0.25
 #: Hybrid push: copies in flight and bytes per copy. Stopping the push at the switchover
 #: waits for the copies in flight (nothing may land after it): 2 x 256 KiB is 4 ms at 1 Gbit/s.
 HYBRID_PUSH_PARALLEL = 2
@@ -327,13 +326,9 @@ class MigrationJob:
             report.disk_bytes_moved = self.progress.get("disk_bytes_moved", 0) + (
                 self.progress.get("disk_bytes_pushed", 0)
             )
-            if bytes0 is not None and bytes1 is not None:
-                report.bytes_between_hosts = bytes1 - bytes0
-            else:
-                report.missing["bytes_between_hosts"] = "loopback lab: the hosts share one link"
-            report.limit_s = limit_seconds(allocated + report.ram_bytes, self.request.link_rate_bps)
-            if report.limit_s is None:
-                report.missing["limit_s"] = "the link rate is not known (unshaped link)"
+            fill_link_measures(
+                report, bytes0, bytes1, allocated + report.ram_bytes, self.request.link_rate_bps
+            )
             beats = [*managed.heartbeats, *dest_beats]
             report.io_series = io_series(
                 [
