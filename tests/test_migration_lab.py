@@ -60,7 +60,7 @@ async def test_shared_storage_migration_a_to_b(lab: Lab) -> None:
     assert report.guest_io_errors == 0
     assert report.guest_verify_failures == 0
     assert report.integrity == "ok"
-    assert report.downtime_ms is not None and report.downtime_ms >= 0
+    assert report.downtime_ms is not None and report.downtime_ms > 0
     assert report.max_io_gap_ms is not None and report.max_io_gap_ms > 0
     assert report.time_to_switchover_s is not None and report.total_time_s is not None
     assert 0 < report.time_to_switchover_s <= report.total_time_s

@@ -264,6 +264,8 @@ class BaselineJob(MigrationJob):
             self._move(Phase.SWITCHOVER)
             committed = await peer.post(f"/v1/baselines/incoming/{managed.name}/commit")
             resumed_at = float(committed["resumed_at"])
+            with contextlib.suppress(PeerError, StateError):  # QEMU's final figures
+                done = await managed.vm.migration_outcome()
             self._move(Phase.FINISHING)
             managed.role = "migrated"
             if mode == "cor-stream":

@@ -293,6 +293,8 @@ class MigrationJob:
                 await self.net.finish(peer, committed.get("steps", {}))
             source_done = await managed.completions_since(t0 - BASELINE_S)
             managed.role = "migrated"
+            with contextlib.suppress(PeerError, StateError):  # QEMU's final figures
+                done = await vm.migration_outcome()
             # The old instance: inert since the switchover (its disk flushed and inactivated).
             # After a fence its NBD client would wait out reconnect-delay on quit: kill it.
             await (vm.kill() if moves_disk else vm.stop())

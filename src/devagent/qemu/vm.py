@@ -310,6 +310,20 @@ class Vm:
         except QMPError as err:
             raise PeerError(f"VM {self.config.name}: QMP {command} failed: {err}") from err
 
+    async def migration_outcome(self, timeout: float = 2.0) -> dict[str, Any]:
+        """``query-migrate`` of a completed outgoing migration, once QEMU has done its
+        bookkeeping. QEMU says ``completed`` (event and ``query-migrate``) before it works
+        out ``downtime`` and ``total-time`` and moves the guest to ``postmigrate``; read too
+        soon, the downtime is 0. This waits for ``postmigrate`` (``timeout`` at most)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = await self.qmp("query-status")
+            if status.get("status") != "finish-migrate":
+                break
+            await asyncio.sleep(0.005)
+        info: dict[str, Any] = await self.qmp("query-migrate")
+        return info
+
     @contextlib.contextmanager
     def listen(self, *names: str) -> Iterator[EventListener]:
         """QMP events of these names (all if none), queued from now until the block ends."""
