@@ -199,3 +199,42 @@ def stop(name: str, as_json: bool, lab_name: str) -> None:
         print_json(answer)
     else:
         err.print(f"VM {name} stopped on host {answer['host']}")
+
+
+def _set_suspended(name: str, lab_name: str, suspended: bool) -> dict[str, Any]:
+    verb = "suspend" if suspended else "resume"
+
+    async def go() -> dict[str, Any]:
+        endpoint, _ = await locate_vm(lab_endpoints(lab_name), name)
+        async with DaemonClient(endpoint) as client:
+            answer: dict[str, Any] = await client.post(f"/v1/vms/{name}/{verb}")
+            return {"host": endpoint.name, **answer}
+
+    return run(go())
+
+
+@vm_group.command("suspend")
+@click.argument("name")
+@json_option
+@lab_option
+def suspend(name: str, as_json: bool, lab_name: str) -> None:
+    """Stop VM NAME's vCPUs where it runs (QMP stop): it does nothing, costs no CPU and keeps
+    its devices; `vm resume` lets it go on. A suspended VM is not migrated."""
+    answer = _set_suspended(name, lab_name, True)
+    if as_json:
+        print_json(answer)
+    else:
+        err.print(f"VM {name} suspended on host {answer['host']}")
+
+
+@vm_group.command("resume")
+@click.argument("name")
+@json_option
+@lab_option
+def resume(name: str, as_json: bool, lab_name: str) -> None:
+    """Let a suspended VM NAME run again (QMP cont)."""
+    answer = _set_suspended(name, lab_name, False)
+    if as_json:
+        print_json(answer)
+    else:
+        err.print(f"VM {name} resumed on host {answer['host']}")

@@ -219,6 +219,18 @@ async def probe_command(request: web.Request) -> web.Response:
     return web.json_response({"event": asdict(event)})
 
 
+async def suspend_vm(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    await managed.set_suspended(True)
+    return web.json_response(managed.status())
+
+
+async def resume_vm(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    await managed.set_suspended(False)
+    return web.json_response(managed.status())
+
+
 async def integrity(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     return web.json_response({"integrity": await managed.check_integrity()})
@@ -397,6 +409,8 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_post("/v1/vms/{name}/devices/{node}/swap", swap_device)
     r.add_post("/v1/vms/{name}/devices/{node}/attach-remote", attach_remote)
     r.add_post("/v1/vms/{name}/probe", probe_command)
+    r.add_post("/v1/vms/{name}/suspend", suspend_vm)
+    r.add_post("/v1/vms/{name}/resume", resume_vm)
     r.add_post("/v1/vms/{name}/integrity", integrity)
     r.add_post("/v1/vms/{name}/migrate", migrate)
     r.add_get("/v1/migrations", list_migrations)

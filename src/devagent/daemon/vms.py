@@ -265,6 +265,16 @@ class ManagedVm:
                     future.set_result(event)
                     self._waiters.remove((kind, future))
 
+    async def set_suspended(self, suspended: bool) -> None:
+        """Stop the guest's vCPUs (QMP ``stop``) or let them run again (``cont``). A
+        suspended guest does nothing and costs no CPU; its devices stay as they are."""
+        self.vm.require(VmState.RUNNING if suspended else VmState.PAUSED)
+        if self.role != "running":
+            raise StateError(f"VM {self.name} is {self.role} here: only a running VM suspends")
+        await self.vm.qmp("stop" if suspended else "cont")
+        await self.vm.refresh_state()
+        self.log.info("VM %s %s", self.name, "suspended" if suspended else "resumed")
+
     async def probe_command(self, command: str, timeout: float = 30.0) -> ProbeEvent:
         """Send ``pause``, ``resume`` or ``verify`` to the guest's ioprobe and wait for its
         answer (``resume`` is answered by the next heartbeat)."""

@@ -226,8 +226,13 @@ class Vm:
         )
         if self.on_console is not None:
             await self._connect_console()
+        await self.refresh_state()
+
+    async def refresh_state(self) -> VmState:
+        """The state as QEMU has it now (``query-status``), without waiting for its event."""
         status = await self.qmp("query-status")
         self._move(_QEMU_STATUS.get(str(status["status"]), VmState.PAUSED))
+        return self.state
 
     async def _connect_failed(self, err: BaseException) -> NoReturn:
         if await self.wait_exit(1.0):
