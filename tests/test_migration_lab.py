@@ -4,6 +4,7 @@ each), with ioprobe writing and verifying in the guest throughout."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import aiohttp
 import pytest
 
 from devagent.client import DaemonClient, Endpoint
-from devagent.errors import NotFound
+from devagent.errors import NotFound, StateError
 from devagent.guest.build import GuestImage
 from devagent.lab.lab import Lab
 from devagent.orchestrate import locate_vm, migrate, start_vm, wait_heartbeats
@@ -45,6 +46,27 @@ async def test_the_real_daemon_refuses_no_token_and_bad_json(lab: Lab) -> None:
         async with session.post(f"{a.url}/v1/vms", data=b"{oops", headers=headers) as resp:
             assert resp.status == 400
             assert "not valid JSON" in (await resp.json())["error"]
+
+
+async def test_a_suspended_vm_does_nothing_is_not_migrated_and_resumes(lab: Lab) -> None:
+    a, b = endpoints(lab)
+    await start_vm(a, {"name": "sus1", "disk_size": "64M", "workload": "moderate,span=16M"})
+    await wait_heartbeats(a, "sus1", 5)
+    async with DaemonClient(a) as client:
+        assert (await client.post("/v1/vms/sus1/suspend"))["state"] == "paused"
+        await asyncio.sleep(0.3)  # a heartbeat already on its way may still land
+        since = time.time()
+        await asyncio.sleep(1.0)
+        quiet = await client.get("/v1/vms/sus1/heartbeats", since=since)
+        assert quiet["heartbeats"] == []
+        with pytest.raises(StateError, match="paused"):
+            await client.post("/v1/vms/sus1/suspend")  # already suspended
+    with pytest.raises(StateError, match="paused"):
+        await migrate(a, b, "sus1", storage="shared")
+    async with DaemonClient(a) as client:
+        assert (await client.post("/v1/vms/sus1/resume"))["state"] == "running"
+    beats = await wait_heartbeats(a, "sus1", 5)
+    assert sum(beat["errors"] for beat in beats) == 0
 
 
 async def test_shared_storage_migration_a_to_b(lab: Lab) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -31,10 +32,33 @@ lab_option = click.option(
 )
 
 
+async def _until_signalled(coro: Coroutine[Any, Any, T]) -> T:
+    """``coro``, cancelled by the first SIGTERM or SIGHUP, so that its clean-up runs (a
+    bench's or a demo's lab is removed); a second signal of either is ignored."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    signalled: list[int] = []
+
+    def cancel(signum: int) -> None:
+        if not signalled:
+            signalled.append(signum)
+            err.print(f"{signal.Signals(signum).name}: stopping, cleaning up")
+            task.cancel()
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, cancel, signum)
+    return await coro
+
+
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run ``coro``; a devagent error prints one line and exits 1 (2 for misuse)."""
+    """Run ``coro``; a devagent error prints one line and exits 1 (2 for misuse); SIGTERM or
+    SIGHUP stops it as Ctrl-C does, its clean-up done, and exits 143."""
     try:
-        return asyncio.run(coro)
+        return asyncio.run(_until_signalled(coro))
+    except asyncio.CancelledError:
+        err.print("terminated")
+        sys.exit(143)
     except UsageError as error:
         err.print(f"[red]error:[/red] {error}")
         sys.exit(2)

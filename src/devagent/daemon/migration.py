@@ -512,7 +512,9 @@ class MigrationJob:
         if not self.managed.request.has_probe:
             return []
         deadline = time.time() + SETTLE_TIMEOUT_S
-        wants_io = any(b.ops > 0 for b in self.managed.heartbeats)
+        # As the guest was just before the migration (an idle guest's prefill did I/O).
+        since = self.started_at - BASELINE_S
+        wants_io = any(b.ops > 0 for b in self.managed.heartbeats if b.host_time >= since)
         while True:
             raw = await peer.get(f"/v1/vms/{self.managed.name}/heartbeats", since=self.started_at)
             beats = [Heartbeat(**b) for b in raw["heartbeats"]]
