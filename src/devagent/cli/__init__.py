@@ -64,4 +64,3 @@ def _register() -> None:
 
     bench_group.add_command(bench_cmd, name="agent")
     bench_group.add_command(migrate_bench_cmd, name="migrate")
-

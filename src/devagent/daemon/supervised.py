@@ -1,0 +1,157 @@
+"""What the daemon does alike for every helper process it supervises: a block agent
+(:mod:`devagent.daemon.agents`) or a net agent (:mod:`devagent.daemon.nics`).
+
+Each runs in its own session (a daemon restart never touches it), logs to a file in its
+VM's run folder, and is reached only through the HTTP control API on its unix socket.
+:class:`Supervised` starts it and waits until that socket answers, calls it, stops it
+politely and kills it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from devagent.errors import DevagentError, PeerError, StateError
+from devagent.qemu.vm import pid_alive
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 10.0
+
+
+class Supervised:
+    """A mixin for a dataclass with ``vm``, ``node``, ``run_dir`` and ``pid`` fields."""
+
+    vm: str
+    node: str
+    run_dir: str
+    pid: int | None
+    kind = "agent"  # how messages name it: "agent", "net agent"
+    bad_request: type[DevagentError] = PeerError  # what its 400 answers become
+
+    # --- what each kind says ----------------------------------------------------------
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def title(self) -> str:
+        return f"{self.kind} for VM {self.vm} device {self.node}"
+
+    def sockets(self) -> tuple[Path, ...]:
+        """Its sockets: gone before it starts and once it is killed; it is up once they
+        all exist and the control socket answers."""
+        return (self.control_socket,)
+
+    def started(self, status: dict[str, Any]) -> None:
+        """What to keep of its first ``GET /status`` answer."""
+
+    # --- the same for all --------------------------------------------------------------
+    @property
+    def control_socket(self) -> Path:
+        return Path(self.run_dir) / f"{self.node}.ctl"
+
+    @property
+    def log_file(self) -> Path:
+        return Path(self.run_dir) / f"agent-{self.node}.log"
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None and pid_alive(self.pid)
+
+    def tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:])
+
+    async def start(self) -> None:
+        """Start the process; return once its control socket answers."""
+        for path in self.sockets():
+            path.unlink(missing_ok=True)
+        with self.log_file.open("ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *self.argv(),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+                cwd=self.run_dir,
+            )
+        self.pid = proc.pid
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.returncode is not None or not pid_alive(proc.pid):
+                raise PeerError(f"{self.title()} exited at start: {self.tail()}")
+            if all(path.exists() for path in self.sockets()):
+                with contextlib.suppress(PeerError):
+                    self.started(await self.call("GET", "/status"))
+                    break
+            if time.monotonic() > deadline:
+                await self.kill()
+                raise PeerError(f"{self.title()} did not start: {self.tail()}")
+            await asyncio.sleep(0.02)
+        asyncio.get_running_loop().create_task(proc.wait())  # reaped when it exits
+        log.info("%s: pid %d", self.title(), self.pid)
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float = 60.0,
+        **params: Any,
+    ) -> Any:
+        """One request on the control socket; failures become :class:`PeerError` (a wrong
+        state :class:`StateError`, a bad request ``bad_request``)."""
+        connector = aiohttp.UnixConnector(path=str(self.control_socket))
+        limit = aiohttp.ClientTimeout(total=timeout)
+        who = f"{self.kind} {self.vm}/{self.node}"
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=limit) as session,
+                session.request(
+                    method, f"http://agent{path}", params=params or None, json=body
+                ) as resp,
+            ):
+                answer = await resp.json(content_type=None)
+                if resp.status == 409:
+                    raise StateError(f"{who}: {answer.get('error')}")
+                if resp.status == 400:
+                    raise self.bad_request(f"{who}: {answer.get('error')}")
+                if resp.status >= 400:
+                    raise PeerError(f"{who}: {answer.get('error')}")
+                return answer
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+            raise PeerError(f"{who} unreachable: {err!r}") from err
+
+    async def stop(self) -> None:
+        """Ask it to stop (it answers or fails what it still has), kill it if it lingers."""
+        if self.alive:
+            with contextlib.suppress(PeerError, StateError):
+                await self.call("POST", "/stop")
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while self.alive and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        await self.kill()
+
+    async def kill(self) -> None:
+        if self.pid is not None and pid_alive(self.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            for _ in range(100):
+                if not pid_alive(self.pid):
+                    break
+                await asyncio.sleep(0.02)
+        for path in self.sockets():
+            path.unlink(missing_ok=True)
