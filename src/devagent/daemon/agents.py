@@ -16,6 +16,7 @@ from typing import Any
 
 from devagent.daemon.supervised import Supervised
 
+
 @dataclass
 class AgentProcess(Supervised):
     """One agent process serving one disk of one VM."""
