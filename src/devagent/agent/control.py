@@ -42,6 +42,7 @@ from aiohttp import web
 from devagent.agent.agent import BlockAgent
 from devagent.agent.mirror import MAX_COPY, Mirrored, cutover
 from devagent.agent.spec import Duties, backend_status, check_spec, open_backend
+from devagent.control_api import errors, json_body
 from devagent.errors import DevagentError, StateError, UsageError
 
 log = logging.getLogger(__name__)
@@ -55,23 +56,6 @@ MAX_HOLD_S = 30.0
 #: A mirror whose passes ran out may still cut over with this much left to copy while the
 #: guest's I/O is held (the last copy runs at disk speed; the hold stays short).
 MAX_CUTOVER_DIRTY = 32 << 20
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except UsageError as err:
-        return _error(400, str(err))
-    except StateError as err:
-        return _error(409, str(err))
-    except DevagentError as err:
-        return _error(500, str(err))
 
 
 async def _status(request: web.Request) -> web.Response:
@@ -150,23 +134,11 @@ async def _swap(request: web.Request) -> web.Response:
     return web.json_response({"old": repr(old), "new": repr(new), "hold_s": round(hold_s, 6)})
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except ValueError:
-        raise UsageError("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise UsageError("the body must be a JSON object")
-    return body
-
-
 async def _mirror(request: web.Request) -> web.Response:
     """Start mirroring the served device to ``target`` (a backend spec) under the running
     guest: the agent's backend becomes a :class:`Mirrored` of the current one."""
     agent, jobs = request.app[AGENT_KEY], request.app[MIRROR_KEY]
-    body = await _json_body(request)
+    body = await json_body(request)
     spec = check_spec(body.get("target"), where="target")
     if isinstance(agent.backend, Mirrored) or jobs.get("task") is not None:
         raise StateError("a mirror is already running")
@@ -217,7 +189,7 @@ async def _mirror_cutover(request: web.Request) -> web.Response:
     """Wait for the mirror to converge, then copy the last dirty chunks with guest I/O held
     and switch the agent to the target. The source backend is closed."""
     agent, jobs = request.app[AGENT_KEY], request.app[MIRROR_KEY]
-    keep_source = bool((await _json_body(request)).get("keep_source", False))
+    keep_source = bool((await json_body(request)).get("keep_source", False))
     mirror, task = _running_mirror(request)
     if not await task and mirror.dirty_bytes > MAX_CUTOVER_DIRTY:
         raise StateError(f"the mirror did not converge: {mirror.stats()}")
@@ -307,7 +279,7 @@ async def _retire(request: web.Request) -> web.Response:
 def build_control_app(
     agent: BlockAgent, stop: asyncio.Event, duties: Duties | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[errors])
     app[AGENT_KEY] = agent
     app[DUTIES_KEY] = duties if duties is not None else Duties(agent)
     app[STOP_KEY] = stop

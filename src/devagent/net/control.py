@@ -33,7 +33,8 @@ from typing import Any
 from aiohttp import web
 
 from devagent.agent.serve import parse_hostport
-from devagent.errors import DevagentError, PeerError, StateError, UsageError
+from devagent.control_api import errors, json_body
+from devagent.errors import UsageError
 from devagent.net.agent import HOLD_MAX_BYTES, HOLD_MAX_FRAMES, NetAgent
 from devagent.net.uplink import Uplink, check_uplink_spec, open_uplink
 
@@ -44,37 +45,6 @@ UplinkOpener = Callable[[dict[str, Any]], Uplink]
 AGENT_KEY = web.AppKey("net_agent", NetAgent)
 STOP_KEY = web.AppKey("stop", asyncio.Event)
 OPENER_KEY: web.AppKey[UplinkOpener] = web.AppKey("opener")
-
-
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-@web.middleware
-async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        response: web.StreamResponse = await handler(request)
-        return response
-    except UsageError as err:
-        return _error(400, str(err))
-    except StateError as err:
-        return _error(409, str(err))
-    except PeerError as err:
-        return _error(502, str(err))
-    except DevagentError as err:
-        return _error(500, str(err))
-
-
-async def _json_body(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except ValueError:
-        raise UsageError("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise UsageError("the body must be a JSON object")
-    return body
 
 
 def _positive_int(body: dict[str, Any], key: str, default: int) -> int:
@@ -91,7 +61,7 @@ async def _status(request: web.Request) -> web.Response:
 
 
 async def _hold(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     agent = request.app[AGENT_KEY]
     agent.hold(
         max_frames=_positive_int(body, "max_frames", HOLD_MAX_FRAMES),
@@ -105,7 +75,7 @@ async def _release(request: web.Request) -> web.Response:
 
 
 async def _forward(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     peer = body.get("peer")
     if not isinstance(peer, str):
         raise UsageError('the body must be {"peer": "HOST:PORT"}')
@@ -120,7 +90,7 @@ async def _stop_forward(request: web.Request) -> web.Response:
 
 
 async def _swap(request: web.Request) -> web.Response:
-    body = await _json_body(request)
+    body = await json_body(request)
     spec = check_uplink_spec(body.get("uplink"))
     new = request.app[OPENER_KEY](spec)
     agent = request.app[AGENT_KEY]
@@ -140,7 +110,7 @@ async def _stop(request: web.Request) -> web.Response:
 def build_control_app(
     agent: NetAgent, stop: asyncio.Event, opener: UplinkOpener = open_uplink
 ) -> web.Application:
-    app = web.Application(middlewares=[_errors])
+    app = web.Application(middlewares=[errors])
     app[AGENT_KEY] = agent
     app[STOP_KEY] = stop
     app[OPENER_KEY] = opener

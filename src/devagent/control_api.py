@@ -1,0 +1,50 @@
+"""What the agents' control APIs share (a block agent's, :mod:`devagent.agent.control`, and
+a net agent's, :mod:`devagent.net.control`): JSON errors whose status says what kind of
+error it was, and a JSON object body read strictly."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from devagent.errors import DevagentError, PeerError, StateError, UsageError
+
+log = logging.getLogger(__name__)
+
+#: The status of each kind of error (the first that matches).
+STATUS: tuple[tuple[type[DevagentError], int], ...] = (
+    (UsageError, 400),
+    (StateError, 409),
+    (PeerError, 502),
+)
+
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """A devagent error becomes a JSON error with its status (500 for other kinds)."""
+    try:
+        response: web.StreamResponse = await handler(request)
+        return response
+    except DevagentError as err:
+        status = next((code for kind, code in STATUS if isinstance(err, kind)), 500)
+        log.info("%s %s -> %d: %s", request.method, request.path, status, err)
+        return json_error(status, str(err))
+
+
+async def json_body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object ({} without a body); anything else is a UsageError."""
+    if not request.can_read_body:
+        return {}
+    try:
+        body = await request.json()
+    except ValueError:
+        raise UsageError("the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise UsageError("the body must be a JSON object")
+    return body
