@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import signal
 from pathlib import Path
 
 import click
@@ -13,6 +11,7 @@ import click
 from devagent.agent.agent import BlockAgent
 from devagent.agent.serve import parse_hostport, serve
 from devagent.agent.spec import check_spec
+from devagent.cli.foreground import log_to_stderr, serve_until_signalled
 from devagent.errors import DevagentError
 from devagent.guest.workload import parse_size
 
@@ -76,11 +75,7 @@ def serve_cmd(
             check_spec(spec)
         except (ValueError, DevagentError) as err:
             raise click.BadParameter(str(err), param_hint="--backend-json") from err
-    tag = f" [{label}]" if label else ""
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format=f"%(asctime)s %(levelname)s agent{tag} %(name)s: %(message)s",
-    )
+    log_to_stderr(quiet, f"agent [{label}]" if label else "agent")
     try:
         address = parse_hostport(tcp) if tcp is not None else None
     except DevagentError as err:
@@ -90,11 +85,7 @@ def serve_cmd(
         for listening in agent.addresses:
             click.echo(f"listening on {listening}  ({_uri(agent, listening)})", err=False)
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+    async def main(stop: asyncio.Event) -> None:
         await serve(
             image,
             backend_spec=spec,
@@ -107,11 +98,7 @@ def serve_cmd(
             control=control,
         )
 
-    try:
-        asyncio.run(main())
-    except DevagentError as err:
-        raise click.ClickException(str(err)) from err
-    click.echo("stopped")
+    serve_until_signalled(main)
 
 
 @agent_group.command("bench")

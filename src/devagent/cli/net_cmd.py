@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
-import signal
 from pathlib import Path
 
 import click
 
 from devagent.agent.serve import parse_hostport
+from devagent.cli.foreground import log_to_stderr, serve_until_signalled
 from devagent.errors import DevagentError
 from devagent.net.agent import MAX_HOLD_S, NetAgent
 from devagent.net.serve import serve
@@ -54,10 +53,7 @@ def net_agent_cmd(
     """Forward one VM NIC's frames between QEMU's stream netdev on --vm-socket and the tap
     --tap, in the foreground until SIGINT or SIGTERM; the agent reconnects to QEMU whenever
     the connection drops."""
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s net-agent %(name)s: %(message)s",
-    )
+    log_to_stderr(quiet, "net-agent")
     try:
         listen = parse_hostport(peer_listen) if peer_listen is not None else None
     except DevagentError as err:
@@ -67,11 +63,7 @@ def net_agent_cmd(
         peers = ", ".join(agent.peer_addresses) or "no peer port"
         click.echo(f"net agent {agent.label}: tap {tap} <-> {vm_socket} ({peers})")
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+    async def main(stop: asyncio.Event) -> None:
         await serve(
             vm_socket,
             {"kind": "tap", "name": tap},
@@ -85,11 +77,7 @@ def net_agent_cmd(
             max_hold_s=max_hold,
         )
 
-    try:
-        asyncio.run(main())
-    except DevagentError as err:
-        raise click.ClickException(str(err)) from err
-    click.echo("stopped")
+    serve_until_signalled(main)
 
 
 if __name__ == "__main__":  # how the daemon runs it: only what a net agent needs is imported
