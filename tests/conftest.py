@@ -3,6 +3,7 @@ down — and checked to leave nothing behind — even when a test fails."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from devagent.client import Endpoint
 from devagent.guest.build import GuestImage, build_guest
+from devagent.lab.lab import Lab
+from devagent.orchestrate import wait_heartbeats
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +74,29 @@ def nothing_left_behind() -> Iterator[None]:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
     assert leftovers == [], f"processes left behind: {leftovers}"
     assert stray_ns == [], f"namespaces left behind: {stray_ns}"
+
+
+@contextlib.contextmanager
+def clean_lab(name: str, state_dir: Path, hosts: int = 2) -> Iterator[Lab]:
+    """A lab of ``hosts`` namespace hosts (links at 1 Gbit/s) for one test: removed after
+    it, and checked to leave no process and no namespace behind."""
+    lab = Lab.up(name=name, hosts=hosts, link_rate="1gbit")
+    try:
+        yield lab
+    finally:
+        lab.down()
+    assert processes_mentioning(str(state_dir)) == []
+    assert not [ns for ns in namespaces() if ns.startswith(f"da-{name}")]
+
+
+def two_hosts(lab: Lab) -> tuple[Endpoint, Endpoint]:
+    a, b = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts[:2])
+    return a, b
+
+
+async def until_steady(at: Endpoint, vm: str) -> None:
+    """Until VM ``vm``'s prefill is done and three seconds of steady I/O followed (the
+    baseline of its migration's measures)."""
+    while (await wait_heartbeats(at, vm, 1, with_io=False))[-1]["phase"] != "run":
+        pass
+    await wait_heartbeats(at, vm, 30)

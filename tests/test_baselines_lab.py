@@ -12,41 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from devagent.client import DaemonClient, Endpoint
+from devagent.client import DaemonClient
 from devagent.daemon.migration import BASELINES
 from devagent.guest.build import GuestImage
 from devagent.lab.lab import Lab
 from devagent.orchestrate import migrate, start_vm, wait_heartbeats
-from tests.conftest import namespaces, processes_mentioning
+from tests.conftest import clean_lab, processes_mentioning, two_hosts, until_steady
 
 pytestmark = [pytest.mark.vm, pytest.mark.lab]
 
 
 @pytest.fixture
 def lab(state_dir: Path, guest: GuestImage) -> Iterator[Lab]:
-    lab = Lab.up(name="bnt", hosts=2, link_rate="1gbit")
-    try:
+    with clean_lab("bnt", state_dir) as lab:
         yield lab
-    finally:
-        lab.down()
-    assert processes_mentioning(str(state_dir)) == []
-    assert not [ns for ns in namespaces() if ns.startswith("da-bnt")]
-
-
-def endpoints(lab: Lab) -> tuple[Endpoint, Endpoint]:
-    a, b = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts)
-    return a, b
-
-
-async def until_steady(at: Endpoint, vm: str) -> None:
-    while (await wait_heartbeats(at, vm, 1, with_io=False))[-1]["phase"] != "run":
-        pass
-    await wait_heartbeats(at, vm, 30)
 
 
 @pytest.mark.parametrize("strategy", BASELINES)
 async def test_a_qemu_baseline_moves_vm_and_disk_intact(lab: Lab, strategy: str) -> None:
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     request = {"name": "q1", "disk_size": "64M", "storage": "local", "agent": False,
                "workload": "moderate,span=32M,prefill=16M"}  # fmt: skip
     await start_vm(a, request)
@@ -72,7 +56,7 @@ async def test_a_qemu_baseline_moves_vm_and_disk_intact(lab: Lab, strategy: str)
 async def test_a_destination_dying_during_the_qemu_mirror_leaves_the_vm_on_the_source(
     lab: Lab,
 ) -> None:
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     lab.shape("a", "50mbit")  # a mirror long enough to be interrupted
     await start_vm(a, {"name": "q2", "disk_size": "128M", "storage": "local", "agent": False,
                        "workload": "moderate,span=64M,prefill=64M"})  # fmt: skip

@@ -21,7 +21,7 @@ from devagent.guest.build import GuestImage
 from devagent.guest.probe import disk_digest
 from devagent.lab.lab import Lab
 from devagent.orchestrate import start_vm, wait_heartbeats
-from tests.conftest import namespaces, processes_mentioning
+from tests.conftest import clean_lab, two_hosts
 
 pytestmark = [pytest.mark.vm, pytest.mark.lab]
 
@@ -30,18 +30,8 @@ LONG = 600.0
 
 @pytest.fixture
 def lab(state_dir: Path, guest: GuestImage) -> Iterator[Lab]:
-    lab = Lab.up(name="tex", hosts=2, link_rate="1gbit")
-    try:
+    with clean_lab("tex", state_dir) as lab:
         yield lab
-    finally:
-        lab.down()
-    assert processes_mentioning(str(state_dir)) == []
-    assert not [ns for ns in namespaces() if ns.startswith("da-tex")]
-
-
-def endpoints(lab: Lab) -> tuple[Endpoint, Endpoint]:
-    a, b = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts)
-    return a, b
 
 
 def durable_bytes(replica: Path, chunk_size: int) -> int:
@@ -86,7 +76,7 @@ async def verified_clean(at: Endpoint, vm: str, image: Path | None = None) -> di
 
 
 async def test_swap_under_load(lab: Lab, state_dir: Path) -> None:
-    a, _ = endpoints(lab)
+    a, _ = two_hosts(lab)
     await start_vm(a, {"name": "sw1", "disk_size": "128M", "storage": "local",
                        "workload": "heavy,span=64M,prefill=32M"})  # fmt: skip
     await wait_heartbeats(a, "sw1", 20)
@@ -105,7 +95,7 @@ async def test_swap_under_load(lab: Lab, state_dir: Path) -> None:
 
 
 async def test_remote_disk_through_a_link_cut(lab: Lab) -> None:
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     await start_vm(b, {"name": "rd1", "disk_size": "64M", "disk_from": a.to_json(),
                        "workload": "moderate,span=16M"})  # fmt: skip
     await wait_heartbeats(b, "rd1", 20)
@@ -132,7 +122,7 @@ async def test_remote_disk_through_a_link_cut(lab: Lab) -> None:
 async def test_fetched_replica_completes_while_the_guest_writes_and_survives_sigkill(
     lab: Lab, state_dir: Path
 ) -> None:
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     await start_vm(b, {"name": "fh1", "disk_size": "256M", "disk_from": a.to_json(),
                        "workload": "moderate,rate=300,span=64M,prefill=64M"})  # fmt: skip
     await wait_heartbeats(b, "fh1", 10)
@@ -187,7 +177,7 @@ async def test_fetched_replica_completes_while_the_guest_writes_and_survives_sig
 async def test_attach_remote_moves_a_running_disk_to_another_host(
     lab: Lab, state_dir: Path
 ) -> None:
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     await start_vm(a, {"name": "ar1", "disk_size": "64M", "storage": "local",
                        "workload": "moderate,span=16M,prefill=16M"})  # fmt: skip
     await wait_heartbeats(a, "ar1", 20)

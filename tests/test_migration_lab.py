@@ -16,29 +16,19 @@ from devagent.errors import NotFound, StateError
 from devagent.guest.build import GuestImage
 from devagent.lab.lab import Lab
 from devagent.orchestrate import locate_vm, migrate, start_vm, wait_heartbeats
-from tests.conftest import namespaces, processes_mentioning
+from tests.conftest import clean_lab, two_hosts
 
 pytestmark = [pytest.mark.vm, pytest.mark.lab]
 
 
 @pytest.fixture
 def lab(state_dir: Path, guest: GuestImage) -> Iterator[Lab]:
-    lab = Lab.up(name="tmig", hosts=2, link_rate="1gbit")
-    try:
+    with clean_lab("tmig", state_dir) as lab:
         yield lab
-    finally:
-        lab.down()
-    assert processes_mentioning(str(state_dir)) == []
-    assert not [ns for ns in namespaces() if ns.startswith("da-tmig")]
-
-
-def endpoints(lab: Lab) -> tuple[Endpoint, Endpoint]:
-    a, b = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts)
-    return a, b
 
 
 async def test_the_real_daemon_refuses_no_token_and_bad_json(lab: Lab) -> None:
-    a, _ = endpoints(lab)
+    a, _ = two_hosts(lab)
     async with aiohttp.ClientSession() as session:
         async with session.get(f"{a.url}/v1/vms") as resp:
             assert resp.status == 401
@@ -49,7 +39,7 @@ async def test_the_real_daemon_refuses_no_token_and_bad_json(lab: Lab) -> None:
 
 
 async def test_a_suspended_vm_does_nothing_is_not_migrated_and_resumes(lab: Lab) -> None:
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     await start_vm(a, {"name": "sus1", "disk_size": "64M", "workload": "moderate,span=16M"})
     await wait_heartbeats(a, "sus1", 5)
     async with DaemonClient(a) as client:
@@ -70,7 +60,7 @@ async def test_a_suspended_vm_does_nothing_is_not_migrated_and_resumes(lab: Lab)
 
 
 async def test_shared_storage_migration_a_to_b(lab: Lab) -> None:
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     request = {"name": "mig1", "disk_size": "256M", "workload": "moderate,span=32M"}
     status = await start_vm(a, request)
     print(f"\nboot to first heartbeat: {status['boot_s']} s")
@@ -105,7 +95,7 @@ async def test_shared_storage_migration_a_to_b(lab: Lab) -> None:
 
 
 async def test_a_migration_to_a_dead_destination_leaves_the_vm_on_the_source(lab: Lab) -> None:
-    a, _ = endpoints(lab)
+    a, _ = two_hosts(lab)
     await start_vm(a, {"name": "mig2", "disk_size": "64M", "workload": "moderate,span=16M"})
     ghost = Endpoint(url="http://127.0.0.1:9", token=lab.token, name="ghost")
     report = await migrate(a, ghost, "mig2", storage="shared")
@@ -118,7 +108,7 @@ async def test_a_migration_to_a_dead_destination_leaves_the_vm_on_the_source(lab
 
 
 async def test_a_daemon_restart_leaves_the_guest_untouched(lab: Lab) -> None:
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     status = await start_vm(
         a, {"name": "rst1", "disk_size": "64M", "workload": "moderate,span=16M"}
     )

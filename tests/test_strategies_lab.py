@@ -15,36 +15,20 @@ from pathlib import Path
 
 import pytest
 
-from devagent.client import DaemonClient, Endpoint
+from devagent.client import DaemonClient
 from devagent.guest.build import GuestImage
 from devagent.lab.lab import Lab
 from devagent.orchestrate import locate_vm, migrate, start_vm, wait_heartbeats
 from devagent.report import MigrationReport
-from tests.conftest import namespaces, processes_mentioning
+from tests.conftest import clean_lab, processes_mentioning, two_hosts, until_steady
 
 pytestmark = [pytest.mark.vm, pytest.mark.lab]
 
 
 @pytest.fixture
 def lab(state_dir: Path, guest: GuestImage) -> Iterator[Lab]:
-    lab = Lab.up(name="tstr", hosts=2, link_rate="1gbit")
-    try:
+    with clean_lab("tstr", state_dir) as lab:
         yield lab
-    finally:
-        lab.down()
-    assert processes_mentioning(str(state_dir)) == []
-    assert not [ns for ns in namespaces() if ns.startswith("da-tstr")]
-
-
-def endpoints(lab: Lab) -> tuple[Endpoint, Endpoint]:
-    a, b = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts)
-    return a, b
-
-
-async def until_prefilled(at: Endpoint, vm: str) -> None:
-    while (await wait_heartbeats(at, vm, 1, with_io=False))[-1]["phase"] != "run":
-        pass
-    await wait_heartbeats(at, vm, 30)  # three seconds of steady I/O: the baseline
 
 
 def check(report: MigrationReport) -> None:
@@ -66,11 +50,11 @@ def check(report: MigrationReport) -> None:
 
 @pytest.mark.parametrize("strategy", ["postcopy", "precopy", "hybrid"])
 async def test_the_disk_moves_with_the_vm_and_back(lab: Lab, strategy: str) -> None:
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     request = {"name": "m1", "disk_size": "256M", "storage": "local",
                "workload": "moderate,span=64M,prefill=64M"}  # fmt: skip
     await start_vm(a, request)
-    await until_prefilled(a, "m1")
+    await until_steady(a, "m1")
     there = await migrate(a, b, "m1", storage=strategy, link_rate_bps=lab.link_rate_bps)
     check(there)
     assert there.disk_bytes_moved is not None and there.disk_bytes_moved > 0
@@ -88,11 +72,11 @@ async def test_the_disk_moves_with_the_vm_and_back(lab: Lab, strategy: str) -> N
 async def test_a_destination_dying_before_switchover_leaves_the_vm_on_the_source(
     lab: Lab,
 ) -> None:
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     lab.shape("a", "50mbit")  # a RAM migration long enough to be interrupted
     await start_vm(a, {"name": "rb1", "disk_size": "128M", "storage": "local",
                        "workload": "moderate,span=32M,prefill=32M"})  # fmt: skip
-    await until_prefilled(a, "rb1")
+    await until_steady(a, "rb1")
     attempt = asyncio.create_task(migrate(a, b, "rb1", storage="hybrid"))
     await asyncio.sleep(1.5)
     b_daemon = lab.host("b").pid
@@ -134,7 +118,7 @@ async def test_a_users_own_guest_moves_with_every_strategy(
 ) -> None:
     """A user's qcow2 guest (no ioprobe) goes a→b→a→b with postcopy, precopy and hybrid;
     its disk arrives byte for byte each time (the guest itself never writes to it)."""
-    a, b = endpoints(lab)
+    a, b = two_hosts(lab)
     image = state_dir / "user.qcow2"
     await tool("qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M")
     pattern = "write -P 0x5a 0 3M"  # data the destination must have, in qcow2 clusters
