@@ -38,6 +38,15 @@ def test_gap_counts_from_the_last_beat_before_the_window() -> None:
     assert abs((max_io_gap_s(series, 1.0, 2.0) or 0) - 1.4) < 1e-9
 
 
+def test_a_gap_the_window_ends_in_counts_to_its_first_beat_after() -> None:
+    """A baseline's migration can be declared over (source released) before the guest's
+    first heartbeat on the destination: the pause still counts whole."""
+    series = beats([1.0, 1.1, 1.2, 2.3, 2.4])
+    assert abs((max_io_gap_s(series, 1.0, 2.0) or 0) - 1.1) < 1e-9
+    assert abs((max_io_gap_s(beats([1.0, 1.1, 5.0]), 1.0, 1.15) or 0) - 3.9) < 1e-9
+    assert abs((max_io_gap_s(beats([1.0, 1.1, 5.0]), 1.0, 1.05) or 0) - 0.1) < 1e-9
+
+
 def test_beats_without_io_do_not_close_a_gap() -> None:
     series = [B(1.0), B(1.1, ops=0), B(1.2, ops=0), B(1.5)]
     assert abs((max_io_gap_s(series, 1.0, 2.0) or 0) - 0.5) < 1e-9

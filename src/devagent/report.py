@@ -112,19 +112,23 @@ class MigrationReport:
 
 
 def largest_gap(times: Iterable[float], start: float, end: float) -> float | None:
-    """Largest gap between consecutive ``times`` over [start, end], counting from the last
-    time before ``start``."""
+    """Largest gap between consecutive ``times`` that began in [start, end], counting from
+    the last time before ``start`` and up to the first after ``end``."""
     found = largest_gap_at(times, start, end)
     return found[1] if found is not None else None
 
 
 def largest_gap_at(times: Iterable[float], start: float, end: float) -> tuple[float, float] | None:
-    """(when it began, how long) of the largest gap between consecutive ``times`` over
-    [start, end], counting from the last time before ``start``."""
+    """(when it began, how long) of the largest gap between consecutive ``times`` that
+    began in [start, end]: counted from the last time before ``start``, and to the first
+    time after ``end`` (a pause that the window's end falls into counts whole: a VM that
+    resumed just before its migration was declared over still paused until its first I/O
+    after that)."""
     ordered = sorted(times)
     before = [t for t in ordered if t < start]
     inside = [t for t in ordered if start <= t <= end]
-    points = before[-1:] + inside
+    after = [t for t in ordered if t > end]
+    points = before[-1:] + inside + after[:1]
     if len(points) < 2:
         return None
     return max(((a, b - a) for a, b in pairwise(points)), key=lambda gap: gap[1])
