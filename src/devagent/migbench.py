@@ -38,7 +38,7 @@ from devagent.daemon.migration import BASELINES, STRATEGIES
 from devagent.errors import DevagentError, NotFound
 from devagent.lab import net
 from devagent.orchestrate import migrate, start_vm, wait_heartbeats
-from devagent.report import MEASURES, largest_gap
+from devagent.report import MEASURES, largest_gap, largest_gap_at
 
 LAB = "bnch"
 ALL_STRATEGIES = ("shared", *BASELINES, *(s for s in STRATEGIES if s != "shared"))
@@ -116,6 +116,30 @@ def heartbeat_gap_ms(
     alone show when it was paused) over [0, end], in times relative to the start."""
     gap = largest_gap((t for t, ops, _ in timeline if ops > 0 or not with_io), 0.0, end)
     return round(gap * 1000, 1) if gap is not None else None
+
+
+def rederive(run: dict[str, Any]) -> list[str]:
+    """Work out again, with this code's definitions, what a stored run's heartbeats give:
+    its heartbeat gap, and ``max_io_gap_ms`` where its report took that from the heartbeats
+    (the QEMU baselines, which have no agent journal). Returns the names that changed."""
+    report, timeline = run["report"], run.get("timeline") or []
+    end = report.get("total_time_s")
+    changed = []
+    if end is not None:
+        gap = heartbeat_gap_ms(timeline, end, with_io=run["workload"] != "idle")
+        if gap != run.get("hb_gap_ms"):
+            run["hb_gap_ms"] = gap
+            changed.append("hb_gap_ms")
+    if report.get("io_gap_source") == "probe heartbeats" and report.get("max_io_gap_ms"):
+        window_end = max(end or 0.0, report.get("time_to_switchover_s") or 0.0)
+        found = largest_gap_at((t for t, ops, _ in timeline if ops > 0), 0.0, window_end)
+        # (the timeline keeps ms: a difference under 1 ms is its rounding, not a change)
+        if found is not None and abs(found[1] * 1000 - report["max_io_gap_ms"]) >= 1.0:
+            report["max_io_gap_ms"] = round(found[1] * 1000, 1)
+            report["max_io_gap_at_s"] = round(found[0], 3)
+            changed.append("max_io_gap_ms")
+    run["ratio"] = run_ratio(report)
+    return changed
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -16,10 +16,13 @@ from devagent.migbench import (
     ALL_STRATEGIES,
     FULL,
     QUICK,
+    Plan,
     command_line,
     markdown,
     plots,
+    rederive,
     run_matrix,
+    summarize,
 )
 
 
@@ -35,8 +38,12 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 @click.option("--strategies", help=f"Comma-separated, among {', '.join(ALL_STRATEGIES)}.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write results.json, results.md and PNG plots here.")  # fmt: skip
+@click.option("--from", "stored", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Run nothing: summarize the runs of a results.json or runs-so-far.jsonl "
+              "again, their heartbeat figures worked out anew by this version.")  # fmt: skip
 @json_option
 def migrate_bench_cmd(
+    stored: Path | None,
     quick: bool,
     runs: int | None,
     links: str | None,
@@ -56,22 +63,9 @@ def migrate_bench_cmd(
         workloads=_split(workloads) or plan.workloads,
         strategies=_split(strategies) or plan.strategies,
     )
-    partial = None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        partial = out_dir / "runs-so-far.jsonl"
-        partial.write_text("")
-
-    def keep(one: dict[str, Any]) -> None:
-        if partial is not None:
-            with partial.open("a") as f:
-                f.write(json.dumps(one) + "\n")
-
-    def say(text: str) -> None:
-        err.print(text, highlight=False, soft_wrap=True)
-
-    result = run(run_matrix(plan, say=say, on_run=keep))
-    result["command"] = command_line()
+    result = _restored(stored) if stored is not None else _measured(plan, out_dir)
     table = markdown(result["summary"])
     if out_dir is not None:
         (out_dir / "results.json").write_text(json.dumps(result, indent=1))
@@ -89,3 +83,49 @@ def migrate_bench_cmd(
             or r["report"].get("guest_io_errors") or r["report"].get("guest_verify_failures"))
     ]  # fmt: skip
     sys.exit(1 if lost else 0)
+
+
+def _measured(plan: Plan, out_dir: Path | None) -> dict[str, Any]:
+    partial = None
+    if out_dir is not None:
+        partial = out_dir / "runs-so-far.jsonl"
+        partial.write_text("")
+
+    def keep(one: dict[str, Any]) -> None:
+        if partial is not None:
+            with partial.open("a") as f:
+                f.write(json.dumps(one) + "\n")
+
+    def say(text: str) -> None:
+        err.print(text, highlight=False, soft_wrap=True)
+
+    result = run(run_matrix(plan, say=say, on_run=keep))
+    result["command"] = command_line()
+    return result
+
+
+def _restored(path: Path) -> dict[str, Any]:
+    """A stored matrix (results.json) or its runs so far (runs-so-far.jsonl), each run's
+    heartbeat figures worked out again, summarized anew."""
+    try:
+        text = path.read_text()
+        if path.suffix == ".jsonl":
+            result: dict[str, Any] = {
+                "runs": [json.loads(line) for line in text.splitlines() if line]
+            }
+        else:
+            result = json.loads(text)
+        runs = result["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise click.ClickException(f"{path}: not a bench migrate result ({error})") from error
+    changed = {}
+    for one in runs:
+        if not isinstance(one, dict) or "report" not in one:
+            raise click.ClickException(f"{path}: a run without a report")
+        names = rederive(one)
+        if names:
+            changed[one.get("vm", "?")] = names
+    result["summary"] = summarize(runs)
+    result["rederived"] = {"from": str(path), "command": command_line(), "changed": changed}
+    err.print(f"{len(runs)} runs from {path}; figures worked out anew in {len(changed)}")
+    return result
