@@ -48,12 +48,13 @@ from aiohttp.typedefs import Handler, Middleware
 
 from devagent.agent.spec import check_spec
 from devagent.client import Endpoint
+from devagent.control_api import STATUS, json_error
 from devagent.daemon import baselines
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
 from devagent.daemon.migration import BASELINES, MigrationJob, MigrationRequest
 from devagent.daemon.vms import VmRequest
-from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.errors import DevagentError, NotFound, StateError, UsageError
 from devagent.guest.probe import disk_digest
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
@@ -68,17 +69,13 @@ class BodyTooLarge(UsageError):
     """A request body over :data:`MAX_BODY` bytes."""
 
 
-_STATUS: list[tuple[type[DevagentError], int]] = [
+#: The agents' statuses, and the daemon's own two kinds (a too large body before the
+#: usage errors it is one of).
+_STATUS: tuple[tuple[type[DevagentError], int], ...] = (
     (BodyTooLarge, 413),
-    (UsageError, 400),
     (NotFound, 404),
-    (StateError, 409),
-    (PeerError, 502),
-]
-
-
-def json_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    *STATUS,
+)
 
 
 def token_middleware(token: str) -> Middleware:
