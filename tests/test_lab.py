@@ -23,7 +23,7 @@ from click.testing import CliRunner
 
 from devagent.cli.lab_cmd import lab_group
 from devagent.errors import EnvironmentProblem, NotFound, PeerError, StateError, UsageError
-from devagent.lab import Lab, LabHost, net, parse_rate, procs, run_in_host
+from devagent.lab import Lab, LabHost, format_rate, net, parse_rate, procs, run_in_host
 from devagent.lab import lab as lab_module
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
@@ -168,7 +168,7 @@ def test_parse_rate_rejects_garbage_and_absurd_rates(text: str) -> None:
 
 def test_format_rate_is_the_inverse_of_parse_rate() -> None:
     for text in ("1gbit", "100mbit", "1500mbit", "64kbit"):
-        assert net.format_rate(parse_rate(text)) == text
+        assert format_rate(parse_rate(text)) == text
 
 
 @pytest.mark.parametrize("name", ["BAD", "toolong", "a-b", "", "lab_1", "é"])

@@ -18,9 +18,10 @@ import pytest
 
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import BackendError, Local
-from devagent.agent.remote import Remote, parse_address
+from devagent.agent.remote import Remote
 from devagent.errors import PeerError, UsageError
 from devagent.nbd.proto import Errno
+from devagent.vocab import parse_address
 
 SIZE = 8 << 20
 BLOCK = 4096

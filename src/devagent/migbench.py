@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from devagent.client import DaemonClient, Endpoint
-from devagent.daemon.migration import BASELINES, STRATEGIES
 from devagent.errors import DevagentError, NotFound
-from devagent.lab import net
 from devagent.orchestrate import migrate, start_vm, wait_heartbeats
 from devagent.report import MEASURES, largest_gap, largest_gap_at
+from devagent.vocab import BASELINES, STRATEGIES, parse_rate
 
 LAB = "bnch"
 ALL_STRATEGIES = ("shared", *BASELINES, *(s for s in STRATEGIES if s != "shared"))
@@ -405,7 +404,7 @@ async def run_matrix(
         if strategy not in ALL_STRATEGIES:
             raise DevagentError(f"unknown strategy {strategy!r}: {', '.join(ALL_STRATEGIES)}")
     for link in plan.links:
-        net.parse_rate(link)
+        parse_rate(link)
     if shutil.which("qemu-system-x86_64") is None:
         raise DevagentError("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
     started = time.time()
@@ -421,7 +420,7 @@ async def run_matrix(
         for link in plan.links:
             for host in ("a", "b"):
                 await asyncio.to_thread(lab.shape, host, link)
-            rate = net.parse_rate(link)
+            rate = parse_rate(link)
             for workload in plan.workloads:
                 for index in range(plan.runs):
                     first = len(runs) + 1
@@ -576,7 +575,7 @@ async def one_run(
 
 
 def _rough_limit(plan: Plan, rate: int) -> float:
-    from devagent.daemon.vms import parse_size
+    from devagent.vocab import parse_size
 
     return (parse_size(plan.prefill) + (plan.ram_mb << 20)) * 8 / rate
 

@@ -34,6 +34,7 @@ from devagent.errors import PeerError, StateError, UsageError
 from devagent.nbd.client import NbdClient, NbdRequestFailed
 from devagent.nbd.codec import NO_FLAGS, Completed
 from devagent.nbd.proto import Command, CommandFlag, Errno, TransmissionFlag
+from devagent.vocab import parse_address
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +49,6 @@ class RemoteState(enum.Enum):
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
     CLOSED = "closed"
-
-
-def parse_address(address: str) -> tuple[str, str, int]:
-    """``tcp:HOST:PORT`` or ``unix:/path`` into (kind, host or path, port)."""
-    kind, _, rest = address.partition(":")
-    if kind == "unix" and rest:
-        return "unix", rest, 0
-    if kind == "tcp":
-        host, sep, port = rest.rpartition(":")
-        if sep and host and port.isdigit() and 0 < int(port) < 65536:
-            return "tcp", host.strip("[]"), int(port)
-    raise UsageError(f"expected tcp:HOST:PORT or unix:/PATH, got {address!r}")
 
 
 def _errno(value: int) -> Errno:

@@ -16,14 +16,6 @@ from devagent.errors import UsageError
 log = logging.getLogger(__name__)
 
 
-def parse_hostport(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) into its parts."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise UsageError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
 async def serve(
     image: str | Path | None = None,
     *,

@@ -30,8 +30,9 @@ from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Backend, Local
 from devagent.agent.fetch import Fetch, bits_to_chunks
 from devagent.agent.mirror import Mirrored
-from devagent.agent.remote import Remote, parse_address
+from devagent.agent.remote import Remote
 from devagent.errors import DevagentError, StateError, UsageError
+from devagent.vocab import parse_address
 
 log = logging.getLogger(__name__)
 

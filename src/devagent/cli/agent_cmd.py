@@ -9,11 +9,11 @@ from pathlib import Path
 import click
 
 from devagent.agent.agent import BlockAgent
-from devagent.agent.serve import parse_hostport, serve
+from devagent.agent.serve import serve
 from devagent.agent.spec import check_spec
 from devagent.cli.foreground import log_to_stderr, serve_until_signalled
 from devagent.errors import DevagentError
-from devagent.guest.workload import parse_size
+from devagent.vocab import parse_hostport, parse_size
 
 
 def _uri(agent: BlockAgent, address: str) -> str:

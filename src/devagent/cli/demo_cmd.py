@@ -26,10 +26,9 @@ from devagent.cli.common import err, json_option, out, print_json, run
 from devagent.cli.migrate_cmd import show_report
 from devagent.cli.progress import MigrationProgress, Spinner
 from devagent.client import Endpoint
-from devagent.daemon.migration import STRATEGIES
-from devagent.daemon.vms import parse_size
 from devagent.orchestrate import migrate, start_vm, wait_heartbeats
 from devagent.report import MigrationReport
+from devagent.vocab import STRATEGIES, parse_size
 
 if TYPE_CHECKING:
     from devagent.lab.lab import Lab

@@ -22,10 +22,10 @@ from devagent.cli.common import (
 from devagent.cli.progress import MigrationProgress
 from devagent.cli.render import report_table
 from devagent.client import DaemonClient
-from devagent.daemon.migration import STRATEGIES
 from devagent.errors import NotFound
 from devagent.orchestrate import follow_migration, locate_vm, migrate
 from devagent.report import MigrationReport
+from devagent.vocab import STRATEGIES
 
 
 @click.command("migrate")

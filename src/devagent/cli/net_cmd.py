@@ -7,11 +7,11 @@ from pathlib import Path
 
 import click
 
-from devagent.agent.serve import parse_hostport
 from devagent.cli.foreground import log_to_stderr, serve_until_signalled
 from devagent.errors import DevagentError
 from devagent.net.agent import MAX_HOLD_S, NetAgent
 from devagent.net.serve import serve
+from devagent.vocab import parse_hostport
 
 
 @click.command("net")

@@ -86,7 +86,7 @@ def start(
 ) -> None:
     """Boot VM NAME on HOST: by default the test guest running ioprobe with WORKLOAD;
     with --disk, your own guest (which has no probe, so fewer measures)."""
-    from devagent.daemon.vms import parse_size
+    from devagent.vocab import parse_size
 
     request: dict[str, Any] = {
         "name": name,

@@ -52,12 +52,13 @@ from devagent.control_api import STATUS, json_error
 from devagent.daemon import baselines
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
-from devagent.daemon.migration import BASELINES, MigrationJob, MigrationRequest
+from devagent.daemon.migration import MigrationJob, MigrationRequest
 from devagent.daemon.vms import VmRequest
 from devagent.errors import DevagentError, NotFound, StateError, UsageError
 from devagent.guest.probe import disk_digest
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
+from devagent.vocab import BASELINES
 
 log = logging.getLogger(__name__)
 

@@ -111,7 +111,8 @@ class ExportManager:
 
 
 def parse_export_request(body: Any) -> tuple[str, int]:
-    from devagent.daemon.vms import NAME_RE, parse_size
+    from devagent.daemon.vms import NAME_RE
+    from devagent.vocab import parse_size
 
     if not isinstance(body, dict):
         raise UsageError("the request body must be a JSON object")

@@ -33,12 +33,10 @@ from devagent.errors import DevagentError, PeerError, StateError, UsageError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport, fill_io_measures, fill_link_measures, io_series
+from devagent.vocab import BASELINES, STRATEGIES
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("shared", "postcopy", "precopy", "hybrid")
-# QEMU's own storage migration, run side by side in the benchmarks: devagent.daemon.baselines
-BASELINES = ("qemu-mirror", "qemu-mirror-active", "qemu-cor-stream")
 PEER_TIMEOUT_S = 600.0
 PEER_CHECK_S = 0.3  # how often the destination daemon is checked during the RAM phase
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover

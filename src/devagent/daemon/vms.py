@@ -41,13 +41,13 @@ from devagent.guest.probe import (
     Verified,
     disk_digest,
 )
-from devagent.guest.workload import parse_size as parse_workload_size
 from devagent.guest.workload import parse_workload
 from devagent.lab.procs import terminate, under_path
 from devagent.qemu.accel import choose_accel
 from devagent.qemu.config import DiskFormat, DiskSpec, NicSpec, VmConfig
 from devagent.qemu.vm import Vm, VmState, pid_alive
 from devagent.report import largest_gap
+from devagent.vocab import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,6 @@ MIRROR_CONVERGE_BYTES = 1 << 20  # left for the last copy, done with the guest's
 NBD_RECONNECT_DELAY_S = 5  # QEMU's NBD client reconnects to a restarted agent
 Storage = Literal["shared", "local"]
 Role = Literal["running", "incoming", "migrated"]  # migrated: left behind, serving its disk
-
-
-def parse_size(text: str | int) -> int:
-    """``"1G"`` → 1073741824; plain integers are bytes."""
-    return text if isinstance(text, int) else parse_workload_size(str(text))
 
 
 @dataclass(frozen=True)

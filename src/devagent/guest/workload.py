@@ -12,11 +12,11 @@ Sizes take K, M, G suffixes (powers of 1024).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from devagent.errors import UsageError
+from devagent.vocab import format_size, parse_size
 
 KERNEL_ARG = "devagent.probe"
 MIN_BLOCK = 512
@@ -116,8 +116,6 @@ _KEYS = {
     "span": "span",
     "prefill": "prefill",
 }
-_SIZE_RE = re.compile(r"(\d+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
 
 
 def parse_workload(text: str) -> Workload:
@@ -178,19 +176,3 @@ def _parse_int(value: str, what: str) -> int:
     if not value.isdigit():
         raise UsageError(f"{what} {value!r} is not a whole number")
     return int(value)
-
-
-def parse_size(value: str) -> int:
-    """Bytes from ``4096``, ``4K``, ``256M``, ``1G`` (also ``KiB``, ``MB``: powers of 1024)."""
-    match = _SIZE_RE.fullmatch(value.strip())
-    if match is None:
-        raise UsageError(f"size {value!r} is not a number with an optional K, M or G suffix")
-    return int(match.group(1)) * _UNITS[match.group(2).lower()]
-
-
-def format_size(size: int) -> str:
-    """``4096`` → ``4 KiB``; sizes that are not whole units stay in bytes."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= scale and size % scale == 0:
-            return f"{size // scale} {unit}"
-    return f"{size} B"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from devagent.lab.lab import Lab, LabHost, LabState, default_lab_name, run_in_host
-from devagent.lab.net import format_rate, parse_rate
+from devagent.vocab import format_rate, parse_rate
 
 __all__ = [
     "Lab",

@@ -53,6 +53,7 @@ from devagent.errors import (
     UsageError,
 )
 from devagent.lab import net, procs
+from devagent.vocab import parse_rate
 
 log = logging.getLogger(__name__)
 
@@ -410,7 +411,7 @@ class Lab:
         validate_name(name)
         if not 1 <= hosts <= MAX_HOSTS:
             raise UsageError(f"a lab has 1 to {MAX_HOSTS} hosts, not {hosts}")
-        rate = None if link_rate is None else net.parse_rate(link_rate)
+        rate = None if link_rate is None else parse_rate(link_rate)
         if loopback and rate is not None:
             raise UsageError("a loopback lab has no links to shape: drop --link-rate")
         if loopback and subnet is not None:
@@ -710,7 +711,7 @@ class Lab:
     def shape(self, host: str | LabHost, rate: str | int | None) -> None:
         """Limit a host's link to ``rate`` in both directions (``None`` lifts the limit)."""
         target = self._link_host(host)
-        bps = None if rate is None else net.parse_rate(rate)
+        bps = None if rate is None else parse_rate(rate)
         self._shape_link(target, bps)
         self._replace_host(dataclasses.replace(target, link_rate_bps=bps))
         self._save()

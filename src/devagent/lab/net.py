@@ -11,19 +11,14 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import re
 import subprocess
 from collections.abc import Sequence
 from typing import Any
 
-from devagent.errors import EnvironmentProblem, UsageError
+from devagent.errors import EnvironmentProblem
 
 log = logging.getLogger(__name__)
 
-RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
-RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit|tbit)?\s*$", re.IGNORECASE)
-MIN_RATE_BPS = 8_000
-MAX_RATE_BPS = 100 * 10**9
 
 # tbf needs a bucket of at least one (GSO-sized) packet and at least one timer tick of tokens;
 # 10 ms worth of bytes, never under 64 KiB, satisfies both at every rate we allow.
@@ -105,36 +100,6 @@ def used_ipv4_networks() -> list[ipaddress.IPv4Network]:
             except ValueError:
                 continue
     return nets
-
-
-def parse_rate(text: str | int) -> int:
-    """``"100mbit"`` → ``100_000_000`` bits/s. Units are decimal (tc's): bit, kbit, mbit, gbit,
-    tbit; a bare number is bits/s. Raises :class:`UsageError` for anything else."""
-    if isinstance(text, int):
-        value = float(text)
-    else:
-        match = RATE_RE.match(text)
-        if not match:
-            raise UsageError(
-                f"bad link rate {text!r}: give a number and a unit among "
-                f"{', '.join(RATE_UNITS)} (e.g. 100mbit, 1gbit)"
-            )
-        value = float(match.group(1)) * RATE_UNITS[(match.group(2) or "bit").lower()]
-    bps = int(value)
-    if not MIN_RATE_BPS <= bps <= MAX_RATE_BPS:
-        raise UsageError(
-            f"link rate {text!r} is out of range ({format_rate(MIN_RATE_BPS)}"
-            f"..{format_rate(MAX_RATE_BPS)})"
-        )
-    return bps
-
-
-def format_rate(bps: int) -> str:
-    """``100_000_000`` → ``"100mbit"`` (the largest unit that divides exactly)."""
-    for unit, factor in sorted(RATE_UNITS.items(), key=lambda kv: -kv[1]):
-        if bps % factor == 0:
-            return f"{bps // factor}{unit}"
-    return f"{bps}bit"
 
 
 def shape(dev: str, rate_bps: int | None, netns: str | None = None) -> None:

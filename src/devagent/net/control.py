@@ -32,11 +32,11 @@ from typing import Any
 
 from aiohttp import web
 
-from devagent.agent.serve import parse_hostport
 from devagent.control_api import errors, json_body
 from devagent.errors import UsageError
 from devagent.net.agent import HOLD_MAX_BYTES, HOLD_MAX_FRAMES, NetAgent
 from devagent.net.uplink import Uplink, check_uplink_spec, open_uplink
+from devagent.vocab import parse_hostport
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,142 @@
+"""The words every layer shares: sizes, link rates, addresses and migration strategies.
+
+This module imports nothing of devagent but its errors, so the CLI, the lab, the daemons and
+the agents can all read ``"1G"``, ``"100mbit"``, ``"tcp:HOST:PORT"`` or ``"hybrid"`` the same
+way without importing each other. Each ``parse_*`` raises :class:`UsageError` with the bad
+text in it; each ``format_*`` is its inverse where one exists.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+
+from devagent.errors import UsageError
+
+# -- sizes: powers of 1024 -------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"(\d+)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from ``4096``, ``4K``, ``256M``, ``1G`` (also ``KiB``, ``MB``: powers of
+    1024). A plain ``int`` is bytes already."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE_RE.fullmatch(str(value).strip())
+    if match is None:
+        raise UsageError(f"size {value!r} is not a number with an optional K, M or G suffix")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def format_size(size: int) -> str:
+    """``4096`` → ``4 KiB``; sizes that are not whole units stay in bytes."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} B"
+
+
+# -- link rates: decimal bits per second, as tc writes them ----------------------------------
+
+RATE_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12}
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(bit|kbit|mbit|gbit|tbit)?\s*$", re.IGNORECASE)
+MIN_RATE_BPS = 8_000
+MAX_RATE_BPS = 100 * 10**9
+
+
+def parse_rate(text: str | int) -> int:
+    """``"100mbit"`` → ``100_000_000`` bits/s. Units are decimal (tc's): bit, kbit, mbit, gbit,
+    tbit; a bare number is bits/s. Raises :class:`UsageError` for anything else."""
+    if isinstance(text, int):
+        value = float(text)
+    else:
+        match = _RATE_RE.match(text)
+        if not match:
+            raise UsageError(
+                f"bad link rate {text!r}: give a number and a unit among "
+                f"{', '.join(RATE_UNITS)} (e.g. 100mbit, 1gbit)"
+            )
+        value = float(match.group(1)) * RATE_UNITS[(match.group(2) or "bit").lower()]
+    bps = int(value)
+    if not MIN_RATE_BPS <= bps <= MAX_RATE_BPS:
+        raise UsageError(
+            f"link rate {text!r} is out of range ({format_rate(MIN_RATE_BPS)}"
+            f"..{format_rate(MAX_RATE_BPS)})"
+        )
+    return bps
+
+
+def format_rate(bps: int) -> str:
+    """``100_000_000`` → ``"100mbit"`` (the largest unit that divides exactly)."""
+    for unit, factor in sorted(RATE_UNITS.items(), key=lambda kv: -kv[1]):
+        if bps % factor == 0:
+            return f"{bps // factor}{unit}"
+    return f"{bps}bit"
+
+
+# -- addresses ---------------------------------------------------------------------------------
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) into its parts; an empty host is 127.0.0.1."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UsageError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_address(address: str) -> tuple[str, str, int]:
+    """An agent's address, ``tcp:HOST:PORT`` or ``unix:/path``, into (kind, host or path,
+    port); a unix address has port 0."""
+    kind, _, rest = address.partition(":")
+    if kind == "unix" and rest:
+        return "unix", rest, 0
+    if kind == "tcp":
+        host, sep, port = rest.rpartition(":")
+        if sep and host and port.isdigit() and 0 < int(port) < 65536:
+            return "tcp", host.strip("[]"), int(port)
+    raise UsageError(f"expected tcp:HOST:PORT or unix:/PATH, got {address!r}")
+
+
+# -- migration strategies ----------------------------------------------------------------------
+
+
+class Strategy(StrEnum):
+    """How a migration moves the VM's disk; RAM always moves with QEMU's own migration.
+
+    devagent's four go through the device agents; the three ``qemu-*`` are QEMU's own storage
+    migration, run side by side in the benchmarks as baselines.
+    """
+
+    SHARED = "shared"  # both hosts see one image: RAM only
+    POSTCOPY = "postcopy"  # the destination fetches the disk after the switchover
+    PRECOPY = "precopy"  # the source mirrors the disk before RAM moves
+    HYBRID = "hybrid"  # a push before, a fetch of what is left after
+    QEMU_MIRROR = "qemu-mirror"  # blockdev-mirror to an NBD export, then RAM
+    QEMU_MIRROR_ACTIVE = "qemu-mirror-active"  # the same, copy-mode=write-blocking
+    QEMU_COR_STREAM = "qemu-cor-stream"  # copy-on-read overlay + block-stream
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.value.startswith("qemu-")
+
+    @property
+    def moves_disk(self) -> bool:
+        return self is not Strategy.SHARED
+
+    @classmethod
+    def parse(cls, text: str) -> Strategy:
+        try:
+            return cls(text)
+        except ValueError:
+            raise UsageError(
+                f"storage {text!r} is not available: choose one of {', '.join(cls)}"
+            ) from None
+
+
+#: devagent's own strategies, in the order the CLI lists them.
+STRATEGIES: tuple[Strategy, ...] = tuple(s for s in Strategy if not s.is_baseline)
+#: QEMU's own storage migration, the benchmarks' baselines.
+BASELINES: tuple[Strategy, ...] = tuple(s for s in Strategy if s.is_baseline)
