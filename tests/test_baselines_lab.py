@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from devagent.client import DaemonClient
-from devagent.daemon.migration import BASELINES
 from devagent.guest.build import GuestImage
 from devagent.lab.lab import Lab
 from devagent.orchestrate import migrate, start_vm, wait_heartbeats
+from devagent.vocab import BASELINES
 from tests.conftest import clean_lab, processes_mentioning, two_hosts, until_steady
 
 pytestmark = [pytest.mark.vm, pytest.mark.lab]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 
-from devagent.daemon.migration import COPY_BATCH_MAX, FETCH_CHUNK, _clean_chunks, copy_batch
+from devagent.daemon.migration.plans import COPY_BATCH_MAX, FETCH_CHUNK, clean_chunks, copy_batch
 
 
 def test_the_copy_batch_follows_the_link_rate() -> None:
@@ -18,6 +18,5 @@ def test_the_copy_batch_follows_the_link_rate() -> None:
 
 def test_clean_chunks_are_the_complement_of_the_dirty_ones_within_the_disk() -> None:
     dirty = bytes([0b0000_0101, 0b0000_0000])  # chunks 0 and 2 dirty, 10 chunks in all
-    handover = {"dirty": base64.b64encode(dirty).decode(), "chunks": 10}
-    clean = base64.b64decode(_clean_chunks(handover))
+    clean = base64.b64decode(clean_chunks(base64.b64encode(dirty).decode(), 10))
     assert clean == bytes([0b1111_1010, 0b0000_0011])  # no bit past chunk 9

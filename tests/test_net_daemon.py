@@ -22,7 +22,7 @@ from devagent.daemon.guestnet import (
     pick_address,
     tap_name,
 )
-from devagent.daemon.netmigration import MAX_FORWARD_S, QUIET_S, NetMigration, forwarding_done
+from devagent.daemon.migration.net import MAX_FORWARD_S, QUIET_S, NetMigration, forwarding_done
 from devagent.daemon.netstat import is_link
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.vms import VmManager, VmRequest, build_config, disk_spec
@@ -296,15 +296,11 @@ def fake_migration() -> tuple[NetMigration, FakeNic, FakeQemu, list[str], Migrat
 
 async def test_the_nic_steps_in_order_and_the_figures() -> None:
     net, nic, qemu, marks, report = fake_migration()
-    assert net.incoming() == [{"node": "net0", "address": nic.address, "mac": nic.mac}]
     await net.start()
-    net.prepared({"nic_peers": {"net0": "tcp:10.213.7.2:4242"}})
+    net.prepared({"net0": "tcp:10.213.7.2:4242"})
     await net.hold()  # QEMU's STOP event
-    await net.hold()
+    await net.hold()  # and its pre-switchover pause
     assert qemu.commands == [] and marks == ["net_held"]
-    await net.at_pre_switchover()
-    await net.at_pre_switchover()  # QEMU's status is seen again before it moves on
-    assert qemu.commands == ["migrate-continue"]
     await net.switched_over()
     await net.finish(cast(Any, FakePeer()), {"nic_announced": time.time() - QUIET_S})
     assert [c for c in nic.calls if not c.startswith("GET")] == [
@@ -319,15 +315,15 @@ async def test_the_nic_steps_in_order_and_the_figures() -> None:
 async def test_a_destination_without_the_nic_agent_is_refused() -> None:
     net, *_ = fake_migration()
     with pytest.raises(PeerError, match="no net agent"):
-        net.prepared({"nic_peers": {}})
+        net.prepared({})
 
 
 async def test_roll_back_after_the_hold_releases_the_source() -> None:
     net, nic, _, marks, _ = fake_migration()
     await net.roll_back()
     assert nic.calls == []  # nothing held: nothing to release
-    net.prepared({"nic_peers": {"net0": "tcp:10.213.7.2:4242"}})
-    await net.at_pre_switchover()
+    net.prepared({"net0": "tcp:10.213.7.2:4242"})
+    await net.hold()
     await net.roll_back()
     assert [c for c in nic.calls if not c.startswith("GET")] == ["/hold", "/release"]
     assert marks == ["net_held"]

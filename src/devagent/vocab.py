@@ -140,3 +140,36 @@ class Strategy(StrEnum):
 STRATEGIES: tuple[Strategy, ...] = tuple(s for s in Strategy if not s.is_baseline)
 #: QEMU's own storage migration, the benchmarks' baselines.
 BASELINES: tuple[Strategy, ...] = tuple(s for s in Strategy if s.is_baseline)
+
+
+class Step(StrEnum):
+    """A migration's steps as its report's ``timeline`` names them (seconds from the migrate
+    command), in the order they happen; the plot draws its phases from them. The
+    destination's own steps come back prefixed ``destination_``."""
+
+    DESTINATION_READY = "destination_ready"  # the incoming QEMU (and agents) listen
+    MIRROR_STARTED = "mirror_started"  # precopy, hybrid: the push began
+    DISK_CONVERGED = "disk_converged"  # precopy: little left to copy, writes go to both
+    RAM_STARTED = "ram_started"
+    SOURCE_STOPPED = "source_stopped"  # QEMU stopped the guest on the source (its STOP)
+    NET_HELD = "net_held"  # the source's NICs keep the frames for the guest
+    RAM_COMPLETED = "ram_completed"
+    MIRROR_ENDED = "mirror_ended"  # the push stopped (hybrid) or cut over (precopy)
+    SOURCE_FENCED = "source_fenced"  # the old instance can never write the disk again
+    NET_FORWARD_STARTED = "net_forward_started"
+    RESUMED = "resumed"  # the guest runs on the destination
+    COMMITTED = "committed"  # the destination answered the commit
+    NET_FORWARD_STOPPED = "net_forward_stopped"
+    DISK_LOCAL = "disk_local"  # postcopy, hybrid: the destination's replica is complete
+    RELEASED = "released"  # nothing of the VM is left on the source
+
+
+class DestinationStep(StrEnum):
+    """The destination's steps of a commit, on its own clock (wall clock, same machine)."""
+
+    COMMIT = "commit"  # the commit request came
+    ARRIVED = "arrived"  # QEMU left ``inmigrate``
+    RECEIVER_RETIRED = "receiver_retired"  # a push's receiver finished and closed
+    DISK_SWAPPED = "disk_swapped"  # the agent serves the replica (Fetch or Local)
+    NIC_RELEASED = "nic_released"  # the held frames went to the guest
+    NIC_ANNOUNCED = "nic_announced"  # QEMU announced the guest's MAC

@@ -18,7 +18,7 @@ object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with i
     POST   /v1/vms/{name}/devices/{node}/attach-remote {"from": PEER}: move it to a peer host
     POST   /v1/vms/{name}/probe               {"command": "pause"|"resume"|"verify"}
     POST   /v1/vms/{name}/integrity           disk equals what the guest last wrote?
-    POST   /v1/vms/{name}/migrate             start a migration (MigrationRequest) → 202
+    POST   /v1/vms/{name}/migrate             start a migration (MigrateRequest) → 202
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
     GET    /v1/exports                        disks of this host served to other hosts
     POST   /v1/exports                        {"name", "size"}: a new disk, served on TCP
@@ -38,7 +38,6 @@ import asyncio
 import hmac
 import json
 import logging
-import socket
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -46,19 +45,14 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from devagent.agent.spec import check_spec
 from devagent.client import Endpoint
 from devagent.control_api import STATUS, json_error
-from devagent.daemon import baselines
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
-from devagent.daemon.migration import MigrationJob, MigrationRequest
+from devagent.daemon.migration.routes import MigrationRoutes
 from devagent.daemon.vms import VmRequest
-from devagent.errors import DevagentError, NotFound, StateError, UsageError
+from devagent.errors import DevagentError, NotFound, UsageError
 from devagent.guest.probe import disk_digest
-from devagent.qemu.config import VmConfig
-from devagent.qemu.vm import VmState
-from devagent.vocab import BASELINES
 
 log = logging.getLogger(__name__)
 
@@ -234,34 +228,6 @@ async def integrity(request: web.Request) -> web.Response:
     return web.json_response({"integrity": await managed.check_integrity()})
 
 
-async def migrate(request: web.Request) -> web.Response:
-    host = host_of(request)
-    managed = host.vms.get(request.match_info["name"])
-    migration = MigrationRequest.from_json(await body(request))
-    busy = [j for j in host.migrations.values() if j.managed is managed and j.finished_at is None]
-    if busy:
-        raise StateError(f"VM {managed.name} is already migrating (job {busy[0].id})")
-    managed.vm.require(VmState.RUNNING)
-    kind = baselines.BaselineJob if migration.storage in BASELINES else MigrationJob
-    job = kind(host, managed, migration)
-    host.migrations[job.id] = job
-    job.start()
-    return web.json_response(job.status(), status=202)
-
-
-async def list_migrations(request: web.Request) -> web.Response:
-    jobs = host_of(request).migrations.values()
-    return web.json_response({"migrations": [j.status() for j in jobs]})
-
-
-async def get_migration(request: web.Request) -> web.Response:
-    job_id = request.match_info["id"]
-    job = host_of(request).migrations.get(job_id)
-    if job is None:
-        raise NotFound(f"no migration {job_id!r} on host {host_of(request).name}")
-    return web.json_response(job.status())
-
-
 async def create_export(request: web.Request) -> web.Response:
     name, size = parse_export_request(await body(request))
     agent = await host_of(request).exports.create(name, size)
@@ -286,110 +252,6 @@ async def delete_export(request: web.Request) -> web.Response:
     return web.json_response({"name": name, "state": "removed"})
 
 
-def free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-async def prepare_incoming(request: web.Request) -> web.Response:
-    host = host_of(request)
-    payload = await body(request)
-    if not isinstance(payload, dict) or "request" not in payload or "config" not in payload:
-        raise UsageError(
-            "body must be {'request': VmRequest, 'config': VmConfig, and 'image' (shared "
-            "storage) or 'size' with an optional 'backend' (the disk moves)}"
-        )
-    vm_request = VmRequest.from_json(payload["request"])
-    config = VmConfig.from_json(payload["config"])
-    image = payload.get("image")
-    size = payload.get("size", 0)
-    if image is not None and not isinstance(image, str):
-        raise UsageError("'image' must be the disk image's path on this host")
-    if image is None and (not isinstance(size, int) or size <= 0):
-        raise UsageError("without 'image', give the disk's 'size' in bytes")
-    backend = payload.get("backend")
-    if backend is not None:
-        check_spec(backend)
-    receive = bool(payload.get("receive", False))
-    nics = payload.get("nics", [])
-    if not isinstance(nics, list) or not all(
-        isinstance(n, dict) and {"node", "address", "mac"} <= set(n) for n in nics
-    ):
-        raise UsageError("'nics' must be a list of {'node', 'address', 'mac'}")
-    managed = await host.vms.prepare_incoming(
-        vm_request,
-        config,
-        Path(image) if image else None,
-        size=size,
-        backend=backend,
-        receive=receive,
-        nics=nics,
-    )
-    uri = f"tcp:{host.address}:{free_port(host.address)}"
-    try:
-        await managed.vm.qmp("migrate-incoming", uri=uri)
-    except BaseException:
-        await host.vms.remove(managed.name)
-        raise
-    receiver = managed.receiver or (managed.agents[0] if managed.agents else None)
-    answer = {
-        "uri": uri,
-        "disk_address": receiver.tcp_address if receiver else None,
-        "disk_export": receiver.export if receiver else None,
-        "nic_peers": {nic.node: nic.peer_address for nic in managed.nics},
-        "vm": managed.status(),
-    }
-    return web.json_response(answer, status=201)
-
-
-async def commit_incoming(request: web.Request) -> web.Response:
-    host = host_of(request)
-    managed = host.vms.get(request.match_info["name"])
-    if managed.role != "incoming":
-        raise StateError(f"VM {managed.name} is not an incoming VM")
-    payload = await body(request)
-    fetch = payload.get("fetch") if isinstance(payload, dict) else None
-    if fetch is not None:
-        if not isinstance(fetch, dict) or "remote" not in fetch:
-            raise UsageError("'fetch' must be {'remote': SPEC, 'present': BASE64, 'chunk_size'}")
-        check_spec(fetch["remote"])
-    local = bool(payload.get("local", False)) if isinstance(payload, dict) else False
-    steps = await managed.commit_incoming(fetch, local=local)
-    resumed_at = steps.pop("resumed_at")
-    return web.json_response({"resumed_at": resumed_at, "steps": steps, "vm": managed.status()})
-
-
-async def abort_incoming(request: web.Request) -> web.Response:
-    host = host_of(request)
-    name = request.match_info["name"]
-    managed = host.vms.get(name)
-    if managed.role != "incoming":
-        raise StateError(f"VM {name} is not an incoming VM: refusing to remove it")
-    await host.vms.remove(name)
-    return web.json_response({"name": name, "state": "removed"})
-
-
-# --- the QEMU-only baselines (devagent.daemon.baselines), destination side --------------
-
-
-async def prepare_baseline(request: web.Request) -> web.Response:
-    answer = await baselines.prepare_incoming(host_of(request), await body(request))
-    return web.json_response(answer, status=201)
-
-
-async def commit_baseline(request: web.Request) -> web.Response:
-    managed = host_of(request).vms.get(request.match_info["name"])
-    resumed_at = await baselines.commit_incoming(managed)
-    return web.json_response({"resumed_at": resumed_at, "vm": managed.status()})
-
-
-async def baseline_stream_done(request: web.Request) -> web.Response:
-    managed = host_of(request).vms.get(request.match_info["name"])
-    return web.json_response(await baselines.stream_done(managed))
-
-
 def build_app(host: Host, token: str) -> web.Application:
     app = web.Application(
         middlewares=[token_middleware(token), error_middleware], client_max_size=MAX_BODY
@@ -410,17 +272,9 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_post("/v1/vms/{name}/suspend", suspend_vm)
     r.add_post("/v1/vms/{name}/resume", resume_vm)
     r.add_post("/v1/vms/{name}/integrity", integrity)
-    r.add_post("/v1/vms/{name}/migrate", migrate)
-    r.add_get("/v1/migrations", list_migrations)
-    r.add_get("/v1/migrations/{id}", get_migration)
     r.add_get("/v1/exports", list_exports)
     r.add_post("/v1/exports", create_export)
     r.add_delete("/v1/exports/{name}", delete_export)
     r.add_post("/v1/exports/{name}/digest", export_digest)
-    r.add_post("/v1/incoming", prepare_incoming)
-    r.add_post("/v1/incoming/{name}/commit", commit_incoming)
-    r.add_delete("/v1/incoming/{name}", abort_incoming)
-    r.add_post("/v1/baselines/incoming", prepare_baseline)
-    r.add_post("/v1/baselines/incoming/{name}/commit", commit_baseline)
-    r.add_post("/v1/baselines/incoming/{name}/stream-done", baseline_stream_done)
+    MigrationRoutes(host).add_to(r)  # migrate, migrations, incoming, baselines
     return app

@@ -1,17 +1,13 @@
-"""The daemon's view of its host: name, address, folders, its VMs and migrations."""
+"""The daemon's view of its host: name, address, folders, its VMs and exports."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from devagent.daemon.exports import ExportManager
 from devagent.daemon.guestnet import GuestNetwork
 from devagent.daemon.vms import VmManager
-
-if TYPE_CHECKING:
-    from devagent.daemon.migration import MigrationJob
 
 
 @dataclass
@@ -24,7 +20,6 @@ class Host:
     network: GuestNetwork | None = None  # where VM NICs go (a lab host's bridge, addresses)
     vms: VmManager = field(init=False)
     exports: ExportManager = field(init=False)
-    migrations: dict[str, MigrationJob] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.vms = VmManager(self.name, self.root, self.shared_dir, self.address, self.network)

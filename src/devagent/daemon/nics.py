@@ -1,7 +1,7 @@
 """VM NICs as their host daemon makes and supervises them: the tap on the host's guest
 bridge and the NIC's net agent process (addresses and MACs: :mod:`devagent.daemon.guestnet`).
 A VM keeps its address and MAC wherever it migrates: the destination makes a tap of its own
-and a net agent held until the guest runs there (:mod:`devagent.daemon.netmigration`).
+and a net agent held until the guest runs there (:mod:`devagent.daemon.migration.net`).
 
 Each NIC's agent (``devagent agent net``) runs in its own session, like a disk's agent: a
 daemon restart never touches the guest's network, a dead agent is restarted on the same

@@ -675,6 +675,10 @@ class ManagedVm:
             times.extend(answer["completions"])
         return sorted(times)
 
+    def migrated_away(self) -> None:
+        """The guest runs on another host now; this copy only serves what it still needs."""
+        self.role = "migrated"
+
     def heartbeats_since(self, since: float) -> list[Heartbeat]:
         return [b for b in self.heartbeats if b.host_time > since]
 
@@ -876,7 +880,7 @@ class VmManager:
 
     async def add_incoming(self, request: VmRequest, config: VmConfig, image: Path) -> ManagedVm:
         """Start QEMU with ``config`` as given, waiting for its VM to arrive, with no agent:
-        the QEMU-only baselines build their own block graph (devagent.daemon.baselines).
+        the QEMU-only baselines build their own block graph (devagent.daemon.migration.qemu_incoming).
         ``image``, made by the caller in this host's disks folder, goes if the VM never
         arrives."""
         async with self._lock:

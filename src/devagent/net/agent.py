@@ -212,7 +212,7 @@ class _Forward:
     frames: int = 0
     #: Wall clock of the last unicast frame sent to the peer.  Broadcast and multicast
     #: frames reach the peer's own uplink too: they say nothing about where the network
-    #: believes the VM is (see ``devagent.daemon.netmigration``).
+    #: believes the VM is (see ``devagent.daemon.migration.net``).
     last_at: float | None = None
 
 

@@ -10,7 +10,8 @@ The order (each step on the report's timeline)::
 * While RAM migrates the guest's frames flow through the source's agent as always.
 * QEMU stops the guest (its ``STOP`` event) and pauses before the switchover
   (``pause-before-switchover``): the source's agent holds what arrives for the guest from
-  the ``STOP`` on (or at the pause at the latest), and QEMU is told to continue.  Frames
+  the ``STOP`` on (or at the pause at the latest), and QEMU is told to continue
+  (:mod:`.ram`).  Frames
   the agent handed QEMU just before it stopped the guest and that QEMU never read stay in
   the old QEMU's socket and go with it: TCP resends them; a ping there goes unanswered.
 * Once QEMU completed, the guest will run on the destination only: the source's agent
@@ -38,10 +39,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from devagent.client import DaemonClient
-from devagent.daemon.vms import ManagedVm
+from devagent.daemon.migration.context import MigratingVm, Peer
 from devagent.errors import DevagentError, PeerError, StateError
 from devagent.report import MigrationReport
+from devagent.vocab import DestinationStep, Step
 
 #: The network has learned the guest's new place once nothing came to forward for this
 #: long after the destination's announce (QEMU's announce rounds come 50, 150, 300 ms in).
@@ -74,7 +75,7 @@ class NetMigration:
 
     def __init__(
         self,
-        managed: ManagedVm,
+        managed: MigratingVm,
         report: MigrationReport,
         mark: Callable[..., None],
         log: logging.Logger,
@@ -86,24 +87,15 @@ class NetMigration:
         self.before: dict[str, dict[str, Any]] = {}
         self.peers: dict[str, str] = {}
         self.held = False
-        self.continued = False  # QEMU was told to go on past pre-switchover
         self.forwarding = False
-
-    def incoming(self) -> list[dict[str, str]]:
-        """What the destination needs to make the same NICs: id, address and MAC."""
-        return [{"node": n.node, "address": n.address, "mac": n.mac} for n in self.managed.nics]
-
-    @staticmethod
-    def capabilities() -> list[dict[str, Any]]:
-        return [{"capability": "pause-before-switchover", "state": True}]
 
     async def start(self) -> None:
         """The source agents' counters before the migration (the report counts from here)."""
         for nic in self.managed.nics:
             self.before[nic.node] = await nic.call("GET", "/status")
 
-    def prepared(self, answer: dict[str, Any]) -> None:
-        peers = answer.get("nic_peers") or {}
+    def prepared(self, peers: dict[str, str]) -> None:
+        """The destination's net agents, by NIC: where the frames go after the switchover."""
         for nic in self.managed.nics:
             peer = peers.get(nic.node)
             if not isinstance(peer, str):
@@ -117,15 +109,7 @@ class NetMigration:
         for nic in self.managed.nics:
             await nic.call("POST", "/hold")
         self.held = True
-        self.mark("net_held")
-
-    async def at_pre_switchover(self) -> None:
-        """QEMU waits before the switchover: make sure the NICs hold, then let it go on."""
-        if self.continued:
-            return  # the status is seen again until QEMU moves on
-        await self.hold()
-        self.continued = True
-        await self.managed.vm.qmp("migrate-continue", state="pre-switchover")
+        self.mark(Step.NET_HELD)
 
     async def switched_over(self) -> None:
         """The guest will run on the destination only: forward there, kept frames first."""
@@ -143,12 +127,12 @@ class NetMigration:
             )
             self.forwarding = True
         self.held = False
-        self.mark("net_forward_started")
+        self.mark(Step.NET_FORWARD_STARTED)
 
-    async def finish(self, peer: DaemonClient, steps: dict[str, Any]) -> None:
+    async def finish(self, peer: Peer, steps: dict[str, float]) -> None:
         """After the destination announced the guest: stop forwarding once the network has
         learned its place (:func:`forwarding_done`), then write the report's net figures."""
-        announced_at = float(steps.get("nic_announced", time.time()))
+        announced_at = float(steps.get(DestinationStep.NIC_ANNOUNCED, time.time()))
         for nic in self.managed.nics:
             while True:
                 status = await nic.call("GET", "/status")
@@ -162,10 +146,10 @@ class NetMigration:
                 stopped = await nic.call("POST", "/stop-forward")
                 self.log.info("%s stopped forwarding: %s", nic.describe(), stopped)
         self.forwarding = False
-        self.mark("net_forward_stopped")
+        self.mark(Step.NET_FORWARD_STOPPED)
         await self._figures(peer)
 
-    async def _figures(self, peer: DaemonClient) -> None:
+    async def _figures(self, peer: Peer) -> None:
         buffered = forwarded = lost = 0
         for nic in self.managed.nics:
             now, then = await nic.call("GET", "/status"), self.before[nic.node]
@@ -198,4 +182,4 @@ class NetMigration:
             if self.forwarding:
                 with contextlib.suppress(DevagentError, StateError):
                     await nic.call("POST", "/stop-forward")
-        self.held = self.forwarding = self.continued = False
+        self.held = self.forwarding = False

@@ -1,0 +1,185 @@
+"""What a migration job needs of the world, and nothing more: a narrow host context and the
+few operations it calls on the VM, its QEMU, its agents and the peer daemon.
+
+The daemon passes the real things (:class:`~devagent.daemon.host.Host`'s parts, a
+``ManagedVm``, a :class:`~devagent.client.DaemonClient`); the unit tests pass fakes of the
+same shape (``tests/migration_fakes.py``), so every step of a job can be failed without root,
+QEMU or a lab.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from devagent.client import DaemonClient, Endpoint
+from devagent.daemon.netstat import link_bytes
+from devagent.guest.probe import Heartbeat
+from devagent.qemu.vm import VmState
+
+PEER_TIMEOUT_S = 600.0  # one peer request (a commit waits for the disk's swap, say)
+
+
+class Events(Protocol):
+    """QMP events as they come (qemu.qmp's ``EventListener``)."""
+
+    async def get(self) -> Any: ...
+
+
+class Qemu(Protocol):
+    """The VM's QEMU, as a job drives it over QMP."""
+
+    @property
+    def exited(self) -> bool: ...
+
+    def require(self, *states: VmState) -> None: ...
+
+    async def qmp(self, command: str, **args: Any) -> Any: ...
+
+    def listen(self, *names: str) -> AbstractContextManager[Events]: ...
+
+    async def migration_outcome(self, timeout: float = 2.0) -> dict[str, Any]: ...
+
+    async def stop(self, timeout: float = ...) -> None: ...
+
+    async def kill(self) -> None: ...
+
+
+class AgentLink(Protocol):
+    """A device's agent, through its control socket."""
+
+    @property
+    def node(self) -> str: ...
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float = 60.0,
+        **params: Any,
+    ) -> Any: ...
+
+
+class DiskAgentLink(AgentLink, Protocol):
+    @property
+    def tcp_address(self) -> str | None: ...  # "tcp:HOST:PORT": where peers reach it
+
+    @property
+    def export(self) -> str: ...
+
+
+class NicLink(AgentLink, Protocol):
+    @property
+    def address(self) -> str: ...
+
+    @property
+    def mac(self) -> str: ...
+
+    def describe(self) -> str: ...
+
+
+class VmRequestView(Protocol):
+    @property
+    def has_probe(self) -> bool: ...
+
+    @property
+    def disk_from(self) -> dict[str, str] | None: ...
+
+    @property
+    def disk(self) -> str | None: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class VmConfigView(Protocol):
+    @property
+    def ram_mb(self) -> int: ...
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+class MigratingVm(Protocol):
+    """The VM a source job moves (the daemon's ``ManagedVm``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def vm(self) -> Qemu: ...
+
+    @property
+    def agents(self) -> Sequence[DiskAgentLink]: ...
+
+    @property
+    def nics(self) -> Sequence[NicLink]: ...
+
+    @property
+    def request(self) -> VmRequestView: ...
+
+    @property
+    def config(self) -> VmConfigView: ...
+
+    @property
+    def image(self) -> Path: ...
+
+    @property
+    def heartbeats(self) -> Iterable[Heartbeat]: ...
+
+    async def completions_since(self, since: float) -> list[float] | None: ...
+
+    def migrated_away(self) -> None: ...
+
+
+class Peer(Protocol):
+    """The destination's daemon (a :class:`DaemonClient` in use)."""
+
+    async def get(self, path: str, **params: Any) -> Any: ...
+
+    async def post(self, path: str, body: Any = None) -> Any: ...
+
+    async def delete(self, path: str) -> Any: ...
+
+
+def connect(endpoint: Endpoint) -> AbstractAsyncContextManager[Peer]:
+    return DaemonClient(endpoint, timeout=PEER_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class HostContext:
+    """The source host as a job sees it."""
+
+    name: str
+    address: str
+    shared_dir: Path | None
+    #: Remove a VM that left (its QEMU, agents, folder; its disk too when ``delete_disk``).
+    release: Callable[[str, bool], Awaitable[None]]
+    #: Talk to a peer daemon.
+    connect: Callable[[Endpoint], AbstractAsyncContextManager[Peer]] = connect
+    #: Bytes on the host's link so far (None where it cannot be told).
+    link_bytes: Callable[[], int | None] = field(default=lambda: None)
+
+    @property
+    def loopback(self) -> bool:
+        """A loopback lab: every host shares the machine's one network stack."""
+        return self.address.startswith("127.")
+
+    @classmethod
+    def of(cls, host: Any) -> HostContext:
+        """The context of a daemon's :class:`~devagent.daemon.host.Host`."""
+        loopback = str(host.address).startswith("127.")
+
+        async def release(name: str, delete_disk: bool) -> None:
+            await host.vms.remove(name, delete_disk=delete_disk)
+
+        return cls(
+            name=host.name,
+            address=host.address,
+            shared_dir=host.shared_dir,
+            release=release,
+            link_bytes=lambda: link_bytes(loopback),
+        )

@@ -1,0 +1,91 @@
+"""The destination's half of devagent's strategies: the incoming VM made on request of the
+source's daemon, committed once QEMU's RAM migration arrived, or removed when the source
+rolls back.
+
+``prepare``   ``POST /v1/incoming``: an incoming QEMU, paused (``-S``), its disk served by an
+              agent that reads through to the source (or, shared, the same image), a
+              receiver agent for a push, the NICs' agents holding frames
+``commit``    ``POST /v1/incoming/NAME/commit``: ready the disk (a Fetch replica seeded with
+              what the push landed, or the complete replica as Local), run the guest
+``abort``     ``DELETE /v1/incoming/NAME``: remove all of it
+
+The VM manager does the making (``VmManager.prepare_incoming``) and the VM the readying
+(``ManagedVm.commit_incoming``); this module owns the messages and the order.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from devagent.daemon.migration.messages import (
+    CommitAnswer,
+    CommitRequest,
+    IncomingAnswer,
+    IncomingRequest,
+)
+from devagent.daemon.vms import VmRequest
+from devagent.errors import StateError, UsageError
+from devagent.qemu.config import VmConfig
+from devagent.wire import to_json
+
+if TYPE_CHECKING:
+    from devagent.daemon.host import Host
+
+
+def free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
+    """Start QEMU waiting for the VM, with its disk's and NICs' agents."""
+    if incoming.image is None and incoming.size <= 0:
+        raise UsageError("without 'image', give the disk's 'size' in bytes")
+    request = VmRequest.from_json(incoming.request)
+    config = VmConfig.from_json(incoming.config)
+    managed = await host.vms.prepare_incoming(
+        request,
+        config,
+        Path(incoming.image) if incoming.image else None,
+        size=incoming.size,
+        backend=to_json(incoming.backend) if incoming.backend is not None else None,
+        receive=incoming.receive,
+        nics=[to_json(n) for n in incoming.nics],
+    )
+    uri = f"tcp:{host.address}:{free_port(host.address)}"
+    try:
+        await managed.vm.qmp("migrate-incoming", uri=uri)
+    except BaseException:
+        await host.vms.remove(managed.name)
+        raise
+    receiver = managed.receiver or (managed.agents[0] if managed.agents else None)
+    return IncomingAnswer(
+        uri=uri,
+        disk_address=receiver.tcp_address if receiver else None,
+        disk_export=receiver.export if receiver else None,
+        nic_peers={nic.node: nic.peer_address for nic in managed.nics if nic.peer_address},
+        vm=managed.status(),
+    )
+
+
+async def commit(host: Host, name: str, request: CommitRequest) -> CommitAnswer:
+    """The RAM arrived: ready the disk, run the guest; when it resumed, and each step."""
+    managed = host.vms.get(name)
+    if managed.role != "incoming":
+        raise StateError(f"VM {managed.name} is not an incoming VM")
+    fetch = to_json(request.fetch) if request.fetch is not None else None
+    steps = await managed.commit_incoming(fetch, local=request.local)
+    resumed_at = steps.pop("resumed_at")
+    return CommitAnswer(resumed_at=resumed_at, steps=steps, vm=managed.status())
+
+
+async def abort(host: Host, name: str) -> None:
+    """The source rolled back: remove the incoming VM and all it made here."""
+    managed = host.vms.get(name)
+    if managed.role != "incoming":
+        raise StateError(f"VM {name} is not an incoming VM: refusing to remove it")
+    await host.vms.remove(name)

@@ -1,0 +1,322 @@
+"""A live migration as the source daemon runs it, peer to peer with the destination daemon.
+
+One job for every strategy; the strategy's :class:`~.plans.Plan` says what the disk does at
+each step. The steps, in order (each a method here)::
+
+    prepare        the destination makes an incoming QEMU (and agents), paused
+    before_ram     plan: start a push or a mirror, wait for convergence, flush
+    ram            QEMU's RAM migration (:mod:`.ram`), the plan's pre-switchover step
+    switchover     plan: stop the push / cut the mirror over; then fence the source
+    commit         the destination readies the disk and runs the guest
+    finish         the NICs' hand-over, the old instance stopped, plan: wait until the disk
+                   is local; the source released; the report (:mod:`.report`)
+
+The rule on failure: before the switchover (RAM not completed, or the plan's switchover step
+failed) the job rolls back: the VM runs on the source untouched, and the destination removes
+everything it made. After it the job only goes forward: the guest runs on the destination,
+and a step that fails for a passing reason (a peer that restarts, an agent restarted by its
+supervisor) is tried again until its deadline.
+
+The job's life is one :class:`Phase` moved through one table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import Any, TypeVar
+
+from devagent.daemon.migration.context import HostContext, MigratingVm, Peer
+from devagent.daemon.migration.messages import CommitAnswer, MigrateRequest, RemoteDisk
+from devagent.daemon.migration.net import NetMigration
+from devagent.daemon.migration.plans import Handover, Plan, Prepared
+from devagent.daemon.migration.ram import migrate_ram
+from devagent.daemon.migration.report import BASELINE_S, finish_report
+from devagent.errors import DevagentError, PeerError, StateError
+from devagent.qemu.vm import VmState
+from devagent.report import MigrationReport
+from devagent.vocab import Step
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+#: After the switchover a failed step is tried again for this long.
+FORWARD_RETRY_S = 120.0
+FORWARD_RETRY_PAUSE_S = 0.5
+PEER_CHECK_S = 0.3  # how often the destination daemon is checked while RAM or a disk moves
+
+
+class Phase(Enum):
+    PREPARING = "preparing"
+    RAM = "ram"
+    SWITCHOVER = "switchover"
+    FINISHING = "finishing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+_NEXT: dict[Phase, frozenset[Phase]] = {
+    Phase.PREPARING: frozenset({Phase.RAM, Phase.FAILED}),
+    Phase.RAM: frozenset({Phase.SWITCHOVER, Phase.FAILED}),
+    Phase.SWITCHOVER: frozenset({Phase.FINISHING, Phase.FAILED}),
+    Phase.FINISHING: frozenset({Phase.COMPLETED, Phase.FAILED}),
+    Phase.COMPLETED: frozenset(),
+    Phase.FAILED: frozenset(),
+}
+
+
+class MigrationJob:
+    """One VM's migration from this host (see the module's docstring)."""
+
+    def __init__(
+        self, host: HostContext, managed: MigratingVm, request: MigrateRequest, plan: Plan
+    ) -> None:
+        self.id = secrets.token_hex(4)
+        self.host = host
+        self.managed = managed
+        self.request = request
+        self.plan = plan
+        self.phase = Phase.PREPARING
+        self.started_at = time.time()
+        self.finished_at: float | None = None
+        self.progress: dict[str, Any] = {}
+        dest = request.destination
+        self.report = MigrationReport(
+            vm=managed.name,
+            source=host.name,
+            destination=dest.name or dest.url,
+            storage=request.storage.value,
+            link_rate_bps=request.link_rate_bps,
+        )
+        self.log = logging.getLogger(f"{__name__}.{managed.name}")
+        self.task: asyncio.Task[None] | None = None
+        self._peer: Peer | None = None
+        # What the plan learns on the way: the source's disk as the destination reaches it.
+        self.source_disk: RemoteDisk | None = None
+        self.disk_size = 0
+        self.bytes_before: int | None = None
+        self._next_check = time.monotonic() + PEER_CHECK_S
+        # The NICs' steps (hold, forward, hand-over), for a VM that has NICs.
+        self.net = NetMigration(managed, self.report, self.mark, self.log) if managed.nics else None
+
+    # -- bookkeeping -----------------------------------------------------------------------
+
+    @property
+    def peer(self) -> Peer:
+        if self._peer is None:
+            raise StateError(f"migration {self.id} has no destination connection yet")
+        return self._peer
+
+    def _move(self, phase: Phase) -> None:
+        if phase not in _NEXT[self.phase]:
+            raise StateError(
+                f"migration {self.id}: no transition {self.phase.value} -> {phase.value}"
+            )
+        self.log.info("migration %s to %s: %s", self.id, self.report.destination, phase.value)
+        self.phase = phase
+
+    def mark(self, step: str, at: float | None = None) -> None:
+        """Note on the report's timeline that ``step`` was reached (now, or at ``at``)."""
+        when = time.time() if at is None else at
+        self.report.timeline[str(step)] = round(when - self.started_at, 3)
+
+    def disk_progress(self, done: int, left: int) -> None:
+        self.progress.update(disk_done=done, disk_left=left)
+
+    async def quietly(self, step: Awaitable[Any]) -> None:
+        """Run a best-effort step of a roll-back: its failure is logged, not raised."""
+        try:
+            await step
+        except DevagentError as err:
+            self.log.info("migration %s: clean-up step failed: %s", self.id, err)
+
+    async def check_peer(self) -> None:
+        """The destination's daemon must see the migration through: asked every
+        :data:`PEER_CHECK_S` while RAM or a disk moves."""
+        if time.monotonic() < self._next_check:
+            return
+        self._next_check = time.monotonic() + PEER_CHECK_S
+        try:
+            await asyncio.wait_for(self.peer.get("/v1/health"), PEER_CHECK_S * 2)
+        except (PeerError, TimeoutError) as err:
+            raise PeerError(
+                f"destination host {self.report.destination} vanished during the migration: {err}"
+            ) from err
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "vm": self.managed.name,
+            "phase": self.phase.value,
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "progress": self.progress,
+            "report": self.report.to_json(),
+        }
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name=f"migration-{self.id}")
+
+    async def run(self) -> None:
+        try:
+            await self._migrate()
+        except asyncio.CancelledError:
+            self._fail("cancelled")
+            raise
+        except DevagentError as err:
+            self._fail(str(err))
+        except Exception as err:  # a bug: keep the daemon up and say what happened
+            self.log.exception("migration %s crashed", self.id)
+            self._fail(f"internal error: {err!r}")
+
+    def _fail(self, message: str) -> None:
+        self.log.error("migration %s failed: %s", self.id, message)
+        self.report.status = "failed"
+        self.report.error = message
+        self.phase = Phase.FAILED
+        self.finished_at = time.time()
+
+    async def _migrate(self) -> None:
+        self.managed.vm.require(VmState.RUNNING)
+        self.plan.check(self)
+        self.bytes_before = self.host.link_bytes()
+        async with self.host.connect(self.request.destination) as peer:
+            self._peer = peer
+            try:
+                prepared = await self.prepare()
+                await self.plan.before_ram(self, prepared)
+                done = await self.ram(prepared)
+                handover = await self.plan.at_switchover(self)
+            except BaseException as err:
+                await self.roll_back(err)
+                raise
+            await self.switch_over()
+            committed = await self.commit(handover)
+            await self.finish(committed, done)
+        self.report.status = "completed"
+        self._move(Phase.COMPLETED)
+        self.finished_at = time.time()
+
+    async def prepare(self) -> Prepared:
+        if self.net is not None:
+            await self.net.start()
+        prepared = await self.plan.prepare(self)
+        self.mark(Step.DESTINATION_READY)
+        if self.net is not None:
+            self.net.prepared(prepared.nic_peers or {})
+        return prepared
+
+    async def ram(self, prepared: Prepared) -> dict[str, Any]:
+        self._move(Phase.RAM)
+        self.mark(Step.RAM_STARTED)
+        done = await migrate_ram(self, prepared.uri)
+        self.mark(Step.RAM_COMPLETED)  # QEMU stopped the guest and flushed its disk
+        return done
+
+    async def switch_over(self) -> None:
+        """One writer: the old instance never writes again; its frames go to the new one."""
+        try:
+            await self.plan.fence(self)
+        except DevagentError as err:
+            # The old instance is inert since RAM completed; killed, it cannot write at all.
+            self.log.warning("fencing failed (%s): killing the source's QEMU instead", err)
+            await self.managed.vm.kill()
+            self.mark(Step.SOURCE_FENCED)
+        if self.net is not None:
+            await self.net.switched_over()
+        self._move(Phase.SWITCHOVER)
+
+    async def commit(self, handover: Handover | None) -> CommitAnswer:
+        """The destination runs the guest. Past the switchover there is no way back: a
+        commit whose answer was lost is read back from the VM's state there."""
+        committed = await self.forward(
+            lambda: self._commit_once(handover), what="the destination's commit"
+        )
+        for step, at in committed.steps.items():
+            self.mark(f"destination_{step}", at)
+        self.mark(Step.RESUMED, committed.resumed_at)
+        self.mark(Step.COMMITTED)
+        self._move(Phase.FINISHING)
+        return committed
+
+    async def _commit_once(self, handover: Handover | None) -> CommitAnswer:
+        try:
+            return await self.plan.commit(self, handover)
+        except StateError:  # committed already: our earlier try got through
+            vm = await self.peer.get(f"/v1/vms/{self.managed.name}")
+            if vm.get("state") != "running" or vm.get("resumed_at") is None:
+                raise
+            return CommitAnswer(resumed_at=float(vm["resumed_at"]))
+
+    async def finish(self, committed: CommitAnswer, done: dict[str, Any]) -> None:
+        """After the guest runs on the destination: hand over, release, report."""
+        if self.net is not None:  # until the network has learned the guest's new place
+            await self.net.finish(self.peer, committed.steps)
+        source_done = await self.managed.completions_since(self.started_at - BASELINE_S)
+        self.managed.migrated_away()
+        with contextlib.suppress(PeerError, StateError):  # QEMU's final figures
+            done = await self.managed.vm.migration_outcome()
+        # The old instance: inert since the switchover (its disk flushed and inactivated).
+        # After a fence its NBD client would wait out reconnect-delay on quit: kill it.
+        vm = self.managed.vm
+        await (vm.kill() if self.plan.moves_disk else vm.stop())
+        await self.plan.until_released(self)
+        allocated = allocated_bytes(self.managed.image) if self.plan.moves_disk else 0
+        await self.forward(
+            lambda: self.host.release(self.managed.name, self.plan.moves_disk),
+            what=f"the release of VM {self.managed.name} here",
+        )
+        self.mark(Step.RELEASED)
+        await finish_report(self, committed, done, source_done, allocated)
+
+    async def forward(self, step: Callable[[], Awaitable[T]], *, what: str) -> T:
+        """Past the switchover: run ``step()`` until it succeeds (a peer or an agent that
+        restarts), for :data:`FORWARD_RETRY_S` at most."""
+        deadline = time.monotonic() + FORWARD_RETRY_S
+        while True:
+            try:
+                return await step()
+            except PeerError as err:
+                if time.monotonic() > deadline:
+                    raise PeerError(f"{what} failed for {FORWARD_RETRY_S:.0f} s: {err}") from err
+                self.log.warning("%s failed, trying again: %s", what, err)
+            await asyncio.sleep(FORWARD_RETRY_PAUSE_S)
+
+    async def roll_back(self, cause: BaseException) -> None:
+        """Before the switchover: keep the VM on the source, leave nothing on the
+        destination."""
+        vm = self.managed.vm
+        self.log.warning("rolling back migration %s: %s", self.id, cause)
+        await self.quietly(vm.qmp("migrate_cancel"))
+        await self.plan.roll_back(self)
+        if self.net is not None:  # the guest stays here: what was held for it is delivered
+            await self.net.roll_back()
+        await self.quietly(self._resume_source())
+        if self._peer is not None:
+            await self.quietly(self._peer.delete(f"/v1/incoming/{self.managed.name}"))
+
+    async def _resume_source(self) -> None:
+        """Run the guest here again if the migration had stopped it."""
+        vm = self.managed.vm
+        deadline = time.monotonic() + 10.0
+        while (status := (await vm.qmp("query-status"))["status"]) == "finish-migrate":
+            if time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        if status in ("paused", "postmigrate", "finish-migrate"):
+            await vm.qmp("cont")
+
+
+def allocated_bytes(path: Any) -> int:
+    """Bytes a (sparse) image really holds."""
+    try:
+        return int(path.stat().st_blocks) * 512
+    except OSError:
+        return 0

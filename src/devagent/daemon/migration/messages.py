@@ -1,0 +1,133 @@
+"""The messages of a migration, as declared types: what the CLI asks the source daemon
+(:class:`MigrateRequest`), and what the source and destination daemons say to each other
+(``/v1/incoming`` and its commit, ``/v1/baselines/incoming``). Each is decoded once, where it
+arrives (:mod:`devagent.wire`); their JSON is the API's, documented in the README."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from devagent.client import Endpoint
+from devagent.vocab import Strategy
+
+Positive = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class Message(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """A message whose unknown fields are an error (a typo is not silently ignored)."""
+
+
+class PeerEndpoint(msgspec.Struct):
+    """Where a daemon listens and the token it wants (:class:`devagent.client.Endpoint`)."""
+
+    url: str
+    token: str = ""
+    name: str = ""
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint(url=self.url, token=self.token, name=self.name)
+
+    @classmethod
+    def of(cls, endpoint: Endpoint) -> PeerEndpoint:
+        return cls(url=endpoint.url, token=endpoint.token, name=endpoint.name)
+
+
+class MigrateRequest(Message):
+    """``POST /v1/vms/NAME/migrate``: move the VM to ``to`` by ``storage``."""
+
+    to: PeerEndpoint
+    storage: Strategy = Strategy.SHARED
+    link_rate_bps: Positive | None = None  # the link's rate, when known: limits and shares
+    downtime_limit_ms: Positive | None = None  # QEMU's downtime-limit
+    auto_converge: bool = True
+
+    @property
+    def destination(self) -> Endpoint:
+        return self.to.endpoint()
+
+
+class RemoteDisk(msgspec.Struct, tag="remote", tag_field="kind"):
+    """An agent's export on another host (the agent's ``RemoteSpec``)."""
+
+    address: str  # tcp:HOST:PORT
+    export: str
+
+
+class NicIdentity(msgspec.Struct):
+    """What the destination needs to make a VM's NIC again: its node, address and MAC."""
+
+    node: str
+    address: str
+    mac: str
+
+
+class IncomingRequest(Message):
+    """``POST /v1/incoming``: start an incoming QEMU for ``request``'s VM, paused.
+
+    ``image``: the disk is shared, the destination's agent serves that same file. Otherwise
+    a new replica of ``size`` bytes is made, served through ``backend`` (reads go to the
+    source until the switchover) and, with ``receive``, a receiver agent takes a push."""
+
+    request: dict[str, Any]  # the VmRequest's JSON, decoded by the VM manager at once
+    config: dict[str, Any]  # the source's VmConfig JSON, likewise
+    image: str | None = None
+    size: int = 0
+    backend: RemoteDisk | None = None
+    receive: bool = False
+    nics: list[NicIdentity] = msgspec.field(default_factory=list)
+
+
+class IncomingAnswer(msgspec.Struct):
+    uri: str  # for QEMU's ``migrate``
+    disk_address: str | None = None  # where a push goes (the receiver, or the VM's agent)
+    disk_export: str | None = None
+    nic_peers: dict[str, str] = msgspec.field(default_factory=dict)  # node -> tcp:HOST:PORT
+    vm: dict[str, Any] = msgspec.field(default_factory=dict)  # the incoming VM's status
+
+
+class FetchPlan(msgspec.Struct, omit_defaults=True):
+    """Post-copy: the destination's agent fetches what it lacks from ``remote``."""
+
+    remote: RemoteDisk
+    chunk_size: Positive
+    present: str = ""  # base64 bits: chunks a push already landed in the replica
+    copy_batch: Positive | None = None
+
+
+class CommitRequest(Message):
+    """``POST /v1/incoming/NAME/commit``: the RAM arrived; ready the disk, run the guest."""
+
+    local: bool = False  # precopy: the replica is complete, serve it as Local
+    fetch: FetchPlan | None = None  # postcopy, hybrid
+
+
+class CommitAnswer(msgspec.Struct):
+    resumed_at: float  # wall clock of the guest's RESUME on the destination
+    steps: dict[str, float] = msgspec.field(default_factory=dict)  # DestinationStep -> time
+    vm: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class NbdAddress(msgspec.Struct):
+    """A QEMU NBD server's export (the baselines)."""
+
+    host: str
+    port: str
+    export: str
+
+
+class BaselineIncoming(Message):
+    """``POST /v1/baselines/incoming``: an incoming QEMU for one of QEMU's own flows."""
+
+    request: dict[str, Any]
+    config: dict[str, Any]
+    size: Positive
+    mode: str  # "mirror" or "cor-stream"
+    source: NbdAddress | None = None  # cor-stream: the source's read-only export
+
+
+class BaselineAnswer(msgspec.Struct, omit_defaults=True):
+    uri: str
+    nbd: NbdAddress | None = None  # mirror: where to mirror to
+    vm: dict[str, Any] = msgspec.field(default_factory=dict)

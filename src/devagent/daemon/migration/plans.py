@@ -1,0 +1,358 @@
+"""devagent's four strategies as plans: each says what its disk does at each step of a
+migration, and :class:`~devagent.daemon.migration.job.MigrationJob` calls those steps in one
+order for all of them (QEMU's own three are in :mod:`.qemu_plans`).
+
+=========  ==================  ==========================  ===========================
+plan       before RAM          at the switchover           after the commit
+=========  ==================  ==========================  ===========================
+shared     (flush)             —                           —
+postcopy   (flush)             fence                       fetch the rest, then release
+precopy    mirror, converge,   cut the mirror over, fence  release (the replica is whole)
+           write-through
+hybrid     push at a share     stop the push, fence,       fetch what the push left
+           of the link         hand its bitmap over
+=========  ==================  ==========================  ===========================
+
+The destination's QEMU reads through the source's agent until the switchover (it reads a
+qcow2 header at launch, say); a push lands in a receiver agent beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from devagent.daemon.migration.messages import (
+    CommitAnswer,
+    CommitRequest,
+    FetchPlan,
+    IncomingAnswer,
+    IncomingRequest,
+    NbdAddress,
+    NicIdentity,
+    RemoteDisk,
+)
+from devagent.errors import PeerError, UsageError
+from devagent.vocab import Step, Strategy
+from devagent.wait import wait_until
+from devagent.wire import convert, to_json
+
+if TYPE_CHECKING:
+    from devagent.daemon.migration.job import MigrationJob
+
+PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
+#: Passes a pre-copy mirror makes before it goes write-through anyway (a guest that dirties
+#: faster than the link copies would never leave 1 MiB behind).
+PRECOPY_PASSES = 8
+#: Hybrid: the share of a known link rate the disk push may take while RAM migrates (the
+#: RAM decides the switchover; what the push leaves is fetched after it).
+HYBRID_PUSH_SHARE = 0.25
+#: Hybrid push: copies in flight and bytes per copy. Stopping the push at the switchover
+#: waits for the copies in flight (nothing may land after it): 2 x 256 KiB is 4 ms at 1 Gbit/s.
+HYBRID_PUSH_PARALLEL = 2
+HYBRID_PUSH_COPY = 256 << 10
+FETCH_CHUNK = 64 << 10
+COPY_WORKERS = 2  # the Fetch backend's default
+COPY_BATCH_MAX = 1 << 20
+COPY_AHEAD_S = 0.02  # how much link time the copier keeps in flight per worker
+DISK_WAIT_S = 600.0  # a mirror's convergence, a replica's completion
+POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The destination, ready: where RAM goes, and where a push or mirror lands."""
+
+    uri: str
+    push_target: RemoteDisk | None = None  # devagent's push (the receiver agent)
+    nbd: NbdAddress | None = None  # a QEMU mirror's target export
+    nic_peers: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
+class Handover:
+    """What the source's disk hands the destination at the switchover."""
+
+    pushed_bytes: int = 0
+    present: str = ""  # base64 bits of the chunks the push landed
+    chunk_size: int = FETCH_CHUNK
+
+
+class Plan:
+    """One strategy's disk steps. The base moves nothing (RAM only, a shared disk)."""
+
+    strategy: ClassVar[Strategy]
+    moves_disk: ClassVar[bool] = True
+    #: QEMU pauses before the switchover for :meth:`at_pre_switchover`.
+    pauses_before_switchover: ClassVar[bool] = False
+
+    def check(self, job: MigrationJob) -> None:
+        """Refuse a VM this strategy cannot move (:class:`UsageError`), before anything."""
+
+    async def prepare(self, job: MigrationJob) -> Prepared:
+        raise NotImplementedError
+
+    async def before_ram(self, job: MigrationJob, prepared: Prepared) -> None:
+        """The disk's work while the guest runs on the source only."""
+
+    def ram_bandwidth(self, job: MigrationJob) -> int:
+        """Bytes per second QEMU's RAM migration may take."""
+        return (job.request.link_rate_bps or 8 << 33) // 8
+
+    async def at_pre_switchover(self, job: MigrationJob) -> None:
+        """The guest stopped and its disk drained; QEMU waits for this before it goes on."""
+
+    async def at_switchover(self, job: MigrationJob) -> Handover | None:
+        """RAM completed (the guest stopped for good here): end the disk's work on the source."""
+        return None
+
+    async def fence(self, job: MigrationJob) -> None:
+        """One writer: the instance here may never write the disk again."""
+
+    async def commit(self, job: MigrationJob, handover: Handover | None) -> CommitAnswer:
+        raise NotImplementedError
+
+    async def until_released(self, job: MigrationJob) -> None:
+        """Wait until the source holds nothing the destination still needs."""
+
+    async def roll_back(self, job: MigrationJob) -> None:
+        """Before the switchover: undo this plan's disk work on the source."""
+
+    def disk_bytes_moved(self, job: MigrationJob) -> int | None:
+        return int(job.progress.get("disk_bytes_moved", 0)) + int(
+            job.progress.get("disk_bytes_pushed", 0)
+        )
+
+
+class AgentPlan(Plan):
+    """devagent's strategies: the disk goes through the VM's device agent."""
+
+    def check(self, job: MigrationJob) -> None:
+        vm = job.managed
+        if not vm.agents:
+            raise UsageError(
+                f"VM {vm.name} runs without a device agent: only 'shared' storage can migrate it"
+            )
+        if vm.request.disk_from is not None:
+            raise UsageError(
+                f"VM {vm.name}'s disk lives on another host: migrate it with 'shared' "
+                "(the disk stays where it is)"
+            )
+
+    def incoming(self, job: MigrationJob) -> IncomingRequest:
+        vm = job.managed
+        return IncomingRequest(
+            request=vm.request.to_json(),
+            config=vm.config.to_json(),
+            backend=job.source_disk,
+            size=job.disk_size,
+            receive=self.strategy in (Strategy.PRECOPY, Strategy.HYBRID),
+            nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
+        )
+
+    async def prepare(self, job: MigrationJob) -> Prepared:
+        if self.moves_disk:
+            agent = job.managed.agents[0]
+            if agent.tcp_address is None:
+                raise PeerError(f"the agent of VM {job.managed.name} serves no peer on TCP")
+            job.source_disk = RemoteDisk(address=agent.tcp_address, export=agent.export)
+            job.disk_size = int((await agent.call("GET", "/status"))["size"])
+        raw = await job.peer.post("/v1/incoming", to_json(self.incoming(job)))
+        answer = convert(raw, IncomingAnswer, what="the destination's answer")
+        target = None
+        if answer.disk_address is not None and answer.disk_export is not None:
+            target = RemoteDisk(address=answer.disk_address, export=answer.disk_export)
+        return Prepared(uri=answer.uri, push_target=target, nic_peers=answer.nic_peers)
+
+    async def before_ram(self, job: MigrationJob, prepared: Prepared) -> None:
+        for agent in job.managed.agents:  # leave the switchover's own flush little to do
+            await agent.call("POST", "/flush", timeout=DISK_WAIT_S)
+
+    def commit_request(self, job: MigrationJob, handover: Handover | None) -> CommitRequest:
+        return CommitRequest()
+
+    async def commit(self, job: MigrationJob, handover: Handover | None) -> CommitAnswer:
+        body = to_json(self.commit_request(job, handover))
+        raw = await job.peer.post(f"/v1/incoming/{job.managed.name}/commit", body)
+        return convert(raw, CommitAnswer, what="the destination's commit")
+
+    async def fence(self, job: MigrationJob) -> None:
+        if self.moves_disk:
+            await job.managed.agents[0].call("POST", "/fence")
+            job.mark(Step.SOURCE_FENCED)
+
+    async def roll_back(self, job: MigrationJob) -> None:
+        for agent in job.managed.agents:  # a disk mirror to the destination stops
+            await job.quietly(agent.call("POST", "/mirror/cancel"))
+
+
+class SharedPlan(AgentPlan):
+    """Both hosts see one image: only RAM moves."""
+
+    strategy = Strategy.SHARED
+    moves_disk = False
+
+    def check(self, job: MigrationJob) -> None:
+        vm, shared = job.managed, job.host.shared_dir
+        in_shared = shared is not None and vm.image.is_relative_to(shared)
+        if not in_shared and vm.request.disk is None:
+            raise UsageError(
+                f"VM {vm.name}'s disk is local to host {job.host.name}: the 'shared' strategy "
+                "needs a disk both hosts see (vm start --storage shared)"
+            )
+
+    def incoming(self, job: MigrationJob) -> IncomingRequest:
+        vm = job.managed
+        return IncomingRequest(
+            request=vm.request.to_json(),
+            config=vm.config.to_json(),
+            image=str(vm.image),  # the destination sees it too
+            nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
+        )
+
+    def disk_bytes_moved(self, job: MigrationJob) -> int | None:
+        return 0
+
+
+class FetchingPlan(AgentPlan):
+    """The destination fetches what it lacks after the switchover (postcopy, hybrid)."""
+
+    def commit_request(self, job: MigrationJob, handover: Handover | None) -> CommitRequest:
+        assert job.source_disk is not None
+        chunk = handover.chunk_size if handover is not None else FETCH_CHUNK
+        fetch = FetchPlan(
+            remote=job.source_disk,
+            chunk_size=chunk,
+            present=handover.present if handover is not None else "",
+            copy_batch=copy_batch(job.request.link_rate_bps, chunk),
+        )
+        return CommitRequest(fetch=fetch)
+
+    async def until_released(self, job: MigrationJob) -> None:
+        """Wait until the destination's replica is complete and served as Local."""
+        await wait_until(
+            lambda: self._disk_local(job), timeout=DISK_WAIT_S, interval=POLL_S,
+            what=f"VM {job.managed.name}'s disk to be local on {job.report.destination}",
+        )  # fmt: skip
+        job.mark(Step.DISK_LOCAL)
+
+    async def _disk_local(self, job: MigrationJob) -> bool:
+        try:
+            answer = await job.peer.get(f"/v1/vms/{job.managed.name}/devices")
+        except PeerError as err:  # the destination's daemon restarts, say: ask again
+            job.log.warning("waiting for the disk on %s: %s", job.report.destination, err)
+            return False
+        device = answer["devices"][0]
+        backend = device.get("agent", {}).get("backend_status", {})
+        fetch = backend if backend.get("kind") == "fetch" else device.get("last_fetch")
+        if fetch:
+            present = int(fetch["present_bytes"])
+            job.disk_progress(present, int(fetch["size"]) - present)
+            job.progress["disk_bytes_moved"] = int(fetch["fetched_on_demand_bytes"]) + int(
+                fetch["fetched_in_background_bytes"]
+            )
+        return bool(backend.get("kind") == "local")
+
+
+class PostcopyPlan(FetchingPlan):
+    strategy = Strategy.POSTCOPY
+
+
+class PrecopyPlan(AgentPlan):
+    strategy = Strategy.PRECOPY
+
+    async def before_ram(self, job: MigrationJob, prepared: Prepared) -> None:
+        assert prepared.push_target is not None
+        mirror = {
+            "target": to_json(prepared.push_target),
+            "converge_bytes": PRECOPY_CONVERGE_BYTES,
+            "active": True,  # converged, writes go to both copies
+            "max_passes": PRECOPY_PASSES,
+        }
+        await job.managed.agents[0].call("POST", "/mirror", mirror)
+        job.mark(Step.MIRROR_STARTED)
+        await wait_until(
+            lambda: self._converged(job), timeout=DISK_WAIT_S, interval=POLL_S,
+            what=f"the disk mirror of VM {job.managed.name} to converge",
+        )  # fmt: skip
+        job.mark(Step.DISK_CONVERGED)
+        await super().before_ram(job, prepared)
+
+    async def _converged(self, job: MigrationJob) -> bool:
+        mirror = (await job.managed.agents[0].call("GET", "/status"))["backend_status"]
+        job.disk_progress(mirror.get("copied_bytes", 0), mirror.get("dirty_bytes", 0))
+        if mirror.get("state") == "failed" or mirror.get("kind") != "mirror":
+            raise PeerError(f"the disk mirror failed: {mirror.get('error')}")
+        return mirror.get("state") in ("converged", "finished")
+
+    async def at_switchover(self, job: MigrationJob) -> Handover:
+        cut = await job.managed.agents[0].call(
+            "POST", "/mirror/cutover", {"keep_source": True}, timeout=DISK_WAIT_S
+        )
+        job.mark(Step.MIRROR_ENDED)
+        pushed = int(cut["mirror"]["copied_bytes"])
+        job.progress["disk_bytes_pushed"] = pushed
+        return Handover(pushed_bytes=pushed)
+
+    def commit_request(self, job: MigrationJob, handover: Handover | None) -> CommitRequest:
+        return CommitRequest(local=True)
+
+
+class HybridPlan(FetchingPlan):
+    strategy = Strategy.HYBRID
+
+    def push_rate(self, job: MigrationJob) -> float:
+        """Bytes per second the push may take while RAM migrates."""
+        return (job.request.link_rate_bps or 0) / 8 * HYBRID_PUSH_SHARE
+
+    def ram_bandwidth(self, job: MigrationJob) -> int:
+        if not job.request.link_rate_bps:
+            return super().ram_bandwidth(job)
+        return max(1, int(job.request.link_rate_bps / 8 - self.push_rate(job)))
+
+    async def before_ram(self, job: MigrationJob, prepared: Prepared) -> None:
+        assert prepared.push_target is not None
+        mirror: dict[str, Any] = {  # small copies: the switchover waits for those in flight
+            "target": to_json(prepared.push_target),
+            "parallel": HYBRID_PUSH_PARALLEL,
+            "max_copy": HYBRID_PUSH_COPY,
+        }
+        if job.request.link_rate_bps and HYBRID_PUSH_SHARE < 1:
+            mirror["rate_limit"] = self.push_rate(job)
+        await job.managed.agents[0].call("POST", "/mirror", mirror)
+        job.mark(Step.MIRROR_STARTED)
+        await super().before_ram(job, prepared)
+
+    async def at_switchover(self, job: MigrationJob) -> Handover:
+        stopped = await job.managed.agents[0].call("POST", "/mirror/stop")
+        job.mark(Step.MIRROR_ENDED)
+        pushed = int(stopped["mirror"]["copied_bytes"])
+        job.progress["disk_bytes_pushed"] = pushed
+        return Handover(
+            pushed_bytes=pushed,
+            present=clean_chunks(str(stopped["dirty"]), int(stopped["chunks"])),
+            chunk_size=int(stopped["chunk_size"]),
+        )
+
+
+def clean_chunks(dirty_b64: str, chunks: int) -> str:
+    """The chunks a stopped mirror's target holds (not dirty), as base64 bits."""
+    dirty = base64.b64decode(dirty_b64)
+    clean = bytearray(~b & 0xFF for b in dirty)
+    if chunks % 8:
+        clean[-1] &= (1 << (chunks % 8)) - 1
+    return base64.b64encode(bytes(clean)).decode()
+
+
+def copy_batch(link_rate_bps: int | None, chunk_size: int) -> int:
+    """Bytes per background copy request after the switchover: what the link moves in
+    ``COPY_AHEAD_S`` for each copy worker, so that a guest read fetched on demand waits
+    behind little of the copier's data (at 100 Mbit/s: 128 KiB, not 1 MiB)."""
+    if not link_rate_bps:
+        return COPY_BATCH_MAX
+    wanted = int(link_rate_bps / 8 * COPY_AHEAD_S / COPY_WORKERS)
+    batch = chunk_size
+    while batch * 2 <= min(wanted, COPY_BATCH_MAX):
+        batch *= 2
+    return batch

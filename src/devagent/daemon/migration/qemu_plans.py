@@ -1,0 +1,244 @@
+"""QEMU's own storage migration as plans, run by the same job as devagent's so the
+benchmarks compare them on the same lab, guest and measures (the destination's half is
+:mod:`.qemu_incoming`).
+
+The VM runs without a device agent (``"agent": false``: QEMU opens its raw image itself) on
+its host's own storage. Only QEMU's block layer moves the disk, driven over QMP, the way a
+careful user (or libvirt) would:
+
+``qemu-mirror`` / ``qemu-mirror-active`` (``copy-mode=write-blocking``)
+    The destination exports a fresh sparse image with its NBD server. The source adds an NBD
+    client node for it and runs ``blockdev-mirror`` (``sync=full``) until ``BLOCK_JOB_READY``.
+    Then RAM migrates with ``pause-before-switchover``, as libvirt does: once the source is
+    stopped and drained (``pre-switchover``), the ready mirror is ended with
+    ``block-job-cancel`` (the target left a consistent copy, no pivot) and only then does
+    migration go on and inactivate the source's disk.
+``qemu-cor-stream``
+    The source exports its disk read-only on its own NBD server. The destination's disk is
+    a qcow2 overlay whose backing is an NBD node to that export, under a ``copy-on-read``
+    filter; ``block-stream`` starts after the switchover, and the source is released when
+    it completes.
+
+Before the switchover any failure rolls back as devagent's strategies do. With no agent
+journals, ``max_io_gap_ms`` comes from the probe's heartbeats and ``io_gap_source`` says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+
+from devagent.daemon.migration.messages import (
+    BaselineAnswer,
+    BaselineIncoming,
+    CommitAnswer,
+    NbdAddress,
+)
+from devagent.daemon.migration.plans import Handover, Plan, Prepared
+from devagent.daemon.vms import image_format
+from devagent.errors import DevagentError, PeerError, UsageError
+from devagent.report import limit_seconds
+from devagent.vocab import Strategy
+from devagent.wait import wait_until
+from devagent.wire import convert, to_json
+
+if TYPE_CHECKING:
+    from devagent.daemon.migration.job import MigrationJob
+
+MIRROR_JOB = "bn-mirror"
+STREAM_JOB = "bn-stream"
+TARGET_NODE = "bn-target"  # the source's NBD client node, the mirror's target
+EXPORT_ID = "bn-export"
+EXPORT_NAME = "disk0"
+READY_TIMEOUT_S = 1800.0  # a background mirror that never converges fails, clearly...
+READY_LIMITS = 5.0  # ...or after this many times what the link allows, when its rate is known
+JOB_TIMEOUT_S = 590.0
+POLL_S = 0.1
+
+
+def free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def wait_job(qmp: Any, job_id: str, timeout: float) -> dict[str, Any]:
+    """Wait until QMP job ``job_id`` (made with ``auto-dismiss: false``) concludes; dismiss it
+    and return its last ``query-jobs`` entry; raise with QEMU's error if it failed."""
+    found: dict[str, Any] = {}
+
+    async def concluded() -> bool:
+        jobs: list[dict[str, Any]] = await qmp("query-jobs")
+        job = next((j for j in jobs if j.get("id") == job_id), None)
+        if job is None:
+            raise PeerError(f"QEMU job {job_id} vanished")
+        found.update(job)
+        return job.get("status") == "concluded"
+
+    await wait_until(concluded, timeout=timeout, interval=POLL_S, what=f"QEMU job {job_id}")
+    await qmp("job-dismiss", id=job_id)
+    if found.get("error"):
+        raise PeerError(f"QEMU job {job_id} failed: {found['error']}")
+    return found
+
+
+class QemuPlan(Plan):
+    """A QEMU-only flow: no agent, QEMU's block layer moves the raw image."""
+
+    mode = "mirror"
+
+    def check(self, job: MigrationJob) -> None:
+        vm = job.managed
+        if vm.agents:
+            raise UsageError(
+                f"VM {vm.name} runs with a device agent; the QEMU-only strategies need one "
+                "started with 'agent': false (QEMU opens its image itself)"
+            )
+        if not vm.request.has_probe or vm.request.disk_from is not None:
+            raise UsageError(
+                f"the QEMU-only strategies migrate the test guest on local storage: VM "
+                f"{vm.name} is not one"
+            )
+        shared = job.host.shared_dir
+        if shared is not None and vm.image.is_relative_to(shared):
+            raise UsageError(f"VM {vm.name}'s disk is shared: migrate it with 'shared'")
+        if image_format(vm.image) != "raw":
+            raise UsageError(f"VM {vm.name}'s disk is not a raw image")
+
+    def incoming(self, job: MigrationJob) -> BaselineIncoming:
+        vm = job.managed
+        return BaselineIncoming(
+            request=vm.request.to_json(),
+            config=vm.config.to_json(),
+            size=vm.image.stat().st_size,
+            mode=self.mode,
+        )
+
+    async def prepare(self, job: MigrationJob) -> Prepared:
+        raw = await job.peer.post("/v1/baselines/incoming", to_json(self.incoming(job)))
+        answer = convert(raw, BaselineAnswer, what="the destination's answer")
+        return Prepared(uri=answer.uri, nbd=answer.nbd)
+
+    async def commit(self, job: MigrationJob, handover: Handover | None) -> CommitAnswer:
+        raw = await job.peer.post(f"/v1/baselines/incoming/{job.managed.name}/commit")
+        return convert(raw, CommitAnswer, what="the destination's commit")
+
+    def disk_bytes_moved(self, job: MigrationJob) -> int | None:
+        return None  # QEMU's block jobs count holes as progress
+
+
+class QemuMirrorPlan(QemuPlan):
+    strategy = Strategy.QEMU_MIRROR
+    copy_mode = "background"
+    pauses_before_switchover = True
+
+    async def before_ram(self, job: MigrationJob, prepared: Prepared) -> None:
+        assert prepared.nbd is not None
+        vm, nbd = job.managed.vm, prepared.nbd
+        server = {"type": "inet", "host": nbd.host, "port": nbd.port}
+        await vm.qmp(
+            "blockdev-add",
+            **{"driver": "nbd", "node-name": TARGET_NODE, "server": server},
+            export=nbd.export,
+        )
+        await vm.qmp(
+            "blockdev-mirror",
+            **{"job-id": MIRROR_JOB, "device": "disk0", "target": TARGET_NODE},
+            sync="full",
+            **{"copy-mode": self.copy_mode, "auto-dismiss": False},
+        )
+        allocated = job.managed.image.stat().st_blocks * 512
+        limit = limit_seconds(allocated + (job.managed.config.ram_mb << 20),
+                              job.request.link_rate_bps)  # fmt: skip
+        wait = READY_TIMEOUT_S if limit is None else max(60.0, READY_LIMITS * limit)
+        await self._until_ready(job, wait)
+
+    async def _until_ready(self, job: MigrationJob, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not await self._ready(job):
+            await job.check_peer()
+            if time.monotonic() > deadline:
+                raise PeerError(
+                    f"the QEMU mirror was not ready after {timeout:.0f} s (the guest "
+                    "dirties the disk faster than the link copies it)"
+                )
+            await asyncio.sleep(POLL_S)
+
+    async def _ready(self, job: MigrationJob) -> bool:
+        jobs: list[dict[str, Any]] = await job.managed.vm.qmp("query-block-jobs")
+        found = next((j for j in jobs if j.get("device") == MIRROR_JOB), None)
+        if found is None or found.get("status") == "concluded":
+            error = (found or {}).get("error", "it vanished")
+            raise PeerError(f"the QEMU mirror stopped before it was ready: {error}")
+        job.disk_progress(found["offset"], found["len"] - found["offset"])
+        return bool(found.get("ready"))
+
+    async def at_pre_switchover(self, job: MigrationJob) -> None:
+        """Guest stopped, disk drained: end the ready mirror with ``block-job-cancel``,
+        which copies what is still dirty and leaves the target a consistent copy without
+        pivoting onto it (libvirt's order)."""
+        vm = job.managed.vm
+        await vm.qmp("block-job-cancel", device=MIRROR_JOB)
+        done = await wait_job(vm.qmp, MIRROR_JOB, JOB_TIMEOUT_S)
+        job.progress["disk_bytes_pushed"] = done.get("total-progress")
+
+    async def roll_back(self, job: MigrationJob) -> None:
+        vm = job.managed.vm
+        try:
+            jobs: list[dict[str, Any]] = await vm.qmp("query-jobs")
+        except DevagentError:
+            jobs = []
+        if any(j.get("id") == MIRROR_JOB for j in jobs):
+            await job.quietly(vm.qmp("block-job-cancel", device=MIRROR_JOB, force=True))
+            await job.quietly(wait_job(vm.qmp, MIRROR_JOB, 30.0))
+        await job.quietly(vm.qmp("blockdev-del", **{"node-name": TARGET_NODE}))
+
+
+class QemuMirrorActivePlan(QemuMirrorPlan):
+    strategy = Strategy.QEMU_MIRROR_ACTIVE
+    copy_mode = "write-blocking"
+
+
+class QemuCorStreamPlan(QemuPlan):
+    strategy = Strategy.QEMU_COR_STREAM
+    mode = "cor-stream"
+
+    async def prepare(self, job: MigrationJob) -> Prepared:
+        job.progress["source_export"] = to_json(await self._export_disk(job))
+        try:
+            return await super().prepare(job)
+        except BaseException:
+            await self.roll_back(job)
+            raise
+
+    def incoming(self, job: MigrationJob) -> BaselineIncoming:
+        incoming = super().incoming(job)
+        incoming.source = convert(job.progress["source_export"], NbdAddress)
+        return incoming
+
+    async def _export_disk(self, job: MigrationJob) -> NbdAddress:
+        """Serve the running disk read-only on this host's address."""
+        vm, address = job.managed.vm, job.host.address
+        port = free_port(address)
+        addr = {"type": "inet", "data": {"host": address, "port": str(port)}}
+        await vm.qmp("nbd-server-start", addr=addr)
+        try:
+            await vm.qmp(
+                "block-export-add",
+                **{"type": "nbd", "id": EXPORT_ID, "node-name": "disk0"},
+                writable=False,
+                name=EXPORT_NAME,
+            )
+        except BaseException:
+            await job.quietly(vm.qmp("nbd-server-stop"))
+            raise
+        return NbdAddress(host=address, port=str(port), export=EXPORT_NAME)
+
+    async def until_released(self, job: MigrationJob) -> None:
+        await job.peer.post(f"/v1/baselines/incoming/{job.managed.name}/stream-done")
+
+    async def roll_back(self, job: MigrationJob) -> None:
+        await job.quietly(job.managed.vm.qmp("nbd-server-stop"))

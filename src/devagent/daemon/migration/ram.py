@@ -1,0 +1,115 @@
+"""QEMU's RAM migration as every strategy runs it, devagent's and QEMU's own alike.
+
+The source sets the capabilities and parameters, starts ``migrate`` and follows it on QEMU's
+``MIGRATION`` and ``STOP`` events until it completes: the completion is seen at once, the
+guest's stop is stamped with QEMU's own clock (``source_stopped``), and the destination's
+daemon is asked now and then whether it still sees the migration through. At
+``pre-switchover`` (QEMU paused before the switchover, when a plan or the NICs asked for
+it) the plan's and the NICs' steps run before QEMU is told to go on, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from devagent.daemon.migration.context import Events
+from devagent.errors import PeerError
+from devagent.vocab import Step
+
+if TYPE_CHECKING:
+    from devagent.daemon.migration.job import MigrationJob
+
+EVENT_WAIT_S = 0.1  # the longest the follower sleeps without a fresh query-migrate
+
+
+async def migrate_ram(job: MigrationJob, uri: str) -> dict[str, Any]:
+    """Run QEMU's RAM migration to ``uri``; return its last ``query-migrate``."""
+    vm = job.managed.vm
+    pause = job.plan.pauses_before_switchover or job.net is not None
+    capabilities = [
+        {"capability": "events", "state": True},
+        {"capability": "auto-converge", "state": job.request.auto_converge},
+        {"capability": "pause-before-switchover", "state": pause},
+    ]
+    await vm.qmp("migrate-set-capabilities", capabilities=capabilities)
+    params: dict[str, Any] = {"max-bandwidth": job.plan.ram_bandwidth(job)}
+    if job.request.downtime_limit_ms:
+        params["downtime-limit"] = job.request.downtime_limit_ms
+    await vm.qmp("migrate-set-parameters", **params)
+    with vm.listen("MIGRATION", "STOP") as events:
+        await vm.qmp("migrate", uri=uri)
+        return await RamFollower(job).follow(events)
+
+
+class RamFollower:
+    """Follows one RAM migration to its end (see the module's docstring)."""
+
+    def __init__(self, job: MigrationJob) -> None:
+        self.job = job
+        self.continued = False  # QEMU was told to go on past pre-switchover
+
+    async def follow(self, events: Events) -> dict[str, Any]:
+        job, vm = self.job, self.job.managed.vm
+        while True:
+            info: dict[str, Any] = await vm.qmp("query-migrate")
+            status = info.get("status")
+            self._progress(info)
+            if status == "completed":
+                return info
+            if status == "pre-switchover":
+                await self.at_pre_switchover()
+            if status in ("failed", "cancelled"):
+                reason = info.get("error-desc", "no reason given")
+                raise PeerError(f"QEMU migration {status}: {reason}")
+            if vm.exited:
+                raise PeerError(f"source QEMU of VM {job.managed.name} exited during migration")
+            await job.check_peer()
+            try:
+                event = await asyncio.wait_for(events.get(), EVENT_WAIT_S)
+            except TimeoutError:
+                continue
+            if event["event"] == "STOP":
+                await self.stopped(event)
+            elif _status_of(event) == "pre-switchover":
+                await self.at_pre_switchover()  # at once: QEMU waits for it
+
+    def _progress(self, info: dict[str, Any]) -> None:
+        job = self.job
+        ram = info.get("ram", {})
+        job.progress.update(
+            status=info.get("status"),
+            ram_transferred=ram.get("transferred", 0),
+            ram_remaining=ram.get("remaining", 0),
+            ram_total=ram.get("total", job.managed.config.ram_mb << 20),
+            elapsed_s=round(time.time() - job.started_at, 3),
+        )
+
+    async def stopped(self, event: dict[str, Any]) -> None:
+        """QEMU stopped the guest for the switchover: note when, by QEMU's own clock (the
+        same host's wall clock); frames for the guest wait from now."""
+        stamp = event.get("timestamp")
+        at = None
+        if isinstance(stamp, dict):
+            at = float(stamp.get("seconds", 0)) + stamp.get("microseconds", 0) / 1e6
+        self.job.mark(Step.SOURCE_STOPPED, at or None)
+        if self.job.net is not None:
+            await self.job.net.hold()
+
+    async def at_pre_switchover(self) -> None:
+        """The guest stopped and drained: the NICs hold, the plan's step runs, QEMU goes on."""
+        if self.continued:
+            return  # the status is seen again until QEMU moves on
+        job = self.job
+        if job.net is not None:
+            await job.net.hold()
+        await job.plan.at_pre_switchover(job)
+        self.continued = True
+        await job.managed.vm.qmp("migrate-continue", state="pre-switchover")
+
+
+def _status_of(event: Any) -> object:
+    """The ``status`` of a MIGRATION event (None for any other event)."""
+    data = event.get("data")
+    return data.get("status") if isinstance(data, dict) else None

@@ -1,0 +1,120 @@
+"""A migration's report, built the same way for every strategy: times from the timeline,
+QEMU's own figures, the link's counters, and the guest's I/O from both hosts (the agents'
+journals where the VM has agents, the probe's heartbeats always), then integrity."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from devagent.daemon.migration.messages import CommitAnswer
+from devagent.daemon.migration.net import NET_MEASURES
+from devagent.guest.probe import Heartbeat
+from devagent.report import fill_io_measures, fill_link_measures, io_series
+from devagent.vocab import Step
+from devagent.wire import convert
+
+if TYPE_CHECKING:
+    from devagent.daemon.migration.job import MigrationJob
+
+BASELINE_S = 3.0  # steady-state window before the migration, for io_rate_ratio
+SETTLE_BEATS = 5  # heartbeats with I/O the destination must show before the report closes
+SETTLE_TIMEOUT_S = 10.0
+
+
+async def finish_report(
+    job: MigrationJob,
+    committed: CommitAnswer,
+    done: dict[str, Any],
+    source_done: list[float] | None,
+    allocated: int,
+) -> None:
+    """Fill ``job.report`` once the source is released."""
+    report, vm, t0 = job.report, job.managed, job.started_at
+    resumed_at = committed.resumed_at
+    released_at = t0 + report.timeline[Step.RELEASED]
+    bytes_after = job.host.link_bytes()
+    dest_beats = await settle(job, resumed_at)
+    completions = None
+    if source_done is not None:
+        answer = await job.peer.get(f"/v1/vms/{vm.name}/completions", since=t0 - BASELINE_S)
+        if answer.get("completions") is not None:
+            completions = [*source_done, *answer["completions"]]
+    report.time_to_switchover_s = round(resumed_at - t0, 3)
+    report.total_time_s = round(released_at - t0, 3)
+    report.downtime_ms = done.get("downtime")
+    stopped = report.timeline.get(Step.SOURCE_STOPPED)
+    if stopped is not None:
+        report.vm_pause_ms = round((resumed_at - t0 - stopped) * 1000, 1)
+    else:
+        report.missing["vm_pause_ms"] = "QEMU sent no STOP event for the switchover"
+    report.ram_bytes = vm.config.ram_mb << 20
+    report.ram_transferred_bytes = done.get("ram", {}).get("transferred")
+    moved = job.plan.disk_bytes_moved(job)
+    if moved is None:
+        report.missing["disk_bytes_moved"] = (
+            "QEMU's block jobs count holes as progress: see bytes_between_hosts"
+        )
+    else:
+        report.disk_bytes_moved = moved
+    fill_link_measures(
+        report, job.bytes_before, bytes_after, allocated + report.ram_bytes,
+        job.request.link_rate_bps,
+    )  # fmt: skip
+    _fill_io(job, dest_beats, resumed_at, released_at, completions)
+    if job.net is None:
+        report.mark_missing("the VM has no NIC", *NET_MEASURES)
+    report.mark_missing("no pinger ran (devagent demo --net runs one)", "ping_max_gap_ms")
+    if vm.request.has_probe:
+        answer = await job.peer.post(f"/v1/vms/{vm.name}/integrity")
+        report.integrity = str(answer["integrity"])
+    else:
+        report.missing["integrity"] = "no ioprobe in the guest to say what it last wrote"
+
+
+def _fill_io(
+    job: MigrationJob,
+    dest_beats: list[Heartbeat],
+    resumed_at: float,
+    released_at: float,
+    completions: list[float] | None,
+) -> None:
+    report, t0 = job.report, job.started_at
+    source_beats = list(job.managed.heartbeats)
+    end = max(released_at, resumed_at)
+    report.io_series = io_series(
+        [
+            *((job.host.name, b) for b in source_beats),
+            *((report.destination, b) for b in dest_beats),
+        ],
+        t0 - BASELINE_S,
+        end + 1.0,
+        t0,
+    )
+    fill_io_measures(
+        report,
+        [*source_beats, *dest_beats],
+        start=t0,
+        end=end,
+        baseline_start=t0 - BASELINE_S,
+        completions=completions,
+    )
+
+
+async def settle(job: MigrationJob, resumed_at: float) -> list[Heartbeat]:
+    """Wait until the destination's probe shows steady I/O, and return its heartbeats."""
+    vm = job.managed
+    if not vm.request.has_probe:
+        return []
+    deadline = time.time() + SETTLE_TIMEOUT_S
+    # As the guest was just before the migration (an idle guest's prefill did I/O).
+    since = job.started_at - BASELINE_S
+    wants_io = any(b.ops > 0 for b in vm.heartbeats if b.host_time >= since)
+    while True:
+        raw = await job.peer.get(f"/v1/vms/{vm.name}/heartbeats", since=job.started_at)
+        beats = convert(raw["heartbeats"], list[Heartbeat], what="the destination's heartbeats")
+        after = [b for b in beats if b.host_time > resumed_at and (b.ops > 0 or not wants_io)]
+        if len(after) >= SETTLE_BEATS or time.time() > deadline:
+            return beats
+        await asyncio.sleep(0.2)

@@ -1,0 +1,113 @@
+"""The daemon API's migration routes: thin adapters that decode a message, call one step of
+:mod:`.job` (source), :mod:`.destination` or :mod:`.qemu_incoming`, and encode the answer.
+
+    POST   /v1/vms/{name}/migrate             start a migration (MigrateRequest) → 202
+    GET    /v1/migrations[/{id}]              migrations this host ran as the source
+    POST   /v1/incoming                       (peer) prepare an incoming VM (IncomingRequest)
+    POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it (CommitRequest)
+    DELETE /v1/incoming/{name}                (peer) roll back: remove it
+    POST   /v1/baselines/incoming             (peer) the same for a QEMU-only strategy
+    POST   /v1/baselines/incoming/{name}/commit       (peer) the RAM arrived: run the guest
+    POST   /v1/baselines/incoming/{name}/stream-done  (peer) wait for its block-stream
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, TypeVar
+
+from aiohttp import web
+
+from devagent.daemon.migration import destination, new_job, qemu_incoming
+from devagent.daemon.migration.context import HostContext
+from devagent.daemon.migration.job import MigrationJob
+from devagent.daemon.migration.messages import (
+    BaselineIncoming,
+    CommitRequest,
+    IncomingRequest,
+    MigrateRequest,
+)
+from devagent.errors import NotFound, StateError
+from devagent.qemu.vm import VmState
+from devagent.wire import decode, to_json
+
+if TYPE_CHECKING:
+    from devagent.daemon.host import Host
+
+T = TypeVar("T")
+
+
+async def read(request: web.Request, into: type[T]) -> T:
+    """The request's body as an ``into`` (an empty body is ``{}``); the app's
+    ``client_max_size`` bounds it."""
+    return decode(await request.read() or b"{}", into)
+
+
+class MigrationRoutes:
+    """The routes, and the migrations this host ran as the source."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.jobs: dict[str, MigrationJob] = {}
+
+    def add_to(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1/vms/{name}/migrate", self.migrate)
+        router.add_get("/v1/migrations", self.list_migrations)
+        router.add_get("/v1/migrations/{id}", self.get_migration)
+        router.add_post("/v1/incoming", self.prepare_incoming)
+        router.add_post("/v1/incoming/{name}/commit", self.commit_incoming)
+        router.add_delete("/v1/incoming/{name}", self.abort_incoming)
+        router.add_post("/v1/baselines/incoming", self.prepare_baseline)
+        router.add_post("/v1/baselines/incoming/{name}/commit", self.commit_baseline)
+        router.add_post("/v1/baselines/incoming/{name}/stream-done", self.stream_done)
+
+    # -- source ------------------------------------------------------------------------------
+
+    async def migrate(self, request: web.Request) -> web.Response:
+        managed = self.host.vms.get(request.match_info["name"])
+        migration = await read(request, MigrateRequest)
+        busy = [j for j in self.jobs.values() if j.managed is managed and j.finished_at is None]
+        if busy:
+            raise StateError(f"VM {managed.name} is already migrating (job {busy[0].id})")
+        managed.vm.require(VmState.RUNNING)
+        job = new_job(HostContext.of(self.host), managed, migration)
+        self.jobs[job.id] = job
+        job.start()
+        return web.json_response(job.status(), status=202)
+
+    async def list_migrations(self, request: web.Request) -> web.Response:
+        return web.json_response({"migrations": [j.status() for j in self.jobs.values()]})
+
+    async def get_migration(self, request: web.Request) -> web.Response:
+        job_id = request.match_info["id"]
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise NotFound(f"no migration {job_id!r} on host {self.host.name}")
+        return web.json_response(job.status())
+
+    # -- destination -------------------------------------------------------------------------
+
+    async def prepare_incoming(self, request: web.Request) -> web.Response:
+        answer = await destination.prepare(self.host, await read(request, IncomingRequest))
+        return web.json_response(to_json(answer), status=201)
+
+    async def commit_incoming(self, request: web.Request) -> web.Response:
+        commit = await read(request, CommitRequest)
+        answer = await destination.commit(self.host, request.match_info["name"], commit)
+        return web.json_response(to_json(answer))
+
+    async def abort_incoming(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        await destination.abort(self.host, name)
+        return web.json_response({"name": name, "state": "removed"})
+
+    async def prepare_baseline(self, request: web.Request) -> web.Response:
+        answer = await qemu_incoming.prepare(self.host, await read(request, BaselineIncoming))
+        return web.json_response(to_json(answer), status=201)
+
+    async def commit_baseline(self, request: web.Request) -> web.Response:
+        managed = self.host.vms.get(request.match_info["name"])
+        return web.json_response(to_json(await qemu_incoming.commit(managed)))
+
+    async def stream_done(self, request: web.Request) -> web.Response:
+        managed = self.host.vms.get(request.match_info["name"])
+        return web.json_response(await qemu_incoming.stream_done(managed))

@@ -1,0 +1,320 @@
+"""Fakes of what a migration job talks to: the source's QEMU (QMP with scripted migration
+statuses and events), its disk agent, the destination daemon and the host. Each records what
+was asked of it and can be told to fail a step, once or for good, so the job's tests fail it
+at every step without root, QEMU or a lab."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from devagent.client import Endpoint
+from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
+from devagent.daemon.migration.context import HostContext, Peer
+from devagent.daemon.migration.messages import PeerEndpoint
+from devagent.errors import DevagentError, StateError
+from devagent.guest.probe import Heartbeat
+from devagent.qemu.vm import VmState
+from devagent.vocab import Strategy
+
+#: What to fail, by step: a list is consumed one try at a time (``[err]``: a passing fault),
+#: a lone error fails every try (a lasting fault).
+Failures = dict[str, "list[DevagentError] | DevagentError"]
+
+
+def _fail(failures: Failures, key: str) -> None:
+    planned = failures.get(key)
+    if isinstance(planned, DevagentError):
+        raise planned
+    if planned:
+        raise planned.pop(0)
+
+
+def beat(at: float) -> dict[str, Any]:
+    """A probe heartbeat at host time ``at`` with some I/O in it."""
+    return {"hb": int(at * 10), "t_ms": int(at * 1000), "phase": "run", "ops": 10, "reads": 5,
+            "writes": 5, "ops_total": 100, "errors": 0, "verify_failures": 0,
+            "lat_max_us": 900, "lat_p99_us": 800, "written_blocks": 64, "digest": "00",
+            "host_time": at}  # fmt: skip
+
+
+class FakeEvents:
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    async def get(self) -> dict[str, Any]:
+        return await self.queue.get()
+
+
+class FakeQemu:
+    """The source's QEMU: ``migrate`` walks ``statuses``; pre-switchover waits for
+    ``migrate-continue``; completion leaves the guest in ``postmigrate``."""
+
+    def __init__(self, statuses: tuple[str, ...] = ("active", "completed")) -> None:
+        self.status = "running"
+        self.statuses = list(statuses)
+        self.commands: list[str] = []
+        self.failures: Failures = {}
+        self.listeners: list[FakeEvents] = []
+        self.migrating: list[str] = []
+        self.killed = self.stopped = False
+        self.block_job_ready = True
+
+    @property
+    def exited(self) -> bool:
+        return self.killed or self.stopped
+
+    def require(self, *states: VmState) -> None:
+        if self.status != "running":
+            raise StateError(f"fake VM is {self.status}")
+
+    def _emit(self, event: str, **data: Any) -> None:
+        stamp = {"seconds": int(time.time()), "microseconds": int(time.time() % 1 * 1e6)}
+        for listener in self.listeners:
+            listener.queue.put_nowait({"event": event, "data": data, "timestamp": stamp})
+
+    def _advance(self) -> None:
+        if not self.migrating:
+            return
+        status = self.migrating.pop(0) if len(self.migrating) > 1 else self.migrating[0]
+        if status in ("pre-switchover", "completed") and self.status == "running":
+            self.status = "finish-migrate"
+            self._emit("STOP")
+        if status == "completed":
+            self.status = "postmigrate"
+        self._emit("MIGRATION", status=status)
+        self.current = status
+
+    async def qmp(self, command: str, **args: Any) -> Any:
+        self.commands.append(command)
+        _fail(self.failures, command)
+        if command == "migrate-set-capabilities":
+            caps = {c["capability"]: c["state"] for c in args["capabilities"]}
+            self.pauses = caps.get("pause-before-switchover", False)
+            return {}
+        if command == "migrate":
+            self.migrating = list(self.statuses)
+            if getattr(self, "pauses", False) and "completed" in self.migrating:
+                self.migrating.insert(self.migrating.index("completed"), "pre-switchover")
+            self.current = "setup"
+            return {}
+        if command == "query-migrate":
+            if self.migrating and self.current != "pre-switchover":
+                self._advance()
+            return {"status": getattr(self, "current", "none")}
+        if command == "migrate-continue":
+            self.migrating = [s for s in self.migrating if s != "pre-switchover"] or ["completed"]
+            self.current = "active"
+            return {}
+        if command == "migrate_cancel":
+            self.migrating, self.current = [], "cancelled"
+            if self.status == "finish-migrate":
+                self.status = "paused"
+            return {}
+        if command == "query-status":
+            return {"status": self.status}
+        if command == "cont":
+            self.status = "running"
+            return {}
+        if command == "query-block-jobs":
+            ready = self.block_job_ready
+            return [{"device": "bn-mirror", "offset": 8, "len": 8, "ready": ready}]
+        if command == "query-jobs":
+            return [{"id": args.get("id", "bn-mirror"), "status": "concluded"}]
+        return {}
+
+    @contextmanager
+    def listen(self, *names: str) -> Iterator[FakeEvents]:
+        events = FakeEvents()
+        self.listeners.append(events)
+        try:
+            yield events
+        finally:
+            self.listeners.remove(events)
+
+    async def migration_outcome(self, timeout: float = 2.0) -> dict[str, Any]:
+        return {"status": "completed", "downtime": 42, "ram": {"transferred": 1 << 20}}
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        self.stopped = True
+
+    async def kill(self) -> None:
+        self.killed = True
+
+
+class FakeDiskAgent:
+    """The source's disk agent: answers the control API's calls a job makes."""
+
+    node = "disk0"
+    tcp_address: str | None = "tcp:10.9.0.1:4000"
+    export = "disk0"
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.failures: Failures = {}
+        self.mirror_state = "converged"
+
+    async def call(
+        self, method: str, path: str, body: Any = None, *, timeout: float = 60.0, **params: Any
+    ) -> Any:
+        self.calls.append(path if method == "POST" else f"{method} {path}")
+        _fail(self.failures, path)
+        if path == "/status":
+            backend = {"kind": "mirror", "state": self.mirror_state, "copied_bytes": 1 << 20}
+            return {"size": 4 << 20, "backend_status": backend}
+        if path == "/mirror/stop":
+            dirty = base64.b64encode(bytes([0b0000_0011, 0])).decode()
+            return {"mirror": {"copied_bytes": 3 << 20}, "dirty": dirty, "chunks": 16,
+                    "chunk_size": 256 << 10}  # fmt: skip
+        if path == "/mirror/cutover":
+            return {"mirror": {"copied_bytes": 4 << 20}}
+        return {}
+
+
+@dataclass
+class FakeRequest:
+    has_probe: bool = False
+    disk_from: dict[str, str] | None = None
+    disk: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": "v1"}
+
+
+@dataclass
+class FakeConfig:
+    ram_mb: int = 64
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ram_mb": self.ram_mb}
+
+
+@dataclass
+class FakeVm:
+    """The migrating VM (the daemon's ManagedVm)."""
+
+    image: Path
+    vm: FakeQemu = field(default_factory=FakeQemu)
+    agents: list[FakeDiskAgent] = field(default_factory=lambda: [FakeDiskAgent()])
+    name: str = "v1"
+    nics: list[Any] = field(default_factory=list)
+    request: FakeRequest = field(default_factory=FakeRequest)
+    config: FakeConfig = field(default_factory=FakeConfig)
+    heartbeats: list[Heartbeat] = field(default_factory=list)
+    role: str = "running"
+
+    async def completions_since(self, since: float) -> list[float] | None:
+        return None
+
+    def migrated_away(self) -> None:
+        self.role = "migrated"
+
+
+class FakeDestination:
+    """The destination daemon: what it holds of each VM (``incoming`` until committed,
+    then ``running``), and every request it got."""
+
+    def __init__(self) -> None:
+        self.vms: dict[str, str] = {}
+        self.requests: list[str] = []
+        self.failures: Failures = {}
+        self.polls_until_local = 2
+        self.commit_lands_before_failing = False
+
+    async def get(self, path: str, **params: Any) -> Any:
+        self.requests.append(f"GET {path}")
+        _fail(self.failures, f"GET {path}")
+        if path == "/v1/health":
+            return {"name": "b"}
+        if path.endswith("/heartbeats"):  # the guest's probe, steady on the destination
+            now = time.time()
+            return {"heartbeats": [beat(now + i / 10) for i in range(6)]}
+        if path.endswith("/completions"):
+            return {"completions": []}
+        if path.endswith("/devices"):
+            self.polls_until_local -= 1
+            kind = "local" if self.polls_until_local <= 0 else "fetch"
+            fetch = {"kind": kind, "present_bytes": 1, "size": 4 << 20,
+                     "fetched_on_demand_bytes": 1, "fetched_in_background_bytes": 2}  # fmt: skip
+            return {"devices": [{"device": "disk0", "agent": {"backend_status": fetch}}]}
+        if path.startswith("/v1/vms/"):
+            name = path.split("/")[3]
+            return {"state": self.vms.get(name), "resumed_at": time.time()}
+        return {}
+
+    async def post(self, path: str, body: Any = None) -> Any:
+        self.requests.append(f"POST {path}")
+        parts = path.split("/")
+        if path.endswith("/commit") and self.commit_lands_before_failing:
+            self.vms[parts[-2]] = "running"
+        _fail(self.failures, f"POST {path}")
+        if path in ("/v1/incoming", "/v1/baselines/incoming"):
+            name = body["request"]["name"]
+            if name in self.vms:
+                raise StateError(f"VM {name!r} already exists")
+            self.vms[name] = "incoming"
+            answer = {"uri": "tcp:10.9.0.2:5000", "disk_address": "tcp:10.9.0.2:4001",
+                      "disk_export": "receive"}  # fmt: skip
+            if path.startswith("/v1/baselines"):
+                answer = {"uri": "tcp:10.9.0.2:5000",
+                          "nbd": {"host": "10.9.0.2", "port": "10809", "export": "disk0"}}  # fmt: skip
+            return answer
+        if path.endswith("/integrity"):
+            return {"integrity": "ok"}
+        if path.endswith("/commit"):
+            name = parts[-2]
+            if self.vms.get(name) != "incoming":
+                raise StateError(f"VM {name} is not an incoming VM")
+            self.vms[name] = "running"
+            return {"resumed_at": time.time(), "steps": {"arrived": time.time()}}
+        return {}
+
+    async def delete(self, path: str) -> Any:
+        self.requests.append(f"DELETE {path}")
+        _fail(self.failures, f"DELETE {path}")
+        self.vms.pop(path.rsplit("/", 1)[-1], None)
+        return {}
+
+
+@dataclass
+class FakeHost:
+    destination: FakeDestination = field(default_factory=FakeDestination)
+    released: list[str] = field(default_factory=list)
+    failures: Failures = field(default_factory=dict)
+
+    async def release(self, name: str, delete_disk: bool) -> None:
+        _fail(self.failures, "release")
+        self.released.append(name)
+
+    @asynccontextmanager
+    async def connect(self, endpoint: Endpoint) -> AsyncIterator[Peer]:
+        yield self.destination
+
+    def context(self) -> HostContext:
+        return HostContext(
+            name="a", address="127.0.0.1", shared_dir=None, release=self.release,
+            connect=self.connect,
+        )  # fmt: skip
+
+
+def make_job(
+    tmp_path: Path, strategy: Strategy, *, vm: FakeVm | None = None
+) -> tuple[MigrationJob, FakeVm, FakeHost]:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * 4096)
+    vm = vm or FakeVm(image=image)
+    if strategy.is_baseline:
+        vm.agents, vm.request.has_probe = [], True
+    if strategy is Strategy.SHARED:
+        vm.request.disk = str(image)
+    host = FakeHost()
+    request = MigrateRequest(
+        to=PeerEndpoint(url="http://b", name="b"), storage=strategy, link_rate_bps=10**9
+    )
+    return new_job(host.context(), vm, request), vm, host

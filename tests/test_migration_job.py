@@ -1,0 +1,183 @@
+"""The source's migration job, driven against fakes (tests/migration_fakes.py): every
+strategy's steps in order, and a failure at every step, each checked against the rule:
+
+* before the switchover, the VM runs on the source and nothing is left on the destination;
+* after it, the VM runs on the destination, and the source is released once the disk is
+  local.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from devagent.daemon.migration import job as job_module
+from devagent.daemon.migration.job import Phase
+from devagent.errors import PeerError, StateError, UsageError
+from devagent.vocab import Step, Strategy
+from migration_fakes import FakeHost, FakeVm, make_job
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(job_module, "FORWARD_RETRY_PAUSE_S", 0.001)
+    monkeypatch.setattr("devagent.daemon.migration.plans.POLL_S", 0.001)
+
+
+def rolled_back(vm: FakeVm, host: FakeHost) -> None:
+    assert vm.vm.status == "running" and not vm.vm.exited, vm.vm.commands
+    assert host.destination.vms == {}, host.destination.requests
+    assert host.released == []
+    assert vm.role == "running"
+
+
+def moved(vm: FakeVm, host: FakeHost) -> None:
+    assert host.destination.vms == {vm.name: "running"}
+    assert host.released == [vm.name]
+    assert vm.role == "migrated" and vm.vm.exited
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+async def test_every_strategy_runs_its_steps_in_order(tmp_path: Path, strategy: Strategy) -> None:
+    job, vm, host = make_job(tmp_path, strategy)
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    moved(vm, host)
+    order = [step.value for step in Step]
+    steps = [s for s in job.report.timeline if s in order]
+    assert steps == sorted(steps, key=order.index), job.report.timeline
+    assert {Step.DESTINATION_READY, Step.RAM_COMPLETED, Step.RESUMED, Step.RELEASED} <= set(steps)
+    assert job.report.status == "completed" and job.report.downtime_ms == 42
+    calls = vm.agents[0].calls if vm.agents else []
+    if strategy in (Strategy.POSTCOPY, Strategy.HYBRID, Strategy.PRECOPY):
+        assert "/fence" in calls and Step.SOURCE_FENCED in steps
+    if strategy in (Strategy.POSTCOPY, Strategy.HYBRID):
+        assert Step.DISK_LOCAL in steps
+    if strategy is Strategy.HYBRID:
+        assert calls.index("/mirror") < calls.index("/mirror/stop") < calls.index("/fence")
+    if strategy is Strategy.PRECOPY:
+        assert calls.index("/mirror") < calls.index("/mirror/cutover") < calls.index("/fence")
+    if strategy.is_baseline:
+        assert "migrate" in vm.vm.commands and not vm.agents
+    if strategy in (Strategy.QEMU_MIRROR, Strategy.QEMU_MIRROR_ACTIVE):
+        qmp = vm.vm.commands
+        assert qmp.index("blockdev-mirror") < qmp.index("migrate") < qmp.index("block-job-cancel")
+        assert qmp.index("block-job-cancel") < qmp.index("migrate-continue")
+
+
+@pytest.mark.parametrize(
+    ("strategy", "where", "what"),
+    [
+        (Strategy.HYBRID, "prepare", "POST /v1/incoming"),
+        (Strategy.HYBRID, "mirror start", "/mirror"),
+        (Strategy.PRECOPY, "mirror start", "/mirror"),
+        (Strategy.HYBRID, "flush", "/flush"),
+        (Strategy.POSTCOPY, "ram", "migrate"),
+        (Strategy.QEMU_MIRROR, "pre-switchover", "block-job-cancel"),
+        (Strategy.HYBRID, "switchover", "/mirror/stop"),
+        (Strategy.PRECOPY, "switchover", "/mirror/cutover"),
+        (Strategy.QEMU_COR_STREAM, "prepare", "POST /v1/baselines/incoming"),
+    ],
+)
+async def test_a_failure_before_the_switchover_rolls_back(
+    tmp_path: Path, strategy: Strategy, where: str, what: str
+) -> None:
+    job, vm, host = make_job(tmp_path, strategy)
+    error = PeerError(f"injected at {where}")
+    if what.startswith("POST "):
+        host.destination.failures[what] = error
+    elif what.startswith("/"):
+        vm.agents[0].failures[what] = error
+    else:
+        vm.vm.failures[what] = error
+    await job.run()
+    assert job.phase is Phase.FAILED and f"injected at {where}" in (job.report.error or "")
+    rolled_back(vm, host)
+    if vm.agents and where != "prepare":
+        assert "/mirror/cancel" in vm.agents[0].calls
+        assert "/fence" not in vm.agents[0].calls
+
+
+async def test_qemu_failing_the_ram_migration_rolls_back(tmp_path: Path) -> None:
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    vm.vm.statuses = ("active", "failed")
+    await job.run()
+    assert job.phase is Phase.FAILED and "QEMU migration failed" in (job.report.error or "")
+    rolled_back(vm, host)
+
+
+async def test_a_destination_that_vanishes_during_ram_rolls_back(tmp_path: Path) -> None:
+    job, vm, host = make_job(tmp_path, Strategy.POSTCOPY)
+    vm.vm.statuses = ("active",) * 3  # never completes
+    job_module_check = "GET /v1/health"
+    host.destination.failures[job_module_check] = PeerError("connection refused")
+    job._next_check = 0.0
+    await job.run()
+    assert job.phase is Phase.FAILED and "vanished" in (job.report.error or "")
+    rolled_back(vm, host)
+
+
+async def test_a_vm_a_strategy_cannot_move_is_refused_before_anything(tmp_path: Path) -> None:
+    job, vm, host = make_job(tmp_path, Strategy.QEMU_MIRROR)
+    vm.agents = make_job(tmp_path, Strategy.HYBRID)[1].agents  # the baselines need no agent
+    await job.run()
+    assert job.phase is Phase.FAILED and "device agent" in (job.report.error or "")
+    assert host.destination.requests == [] and vm.vm.commands == []
+    with pytest.raises(UsageError):
+        job.plan.check(job)
+
+
+@pytest.mark.parametrize(
+    ("where", "fault"),
+    [
+        ("fence", "/fence"),
+        ("commit", "POST /v1/incoming/v1/commit"),
+        ("commit, its answer lost", "lost"),
+        ("disk local", "GET /v1/vms/v1/devices"),
+        ("release", "release"),
+    ],
+)
+async def test_a_failure_after_the_switchover_goes_forward(
+    tmp_path: Path, where: str, fault: str
+) -> None:
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    error = PeerError(f"passing fault at {where}")
+    if fault == "/fence":
+        vm.agents[0].failures[fault] = error  # lasting: the source's QEMU is killed instead
+    elif fault == "release":
+        host.failures["release"] = [error]
+    elif fault == "lost":
+        host.destination.commit_lands_before_failing = True
+        host.destination.failures["POST /v1/incoming/v1/commit"] = [error]
+    else:
+        host.destination.failures[fault] = [error, error]
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    moved(vm, host)
+    assert Step.DISK_LOCAL in job.report.timeline
+    assert job.report.timeline[Step.DISK_LOCAL] <= job.report.timeline[Step.RELEASED]
+    if fault == "/fence":
+        assert vm.vm.killed and Step.SOURCE_FENCED in job.report.timeline
+
+
+async def test_a_commit_the_destination_refuses_for_good_fails_after_its_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    job, vm, host = make_job(tmp_path, Strategy.POSTCOPY)
+    host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("QEMU died there")
+    await job.run()
+    assert job.phase is Phase.FAILED
+    assert "commit failed for" in (job.report.error or "")
+    assert host.released == []  # the source keeps the only copy of the disk
+    assert "/fence" in vm.agents[0].calls and vm.vm.status == "postmigrate"
+
+
+async def test_a_second_migration_of_a_migrating_vm_is_refused(tmp_path: Path) -> None:
+    job, vm, _ = make_job(tmp_path, Strategy.HYBRID)
+    vm.vm.status = "paused"
+    await job.run()
+    assert job.phase is Phase.FAILED and "paused" in (job.report.error or "")
+    with pytest.raises(StateError):
+        job._move(Phase.COMPLETED)
