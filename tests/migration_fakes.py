@@ -262,8 +262,8 @@ class FakeDestination:
             answer = {"uri": "tcp:10.9.0.2:5000", "disk_address": "tcp:10.9.0.2:4001",
                       "disk_export": "receive"}  # fmt: skip
             if path.startswith("/v1/baselines"):
-                answer = {"uri": "tcp:10.9.0.2:5000",
-                          "nbd": {"host": "10.9.0.2", "port": "10809", "export": "disk0"}}  # fmt: skip
+                nbd = {"host": "10.9.0.2", "port": "10809", "export": "disk0"}
+                answer = {"uri": "tcp:10.9.0.2:5000", "nbd": nbd}
             return answer
         if path.endswith("/integrity"):
             return {"integrity": "ok"}

@@ -24,7 +24,8 @@ class DiskSpec:
     nbd_export: str = ""
     reconnect_delay_s: int = 0
     direct: bool = False
-    # The QEMU-only baselines (devagent.daemon.migration.qemu_incoming) build a little more of the graph:
+    # The QEMU-only baselines (devagent.daemon.migration.qemu_incoming) build a little more of
+    # the graph:
     # zeroes written as holes, a qcow2 overlay whose backing is an NBD export on another
     # host (``{"host", "port", "export"}``), and a copy-on-read filter on top.
     unmap: bool = False
