@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from devagent.daemon.exports import ExportManager
-from devagent.daemon.guestnet import GuestNetwork
 from devagent.daemon.vms import VmManager
+from devagent.guestnet import GuestNetwork
 
 if TYPE_CHECKING:
     from devagent.daemon.migration import MigrationJob

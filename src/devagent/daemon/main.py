@@ -12,8 +12,8 @@ from pathlib import Path
 from aiohttp import web
 
 from devagent.daemon.api import build_app
-from devagent.daemon.guestnet import GuestNetwork
 from devagent.daemon.host import Host
+from devagent.guestnet import GuestNetwork
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
