@@ -96,6 +96,12 @@ class VmManager:
         self.vms: dict[str, ManagedVm] = {}
         self._lock = asyncio.Lock()
 
+    async def warm_up(self) -> None:
+        """Find the test guest's accelerator at daemon start, so that no VM start waits on
+        QEMU's version (with no guest built yet, the first start that needs one does)."""
+        with contextlib.suppress(NotFound):
+            await self.test_guest.find()
+
     def get(self, name: str) -> ManagedVm:
         try:
             return self.vms[name]
@@ -123,12 +129,12 @@ class VmManager:
     # --- starting ------------------------------------------------------------------------------
 
     async def start(self, request: VmRequest) -> ManagedVm:
+        if request.nics:  # before anything is made or looked for
+            self._require_network()
         guest = await self.test_guest.find() if request.has_probe else None  # not under the lock
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
-            if request.nics:  # before anything is made
-                self._require_network()
             if request.disk_from is not None:
                 remote = await self._remote_disk(request)
                 peer_name = request.disk_from["name"] if request.disk_from else "peer"
