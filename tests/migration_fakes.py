@@ -212,8 +212,8 @@ class FakeVm:
     async def completions_since(self, since: float) -> list[float] | None:
         return None
 
-    def migrated_away(self) -> None:
-        self.role = "migrated"
+    def migrated_away(self, *, serves_disk: bool = True) -> None:
+        self.role = "migrated, serving its disk" if serves_disk else "migrated"
 
 
 class FakeDestination:

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from devagent.daemon.api import build_app
+from devagent.daemon.api import HOST_KEY, build_app
 from devagent.daemon.host import Host
+from devagent.daemon.vms import ManagedVm, VmRequest, VmRole
+from devagent.qemu.config import DiskSpec, VmConfig
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -90,3 +92,37 @@ async def test_a_nic_on_a_host_without_a_guest_network_is_a_clear_400(
     assert resp.status == 400
     assert "no guest network" in (await resp.json())["error"]
     assert not list(tmp_path.rglob("n1*"))  # nothing made for it
+
+
+async def test_a_bad_field_is_named_by_its_path(client: TestClient[object, object]) -> None:
+    resp = await client.post("/v1/vms", json={"name": "ok", "ram_mb": 10}, headers=AUTH)
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert "'ram_mb' must be an integer from 64 to 65536" in error and "$.ram_mb" in error
+    for export, fragment in (
+        ({"name": "Bad!"}, "$.name"),
+        ({"name": "e1", "size": [1]}, "$.size"),
+        ({"name": "e1", "size": "1K"}, "from 1M to 1T"),
+    ):
+        resp = await client.post("/v1/exports", json=export, headers=AUTH)
+        assert resp.status == 400, export
+        assert fragment in (await resp.json())["error"], export
+
+
+async def test_device_and_probe_bodies_are_typed(
+    client: TestClient[object, object], tmp_path: Path
+) -> None:
+    host: Host = client.app[HOST_KEY]  # type: ignore[index]
+    request = VmRequest(name="v1", disk="/img")
+    config = VmConfig(name="v1", disks=(DiskSpec(node="disk0", path="/img"),))
+    host.vms.vms["v1"] = ManagedVm(request, config, tmp_path, VmRole.RUNNING, Path("/img"))
+    for path, sent, fragment in (
+        ("/v1/vms/v1/devices/disk0/swap", {"to": 5}, "$.to"),
+        ("/v1/vms/v1/devices/disk0/swap", {"to": "relative"}, "not an absolute path"),
+        ("/v1/vms/v1/devices/disk0/swap", {"to": "/x", "rate_limit": 0}, "$.rate_limit"),
+        ("/v1/vms/v1/devices/disk0/attach-remote", {"sync": True}, "field `from`"),
+        ("/v1/vms/v1/probe", {"command": "dance"}, "$.command"),
+    ):
+        resp = await client.post(path, json=sent, headers=AUTH)
+        assert resp.status == 400, (path, sent)
+        assert fragment in (await resp.json())["error"], (path, sent)

@@ -15,18 +15,18 @@ from typing import Any, cast
 
 import pytest
 
-from devagent.daemon.guestnet import (
+from devagent.daemon.migration.net import MAX_FORWARD_S, QUIET_S, NetMigration, forwarding_done
+from devagent.daemon.netstat import is_link
+from devagent.daemon.nics import NicAgent
+from devagent.daemon.vms import VmManager, VmRequest, build_config, disk_spec
+from devagent.errors import PeerError, StateError, UsageError
+from devagent.guestnet import (
     GuestNetwork,
     guest_block,
     mac_for,
     pick_address,
     tap_name,
 )
-from devagent.daemon.migration.net import MAX_FORWARD_S, QUIET_S, NetMigration, forwarding_done
-from devagent.daemon.netstat import is_link
-from devagent.daemon.nics import NicAgent
-from devagent.daemon.vms import VmManager, VmRequest, build_config, disk_spec
-from devagent.errors import PeerError, StateError, UsageError
 from devagent.lab.traffic import parse_ping, ping_max_gap
 from devagent.net.agent import NetAgent
 from devagent.net.serve import serve
@@ -336,7 +336,7 @@ def test_an_address_a_migrated_vm_took_away_is_not_handed_out_again(tmp_path: Pa
     assert [(n.address, n.mac, n.made_tap) for n in first] == [
         ("10.213.7.100/24", "52:54:00:d5:07:64", tap_name("v1", "net0"))
     ]
-    manager._lend("10.213.7.100/24")  # v1 migrated away with it
+    manager.addresses.lend("10.213.7.100/24")  # v1 migrated away with it
     again = VmManager("a", tmp_path, None, "10.213.7.1", network)  # and the daemon restarted
     assert again._plan_nics(VmRequest(name="v2", nics=1), None)[0].address == "10.213.7.101/24"
     back = again._plan_nics(
@@ -346,7 +346,7 @@ def test_an_address_a_migrated_vm_took_away_is_not_handed_out_again(tmp_path: Pa
     assert [(n.address, n.hold, n.peer_listen) for n in back] == [
         ("10.213.7.100/24", True, "10.213.7.1")
     ]
-    assert again.lent == set()
+    assert again.addresses.lent == frozenset()
     assert (
         VmManager("a", tmp_path, None, "10.213.7.1", None)._plan_nics(VmRequest(name="v3"), None)
         == []

@@ -45,12 +45,21 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from devagent.client import Endpoint
 from devagent.control_api import STATUS, json_error
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
 from devagent.daemon.migration.routes import MigrationRoutes
-from devagent.daemon.vms import VmRequest
+from devagent.daemon.vms import exchange
+from devagent.daemon.vms.request import (
+    ATTACH_RULES,
+    PROBE_RULES,
+    SWAP_RULES,
+    AttachRemoteBody,
+    ProbeBody,
+    SwapBody,
+    decode,
+    decode_vm_request,
+)
 from devagent.errors import DevagentError, NotFound, UsageError
 from devagent.guest.probe import disk_digest
 
@@ -103,10 +112,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return json_error(500, f"internal error: {err!r}")
 
 
-async def body(request: web.Request) -> Any:
+async def raw_body(request: web.Request) -> bytes:
+    """The request's body, for a typed decode (``devagent.daemon.vms.request.decode``)."""
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise BodyTooLarge(f"request body over {MAX_BODY} bytes")
-    raw = await request.read()
+    return await request.read()
+
+
+async def body(request: web.Request) -> Any:
+    raw = await raw_body(request)
     if not raw:
         return {}
     try:
@@ -130,7 +144,7 @@ async def list_vms(request: web.Request) -> web.Response:
 
 
 async def start_vm(request: web.Request) -> web.Response:
-    vm_request = VmRequest.from_json(await body(request))
+    vm_request = decode_vm_request(await raw_body(request))
     managed = await host_of(request).vms.start(vm_request)
     return web.json_response(managed.status(), status=201)
 
@@ -162,33 +176,23 @@ async def devices(request: web.Request) -> web.Response:
 
 async def swap_device(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
-    payload = await body(request)
-    to = payload.get("to") if isinstance(payload, dict) else None
+    swap = decode(await raw_body(request), SwapBody, SWAP_RULES)
     node = request.match_info["node"]
     if any(nic.node == node for nic in managed.nics):
-        if not isinstance(to, str) or not to:
-            raise UsageError("for a NIC the body must be {'to': TAP}: a tap on the VM's host")
-        return web.json_response(await managed.swap_nic(node, to))
-    if not isinstance(to, str) or not to.startswith("/"):
-        raise UsageError("body must be {'to': ABSOLUTE_PATH, 'sync': bool}")
-    sync = bool(payload.get("sync", False))
-    rate = payload.get("rate_limit")
-    if rate is not None and (not isinstance(rate, int) or rate <= 0):
-        raise UsageError("'rate_limit' must be a positive number of bytes per second")
-    result = await managed.swap_disk(
-        request.match_info["node"], Path(to), sync=sync, rate_limit=rate
+        return web.json_response(await exchange.swap_nic(managed, node, swap.to))
+    if not swap.to.startswith("/"):
+        raise UsageError(f"{SWAP_RULES['to']} (at $.to: not an absolute path)")
+    result = await exchange.swap_disk(
+        managed, node, Path(swap.to), sync=swap.sync, rate_limit=swap.rate_limit
     )
     return web.json_response(result)
 
 
 async def attach_remote(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
-    payload = await body(request)
-    if not isinstance(payload, dict):
-        raise UsageError("body must be {'from': {'url', 'token', 'name'}, 'sync': bool}")
-    peer = Endpoint.from_json(payload.get("from"))
-    sync = bool(payload.get("sync", False))
-    result = await managed.attach_remote(request.match_info["node"], peer, sync=sync)
+    attach = decode(await raw_body(request), AttachRemoteBody, ATTACH_RULES)
+    node = request.match_info["node"]
+    result = await exchange.attach_remote(managed, node, attach.endpoint(), sync=attach.sync)
     return web.json_response(result)
 
 
@@ -203,11 +207,8 @@ async def completions(request: web.Request) -> web.Response:
 
 async def probe_command(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
-    payload = await body(request)
-    command = payload.get("command") if isinstance(payload, dict) else None
-    if not isinstance(command, str):
-        raise UsageError("body must be {'command': 'pause'|'resume'|'verify'}")
-    event = await managed.probe_command(command)
+    probe = decode(await raw_body(request), ProbeBody, PROBE_RULES)
+    event = await managed.probe_command(probe.command)
     return web.json_response({"event": asdict(event)})
 
 
@@ -229,7 +230,7 @@ async def integrity(request: web.Request) -> web.Response:
 
 
 async def create_export(request: web.Request) -> web.Response:
-    name, size = parse_export_request(await body(request))
+    name, size = parse_export_request(await raw_body(request))
     agent = await host_of(request).exports.create(name, size)
     return web.json_response(ExportManager.status(agent), status=201)
 

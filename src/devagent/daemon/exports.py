@@ -12,8 +12,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from devagent.daemon.agents import AgentProcess
+from devagent.daemon.vms.request import MAX_DISK_BYTES, MIN_DISK_BYTES, NAME_RULE, Name, decode
 from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.vocab import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -110,16 +114,26 @@ class ExportManager:
         }
 
 
-def parse_export_request(body: Any) -> tuple[str, int]:
-    from devagent.daemon.vms import NAME_RE
-    from devagent.vocab import parse_size
+class ExportRequest(msgspec.Struct, frozen=True):
+    """The ``POST /v1/exports`` body: a new disk ``size`` bytes (or "1G") large."""
 
-    if not isinstance(body, dict):
-        raise UsageError("the request body must be a JSON object")
-    name = body.get("name")
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise UsageError("'name' must be 1-32 characters of a-z, 0-9 and '-'")
-    size = parse_size(body.get("size", 1 << 30))
-    if not 1 << 20 <= size <= 1 << 40:
-        raise UsageError("'size' must be from 1M to 1T")
-    return name, size
+    name: Name
+    size: int | str = 1 << 30
+
+    def checked(self) -> tuple[str, int]:
+        """The export's name and size in bytes, once the size is in range."""
+        size = parse_size(self.size)
+        if not MIN_DISK_BYTES <= size <= MAX_DISK_BYTES:
+            raise UsageError("'size' must be from 1M to 1T (at $.size)")
+        return self.name, size
+
+
+EXPORT_RULES = {
+    "name": NAME_RULE,
+    "size": "'size' must be a size in bytes or with a K, M or G suffix",
+}
+
+
+def parse_export_request(raw: bytes) -> tuple[str, int]:
+    """The ``POST /v1/exports`` body: the export's name and size in bytes."""
+    return decode(raw, ExportRequest, EXPORT_RULES).checked()

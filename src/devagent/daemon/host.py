@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devagent.daemon.exports import ExportManager
-from devagent.daemon.guestnet import GuestNetwork
 from devagent.daemon.vms import VmManager
+from devagent.guestnet import GuestNetwork
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -12,8 +13,8 @@ from pathlib import Path
 from aiohttp import web
 
 from devagent.daemon.api import build_app
-from devagent.daemon.guestnet import GuestNetwork
 from devagent.daemon.host import Host
+from devagent.guestnet import GuestNetwork
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +64,7 @@ async def serve(args: argparse.Namespace) -> None:
         shared_dir=args.shared_dir,
         network=network,
     )
+    await host.vms.warm_up()
     await host.exports.adopt_all()
     await host.vms.adopt_all()
     app = build_app(host, token)
@@ -71,24 +73,27 @@ async def serve(args: argparse.Namespace) -> None:
     site = web.TCPSite(runner, addr, int(port), reuse_address=True)
     await site.start()
     logging.getLogger("devagentd").info("host %s listening on %s", args.host_name, args.listen)
-    supervisor = asyncio.create_task(supervise(host), name="supervisor")
     stop = asyncio.Event()
+    supervisor = asyncio.create_task(supervise(host, stop), name="supervisor")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    supervisor.cancel()
+    await supervisor
     await runner.cleanup()
 
 
 SUPERVISE_EVERY_S = 0.25
 
 
-async def supervise(host: Host) -> None:
-    """Restart the agents that die, as long as the daemon runs."""
+async def supervise(host: Host, stop: asyncio.Event) -> None:
+    """Restart the agents that die, a pass every :data:`SUPERVISE_EVERY_S`, until ``stop``
+    is set (a timer, not a wait for a condition: it has no deadline)."""
     log = logging.getLogger("devagentd.supervisor")
-    while True:
-        await asyncio.sleep(SUPERVISE_EVERY_S)
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), SUPERVISE_EVERY_S)
+            return
         try:
             await host.exports.supervise_once()
             await host.vms.supervise_once()

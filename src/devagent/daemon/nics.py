@@ -1,5 +1,5 @@
 """VM NICs as their host daemon makes and supervises them: the tap on the host's guest
-bridge and the NIC's net agent process (addresses and MACs: :mod:`devagent.daemon.guestnet`).
+bridge and the NIC's net agent process (addresses and MACs: :mod:`devagent.guestnet`).
 A VM keeps its address and MAC wherever it migrates: the destination makes a tap of its own
 and a net agent held until the guest runs there (:mod:`devagent.daemon.migration.net`).
 

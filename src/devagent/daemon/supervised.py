@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
+KILL_TIMEOUT_S = 2.0
+#: How long a status the API shows waits for an agent's answer.
+STATUS_TIMEOUT_S = 1.0
 
 
 class Supervised:
@@ -88,20 +91,30 @@ class Supervised:
                 cwd=self.run_dir,
             )
         self.pid = proc.pid
+        try:
+            await self._wait_answering(proc)
+        except PeerError:
+            await self.kill()
+            raise
+        asyncio.get_running_loop().create_task(proc.wait())  # reaped when it exits
+        log.info("%s: pid %d", self.title(), self.pid)
+
+    async def _wait_answering(self, proc: asyncio.subprocess.Process) -> None:
+        """Until its sockets exist and its control socket answers (nothing signals a
+        socket's creation: look every 20 ms), for :data:`START_TIMEOUT_S` at most."""
         deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
+        while time.monotonic() < deadline:
             if proc.returncode is not None or not pid_alive(proc.pid):
                 raise PeerError(f"{self.title()} exited at start: {self.tail()}")
             if all(path.exists() for path in self.sockets()):
                 with contextlib.suppress(PeerError):
                     self.started(await self.call("GET", "/status"))
-                    break
-            if time.monotonic() > deadline:
-                await self.kill()
-                raise PeerError(f"{self.title()} did not start: {self.tail()}")
+                    return
             await asyncio.sleep(0.02)
-        asyncio.get_running_loop().create_task(proc.wait())  # reaped when it exits
-        log.info("%s: pid %d", self.title(), self.pid)
+        raise PeerError(
+            f"{self.title()} did not answer on {self.control_socket} within "
+            f"{START_TIMEOUT_S:g} s: {self.tail()}"
+        )
 
     async def call(
         self,
@@ -135,23 +148,53 @@ class Supervised:
         except (aiohttp.ClientError, TimeoutError, ValueError) as err:
             raise PeerError(f"{who} unreachable: {err!r}") from err
 
+    async def quick_status(self, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
+        """Its ``GET /status`` answer for a status the API shows: ``TimeoutError`` when it
+        gives none in ``timeout`` seconds (a status never waits on a silent agent)."""
+        async with asyncio.timeout(timeout):
+            answer: dict[str, Any] = await self.call("GET", "/status", timeout=timeout + 1.0)
+            return answer
+
     async def stop(self) -> None:
         """Ask it to stop (it answers or fails what it still has), kill it if it lingers."""
-        if self.alive:
+        if self.pid is not None and self.alive:
             with contextlib.suppress(PeerError, StateError):
                 await self.call("POST", "/stop")
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while self.alive and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            if not await wait_exit(self.pid, STOP_TIMEOUT_S):
+                log.warning("%s did not stop in %g s: killing it", self.title(), STOP_TIMEOUT_S)
         await self.kill()
 
     async def kill(self) -> None:
         if self.pid is not None and pid_alive(self.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
-            for _ in range(100):
-                if not pid_alive(self.pid):
-                    break
-                await asyncio.sleep(0.02)
+            if not await wait_exit(self.pid, KILL_TIMEOUT_S):
+                log.error("%s (pid %d) still there %g s after SIGKILL", self.title(),
+                          self.pid, KILL_TIMEOUT_S)  # fmt: skip
         for path in self.sockets():
             path.unlink(missing_ok=True)
+
+
+async def wait_exit(pid: int, timeout: float) -> bool:
+    """Whether process ``pid`` exits within ``timeout`` seconds. Its pidfd becomes readable
+    when it does: an event, not a poll."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[None] = loop.create_future()
+
+    def on_exit() -> None:
+        if not exited.done():
+            exited.set_result(None)
+
+    loop.add_reader(fd, on_exit)
+    try:
+        await asyncio.wait_for(exited, timeout)
+    except TimeoutError:
+        return False
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return True

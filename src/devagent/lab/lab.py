@@ -43,7 +43,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from devagent.daemon.guestnet import guest_block
 from devagent.errors import (
     DevagentError,
     EnvironmentProblem,
@@ -52,6 +51,7 @@ from devagent.errors import (
     StateError,
     UsageError,
 )
+from devagent.guestnet import guest_block
 from devagent.lab import net, procs
 from devagent.vocab import parse_rate
 

@@ -260,7 +260,7 @@ class MigrationJob:
         if self.net is not None:  # until the network has learned the guest's new place
             await self.net.finish(self.peer, committed.steps)
         source_done = await self.managed.completions_since(self.started_at - BASELINE_S)
-        self.managed.migrated_away()
+        self.managed.migrated_away(serves_disk=self.plan.serves_after_switchover)
         with contextlib.suppress(PeerError, StateError):  # QEMU's final figures
             done = await self.managed.vm.migration_outcome()
         # The old instance: inert since the switchover (its disk flushed and inactivated).

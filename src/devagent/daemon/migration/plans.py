@@ -86,6 +86,8 @@ class Plan:
     moves_disk: ClassVar[bool] = True
     #: QEMU pauses before the switchover for :meth:`at_pre_switchover`.
     pauses_before_switchover: ClassVar[bool] = False
+    #: The source still serves the disk to the destination after the switchover.
+    serves_after_switchover: ClassVar[bool] = False
 
     def check(self, job: MigrationJob) -> None:
         """Refuse a VM this strategy cannot move (:class:`UsageError`), before anything."""
@@ -217,6 +219,8 @@ class SharedPlan(AgentPlan):
 
 class FetchingPlan(AgentPlan):
     """The destination fetches what it lacks after the switchover (postcopy, hybrid)."""
+
+    serves_after_switchover = True
 
     def commit_request(self, job: MigrationJob, handover: Handover | None) -> CommitRequest:
         assert job.source_disk is not None

@@ -143,7 +143,7 @@ async def commit(managed: ManagedVm) -> CommitAnswer:
             "block-stream",
             **{"job-id": STREAM_JOB, "device": "disk0-overlay", "auto-dismiss": False},
         )
-    managed.role = "running"
+    managed.arrived()
     managed.save()
     assert vm.resumed_at is not None
     return CommitAnswer(resumed_at=vm.resumed_at, vm=managed.status())

@@ -205,6 +205,7 @@ class QemuMirrorActivePlan(QemuMirrorPlan):
 class QemuCorStreamPlan(QemuPlan):
     strategy = Strategy.QEMU_COR_STREAM
     mode = "cor-stream"
+    serves_after_switchover = True  # the destination streams from the source's export
 
     async def prepare(self, job: MigrationJob) -> Prepared:
         job.progress["source_export"] = to_json(await self._export_disk(job))

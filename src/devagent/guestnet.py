@@ -4,14 +4,25 @@ A host that may give VMs NICs is started with a **guest network**: the bridge it
 join (in a lab, the bridge in the host's namespace that also holds its ``eth0``) and the
 block of addresses of the lab's subnet its VMs get: :func:`guest_block` splits the lab's
 guest range (.100 to .199) between its hosts, so two hosts never hand out one address.
+
+A VM keeps its address wherever it migrates, and its home host does not learn when it
+stops elsewhere: :class:`AddressLedger` remembers (in a file, across daemon restarts) the
+addresses of the block that VMs which migrated away still use, so they are never handed out
+again, until such a VM comes back.
+
+Used by the daemon (which addresses its VMs get) and by the lab (each host's block): it
+imports nothing of either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from devagent.errors import StateError, UsageError
 
@@ -77,6 +88,44 @@ def pick_address(
     raise StateError(
         f"no guest address left in {network.describe()}: every one is in use on this host"
     )
+
+
+class AddressLedger:
+    """The addresses (``ADDR/PREFIX``) of this host's block that VMs which migrated away
+    still use, kept in ``path`` (a JSON list)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lent: set[str] = set()
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            self._lent = {str(a) for a in json.loads(path.read_text())}
+
+    @property
+    def lent(self) -> frozenset[str]:
+        return frozenset(self._lent)
+
+    def lend(self, *addresses: str) -> None:
+        """VMs that migrated away use ``addresses``."""
+        self._update(self._lent | set(addresses))
+
+    def take_back(self, *addresses: str) -> None:
+        """VMs that use ``addresses`` arrived here again."""
+        self._update(self._lent - set(addresses))
+
+    def pick(self, network: GuestNetwork, in_use: Iterable[str]) -> ipaddress.IPv4Address:
+        """A new VM's address: the lowest of the block that no VM here uses (``in_use``,
+        ``ADDR/PREFIX``) and none that migrated away took along."""
+        taken = [ipaddress.IPv4Interface(a).ip for a in (*in_use, *self._lent)]
+        return pick_address(network, taken)
+
+    def _update(self, lent: set[str]) -> None:
+        if lent == self._lent:
+            return
+        self._lent = lent
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(lent)))
+        tmp.replace(self.path)
 
 
 def mac_for(address: ipaddress.IPv4Address) -> str:

@@ -1,0 +1,128 @@
+"""How a VM request becomes a QEMU configuration: its disk (the agent's NBD export, or the
+image itself), its NICs, and for the test guest its kernel, initramfs and accelerator.
+
+:func:`build_config` is pure: what it needs of the machine (the test guest's files, whether
+KVM works, which asks ``qemu-system-x86_64 --version`` by subprocess) is found once by
+:class:`TestGuest`, off the event loop and before the VM manager takes its lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import NamedTuple
+
+from devagent.daemon.agents import AgentProcess
+from devagent.daemon.nics import NicAgent
+from devagent.errors import NotFound, PeerError, StateError
+from devagent.guest.build import GuestImage, load_guest
+from devagent.guest.probe import DiskDigest, disk_digest
+from devagent.guest.workload import parse_workload
+from devagent.qemu.accel import Accel, choose_accel
+from devagent.qemu.config import DiskFormat, DiskSpec, NicSpec, VmConfig
+
+from .request import VmRequest
+
+NBD_RECONNECT_DELAY_S = 5  # QEMU's NBD client reconnects to a restarted agent
+
+
+class GuestBoot(NamedTuple):
+    """The test guest and the accelerator it boots under on this machine."""
+
+    image: GuestImage
+    accel: Accel
+
+
+class TestGuest:
+    """Finds the test guest and its accelerator, once per guest kernel, in a thread: the
+    accelerator's cache key holds QEMU's version, which only a subprocess tells."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self) -> None:
+        self._accel: dict[str, Accel] = {}  # guest kernel version → accelerator
+
+    async def find(self) -> GuestBoot:
+        """The test guest (NotFound when it is not built) and its accelerator."""
+        image = await asyncio.to_thread(load_guest)
+        if image.kernel_version not in self._accel:
+            accel: Accel = await asyncio.to_thread(choose_accel, image)
+            self._accel[image.kernel_version] = accel
+        return GuestBoot(image, self._accel[image.kernel_version])
+
+
+def image_format(path: Path) -> DiskFormat:
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        raise NotFound(f"disk image {path}: {err.strerror}") from err
+    return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+
+def image_digest(path: Path) -> DiskDigest:
+    """The probe digest of a disk image: a raw one is read as it is; a qcow2 one (the
+    ``qemu-cor-stream`` baseline's overlay) through a raw copy ``qemu-img`` makes."""
+    if image_format(path) == "raw":
+        return disk_digest(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        raw = Path(tmp) / "raw.img"
+        argv = ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(path), str(raw)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise PeerError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+        return disk_digest(raw)
+
+
+def disk_spec(request: VmRequest, image: Path, agent: AgentProcess | None) -> DiskSpec:
+    """The VM's disk: the agent's NBD export when it has one, else the image itself."""
+    fmt: DiskFormat = "raw" if request.disk is None else image_format(image)
+    if agent is None:
+        return DiskSpec(node="disk0", path=str(image), format=fmt)
+    return DiskSpec(
+        node="disk0",
+        nbd_socket=str(agent.nbd_socket),
+        nbd_export=agent.export,
+        format=fmt,
+        reconnect_delay_s=NBD_RECONNECT_DELAY_S,
+    )
+
+
+def build_config(
+    request: VmRequest,
+    disk: DiskSpec,
+    nics: tuple[NicAgent, ...] = (),
+    *,
+    guest: GuestBoot | None = None,
+) -> VmConfig:
+    """The QEMU configuration for ``request`` with ``disk`` and the NICs ``nics``. The test
+    guest (``guest``, needed when the request runs it) is told its address on the kernel
+    command line: ``devagent.ip=``."""
+    specs = tuple(NicSpec(id=n.node, stream_socket=str(n.stream_socket), mac=n.mac) for n in nics)
+    if request.has_probe:
+        if guest is None:
+            raise StateError(f"VM {request.name} runs the test guest: find it first (TestGuest)")
+        assert request.workload is not None
+        workload = parse_workload(request.workload)
+        return VmConfig(
+            name=request.name,
+            ram_mb=request.ram_mb,
+            accel=guest.accel,
+            kernel=str(guest.image.kernel),
+            initrd=str(guest.image.initrd),
+            append=f"console=ttyS0 quiet panic=-1 {workload.to_kernel_arg()}"
+            + "".join(f" devagent.ip={n.address}" for n in nics[:1]),
+            disks=(disk,),
+            nics=specs,
+        )
+    return VmConfig(
+        name=request.name,
+        ram_mb=request.ram_mb,
+        kernel=request.kernel,
+        initrd=request.initrd,
+        append=request.append,
+        disks=(disk,),
+        nics=specs,
+    )

@@ -1,0 +1,316 @@
+"""The migration's destination half, and bringing a disk home from another host: an
+incoming VM is prepared (:func:`prepare_incoming`, or :func:`add_incoming` for the
+QEMU-only baselines), it arrives and runs (:func:`commit_incoming`), its disk becomes
+local (:func:`await_local`, also for :func:`fetch_home`).
+
+These were methods of the VM manager and of the managed VM; they are functions taking
+them, unchanged in behaviour, so that they can move into the migration package as they
+are. They use the manager's internals (``_lock``, ``_add``, ``_launch``) as its methods did.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from devagent.agent.fetch import presence_path
+from devagent.client import DaemonClient, Endpoint
+from devagent.daemon.agents import AgentProcess
+from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.qemu.config import VmConfig
+from devagent.qemu.vm import VmState
+
+from .managed import ManagedVm, VmRole
+from .request import VmRequest
+
+if TYPE_CHECKING:
+    from .manager import VmManager
+
+log = logging.getLogger(__name__)
+
+FETCH_CHUNK = 64 << 10
+ARRIVAL_TIMEOUT_S = 30.0
+#: A replica being filled that makes no progress for this long never becomes local.
+FETCH_STALL_S = 3600.0
+
+
+# --- the manager's side ------------------------------------------------------------------------
+
+
+async def prepare_incoming(
+    manager: VmManager,
+    request: VmRequest,
+    config: VmConfig,
+    image: Path | None,
+    *,
+    size: int = 0,
+    backend: dict[str, Any] | None = None,
+    receive: bool = False,
+    nics: list[dict[str, Any]] | None = None,
+) -> ManagedVm:
+    """Start QEMU waiting for ``config``'s VM to arrive by live migration.
+
+    With ``image`` (shared storage) this host's agent serves that same image. Without
+    it the disk moves: a new local replica of ``size`` bytes is made, served by the
+    agent through ``backend`` (e.g. ``Remote`` to the source's agent) or, with none, as
+    ``Local`` (a mirror's target); and QEMU stays paused after the migration (``-S``)
+    until :func:`commit_incoming` has the disk ready."""
+    async with manager._lock:
+        if request.name in manager.vms:
+            raise StateError(f"VM {request.name!r} already exists on host {manager.host_name}")
+        if len(nics or []) != len(config.nics):
+            raise UsageError(
+                f"VM {request.name} has {len(config.nics)} NIC(s): 'nics' must describe "
+                "each (node, address, mac)"
+            )
+        if nics:  # before anything is made
+            manager._require_network()
+        paused = image is None
+        if image is None:
+            image = _new_replica(manager, request.name, size)
+        managed = manager._add(
+            request, image, VmRole.INCOMING, config=config, backend=backend,
+            paused=paused, incoming_nics=nics or [],
+        )  # fmt: skip
+        if receive:
+            managed.receiver = AgentProcess(
+                vm=request.name,
+                node="receive",
+                image=str(image),
+                run_dir=str(managed.run_dir),
+                listen_address=manager.address,
+            )
+    await _launch_with_receiver(manager, managed)
+    return managed
+
+
+def _new_replica(manager: VmManager, name: str, size: int) -> Path:
+    image = manager.root / "disks" / f"{name}.img"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    for stale in (image, presence_path(image)):
+        stale.unlink(missing_ok=True)
+    with image.open("wb") as f:
+        f.truncate(size)
+    return image
+
+
+async def _launch_with_receiver(manager: VmManager, managed: ManagedVm) -> None:
+    # The receiver starts beside the VM's own agent and QEMU: each agent takes a while
+    # to come up, and the migration waits for all of them.
+    receiver = managed.receiver
+    receiving = asyncio.ensure_future(receiver.start()) if receiver is not None else None
+    try:
+        await manager._launch(managed)  # on failure it removes the VM (and its receiver)
+        if receiving is not None:
+            await receiving
+    except BaseException:
+        if receiver is not None and receiving is not None:
+            receiving.cancel()
+            await asyncio.gather(receiving, return_exceptions=True)
+            await receiver.kill()
+        if managed.name in manager.vms:
+            await manager.remove(managed.name)
+        raise
+
+
+async def add_incoming(
+    manager: VmManager, request: VmRequest, config: VmConfig, image: Path
+) -> ManagedVm:
+    """Start QEMU with ``config`` as given, waiting for its VM to arrive, with no agent:
+    the QEMU-only baselines build their own block graph (devagent.daemon.baselines).
+    ``image``, made by the caller in this host's disks folder, goes if the VM never
+    arrives."""
+    async with manager._lock:
+        if request.name in manager.vms:
+            raise StateError(f"VM {request.name!r} already exists on host {manager.host_name}")
+        run_dir = manager.run_dir(request.name)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        managed = ManagedVm(request, config, run_dir, VmRole.INCOMING, image)
+        manager.vms[request.name] = managed
+    await manager._launch(managed)
+    return managed
+
+
+# --- the VM's side -----------------------------------------------------------------------------
+
+
+async def commit_incoming(
+    vm: ManagedVm, fetch: dict[str, Any] | None, local: bool = False
+) -> dict[str, float]:
+    """The migration arrived: ready the disk, run the guest, return when it resumed
+    (``resumed_at``) and when each step before it ended (wall clock).
+
+    With ``fetch`` (postcopy, hybrid) the agent swaps to a Fetch replica of the source's
+    disk (``fetch["remote"]``), seeded with the chunks a mirror already pushed
+    (``fetch["present"]``, base64 bits), copying the rest in the background; a task
+    watches it complete. With ``local`` (precopy) the replica is complete already and
+    the agent swaps to it. Nothing runs the guest before the disk is ready: QEMU was
+    started paused (``-S``)."""
+    steps = {"commit": time.time()}
+    deadline = time.time() + ARRIVAL_TIMEOUT_S
+    while (await vm.vm.qmp("query-status"))["status"] == "inmigrate":
+        if vm.vm.exited or time.time() > deadline:
+            raise PeerError(f"VM {vm.name}: the migration did not arrive")
+        await asyncio.sleep(0.002)  # the guest is paused meanwhile: look often
+    steps["arrived"] = time.time()
+    if vm.receiver is not None:
+        steps["receiver_retired"] = await _retire_receiver(vm, vm.receiver)
+    if local:
+        agent = vm.agent_for("disk0")
+        await agent.call("POST", "/swap", {"backend": {"kind": "local", "path": str(vm.image)}})
+        steps["disk_swapped"] = time.time()
+        agent.backend = None
+    if fetch is not None:
+        steps["disk_swapped"] = await _swap_to_fetch(vm, fetch)
+    if vm.vm.state is not VmState.RUNNING:
+        await vm.vm.qmp("cont")
+    await vm.wait_running(timeout=ARRIVAL_TIMEOUT_S)
+    if vm.nics:
+        steps.update(await release_nics(vm))
+    vm.arrived()
+    vm.save()
+    assert vm.vm.resumed_at is not None
+    return {**steps, "resumed_at": vm.vm.resumed_at}
+
+
+async def _retire_receiver(vm: ManagedVm, receiver: AgentProcess) -> float:
+    """A push the source gave up at the switchover may still be on the wire: the
+    receiver stops now, its requests in flight finished, before the replica is served
+    (the source counts such chunks as missing: they are fetched). Its process exits off
+    the critical path. Returns when it stopped serving."""
+    try:
+        await receiver.call("POST", "/retire", timeout=30.0)
+    except (PeerError, StateError) as err:
+        log.warning("VM %s: receiver unreachable (%s): killing it", vm.name, err)
+        await receiver.kill()
+    retired = time.time()
+    vm.retiring = asyncio.create_task(receiver.stop())
+    vm.receiver = None
+    return retired
+
+
+async def _swap_to_fetch(vm: ManagedVm, fetch: dict[str, Any]) -> float:
+    """The chunks the mirror pushed are in the replica (the receiver wrote them): the
+    agent serves them at once and makes them durable in the background. Returns when
+    the agent swapped."""
+    agent = vm.agent_for("disk0")
+    spec = {
+        "kind": "fetch",
+        "path": str(vm.image),
+        "remote": fetch["remote"],
+        "chunk_size": int(fetch.get("chunk_size", FETCH_CHUNK)),
+        "copier": True,
+        "then_local": True,
+        "present": str(fetch.get("present", "")),
+    }
+    if "copy_batch" in fetch:
+        spec["copy_batch"] = fetch["copy_batch"]
+    await agent.call("POST", "/swap", {"backend": spec})
+    swapped = time.time()
+    agent.backend = spec
+    vm.fetching = asyncio.create_task(await_local(vm, agent))
+    return swapped
+
+
+async def release_nics(vm: ManagedVm) -> dict[str, float]:
+    """An arrived VM runs: its NICs' agents (held since they started) deliver what they
+    kept, and QEMU announces the guest's MAC so that the network learns its new place
+    (QEMU also announced it as the migration loaded; once more now that frames flow)."""
+    # Past the switchover: a failure here is logged, it does not fail the migration.
+    for nic in vm.nics:
+        nic.hold = False  # a restarted agent starts unheld from now on
+        try:
+            released = await nic.call("POST", "/release")
+        except DevagentError as err:  # its hold ended already, or the agent restarts
+            vm.log.error("%s: release failed: %s", nic.describe(), err)
+            continue
+        vm.log.info("%s released: %s", nic.describe(), released)
+    steps = {"nic_released": time.time()}
+    try:
+        await vm.vm.qmp("announce-self", initial=50, max=550, rounds=5, step=100)
+    except DevagentError as err:
+        vm.log.error("VM %s: announce-self failed: %s", vm.name, err)
+    steps["nic_announced"] = time.time()
+    return steps
+
+
+async def fetch_home(
+    vm: ManagedVm, node: str, path: Path, *, rate_limit: int | None = None
+) -> dict[str, Any]:
+    """Bring a disk that lives on another host home to ``path`` on this host: the agent
+    serves from a local replica filled on demand (copy-on-read) and in the background,
+    and switches to it as ``Local`` once complete; then the peer's export is removed."""
+    agent = vm.agent_for(node)
+    remote = agent.backend
+    if vm.request.disk_from is None or remote is None or remote.get("kind") != "remote":
+        raise StateError(f"VM {vm.name}'s {node} does not live on another host")
+    if path.exists():
+        raise UsageError(f"{path} exists: a replica is made new")
+    started = time.time()
+    spec: dict[str, Any] = {
+        "kind": "fetch",
+        "path": str(path),
+        "remote": remote,
+        "copier": True,
+        "then_local": True,
+    }
+    if rate_limit:
+        spec["rate_limit"] = rate_limit
+    swapped = await agent.call("POST", "/swap", {"backend": spec})
+    agent.backend, agent.image = spec, str(path)  # a restarted agent resumes the fetch
+    vm.image = path
+    vm.save()
+    status = await await_local(vm, agent)
+    peer = Endpoint.from_json(vm.request.disk_from)
+    vm.request = vm.request.replace(disk_from=None)
+    vm.save()
+    with contextlib.suppress(PeerError, NotFound):
+        async with DaemonClient(peer) as client:
+            await client.delete(f"/v1/exports/{vm.name}")
+    return {
+        "vm": vm.name,
+        "device": node,
+        "duration_s": round(time.time() - started, 3),
+        "held_ms": round(float(swapped["hold_s"]) * 1000, 3),
+        "backend": repr(status["backend_status"]),
+        "released": peer.name,
+    }
+
+
+async def await_local(vm: ManagedVm, agent: AgentProcess) -> dict[str, Any]:
+    """Wait until ``agent``'s Fetch replica is complete and the agent serves it as
+    ``Local``; then a restarted agent opens the replica as Local too. Gives up when the
+    replica makes no progress for :data:`FETCH_STALL_S` (an agent that died is restarted
+    by the supervisor meanwhile, and resumes the fetch)."""
+    present = -1
+    deadline = time.monotonic() + FETCH_STALL_S
+    while time.monotonic() < deadline:
+        try:
+            status: dict[str, Any] = await agent.call("GET", "/status")
+        except PeerError:  # the agent died: the supervisor restarts it, resuming the fetch
+            await asyncio.sleep(0.2)
+            continue
+        backend = status["backend_status"]
+        if backend.get("kind") == "fetch":
+            vm.last_fetch = backend
+            if int(backend.get("present_bytes", 0)) > present:
+                present = int(backend.get("present_bytes", 0))
+                deadline = time.monotonic() + FETCH_STALL_S
+        if backend.get("kind") == "local":
+            if vm.last_fetch is not None:  # the figures as the replica completed
+                vm.last_fetch = {**vm.last_fetch, "present_bytes": vm.last_fetch["size"]}
+            agent.backend = None
+            vm.save()
+            return status
+        await asyncio.sleep(0.1)
+    raise PeerError(
+        f"VM {vm.name}: the replica of {agent.node} made no progress for {FETCH_STALL_S:g} s "
+        "and never became local"
+    )

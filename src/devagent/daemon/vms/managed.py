@@ -1,0 +1,394 @@
+"""A VM as its daemon keeps it (:class:`ManagedVm`): the QEMU process (:class:`Vm`), what
+its probe said on the console (heartbeats, answers to commands), its agents and NICs, its
+record ``vm.json``, and the status the API shows.
+
+The VM's part in a migration is its **role** (:class:`VmRole`), one enum moved only by the
+events of :data:`ROLE_TRANSITIONS` (an arrival, a departure); the state the API shows comes
+from the role and QEMU's own state together (:meth:`ManagedVm.shown_state`): a copy left
+behind by a migration says so, and whether it still serves the disk to the destination,
+rather than the ``failed`` or ``stopped`` of its killed QEMU.
+
+Device exchange lives in :mod:`.exchange`, the migration's destination half in
+:mod:`.incoming`; both are functions taking a ManagedVm.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from dataclasses import asdict
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from devagent.client import DaemonClient, Endpoint
+from devagent.daemon.agents import AgentProcess
+from devagent.daemon.nics import NicAgent
+from devagent.daemon.supervised import STATUS_TIMEOUT_S, Supervised
+from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.guest.probe import ConsoleParser, Heartbeat, Paused, ProbeEvent, Verified
+from devagent.qemu.config import VmConfig
+from devagent.qemu.vm import Vm, VmState
+
+from .config import image_digest
+from .request import VmRequest
+
+log = logging.getLogger(__name__)
+
+HEARTBEATS_KEPT = 36_000  # one hour at ten a second
+PROBE_ANSWERS: dict[str, type[ProbeEvent]] = {
+    "pause": Paused,
+    "verify": Verified,
+    "resume": Heartbeat,  # answered by the next heartbeat
+}
+
+
+class VmRole(StrEnum):
+    """What this host's copy of a VM is to its guest."""
+
+    RUNNING = "running"  # the guest lives here
+    INCOMING = "incoming"  # a migration is arriving here; the guest still lives on the source
+    MIGRATED = "migrated"  # the guest migrated away: this copy is left behind
+
+
+class RoleEvent(StrEnum):
+    ARRIVED = "arrived"  # the incoming migration completed: the guest lives here now
+    MIGRATED_AWAY = "migrated away"  # past the switchover: the guest lives on the destination
+
+
+#: The only moves of a role; anything else is a :class:`StateError`.
+ROLE_TRANSITIONS: dict[tuple[VmRole, RoleEvent], VmRole] = {
+    (VmRole.INCOMING, RoleEvent.ARRIVED): VmRole.RUNNING,
+    (VmRole.RUNNING, RoleEvent.MIGRATED_AWAY): VmRole.MIGRATED,
+}
+
+
+class ManagedVm:
+    """A VM as its daemon keeps it: the QEMU process and what its probe said."""
+
+    def __init__(
+        self,
+        request: VmRequest,
+        config: VmConfig,
+        run_dir: Path,
+        role: VmRole | str,
+        image: Path,
+        agents: list[AgentProcess] | None = None,
+        nics: list[NicAgent] | None = None,
+    ):
+        self.request = request
+        self.config = config
+        self.run_dir = run_dir
+        self._role = VmRole(role)
+        self._serves_disk = True  # when migrated: until its agents stop, the destination reads
+        self.image = image  # the disk image on this host, served by the agent (if any)
+        self.agents = agents or []
+        self.nics = nics or []  # one net agent per NIC
+        self.fetching: asyncio.Task[dict[str, Any]] | None = None  # replica being filled
+        self.last_fetch: dict[str, Any] | None = None  # its figures, kept once it is local
+        # An incoming VM's replica as a mirror's target, until the switchover (the VM's own
+        # agent forwards to the source meanwhile, so QEMU never sees a half-copied disk).
+        self.receiver: AgentProcess | None = None
+        self.retiring: asyncio.Task[None] | None = None  # the receiver, stopping
+        self.heartbeats: deque[Heartbeat] = deque(maxlen=HEARTBEATS_KEPT)
+        self.parser = ConsoleParser() if request.has_probe else None
+        self.vm = Vm(config, run_dir, on_console=self._on_console if self.parser else None)
+        self.log = logging.getLogger(f"{__name__}.{config.name}")
+        self._waiters: list[tuple[type[ProbeEvent], asyncio.Future[ProbeEvent]]] = []
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # --- role ------------------------------------------------------------------------------
+
+    @property
+    def role(self) -> VmRole:
+        return self._role
+
+    @role.setter
+    def role(self, role: VmRole | str) -> None:
+        """For code that still assigns the role: the same guarded move as :meth:`arrived`
+        and :meth:`migrated_away`."""
+        events = {VmRole.RUNNING: RoleEvent.ARRIVED, VmRole.MIGRATED: RoleEvent.MIGRATED_AWAY}
+        event = events.get(VmRole(role))
+        if event is None:
+            raise StateError(f"VM {self.name}: no event makes a VM {role} again")
+        self._move_role(event)
+
+    def _move_role(self, event: RoleEvent) -> None:
+        new = ROLE_TRANSITIONS.get((self._role, event))
+        if new is None:
+            raise StateError(
+                f"VM {self.name} is {self._role} here (QEMU {self.vm.state.value}): "
+                f"it cannot have {event}"
+            )
+        self.log.info("VM %s: %s -> %s (%s)", self.name, self._role, new, event)
+        self._role = new
+
+    def arrived(self) -> None:
+        """The incoming migration completed: the guest lives here now."""
+        self._move_role(RoleEvent.ARRIVED)
+
+    def migrated_away(self, *, serves_disk: bool = True) -> None:
+        """Past the switchover the guest lives on the destination: this copy is left
+        behind. ``serves_disk``: its agents still serve the disk to the destination (a
+        postcopy tail) until the disk is local there and this copy is removed."""
+        self._move_role(RoleEvent.MIGRATED_AWAY)
+        self._serves_disk = serves_disk
+
+    def shown_state(self) -> str:
+        """The state the API shows: QEMU's, but for a copy left behind by a migration
+        (whose QEMU is stopped or killed) what that copy is."""
+        if self._role is VmRole.MIGRATED:
+            if self._serves_disk and any(a.alive for a in self.agents):
+                return "migrated, serving its disk to the destination"
+            return "migrated"
+        return self.vm.state.value
+
+    # --- the probe -------------------------------------------------------------------------
+
+    def _on_console(self, data: bytes, host_time: float) -> None:
+        assert self.parser is not None
+        for event in self.parser.feed(data, host_time):
+            if isinstance(event, Heartbeat):
+                self.heartbeats.append(event)
+            else:
+                self.log.info("probe: %s", event)
+            for kind, future in list(self._waiters):
+                if isinstance(event, kind) and not future.done():
+                    future.set_result(event)
+                    self._waiters.remove((kind, future))
+
+    async def set_suspended(self, suspended: bool) -> None:
+        """Stop the guest's vCPUs (QMP ``stop``) or let them run again (``cont``). A
+        suspended guest does nothing and costs no CPU; its devices stay as they are."""
+        self.vm.require(VmState.RUNNING if suspended else VmState.PAUSED)
+        if self.role is not VmRole.RUNNING:
+            raise StateError(f"VM {self.name} is {self.role} here: only a running VM suspends")
+        await self.vm.qmp("stop" if suspended else "cont")
+        await self.vm.refresh_state()
+        self.log.info("VM %s %s", self.name, "suspended" if suspended else "resumed")
+
+    async def probe_command(self, command: str, timeout: float = 30.0) -> ProbeEvent:
+        """Send ``pause``, ``resume`` or ``verify`` to the guest's ioprobe and wait for its
+        answer (``resume`` is answered by the next heartbeat)."""
+        if self.parser is None:
+            raise StateError(f"VM {self.name} runs no ioprobe")
+        self.vm.require(VmState.RUNNING)
+        kind = PROBE_ANSWERS.get(command)
+        if kind is None:
+            raise UsageError(f"unknown probe command {command!r}: use {', '.join(PROBE_ANSWERS)}")
+        future: asyncio.Future[ProbeEvent] = asyncio.get_running_loop().create_future()
+        self._waiters.append((kind, future))
+        await self.vm.send_console(command + "\n")
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError as err:
+            raise PeerError(
+                f"VM {self.name}: ioprobe did not answer {command!r} in {timeout:g} s"
+            ) from err
+        finally:
+            if (kind, future) in self._waiters:
+                self._waiters.remove((kind, future))
+
+    async def wait_running(self, timeout: float) -> None:
+        """Wait until the guest runs (an incoming VM resumes once its migration completes).
+        QEMU's RESUME event moves the state; the :class:`Vm` offers no wait on it."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.vm.state is not VmState.RUNNING:
+            if self.vm.exited or self.vm.state is VmState.FAILED:
+                raise PeerError(f"VM {self.name}: QEMU failed: {self.vm.log_tail()}")
+            if asyncio.get_running_loop().time() > deadline:
+                raise PeerError(
+                    f"VM {self.name} not running after {timeout:.0f} s "
+                    f"(still {self.vm.state.value})"
+                )
+            await asyncio.sleep(0.02)
+
+    async def check_integrity(self) -> str:
+        """Pause the probe, compare the disk with what the guest last wrote (the probe's
+        digest over the generation of every block it wrote), then let the probe go on."""
+        paused = await self.probe_command("pause")
+        assert isinstance(paused, Paused)
+        try:
+            if self.request.disk_from is not None:  # the disk lives on the peer: ask it
+                peer = Endpoint.from_json(self.request.disk_from)
+                async with DaemonClient(peer) as client:
+                    answer = await client.post(f"/v1/exports/{self.name}/digest")
+                digest = str(answer["digest"])
+            else:
+                digest = (await asyncio.to_thread(image_digest, self.image)).digest
+        finally:
+            await self.probe_command("resume")
+        if digest == paused.digest:
+            return "ok"
+        return f"mismatch: the guest last wrote digest {paused.digest}, the disk holds {digest}"
+
+    def heartbeats_since(self, since: float) -> list[Heartbeat]:
+        return [b for b in self.heartbeats if b.host_time > since]
+
+    # --- devices ---------------------------------------------------------------------------
+
+    def agent_for(self, node: str) -> AgentProcess:
+        for agent in self.agents:
+            if agent.node == node:
+                return agent
+        if not self.agents:
+            raise StateError(f"VM {self.name}'s disk has no agent (QEMU opens it directly)")
+        raise NotFound(f"VM {self.name} has no device {node!r}")
+
+    def nic_for(self, node: str) -> NicAgent:
+        for nic in self.nics:
+            if nic.node == node:
+                return nic
+        raise NotFound(f"VM {self.name} has no NIC {node!r}")
+
+    async def devices(self) -> list[dict[str, Any]]:
+        """Each disk: its backend, in-flight requests, journal figures; each NIC: address,
+        tap, hold, forward, counters. The agents are asked all at once, each for
+        :data:`STATUS_TIMEOUT_S` at most: a silent one is shown as such, not waited for."""
+        answers = await asyncio.gather(
+            *(_quick_status(a) for a in self.agents), *(_quick_status(n) for n in self.nics)
+        )
+        disk_answers, nic_answers = answers[: len(self.agents)], answers[len(self.agents) :]
+        rows = [self._disk_row(a, *got) for a, got in zip(self.agents, disk_answers, strict=True)]
+        if not self.agents:
+            rows.append(
+                {
+                    "vm": self.name,
+                    "device": "disk0",
+                    "image": str(self.image),
+                    "state": "direct (QEMU opens the image; no agent)",
+                }
+            )
+        rows += [self._nic_row(n, *got) for n, got in zip(self.nics, nic_answers, strict=True)]
+        return rows
+
+    def _disk_row(
+        self, agent: AgentProcess, status: dict[str, Any] | None, trouble: str | None
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "vm": self.name,
+            "device": agent.node,
+            "image": agent.image,
+            "agent_pid": agent.pid,
+            "nbd_socket": str(agent.nbd_socket),
+        }
+        if self.last_fetch is not None:
+            row["last_fetch"] = self.last_fetch
+        if status is None:
+            row["state"] = trouble
+        else:
+            row["agent"], row["state"] = status, "serving"
+        return row
+
+    def _nic_row(
+        self, nic: NicAgent, status: dict[str, Any] | None, trouble: str | None
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = {
+            "vm": self.name,
+            "device": nic.node,
+            "kind": "nic",
+            "address": nic.address,
+            "mac": nic.mac,
+            "tap": nic.tap,
+            "agent_pid": nic.pid,
+            "stream_socket": str(nic.stream_socket),
+        }
+        if status is None:
+            row["state"] = trouble
+            return row
+        row["agent"] = status
+        forward = status.get("forward")
+        if status.get("held"):
+            row["state"] = "held"
+        else:
+            row["state"] = f"forwarding to {forward['peer']}" if forward else "serving"
+        return row
+
+    async def completions_since(self, since: float) -> list[float] | None:
+        """Completion times of guest I/O on this host's agents after ``since``; None when the
+        VM has no agent, or an agent's journal no longer reaches back to ``since`` (a long
+        migration under heavy I/O): then only the probe's heartbeats tell."""
+        if not self.agents:
+            return None
+        times: list[float] = []
+        for agent in self.agents:
+            answer = await agent.call("GET", "/completions", since=since)
+            if not answer.get("complete", True):
+                log.info("VM %s: the journal of %s no longer reaches back", self.name, agent.node)
+                return None
+            times.extend(answer["completions"])
+        return sorted(times)
+
+    # --- the migration's destination half (kept here for its callers; see .incoming) -------
+
+    async def commit_incoming(
+        self, fetch: dict[str, Any] | None, local: bool = False
+    ) -> dict[str, float]:
+        """:func:`.incoming.commit_incoming` on this VM (imported here: that module builds
+        on this one)."""
+        from .incoming import commit_incoming
+
+        return await commit_incoming(self, fetch, local=local)
+
+    # --- record and status -----------------------------------------------------------------
+
+    def save(self) -> None:
+        record = {
+            "request": self.request.to_json(),
+            "config": self.config.to_json(),
+            "pid": self.vm.pid,
+            "role": self.role.value,
+            "image": str(self.image),
+            "agents": [a.to_json() for a in self.agents],
+            "nics": [n.to_json() for n in self.nics],
+            "receiver": self.receiver.to_json() if self.receiver else None,
+        }
+        tmp = self.run_dir / "vm.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(self.run_dir / "vm.json")
+
+    def disk_location(self) -> str:
+        if self.request.disk_from is not None:
+            return f"host {self.request.disk_from.get('name')} (remote)"
+        return str(self.image)
+
+    def status(self) -> dict[str, Any]:
+        """What the API says of the VM; it asks no agent (``alive`` is a signal 0)."""
+        last = self.heartbeats[-1] if self.heartbeats else None
+        first = self.heartbeats[0] if self.heartbeats else None
+        return {
+            "name": self.name,
+            "state": self.shown_state(),
+            "role": self.role.value,
+            "pid": self.vm.pid,
+            "ram_mb": self.config.ram_mb,
+            "disk": self.disk_location(),
+            "agents": [{"node": a.node, "pid": a.pid, "alive": a.alive} for a in self.agents],
+            "nics": [
+                {"node": n.node, "address": n.address, "mac": n.mac, "tap": n.tap, "pid": n.pid}
+                | {"alive": n.alive}
+                for n in self.nics
+            ],
+            "storage": self.request.storage,
+            "workload": self.request.workload,
+            "probe": self.parser is not None,
+            "started_at": self.vm.started_at,
+            "resumed_at": self.vm.resumed_at,
+            "first_heartbeat_at": first.host_time if first else None,
+            "last_heartbeat": asdict(last) if last else None,
+        }
+
+
+async def _quick_status(agent: Supervised) -> tuple[dict[str, Any] | None, str | None]:
+    """An agent's ``GET /status`` answer, or (None, why it is shown unreachable)."""
+    try:
+        return await agent.quick_status(), None
+    except TimeoutError:
+        return None, f"unreachable (no answer in {STATUS_TIMEOUT_S:g} s)"
+    except (PeerError, StateError) as err:
+        return None, f"unreachable: {err}"

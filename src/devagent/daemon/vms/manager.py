@@ -1,0 +1,425 @@
+"""Every VM of one host (:class:`VmManager`): starting one (its disk, NICs, agents and QEMU),
+removing one, adopting them all after a daemon restart, and restarting the agents that die.
+
+Each VM's folder ``<host dir>/vms/<name>/`` holds ``vm.json`` (request, configuration, pid),
+QEMU's sockets and logs; a daemon that restarts adopts every VM whose QEMU still runs, so a
+daemon restart never touches a guest. One lock orders the changes to the set of VMs; what
+is slow and needs no order (finding the test guest, asking QEMU its version) is done
+before it, in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from devagent.agent.fetch import presence_path
+from devagent.client import DaemonClient, Endpoint
+from devagent.daemon.agents import AgentProcess
+from devagent.daemon.nics import NicAgent, delete_tap, make_tap
+from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.guestnet import AddressLedger, GuestNetwork, mac_for, tap_name
+from devagent.lab.procs import terminate, under_path
+from devagent.qemu.config import VmConfig
+from devagent.qemu.vm import VmState, pid_alive
+
+from . import incoming
+from .config import GuestBoot, TestGuest, build_config, disk_spec
+from .managed import ManagedVm, VmRole
+from .request import VmRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Record:
+    """A VM's ``vm.json``, read back."""
+
+    request: VmRequest
+    config: VmConfig
+    pid: int
+    role: VmRole
+    image: Path
+    agents: list[AgentProcess]
+    nics: list[NicAgent]
+
+    @classmethod
+    def read(cls, path: Path) -> _Record:
+        record = json.loads(path.read_text())
+        agents = [AgentProcess.from_json(a) for a in record.get("agents", [])]
+        if record.get("receiver"):
+            agents.append(AgentProcess.from_json(record["receiver"]))
+        return cls(
+            request=VmRequest.from_json(record["request"]),
+            config=VmConfig.from_json(record["config"]),
+            pid=int(record["pid"]),
+            role=VmRole(record.get("role", "running")),
+            image=Path(record["image"]),
+            agents=agents,
+            nics=[NicAgent.from_json(n) for n in record.get("nics", [])],
+        )
+
+    async def kill_helpers(self) -> None:
+        for agent in self.agents:
+            await agent.kill()
+        for nic in self.nics:
+            await nic.kill()
+            nic.remove_tap()
+
+
+class VmManager:
+    """Every VM of one host."""
+
+    def __init__(
+        self,
+        host_name: str,
+        root: Path,
+        shared_dir: Path | None,
+        address: str,
+        network: GuestNetwork | None = None,
+    ):
+        self.host_name = host_name
+        self.network = network  # where VM NICs go; None: this host gives VMs no NIC
+        self.addresses = AddressLedger(root / "guest-addresses-lent.json")
+        self.root = root
+        self.shared_dir = shared_dir
+        self.address = address  # agents also serve peers (migration, remote access) here
+        self.test_guest = TestGuest()
+        self.vms: dict[str, ManagedVm] = {}
+        self._lock = asyncio.Lock()
+
+    async def warm_up(self) -> None:
+        """Find the test guest's accelerator at daemon start, so that no VM start waits on
+        QEMU's version (with no guest built yet, the first start that needs one does)."""
+        with contextlib.suppress(NotFound):
+            await self.test_guest.find()
+
+    def get(self, name: str) -> ManagedVm:
+        try:
+            return self.vms[name]
+        except KeyError:
+            raise NotFound(f"no VM {name!r} on host {self.host_name}") from None
+
+    def run_dir(self, name: str) -> Path:
+        return self.root / "vms" / name
+
+    def disk_path(self, request: VmRequest) -> Path:
+        if request.disk is not None:
+            path = Path(request.disk)
+            if not path.exists():
+                raise NotFound(f"disk image {path} does not exist on host {self.host_name}")
+            return path
+        if request.storage == "shared":
+            if self.shared_dir is None:
+                raise UsageError(f"host {self.host_name} has no shared folder")
+            folder = self.shared_dir
+        else:
+            folder = self.root / "disks"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder / f"{request.name}.img"
+
+    # --- starting ------------------------------------------------------------------------------
+
+    async def start(self, request: VmRequest) -> ManagedVm:
+        if request.nics:  # before anything is made or looked for
+            self._require_network()
+        guest = await self.test_guest.find() if request.has_probe else None  # not under the lock
+        async with self._lock:
+            if request.name in self.vms:
+                raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
+            if request.disk_from is not None:
+                remote = await self._remote_disk(request)
+                peer_name = request.disk_from["name"] if request.disk_from else "peer"
+                where = Path(f"/remote/{peer_name}/{request.name}")  # no local image here
+                managed = self._add(request, where, VmRole.RUNNING, None, remote, guest=guest)
+            else:
+                image = self.disk_path(request)
+                if request.disk is None and not image.exists():
+                    with image.open("wb") as f:
+                        f.truncate(request.disk_size)
+                managed = self._add(request, image, VmRole.RUNNING, None, guest=guest)
+        await self._launch(managed)
+        return managed
+
+    async def _remote_disk(self, request: VmRequest) -> dict[str, Any]:
+        """Have the peer host make the VM's disk and serve it; the backend spec to reach it."""
+        assert request.disk_from is not None
+        peer = Endpoint.from_json(request.disk_from)
+        async with DaemonClient(peer) as client:
+            export = await client.post(
+                "/v1/exports", {"name": request.name, "size": request.disk_size}
+            )
+        return {"kind": "remote", "address": export["address"], "export": export["export"]}
+
+    async def prepare_incoming(
+        self,
+        request: VmRequest,
+        config: VmConfig,
+        image: Path | None,
+        *,
+        size: int = 0,
+        backend: dict[str, Any] | None = None,
+        receive: bool = False,
+        nics: list[dict[str, Any]] | None = None,
+    ) -> ManagedVm:
+        """:func:`.incoming.prepare_incoming` on this host."""
+        return await incoming.prepare_incoming(
+            self, request, config, image, size=size, backend=backend, receive=receive, nics=nics
+        )
+
+    async def add_incoming(self, request: VmRequest, config: VmConfig, image: Path) -> ManagedVm:
+        """:func:`.incoming.add_incoming` on this host."""
+        return await incoming.add_incoming(self, request, config, image)
+
+    def _add(
+        self,
+        request: VmRequest,
+        image: Path,
+        role: VmRole,
+        config: VmConfig | None,
+        backend: dict[str, Any] | None = None,
+        *,
+        guest: GuestBoot | None = None,
+        paused: bool = False,
+        incoming_nics: list[dict[str, Any]] | None = None,
+    ) -> ManagedVm:
+        nics = self._plan_nics(request, incoming_nics)  # before any folder: it may refuse
+        run_dir = self.run_dir(request.name)
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        agent = None
+        if request.agent:
+            agent = AgentProcess(
+                vm=request.name,
+                node="disk0",
+                image=str(image),
+                run_dir=str(run_dir),
+                listen_address=self.address,
+                backend=backend,
+            )
+        for nic in nics:
+            nic.run_dir = str(run_dir)
+        disk = disk_spec(request, image, agent)
+        if config is None:
+            config = build_config(request, disk, tuple(nics), guest=guest)
+        else:  # an incoming VM: the source's configuration with this host's disk
+            disk = replace(disk, format=config.disks[0].format)  # a new replica has no header
+            extra = tuple(a for a in config.extra_args if a != "-S") + (("-S",) if paused else ())
+            config = replace(config, disks=(disk,), incoming=True, extra_args=extra)
+            if nics:  # and this host's NIC sockets
+                local = {n.node: str(n.stream_socket) for n in nics}
+                specs = tuple(replace(n, stream_socket=local[n.id]) for n in config.nics)
+                config = replace(config, nics=specs)
+        managed = ManagedVm(request, config, run_dir, role, image, [agent] if agent else [], nics)
+        self.vms[request.name] = managed
+        return managed
+
+    # --- NICs ----------------------------------------------------------------------------------
+
+    async def _start_nics(self, managed: ManagedVm) -> None:
+        """Each NIC's tap on this host's guest bridge, and its net agent."""
+        assert self.network is not None
+        for nic in managed.nics:
+            assert nic.made_tap is not None
+            await asyncio.to_thread(make_tap, nic.made_tap, self.network.bridge)
+            await nic.start()
+
+    def _require_network(self) -> GuestNetwork:
+        if self.network is None:
+            raise UsageError(
+                f"host {self.host_name} has no guest network for NICs (a namespace lab gives "
+                "its hosts one; a loopback lab cannot)"
+            )
+        return self.network
+
+    def _plan_nics(
+        self, request: VmRequest, incoming: list[dict[str, Any]] | None
+    ) -> list[NicAgent]:
+        """The NICs of a new VM (an address and MAC of this host's block) or of an arriving
+        one (its own address and MAC; a local tap; held until it runs here, and accepting
+        the frames the source's agent forwards)."""
+        wanted = len(incoming) if incoming else request.nics
+        if not wanted:
+            return []
+        network = self._require_network()
+        if incoming:
+            self.addresses.take_back(*(str(n["address"]) for n in incoming))
+            return [
+                self._nic(request.name, str(n["node"]), str(n["address"]), str(n["mac"]), True)
+                for n in incoming
+            ]
+        in_use = [n.address for m in self.vms.values() for n in m.nics]
+        address = self.addresses.pick(network, in_use)
+        return [
+            self._nic(request.name, "net0", f"{address}/{network.prefix}", mac_for(address), False)
+        ]
+
+    def _nic(self, vm: str, node: str, address: str, mac: str, hold: bool) -> NicAgent:
+        tap = tap_name(vm, node)
+        return NicAgent(
+            vm=vm, node=node, run_dir="", address=address, mac=mac, tap=tap, made_tap=tap,
+            peer_listen=self.address, hold=hold,
+        )  # fmt: skip
+
+    # --- launching and removing ----------------------------------------------------------------
+
+    async def _launch(self, managed: ManagedVm) -> None:
+        # The NICs' agents come up beside the disk's (each takes a while to start).
+        nics = asyncio.ensure_future(self._start_nics(managed)) if managed.nics else None
+        try:
+            for agent in managed.agents:
+                await agent.start()
+            if nics is not None:
+                await nics
+            await managed.vm.launch()
+        except BaseException:
+            if nics is not None:
+                nics.cancel()
+                await asyncio.gather(nics, return_exceptions=True)
+            await self.remove(managed.name)
+            raise
+        managed.save()
+        log.info("VM %s started on host %s (pid %s)", managed.name, self.host_name, managed.vm.pid)
+
+    async def remove(self, name: str, *, keep_dir: bool = False, delete_disk: bool = False) -> None:
+        """Stop the VM's QEMU, then its agents, and forget it. An incoming VM that never
+        arrived takes its new replica along; ``delete_disk`` removes the disk devagent made
+        for the VM (a migrated VM's source copy), never a user's own image."""
+        managed = self.vms.pop(name, None)
+        if managed is None:
+            raise NotFound(f"no VM {name!r} on host {self.host_name}")
+        await managed.vm.stop()
+        if managed.fetching is not None:
+            managed.fetching.cancel()
+        if managed.receiver is not None:
+            await managed.receiver.stop()
+        if managed.retiring is not None:
+            await managed.retiring
+        for agent in managed.agents:
+            await agent.stop()
+        for nic in managed.nics:  # its net agent, and the tap made for it
+            await nic.stop()
+        if managed.role is VmRole.MIGRATED:  # it runs elsewhere with its address
+            self.addresses.lend(*(n.address for n in managed.nics))
+        made_here = managed.image.is_relative_to(self.root / "disks")
+        request = managed.request
+        if (managed.role is VmRole.INCOMING and made_here) or (
+            delete_disk and request.disk is None and request.disk_from is None
+        ):
+            for path in (managed.image, presence_path(managed.image)):
+                path.unlink(missing_ok=True)
+        if request.disk_from is not None and managed.role is VmRole.RUNNING:
+            await self._release_remote_disk(managed)
+        if not keep_dir:
+            shutil.rmtree(managed.run_dir, ignore_errors=True)
+        log.info("VM %s removed from host %s", name, self.host_name)
+
+    async def _discard(self, folder: Path, image: Path) -> None:
+        """Kill whatever still runs from a VM's folder, remove it, the tap made for its NIC
+        and the replica made for it on this host (never an image outside this host's own
+        disks folder)."""
+        await asyncio.to_thread(terminate, under_path(folder), 2.0, 2.0)
+        if self.network is not None:  # the tap a NIC would have had (named after the VM)
+            await asyncio.to_thread(delete_tap, tap_name(folder.name, "net0"))
+        if image.is_relative_to(self.root / "disks"):
+            for path in (image, presence_path(image)):
+                path.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    async def _release_remote_disk(self, managed: ManagedVm) -> None:
+        assert managed.request.disk_from is not None
+        peer = Endpoint.from_json(managed.request.disk_from)
+        try:
+            async with DaemonClient(peer) as client:
+                await client.delete(f"/v1/exports/{managed.name}")
+        except (PeerError, NotFound) as err:
+            log.warning(
+                "VM %s: could not remove its disk on host %s: %s", managed.name, peer.name, err
+            )
+
+    # --- after a daemon restart, and while it runs ---------------------------------------------
+
+    async def adopt_all(self) -> None:
+        """After a daemon restart: take over every VM whose QEMU still runs, with its agents;
+        remove what a start or a migration the daemon never saw through left behind."""
+        for folder in sorted((self.root / "vms").glob("*")):
+            if folder.is_dir() and not (folder / "vm.json").exists():
+                log.warning("%s has no record (a start that never finished): removing it", folder)
+                await self._discard(folder, self.root / "disks" / f"{folder.name}.img")
+        for record_path in sorted((self.root / "vms").glob("*/vm.json")):
+            try:
+                record = _Record.read(record_path)
+            except (OSError, ValueError, KeyError, TypeError, UsageError) as err:
+                log.warning("cannot read %s: %s", record_path, err)
+                continue
+            await self._adopt(record, record_path.parent)
+
+    async def _adopt(self, record: _Record, folder: Path) -> None:
+        name, pid = record.request.name, record.pid
+        if record.role is VmRole.INCOMING:
+            # A migration this daemon never saw through: the VM still runs on its source.
+            log.warning("VM %s was arriving when the daemon stopped: discarding it", name)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await record.kill_helpers()
+            await self._discard(folder, record.image)
+            return
+        if not pid_alive(pid):
+            log.info("VM %s (pid %d) is gone; forgetting it", name, pid)
+            await record.kill_helpers()
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        helpers: list[AgentProcess | NicAgent] = [*record.agents, *record.nics]
+        dead = [a.node for a in helpers if not a.alive]
+        if dead:
+            log.error("VM %s: agent(s) for %s gone; its devices wait for them",
+                      name, ", ".join(dead))  # fmt: skip
+        managed = ManagedVm(
+            record.request, record.config, folder, record.role, record.image,
+            record.agents, record.nics,
+        )  # fmt: skip
+        try:
+            await managed.vm.adopt(pid)
+        except PeerError as err:
+            log.warning("cannot adopt VM %s: %s", name, err)
+            return
+        self.vms[name] = managed
+        log.info("adopted VM %s (pid %d, %s)", name, pid, managed.vm.state.value)
+
+    async def supervise_once(self) -> list[str]:
+        """Restart every agent of a live VM that died; returns what it restarted."""
+        restarted = []
+        for managed in list(self.vms.values()):
+            if managed.vm.state not in (VmState.RUNNING, VmState.PAUSED, VmState.INCOMING):
+                continue  # not launched yet (its agents are being started), or going away
+            if managed.vm.exited:
+                continue
+            agents: list[AgentProcess | NicAgent] = [*managed.agents, *managed.nics]
+            for agent in agents:
+                if agent.pid is None or agent.alive:
+                    continue  # never started, or alive
+                log.error(
+                    "VM %s: agent for %s died (%s); restarting it",
+                    managed.name,
+                    agent.node,
+                    agent.tail(2),
+                )
+                try:
+                    await agent.start()
+                except PeerError as err:
+                    log.error(
+                        "VM %s: agent for %s will not restart: %s", managed.name, agent.node, err
+                    )
+                    continue
+                managed.save()
+                restarted.append(f"{managed.name}/{agent.node}")
+        return restarted

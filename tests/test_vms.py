@@ -1,0 +1,215 @@
+"""The VM manager's parts without QEMU or root: the typed request, the role's moves and the
+state a VM shows, the address ledger, a status that never waits on a silent agent, and a
+process exit awaited on its pidfd."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from devagent.daemon.agents import AgentProcess
+from devagent.daemon.nics import NicAgent
+from devagent.daemon.supervised import wait_exit
+from devagent.daemon.vms import ManagedVm, VmManager, VmRequest, VmRole
+from devagent.daemon.vms.request import decode_vm_request
+from devagent.errors import StateError, UsageError
+from devagent.guestnet import AddressLedger, GuestNetwork
+from devagent.qemu.config import DiskSpec, VmConfig
+from devagent.qemu.vm import VmState
+
+# --- the request -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "words", "path"),
+    [
+        ({"name": "ok", "ram_mb": 10}, "'ram_mb' must be an integer from 64 to 65536", "$.ram_mb"),
+        ({"name": "ok", "ram_mb": True}, "'ram_mb'", "$.ram_mb"),
+        ({"name": "Bad!"}, "'name' must be 1-32 characters", "$.name"),
+        ({"name": "ok", "storage": "cloud"}, "'storage' must be 'shared' or 'local'", "$.storage"),
+        ({"name": "ok", "nics": 2}, "'nics' must be 0 or 1", "$.nics"),
+        ({"name": "ok", "nic": "yes"}, "'nic' must be true or false", "$.nic"),
+        ({"name": "ok", "nic": True, "nics": 1}, "or give 'nics', not both", "$.nic"),
+        ({"name": "ok", "disk_size": "1K"}, "'disk_size' must be from 1M to 1T", "$.disk_size"),
+        ({"name": "ok", "disk_from": "a"}, "a peer must be given", "$.disk_from"),
+        ({"name": "ok", "colour": "red"}, "unknown field `colour`", "$"),
+        ([1, 2], "the request body must be a JSON object", "$"),
+    ],
+)
+def test_a_bad_vm_request_names_the_field_and_its_path(body: Any, words: str, path: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        decode_vm_request(json.dumps(body).encode())
+    assert words in str(caught.value) and f"at {path}" in str(caught.value)
+
+
+def test_a_vm_request_takes_sizes_the_nic_alias_and_keeps_the_cross_field_rules() -> None:
+    request = decode_vm_request(b'{"name": "v", "disk_size": "2G", "nic": true}')
+    assert (request.disk_size, request.nics, request.workload) == (2 << 30, 1, "moderate")
+    with pytest.raises(UsageError, match="missing required field `name`"):
+        decode_vm_request(b"")  # an empty body is {}
+    user = decode_vm_request(b'{"name": "u", "disk": "/img", "workload": "heavy"}')
+    assert user.workload is None and not user.has_probe
+    with pytest.raises(UsageError, match="give 'disk' too"):
+        decode_vm_request(b'{"name": "u", "kernel": "/vmlinuz"}')
+    with pytest.raises(UsageError, match="no 'disk' with it"):
+        decode_vm_request(b'{"name": "u", "disk": "/x", "disk_from": {"url": "http://a"}}')
+    with pytest.raises(UsageError, match="size '12Q'"):
+        decode_vm_request(b'{"name": "u", "disk_size": "12Q"}')
+
+
+def test_a_record_saved_by_the_previous_version_still_loads() -> None:
+    """``vm.json`` as the dataclass ``VmRequest`` wrote it (``asdict``: every field)."""
+    old = {
+        "name": "v1", "ram_mb": 256, "disk_size": 1 << 30, "workload": "moderate",
+        "disk": None, "kernel": None, "initrd": None, "append": None, "storage": "local",
+        "agent": True, "disk_from": {"url": "http://10.0.0.1:7480", "token": "t", "name": "a"},
+        "nics": 1,
+    }  # fmt: skip
+    request = VmRequest.from_json(old)
+    assert request.to_json() == old
+    assert request.replace(disk_from=None).disk_from is None
+
+
+# --- the role, and the state a VM shows --------------------------------------------------------
+
+
+def _managed(tmp_path: Path, role: VmRole, agents: list[AgentProcess] | None = None) -> ManagedVm:
+    request = VmRequest(name="v1", disk="/img")
+    config = VmConfig(name="v1", disks=(DiskSpec(node="disk0", path="/img"),))
+    return ManagedVm(request, config, tmp_path, role, Path("/img"), agents)
+
+
+def test_the_role_moves_only_as_the_table_says(tmp_path: Path) -> None:
+    arriving = _managed(tmp_path, VmRole.INCOMING)
+    arriving.arrived()
+    assert arriving.role is VmRole.RUNNING
+    with pytest.raises(StateError, match=r"is running here \(QEMU new\): it cannot have arrived"):
+        arriving.arrived()
+    arriving.migrated_away()
+    assert arriving.role is VmRole.MIGRATED and arriving.role == "migrated"
+    with pytest.raises(StateError, match=r"migrated here .* cannot have migrated away"):
+        arriving.migrated_away()
+    legacy = _managed(tmp_path, "running")  # the migration code assigns strings for now
+    legacy.role = "migrated"
+    assert legacy.role is VmRole.MIGRATED
+    with pytest.raises(StateError):
+        _managed(tmp_path, "incoming").role = "migrated"
+
+
+def test_a_copy_left_behind_says_it_migrated_and_serves_its_disk(tmp_path: Path) -> None:
+    serving = AgentProcess(vm="v1", node="disk0", image="/img", run_dir=str(tmp_path))
+    serving.pid = os.getpid()  # alive
+    managed = _managed(tmp_path, VmRole.RUNNING, [serving])
+    managed.vm.state = VmState.RUNNING
+    assert managed.status()["state"] == "running"
+    managed.migrated_away()
+    managed.vm.state = VmState.FAILED  # its QEMU was killed past the switchover
+    status = managed.status()
+    assert (status["state"], status["role"]) == (
+        "migrated, serving its disk to the destination",
+        "migrated",
+    )
+    serving.pid = None  # its agent stopped: the destination has the whole disk
+    assert managed.status()["state"] == "migrated"
+    shared = _managed(tmp_path, VmRole.RUNNING, [serving])
+    serving.pid = os.getpid()
+    shared.migrated_away(serves_disk=False)
+    assert shared.status()["state"] == "migrated"
+
+
+# --- addresses lent to VMs that migrated away --------------------------------------------------
+
+
+def test_the_ledger_keeps_lent_addresses_across_restarts(tmp_path: Path) -> None:
+    network = GuestNetwork.parse("br0", "10.213.7.100-10.213.7.103/24")
+    ledger = AddressLedger(tmp_path / "lent.json")
+    assert str(ledger.pick(network, ["10.213.7.100/24"])) == "10.213.7.101"
+    ledger.lend("10.213.7.101/24", "10.213.7.102/24")
+    again = AddressLedger(tmp_path / "lent.json")
+    assert again.lent == {"10.213.7.101/24", "10.213.7.102/24"}
+    assert str(again.pick(network, ["10.213.7.100/24"])) == "10.213.7.103"
+    again.take_back("10.213.7.101/24")
+    assert AddressLedger(tmp_path / "lent.json").lent == {"10.213.7.102/24"}
+    with pytest.raises(StateError, match="no guest address left"):
+        again.pick(network, ["10.213.7.100/24", "10.213.7.101/24", "10.213.7.103/24"])
+    assert AddressLedger(tmp_path / "none.json").lent == frozenset()
+
+
+def test_the_manager_lends_through_the_ledger(tmp_path: Path) -> None:
+    network = GuestNetwork.parse("br0", "10.213.7.100-10.213.7.102/24")
+    manager = VmManager("a", tmp_path, None, "10.213.7.1", network)
+    manager.addresses.lend("10.213.7.100/24")
+    nic = manager._plan_nics(VmRequest(name="v2", nics=1), None)[0]
+    assert (nic.address, nic.mac) == ("10.213.7.101/24", "52:54:00:d5:07:65")
+
+
+# --- a status never waits on a silent agent ----------------------------------------------------
+
+
+async def _silent_agent(socket: Path, never: asyncio.Event) -> web.AppRunner:
+    async def status(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/status", status)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.UnixSite(runner, str(socket)).start()
+    return runner
+
+
+async def test_devices_answer_within_a_second_when_agents_are_silent(tmp_path: Path) -> None:
+    disk = AgentProcess(vm="v1", node="disk0", image="/img", run_dir=str(tmp_path))
+    nic = NicAgent(
+        vm="v1", node="net0", run_dir=str(tmp_path), address="10.213.7.100/24",
+        mac="52:54:00:d5:07:64", tap="dt0",
+    )  # fmt: skip
+    managed = _managed(tmp_path, VmRole.RUNNING, [disk])
+    managed.nics = [nic]
+    never = asyncio.Event()
+    runners = [await _silent_agent(a.control_socket, never) for a in (disk, nic)]
+    try:
+        started = time.monotonic()
+        rows = await managed.devices()
+        elapsed = time.monotonic() - started
+    finally:
+        never.set()
+        for runner in runners:
+            await runner.cleanup()
+    assert [(r["device"], r["state"]) for r in rows] == [
+        ("disk0", "unreachable (no answer in 1 s)"),
+        ("net0", "unreachable (no answer in 1 s)"),
+    ]
+    assert 0.9 < elapsed < 1.8  # both asked at once, each for a second
+
+
+async def test_an_agent_without_a_socket_is_unreachable_at_once(tmp_path: Path) -> None:
+    disk = AgentProcess(vm="v1", node="disk0", image="/img", run_dir=str(tmp_path))
+    rows = await _managed(tmp_path, VmRole.RUNNING, [disk]).devices()
+    assert rows[0]["state"].startswith("unreachable: agent v1/disk0 unreachable")
+
+
+# --- a process exit, awaited ------------------------------------------------------------------
+
+
+async def test_wait_exit_follows_the_pidfd() -> None:
+    proc = await asyncio.create_subprocess_exec("sleep", "30")
+    try:
+        assert not await wait_exit(proc.pid, 0.1)
+        proc.kill()
+        started = time.monotonic()
+        assert await wait_exit(proc.pid, 5.0)
+        assert time.monotonic() - started < 1.0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    assert await wait_exit(proc.pid, 0.1)  # reaped: no such process
