@@ -35,9 +35,10 @@ from typing import Any
 
 from devagent.client import DaemonClient, Endpoint
 from devagent.errors import DevagentError, NotFound
-from devagent.orchestrate import migrate, start_vm, wait_heartbeats
+from devagent.orchestrate import migrate, start_vm, wait_heartbeats, wait_past_phase
 from devagent.report import MEASURES, largest_gap, largest_gap_at
 from devagent.vocab import BASELINES, STRATEGIES, parse_rate
+from devagent.wait import WaitTimeout, wait_until
 
 LAB = "bnch"
 ALL_STRATEGIES = ("shared", *BASELINES, *(s for s in STRATEGIES if s != "shared"))
@@ -47,6 +48,7 @@ BOOT_PARALLEL = 2  # guests booted at once before a round: the machine's two cor
 RUN_TIMEOUT_S = 180.0  # a run longer than max(this, RUN_LIMITS x limit_s) is abandoned
 RUN_LIMITS = 10.0
 POLL_S = 0.2
+COLLECT_SPARE_S = 60.0  # the heartbeat collector outlives a run's deadline by this much
 NUMERIC = (*(m for m in MEASURES if m != "integrity"), "ratio", "hb_gap_ms")
 
 Say = Callable[[str], None]
@@ -491,10 +493,7 @@ async def boot_round(
         async with gate:
             try:
                 await start_vm(a, vm_request(plan, workload, strategy, name))
-                while (await wait_heartbeats(a, name, 1, with_io=False))[-1]["phase"] == (
-                    "prefill"
-                ):
-                    pass
+                await wait_past_phase(a, name, "prefill")
                 async with DaemonClient(a) as client:
                     await client.post(f"/v1/vms/{name}/suspend")
             except DevagentError as err:
@@ -532,11 +531,13 @@ async def one_run(
         await wait_heartbeats(a, name, BASELINE_BEATS, with_io=workload != "idle", timeout=60)
         t0 = time.time()
         result["setup_s"] = round(t0 - began, 1)  # the resume and the steady baseline
-        collector = asyncio.create_task(_collect(a, name, t0 - 3.0, beats["a"]))
+        run_timeout = max(RUN_TIMEOUT_S, RUN_LIMITS * _rough_limit(plan, rate))
+        collector = asyncio.create_task(
+            _collect(a, name, t0 - 3.0, beats["a"], run_timeout + COLLECT_SPARE_S)
+        )
         try:
             report = await asyncio.wait_for(
-                migrate(a, b, name, storage=strategy, link_rate_bps=rate),
-                max(RUN_TIMEOUT_S, RUN_LIMITS * _rough_limit(plan, rate)),
+                migrate(a, b, name, storage=strategy, link_rate_bps=rate), run_timeout
             )
             result["report"] = report.to_json()
         except TimeoutError:
@@ -580,21 +581,30 @@ def _rough_limit(plan: Plan, rate: int) -> float:
     return (parse_size(plan.prefill) + (plan.ram_mb << 20)) * 8 / rate
 
 
-async def _collect(at: Endpoint, name: str, since: float, into: list[dict[str, Any]]) -> None:
-    """Keep the source's heartbeats as they come (the source VM is gone after the run)."""
+async def _collect(
+    at: Endpoint, name: str, since: float, into: list[dict[str, Any]], timeout: float
+) -> None:
+    """Keep the source's heartbeats as they come, until the VM is gone from the source
+    (the run cancels this once its migration ended; ``timeout`` bounds it regardless)."""
     async with DaemonClient(at) as client:
-        while True:
+
+        async def gone() -> bool:
+            nonlocal since
             try:
                 got = await client.get(f"/v1/vms/{name}/heartbeats", since=since)
             except NotFound:
-                return
+                return True
             except DevagentError:
-                await asyncio.sleep(POLL_S)
-                continue
+                return False  # a busy daemon: ask again
             for beat in got["heartbeats"]:
                 into.append(beat)
                 since = max(since, float(beat["host_time"]))
-            await asyncio.sleep(POLL_S)
+            return False
+
+        with contextlib.suppress(WaitTimeout):
+            await wait_until(
+                gone, timeout=timeout, what=f"VM {name} gone from its source", interval=POLL_S
+            )
 
 
 def command_line() -> str:

@@ -54,6 +54,7 @@ from devagent.errors import (
 )
 from devagent.lab import net, procs
 from devagent.vocab import parse_rate
+from devagent.wait import wait_until_blocking
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ SOCKET_ROOM_WANTED = 48
 
 HEALTH_TIMEOUT_S = 30.0
 HEALTH_PROBE_TIMEOUT_S = 1.0
+HEALTH_RETRY_S = 0.1
 STATE_VERSION = 1
 LOG_TAIL_LINES = 15
 
@@ -592,38 +594,40 @@ class Lab:
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        pending = [h.name for h in self._hosts]
-        while pending:
-            for name in list(pending):
-                host = self.host(name)
-                proc = self._procs[name]
-                logfile = host.dir / "devagentd.log"
-                if proc.poll() is not None:
-                    raise PeerError(
-                        f"devagentd of host {name} (lab {self.name}) exited with status "
-                        f"{proc.returncode} before answering; last lines of {logfile}:\n"
-                        + _tail(logfile)
-                    )
-                try:
-                    answer = self.health(host, timeout=HEALTH_PROBE_TIMEOUT_S)
-                except PeerError:
-                    continue
-                if answer.get("host") != name:
-                    raise PeerError(
-                        f"{host.url} answered as host {answer.get('host')!r}, not {name!r}: "
-                        "another daemon holds that address"
-                    )
-                pending.remove(name)
-            if pending and time.monotonic() >= deadline:
-                name = pending[0]
-                logfile = self.host(name).dir / "devagentd.log"
+        for host in self._hosts:
+            self._wait_answering(host, max(0.0, deadline - time.monotonic()))
+
+    def _wait_answering(self, host: LabHost, timeout: float) -> None:
+        """Until ``host``'s devagentd answers ``/v1/health`` as that host; raises at once if
+        it exits or another daemon answers, and after ``timeout`` with its log's tail."""
+        proc = self._procs[host.name]
+        logfile = host.dir / "devagentd.log"
+
+        def answering() -> bool:
+            if proc.poll() is not None:
                 raise PeerError(
-                    f"devagentd of host {name} (lab {self.name}) did not answer /v1/health at "
-                    f"{self.host(name).url} within {HEALTH_TIMEOUT_S:.0f} s; last lines of "
-                    f"{logfile}:\n" + _tail(logfile)
+                    f"devagentd of host {host.name} (lab {self.name}) exited with status "
+                    f"{proc.returncode} before answering; last lines of {logfile}:\n"
+                    + _tail(logfile)
                 )
-            if pending:
-                time.sleep(0.1)
+            try:
+                answer = self.health(host, timeout=HEALTH_PROBE_TIMEOUT_S)
+            except PeerError:
+                return False
+            if answer.get("host") != host.name:
+                raise PeerError(
+                    f"{host.url} answered as host {answer.get('host')!r}, not {host.name!r}: "
+                    "another daemon holds that address"
+                )
+            return True
+
+        wait_until_blocking(
+            answering,
+            timeout=timeout,
+            what=f"devagentd of host {host.name} (lab {self.name}) answering {host.url}/v1/health",
+            interval=HEALTH_RETRY_S,
+            detail=lambda: f"last lines of {logfile}:\n" + _tail(logfile),
+        )
 
     def restart_daemon(self, host: str | LabHost) -> LabHost:
         """Stop one host's devagentd and start it again (its VMs and agents must survive:
@@ -634,21 +638,9 @@ class Lab:
         self._procs.pop(target.name, None)
         self._start_daemon(daemon_binary(), target)
         self._save()
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        proc = self._procs[target.name]
-        while True:
-            if proc.poll() is not None:
-                log_file = target.dir / "devagentd.log"
-                raise PeerError(
-                    f"devagentd of host {target.name} exited on restart:\n" + _tail(log_file)
-                )
-            try:
-                self.health(target, timeout=HEALTH_PROBE_TIMEOUT_S)
-                return self.host(target.name)
-            except PeerError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.1)
+        restarted = self.host(target.name)
+        self._wait_answering(restarted, HEALTH_TIMEOUT_S)
+        return restarted
 
     def _replace_host(self, new: LabHost) -> None:
         self._hosts = [new if h.name == new.name else h for h in self._hosts]
