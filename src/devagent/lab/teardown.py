@@ -33,17 +33,40 @@ def destroy(name: str, labdir: Path, hosts: Sequence[LabHost]) -> bool:
     processes (daemons, the sessions they lead, everything in its namespaces or working under
     its folder), delete its namespaces, veths and bridge, then its folder. Returns whether
     anything was found. Raises :class:`StateError` naming what could not be removed."""
-    is_root = os.geteuid() == 0
-    bridge = bridge_name(name)
-    namespaces: set[str] = set()
-    links: set[str] = set()
-    if shutil.which("ip") is not None:
-        namespaces, links = present_objects(name)
-        present_ns = set(net.netns_names())
-        namespaces |= {h.netns for h in hosts if h.netns and h.netns in present_ns}
+    namespaces, links = _network_objects(name, hosts)
     found = bool(namespaces or links or labdir.exists())
-
     problems: list[str] = []
+    if _stop_processes(name, labdir, hosts, namespaces, problems):
+        found = True
+    if namespaces or links:
+        _delete_network(name, namespaces, links, problems)
+    if labdir.exists():
+        try:
+            shutil.rmtree(labdir)
+        except OSError as err:
+            problems.append(f"folder {labdir} not removed: {err}")
+    if problems:
+        raise StateError(f"teardown of lab {name!r} incomplete: " + "; ".join(problems))
+    if found:
+        log.info("lab %s removed", name)
+    return found
+
+
+def _network_objects(name: str, hosts: Sequence[LabHost]) -> tuple[set[str], set[str]]:
+    """The lab's namespaces and links present now: by name, and the hosts' recorded ones."""
+    if shutil.which("ip") is None:
+        return set(), set()
+    namespaces, links = present_objects(name)
+    present_ns = set(net.netns_names())
+    namespaces |= {h.netns for h in hosts if h.netns and h.netns in present_ns}
+    return namespaces, links
+
+
+def _stop_processes(
+    name: str, labdir: Path, hosts: Sequence[LabHost], namespaces: set[str], problems: list[str]
+) -> bool:
+    """Terminate every process of the lab; whether there was any. Adds to ``problems``."""
+    found = False
     daemons = [h.pid for h in hosts if h.pid]
     for grace in (5.0, 1.0):  # a second sweep for anything started during the first
         victims = procs.session_of(daemons, labdir) | procs.under_path(labdir)
@@ -57,32 +80,26 @@ def destroy(name: str, labdir: Path, hosts: Sequence[LabHost]) -> bool:
         if stuck:
             problems.append(f"processes that would not die: {sorted(stuck)}")
             break
+    return found
 
-    if (namespaces or links) and not is_root:
+
+def _delete_network(name: str, namespaces: set[str], links: set[str], problems: list[str]) -> None:
+    """Delete the namespaces, then the links (the bridge last). Adds to ``problems``."""
+    if os.geteuid() != 0:
         problems.append(
             f"namespaces/links {sorted(namespaces | links)} remain: deleting them needs root"
         )
-    elif namespaces or links:
-        for ns in sorted(namespaces):
-            net.run(["ip", "netns", "del", ns], check=False)
-        # Deleting a namespace destroys its veth pairs; the bridge goes last.
-        for link in sorted(links, key=lambda n: n == bridge):
-            net.run(["ip", "link", "del", link], check=False)
-        left = [ns for ns in net.netns_names() if ns in namespaces]
-        left += [link for link in net.link_names() if link in links]
-        if left:
-            problems.append(f"network objects not deleted: {left}")
-
-    if labdir.exists():
-        try:
-            shutil.rmtree(labdir)
-        except OSError as err:
-            problems.append(f"folder {labdir} not removed: {err}")
-    if problems:
-        raise StateError(f"teardown of lab {name!r} incomplete: " + "; ".join(problems))
-    if found:
-        log.info("lab %s removed", name)
-    return found
+        return
+    bridge = bridge_name(name)
+    for ns in sorted(namespaces):
+        net.run(["ip", "netns", "del", ns], check=False)
+    # Deleting a namespace destroys its veth pairs; the bridge goes last.
+    for link in sorted(links, key=lambda n: n == bridge):
+        net.run(["ip", "link", "del", link], check=False)
+    left = [ns for ns in net.netns_names() if ns in namespaces]
+    left += [link for link in net.link_names() if link in links]
+    if left:
+        problems.append(f"network objects not deleted: {left}")
 
 
 def _log_victims(name: str, pids: set[int]) -> None:
