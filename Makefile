@@ -39,8 +39,8 @@ demo: deps venv guest
 	$(BIN)/devagent demo
 
 lint: venv
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests tools
+	$(BIN)/ruff format --check src tests tools
 	$(BIN)/mypy
 
 test: deps venv guest lint

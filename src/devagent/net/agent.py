@@ -193,6 +193,9 @@ class NetAgent:
         await loop.create_unix_connection(lambda: Link(self, LinkRole.VM, "fd"), sock=sock)
 
     async def _connect_loop(self, path: Path) -> None:
+        # The agent's own main loop, not a wait: it keeps QEMU's stream connected for the
+        # agent's whole life (QEMU listens again after every drop, or comes up late), with a
+        # capped backoff as its rate limit. No deadline by design; stop() cancels it.
         loop = asyncio.get_running_loop()
         pause = RECONNECT_MIN_S
         complained = False
