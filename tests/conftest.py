@@ -16,7 +16,7 @@ import pytest
 from devagent.client import Endpoint
 from devagent.guest.build import GuestImage, build_guest
 from devagent.lab.lab import Lab
-from devagent.orchestrate import wait_heartbeats
+from devagent.orchestrate import wait_heartbeats, wait_phase
 
 
 @pytest.fixture(scope="session")
@@ -97,6 +97,5 @@ def two_hosts(lab: Lab) -> tuple[Endpoint, Endpoint]:
 async def until_steady(at: Endpoint, vm: str) -> None:
     """Until VM ``vm``'s prefill is done and three seconds of steady I/O followed (the
     baseline of its migration's measures)."""
-    while (await wait_heartbeats(at, vm, 1, with_io=False))[-1]["phase"] != "run":
-        pass
+    await wait_phase(at, vm, lambda phase: phase == "run", "its run phase")
     await wait_heartbeats(at, vm, 30)

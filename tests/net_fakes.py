@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import time
 from collections.abc import Callable
 
 from devagent.net.codec import NEED_DATA, Frame, FrameDecoder, encode_frame
+from devagent.wait import wait_until
 
 ETH_HEADER = bytes.fromhex("525400000001525400000002") + b"\x08\x00"
 
@@ -86,9 +88,35 @@ class FakeVm:
             await self.writer.wait_closed()
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.005)
+async def until(
+    condition: Callable[[], bool], timeout: float = 5.0, what: str = "the agent's state"
+) -> None:
+    """Until ``condition()`` holds: the agent's counters and links have no event to wait on,
+    so this asks again, through the one wait helper (a deadline, and a reason)."""
+    await wait_until(condition, timeout=timeout, what=what, interval=0.005)
+
+
+class LogEvent(logging.Handler):
+    """An ``asyncio.Event`` set by the first log record whose message contains ``text``:
+    for waiting until the code under test says it did something."""
+
+    def __init__(self, logger: str, text: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.text = text
+        self.logger = logging.getLogger(logger)
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+    def __enter__(self) -> asyncio.Event:
+        self.logger.addHandler(self)
+        self.saved_level = self.logger.level
+        if not self.logger.isEnabledFor(logging.INFO):
+            self.logger.setLevel(logging.INFO)
+        return self.event
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.saved_level)

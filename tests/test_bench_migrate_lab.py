@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from devagent.benchstats import ALL_STRATEGIES
 from devagent.guest.build import GuestImage
-from devagent.migbench import ALL_STRATEGIES, QUICK
+from devagent.migbench import QUICK
 from tests.conftest import namespaces, processes_mentioning
 
 pytestmark = [pytest.mark.vm, pytest.mark.lab]

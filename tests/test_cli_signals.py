@@ -3,10 +3,10 @@ a demo's lab is removed) and exits 143, like one stopped with Ctrl-C."""
 
 from __future__ import annotations
 
+import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,7 @@ from pathlib import Path
 from devagent.cli.common import run
 
 async def work() -> None:
-    Path(sys.argv[1], "started").touch()
+    print("started", flush=True)
     try:
         await asyncio.sleep(60)
     finally:
@@ -30,11 +30,16 @@ run(work())
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_stops_the_command_after_its_clean_up(tmp_path: Path, signum: int) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(tmp_path)], stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 20
-    while not (tmp_path / "started").exists():
-        assert proc.poll() is None and time.monotonic() < deadline
-        time.sleep(0.02)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    # The command says when its work began: an event on its stdout, not a file to poll.
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready, "the command never started its work"
+    assert proc.stdout.readline() == b"started\n"
     proc.send_signal(signum)
     proc.send_signal(signum)  # a second one does not cut the clean-up short
     _, stderr = proc.communicate(timeout=20)

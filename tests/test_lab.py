@@ -23,8 +23,18 @@ from click.testing import CliRunner
 
 from devagent.cli.lab_cmd import lab_group
 from devagent.errors import EnvironmentProblem, NotFound, PeerError, StateError, UsageError
-from devagent.lab import Lab, LabHost, format_rate, net, parse_rate, procs, run_in_host
-from devagent.lab import lab as lab_module
+from devagent.lab import (
+    Lab,
+    LabHost,
+    addressing,
+    daemons,
+    format_rate,
+    layout,
+    net,
+    parse_rate,
+    procs,
+    run_in_host,
+)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
 namespaces = [pytest.mark.lab, needs_root]
@@ -73,7 +83,7 @@ def make_lab() -> Iterator[Callable[..., Lab]]:
 
     def make(name: str, **kwargs: object) -> Lab:
         Lab.destroy(name)
-        made.append((name, lab_module.labs_root() / name, []))
+        made.append((name, layout.labs_root() / name, []))
         lab = Lab.up(name, **kwargs)  # type: ignore[arg-type]
         made[-1][2].extend(h.pid for h in lab.hosts if h.pid)
         return lab
@@ -383,10 +393,10 @@ def test_a_second_lab_never_gets_a_live_labs_subnet(ns_lab: Lab) -> None:
     assert ns_lab.subnet is not None
     start = zlib.crc32(b"hlns") % 256
     twin = next(f"hl{i}" for i in range(10000) if zlib.crc32(f"hl{i}".encode()) % 256 == start)
-    chosen = lab_module._choose_subnet(twin, 2, None)
+    chosen = addressing.choose_subnet(twin, 2, None)
     assert not chosen.overlaps(ns_lab.subnet)
     with pytest.raises(UsageError, match="overlaps"):
-        lab_module._choose_subnet("hlx", 2, str(ns_lab.subnet))
+        addressing.choose_subnet("hlx", 2, str(ns_lab.subnet))
 
 
 @pytest.mark.lab
@@ -440,10 +450,10 @@ def test_a_daemon_that_fails_to_start_tears_the_lab_down(
     broken = tmp_path / "devagentd"
     broken.write_text("#!/bin/sh\necho 'cannot bind: boom' >&2\nexit 3\n")
     broken.chmod(0o755)
-    monkeypatch.setattr(lab_module, "daemon_binary", lambda: broken)
+    monkeypatch.setattr(daemons, "daemon_binary", lambda: broken)
     with pytest.raises(PeerError, match=r"host a .*exited with status 3[\s\S]*boom"):
         make_lab("hlfail", hosts=2, link_rate="1gbit")
-    assert leftovers("hlfail", lab_module.labs_root() / "hlfail", []) == []
+    assert leftovers("hlfail", layout.labs_root() / "hlfail", []) == []
 
 
 @pytest.mark.lab

@@ -9,17 +9,17 @@ from typing import Any
 
 from click.testing import CliRunner
 
-from devagent.cli import main
-from devagent.migbench import (
-    QUICK,
+from devagent.benchplots import plots
+from devagent.benchstats import (
     heartbeat_gap_ms,
     markdown,
     median,
-    plots,
     rederive,
     run_ratio,
     summarize,
 )
+from devagent.cli import main
+from devagent.migbench import QUICK
 
 
 def made_up(strategy: str, run: int, total: float, limit: float, gap: float,

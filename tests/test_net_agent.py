@@ -20,7 +20,7 @@ from devagent.net.agent import AgentState, NetAgent
 from devagent.net.codec import Limit, encode_frame
 from devagent.net.control import serve_control
 from devagent.net.uplink import MemoryUplink, Uplink
-from net_fakes import FakeVm, eth, until
+from net_fakes import FakeVm, LogEvent, eth, until
 
 
 class Rig:
@@ -423,8 +423,9 @@ async def test_the_agent_connects_to_qemus_socket_and_reconnects_after_a_drop(
     uplink = MemoryUplink()
     agent = NetAgent(uplink, vm="vm1", nic="n0")
     agent.start()
-    agent.connect_vm(path)  # QEMU is not there yet: the agent waits for it
-    await asyncio.sleep(0.2)
+    with LogEvent("devagent.net.agent", "waiting for QEMU") as waiting:
+        agent.connect_vm(path)  # QEMU is not there yet: the agent waits for it
+        await asyncio.wait_for(waiting.wait(), 5)
     server = await asyncio.start_unix_server(qemu, str(path))
     try:
         first = await asyncio.wait_for(connections.get(), 5)

@@ -21,7 +21,8 @@ import pytest
 from devagent.client import DaemonClient, Endpoint
 from devagent.errors import NotFound
 from devagent.guest.build import GuestImage
-from devagent.lab.lab import GUEST_BRIDGE, Lab
+from devagent.lab.lab import Lab
+from devagent.lab.layout import GUEST_BRIDGE
 from devagent.lab.traffic import EchoStream, Pinger, ping_max_gap, wait_for_ping
 from devagent.orchestrate import locate_vm, migrate, start_vm
 from tests.conftest import namespaces, processes_mentioning

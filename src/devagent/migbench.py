@@ -8,9 +8,9 @@ resumes that strategy's guest, waits for three seconds of steady I/O, migrates i
 keeps the report and both hosts' probe heartbeats, and removes the VM. Strategies take turns
 within each run index, so load from other jobs on the machine drifts over all of them alike.
 
-The rest is pure and unit-tested on made-up reports: :func:`summarize` (medians per
-scenario, the best strategy's ``total_time_s / limit_s``, devagent's I/O gap against each
-QEMU baseline's), :func:`markdown` and :func:`plots`.
+This module owns the plan and the runs on the lab. What the runs say is worked out by the
+pure :mod:`devagent.benchstats` (medians, the best strategy, the tables) and drawn by
+:mod:`devagent.benchplots`.
 
 Two gaps are shown: ``max_io_gap_ms`` as the report has it (devagent's from the agents'
 journals, exact; the baselines' from the probe's 100 ms heartbeats), and ``hb_gap_ms``,
@@ -24,30 +24,28 @@ import contextlib
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from devagent.benchstats import ALL_STRATEGIES, fmt, heartbeat_gap_ms, run_ratio, summarize
 from devagent.client import DaemonClient, Endpoint
 from devagent.errors import DevagentError, NotFound
-from devagent.orchestrate import migrate, start_vm, wait_heartbeats
-from devagent.report import MEASURES, largest_gap, largest_gap_at
-from devagent.vocab import BASELINES, STRATEGIES, parse_rate
+from devagent.orchestrate import migrate, start_vm, wait_heartbeats, wait_past_phase
+from devagent.vocab import BASELINES, parse_rate
+from devagent.wait import WaitTimeout, wait_until
 
 LAB = "bnch"
-ALL_STRATEGIES = ("shared", *BASELINES, *(s for s in STRATEGIES if s != "shared"))
-DEVAGENT_MOVING = tuple(s for s in STRATEGIES if s != "shared")
 BASELINE_BEATS = 30  # three seconds of steady guest I/O before migrating
 BOOT_PARALLEL = 2  # guests booted at once before a round: the machine's two cores
 RUN_TIMEOUT_S = 180.0  # a run longer than max(this, RUN_LIMITS x limit_s) is abandoned
 RUN_LIMITS = 10.0
 POLL_S = 0.2
-NUMERIC = (*(m for m in MEASURES if m != "integrity"), "ratio", "hb_gap_ms")
+COLLECT_SPARE_S = 60.0  # the heartbeat collector outlives a run's deadline by this much
 
 Say = Callable[[str], None]
 
@@ -91,274 +89,6 @@ QUICK = Plan(
     prefill="32M",
     span="64M",
 )
-
-
-# --- the pure part: medians, tables, plots ---------------------------------------------
-
-
-def median(values: Sequence[float | int | None]) -> float | None:
-    known = [float(v) for v in values if v is not None]
-    return round(statistics.median(known), 3) if known else None
-
-
-def run_ratio(report: dict[str, Any]) -> float | None:
-    total, limit = report.get("total_time_s"), report.get("limit_s")
-    if total is None or not limit:
-        return None
-    return round(float(total) / float(limit), 3)
-
-
-def heartbeat_gap_ms(
-    timeline: Sequence[Sequence[Any]], end: float, *, with_io: bool = True
-) -> float | None:
-    """Largest gap between heartbeats (with I/O, if ``with_io``; an idle guest's heartbeats
-    alone show when it was paused) over [0, end], in times relative to the start."""
-    gap = largest_gap((t for t, ops, _ in timeline if ops > 0 or not with_io), 0.0, end)
-    return round(gap * 1000, 1) if gap is not None else None
-
-
-def rederive(run: dict[str, Any]) -> list[str]:
-    """Work out again, with this code's definitions, what a stored run's heartbeats give:
-    its heartbeat gap, and ``max_io_gap_ms`` where its report took that from the heartbeats
-    (the QEMU baselines, which have no agent journal). Returns the names that changed."""
-    report, timeline = run["report"], run.get("timeline") or []
-    end = report.get("total_time_s")
-    changed = []
-    if end is not None:
-        gap = heartbeat_gap_ms(timeline, end, with_io=run["workload"] != "idle")
-        if gap != run.get("hb_gap_ms"):
-            run["hb_gap_ms"] = gap
-            changed.append("hb_gap_ms")
-    if report.get("io_gap_source") == "probe heartbeats" and report.get("max_io_gap_ms"):
-        window_end = max(end or 0.0, report.get("time_to_switchover_s") or 0.0)
-        found = largest_gap_at((t for t, ops, _ in timeline if ops > 0), 0.0, window_end)
-        # (the timeline keeps ms: a difference under 1 ms is its rounding, not a change)
-        if found is not None and abs(found[1] * 1000 - report["max_io_gap_ms"]) >= 1.0:
-            report["max_io_gap_ms"] = round(found[1] * 1000, 1)
-            report["max_io_gap_at_s"] = round(found[0], 3)
-            changed.append("max_io_gap_ms")
-    run["ratio"] = run_ratio(report)
-    return changed
-
-
-def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (link, workload): each strategy's medians over its completed runs, the
-    best disk-moving strategy by median ``total_time_s / limit_s`` (``shared`` moves no
-    disk: it is the floor, not a contender), and devagent's gap against each baseline's."""
-    scenarios: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
-    for run in runs:
-        key = (run["link"], run["workload"])
-        scenarios.setdefault(key, {}).setdefault(run["strategy"], []).append(run)
-    out = []
-    for (link, workload), by_strategy in scenarios.items():
-        rows: dict[str, dict[str, Any]] = {}
-        for strategy, its in by_strategy.items():
-            done = [r for r in its if r["report"].get("status") == "completed"]
-            row: dict[str, Any] = {"runs": len(its), "completed": len(done)}
-            for name in NUMERIC:
-                row[name] = median([_measure(r, name) for r in done])
-            row["integrity_ok"] = sum(1 for r in done if r["report"].get("integrity") == "ok")
-            errors = [r["report"].get("guest_io_errors") for r in done]
-            fails = [r["report"].get("guest_verify_failures") for r in done]
-            row["guest_io_errors"] = max((e for e in errors if e is not None), default=None)
-            row["guest_verify_failures"] = max((f for f in fails if f is not None), default=None)
-            row["errors"] = sorted({r["report"]["error"] for r in its if r["report"].get("error")})
-            rows[strategy] = row
-        contenders = {
-            s: r
-            for s, r in rows.items()
-            if s != "shared"
-            and r["completed"] == r["runs"]
-            and r["integrity_ok"] == r["runs"]
-            and r["ratio"] is not None
-        }
-        best = min(contenders, key=lambda s: contenders[s]["ratio"], default=None)
-        gaps: dict[str, dict[str, float | None]] = {}
-        for mine in DEVAGENT_MOVING:
-            if mine not in rows:
-                continue
-            gaps[mine] = {}
-            for theirs in BASELINES:
-                if theirs in rows:
-                    gaps[mine][theirs] = _gap_ratio(rows[mine], rows[theirs])
-        out.append(
-            {
-                "link": link,
-                "workload": workload,
-                "strategies": rows,
-                "best": best,
-                "best_ratio": contenders[best]["ratio"] if best else None,
-                "gap_vs_qemu": gaps,
-            }
-        )
-    return out
-
-
-def _measure(run: dict[str, Any], name: str) -> float | None:
-    if name == "ratio":
-        return run_ratio(run["report"])
-    value = run.get(name) if name == "hb_gap_ms" else run["report"].get(name)
-    return float(value) if isinstance(value, int | float) else None
-
-
-def _gap_ratio(mine: dict[str, Any], theirs: dict[str, Any]) -> float | None:
-    """devagent's heartbeat gap ÷ the baseline's: the same instrument on both sides."""
-    a, b = mine.get("hb_gap_ms"), theirs.get("hb_gap_ms")
-    return round(a / b, 2) if a is not None and b else None
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-TABLE_HEAD = (
-    "| strategy | runs ok | switchover s | total s | `limit_s` | total / limit | downtime ms "
-    "| `max_io_gap_ms` | heartbeat gap ms | guest max lat ms | guest p99 ms | I/O rate ratio "
-    "| MB on the link | errors / verify | integrity |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
-)
-
-
-def markdown(summary: Sequence[dict[str, Any]]) -> str:
-    """A table per link and workload (medians), its best strategy, and the gap comparison."""
-    parts = []
-    for scenario in summary:
-        rows = scenario["strategies"]
-        lines = [f"### {scenario['link']}, {scenario['workload']}", "", TABLE_HEAD]
-        for strategy in [s for s in ALL_STRATEGIES if s in rows] + sorted(
-            set(rows) - set(ALL_STRATEGIES)
-        ):
-            r = rows[strategy]
-            moved = r["bytes_between_hosts"]
-            lines.append(
-                f"| `{strategy}` | {r['completed']}/{r['runs']} "
-                f"| {_fmt(r['time_to_switchover_s'])} | {_fmt(r['total_time_s'])} "
-                f"| {_fmt(r['limit_s'])} | {_fmt(r['ratio'])} "
-                f"| {_fmt(r['downtime_ms'], 0)} | {_fmt(r['max_io_gap_ms'], 0)} "
-                f"| {_fmt(r['hb_gap_ms'], 0)} | {_fmt(r['guest_max_latency_ms'], 0)} "
-                f"| {_fmt(r['guest_p99_latency_ms'], 0)} | {_fmt(r['io_rate_ratio'])} "
-                f"| {_fmt(moved / 1e6 if moved is not None else None, 0)} "
-                f"| {_fmt(r['guest_io_errors'])} / {_fmt(r['guest_verify_failures'])} "
-                f"| {r['integrity_ok']}/{r['completed']} ok |"
-            )
-        lines.append("")
-        if scenario["best"]:
-            lines.append(
-                f"Best strategy moving the disk: `{scenario['best']}`, total / limit "
-                f"{scenario['best_ratio']:.2f} (median)."
-            )
-        else:
-            lines.append("No strategy moving the disk completed every run intact.")
-        failed = {s: r["errors"] for s, r in rows.items() if r["errors"]}
-        for strategy, errors in failed.items():
-            lines.append(f"`{strategy}` failed: {'; '.join(errors)}")
-        gaps = scenario["gap_vs_qemu"]
-        baselines = [b for b in BASELINES if b in rows]
-        if gaps and baselines:
-            lines += [
-                "",
-                "devagent's heartbeat gap ÷ each QEMU baseline's (below 1: devagent's guest "
-                "paused less):",
-                "",
-                "| devagent | " + " | ".join(f"`{b}`" for b in baselines) + " |",
-                "|---|" + "---:|" * len(baselines),
-            ]
-            for mine, against in gaps.items():
-                cells = " | ".join(
-                    f"{_fmt(rows[mine]['hb_gap_ms'], 0)} vs {_fmt(rows[b]['hb_gap_ms'], 0)} ms "
-                    f"({_fmt(against.get(b))})"
-                    for b in baselines
-                )
-                lines.append(f"| `{mine}` | {cells} |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
-
-
-def plots(
-    summary: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], out: Path
-) -> list[Path]:
-    """Per scenario: bars of the three headline medians per strategy; and one timeline (guest
-    ops per heartbeat on each host) per strategy, from its median run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    made = []
-    for scenario in summary:
-        tag = f"{scenario['link']}-{scenario['workload']}"
-        rows = scenario["strategies"]
-        names = [s for s in ALL_STRATEGIES if s in rows]
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-        for ax, (measure, label) in zip(
-            axes,
-            (
-                ("total_time_s", "total_time_s (s)"),
-                ("time_to_switchover_s", "time_to_switchover_s (s)"),
-                ("max_io_gap_ms", "max_io_gap_ms (ms)"),
-            ),
-            strict=True,
-        ):
-            values = [rows[s][measure] or 0.0 for s in names]
-            colors = ["tab:gray" if s == "shared" else "tab:orange" if s in BASELINES
-                      else "tab:blue" for s in names]  # fmt: skip
-            ax.bar(names, values, color=colors)
-            if measure == "total_time_s":
-                limits = [rows[s]["limit_s"] for s in names]
-                ax.scatter(names, [v or 0 for v in limits], marker="_", s=400, color="black",
-                           label="limit_s", zorder=3)  # fmt: skip
-                ax.legend()
-            ax.set_title(label)
-            ax.tick_params(axis="x", rotation=45)
-        fig.suptitle(f"{scenario['link']}, {scenario['workload']} (median of runs)")
-        fig.tight_layout()
-        path = out / f"bars-{tag}.png"
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        made.append(path)
-        for strategy in names:
-            chosen = _median_run(runs, scenario["link"], scenario["workload"], strategy)
-            if chosen is None:
-                continue
-            made.append(_timeline(plt, chosen, out / f"timeline-{tag}-{strategy}.png"))
-    return made
-
-
-def _median_run(
-    runs: Sequence[dict[str, Any]], link: str, workload: str, strategy: str
-) -> dict[str, Any] | None:
-    key = (link, workload, strategy)
-    its = [r for r in runs if (r["link"], r["workload"], r["strategy"]) == key
-           and r["report"].get("total_time_s") is not None]  # fmt: skip
-    if not its:
-        return None
-    its.sort(key=lambda r: r["report"]["total_time_s"])
-    return its[(len(its) - 1) // 2]
-
-
-def _timeline(plt: Any, run: dict[str, Any], path: Path) -> Path:
-    report = run["report"]
-    fig, ax = plt.subplots(figsize=(9, 3.2))
-    for host, color in (("a", "tab:blue"), ("b", "tab:green")):
-        points = [(t, ops) for t, ops, h in run["timeline"] if h == host]
-        if points:
-            ax.plot(*zip(*points, strict=True), color=color, label=f"host {host}", lw=1)
-    for key, style in (("time_to_switchover_s", "--"), ("total_time_s", ":")):
-        if report.get(key) is not None:
-            ax.axvline(report[key], color="black", ls=style, lw=1, label=key)
-    ax.axvline(0, color="gray", lw=1)
-    ax.set_xlabel("seconds since the migrate command")
-    ax.set_ylabel("guest I/O per 100 ms")
-    ax.set_title(f"{run['strategy']}: {run['link']}, {run['workload']} (run {run['run'] + 1})")
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
 
 
 # --- the machine and the lab -----------------------------------------------------------
@@ -451,9 +181,9 @@ def describe(run: dict[str, Any]) -> str:
     if r.get("status") != "completed":
         return head + f"FAILED: {r.get('error')}"
     return head + (
-        f"switchover {_fmt(r.get('time_to_switchover_s'))} s, total {_fmt(r.get('total_time_s'))}"
-        f" s (limit {_fmt(r.get('limit_s'))} s), gap {_fmt(r.get('max_io_gap_ms'), 0)} ms, "
-        f"heartbeat gap {_fmt(run.get('hb_gap_ms'), 0)} ms, integrity {r.get('integrity')}"
+        f"switchover {fmt(r.get('time_to_switchover_s'))} s, total {fmt(r.get('total_time_s'))}"
+        f" s (limit {fmt(r.get('limit_s'))} s), gap {fmt(r.get('max_io_gap_ms'), 0)} ms, "
+        f"heartbeat gap {fmt(run.get('hb_gap_ms'), 0)} ms, integrity {r.get('integrity')}"
     )
 
 
@@ -491,10 +221,7 @@ async def boot_round(
         async with gate:
             try:
                 await start_vm(a, vm_request(plan, workload, strategy, name))
-                while (await wait_heartbeats(a, name, 1, with_io=False))[-1]["phase"] == (
-                    "prefill"
-                ):
-                    pass
+                await wait_past_phase(a, name, "prefill")
                 async with DaemonClient(a) as client:
                     await client.post(f"/v1/vms/{name}/suspend")
             except DevagentError as err:
@@ -532,11 +259,13 @@ async def one_run(
         await wait_heartbeats(a, name, BASELINE_BEATS, with_io=workload != "idle", timeout=60)
         t0 = time.time()
         result["setup_s"] = round(t0 - began, 1)  # the resume and the steady baseline
-        collector = asyncio.create_task(_collect(a, name, t0 - 3.0, beats["a"]))
+        run_timeout = max(RUN_TIMEOUT_S, RUN_LIMITS * _rough_limit(plan, rate))
+        collector = asyncio.create_task(
+            _collect(a, name, t0 - 3.0, beats["a"], run_timeout + COLLECT_SPARE_S)
+        )
         try:
             report = await asyncio.wait_for(
-                migrate(a, b, name, storage=strategy, link_rate_bps=rate),
-                max(RUN_TIMEOUT_S, RUN_LIMITS * _rough_limit(plan, rate)),
+                migrate(a, b, name, storage=strategy, link_rate_bps=rate), run_timeout
             )
             result["report"] = report.to_json()
         except TimeoutError:
@@ -580,21 +309,30 @@ def _rough_limit(plan: Plan, rate: int) -> float:
     return (parse_size(plan.prefill) + (plan.ram_mb << 20)) * 8 / rate
 
 
-async def _collect(at: Endpoint, name: str, since: float, into: list[dict[str, Any]]) -> None:
-    """Keep the source's heartbeats as they come (the source VM is gone after the run)."""
+async def _collect(
+    at: Endpoint, name: str, since: float, into: list[dict[str, Any]], timeout: float
+) -> None:
+    """Keep the source's heartbeats as they come, until the VM is gone from the source
+    (the run cancels this once its migration ended; ``timeout`` bounds it regardless)."""
     async with DaemonClient(at) as client:
-        while True:
+
+        async def gone() -> bool:
+            nonlocal since
             try:
                 got = await client.get(f"/v1/vms/{name}/heartbeats", since=since)
             except NotFound:
-                return
+                return True
             except DevagentError:
-                await asyncio.sleep(POLL_S)
-                continue
+                return False  # a busy daemon: ask again
             for beat in got["heartbeats"]:
                 into.append(beat)
                 since = max(since, float(beat["host_time"]))
-            await asyncio.sleep(POLL_S)
+            return False
+
+        with contextlib.suppress(WaitTimeout):
+            await wait_until(
+                gone, timeout=timeout, what=f"VM {name} gone from its source", interval=POLL_S
+            )
 
 
 def command_line() -> str:

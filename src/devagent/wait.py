@@ -1,6 +1,20 @@
-"""Waiting with a deadline and a reason: :func:`wait_until` polls a condition until it holds,
-and its timeout error says what never happened. Prefer an event where one exists (a QMP
-event, a process's exit); this is for the conditions only a question answers."""
+"""Waiting for something to become true, always with a deadline and a reason.
+
+Prefer an event when one exists (an ``asyncio.Event``, a QMP event, a process's pidfd: see
+:mod:`devagent.process`). When the only way to learn that something happened is to ask
+again (a daemon's HTTP status, a socket that starts listening, a file that appears), ask
+through :func:`wait_until`, never through a hand-written ``while True: sleep`` loop: it
+stops at a deadline, and its :class:`WaitTimeout` says what never happened and after how
+long, so that every hang in a test or a command ends in a sentence.
+
+:func:`wait_until_blocking` is the same for synchronous code (the lab, which runs in plain
+threads and subprocesses).
+
+    DevagentError
+    └── PeerError
+        └── WaitTimeout       something a peer (process, daemon, QEMU) should have done
+                              did not happen in time: ``what`` and ``timeout`` say which
+"""
 
 from __future__ import annotations
 
@@ -8,30 +22,96 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, overload
 
 from devagent.errors import PeerError
 
+T = TypeVar("T")
+
+#: Default pause between two checks: short next to any deadline we use, long next to a
+#: check's own cost (a stat, a local HTTP request).
+DEFAULT_INTERVAL_S = 0.05
+
 
 class WaitTimeout(PeerError):
-    """Something waited for never happened in time."""
+    """``what`` did not happen within ``timeout`` seconds."""
+
+    def __init__(self, what: str, timeout: float, detail: str = "") -> None:
+        self.what = what
+        self.timeout = timeout
+        self.detail = detail
+        message = f"{what}: not within {timeout:g} s"
+        super().__init__(f"{message}; {detail}" if detail else message)
 
 
+@overload
 async def wait_until(
-    check: Callable[[], bool | Awaitable[bool]],
+    check: Callable[[], Awaitable[T | None]],
     *,
     timeout: float,
     what: str,
-    interval: float = 0.1,
-) -> None:
-    """Return once ``check()`` (sync or async) is true; :class:`WaitTimeout` ("waited
-    T s for WHAT") once ``timeout`` seconds passed without it."""
+    interval: float = ...,
+    detail: Callable[[], str] | None = ...,
+) -> T: ...
+
+
+@overload
+async def wait_until(
+    check: Callable[[], T | None],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = ...,
+    detail: Callable[[], str] | None = ...,
+) -> T: ...
+
+
+async def wait_until(
+    check: Callable[[], Any],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = DEFAULT_INTERVAL_S,
+    detail: Callable[[], str] | None = None,
+) -> Any:
+    """Call ``check`` (sync or async) until it returns something truthy, and return that.
+
+    ``check`` is called at once, then every ``interval`` seconds. An exception from it ends
+    the wait (that is how a check says "this will never happen": the process died). Past
+    ``timeout`` seconds, raises :class:`WaitTimeout` with ``what`` (phrase it as what was
+    awaited: ``"VM v1's first heartbeat"``) and, if given, ``detail()`` (a log's tail).
+    """
     deadline = time.monotonic() + timeout
     while True:
-        done = check()
-        if inspect.isawaitable(done):
-            done = await done
-        if done:
-            return
-        if time.monotonic() >= deadline:
-            raise WaitTimeout(f"waited {timeout:g} s for {what}")
-        await asyncio.sleep(interval)
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WaitTimeout(what, timeout, detail() if detail is not None else "")
+        await asyncio.sleep(min(interval, left))
+
+
+def wait_until_blocking(
+    check: Callable[[], T | None],
+    *,
+    timeout: float,
+    what: str,
+    interval: float = DEFAULT_INTERVAL_S,
+    detail: Callable[[], str] | None = None,
+) -> T:
+    """:func:`wait_until` for synchronous code: the same contract, with ``time.sleep``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WaitTimeout(what, timeout, detail() if detail is not None else "")
+        time.sleep(min(interval, left))
+
+
+__all__ = ["DEFAULT_INTERVAL_S", "WaitTimeout", "wait_until", "wait_until_blocking"]

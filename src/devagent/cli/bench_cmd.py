@@ -11,19 +11,10 @@ from typing import Any
 
 import click
 
+from devagent.benchplots import plots
+from devagent.benchstats import ALL_STRATEGIES, markdown, rederive, summarize
 from devagent.cli.common import err, json_option, print_json, run
-from devagent.migbench import (
-    ALL_STRATEGIES,
-    FULL,
-    QUICK,
-    Plan,
-    command_line,
-    markdown,
-    plots,
-    rederive,
-    run_matrix,
-    summarize,
-)
+from devagent.migbench import FULL, QUICK, Plan, command_line, run_matrix
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:

@@ -26,7 +26,7 @@ from devagent.cli.common import err, json_option, out, print_json, run
 from devagent.cli.migrate_cmd import show_report
 from devagent.cli.progress import MigrationProgress, Spinner
 from devagent.client import Endpoint
-from devagent.orchestrate import migrate, start_vm, wait_heartbeats
+from devagent.orchestrate import migrate, start_vm, wait_heartbeats, wait_past_phase
 from devagent.report import MigrationReport
 from devagent.vocab import STRATEGIES, parse_size
 
@@ -203,10 +203,14 @@ async def run_net_demo(
             status = await start_vm(a, request)
             address = str(status["nics"][0]["address"]).split("/")[0]
             await asyncio.to_thread(wait_for_ping, netns_c, address)
-            while (beat := (await wait_heartbeats(a, DEMO_VM, 1, with_io=False))[-1])[
-                "phase"
-            ] == "prefill":
-                spin.update(f"ioprobe prefilling the disk: {beat['written_blocks'] >> 8} MiB")
+            await wait_past_phase(
+                a,
+                DEMO_VM,
+                "prefill",
+                on_beat=lambda beat: spin.update(
+                    f"ioprobe prefilling the disk: {beat['written_blocks'] >> 8} MiB"
+                ),
+            )
             spin.update("steady-state guest I/O before migrating")
             await wait_heartbeats(
                 a, DEMO_VM, BASELINE_BEATS, with_io=not workload.startswith("idle")
@@ -303,11 +307,15 @@ async def run_demo(
                 f"{DEMO_VM} runs ioprobe ({workload}) on host {a.name}: first heartbeat after "
                 f"{status['boot_s']} s"
             )
-            while (beat := (await wait_heartbeats(a, DEMO_VM, 1, with_io=False))[-1])[
-                "phase"
-            ] == "prefill":
-                written = beat["written_blocks"] * 4096
-                spinner.update(f"ioprobe prefilling the disk: {written >> 20} MiB written")
+            await wait_past_phase(
+                a,
+                DEMO_VM,
+                "prefill",
+                on_beat=lambda beat: spinner.update(
+                    f"ioprobe prefilling the disk: {beat['written_blocks'] * 4096 >> 20} MiB "
+                    "written"
+                ),
+            )
             spinner.update("steady-state guest I/O before migrating")
             await wait_heartbeats(
                 a, DEMO_VM, BASELINE_BEATS, with_io=not workload.startswith("idle")

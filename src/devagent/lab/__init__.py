@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from devagent.lab.lab import Lab, LabHost, LabState, default_lab_name, run_in_host
+from devagent.lab.lab import Lab, LabState
+from devagent.lab.layout import LabHost, default_lab_name, run_in_host
 from devagent.vocab import format_rate, parse_rate
 
 __all__ = [

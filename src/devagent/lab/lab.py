@@ -12,9 +12,13 @@ means a tbf on both ends of its veth. Loopback mode: hosts are folders, daemons 
 127.0.0.1 on distinct ports, and there is no link to cut or shape.
 
 ``<state root>/labs/L/lab.json`` records the lab, and is written *before* any kernel object or
-process is made, so a crash midway leaves something to tear down. Teardown does not trust it
-alone: it also sweeps by name (``da-L-*``, ``dav-L-*``, ``dab-L``) and by process (see
-:mod:`devagent.lab.procs`), so it works on a partial or missing state file and is idempotent.
+process is made, so a crash midway leaves something to tear down.
+
+This module owns the :class:`Lab` object: its state file, bringing it up in order, and what
+a test does with a running lab (health, links, shaping, status). The parts live beside it:
+names and paths in :mod:`~devagent.lab.layout`, free subnets and ports in
+:mod:`~devagent.lab.addressing`, the kernel objects in :mod:`~devagent.lab.topology`, the
+daemon processes in :mod:`~devagent.lab.daemons`, removal in :mod:`~devagent.lab.teardown`.
 """
 
 from __future__ import annotations
@@ -25,238 +29,43 @@ import dataclasses
 import enum
 import ipaddress
 import json
-import logging
 import os
-import re
 import secrets
-import shutil
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-import zlib
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from devagent.errors import (
-    DevagentError,
-    EnvironmentProblem,
-    NotFound,
-    PeerError,
-    StateError,
-    UsageError,
+from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.lab import addressing, daemons, net, procs, teardown, topology
+from devagent.lab.addressing import DAEMON_PORT, LOOPBACK_ADDRESS
+from devagent.lab.daemons import HEALTH_PROBE_TIMEOUT_S, HEALTH_TIMEOUT_S
+from devagent.lab.layout import (
+    DEFAULT_LAB_NAME,
+    GUEST_BRIDGE,
+    MAX_HOSTS,
+    NS_IFACE,
+    LabHost,
+    bridge_name,
+    check_path_room,
+    lab_names,
+    labs_root,
+    log,
+    netns_name,
+    require_root,
+    validate_name,
+    veth_name,
 )
-from devagent.guestnet import guest_block
-from devagent.lab import net, procs
 from devagent.vocab import parse_rate
 
-log = logging.getLogger(__name__)
-
-STATE_ENV = "DEVAGENT_STATE"
-DEFAULT_STATE_ROOT = Path("/var/lib/devagent")
-LAB_ENV = "DEVAGENT_LAB"
-DEFAULT_LAB_NAME = "lab"
-
-NETNS_PREFIX = "da-"
-BRIDGE_PREFIX = "dab-"
-VETH_PREFIX = "dav-"
-NS_IFACE = "eth0"
-GUEST_BRIDGE = "br0"  # in each host's namespace: eth0 and the VMs' taps
-
-NAME_RE = re.compile(r"^[a-z0-9]{1,6}$")
-MAX_HOSTS = 26
-DAEMON_PORT = 7480
-LOOPBACK_ADDRESS = "127.0.0.1"
-LOOPBACK_FIRST_PORT = 7481
-SUBNET_BASE = "10.213"
-
-UNIX_PATH_MAX = 107
-# Room left under a host folder for the daemon's sockets (vms/<vm>/<device>.sock and such):
-# below MIN we refuse, below WANTED we warn.
-SOCKET_ROOM_MIN = 24
-SOCKET_ROOM_WANTED = 48
-
-HEALTH_TIMEOUT_S = 30.0
-HEALTH_PROBE_TIMEOUT_S = 1.0
 STATE_VERSION = 1
-LOG_TAIL_LINES = 15
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class LabState(enum.Enum):
     STARTING = "starting"
     UP = "up"
     DOWN = "down"
-
-
-@dataclass(frozen=True)
-class LabHost:
-    """One host of a lab. ``netns`` and ``veth`` are None in loopback mode; ``veth`` is the
-    root-side end of the host's link; ``pid`` is its devagentd's."""
-
-    name: str
-    address: str
-    port: int
-    dir: Path
-    netns: str | None = None
-    veth: str | None = None
-    pid: int | None = None
-    link_rate_bps: int | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.address}:{self.port}"
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "address": self.address,
-            "port": self.port,
-            "url": self.url,
-            "dir": str(self.dir),
-            "netns": self.netns,
-            "veth": self.veth,
-            "pid": self.pid,
-            "link_rate_bps": self.link_rate_bps,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> LabHost:
-        return cls(
-            name=str(data["name"]),
-            address=str(data["address"]),
-            port=int(data["port"]),
-            dir=Path(data["dir"]),
-            netns=_opt_str(data.get("netns")),
-            veth=_opt_str(data.get("veth")),
-            pid=_opt_int(data.get("pid")),
-            link_rate_bps=_opt_int(data.get("link_rate_bps")),
-        )
-
-
-def _opt_str(value: Any) -> str | None:
-    return None if value is None else str(value)
-
-
-def _opt_int(value: Any) -> int | None:
-    return None if value is None else int(value)
-
-
-def run_in_host(host: LabHost, argv: Sequence[str]) -> list[str]:
-    """``argv`` made to run inside ``host`` (prefixed with ``ip netns exec NS`` if needed)."""
-    return [*net.ns_prefix(host.netns), *argv]
-
-
-def state_root() -> Path:
-    return Path(os.environ.get(STATE_ENV) or DEFAULT_STATE_ROOT)
-
-
-def labs_root() -> Path:
-    return state_root() / "labs"
-
-
-def default_lab_name() -> str:
-    return os.environ.get(LAB_ENV) or DEFAULT_LAB_NAME
-
-
-def validate_name(name: str) -> str:
-    if not NAME_RE.match(name):
-        raise UsageError(
-            f"bad lab name {name!r}: 1 to 6 characters among a-z and 0-9 "
-            "(it goes into 15-byte interface names)"
-        )
-    return name
-
-
-def daemon_binary() -> Path:
-    """The devagentd console script installed beside the running interpreter."""
-    path = Path(sys.executable).parent / "devagentd"
-    if not os.access(path, os.X_OK):
-        raise EnvironmentProblem(f"devagentd not found at {path}: install devagent (make venv)")
-    return path
-
-
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise EnvironmentProblem(
-            "a namespace lab needs root (network namespaces, veths, a bridge); "
-            "run as root or use --loopback"
-        )
-
-
-def _check_path_room(host_dir: Path) -> None:
-    room = UNIX_PATH_MAX - len(os.fsencode(host_dir)) - 1
-    if room < SOCKET_ROOM_MIN:
-        raise UsageError(
-            f"host folder {host_dir} is too long for unix sockets under it "
-            f"({UNIX_PATH_MAX}-byte limit, {room} bytes left): set {STATE_ENV} to a shorter path"
-        )
-    if room < SOCKET_ROOM_WANTED:
-        log.warning(
-            "host folder %s leaves only %d bytes for unix socket names; a shorter %s is safer",
-            host_dir,
-            room,
-            STATE_ENV,
-        )
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((LOOPBACK_ADDRESS, port))
-        except OSError:
-            return False
-    return True
-
-
-def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
-
-
-def _other_labs_json(skip: str) -> list[dict[str, Any]]:
-    found = []
-    for name in Lab.list():
-        if name == skip:
-            continue
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads((labs_root() / name / "lab.json").read_text())
-            if isinstance(data, dict):
-                found.append(data)
-    return found
-
-
-def _choose_subnet(name: str, hosts: int, given: str | None) -> ipaddress.IPv4Network:
-    used = net.used_ipv4_networks()
-    for data in _other_labs_json(skip=name):
-        with contextlib.suppress(TypeError, ValueError):
-            used.append(ipaddress.IPv4Network(data["subnet"]))
-    if given is not None:
-        try:
-            subnet = ipaddress.IPv4Network(given)
-        except ValueError as err:
-            raise UsageError(f"bad subnet {given!r}: {err}") from err
-        if subnet.num_addresses < hosts + 4:
-            raise UsageError(f"subnet {subnet} is too small for {hosts} hosts and a bridge")
-        clash = [str(other) for other in used if subnet.overlaps(other)]
-        if clash:
-            raise UsageError(f"subnet {subnet} overlaps networks in use: {', '.join(clash)}")
-        return subnet
-    start = zlib.crc32(name.encode()) % 256
-    for step in range(256):
-        subnet = ipaddress.IPv4Network(f"{SUBNET_BASE}.{(start + step) % 256}.0/24")
-        if not any(subnet.overlaps(other) for other in used):
-            return subnet
-    raise EnvironmentProblem(f"no free /24 left in {SUBNET_BASE}.0.0/16 for lab {name!r}")
 
 
 class Lab:
@@ -296,7 +105,7 @@ class Lab:
 
     @property
     def bridge(self) -> str | None:
-        return None if self.loopback else f"{BRIDGE_PREFIX}{self.name}"
+        return None if self.loopback else bridge_name(self.name)
 
     @property
     def mgmt_address(self) -> str | None:
@@ -374,10 +183,7 @@ class Lab:
     @classmethod
     def list(cls) -> list[str]:
         """Names of the labs that have a state folder under the state root."""
-        root = labs_root()
-        if not root.is_dir():
-            return []
-        return sorted(p.name for p in root.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+        return lab_names()
 
     @classmethod
     def load(cls, name: str) -> Lab:
@@ -416,32 +222,32 @@ class Lab:
             raise UsageError("a loopback lab has no links to shape: drop --link-rate")
         if loopback and subnet is not None:
             raise UsageError("a loopback lab has no subnet")
-        binary = daemon_binary()
+        binary = daemons.daemon_binary()
         if not loopback:
-            _require_root()
+            require_root()
         labdir = labs_root() / name
-        cls._refuse_existing(name, labdir, loopback)
+        topology.refuse_existing(name, labdir, loopback)
         names = [chr(ord("a") + i) for i in range(hosts)]
         for host_name in names:
-            _check_path_room(labdir / "hosts" / host_name)
+            check_path_room(labdir / "hosts" / host_name)
 
         if loopback:
             network = None
-            ports = cls._free_loopback_ports(name, hosts)
+            ports = addressing.free_loopback_ports(name, hosts)
             lab_hosts = [
                 LabHost(h, LOOPBACK_ADDRESS, port, labdir / "hosts" / h)
                 for h, port in zip(names, ports, strict=True)
             ]
         else:
-            network = _choose_subnet(name, hosts, subnet)
+            network = addressing.choose_subnet(name, hosts, subnet)
             lab_hosts = [
                 LabHost(
                     h,
                     str(network.network_address + i + 1),
                     DAEMON_PORT,
                     labdir / "hosts" / h,
-                    netns=f"{NETNS_PREFIX}{name}-{h}",
-                    veth=f"{VETH_PREFIX}{name}-{h}",
+                    netns=netns_name(name, h),
+                    veth=veth_name(name, h),
                     link_rate_bps=rate,
                 )
                 for i, h in enumerate(names)
@@ -464,43 +270,6 @@ class Lab:
             raise
         return lab
 
-    @classmethod
-    def _refuse_existing(cls, name: str, labdir: Path, loopback: bool) -> None:
-        hint = f"run `devagent lab down --name {name}` first"
-        if labdir.exists():
-            raise StateError(f"lab {name!r} already exists ({labdir}); {hint}")
-        if loopback:
-            return
-        bridge = f"{BRIDGE_PREFIX}{name}"
-        leftovers = [ns for ns in net.netns_names() if ns.startswith(f"{NETNS_PREFIX}{name}-")]
-        leftovers += [
-            link
-            for link in net.link_names()
-            if link == bridge or link.startswith(f"{VETH_PREFIX}{name}-")
-        ]
-        if leftovers:
-            raise StateError(
-                f"network objects of a lab {name!r} exist ({', '.join(leftovers)}), perhaps "
-                f"under another {STATE_ENV}; {hint}"
-            )
-
-    @classmethod
-    def _free_loopback_ports(cls, name: str, count: int) -> builtins.list[int]:
-        taken: set[int] = set()
-        for data in _other_labs_json(skip=name):
-            for item in data.get("hosts", []):
-                with contextlib.suppress(KeyError, TypeError, ValueError):
-                    taken.add(int(item["port"]))
-        ports: builtins.list[int] = []
-        port = LOOPBACK_FIRST_PORT
-        while len(ports) < count:
-            if port > 65535:
-                raise EnvironmentProblem("no free TCP ports on 127.0.0.1 for a loopback lab")
-            if port not in taken and _port_free(port):
-                ports.append(port)
-            port += 1
-        return ports
-
     def _build(self, binary: Path) -> None:
         self._save()
         fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -511,7 +280,9 @@ class Lab:
         for host in self._hosts:
             host.dir.mkdir(parents=True)
         if not self.loopback:
-            self._make_network()
+            assert self.subnet is not None and self.bridge is not None
+            assert self.mgmt_address is not None
+            topology.make(self.subnet, self.bridge, self.mgmt_address, self._hosts)
         for host in self._hosts:
             self._start_daemon(binary, host)
         self._save()
@@ -520,54 +291,12 @@ class Lab:
         self._save()
         self.log.info("lab %s up: %s", self.name, ", ".join(h.url for h in self._hosts))
 
-    def _make_network(self) -> None:
-        assert self.subnet is not None and self.bridge is not None
-        prefix = self.subnet.prefixlen
-        net.run(["ip", "link", "add", self.bridge, "type", "bridge"])
-        net.run(["ip", "addr", "add", f"{self.mgmt_address}/{prefix}", "dev", self.bridge])
-        net.run(["ip", "link", "set", self.bridge, "up"])
-        for host in self._hosts:
-            assert host.netns is not None and host.veth is not None
-            ns = host.netns
-            net.run(["ip", "netns", "add", ns])
-            net.run(
-                [
-                    *("ip", "link", "add", host.veth, "type", "veth"),
-                    *("peer", "name", NS_IFACE, "netns", ns),
-                ]
-            )
-            net.run(["ip", "link", "set", host.veth, "master", self.bridge])
-            net.run(["ip", "link", "set", host.veth, "up"])
-            net.run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            net.run(["ip", "-n", ns, "link", "add", GUEST_BRIDGE, "type", "bridge"])
-            net.run(["ip", "-n", ns, "link", "set", NS_IFACE, "master", GUEST_BRIDGE])
-            net.run(
-                ["ip", "-n", ns, "addr", "add", f"{host.address}/{prefix}", "dev", GUEST_BRIDGE]
-            )
-            net.run(["ip", "-n", ns, "link", "set", NS_IFACE, "up"])
-            net.run(["ip", "-n", ns, "link", "set", GUEST_BRIDGE, "up"])
-            if host.link_rate_bps is not None:
-                self._shape_link(host, host.link_rate_bps)
-
     def _start_daemon(self, binary: Path, host: LabHost) -> None:
-        argv = run_in_host(
-            host,
-            [
-                *(str(binary), "--host-name", host.name),
-                *("--listen", f"{host.address}:{host.port}", "--dir", str(host.dir)),
-                *("--token-file", str(self.token_file), "--shared-dir", str(self.shared_dir)),
-                *self._guest_network_args(host),
-            ],
-        )
-        with open(host.dir / "devagentd.log", "ab") as out:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=host.dir,
-                start_new_session=True,
-            )
+        args = [
+            *("--token-file", str(self.token_file), "--shared-dir", str(self.shared_dir)),
+            *self._guest_network_args(host),
+        ]
+        proc = daemons.start(binary, host, args)
         self._procs[host.name] = proc
         self._replace_host(dataclasses.replace(host, pid=proc.pid))
         self.log.debug("host %s: devagentd pid %d", host.name, proc.pid)
@@ -579,10 +308,7 @@ class Lab:
         if self.loopback or self.subnet is None:
             return None
         names = [h.name for h in self._hosts]
-        block = guest_block(self.subnet, names.index(target.name), len(names))
-        if block is None:
-            return None
-        return f"{block[0]}-{block[1]}/{self.subnet.prefixlen}"
+        return addressing.guest_addresses(self.subnet, names.index(target.name), len(names))
 
     def _guest_network_args(self, host: LabHost) -> builtins.list[str]:
         block = self.guest_addresses(host)
@@ -592,38 +318,11 @@ class Lab:
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        pending = [h.name for h in self._hosts]
-        while pending:
-            for name in list(pending):
-                host = self.host(name)
-                proc = self._procs[name]
-                logfile = host.dir / "devagentd.log"
-                if proc.poll() is not None:
-                    raise PeerError(
-                        f"devagentd of host {name} (lab {self.name}) exited with status "
-                        f"{proc.returncode} before answering; last lines of {logfile}:\n"
-                        + _tail(logfile)
-                    )
-                try:
-                    answer = self.health(host, timeout=HEALTH_PROBE_TIMEOUT_S)
-                except PeerError:
-                    continue
-                if answer.get("host") != name:
-                    raise PeerError(
-                        f"{host.url} answered as host {answer.get('host')!r}, not {name!r}: "
-                        "another daemon holds that address"
-                    )
-                pending.remove(name)
-            if pending and time.monotonic() >= deadline:
-                name = pending[0]
-                logfile = self.host(name).dir / "devagentd.log"
-                raise PeerError(
-                    f"devagentd of host {name} (lab {self.name}) did not answer /v1/health at "
-                    f"{self.host(name).url} within {HEALTH_TIMEOUT_S:.0f} s; last lines of "
-                    f"{logfile}:\n" + _tail(logfile)
-                )
-            if pending:
-                time.sleep(0.1)
+        for host in self._hosts:
+            self._wait_answering(host, max(0.0, deadline - time.monotonic()))
+
+    def _wait_answering(self, host: LabHost, timeout: float) -> None:
+        daemons.wait_answering(self._procs[host.name], host, self.token, self.name, timeout)
 
     def restart_daemon(self, host: str | LabHost) -> LabHost:
         """Stop one host's devagentd and start it again (its VMs and agents must survive:
@@ -632,23 +331,11 @@ class Lab:
         if target.pid is not None:
             procs.terminate([target.pid])
         self._procs.pop(target.name, None)
-        self._start_daemon(daemon_binary(), target)
+        self._start_daemon(daemons.daemon_binary(), target)
         self._save()
-        deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        proc = self._procs[target.name]
-        while True:
-            if proc.poll() is not None:
-                log_file = target.dir / "devagentd.log"
-                raise PeerError(
-                    f"devagentd of host {target.name} exited on restart:\n" + _tail(log_file)
-                )
-            try:
-                self.health(target, timeout=HEALTH_PROBE_TIMEOUT_S)
-                return self.host(target.name)
-            except PeerError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.1)
+        restarted = self.host(target.name)
+        self._wait_answering(restarted, HEALTH_TIMEOUT_S)
+        return restarted
 
     def _replace_host(self, new: LabHost) -> None:
         self._hosts = [new if h.name == new.name else h for h in self._hosts]
@@ -657,18 +344,7 @@ class Lab:
 
     def health(self, host: str | LabHost, timeout: float = 5.0) -> dict[str, Any]:
         """``GET /v1/health`` of a host's daemon, with the lab's token."""
-        target = self.host(host)
-        request = urllib.request.Request(
-            f"{target.url}/v1/health", headers={"Authorization": f"Bearer {self.token}"}
-        )
-        try:
-            with _OPENER.open(request, timeout=timeout) as response:
-                data = json.load(response)
-        except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
-            raise PeerError(f"host {target.name}: {target.url}/v1/health failed: {err}") from err
-        if not isinstance(data, dict):
-            raise PeerError(f"host {target.name}: /v1/health answered {data!r}")
-        return data
+        return daemons.health(self.host(host), self.token, timeout)
 
     def daemon_alive(self, host: str | LabHost) -> bool:
         """Whether the host's recorded devagentd pid is alive and is still that daemon."""
@@ -712,14 +388,9 @@ class Lab:
         """Limit a host's link to ``rate`` in both directions (``None`` lifts the limit)."""
         target = self._link_host(host)
         bps = None if rate is None else parse_rate(rate)
-        self._shape_link(target, bps)
+        topology.shape_link(target, bps)
         self._replace_host(dataclasses.replace(target, link_rate_bps=bps))
         self._save()
-
-    def _shape_link(self, host: LabHost, bps: int | None) -> None:
-        assert host.veth is not None and host.netns is not None
-        net.shape(NS_IFACE, bps, netns=host.netns)  # host → bridge
-        net.shape(host.veth, bps)  # bridge → host
 
     def status(self) -> dict[str, Any]:
         """The state file's content plus, per host, what is true right now: daemon alive and
@@ -784,87 +455,14 @@ class Lab:
         if lab is None:
             with contextlib.suppress(NotFound, StateError):
                 lab = cls.load(name)
-        hosts = lab.hosts if lab is not None else []
-        is_root = os.geteuid() == 0
-        have_ip = shutil.which("ip") is not None
-
-        bridge = f"{BRIDGE_PREFIX}{name}"
-        namespaces: set[str] = set()
-        links: set[str] = set()
-        if have_ip:
-            ns_prefix = f"{NETNS_PREFIX}{name}-"
-            present_ns = set(net.netns_names())
-            namespaces = {ns for ns in present_ns if ns.startswith(ns_prefix)}
-            namespaces |= {h.netns for h in hosts if h.netns and h.netns in present_ns}
-            links = {
-                link
-                for link in net.link_names()
-                if link == bridge or link.startswith(f"{VETH_PREFIX}{name}-")
-            }
-        found = bool(namespaces or links or labdir.exists())
-
-        problems: list[str] = []
-        daemons = [h.pid for h in hosts if h.pid]
-        for grace in (5.0, 1.0):  # a second sweep for anything started during the first
-            victims = procs.session_of(daemons, labdir) | procs.under_path(labdir)
-            for ns in namespaces:
-                victims |= net.netns_pids(ns)
-            if not victims:
-                break
-            found = True
-            cls._log_victims(name, victims)
-            stuck = procs.terminate(victims, grace_s=grace)
-            if stuck:
-                problems.append(f"processes that would not die: {sorted(stuck)}")
-                break
-
-        if (namespaces or links) and not is_root:
-            problems.append(
-                f"namespaces/links {sorted(namespaces | links)} remain: deleting them needs root"
-            )
-        elif namespaces or links:
-            for ns in sorted(namespaces):
-                net.run(["ip", "netns", "del", ns], check=False)
-            # Deleting a namespace destroys its veth pairs; the bridge goes last.
-            for link in sorted(links, key=lambda n: n == bridge):
-                net.run(["ip", "link", "del", link], check=False)
-            left = [ns for ns in net.netns_names() if ns in namespaces]
-            left += [link for link in net.link_names() if link in links]
-            if left:
-                problems.append(f"network objects not deleted: {left}")
-
-        if labdir.exists():
-            try:
-                shutil.rmtree(labdir)
-            except OSError as err:
-                problems.append(f"folder {labdir} not removed: {err}")
-        if problems:
-            raise StateError(f"teardown of lab {name!r} incomplete: " + "; ".join(problems))
-        if found:
-            log.info("lab %s removed", name)
-        return found
-
-    @staticmethod
-    def _log_victims(name: str, pids: set[int]) -> None:
-        for pid in sorted(pids):
-            log.debug("lab %s: stopping pid %d: %s", name, pid, " ".join(procs.cmdline(pid)))
+        return teardown.destroy(name, labdir, lab.hosts if lab is not None else [])
 
     @classmethod
     def down_all(cls, name_prefix: str = "") -> builtins.list[str]:
         """Remove every devagent lab found by state folder or by the ``da-``/``dab-``/``dav-``
         name prefixes (only those whose lab name starts with ``name_prefix``). Returns the
         names of the labs removed."""
-        names = set(cls.list())
-        if shutil.which("ip") is not None:
-            for ns in net.netns_names():
-                if ns.startswith(NETNS_PREFIX):
-                    names.add(ns[len(NETNS_PREFIX) :].split("-", 1)[0])
-            for link in net.link_names():
-                if link.startswith(BRIDGE_PREFIX):
-                    names.add(link[len(BRIDGE_PREFIX) :])
-                elif link.startswith(VETH_PREFIX):
-                    names.add(link[len(VETH_PREFIX) :].split("-", 1)[0])
-        chosen = sorted(n for n in names if NAME_RE.match(n) and n.startswith(name_prefix))
+        chosen = teardown.leftover_names(name_prefix)
         problems = []
         for name in chosen:
             try:

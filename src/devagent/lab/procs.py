@@ -19,37 +19,22 @@ import contextlib
 import os
 import re
 import signal
-import time
 from collections.abc import Iterable
 from pathlib import Path
+
+from devagent.process import alive as process_alive
+from devagent.process import reap, stat_fields, wait_all_exit
 
 PROC = Path("/proc")
 
 
-def _stat_fields(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name: [state, ppid, pgrp, session, …]."""
-    try:
-        raw = (PROC / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rfind(")") + 2 :].split()
-
-
 def alive(pid: int) -> bool:
-    """True while ``pid`` exists and is not a zombie (a zombie is reaped when it is our child)."""
-    fields = _stat_fields(pid)
-    if fields is None:
-        return False
-    if fields[0] in ("Z", "X"):
-        reap(pid)
-        return False
-    return True
-
-
-def reap(pid: int) -> None:
-    """Collect ``pid``'s exit status if it is our child; harmless otherwise."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
+    """True while ``pid`` exists and is not a zombie (:func:`devagent.process.alive`); a
+    zombie that is our child is reaped on the way: the lab owns the processes it sweeps."""
+    if process_alive(pid):
+        return True
+    reap(pid)
+    return False
 
 
 def cmdline(pid: int) -> list[str]:
@@ -76,7 +61,7 @@ def _protected() -> set[int]:
     pids = {os.getpid()}
     pid = os.getpid()
     while pid > 1:
-        fields = _stat_fields(pid)
+        fields = stat_fields(pid)
         if fields is None:
             break
         pid = int(fields[1])
@@ -110,14 +95,15 @@ def session_of(leaders: Iterable[int], root: Path) -> set[int]:
         return set()
     found: set[int] = set()
     for pid in _all_pids():
-        fields = _stat_fields(pid)
+        fields = stat_fields(pid)
         if fields is not None and int(fields[3]) in sids:
             found.add(pid)
     return found - _protected()
 
 
 def terminate(pids: Iterable[int], grace_s: float = 5.0, kill_wait_s: float = 3.0) -> set[int]:
-    """SIGTERM every pid, wait up to ``grace_s``, SIGKILL the rest, wait up to ``kill_wait_s``.
+    """SIGTERM every pid, wait up to ``grace_s``, SIGKILL the rest, wait up to ``kill_wait_s``
+    (waits on their pidfds: an exit is an event, not a poll).
 
     Returns the pids still alive after all that (a process stuck in the kernel).
     """
@@ -126,12 +112,7 @@ def terminate(pids: Iterable[int], grace_s: float = 5.0, kill_wait_s: float = 3.
         for pid in left:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-        deadline = time.monotonic() + wait_s
-        while True:
-            left = {pid for pid in left if alive(pid)}
-            if not left or time.monotonic() >= deadline:
-                break
-            time.sleep(0.05)
+        left = wait_all_exit(left, wait_s)
         if not left:
             break
     return left

@@ -33,6 +33,7 @@ from typing import Any
 
 from devagent.errors import PeerError
 from devagent.report import largest_gap_at
+from devagent.wait import wait_until_blocking
 
 BLOCK = 8192
 PING_INTERVAL_S = 0.01
@@ -68,16 +69,15 @@ def ping_max_gap(
 def wait_for_ping(netns: str, address: str, timeout: float = 90.0) -> float:
     """Ping ``address`` from namespace ``netns`` until it answers; the seconds it took."""
     started = time.monotonic()
-    while True:
-        done = subprocess.run(
-            ["ip", "netns", "exec", netns, "ping", "-n", "-c", "1", "-W", "1", address],
-            capture_output=True,
-            timeout=30,
-        )
-        if done.returncode == 0:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise PeerError(f"{address} did not answer a ping from {netns} in {timeout:.0f} s")
+
+    def answered() -> bool:
+        argv = ["ip", "netns", "exec", netns, "ping", "-n", "-c", "1", "-W", "1", address]
+        return subprocess.run(argv, capture_output=True, timeout=30).returncode == 0
+
+    wait_until_blocking(
+        answered, timeout=timeout, what=f"{address} answering a ping from {netns}", interval=0.1
+    )
+    return time.monotonic() - started
 
 
 class Pinger:

@@ -28,6 +28,9 @@ drops rather than queue without bound.  Frames a peer mangled are counted by kin
 (vm, peer) and reason, and never reach anyone.  ``swap_uplink`` holds, stops the old
 uplink, hands on the frames still queued in it, starts the new one and releases, in one
 step of the loop: no frame in flight is lost or reordered.
+
+This module owns those paths and the hold, forward and swap; each connection's framing and
+its bad-frame accounting is a :class:`~devagent.net.link.Link` (:mod:`devagent.net.link`).
 """
 
 from __future__ import annotations
@@ -39,24 +42,16 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.net.codec import (
-    NEED_DATA,
-    Bytes,
-    Closed,
-    Dropped,
     DropReason,
-    Frame,
-    FrameDecoder,
     Limit,
-    StreamProtocolError,
-    frame_header,
 )
+from devagent.net.link import Link, LinkRole
 from devagent.net.uplink import Uplink
 
 log = logging.getLogger(__name__)
@@ -82,113 +77,12 @@ class AgentState(enum.Enum):
     STOPPED = "stopped"
 
 
-class LinkRole(enum.Enum):
-    VM = "vm"  # the connection to QEMU's stream netdev
-    PEER = "peer"  # a connection from or to another agent
-
-
 class LostReason(enum.Enum):
     NO_VM = "no_vm"  # no QEMU connected, not held
     VM_BACKLOG = "vm_backlog"  # QEMU does not read fast enough
     HOLD_OVERFLOW = "hold_overflow"  # the hold buffer was full
     UPLINK = "uplink"  # the uplink refused the frame
     PEER = "peer"  # the forwarding peer's link was full or gone
-
-
-class _LinkAdapter(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes each record with the VM/NIC and the link."""
-
-    def process(
-        self, msg: Any, kwargs: MutableMapping[str, Any]
-    ) -> tuple[Any, MutableMapping[str, Any]]:
-        where = self.extra["where"] if self.extra else "?"
-        return f"[{where}] {msg}", kwargs
-
-
-class _Link(asyncio.Protocol):
-    """One framed stream connection: QEMU's, or a peer agent's."""
-
-    def __init__(self, agent: NetAgent, role: LinkRole, name: str) -> None:
-        self.agent = agent
-        self.role = role
-        self.name = name
-        self.decoder = FrameDecoder()
-        self.transport: asyncio.Transport | None = None
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.log: logging.LoggerAdapter[logging.Logger] = _LinkAdapter(
-            log, {"where": f"{agent.label} {role.value} {name}"}
-        )
-        self.sent_frames = 0
-        self.dropped = 0  # frames of this link's peer dropped as bad (logged once, then summed)
-
-    # -- asyncio callbacks -------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.name = f"{peer[0]}:{peer[1]}"
-            self.log.extra = {"where": f"{self.agent.label} {self.role.value} {self.name}"}
-        self.agent._link_up(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.decoder.receive_data(data)
-        self._pump()
-
-    def eof_received(self) -> bool:
-        self.decoder.receive_data(b"")
-        self._pump()
-        return False  # close our side too
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.dropped > 1:
-            self.log.warning("%d bad frames dropped on this connection in all", self.dropped)
-        self.agent._link_down(self, exc)
-        if not self.closed.done():
-            self.closed.set_result(None)
-
-    # -- frames ------------------------------------------------------------------------------
-
-    def _pump(self) -> None:
-        while True:
-            try:
-                event = self.decoder.next_event()
-            except StreamProtocolError as err:
-                self.agent._count_bad(self.role, err.reason)
-                self.log.warning("closing: %s", err)
-                if self.transport is not None:
-                    self.transport.abort()
-                return
-            if event is NEED_DATA or isinstance(event, Closed):
-                return
-            if isinstance(event, Dropped):
-                self.agent._count_bad(self.role, event.reason)
-                self.dropped += 1
-                self.log.log(
-                    logging.WARNING if self.dropped == 1 else logging.DEBUG,
-                    "dropped a %s frame (declared %s bytes, %d came)",
-                    event.reason.value,
-                    event.length,
-                    event.received,
-                )
-            elif isinstance(event, Frame):
-                self.agent._frame_from_link(self, event.data)
-
-    def send(self, frame: Bytes) -> bool:
-        """Queue one frame; False when the link is gone or its backlog is full."""
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return False
-        if transport.get_write_buffer_size() + len(frame) > self.agent.link_backlog:
-            return False
-        transport.writelines((frame_header(len(frame)), frame))
-        self.sent_frames += 1
-        return True
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 @dataclass
@@ -207,7 +101,7 @@ class _Hold:
 @dataclass
 class _Forward:
     peer: str
-    link: _Link
+    link: Link
     since: float = field(default_factory=time.time)
     frames: int = 0
     #: Wall clock of the last unicast frame sent to the peer.  Broadcast and multicast
@@ -247,10 +141,10 @@ class NetAgent:
         self.delivered_from_hold = 0
         self.lost = {reason.value: 0 for reason in LostReason}
         self.bad = {role.value: {r.value: 0 for r in DropReason} for role in LinkRole}
-        self.vm_link: _Link | None = None
+        self.vm_link: Link | None = None
         self.vm_socket: Path | None = None
         self.vm_connects = 0
-        self._peers: set[_Link] = set()
+        self._peers: set[Link] = set()
         self._servers: list[asyncio.Server] = []
         self.peer_addresses: list[str] = []
         self._hold: _Hold | None = None
@@ -296,16 +190,19 @@ class NetAgent:
         if self.vm_link is not None:
             raise StateError(f"net agent {self.label} already has a VM connected")
         loop = asyncio.get_running_loop()
-        await loop.create_unix_connection(lambda: _Link(self, LinkRole.VM, "fd"), sock=sock)
+        await loop.create_unix_connection(lambda: Link(self, LinkRole.VM, "fd"), sock=sock)
 
     async def _connect_loop(self, path: Path) -> None:
+        # The agent's own main loop, not a wait: it keeps QEMU's stream connected for the
+        # agent's whole life (QEMU listens again after every drop, or comes up late), with a
+        # capped backoff as its rate limit. No deadline by design; stop() cancels it.
         loop = asyncio.get_running_loop()
         pause = RECONNECT_MIN_S
         complained = False
         while self.state is AgentState.RUNNING:
             try:
                 _, link = await loop.create_unix_connection(
-                    lambda: _Link(self, LinkRole.VM, str(path)), str(path)
+                    lambda: Link(self, LinkRole.VM, str(path)), str(path)
                 )
             except OSError as err:
                 if not complained:
@@ -323,7 +220,7 @@ class NetAgent:
         """Accept peer agents on TCP: frames they send go to the VM."""
         self._require(AgentState.CREATED, AgentState.RUNNING)
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: _Link(self, LinkRole.PEER, "?"), host, port)
+        server = await loop.create_server(lambda: Link(self, LinkRole.PEER, "?"), host, port)
         self._servers.append(server)
         bound = server.sockets[0].getsockname()
         self.peer_addresses.append(f"tcp:{bound[0]}:{bound[1]}")
@@ -332,7 +229,7 @@ class NetAgent:
 
     # -- links come and go -------------------------------------------------------------------
 
-    def _link_up(self, link: _Link) -> None:
+    def link_up(self, link: Link) -> None:
         if link.role is LinkRole.VM:
             if self.vm_link is not None or self.state is not AgentState.RUNNING:
                 link.log.warning("refused: a VM is already connected")
@@ -345,7 +242,7 @@ class NetAgent:
             self._peers.add(link)
             link.log.info("peer connected")
 
-    def _link_down(self, link: _Link, exc: Exception | None) -> None:
+    def link_down(self, link: Link, exc: Exception | None) -> None:
         why = f": {exc}" if exc else ""
         if link is self.vm_link:
             self.vm_link = None
@@ -362,7 +259,7 @@ class NetAgent:
             else:
                 link.log.info("peer disconnected%s", why)
 
-    def _count_bad(self, role: LinkRole, reason: DropReason) -> None:
+    def count_bad(self, role: LinkRole, reason: DropReason) -> None:
         self.bad[role.value][reason.value] += 1
 
     def _lose(self, reason: LostReason) -> None:
@@ -370,7 +267,7 @@ class NetAgent:
 
     # -- the frame paths ---------------------------------------------------------------------
 
-    def _frame_from_link(self, link: _Link, frame: bytes) -> None:
+    def frame_from_link(self, link: Link, frame: bytes) -> None:
         if link.role is LinkRole.VM:
             self._frame_from_vm(frame)
         else:
@@ -502,7 +399,7 @@ class NetAgent:
         peer = f"{host}:{port}"
         try:
             _, link = await asyncio.wait_for(
-                loop.create_connection(lambda: _Link(self, LinkRole.PEER, peer), host, port),
+                loop.create_connection(lambda: Link(self, LinkRole.PEER, peer), host, port),
                 timeout,
             )
         except (OSError, TimeoutError) as err:

@@ -27,7 +27,9 @@ from typing import Any, NoReturn
 from qemu.qmp import ConnectError, EventListener, QMPClient, QMPError
 
 from devagent.errors import PeerError, StateError
+from devagent.process import alive, wait_exit
 from devagent.qemu.config import VmConfig
+from devagent.wait import WaitTimeout, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ ConsoleSink = Callable[[bytes, float], None]
 QEMU_BINARY = "qemu-system-x86_64"
 LAUNCH_TIMEOUT_S = 20.0
 QUIT_TIMEOUT_S = 10.0
+CONNECT_RETRY_S = 0.02  # QEMU listens on its QMP socket a moment after it creates it
 
 
 class VmState(Enum):
@@ -194,32 +197,19 @@ class Vm:
         self.require(VmState.NEW)
         self._move(VmState.LAUNCHING)
         self.pid = pid
-        self._tasks.append(asyncio.create_task(self._poll_exit(), name=f"{self.config.name}-exit"))
+        self._tasks.append(
+            asyncio.create_task(self._watch_adopted_exit(), name=f"{self.config.name}-exit")
+        )
         await self._connect(5.0)
 
     async def _connect(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while not self.qmp_path.exists():
-            if self._exited.is_set():
-                raise PeerError(f"VM {self.config.name}: QEMU exited at launch: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise PeerError(f"VM {self.config.name}: no QMP socket after {timeout:.0f} s")
-            await asyncio.sleep(0.02)
-        while True:
-            qmp = QMPClient(self.config.name)
-            try:
-                await asyncio.wait_for(
-                    qmp.connect(str(self.qmp_path)), max(0.5, deadline - time.monotonic())
-                )
-                break
-            except ConnectError as err:
-                # The socket file appears at bind(), a moment before QEMU listens on it.
-                refused = isinstance(err.exc, ConnectionRefusedError)
-                if not refused or self._exited.is_set() or time.monotonic() > deadline:
-                    await self._connect_failed(err)
-                await asyncio.sleep(0.02)
-            except (QMPError, OSError, TimeoutError) as err:
-                await self._connect_failed(err)
+        qmp = await wait_until(
+            lambda: self._try_qmp(deadline),
+            timeout=timeout,
+            what=f"VM {self.config.name}: QMP answering on {self.qmp_path}",
+            interval=CONNECT_RETRY_S,
+        )
         self._qmp = qmp
         self._tasks.append(
             asyncio.create_task(self._watch_events(qmp), name=f"{self.config.name}-qmp")
@@ -227,6 +217,26 @@ class Vm:
         if self.on_console is not None:
             await self._connect_console()
         await self.refresh_state()
+
+    async def _try_qmp(self, deadline: float) -> QMPClient | None:
+        """One attempt at QMP: the session, or None while QEMU is not listening yet."""
+        if self._exited.is_set():
+            raise PeerError(f"VM {self.config.name}: QEMU exited at launch: {self.log_tail()}")
+        if not self.qmp_path.exists():
+            return None
+        qmp = QMPClient(self.config.name)
+        try:
+            await asyncio.wait_for(
+                qmp.connect(str(self.qmp_path)), max(0.5, deadline - time.monotonic())
+            )
+        except ConnectError as err:
+            # The socket file appears at bind(), a moment before QEMU listens on it.
+            if isinstance(err.exc, ConnectionRefusedError) and not self._exited.is_set():
+                return None
+            await self._connect_failed(err)
+        except (QMPError, OSError, TimeoutError) as err:
+            await self._connect_failed(err)
+        return qmp
 
     async def refresh_state(self) -> VmState:
         """The state as QEMU has it now (``query-status``), without waiting for its event."""
@@ -284,10 +294,10 @@ class Vm:
         code = await self._proc.wait()
         self._on_exit(code)
 
-    async def _poll_exit(self) -> None:
+    async def _watch_adopted_exit(self) -> None:
+        """The exit of a QEMU that is not our child: its pidfd says when (no status)."""
         assert self.pid is not None
-        while pid_alive(self.pid):
-            await asyncio.sleep(0.2)
+        await wait_exit(self.pid, None, f"QEMU of VM {self.config.name}")
         self._on_exit(None)
 
     def _on_exit(self, code: int | None) -> None:
@@ -320,12 +330,18 @@ class Vm:
         bookkeeping. QEMU says ``completed`` (event and ``query-migrate``) before it works
         out ``downtime`` and ``total-time`` and moves the guest to ``postmigrate``; read too
         soon, the downtime is 0. This waits for ``postmigrate`` (``timeout`` at most)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        async def settled() -> bool:  # no QMP event marks finish-migrate -> postmigrate
             status = await self.qmp("query-status")
-            if status.get("status") != "finish-migrate":
-                break
-            await asyncio.sleep(0.005)
+            return bool(status.get("status") != "finish-migrate")
+
+        with contextlib.suppress(WaitTimeout):
+            await wait_until(
+                settled,
+                timeout=timeout,
+                what=f"VM {self.config.name}: postmigrate after the migration",
+                interval=0.005,
+            )
         info: dict[str, Any] = await self.qmp("query-migrate")
         return info
 
@@ -393,14 +409,8 @@ class Vm:
             path.unlink(missing_ok=True)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
+#: The one liveness test (:func:`devagent.process.alive`: a zombie is dead), under the name
+#: the daemon imports it by.
+pid_alive = alive
 
 __all__ = ["Vm", "VmState", "pid_alive"]

@@ -9,6 +9,7 @@ QEMU or a lab.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
@@ -16,9 +17,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from devagent.client import DaemonClient, Endpoint
+from devagent.daemon.migration.messages import MigrateRequest, RemoteDisk
 from devagent.daemon.netstat import link_bytes
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.vm import VmState
+from devagent.report import MigrationReport
 
 PEER_TIMEOUT_S = 600.0  # one peer request (a commit waits for the disk's swap, say)
 
@@ -183,3 +186,57 @@ class HostContext:
             release=release,
             link_bytes=lambda: link_bytes(loopback),
         )
+
+
+class NetSteps(Protocol):
+    """The NICs' step the RAM follower takes (:class:`.net.NetMigration`)."""
+
+    async def hold(self) -> None: ...
+
+
+class PlanSteps(Protocol):
+    """What the RAM follower and the report ask of a plan (:class:`.plans.Plan`)."""
+
+    @property
+    def pauses_before_switchover(self) -> bool: ...
+
+    def ram_bandwidth(self, job: JobView) -> int: ...
+
+    async def at_pre_switchover(self, job: JobView) -> None: ...
+
+    def disk_bytes_moved(self, job: JobView) -> int | None: ...
+
+
+class JobView(Protocol):
+    """A migration job as its plan, RAM follower and report see it
+    (:class:`.job.MigrationJob`): what it moves, where to, and its bookkeeping."""
+
+    id: str
+    host: HostContext
+    managed: MigratingVm
+    request: MigrateRequest
+    report: MigrationReport
+    progress: dict[str, Any]
+    started_at: float
+    bytes_before: int | None
+    log: logging.Logger
+    #: The source's disk as the destination reaches it, and its size (the plan's prepare).
+    source_disk: RemoteDisk | None
+    disk_size: int
+
+    @property
+    def plan(self) -> PlanSteps: ...
+
+    @property
+    def net(self) -> NetSteps | None: ...
+
+    @property
+    def peer(self) -> Peer: ...
+
+    def mark(self, step: str, at: float | None = None) -> None: ...
+
+    def disk_progress(self, done: int, left: int) -> None: ...
+
+    async def quietly(self, step: Awaitable[Any]) -> None: ...
+
+    async def check_peer(self) -> None: ...

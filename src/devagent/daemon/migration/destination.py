@@ -9,8 +9,8 @@ rolls back.
               what the push landed, or the complete replica as Local), run the guest
 ``abort``     ``DELETE /v1/incoming/NAME``: remove all of it
 
-The VM manager does the making (``VmManager.prepare_incoming``) and the VM the readying
-(``ManagedVm.commit_incoming``); this module owns the messages and the order.
+The VM manager does the making and the readying (:mod:`devagent.daemon.vms.incoming`); this
+module owns the messages and the order.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from devagent.daemon.migration.messages import (
     IncomingRequest,
 )
 from devagent.daemon.vms import VmRequest
+from devagent.daemon.vms import incoming as incoming_vm
 from devagent.errors import StateError, UsageError
 from devagent.qemu.config import VmConfig
 from devagent.wire import to_json
@@ -47,7 +48,8 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
         raise UsageError("without 'image', give the disk's 'size' in bytes")
     request = VmRequest.from_json(incoming.request)
     config = VmConfig.from_json(incoming.config)
-    managed = await host.vms.prepare_incoming(
+    managed = await incoming_vm.prepare_incoming(
+        host.vms,
         request,
         config,
         Path(incoming.image) if incoming.image else None,
@@ -78,7 +80,7 @@ async def commit(host: Host, name: str, request: CommitRequest) -> CommitAnswer:
     if managed.role != "incoming":
         raise StateError(f"VM {managed.name} is not an incoming VM")
     fetch = to_json(request.fetch) if request.fetch is not None else None
-    steps = await managed.commit_incoming(fetch, local=request.local)
+    steps = await incoming_vm.commit_incoming(managed, fetch, local=request.local)
     resumed_at = steps.pop("resumed_at")
     return CommitAnswer(resumed_at=resumed_at, steps=steps, vm=managed.status())
 

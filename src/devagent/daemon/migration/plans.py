@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from devagent.daemon.migration.context import JobView
 from devagent.daemon.migration.messages import (
     CommitAnswer,
     CommitRequest,
@@ -37,9 +38,6 @@ from devagent.errors import PeerError, UsageError
 from devagent.vocab import Step, Strategy
 from devagent.wait import wait_until
 from devagent.wire import convert, to_json
-
-if TYPE_CHECKING:
-    from devagent.daemon.migration.job import MigrationJob
 
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
 #: Passes a pre-copy mirror makes before it goes write-through anyway (a guest that dirties
@@ -89,39 +87,39 @@ class Plan:
     #: The source still serves the disk to the destination after the switchover.
     serves_after_switchover: ClassVar[bool] = False
 
-    def check(self, job: MigrationJob) -> None:
+    def check(self, job: JobView) -> None:
         """Refuse a VM this strategy cannot move (:class:`UsageError`), before anything."""
 
-    async def prepare(self, job: MigrationJob) -> Prepared:
+    async def prepare(self, job: JobView) -> Prepared:
         raise NotImplementedError
 
-    async def before_ram(self, job: MigrationJob, prepared: Prepared) -> None:
+    async def before_ram(self, job: JobView, prepared: Prepared) -> None:
         """The disk's work while the guest runs on the source only."""
 
-    def ram_bandwidth(self, job: MigrationJob) -> int:
+    def ram_bandwidth(self, job: JobView) -> int:
         """Bytes per second QEMU's RAM migration may take."""
         return (job.request.link_rate_bps or 8 << 33) // 8
 
-    async def at_pre_switchover(self, job: MigrationJob) -> None:
+    async def at_pre_switchover(self, job: JobView) -> None:
         """The guest stopped and its disk drained; QEMU waits for this before it goes on."""
 
-    async def at_switchover(self, job: MigrationJob) -> Handover | None:
+    async def at_switchover(self, job: JobView) -> Handover | None:
         """RAM completed (the guest stopped for good here): end the disk's work on the source."""
         return None
 
-    async def fence(self, job: MigrationJob) -> None:
+    async def fence(self, job: JobView) -> None:
         """One writer: the instance here may never write the disk again."""
 
-    async def commit(self, job: MigrationJob, handover: Handover | None) -> CommitAnswer:
+    async def commit(self, job: JobView, handover: Handover | None) -> CommitAnswer:
         raise NotImplementedError
 
-    async def until_released(self, job: MigrationJob) -> None:
+    async def until_released(self, job: JobView) -> None:
         """Wait until the source holds nothing the destination still needs."""
 
-    async def roll_back(self, job: MigrationJob) -> None:
+    async def roll_back(self, job: JobView) -> None:
         """Before the switchover: undo this plan's disk work on the source."""
 
-    def disk_bytes_moved(self, job: MigrationJob) -> int | None:
+    def disk_bytes_moved(self, job: JobView) -> int | None:
         return int(job.progress.get("disk_bytes_moved", 0)) + int(
             job.progress.get("disk_bytes_pushed", 0)
         )
@@ -130,7 +128,7 @@ class Plan:
 class AgentPlan(Plan):
     """devagent's strategies: the disk goes through the VM's device agent."""
 
-    def check(self, job: MigrationJob) -> None:
+    def check(self, job: JobView) -> None:
         vm = job.managed
         if not vm.agents:
             raise UsageError(
@@ -142,7 +140,7 @@ class AgentPlan(Plan):
                 "(the disk stays where it is)"
             )
 
-    def incoming(self, job: MigrationJob) -> IncomingRequest:
+    def incoming(self, job: JobView) -> IncomingRequest:
         vm = job.managed
         return IncomingRequest(
             request=vm.request.to_json(),
@@ -153,7 +151,7 @@ class AgentPlan(Plan):
             nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
         )
 
-    async def prepare(self, job: MigrationJob) -> Prepared:
+    async def prepare(self, job: JobView) -> Prepared:
         if self.moves_disk:
             agent = job.managed.agents[0]
             if agent.tcp_address is None:
@@ -167,24 +165,24 @@ class AgentPlan(Plan):
             target = RemoteDisk(address=answer.disk_address, export=answer.disk_export)
         return Prepared(uri=answer.uri, push_target=target, nic_peers=answer.nic_peers)
 
-    async def before_ram(self, job: MigrationJob, prepared: Prepared) -> None:
+    async def before_ram(self, job: JobView, prepared: Prepared) -> None:
         for agent in job.managed.agents:  # leave the switchover's own flush little to do
             await agent.call("POST", "/flush", timeout=DISK_WAIT_S)
 
-    def commit_request(self, job: MigrationJob, handover: Handover | None) -> CommitRequest:
+    def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
         return CommitRequest()
 
-    async def commit(self, job: MigrationJob, handover: Handover | None) -> CommitAnswer:
+    async def commit(self, job: JobView, handover: Handover | None) -> CommitAnswer:
         body = to_json(self.commit_request(job, handover))
         raw = await job.peer.post(f"/v1/incoming/{job.managed.name}/commit", body)
         return convert(raw, CommitAnswer, what="the destination's commit")
 
-    async def fence(self, job: MigrationJob) -> None:
+    async def fence(self, job: JobView) -> None:
         if self.moves_disk:
             await job.managed.agents[0].call("POST", "/fence")
             job.mark(Step.SOURCE_FENCED)
 
-    async def roll_back(self, job: MigrationJob) -> None:
+    async def roll_back(self, job: JobView) -> None:
         for agent in job.managed.agents:  # a disk mirror to the destination stops
             await job.quietly(agent.call("POST", "/mirror/cancel"))
 
@@ -195,7 +193,7 @@ class SharedPlan(AgentPlan):
     strategy = Strategy.SHARED
     moves_disk = False
 
-    def check(self, job: MigrationJob) -> None:
+    def check(self, job: JobView) -> None:
         vm, shared = job.managed, job.host.shared_dir
         in_shared = shared is not None and vm.image.is_relative_to(shared)
         if not in_shared and vm.request.disk is None:
@@ -204,7 +202,7 @@ class SharedPlan(AgentPlan):
                 "needs a disk both hosts see (vm start --storage shared)"
             )
 
-    def incoming(self, job: MigrationJob) -> IncomingRequest:
+    def incoming(self, job: JobView) -> IncomingRequest:
         vm = job.managed
         return IncomingRequest(
             request=vm.request.to_json(),
@@ -213,7 +211,7 @@ class SharedPlan(AgentPlan):
             nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
         )
 
-    def disk_bytes_moved(self, job: MigrationJob) -> int | None:
+    def disk_bytes_moved(self, job: JobView) -> int | None:
         return 0
 
 
@@ -222,7 +220,7 @@ class FetchingPlan(AgentPlan):
 
     serves_after_switchover = True
 
-    def commit_request(self, job: MigrationJob, handover: Handover | None) -> CommitRequest:
+    def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
         assert job.source_disk is not None
         chunk = handover.chunk_size if handover is not None else FETCH_CHUNK
         fetch = FetchPlan(
@@ -233,7 +231,7 @@ class FetchingPlan(AgentPlan):
         )
         return CommitRequest(fetch=fetch)
 
-    async def until_released(self, job: MigrationJob) -> None:
+    async def until_released(self, job: JobView) -> None:
         """Wait until the destination's replica is complete and served as Local."""
         await wait_until(
             lambda: self._disk_local(job), timeout=DISK_WAIT_S, interval=POLL_S,
@@ -241,7 +239,7 @@ class FetchingPlan(AgentPlan):
         )  # fmt: skip
         job.mark(Step.DISK_LOCAL)
 
-    async def _disk_local(self, job: MigrationJob) -> bool:
+    async def _disk_local(self, job: JobView) -> bool:
         try:
             answer = await job.peer.get(f"/v1/vms/{job.managed.name}/devices")
         except PeerError as err:  # the destination's daemon restarts, say: ask again
@@ -266,7 +264,7 @@ class PostcopyPlan(FetchingPlan):
 class PrecopyPlan(AgentPlan):
     strategy = Strategy.PRECOPY
 
-    async def before_ram(self, job: MigrationJob, prepared: Prepared) -> None:
+    async def before_ram(self, job: JobView, prepared: Prepared) -> None:
         assert prepared.push_target is not None
         mirror = {
             "target": to_json(prepared.push_target),
@@ -283,14 +281,14 @@ class PrecopyPlan(AgentPlan):
         job.mark(Step.DISK_CONVERGED)
         await super().before_ram(job, prepared)
 
-    async def _converged(self, job: MigrationJob) -> bool:
+    async def _converged(self, job: JobView) -> bool:
         mirror = (await job.managed.agents[0].call("GET", "/status"))["backend_status"]
         job.disk_progress(mirror.get("copied_bytes", 0), mirror.get("dirty_bytes", 0))
         if mirror.get("state") == "failed" or mirror.get("kind") != "mirror":
             raise PeerError(f"the disk mirror failed: {mirror.get('error')}")
         return mirror.get("state") in ("converged", "finished")
 
-    async def at_switchover(self, job: MigrationJob) -> Handover:
+    async def at_switchover(self, job: JobView) -> Handover:
         cut = await job.managed.agents[0].call(
             "POST", "/mirror/cutover", {"keep_source": True}, timeout=DISK_WAIT_S
         )
@@ -299,23 +297,23 @@ class PrecopyPlan(AgentPlan):
         job.progress["disk_bytes_pushed"] = pushed
         return Handover(pushed_bytes=pushed)
 
-    def commit_request(self, job: MigrationJob, handover: Handover | None) -> CommitRequest:
+    def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
         return CommitRequest(local=True)
 
 
 class HybridPlan(FetchingPlan):
     strategy = Strategy.HYBRID
 
-    def push_rate(self, job: MigrationJob) -> float:
+    def push_rate(self, job: JobView) -> float:
         """Bytes per second the push may take while RAM migrates."""
         return (job.request.link_rate_bps or 0) / 8 * HYBRID_PUSH_SHARE
 
-    def ram_bandwidth(self, job: MigrationJob) -> int:
+    def ram_bandwidth(self, job: JobView) -> int:
         if not job.request.link_rate_bps:
             return super().ram_bandwidth(job)
         return max(1, int(job.request.link_rate_bps / 8 - self.push_rate(job)))
 
-    async def before_ram(self, job: MigrationJob, prepared: Prepared) -> None:
+    async def before_ram(self, job: JobView, prepared: Prepared) -> None:
         assert prepared.push_target is not None
         mirror: dict[str, Any] = {  # small copies: the switchover waits for those in flight
             "target": to_json(prepared.push_target),
@@ -328,7 +326,7 @@ class HybridPlan(FetchingPlan):
         job.mark(Step.MIRROR_STARTED)
         await super().before_ram(job, prepared)
 
-    async def at_switchover(self, job: MigrationJob) -> Handover:
+    async def at_switchover(self, job: JobView) -> Handover:
         stopped = await job.managed.agents[0].call("POST", "/mirror/stop")
         job.mark(Step.MIRROR_ENDED)
         pushed = int(stopped["mirror"]["copied_bytes"])

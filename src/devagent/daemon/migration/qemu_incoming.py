@@ -32,6 +32,7 @@ from devagent.daemon.migration.qemu_plans import (
     wait_job,
 )
 from devagent.daemon.vms import ManagedVm, VmRequest
+from devagent.daemon.vms import incoming as incoming_vm
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.qemu.config import DiskSpec, VmConfig
 from devagent.qemu.vm import VmState
@@ -52,7 +53,7 @@ async def prepare(host: Host, incoming: BaselineIncoming) -> BaselineAnswer:
     extra = (*(a for a in config.extra_args if a != "-S"), "-S")
     config = replace(config, disks=(disk,), incoming=True, extra_args=extra)
     try:
-        managed = await host.vms.add_incoming(request, config, image)
+        managed = await incoming_vm.add_incoming(host.vms, request, config, image)
     except BaseException:
         image.unlink(missing_ok=True)
         raise

@@ -28,8 +28,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from devagent.daemon.migration.context import JobView
 from devagent.daemon.migration.messages import (
     BaselineAnswer,
     BaselineIncoming,
@@ -43,9 +44,6 @@ from devagent.report import limit_seconds
 from devagent.vocab import Strategy
 from devagent.wait import wait_until
 from devagent.wire import convert, to_json
-
-if TYPE_CHECKING:
-    from devagent.daemon.migration.job import MigrationJob
 
 MIRROR_JOB = "bn-mirror"
 STREAM_JOB = "bn-stream"
@@ -90,7 +88,7 @@ class QemuPlan(Plan):
 
     mode = "mirror"
 
-    def check(self, job: MigrationJob) -> None:
+    def check(self, job: JobView) -> None:
         vm = job.managed
         if vm.agents:
             raise UsageError(
@@ -108,7 +106,7 @@ class QemuPlan(Plan):
         if image_format(vm.image) != "raw":
             raise UsageError(f"VM {vm.name}'s disk is not a raw image")
 
-    def incoming(self, job: MigrationJob) -> BaselineIncoming:
+    def incoming(self, job: JobView) -> BaselineIncoming:
         vm = job.managed
         return BaselineIncoming(
             request=vm.request.to_json(),
@@ -117,16 +115,16 @@ class QemuPlan(Plan):
             mode=self.mode,
         )
 
-    async def prepare(self, job: MigrationJob) -> Prepared:
+    async def prepare(self, job: JobView) -> Prepared:
         raw = await job.peer.post("/v1/baselines/incoming", to_json(self.incoming(job)))
         answer = convert(raw, BaselineAnswer, what="the destination's answer")
         return Prepared(uri=answer.uri, nbd=answer.nbd)
 
-    async def commit(self, job: MigrationJob, handover: Handover | None) -> CommitAnswer:
+    async def commit(self, job: JobView, handover: Handover | None) -> CommitAnswer:
         raw = await job.peer.post(f"/v1/baselines/incoming/{job.managed.name}/commit")
         return convert(raw, CommitAnswer, what="the destination's commit")
 
-    def disk_bytes_moved(self, job: MigrationJob) -> int | None:
+    def disk_bytes_moved(self, job: JobView) -> int | None:
         return None  # QEMU's block jobs count holes as progress
 
 
@@ -135,7 +133,7 @@ class QemuMirrorPlan(QemuPlan):
     copy_mode = "background"
     pauses_before_switchover = True
 
-    async def before_ram(self, job: MigrationJob, prepared: Prepared) -> None:
+    async def before_ram(self, job: JobView, prepared: Prepared) -> None:
         assert prepared.nbd is not None
         vm, nbd = job.managed.vm, prepared.nbd
         server = {"type": "inet", "host": nbd.host, "port": nbd.port}
@@ -156,7 +154,7 @@ class QemuMirrorPlan(QemuPlan):
         wait = READY_TIMEOUT_S if limit is None else max(60.0, READY_LIMITS * limit)
         await self._until_ready(job, wait)
 
-    async def _until_ready(self, job: MigrationJob, timeout: float) -> None:
+    async def _until_ready(self, job: JobView, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while not await self._ready(job):
             await job.check_peer()
@@ -167,7 +165,7 @@ class QemuMirrorPlan(QemuPlan):
                 )
             await asyncio.sleep(POLL_S)
 
-    async def _ready(self, job: MigrationJob) -> bool:
+    async def _ready(self, job: JobView) -> bool:
         jobs: list[dict[str, Any]] = await job.managed.vm.qmp("query-block-jobs")
         found = next((j for j in jobs if j.get("device") == MIRROR_JOB), None)
         if found is None or found.get("status") == "concluded":
@@ -176,7 +174,7 @@ class QemuMirrorPlan(QemuPlan):
         job.disk_progress(found["offset"], found["len"] - found["offset"])
         return bool(found.get("ready"))
 
-    async def at_pre_switchover(self, job: MigrationJob) -> None:
+    async def at_pre_switchover(self, job: JobView) -> None:
         """Guest stopped, disk drained: end the ready mirror with ``block-job-cancel``,
         which copies what is still dirty and leaves the target a consistent copy without
         pivoting onto it (libvirt's order)."""
@@ -185,7 +183,7 @@ class QemuMirrorPlan(QemuPlan):
         done = await wait_job(vm.qmp, MIRROR_JOB, JOB_TIMEOUT_S)
         job.progress["disk_bytes_pushed"] = done.get("total-progress")
 
-    async def roll_back(self, job: MigrationJob) -> None:
+    async def roll_back(self, job: JobView) -> None:
         vm = job.managed.vm
         try:
             jobs: list[dict[str, Any]] = await vm.qmp("query-jobs")
@@ -207,7 +205,7 @@ class QemuCorStreamPlan(QemuPlan):
     mode = "cor-stream"
     serves_after_switchover = True  # the destination streams from the source's export
 
-    async def prepare(self, job: MigrationJob) -> Prepared:
+    async def prepare(self, job: JobView) -> Prepared:
         job.progress["source_export"] = to_json(await self._export_disk(job))
         try:
             return await super().prepare(job)
@@ -215,12 +213,12 @@ class QemuCorStreamPlan(QemuPlan):
             await self.roll_back(job)
             raise
 
-    def incoming(self, job: MigrationJob) -> BaselineIncoming:
+    def incoming(self, job: JobView) -> BaselineIncoming:
         incoming = super().incoming(job)
         incoming.source = convert(job.progress["source_export"], NbdAddress)
         return incoming
 
-    async def _export_disk(self, job: MigrationJob) -> NbdAddress:
+    async def _export_disk(self, job: JobView) -> NbdAddress:
         """Serve the running disk read-only on this host's address."""
         vm, address = job.managed.vm, job.host.address
         port = free_port(address)
@@ -238,8 +236,8 @@ class QemuCorStreamPlan(QemuPlan):
             raise
         return NbdAddress(host=address, port=str(port), export=EXPORT_NAME)
 
-    async def until_released(self, job: MigrationJob) -> None:
+    async def until_released(self, job: JobView) -> None:
         await job.peer.post(f"/v1/baselines/incoming/{job.managed.name}/stream-done")
 
-    async def roll_back(self, job: MigrationJob) -> None:
+    async def roll_back(self, job: JobView) -> None:
         await job.quietly(job.managed.vm.qmp("nbd-server-stop"))

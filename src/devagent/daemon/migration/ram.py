@@ -12,19 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from devagent.daemon.migration.context import Events
+from devagent.daemon.migration.context import Events, JobView
 from devagent.errors import PeerError
 from devagent.vocab import Step
-
-if TYPE_CHECKING:
-    from devagent.daemon.migration.job import MigrationJob
 
 EVENT_WAIT_S = 0.1  # the longest the follower sleeps without a fresh query-migrate
 
 
-async def migrate_ram(job: MigrationJob, uri: str) -> dict[str, Any]:
+async def migrate_ram(job: JobView, uri: str) -> dict[str, Any]:
     """Run QEMU's RAM migration to ``uri``; return its last ``query-migrate``."""
     vm = job.managed.vm
     pause = job.plan.pauses_before_switchover or job.net is not None
@@ -46,7 +43,7 @@ async def migrate_ram(job: MigrationJob, uri: str) -> dict[str, Any]:
 class RamFollower:
     """Follows one RAM migration to its end (see the module's docstring)."""
 
-    def __init__(self, job: MigrationJob) -> None:
+    def __init__(self, job: JobView) -> None:
         self.job = job
         self.continued = False  # QEMU was told to go on past pre-switchover
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from devagent.daemon.migration.context import JobView
 from devagent.daemon.migration.messages import CommitAnswer
 from devagent.daemon.migration.net import NET_MEASURES
 from devagent.guest.probe import Heartbeat
@@ -15,16 +16,13 @@ from devagent.report import fill_io_measures, fill_link_measures, io_series
 from devagent.vocab import Step
 from devagent.wire import convert
 
-if TYPE_CHECKING:
-    from devagent.daemon.migration.job import MigrationJob
-
 BASELINE_S = 3.0  # steady-state window before the migration, for io_rate_ratio
 SETTLE_BEATS = 5  # heartbeats with I/O the destination must show before the report closes
 SETTLE_TIMEOUT_S = 10.0
 
 
 async def finish_report(
-    job: MigrationJob,
+    job: JobView,
     committed: CommitAnswer,
     done: dict[str, Any],
     source_done: list[float] | None,
@@ -74,7 +72,7 @@ async def finish_report(
 
 
 def _fill_io(
-    job: MigrationJob,
+    job: JobView,
     dest_beats: list[Heartbeat],
     resumed_at: float,
     released_at: float,
@@ -102,7 +100,7 @@ def _fill_io(
     )
 
 
-async def settle(job: MigrationJob, resumed_at: float) -> list[Heartbeat]:
+async def settle(job: JobView, resumed_at: float) -> list[Heartbeat]:
     """Wait until the destination's probe shows steady I/O, and return its heartbeats."""
     vm = job.managed
     if not vm.request.has_probe:

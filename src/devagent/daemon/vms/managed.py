@@ -324,17 +324,6 @@ class ManagedVm:
             times.extend(answer["completions"])
         return sorted(times)
 
-    # --- the migration's destination half (kept here for its callers; see .incoming) -------
-
-    async def commit_incoming(
-        self, fetch: dict[str, Any] | None, local: bool = False
-    ) -> dict[str, float]:
-        """:func:`.incoming.commit_incoming` on this VM (imported here: that module builds
-        on this one)."""
-        from .incoming import commit_incoming
-
-        return await commit_incoming(self, fetch, local=local)
-
     # --- record and status -----------------------------------------------------------------
 
     def save(self) -> None:

@@ -31,7 +31,6 @@ from devagent.lab.procs import terminate, under_path
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState, pid_alive
 
-from . import incoming
 from .config import GuestBoot, TestGuest, build_config, disk_spec
 from .managed import ManagedVm, VmRole
 from .request import VmRequest
@@ -158,26 +157,6 @@ class VmManager:
                 "/v1/exports", {"name": request.name, "size": request.disk_size}
             )
         return {"kind": "remote", "address": export["address"], "export": export["export"]}
-
-    async def prepare_incoming(
-        self,
-        request: VmRequest,
-        config: VmConfig,
-        image: Path | None,
-        *,
-        size: int = 0,
-        backend: dict[str, Any] | None = None,
-        receive: bool = False,
-        nics: list[dict[str, Any]] | None = None,
-    ) -> ManagedVm:
-        """:func:`.incoming.prepare_incoming` on this host."""
-        return await incoming.prepare_incoming(
-            self, request, config, image, size=size, backend=backend, receive=receive, nics=nics
-        )
-
-    async def add_incoming(self, request: VmRequest, config: VmConfig, image: Path) -> ManagedVm:
-        """:func:`.incoming.add_incoming` on this host."""
-        return await incoming.add_incoming(self, request, config, image)
 
     def _add(
         self,
