@@ -79,6 +79,21 @@ def link_is_up(dev: str) -> bool:
     return bool(items) and "UP" in items[0].get("flags", [])
 
 
+def pin_bridge_address(bridge: str, netns: str | None = None) -> None:
+    """Fix ``bridge``'s MAC address at the one it has now.
+
+    A Linux bridge otherwise takes the lowest MAC of its ports, and changes it whenever a
+    port comes or goes: a VM's tap added to a host's bridge, or removed after a migration.
+    Peers keep the old MAC in their neighbour tables (for 15-45 s, then as long as the
+    stale entry takes to probe out); a frame sent to a MAC that now belongs to another port
+    (or to none) is not for the bridge's own address, and its IP packets are dropped. Every
+    connection to the host then stalls for up to a minute. A MAC set by hand never changes.
+    """
+    ns = ["-n", netns] if netns else []
+    (item,) = _json(["ip", "-j", *ns, "link", "show", "dev", bridge])
+    run(["ip", *ns, "link", "set", "dev", bridge, "address", str(item["address"])])
+
+
 def netns_pids(netns: str) -> set[int]:
     done = run(["ip", "netns", "pids", netns], check=False)
     return {int(word) for word in done.stdout.split() if word.isdigit()}

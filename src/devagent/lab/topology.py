@@ -6,6 +6,10 @@ each link. Only ``ip`` and ``tc`` commands, through :mod:`devagent.lab.net`.
 
     root namespace: bridge dab-L (mgmt address .254) ── dav-L-h (veth, shaped)
     namespace da-L-h:                       eth0 ── br0 (host address, VMs' taps)
+
+Both bridges' MAC addresses are pinned (:func:`devagent.lab.net.pin_bridge_address`): a
+bridge whose MAC follows its ports cuts every connection to its host for up to a minute
+when a VM's tap comes or goes.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def make(
     bridge, each link shaped to the host's ``link_rate_bps``."""
     prefix = subnet.prefixlen
     net.run(["ip", "link", "add", bridge, "type", "bridge"])
+    net.pin_bridge_address(bridge)
     net.run(["ip", "addr", "add", f"{mgmt_address}/{prefix}", "dev", bridge])
     net.run(["ip", "link", "set", bridge, "up"])
     for host in hosts:
@@ -59,6 +64,7 @@ def make(
         net.run(["ip", "-n", ns, "link", "set", "lo", "up"])
         net.run(["ip", "-n", ns, "link", "add", GUEST_BRIDGE, "type", "bridge"])
         net.run(["ip", "-n", ns, "link", "set", NS_IFACE, "master", GUEST_BRIDGE])
+        net.pin_bridge_address(GUEST_BRIDGE, ns)  # eth0's MAC, whatever taps come and go
         net.run(["ip", "-n", ns, "addr", "add", f"{host.address}/{prefix}", "dev", GUEST_BRIDGE])
         net.run(["ip", "-n", ns, "link", "set", NS_IFACE, "up"])
         net.run(["ip", "-n", ns, "link", "set", GUEST_BRIDGE, "up"])
