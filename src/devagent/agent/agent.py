@@ -31,18 +31,15 @@ from typing import Any, cast
 from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.agent.journal import Entry, Journal, JournalClosed
 from devagent.errors import StateError, UsageError
-from devagent.nbd.codec import (
+from devagent.nbd.codec import Bytes, Disconnect, Export, NeedData
+from devagent.nbd.proto import Command, CommandFlag, Errno, NbdProtocolError
+from devagent.nbd.server_codec import (
     BadRequest,
-    Bytes,
-    Disconnect,
-    Export,
-    NeedData,
     Negotiated,
     OptionHandled,
     Request,
     ServerConnection,
 )
-from devagent.nbd.proto import Command, CommandFlag, Errno, NbdProtocolError
 
 log = logging.getLogger(__name__)
 

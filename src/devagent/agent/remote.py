@@ -32,7 +32,8 @@ from typing import Any
 from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.nbd.client import NbdClient, NbdRequestFailed
-from devagent.nbd.codec import NO_FLAGS, Completed
+from devagent.nbd.client_codec import Completed
+from devagent.nbd.codec import NO_FLAGS
 from devagent.nbd.proto import Command, CommandFlag, Errno, TransmissionFlag
 from devagent.vocab import parse_address
 
