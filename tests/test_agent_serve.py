@@ -61,7 +61,7 @@ async def test_round_trip_of_every_command(served: tuple[BlockAgent, Path], imag
         assert await client.read(0, 1) == b"\0"  # the connection survived the error
     assert read_bytes(image, 8192, 4096) == b"\xab" * 4096
     stats = agent.journal.stats()
-    assert stats["counts"]["WRITE"] == 1 and stats["errors"] == 1
+    assert stats.counts["WRITE"] == 1 and stats.errors == 1
 
 
 async def test_many_requests_in_flight_on_one_connection(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from devagent.agent.backend import Backend, BackendError, Extent, Local
+from devagent.agent.messages import FetchStatus
 from devagent.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -373,22 +374,21 @@ class Fetch(Backend):
         await self._all_present.wait()
         await self.flush()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> FetchStatus:
         remote_status = getattr(self.remote, "status", None)
-        return {
-            "kind": "fetch",
-            "path": str(self.path),
-            "size": self._size,
-            "chunk_size": self.chunk_size,
-            "present_bytes": self.present_bytes,
-            "complete": self.complete,
-            "fetched_on_demand_bytes": self.fetched_on_demand,
-            "fetched_in_background_bytes": self.fetched_in_background,
-            "skipped_as_zero_bytes": self.skipped_as_zero,
-            "copier": self.copier_running,
-            "rate_limit": self.rate_limit,
-            "remote": remote_status() if callable(remote_status) else repr(self.remote),
-        }
+        return FetchStatus(
+            path=str(self.path),
+            size=self._size,
+            chunk_size=self.chunk_size,
+            present_bytes=self.present_bytes,
+            complete=self.complete,
+            fetched_on_demand_bytes=self.fetched_on_demand,
+            fetched_in_background_bytes=self.fetched_in_background,
+            skipped_as_zero_bytes=self.skipped_as_zero,
+            copier=self.copier_running,
+            rate_limit=self.rate_limit,
+            remote=remote_status() if callable(remote_status) else repr(self.remote),
+        )
 
     # -- chunk arithmetic --------------------------------------------------------------------
 

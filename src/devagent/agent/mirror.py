@@ -52,6 +52,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from devagent.agent.backend import Backend, BackendError, Extent
+from devagent.agent.messages import MirrorStats
 from devagent.agent.state import Bitmap, DeviceState
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.nbd.proto import Errno
@@ -280,18 +281,18 @@ class Mirrored(Backend):
         )
         return state
 
-    def stats(self) -> dict[str, object]:
-        """A JSON-ready summary."""
-        return {
-            "state": self.state.value,
-            "sync": self.sync,
-            "rate_limit": self.rate_limit,
-            "copied_bytes": self.copied_bytes,
-            "zeroed_bytes": self.zeroed_bytes,
-            "dirty_bytes": self.dirty_bytes,
-            "passes": self.passes,
-            "error": None if self.error is None else str(self.error),
-        }
+    def stats(self) -> MirrorStats:
+        """A summary, as the control API shows it."""
+        return MirrorStats(
+            state=self.state.value,
+            sync=self.sync,
+            rate_limit=self.rate_limit,
+            copied_bytes=self.copied_bytes,
+            zeroed_bytes=self.zeroed_bytes,
+            dirty_bytes=self.dirty_bytes,
+            passes=self.passes,
+            error=None if self.error is None else str(self.error),
+        )
 
     # -- the guest's side: the Backend interface ---------------------------------------------
 
