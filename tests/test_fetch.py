@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from devagent.agent.backend import Backend, BackendError, Extent
-from devagent.agent.fetch import HEADER_SIZE, Fetch, Pacer, presence_path
+from devagent.agent.chunks import Pacer
+from devagent.agent.fetch import Fetch
+from devagent.agent.presence import HEADER_SIZE, presence_path
 from devagent.errors import UsageError
 from devagent.nbd.proto import Errno
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import msgspec
 
 from devagent.agent.backend import Backend, Local
-from devagent.agent.fetch import Fetch, bits_to_chunks
+from devagent.agent.fetch import Fetch
 from devagent.agent.messages import (
     BackendSpec,
     BackendStatus,
@@ -27,6 +27,7 @@ from devagent.agent.messages import (
     RemoteSpec,
 )
 from devagent.agent.mirror import Mirrored
+from devagent.agent.presence import bits_to_chunks
 from devagent.agent.remote import Remote
 from devagent.errors import UsageError
 
