@@ -1,6 +1,7 @@
 """What a Fetch backend's requests use beside its replica: per-chunk locks (a fetch and a
 write of one chunk never overlap), the pacer that keeps its copies under a rate limit, the
-remote's zero ranges (chunks the copier need not move), and the early answer of a read."""
+remote's zero ranges (chunks the copier need not move), and the early answer of a read;
+and the chunk helpers a mirror shares (runs of chunks, a backend's zero ranges)."""
 
 from __future__ import annotations
 
@@ -142,3 +143,34 @@ def log_lost_store(task: asyncio.Future[Any]) -> None:
     (fetched again next time) and a log line."""
     if not task.cancelled() and task.exception() is not None:
         log.warning("storing fetched chunks failed: %s", task.exception())
+
+
+def chunk_runs(chunks: list[int]) -> list[tuple[int, int]]:
+    """Sorted chunk numbers as (first, count) runs of neighbours."""
+    out: list[tuple[int, int]] = []
+    for chunk in chunks:
+        if out and out[-1][0] + out[-1][1] == chunk:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((chunk, 1))
+    return out
+
+
+async def zero_ranges(source: Backend, start: int, length: int) -> list[tuple[int, int]]:
+    """(offset, length) ranges of [start, start+length) that ``source`` reads as zero."""
+    out: list[tuple[int, int]] = []
+    pos, end = start, start + length
+    while pos < end:
+        extents = await source.block_status(pos, end - pos)
+        if not extents or all(e.length <= 0 for e in extents):
+            break  # a backend that says nothing: treat the rest as data
+        for extent in extents:
+            n = min(extent.length, end - pos)
+            if n <= 0:
+                continue
+            if extent.zero:
+                out.append((pos, n))
+            pos += n
+            if pos >= end:
+                break
+    return out

@@ -13,9 +13,11 @@ import asyncio
 import base64
 import contextlib
 import enum
+import logging
 import time
 from typing import TYPE_CHECKING
 
+from devagent.agent.backend import Backend
 from devagent.agent.defaults import MAX_CUTOVER_DIRTY
 from devagent.agent.lifecycle import Lifecycle
 from devagent.agent.messages import (
@@ -25,12 +27,14 @@ from devagent.agent.messages import (
     MirrorStarted,
     MirrorStopped,
 )
-from devagent.agent.mirror import Mirrored, cutover
+from devagent.agent.mirror import Mirrored
 from devagent.agent.spec import open_backend
-from devagent.errors import DevagentError, StateError
+from devagent.errors import DevagentError, StateError, UsageError
 
 if TYPE_CHECKING:
     from devagent.agent.agent import BlockAgent
+
+log = logging.getLogger(__name__)
 
 
 class JobState(enum.Enum):
@@ -174,3 +178,16 @@ class MirrorJob:
         self.lifecycle.fire(JobEvent.ENDED)
         await mirror.target.close()
         return mirror
+
+
+async def cutover(agent: BlockAgent) -> Backend:
+    """Quiesce ``agent``, finish its :class:`Mirrored` backend, switch it to the target,
+    resume.  Returns the source (the caller closes it).  On failure the agent goes on
+    serving the mirror's source and the error (MirrorFailed) is raised."""
+    mirror = agent.backend
+    if not isinstance(mirror, Mirrored):
+        raise UsageError(f"agent backend is {mirror!r}, not a mirror")
+    await agent.swap_backend(mirror.target, before_switch=mirror.finish)
+    mirror.handed_over = True
+    log.info("agent %r now serves the mirror target %r", agent.export_name, mirror.target)
+    return mirror.source
