@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from devagent.nbd.codec import (
-    ClientConnection,
-    Export,
-    NeedData,
-    ServerConnection,
-    ServerEvent,
-)
+from devagent.nbd.client_codec import ClientConnection
+from devagent.nbd.codec import Export, NeedData
 from devagent.nbd.proto import (
     BASE_ALLOCATION,
     CLIENT_FLAGS,
@@ -22,6 +17,7 @@ from devagent.nbd.proto import (
     ClientFlag,
     Option,
 )
+from devagent.nbd.server_codec import ServerConnection, ServerEvent
 
 EXPORT = Export("disk", 1 << 20)
 FLAGS = CLIENT_FLAGS.pack(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)

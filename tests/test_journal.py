@@ -182,10 +182,10 @@ async def test_measures_gap_ring_histogram_with_a_fake_clock() -> None:
     journal.complete(entry)
     assert journal.completions_since(1000.505) == pytest.approx([1000.507])
     stats = journal.stats()
-    assert stats["completed"] == 6 and stats["errors"] == 1
-    assert stats["counts"] == {"WRITE": 5, "READ": 1}
-    assert stats["bytes"] == {"READ": 4096, "WRITE": 5 * 4096}
-    assert stats["max_gap_ms"] == pytest.approx(500.0)
+    assert stats.completed == 6 and stats.errors == 1
+    assert stats.counts == {"WRITE": 5, "READ": 1}
+    assert stats.bytes == {"READ": 4096, "WRITE": 5 * 4096}
+    assert stats.max_gap_ms == pytest.approx(500.0)
     assert sum(journal.histogram) == 6
     assert journal.latency_percentile(1.0) >= 0.5  # the slow one is in the top bucket
     assert journal.latency_percentile(0.5) < 0.01

@@ -15,15 +15,9 @@ import pytest
 from agent_fakes import MemoryBackend
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Backend, BackendError, Extent, Local
-from devagent.agent.mirror import (
-    DIRTY_BITMAP,
-    Mirrored,
-    MirrorEvent,
-    MirrorFailed,
-    MirrorState,
-    MirrorStateError,
-    cutover,
-)
+from devagent.agent.mirror import DIRTY_BITMAP, Mirrored
+from devagent.agent.mirror_job import cutover
+from devagent.agent.mirror_states import MirrorEvent, MirrorFailed, MirrorState, MirrorStateError
 from devagent.agent.state import DeviceState
 from devagent.errors import PeerError
 from devagent.nbd.client import NbdClient, NbdRequestFailed

@@ -106,7 +106,7 @@ async def test_qemu_img_info_convert_compare(
     assert read_bytes(out) == read_bytes(source)
     differs = await run("qemu-img", "compare", "-f", "raw", "-F", "raw", str(out), uri, check=False)
     assert "Images are identical" in differs
-    assert agent.journal.stats()["errors"] == 0
+    assert agent.journal.stats().errors == 0
 
 
 async def test_qemu_io_many_async_pattern_writes_and_verified_reads(
@@ -128,7 +128,7 @@ async def test_qemu_io_many_async_pattern_writes_and_verified_reads(
     for i in range(96):
         assert data[i * block : (i + 1) * block] == bytes([i + 1]) * block
     assert data[SIZE - block :] == bytes(block)
-    assert agent.journal.stats()["counts"]["WRITE"] >= 96
+    assert agent.journal.stats().counts["WRITE"] >= 96
     # a wrong pattern is noticed: the check above could fail
     wrong = await run("qemu-io", "-f", "raw", "-c", f"read -P 0x77 0 {block}", uri, check=False)
     assert "Pattern verification failed" in wrong

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 
 from devagent.errors import ProtocolError
-from devagent.nbd.codec import (
-    BASE_ALLOCATION_ID,
-    BadRequest,
-    Buffer,
-    ClientConnection,
-    Completed,
-    Disconnect,
-    Export,
-    NeedData,
-    Negotiated,
-    OptionHandled,
-    Ready,
-    Request,
-    ServerConnection,
-    ServerState,
-)
+from devagent.nbd.client_codec import ClientConnection, Completed, Ready
+from devagent.nbd.codec import BASE_ALLOCATION_ID, Buffer, Disconnect, Export, NeedData
 from devagent.nbd.proto import (
     BASE_ALLOCATION,
     CLIENT_FLAGS,
@@ -55,6 +43,14 @@ from devagent.nbd.proto import (
     ReplyFlag,
     TransmissionFlag,
     parse,
+)
+from devagent.nbd.server_codec import (
+    BadRequest,
+    Negotiated,
+    OptionHandled,
+    Request,
+    ServerConnection,
+    ServerState,
 )
 from nbd_helpers import (
     EXPORT,
@@ -365,8 +361,34 @@ def test_replies_need_transmission_state() -> None:
     server = new_server()
     with pytest.raises(NbdUsageError, match="no transition from await-client-flags"):
         server._transition(Request(1, Command.READ, CommandFlag(0), 0, 0))
-    with pytest.raises(NbdUsageError):
-        server.reply_error(1, Command.READ, Errno(0) if False else 0)  # type: ignore[arg-type]
+    replies: list[Callable[[ServerConnection], object]] = [
+        lambda s: s.reply_ok(1),
+        lambda s: s.reply_read(1, 0, b"data"),
+        lambda s: s.reply_error(1, Command.READ, Errno.EIO, "boom"),
+        lambda s: s.reply_block_status(1, [(4096, 0)]),
+    ]
+    for reply in replies:  # every argument is valid: only the state is wrong
+        with pytest.raises(NbdUsageError, match="cannot reply in state await-client-flags"):
+            reply(server)
+    options = new_server()
+    events(options, FLAGS + opt(Option.STRUCTURED_REPLY))
+    assert options.state is ServerState.OPTIONS
+    for reply in replies:
+        with pytest.raises(NbdUsageError, match="cannot reply in state options"):
+            reply(options)
+    early = new_server()
+    early.receive_data(b"")
+    assert isinstance(early.next_event(), Disconnect) and early.state is ServerState.CLOSED
+    for reply in replies:  # closed before transmission: no request can exist
+        with pytest.raises(NbdUsageError, match="cannot reply in state closed"):
+            reply(early)
+    for reply in replies:  # closed after it: requests still in flight are answered
+        late = ready_server()
+        late.receive_data(b"")
+        assert isinstance(late.next_event(), Disconnect) and late.state is ServerState.CLOSED
+        assert reply(late)
+    for reply in replies:  # the same calls in transmission succeed
+        assert reply(ready_server())
 
 
 def test_simple_replies_without_structured() -> None:

@@ -15,15 +15,8 @@ from agent_fakes import read_bytes
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Local
 from devagent.nbd.client import NbdClient
-from devagent.nbd.codec import (
-    BadRequest,
-    ClientConnection,
-    Export,
-    NeedData,
-    Request,
-    ServerConnection,
-    ServerState,
-)
+from devagent.nbd.client_codec import ClientConnection
+from devagent.nbd.codec import Export, NeedData
 from devagent.nbd.proto import (
     MAX_OPTION_LENGTH,
     MAX_PAYLOAD,
@@ -33,6 +26,7 @@ from devagent.nbd.proto import (
     NbdProtocolError,
     Option,
 )
+from devagent.nbd.server_codec import BadRequest, Request, ServerConnection, ServerState
 from nbd_helpers import FLAGS, HANDSHAKE, go, meta, opt, req
 
 SIZE = 1 << 20

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Local
 from devagent.agent.fetch import Fetch
+from devagent.agent.messages import FetchSpec, LocalSpec, RemoteSpec
 from devagent.agent.remote import Remote
 from devagent.agent.serve import serve
 from devagent.agent.spec import check_spec, open_backend
@@ -58,18 +60,24 @@ async def source_agent(source: Path) -> AsyncIterator[int]:
 
 def test_specs_are_validated_with_clear_errors() -> None:
     local = check_spec({"kind": "local", "path": "/x"})
-    assert local == {"kind": "local", "path": "/x", "read_only": False}
+    assert local == LocalSpec(path="/x", read_only=False)
+    assert msgspec.json.decode(msgspec.json.encode(local)) == {
+        "kind": "local",
+        "path": "/x",
+        "read_only": False,
+    }  # the same JSON as ever
     fetch = check_spec(
         {"kind": "fetch", "path": "/r", "remote": {"kind": "remote", "address": "tcp:h:1"}}
     )
-    assert fetch["chunk_size"] == 65536 and fetch["copier"] and not fetch["then_local"]
-    assert fetch["remote"]["io_timeout"] == 120.0 and fetch["remote"]["export"] == ""
+    assert isinstance(fetch, FetchSpec) and isinstance(fetch.remote, RemoteSpec)
+    assert fetch.chunk_size == 65536 and fetch.copier and not fetch.then_local
+    assert fetch.remote.io_timeout == 120.0 and fetch.remote.export == ""
     bad: list[tuple[Any, str]] = [
-        ([], "JSON object"),
-        ({"kind": "nfs"}, "'kind' must be one of"),
-        ({"kind": "local"}, "needs 'path'"),
-        ({"kind": "local", "path": "/x", "colour": 1}, "unknown field"),
-        ({"kind": "local", "path": 3}, "wrong type"),
+        ([], "Expected `object`, got `array`"),
+        ({"kind": "nfs"}, "Invalid value 'nfs' - at `\\$.kind`"),
+        ({"kind": "local"}, "missing required field `path`"),
+        ({"kind": "local", "path": "/x", "colour": 1}, "unknown field `colour`"),
+        ({"kind": "local", "path": 3}, "Expected `str`, got `int` - at `\\$.path`"),
         ({"kind": "remote", "address": "10.0.0.1:1"}, "tcp:HOST:PORT"),
         (
             {
@@ -78,7 +86,7 @@ def test_specs_are_validated_with_clear_errors() -> None:
                 "remote": {"kind": "local", "path": "/x"},
                 "copy_workers": 0,
             },
-            "copy_workers",
+            "Expected `int` >= 1 - at `\\$.copy_workers`",
         ),
         (
             {
@@ -87,11 +95,17 @@ def test_specs_are_validated_with_clear_errors() -> None:
                 "remote": {"kind": "local", "path": "/x"},
                 "rate_limit": -1,
             },
-            "rate_limit",
+            "Expected `float` > 0.0 - at `\\$.rate_limit`",
         ),
-        ({"kind": "remote", "address": "tcp:h:1", "io_timeout": True}, "expected a number"),
-        ({"kind": "remote", "address": "tcp:h:1", "io_timeout": 0}, "positive"),
-        ({"kind": "fetch", "path": "/r", "remote": {"kind": "local"}}, "backend.remote"),
+        (
+            {"kind": "remote", "address": "tcp:h:1", "io_timeout": True},
+            "Expected `float`, got `bool` - at `\\$.io_timeout`",
+        ),
+        ({"kind": "remote", "address": "tcp:h:1", "io_timeout": 0}, "> 0.0"),
+        (
+            {"kind": "fetch", "path": "/r", "remote": {"kind": "local"}},
+            "backend: .*missing required field `path` - at `\\$.remote`",
+        ),
         (
             {
                 "kind": "fetch",
@@ -111,7 +125,7 @@ def test_specs_are_validated_with_clear_errors() -> None:
                     "remote": {"kind": "local", "path": "/x"},
                 },
             },
-            "cannot fetch from a fetch",
+            "Invalid value 'fetch' - at `\\$.remote.kind`",  # a fetch cannot fetch from a fetch
         ),
     ]
     for spec, message in bad:
@@ -122,12 +136,10 @@ def test_specs_are_validated_with_clear_errors() -> None:
 async def test_open_backend_opens_each_kind(
     source: Path, source_agent: int, tmp_path: Path
 ) -> None:
-    local = await open_backend({"kind": "local", "path": str(source), "read_only": True})
+    local = await open_backend(LocalSpec(path=str(source), read_only=True))
     assert isinstance(local, Local) and local.read_only and local.size == SIZE
     await local.close()
-    remote = await open_backend(
-        {"kind": "remote", "address": f"tcp:127.0.0.1:{source_agent}", "export": "src"}
-    )
+    remote = await open_backend(RemoteSpec(address=f"tcp:127.0.0.1:{source_agent}", export="src"))
     assert isinstance(remote, Remote) and remote.size == SIZE
     await remote.close()
     spec = {
@@ -135,7 +147,7 @@ async def test_open_backend_opens_each_kind(
         "path": str(tmp_path / "r.img"),
         "remote": {"kind": "remote", "address": f"tcp:127.0.0.1:{source_agent}", "export": "src"},
     }
-    fetch = await open_backend(spec)
+    fetch = await open_backend(check_spec(spec))
     try:
         assert isinstance(fetch, Fetch) and fetch.copier_running
         await fetch.wait_complete()
@@ -178,7 +190,7 @@ async def test_swap_through_the_control_api_then_local(
             "then_local": True,
         }
         status, body = await control(ctl, "POST", "/swap", {"backend": {"kind": "nfs"}})
-        assert status == 400 and "kind" in body["error"]
+        assert status == 400 and "Invalid value 'nfs' - at `$.backend.kind`" in body["error"]
         small = tmp_path / "small.img"
         small.write_bytes(bytes(4096))
         status, body = await control(

@@ -125,6 +125,15 @@ def _make_image(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+def _server_argvs(image: Path, agent_sock: Path, qemu_sock: Path) -> tuple[list[str], list[str]]:
+    """The command lines of the two servers compared: the agent and qemu-nbd."""
+    agent = [sys.executable, "-m", "devagent.cli.agent_cmd", "serve", str(image),
+             "--unix", str(agent_sock), "--name", EXPORT, "--quiet"]  # fmt: skip
+    qemu = ["qemu-nbd", "-f", "raw", "-x", EXPORT, "-k", str(qemu_sock), "-t",
+            "--cache=writeback", "--aio=threads", "-e", "4", str(image)]  # fmt: skip
+    return agent, qemu
+
+
 def run_bench(
     *,
     size: int = 256 << 20,
@@ -142,33 +151,7 @@ def run_bench(
         image = root / "bench.img"
         _make_image(image, size)
         agent_sock, qemu_sock = root / "agent.sock", root / "qemu.sock"
-        agent_argv = [
-            sys.executable,
-            "-m",
-            "devagent.cli.agent_cmd",
-            "serve",
-            str(image),
-            "--unix",
-            str(agent_sock),
-            "--name",
-            EXPORT,
-            "--quiet",
-        ]
-        qemu_argv = [
-            "qemu-nbd",
-            "-f",
-            "raw",
-            "-x",
-            EXPORT,
-            "-k",
-            str(qemu_sock),
-            "-t",
-            "--cache=writeback",
-            "--aio=threads",
-            "-e",
-            "4",
-            str(image),
-        ]
+        agent_argv, qemu_argv = _server_argvs(image, agent_sock, qemu_sock)
         results = []
         with (
             _server(agent_argv, agent_sock, "devagent agent"),

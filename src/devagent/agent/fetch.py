@@ -23,26 +23,7 @@ Requests:
   pool finishes a write whatever happens to the coroutine that asked for it, so a lock must
   not be released before the write is really done.
 
-Durability — what survives what:
-
-- A bit written to the bitmap file with ``pwrite`` is in the page cache: it survives SIGKILL
-  of the agent (not a host crash).  Bits of chunks completed by a guest write (WRITE,
-  WRITE_ZEROES, TRIM of a whole chunk, and any write into a chunk fetched but not yet
-  synced) are written at once, after the data's ``pwrite``: an acknowledged write is never
-  re-fetched over after an agent restart.
-- Bits of chunks fetched from the remote (background copier and copy-on-read) are written only
-  after an ``fdatasync`` of the replica, in batches (``sync_batch`` chunks or
-  ``sync_interval`` seconds): such a chunk can always be fetched again, so a host crash just
-  re-fetches it, and never shows a present chunk whose data did not reach the disk.
-- FLUSH (and FUA, which is a write then a FLUSH) ``fdatasync``s the replica, then writes the
-  pending fetched bits, then ``fdatasync``s the bitmap: after a FLUSH every bit on disk has
-  its data on disk.
-- Between FLUSHes a host crash (not an agent crash) may leave the bit of a guest-written
-  chunk on disk without its data: the guest's unflushed write is lost, as on any disk, and
-  for a chunk first written partly, its fetched remainder too.  Agent crashes never.
-- A chunk never reads as present unless its data is in the replica: the in-memory bit is set
-  only after the data's ``pwrite`` returned.
-
+Durability (what survives an agent kill, a host crash): :mod:`devagent.agent.presence`.
 The background copier (``start_copier``) walks the absent chunks in order with a few workers
 (``copy_workers`` batches of ``copy_batch`` bytes in flight: enough to fill a LAN link, few
 enough that an on-demand fetch queued behind them on the same connection waits little),
@@ -57,175 +38,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from devagent.agent.backend import Backend, BackendError, Extent, Local
+from devagent.agent.chunks import ChunkLocks, EarlyRead, Pacer, RemoteZeroes, log_lost_store
+from devagent.agent.messages import FetchStatus
+from devagent.agent.presence import HEADER_SIZE as HEADER_SIZE  # a lab test reads it here
+from devagent.agent.presence import PresenceMap
+from devagent.agent.presence import presence_path as presence_path  # the daemon's import
 from devagent.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MAGIC = b"DAPRESNT"
-VERSION = 1
-_HEADER = struct.Struct(">8sHQI")
-HEADER_SIZE = 32
-#: Largest single read asked of the remote.
 FETCH_MAX = 8 << 20
-#: How far ahead one remote BLOCK_STATUS looks for the copier.
-STATUS_WINDOW = 1 << 30
-
-
-def presence_path(replica: str | Path) -> Path:
-    replica = Path(replica)
-    return replica.with_name(replica.name + ".present")
-
-
-def bits_to_chunks(bits: bytes, n_chunks: int) -> list[int]:
-    """The indexes of the set bits (bit ``i & 7`` of byte ``i >> 3``), below ``n_chunks``."""
-    return [i for i in range(min(len(bits) * 8, n_chunks)) if bits[i >> 3] & (1 << (i & 7))]
-
-
-class PresenceMap:
-    """One bit per chunk, twice: ``present`` (may be served from the replica) and ``durable``
-    (what the bitmap file holds; a subset of ``present``)."""
-
-    def __init__(self, path: Path, size: int, chunk_size: int, *, fresh: bool) -> None:
-        self.path = path
-        self.n_chunks = (size + chunk_size - 1) // chunk_size
-        n_bytes = (self.n_chunks + 7) // 8
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            header = os.pread(self._fd, HEADER_SIZE, 0)
-            if fresh or not header:
-                os.ftruncate(self._fd, 0)
-                packed = _HEADER.pack(MAGIC, VERSION, size, chunk_size)
-                os.pwrite(self._fd, packed.ljust(HEADER_SIZE, b"\0"), 0)
-                os.ftruncate(self._fd, HEADER_SIZE + n_bytes)
-                bits = bytes(n_bytes)
-            else:
-                if len(header) < _HEADER.size:
-                    raise UsageError(f"{path} is truncated")
-                magic, version, f_size, f_chunk = _HEADER.unpack_from(header)
-                if magic != MAGIC or version != VERSION:
-                    raise UsageError(f"{path} is not a presence bitmap of version {VERSION}")
-                if (f_size, f_chunk) != (size, chunk_size):
-                    raise UsageError(
-                        f"{path} is for {f_size} bytes in chunks of {f_chunk}, not {size} in "
-                        f"chunks of {chunk_size} (remove the replica and its bitmap to restart)"
-                    )
-                bits = os.pread(self._fd, n_bytes, HEADER_SIZE)
-                if len(bits) != n_bytes:
-                    raise UsageError(f"{path} is truncated")
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self.present = bytearray(bits)
-        self.durable = bytearray(bits)
-        self.count = sum(bin(b).count("1") for b in bits)
-        self.new = fresh or not header  # made now, not read back from an earlier run
-
-    def is_present(self, index: int) -> bool:
-        return bool(self.present[index >> 3] & (1 << (index & 7)))
-
-    def is_durable(self, index: int) -> bool:
-        return bool(self.durable[index >> 3] & (1 << (index & 7)))
-
-    def mark_present(self, chunks: Sequence[int]) -> None:
-        for index in chunks:
-            mask = 1 << (index & 7)
-            if not self.present[index >> 3] & mask:
-                self.present[index >> 3] |= mask
-                self.count += 1
-
-    def persist(self, chunks: Sequence[int]) -> None:
-        """Make these (present) bits durable: into the file at once (page cache)."""
-        lo, hi = len(self.durable), -1
-        for index in chunks:
-            byte, mask = index >> 3, 1 << (index & 7)
-            if self.present[byte] & mask and not self.durable[byte] & mask:
-                self.durable[byte] |= mask
-                lo, hi = min(lo, byte), max(hi, byte)
-        if hi >= lo:
-            os.pwrite(self._fd, self.durable[lo : hi + 1], HEADER_SIZE + lo)
-
-    def sync(self) -> None:
-        os.fdatasync(self._fd)
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-@dataclass
-class _Slot:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0
-
-
-class ChunkLocks:
-    """Per-chunk locks, made on demand and dropped when unused."""
-
-    def __init__(self) -> None:
-        self._slots: dict[int, _Slot] = {}
-
-    def __len__(self) -> int:
-        return len(self._slots)
-
-    @contextlib.asynccontextmanager
-    async def hold(self, chunks: Sequence[int]) -> AsyncIterator[None]:
-        users: list[int] = []
-        acquired: list[int] = []
-        try:
-            for index in sorted(set(chunks)):
-                slot = self._slots.get(index)
-                if slot is None:
-                    slot = self._slots[index] = _Slot()
-                slot.users += 1
-                users.append(index)
-                await slot.lock.acquire()
-                acquired.append(index)
-            yield
-        finally:
-            for index in acquired:
-                self._slots[index].lock.release()
-            for index in users:
-                slot = self._slots[index]
-                slot.users -= 1
-                if not slot.users:
-                    del self._slots[index]
-
-
-class Pacer:
-    """Spaces out byte transfers to ``rate`` bytes per second on average."""
-
-    def __init__(
-        self,
-        rate: float,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-    ) -> None:
-        if rate <= 0:
-            raise UsageError(f"rate limit must be positive, got {rate}")
-        self.rate = rate
-        self._clock = clock
-        self._sleep = sleep
-        self._next = 0.0
-
-    async def take(self, n: int) -> None:
-        """Wait for this transfer's turn: ``n`` bytes start now, the next ones after
-        ``n / rate`` seconds."""
-        now = self._clock()
-        start = max(now, self._next)
-        self._next = start + n / self.rate
-        if start > now:
-            await self._sleep(start - now)
 
 
 def _runs(chunks: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -241,25 +71,15 @@ def _runs(chunks: Sequence[int]) -> Iterator[tuple[int, int]]:
         yield first, last
 
 
-class _EarlyRead:
-    """A read's range, answered from the first fetched piece that holds all of it."""
-
-    def __init__(self, offset: int, length: int) -> None:
-        self.offset = offset
-        self.length = length
-        self.future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    def offer(self, start: int, data: bytes | bytearray) -> None:
-        skip = self.offset - start
-        if not self.future.done() and skip >= 0 and skip + self.length <= len(data):
-            self.future.set_result(bytes(data[skip : skip + self.length]))
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """The read was answered already; a store that failed after it leaves its chunks absent
-    (fetched again next time) and a log line."""
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("storing fetched chunks failed: %s", task.exception())
+def _make_replica(path: Path, size: int) -> bool:
+    """Create the sparse replica if it is new (True), else check its size (False)."""
+    if not path.exists() or path.stat().st_size == 0:
+        with path.open("wb") as f:
+            f.truncate(size)
+        return True
+    if path.stat().st_size != size:
+        raise UsageError(f"replica {path} is {path.stat().st_size} bytes, the remote {size}")
+    return False
 
 
 class Fetch(Backend):
@@ -290,14 +110,7 @@ class Fetch(Backend):
         self.sync_interval = sync_interval
         self._pacer = Pacer(rate_limit) if rate_limit else None
         self.rate_limit = rate_limit
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        if fresh:
-            with self.path.open("wb") as f:
-                f.truncate(self._size)
-        elif self.path.stat().st_size != self._size:
-            raise UsageError(
-                f"replica {self.path} is {self.path.stat().st_size} bytes, the remote {self._size}"
-            )
+        fresh = _make_replica(self.path, self._size)
         self._map = PresenceMap(presence_path(self.path), self._size, chunk_size, fresh=fresh)
         self._local = Local(self.path)
         self._locks = ChunkLocks()
@@ -314,25 +127,23 @@ class Fetch(Backend):
         self._jobs: set[asyncio.Task[Any]] = set()
         self._copier: asyncio.Task[None] | None = None
         self._cursor = 0
-        self._status_lock = asyncio.Lock()
-        self._status: list[tuple[int, int, bool]] = []  # (start, end, zero) from the remote
+        self._zeroes = RemoteZeroes(remote)
         self._closed = False
         self.fetched_on_demand = 0
         self.fetched_in_background = 0
         self.skipped_as_zero = 0
         self.log = log.getChild(self.path.name)
+        self._seed(seed, fresh)
+
+    def _seed(self, seed: Sequence[int], fresh: bool) -> None:
         if self._map.new and seed:
             # Chunks some other means put in the replica already (a mirror's push before a
             # switchover): present now, durable after the next sync, exactly like fetched
             # ones. Only into a new bitmap: a restarted agent trusts what its file says.
             self._mark_fetched([c for c in seed if 0 <= c < self._map.n_chunks])
+        counts = (self._map.count, self._map.n_chunks, " (new)" if fresh else "")
         self.log.info(
-            "replica %s of %r: %d of %d chunks present%s",
-            self.path,
-            remote,
-            self._map.count,
-            self._map.n_chunks,
-            " (new)" if fresh else "",
+            "replica %s of %r: %d of %d chunks present%s", self.path, self.remote, *counts
         )
 
     def __repr__(self) -> str:
@@ -350,13 +161,7 @@ class Fetch(Backend):
 
     @property
     def present_bytes(self) -> int:
-        n = self._map.n_chunks
-        if not n:
-            return 0
-        total = self._map.count * self.chunk_size
-        if self._map.is_present(n - 1):
-            total -= n * self.chunk_size - self._size
-        return total
+        return self._map.present_bytes
 
     @property
     def copier_running(self) -> bool:
@@ -373,22 +178,21 @@ class Fetch(Backend):
         await self._all_present.wait()
         await self.flush()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> FetchStatus:
         remote_status = getattr(self.remote, "status", None)
-        return {
-            "kind": "fetch",
-            "path": str(self.path),
-            "size": self._size,
-            "chunk_size": self.chunk_size,
-            "present_bytes": self.present_bytes,
-            "complete": self.complete,
-            "fetched_on_demand_bytes": self.fetched_on_demand,
-            "fetched_in_background_bytes": self.fetched_in_background,
-            "skipped_as_zero_bytes": self.skipped_as_zero,
-            "copier": self.copier_running,
-            "rate_limit": self.rate_limit,
-            "remote": remote_status() if callable(remote_status) else repr(self.remote),
-        }
+        return FetchStatus(
+            path=str(self.path),
+            size=self._size,
+            chunk_size=self.chunk_size,
+            present_bytes=self.present_bytes,
+            complete=self.complete,
+            fetched_on_demand_bytes=self.fetched_on_demand,
+            fetched_in_background_bytes=self.fetched_in_background,
+            skipped_as_zero_bytes=self.skipped_as_zero,
+            copier=self.copier_running,
+            rate_limit=self.rate_limit,
+            remote=remote_status() if callable(remote_status) else repr(self.remote),
+        )
 
     # -- chunk arithmetic --------------------------------------------------------------------
 
@@ -497,7 +301,7 @@ class Fetch(Backend):
             if not self._demand:
                 self._demand_idle.set()
 
-    async def _fetch_store(self, chunks: Sequence[int], early: _EarlyRead | None = None) -> int:
+    async def _fetch_store(self, chunks: Sequence[int], early: EarlyRead | None = None) -> int:
         """Copy ``chunks`` (locked, absent) from the remote into the replica; bytes moved.
         ``early`` gets its bytes as soon as a fetched piece holds them all."""
 
@@ -543,7 +347,7 @@ class Fetch(Backend):
         absent = self._absent(offset, length)
         if not absent:
             return await self._local.read(offset, length)
-        early = _EarlyRead(offset, length)
+        early = EarlyRead(offset, length)
         job = asyncio.ensure_future(self._guarded(self._fill(absent, early)))
         racing: set[asyncio.Future[Any]] = {early.future, job}
         try:
@@ -552,12 +356,12 @@ class Fetch(Backend):
             job.cancel()  # only our wait on the guarded work: the work itself goes on
             raise
         if early.future.done():
-            job.add_done_callback(_retrieve)
+            job.add_done_callback(log_lost_store)
             return early.future.result()
         await job
         return await self._local.read(offset, length)
 
-    async def _fill(self, chunks: Sequence[int], early: _EarlyRead | None = None) -> None:
+    async def _fill(self, chunks: Sequence[int], early: EarlyRead | None = None) -> None:
         with self._on_demand():
             async with self._locks.hold(chunks):
                 missing = [c for c in chunks if not self._map.is_present(c)]
@@ -746,7 +550,7 @@ class Fetch(Backend):
                     delay = min(delay * 2, 5.0)
 
     async def _copy_batch(self, batch: Sequence[int]) -> None:
-        zero = set(await self._zero_chunks(batch))
+        zero = set(await self._zeroes.chunks(batch, self._span))
         data_bytes = sum(
             self._span(c)[1] - self._span(c)[0]
             for c in batch
@@ -768,33 +572,6 @@ class Fetch(Backend):
                 moved = await self._fetch_store(fetch)
                 self.fetched_in_background += moved
             self._mark_fetched(missing)
-
-    async def _zero_chunks(self, batch: Sequence[int]) -> list[int]:
-        """The chunks of ``batch`` that the remote reports as reading zeroes."""
-        start, end = self._span(batch[0])[0], self._span(batch[-1])[1]
-        async with self._status_lock:
-            known_from = self._status[0][0] if self._status else 0
-            known_to = self._status[-1][1] if self._status else 0
-            if not (known_from <= start and end <= known_to):
-                try:
-                    extents = await self.remote.block_status(
-                        start, min(STATUS_WINDOW, self._size - start)
-                    )
-                except BackendError as err:
-                    self.log.debug("remote block status failed: %s", err)
-                    extents = []
-                self._status = []
-                pos = start
-                for extent in extents:
-                    self._status.append((pos, pos + extent.length, extent.zero))
-                    pos += extent.length
-            zeros = [(s, e) for s, e, z in self._status if z and e > start and s < end]
-        out = []
-        for index in batch:
-            c_start, c_end = self._span(index)
-            if any(s <= c_start and c_end <= e for s, e in zeros):
-                out.append(index)
-        return out
 
     # -- closing -----------------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
+from devagent.agent.messages import JournalStats
 from devagent.errors import StateError
 from devagent.nbd.proto import Command
 
@@ -273,23 +273,21 @@ class Journal:
                 return (1 << (i + 1)) / 1e6
         return (1 << HISTOGRAM_BUCKETS) / 1e6
 
-    def stats(self) -> dict[str, Any]:
-        """A JSON-ready summary."""
-        return {
-            "state": self.state.value,
-            "in_flight": self.in_flight,
-            "waiting": self.waiting,
-            "completed": sum(self._counts),
-            "errors": self.errors,
-            "counts": self.counts,
-            "bytes": {
+    def stats(self) -> JournalStats:
+        """A summary, as ``GET /status`` shows it."""
+        return JournalStats(
+            state=self.state.value,
+            in_flight=self.in_flight,
+            waiting=self.waiting,
+            completed=sum(self._counts),
+            errors=self.errors,
+            counts=self.counts,
+            bytes={
                 kind.name: self._bytes[kind]
                 for kind in (Command.READ, Command.WRITE)
                 if self._bytes[kind]
             },
-            "max_gap_ms": round(self.max_gap * 1000, 3),
-            "p99_latency_ms": round(self.latency_percentile(0.99) * 1000, 3),
-            "latency_histogram_us": {
-                f"<{2 ** (i + 1)}": n for i, n in enumerate(self.histogram) if n
-            },
-        }
+            max_gap_ms=round(self.max_gap * 1000, 3),
+            p99_latency_ms=round(self.latency_percentile(0.99) * 1000, 3),
+            latency_histogram_us={f"<{2 ** (i + 1)}": n for i, n in enumerate(self.histogram) if n},
+        )

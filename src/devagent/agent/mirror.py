@@ -44,20 +44,25 @@ source only).  A write whose *source* half failed answers the source's error as 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable
 
 from devagent.agent.backend import Backend, BackendError, Extent
+from devagent.agent.chunks import chunk_runs, zero_ranges
+from devagent.agent.messages import MirrorStats
+from devagent.agent.mirror_states import (
+    TRANSITIONS,
+    MirrorEvent,
+    MirrorFailed,
+    MirrorLog,
+    MirrorState,
+    MirrorStateError,
+)
 from devagent.agent.state import Bitmap, DeviceState
-from devagent.errors import PeerError, StateError, UsageError
+from devagent.errors import StateError, UsageError
 from devagent.nbd.proto import Errno
-
-if TYPE_CHECKING:
-    from devagent.agent.agent import BlockAgent
 
 log = logging.getLogger(__name__)
 
@@ -70,50 +75,14 @@ SWEEP_WINDOW = 64 * 1024 * 1024
 DIRTY_BITMAP = "mirror-dirty"
 
 
-class MirrorState(enum.Enum):
-    COPYING = "copying"  # tracking and (when ``run`` runs) copying
-    CONVERGED = "converged"  # ``run`` brought the dirty set under its limit
-    FINISHED = "finished"  # target == source, target flushed; writes now go to both
-    FAILED = "failed"  # the job failed; the guest is served by the source alone
-
-
-class MirrorEvent(enum.Enum):
-    CONVERGE = "converge"
-    RECOPY = "recopy"
-    FINISH = "finish"
-    FAIL = "fail"
-
-
-_S, _E = MirrorState, MirrorEvent
-#: Every allowed transition; anything else is a bug in the caller (:class:`MirrorStateError`).
-TRANSITIONS: dict[tuple[MirrorState, MirrorEvent], MirrorState] = {
-    (_S.COPYING, _E.CONVERGE): _S.CONVERGED,
-    (_S.CONVERGED, _E.RECOPY): _S.COPYING,
-    (_S.COPYING, _E.FINISH): _S.FINISHED,
-    (_S.CONVERGED, _E.FINISH): _S.FINISHED,
-    (_S.COPYING, _E.FAIL): _S.FAILED,
-    (_S.CONVERGED, _E.FAIL): _S.FAILED,
-    (_S.FINISHED, _E.FAIL): _S.FAILED,
-}
-
-
-class MirrorStateError(StateError):
-    """A mirror was asked for something its state does not allow."""
-
-
-class MirrorFailed(PeerError):
-    """The mirror job failed (the target, or a read of the source for a copy); the guest's
-    I/O on the source is unharmed.  ``__cause__`` is the error that failed it."""
-
-
-class _MirrorLog(logging.LoggerAdapter[logging.Logger]):
-    """Prefixes each record with the mirror's source and target."""
-
-    def process(
-        self, msg: Any, kwargs: MutableMapping[str, Any]
-    ) -> tuple[Any, MutableMapping[str, Any]]:
-        name = self.extra["mirror"] if self.extra else "?"
-        return f"[{name}] {msg}", kwargs
+def _initial_dirty(n_chunks: int, dirty: Bitmap | None) -> Bitmap:
+    """The dirty set a mirror starts with: the one handed over, else every chunk."""
+    if dirty is not None and dirty.n_bits != n_chunks:
+        raise UsageError(f"dirty bitmap has {dirty.n_bits} bits for {n_chunks}")
+    bits = bytearray(dirty.to_bytes() if dirty else b"\xff" * ((n_chunks + 7) // 8))
+    if n_chunks & 7:  # no bit past the last chunk: count() counts every bit
+        bits[-1] &= (1 << (n_chunks & 7)) - 1
+    return Bitmap(n_chunks, bytes(bits))
 
 
 class Mirrored(Backend):
@@ -152,17 +121,8 @@ class Mirrored(Backend):
         self._clock = clock
         self._sleep = sleep
         self.n_chunks = (source.size + chunk_size - 1) // chunk_size
-        if dirty is not None:
-            if dirty.n_bits != self.n_chunks:
-                raise UsageError(f"dirty bitmap has {dirty.n_bits} bits for {self.n_chunks}")
-            bits = bytearray(dirty.to_bytes())
-            self._swept = True  # the handed-over set already says what the target lacks
-        else:
-            bits = bytearray(b"\xff" * ((self.n_chunks + 7) // 8))
-            self._swept = False
-        if self.n_chunks & 7:  # no bit past the last chunk: count() counts every bit
-            bits[-1] &= (1 << (self.n_chunks & 7)) - 1
-        self._dirty = Bitmap(self.n_chunks, bytes(bits))
+        self._dirty = _initial_dirty(self.n_chunks, dirty)
+        self._swept = dirty is not None  # a handed-over set already says what the target lacks
         self._copying: set[int] = set()
         self._writing: Counter[int] = Counter()
         self._through_ranges: dict[int, tuple[int, int]] = {}  # write-through writes in flight
@@ -183,7 +143,7 @@ class Mirrored(Backend):
         self.passes = 0
         #: Set by :func:`cutover`: the agent now owns the target, ``close`` leaves it open.
         self.handed_over = False
-        self.log = _MirrorLog(log, {"mirror": f"{source!r} -> {target!r}"})
+        self.log = MirrorLog(log, {"mirror": f"{source!r} -> {target!r}"})
 
     def __repr__(self) -> str:
         return f"Mirrored({self.source!r} -> {self.target!r}, {self.state.value})"
@@ -280,18 +240,18 @@ class Mirrored(Backend):
         )
         return state
 
-    def stats(self) -> dict[str, object]:
-        """A JSON-ready summary."""
-        return {
-            "state": self.state.value,
-            "sync": self.sync,
-            "rate_limit": self.rate_limit,
-            "copied_bytes": self.copied_bytes,
-            "zeroed_bytes": self.zeroed_bytes,
-            "dirty_bytes": self.dirty_bytes,
-            "passes": self.passes,
-            "error": None if self.error is None else str(self.error),
-        }
+    def stats(self) -> MirrorStats:
+        """A summary, as the control API shows it."""
+        return MirrorStats(
+            state=self.state.value,
+            sync=self.sync,
+            rate_limit=self.rate_limit,
+            copied_bytes=self.copied_bytes,
+            zeroed_bytes=self.zeroed_bytes,
+            dirty_bytes=self.dirty_bytes,
+            passes=self.passes,
+            error=None if self.error is None else str(self.error),
+        )
 
     # -- the guest's side: the Backend interface ---------------------------------------------
 
@@ -446,23 +406,18 @@ class Mirrored(Backend):
             await self._guard(self._sweep())
             done = 0
             while self.state is MirrorState.COPYING:
-                if done and self.dirty_bytes <= limit:
+                converged = done > 0 and self.dirty_bytes <= limit
+                if converged or done >= max_passes:
+                    if not converged:
+                        self.log.info("no convergence after %d passes", done)
+                        if not active:
+                            return False
+                    # Write-through converges whatever the guest's write rate: the dirty set
+                    # only shrinks (the guest writes at the pace of the slower copy).
                     if active:
-                        await self._guard(self._drain(throttle=True))
+                        await self._guard(self._drain(throttle=converged))
                         if self._is(MirrorState.FAILED):
                             break
-                    self._transition(MirrorEvent.CONVERGE)
-                    return True
-                if done >= max_passes:
-                    self.log.info("no convergence after %d passes", done)
-                    if not active:
-                        return False
-                    # Write-through converges whatever the guest's write rate: its writes
-                    # reach both copies, so the dirty set only shrinks (the guest then
-                    # writes at the pace of the slower copy).
-                    await self._guard(self._drain(throttle=False))
-                    if self._is(MirrorState.FAILED):
-                        break
                     self._transition(MirrorEvent.CONVERGE)
                     return True
                 self.passes += 1
@@ -540,7 +495,7 @@ class Mirrored(Backend):
                 for chunk in claimed:
                     self._dirty.set(chunk, False)
                 try:
-                    zero = await self._zero_ranges(start, length)
+                    zero = await zero_ranges(self.source, start, length)
                     zero_chunks: set[int] = set()
                     for offset, n in zero:
                         first = -(-offset // self.chunk_size)
@@ -552,7 +507,7 @@ class Mirrored(Backend):
                         if chunk not in zero_chunks:
                             self._dirty.set(chunk)
                     if not self._target_zeroed:
-                        for first, count in _runs(sorted(zero_chunks & set(claimed))):
+                        for first, count in chunk_runs(sorted(zero_chunks & set(claimed))):
                             offset, n = self._span(first, count)
                             await self.target.write_zeroes(offset, n, True)
                             self.zeroed_bytes += n
@@ -564,25 +519,6 @@ class Mirrored(Backend):
                     self._copying.difference_update(claimed)
                     self._wake()
             self._swept = True
-
-    async def _zero_ranges(self, start: int, length: int) -> list[tuple[int, int]]:
-        """(offset, length) ranges of [start, start+length) that the source reads as zero."""
-        out: list[tuple[int, int]] = []
-        pos, end = start, start + length
-        while pos < end:
-            extents = await self.source.block_status(pos, end - pos)
-            if not extents or all(e.length <= 0 for e in extents):
-                break  # a backend that says nothing: treat the rest as data
-            for extent in extents:
-                n = min(extent.length, end - pos)
-                if n <= 0:
-                    continue
-                if extent.zero:
-                    out.append((pos, n))
-                pos += n
-                if pos >= end:
-                    break
-        return out
 
     async def _copy_pass(self, chunks: Iterable[int], *, throttle: bool) -> None:
         """Copy ``chunks`` (if still dirty) with ``parallel`` copies in flight."""
@@ -662,27 +598,3 @@ class Mirrored(Backend):
     def _charge(self, length: int) -> None:
         if self.rate_limit:
             self._next_free = max(self._next_free, self._clock()) + length / self.rate_limit
-
-
-def _runs(chunks: list[int]) -> list[tuple[int, int]]:
-    """Sorted chunk numbers as (first, count) runs of neighbours."""
-    out: list[tuple[int, int]] = []
-    for chunk in chunks:
-        if out and out[-1][0] + out[-1][1] == chunk:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((chunk, 1))
-    return out
-
-
-async def cutover(agent: BlockAgent) -> Backend:
-    """Quiesce ``agent``, finish its :class:`Mirrored` backend, switch it to the target,
-    resume.  Returns the source (the caller closes it).  On failure the agent goes on
-    serving the mirror's source and the error (MirrorFailed) is raised."""
-    mirror = agent.backend
-    if not isinstance(mirror, Mirrored):
-        raise UsageError(f"agent backend is {mirror!r}, not a mirror")
-    await agent.swap_backend(mirror.target, before_switch=mirror.finish)
-    mirror.handed_over = True
-    log.info("agent %r now serves the mirror target %r", agent.export_name, mirror.target)
-    return mirror.source

@@ -30,9 +30,11 @@ import time
 from typing import Any
 
 from devagent.agent.backend import Backend, BackendError, Extent
+from devagent.agent.messages import RemoteStatus
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.nbd.client import NbdClient, NbdRequestFailed
-from devagent.nbd.codec import NO_FLAGS, Completed
+from devagent.nbd.client_codec import Completed
+from devagent.nbd.codec import NO_FLAGS
 from devagent.nbd.proto import Command, CommandFlag, Errno, TransmissionFlag
 from devagent.vocab import parse_address
 
@@ -130,18 +132,17 @@ class Remote(Backend):
     def has_block_status(self) -> bool:
         return self._client is not None and bool(self._client.contexts)
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "kind": "remote",
-            "peer": self.peer,
-            "export": self.export,
-            "state": self.state.value,
-            "connected": self.connected,
-            "reconnects": self.reconnects,
-            "timeouts": self.timeouts,
-            "retries": self.retries,
-            "last_error": self.last_error,
-        }
+    def status(self) -> RemoteStatus:
+        return RemoteStatus(
+            peer=self.peer,
+            export=self.export,
+            state=self.state.value,
+            connected=self.connected,
+            reconnects=self.reconnects,
+            timeouts=self.timeouts,
+            retries=self.retries,
+            last_error=self.last_error,
+        )
 
     # -- connection ------------------------------------------------------------------------
 

@@ -6,11 +6,11 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from devagent.agent.agent import BlockAgent
 from devagent.agent.control import serve_control
-from devagent.agent.spec import Duties, check_spec, open_backend, spec_for_image
+from devagent.agent.messages import BackendSpec
+from devagent.agent.spec import check_spec, open_backend, spec_for_image
 from devagent.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 async def serve(
     image: str | Path | None = None,
     *,
-    backend_spec: dict[str, Any] | None = None,
+    backend_spec: BackendSpec | object = None,
     unix: str | Path | None = None,
     tcp: tuple[str, int] | None = None,
     name: str = "",
@@ -28,35 +28,32 @@ async def serve(
     stop: asyncio.Event | None = None,
     control: str | Path | None = None,
 ) -> None:
-    """Serve ``image`` (or the backend ``backend_spec`` describes) until ``stop`` is set or
-    the task is cancelled, then stop cleanly."""
+    """Serve ``image`` (or the backend ``backend_spec`` describes: a spec, or its decoded
+    JSON) until ``stop`` is set or the task is cancelled, then stop cleanly."""
     if unix is None and tcp is None:
         raise UsageError("give a unix socket path or a TCP address to listen on")
     if (image is None) == (backend_spec is None):
         raise UsageError("give either an image or a backend spec")
     if backend_spec is not None and read_only:
         raise UsageError("read-only goes into the backend spec ('read_only' of a local one)")
-    spec = check_spec(
-        backend_spec if backend_spec is not None else spec_for_image(image or "", read_only)
-    )
+    spec = check_spec(backend_spec) if image is None else spec_for_image(image, read_only)
     backend = await open_backend(spec)
     agent = BlockAgent(backend, name)
-    duties = Duties(agent)
     stop = stop if stop is not None else asyncio.Event()
     runner = None
     try:
-        duties.start(backend, spec)
+        agent.duties.start(backend, spec)
         if unix is not None:
             await agent.listen_unix(unix)
         if tcp is not None:
             await agent.listen_tcp(*tcp)
         if control is not None:
-            runner = await serve_control(agent, Path(control), stop, duties)
+            runner = await serve_control(agent, Path(control), stop)
         if on_ready is not None:
             on_ready(agent)
         await stop.wait()
     finally:
-        await asyncio.shield(duties.cancel_all())
+        await asyncio.shield(agent.duties.cancel_all())
         await asyncio.shield(agent.stop())
         if runner is not None:
             await runner.cleanup()

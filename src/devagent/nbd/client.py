@@ -15,7 +15,8 @@ import logging
 from pathlib import Path
 
 from devagent.errors import PeerError, StateError
-from devagent.nbd.codec import NO_FLAGS, ClientConnection, Completed, NeedData, Ready
+from devagent.nbd.client_codec import ClientConnection, Completed, Ready
+from devagent.nbd.codec import NO_FLAGS, NeedData
 from devagent.nbd.proto import BASE_ALLOCATION, Command, CommandFlag, Errno, TransmissionFlag
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,176 @@
+"""What a Fetch backend's requests use beside its replica: per-chunk locks (a fetch and a
+write of one chunk never overlap), the pacer that keeps its copies under a rate limit, the
+remote's zero ranges (chunks the copier need not move), and the early answer of a read;
+and the chunk helpers a mirror shares (runs of chunks, a backend's zero ranges)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from devagent.agent.backend import Backend, BackendError
+from devagent.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+class ChunkLocks:
+    """Per-chunk locks, made on demand and dropped when unused."""
+
+    def __init__(self) -> None:
+        self._slots: dict[int, _Slot] = {}
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, chunks: Sequence[int]) -> AsyncIterator[None]:
+        users: list[int] = []
+        acquired: list[int] = []
+        try:
+            for index in sorted(set(chunks)):
+                slot = self._slots.get(index)
+                if slot is None:
+                    slot = self._slots[index] = _Slot()
+                slot.users += 1
+                users.append(index)
+                await slot.lock.acquire()
+                acquired.append(index)
+            yield
+        finally:
+            for index in acquired:
+                self._slots[index].lock.release()
+            for index in users:
+                slot = self._slots[index]
+                slot.users -= 1
+                if not slot.users:
+                    del self._slots[index]
+
+
+class Pacer:
+    """Spaces out byte transfers to ``rate`` bytes per second on average."""
+
+    def __init__(
+        self,
+        rate: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise UsageError(f"rate limit must be positive, got {rate}")
+        self.rate = rate
+        self._clock = clock
+        self._sleep = sleep
+        self._next = 0.0
+
+    async def take(self, n: int) -> None:
+        """Wait for this transfer's turn: ``n`` bytes start now, the next ones after
+        ``n / rate`` seconds."""
+        now = self._clock()
+        start = max(now, self._next)
+        self._next = start + n / self.rate
+        if start > now:
+            await self._sleep(start - now)
+
+
+#: How far ahead one remote BLOCK_STATUS looks for the copier.
+STATUS_WINDOW = 1 << 30
+
+
+class RemoteZeroes:
+    """Which chunks the remote reports as reading zeroes, asked a window at a time."""
+
+    def __init__(self, remote: Backend) -> None:
+        self.remote = remote
+        self._lock = asyncio.Lock()
+        self._known: list[tuple[int, int, bool]] = []  # (start, end, zero) from the remote
+
+    async def chunks(
+        self, batch: Sequence[int], span: Callable[[int], tuple[int, int]]
+    ) -> list[int]:
+        """The chunks of ``batch`` (``span(i)``: chunk ``i``'s byte range) that read zeroes."""
+        start, end = span(batch[0])[0], span(batch[-1])[1]
+        async with self._lock:
+            known_from = self._known[0][0] if self._known else 0
+            known_to = self._known[-1][1] if self._known else 0
+            if not (known_from <= start and end <= known_to):
+                await self._ask(start)
+            zeros = [(s, e) for s, e, z in self._known if z and e > start and s < end]
+        return [i for i in batch if any(s <= span(i)[0] and span(i)[1] <= e for s, e in zeros)]
+
+    async def _ask(self, start: int) -> None:
+        try:
+            length = min(STATUS_WINDOW, self.remote.size - start)
+            extents = await self.remote.block_status(start, length)
+        except BackendError as err:
+            log.debug("remote block status failed: %s", err)
+            extents = []
+        self._known = []
+        pos = start
+        for extent in extents:
+            self._known.append((pos, pos + extent.length, extent.zero))
+            pos += extent.length
+
+
+class EarlyRead:
+    """A read's range, answered from the first fetched piece that holds all of it."""
+
+    def __init__(self, offset: int, length: int) -> None:
+        self.offset = offset
+        self.length = length
+        self.future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def offer(self, start: int, data: bytes | bytearray) -> None:
+        skip = self.offset - start
+        if not self.future.done() and skip >= 0 and skip + self.length <= len(data):
+            self.future.set_result(bytes(data[skip : skip + self.length]))
+
+
+def log_lost_store(task: asyncio.Future[Any]) -> None:
+    """The read was answered already; a store that failed after it leaves its chunks absent
+    (fetched again next time) and a log line."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("storing fetched chunks failed: %s", task.exception())
+
+
+def chunk_runs(chunks: list[int]) -> list[tuple[int, int]]:
+    """Sorted chunk numbers as (first, count) runs of neighbours."""
+    out: list[tuple[int, int]] = []
+    for chunk in chunks:
+        if out and out[-1][0] + out[-1][1] == chunk:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((chunk, 1))
+    return out
+
+
+async def zero_ranges(source: Backend, start: int, length: int) -> list[tuple[int, int]]:
+    """(offset, length) ranges of [start, start+length) that ``source`` reads as zero."""
+    out: list[tuple[int, int]] = []
+    pos, end = start, start + length
+    while pos < end:
+        extents = await source.block_status(pos, end - pos)
+        if not extents or all(e.length <= 0 for e in extents):
+            break  # a backend that says nothing: treat the rest as data
+        for extent in extents:
+            n = min(extent.length, end - pos)
+            if n <= 0:
+                continue
+            if extent.zero:
+                out.append((pos, n))
+            pos += n
+            if pos >= end:
+                break
+    return out

@@ -1,0 +1,313 @@
+"""Every message of a block agent's control API, as declared types (msgspec Structs).
+
+A request body is decoded once, at the HTTP edge (:func:`decode`), into one of the request
+types below; a bad body becomes a :class:`UsageError` naming the field's path
+(``Expected `int`, got `str` - at `$.target.chunk_size```). Answers are Structs too, encoded
+as the same JSON objects as ever; the daemon may decode them with :func:`msgspec.convert`.
+
+Backend specs are the tagged union :data:`BackendSpec` (tag field ``kind``)::
+
+    {"kind": "local",  "path": "/x.img", "read_only": false}
+    {"kind": "remote", "address": "tcp:HOST:PORT" | "unix:/PATH", "export": "",
+     "io_timeout": 120, "connect_timeout": 10}
+    {"kind": "fetch",  "path": "/replica.img", "remote": {a local or remote spec},
+     "chunk_size": 65536, "rate_limit": null, "copier": true, "then_local": false,
+     "copy_workers": 2, "copy_batch": 1048576, "present": BASE64}
+
+A fetch's ``present`` (base64 bits, bit ``i & 7`` of byte ``i >> 3`` for chunk ``i``)
+names chunks already in the replica, e.g. pushed by a mirror before a switchover.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, TypeVar
+
+import msgspec
+
+from devagent.agent.defaults import (
+    CONNECT_TIMEOUT_S,
+    COPY_BATCH,
+    COPY_WORKERS,
+    FETCH_CHUNK,
+    IO_TIMEOUT_S,
+    MAX_COPY,
+    MIRROR_PARALLEL,
+    MIRROR_PASSES,
+)
+from devagent.errors import DevagentError, UsageError
+from devagent.vocab import parse_address
+
+T = TypeVar("T")
+
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+# -- backend specs ----------------------------------------------------------------------
+
+
+class LocalSpec(msgspec.Struct, tag="local", tag_field="kind", forbid_unknown_fields=True):
+    """A file or block device of this host."""
+
+    path: str
+    read_only: bool = False
+
+
+class RemoteSpec(msgspec.Struct, tag="remote", tag_field="kind", forbid_unknown_fields=True):
+    """A device another agent exports over NBD."""
+
+    address: str
+    export: str = ""
+    io_timeout: Positive = IO_TIMEOUT_S
+    connect_timeout: Positive = CONNECT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        try:
+            parse_address(self.address)
+        except DevagentError as err:
+            raise ValueError(f"address: {err}") from None
+
+
+class FetchSpec(msgspec.Struct, tag="fetch", tag_field="kind", forbid_unknown_fields=True):
+    """A local replica filled from ``remote`` on demand and in the background."""
+
+    path: str
+    remote: LocalSpec | RemoteSpec  # never a fetch: a fetch cannot fetch from a fetch
+    chunk_size: int = FETCH_CHUNK
+    rate_limit: Positive | None = None
+    copier: bool = True
+    then_local: bool = False
+    copy_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = COPY_WORKERS
+    copy_batch: int = COPY_BATCH
+    present: str = ""
+
+    def __post_init__(self) -> None:
+        size = self.chunk_size
+        if size < 4096 or size & (size - 1) or size > 8 << 20:
+            raise ValueError(f"chunk_size: a power of two in 4 KiB..8 MiB, got {size}")
+        if not size <= self.copy_batch <= 32 << 20:
+            raise ValueError(f"copy_batch: chunk_size..32 MiB, got {self.copy_batch}")
+        self.present_bits()
+
+    def present_bits(self) -> bytes:
+        """``present``, decoded."""
+        try:
+            return base64.b64decode(self.present, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise ValueError(f"present: not base64 bits: {err}") from None
+
+
+BackendSpec = LocalSpec | RemoteSpec | FetchSpec
+
+# -- requests ---------------------------------------------------------------------------
+
+
+class SwapRequest(msgspec.Struct):
+    """``POST /swap``: make the backend ``backend`` describes the agent's."""
+
+    backend: BackendSpec
+
+
+class MirrorRequest(msgspec.Struct):
+    """``POST /mirror``: mirror the device to ``target`` under the guest."""
+
+    target: BackendSpec
+    sync: bool = False
+    converge_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+    rate_limit: Positive | None = None
+    target_zeroed: bool = True
+    active: bool = False
+    parallel: Annotated[int, msgspec.Meta(ge=1, le=64)] = MIRROR_PARALLEL
+    max_copy: Annotated[int, msgspec.Meta(ge=4096, le=32 << 20)] = MAX_COPY
+    max_passes: Annotated[int, msgspec.Meta(ge=1, le=1000)] = MIRROR_PASSES
+
+
+class CutoverRequest(msgspec.Struct):
+    """``POST /mirror/cutover``; ``keep_source``: go on serving the source (a migration)."""
+
+    keep_source: bool = False
+
+
+# -- answers ----------------------------------------------------------------------------
+
+
+class JournalStats(msgspec.Struct):
+    state: str
+    in_flight: int
+    waiting: int
+    completed: int
+    errors: int
+    counts: dict[str, int]
+    bytes: dict[str, int]
+    max_gap_ms: float
+    p99_latency_ms: float
+    latency_histogram_us: dict[str, int]
+
+
+class MirrorStats(msgspec.Struct):
+    state: str
+    sync: bool
+    rate_limit: float | None
+    copied_bytes: int
+    zeroed_bytes: int
+    dirty_bytes: int
+    passes: int
+    error: str | None
+
+
+class LocalStatus(msgspec.Struct, tag="local", tag_field="kind"):
+    path: str
+    read_only: bool
+
+
+class RemoteStatus(msgspec.Struct, tag="remote", tag_field="kind"):
+    peer: str
+    export: str
+    state: str
+    connected: bool
+    reconnects: int
+    timeouts: int
+    retries: int
+    last_error: str | None
+
+
+class FetchStatus(msgspec.Struct, tag="fetch", tag_field="kind"):
+    path: str
+    size: int
+    chunk_size: int
+    present_bytes: int
+    complete: bool
+    fetched_on_demand_bytes: int
+    fetched_in_background_bytes: int
+    skipped_as_zero_bytes: int
+    copier: bool
+    rate_limit: float | None
+    remote: RemoteStatus | str  # a local source has no status: its repr
+
+
+class MirrorStatus(msgspec.Struct, tag="mirror", tag_field="kind"):
+    state: str
+    sync: bool
+    rate_limit: float | None
+    copied_bytes: int
+    zeroed_bytes: int
+    dirty_bytes: int
+    passes: int
+    error: str | None
+    source: BackendStatus
+    target: BackendStatus
+
+
+class OtherStatus(msgspec.Struct, tag="other", tag_field="kind"):
+    """A backend of no kind above (only test fakes): its class name."""
+
+    name: str
+
+
+BackendStatus = LocalStatus | RemoteStatus | FetchStatus | MirrorStatus | OtherStatus
+
+
+class AgentStats(msgspec.Struct):
+    export: str
+    size: int
+    state: str
+    connections: int
+    addresses: list[str]
+    journal: JournalStats
+
+
+class StatusAnswer(msgspec.Struct):
+    """``GET /status``."""
+
+    export: str
+    size: int
+    state: str
+    connections: int
+    addresses: list[str]
+    journal: JournalStats
+    pid: int
+    backend: str
+    held: bool
+    backend_status: BackendStatus
+
+
+class QuiesceAnswer(msgspec.Struct):
+    drained_in_s: float
+
+
+class ResumeAnswer(msgspec.Struct):
+    held_s: float
+
+
+class CompletionsAnswer(msgspec.Struct):
+    completions: list[float]
+    complete: bool
+
+
+class SwapAnswer(msgspec.Struct):
+    old: str
+    new: str
+    hold_s: float
+
+
+class MirrorStarted(msgspec.Struct):
+    mirror: MirrorStats
+    target: str
+
+
+class CutoverAnswer(msgspec.Struct):
+    held_from: float
+    held_s: float
+    mirror: MirrorStats
+    new: str
+
+
+class MirrorCancelled(msgspec.Struct):
+    cancelled: bool
+    mirror: MirrorStats
+
+
+class MirrorStopped(msgspec.Struct):
+    """``POST /mirror/stop``: the chunks the target may still lack, as base64 bits."""
+
+    chunk_size: int
+    chunks: int
+    dirty: str
+    dirty_bytes: int
+    mirror: MirrorStats
+
+
+class FlushAnswer(msgspec.Struct):
+    flushed_in_s: float
+
+
+class FenceAnswer(msgspec.Struct):
+    fenced: bool
+    dropped: int
+
+
+class StopAnswer(msgspec.Struct):
+    stopping: bool
+
+
+class RetireAnswer(msgspec.Struct):
+    retired: bool
+    took_s: float
+
+
+# -- the edge ---------------------------------------------------------------------------
+
+
+def decode(raw: bytes, kind: type[T]) -> T:
+    """``raw`` JSON as a ``kind`` (no body: ``{}``); a bad one is a UsageError naming the
+    field's path."""
+    try:
+        return msgspec.json.decode(raw or b"{}", type=kind)
+    except msgspec.ValidationError as err:
+        raise UsageError(f"bad request body: {err}") from None
+    except msgspec.DecodeError as err:
+        raise UsageError(f"the body must be JSON: {err}") from None
+
+
+def encode(message: msgspec.Struct) -> bytes:
+    return msgspec.json.encode(message)

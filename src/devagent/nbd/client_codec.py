@@ -1,0 +1,371 @@
+"""The client side of the pure NBD codec: the GO handshake (structured replies and meta
+contexts), then requests matched to their replies by handle, any number in flight, simple
+and structured replies reassembled into one :class:`Completed` each."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from devagent.nbd.codec import NEED_DATA, NO_FLAGS, Buffer, Bytes, Disconnect, NeedData, Violation
+from devagent.nbd.proto import (
+    BASE_ALLOCATION,
+    CLIENT_FLAGS,
+    ERROR_CHUNK,
+    EXTENT,
+    GREETING,
+    IHAVEOPT,
+    INFO_EXPORT,
+    MAX_OPTION_LENGTH,
+    MAX_PAYLOAD,
+    NBDMAGIC,
+    OPTION_HEADER,
+    OPTION_REPLY_HEADER,
+    REPLY_MAGIC,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY,
+    STRUCTURED_REPLY_MAGIC,
+    U16,
+    U32,
+    U64,
+    ChunkType,
+    ClientFlag,
+    Command,
+    CommandFlag,
+    Errno,
+    HandshakeFlag,
+    Info,
+    NbdProtocolError,
+    NbdUsageError,
+    Option,
+    Reply,
+    ReplyFlag,
+    TransmissionFlag,
+    parse,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Client: the handshake succeeded; transmission can start."""
+
+    size: int
+    flags: TransmissionFlag
+    structured: bool
+    contexts: Mapping[int, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """Client: the full reply to one request."""
+
+    handle: int
+    command: Command
+    error: int
+    message: str = ""
+    data: bytes | None = None
+    extents: list[tuple[int, int]] | None = None
+
+
+ClientEvent = Ready | Completed
+
+
+class ClientState(enum.Enum):
+    AWAIT_GREETING = "await-greeting"
+    OPTIONS = "options"
+    TRANSMISSION = "transmission"
+    CLOSED = "closed"
+
+
+_CLIENT_TRANSITIONS: dict[tuple[ClientState, type[object]], ClientState] = {
+    (ClientState.AWAIT_GREETING, HandshakeFlag): ClientState.OPTIONS,
+    (ClientState.OPTIONS, Ready): ClientState.TRANSMISSION,
+    (ClientState.TRANSMISSION, Completed): ClientState.TRANSMISSION,
+    (ClientState.TRANSMISSION, Disconnect): ClientState.CLOSED,
+    (ClientState.AWAIT_GREETING, Violation): ClientState.CLOSED,
+    (ClientState.OPTIONS, Violation): ClientState.CLOSED,
+    (ClientState.TRANSMISSION, Violation): ClientState.CLOSED,
+}
+
+
+@dataclass(slots=True)
+class _Pending:
+    command: Command
+    offset: int
+    length: int
+    data: bytearray | None = None
+    extents: list[tuple[int, int]] | None = None
+    error: int = 0
+    message: str = ""
+
+
+class ClientConnection:
+    """Client side: GO handshake (with structured replies and meta contexts), then requests
+    matched to replies by handle, any number in flight."""
+
+    def __init__(
+        self,
+        export_name: str = "",
+        *,
+        structured: bool = True,
+        contexts: Sequence[str] = (BASE_ALLOCATION,),
+    ) -> None:
+        self.export_name = export_name
+        self._buffer = Buffer()
+        self._out = bytearray()
+        self.state = ClientState.AWAIT_GREETING
+        self._options: list[tuple[Option, bytes]] = []
+        if structured:
+            self._options.append((Option.STRUCTURED_REPLY, b""))
+            if contexts:
+                self._options.append((Option.SET_META_CONTEXT, self._meta_payload(contexts)))
+        name = export_name.encode()
+        self._options.append(
+            (Option.GO, U32.pack(len(name)) + name + U16.pack(1) + U16.pack(Info.BLOCK_SIZE))
+        )
+        self.structured = False
+        self.contexts: dict[int, str] = {}
+        self.size = 0
+        self.flags = TransmissionFlag(0)
+        self._pending: dict[int, _Pending] = {}
+        self._next_handle = 1
+        self._eof = False
+
+    def _meta_payload(self, contexts: Sequence[str]) -> bytes:
+        name = self.export_name.encode()
+        out = bytearray(U32.pack(len(name)) + name + U32.pack(len(contexts)))
+        for context in contexts:
+            encoded = context.encode()
+            out += U32.pack(len(encoded)) + encoded
+        return bytes(out)
+
+    def _transition(self, event: object) -> None:
+        try:
+            self.state = _CLIENT_TRANSITIONS[(self.state, type(event))]
+        except KeyError:
+            raise NbdUsageError(
+                f"client: no transition from {self.state.value} on {type(event).__name__}"
+            ) from None
+
+    def _violation(self, message: str) -> NbdProtocolError:
+        self._transition(Violation())
+        return NbdProtocolError(message)
+
+    def receive_data(self, data: Bytes) -> None:
+        if not data:
+            self._eof = True
+        else:
+            self._buffer.feed(data)
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def _send_next_option(self) -> None:
+        option, payload = self._options[0]
+        self._out += OPTION_HEADER.pack(IHAVEOPT, option, len(payload)) + payload
+
+    def next_event(self) -> ClientEvent | NeedData:
+        """Next event; raises NbdProtocolError on a broken server stream or at EOF."""
+        while True:
+            if self.state is ClientState.AWAIT_GREETING:
+                raw = self._buffer.consume(GREETING.size)
+                if raw is None:
+                    return self._need_data()
+                self._buffer.commit()
+                magic, opt_magic, hs_flags = GREETING.unpack(raw)
+                if magic != NBDMAGIC or opt_magic != IHAVEOPT:
+                    raise self._violation(f"bad greeting {magic:#x} {opt_magic:#x}")
+                if not hs_flags & HandshakeFlag.FIXED_NEWSTYLE:
+                    raise self._violation("server does not speak fixed newstyle")
+                flags = ClientFlag.C_FIXED_NEWSTYLE
+                if hs_flags & HandshakeFlag.NO_ZEROES:
+                    flags |= ClientFlag.C_NO_ZEROES
+                self._out += CLIENT_FLAGS.pack(flags)
+                self._send_next_option()
+                self._transition(HandshakeFlag(hs_flags & 3))
+            elif self.state is ClientState.OPTIONS:
+                ready = self._parse_option_reply()
+                if ready is NEED_DATA:
+                    return self._need_data()
+                if ready is not None:
+                    self._transition(ready)
+                    return ready
+            elif self.state is ClientState.TRANSMISSION:
+                done = self._parse_reply()
+                if done is NEED_DATA:
+                    return self._need_data()
+                if done is not None:
+                    self._transition(done)
+                    return done
+            else:
+                return NEED_DATA
+
+    def _need_data(self) -> NeedData:
+        if self._eof:
+            raise self._violation(f"server closed the connection in state {self.state.value}")
+        return NEED_DATA
+
+    def _parse_option_reply(self) -> Ready | NeedData | None:
+        raw = self._buffer.consume(OPTION_REPLY_HEADER.size)
+        if raw is None:
+            return NEED_DATA
+        magic, option, reply_type, length = OPTION_REPLY_HEADER.unpack(raw)
+        if magic != REPLY_MAGIC:
+            raise self._violation(f"bad option reply magic {magic:#x}")
+        if length > MAX_OPTION_LENGTH:
+            raise self._violation(f"option reply of {length} bytes")
+        payload = self._buffer.consume(length)
+        if payload is None:
+            self._buffer.rollback()
+            return NEED_DATA
+        self._buffer.commit()
+        current, _ = self._options[0]
+        if option != current:
+            raise self._violation(f"reply to option {option:#x} while asking {current.name}")
+        try:
+            reply = parse(Reply, reply_type)
+        except NbdProtocolError as err:
+            raise self._violation(str(err)) from None
+        if reply is Reply.INFO and len(payload) >= 2:
+            (info,) = U16.unpack_from(payload)
+            if info == Info.EXPORT and len(payload) == INFO_EXPORT.size:
+                _, self.size, flags = INFO_EXPORT.unpack(payload)
+                self.flags = TransmissionFlag(flags)
+            return None
+        if reply is Reply.META_CONTEXT and len(payload) >= 4:
+            (context_id,) = U32.unpack_from(payload)
+            self.contexts[context_id] = payload[4:].decode("utf-8", "replace")
+            return None
+        if reply.is_error:
+            text = payload.decode("utf-8", "replace")
+            if current is Option.GO:
+                raise self._violation(
+                    f"server refused export {self.export_name!r}: {reply.name} {text}"
+                )
+            if current is Option.SET_META_CONTEXT:
+                self.contexts = {}
+        elif reply is not Reply.ACK:
+            raise self._violation(f"unexpected reply {reply.name} to {current.name}")
+        elif current is Option.STRUCTURED_REPLY:
+            self.structured = True
+        self._options.pop(0)
+        if current is Option.GO:
+            return Ready(self.size, self.flags, self.structured, dict(self.contexts))
+        self._send_next_option()
+        return None
+
+    # -- transmission ------------------------------------------------------------------
+
+    def request(
+        self,
+        command: Command,
+        offset: int = 0,
+        length: int = 0,
+        data: Bytes | None = None,
+        flags: CommandFlag = NO_FLAGS,
+        handle: int | None = None,
+    ) -> tuple[int, list[Bytes]]:
+        """Encode one request; returns its handle and the bytes to send."""
+        if self.state is not ClientState.TRANSMISSION:
+            raise NbdUsageError(f"client: cannot send requests in state {self.state.value}")
+        if command is Command.WRITE:
+            if data is None:
+                raise NbdUsageError("WRITE needs data")
+            length = len(data)
+        if handle is None:
+            handle = self._next_handle
+            self._next_handle = (self._next_handle + 1) & 0xFFFFFFFFFFFFFFFF or 1
+        if handle in self._pending:
+            raise NbdUsageError(f"handle {handle:#x} is still in flight")
+        header = REQUEST.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
+        if command is not Command.DISC:
+            self._pending[handle] = _Pending(command, offset, length)
+        else:
+            self._transition(Disconnect("disc"))
+        return handle, ([header, data] if command is Command.WRITE and data else [header])
+
+    def _parse_reply(self) -> Completed | NeedData | None:
+        raw = self._buffer.consume(4)
+        if raw is None:
+            return NEED_DATA
+        (magic,) = U32.unpack(raw)
+        self._buffer.rollback()
+        if magic == SIMPLE_REPLY_MAGIC:
+            return self._parse_simple()
+        if magic == STRUCTURED_REPLY_MAGIC:
+            return self._parse_chunk()
+        raise self._violation(f"bad reply magic {magic:#x}")
+
+    def _take_pending(self, handle: int) -> _Pending:
+        pending = self._pending.get(handle)
+        if pending is None:
+            raise self._violation(f"reply for unknown handle {handle:#x}")
+        return pending
+
+    def _parse_simple(self) -> Completed | NeedData:
+        raw = self._buffer.consume(SIMPLE_REPLY.size)
+        if raw is None:
+            return NEED_DATA
+        _, error, handle = SIMPLE_REPLY.unpack(raw)
+        pending = self._take_pending(handle)
+        data = None
+        if pending.command is Command.READ and error == 0:
+            data = self._buffer.consume(pending.length)
+            if data is None:
+                self._buffer.rollback()
+                return NEED_DATA
+        self._buffer.commit()
+        del self._pending[handle]
+        return Completed(handle, pending.command, error, data=data)
+
+    def _parse_chunk(self) -> Completed | NeedData | None:
+        raw = self._buffer.consume(STRUCTURED_REPLY.size)
+        if raw is None:
+            return NEED_DATA
+        _, flags, kind, handle, length = STRUCTURED_REPLY.unpack(raw)
+        if length > MAX_PAYLOAD + 64:
+            raise self._violation(f"reply chunk of {length} bytes")
+        payload = self._buffer.consume(length)
+        if payload is None:
+            self._buffer.rollback()
+            return NEED_DATA
+        self._buffer.commit()
+        pending = self._take_pending(handle)
+        if kind == ChunkType.OFFSET_DATA and length > 8:
+            (offset,) = U64.unpack_from(payload)
+            start = offset - pending.offset
+            if start < 0 or start + length - 8 > pending.length:
+                raise self._violation("data chunk outside the request")
+            if pending.data is None:
+                pending.data = bytearray(pending.length)
+            pending.data[start : start + length - 8] = payload[8:]
+        elif kind == ChunkType.OFFSET_HOLE and length == 12:
+            if pending.data is None:
+                pending.data = bytearray(pending.length)
+        elif kind == ChunkType.BLOCK_STATUS and length >= 12 and (length - 4) % 8 == 0:
+            pending.extents = [EXTENT.unpack_from(payload, pos) for pos in range(4, length, 8)]
+        elif kind & (1 << 15) and length >= ERROR_CHUNK.size:
+            error, text_len = ERROR_CHUNK.unpack_from(payload)
+            pending.error = error or Errno.EINVAL
+            pending.message = payload[6 : 6 + text_len].decode("utf-8", "replace")
+        elif kind != ChunkType.NONE:
+            raise self._violation(f"unexpected chunk type {kind:#x} of {length} bytes")
+        if not flags & ReplyFlag.DONE:
+            return None
+        del self._pending[handle]
+        data = None
+        if pending.command is Command.READ and not pending.error:
+            data = bytes(pending.data) if pending.data is not None else bytes(pending.length)
+        return Completed(
+            handle, pending.command, pending.error, pending.message, data, pending.extents
+        )

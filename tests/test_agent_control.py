@@ -1,0 +1,114 @@
+"""The block agent's control API as the daemon sees it: the JSON answers, 400s naming the
+bad field's path, 409s from the hold's, the mirror job's and the agent's state tables."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from devagent.agent.agent import AgentState, BlockAgent
+from devagent.agent.backend import Local
+from devagent.agent.control import build_control_app
+from devagent.agent.hold import HoldState
+from devagent.agent.mirror_job import JobState
+from devagent.errors import StateError
+
+SIZE = 1 << 20
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[tuple[TestClient, BlockAgent, Path]]:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(SIZE))
+    agent = BlockAgent(Local(image), "disk")
+    await agent.listen_unix(tmp_path / "disk.sock")
+    client = TestClient(TestServer(build_control_app(agent, asyncio.Event())))
+    await client.start_server()
+    try:
+        yield client, agent, tmp_path
+    finally:
+        await client.close()
+        await agent.stop()
+
+
+async def test_quiesce_and_resume_follow_the_hold_table(
+    rig: tuple[TestClient, BlockAgent, Path],
+) -> None:
+    client, agent, _ = rig
+    answer = await (await client.post("/quiesce")).json()
+    assert set(answer) == {"drained_in_s"} and agent.hold.state is HoldState.HELD
+    status = await (await client.get("/status")).json()
+    assert status["held"] is True and status["size"] == SIZE
+    again = await client.post("/quiesce")
+    assert again.status == 409 and "is held: cannot quiesce" in (await again.json())["error"]
+    swap = await client.post("/swap", json={"backend": {"kind": "local", "path": "/x"}})
+    assert swap.status == 409
+    answer = await (await client.post("/resume")).json()
+    assert set(answer) == {"held_s"} and agent.hold.state is HoldState.RELEASED
+    assert agent.hold.lifecycle.history == [
+        HoldState.RELEASED,
+        HoldState.DRAINING,
+        HoldState.HELD,
+        HoldState.RELEASED,
+    ]
+    late = await client.post("/resume")
+    assert late.status == 409 and "is released: cannot resume" in (await late.json())["error"]
+
+
+async def test_bad_bodies_name_the_field_path(rig: tuple[TestClient, BlockAgent, Path]) -> None:
+    client, _, _ = rig
+    cases = [
+        (
+            {"target": {"kind": "local", "path": 3}},
+            "Expected `str`, got `int` - at `$.target.path`",
+        ),
+        ({"target": {"kind": "local", "path": "/x"}, "parallel": 0}, "at `$.parallel`"),
+        ({}, "missing required field `target`"),
+    ]
+    for body, message in cases:
+        response = await client.post("/mirror", json=body)
+        assert response.status == 400 and message in (await response.json())["error"]
+    response = await client.post("/swap", data=b"{nope")
+    assert response.status == 400 and "JSON" in (await response.json())["error"]
+
+
+async def test_a_mirror_job_from_start_to_cancel(rig: tuple[TestClient, BlockAgent, Path]) -> None:
+    client, agent, tmp_path = rig
+    target = tmp_path / "target.img"
+    target.write_bytes(bytes(SIZE))
+    assert (await client.post("/mirror/cancel")).status == 409  # none yet
+    started = await client.post("/mirror", json={"target": {"kind": "local", "path": str(target)}})
+    assert started.status == 202
+    answer = await started.json()
+    assert set(answer) == {"mirror", "target"} and answer["mirror"]["state"] == "copying"
+    status = await (await client.get("/status")).json()
+    assert status["backend_status"]["kind"] == "mirror"
+    assert status["backend_status"]["source"]["kind"] == "local"
+    second = await client.post("/mirror", json={"target": {"kind": "local", "path": str(target)}})
+    assert second.status == 409
+    cancelled = await (await client.post("/mirror/cancel")).json()
+    assert cancelled["cancelled"] is True and set(cancelled["mirror"]) >= {"copied_bytes"}
+    job = agent.mirror_job
+    assert job is not None and job.lifecycle.history == [
+        JobState.STARTING,
+        JobState.RUNNING,
+        JobState.ENDING,
+        JobState.ENDED,
+    ]
+    assert (await client.post("/mirror/stop")).status == 409  # ended
+
+
+async def test_fence_is_a_state_of_the_agent(rig: tuple[TestClient, BlockAgent, Path]) -> None:
+    client, agent, tmp_path = rig
+    answer = await (await client.post("/fence")).json()
+    assert answer == {"fenced": True, "dropped": 0} and agent.state is AgentState.FENCED
+    assert not (tmp_path / "disk.sock").exists()
+    with pytest.raises(StateError, match="is fenced: cannot listen on a unix socket"):
+        await agent.listen_unix(tmp_path / "again.sock")
+    assert (await client.post("/fence")).status == 200  # again: nothing more to drop
+    await agent.listen_tcp("127.0.0.1", 0)  # peers may still be served
+    assert agent.state is AgentState.FENCED
