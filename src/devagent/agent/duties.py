@@ -7,15 +7,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from devagent.agent.backend import Backend, Local
 from devagent.agent.fetch import Fetch
 from devagent.agent.messages import BackendSpec, FetchSpec
 from devagent.errors import DevagentError, StateError
 
-if TYPE_CHECKING:
-    from devagent.agent.agent import BlockAgent
+
+class SwapsBackends(Protocol):
+    """What a duty needs of its agent (:class:`devagent.agent.agent.BlockAgent`)."""
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def export_name(self) -> str: ...
+
+    async def swap_backend(self, new: Backend) -> Backend: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +36,7 @@ THEN_LOCAL_RETRY_S = 1.0
 class Duties:
     """The duties of one agent's backends, one task per backend at most."""
 
-    def __init__(self, agent: BlockAgent) -> None:
+    def __init__(self, agent: SwapsBackends) -> None:
         self.agent = agent
         self._tasks: dict[int, asyncio.Task[None]] = {}  # id(backend) -> its duty
 
