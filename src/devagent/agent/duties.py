@@ -7,25 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Protocol
 
 from devagent.agent.backend import Backend, Local
 from devagent.agent.fetch import Fetch
 from devagent.agent.messages import BackendSpec, FetchSpec
+from devagent.agent.swapping import SwapsBackends
 from devagent.errors import DevagentError, StateError
-
-
-class SwapsBackends(Protocol):
-    """What a duty needs of its agent (:class:`devagent.agent.agent.BlockAgent`)."""
-
-    @property
-    def backend(self) -> Backend: ...
-
-    @property
-    def export_name(self) -> str: ...
-
-    async def swap_backend(self, new: Backend) -> Backend: ...
-
 
 log = logging.getLogger(__name__)
 

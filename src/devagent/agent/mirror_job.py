@@ -15,7 +15,6 @@ import contextlib
 import enum
 import logging
 import time
-from typing import TYPE_CHECKING
 
 from devagent.agent.backend import Backend
 from devagent.agent.defaults import MAX_CUTOVER_DIRTY
@@ -29,10 +28,8 @@ from devagent.agent.messages import (
 )
 from devagent.agent.mirror import Mirrored
 from devagent.agent.spec import open_backend
+from devagent.agent.swapping import SwapsBackends
 from devagent.errors import DevagentError, StateError, UsageError
-
-if TYPE_CHECKING:
-    from devagent.agent.agent import BlockAgent
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
 class MirrorJob:
     """One mirror of ``agent``'s device, from start to end."""
 
-    def __init__(self, agent: BlockAgent) -> None:
+    def __init__(self, agent: SwapsBackends) -> None:
         self.agent = agent
         self.lifecycle: Lifecycle[JobState, JobEvent] = Lifecycle(
             f"the mirror of export {agent.export_name!r}", JobState.STARTING, TRANSITIONS
@@ -180,7 +177,7 @@ class MirrorJob:
         return mirror
 
 
-async def cutover(agent: BlockAgent) -> Backend:
+async def cutover(agent: SwapsBackends) -> Backend:
     """Quiesce ``agent``, finish its :class:`Mirrored` backend, switch it to the target,
     resume.  Returns the source (the caller closes it).  On failure the agent goes on
     serving the mirror's source and the error (MirrorFailed) is raised."""

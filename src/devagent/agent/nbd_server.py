@@ -26,11 +26,11 @@ import os
 import socket
 from collections.abc import MutableMapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
-from devagent.agent.backend import BackendError, Extent
-from devagent.agent.journal import Entry, JournalClosed
-from devagent.nbd.codec import Bytes, Disconnect, NeedData
+from devagent.agent.backend import Backend, BackendError, Extent
+from devagent.agent.journal import Entry, Journal, JournalClosed
+from devagent.nbd.codec import Bytes, Disconnect, Export, NeedData
 from devagent.nbd.proto import Command, CommandFlag, Errno, NbdProtocolError
 from devagent.nbd.server_codec import (
     BadRequest,
@@ -40,8 +40,23 @@ from devagent.nbd.server_codec import (
     ServerConnection,
 )
 
-if TYPE_CHECKING:
-    from devagent.agent.agent import BlockAgent
+
+class ServedAgent(Protocol):
+    """What the NBD server serves: :class:`devagent.agent.agent.BlockAgent`'s export, its
+    journal and backend, and its limits."""
+
+    export_name: str
+    export: Export
+    journal: Journal
+    max_in_flight: int
+    handshake_timeout: float
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def server(self) -> NbdServer: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +104,7 @@ class NbdConnection(asyncio.Protocol):
     """One client connection: the codec's events become requests on the agent's journal and
     backend, their results replies."""
 
-    def __init__(self, agent: BlockAgent) -> None:
+    def __init__(self, agent: ServedAgent) -> None:
         self.agent = agent
         self.codec = ServerConnection({agent.export_name: agent.export})
         self.transport: asyncio.Transport | None = None
@@ -402,7 +417,7 @@ def _is_unix(server: asyncio.Server) -> bool:
 class NbdServer:
     """The listening sockets of one agent and the connections they accepted."""
 
-    def __init__(self, agent: BlockAgent) -> None:
+    def __init__(self, agent: ServedAgent) -> None:
         self.agent = agent
         self.addresses: list[str] = []
         self._servers: list[asyncio.Server] = []
