@@ -65,7 +65,7 @@ async def test_100_quiesce_resume_cycles_under_a_writing_guest(lab: Lab) -> None
         f"\n{CYCLES} quiesce/resume cycles in {finished - started:.2f} s; longest hold "
         f"{max(held) * 1000:.1f} ms; largest completion gap {gap * 1000:.1f} ms"
     )
-    with pytest.raises(StateError, match="not quiesced"):
+    with pytest.raises(StateError, match="released: cannot resume"):
         await agent.call("POST", "/resume")
 
 
