@@ -18,7 +18,7 @@ from devagent.client import Endpoint
 from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
 from devagent.daemon.migration.context import HostContext, Peer
 from devagent.daemon.migration.messages import PeerEndpoint
-from devagent.errors import DevagentError, StateError
+from devagent.errors import DevagentError, PeerError, StateError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.vm import VmState
 from devagent.vocab import Strategy
@@ -225,6 +225,7 @@ class FakeDestination:
         self.requests: list[str] = []
         self.failures: Failures = {}
         self.polls_until_local = 2
+        self.source: FakeQemu | None = None  # whose NBD export a stream reads
         self.commit_lands_before_failing = False
 
     async def get(self, path: str, **params: Any) -> Any:
@@ -265,6 +266,8 @@ class FakeDestination:
                 nbd = {"host": "10.9.0.2", "port": "10809", "export": "disk0"}
                 answer = {"uri": "tcp:10.9.0.2:5000", "nbd": nbd}
             return answer
+        if path.endswith("/stream-done") and self.source is not None and self.source.exited:
+            raise PeerError("host b: QEMU job bn-stream failed: Input/output error")
         if path.endswith("/integrity"):
             return {"integrity": "ok"}
         if path.endswith("/commit"):
@@ -314,6 +317,7 @@ def make_job(
     if strategy is Strategy.SHARED:
         vm.request.disk = str(image)
     host = FakeHost()
+    host.destination.source = vm.vm
     request = MigrateRequest(
         to=PeerEndpoint(url="http://b", name="b"), storage=strategy, link_rate_bps=10**9
     )

@@ -263,11 +263,14 @@ class MigrationJob:
         self.managed.migrated_away(serves_disk=self.plan.serves_after_switchover)
         with contextlib.suppress(PeerError, StateError):  # QEMU's final figures
             done = await self.managed.vm.migration_outcome()
+        if self.plan.source_qemu_serves:
+            await self.plan.until_released(self)
         # The old instance: inert since the switchover (its disk flushed and inactivated).
         # After a fence its NBD client would wait out reconnect-delay on quit: kill it.
         vm = self.managed.vm
         await (vm.kill() if self.plan.moves_disk else vm.stop())
-        await self.plan.until_released(self)
+        if not self.plan.source_qemu_serves:
+            await self.plan.until_released(self)
         allocated = allocated_bytes(self.managed.image) if self.plan.moves_disk else 0
         await self.forward(
             lambda: self.host.release(self.managed.name, self.plan.moves_disk),

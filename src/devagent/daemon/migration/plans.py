@@ -86,6 +86,9 @@ class Plan:
     pauses_before_switchover: ClassVar[bool] = False
     #: The source still serves the disk to the destination after the switchover.
     serves_after_switchover: ClassVar[bool] = False
+    #: ...and its QEMU is what serves it (QEMU's own NBD export): it stops only once the
+    #: destination no longer needs it.
+    source_qemu_serves: ClassVar[bool] = False
 
     def check(self, job: JobView) -> None:
         """Refuse a VM this strategy cannot move (:class:`UsageError`), before anything."""

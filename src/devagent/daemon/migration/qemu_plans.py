@@ -203,7 +203,8 @@ class QemuMirrorActivePlan(QemuMirrorPlan):
 class QemuCorStreamPlan(QemuPlan):
     strategy = Strategy.QEMU_COR_STREAM
     mode = "cor-stream"
-    serves_after_switchover = True  # the destination streams from the source's export
+    serves_after_switchover = True  # the destination streams from the source's export,
+    source_qemu_serves = True  # which the source's QEMU serves
 
     async def prepare(self, job: JobView) -> Prepared:
         job.progress["source_export"] = to_json(await self._export_disk(job))
