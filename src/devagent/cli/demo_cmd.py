@@ -44,7 +44,7 @@ BASELINE_BEATS = 30  # three seconds of steady guest I/O before migrating
 @click.command("demo")
 @click.option(
     "--storage",
-    type=click.Choice(STRATEGIES),
+    type=click.Choice([s.value for s in STRATEGIES]),
     default="hybrid",
     show_default=True,
     help="Migration strategy: hybrid (push from the start, fetch the rest after the "

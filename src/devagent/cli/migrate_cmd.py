@@ -33,7 +33,7 @@ from devagent.vocab import STRATEGIES
 @click.option("--to", "to_host", help="Destination host (lab host name or URL).")
 @click.option(
     "--storage",
-    type=click.Choice(STRATEGIES),
+    type=click.Choice([s.value for s in STRATEGIES]),
     default="hybrid",
     show_default=True,
     help="How the disk moves: hybrid (pushed from the start, the rest fetched after the "
