@@ -16,6 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from devagent.agent.messages import (
+    CutoverAnswer,
+    FenceAnswer,
+    FlushAnswer,
+    MirrorCancelled,
+    MirrorRequest,
+    MirrorStarted,
+    MirrorStopped,
+    StatusAnswer,
+)
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.migration.messages import MigrateRequest, RemoteDisk
 from devagent.daemon.netstat import link_bytes
@@ -52,7 +62,7 @@ class Qemu(Protocol):
 
 
 class AgentLink(Protocol):
-    """A device's agent, through its control socket."""
+    """A NIC's agent, through its control socket (untyped yet: the net agent's messages)."""
 
     @property
     def node(self) -> str: ...
@@ -61,19 +71,41 @@ class AgentLink(Protocol):
         self,
         method: str,
         path: str,
-        body: dict[str, Any] | None = None,
+        body: object = None,
         *,
         timeout: float = 60.0,
-        **params: Any,
+        **params: str | int | float,
     ) -> Any: ...
 
 
-class DiskAgentLink(AgentLink, Protocol):
+class DiskAgentLink(Protocol):
+    """A disk's agent: the routes of its control API a job calls, typed
+    (:class:`devagent.daemon.agents.AgentProcess`)."""
+
+    @property
+    def node(self) -> str: ...
+
     @property
     def tcp_address(self) -> str | None: ...  # "tcp:HOST:PORT": where peers reach it
 
     @property
     def export(self) -> str: ...
+
+    async def status(self) -> StatusAnswer: ...
+
+    async def flush(self, *, timeout: float = 60.0) -> FlushAnswer: ...
+
+    async def fence(self) -> FenceAnswer: ...
+
+    async def mirror(self, request: MirrorRequest) -> MirrorStarted: ...
+
+    async def cutover(
+        self, *, keep_source: bool = False, timeout: float = 60.0
+    ) -> CutoverAnswer: ...
+
+    async def cancel_mirror(self) -> MirrorCancelled: ...
+
+    async def stop_mirror(self) -> MirrorStopped: ...
 
 
 class NicLink(AgentLink, Protocol):

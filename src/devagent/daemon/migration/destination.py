@@ -29,7 +29,6 @@ from devagent.daemon.vms import VmRequest
 from devagent.daemon.vms import incoming as incoming_vm
 from devagent.errors import StateError, UsageError
 from devagent.qemu.config import VmConfig
-from devagent.wire import to_json
 
 if TYPE_CHECKING:
     from devagent.daemon.host import Host
@@ -54,9 +53,9 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
         config,
         Path(incoming.image) if incoming.image else None,
         size=incoming.size,
-        backend=to_json(incoming.backend) if incoming.backend is not None else None,
+        backend=incoming.backend.spec() if incoming.backend is not None else None,
         receive=incoming.receive,
-        nics=[to_json(n) for n in incoming.nics],
+        nics=incoming.nics,
     )
     uri = f"tcp:{host.address}:{free_port(host.address)}"
     try:
@@ -79,7 +78,7 @@ async def commit(host: Host, name: str, request: CommitRequest) -> CommitAnswer:
     managed = host.vms.get(name)
     if managed.role != "incoming":
         raise StateError(f"VM {managed.name} is not an incoming VM")
-    fetch = to_json(request.fetch) if request.fetch is not None else None
+    fetch = request.fetch.spec(str(managed.image)) if request.fetch is not None else None
     steps = await incoming_vm.commit_incoming(managed, fetch, local=request.local)
     resumed_at = steps.pop("resumed_at")
     return CommitAnswer(resumed_at=resumed_at, steps=steps, vm=managed.status())

@@ -19,23 +19,33 @@ import shutil
 import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+
+import msgspec
 
 from devagent.agent.fetch import presence_path
+from devagent.agent.messages import BackendSpec, RemoteSpec
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
-from devagent.daemon.nics import NicAgent, delete_tap, make_tap
+from devagent.daemon.nics import NicAgent, NicIdentity, delete_tap, make_tap
 from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.guestnet import AddressLedger, GuestNetwork, mac_for, tap_name
 from devagent.lab.procs import terminate, under_path
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState, pid_alive
+from devagent.wire import convert
 
 from .config import GuestBoot, TestGuest, build_config, disk_spec
 from .managed import ManagedVm, VmRole
 from .request import VmRequest
 
 log = logging.getLogger(__name__)
+
+
+class ExportServed(msgspec.Struct):
+    """What the daemon reads of a peer's ``POST /v1/exports`` answer: where it serves."""
+
+    address: str  # tcp:HOST:PORT
+    export: str
 
 
 @dataclass
@@ -148,15 +158,16 @@ class VmManager:
         await self._launch(managed)
         return managed
 
-    async def _remote_disk(self, request: VmRequest) -> dict[str, Any]:
+    async def _remote_disk(self, request: VmRequest) -> RemoteSpec:
         """Have the peer host make the VM's disk and serve it; the backend spec to reach it."""
         assert request.disk_from is not None
         peer = Endpoint.from_json(request.disk_from)
         async with DaemonClient(peer) as client:
-            export = await client.post(
+            raw = await client.post(
                 "/v1/exports", {"name": request.name, "size": request.disk_size}
             )
-        return {"kind": "remote", "address": export["address"], "export": export["export"]}
+        export = convert(raw, ExportServed, what=f"host {peer.name}'s new export")
+        return RemoteSpec(address=export.address, export=export.export)
 
     def _add(
         self,
@@ -164,11 +175,11 @@ class VmManager:
         image: Path,
         role: VmRole,
         config: VmConfig | None,
-        backend: dict[str, Any] | None = None,
+        backend: BackendSpec | None = None,
         *,
         guest: GuestBoot | None = None,
         paused: bool = False,
-        incoming_nics: list[dict[str, Any]] | None = None,
+        incoming_nics: list[NicIdentity] | None = None,
     ) -> ManagedVm:
         nics = self._plan_nics(request, incoming_nics)  # before any folder: it may refuse
         run_dir = self.run_dir(request.name)
@@ -220,9 +231,7 @@ class VmManager:
             )
         return self.network
 
-    def _plan_nics(
-        self, request: VmRequest, incoming: list[dict[str, Any]] | None
-    ) -> list[NicAgent]:
+    def _plan_nics(self, request: VmRequest, incoming: list[NicIdentity] | None) -> list[NicAgent]:
         """The NICs of a new VM (an address and MAC of this host's block) or of an arriving
         one (its own address and MAC; a local tap; held until it runs here, and accepting
         the frames the source's agent forwards)."""
@@ -231,11 +240,8 @@ class VmManager:
             return []
         network = self._require_network()
         if incoming:
-            self.addresses.take_back(*(str(n["address"]) for n in incoming))
-            return [
-                self._nic(request.name, str(n["node"]), str(n["address"]), str(n["mac"]), True)
-                for n in incoming
-            ]
+            self.addresses.take_back(*(n.address for n in incoming))
+            return [self._nic(request.name, n.node, n.address, n.mac, True) for n in incoming]
         in_use = [n.address for m in self.vms.values() for n in m.nics]
         address = self.addresses.pick(network, in_use)
         return [
