@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -38,9 +38,12 @@ from devagent.daemon.migration.context import HostContext, Peer
 from devagent.daemon.migration.messages import PeerEndpoint
 from devagent.errors import DevagentError, StateError
 from devagent.guest.probe import Heartbeat
+from devagent.qemu.answers import MigrationInfo, RamInfo, answer
 from devagent.qemu.vm import VmState
 from devagent.vocab import Strategy
 from devagent.wire import to_json
+
+T = TypeVar("T")
 
 #: What to fail, by step: a list is consumed one try at a time (``[err]``: a passing fault),
 #: a lone error fails every try (a lasting fault).
@@ -157,8 +160,12 @@ class FakeQemu:
         finally:
             self.listeners.remove(events)
 
-    async def migration_outcome(self, timeout: float = 2.0) -> dict[str, Any]:
-        return {"status": "completed", "downtime": 42, "ram": {"transferred": 1 << 20}}
+    async def query(self, command: str, into: type[T], **args: Any) -> T:
+        """A command whose answer the job reads, typed as the real VM's ``query``."""
+        return answer(await self.qmp(command, **args), into, what=f"fake QMP {command}")
+
+    async def migration_outcome(self, timeout: float = 2.0) -> MigrationInfo:
+        return MigrationInfo(status="completed", downtime=42, ram=RamInfo(transferred=1 << 20))
 
     async def stop(self, timeout: float = 5.0) -> None:
         self.stopped = True

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from devagent.agent.messages import (
     CutoverAnswer,
@@ -30,8 +30,11 @@ from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.migration.messages import MigrateRequest, RemoteDisk
 from devagent.daemon.netstat import link_bytes
 from devagent.guest.probe import Heartbeat
+from devagent.qemu.answers import MigrationInfo
 from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport
+
+T = TypeVar("T")
 
 PEER_TIMEOUT_S = 600.0  # one peer request (a commit waits for the disk's swap, say)
 
@@ -39,7 +42,7 @@ PEER_TIMEOUT_S = 600.0  # one peer request (a commit waits for the disk's swap, 
 class Events(Protocol):
     """QMP events as they come (qemu.qmp's ``EventListener``)."""
 
-    async def get(self) -> Any: ...
+    async def get(self) -> object: ...  # typed by devagent.qemu.answers.event_of
 
 
 class Qemu(Protocol):
@@ -52,9 +55,11 @@ class Qemu(Protocol):
 
     async def qmp(self, command: str, **args: Any) -> Any: ...
 
+    async def query(self, command: str, into: type[T], **args: Any) -> T: ...
+
     def listen(self, *names: str) -> AbstractContextManager[Events]: ...
 
-    async def migration_outcome(self, timeout: float = 2.0) -> dict[str, Any]: ...
+    async def migration_outcome(self, timeout: float = 2.0) -> MigrationInfo: ...
 
     async def stop(self, timeout: float = ...) -> None: ...
 

@@ -15,7 +15,7 @@ import asyncio
 import subprocess
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from devagent.daemon.migration.messages import (
     BaselineAnswer,
@@ -34,6 +34,7 @@ from devagent.daemon.migration.qemu_plans import (
 from devagent.daemon.vms import ManagedVm, VmRequest
 from devagent.daemon.vms import incoming as incoming_vm
 from devagent.errors import PeerError, StateError, UsageError
+from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import DiskSpec, VmConfig
 from devagent.qemu.vm import VmState
 from devagent.wait import wait_until
@@ -130,7 +131,7 @@ async def commit(managed: ManagedVm) -> CommitAnswer:
     async def arrived() -> bool:
         if vm.exited:
             raise PeerError(f"VM {managed.name}: its QEMU exited before the migration arrived")
-        return bool((await vm.qmp("query-status"))["status"] != "inmigrate")
+        return (await vm.query("query-status", StatusInfo)).status != "inmigrate"
 
     await wait_until(arrived, timeout=ARRIVAL_TIMEOUT_S, interval=0.01,
                      what=f"VM {managed.name}'s migration to arrive")  # fmt: skip
@@ -150,10 +151,10 @@ async def commit(managed: ManagedVm) -> CommitAnswer:
     return CommitAnswer(resumed_at=vm.resumed_at, vm=managed.status())
 
 
-async def stream_done(managed: ManagedVm) -> dict[str, Any]:
+async def stream_done(managed: ManagedVm) -> dict[str, int]:
     """Wait until ``block-stream`` has copied everything the overlay lacked (the source is
     then no longer needed)."""
     if not _is_stream(managed):
         raise StateError(f"VM {managed.name} has no block-stream running")
-    job = await wait_job(managed.vm.qmp, STREAM_JOB, JOB_TIMEOUT_S)
-    return {"stream_len": job.get("total-progress")}
+    job = await wait_job(managed.vm, STREAM_JOB, JOB_TIMEOUT_S)
+    return {"stream_len": job.total_progress}

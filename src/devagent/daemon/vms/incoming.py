@@ -32,6 +32,7 @@ from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicIdentity
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
 from devagent.wire import to_json
@@ -165,7 +166,7 @@ async def commit_incoming(
     is ready: QEMU was started paused (``-S``)."""
     steps = {"commit": time.time()}
     deadline = time.time() + ARRIVAL_TIMEOUT_S
-    while (await vm.vm.qmp("query-status"))["status"] == "inmigrate":
+    while (await vm.vm.query("query-status", StatusInfo)).status == "inmigrate":
         if vm.vm.exited or time.time() > deadline:
             raise PeerError(f"VM {vm.name}: the migration did not arrive")
         await asyncio.sleep(0.002)  # the guest is paused meanwhile: look often
