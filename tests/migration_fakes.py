@@ -36,9 +36,11 @@ from devagent.client import Endpoint
 from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
 from devagent.daemon.migration.context import HostContext, Peer
 from devagent.daemon.migration.messages import PeerEndpoint
+from devagent.daemon.vms.request import VmRequest
 from devagent.errors import DevagentError, StateError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo, RamInfo, answer
+from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
 from devagent.vocab import Strategy
 from devagent.wire import to_json
@@ -257,24 +259,6 @@ class FakeDiskAgent:
 
 
 @dataclass
-class FakeRequest:
-    has_probe: bool = False
-    disk_from: dict[str, str] | None = None
-    disk: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": "v1"}
-
-
-@dataclass
-class FakeConfig:
-    ram_mb: int = 64
-
-    def to_json(self) -> dict[str, Any]:
-        return {"ram_mb": self.ram_mb}
-
-
-@dataclass
 class FakeVm:
     """The migrating VM (the daemon's ManagedVm)."""
 
@@ -283,8 +267,9 @@ class FakeVm:
     agents: list[FakeDiskAgent] = field(default_factory=lambda: [FakeDiskAgent()])
     name: str = "v1"
     nics: list[Any] = field(default_factory=list)
-    request: FakeRequest = field(default_factory=FakeRequest)
-    config: FakeConfig = field(default_factory=FakeConfig)
+    # a user's own guest (no probe) unless make_job says otherwise
+    request: VmRequest = field(default_factory=lambda: VmRequest(name="v1", disk="/user.img"))
+    config: VmConfig = field(default_factory=lambda: VmConfig(name="v1", ram_mb=64))
     heartbeats: list[Heartbeat] = field(default_factory=list)
     role: str = "running"
 
@@ -388,9 +373,9 @@ def make_job(
     image.write_bytes(b"\0" * 4096)
     vm = vm or FakeVm(image=image)
     if strategy.is_baseline:
-        vm.agents, vm.request.has_probe = [], True
+        vm.agents, vm.request = [], vm.request.replace(disk=None)  # the test guest
     if strategy is Strategy.SHARED:
-        vm.request.disk = str(image)
+        vm.request = vm.request.replace(disk=str(image))
     host = FakeHost()
     request = MigrateRequest(
         to=PeerEndpoint(url="http://b", name="b"), storage=strategy, link_rate_bps=10**9

@@ -29,8 +29,10 @@ from devagent.agent.messages import (
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.migration.messages import MigrateRequest, RemoteDisk
 from devagent.daemon.netstat import link_bytes
+from devagent.daemon.vms.request import VmRequest
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo
+from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport
 
@@ -123,26 +125,6 @@ class NicLink(AgentLink, Protocol):
     def describe(self) -> str: ...
 
 
-class VmRequestView(Protocol):
-    @property
-    def has_probe(self) -> bool: ...
-
-    @property
-    def disk_from(self) -> dict[str, str] | None: ...
-
-    @property
-    def disk(self) -> str | None: ...
-
-    def to_json(self) -> dict[str, Any]: ...
-
-
-class VmConfigView(Protocol):
-    @property
-    def ram_mb(self) -> int: ...
-
-    def to_json(self) -> dict[str, Any]: ...
-
-
 class MigratingVm(Protocol):
     """The VM a source job moves (the daemon's ``ManagedVm``)."""
 
@@ -159,10 +141,10 @@ class MigratingVm(Protocol):
     def nics(self) -> Sequence[NicLink]: ...
 
     @property
-    def request(self) -> VmRequestView: ...
+    def request(self) -> VmRequest: ...
 
     @property
-    def config(self) -> VmConfigView: ...
+    def config(self) -> VmConfig: ...
 
     @property
     def image(self) -> Path: ...

@@ -25,10 +25,8 @@ from devagent.daemon.migration.messages import (
     IncomingAnswer,
     IncomingRequest,
 )
-from devagent.daemon.vms import VmRequest
 from devagent.daemon.vms import incoming as incoming_vm
 from devagent.errors import StateError, UsageError
-from devagent.qemu.config import VmConfig
 
 if TYPE_CHECKING:
     from devagent.daemon.host import Host
@@ -45,12 +43,10 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
     """Start QEMU waiting for the VM, with its disk's and NICs' agents."""
     if incoming.image is None and incoming.size <= 0:
         raise UsageError("without 'image', give the disk's 'size' in bytes")
-    request = VmRequest.from_json(incoming.request)
-    config = VmConfig.from_json(incoming.config)
     managed = await incoming_vm.prepare_incoming(
         host.vms,
-        request,
-        config,
+        incoming.request,
+        incoming.config,
         Path(incoming.image) if incoming.image else None,
         size=incoming.size,
         backend=incoming.backend.spec() if incoming.backend is not None else None,

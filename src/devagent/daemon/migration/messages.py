@@ -12,6 +12,8 @@ import msgspec
 from devagent.agent.messages import BackendStatus, FetchSpec, FetchStatus, RemoteSpec
 from devagent.client import Endpoint
 from devagent.daemon.nics import NicIdentity
+from devagent.daemon.vms.request import VmRequest
+from devagent.qemu.config import VmConfig
 from devagent.vocab import Strategy
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -68,8 +70,8 @@ class IncomingRequest(Message):
     a new replica of ``size`` bytes is made, served through ``backend`` (reads go to the
     source until the switchover) and, with ``receive``, a receiver agent takes a push."""
 
-    request: dict[str, Any]  # the VmRequest's JSON, decoded by the VM manager at once
-    config: dict[str, Any]  # the source's VmConfig JSON, likewise
+    request: VmRequest
+    config: VmConfig  # the source's
     image: str | None = None
     size: int = 0
     backend: RemoteDisk | None = None
@@ -128,8 +130,8 @@ class NbdAddress(msgspec.Struct):
 class BaselineIncoming(Message):
     """``POST /v1/baselines/incoming``: an incoming QEMU for one of QEMU's own flows."""
 
-    request: dict[str, Any]
-    config: dict[str, Any]
+    request: VmRequest
+    config: VmConfig
     size: Positive
     mode: str  # "mirror" or "cor-stream"
     source: NbdAddress | None = None  # cor-stream: the source's read-only export

@@ -144,8 +144,8 @@ class AgentPlan(Plan):
     def incoming(self, job: JobView) -> IncomingRequest:
         vm = job.managed
         return IncomingRequest(
-            request=vm.request.to_json(),
-            config=vm.config.to_json(),
+            request=vm.request,
+            config=vm.config,
             backend=job.source_disk,
             size=job.disk_size,
             receive=self.strategy in (Strategy.PRECOPY, Strategy.HYBRID),
@@ -206,8 +206,8 @@ class SharedPlan(AgentPlan):
     def incoming(self, job: JobView) -> IncomingRequest:
         vm = job.managed
         return IncomingRequest(
-            request=vm.request.to_json(),
-            config=vm.config.to_json(),
+            request=vm.request,
+            config=vm.config,
             image=str(vm.image),  # the destination sees it too
             nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
         )

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,11 +30,11 @@ from devagent.daemon.migration.qemu_plans import (
     free_port,
     wait_job,
 )
-from devagent.daemon.vms import ManagedVm, VmRequest
+from devagent.daemon.vms import ManagedVm
 from devagent.daemon.vms import incoming as incoming_vm
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.qemu.answers import StatusInfo
-from devagent.qemu.config import DiskSpec, VmConfig
+from devagent.qemu.config import DiskSpec, NbdSource
 from devagent.qemu.vm import VmState
 from devagent.wait import wait_until
 
@@ -48,11 +47,10 @@ ARRIVAL_TIMEOUT_S = 30.0
 async def prepare(host: Host, incoming: BaselineIncoming) -> BaselineAnswer:
     if incoming.mode not in ("mirror", "cor-stream"):
         raise UsageError("'mode' must be 'mirror' or 'cor-stream'")
-    request = VmRequest.from_json(incoming.request)
-    config = VmConfig.from_json(incoming.config)
+    request = incoming.request
     image, disk = await _disk(host, request.name, incoming)
-    extra = (*(a for a in config.extra_args if a != "-S"), "-S")
-    config = replace(config, disks=(disk,), incoming=True, extra_args=extra)
+    extra = (*(a for a in incoming.config.extra_args if a != "-S"), "-S")
+    config = incoming.config.replace(disks=(disk,), incoming=True, extra_args=extra)
     try:
         managed = await incoming_vm.add_incoming(host.vms, request, config, image)
     except BaseException:
@@ -80,7 +78,7 @@ async def _disk(host: Host, name: str, incoming: BaselineIncoming) -> tuple[Path
     image.unlink(missing_ok=True)
     await asyncio.to_thread(_make_overlay, image, incoming.size)
     source = incoming.source
-    backing = {"host": source.host, "port": source.port, "export": source.export}
+    backing = NbdSource(host=source.host, port=source.port, export=source.export)
     disk = DiskSpec(
         node="disk0", path=str(image), format="qcow2", backing_nbd=backing, copy_on_read=True
     )

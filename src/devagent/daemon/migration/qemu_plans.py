@@ -109,8 +109,8 @@ class QemuPlan(Plan):
     def incoming(self, job: JobView) -> BaselineIncoming:
         vm = job.managed
         return BaselineIncoming(
-            request=vm.request.to_json(),
-            config=vm.config.to_json(),
+            request=vm.request,
+            config=vm.config,
             size=vm.image.stat().st_size,
             mode=self.mode,
         )

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
-from dataclasses import dataclass, replace
 from pathlib import Path
 
 import msgspec
@@ -32,7 +30,7 @@ from devagent.guestnet import AddressLedger, GuestNetwork, mac_for, tap_name
 from devagent.lab.procs import terminate, under_path
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState, pid_alive
-from devagent.wire import convert
+from devagent.wire import convert, decode
 
 from .config import GuestBoot, TestGuest, build_config, disk_spec
 from .managed import ManagedVm, VmRole
@@ -48,33 +46,24 @@ class ExportServed(msgspec.Struct):
     export: str
 
 
-@dataclass
-class _Record:
-    """A VM's ``vm.json``, read back."""
+class _Record(msgspec.Struct):
+    """A VM's ``vm.json`` (:meth:`ManagedVm.save`), read back in one call."""
 
     request: VmRequest
     config: VmConfig
     pid: int
-    role: VmRole
-    image: Path
-    agents: list[AgentProcess]
-    nics: list[NicAgent]
+    image: str
+    role: VmRole = VmRole.RUNNING
+    agents: list[AgentProcess] = msgspec.field(default_factory=list)
+    nics: list[NicAgent] = msgspec.field(default_factory=list)
+    receiver: AgentProcess | None = None
 
     @classmethod
     def read(cls, path: Path) -> _Record:
-        record = json.loads(path.read_text())
-        agents = [AgentProcess.from_json(a) for a in record.get("agents", [])]
-        if record.get("receiver"):
-            agents.append(AgentProcess.from_json(record["receiver"]))
-        return cls(
-            request=VmRequest.from_json(record["request"]),
-            config=VmConfig.from_json(record["config"]),
-            pid=int(record["pid"]),
-            role=VmRole(record.get("role", "running")),
-            image=Path(record["image"]),
-            agents=agents,
-            nics=[NicAgent.from_json(n) for n in record.get("nics", [])],
-        )
+        record = decode(path.read_bytes(), cls, what=str(path))
+        if record.receiver is not None:  # an incoming VM's: discarded with the rest
+            record.agents.append(record.receiver)
+        return record
 
     async def kill_helpers(self) -> None:
         for agent in self.agents:
@@ -202,13 +191,13 @@ class VmManager:
         if config is None:
             config = build_config(request, disk, tuple(nics), guest=guest)
         else:  # an incoming VM: the source's configuration with this host's disk
-            disk = replace(disk, format=config.disks[0].format)  # a new replica has no header
+            disk = disk.replace(format=config.disks[0].format)  # a new replica has no header
             extra = tuple(a for a in config.extra_args if a != "-S") + (("-S",) if paused else ())
-            config = replace(config, disks=(disk,), incoming=True, extra_args=extra)
+            config = config.replace(disks=(disk,), incoming=True, extra_args=extra)
             if nics:  # and this host's NIC sockets
                 local = {n.node: str(n.stream_socket) for n in nics}
-                specs = tuple(replace(n, stream_socket=local[n.id]) for n in config.nics)
-                config = replace(config, nics=specs)
+                specs = tuple(n.replace(stream_socket=local[n.id]) for n in config.nics)
+                config = config.replace(nics=specs)
         managed = ManagedVm(request, config, run_dir, role, image, [agent] if agent else [], nics)
         self.vms[request.name] = managed
         return managed
@@ -356,7 +345,7 @@ class VmManager:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             await record.kill_helpers()
-            await self._discard(folder, record.image)
+            await self._discard(folder, Path(record.image))
             return
         if not pid_alive(pid):
             log.info("VM %s (pid %d) is gone; forgetting it", name, pid)
@@ -369,7 +358,7 @@ class VmManager:
             log.error("VM %s: agent(s) for %s gone; its devices wait for them",
                       name, ", ".join(dead))  # fmt: skip
         managed = ManagedVm(
-            record.request, record.config, folder, record.role, record.image,
+            record.request, record.config, folder, record.role, Path(record.image),
             record.agents, record.nics,
         )  # fmt: skip
         try:
