@@ -12,16 +12,40 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
+
+from devagent.agent.messages import (
+    BackendStatus,
+    CutoverAnswer,
+    FenceAnswer,
+    FetchStatus,
+    FlushAnswer,
+    JournalStats,
+    LocalStatus,
+    MirrorCancelled,
+    MirrorRequest,
+    MirrorStarted,
+    MirrorStats,
+    MirrorStatus,
+    MirrorStopped,
+    StatusAnswer,
+)
 from devagent.client import Endpoint
 from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
 from devagent.daemon.migration.context import HostContext, Peer
 from devagent.daemon.migration.messages import PeerEndpoint
+from devagent.daemon.vms.request import VmRequest
 from devagent.errors import DevagentError, PeerError, StateError
 from devagent.guest.probe import Heartbeat
+from devagent.qemu.answers import MigrationInfo, RamInfo, answer
+from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
 from devagent.vocab import Strategy
+from devagent.wire import to_json
+
+T = TypeVar("T")
 
 #: What to fail, by step: a list is consumed one try at a time (``[err]``: a passing fault),
 #: a lone error fails every try (a lasting fault).
@@ -138,8 +162,12 @@ class FakeQemu:
         finally:
             self.listeners.remove(events)
 
-    async def migration_outcome(self, timeout: float = 2.0) -> dict[str, Any]:
-        return {"status": "completed", "downtime": 42, "ram": {"transferred": 1 << 20}}
+    async def query(self, command: str, into: type[T], **args: Any) -> T:
+        """A command whose answer the job reads, typed as the real VM's ``query``."""
+        return answer(await self.qmp(command, **args), into, what=f"fake QMP {command}")
+
+    async def migration_outcome(self, timeout: float = 2.0) -> MigrationInfo:
+        return MigrationInfo(status="completed", downtime=42, ram=RamInfo(transferred=1 << 20))
 
     async def stop(self, timeout: float = 5.0) -> None:
         self.stopped = True
@@ -148,8 +176,34 @@ class FakeQemu:
         self.killed = True
 
 
+def journal() -> JournalStats:
+    return JournalStats(
+        state="serving", in_flight=0, waiting=0, completed=0, errors=0, counts={}, bytes={},
+        max_gap_ms=0.0, p99_latency_ms=0.0, latency_histogram_us={},
+    )  # fmt: skip
+
+
+def mirror_stats(copied: int, state: str = "finished") -> MirrorStats:
+    return MirrorStats(
+        state=state, sync=False, rate_limit=None, copied_bytes=copied, zeroed_bytes=0,
+        dirty_bytes=0, passes=1, error=None,
+    )  # fmt: skip
+
+
+def fetch_status(kind: str, present: int, size: int) -> BackendStatus:
+    """A destination replica's backend: still fetching, or local once complete."""
+    if kind == "local":
+        return LocalStatus(path="/replica.img", read_only=False)
+    return FetchStatus(
+        path="/replica.img", size=size, chunk_size=64 << 10, present_bytes=present,
+        complete=False, fetched_on_demand_bytes=1, fetched_in_background_bytes=2,
+        skipped_as_zero_bytes=0, copier=True, rate_limit=None, remote="Remote(a)",
+    )  # fmt: skip
+
+
 class FakeDiskAgent:
-    """The source's disk agent: answers the control API's calls a job makes."""
+    """The source's disk agent: answers the control API's calls a job makes (recorded as
+    their routes: ``/mirror``, ``GET /status``)."""
 
     node = "disk0"
     tcp_address: str | None = "tcp:10.9.0.1:4000"
@@ -159,40 +213,49 @@ class FakeDiskAgent:
         self.calls: list[str] = []
         self.failures: Failures = {}
         self.mirror_state = "converged"
+        self.mirrors: list[MirrorRequest] = []
 
-    async def call(
-        self, method: str, path: str, body: Any = None, *, timeout: float = 60.0, **params: Any
-    ) -> Any:
-        self.calls.append(path if method == "POST" else f"{method} {path}")
-        _fail(self.failures, path)
-        if path == "/status":
-            backend = {"kind": "mirror", "state": self.mirror_state, "copied_bytes": 1 << 20}
-            return {"size": 4 << 20, "backend_status": backend}
-        if path == "/mirror/stop":
-            dirty = base64.b64encode(bytes([0b0000_0011, 0])).decode()
-            return {"mirror": {"copied_bytes": 3 << 20}, "dirty": dirty, "chunks": 16,
-                    "chunk_size": 256 << 10}  # fmt: skip
-        if path == "/mirror/cutover":
-            return {"mirror": {"copied_bytes": 4 << 20}}
-        return {}
+    def _called(self, route: str) -> None:
+        self.calls.append(route)
+        _fail(self.failures, route.removeprefix("GET "))
 
+    async def status(self) -> StatusAnswer:
+        self._called("GET /status")
+        local = LocalStatus(path="/disk.img", read_only=False)
+        stats = mirror_stats(1 << 20, self.mirror_state)
+        backend = MirrorStatus(**msgspec.structs.asdict(stats), source=local, target=local)
+        return StatusAnswer(
+            export=self.export, size=4 << 20, state="serving", connections=1, addresses=[],
+            journal=journal(), pid=1, backend="Mirror", held=False, backend_status=backend,
+        )  # fmt: skip
 
-@dataclass
-class FakeRequest:
-    has_probe: bool = False
-    disk_from: dict[str, str] | None = None
-    disk: str | None = None
+    async def flush(self, *, timeout: float = 60.0) -> FlushAnswer:
+        self._called("/flush")
+        return FlushAnswer(flushed_in_s=0.001)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"name": "v1"}
+    async def fence(self) -> FenceAnswer:
+        self._called("/fence")
+        return FenceAnswer(fenced=True, dropped=0)
 
+    async def mirror(self, request: MirrorRequest) -> MirrorStarted:
+        self._called("/mirror")
+        self.mirrors.append(request)
+        return MirrorStarted(mirror=mirror_stats(0, "copying"), target="Remote(b)")
 
-@dataclass
-class FakeConfig:
-    ram_mb: int = 64
+    async def cutover(self, *, keep_source: bool = False, timeout: float = 60.0) -> CutoverAnswer:
+        self._called("/mirror/cutover")
+        return CutoverAnswer(held_from=time.time(), held_s=0.01, mirror=mirror_stats(4 << 20),
+                             new="Remote(b)")  # fmt: skip
 
-    def to_json(self) -> dict[str, Any]:
-        return {"ram_mb": self.ram_mb}
+    async def cancel_mirror(self) -> MirrorCancelled:
+        self._called("/mirror/cancel")
+        return MirrorCancelled(cancelled=True, mirror=mirror_stats(0, "cancelled"))
+
+    async def stop_mirror(self) -> MirrorStopped:
+        self._called("/mirror/stop")
+        dirty = base64.b64encode(bytes([0b0000_0011, 0])).decode()
+        return MirrorStopped(chunk_size=256 << 10, chunks=16, dirty=dirty,
+                             dirty_bytes=512 << 10, mirror=mirror_stats(3 << 20))  # fmt: skip
 
 
 @dataclass
@@ -204,8 +267,9 @@ class FakeVm:
     agents: list[FakeDiskAgent] = field(default_factory=lambda: [FakeDiskAgent()])
     name: str = "v1"
     nics: list[Any] = field(default_factory=list)
-    request: FakeRequest = field(default_factory=FakeRequest)
-    config: FakeConfig = field(default_factory=FakeConfig)
+    # a user's own guest (no probe) unless make_job says otherwise
+    request: VmRequest = field(default_factory=lambda: VmRequest(name="v1", disk="/user.img"))
+    config: VmConfig = field(default_factory=lambda: VmConfig(name="v1", ram_mb=64))
     heartbeats: list[Heartbeat] = field(default_factory=list)
     role: str = "running"
 
@@ -241,8 +305,7 @@ class FakeDestination:
         if path.endswith("/devices"):
             self.polls_until_local -= 1
             kind = "local" if self.polls_until_local <= 0 else "fetch"
-            fetch = {"kind": kind, "present_bytes": 1, "size": 4 << 20,
-                     "fetched_on_demand_bytes": 1, "fetched_in_background_bytes": 2}  # fmt: skip
+            fetch = to_json(fetch_status(kind, 1, 4 << 20))
             return {"devices": [{"device": "disk0", "agent": {"backend_status": fetch}}]}
         if path.startswith("/v1/vms/"):
             name = path.split("/")[3]
@@ -313,9 +376,9 @@ def make_job(
     image.write_bytes(b"\0" * 4096)
     vm = vm or FakeVm(image=image)
     if strategy.is_baseline:
-        vm.agents, vm.request.has_probe = [], True
+        vm.agents, vm.request = [], vm.request.replace(disk=None)  # the test guest
     if strategy is Strategy.SHARED:
-        vm.request.disk = str(image)
+        vm.request = vm.request.replace(disk=str(image))
     host = FakeHost()
     host.destination.source = vm.vm
     request = MigrateRequest(

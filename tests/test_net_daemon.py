@@ -17,7 +17,7 @@ import pytest
 
 from devagent.daemon.migration.net import MAX_FORWARD_S, QUIET_S, NetMigration, forwarding_done
 from devagent.daemon.netstat import is_link
-from devagent.daemon.nics import NicAgent
+from devagent.daemon.nics import NicAgent, NicIdentity
 from devagent.daemon.vms import VmManager, VmRequest, build_config, disk_spec
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.guestnet import (
@@ -341,7 +341,7 @@ def test_an_address_a_migrated_vm_took_away_is_not_handed_out_again(tmp_path: Pa
     assert again._plan_nics(VmRequest(name="v2", nics=1), None)[0].address == "10.213.7.101/24"
     back = again._plan_nics(
         VmRequest(name="v1", nics=1),
-        [{"node": "net0", "address": "10.213.7.100/24", "mac": "52:54:00:d5:07:64"}],
+        [NicIdentity(node="net0", address="10.213.7.100/24", mac="52:54:00:d5:07:64")],
     )
     assert [(n.address, n.hold, n.peer_listen) for n in back] == [
         ("10.213.7.100/24", True, "10.213.7.1")

@@ -111,8 +111,8 @@ async def test_tcp_stream_and_ping_through_a_live_migration(lab: Lab, state_dir:
 
     print(f"\n{report.to_json()}\necho: {echo}")
     assert report.status == "completed", report.error
-    assert echo["reset"] is False and echo["first_difference"] is None, echo
-    assert echo["received"] == echo["sent"] > 1 << 20 and echo["intact"], echo
+    assert echo.reset is False and echo.first_difference is None, echo
+    assert echo.received == echo.sent > 1 << 20 and echo.intact, echo
     assert report.net_frames_lost == 0
     assert report.net_frames_buffered is not None and report.net_frames_forwarded is not None
     assert report.net_frames_buffered > 0  # the switchover kept frames of the stream
@@ -178,8 +178,8 @@ async def test_nic_swap_under_a_running_stream_loses_nothing(lab: Lab, state_dir
 
     print(f"\nswap: {swapped}\necho: {echo}")
     assert swapped["tap"] == "swap0" and swapped["net_frames_lost"] == 0
-    assert echo["reset"] is False and echo["received"] == echo["sent"] > 1 << 20, echo
-    assert echo["intact"], echo
+    assert echo.reset is False and echo.received == echo.sent > 1 << 20, echo
+    assert echo.intact, echo
     after = await nic_device(a, "nvm2")
     assert after["tap"] == "swap0" and after["agent"]["uplink"]["name"] == "swap0"
     assert after["agent"]["uplink"]["rx_frames"] > 100  # the stream's second half came in there
@@ -234,7 +234,7 @@ async def test_a_destination_that_dies_leaves_the_vm_and_its_nic_on_the_source(
 
     print(f"\nfailed as it should: {failed.error}\necho: {echo}")
     assert failed.status == "failed" and "host b" in (failed.error or "")
-    assert echo["reset"] is False and echo["intact"] and echo["received"] > 256 << 10, echo
+    assert echo.reset is False and echo.intact and echo.received > 256 << 10, echo
     nic = await nic_device(a, "nvm3")
     assert nic["state"] == "serving" and nic["agent"]["vm_connected"], nic
 

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
@@ -29,9 +29,11 @@ from devagent.client import Endpoint
 from devagent.orchestrate import migrate, start_vm, wait_heartbeats, wait_past_phase
 from devagent.report import MigrationReport
 from devagent.vocab import STRATEGIES, parse_size
+from devagent.wire import to_json
 
 if TYPE_CHECKING:
     from devagent.lab.lab import Lab
+    from devagent.lab.traffic import EchoResult
 
 DEMO_LAB = "demo"
 DEMO_VM = "demo-vm"
@@ -103,13 +105,13 @@ def demo_cmd(
             )
         )  # fmt: skip
         if as_json:
-            print_json({**report.to_json(), "stream": stream})
+            print_json({**report.to_json(), "stream": to_json(stream)})
         else:
             show_report(report, False)
             err.print(
-                f"TCP stream from host c: {stream['sent']:,} bytes sent, {stream['received']:,} "
-                f"echoed back, {'intact' if stream['intact'] else 'NOT intact'}, "
-                f"{'reset' if stream['reset'] else 'no reset'}"
+                f"TCP stream from host c: {stream.sent:,} bytes sent, {stream.received:,} "
+                f"echoed back, {'intact' if stream.intact else 'NOT intact'}, "
+                f"{'reset' if stream.reset else 'no reset'}"
             )
         sys.exit(0 if net_healthy(report, stream) else 1)
     reports = run(
@@ -149,15 +151,10 @@ def healthy(reports: list[MigrationReport]) -> bool:
     )
 
 
-def net_healthy(report: MigrationReport, stream: dict[str, Any]) -> bool:
+def net_healthy(report: MigrationReport, stream: EchoResult) -> bool:
     """The NIC's scenario went through: the migration healthy, the stream intact and never
     reset, no frame lost."""
-    return (
-        healthy([report])
-        and bool(stream.get("intact"))
-        and not stream.get("reset")
-        and report.net_frames_lost == 0
-    )
+    return healthy([report]) and stream.intact and not stream.reset and report.net_frames_lost == 0
 
 
 async def fresh_lab(
@@ -177,7 +174,7 @@ async def fresh_lab(
 
 async def run_net_demo(
     *, storage: str, link_rate: str, disk_size: str, ram: str, workload: str, verbose: bool
-) -> tuple[MigrationReport, dict[str, Any]]:
+) -> tuple[MigrationReport, EchoResult]:
     """The NIC's scenario; the migration's report (with ``ping_max_gap_ms``) and the
     stream's figures."""
     from devagent.lab.traffic import EchoStream, Pinger, ping_max_gap, wait_for_ping

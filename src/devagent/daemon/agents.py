@@ -3,18 +3,37 @@
 Each VM disk is served by its own agent process (``devagent agent serve``), started in its
 own session like QEMU, so that a daemon restart never touches guest I/O and one VM's agent
 cannot stall another's. The daemon reaches an agent only through its control socket
-(:mod:`devagent.agent.control`); the data path is QEMU ↔ agent over the NBD socket.
+(:mod:`devagent.agent.control`), one method per route here, each request and answer a type
+of :mod:`devagent.agent.messages`; the data path is QEMU ↔ agent over the NBD socket.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
+from devagent.agent.messages import (
+    BackendSpec,
+    CompletionsAnswer,
+    CutoverAnswer,
+    CutoverRequest,
+    FenceAnswer,
+    FlushAnswer,
+    MirrorCancelled,
+    MirrorRequest,
+    MirrorStarted,
+    MirrorStopped,
+    RetireAnswer,
+    StatusAnswer,
+    SwapAnswer,
+    SwapRequest,
+)
 from devagent.daemon.supervised import Supervised
+from devagent.wire import convert, to_json
 
 
 @dataclass
@@ -27,7 +46,7 @@ class AgentProcess(Supervised):
     run_dir: str
     pid: int | None = None
     listen_address: str | None = None  # also serve peers on TCP at this host address
-    backend: dict[str, Any] | None = None  # backend spec; None: Local on ``image``
+    backend: BackendSpec | None = None  # what it serves; None: Local on ``image``
     tcp_address: str | None = None  # "tcp:HOST:PORT" once started with listen_address
 
     @property
@@ -38,12 +57,14 @@ class AgentProcess(Supervised):
     def export(self) -> str:
         return self.node
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_json(self) -> Any:
+        """Its record in ``vm.json`` (and an export's ``export.json``): its fields, the
+        backend spec as the agent takes it."""
+        return to_json(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AgentProcess:
-        return cls(**data)
+    def from_json(cls, data: object) -> AgentProcess:
+        return convert(data, cls, what="a saved agent record")
 
     def title(self) -> str:
         return f"agent for VM {self.vm} disk {self.node}"
@@ -51,8 +72,8 @@ class AgentProcess(Supervised):
     def sockets(self) -> tuple[Path, ...]:
         return (self.nbd_socket, self.control_socket)
 
-    def started(self, status: dict[str, Any]) -> None:
-        tcp = [a for a in status.get("addresses", []) if a.startswith("tcp:")]
+    async def check_started(self) -> None:
+        tcp = [a for a in (await self.status()).addresses if a.startswith("tcp:")]
         self.tcp_address = tcp[0] if tcp else None
 
     def argv(self) -> list[str]:
@@ -71,5 +92,39 @@ class AgentProcess(Supervised):
             port = self.tcp_address.rpartition(":")[2] if self.tcp_address else "0"
             argv += ["--tcp", f"{self.listen_address}:{port}"]
         if self.backend is not None:
-            argv += ["--backend-json", json.dumps(self.backend)]
+            argv += ["--backend-json", msgspec.json.encode(self.backend).decode()]
         return argv
+
+    # --- the control API, one method per route ------------------------------------------
+
+    async def status(self) -> StatusAnswer:
+        return await self.ask("GET", "/status", into=StatusAnswer)
+
+    async def completions(self, since: float) -> CompletionsAnswer:
+        return await self.ask("GET", "/completions", into=CompletionsAnswer, since=since)
+
+    async def swap(self, backend: BackendSpec) -> SwapAnswer:
+        """Serve ``backend`` from now on (the guest's I/O held meanwhile)."""
+        return await self.ask("POST", "/swap", SwapRequest(backend=backend), into=SwapAnswer)
+
+    async def mirror(self, request: MirrorRequest) -> MirrorStarted:
+        return await self.ask("POST", "/mirror", request, into=MirrorStarted)
+
+    async def cutover(self, *, keep_source: bool = False, timeout: float = 60.0) -> CutoverAnswer:
+        body = CutoverRequest(keep_source=keep_source)
+        return await self.ask("POST", "/mirror/cutover", body, into=CutoverAnswer, timeout=timeout)
+
+    async def cancel_mirror(self) -> MirrorCancelled:
+        return await self.ask("POST", "/mirror/cancel", into=MirrorCancelled)
+
+    async def stop_mirror(self) -> MirrorStopped:
+        return await self.ask("POST", "/mirror/stop", into=MirrorStopped)
+
+    async def flush(self, *, timeout: float = 60.0) -> FlushAnswer:
+        return await self.ask("POST", "/flush", into=FlushAnswer, timeout=timeout)
+
+    async def fence(self) -> FenceAnswer:
+        return await self.ask("POST", "/fence", into=FenceAnswer)
+
+    async def retire(self, *, timeout: float = 60.0) -> RetireAnswer:
+        return await self.ask("POST", "/retire", into=RetireAnswer, timeout=timeout)

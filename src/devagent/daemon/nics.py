@@ -14,12 +14,15 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from devagent.daemon.supervised import Supervised
 from devagent.errors import EnvironmentProblem, UsageError
+from devagent.wire import convert, to_json
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,21 @@ def tap_exists(name: str) -> bool:
     return _ip("link", "show", "dev", name).returncode == 0
 
 
+class NicIdentity(msgspec.Struct):
+    """What makes a VM's NIC the same on another host: its node, address and MAC (a
+    migration's destination makes it again from these)."""
+
+    node: str
+    address: str
+    mac: str
+
+
+class NetAgentAddresses(msgspec.Struct):
+    """What the daemon keeps of a net agent's first ``GET /status``: where peers reach it."""
+
+    peer_addresses: list[str] = msgspec.field(default_factory=list)
+
+
 @dataclass
 class NicAgent(Supervised):
     """One NIC of one VM: its address, MAC, tap, and the net agent process serving it."""
@@ -82,12 +100,13 @@ class NicAgent(Supervised):
     def stream_socket(self) -> Path:
         return Path(self.run_dir) / f"{self.node}.sock"
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_json(self) -> Any:
+        """Its record in ``vm.json``: its fields."""
+        return to_json(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> NicAgent:
-        return cls(**data)
+    def from_json(cls, data: object) -> NicAgent:
+        return convert(data, cls, what="a saved NIC record")
 
     def describe(self) -> str:
         return f"VM {self.vm} NIC {self.node} (tap {self.tap}, {self.address})"
@@ -112,8 +131,9 @@ class NicAgent(Supervised):
     def title(self) -> str:
         return f"net agent for {self.describe()}"
 
-    def started(self, status: dict[str, Any]) -> None:
-        tcp = [a for a in status.get("peer_addresses", []) if a.startswith("tcp:")]
+    async def check_started(self) -> None:
+        status = await self.ask("GET", "/status", into=NetAgentAddresses)
+        tcp = [a for a in status.peer_addresses if a.startswith("tcp:")]
         self.peer_address = tcp[0] if tcp else None
 
     async def stop(self) -> None:

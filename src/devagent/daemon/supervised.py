@@ -16,9 +16,10 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+import msgspec
 
 from devagent.errors import DevagentError, PeerError, StateError
 from devagent.qemu.vm import pid_alive
@@ -30,6 +31,15 @@ STOP_TIMEOUT_S = 10.0
 KILL_TIMEOUT_S = 2.0
 #: How long a status the API shows waits for an agent's answer.
 STATUS_TIMEOUT_S = 1.0
+
+T = TypeVar("T")
+Param = str | int | float
+
+
+class ErrorAnswer(msgspec.Struct):
+    """What every agent answers with a 4xx or 5xx status (:mod:`devagent.control_api`)."""
+
+    error: str = "(no message)"
 
 
 class Supervised:
@@ -54,8 +64,9 @@ class Supervised:
         all exist and the control socket answers."""
         return (self.control_socket,)
 
-    def started(self, status: dict[str, Any]) -> None:
-        """What to keep of its first ``GET /status`` answer."""
+    async def check_started(self) -> None:
+        """Ask its first ``GET /status`` (it answers: it is up) and keep what it needs."""
+        await self.call("GET", "/status")
 
     # --- the same for all --------------------------------------------------------------
     @property
@@ -108,7 +119,7 @@ class Supervised:
                 raise PeerError(f"{self.title()} exited at start: {self.tail()}")
             if all(path.exists() for path in self.sockets()):
                 with contextlib.suppress(PeerError):
-                    self.started(await self.call("GET", "/status"))
+                    await self.check_started()
                     return
             await asyncio.sleep(0.02)
         raise PeerError(
@@ -116,44 +127,88 @@ class Supervised:
             f"{START_TIMEOUT_S:g} s: {self.tail()}"
         )
 
+    async def ask(
+        self,
+        method: str,
+        path: str,
+        body: msgspec.Struct | None = None,
+        *,
+        into: type[T],
+        timeout: float = 60.0,
+        **params: Param,
+    ) -> T:
+        """One request on the control socket, its answer decoded as an ``into`` (one of
+        :mod:`devagent.agent.messages`); an answer that is not one is a :class:`PeerError`
+        naming the field, like any other failure (a wrong state :class:`StateError`, a bad
+        request ``bad_request``)."""
+        raw = await self._exchange(method, path, _encoded(body), timeout, params)
+        try:
+            return msgspec.json.decode(raw, type=into)
+        except msgspec.DecodeError as err:
+            raise PeerError(f"{self._who()}: bad answer to {method} {path}: {err}") from None
+
     async def call(
         self,
         method: str,
         path: str,
-        body: dict[str, Any] | None = None,
+        body: object = None,
         *,
         timeout: float = 60.0,
-        **params: Any,
+        **params: Param,
     ) -> Any:
-        """One request on the control socket; failures become :class:`PeerError` (a wrong
-        state :class:`StateError`, a bad request ``bad_request``)."""
+        """:meth:`ask`'s untyped form: ``body`` any JSON value, the answer parsed JSON. For
+        the callers not typed yet (the NICs'); a disk agent has a method per route
+        (:class:`devagent.daemon.agents.AgentProcess`)."""
+        raw = await self._exchange(method, path, _encoded(body), timeout, params)
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError as err:
+            raise PeerError(f"{self._who()}: bad answer to {method} {path}: {err}") from None
+
+    def _who(self) -> str:
+        return f"{self.kind} {self.vm}/{self.node}"
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        timeout: float,
+        params: dict[str, Param],
+    ) -> bytes:
+        """The raw answer of a 2xx; failures become :class:`PeerError` (a wrong state
+        :class:`StateError`, a bad request ``bad_request``)."""
         connector = aiohttp.UnixConnector(path=str(self.control_socket))
         limit = aiohttp.ClientTimeout(total=timeout)
-        who = f"{self.kind} {self.vm}/{self.node}"
+        headers = {"Content-Type": "application/json"} if body is not None else None
         try:
             async with (
                 aiohttp.ClientSession(connector=connector, timeout=limit) as session,
                 session.request(
-                    method, f"http://agent{path}", params=params or None, json=body
+                    method, f"http://agent{path}", params=params or None, data=body,
+                    headers=headers,
                 ) as resp,
-            ):
-                answer = await resp.json(content_type=None)
-                if resp.status == 409:
-                    raise StateError(f"{who}: {answer.get('error')}")
-                if resp.status == 400:
-                    raise self.bad_request(f"{who}: {answer.get('error')}")
-                if resp.status >= 400:
-                    raise PeerError(f"{who}: {answer.get('error')}")
-                return answer
-        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
-            raise PeerError(f"{who} unreachable: {err!r}") from err
+            ):  # fmt: skip
+                raw = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise PeerError(f"{self._who()} unreachable: {err!r}") from err
+        if status < 400:
+            return raw
+        try:
+            message = f"{self._who()}: {msgspec.json.decode(raw, type=ErrorAnswer).error}"
+        except msgspec.DecodeError:
+            message = f"{self._who()}: status {status}: {raw[:200]!r}"
+        if status == 409:
+            raise StateError(message)
+        raise (self.bad_request if status == 400 else PeerError)(message)
 
-    async def quick_status(self, timeout: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
-        """Its ``GET /status`` answer for a status the API shows: ``TimeoutError`` when it
-        gives none in ``timeout`` seconds (a status never waits on a silent agent)."""
+    async def quick_status(self, timeout: float = STATUS_TIMEOUT_S) -> Any:
+        """Its ``GET /status`` answer (parsed JSON) for a status the API shows as it is:
+        ``TimeoutError`` when it gives none in ``timeout`` seconds (a status never waits on
+        a silent agent)."""
         async with asyncio.timeout(timeout):
-            answer: dict[str, Any] = await self.call("GET", "/status", timeout=timeout + 1.0)
-            return answer
+            return await self.call("GET", "/status", timeout=timeout + 1.0)
 
     async def stop(self) -> None:
         """Ask it to stop (it answers or fails what it still has), kill it if it lingers."""
@@ -173,6 +228,10 @@ class Supervised:
                           self.pid, KILL_TIMEOUT_S)  # fmt: skip
         for path in self.sockets():
             path.unlink(missing_ok=True)
+
+
+def _encoded(body: object) -> bytes | None:
+    return None if body is None else msgspec.json.encode(body)
 
 
 async def wait_exit(pid: int, timeout: float) -> bool:

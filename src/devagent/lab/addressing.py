@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import socket
 import zlib
-from typing import Any
+
+import msgspec
 
 from devagent.errors import EnvironmentProblem, UsageError
 from devagent.guestnet import guest_block
@@ -33,16 +33,26 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def other_labs_json(skip: str) -> list[dict[str, Any]]:
-    """The state files of every lab but ``skip`` (those that can be read)."""
+class TakenPort(msgspec.Struct):
+    port: int
+
+
+class OtherLab(msgspec.Struct):
+    """What another lab's state file says it holds: its subnet, its hosts' ports."""
+
+    subnet: str | None = None
+    hosts: list[TakenPort] = msgspec.field(default_factory=list)
+
+
+def other_labs(skip: str) -> list[OtherLab]:
+    """What every lab but ``skip`` holds (the state files that can be read)."""
     found = []
     for name in lab_names():
         if name == skip:
             continue
-        with contextlib.suppress(OSError, ValueError):
-            data = json.loads((labs_root() / name / "lab.json").read_text())
-            if isinstance(data, dict):
-                found.append(data)
+        with contextlib.suppress(OSError, msgspec.DecodeError):
+            found.append(msgspec.json.decode((labs_root() / name / "lab.json").read_bytes(),
+                                             type=OtherLab))  # fmt: skip
     return found
 
 
@@ -50,9 +60,10 @@ def choose_subnet(name: str, hosts: int, given: str | None) -> ipaddress.IPv4Net
     """``given`` if it is free and big enough, else a free /24 of ``SUBNET_BASE``.0.0/16
     (the first after one derived from the lab's name)."""
     used = net.used_ipv4_networks()
-    for data in other_labs_json(skip=name):
-        with contextlib.suppress(TypeError, ValueError):
-            used.append(ipaddress.IPv4Network(data["subnet"]))
+    for other in other_labs(skip=name):
+        if other.subnet is not None:
+            with contextlib.suppress(ValueError):
+                used.append(ipaddress.IPv4Network(other.subnet))
     if given is not None:
         try:
             subnet = ipaddress.IPv4Network(given)
@@ -75,10 +86,8 @@ def choose_subnet(name: str, hosts: int, given: str | None) -> ipaddress.IPv4Net
 def free_loopback_ports(name: str, count: int) -> list[int]:
     """``count`` ports on 127.0.0.1 that no other lab records and nothing listens on."""
     taken: set[int] = set()
-    for data in other_labs_json(skip=name):
-        for item in data.get("hosts", []):
-            with contextlib.suppress(KeyError, TypeError, ValueError):
-                taken.add(int(item["port"]))
+    for lab in other_labs(skip=name):
+        taken.update(host.port for host in lab.hosts)
     ports: list[int] = []
     for port in range(LOOPBACK_FIRST_PORT, 65536):
         if port not in taken and _port_free(port):

@@ -7,14 +7,14 @@ pids; this module only deals with one daemon process at a time.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+
+import msgspec
 
 from devagent.errors import EnvironmentProblem, PeerError
 from devagent.lab.layout import LabHost, run_in_host
@@ -70,19 +70,26 @@ def start(binary: Path, host: LabHost, args: Sequence[str]) -> subprocess.Popen[
         )
 
 
-def health(host: LabHost, token: str, timeout: float = 5.0) -> dict[str, Any]:
+class Health(msgspec.Struct):
+    """What the lab reads of a daemon's ``GET /v1/health``: which host answered."""
+
+    host: str | None = None
+
+
+def health(host: LabHost, token: str, timeout: float = 5.0) -> Health:
     """``GET /v1/health`` of ``host``'s daemon, with the lab's token."""
     request = urllib.request.Request(
         f"{host.url}/v1/health", headers={"Authorization": f"Bearer {token}"}
     )
     try:
         with _OPENER.open(request, timeout=timeout) as response:
-            data = json.load(response)
-    except (OSError, ValueError) as err:  # URLError and HTTPError are OSErrors
+            raw = response.read()
+    except OSError as err:  # URLError and HTTPError are OSErrors
         raise PeerError(f"host {host.name}: {host.url}/v1/health failed: {err}") from err
-    if not isinstance(data, dict):
-        raise PeerError(f"host {host.name}: /v1/health answered {data!r}")
-    return data
+    try:
+        return msgspec.json.decode(raw, type=Health)
+    except msgspec.DecodeError as err:
+        raise PeerError(f"host {host.name}: /v1/health answered {raw[:200]!r}: {err}") from None
 
 
 def wait_answering(
@@ -102,9 +109,9 @@ def wait_answering(
             answer = health(host, token, timeout=HEALTH_PROBE_TIMEOUT_S)
         except PeerError:
             return False
-        if answer.get("host") != host.name:
+        if answer.host != host.name:
             raise PeerError(
-                f"{host.url} answered as host {answer.get('host')!r}, not {host.name!r}: "
+                f"{host.url} answered as host {answer.host!r}, not {host.name!r}: "
                 "another daemon holds that address"
             )
         return True

@@ -342,7 +342,7 @@ class Lab:
 
     # ---- using -----------------------------------------------------------------------------
 
-    def health(self, host: str | LabHost, timeout: float = 5.0) -> dict[str, Any]:
+    def health(self, host: str | LabHost, timeout: float = 5.0) -> daemons.Health:
         """``GET /v1/health`` of a host's daemon, with the lab's token."""
         return daemons.health(self.host(host), self.token, timeout)
 

@@ -9,15 +9,17 @@ the ``100mbit`` notation. Shaping uses ``tbf`` because this kernel has no ``nete
 from __future__ import annotations
 
 import ipaddress
-import json
 import logging
 import subprocess
 from collections.abc import Sequence
-from typing import Any
+from typing import TypeVar
+
+import msgspec
 
 from devagent.errors import EnvironmentProblem
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # tbf needs a bucket of at least one (GSO-sized) packet and at least one timer tick of tokens;
@@ -51,12 +53,44 @@ def run(argv: Sequence[str], *, check: bool = True) -> subprocess.CompletedProce
     return done
 
 
-def _json(argv: Sequence[str]) -> list[dict[str, Any]]:
+class AddrInfo(msgspec.Struct):
+    local: str | None = None
+    prefixlen: int | None = None
+
+
+class IpItem(msgspec.Struct):
+    """One object of ``ip -j`` output, as far as the lab reads it: a namespace (``name``), a
+    link (``ifname``, ``flags``, ``address``: its MAC), its addresses or a route (``dst``)."""
+
+    name: str | None = None
+    ifname: str | None = None
+    flags: list[str] = msgspec.field(default_factory=list)
+    address: str | None = None
+    addr_info: list[AddrInfo] = msgspec.field(default_factory=list)
+    dst: str | None = None
+
+
+class QdiscOptions(msgspec.Struct):
+    rate: int | str | None = None  # tbf: bytes per second
+
+
+class Qdisc(msgspec.Struct):
+    """One object of ``tc -j qdisc show``."""
+
+    kind: str = ""
+    root: bool = False
+    options: QdiscOptions = msgspec.field(default_factory=QdiscOptions)
+
+
+def _json(argv: Sequence[str], into: type[T]) -> list[T]:
+    """``argv``'s JSON output (a list of objects), decoded as ``into`` items."""
     out = run(argv).stdout.strip()
     if not out:
         return []
-    data = json.loads(out)
-    return [item for item in data if isinstance(item, dict)] if isinstance(data, list) else []
+    try:
+        return msgspec.json.decode(out, type=list[into])  # type: ignore[valid-type]
+    except msgspec.DecodeError as err:
+        raise EnvironmentProblem(f"`{' '.join(argv)}` printed unexpected JSON: {err}") from None
 
 
 def ns_prefix(netns: str | None) -> list[str]:
@@ -65,18 +99,19 @@ def ns_prefix(netns: str | None) -> list[str]:
 
 
 def netns_names() -> list[str]:
-    return [str(item["name"]) for item in _json(["ip", "-j", "netns", "list"]) if "name" in item]
+    items = _json(["ip", "-j", "netns", "list"], IpItem)
+    return [item.name for item in items if item.name is not None]
 
 
 def link_names(netns: str | None = None) -> list[str]:
     argv = ["ip", "-j", *(["-n", netns] if netns else []), "link", "show"]
-    return [str(item["ifname"]) for item in _json(argv) if "ifname" in item]
+    return [item.ifname for item in _json(argv, IpItem) if item.ifname is not None]
 
 
 def link_is_up(dev: str) -> bool:
     """Whether ``dev`` (root namespace) is administratively up."""
-    items = _json(["ip", "-j", "link", "show", "dev", dev])
-    return bool(items) and "UP" in items[0].get("flags", [])
+    items = _json(["ip", "-j", "link", "show", "dev", dev], IpItem)
+    return bool(items) and "UP" in items[0].flags
 
 
 def pin_bridge_address(bridge: str, netns: str | None = None) -> None:
@@ -90,8 +125,8 @@ def pin_bridge_address(bridge: str, netns: str | None = None) -> None:
     connection to the host then stalls for up to a minute. A MAC set by hand never changes.
     """
     ns = ["-n", netns] if netns else []
-    (item,) = _json(["ip", "-j", *ns, "link", "show", "dev", bridge])
-    run(["ip", *ns, "link", "set", "dev", bridge, "address", str(item["address"])])
+    (item,) = _json(["ip", "-j", *ns, "link", "show", "dev", bridge], IpItem)
+    run(["ip", *ns, "link", "set", "dev", bridge, "address", str(item.address)])
 
 
 def netns_pids(netns: str) -> set[int]:
@@ -102,14 +137,14 @@ def netns_pids(netns: str) -> set[int]:
 def used_ipv4_networks() -> list[ipaddress.IPv4Network]:
     """Every IPv4 network the root namespace has an address in or a route to."""
     nets: list[ipaddress.IPv4Network] = []
-    for item in _json(["ip", "-j", "-4", "addr", "show"]):
-        for addr in item.get("addr_info", []):
-            if "local" in addr and "prefixlen" in addr:
-                iface = ipaddress.IPv4Interface(f"{addr['local']}/{addr['prefixlen']}")
+    for item in _json(["ip", "-j", "-4", "addr", "show"], IpItem):
+        for addr in item.addr_info:
+            if addr.local is not None and addr.prefixlen is not None:
+                iface = ipaddress.IPv4Interface(f"{addr.local}/{addr.prefixlen}")
                 nets.append(iface.network)
-    for route in _json(["ip", "-j", "-4", "route", "show"]):
-        dst = route.get("dst")
-        if isinstance(dst, str) and dst != "default":
+    for route in _json(["ip", "-j", "-4", "route", "show"], IpItem):
+        dst = route.dst
+        if dst is not None and dst != "default":
             try:
                 nets.append(ipaddress.IPv4Network(dst, strict=False))
             except ValueError:
@@ -136,12 +171,12 @@ def shaped_rate(dev: str, netns: str | None = None) -> int | None:
     """The tbf rate (bits/s) at the root of ``dev``'s egress, or None when unshaped."""
     where = ["-n", netns] if netns else []
     try:
-        items = _json(["tc", "-j", *where, "qdisc", "show", "dev", dev])
+        items = _json(["tc", "-j", *where, "qdisc", "show", "dev", dev], Qdisc)
     except CommandFailed:
         return None
     for item in items:
-        if item.get("root") and item.get("kind") == "tbf":
-            rate = item.get("options", {}).get("rate")
+        if item.root and item.kind == "tbf":
+            rate = item.options.rate
             if isinstance(rate, int):
                 return rate * 8  # tc -j reports bytes per second
     return None

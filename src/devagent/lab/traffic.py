@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import random
 import re
 import signal
@@ -27,9 +26,11 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+
+import msgspec
 
 from devagent.errors import PeerError
 from devagent.report import largest_gap_at
@@ -141,7 +142,7 @@ class EchoStream:
             self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
 
-    def finish(self, timeout: float = 120.0) -> dict[str, Any]:
+    def finish(self, timeout: float = 120.0) -> EchoResult:
         """Stop sending, wait for the rest of the echo; the client's figures."""
         assert self.proc is not None
         try:
@@ -152,8 +153,11 @@ class EchoStream:
             raise PeerError(f"the echo stream did not end within {timeout:.0f} s") from err
         if self.proc.returncode != 0 or not out.strip():
             raise PeerError(f"the echo client failed: {errs.decode(errors='replace')[-2000:]}")
-        result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-        return result
+        last = out.decode().strip().splitlines()[-1]
+        try:
+            return msgspec.json.decode(last, type=EchoResult)
+        except msgspec.DecodeError as err:
+            raise PeerError(f"the echo client's figures do not fit: {err}") from None
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -170,7 +174,30 @@ class EchoStream:
         self.kill()
 
 
-def echo_client(host: str, port: int, seed: int, rate: int, max_s: float) -> dict[str, Any]:
+class EchoResult(msgspec.Struct):
+    """The echo client's figures (its one line of JSON on stdout)."""
+
+    sent: int  # bytes
+    received: int
+    first_difference: int | None  # offset of the first echoed byte that is not what was sent
+    reset: bool  # the connection was reset
+    intact: bool  # every byte sent came back, unchanged
+    sending_s: float
+    seconds: float
+    timed_out: bool = False  # the echo stopped coming for 60 s
+
+
+@dataclass
+class _Echoed:
+    """What the client's reader thread has seen so far."""
+
+    received: int = 0
+    first_difference: int | None = None
+    reset: bool = False
+    timed_out: bool = False
+
+
+def echo_client(host: str, port: int, seed: int, rate: int, max_s: float) -> EchoResult:
     """The program's work: see the module's docstring."""
     sock = socket.create_connection((host, port), timeout=60)
     sock.settimeout(60)
@@ -181,7 +208,7 @@ def echo_client(host: str, port: int, seed: int, rate: int, max_s: float) -> dic
         stop.set()
 
     threading.Thread(target=watch_stdin, daemon=True).start()
-    state: dict[str, Any] = {"received": 0, "first_difference": None, "reset": False}
+    state = _Echoed()
     started = time.monotonic()
 
     def read() -> None:
@@ -193,7 +220,7 @@ def echo_client(host: str, port: int, seed: int, rate: int, max_s: float) -> dic
                 while view:
                     take = min(len(view), BLOCK - offset)
                     if (
-                        state["first_difference"] is None
+                        state.first_difference is None
                         and view[:take] != expected[offset : offset + take]
                     ):
                         wrong = next(
@@ -201,16 +228,16 @@ def echo_client(host: str, port: int, seed: int, rate: int, max_s: float) -> dic
                             for i in range(take)
                             if view[i] != expected[offset + i]  # the first wrong byte
                         )
-                        state["first_difference"] = state["received"] + wrong
-                    state["received"] += take
+                        state.first_difference = state.received + wrong
+                    state.received += take
                     view, offset = view[take:], offset + take
                     if offset == BLOCK:
                         index, offset = index + 1, 0
                         expected = block(seed, index)
         except ConnectionResetError:
-            state["reset"] = True
+            state.reset = True
         except TimeoutError:
-            state["timed_out"] = True
+            state.timed_out = True
 
     reader = threading.Thread(target=read)
     reader.start()
@@ -223,17 +250,20 @@ def echo_client(host: str, port: int, seed: int, rate: int, max_s: float) -> dic
         sending_s = time.monotonic() - started
         sock.shutdown(socket.SHUT_WR)
     except (ConnectionResetError, BrokenPipeError):
-        state["reset"] = True
+        state.reset = True
         sending_s = time.monotonic() - started
     reader.join(120)
     sock.close()
-    return {
-        "sent": sent,
-        **state,
-        "intact": state["received"] == sent and state["first_difference"] is None,
-        "sending_s": round(sending_s, 3),
-        "seconds": round(time.monotonic() - started, 3),
-    }
+    return EchoResult(
+        sent=sent,
+        received=state.received,
+        first_difference=state.first_difference,
+        reset=state.reset,
+        intact=state.received == sent and state.first_difference is None,
+        sending_s=round(sending_s, 3),
+        seconds=round(time.monotonic() - started, 3),
+        timed_out=state.timed_out,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,7 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     echo.add_argument("--max-s", type=float, default=600.0)
     args = parser.parse_args(argv)
     with contextlib.suppress(BrokenPipeError):
-        print(json.dumps(echo_client(args.host, args.port, args.seed, args.rate, args.max_s)))
+        result = echo_client(args.host, args.port, args.seed, args.rate, args.max_s)
+        print(msgspec.json.encode(result).decode())
 
 
 if __name__ == "__main__":

@@ -1,19 +1,93 @@
 """A VM's description, serialisable to JSON (so daemons can hand it to each other for a
-migration) and turned into QEMU's command line by :meth:`VmConfig.qemu_args`."""
+migration) and turned into QEMU's command line by :meth:`VmConfig.qemu_args`.
+
+Each part is a declared type (a frozen msgspec Struct): a configuration is decoded once, in
+one call that names a bad field's path (:meth:`VmConfig.from_json`), and QEMU's ``-blockdev``
+JSON is built from QEMU's own node types (:class:`BlockNode` and its kinds), not dicts."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+import msgspec
 
 from devagent.errors import UsageError
 
 DiskFormat = Literal["raw", "qcow2"]
 
 
-@dataclass(frozen=True)
-class DiskSpec:
+# --- QEMU's -blockdev graph (QAPI ``BlockdevOptions``, tagged by ``driver``) ----------------
+
+
+class Cache(msgspec.Struct, rename="kebab"):
+    direct: bool
+    no_flush: bool = False
+
+
+class UnixAddress(msgspec.Struct, tag="unix", tag_field="type"):
+    path: str
+
+
+class InetAddress(msgspec.Struct, tag="inet", tag_field="type"):
+    host: str
+    port: str
+
+
+class BlockNode(msgspec.Struct, rename="kebab", omit_defaults=True, tag_field="driver"):
+    """A node of QEMU's block graph; its kind is its ``driver``."""
+
+
+class FileNode(BlockNode, tag="file"):
+    filename: str
+    cache: Cache
+    aio: Literal["threads", "native", "io_uring"]
+
+
+class NbdNode(BlockNode, tag="nbd"):
+    server: UnixAddress | InetAddress
+    export: str
+    reconnect_delay: int = 0
+
+
+class FormatNode(BlockNode):
+    """A format driver's node over ``file`` (and, for an overlay, ``backing``)."""
+
+    file: FileNode | NbdNode
+    node_name: str | None = None
+    read_only: bool = False
+    discard: str | None = None
+    detect_zeroes: str | None = None
+    backing: RawNode | None = None
+
+
+class RawNode(FormatNode, tag="raw"):
+    pass
+
+
+class Qcow2Node(FormatNode, tag="qcow2"):
+    pass
+
+
+class CopyOnReadNode(BlockNode, tag="copy-on-read"):
+    node_name: str
+    file: RawNode | Qcow2Node
+
+
+FORMATS: dict[str, type[RawNode] | type[Qcow2Node]] = {"raw": RawNode, "qcow2": Qcow2Node}
+
+
+# --- the VM -------------------------------------------------------------------------------
+
+
+class NbdSource(msgspec.Struct, frozen=True):
+    """An NBD export on another host (a QEMU-only baseline's backing: its source's disk)."""
+
+    host: str
+    port: str
+    export: str
+
+
+class DiskSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One virtio disk. Exactly one of ``path`` (a file QEMU opens itself) or ``nbd_socket``
     (an NBD export on a unix socket, e.g. a device agent) says where its bytes are."""
 
@@ -25,53 +99,44 @@ class DiskSpec:
     reconnect_delay_s: int = 0
     direct: bool = False
     # The QEMU-only baselines (devagent.daemon.migration.qemu_incoming) build a little more of
-    # the graph:
-    # zeroes written as holes, a qcow2 overlay whose backing is an NBD export on another
-    # host (``{"host", "port", "export"}``), and a copy-on-read filter on top.
+    # the graph: zeroes written as holes, a qcow2 overlay whose backing is an NBD export on
+    # another host, and a copy-on-read filter on top.
     unmap: bool = False
-    backing_nbd: dict[str, str] | None = None
+    backing_nbd: NbdSource | None = None
     copy_on_read: bool = False
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.nbd_socket is None):
             raise UsageError(f"disk {self.node}: give exactly one of a path or an NBD socket")
 
-    def blockdev(self) -> dict[str, Any]:
-        protocol: dict[str, Any]
+    def replace(self, **changes: object) -> DiskSpec:
+        return msgspec.structs.replace(self, **changes)
+
+    def protocol(self) -> FileNode | NbdNode:
         if self.path is not None:
-            protocol = {
-                "driver": "file",
-                "filename": self.path,
-                "cache": {"direct": self.direct, "no-flush": False},
-                "aio": "threads",
-            }
-        else:
-            protocol = {
-                "driver": "nbd",
-                "server": {"type": "unix", "path": self.nbd_socket},
-                "export": self.nbd_export,
-            }
-            if self.reconnect_delay_s:
-                protocol["reconnect-delay"] = self.reconnect_delay_s
+            return FileNode(filename=self.path, cache=Cache(direct=self.direct), aio="threads")
+        assert self.nbd_socket is not None
+        return NbdNode(
+            server=UnixAddress(path=self.nbd_socket),
+            export=self.nbd_export,
+            reconnect_delay=self.reconnect_delay_s,
+        )
+
+    def blockdev(self) -> RawNode | Qcow2Node | CopyOnReadNode:
         top = f"{self.node}-overlay" if self.copy_on_read else self.node
-        node: dict[str, Any] = {"driver": self.format, "node-name": top, "file": protocol}
+        node = FORMATS[self.format](file=self.protocol(), node_name=top)
         if self.unmap:
-            node.update({"discard": "unmap", "detect-zeroes": "unmap"})
+            node.discard = node.detect_zeroes = "unmap"
         if self.backing_nbd is not None:
-            server = {"type": "inet", **{k: self.backing_nbd[k] for k in ("host", "port")}}
-            node["backing"] = {
-                "driver": "raw",
-                "node-name": f"{self.node}-source",
-                "read-only": True,
-                "file": {"driver": "nbd", "server": server, "export": self.backing_nbd["export"]},
-            }
+            nbd = self.backing_nbd
+            source = NbdNode(server=InetAddress(host=nbd.host, port=nbd.port), export=nbd.export)
+            node.backing = RawNode(file=source, node_name=f"{self.node}-source", read_only=True)
         if self.copy_on_read:
-            return {"driver": "copy-on-read", "node-name": self.node, "file": node}
+            return CopyOnReadNode(node_name=self.node, file=node)
         return node
 
 
-@dataclass(frozen=True)
-class NicSpec:
+class NicSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One virtio NIC on QEMU's ``stream`` netdev, QEMU listening on the unix socket
     ``stream_socket`` for its net agent (``devagent agent net --vm-socket``). QEMU is the
     server because in 7.2 only the server side survives its peer going away: it listens
@@ -85,6 +150,9 @@ class NicSpec:
         if not self.stream_socket:
             raise UsageError(f"nic {self.id}: give the stream socket its agent connects to")
 
+    def replace(self, **changes: object) -> NicSpec:
+        return msgspec.structs.replace(self, **changes)
+
     def qemu_args(self, index: int) -> list[str]:
         netdev = f"stream,id={self.id},server=on,addr.type=unix,addr.path={self.stream_socket}"
         device = f"virtio-net-pci,netdev={self.id},id=nic{index}"
@@ -93,8 +161,7 @@ class NicSpec:
         return ["-netdev", netdev, "-device", device]
 
 
-@dataclass(frozen=True)
-class VmConfig:
+class VmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Everything needed to start (or receive) the same VM on any host."""
 
     name: str
@@ -107,7 +174,7 @@ class VmConfig:
     disks: tuple[DiskSpec, ...] = ()
     nics: tuple[NicSpec, ...] = ()
     incoming: bool = False
-    extra_args: tuple[str, ...] = field(default=())
+    extra_args: tuple[str, ...] = ()
 
     def qemu_args(self) -> list[str]:
         args = [
@@ -131,7 +198,7 @@ class VmConfig:
             if self.append:
                 args += ["-append", self.append]
         for index, disk in enumerate(self.disks):
-            args += ["-blockdev", json.dumps(disk.blockdev(), separators=(",", ":"))]
+            args += ["-blockdev", msgspec.json.encode(disk.blockdev()).decode()]
             device = f"virtio-blk-pci,drive={disk.node},id=vd{index}"
             if not self.kernel and index == 0:
                 device += ",bootindex=1"
@@ -142,16 +209,18 @@ class VmConfig:
             args += ["-incoming", "defer"]
         return args + list(self.extra_args)
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_json(self) -> object:
+        """As JSON values (what a peer's :meth:`from_json` takes)."""
+        return msgspec.to_builtins(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> VmConfig:
+    def from_json(cls, data: object) -> VmConfig:
+        """A configuration from parsed JSON (a saved ``vm.json``); :class:`UsageError`
+        naming the bad field's path."""
         try:
-            fields = dict(data)
-            fields["disks"] = tuple(DiskSpec(**d) for d in fields.get("disks", ()))
-            fields["nics"] = tuple(NicSpec(**n) for n in fields.get("nics", ()))
-            fields["extra_args"] = tuple(fields.get("extra_args", ()))
-            return cls(**fields)
-        except TypeError as err:
-            raise UsageError(f"bad VM configuration: {err}") from err
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as err:
+            raise UsageError(f"bad VM configuration: {err}") from None
+
+    def replace(self, **changes: object) -> VmConfig:
+        return msgspec.structs.replace(self, **changes)

@@ -22,12 +22,13 @@ import time
 from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, QMPClient, QMPError
 
 from devagent.errors import PeerError, StateError
 from devagent.process import alive, wait_exit
+from devagent.qemu.answers import Event, MigrationInfo, StatusInfo, answer, event_of
 from devagent.qemu.config import VmConfig
 from devagent.wait import WaitTimeout, wait_until
 
@@ -39,6 +40,8 @@ QEMU_BINARY = "qemu-system-x86_64"
 LAUNCH_TIMEOUT_S = 20.0
 QUIT_TIMEOUT_S = 10.0
 CONNECT_RETRY_S = 0.02  # QEMU listens on its QMP socket a moment after it creates it
+
+T = TypeVar("T")
 
 
 class VmState(Enum):
@@ -240,8 +243,8 @@ class Vm:
 
     async def refresh_state(self) -> VmState:
         """The state as QEMU has it now (``query-status``), without waiting for its event."""
-        status = await self.qmp("query-status")
-        self._move(_QEMU_STATUS.get(str(status["status"]), VmState.PAUSED))
+        status = await self.query("query-status", StatusInfo)
+        self._move(_QEMU_STATUS.get(status.status, VmState.PAUSED))
         return self.state
 
     async def _connect_failed(self, err: BaseException) -> NoReturn:
@@ -276,12 +279,17 @@ class Vm:
 
     async def _watch_events(self, qmp: QMPClient) -> None:
         with qmp.listener() as listener:
-            async for event in listener:
-                data = event.get("data", {})
-                self._on_event(str(event["event"]), data if isinstance(data, dict) else {})
+            async for raw in listener:
+                try:
+                    event = event_of(raw)
+                except PeerError as err:  # one odd event does not end the watch
+                    self.log.warning("%s", err)
+                    continue
+                self._on_event(event)
 
-    def _on_event(self, name: str, data: dict[str, Any]) -> None:
-        self.log.debug("event %s %s", name, data)
+    def _on_event(self, event: Event) -> None:
+        self.log.debug("event %s", event)
+        name = event.event
         if name == "RESUME" and self.state in (VmState.PAUSED, VmState.INCOMING, VmState.MIGRATED):
             self._move(VmState.RUNNING)
         elif name == "STOP" and self.state is VmState.RUNNING:
@@ -325,15 +333,21 @@ class Vm:
         except QMPError as err:
             raise PeerError(f"VM {self.config.name}: QMP {command} failed: {err}") from err
 
-    async def migration_outcome(self, timeout: float = 2.0) -> dict[str, Any]:
+    async def query(self, command: str, into: type[T], **arguments: Any) -> T:
+        """Run one QMP command whose answer devagent reads: the answer as an ``into``
+        (:mod:`devagent.qemu.answers`)."""
+        raw = await self.qmp(command, **arguments)
+        return answer(raw, into, what=f"VM {self.config.name}: QMP {command}")
+
+    async def migration_outcome(self, timeout: float = 2.0) -> MigrationInfo:
         """``query-migrate`` of a completed outgoing migration, once QEMU has done its
         bookkeeping. QEMU says ``completed`` (event and ``query-migrate``) before it works
         out ``downtime`` and ``total-time`` and moves the guest to ``postmigrate``; read too
         soon, the downtime is 0. This waits for ``postmigrate`` (``timeout`` at most)."""
 
         async def settled() -> bool:  # no QMP event marks finish-migrate -> postmigrate
-            status = await self.qmp("query-status")
-            return bool(status.get("status") != "finish-migrate")
+            status = await self.query("query-status", StatusInfo)
+            return status.status != "finish-migrate"
 
         with contextlib.suppress(WaitTimeout):
             await wait_until(
@@ -342,8 +356,7 @@ class Vm:
                 what=f"VM {self.config.name}: postmigrate after the migration",
                 interval=0.005,
             )
-        info: dict[str, Any] = await self.qmp("query-migrate")
-        return info
+        return await self.query("query-migrate", MigrationInfo)
 
     @contextlib.contextmanager
     def listen(self, *names: str) -> Iterator[EventListener]:

@@ -14,14 +14,29 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+from devagent.agent.messages import (
+    CutoverAnswer,
+    FenceAnswer,
+    FlushAnswer,
+    MirrorCancelled,
+    MirrorRequest,
+    MirrorStarted,
+    MirrorStopped,
+    StatusAnswer,
+)
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.migration.messages import MigrateRequest, RemoteDisk
 from devagent.daemon.netstat import link_bytes
+from devagent.daemon.vms.request import VmRequest
 from devagent.guest.probe import Heartbeat
+from devagent.qemu.answers import MigrationInfo
+from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport
+
+T = TypeVar("T")
 
 PEER_TIMEOUT_S = 600.0  # one peer request (a commit waits for the disk's swap, say)
 
@@ -29,7 +44,7 @@ PEER_TIMEOUT_S = 600.0  # one peer request (a commit waits for the disk's swap, 
 class Events(Protocol):
     """QMP events as they come (qemu.qmp's ``EventListener``)."""
 
-    async def get(self) -> Any: ...
+    async def get(self) -> object: ...  # typed by devagent.qemu.answers.event_of
 
 
 class Qemu(Protocol):
@@ -42,9 +57,11 @@ class Qemu(Protocol):
 
     async def qmp(self, command: str, **args: Any) -> Any: ...
 
+    async def query(self, command: str, into: type[T], **args: Any) -> T: ...
+
     def listen(self, *names: str) -> AbstractContextManager[Events]: ...
 
-    async def migration_outcome(self, timeout: float = 2.0) -> dict[str, Any]: ...
+    async def migration_outcome(self, timeout: float = 2.0) -> MigrationInfo: ...
 
     async def stop(self, timeout: float = ...) -> None: ...
 
@@ -52,7 +69,7 @@ class Qemu(Protocol):
 
 
 class AgentLink(Protocol):
-    """A device's agent, through its control socket."""
+    """A NIC's agent, through its control socket (untyped yet: the net agent's messages)."""
 
     @property
     def node(self) -> str: ...
@@ -61,19 +78,41 @@ class AgentLink(Protocol):
         self,
         method: str,
         path: str,
-        body: dict[str, Any] | None = None,
+        body: object = None,
         *,
         timeout: float = 60.0,
-        **params: Any,
+        **params: str | int | float,
     ) -> Any: ...
 
 
-class DiskAgentLink(AgentLink, Protocol):
+class DiskAgentLink(Protocol):
+    """A disk's agent: the routes of its control API a job calls, typed
+    (:class:`devagent.daemon.agents.AgentProcess`)."""
+
+    @property
+    def node(self) -> str: ...
+
     @property
     def tcp_address(self) -> str | None: ...  # "tcp:HOST:PORT": where peers reach it
 
     @property
     def export(self) -> str: ...
+
+    async def status(self) -> StatusAnswer: ...
+
+    async def flush(self, *, timeout: float = 60.0) -> FlushAnswer: ...
+
+    async def fence(self) -> FenceAnswer: ...
+
+    async def mirror(self, request: MirrorRequest) -> MirrorStarted: ...
+
+    async def cutover(
+        self, *, keep_source: bool = False, timeout: float = 60.0
+    ) -> CutoverAnswer: ...
+
+    async def cancel_mirror(self) -> MirrorCancelled: ...
+
+    async def stop_mirror(self) -> MirrorStopped: ...
 
 
 class NicLink(AgentLink, Protocol):
@@ -84,26 +123,6 @@ class NicLink(AgentLink, Protocol):
     def mac(self) -> str: ...
 
     def describe(self) -> str: ...
-
-
-class VmRequestView(Protocol):
-    @property
-    def has_probe(self) -> bool: ...
-
-    @property
-    def disk_from(self) -> dict[str, str] | None: ...
-
-    @property
-    def disk(self) -> str | None: ...
-
-    def to_json(self) -> dict[str, Any]: ...
-
-
-class VmConfigView(Protocol):
-    @property
-    def ram_mb(self) -> int: ...
-
-    def to_json(self) -> dict[str, Any]: ...
 
 
 class MigratingVm(Protocol):
@@ -122,10 +141,10 @@ class MigratingVm(Protocol):
     def nics(self) -> Sequence[NicLink]: ...
 
     @property
-    def request(self) -> VmRequestView: ...
+    def request(self) -> VmRequest: ...
 
     @property
-    def config(self) -> VmConfigView: ...
+    def config(self) -> VmConfig: ...
 
     @property
     def image(self) -> Path: ...

@@ -25,11 +25,8 @@ from devagent.daemon.migration.messages import (
     IncomingAnswer,
     IncomingRequest,
 )
-from devagent.daemon.vms import VmRequest
 from devagent.daemon.vms import incoming as incoming_vm
 from devagent.errors import StateError, UsageError
-from devagent.qemu.config import VmConfig
-from devagent.wire import to_json
 
 if TYPE_CHECKING:
     from devagent.daemon.host import Host
@@ -46,17 +43,15 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
     """Start QEMU waiting for the VM, with its disk's and NICs' agents."""
     if incoming.image is None and incoming.size <= 0:
         raise UsageError("without 'image', give the disk's 'size' in bytes")
-    request = VmRequest.from_json(incoming.request)
-    config = VmConfig.from_json(incoming.config)
     managed = await incoming_vm.prepare_incoming(
         host.vms,
-        request,
-        config,
+        incoming.request,
+        incoming.config,
         Path(incoming.image) if incoming.image else None,
         size=incoming.size,
-        backend=to_json(incoming.backend) if incoming.backend is not None else None,
+        backend=incoming.backend.spec() if incoming.backend is not None else None,
         receive=incoming.receive,
-        nics=[to_json(n) for n in incoming.nics],
+        nics=incoming.nics,
     )
     uri = f"tcp:{host.address}:{free_port(host.address)}"
     try:
@@ -79,7 +74,7 @@ async def commit(host: Host, name: str, request: CommitRequest) -> CommitAnswer:
     managed = host.vms.get(name)
     if managed.role != "incoming":
         raise StateError(f"VM {managed.name} is not an incoming VM")
-    fetch = to_json(request.fetch) if request.fetch is not None else None
+    fetch = request.fetch.spec(str(managed.image)) if request.fetch is not None else None
     steps = await incoming_vm.commit_incoming(managed, fetch, local=request.local)
     resumed_at = steps.pop("resumed_at")
     return CommitAnswer(resumed_at=resumed_at, steps=steps, vm=managed.status())

@@ -38,6 +38,7 @@ from devagent.daemon.migration.plans import Handover, Plan, Prepared
 from devagent.daemon.migration.ram import migrate_ram
 from devagent.daemon.migration.report import BASELINE_S, finish_report
 from devagent.errors import DevagentError, PeerError, StateError
+from devagent.qemu.answers import MigrationInfo
 from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport
 from devagent.vocab import Step
@@ -213,7 +214,7 @@ class MigrationJob:
             self.net.prepared(prepared.nic_peers or {})
         return prepared
 
-    async def ram(self, prepared: Prepared) -> dict[str, Any]:
+    async def ram(self, prepared: Prepared) -> MigrationInfo:
         self._move(Phase.RAM)
         self.mark(Step.RAM_STARTED)
         done = await migrate_ram(self, prepared.uri)
@@ -255,7 +256,7 @@ class MigrationJob:
                 raise
             return CommitAnswer(resumed_at=float(vm["resumed_at"]))
 
-    async def finish(self, committed: CommitAnswer, done: dict[str, Any]) -> None:
+    async def finish(self, committed: CommitAnswer, done: MigrationInfo) -> None:
         """After the guest runs on the destination: hand over, release, report."""
         if self.net is not None:  # until the network has learned the guest's new place
             await self.net.finish(self.peer, committed.steps)

@@ -9,7 +9,11 @@ from typing import Annotated, Any
 
 import msgspec
 
+from devagent.agent.messages import BackendStatus, FetchSpec, FetchStatus, RemoteSpec
 from devagent.client import Endpoint
+from devagent.daemon.nics import NicIdentity
+from devagent.daemon.vms.request import VmRequest
+from devagent.qemu.config import VmConfig
 from devagent.vocab import Strategy
 
 Positive = Annotated[int, msgspec.Meta(gt=0)]
@@ -49,18 +53,14 @@ class MigrateRequest(Message):
 
 
 class RemoteDisk(msgspec.Struct, tag="remote", tag_field="kind"):
-    """An agent's export on another host (the agent's ``RemoteSpec``)."""
+    """An agent's export on another host (the agent's ``RemoteSpec``, its timeouts left to
+    the agent that reaches it)."""
 
     address: str  # tcp:HOST:PORT
     export: str
 
-
-class NicIdentity(msgspec.Struct):
-    """What the destination needs to make a VM's NIC again: its node, address and MAC."""
-
-    node: str
-    address: str
-    mac: str
+    def spec(self) -> RemoteSpec:
+        return RemoteSpec(address=self.address, export=self.export)
 
 
 class IncomingRequest(Message):
@@ -70,8 +70,8 @@ class IncomingRequest(Message):
     a new replica of ``size`` bytes is made, served through ``backend`` (reads go to the
     source until the switchover) and, with ``receive``, a receiver agent takes a push."""
 
-    request: dict[str, Any]  # the VmRequest's JSON, decoded by the VM manager at once
-    config: dict[str, Any]  # the source's VmConfig JSON, likewise
+    request: VmRequest
+    config: VmConfig  # the source's
     image: str | None = None
     size: int = 0
     backend: RemoteDisk | None = None
@@ -94,6 +94,16 @@ class FetchPlan(msgspec.Struct, omit_defaults=True):
     chunk_size: Positive
     present: str = ""  # base64 bits: chunks a push already landed in the replica
     copy_batch: Positive | None = None
+
+    def spec(self, path: str) -> FetchSpec:
+        """The agent's backend for the replica at ``path``: fetched, then served as Local."""
+        spec = FetchSpec(
+            path=path, remote=self.remote.spec(), chunk_size=self.chunk_size,
+            copier=True, then_local=True, present=self.present,
+        )  # fmt: skip
+        if self.copy_batch is not None:
+            spec.copy_batch = self.copy_batch
+        return spec
 
 
 class CommitRequest(Message):
@@ -120,8 +130,8 @@ class NbdAddress(msgspec.Struct):
 class BaselineIncoming(Message):
     """``POST /v1/baselines/incoming``: an incoming QEMU for one of QEMU's own flows."""
 
-    request: dict[str, Any]
-    config: dict[str, Any]
+    request: VmRequest
+    config: VmConfig
     size: Positive
     mode: str  # "mirror" or "cor-stream"
     source: NbdAddress | None = None  # cor-stream: the source's read-only export
@@ -131,3 +141,22 @@ class BaselineAnswer(msgspec.Struct, omit_defaults=True):
     uri: str
     nbd: NbdAddress | None = None  # mirror: where to mirror to
     vm: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+class DeviceAgent(msgspec.Struct):
+    """What a job reads of a device's agent status in ``GET /v1/vms/NAME/devices`` (a NIC's
+    agent has no backend)."""
+
+    backend_status: BackendStatus | None = None
+
+
+class DeviceRow(msgspec.Struct):
+    device: str
+    agent: DeviceAgent | None = None
+    last_fetch: FetchStatus | None = None  # a replica's figures, kept once it is local
+
+
+class DevicesAnswer(msgspec.Struct):
+    """``GET /v1/vms/NAME/devices``, as far as the source's job reads it."""
+
+    devices: list[DeviceRow]

@@ -21,19 +21,22 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
+from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS, FETCH_CHUNK
+from devagent.agent.messages import FetchStatus, LocalStatus, MirrorRequest, MirrorStatus
 from devagent.daemon.migration.context import JobView
 from devagent.daemon.migration.messages import (
     CommitAnswer,
     CommitRequest,
+    DevicesAnswer,
     FetchPlan,
     IncomingAnswer,
     IncomingRequest,
     NbdAddress,
-    NicIdentity,
     RemoteDisk,
 )
+from devagent.daemon.nics import NicIdentity
 from devagent.errors import PeerError, UsageError
 from devagent.vocab import Step, Strategy
 from devagent.wait import wait_until
@@ -50,9 +53,7 @@ HYBRID_PUSH_SHARE = 0.25
 #: waits for the copies in flight (nothing may land after it): 2 x 256 KiB is 4 ms at 1 Gbit/s.
 HYBRID_PUSH_PARALLEL = 2
 HYBRID_PUSH_COPY = 256 << 10
-FETCH_CHUNK = 64 << 10
-COPY_WORKERS = 2  # the Fetch backend's default
-COPY_BATCH_MAX = 1 << 20
+COPY_BATCH_MAX = COPY_BATCH  # the most a background copy asks (the Fetch backend's default)
 COPY_AHEAD_S = 0.02  # how much link time the copier keeps in flight per worker
 DISK_WAIT_S = 600.0  # a mirror's convergence, a replica's completion
 POLL_S = 0.1
@@ -146,8 +147,8 @@ class AgentPlan(Plan):
     def incoming(self, job: JobView) -> IncomingRequest:
         vm = job.managed
         return IncomingRequest(
-            request=vm.request.to_json(),
-            config=vm.config.to_json(),
+            request=vm.request,
+            config=vm.config,
             backend=job.source_disk,
             size=job.disk_size,
             receive=self.strategy in (Strategy.PRECOPY, Strategy.HYBRID),
@@ -160,7 +161,7 @@ class AgentPlan(Plan):
             if agent.tcp_address is None:
                 raise PeerError(f"the agent of VM {job.managed.name} serves no peer on TCP")
             job.source_disk = RemoteDisk(address=agent.tcp_address, export=agent.export)
-            job.disk_size = int((await agent.call("GET", "/status"))["size"])
+            job.disk_size = (await agent.status()).size
         raw = await job.peer.post("/v1/incoming", to_json(self.incoming(job)))
         answer = convert(raw, IncomingAnswer, what="the destination's answer")
         target = None
@@ -170,7 +171,7 @@ class AgentPlan(Plan):
 
     async def before_ram(self, job: JobView, prepared: Prepared) -> None:
         for agent in job.managed.agents:  # leave the switchover's own flush little to do
-            await agent.call("POST", "/flush", timeout=DISK_WAIT_S)
+            await agent.flush(timeout=DISK_WAIT_S)
 
     def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
         return CommitRequest()
@@ -182,12 +183,12 @@ class AgentPlan(Plan):
 
     async def fence(self, job: JobView) -> None:
         if self.moves_disk:
-            await job.managed.agents[0].call("POST", "/fence")
+            await job.managed.agents[0].fence()
             job.mark(Step.SOURCE_FENCED)
 
     async def roll_back(self, job: JobView) -> None:
         for agent in job.managed.agents:  # a disk mirror to the destination stops
-            await job.quietly(agent.call("POST", "/mirror/cancel"))
+            await job.quietly(agent.cancel_mirror())
 
 
 class SharedPlan(AgentPlan):
@@ -208,8 +209,8 @@ class SharedPlan(AgentPlan):
     def incoming(self, job: JobView) -> IncomingRequest:
         vm = job.managed
         return IncomingRequest(
-            request=vm.request.to_json(),
-            config=vm.config.to_json(),
+            request=vm.request,
+            config=vm.config,
             image=str(vm.image),  # the destination sees it too
             nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
         )
@@ -248,16 +249,15 @@ class FetchingPlan(AgentPlan):
         except PeerError as err:  # the destination's daemon restarts, say: ask again
             job.log.warning("waiting for the disk on %s: %s", job.report.destination, err)
             return False
-        device = answer["devices"][0]
-        backend = device.get("agent", {}).get("backend_status", {})
-        fetch = backend if backend.get("kind") == "fetch" else device.get("last_fetch")
-        if fetch:
-            present = int(fetch["present_bytes"])
-            job.disk_progress(present, int(fetch["size"]) - present)
-            job.progress["disk_bytes_moved"] = int(fetch["fetched_on_demand_bytes"]) + int(
-                fetch["fetched_in_background_bytes"]
+        device = convert(answer, DevicesAnswer, what="the destination's devices").devices[0]
+        backend = device.agent.backend_status if device.agent is not None else None
+        fetch = backend if isinstance(backend, FetchStatus) else device.last_fetch
+        if fetch is not None:
+            job.disk_progress(fetch.present_bytes, fetch.size - fetch.present_bytes)
+            job.progress["disk_bytes_moved"] = (
+                fetch.fetched_on_demand_bytes + fetch.fetched_in_background_bytes
             )
-        return bool(backend.get("kind") == "local")
+        return isinstance(backend, LocalStatus)
 
 
 class PostcopyPlan(FetchingPlan):
@@ -269,13 +269,13 @@ class PrecopyPlan(AgentPlan):
 
     async def before_ram(self, job: JobView, prepared: Prepared) -> None:
         assert prepared.push_target is not None
-        mirror = {
-            "target": to_json(prepared.push_target),
-            "converge_bytes": PRECOPY_CONVERGE_BYTES,
-            "active": True,  # converged, writes go to both copies
-            "max_passes": PRECOPY_PASSES,
-        }
-        await job.managed.agents[0].call("POST", "/mirror", mirror)
+        mirror = MirrorRequest(
+            target=prepared.push_target.spec(),
+            converge_bytes=PRECOPY_CONVERGE_BYTES,
+            active=True,  # converged, writes go to both copies
+            max_passes=PRECOPY_PASSES,
+        )
+        await job.managed.agents[0].mirror(mirror)
         job.mark(Step.MIRROR_STARTED)
         await wait_until(
             lambda: self._converged(job), timeout=DISK_WAIT_S, interval=POLL_S,
@@ -285,18 +285,18 @@ class PrecopyPlan(AgentPlan):
         await super().before_ram(job, prepared)
 
     async def _converged(self, job: JobView) -> bool:
-        mirror = (await job.managed.agents[0].call("GET", "/status"))["backend_status"]
-        job.disk_progress(mirror.get("copied_bytes", 0), mirror.get("dirty_bytes", 0))
-        if mirror.get("state") == "failed" or mirror.get("kind") != "mirror":
-            raise PeerError(f"the disk mirror failed: {mirror.get('error')}")
-        return mirror.get("state") in ("converged", "finished")
+        mirror = (await job.managed.agents[0].status()).backend_status
+        if not isinstance(mirror, MirrorStatus):
+            raise PeerError(f"the disk mirror ended: the agent serves {type(mirror).__name__}")
+        job.disk_progress(mirror.copied_bytes, mirror.dirty_bytes)
+        if mirror.state == "failed":
+            raise PeerError(f"the disk mirror failed: {mirror.error}")
+        return mirror.state in ("converged", "finished")
 
     async def at_switchover(self, job: JobView) -> Handover:
-        cut = await job.managed.agents[0].call(
-            "POST", "/mirror/cutover", {"keep_source": True}, timeout=DISK_WAIT_S
-        )
+        cut = await job.managed.agents[0].cutover(keep_source=True, timeout=DISK_WAIT_S)
         job.mark(Step.MIRROR_ENDED)
-        pushed = int(cut["mirror"]["copied_bytes"])
+        pushed = cut.mirror.copied_bytes
         job.progress["disk_bytes_pushed"] = pushed
         return Handover(pushed_bytes=pushed)
 
@@ -318,26 +318,26 @@ class HybridPlan(FetchingPlan):
 
     async def before_ram(self, job: JobView, prepared: Prepared) -> None:
         assert prepared.push_target is not None
-        mirror: dict[str, Any] = {  # small copies: the switchover waits for those in flight
-            "target": to_json(prepared.push_target),
-            "parallel": HYBRID_PUSH_PARALLEL,
-            "max_copy": HYBRID_PUSH_COPY,
-        }
-        if job.request.link_rate_bps and HYBRID_PUSH_SHARE < 1:
-            mirror["rate_limit"] = self.push_rate(job)
-        await job.managed.agents[0].call("POST", "/mirror", mirror)
+        limited = bool(job.request.link_rate_bps) and HYBRID_PUSH_SHARE < 1
+        mirror = MirrorRequest(  # small copies: the switchover waits for those in flight
+            target=prepared.push_target.spec(),
+            parallel=HYBRID_PUSH_PARALLEL,
+            max_copy=HYBRID_PUSH_COPY,
+            rate_limit=self.push_rate(job) if limited else None,
+        )
+        await job.managed.agents[0].mirror(mirror)
         job.mark(Step.MIRROR_STARTED)
         await super().before_ram(job, prepared)
 
     async def at_switchover(self, job: JobView) -> Handover:
-        stopped = await job.managed.agents[0].call("POST", "/mirror/stop")
+        stopped = await job.managed.agents[0].stop_mirror()
         job.mark(Step.MIRROR_ENDED)
-        pushed = int(stopped["mirror"]["copied_bytes"])
+        pushed = stopped.mirror.copied_bytes
         job.progress["disk_bytes_pushed"] = pushed
         return Handover(
             pushed_bytes=pushed,
-            present=clean_chunks(str(stopped["dirty"]), int(stopped["chunks"])),
-            chunk_size=int(stopped["chunk_size"]),
+            present=clean_chunks(stopped.dirty, stopped.chunks),
+            chunk_size=stopped.chunk_size,
         )
 
 

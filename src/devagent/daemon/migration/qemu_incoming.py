@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from devagent.daemon.migration.messages import (
     BaselineAnswer,
@@ -31,10 +30,11 @@ from devagent.daemon.migration.qemu_plans import (
     free_port,
     wait_job,
 )
-from devagent.daemon.vms import ManagedVm, VmRequest
+from devagent.daemon.vms import ManagedVm
 from devagent.daemon.vms import incoming as incoming_vm
 from devagent.errors import PeerError, StateError, UsageError
-from devagent.qemu.config import DiskSpec, VmConfig
+from devagent.qemu.answers import StatusInfo
+from devagent.qemu.config import DiskSpec, NbdSource
 from devagent.qemu.vm import VmState
 from devagent.wait import wait_until
 
@@ -47,11 +47,10 @@ ARRIVAL_TIMEOUT_S = 30.0
 async def prepare(host: Host, incoming: BaselineIncoming) -> BaselineAnswer:
     if incoming.mode not in ("mirror", "cor-stream"):
         raise UsageError("'mode' must be 'mirror' or 'cor-stream'")
-    request = VmRequest.from_json(incoming.request)
-    config = VmConfig.from_json(incoming.config)
+    request = incoming.request
     image, disk = await _disk(host, request.name, incoming)
-    extra = (*(a for a in config.extra_args if a != "-S"), "-S")
-    config = replace(config, disks=(disk,), incoming=True, extra_args=extra)
+    extra = (*(a for a in incoming.config.extra_args if a != "-S"), "-S")
+    config = incoming.config.replace(disks=(disk,), incoming=True, extra_args=extra)
     try:
         managed = await incoming_vm.add_incoming(host.vms, request, config, image)
     except BaseException:
@@ -79,7 +78,7 @@ async def _disk(host: Host, name: str, incoming: BaselineIncoming) -> tuple[Path
     image.unlink(missing_ok=True)
     await asyncio.to_thread(_make_overlay, image, incoming.size)
     source = incoming.source
-    backing = {"host": source.host, "port": source.port, "export": source.export}
+    backing = NbdSource(host=source.host, port=source.port, export=source.export)
     disk = DiskSpec(
         node="disk0", path=str(image), format="qcow2", backing_nbd=backing, copy_on_read=True
     )
@@ -130,7 +129,7 @@ async def commit(managed: ManagedVm) -> CommitAnswer:
     async def arrived() -> bool:
         if vm.exited:
             raise PeerError(f"VM {managed.name}: its QEMU exited before the migration arrived")
-        return bool((await vm.qmp("query-status"))["status"] != "inmigrate")
+        return (await vm.query("query-status", StatusInfo)).status != "inmigrate"
 
     await wait_until(arrived, timeout=ARRIVAL_TIMEOUT_S, interval=0.01,
                      what=f"VM {managed.name}'s migration to arrive")  # fmt: skip
@@ -150,10 +149,10 @@ async def commit(managed: ManagedVm) -> CommitAnswer:
     return CommitAnswer(resumed_at=vm.resumed_at, vm=managed.status())
 
 
-async def stream_done(managed: ManagedVm) -> dict[str, Any]:
+async def stream_done(managed: ManagedVm) -> dict[str, int]:
     """Wait until ``block-stream`` has copied everything the overlay lacked (the source is
     then no longer needed)."""
     if not _is_stream(managed):
         raise StateError(f"VM {managed.name} has no block-stream running")
-    job = await wait_job(managed.vm.qmp, STREAM_JOB, JOB_TIMEOUT_S)
-    return {"stream_len": job.get("total-progress")}
+    job = await wait_job(managed.vm, STREAM_JOB, JOB_TIMEOUT_S)
+    return {"stream_len": job.total_progress}

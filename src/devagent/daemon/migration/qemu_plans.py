@@ -28,9 +28,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any
 
-from devagent.daemon.migration.context import JobView
+from devagent.daemon.migration.context import JobView, Qemu
 from devagent.daemon.migration.messages import (
     BaselineAnswer,
     BaselineIncoming,
@@ -40,6 +39,7 @@ from devagent.daemon.migration.messages import (
 from devagent.daemon.migration.plans import Handover, Plan, Prepared
 from devagent.daemon.vms import image_format
 from devagent.errors import DevagentError, PeerError, UsageError
+from devagent.qemu.answers import BlockJobInfo, JobInfo
 from devagent.report import limit_seconds
 from devagent.vocab import Strategy
 from devagent.wait import wait_until
@@ -63,24 +63,24 @@ def free_port(address: str) -> int:
         return port
 
 
-async def wait_job(qmp: Any, job_id: str, timeout: float) -> dict[str, Any]:
+async def wait_job(vm: Qemu, job_id: str, timeout: float) -> JobInfo:
     """Wait until QMP job ``job_id`` (made with ``auto-dismiss: false``) concludes; dismiss it
     and return its last ``query-jobs`` entry; raise with QEMU's error if it failed."""
-    found: dict[str, Any] = {}
+    found: list[JobInfo] = []
 
     async def concluded() -> bool:
-        jobs: list[dict[str, Any]] = await qmp("query-jobs")
-        job = next((j for j in jobs if j.get("id") == job_id), None)
+        jobs = await vm.query("query-jobs", list[JobInfo])
+        job = next((j for j in jobs if j.id == job_id), None)
         if job is None:
             raise PeerError(f"QEMU job {job_id} vanished")
-        found.update(job)
-        return job.get("status") == "concluded"
+        found[:] = [job]
+        return job.status == "concluded"
 
     await wait_until(concluded, timeout=timeout, interval=POLL_S, what=f"QEMU job {job_id}")
-    await qmp("job-dismiss", id=job_id)
-    if found.get("error"):
-        raise PeerError(f"QEMU job {job_id} failed: {found['error']}")
-    return found
+    await vm.qmp("job-dismiss", id=job_id)
+    if found[0].error:
+        raise PeerError(f"QEMU job {job_id} failed: {found[0].error}")
+    return found[0]
 
 
 class QemuPlan(Plan):
@@ -109,8 +109,8 @@ class QemuPlan(Plan):
     def incoming(self, job: JobView) -> BaselineIncoming:
         vm = job.managed
         return BaselineIncoming(
-            request=vm.request.to_json(),
-            config=vm.config.to_json(),
+            request=vm.request,
+            config=vm.config,
             size=vm.image.stat().st_size,
             mode=self.mode,
         )
@@ -166,13 +166,13 @@ class QemuMirrorPlan(QemuPlan):
             await asyncio.sleep(POLL_S)
 
     async def _ready(self, job: JobView) -> bool:
-        jobs: list[dict[str, Any]] = await job.managed.vm.qmp("query-block-jobs")
-        found = next((j for j in jobs if j.get("device") == MIRROR_JOB), None)
-        if found is None or found.get("status") == "concluded":
-            error = (found or {}).get("error", "it vanished")
+        jobs = await job.managed.vm.query("query-block-jobs", list[BlockJobInfo])
+        found = next((j for j in jobs if j.device == MIRROR_JOB), None)
+        if found is None or found.status == "concluded":
+            error = "it vanished" if found is None else found.error
             raise PeerError(f"the QEMU mirror stopped before it was ready: {error}")
-        job.disk_progress(found["offset"], found["len"] - found["offset"])
-        return bool(found.get("ready"))
+        job.disk_progress(found.offset, found.len - found.offset)
+        return found.ready
 
     async def at_pre_switchover(self, job: JobView) -> None:
         """Guest stopped, disk drained: end the ready mirror with ``block-job-cancel``,
@@ -180,18 +180,18 @@ class QemuMirrorPlan(QemuPlan):
         pivoting onto it (libvirt's order)."""
         vm = job.managed.vm
         await vm.qmp("block-job-cancel", device=MIRROR_JOB)
-        done = await wait_job(vm.qmp, MIRROR_JOB, JOB_TIMEOUT_S)
-        job.progress["disk_bytes_pushed"] = done.get("total-progress")
+        done = await wait_job(vm, MIRROR_JOB, JOB_TIMEOUT_S)
+        job.progress["disk_bytes_pushed"] = done.total_progress
 
     async def roll_back(self, job: JobView) -> None:
         vm = job.managed.vm
         try:
-            jobs: list[dict[str, Any]] = await vm.qmp("query-jobs")
+            jobs = await vm.query("query-jobs", list[JobInfo])
         except DevagentError:
             jobs = []
-        if any(j.get("id") == MIRROR_JOB for j in jobs):
+        if any(j.id == MIRROR_JOB for j in jobs):
             await job.quietly(vm.qmp("block-job-cancel", device=MIRROR_JOB, force=True))
-            await job.quietly(wait_job(vm.qmp, MIRROR_JOB, 30.0))
+            await job.quietly(wait_job(vm, MIRROR_JOB, 30.0))
         await job.quietly(vm.qmp("blockdev-del", **{"node-name": TARGET_NODE}))
 
 

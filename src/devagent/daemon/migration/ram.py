@@ -12,29 +12,44 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+
+import msgspec
 
 from devagent.daemon.migration.context import Events, JobView
 from devagent.errors import PeerError
+from devagent.qemu.answers import Event, MigrationInfo, event_of
 from devagent.vocab import Step
+from devagent.wire import to_json
 
 EVENT_WAIT_S = 0.1  # the longest the follower sleeps without a fresh query-migrate
 
 
-async def migrate_ram(job: JobView, uri: str) -> dict[str, Any]:
+class Capability(msgspec.Struct):
+    """One entry of ``migrate-set-capabilities``."""
+
+    capability: str
+    state: bool
+
+
+class Parameters(msgspec.Struct, rename="kebab", omit_defaults=True):
+    """``migrate-set-parameters``' arguments devagent sets (bytes per second, ms)."""
+
+    max_bandwidth: int
+    downtime_limit: int | None = None
+
+
+async def migrate_ram(job: JobView, uri: str) -> MigrationInfo:
     """Run QEMU's RAM migration to ``uri``; return its last ``query-migrate``."""
     vm = job.managed.vm
     pause = job.plan.pauses_before_switchover or job.net is not None
     capabilities = [
-        {"capability": "events", "state": True},
-        {"capability": "auto-converge", "state": job.request.auto_converge},
-        {"capability": "pause-before-switchover", "state": pause},
+        Capability("events", True),
+        Capability("auto-converge", job.request.auto_converge),
+        Capability("pause-before-switchover", pause),
     ]
-    await vm.qmp("migrate-set-capabilities", capabilities=capabilities)
-    params: dict[str, Any] = {"max-bandwidth": job.plan.ram_bandwidth(job)}
-    if job.request.downtime_limit_ms:
-        params["downtime-limit"] = job.request.downtime_limit_ms
-    await vm.qmp("migrate-set-parameters", **params)
+    await vm.qmp("migrate-set-capabilities", capabilities=to_json(capabilities))
+    params = Parameters(job.plan.ram_bandwidth(job), job.request.downtime_limit_ms or None)
+    await vm.qmp("migrate-set-parameters", **to_json(params))
     with vm.listen("MIGRATION", "STOP") as events:
         await vm.qmp("migrate", uri=uri)
         return await RamFollower(job).follow(events)
@@ -47,49 +62,47 @@ class RamFollower:
         self.job = job
         self.continued = False  # QEMU was told to go on past pre-switchover
 
-    async def follow(self, events: Events) -> dict[str, Any]:
+    async def follow(self, events: Events) -> MigrationInfo:
         job, vm = self.job, self.job.managed.vm
         while True:
-            info: dict[str, Any] = await vm.qmp("query-migrate")
-            status = info.get("status")
+            info = await vm.query("query-migrate", MigrationInfo)
+            status = info.status
             self._progress(info)
             if status == "completed":
                 return info
             if status == "pre-switchover":
                 await self.at_pre_switchover()
             if status in ("failed", "cancelled"):
-                reason = info.get("error-desc", "no reason given")
+                reason = info.error_desc or "no reason given"
                 raise PeerError(f"QEMU migration {status}: {reason}")
             if vm.exited:
                 raise PeerError(f"source QEMU of VM {job.managed.name} exited during migration")
             await job.check_peer()
             try:
-                event = await asyncio.wait_for(events.get(), EVENT_WAIT_S)
+                event = event_of(await asyncio.wait_for(events.get(), EVENT_WAIT_S))
             except TimeoutError:
                 continue
-            if event["event"] == "STOP":
+            if event.event == "STOP":
                 await self.stopped(event)
-            elif _status_of(event) == "pre-switchover":
+            elif event.event == "MIGRATION" and event.data.status == "pre-switchover":
                 await self.at_pre_switchover()  # at once: QEMU waits for it
 
-    def _progress(self, info: dict[str, Any]) -> None:
+    def _progress(self, info: MigrationInfo) -> None:
         job = self.job
-        ram = info.get("ram", {})
+        ram = info.ram
+        total = ram.total if ram is not None else None
         job.progress.update(
-            status=info.get("status"),
-            ram_transferred=ram.get("transferred", 0),
-            ram_remaining=ram.get("remaining", 0),
-            ram_total=ram.get("total", job.managed.config.ram_mb << 20),
+            status=info.status,
+            ram_transferred=ram.transferred if ram is not None else 0,
+            ram_remaining=ram.remaining if ram is not None else 0,
+            ram_total=total if total is not None else job.managed.config.ram_mb << 20,
             elapsed_s=round(time.time() - job.started_at, 3),
         )
 
-    async def stopped(self, event: dict[str, Any]) -> None:
+    async def stopped(self, event: Event) -> None:
         """QEMU stopped the guest for the switchover: note when, by QEMU's own clock (the
         same host's wall clock); frames for the guest wait from now."""
-        stamp = event.get("timestamp")
-        at = None
-        if isinstance(stamp, dict):
-            at = float(stamp.get("seconds", 0)) + stamp.get("microseconds", 0) / 1e6
+        at = event.timestamp.at() if event.timestamp is not None else None
         self.job.mark(Step.SOURCE_STOPPED, at or None)
         if self.job.net is not None:
             await self.job.net.hold()
@@ -104,9 +117,3 @@ class RamFollower:
         await job.plan.at_pre_switchover(job)
         self.continued = True
         await job.managed.vm.qmp("migrate-continue", state="pre-switchover")
-
-
-def _status_of(event: Any) -> object:
-    """The ``status`` of a MIGRATION event (None for any other event)."""
-    data = event.get("data")
-    return data.get("status") if isinstance(data, dict) else None

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 from devagent.daemon.migration.context import JobView
 from devagent.daemon.migration.messages import CommitAnswer
 from devagent.daemon.migration.net import NET_MEASURES
 from devagent.guest.probe import Heartbeat
+from devagent.qemu.answers import MigrationInfo
 from devagent.report import fill_io_measures, fill_link_measures, io_series
 from devagent.vocab import Step
 from devagent.wire import convert
@@ -24,7 +24,7 @@ SETTLE_TIMEOUT_S = 10.0
 async def finish_report(
     job: JobView,
     committed: CommitAnswer,
-    done: dict[str, Any],
+    done: MigrationInfo,
     source_done: list[float] | None,
     allocated: int,
 ) -> None:
@@ -41,14 +41,14 @@ async def finish_report(
             completions = [*source_done, *answer["completions"]]
     report.time_to_switchover_s = round(resumed_at - t0, 3)
     report.total_time_s = round(released_at - t0, 3)
-    report.downtime_ms = done.get("downtime")
+    report.downtime_ms = done.downtime
     stopped = report.timeline.get(Step.SOURCE_STOPPED)
     if stopped is not None:
         report.vm_pause_ms = round((resumed_at - t0 - stopped) * 1000, 1)
     else:
         report.missing["vm_pause_ms"] = "QEMU sent no STOP event for the switchover"
     report.ram_bytes = vm.config.ram_mb << 20
-    report.ram_transferred_bytes = done.get("ram", {}).get("transferred")
+    report.ram_transferred_bytes = done.ram.transferred if done.ram is not None else None
     moved = job.plan.disk_bytes_moved(job)
     if moved is None:
         report.missing["disk_bytes_moved"] = (

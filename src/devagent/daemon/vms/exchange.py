@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from devagent.agent.messages import RemoteSpec
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.errors import NotFound, PeerError, StateError, UsageError
@@ -126,7 +127,7 @@ async def attach_remote(
         raise
     result["old_image"] = agent.image
     result["lives_on"] = peer.name
-    agent.backend = target
+    agent.backend = RemoteSpec(address=target["address"], export=target["export"])
     managed.request = managed.request.replace(disk_from=peer.to_json())
     managed.save()
     return result

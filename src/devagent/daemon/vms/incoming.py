@@ -19,11 +19,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from devagent.agent.fetch import presence_path
+from devagent.agent.messages import (
+    BackendSpec,
+    FetchSpec,
+    FetchStatus,
+    LocalSpec,
+    LocalStatus,
+    RemoteSpec,
+    StatusAnswer,
+)
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
+from devagent.daemon.nics import NicIdentity
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
+from devagent.wire import to_json
 
 from .managed import ManagedVm, VmRole
 from .request import VmRequest
@@ -33,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FETCH_CHUNK = 64 << 10
 ARRIVAL_TIMEOUT_S = 30.0
 #: A replica being filled that makes no progress for this long never becomes local.
 FETCH_STALL_S = 3600.0
@@ -49,9 +60,9 @@ async def prepare_incoming(
     image: Path | None,
     *,
     size: int = 0,
-    backend: dict[str, Any] | None = None,
+    backend: BackendSpec | None = None,
     receive: bool = False,
-    nics: list[dict[str, Any]] | None = None,
+    nics: list[NicIdentity] | None = None,
 ) -> ManagedVm:
     """Start QEMU waiting for ``config``'s VM to arrive by live migration.
 
@@ -142,20 +153,20 @@ async def add_incoming(
 
 
 async def commit_incoming(
-    vm: ManagedVm, fetch: dict[str, Any] | None, local: bool = False
+    vm: ManagedVm, fetch: FetchSpec | None, local: bool = False
 ) -> dict[str, float]:
     """The migration arrived: ready the disk, run the guest, return when it resumed
     (``resumed_at``) and when each step before it ended (wall clock).
 
-    With ``fetch`` (postcopy, hybrid) the agent swaps to a Fetch replica of the source's
-    disk (``fetch["remote"]``), seeded with the chunks a mirror already pushed
-    (``fetch["present"]``, base64 bits), copying the rest in the background; a task
-    watches it complete. With ``local`` (precopy) the replica is complete already and
-    the agent swaps to it. Nothing runs the guest before the disk is ready: QEMU was
-    started paused (``-S``)."""
+    With ``fetch`` (postcopy, hybrid) the agent swaps to that Fetch replica of the source's
+    disk (``fetch.remote``; ``fetch.path`` is the VM's image), seeded with the chunks a
+    mirror already pushed (``fetch.present``, base64 bits), copying the rest in the
+    background; a task watches it complete. With ``local`` (precopy) the replica is
+    complete already and the agent swaps to it. Nothing runs the guest before the disk
+    is ready: QEMU was started paused (``-S``)."""
     steps = {"commit": time.time()}
     deadline = time.time() + ARRIVAL_TIMEOUT_S
-    while (await vm.vm.qmp("query-status"))["status"] == "inmigrate":
+    while (await vm.vm.query("query-status", StatusInfo)).status == "inmigrate":
         if vm.vm.exited or time.time() > deadline:
             raise PeerError(f"VM {vm.name}: the migration did not arrive")
         await asyncio.sleep(0.002)  # the guest is paused meanwhile: look often
@@ -164,7 +175,7 @@ async def commit_incoming(
         steps["receiver_retired"] = await _retire_receiver(vm, vm.receiver)
     if local:
         agent = vm.agent_for("disk0")
-        await agent.call("POST", "/swap", {"backend": {"kind": "local", "path": str(vm.image)}})
+        await agent.swap(LocalSpec(path=str(vm.image)))
         steps["disk_swapped"] = time.time()
         agent.backend = None
     if fetch is not None:
@@ -186,7 +197,7 @@ async def _retire_receiver(vm: ManagedVm, receiver: AgentProcess) -> float:
     (the source counts such chunks as missing: they are fetched). Its process exits off
     the critical path. Returns when it stopped serving."""
     try:
-        await receiver.call("POST", "/retire", timeout=30.0)
+        await receiver.retire(timeout=30.0)
     except (PeerError, StateError) as err:
         log.warning("VM %s: receiver unreachable (%s): killing it", vm.name, err)
         await receiver.kill()
@@ -196,23 +207,12 @@ async def _retire_receiver(vm: ManagedVm, receiver: AgentProcess) -> float:
     return retired
 
 
-async def _swap_to_fetch(vm: ManagedVm, fetch: dict[str, Any]) -> float:
+async def _swap_to_fetch(vm: ManagedVm, spec: FetchSpec) -> float:
     """The chunks the mirror pushed are in the replica (the receiver wrote them): the
     agent serves them at once and makes them durable in the background. Returns when
     the agent swapped."""
     agent = vm.agent_for("disk0")
-    spec = {
-        "kind": "fetch",
-        "path": str(vm.image),
-        "remote": fetch["remote"],
-        "chunk_size": int(fetch.get("chunk_size", FETCH_CHUNK)),
-        "copier": True,
-        "then_local": True,
-        "present": str(fetch.get("present", "")),
-    }
-    if "copy_batch" in fetch:
-        spec["copy_batch"] = fetch["copy_batch"]
-    await agent.call("POST", "/swap", {"backend": spec})
+    await agent.swap(spec)
     swapped = time.time()
     agent.backend = spec
     vm.fetching = asyncio.create_task(await_local(vm, agent))
@@ -249,21 +249,16 @@ async def fetch_home(
     and switches to it as ``Local`` once complete; then the peer's export is removed."""
     agent = vm.agent_for(node)
     remote = agent.backend
-    if vm.request.disk_from is None or remote is None or remote.get("kind") != "remote":
+    if vm.request.disk_from is None or not isinstance(remote, RemoteSpec):
         raise StateError(f"VM {vm.name}'s {node} does not live on another host")
     if path.exists():
         raise UsageError(f"{path} exists: a replica is made new")
     started = time.time()
-    spec: dict[str, Any] = {
-        "kind": "fetch",
-        "path": str(path),
-        "remote": remote,
-        "copier": True,
-        "then_local": True,
-    }
-    if rate_limit:
-        spec["rate_limit"] = rate_limit
-    swapped = await agent.call("POST", "/swap", {"backend": spec})
+    spec = FetchSpec(
+        path=str(path), remote=remote, copier=True, then_local=True,
+        rate_limit=rate_limit or None,
+    )  # fmt: skip
+    swapped = await agent.swap(spec)
     agent.backend, agent.image = spec, str(path)  # a restarted agent resumes the fetch
     vm.image = path
     vm.save()
@@ -278,13 +273,13 @@ async def fetch_home(
         "vm": vm.name,
         "device": node,
         "duration_s": round(time.time() - started, 3),
-        "held_ms": round(float(swapped["hold_s"]) * 1000, 3),
-        "backend": repr(status["backend_status"]),
+        "held_ms": round(swapped.hold_s * 1000, 3),
+        "backend": status.backend,
         "released": peer.name,
     }
 
 
-async def await_local(vm: ManagedVm, agent: AgentProcess) -> dict[str, Any]:
+async def await_local(vm: ManagedVm, agent: AgentProcess) -> StatusAnswer:
     """Wait until ``agent``'s Fetch replica is complete and the agent serves it as
     ``Local``; then a restarted agent opens the replica as Local too. Gives up when the
     replica makes no progress for :data:`FETCH_STALL_S` (an agent that died is restarted
@@ -293,17 +288,17 @@ async def await_local(vm: ManagedVm, agent: AgentProcess) -> dict[str, Any]:
     deadline = time.monotonic() + FETCH_STALL_S
     while time.monotonic() < deadline:
         try:
-            status: dict[str, Any] = await agent.call("GET", "/status")
+            status = await agent.status()
         except PeerError:  # the agent died: the supervisor restarts it, resuming the fetch
             await asyncio.sleep(0.2)
             continue
-        backend = status["backend_status"]
-        if backend.get("kind") == "fetch":
-            vm.last_fetch = backend
-            if int(backend.get("present_bytes", 0)) > present:
-                present = int(backend.get("present_bytes", 0))
+        backend = status.backend_status
+        if isinstance(backend, FetchStatus):
+            vm.last_fetch = to_json(backend)
+            if backend.present_bytes > present:
+                present = backend.present_bytes
                 deadline = time.monotonic() + FETCH_STALL_S
-        if backend.get("kind") == "local":
+        if isinstance(backend, LocalStatus):
             if vm.last_fetch is not None:  # the figures as the replica completed
                 vm.last_fetch = {**vm.last_fetch, "present_bytes": vm.last_fetch["size"]}
             agent.backend = None

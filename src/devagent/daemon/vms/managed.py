@@ -23,6 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from devagent.agent.messages import StatusAnswer
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
@@ -86,7 +87,7 @@ class ManagedVm:
         self.image = image  # the disk image on this host, served by the agent (if any)
         self.agents = agents or []
         self.nics = nics or []  # one net agent per NIC
-        self.fetching: asyncio.Task[dict[str, Any]] | None = None  # replica being filled
+        self.fetching: asyncio.Task[StatusAnswer] | None = None  # replica being filled
         self.last_fetch: dict[str, Any] | None = None  # its figures, kept once it is local
         # An incoming VM's replica as a mirror's target, until the switchover (the VM's own
         # agent forwards to the source meanwhile, so QEMU never sees a half-copied disk).

@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import shutil
 import signal
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+
+import msgspec
 
 from devagent.agent.fetch import presence_path
+from devagent.agent.messages import BackendSpec, RemoteSpec
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
-from devagent.daemon.nics import NicAgent, delete_tap, make_tap
+from devagent.daemon.nics import NicAgent, NicIdentity, delete_tap, make_tap
 from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.guestnet import AddressLedger, GuestNetwork, mac_for, tap_name
 from devagent.lab.procs import terminate, under_path
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState, pid_alive
+from devagent.wire import convert, decode
 
 from .config import GuestBoot, TestGuest, build_config, disk_spec
 from .managed import ManagedVm, VmRole
@@ -38,33 +39,31 @@ from .request import VmRequest
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Record:
-    """A VM's ``vm.json``, read back."""
+class ExportServed(msgspec.Struct):
+    """What the daemon reads of a peer's ``POST /v1/exports`` answer: where it serves."""
+
+    address: str  # tcp:HOST:PORT
+    export: str
+
+
+class _Record(msgspec.Struct):
+    """A VM's ``vm.json`` (:meth:`ManagedVm.save`), read back in one call."""
 
     request: VmRequest
     config: VmConfig
     pid: int
-    role: VmRole
-    image: Path
-    agents: list[AgentProcess]
-    nics: list[NicAgent]
+    image: str
+    role: VmRole = VmRole.RUNNING
+    agents: list[AgentProcess] = msgspec.field(default_factory=list)
+    nics: list[NicAgent] = msgspec.field(default_factory=list)
+    receiver: AgentProcess | None = None
 
     @classmethod
     def read(cls, path: Path) -> _Record:
-        record = json.loads(path.read_text())
-        agents = [AgentProcess.from_json(a) for a in record.get("agents", [])]
-        if record.get("receiver"):
-            agents.append(AgentProcess.from_json(record["receiver"]))
-        return cls(
-            request=VmRequest.from_json(record["request"]),
-            config=VmConfig.from_json(record["config"]),
-            pid=int(record["pid"]),
-            role=VmRole(record.get("role", "running")),
-            image=Path(record["image"]),
-            agents=agents,
-            nics=[NicAgent.from_json(n) for n in record.get("nics", [])],
-        )
+        record = decode(path.read_bytes(), cls, what=str(path))
+        if record.receiver is not None:  # an incoming VM's: discarded with the rest
+            record.agents.append(record.receiver)
+        return record
 
     async def kill_helpers(self) -> None:
         for agent in self.agents:
@@ -148,15 +147,16 @@ class VmManager:
         await self._launch(managed)
         return managed
 
-    async def _remote_disk(self, request: VmRequest) -> dict[str, Any]:
+    async def _remote_disk(self, request: VmRequest) -> RemoteSpec:
         """Have the peer host make the VM's disk and serve it; the backend spec to reach it."""
         assert request.disk_from is not None
         peer = Endpoint.from_json(request.disk_from)
         async with DaemonClient(peer) as client:
-            export = await client.post(
+            raw = await client.post(
                 "/v1/exports", {"name": request.name, "size": request.disk_size}
             )
-        return {"kind": "remote", "address": export["address"], "export": export["export"]}
+        export = convert(raw, ExportServed, what=f"host {peer.name}'s new export")
+        return RemoteSpec(address=export.address, export=export.export)
 
     def _add(
         self,
@@ -164,11 +164,11 @@ class VmManager:
         image: Path,
         role: VmRole,
         config: VmConfig | None,
-        backend: dict[str, Any] | None = None,
+        backend: BackendSpec | None = None,
         *,
         guest: GuestBoot | None = None,
         paused: bool = False,
-        incoming_nics: list[dict[str, Any]] | None = None,
+        incoming_nics: list[NicIdentity] | None = None,
     ) -> ManagedVm:
         nics = self._plan_nics(request, incoming_nics)  # before any folder: it may refuse
         run_dir = self.run_dir(request.name)
@@ -191,13 +191,13 @@ class VmManager:
         if config is None:
             config = build_config(request, disk, tuple(nics), guest=guest)
         else:  # an incoming VM: the source's configuration with this host's disk
-            disk = replace(disk, format=config.disks[0].format)  # a new replica has no header
+            disk = disk.replace(format=config.disks[0].format)  # a new replica has no header
             extra = tuple(a for a in config.extra_args if a != "-S") + (("-S",) if paused else ())
-            config = replace(config, disks=(disk,), incoming=True, extra_args=extra)
+            config = config.replace(disks=(disk,), incoming=True, extra_args=extra)
             if nics:  # and this host's NIC sockets
                 local = {n.node: str(n.stream_socket) for n in nics}
-                specs = tuple(replace(n, stream_socket=local[n.id]) for n in config.nics)
-                config = replace(config, nics=specs)
+                specs = tuple(n.replace(stream_socket=local[n.id]) for n in config.nics)
+                config = config.replace(nics=specs)
         managed = ManagedVm(request, config, run_dir, role, image, [agent] if agent else [], nics)
         self.vms[request.name] = managed
         return managed
@@ -220,9 +220,7 @@ class VmManager:
             )
         return self.network
 
-    def _plan_nics(
-        self, request: VmRequest, incoming: list[dict[str, Any]] | None
-    ) -> list[NicAgent]:
+    def _plan_nics(self, request: VmRequest, incoming: list[NicIdentity] | None) -> list[NicAgent]:
         """The NICs of a new VM (an address and MAC of this host's block) or of an arriving
         one (its own address and MAC; a local tap; held until it runs here, and accepting
         the frames the source's agent forwards)."""
@@ -231,11 +229,8 @@ class VmManager:
             return []
         network = self._require_network()
         if incoming:
-            self.addresses.take_back(*(str(n["address"]) for n in incoming))
-            return [
-                self._nic(request.name, str(n["node"]), str(n["address"]), str(n["mac"]), True)
-                for n in incoming
-            ]
+            self.addresses.take_back(*(n.address for n in incoming))
+            return [self._nic(request.name, n.node, n.address, n.mac, True) for n in incoming]
         in_use = [n.address for m in self.vms.values() for n in m.nics]
         address = self.addresses.pick(network, in_use)
         return [
@@ -350,7 +345,7 @@ class VmManager:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             await record.kill_helpers()
-            await self._discard(folder, record.image)
+            await self._discard(folder, Path(record.image))
             return
         if not pid_alive(pid):
             log.info("VM %s (pid %d) is gone; forgetting it", name, pid)
@@ -363,7 +358,7 @@ class VmManager:
             log.error("VM %s: agent(s) for %s gone; its devices wait for them",
                       name, ", ".join(dead))  # fmt: skip
         managed = ManagedVm(
-            record.request, record.config, folder, record.role, record.image,
+            record.request, record.config, folder, record.role, Path(record.image),
             record.agents, record.nics,
         )  # fmt: skip
         try:

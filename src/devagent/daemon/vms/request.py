@@ -74,10 +74,11 @@ def usage_error(err: msgspec.ValidationError, rules: Mapping[str, str]) -> Usage
 
 class VmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a user asks for when starting a VM, checked (made from a :class:`VmRequestBody`
-    or, in tests, directly)."""
+    or, in tests, directly; decoded directly, as a migration's messages carry it, its name
+    and RAM are checked)."""
 
-    name: str
-    ram_mb: int = 256
+    name: Name
+    ram_mb: Annotated[int, msgspec.Meta(ge=64, le=65536)] = 256
     disk_size: int = 1 << 30
     workload: str | None = "moderate"
     disk: str | None = None
