@@ -3,6 +3,11 @@
 Every route requires ``Authorization: Bearer TOKEN`` (401 otherwise). Errors are JSON objects
 ``{"error": message}``: a bad request 400, an unknown VM or migration 404, an operation the
 object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with its trace).
+Each answer is a type of :mod:`devagent.api_types`, encoded once (:func:`answer`).
+
+The table below is every route :func:`build_app` registers, no more, no less
+(``tests/test_routes.py`` checks it both ways; the migration routes are
+:class:`~devagent.daemon.migration.routes.MigrationRoutes`; their own table is checked too).
 
     GET    /v1/health                         host name and address
     GET    /v1/vms                            every VM of this host
@@ -17,12 +22,15 @@ object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with i
                                               for a NIC {"to": TAP}: make TAP its uplink
     POST   /v1/vms/{name}/devices/{node}/attach-remote {"from": PEER}: move it to a peer host
     POST   /v1/vms/{name}/probe               {"command": "pause"|"resume"|"verify"}
+    POST   /v1/vms/{name}/suspend             stop the guest's vCPUs (QMP stop)
+    POST   /v1/vms/{name}/resume              let a suspended guest run again (QMP cont)
     POST   /v1/vms/{name}/integrity           disk equals what the guest last wrote?
     POST   /v1/vms/{name}/migrate             start a migration (MigrateRequest) → 202
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
     GET    /v1/exports                        disks of this host served to other hosts
     POST   /v1/exports                        {"name", "size"}: a new disk, served on TCP
     DELETE /v1/exports/{name}                 remove an export and its disk
+    POST   /v1/exports/{name}/digest          the probe's digest of an export's disk
     POST   /v1/incoming                       (peer) prepare an incoming VM → {"uri"}; with
                                               "nics", each NIC's agent, held → "nic_peers"
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it
