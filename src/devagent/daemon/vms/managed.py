@@ -342,8 +342,7 @@ class ManagedVm:
     def status(self) -> dict[str, Any]:
         """:meth:`api_status` as plain JSON, for the migration messages' ``vm`` field
         (:mod:`devagent.daemon.migration.messages`), untyped until it is a VmStatus."""
-        plain: dict[str, Any] = to_json(self.api_status())
-        return plain
+        return to_json(self.api_status())  # type: ignore[no-any-return]
 
     def api_status(self) -> VmStatus:
         """What the API says of the VM; it asks no agent (``alive`` is a signal 0)."""
