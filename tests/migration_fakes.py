@@ -32,6 +32,7 @@ from devagent.agent.messages import (
     MirrorStopped,
     StatusAnswer,
 )
+from devagent.api_types import VmStatus
 from devagent.client import Endpoint
 from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
 from devagent.daemon.migration.context import HostContext, Peer
@@ -46,6 +47,16 @@ from devagent.vocab import Strategy
 from devagent.wire import to_json
 
 T = TypeVar("T")
+
+
+def vm_status(name: str, state: str, *, resumed_at: float | None = None) -> VmStatus:
+    """A VM's status as a daemon answers it (a VM without agents, NICs or probe)."""
+    return VmStatus(
+        name=name, state=state, role="running", pid=1, ram_mb=256, disk="/disk.img", agents=[],
+        nics=[], storage="local", workload=None, probe=False, started_at=resumed_at,
+        resumed_at=resumed_at, first_heartbeat_at=None, last_heartbeat=None,
+    )  # fmt: skip
+
 
 #: What to fail, by step: a list is consumed one try at a time (``[err]``: a passing fault),
 #: a lone error fails every try (a lasting fault).
@@ -309,7 +320,7 @@ class FakeDestination:
             return {"devices": [{"device": "disk0", "agent": {"backend_status": fetch}}]}
         if path.startswith("/v1/vms/"):
             name = path.split("/")[3]
-            return {"state": self.vms.get(name), "resumed_at": time.time()}
+            return to_json(vm_status(name, str(self.vms.get(name)), resumed_at=time.time()))
         return {}
 
     async def post(self, path: str, body: Any = None) -> Any:

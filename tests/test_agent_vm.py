@@ -56,7 +56,7 @@ async def test_100_quiesce_resume_cycles_under_a_writing_guest(lab: Lab) -> None
     finished = time.time()
     after = await wait_heartbeats(a, "q1", 10)
 
-    assert after[-1]["errors"] == 0 and after[-1]["verify_failures"] == 0
+    assert after[-1].errors == 0 and after[-1].verify_failures == 0
     async with DaemonClient(a) as client:
         done = (await client.get("/v1/vms/q1/completions", since=started - 1))["completions"]
     assert len([t for t in done if started <= t <= finished]) > 0  # I/O went on in between
@@ -86,7 +86,7 @@ async def test_an_agent_killed_under_a_writing_guest_is_restarted(lab: Lab) -> N
         after = (await client.get("/v1/vms/k1/devices"))["devices"][0]
         verified = (await client.post("/v1/vms/k1/probe", {"command": "verify"}))["event"]
     assert after["agent_pid"] != before["agent_pid"] and after["state"] == "serving"
-    assert beats[-1]["errors"] == 0 and beats[-1]["verify_failures"] == 0
+    assert beats[-1].errors == 0 and beats[-1].verify_failures == 0
     assert verified["failures"] == 0 and verified["blocks"] > 0
     async with DaemonClient(a) as client:
         around = (await client.get("/v1/vms/k1/heartbeats", since=killed_at - 1))["heartbeats"]

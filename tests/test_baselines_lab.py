@@ -50,7 +50,7 @@ async def test_a_qemu_baseline_moves_vm_and_disk_intact(lab: Lab, strategy: str)
         assert (await client.get("/v1/vms"))["vms"] == []
     assert not list(lab.host("a").dir.glob("disks/q1.*"))
     beats = await wait_heartbeats(b, "q1", 10)
-    assert beats[-1]["errors"] == 0 and beats[-1]["verify_failures"] == 0
+    assert beats[-1].errors == 0 and beats[-1].verify_failures == 0
 
 
 async def test_a_destination_dying_during_the_qemu_mirror_leaves_the_vm_on_the_source(
@@ -74,7 +74,7 @@ async def test_a_destination_dying_during_the_qemu_mirror_leaves_the_vm_on_the_s
     async with DaemonClient(a) as client:
         assert (await client.get("/v1/vms/q2"))["state"] == "running"
     beats = await wait_heartbeats(a, "q2", 20)
-    assert beats[-1]["errors"] == 0 and beats[-1]["verify_failures"] == 0
+    assert beats[-1].errors == 0 and beats[-1].verify_failures == 0
 
     # b's daemon comes back and removes the incoming QEMU and its image.
     await asyncio.to_thread(lab.restart_daemon, "b")

@@ -109,7 +109,7 @@ async def test_remote_disk_through_a_link_cut(lab: Lab) -> None:
         device = (await client.get("/v1/vms/rd1/devices"))["devices"][0]
     stalled = [x["hb"] for x in beats if cut + 0.5 < x["host_time"] < cut + 4.5 and x["ops"] == 0]
     assert stalled, "the guest's I/O did not stall during the cut: was the link really cut?"
-    assert after[-1]["errors"] == 0 and after[-1]["verify_failures"] == 0
+    assert after[-1].errors == 0 and after[-1].verify_failures == 0
     link = device["agent"]["backend_status"]
     assert link["kind"] == "remote" and link["connected"] and link["timeouts"] == 0
     print(

@@ -11,6 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from devagent.api_types import VmStatus
 from devagent.client import DaemonClient, Endpoint
 from devagent.errors import NotFound, StateError
 from devagent.guest.build import GuestImage
@@ -56,14 +57,14 @@ async def test_a_suspended_vm_does_nothing_is_not_migrated_and_resumes(lab: Lab)
     async with DaemonClient(a) as client:
         assert (await client.post("/v1/vms/sus1/resume"))["state"] == "running"
     beats = await wait_heartbeats(a, "sus1", 5)
-    assert sum(beat["errors"] for beat in beats) == 0
+    assert sum(beat.errors for beat in beats) == 0
 
 
 async def test_shared_storage_migration_a_to_b(lab: Lab) -> None:
     a, b = two_hosts(lab)
     request = {"name": "mig1", "disk_size": "256M", "workload": "moderate,span=32M"}
     status = await start_vm(a, request)
-    print(f"\nboot to first heartbeat: {status['boot_s']} s")
+    print(f"\nboot to first heartbeat: {status.boot_s} s")
     await wait_heartbeats(a, "mig1", 20)
 
     report = await migrate(a, b, "mig1", storage="shared", link_rate_bps=1_000_000_000)
@@ -81,12 +82,12 @@ async def test_shared_storage_migration_a_to_b(lab: Lab) -> None:
 
     # The VM now runs on b, and only there; its probe goes on.
     where, vm = await locate_vm([a, b], "mig1")
-    assert where.name == "b" and vm["state"] == "running"
+    assert where.name == "b" and vm.state == "running"
     async with DaemonClient(a) as client:
         with pytest.raises(NotFound):
             await client.get("/v1/vms/mig1")
     beats = await wait_heartbeats(b, "mig1", 10)
-    assert all(beat["errors"] == 0 and beat["verify_failures"] == 0 for beat in beats)
+    assert all(beat.errors == 0 and beat.verify_failures == 0 for beat in beats)
 
     # and it can come back.
     back = await migrate(b, a, "mig1", storage="shared", link_rate_bps=1_000_000_000)
@@ -101,9 +102,9 @@ async def test_a_migration_to_a_dead_destination_leaves_the_vm_on_the_source(lab
     report = await migrate(a, ghost, "mig2", storage="shared")
     assert report.status == "failed" and report.error and "ghost" in report.error
     _, vm = await locate_vm([a], "mig2")
-    assert vm["state"] == "running"
+    assert vm.state == "running"
     beats = await wait_heartbeats(a, "mig2", 5)
-    assert beats[-1]["errors"] == 0
+    assert beats[-1].errors == 0
     await asyncio.sleep(0)
 
 
@@ -112,7 +113,7 @@ async def test_a_daemon_restart_leaves_the_guest_untouched(lab: Lab) -> None:
     status = await start_vm(
         a, {"name": "rst1", "disk_size": "64M", "workload": "moderate,span=16M"}
     )
-    qemu_pid = status["pid"]
+    qemu_pid = status.status.pid
     await wait_heartbeats(a, "rst1", 5)
     old_daemon = lab.host("a").pid
     restarted = await asyncio.to_thread(lab.restart_daemon, "a")
@@ -120,11 +121,11 @@ async def test_a_daemon_restart_leaves_the_guest_untouched(lab: Lab) -> None:
 
     # The new daemon adopted the same QEMU; the probe's counters went on, with no error.
     async with DaemonClient(a) as client:
-        vm = await client.get("/v1/vms/rst1")
-    assert vm["pid"] == qemu_pid and vm["state"] == "running"
+        vm = await client.get_as("/v1/vms/rst1", VmStatus)
+    assert vm.pid == qemu_pid and vm.state == "running"
     beats = await wait_heartbeats(a, "rst1", 10)
-    assert beats[0]["hb"] > 10  # heartbeat numbers continue from before the restart
-    assert all(beat["errors"] == 0 and beat["verify_failures"] == 0 for beat in beats)
+    assert beats[0].hb > 10  # heartbeat numbers continue from before the restart
+    assert all(beat.errors == 0 and beat.verify_failures == 0 for beat in beats)
     # and the adopted VM still migrates.
     report = await migrate(a, b, "rst1", storage="shared")
     assert report.status == "completed", report.error

@@ -55,7 +55,7 @@ async def test_frames_from_the_vm_go_to_the_uplink_in_order(rig: Rig) -> None:
     await rig.vm.send(*frames)
     await until(lambda: len(rig.uplink.sent) == 200)
     assert rig.uplink.sent == frames
-    counters = rig.agent.stats()["counters"]
+    counters = rig.agent.stats().counters
     assert counters["from_vm_frames"] == counters["to_uplink_frames"] == 200
     assert counters["from_vm_bytes"] == sum(len(f) for f in frames)
     assert rig.agent.net_frames_lost == 0
@@ -66,7 +66,7 @@ async def test_frames_from_the_uplink_go_to_the_vm_in_order(rig: Rig) -> None:
     for frame in frames:
         rig.uplink.inject(frame)
     assert await rig.vm.receive(300) == frames
-    counters = rig.agent.stats()["counters"]
+    counters = rig.agent.stats().counters
     assert counters["from_uplink_frames"] == counters["to_vm_frames"] == 300
     assert counters["to_vm_bytes"] == 300 * 1514
 
@@ -95,8 +95,8 @@ async def test_without_a_vm_frames_are_lost_and_counted() -> None:
         uplink.inject(eth(1))
         uplink.inject(eth(2))
         assert agent.lost["no_vm"] == 2
-        assert agent.stats()["net_frames_lost"] == 2
-        assert agent.stats()["vm_connected"] is False
+        assert agent.stats().net_frames_lost == 2
+        assert agent.stats().vm_connected is False
     finally:
         await agent.stop()
     assert agent.state is AgentState.STOPPED
@@ -114,17 +114,17 @@ async def test_hold_keeps_frames_and_release_delivers_them_in_order(rig: Rig) ->
         rig.uplink.inject(eth(k))
     assert await rig.vm.nothing_for(0.2)
     status = rig.agent.stats()
-    assert status["held"] is True
-    assert status["hold"]["frames"] == 10
-    assert status["net_frames_buffered"] == 10
+    assert status.held is True
+    assert status.hold.frames == 10
+    assert status.net_frames_buffered == 10
     # The VM's own frames still leave while it is held.
     await rig.vm.send(eth(100))
     await until(lambda: rig.uplink.sent == [eth(100)])
     result = rig.agent.release()
-    assert (result["delivered"], result["lost"]) == (10, 0)
+    assert (result.delivered, result.lost) == (10, 0)
     rig.uplink.inject(eth(11))
     assert await rig.vm.receive(12) == [eth(k) for k in range(12)]
-    assert rig.agent.stats()["held"] is False
+    assert rig.agent.stats().held is False
     assert rig.agent.delivered_from_hold == 10
 
 
@@ -145,8 +145,8 @@ async def test_hold_is_bounded_by_bytes(rig: Rig) -> None:
     rig.uplink.inject(eth(1, 40000))  # would pass the byte bound
     rig.uplink.inject(eth(2, 20000))
     status = rig.agent.stats()
-    assert (status["hold"]["frames"], status["hold"]["bytes"]) == (2, 60000)
-    assert status["lost"]["hold_overflow"] == 1
+    assert (status.hold.frames, status.hold.bytes) == (2, 60000)
+    assert status.lost["hold_overflow"] == 1
     rig.agent.release()
     assert await rig.vm.receive(2) == [eth(0, 40000), eth(2, 20000)]
 
@@ -204,7 +204,7 @@ async def test_forward_sends_uplink_frames_to_the_peer_agent_and_stop_forward_en
     try:
         host, port = await dest.agent.listen_peer("127.0.0.1", 0)
         await source.agent.forward(host, port)
-        assert source.agent.stats()["forward"]["peer"] == f"{host}:{port}"
+        assert source.agent.stats().forward.peer == f"{host}:{port}"
         for k in range(50):
             source.uplink.inject(eth(k))
         assert await dest.vm.receive(50) == [eth(k) for k in range(50)]
@@ -212,7 +212,7 @@ async def test_forward_sends_uplink_frames_to_the_peer_agent_and_stop_forward_en
         assert source.agent.net_frames_forwarded == 50
         assert dest.agent.counters["from_peer_frames"] == 50
         result = await source.agent.stop_forward()
-        assert result["frames"] == 50
+        assert result.frames == 50
         source.uplink.inject(eth(99))
         assert await source.vm.receive(1) == [eth(99)]
         with pytest.raises(StateError):
@@ -236,7 +236,7 @@ async def test_migration_order_hold_forward_release_loses_nothing() -> None:
         await until(lambda: dest.agent.net_frames_buffered == 100)
         dest.uplink.inject(eth(100))  # the destination's own uplink learns the VM's address
         await until(lambda: dest.agent.net_frames_buffered == 101)
-        assert dest.agent.release()["delivered"] == 101
+        assert dest.agent.release().delivered == 101
         dest.uplink.inject(eth(101))
         assert await dest.vm.receive(102) == [eth(k) for k in range(102)]
         await source.agent.stop_forward()
@@ -276,7 +276,7 @@ async def test_forward_to_nobody_is_a_peer_error(rig: Rig) -> None:
     await server.wait_closed()
     with pytest.raises(PeerError, match="cannot reach"):
         await rig.agent.forward("127.0.0.1", port)
-    assert rig.agent.stats()["forward"] is None
+    assert rig.agent.stats().forward is None
 
 
 async def test_two_forwards_at_once_leave_one_forwarding(rig: Rig) -> None:
@@ -285,8 +285,8 @@ async def test_two_forwards_at_once_leave_one_forwarding(rig: Rig) -> None:
         rig.agent.forward(host, port), rig.agent.forward(host, port), return_exceptions=True
     )
     assert sorted(type(r).__name__ for r in results) == ["StateError", "int"]
-    forward = rig.agent.stats()["forward"]
-    assert forward is not None and forward["peer"] == f"{host}:{port}"
+    forward = rig.agent.stats().forward
+    assert forward is not None and forward.peer == f"{host}:{port}"
     await rig.agent.stop_forward()
 
 
@@ -301,7 +301,7 @@ async def test_a_lost_forwarding_peer_sends_frames_back_to_the_vm(rig: Rig) -> N
         await rig.agent.forward("127.0.0.1", server.sockets[0].getsockname()[1])
         await until(lambda: bool(accepted))
         accepted[0].transport.abort()
-        await until(lambda: rig.agent.stats()["forward"] is None)
+        await until(lambda: rig.agent.stats().forward is None)
         rig.uplink.inject(eth(7))
         assert await rig.vm.receive(1) == [eth(7)]
     finally:
@@ -336,7 +336,7 @@ async def test_swap_while_held_stays_held(rig: Rig) -> None:
     rig.uplink.inject(eth(0), read_now=False)
     await rig.agent.swap_uplink(MemoryUplink("new"))
     assert rig.agent.held
-    assert rig.agent.stats()["hold"]["frames"] == 1
+    assert rig.agent.stats().hold.frames == 1
     rig.agent.release()
     assert await rig.vm.receive(1) == [eth(0)]
 
@@ -365,7 +365,7 @@ async def test_runts_from_the_vm_are_dropped_and_counted_in_sync(rig: Rig) -> No
     await rig.vm.send_raw(struct.pack(">I", 0) + struct.pack(">I", 3) + b"abc")
     await rig.vm.send(eth(1))
     await until(lambda: rig.uplink.sent == [eth(1)])
-    assert rig.agent.stats()["bad_frames"]["vm"]["runt"] == 2
+    assert rig.agent.stats().bad_frames["vm"]["runt"] == 2
 
 
 async def test_an_oversized_length_from_the_vm_closes_its_link_and_the_agent_lives_on(
@@ -374,7 +374,7 @@ async def test_an_oversized_length_from_the_vm_closes_its_link_and_the_agent_liv
     await rig.vm.send(eth(1))
     await rig.vm.send_raw(struct.pack(">I", 0xFFFFFFF0) + b"\x00" * 100)
     assert await rig.vm.closed_by_peer()
-    assert rig.agent.stats()["bad_frames"]["vm"]["oversized"] == 1
+    assert rig.agent.stats().bad_frames["vm"]["oversized"] == 1
     assert rig.uplink.sent == [eth(1)]
     await until(lambda: rig.agent.vm_link is None)
     rig.uplink.inject(eth(2))
@@ -399,8 +399,8 @@ async def test_garbage_from_a_peer_never_reaches_the_vm(rig: Rig, garbage: bytes
     await writer.drain()
     assert await reader.read() == b""  # the agent closes its side
     writer.close()
-    await until(lambda: rig.agent.stats()["peers"] == 0)
-    bad = rig.agent.stats()["bad_frames"]["peer"]
+    await until(lambda: rig.agent.stats().peers == 0)
+    bad = rig.agent.stats().bad_frames["peer"]
     assert sum(bad.values()) >= 1
     assert rig.agent.counters["to_vm_frames"] == 0
     assert await rig.vm.nothing_for(0.05)
@@ -438,7 +438,7 @@ async def test_the_agent_connects_to_qemus_socket_and_reconnects_after_a_drop(
         assert await second.receive(1) == [eth(2)]
         await second.send(eth(3))
         await until(lambda: uplink.sent == [eth(3)])
-        assert agent.stats()["vm_connects"] == 2
+        assert agent.stats().vm_connects == 2
         with pytest.raises(StateError):
             agent.connect_vm(path)
         await second.close()

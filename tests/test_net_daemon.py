@@ -13,8 +13,10 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import msgspec
 import pytest
 
+from devagent.api_types import Devices, DiskRow, NicRow
 from devagent.daemon.migration.net import MAX_FORWARD_S, QUIET_S, NetMigration, forwarding_done
 from devagent.daemon.netstat import is_link
 from devagent.daemon.nics import NicAgent, NicIdentity
@@ -29,9 +31,17 @@ from devagent.guestnet import (
 )
 from devagent.lab.traffic import parse_ping, ping_max_gap
 from devagent.net.agent import NetAgent
+from devagent.net.messages import (
+    ForwardAnswer,
+    ForwardStatus,
+    NetStatus,
+    StopForwardAnswer,
+    UplinkStatus,
+)
 from devagent.net.serve import serve
 from devagent.net.uplink import MemoryUplink
 from devagent.report import MigrationReport
+from devagent.wire import to_json
 from net_fakes import ETH_HEADER, eth, until
 
 A = ipaddress.IPv4Address
@@ -211,7 +221,7 @@ async def test_an_agent_started_held_keeps_the_first_frame(tmp_path: Path) -> No
         (agent,) = agents
         assert agent.held and agent.max_hold_s == 60
         uplink.inject(eth(1))
-        assert agent.stats()["hold"]["frames"] == 1 and agent.net_frames_lost == 0
+        assert agent.stats().hold.frames == 1 and agent.net_frames_lost == 0
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -226,13 +236,13 @@ async def test_the_forward_notes_when_its_last_unicast_frame_went() -> None:
     try:
         host, port = await dest.listen_peer("127.0.0.1", 0)
         await source.forward(host, port)
-        assert source.stats()["forward"]["last_unicast_at"] is None
+        assert source.stats().forward.last_unicast_at is None
         broadcast = b"\xff" * 6 + ETH_HEADER[6:] + bytes(46)
         uplink.inject(broadcast)
-        assert source.stats()["forward"]["last_unicast_at"] is None
+        assert source.stats().forward.last_unicast_at is None
         assert source.net_frames_forwarded == 1
         uplink.inject(eth(1))
-        stamp = source.stats()["forward"]["last_unicast_at"]
+        stamp = source.stats().forward.last_unicast_at
         assert stamp is not None and source.net_frames_forwarded == 2
         await asyncio.sleep(0)
     finally:
@@ -243,32 +253,47 @@ async def test_the_forward_notes_when_its_last_unicast_frame_went() -> None:
 # --- the NICs' steps of a migration, with fake agents ----------------------------------------
 
 
+def net_status(**changes: Any) -> NetStatus:
+    """A net agent's status: nothing counted yet, then ``changes``."""
+    uplink = UplinkStatus(kind="TapUplink", name="tap0", rx_frames=0, rx_bytes=0, tx_frames=0,
+                          tx_bytes=0, tx_dropped=0, failed=False)  # fmt: skip
+    status = NetStatus(
+        vm="v", nic="net0", state="running", uplink=uplink, vm_socket=None, vm_connected=True,
+        vm_connects=1, peer_addresses=[], peers=0, held=False, hold=None, forward=None,
+        counters={}, net_frames_buffered=0, net_frames_forwarded=0, net_frames_lost=0,
+        delivered_from_hold=0, lost={}, bad_frames={}, pid=1,
+    )  # fmt: skip
+    return msgspec.structs.replace(status, **changes)
+
+
 class FakeNic:
     """A NIC agent's control API as NetMigration uses it: records the calls."""
 
     def __init__(self, node: str = "net0") -> None:
         self.node, self.address, self.mac = node, "10.213.7.100/24", "52:54:00:d5:07:64"
         self.calls: list[str] = []
-        self.status: dict[str, Any] = {
-            "net_frames_buffered": 0, "net_frames_forwarded": 0, "net_frames_lost": 0,
-            "lost": {}, "forward": None,
-        }  # fmt: skip
+        self.status = net_status()
 
     def describe(self) -> str:
         return f"VM v NIC {self.node}"
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         self.calls.append(path if method == "POST" else f"GET {path}")
+        status = self.status
         if path == "/forward":
-            self.status["forward"] = {"peer": body["peer"], "last_unicast_at": None}
-            self.status["net_frames_forwarded"] += 3
-            return {"handed_over": 3}
+            forward = ForwardStatus(peer=body["peer"], since=0.0, frames=3, last_unicast_at=None)
+            self.status = msgspec.structs.replace(
+                status, forward=forward, net_frames_forwarded=status.net_frames_forwarded + 3
+            )
+            return to_json(ForwardAnswer(forwarding=body["peer"], handed_over=3))
         if path == "/stop-forward":
-            self.status["forward"] = None
-            return {"frames": 3}
+            self.status = msgspec.structs.replace(status, forward=None)
+            return to_json(StopForwardAnswer(peer="p", frames=3))
         if path == "/hold":
-            self.status["net_frames_buffered"] += 3
-        return dict(self.status)
+            self.status = msgspec.structs.replace(
+                status, net_frames_buffered=status.net_frames_buffered + 3
+            )
+        return to_json(self.status)
 
 
 class FakeQemu:
@@ -282,8 +307,11 @@ class FakeQemu:
 
 class FakePeer:
     async def get(self, path: str, **params: Any) -> dict[str, Any]:
-        agent = {"net_frames_buffered": 2, "net_frames_lost": 0, "lost": {}}
-        return {"devices": [{"device": "disk0"}, {"device": "net0", "kind": "nic", "agent": agent}]}
+        disk = DiskRow(vm="v", device="disk0", image="/img", state="direct")
+        nic = NicRow(vm="v", device="net0", address="10.213.7.100/24", mac="52:54:00:d5:07:64",
+                     tap="tap1", agent_pid=2, stream_socket="/s", state="held",
+                     agent=net_status(net_frames_buffered=2))  # fmt: skip
+        return to_json(Devices(devices=[disk, nic]))
 
 
 def fake_migration() -> tuple[NetMigration, FakeNic, FakeQemu, list[str], MigrationReport]:

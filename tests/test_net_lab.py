@@ -65,8 +65,8 @@ def endpoints(lab: Lab) -> list[Endpoint]:
 async def boot_with_nic(a: Endpoint, name: str, netns: str) -> str:
     """Start the test guest with a NIC on ``a``; its address once it answers a ping."""
     status = await start_vm(a, {"name": name, "disk_size": "64M", "workload": "idle", "nic": True})
-    assert len(status["nics"]) == 1
-    address: str = status["nics"][0]["address"].split("/")[0]
+    assert len(status.status.nics) == 1
+    address: str = status.status.nics[0].address.split("/")[0]
     await asyncio.to_thread(wait_for_ping, netns, address, 90.0)
     return address
 
@@ -136,7 +136,7 @@ async def test_tcp_stream_and_ping_through_a_live_migration(lab: Lab, state_dir:
 
     # The VM and its NIC live on b only; a removed its agent and tap.
     where, vm = await locate_vm([a, b, c], "nvm1")
-    assert where.name == "b" and vm["nics"][0]["address"].startswith(address)
+    assert where.name == "b" and vm.nics[0].address.startswith(address)
     async with DaemonClient(a) as client:
         with pytest.raises(NotFound):
             await client.get("/v1/vms/nvm1")

@@ -88,9 +88,9 @@ async def test_a_destination_dying_before_switchover_leaves_the_vm_on_the_source
 
     # The VM runs on a, untouched: its probe goes on without an error.
     _, vm = await locate_vm([a], "rb1")
-    assert vm["state"] == "running"
+    assert vm.state == "running"
     beats = await wait_heartbeats(a, "rb1", 20)
-    assert beats[-1]["errors"] == 0 and beats[-1]["verify_failures"] == 0
+    assert beats[-1].errors == 0 and beats[-1].verify_failures == 0
 
     # b's daemon comes back and leaves nothing of the attempt: no VM, no agent, no replica.
     await asyncio.to_thread(lab.restart_daemon, "b")
@@ -138,6 +138,6 @@ async def test_a_users_own_guest_moves_with_every_strategy(
         assert report.io_gap_source == "agent journals" and report.max_io_gap_ms is not None
         assert "ioprobe" in report.missing["integrity"]
         where, status = await locate_vm([a, b], "u1")
-        assert where.name == destination.name and status["state"] == "running"
-        compared = await tool("qemu-img", "compare", "-q", str(reference), status["disk"])
+        assert where.name == destination.name and status.state == "running"
+        compared = await tool("qemu-img", "compare", "-q", str(reference), status.disk)
         assert compared.returncode == 0, f"{strategy}: {compared.stdout}{compared.stderr}"

@@ -184,7 +184,7 @@ async def test_devices_answer_within_a_second_when_agents_are_silent(tmp_path: P
         never.set()
         for runner in runners:
             await runner.cleanup()
-    assert [(r["device"], r["state"]) for r in rows] == [
+    assert [(r.device, r.state) for r in rows] == [
         ("disk0", "unreachable (no answer in 1 s)"),
         ("net0", "unreachable (no answer in 1 s)"),
     ]
@@ -194,7 +194,7 @@ async def test_devices_answer_within_a_second_when_agents_are_silent(tmp_path: P
 async def test_an_agent_without_a_socket_is_unreachable_at_once(tmp_path: Path) -> None:
     disk = AgentProcess(vm="v1", node="disk0", image="/img", run_dir=str(tmp_path))
     rows = await _managed(tmp_path, VmRole.RUNNING, [disk]).devices()
-    assert rows[0]["state"].startswith("unreachable: agent v1/disk0 unreachable")
+    assert rows[0].state.startswith("unreachable: agent v1/disk0 unreachable")
 
 
 # --- a process exit, awaited ------------------------------------------------------------------

@@ -1,21 +1,29 @@
 """Client of a devagentd's HTTP API, used by the CLI and by daemons talking to their peers.
 
-Each call returns the decoded JSON body; a 4xx/5xx answer becomes the matching devagent
-error carrying the daemon's own message, and a daemon that cannot be reached becomes a
-:class:`PeerError` naming its URL.
+``get_as``, ``post_as`` and ``delete_as`` decode the answer once into its declared type
+(:mod:`devagent.api_types`, or a migration message); an answer that does not fit is a
+:class:`PeerError` naming the field's path. ``get``, ``post`` and ``delete`` return the plain
+JSON (for a caller that only passes it on). A request body is a Struct or plain JSON. A 4xx/5xx
+answer becomes the matching devagent error carrying the daemon's own message, and a daemon
+that cannot be reached becomes a :class:`PeerError` naming its URL.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
+import msgspec
 
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 
 DEFAULT_TIMEOUT_S = 60.0
+T = TypeVar("T")
+Params = Mapping[str, str | int | float]
 
 
 @dataclass(frozen=True)
@@ -72,31 +80,73 @@ class DaemonClient:
             await self._session.close()
             self._session = None
 
-    async def get(self, path: str, **params: Any) -> Any:
-        return await self.request("GET", path, params=params or None)
+    async def get_as(self, path: str, into: type[T], **params: str | int | float) -> T:
+        """``GET path`` decoded as an ``into``."""
+        return self._decoded("GET", path, await self._call("GET", path, params=params), into)
 
-    async def post(self, path: str, body: Any = None) -> Any:
-        return await self.request("POST", path, body=body if body is not None else {})
+    async def post_as(self, path: str, into: type[T], body: object = None) -> T:
+        """``POST path`` (``body``: a Struct or plain JSON; none is ``{}``) decoded as an
+        ``into``."""
+        raw = await self._call("POST", path, body={} if body is None else body)
+        return self._decoded("POST", path, raw, into)
+
+    async def delete_as(self, path: str, into: type[T]) -> T:
+        return self._decoded("DELETE", path, await self._call("DELETE", path), into)
+
+    async def get(self, path: str, **params: str | int | float) -> Any:
+        return _plain(await self._call("GET", path, params=params))
+
+    async def post(self, path: str, body: object = None) -> Any:
+        return _plain(await self._call("POST", path, body={} if body is None else body))
 
     async def delete(self, path: str) -> Any:
-        return await self.request("DELETE", path)
+        return _plain(await self._call("DELETE", path))
 
-    async def request(
-        self, method: str, path: str, body: Any = None, params: dict[str, Any] | None = None
-    ) -> Any:
+    def _decoded(self, method: str, path: str, raw: bytes, into: type[T]) -> T:
+        try:
+            return msgspec.json.decode(raw, type=into)
+        except msgspec.DecodeError as err:
+            raise PeerError(f"host {self._who}: {method} {path} answered badly: {err}") from None
+
+    @property
+    def _who(self) -> str:
+        return self.endpoint.name or self.endpoint.url
+
+    async def _call(
+        self, method: str, path: str, body: object = None, params: Params | None = None
+    ) -> bytes:
+        """The answer's body, once its status says it succeeded."""
         if self._session is None:
             raise StateError("DaemonClient used outside 'async with'")
-        who = self.endpoint.name or self.endpoint.url
+        data = None if body is None else msgspec.json.encode(body)
+        headers = {"Content-Type": "application/json"} if data is not None else None
         try:
-            async with self._session.request(method, path, json=body, params=params) as resp:
-                try:
-                    payload = await resp.json(content_type=None)
-                except ValueError:
-                    payload = {"error": (await resp.text())[:200]}
+            async with self._session.request(
+                method, path, data=data, headers=headers, params=params or None
+            ) as resp:
+                raw = await resp.read()
                 if resp.status >= 400:
-                    message = payload.get("error") if isinstance(payload, dict) else None
                     error = _STATUS_ERRORS.get(resp.status, PeerError)
-                    raise error(f"host {who}: {message or f'HTTP {resp.status}'}")
-                return payload
+                    raise error(f"host {self._who}: {_error_of(raw) or f'HTTP {resp.status}'}")
+                return raw
         except (aiohttp.ClientError, TimeoutError) as err:
-            raise PeerError(f"host {who} ({self.endpoint.url}) unreachable: {err!r}") from err
+            raise PeerError(f"host {self._who} ({self.endpoint.url}) unreachable: {err!r}") from err
+
+
+class _Error(msgspec.Struct):
+    error: str
+
+
+def _error_of(raw: bytes) -> str | None:
+    """The daemon's ``{"error": message}``, or the start of whatever else it answered."""
+    try:
+        return msgspec.json.decode(raw, type=_Error).error
+    except msgspec.DecodeError:
+        return raw[:200].decode(errors="replace") or None
+
+
+def _plain(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError as err:
+        raise PeerError(f"the daemon answered no JSON: {raw[:200]!r}") from err

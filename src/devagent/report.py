@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from typing import Any, Protocol
 
+from devagent.wire import convert
+
 MEASURES = (
     "time_to_switchover_s",
     "total_time_s",
@@ -101,9 +103,9 @@ class MigrationReport:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MigrationReport:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    def from_json(cls, data: object) -> MigrationReport:
+        """A saved report (keys it does not know are left out)."""
+        return convert(data, cls, what="a migration report")
 
     def mark_missing(self, reason: str, *names: str) -> None:
         for name in names:

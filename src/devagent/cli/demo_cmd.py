@@ -197,15 +197,15 @@ async def run_net_demo(
             "nic": True,
         }
         with Spinner(f"booting {DEMO_VM} with a NIC on host {a.name}", enabled=verbose) as spin:
-            status = await start_vm(a, request)
-            address = str(status["nics"][0]["address"]).split("/")[0]
+            booted = await start_vm(a, request)
+            address = booted.status.nics[0].address.split("/")[0]
             await asyncio.to_thread(wait_for_ping, netns_c, address)
             await wait_past_phase(
                 a,
                 DEMO_VM,
                 "prefill",
                 on_beat=lambda beat: spin.update(
-                    f"ioprobe prefilling the disk: {beat['written_blocks'] >> 8} MiB"
+                    f"ioprobe prefilling the disk: {beat.written_blocks >> 8} MiB"
                 ),
             )
             spin.update("steady-state guest I/O before migrating")
@@ -295,22 +295,21 @@ async def run_demo(
             "storage": "shared" if storage == "shared" else "local",
         }
         with Spinner(f"booting {DEMO_VM} on host {a.name}", enabled=verbose) as spinner:
-            status = await start_vm(
+            booted = await start_vm(
                 a,
                 request,
-                progress=lambda p: spinner.update(f"booting {DEMO_VM}: {p['elapsed_s']:.1f} s"),
+                progress=lambda s: spinner.update(f"booting {DEMO_VM}: {s:.1f} s"),
             )
             say(
                 f"{DEMO_VM} runs ioprobe ({workload}) on host {a.name}: first heartbeat after "
-                f"{status['boot_s']} s"
+                f"{booted.boot_s} s"
             )
             await wait_past_phase(
                 a,
                 DEMO_VM,
                 "prefill",
                 on_beat=lambda beat: spinner.update(
-                    f"ioprobe prefilling the disk: {beat['written_blocks'] * 4096 >> 20} MiB "
-                    "written"
+                    f"ioprobe prefilling the disk: {beat.written_blocks * 4096 >> 20} MiB written"
                 ),
             )
             spinner.update("steady-state guest I/O before migrating")

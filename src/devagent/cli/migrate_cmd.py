@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 
+from devagent.api_types import Migrations
 from devagent.cli.common import (
     endpoint_for,
     err,
@@ -105,11 +105,11 @@ async def watch_migration(name: str, lab_name: str, *, enabled: bool) -> Migrati
     the source) to its report."""
     for endpoint in lab_endpoints(lab_name):
         async with DaemonClient(endpoint) as client:
-            jobs: list[dict[str, Any]] = (await client.get("/v1/migrations"))["migrations"]
-            running = [j for j in jobs if j["vm"] == name and j["finished_at"] is None]
+            jobs = (await client.get_as("/v1/migrations", Migrations)).migrations
+            running = [j for j in jobs if j.vm == name and j.finished_at is None]
             if running:
                 with MigrationProgress(enabled=enabled) as progress:
-                    return await follow_migration(client, running[-1]["id"], progress)
+                    return await follow_migration(client, running[-1].id, progress)
     raise NotFound(f"VM {name} is not being migrated by any host of lab {lab_name!r}")
 
 

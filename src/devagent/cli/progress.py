@@ -7,11 +7,12 @@ from typing import Any
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 
+from devagent.api_types import MigrationStatus
 from devagent.cli.common import err
 
 
 class MigrationProgress:
-    """Feed it the migration job's status dicts (``orchestrate.follow_migration``)."""
+    """Feed it the migration job's statuses (``orchestrate.follow_migration``)."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -42,25 +43,24 @@ class MigrationProgress:
         if self.bars is not None:
             self.bars.stop()
 
-    def __call__(self, job: dict[str, Any]) -> None:
+    def __call__(self, job: MigrationStatus) -> None:
         if not self.enabled:
             return
-        phase = job["phase"]
-        if phase != self.phase:
-            self.phase = phase
-            err.print(f"[bold]{job['vm']}[/]: {phase} ({job['progress'].get('elapsed_s', 0)} s)")
-        figures = job["progress"]
+        figures = job.progress
+        if job.phase != self.phase:
+            self.phase = job.phase
+            err.print(f"[bold]{job.vm}[/]: {job.phase} ({figures.elapsed_s or 0} s)")
         if self.bars is None:
             return
-        if "ram_total" in figures:
+        if figures.ram_total is not None:
             if self.ram_task is None:
-                self.ram_task = self.bars.add_task("RAM ", total=figures["ram_total"])
-            self.bars.update(self.ram_task, completed=figures["ram_transferred"])
-        if "disk_done" in figures:
-            total = figures["disk_done"] + figures["disk_left"]
+                self.ram_task = self.bars.add_task("RAM ", total=figures.ram_total)
+            self.bars.update(self.ram_task, completed=figures.ram_transferred or 0)
+        if figures.disk_done is not None:
+            total = figures.disk_done + (figures.disk_left or 0)
             if self.disk_task is None:
                 self.disk_task = self.bars.add_task("disk", total=total)
-            self.bars.update(self.disk_task, completed=figures["disk_done"], total=total)
+            self.bars.update(self.disk_task, completed=figures.disk_done, total=total)
 
 
 class Spinner:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 from rich.table import Table
 
+from devagent.api_types import Removed, VmList, VmStatus
 from devagent.cli.common import (
     endpoint_for,
     err,
@@ -18,8 +17,9 @@ from devagent.cli.common import (
     run,
 )
 from devagent.cli.progress import Spinner
-from devagent.client import DaemonClient
-from devagent.orchestrate import locate_vm, start_vm
+from devagent.client import DaemonClient, Endpoint
+from devagent.orchestrate import Started, locate_vm, start_vm
+from devagent.wire import to_json
 
 
 @click.group("vm")
@@ -88,7 +88,7 @@ def start(
     with --disk, your own guest (which has no probe, so fewer measures)."""
     from devagent.vocab import parse_size
 
-    request: dict[str, Any] = {
+    request: dict[str, object] = {
         "name": name,
         "ram_mb": parse_size(ram) >> 20,
         "disk_size": parse_size(disk_size),
@@ -101,7 +101,7 @@ def start(
     else:
         request["workload"] = workload
 
-    async def go() -> dict[str, Any]:
+    async def go() -> Started:
         endpoint = endpoint_for(host, lab_name)
         if disk_host is not None:
             request["disk_from"] = endpoint_for(disk_host, lab_name).to_json()
@@ -110,19 +110,17 @@ def start(
                 endpoint,
                 request,
                 wait=not no_wait,
-                progress=lambda p: spinner.update(
-                    f"{name} on {host}: {p['phase']} {p['elapsed_s']:.1f} s"
-                ),
+                progress=lambda s: spinner.update(f"{name} on {host}: booting {s:.1f} s"),
             )
 
-    status = run(go())
-    nics = "".join(f", NIC {n['node']} {n['address']} (tap {n['tap']})" for n in status["nics"])
+    started = run(go())
+    status = started.status
+    nics = "".join(f", NIC {n.node} {n.address} (tap {n.tap})" for n in status.nics)
     if as_json:
-        print_json(status)
-    elif status.get("boot_s") is not None and status["probe"]:
+        print_json({**to_json(status), "boot_s": started.boot_s})
+    elif started.boot_s is not None and status.probe:
         err.print(
-            f"VM {name} runs on host {host}; probe's first heartbeat after "
-            f"{status['boot_s']} s{nics}"
+            f"VM {name} runs on host {host}; probe's first heartbeat after {started.boot_s} s{nics}"
         )
     else:
         err.print(f"VM {name} runs on host {host} (no ioprobe: your own guest){nics}")
@@ -134,30 +132,30 @@ def start(
 def list_vms(as_json: bool, lab_name: str) -> None:
     """Every VM on every host of the lab."""
 
-    async def go() -> list[dict[str, Any]]:
+    async def go() -> list[tuple[str, VmStatus]]:
         rows = []
         for endpoint in lab_endpoints(lab_name):
             async with DaemonClient(endpoint) as client:
-                for vm in (await client.get("/v1/vms"))["vms"]:
-                    rows.append({"host": endpoint.name, **vm})
+                for vm in (await client.get_as("/v1/vms", VmList)).vms:
+                    rows.append((endpoint.name, vm))
         return rows
 
     rows = run(go())
     if as_json:
-        print_json(rows)
+        print_json([{"host": host, **to_json(vm)} for host, vm in rows])
         return
     table = Table("host", "vm", "state", "role", "ram", "storage", "ops total", "errors")
-    for row in rows:
-        beat = row["last_heartbeat"] or {}
+    for host, vm in rows:
+        beat = vm.last_heartbeat
         table.add_row(
-            row["host"],
-            row["name"],
-            row["state"],
-            row["role"],
-            f"{row['ram_mb']}M",
-            row["storage"],
-            str(beat.get("ops_total", "—")),
-            str(beat.get("errors", "—")),
+            host,
+            vm.name,
+            vm.state,
+            vm.role,
+            f"{vm.ram_mb}M",
+            vm.storage,
+            str(beat.ops_total) if beat else "—",
+            str(beat.errors) if beat else "—",
         )
     out.print(table)
 
@@ -169,11 +167,11 @@ def list_vms(as_json: bool, lab_name: str) -> None:
 def status(name: str, as_json: bool, lab_name: str) -> None:
     """Where VM NAME runs, its state and its probe's last heartbeat."""
 
-    async def go() -> dict[str, Any]:
-        endpoint, vm = await locate_vm(lab_endpoints(lab_name), name)
-        return {"host": endpoint.name, **vm}
+    async def go() -> tuple[Endpoint, VmStatus]:
+        return await locate_vm(lab_endpoints(lab_name), name)
 
-    info = run(go())
+    endpoint, vm = run(go())
+    info = {"host": endpoint.name, **to_json(vm)}
     if as_json:
         print_json(info)
         return
@@ -188,29 +186,31 @@ def status(name: str, as_json: bool, lab_name: str) -> None:
 def stop(name: str, as_json: bool, lab_name: str) -> None:
     """Stop VM NAME wherever it runs."""
 
-    async def go() -> dict[str, Any]:
+    async def go() -> tuple[Endpoint, Removed]:
         endpoint, _ = await locate_vm(lab_endpoints(lab_name), name)
         async with DaemonClient(endpoint) as client:
-            answer: dict[str, Any] = await client.delete(f"/v1/vms/{name}")
-            return {"host": endpoint.name, **answer}
+            return endpoint, await client.delete_as(f"/v1/vms/{name}", Removed)
 
-    answer = run(go())
+    endpoint, answer = run(go())
     if as_json:
-        print_json(answer)
+        print_json({"host": endpoint.name, **to_json(answer)})
     else:
-        err.print(f"VM {name} stopped on host {answer['host']}")
+        err.print(f"VM {name} stopped on host {endpoint.name}")
 
 
-def _set_suspended(name: str, lab_name: str, suspended: bool) -> dict[str, Any]:
+def _set_suspended(name: str, lab_name: str, suspended: bool, as_json: bool) -> None:
     verb = "suspend" if suspended else "resume"
 
-    async def go() -> dict[str, Any]:
+    async def go() -> tuple[Endpoint, VmStatus]:
         endpoint, _ = await locate_vm(lab_endpoints(lab_name), name)
         async with DaemonClient(endpoint) as client:
-            answer: dict[str, Any] = await client.post(f"/v1/vms/{name}/{verb}")
-            return {"host": endpoint.name, **answer}
+            return endpoint, await client.post_as(f"/v1/vms/{name}/{verb}", VmStatus)
 
-    return run(go())
+    endpoint, status = run(go())
+    if as_json:
+        print_json({"host": endpoint.name, **to_json(status)})
+    else:
+        err.print(f"VM {name} {verb}d on host {endpoint.name}")
 
 
 @vm_group.command("suspend")
@@ -220,11 +220,7 @@ def _set_suspended(name: str, lab_name: str, suspended: bool) -> dict[str, Any]:
 def suspend(name: str, as_json: bool, lab_name: str) -> None:
     """Stop VM NAME's vCPUs where it runs (QMP stop): it does nothing, costs no CPU and keeps
     its devices; `vm resume` lets it go on. A suspended VM is not migrated."""
-    answer = _set_suspended(name, lab_name, True)
-    if as_json:
-        print_json(answer)
-    else:
-        err.print(f"VM {name} suspended on host {answer['host']}")
+    _set_suspended(name, lab_name, True, as_json)
 
 
 @vm_group.command("resume")
@@ -233,8 +229,4 @@ def suspend(name: str, as_json: bool, lab_name: str) -> None:
 @lab_option
 def resume(name: str, as_json: bool, lab_name: str) -> None:
     """Let a suspended VM NAME run again (QMP cont)."""
-    answer = _set_suspended(name, lab_name, False)
-    if as_json:
-        print_json(answer)
-    else:
-        err.print(f"VM {name} resumed on host {answer['host']}")
+    _set_suspended(name, lab_name, False, as_json)

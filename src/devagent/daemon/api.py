@@ -3,6 +3,11 @@
 Every route requires ``Authorization: Bearer TOKEN`` (401 otherwise). Errors are JSON objects
 ``{"error": message}``: a bad request 400, an unknown VM or migration 404, an operation the
 object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with its trace).
+Each answer is a type of :mod:`devagent.api_types`, encoded once (:func:`answer`).
+
+The table below is every route :func:`build_app` registers, no more, no less
+(``tests/test_routes.py`` checks it both ways; the migration routes are
+:class:`~devagent.daemon.migration.routes.MigrationRoutes`; their own table is checked too).
 
     GET    /v1/health                         host name and address
     GET    /v1/vms                            every VM of this host
@@ -17,12 +22,15 @@ object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with i
                                               for a NIC {"to": TAP}: make TAP its uplink
     POST   /v1/vms/{name}/devices/{node}/attach-remote {"from": PEER}: move it to a peer host
     POST   /v1/vms/{name}/probe               {"command": "pause"|"resume"|"verify"}
+    POST   /v1/vms/{name}/suspend             stop the guest's vCPUs (QMP stop)
+    POST   /v1/vms/{name}/resume              let a suspended guest run again (QMP cont)
     POST   /v1/vms/{name}/integrity           disk equals what the guest last wrote?
     POST   /v1/vms/{name}/migrate             start a migration (MigrateRequest) → 202
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
     GET    /v1/exports                        disks of this host served to other hosts
     POST   /v1/exports                        {"name", "size"}: a new disk, served on TCP
     DELETE /v1/exports/{name}                 remove an export and its disk
+    POST   /v1/exports/{name}/digest          the probe's digest of an export's disk
     POST   /v1/incoming                       (peer) prepare an incoming VM → {"uri"}; with
                                               "nics", each NIC's agent, held → "nic_peers"
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it
@@ -36,15 +44,27 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
+import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from devagent.api_types import (
+    Completions,
+    Devices,
+    Exports,
+    Health,
+    Heartbeats,
+    Integrity,
+    PauseAnswer,
+    ProbeAnswer,
+    Removed,
+    ResumeAnswer,
+    VerifyAnswer,
+    VmList,
+)
 from devagent.control_api import STATUS, json_error
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
@@ -61,7 +81,7 @@ from devagent.daemon.vms.request import (
     decode_vm_request,
 )
 from devagent.errors import DevagentError, NotFound, UsageError
-from devagent.guest.probe import disk_digest
+from devagent.guest.probe import Heartbeat, Paused, ProbeEvent, Verified, disk_digest
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +100,14 @@ _STATUS: tuple[tuple[type[DevagentError], int], ...] = (
     (NotFound, 404),
     *STATUS,
 )
+
+
+def answer(message: object, status: int = 200) -> web.Response:
+    """``message`` (a Struct of :mod:`devagent.api_types`, a dataclass) as the JSON answer:
+    encoded once, here."""
+    return web.Response(
+        body=msgspec.json.encode(message), status=status, content_type="application/json"
+    )
 
 
 def token_middleware(token: str) -> Middleware:
@@ -119,59 +147,51 @@ async def raw_body(request: web.Request) -> bytes:
     return await request.read()
 
 
-async def body(request: web.Request) -> Any:
-    raw = await raw_body(request)
-    if not raw:
-        return {}
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise UsageError(f"request body is not valid JSON: {err}") from err
-
-
 def host_of(request: web.Request) -> Host:
     return request.app[HOST_KEY]
 
 
+def since_of(request: web.Request) -> float:
+    try:
+        return float(request.query.get("since", "0"))
+    except ValueError:
+        raise UsageError("'since' must be a number (host time in seconds)") from None
+
+
 async def health(request: web.Request) -> web.Response:
     host = host_of(request)
-    return web.json_response({"host": host.name, "address": host.address, "port": host.port})
+    return answer(Health(host=host.name, address=host.address, port=host.port))
 
 
 async def list_vms(request: web.Request) -> web.Response:
     vms = host_of(request).vms.vms.values()
-    return web.json_response({"vms": [m.status() for m in vms]})
+    return answer(VmList(vms=[m.api_status() for m in vms]))
 
 
 async def start_vm(request: web.Request) -> web.Response:
     vm_request = decode_vm_request(await raw_body(request))
     managed = await host_of(request).vms.start(vm_request)
-    return web.json_response(managed.status(), status=201)
+    return answer(managed.api_status(), status=201)
 
 
 async def get_vm(request: web.Request) -> web.Response:
-    return web.json_response(host_of(request).vms.get(request.match_info["name"]).status())
+    return answer(host_of(request).vms.get(request.match_info["name"]).api_status())
 
 
 async def stop_vm(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     await host_of(request).vms.remove(name)
-    return web.json_response({"name": name, "state": "stopped"})
+    return answer(Removed(name=name, state="stopped"))
 
 
 async def heartbeats(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
-    try:
-        since = float(request.query.get("since", "0"))
-    except ValueError:
-        raise UsageError("'since' must be a number (host time in seconds)") from None
-    beats = [asdict(b) for b in managed.heartbeats_since(since)]
-    return web.json_response({"heartbeats": beats})
+    return answer(Heartbeats(heartbeats=managed.heartbeats_since(since_of(request))))
 
 
 async def devices(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
-    return web.json_response({"devices": await managed.devices()})
+    return answer(Devices(devices=await managed.devices()))
 
 
 async def swap_device(request: web.Request) -> web.Response:
@@ -179,78 +199,82 @@ async def swap_device(request: web.Request) -> web.Response:
     swap = decode(await raw_body(request), SwapBody, SWAP_RULES)
     node = request.match_info["node"]
     if any(nic.node == node for nic in managed.nics):
-        return web.json_response(await exchange.swap_nic(managed, node, swap.to))
+        return answer(await exchange.swap_nic(managed, node, swap.to))
     if not swap.to.startswith("/"):
         raise UsageError(f"{SWAP_RULES['to']} (at $.to: not an absolute path)")
     result = await exchange.swap_disk(
         managed, node, Path(swap.to), sync=swap.sync, rate_limit=swap.rate_limit
     )
-    return web.json_response(result)
+    return answer(result)
 
 
 async def attach_remote(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     attach = decode(await raw_body(request), AttachRemoteBody, ATTACH_RULES)
     node = request.match_info["node"]
-    result = await exchange.attach_remote(managed, node, attach.endpoint(), sync=attach.sync)
-    return web.json_response(result)
+    return answer(await exchange.attach_remote(managed, node, attach.endpoint(), sync=attach.sync))
 
 
 async def completions(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
-    try:
-        since = float(request.query.get("since", "0"))
-    except ValueError:
-        raise UsageError("'since' must be a number (host time in seconds)") from None
-    return web.json_response({"completions": await managed.completions_since(since)})
+    return answer(Completions(completions=await managed.completions_since(since_of(request))))
+
+
+def probe_answer(event: ProbeEvent) -> ProbeAnswer:
+    """The answer to a probe command, tagged by the command its event answers."""
+    if isinstance(event, Paused):
+        return PauseAnswer(event=event)
+    if isinstance(event, Verified):
+        return VerifyAnswer(event=event)
+    if isinstance(event, Heartbeat):
+        return ResumeAnswer(event=event)
+    raise TypeError(f"no probe command is answered by {event!r}")
 
 
 async def probe_command(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     probe = decode(await raw_body(request), ProbeBody, PROBE_RULES)
-    event = await managed.probe_command(probe.command)
-    return web.json_response({"event": asdict(event)})
+    return answer(probe_answer(await managed.probe_command(probe.command)))
 
 
 async def suspend_vm(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     await managed.set_suspended(True)
-    return web.json_response(managed.status())
+    return answer(managed.api_status())
 
 
 async def resume_vm(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     await managed.set_suspended(False)
-    return web.json_response(managed.status())
+    return answer(managed.api_status())
 
 
 async def integrity(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
-    return web.json_response({"integrity": await managed.check_integrity()})
+    return answer(Integrity(integrity=await managed.check_integrity()))
 
 
 async def create_export(request: web.Request) -> web.Response:
     name, size = parse_export_request(await raw_body(request))
     agent = await host_of(request).exports.create(name, size)
-    return web.json_response(ExportManager.status(agent), status=201)
+    return answer(ExportManager.status(agent), status=201)
 
 
 async def list_exports(request: web.Request) -> web.Response:
     exports = host_of(request).exports.exports.values()
-    return web.json_response({"exports": [ExportManager.status(a) for a in exports]})
+    return answer(Exports(exports=[ExportManager.status(a) for a in exports]))
 
 
 async def export_digest(request: web.Request) -> web.Response:
     """The probe digest of an export's disk (for the integrity of a remote disk)."""
     agent = host_of(request).exports.get(request.match_info["name"])
-    found = await asyncio.to_thread(disk_digest, Path(agent.image))
-    return web.json_response(asdict(found))
+    return answer(await asyncio.to_thread(disk_digest, Path(agent.image)))
 
 
 async def delete_export(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     await host_of(request).exports.remove(name)
-    return web.json_response({"name": name, "state": "removed"})
+    return answer(Removed(name=name, state="removed"))
 
 
 def build_app(host: Host, token: str) -> web.Application:

@@ -10,10 +10,10 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
+from devagent.api_types import Export
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.vms.request import MAX_DISK_BYTES, MIN_DISK_BYTES, NAME_RULE, Name, decode
 from devagent.errors import NotFound, PeerError, StateError, UsageError
@@ -102,16 +102,16 @@ class ExportManager:
         return restarted
 
     @staticmethod
-    def status(agent: AgentProcess) -> dict[str, Any]:
-        return {
-            "name": agent.vm,
-            "address": agent.tcp_address,
-            "export": agent.export,
-            "image": agent.image,
-            "size": Path(agent.image).stat().st_size,
-            "agent_pid": agent.pid,
-            "alive": agent.alive,
-        }
+    def status(agent: AgentProcess) -> Export:
+        return Export(
+            name=agent.vm,
+            address=agent.tcp_address,
+            export=agent.export,
+            image=agent.image,
+            size=Path(agent.image).stat().st_size,
+            agent_pid=agent.pid,
+            alive=agent.alive,
+        )
 
 
 class ExportRequest(msgspec.Struct, frozen=True):

@@ -39,12 +39,12 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import socket
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.net.codec import (
@@ -52,13 +52,21 @@ from devagent.net.codec import (
     Limit,
 )
 from devagent.net.link import Link, LinkRole
+from devagent.net.messages import (
+    HOLD_MAX_BYTES,
+    HOLD_MAX_FRAMES,
+    ForwardStatus,
+    HoldStatus,
+    NetStatus,
+    ReleaseAnswer,
+    StopForwardAnswer,
+    UplinkStatus,
+)
 from devagent.net.uplink import Uplink
+from devagent.wire import convert
 
 log = logging.getLogger(__name__)
 
-#: Defaults of a hold: enough for a few seconds of a busy guest NIC, bounded.
-HOLD_MAX_FRAMES = 4096
-HOLD_MAX_BYTES = 8 << 20
 #: A hold nobody releases is released by the agent after this long (a dead daemon must
 #: not cut its guest off the network for ever).
 MAX_HOLD_S = 30.0
@@ -97,6 +105,12 @@ class _Hold:
     bytes: int = 0
     timer: asyncio.TimerHandle | None = None
 
+    def status(self) -> HoldStatus:
+        return HoldStatus(
+            reason=self.reason, since=self.since, frames=len(self.frames), bytes=self.bytes,
+            max_frames=self.max_frames, max_bytes=self.max_bytes,
+        )  # fmt: skip
+
 
 @dataclass
 class _Forward:
@@ -108,6 +122,11 @@ class _Forward:
     #: frames reach the peer's own uplink too: they say nothing about where the network
     #: believes the VM is (see ``devagent.daemon.migration.net``).
     last_at: float | None = None
+
+    def status(self) -> ForwardStatus:
+        return ForwardStatus(
+            peer=self.peer, since=self.since, frames=self.frames, last_unicast_at=self.last_at
+        )
 
 
 def _counters() -> dict[str, int]:
@@ -356,7 +375,7 @@ class NetAgent:
             log.warning("[%s] held %.0f s without release: releasing", self.label, self.max_hold_s)
             self.release()
 
-    def release(self) -> dict[str, Any]:
+    def release(self) -> ReleaseAnswer:
         """Deliver the kept frames to the VM in arrival order, then deliver as they come."""
         hold = self._hold
         if hold is None:
@@ -380,7 +399,7 @@ class NetAgent:
             delivered,
             lost,
         )
-        return {"delivered": delivered, "lost": lost, "held_s": round(held_s, 6)}
+        return ReleaseAnswer(delivered=delivered, lost=lost, held_s=round(held_s, 6))
 
     # -- forwarding to a peer ----------------------------------------------------------------
 
@@ -431,7 +450,7 @@ class NetAgent:
         )
         return handed_over
 
-    async def stop_forward(self) -> dict[str, Any]:
+    async def stop_forward(self) -> StopForwardAnswer:
         """Deliver uplink frames to the local VM again; close the link once it has sent
         what it queued."""
         forward = self._forward
@@ -442,7 +461,7 @@ class NetAgent:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(forward.link.closed), 5.0)
         forward.link.log.info("forwarding stopped after %d frames", forward.frames)
-        return {"peer": forward.peer, "frames": forward.frames}
+        return StopForwardAnswer(peer=forward.peer, frames=forward.frames)
 
     # -- swapping the uplink -----------------------------------------------------------------
 
@@ -500,43 +519,28 @@ class NetAgent:
 
     # -- figures -----------------------------------------------------------------------------
 
-    def stats(self) -> dict[str, Any]:
-        hold = self._hold
-        forward = self._forward
-        return {
-            "vm": self.vm,
-            "nic": self.nic,
-            "state": self.state.value,
-            "uplink": self.uplink.describe(),
-            "vm_socket": str(self.vm_socket) if self.vm_socket else None,
-            "vm_connected": self.vm_link is not None,
-            "vm_connects": self.vm_connects,
-            "peer_addresses": list(self.peer_addresses),
-            "peers": len(self._peers),
-            "held": hold is not None,
-            "hold": None
-            if hold is None
-            else {
-                "reason": hold.reason,
-                "since": hold.since,
-                "frames": len(hold.frames),
-                "bytes": hold.bytes,
-                "max_frames": hold.max_frames,
-                "max_bytes": hold.max_bytes,
-            },
-            "forward": None
-            if forward is None
-            else {
-                "peer": forward.peer,
-                "since": forward.since,
-                "frames": forward.frames,
-                "last_unicast_at": forward.last_at,
-            },
-            "counters": dict(self.counters),
-            "net_frames_buffered": self.net_frames_buffered,
-            "net_frames_forwarded": self.net_frames_forwarded,
-            "net_frames_lost": self.net_frames_lost,
-            "delivered_from_hold": self.delivered_from_hold,
-            "lost": dict(self.lost),
-            "bad_frames": {role: dict(reasons) for role, reasons in self.bad.items()},
-        }
+    def stats(self) -> NetStatus:
+        """The figures ``GET /status`` answers."""
+        hold, forward = self._hold, self._forward
+        return NetStatus(
+            vm=self.vm,
+            nic=self.nic,
+            state=self.state.value,
+            uplink=convert(self.uplink.describe(), UplinkStatus, what="the uplink's figures"),
+            vm_socket=str(self.vm_socket) if self.vm_socket else None,
+            vm_connected=self.vm_link is not None,
+            vm_connects=self.vm_connects,
+            peer_addresses=list(self.peer_addresses),
+            peers=len(self._peers),
+            held=hold is not None,
+            hold=None if hold is None else hold.status(),
+            forward=None if forward is None else forward.status(),
+            counters=dict(self.counters),
+            net_frames_buffered=self.net_frames_buffered,
+            net_frames_forwarded=self.net_frames_forwarded,
+            net_frames_lost=self.net_frames_lost,
+            delivered_from_hold=self.delivered_from_hold,
+            lost=dict(self.lost),
+            bad_frames={role: dict(reasons) for role, reasons in self.bad.items()},
+            pid=os.getpid(),
+        )

@@ -16,6 +16,10 @@ NIC's part of a migration through it; it is never in the data path.
                                        it the uplink without losing a frame
     POST /stop                         stop the agent (the process exits)
 
+Each handler is a thin adapter: decode the body into its type (:mod:`devagent.net.messages`;
+a bad body answers 400 naming the field's path), call one method of the :class:`NetAgent`,
+encode the answer (a Struct of the same module).
+
 Errors are JSON ``{"error": ...}``: 400 for a bad request, 409 for the wrong state, 502 for
 a peer agent that cannot be reached.
 """
@@ -30,16 +34,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
-from devagent.control_api import errors, json_body
-from devagent.errors import UsageError
-from devagent.net.agent import HOLD_MAX_BYTES, HOLD_MAX_FRAMES, NetAgent
-from devagent.net.uplink import Uplink, check_uplink_spec, open_uplink
-from devagent.vocab import parse_hostport
+from devagent.control_api import errors
+from devagent.net.agent import NetAgent
+from devagent.net.messages import (
+    ForwardAnswer,
+    ForwardRequest,
+    HoldAnswer,
+    HoldRequest,
+    StopAnswer,
+    SwapAnswer,
+    SwapRequest,
+    decode,
+)
+from devagent.net.uplink import Uplink, open_uplink
+from devagent.wire import to_json
 
 log = logging.getLogger(__name__)
 
+#: Opens an uplink from its spec as JSON (``{"kind": "tap", "name": NAME}``).
 UplinkOpener = Callable[[dict[str, Any]], Uplink]
 
 AGENT_KEY = web.AppKey("net_agent", NetAgent)
@@ -47,64 +62,54 @@ STOP_KEY = web.AppKey("stop", asyncio.Event)
 OPENER_KEY: web.AppKey[UplinkOpener] = web.AppKey("opener")
 
 
-def _positive_int(body: dict[str, Any], key: str, default: int) -> int:
-    value = body.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise UsageError(f"{key!r} must be a positive integer, got {value!r}")
-    return value
+def _answer(message: msgspec.Struct) -> web.Response:
+    return web.Response(body=msgspec.json.encode(message), content_type="application/json")
+
+
+async def _body(request: web.Request) -> bytes:
+    return await request.read() if request.can_read_body else b""
 
 
 async def _status(request: web.Request) -> web.Response:
-    stats = request.app[AGENT_KEY].stats()
-    stats["pid"] = os.getpid()
-    return web.json_response(stats)
+    return _answer(request.app[AGENT_KEY].stats())
 
 
 async def _hold(request: web.Request) -> web.Response:
-    body = await json_body(request)
+    body = decode(await _body(request), HoldRequest)
     agent = request.app[AGENT_KEY]
-    agent.hold(
-        max_frames=_positive_int(body, "max_frames", HOLD_MAX_FRAMES),
-        max_bytes=_positive_int(body, "max_bytes", HOLD_MAX_BYTES),
-    )
-    return web.json_response({"held": True, "hold": agent.stats()["hold"]})
+    agent.hold(max_frames=body.max_frames, max_bytes=body.max_bytes)
+    return _answer(HoldAnswer(held=True, hold=agent.stats().hold))
 
 
 async def _release(request: web.Request) -> web.Response:
-    return web.json_response(request.app[AGENT_KEY].release())
+    return _answer(request.app[AGENT_KEY].release())
 
 
 async def _forward(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    peer = body.get("peer")
-    if not isinstance(peer, str):
-        raise UsageError('the body must be {"peer": "HOST:PORT"}')
-    host, port = parse_hostport(peer.removeprefix("tcp:"))
-    agent = request.app[AGENT_KEY]
-    handed_over = await agent.forward(host, port)
-    return web.json_response({"forwarding": f"{host}:{port}", "handed_over": handed_over})
+    host, port = decode(await _body(request), ForwardRequest).hostport()
+    handed_over = await request.app[AGENT_KEY].forward(host, port)
+    return _answer(ForwardAnswer(forwarding=f"{host}:{port}", handed_over=handed_over))
 
 
 async def _stop_forward(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[AGENT_KEY].stop_forward())
+    return _answer(await request.app[AGENT_KEY].stop_forward())
 
 
 async def _swap(request: web.Request) -> web.Response:
-    body = await json_body(request)
-    spec = check_uplink_spec(body.get("uplink"))
-    new = request.app[OPENER_KEY](spec)
+    body = decode(await _body(request), SwapRequest)
+    new = request.app[OPENER_KEY](to_json(body.uplink))
     agent = request.app[AGENT_KEY]
     try:
         old = await agent.swap_uplink(new)
     except BaseException:
         await new.close()
         raise
-    return web.json_response({"old": repr(old), "new": repr(new)})
+    return _answer(SwapAnswer(old=repr(old), new=repr(new)))
 
 
 async def _stop(request: web.Request) -> web.Response:
     request.app[STOP_KEY].set()
-    return web.json_response({"stopping": True})
+    return _answer(StopAnswer(stopping=True))
 
 
 def build_control_app(

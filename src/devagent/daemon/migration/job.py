@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from enum import Enum
 from typing import Any, TypeVar
 
+from devagent.api_types import MigrationProgress, MigrationStatus, VmStatus
 from devagent.daemon.migration.context import HostContext, MigratingVm, Peer
 from devagent.daemon.migration.messages import CommitAnswer, MigrateRequest, RemoteDisk
 from devagent.daemon.migration.net import NetMigration
@@ -42,6 +43,7 @@ from devagent.qemu.answers import MigrationInfo
 from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport
 from devagent.vocab import Step
+from devagent.wire import convert
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,8 @@ class MigrationJob:
         self.phase = Phase.PREPARING
         self.started_at = time.time()
         self.finished_at: float | None = None
+        #: The steps' figures (:class:`MigrationProgress`'s fields), written by the plans and
+        #: :mod:`.ram` as a dict until they write the typed one.
         self.progress: dict[str, Any] = {}
         dest = request.destination
         self.report = MigrationReport(
@@ -149,16 +153,16 @@ class MigrationJob:
                 f"destination host {self.report.destination} vanished during the migration: {err}"
             ) from err
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "vm": self.managed.name,
-            "phase": self.phase.value,
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "progress": self.progress,
-            "report": self.report.to_json(),
-        }
+    def status(self) -> MigrationStatus:
+        return MigrationStatus(
+            id=self.id,
+            vm=self.managed.name,
+            phase=self.phase.value,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            progress=convert(self.progress, MigrationProgress, what="the migration's progress"),
+            report=self.report,
+        )
 
     # -- the run -----------------------------------------------------------------------------
 
@@ -251,10 +255,11 @@ class MigrationJob:
         try:
             return await self.plan.commit(self, handover)
         except StateError:  # committed already: our earlier try got through
-            vm = await self.peer.get(f"/v1/vms/{self.managed.name}")
-            if vm.get("state") != "running" or vm.get("resumed_at") is None:
+            raw = await self.peer.get(f"/v1/vms/{self.managed.name}")
+            vm = convert(raw, VmStatus, what="the destination's VM status")
+            if vm.state != "running" or vm.resumed_at is None:
                 raise
-            return CommitAnswer(resumed_at=float(vm["resumed_at"]))
+            return CommitAnswer(resumed_at=vm.resumed_at)
 
     async def finish(self, committed: CommitAnswer, done: MigrationInfo) -> None:
         """After the guest runs on the destination: hand over, release, report."""

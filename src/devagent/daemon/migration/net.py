@@ -37,12 +37,14 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
-from devagent.daemon.migration.context import MigratingVm, Peer
+from devagent.api_types import Devices, NicRow
+from devagent.daemon.migration.context import MigratingVm, NicLink, Peer
 from devagent.errors import DevagentError, PeerError, StateError
+from devagent.net.messages import ForwardAnswer, NetStatus, StopForwardAnswer
 from devagent.report import MigrationReport
 from devagent.vocab import DestinationStep, Step
+from devagent.wire import convert
 
 #: The network has learned the guest's new place once nothing came to forward for this
 #: long after the destination's announce (QEMU's announce rounds come 50, 150, 300 ms in).
@@ -84,7 +86,7 @@ class NetMigration:
         self.report = report
         self.mark = mark
         self.log = log
-        self.before: dict[str, dict[str, Any]] = {}
+        self.before: dict[str, NetStatus] = {}
         self.peers: dict[str, str] = {}
         self.held = False
         self.forwarding = False
@@ -92,7 +94,7 @@ class NetMigration:
     async def start(self) -> None:
         """The source agents' counters before the migration (the report counts from here)."""
         for nic in self.managed.nics:
-            self.before[nic.node] = await nic.call("GET", "/status")
+            self.before[nic.node] = await _status(nic)
 
     def prepared(self, peers: dict[str, str]) -> None:
         """The destination's net agents, by NIC: where the frames go after the switchover."""
@@ -115,7 +117,8 @@ class NetMigration:
         """The guest will run on the destination only: forward there, kept frames first."""
         for nic in self.managed.nics:
             try:
-                answer = await nic.call("POST", "/forward", {"peer": self.peers[nic.node]})
+                raw = await nic.call("POST", "/forward", {"peer": self.peers[nic.node]})
+                answer = convert(raw, ForwardAnswer, what=f"{nic.describe()}: its forward")
             except DevagentError as err:  # past the switchover: say it, go on
                 self.log.error("%s cannot forward to %s: %s", nic.describe(), self.peers, err)
                 continue
@@ -123,7 +126,7 @@ class NetMigration:
                 "%s forwards to %s (%s kept frames handed over)",
                 nic.describe(),
                 self.peers[nic.node],
-                answer.get("handed_over"),
+                answer.handed_over,
             )
             self.forwarding = True
         self.held = False
@@ -135,15 +138,15 @@ class NetMigration:
         announced_at = float(steps.get(DestinationStep.NIC_ANNOUNCED, time.time()))
         for nic in self.managed.nics:
             while True:
-                status = await nic.call("GET", "/status")
-                forward = status.get("forward")
+                forward = (await _status(nic)).forward
                 if forward is None or forwarding_done(
-                    time.time(), announced_at, forward.get("last_unicast_at")
+                    time.time(), announced_at, forward.last_unicast_at
                 ):
                     break
                 await asyncio.sleep(POLL_S)
             if forward is not None:
-                stopped = await nic.call("POST", "/stop-forward")
+                raw = await nic.call("POST", "/stop-forward")
+                stopped = convert(raw, StopForwardAnswer, what=f"{nic.describe()}: its stop")
                 self.log.info("%s stopped forwarding: %s", nic.describe(), stopped)
         self.forwarding = False
         self.mark(Step.NET_FORWARD_STOPPED)
@@ -152,23 +155,23 @@ class NetMigration:
     async def _figures(self, peer: Peer) -> None:
         buffered = forwarded = lost = 0
         for nic in self.managed.nics:
-            now, then = await nic.call("GET", "/status"), self.before[nic.node]
-            buffered += now["net_frames_buffered"] - then["net_frames_buffered"]
-            forwarded += now["net_frames_forwarded"] - then["net_frames_forwarded"]
-            lost += now["net_frames_lost"] - then["net_frames_lost"]
-            if now.get("held"):  # it could not forward: what it keeps never reaches the guest
-                lost += now["hold"]["frames"]
-            if now["net_frames_lost"] != then["net_frames_lost"]:
-                self.log.warning("%s lost frames: %s", nic.describe(), now["lost"])
-        devices = (await peer.get(f"/v1/vms/{self.managed.name}/devices"))["devices"]
+            now, then = await _status(nic), self.before[nic.node]
+            buffered += now.net_frames_buffered - then.net_frames_buffered
+            forwarded += now.net_frames_forwarded - then.net_frames_forwarded
+            lost += now.net_frames_lost - then.net_frames_lost
+            if now.hold is not None:  # it could not forward: what it keeps never reaches the guest
+                lost += now.hold.frames
+            if now.net_frames_lost != then.net_frames_lost:
+                self.log.warning("%s lost frames: %s", nic.describe(), now.lost)
+        raw = await peer.get(f"/v1/vms/{self.managed.name}/devices")
+        devices = convert(raw, Devices, what="the destination's devices").devices
         for device in devices:
-            if device.get("kind") == "nic" and "agent" in device:
-                agent = device["agent"]  # new for this migration: all its figures count
-                buffered += agent["net_frames_buffered"]
-                lost += agent["net_frames_lost"]
-                if agent["net_frames_lost"]:
-                    self.log.warning("destination %s lost frames: %s", device["device"],
-                                     agent["lost"])  # fmt: skip
+            if isinstance(device, NicRow) and device.agent is not None:
+                agent = device.agent  # new for this migration: all its figures count
+                buffered += agent.net_frames_buffered
+                lost += agent.net_frames_lost
+                if agent.net_frames_lost:
+                    self.log.warning("destination %s lost frames: %s", device.device, agent.lost)
         self.report.net_frames_buffered = buffered
         self.report.net_frames_forwarded = forwarded
         self.report.net_frames_lost = lost
@@ -183,3 +186,9 @@ class NetMigration:
                 with contextlib.suppress(DevagentError, StateError):
                     await nic.call("POST", "/stop-forward")
         self.held = self.forwarding = False
+
+
+async def _status(nic: NicLink) -> NetStatus:
+    """A net agent's ``GET /status``, decoded."""
+    raw = await nic.call("GET", "/status")
+    return convert(raw, NetStatus, what=f"{nic.describe()}: its status")

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypeVar
 
+import msgspec
 from aiohttp import web
 
+from devagent.api_types import Migrations, Removed
 from devagent.daemon.migration import destination, new_job, qemu_incoming
 from devagent.daemon.migration.context import HostContext
 from devagent.daemon.migration.job import MigrationJob
@@ -28,7 +30,7 @@ from devagent.daemon.migration.messages import (
 )
 from devagent.errors import NotFound, StateError
 from devagent.qemu.vm import VmState
-from devagent.wire import decode, to_json
+from devagent.wire import decode
 
 if TYPE_CHECKING:
     from devagent.daemon.host import Host
@@ -40,6 +42,13 @@ async def read(request: web.Request, into: type[T]) -> T:
     """The request's body as an ``into`` (an empty body is ``{}``); the app's
     ``client_max_size`` bounds it."""
     return decode(await request.read() or b"{}", into)
+
+
+def answer(message: object, status: int = 200) -> web.Response:
+    """``message`` (a Struct, a dataclass) as the JSON answer: encoded once, here."""
+    return web.Response(
+        body=msgspec.json.encode(message), status=status, content_type="application/json"
+    )
 
 
 class MigrationRoutes:
@@ -72,42 +81,41 @@ class MigrationRoutes:
         job = new_job(HostContext.of(self.host), managed, migration)
         self.jobs[job.id] = job
         job.start()
-        return web.json_response(job.status(), status=202)
+        return answer(job.status(), status=202)
 
     async def list_migrations(self, request: web.Request) -> web.Response:
-        return web.json_response({"migrations": [j.status() for j in self.jobs.values()]})
+        return answer(Migrations(migrations=[j.status() for j in self.jobs.values()]))
 
     async def get_migration(self, request: web.Request) -> web.Response:
         job_id = request.match_info["id"]
         job = self.jobs.get(job_id)
         if job is None:
             raise NotFound(f"no migration {job_id!r} on host {self.host.name}")
-        return web.json_response(job.status())
+        return answer(job.status())
 
     # -- destination -------------------------------------------------------------------------
 
     async def prepare_incoming(self, request: web.Request) -> web.Response:
-        answer = await destination.prepare(self.host, await read(request, IncomingRequest))
-        return web.json_response(to_json(answer), status=201)
+        reply = await destination.prepare(self.host, await read(request, IncomingRequest))
+        return answer(reply, status=201)
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
         commit = await read(request, CommitRequest)
-        answer = await destination.commit(self.host, request.match_info["name"], commit)
-        return web.json_response(to_json(answer))
+        return answer(await destination.commit(self.host, request.match_info["name"], commit))
 
     async def abort_incoming(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         await destination.abort(self.host, name)
-        return web.json_response({"name": name, "state": "removed"})
+        return answer(Removed(name=name, state="removed"))
 
     async def prepare_baseline(self, request: web.Request) -> web.Response:
-        answer = await qemu_incoming.prepare(self.host, await read(request, BaselineIncoming))
-        return web.json_response(to_json(answer), status=201)
+        reply = await qemu_incoming.prepare(self.host, await read(request, BaselineIncoming))
+        return answer(reply, status=201)
 
     async def commit_baseline(self, request: web.Request) -> web.Response:
         managed = self.host.vms.get(request.match_info["name"])
-        return web.json_response(to_json(await qemu_incoming.commit(managed)))
+        return answer(await qemu_incoming.commit(managed))
 
     async def stream_done(self, request: web.Request) -> web.Response:
         managed = self.host.vms.get(request.match_info["name"])
-        return web.json_response(await qemu_incoming.stream_done(managed))
+        return answer(await qemu_incoming.stream_done(managed))

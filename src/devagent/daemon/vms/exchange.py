@@ -12,13 +12,24 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from devagent.agent.messages import RemoteSpec
+from devagent.agent.messages import (
+    BackendSpec,
+    CompletionsAnswer,
+    CutoverAnswer,
+    LocalSpec,
+    MirrorRequest,
+    RemoteSpec,
+    StatusAnswer,
+)
+from devagent.api_types import DiskExchange, Export, NicSwap
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.net.messages import NetStatus, SwapAnswer
 from devagent.report import largest_gap
+from devagent.wire import convert, to_json
 
 from .incoming import fetch_home
 
@@ -33,43 +44,44 @@ SETTLE_S = 0.5  # completions after the pivot arrive within this
 async def mirror_and_pivot(
     managed: ManagedVm,
     agent: AgentProcess,
-    target: dict[str, Any],
+    target: BackendSpec,
     *,
     target_zeroed: bool,
     sync: bool,
-) -> dict[str, Any]:
+) -> DiskExchange:
     """Mirror ``agent``'s device to ``target`` under the running guest, then pivot onto
     it; the answer carries the guest I/O gap around the pivot, from the journal."""
     started = time.time()
-    await agent.call(
-        "POST",
-        "/mirror",
-        {
-            "target": target,
-            "target_zeroed": target_zeroed,
-            "sync": sync,
-            "converge_bytes": MIRROR_CONVERGE_BYTES,
-        },
+    mirror = MirrorRequest(
+        target=target, target_zeroed=target_zeroed, sync=sync, converge_bytes=MIRROR_CONVERGE_BYTES
     )
+    await agent.call("POST", "/mirror", to_json(mirror))
     try:
-        done = await agent.call("POST", "/mirror/cutover", timeout=MIRROR_TIMEOUT_S)
+        raw = await agent.call("POST", "/mirror/cutover", timeout=MIRROR_TIMEOUT_S)
     except BaseException:
         with contextlib.suppress(PeerError, StateError):
             await agent.call("POST", "/mirror/cancel")
         raise
-    held_from, held_s = float(done["held_from"]), float(done["held_s"])
+    done = convert(raw, CutoverAnswer, what=f"{agent.title()}: its cutover")
     await asyncio.sleep(SETTLE_S)  # a pause on purpose, not a poll
-    times = (await agent.call("GET", "/completions", since=held_from - 1.0))["completions"]
-    gap = largest_gap(times, held_from - SETTLE_S, held_from + held_s + SETTLE_S)
-    return {
-        "vm": managed.name,
-        "device": agent.node,
-        "duration_s": round(time.time() - started, 3),
-        "copied_bytes": done["mirror"]["copied_bytes"],
-        "held_ms": round(held_s * 1000, 3),
-        "io_gap_ms": round(gap * 1000, 3) if gap is not None else None,
-        "backend": done["new"],
-    }
+    raw = await agent.call("GET", "/completions", since=done.held_from - 1.0)
+    times = convert(raw, CompletionsAnswer, what=f"{agent.title()}: its completions").completions
+    gap = largest_gap(times, done.held_from - SETTLE_S, done.held_from + done.held_s + SETTLE_S)
+    return DiskExchange(
+        vm=managed.name,
+        device=agent.node,
+        duration_s=round(time.time() - started, 3),
+        copied_bytes=done.mirror.copied_bytes,
+        held_ms=round(done.held_s * 1000, 3),
+        io_gap_ms=round(gap * 1000, 3) if gap is not None else None,
+        backend=done.new,
+        old_image=agent.image,
+    )
+
+
+async def _disk_size(agent: AgentProcess) -> int:
+    raw = await agent.call("GET", "/status")
+    return convert(raw, StatusAnswer, what=f"{agent.title()}: its status").size
 
 
 async def swap_disk(
@@ -79,26 +91,25 @@ async def swap_disk(
     *,
     sync: bool = False,
     rate_limit: int | None = None,
-) -> dict[str, Any]:
+) -> DiskExchange:
     """Move the live disk onto ``path`` (a file or block device of this host) without the
     guest noticing. A disk that lives on another host comes home through a fetched replica
     instead of a mirror."""
     if managed.request.disk_from is not None:
-        return await fetch_home(managed, node, path, rate_limit=rate_limit)
+        fetched = await fetch_home(managed, node, path, rate_limit=rate_limit)
+        return convert(fetched, DiskExchange, what="the fetch home's figures")
     agent = managed.agent_for(node)
     if path.resolve() == Path(agent.image).resolve() and agent.backend is None:
         raise UsageError(f"VM {managed.name}'s {node} already lives on {path}")
-    size = int((await agent.call("GET", "/status"))["size"])
+    size = await _disk_size(agent)
     zeroed = not path.exists()
     if zeroed:
         with path.open("wb") as f:
             f.truncate(size)
     elif path.is_file() and path.stat().st_size != size:
         raise UsageError(f"{path} is {path.stat().st_size} bytes; the disk is {size}")
-    result = await mirror_and_pivot(
-        managed, agent, {"kind": "local", "path": str(path)}, target_zeroed=zeroed, sync=sync
-    )
-    result["old_image"] = agent.image
+    target = LocalSpec(path=str(path))
+    result = await mirror_and_pivot(managed, agent, target, target_zeroed=zeroed, sync=sync)
     agent.image, agent.backend = str(path), None
     if node == "disk0":
         managed.image = path
@@ -108,16 +119,18 @@ async def swap_disk(
 
 async def attach_remote(
     managed: ManagedVm, node: str, peer: Endpoint, *, sync: bool = False
-) -> dict[str, Any]:
+) -> DiskExchange:
     """Remote device access for a running VM: move its disk to host ``peer`` (an export
     there) and go on using it from here, over the network."""
     agent = managed.agent_for(node)
     if managed.request.disk_from is not None:
         raise StateError(f"VM {managed.name}'s disk already lives on another host")
-    size = int((await agent.call("GET", "/status"))["size"])
+    size = await _disk_size(agent)
     async with DaemonClient(peer) as client:
-        export = await client.post("/v1/exports", {"name": managed.name, "size": size})
-    target = {"kind": "remote", "address": export["address"], "export": export["export"]}
+        export = await client.post_as("/v1/exports", Export, {"name": managed.name, "size": size})
+    if export.address is None:
+        raise PeerError(f"host {peer.name}: its export {export.name} has no address")
+    target = RemoteSpec(address=export.address, export=export.export)
     try:
         result = await mirror_and_pivot(managed, agent, target, target_zeroed=True, sync=sync)
     except BaseException:
@@ -125,32 +138,34 @@ async def attach_remote(
             with contextlib.suppress(PeerError, NotFound):
                 await client.delete(f"/v1/exports/{managed.name}")
         raise
-    result["old_image"] = agent.image
-    result["lives_on"] = peer.name
-    agent.backend = RemoteSpec(address=target["address"], export=target["export"])
+    result.old_image = agent.image
+    result.lives_on = peer.name
+    agent.backend = target
     managed.request = managed.request.replace(disk_from=peer.to_json())
     managed.save()
     return result
 
 
-async def swap_nic(managed: ManagedVm, node: str, tap: str) -> dict[str, Any]:
+async def swap_nic(managed: ManagedVm, node: str, tap: str) -> NicSwap:
     """Make the tap ``tap`` (on this host) a NIC's uplink without losing a frame."""
     nic = managed.nic_for(node)
     if tap == nic.tap:
         raise UsageError(f"VM {managed.name}'s {node} already uses tap {tap}")
     started = time.time()
-    before = await nic.call("GET", "/status")
-    swapped = await nic.call("POST", "/swap", {"uplink": {"kind": "tap", "name": tap}})
+    what = f"{nic.title()}: its status"
+    before = convert(await nic.call("GET", "/status"), NetStatus, what=what)
+    raw = await nic.call("POST", "/swap", {"uplink": {"kind": "tap", "name": tap}})
+    swapped = convert(raw, SwapAnswer, what=f"{nic.title()}: its swap")
     old, nic.tap = nic.tap, tap  # a restarted agent opens the new tap
     managed.save()
-    after = await nic.call("GET", "/status")
+    after = convert(await nic.call("GET", "/status"), NetStatus, what=what)
     managed.log.info("%s: uplink %s replaced by %s", nic.describe(), old, tap)
-    return {
-        "vm": managed.name,
-        "device": node,
-        "old_tap": old,
-        "tap": tap,
-        "duration_s": round(time.time() - started, 3),
-        "swapped": swapped,
-        "net_frames_lost": after["net_frames_lost"] - before["net_frames_lost"],
-    }
+    return NicSwap(
+        vm=managed.name,
+        device=node,
+        old_tap=old,
+        tap=tap,
+        duration_s=round(time.time() - started, 3),
+        swapped=swapped,
+        net_frames_lost=after.net_frames_lost - before.net_frames_lost,
+    )

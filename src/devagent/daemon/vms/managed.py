@@ -18,25 +18,28 @@ import asyncio
 import json
 import logging
 from collections import deque
-from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from devagent.agent.messages import StatusAnswer
+from devagent.agent.messages import CompletionsAnswer, FetchStatus, StatusAnswer
+from devagent.api_types import AgentBrief, DeviceRow, DiskRow, NicBrief, NicRow, VmStatus
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.supervised import STATUS_TIMEOUT_S, Supervised
 from devagent.errors import NotFound, PeerError, StateError, UsageError
-from devagent.guest.probe import ConsoleParser, Heartbeat, Paused, ProbeEvent, Verified
+from devagent.guest.probe import ConsoleParser, DiskDigest, Heartbeat, Paused, ProbeEvent, Verified
+from devagent.net.messages import NetStatus
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import Vm, VmState
+from devagent.wire import convert, to_json
 
 from .config import image_digest
 from .request import VmRequest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HEARTBEATS_KEPT = 36_000  # one hour at ten a second
 PROBE_ANSWERS: dict[str, type[ProbeEvent]] = {
@@ -218,8 +221,8 @@ class ManagedVm:
             if self.request.disk_from is not None:  # the disk lives on the peer: ask it
                 peer = Endpoint.from_json(self.request.disk_from)
                 async with DaemonClient(peer) as client:
-                    answer = await client.post(f"/v1/exports/{self.name}/digest")
-                digest = str(answer["digest"])
+                    found = await client.post_as(f"/v1/exports/{self.name}/digest", DiskDigest)
+                digest = found.digest
             else:
                 digest = (await asyncio.to_thread(image_digest, self.image)).digest
         finally:
@@ -247,68 +250,56 @@ class ManagedVm:
                 return nic
         raise NotFound(f"VM {self.name} has no NIC {node!r}")
 
-    async def devices(self) -> list[dict[str, Any]]:
+    async def devices(self) -> list[DeviceRow]:
         """Each disk: its backend, in-flight requests, journal figures; each NIC: address,
         tap, hold, forward, counters. The agents are asked all at once, each for
         :data:`STATUS_TIMEOUT_S` at most: a silent one is shown as such, not waited for."""
-        answers = await asyncio.gather(
-            *(_quick_status(a) for a in self.agents), *(_quick_status(n) for n in self.nics)
+        disks, nics = await asyncio.gather(  # all at once
+            asyncio.gather(*(_quick_status(a, StatusAnswer) for a in self.agents)),
+            asyncio.gather(*(_quick_status(n, NetStatus) for n in self.nics)),
         )
-        disk_answers, nic_answers = answers[: len(self.agents)], answers[len(self.agents) :]
-        rows = [self._disk_row(a, *got) for a, got in zip(self.agents, disk_answers, strict=True)]
+        rows: list[DeviceRow] = [
+            self._disk_row(a, *got) for a, got in zip(self.agents, disks, strict=True)
+        ]
         if not self.agents:
-            rows.append(
-                {
-                    "vm": self.name,
-                    "device": "disk0",
-                    "image": str(self.image),
-                    "state": "direct (QEMU opens the image; no agent)",
-                }
-            )
-        rows += [self._nic_row(n, *got) for n, got in zip(self.nics, nic_answers, strict=True)]
+            direct = "direct (QEMU opens the image; no agent)"
+            rows.append(DiskRow(vm=self.name, device="disk0", image=str(self.image), state=direct))
+        rows += [self._nic_row(n, *got) for n, got in zip(self.nics, nics, strict=True)]
         return rows
 
-    def _disk_row(
-        self, agent: AgentProcess, status: dict[str, Any] | None, trouble: str | None
-    ) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "vm": self.name,
-            "device": agent.node,
-            "image": agent.image,
-            "agent_pid": agent.pid,
-            "nbd_socket": str(agent.nbd_socket),
-        }
-        if self.last_fetch is not None:
-            row["last_fetch"] = self.last_fetch
-        if status is None:
-            row["state"] = trouble
-        else:
-            row["agent"], row["state"] = status, "serving"
-        return row
+    def _disk_row(self, agent: AgentProcess, status: StatusAnswer | None, trouble: str) -> DiskRow:
+        last_fetch = None
+        if self.last_fetch is not None:  # kept by .incoming from an agent's status
+            last_fetch = convert(self.last_fetch, FetchStatus, what="the last fetch's figures")
+        return DiskRow(
+            vm=self.name,
+            device=agent.node,
+            image=agent.image,
+            state=trouble if status is None else "serving",
+            agent_pid=agent.pid,
+            nbd_socket=str(agent.nbd_socket),
+            last_fetch=last_fetch,
+            agent=status,
+        )
 
-    def _nic_row(
-        self, nic: NicAgent, status: dict[str, Any] | None, trouble: str | None
-    ) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "vm": self.name,
-            "device": nic.node,
-            "kind": "nic",
-            "address": nic.address,
-            "mac": nic.mac,
-            "tap": nic.tap,
-            "agent_pid": nic.pid,
-            "stream_socket": str(nic.stream_socket),
-        }
+    def _nic_row(self, nic: NicAgent, status: NetStatus | None, trouble: str) -> NicRow:
         if status is None:
-            row["state"] = trouble
-            return row
-        row["agent"] = status
-        forward = status.get("forward")
-        if status.get("held"):
-            row["state"] = "held"
+            state = trouble
+        elif status.held:
+            state = "held"
         else:
-            row["state"] = f"forwarding to {forward['peer']}" if forward else "serving"
-        return row
+            state = f"forwarding to {status.forward.peer}" if status.forward else "serving"
+        return NicRow(
+            vm=self.name,
+            device=nic.node,
+            address=nic.address,
+            mac=nic.mac,
+            tap=nic.tap,
+            agent_pid=nic.pid,
+            stream_socket=str(nic.stream_socket),
+            state=state,
+            agent=status,
+        )
 
     async def completions_since(self, since: float) -> list[float] | None:
         """Completion times of guest I/O on this host's agents after ``since``; None when the
@@ -318,11 +309,12 @@ class ManagedVm:
             return None
         times: list[float] = []
         for agent in self.agents:
-            answer = await agent.call("GET", "/completions", since=since)
-            if not answer.get("complete", True):
+            raw = await agent.call("GET", "/completions", since=since)
+            answer = convert(raw, CompletionsAnswer, what=f"{agent.title()}: its completions")
+            if not answer.complete:
                 log.info("VM %s: the journal of %s no longer reaches back", self.name, agent.node)
                 return None
-            times.extend(answer["completions"])
+            times.extend(answer.completions)
         return sorted(times)
 
     # --- record and status -----------------------------------------------------------------
@@ -348,37 +340,46 @@ class ManagedVm:
         return str(self.image)
 
     def status(self) -> dict[str, Any]:
+        """:meth:`api_status` as plain JSON, for the migration messages' ``vm`` field
+        (:mod:`devagent.daemon.migration.messages`), untyped until it is a VmStatus."""
+        return to_json(self.api_status())  # type: ignore[no-any-return]
+
+    def api_status(self) -> VmStatus:
         """What the API says of the VM; it asks no agent (``alive`` is a signal 0)."""
         last = self.heartbeats[-1] if self.heartbeats else None
         first = self.heartbeats[0] if self.heartbeats else None
-        return {
-            "name": self.name,
-            "state": self.shown_state(),
-            "role": self.role.value,
-            "pid": self.vm.pid,
-            "ram_mb": self.config.ram_mb,
-            "disk": self.disk_location(),
-            "agents": [{"node": a.node, "pid": a.pid, "alive": a.alive} for a in self.agents],
-            "nics": [
-                {"node": n.node, "address": n.address, "mac": n.mac, "tap": n.tap, "pid": n.pid}
-                | {"alive": n.alive}
+        return VmStatus(
+            name=self.name,
+            state=self.shown_state(),
+            role=self.role.value,
+            pid=self.vm.pid,
+            ram_mb=self.config.ram_mb,
+            disk=self.disk_location(),
+            agents=[AgentBrief(node=a.node, pid=a.pid, alive=a.alive) for a in self.agents],
+            nics=[
+                NicBrief(
+                    node=n.node, address=n.address, mac=n.mac, tap=n.tap, pid=n.pid, alive=n.alive
+                )
                 for n in self.nics
             ],
-            "storage": self.request.storage,
-            "workload": self.request.workload,
-            "probe": self.parser is not None,
-            "started_at": self.vm.started_at,
-            "resumed_at": self.vm.resumed_at,
-            "first_heartbeat_at": first.host_time if first else None,
-            "last_heartbeat": asdict(last) if last else None,
-        }
+            storage=self.request.storage,
+            workload=self.request.workload,
+            probe=self.parser is not None,
+            started_at=self.vm.started_at,
+            resumed_at=self.vm.resumed_at,
+            first_heartbeat_at=first.host_time if first else None,
+            last_heartbeat=last,
+        )
 
 
-async def _quick_status(agent: Supervised) -> tuple[dict[str, Any] | None, str | None]:
-    """An agent's ``GET /status`` answer, or (None, why it is shown unreachable)."""
+async def _quick_status(agent: Supervised, into: type[T]) -> tuple[T | None, str]:
+    """An agent's ``GET /status`` answer as an ``into``, or (None, why it is shown
+    unreachable)."""
     try:
-        return await agent.quick_status(), None
+        return convert(await agent.quick_status(), into, what=f"{agent.title()}: its status"), ""
     except TimeoutError:
         return None, f"unreachable (no answer in {STATUS_TIMEOUT_S:g} s)"
     except (PeerError, StateError) as err:
         return None, f"unreachable: {err}"
+    except UsageError as err:  # an answer of the wrong shape
+        return None, f"unreadable: {err}"
