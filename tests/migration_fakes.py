@@ -32,7 +32,7 @@ from devagent.agent.messages import (
     MirrorStopped,
     StatusAnswer,
 )
-from devagent.api_types import VmStatus
+from devagent.api_types import Devices, DiskRow, VmStatus
 from devagent.client import Endpoint
 from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
 from devagent.daemon.migration.context import HostContext, Peer
@@ -316,8 +316,14 @@ class FakeDestination:
         if path.endswith("/devices"):
             self.polls_until_local -= 1
             kind = "local" if self.polls_until_local <= 0 else "fetch"
-            fetch = to_json(fetch_status(kind, 1, 4 << 20))
-            return {"devices": [{"device": "disk0", "agent": {"backend_status": fetch}}]}
+            agent = StatusAnswer(
+                export="disk0", size=4 << 20, state="serving", connections=1, addresses=[],
+                journal=journal(), pid=2, backend="Fetch", held=False,
+                backend_status=fetch_status(kind, 1, 4 << 20),
+            )  # fmt: skip
+            row = DiskRow(vm="v1", device="disk0", image="/replica.img", state="serving",
+                          agent=agent)  # fmt: skip
+            return to_json(Devices(devices=[row]))
         if path.startswith("/v1/vms/"):
             name = path.split("/")[3]
             return to_json(vm_status(name, str(self.vms.get(name)), resumed_at=time.time()))

@@ -108,20 +108,20 @@ def test_a_copy_left_behind_says_it_migrated_and_serves_its_disk(tmp_path: Path)
     serving.pid = os.getpid()  # alive
     managed = _managed(tmp_path, VmRole.RUNNING, [serving])
     managed.vm.state = VmState.RUNNING
-    assert managed.status()["state"] == "running"
+    assert managed.api_status().state == "running"
     managed.migrated_away()
     managed.vm.state = VmState.FAILED  # its QEMU was killed past the switchover
-    status = managed.status()
-    assert (status["state"], status["role"]) == (
+    status = managed.api_status()
+    assert (status.state, status.role) == (
         "migrated, serving its disk to the destination",
         "migrated",
     )
     serving.pid = None  # its agent stopped: the destination has the whole disk
-    assert managed.status()["state"] == "migrated"
+    assert managed.api_status().state == "migrated"
     shared = _managed(tmp_path, VmRole.RUNNING, [serving])
     serving.pid = os.getpid()
     shared.migrated_away(serves_disk=False)
-    assert shared.status()["state"] == "migrated"
+    assert shared.api_status().state == "migrated"
 
 
 # --- addresses lent to VMs that migrated away --------------------------------------------------

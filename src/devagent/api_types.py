@@ -223,8 +223,6 @@ class MigrationProgress(msgspec.Struct, omit_defaults=True):
     disk_left: int | None = None
     disk_bytes_moved: int | None = None
     disk_bytes_pushed: int | None = None
-    #: A QEMU-only strategy: the source's NBD export of the disk (host, port, export).
-    source_export: dict[str, str] | None = None
 
 
 class MigrationStatus(msgspec.Struct):

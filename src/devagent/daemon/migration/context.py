@@ -26,6 +26,7 @@ from devagent.agent.messages import (
     MirrorStopped,
     StatusAnswer,
 )
+from devagent.api_types import MigrationProgress
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.migration.messages import MigrateRequest, RemoteDisk
 from devagent.daemon.netstat import link_bytes
@@ -235,7 +236,7 @@ class JobView(Protocol):
     managed: MigratingVm
     request: MigrateRequest
     report: MigrationReport
-    progress: dict[str, Any]
+    progress: MigrationProgress
     started_at: float
     bytes_before: int | None
     log: logging.Logger

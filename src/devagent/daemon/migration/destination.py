@@ -65,7 +65,7 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
         disk_address=receiver.tcp_address if receiver else None,
         disk_export=receiver.export if receiver else None,
         nic_peers={nic.node: nic.peer_address for nic in managed.nics if nic.peer_address},
-        vm=managed.status(),
+        vm=managed.api_status(),
     )
 
 
@@ -77,7 +77,7 @@ async def commit(host: Host, name: str, request: CommitRequest) -> CommitAnswer:
     fetch = request.fetch.spec(str(managed.image)) if request.fetch is not None else None
     steps = await incoming_vm.commit_incoming(managed, fetch, local=request.local)
     resumed_at = steps.pop("resumed_at")
-    return CommitAnswer(resumed_at=resumed_at, steps=steps, vm=managed.status())
+    return CommitAnswer(resumed_at=resumed_at, steps=steps, vm=managed.api_status())
 
 
 async def abort(host: Host, name: str) -> None:

@@ -89,7 +89,7 @@ class MigrationJob:
         self.finished_at: float | None = None
         #: The steps' figures (:class:`MigrationProgress`'s fields), written by the plans and
         #: :mod:`.ram` as a dict until they write the typed one.
-        self.progress: dict[str, Any] = {}
+        self.progress = MigrationProgress()
         dest = request.destination
         self.report = MigrationReport(
             vm=managed.name,
@@ -131,7 +131,7 @@ class MigrationJob:
         self.report.timeline[str(step)] = round(when - self.started_at, 3)
 
     def disk_progress(self, done: int, left: int) -> None:
-        self.progress.update(disk_done=done, disk_left=left)
+        self.progress.disk_done, self.progress.disk_left = done, left
 
     async def quietly(self, step: Awaitable[Any]) -> None:
         """Run a best-effort step of a roll-back: its failure is logged, not raised."""
@@ -160,7 +160,7 @@ class MigrationJob:
             phase=self.phase.value,
             started_at=self.started_at,
             finished_at=self.finished_at,
-            progress=convert(self.progress, MigrationProgress, what="the migration's progress"),
+            progress=self.progress,
             report=self.report,
         )
 

@@ -5,11 +5,12 @@ arrives (:mod:`devagent.wire`); their JSON is the API's, documented in the READM
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import msgspec
 
-from devagent.agent.messages import BackendStatus, FetchSpec, FetchStatus, RemoteSpec
+from devagent.agent.messages import FetchSpec, RemoteSpec
+from devagent.api_types import VmStatus
 from devagent.client import Endpoint
 from devagent.daemon.nics import NicIdentity
 from devagent.daemon.vms.request import VmRequest
@@ -84,7 +85,7 @@ class IncomingAnswer(msgspec.Struct):
     disk_address: str | None = None  # where a push goes (the receiver, or the VM's agent)
     disk_export: str | None = None
     nic_peers: dict[str, str] = msgspec.field(default_factory=dict)  # node -> tcp:HOST:PORT
-    vm: dict[str, Any] = msgspec.field(default_factory=dict)  # the incoming VM's status
+    vm: VmStatus | None = None  # the incoming VM's status
 
 
 class FetchPlan(msgspec.Struct, omit_defaults=True):
@@ -116,7 +117,7 @@ class CommitRequest(Message):
 class CommitAnswer(msgspec.Struct):
     resumed_at: float  # wall clock of the guest's RESUME on the destination
     steps: dict[str, float] = msgspec.field(default_factory=dict)  # DestinationStep -> time
-    vm: dict[str, Any] = msgspec.field(default_factory=dict)
+    vm: VmStatus | None = None
 
 
 class NbdAddress(msgspec.Struct):
@@ -140,23 +141,4 @@ class BaselineIncoming(Message):
 class BaselineAnswer(msgspec.Struct, omit_defaults=True):
     uri: str
     nbd: NbdAddress | None = None  # mirror: where to mirror to
-    vm: dict[str, Any] = msgspec.field(default_factory=dict)
-
-
-class DeviceAgent(msgspec.Struct):
-    """What a job reads of a device's agent status in ``GET /v1/vms/NAME/devices`` (a NIC's
-    agent has no backend)."""
-
-    backend_status: BackendStatus | None = None
-
-
-class DeviceRow(msgspec.Struct):
-    device: str
-    agent: DeviceAgent | None = None
-    last_fetch: FetchStatus | None = None  # a replica's figures, kept once it is local
-
-
-class DevicesAnswer(msgspec.Struct):
-    """``GET /v1/vms/NAME/devices``, as far as the source's job reads it."""
-
-    devices: list[DeviceRow]
+    vm: VmStatus | None = None

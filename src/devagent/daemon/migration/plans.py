@@ -25,11 +25,11 @@ from typing import ClassVar
 
 from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS, FETCH_CHUNK
 from devagent.agent.messages import FetchStatus, LocalStatus, MirrorRequest, MirrorStatus
+from devagent.api_types import Devices, DiskRow
 from devagent.daemon.migration.context import JobView
 from devagent.daemon.migration.messages import (
     CommitAnswer,
     CommitRequest,
-    DevicesAnswer,
     FetchPlan,
     IncomingAnswer,
     IncomingRequest,
@@ -124,9 +124,7 @@ class Plan:
         """Before the switchover: undo this plan's disk work on the source."""
 
     def disk_bytes_moved(self, job: JobView) -> int | None:
-        return int(job.progress.get("disk_bytes_moved", 0)) + int(
-            job.progress.get("disk_bytes_pushed", 0)
-        )
+        return (job.progress.disk_bytes_moved or 0) + (job.progress.disk_bytes_pushed or 0)
 
 
 class AgentPlan(Plan):
@@ -249,12 +247,15 @@ class FetchingPlan(AgentPlan):
         except PeerError as err:  # the destination's daemon restarts, say: ask again
             job.log.warning("waiting for the disk on %s: %s", job.report.destination, err)
             return False
-        device = convert(answer, DevicesAnswer, what="the destination's devices").devices[0]
+        devices = convert(answer, Devices, what="the destination's devices").devices
+        device = next((d for d in devices if isinstance(d, DiskRow)), None)
+        if device is None:
+            raise PeerError(f"VM {job.managed.name} has no disk on {job.report.destination}")
         backend = device.agent.backend_status if device.agent is not None else None
         fetch = backend if isinstance(backend, FetchStatus) else device.last_fetch
         if fetch is not None:
             job.disk_progress(fetch.present_bytes, fetch.size - fetch.present_bytes)
-            job.progress["disk_bytes_moved"] = (
+            job.progress.disk_bytes_moved = (
                 fetch.fetched_on_demand_bytes + fetch.fetched_in_background_bytes
             )
         return isinstance(backend, LocalStatus)
@@ -297,7 +298,7 @@ class PrecopyPlan(AgentPlan):
         cut = await job.managed.agents[0].cutover(keep_source=True, timeout=DISK_WAIT_S)
         job.mark(Step.MIRROR_ENDED)
         pushed = cut.mirror.copied_bytes
-        job.progress["disk_bytes_pushed"] = pushed
+        job.progress.disk_bytes_pushed = pushed
         return Handover(pushed_bytes=pushed)
 
     def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
@@ -333,7 +334,7 @@ class HybridPlan(FetchingPlan):
         stopped = await job.managed.agents[0].stop_mirror()
         job.mark(Step.MIRROR_ENDED)
         pushed = stopped.mirror.copied_bytes
-        job.progress["disk_bytes_pushed"] = pushed
+        job.progress.disk_bytes_pushed = pushed
         return Handover(
             pushed_bytes=pushed,
             present=clean_chunks(stopped.dirty, stopped.chunks),

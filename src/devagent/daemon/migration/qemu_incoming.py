@@ -146,7 +146,7 @@ async def commit(managed: ManagedVm) -> CommitAnswer:
     managed.arrived()
     managed.save()
     assert vm.resumed_at is not None
-    return CommitAnswer(resumed_at=vm.resumed_at, vm=managed.status())
+    return CommitAnswer(resumed_at=vm.resumed_at, vm=managed.api_status())
 
 
 async def stream_done(managed: ManagedVm) -> dict[str, int]:

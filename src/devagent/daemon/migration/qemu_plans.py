@@ -181,7 +181,7 @@ class QemuMirrorPlan(QemuPlan):
         vm = job.managed.vm
         await vm.qmp("block-job-cancel", device=MIRROR_JOB)
         done = await wait_job(vm, MIRROR_JOB, JOB_TIMEOUT_S)
-        job.progress["disk_bytes_pushed"] = done.total_progress
+        job.progress.disk_bytes_pushed = done.total_progress
 
     async def roll_back(self, job: JobView) -> None:
         vm = job.managed.vm
@@ -206,8 +206,11 @@ class QemuCorStreamPlan(QemuPlan):
     serves_after_switchover = True  # the destination streams from the source's export,
     source_qemu_serves = True  # which the source's QEMU serves
 
+    def __init__(self) -> None:
+        self.source_export: NbdAddress | None = None  # the running disk, served read-only
+
     async def prepare(self, job: JobView) -> Prepared:
-        job.progress["source_export"] = to_json(await self._export_disk(job))
+        self.source_export = await self._export_disk(job)
         try:
             return await super().prepare(job)
         except BaseException:
@@ -216,7 +219,7 @@ class QemuCorStreamPlan(QemuPlan):
 
     def incoming(self, job: JobView) -> BaselineIncoming:
         incoming = super().incoming(job)
-        incoming.source = convert(job.progress["source_export"], NbdAddress)
+        incoming.source = self.source_export
         return incoming
 
     async def _export_disk(self, job: JobView) -> NbdAddress:

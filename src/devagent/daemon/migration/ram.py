@@ -91,13 +91,12 @@ class RamFollower:
         job = self.job
         ram = info.ram
         total = ram.total if ram is not None else None
-        job.progress.update(
-            status=info.status,
-            ram_transferred=ram.transferred if ram is not None else 0,
-            ram_remaining=ram.remaining if ram is not None else 0,
-            ram_total=total if total is not None else job.managed.config.ram_mb << 20,
-            elapsed_s=round(time.time() - job.started_at, 3),
-        )
+        progress = job.progress
+        progress.status = info.status
+        progress.ram_transferred = ram.transferred if ram is not None else 0
+        progress.ram_remaining = ram.remaining if ram is not None else 0
+        progress.ram_total = total if total is not None else job.managed.config.ram_mb << 20
+        progress.elapsed_s = round(time.time() - job.started_at, 3)
 
     async def stopped(self, event: Event) -> None:
         """QEMU stopped the guest for the switchover: note when, by QEMU's own clock (the

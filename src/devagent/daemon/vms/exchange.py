@@ -96,8 +96,7 @@ async def swap_disk(
     guest noticing. A disk that lives on another host comes home through a fetched replica
     instead of a mirror."""
     if managed.request.disk_from is not None:
-        fetched = await fetch_home(managed, node, path, rate_limit=rate_limit)
-        return convert(fetched, DiskExchange, what="the fetch home's figures")
+        return await fetch_home(managed, node, path, rate_limit=rate_limit)
     agent = managed.agent_for(node)
     if path.resolve() == Path(agent.image).resolve() and agent.backend is None:
         raise UsageError(f"VM {managed.name}'s {node} already lives on {path}")

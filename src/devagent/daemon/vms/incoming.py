@@ -16,7 +16,9 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from devagent.agent.fetch import presence_path
 from devagent.agent.messages import (
@@ -28,6 +30,7 @@ from devagent.agent.messages import (
     RemoteSpec,
     StatusAnswer,
 )
+from devagent.api_types import DiskExchange
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicIdentity
@@ -35,7 +38,6 @@ from devagent.errors import DevagentError, NotFound, PeerError, StateError, Usag
 from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
-from devagent.wire import to_json
 
 from .managed import ManagedVm, VmRole
 from .request import VmRequest
@@ -243,7 +245,7 @@ async def release_nics(vm: ManagedVm) -> dict[str, float]:
 
 async def fetch_home(
     vm: ManagedVm, node: str, path: Path, *, rate_limit: int | None = None
-) -> dict[str, Any]:
+) -> DiskExchange:
     """Bring a disk that lives on another host home to ``path`` on this host: the agent
     serves from a local replica filled on demand (copy-on-read) and in the background,
     and switches to it as ``Local`` once complete; then the peer's export is removed."""
@@ -269,14 +271,14 @@ async def fetch_home(
     with contextlib.suppress(PeerError, NotFound):
         async with DaemonClient(peer) as client:
             await client.delete(f"/v1/exports/{vm.name}")
-    return {
-        "vm": vm.name,
-        "device": node,
-        "duration_s": round(time.time() - started, 3),
-        "held_ms": round(swapped.hold_s * 1000, 3),
-        "backend": status.backend,
-        "released": peer.name,
-    }
+    return DiskExchange(
+        vm=vm.name,
+        device=node,
+        duration_s=round(time.time() - started, 3),
+        held_ms=round(swapped.hold_s * 1000, 3),
+        backend=status.backend,
+        released=peer.name,
+    )
 
 
 async def await_local(vm: ManagedVm, agent: AgentProcess) -> StatusAnswer:
@@ -294,13 +296,15 @@ async def await_local(vm: ManagedVm, agent: AgentProcess) -> StatusAnswer:
             continue
         backend = status.backend_status
         if isinstance(backend, FetchStatus):
-            vm.last_fetch = to_json(backend)
+            vm.last_fetch = backend
             if backend.present_bytes > present:
                 present = backend.present_bytes
                 deadline = time.monotonic() + FETCH_STALL_S
         if isinstance(backend, LocalStatus):
             if vm.last_fetch is not None:  # the figures as the replica completed
-                vm.last_fetch = {**vm.last_fetch, "present_bytes": vm.last_fetch["size"]}
+                vm.last_fetch = msgspec.structs.replace(
+                    vm.last_fetch, present_bytes=vm.last_fetch.size, complete=True
+                )
             agent.backend = None
             vm.save()
             return status

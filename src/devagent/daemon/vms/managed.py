@@ -20,7 +20,7 @@ import logging
 from collections import deque
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from devagent.agent.messages import CompletionsAnswer, FetchStatus, StatusAnswer
 from devagent.api_types import AgentBrief, DeviceRow, DiskRow, NicBrief, NicRow, VmStatus
@@ -33,7 +33,7 @@ from devagent.guest.probe import ConsoleParser, DiskDigest, Heartbeat, Paused, P
 from devagent.net.messages import NetStatus
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import Vm, VmState
-from devagent.wire import convert, to_json
+from devagent.wire import convert
 
 from .config import image_digest
 from .request import VmRequest
@@ -91,7 +91,7 @@ class ManagedVm:
         self.agents = agents or []
         self.nics = nics or []  # one net agent per NIC
         self.fetching: asyncio.Task[StatusAnswer] | None = None  # replica being filled
-        self.last_fetch: dict[str, Any] | None = None  # its figures, kept once it is local
+        self.last_fetch: FetchStatus | None = None  # its figures, kept once it is local
         # An incoming VM's replica as a mirror's target, until the switchover (the VM's own
         # agent forwards to the source meanwhile, so QEMU never sees a half-copied disk).
         self.receiver: AgentProcess | None = None
@@ -268,9 +268,7 @@ class ManagedVm:
         return rows
 
     def _disk_row(self, agent: AgentProcess, status: StatusAnswer | None, trouble: str) -> DiskRow:
-        last_fetch = None
-        if self.last_fetch is not None:  # kept by .incoming from an agent's status
-            last_fetch = convert(self.last_fetch, FetchStatus, what="the last fetch's figures")
+        last_fetch = self.last_fetch  # kept by .incoming from an agent's status
         return DiskRow(
             vm=self.name,
             device=agent.node,
@@ -338,11 +336,6 @@ class ManagedVm:
         if self.request.disk_from is not None:
             return f"host {self.request.disk_from.get('name')} (remote)"
         return str(self.image)
-
-    def status(self) -> dict[str, Any]:
-        """:meth:`api_status` as plain JSON, for the migration messages' ``vm`` field
-        (:mod:`devagent.daemon.migration.messages`), untyped until it is a VmStatus."""
-        return to_json(self.api_status())  # type: ignore[no-any-return]
 
     def api_status(self) -> VmStatus:
         """What the API says of the VM; it asks no agent (``alive`` is a signal 0)."""
