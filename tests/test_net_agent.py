@@ -19,6 +19,7 @@ from devagent.errors import PeerError, StateError, UsageError
 from devagent.net.agent import AgentState, NetAgent
 from devagent.net.codec import Limit, encode_frame
 from devagent.net.control import serve_control
+from devagent.net.messages import TapSpec
 from devagent.net.uplink import MemoryUplink, Uplink
 from net_fakes import FakeVm, LogEvent, eth, until
 
@@ -472,8 +473,8 @@ class Control:
 async def test_control_api(rig: Rig, tmp_path: Path) -> None:
     opened: list[MemoryUplink] = []
 
-    def opener(spec: dict[str, Any]) -> Uplink:
-        opened.append(MemoryUplink(spec["name"]))
+    def opener(spec: TapSpec) -> Uplink:
+        opened.append(MemoryUplink(spec.name))
         return opened[-1]
 
     stop = asyncio.Event()

@@ -36,6 +36,7 @@ from devagent.net.messages import (
     ForwardStatus,
     NetStatus,
     StopForwardAnswer,
+    TapSpec,
     UplinkStatus,
 )
 from devagent.net.serve import serve
@@ -211,7 +212,7 @@ async def test_an_agent_started_held_keeps_the_first_frame(tmp_path: Path) -> No
 
     async def run() -> None:
         await serve(
-            tmp_path / "none.sock", {"kind": "tap", "name": "dst-up"},
+            tmp_path / "none.sock", TapSpec(name="dst-up"),
             opener=lambda spec: uplink, on_ready=agents.append, hold=True, max_hold_s=60,
         )  # fmt: skip
 
@@ -256,7 +257,7 @@ async def test_the_forward_notes_when_its_last_unicast_frame_went() -> None:
 def net_status(**changes: Any) -> NetStatus:
     """A net agent's status: nothing counted yet, then ``changes``."""
     uplink = UplinkStatus(kind="TapUplink", name="tap0", rx_frames=0, rx_bytes=0, tx_frames=0,
-                          tx_bytes=0, tx_dropped=0, failed=False)  # fmt: skip
+                          tx_bytes=0, tx_dropped=0)  # fmt: skip
     status = NetStatus(
         vm="v", nic="net0", state="running", uplink=uplink, vm_socket=None, vm_connected=True,
         vm_connects=1, peer_addresses=[], peers=0, held=False, hold=None, forward=None,

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from devagent.cli import main
 from devagent.errors import EnvironmentProblem, NotFound, UsageError
-from devagent.net.uplink import MemoryUplink, TapUplink, check_uplink_spec, open_uplink
+from devagent.net.messages import TapSpec, UplinkStatus
+from devagent.net.uplink import MemoryUplink, TapUplink, check_uplink_spec
 
 
 @pytest.mark.parametrize("name", ["", "a" * 16, "../x"])
@@ -45,13 +46,12 @@ def test_a_bad_uplink_spec_is_a_usage_error(spec: object) -> None:
         check_uplink_spec(spec)
 
 
-def test_open_uplink_checks_its_spec() -> None:
-    assert check_uplink_spec({"kind": "tap", "name": "t0", "extra": 1}) == {
-        "kind": "tap",
-        "name": "t0",
-    }
+def test_an_uplink_spec_is_read_as_its_type() -> None:
+    assert check_uplink_spec({"kind": "tap", "name": "t0"}) == TapSpec(name="t0")
+    with pytest.raises(UsageError, match="extra"):
+        check_uplink_spec({"kind": "tap", "name": "t0", "extra": 1})
     with pytest.raises(UsageError):
-        open_uplink({"kind": "memory"})
+        check_uplink_spec({"kind": "memory"})
 
 
 def test_the_fake_queues_while_nobody_reads_and_counts() -> None:
@@ -70,15 +70,10 @@ def test_the_fake_queues_while_nobody_reads_and_counts() -> None:
     assert uplink.send(b"e" * 60)
     uplink.accept = False
     assert not uplink.send(b"f" * 60)
-    assert uplink.describe() == {
-        "kind": "MemoryUplink",
-        "name": "memory",
-        "rx_frames": 4,
-        "rx_bytes": 240,
-        "tx_frames": 1,
-        "tx_bytes": 60,
-        "tx_dropped": 1,
-    }
+    assert uplink.describe() == UplinkStatus(
+        kind="MemoryUplink", name="memory", rx_frames=4, rx_bytes=240, tx_frames=1,
+        tx_bytes=60, tx_dropped=1,
+    )  # fmt: skip
 
 
 def test_cli_net_agent_reports_a_missing_tap(tmp_path: Path) -> None:

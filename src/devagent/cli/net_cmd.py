@@ -10,6 +10,7 @@ import click
 from devagent.cli.foreground import log_to_stderr, serve_until_signalled
 from devagent.errors import DevagentError
 from devagent.net.agent import MAX_HOLD_S, NetAgent
+from devagent.net.messages import TapSpec
 from devagent.net.serve import serve
 from devagent.vocab import parse_hostport
 
@@ -66,7 +67,7 @@ def net_agent_cmd(
     async def main(stop: asyncio.Event) -> None:
         await serve(
             vm_socket,
-            {"kind": "tap", "name": tap},
+            TapSpec(name=tap),
             vm=vm_name,
             nic=nic,
             peer_listen=listen,

@@ -60,10 +60,8 @@ from devagent.net.messages import (
     NetStatus,
     ReleaseAnswer,
     StopForwardAnswer,
-    UplinkStatus,
 )
 from devagent.net.uplink import Uplink
-from devagent.wire import convert
 
 log = logging.getLogger(__name__)
 
@@ -526,7 +524,7 @@ class NetAgent:
             vm=self.vm,
             nic=self.nic,
             state=self.state.value,
-            uplink=convert(self.uplink.describe(), UplinkStatus, what="the uplink's figures"),
+            uplink=self.uplink.describe(),
             vm_socket=str(self.vm_socket) if self.vm_socket else None,
             vm_connected=self.vm_link is not None,
             vm_connects=self.vm_connects,

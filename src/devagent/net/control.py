@@ -32,7 +32,6 @@ import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
 from aiohttp import web
@@ -47,15 +46,15 @@ from devagent.net.messages import (
     StopAnswer,
     SwapAnswer,
     SwapRequest,
+    UplinkSpec,
     decode,
 )
 from devagent.net.uplink import Uplink, open_uplink
-from devagent.wire import to_json
 
 log = logging.getLogger(__name__)
 
-#: Opens an uplink from its spec as JSON (``{"kind": "tap", "name": NAME}``).
-UplinkOpener = Callable[[dict[str, Any]], Uplink]
+#: Opens the uplink a spec describes (a fake opens a fake).
+UplinkOpener = Callable[[UplinkSpec], Uplink]
 
 AGENT_KEY = web.AppKey("net_agent", NetAgent)
 STOP_KEY = web.AppKey("stop", asyncio.Event)
@@ -97,7 +96,7 @@ async def _stop_forward(request: web.Request) -> web.Response:
 
 async def _swap(request: web.Request) -> web.Response:
     body = decode(await _body(request), SwapRequest)
-    new = request.app[OPENER_KEY](to_json(body.uplink))
+    new = request.app[OPENER_KEY](body.uplink)
     agent = request.app[AGENT_KEY]
     try:
         old = await agent.swap_uplink(new)

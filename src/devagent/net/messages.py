@@ -78,7 +78,7 @@ class UplinkStatus(msgspec.Struct, omit_defaults=True):
     tx_frames: int
     tx_bytes: int
     tx_dropped: int
-    failed: bool | None = None
+    failed: str | None = None  # why a tap stopped being read, for good
 
 
 class HoldStatus(msgspec.Struct):

@@ -6,16 +6,16 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from devagent.net.agent import MAX_HOLD_S, NetAgent
 from devagent.net.control import UplinkOpener, serve_control
-from devagent.net.uplink import check_uplink_spec, open_uplink
+from devagent.net.messages import UplinkSpec
+from devagent.net.uplink import open_uplink
 
 
 async def serve(
     vm_socket: str | Path,
-    uplink_spec: dict[str, Any],
+    uplink_spec: UplinkSpec,
     *,
     vm: str = "",
     nic: str = "net0",
@@ -29,7 +29,7 @@ async def serve(
 ) -> None:
     """Attach to the uplink, connect to QEMU's stream socket ``vm_socket`` (and reconnect
     whenever it drops), accept peer agents on ``peer_listen``, serve ``control``."""
-    uplink = opener(check_uplink_spec(uplink_spec))
+    uplink = opener(uplink_spec)
     agent = NetAgent(uplink, vm=vm, nic=nic, max_hold_s=max_hold_s)
     stop = stop if stop is not None else asyncio.Event()
     runner = None

@@ -24,10 +24,13 @@ import socket
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+
+import msgspec
 
 from devagent.errors import EnvironmentProblem, NotFound, StateError, UsageError
 from devagent.net.codec import Bytes, Limit
+from devagent.net.messages import UplinkSpec, UplinkStatus
+from devagent.wire import convert
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +81,13 @@ class Uplink(ABC):
     async def close(self) -> None:
         """Let go of the device; idempotent."""
 
-    def describe(self) -> dict[str, Any]:
-        return {"kind": type(self).__name__, "name": self.name, **self.stats}
+    def describe(self) -> UplinkStatus:
+        stats = self.stats
+        return UplinkStatus(
+            kind=type(self).__name__, name=self.name, rx_frames=stats["rx_frames"],
+            rx_bytes=stats["rx_bytes"], tx_frames=stats["tx_frames"],
+            tx_bytes=stats["tx_bytes"], tx_dropped=stats["tx_dropped"],
+        )  # fmt: skip
 
     def _received(self, frame: bytes) -> None:
         self.stats["rx_frames"] += 1
@@ -177,8 +185,8 @@ class TapUplink(Uplink):
             return self._sent(frame, False)
         return self._sent(frame, written == len(frame))
 
-    def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "failed": self.failed}
+    def describe(self) -> UplinkStatus:
+        return msgspec.structs.replace(super().describe(), failed=self.failed)
 
     async def close(self) -> None:
         self.stop_reading()
@@ -238,17 +246,12 @@ class MemoryUplink(Uplink):
         self.closed = True
 
 
-def check_uplink_spec(spec: object, where: str = "uplink") -> dict[str, Any]:
-    """A valid uplink description (``{"kind": "tap", "name": "tap0"}``) or UsageError."""
-    if not isinstance(spec, dict) or spec.get("kind") != "tap":
-        raise UsageError(f'{where} must be {{"kind": "tap", "name": NAME}}, got {spec!r}')
-    name = spec.get("name")
-    if not isinstance(name, str) or not name:
-        raise UsageError(f"{where}: 'name' must be a tap device name")
-    return {"kind": "tap", "name": name}
+def check_uplink_spec(spec: object, where: str = "uplink") -> UplinkSpec:
+    """An uplink description as JSON (``{"kind": "tap", "name": "tap0"}``) as its type, or
+    :class:`UsageError` naming what is wrong."""
+    return convert(spec, UplinkSpec, what=f'{where} (expected {{"kind": "tap", "name": NAME}})')
 
 
-def open_uplink(spec: dict[str, Any]) -> Uplink:
-    """Open what ``spec`` (checked by :func:`check_uplink_spec`) describes."""
-    checked = check_uplink_spec(spec)
-    return TapUplink(checked["name"])
+def open_uplink(spec: UplinkSpec) -> Uplink:
+    """Open the tap ``spec`` names."""
+    return TapUplink(spec.name)
