@@ -36,7 +36,6 @@ from devagent.api_types import Devices, DiskRow, VmStatus
 from devagent.client import Endpoint
 from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
 from devagent.daemon.migration.context import HostContext, Peer
-from devagent.daemon.migration.messages import PeerEndpoint
 from devagent.daemon.vms.request import VmRequest
 from devagent.errors import DevagentError, PeerError, StateError
 from devagent.guest.probe import Heartbeat
@@ -399,6 +398,6 @@ def make_job(
     host = FakeHost()
     host.destination.source = vm.vm
     request = MigrateRequest(
-        to=PeerEndpoint(url="http://b", name="b"), storage=strategy, link_rate_bps=10**9
+        to=Endpoint(url="http://b", name="b"), storage=strategy, link_rate_bps=10**9
     )
     return new_job(host.context(), vm, request), vm, host

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from devagent.client import Endpoint
 from devagent.daemon.vms import VmRequest, parse_size
 from devagent.errors import UsageError
 from devagent.qemu.config import DiskSpec, VmConfig
@@ -78,7 +79,7 @@ def test_request_defaults_and_user_guest() -> None:
 def test_request_keeps_where_the_disk_lives() -> None:
     peer = {"url": "http://10.0.0.1:7480", "token": "t", "name": "a"}
     request = VmRequest.from_json({"name": "r", "disk_from": peer})
-    assert request.disk_from == peer
+    assert request.disk_from == Endpoint(**peer)
     assert VmRequest.from_json(request.to_json()) == request
     with pytest.raises(UsageError, match="disk_from"):
         VmRequest.from_json({"name": "r", "disk_from": peer, "disk": "/x"})

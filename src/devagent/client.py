@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -26,24 +25,23 @@ T = TypeVar("T")
 Params = Mapping[str, str | int | float]
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """Where a daemon listens and the token it wants."""
+class Endpoint(msgspec.Struct, frozen=True):
+    """Where a daemon listens and the token it wants (its JSON: ``{"url", "token", "name"}``,
+    in requests that name a peer)."""
 
     url: str
-    token: str
+    token: str = ""
     name: str = ""
 
     def to_json(self) -> dict[str, str]:
         return {"url": self.url, "token": self.token, "name": self.name}
 
     @classmethod
-    def from_json(cls, data: Any) -> Endpoint:
-        if not isinstance(data, dict) or not isinstance(data.get("url"), str):
-            raise UsageError("a peer must be given as {'url': …, 'token': …}")
-        return cls(
-            url=data["url"], token=str(data.get("token", "")), name=str(data.get("name", ""))
-        )
+    def from_json(cls, data: object) -> Endpoint:
+        try:
+            return msgspec.convert(data, cls)
+        except msgspec.ValidationError as err:
+            raise UsageError(f"a peer must be given as {{'url': …, 'token': …}}: {err}") from None
 
 
 _STATUS_ERRORS: dict[int, type[DevagentError]] = {

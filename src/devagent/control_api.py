@@ -35,16 +35,3 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         status = next((code for kind, code in STATUS if isinstance(err, kind)), 500)
         log.info("%s %s -> %d: %s", request.method, request.path, status, err)
         return json_error(status, str(err))
-
-
-async def json_body(request: web.Request) -> dict[str, Any]:
-    """The request's JSON object ({} without a body); anything else is a UsageError."""
-    if not request.can_read_body:
-        return {}
-    try:
-        body = await request.json()
-    except ValueError:
-        raise UsageError("the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise UsageError("the body must be a JSON object")
-    return body

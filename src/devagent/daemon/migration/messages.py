@@ -24,25 +24,10 @@ class Message(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     """A message whose unknown fields are an error (a typo is not silently ignored)."""
 
 
-class PeerEndpoint(msgspec.Struct):
-    """Where a daemon listens and the token it wants (:class:`devagent.client.Endpoint`)."""
-
-    url: str
-    token: str = ""
-    name: str = ""
-
-    def endpoint(self) -> Endpoint:
-        return Endpoint(url=self.url, token=self.token, name=self.name)
-
-    @classmethod
-    def of(cls, endpoint: Endpoint) -> PeerEndpoint:
-        return cls(url=endpoint.url, token=endpoint.token, name=endpoint.name)
-
-
 class MigrateRequest(Message):
     """``POST /v1/vms/NAME/migrate``: move the VM to ``to`` by ``storage``."""
 
-    to: PeerEndpoint
+    to: Endpoint
     storage: Strategy = Strategy.SHARED
     link_rate_bps: Positive | None = None  # the link's rate, when known: limits and shares
     downtime_limit_ms: Positive | None = None  # QEMU's downtime-limit
@@ -50,7 +35,7 @@ class MigrateRequest(Message):
 
     @property
     def destination(self) -> Endpoint:
-        return self.to.endpoint()
+        return self.to
 
 
 class RemoteDisk(msgspec.Struct, tag="remote", tag_field="kind"):

@@ -140,7 +140,7 @@ async def attach_remote(
     result.old_image = agent.image
     result.lives_on = peer.name
     agent.backend = target
-    managed.request = managed.request.replace(disk_from=peer.to_json())
+    managed.request = managed.request.replace(disk_from=peer)
     managed.save()
     return result
 

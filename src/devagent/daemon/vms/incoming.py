@@ -31,7 +31,7 @@ from devagent.agent.messages import (
     StatusAnswer,
 )
 from devagent.api_types import DiskExchange
-from devagent.client import DaemonClient, Endpoint
+from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicIdentity
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
@@ -265,7 +265,7 @@ async def fetch_home(
     vm.image = path
     vm.save()
     status = await await_local(vm, agent)
-    peer = Endpoint.from_json(vm.request.disk_from)
+    peer = vm.request.disk_from
     vm.request = vm.request.replace(disk_from=None)
     vm.save()
     with contextlib.suppress(PeerError, NotFound):

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from devagent.agent.messages import CompletionsAnswer, FetchStatus, StatusAnswer
 from devagent.api_types import AgentBrief, DeviceRow, DiskRow, NicBrief, NicRow, VmStatus
-from devagent.client import DaemonClient, Endpoint
+from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.supervised import STATUS_TIMEOUT_S, Supervised
@@ -219,7 +219,7 @@ class ManagedVm:
         assert isinstance(paused, Paused)
         try:
             if self.request.disk_from is not None:  # the disk lives on the peer: ask it
-                peer = Endpoint.from_json(self.request.disk_from)
+                peer = self.request.disk_from
                 async with DaemonClient(peer) as client:
                     found = await client.post_as(f"/v1/exports/{self.name}/digest", DiskDigest)
                 digest = found.digest
@@ -334,7 +334,7 @@ class ManagedVm:
 
     def disk_location(self) -> str:
         if self.request.disk_from is not None:
-            return f"host {self.request.disk_from.get('name')} (remote)"
+            return f"host {self.request.disk_from.name} (remote)"
         return str(self.image)
 
     def api_status(self) -> VmStatus:

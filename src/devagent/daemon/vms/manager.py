@@ -22,7 +22,7 @@ import msgspec
 
 from devagent.agent.fetch import presence_path
 from devagent.agent.messages import BackendSpec, RemoteSpec
-from devagent.client import DaemonClient, Endpoint
+from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent, NicIdentity, delete_tap, make_tap
 from devagent.errors import NotFound, PeerError, StateError, UsageError
@@ -135,7 +135,7 @@ class VmManager:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
             if request.disk_from is not None:
                 remote = await self._remote_disk(request)
-                peer_name = request.disk_from["name"] if request.disk_from else "peer"
+                peer_name = request.disk_from.name if request.disk_from else "peer"
                 where = Path(f"/remote/{peer_name}/{request.name}")  # no local image here
                 managed = self._add(request, where, VmRole.RUNNING, None, remote, guest=guest)
             else:
@@ -150,7 +150,7 @@ class VmManager:
     async def _remote_disk(self, request: VmRequest) -> RemoteSpec:
         """Have the peer host make the VM's disk and serve it; the backend spec to reach it."""
         assert request.disk_from is not None
-        peer = Endpoint.from_json(request.disk_from)
+        peer = request.disk_from
         async with DaemonClient(peer) as client:
             raw = await client.post(
                 "/v1/exports", {"name": request.name, "size": request.disk_size}
@@ -311,7 +311,7 @@ class VmManager:
 
     async def _release_remote_disk(self, managed: ManagedVm) -> None:
         assert managed.request.disk_from is not None
-        peer = Endpoint.from_json(managed.request.disk_from)
+        peer = managed.request.disk_from
         try:
             async with DaemonClient(peer) as client:
                 await client.delete(f"/v1/exports/{managed.name}")

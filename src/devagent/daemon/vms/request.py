@@ -87,7 +87,7 @@ class VmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     append: str | None = None
     storage: Storage = "shared"
     agent: bool = True  # False: QEMU opens the image itself (the QEMU-only baselines)
-    disk_from: dict[str, str] | None = None  # the disk lives on this peer host (an Endpoint)
+    disk_from: Endpoint | None = None  # the disk lives on this peer host
     nics: int = 0  # NICs on this host's guest network (the test guest configures one)
 
     @classmethod
@@ -95,9 +95,9 @@ class VmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         """A request from JSON already parsed (a saved record, a peer's payload)."""
         return convert(data, VmRequestBody, VM_RULES).request()
 
-    def to_json(self) -> dict[str, Any]:
-        answer: dict[str, Any] = msgspec.to_builtins(self)
-        return answer
+    def to_json(self) -> object:
+        """The request as JSON values (its saved record, a peer's payload)."""
+        return msgspec.to_builtins(self)
 
     def replace(self, **changes: Any) -> VmRequest:
         return msgspec.structs.replace(self, **changes)
@@ -135,7 +135,7 @@ class VmRequestBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     append: str | None = None
     storage: Storage = "shared"
     agent: bool = True
-    disk_from: dict[str, Any] | None = None
+    disk_from: Endpoint | None = None
     nics: Annotated[int, msgspec.Meta(ge=0, le=1)] | msgspec.UnsetType = msgspec.UNSET
     nic: bool | msgspec.UnsetType = msgspec.UNSET  # "nic": true is one NIC
 
@@ -154,7 +154,7 @@ class VmRequestBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             parse_workload(workload)  # raises UsageError when malformed
         disk_from = None
         if self.disk_from is not None:
-            disk_from = Endpoint.from_json(self.disk_from).to_json()
+            disk_from = self.disk_from
             if self.disk is not None or not self.agent:
                 raise UsageError("'disk_from' makes a new disk on the peer: no 'disk' with it")
         return VmRequest(
@@ -190,11 +190,11 @@ SWAP_RULES: Mapping[str, str] = {
 class AttachRemoteBody(msgspec.Struct, frozen=True):
     """``POST /v1/vms/{name}/devices/{node}/attach-remote``: move the disk to ``from``."""
 
-    peer: dict[str, Any] = msgspec.field(name="from")
+    peer: Endpoint = msgspec.field(name="from")
     sync: bool = False
 
     def endpoint(self) -> Endpoint:
-        return Endpoint.from_json(self.peer)
+        return self.peer
 
 
 ATTACH_RULES: Mapping[str, str] = {
