@@ -1,6 +1,6 @@
 """What the agents' control APIs share (a block agent's, :mod:`devagent.agent.control`, and
 a net agent's, :mod:`devagent.net.control`): JSON errors whose status says what kind of
-error it was, and a JSON object body read strictly."""
+error it was."""
 
 from __future__ import annotations
 
