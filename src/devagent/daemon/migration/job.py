@@ -43,6 +43,7 @@ from devagent.qemu.answers import MigrationInfo
 from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport
 from devagent.vocab import Step
+from devagent.wait import WaitTimeout, wait_until
 from devagent.wire import convert
 
 log = logging.getLogger(__name__)
@@ -314,12 +315,17 @@ class MigrationJob:
     async def _resume_source(self) -> None:
         """Run the guest here again if the migration had stopped it."""
         vm = self.managed.vm
-        deadline = time.monotonic() + 10.0
-        while (status := (await vm.qmp("query-status"))["status"]) == "finish-migrate":
-            if time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
-        if status in ("paused", "postmigrate", "finish-migrate"):
+
+        async def status() -> str | None:  # None while QEMU is still finishing the migration
+            now = str((await vm.qmp("query-status"))["status"])
+            return None if now == "finish-migrate" else now
+
+        try:
+            now = await wait_until(status, timeout=10.0, interval=0.05,
+                                   what="QEMU to leave finish-migrate")  # fmt: skip
+        except WaitTimeout:
+            now = "finish-migrate"
+        if now in ("paused", "postmigrate", "finish-migrate"):
             await vm.qmp("cont")
 
 

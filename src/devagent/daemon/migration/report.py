@@ -4,9 +4,6 @@ journals where the VM has agents, the probe's heartbeats always), then integrity
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from devagent.daemon.migration.context import JobView
 from devagent.daemon.migration.messages import CommitAnswer
 from devagent.daemon.migration.net import NET_MEASURES
@@ -14,6 +11,7 @@ from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo
 from devagent.report import fill_io_measures, fill_link_measures, io_series
 from devagent.vocab import Step
+from devagent.wait import WaitTimeout, wait_until
 from devagent.wire import convert
 
 BASELINE_S = 3.0  # steady-state window before the migration, for io_rate_ratio
@@ -105,14 +103,21 @@ async def settle(job: JobView, resumed_at: float) -> list[Heartbeat]:
     vm = job.managed
     if not vm.request.has_probe:
         return []
-    deadline = time.time() + SETTLE_TIMEOUT_S
     # As the guest was just before the migration (an idle guest's prefill did I/O).
     since = job.started_at - BASELINE_S
     wants_io = any(b.ops > 0 for b in vm.heartbeats if b.host_time >= since)
-    while True:
+    beats: list[Heartbeat] = []
+
+    async def steady() -> bool:
+        nonlocal beats
         raw = await job.peer.get(f"/v1/vms/{vm.name}/heartbeats", since=job.started_at)
         beats = convert(raw["heartbeats"], list[Heartbeat], what="the destination's heartbeats")
         after = [b for b in beats if b.host_time > resumed_at and (b.ops > 0 or not wants_io)]
-        if len(after) >= SETTLE_BEATS or time.time() > deadline:
-            return beats
-        await asyncio.sleep(0.2)
+        return len(after) >= SETTLE_BEATS
+
+    try:
+        what = f"steady I/O of VM {vm.name} on {job.report.destination}"
+        await wait_until(steady, timeout=SETTLE_TIMEOUT_S, interval=0.2, what=what)
+    except WaitTimeout as err:  # the report says what it has: the figures tell the rest
+        job.log.warning("%s", err)
+    return beats
