@@ -11,7 +11,7 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
-from devagent.benchstats import summarize
+from devagent.benchstats import rederive, summarize
 from devagent.benchtypes import Plan, Results, Run, TimelinePoint, read_results, upgrade_run
 from devagent.cli import main
 from devagent.errors import UsageError
@@ -110,6 +110,14 @@ def test_the_stored_matrix_reads_as_typed_runs() -> None:
     assert len(failed) == 7 and all(run.report.error for run in failed)
     assert all(run.timeline is None for run in result.runs)  # left out of the stored copy
     assert isinstance(result, Results) and result.rederived is not None
+
+
+def test_the_stored_matrix_summarized_anew_is_its_stored_summary() -> None:
+    """Its runs keep no heartbeats: --from must leave their figures as they were."""
+    stored = json.loads(STORED.read_text())["summary"]
+    result = read_results(STORED.read_bytes(), jsonl=False, what=str(STORED))
+    assert [rederive(run) for run in result.runs] == [[]] * len(result.runs)
+    assert to_json(summarize(result.runs)) == stored
 
 
 def test_bench_migrate_from_an_old_matrix(tmp_path: Path) -> None:

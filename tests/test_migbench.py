@@ -170,6 +170,22 @@ def test_rederive_leaves_a_journal_gap_alone() -> None:
     assert run.hb_gap_ms == 400.0
 
 
+def test_rederive_keeps_the_figures_of_a_run_whose_heartbeats_were_not_kept() -> None:
+    run = baseline_run_released_before_its_first_beat_there()
+    run.timeline = None  # as docs/bench-migrate keeps its runs
+    run.ratio = None
+    assert rederive(run) == []
+    assert (run.hb_gap_ms, run.report.max_io_gap_ms, run.ratio) == (100.0, 100.0, 0.525)
+
+
+def test_no_timeline_is_drawn_for_a_run_whose_heartbeats_were_not_kept(tmp_path: Path) -> None:
+    runs = [made_up(s, 0, 3.0, 2.0, 300) for s in ("shared", "postcopy")]
+    runs[1].timeline = None
+    made = plots(summarize(runs), runs, tmp_path)
+    assert sorted(p.name for p in made) == [
+        "bars-1gbit-moderate.png", "timeline-1gbit-moderate-shared.png"]  # fmt: skip
+
+
 def test_bench_migrate_from_stored_runs_summarizes_them_anew(tmp_path: Path) -> None:
     stored = tmp_path / "runs-so-far.jsonl"
     runs = [baseline_run_released_before_its_first_beat_there(),

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from devagent.benchstats import ALL_STRATEGIES
-from devagent.benchtypes import Run, Scenario, StrategyRow
+from devagent.benchtypes import Run, Scenario, StrategyRow, TimelinePoint
 from devagent.vocab import BASELINES
 
 #: The three bars per strategy: a measure's median, and its label.
@@ -55,9 +55,10 @@ def plots(summary: Sequence[Scenario], runs: Sequence[Run], out: Path) -> list[P
         made.append(path)
         for strategy in names:
             chosen = _median_run(runs, scenario.link, scenario.workload, strategy)
-            if chosen is None:
-                continue
-            made.append(_timeline(plt, chosen, out / f"timeline-{tag}-{strategy}.png"))
+            if chosen is None or chosen.timeline is None:
+                continue  # no run completed, or its heartbeats were not kept
+            path = out / f"timeline-{tag}-{strategy}.png"
+            made.append(_timeline(plt, chosen, chosen.timeline, path))
     return made
 
 
@@ -73,11 +74,11 @@ def _median_run(runs: Sequence[Run], link: str, workload: str, strategy: str) ->
     return runs[its[(len(its) - 1) // 2][1]]
 
 
-def _timeline(plt: Any, run: Run, path: Path) -> Path:
+def _timeline(plt: Any, run: Run, timeline: Sequence[TimelinePoint], path: Path) -> Path:
     report = run.report
     fig, ax = plt.subplots(figsize=(9, 3.2))
     for host, color in (("a", "tab:blue"), ("b", "tab:green")):
-        points = [(p.t, p.ops) for p in run.timeline or [] if p.host == host]
+        points = [(p.t, p.ops) for p in timeline if p.host == host]
         if points:
             ax.plot(*zip(*points, strict=True), color=color, label=f"host {host}", lw=1)
     for key, at, style in (("time_to_switchover_s", report.time_to_switchover_s, "--"),

@@ -47,8 +47,12 @@ def heartbeat_gap_ms(
 def rederive(run: Run) -> list[str]:
     """Work out again, with this code's definitions, what a stored run's heartbeats give:
     its heartbeat gap, and ``max_io_gap_ms`` where its report took that from the heartbeats
-    (the QEMU baselines, which have no agent journal). Returns the names that changed."""
-    report, timeline = run.report, run.timeline or []
+    (the QEMU baselines, which have no agent journal). Returns the names that changed. A
+    run whose heartbeats were not kept (a stored copy left them out) keeps its figures."""
+    report, timeline = run.report, run.timeline
+    run.ratio = run_ratio(report)
+    if timeline is None:
+        return []
     end = report.total_time_s
     changed = []
     if end is not None:
@@ -64,7 +68,6 @@ def rederive(run: Run) -> list[str]:
             report.max_io_gap_ms = round(found[1] * 1000, 1)
             report.max_io_gap_at_s = round(found[0], 3)
             changed.append("max_io_gap_ms")
-    run.ratio = run_ratio(report)
     return changed
 
 
