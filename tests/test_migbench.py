@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
+import msgspec
 from click.testing import CliRunner
 
 from devagent.benchplots import plots
@@ -18,31 +18,38 @@ from devagent.benchstats import (
     run_ratio,
     summarize,
 )
+from devagent.benchtypes import Run, StrategyRow
+from devagent.benchtypes import TimelinePoint as P
 from devagent.cli import main
 from devagent.migbench import QUICK
+from devagent.report import MEASURES, MigrationReport
 
 
 def made_up(strategy: str, run: int, total: float, limit: float, gap: float,
-            *, status: str = "completed", integrity: str = "ok") -> dict[str, Any]:  # fmt: skip
-    report = {
-        "status": status,
-        "error": None if status == "completed" else "boom",
-        "time_to_switchover_s": total / 2,
-        "total_time_s": total if status == "completed" else None,
-        "limit_s": limit,
-        "downtime_ms": 10.0,
-        "max_io_gap_ms": gap,
-        "guest_io_errors": 0,
-        "guest_verify_failures": 0,
-        "integrity": integrity if status == "completed" else None,
-        "bytes_between_hosts": 50_000_000,
-    }
-    timeline = [[t / 10, 5, "a"] for t in range(-30, 10)] + [
-        [0.9 + gap / 1000 + t / 10, 5, "b"]
+            *, status: str = "completed", integrity: str = "ok") -> Run:  # fmt: skip
+    report = MigrationReport(
+        vm=f"bn{run}",
+        source="a",
+        destination="b",
+        storage=strategy,
+        status=status,
+        error=None if status == "completed" else "boom",
+        time_to_switchover_s=total / 2,
+        total_time_s=total if status == "completed" else None,
+        limit_s=limit,
+        downtime_ms=10.0,
+        max_io_gap_ms=gap,
+        guest_io_errors=0,
+        guest_verify_failures=0,
+        integrity=integrity if status == "completed" else None,
+        bytes_between_hosts=50_000_000,
+    )
+    timeline = [P(t / 10, 5, "a") for t in range(-30, 10)] + [
+        P(0.9 + gap / 1000 + t / 10, 5, "b")
         for t in range(20)  # the gap after a's last
     ]
-    return {"link": "1gbit", "workload": "moderate", "strategy": strategy, "run": run,
-            "report": report, "timeline": timeline, "hb_gap_ms": gap}  # fmt: skip
+    return Run(link="1gbit", workload="moderate", strategy=strategy, run=run, vm=f"bn{run}",
+               report=report, timeline=timeline, hb_gap_ms=gap)  # fmt: skip
 
 
 def test_median_skips_missing_values_and_is_none_without_any() -> None:
@@ -52,16 +59,19 @@ def test_median_skips_missing_values_and_is_none_without_any() -> None:
 
 
 def test_the_ratio_needs_both_figures() -> None:
-    assert run_ratio({"total_time_s": 3.0, "limit_s": 2.0}) == 1.5
-    assert run_ratio({"total_time_s": 3.0, "limit_s": None}) is None
-    assert run_ratio({"total_time_s": None, "limit_s": 2.0}) is None
+    def report(total: float | None, limit: float | None) -> MigrationReport:
+        return MigrationReport("bn1", "a", "b", "hybrid", total_time_s=total, limit_s=limit)
+
+    assert run_ratio(report(3.0, 2.0)) == 1.5
+    assert run_ratio(report(3.0, None)) is None
+    assert run_ratio(report(None, 2.0)) is None
 
 
 def test_the_heartbeat_gap_counts_from_the_last_beat_before_the_start() -> None:
-    timeline = [[-0.1, 3, "a"], [0.05, 3, "a"], [0.6, 3, "b"], [0.7, 0, "b"], [1.0, 3, "b"]]
+    timeline = [P(-0.1, 3, "a"), P(0.05, 3, "a"), P(0.6, 3, "b"), P(0.7, 0, "b"), P(1.0, 3, "b")]
     assert heartbeat_gap_ms(timeline, 2.0) == 550.0
     assert heartbeat_gap_ms(timeline, 2.0, with_io=False) == 550.0
-    assert heartbeat_gap_ms([[0.5, 0, "a"], [0.6, 0, "a"]], 2.0) is None
+    assert heartbeat_gap_ms([P(0.5, 0, "a"), P(0.6, 0, "a")], 2.0) is None
 
 
 def test_summary_medians_best_ratio_and_gap_comparison() -> None:
@@ -76,23 +86,30 @@ def test_summary_medians_best_ratio_and_gap_comparison() -> None:
         made_up("precopy", 0, 2.6, 2.0, 800, integrity="mismatch: ..."),
     ]  # fmt: skip
     [scenario] = summarize(runs)
-    rows = scenario["strategies"]
-    assert rows["qemu-mirror"]["total_time_s"] == 5.0
-    assert rows["qemu-mirror"]["ratio"] == 2.5
-    assert rows["qemu-mirror"]["hb_gap_ms"] == 400.0
-    assert rows["hybrid"]["ratio"] == 1.7  # the median of 1.5, 1.7 and 4.5
-    assert (rows["postcopy"]["runs"], rows["postcopy"]["completed"]) == (2, 1)
-    assert rows["postcopy"]["errors"] == ["boom"]
-    assert rows["precopy"]["integrity_ok"] == 0
+    rows = scenario.strategies
+    assert rows["qemu-mirror"].total_time_s == 5.0
+    assert rows["qemu-mirror"].ratio == 2.5
+    assert rows["qemu-mirror"].hb_gap_ms == 400.0
+    assert rows["qemu-mirror"].bytes_between_hosts == 50_000_000.0
+    assert (rows["qemu-mirror"].guest_io_errors, rows["qemu-mirror"].net_frames_lost) == (0, None)
+    assert rows["hybrid"].ratio == 1.7  # the median of 1.5, 1.7 and 4.5
+    assert (rows["postcopy"].runs, rows["postcopy"].completed) == (2, 1)
+    assert rows["postcopy"].errors == ["boom"]
+    assert rows["precopy"].integrity_ok == 0
     # shared is the floor, not a contender; postcopy lost a run, precopy its integrity.
-    assert (scenario["best"], scenario["best_ratio"]) == ("hybrid", 1.7)
-    assert scenario["gap_vs_qemu"]["hybrid"] == {"qemu-mirror": 0.5}
-    assert scenario["gap_vs_qemu"]["precopy"] == {"qemu-mirror": 2.0}
+    assert (scenario.best, scenario.best_ratio) == ("hybrid", 1.7)
+    assert scenario.gap_vs_qemu["hybrid"] == {"qemu-mirror": 0.5}
+    assert scenario.gap_vs_qemu["precopy"] == {"qemu-mirror": 2.0}
+
+
+def test_a_summary_row_has_every_numeric_measure_of_a_report() -> None:
+    numeric = [m for m in MEASURES if m != "integrity"]
+    assert set(numeric) <= set(StrategyRow.__struct_fields__)
 
 
 def test_markdown_has_one_table_per_scenario_and_a_row_per_strategy() -> None:
     runs = [made_up(s, 0, 3.0, 2.0, 300) for s in ("shared", "qemu-cor-stream", "hybrid")]
-    runs += [{**made_up("hybrid", 0, 3.0, 2.0, 300), "workload": "heavy"}]
+    runs += [msgspec.structs.replace(made_up("hybrid", 0, 3.0, 2.0, 300), workload="heavy")]
     text = markdown(summarize(runs))
     assert text.count("### 1gbit, ") == 2
     moderate = text.split("### 1gbit, heavy")[0]
@@ -122,34 +139,51 @@ def test_the_quick_plan_runs_every_strategy_once() -> None:
     assert QUICK.workload_spec("moderate") == "moderate,prefill=32M,span=64M"
 
 
-def baseline_run_released_before_its_first_beat_there() -> dict[str, Any]:
+def baseline_run_released_before_its_first_beat_there() -> Run:
     """A QEMU baseline's run as the bench stored it before the window fix: released 50 ms
     after the resume, the guest's first heartbeat on b 400 ms after the last on a."""
     run = made_up("qemu-mirror", 0, 1.05, 2.0, 0)
-    run["timeline"] = [[t / 10, 5, "a"] for t in range(-30, 10)] + [
-        [1.3 + t / 10, 5, "b"] for t in range(20)
+    run.timeline = [P(t / 10, 5, "a") for t in range(-30, 10)] + [
+        P(1.3 + t / 10, 5, "b") for t in range(20)
     ]
-    run["report"].update(time_to_switchover_s=1.0, io_gap_source="probe heartbeats",
-                         max_io_gap_ms=100.0)  # fmt: skip
-    run["hb_gap_ms"] = 100.0
+    run.report.time_to_switchover_s = 1.0
+    run.report.io_gap_source = "probe heartbeats"
+    run.report.max_io_gap_ms = 100.0
+    run.hb_gap_ms = 100.0
     return run
 
 
 def test_rederive_counts_the_pause_the_release_fell_into() -> None:
     run = baseline_run_released_before_its_first_beat_there()
     assert rederive(run) == ["hb_gap_ms", "max_io_gap_ms"]
-    assert run["hb_gap_ms"] == 400.0
-    assert run["report"]["max_io_gap_ms"] == 400.0
-    assert run["report"]["max_io_gap_at_s"] == 0.9
+    assert run.hb_gap_ms == 400.0
+    assert run.report.max_io_gap_ms == 400.0
+    assert run.report.max_io_gap_at_s == 0.9
     assert rederive(run) == []  # worked out again: the same
 
 
 def test_rederive_leaves_a_journal_gap_alone() -> None:
     run = baseline_run_released_before_its_first_beat_there()
-    run["report"]["io_gap_source"] = "agent journals"
+    run.report.io_gap_source = "agent journals"
     rederive(run)
-    assert run["report"]["max_io_gap_ms"] == 100.0  # exact: the heartbeats cannot better it
-    assert run["hb_gap_ms"] == 400.0
+    assert run.report.max_io_gap_ms == 100.0  # exact: the heartbeats cannot better it
+    assert run.hb_gap_ms == 400.0
+
+
+def test_rederive_keeps_the_figures_of_a_run_whose_heartbeats_were_not_kept() -> None:
+    run = baseline_run_released_before_its_first_beat_there()
+    run.timeline = None  # as docs/bench-migrate keeps its runs
+    run.ratio = None
+    assert rederive(run) == []
+    assert (run.hb_gap_ms, run.report.max_io_gap_ms, run.ratio) == (100.0, 100.0, 0.525)
+
+
+def test_no_timeline_is_drawn_for_a_run_whose_heartbeats_were_not_kept(tmp_path: Path) -> None:
+    runs = [made_up(s, 0, 3.0, 2.0, 300) for s in ("shared", "postcopy")]
+    runs[1].timeline = None
+    made = plots(summarize(runs), runs, tmp_path)
+    assert sorted(p.name for p in made) == [
+        "bars-1gbit-moderate.png", "timeline-1gbit-moderate-shared.png"]  # fmt: skip
 
 
 def test_bench_migrate_from_stored_runs_summarizes_them_anew(tmp_path: Path) -> None:
@@ -157,8 +191,8 @@ def test_bench_migrate_from_stored_runs_summarizes_them_anew(tmp_path: Path) -> 
     runs = [baseline_run_released_before_its_first_beat_there(),
             made_up("hybrid", 0, 3.0, 2.0, 300)]  # fmt: skip
     for n, run in enumerate(runs, 1):
-        run["vm"] = f"bn{n}"
-    stored.write_text("".join(json.dumps(r) + "\n" for r in runs))
+        run.vm = f"bn{n}"
+    stored.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in runs))
     out = tmp_path / "out"
     done = CliRunner().invoke(main, ["bench", "migrate", "--from", str(stored), "--out",
                                      str(out), "--json"])  # fmt: skip
@@ -173,9 +207,16 @@ def test_bench_migrate_from_stored_runs_summarizes_them_anew(tmp_path: Path) -> 
 
 def test_bench_migrate_from_refuses_what_is_no_result(tmp_path: Path) -> None:
     bad = tmp_path / "x.json"
-    bad.write_text('{"runs": [1]}')
+    for text, says in (
+        ('{"runs": [1]}', "Expected `object`, got `int` - at `$.runs[0]`"),
+        ('{"runs": [{"link": "1gbit"}]}', "missing required field `workload` - at `$.runs[0]`"),
+        ("{oops", "JSON is malformed"),
+    ):
+        bad.write_text(text)
+        done = CliRunner().invoke(main, ["bench", "migrate", "--from", str(bad)])
+        assert done.exit_code == 1 and "not a bench migrate result" in done.output, text
+        assert says in done.output, done.output
+    bad = tmp_path / "runs-so-far.jsonl"
+    bad.write_text('{"link": 1}\n')
     done = CliRunner().invoke(main, ["bench", "migrate", "--from", str(bad)])
-    assert done.exit_code == 1 and "a run without a report" in done.output
-    bad.write_text("{oops")
-    done = CliRunner().invoke(main, ["bench", "migrate", "--from", str(bad)])
-    assert done.exit_code == 1 and "not a bench migrate result" in done.output
+    assert "runs-so-far.jsonl, line 1: Expected `str`, got `int` - at `$.link`" in done.output

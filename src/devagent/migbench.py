@@ -28,14 +28,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from devagent.api_types import Heartbeats
 from devagent.benchstats import ALL_STRATEGIES, fmt, heartbeat_gap_ms, run_ratio, summarize
+from devagent.benchtypes import Machine, Plan, Results, Run, TimelinePoint
 from devagent.client import DaemonClient, Endpoint
 from devagent.errors import DevagentError, NotFound
-from devagent.orchestrate import migrate, start_vm, wait_heartbeats, wait_past_phase
+from devagent.guest.probe import Heartbeat
+from devagent.orchestrate import VmBody, migrate, start_vm, wait_heartbeats, wait_past_phase
+from devagent.report import MigrationReport
 from devagent.vocab import BASELINES, parse_rate
 from devagent.wait import WaitTimeout, wait_until
 
@@ -48,26 +51,6 @@ POLL_S = 0.2
 COLLECT_SPARE_S = 60.0  # the heartbeat collector outlives a run's deadline by this much
 
 Say = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Plan:
-    links: tuple[str, ...]
-    workloads: tuple[str, ...]
-    strategies: tuple[str, ...]
-    runs: int
-    disk_size: str
-    ram_mb: int
-    prefill: str
-    span: str | None = None  # None: the profile's own
-
-    def workload_spec(self, workload: str) -> str:
-        spec = f"{workload},prefill={self.prefill}"
-        return spec if self.span is None or workload == "idle" else f"{spec},span={self.span}"
-
-    @property
-    def count(self) -> int:
-        return len(self.links) * len(self.workloads) * len(self.strategies) * self.runs
 
 
 FULL = Plan(
@@ -94,7 +77,7 @@ QUICK = Plan(
 # --- the machine and the lab -----------------------------------------------------------
 
 
-def machine() -> dict[str, Any]:
+def machine() -> Machine:
     cpu = "unknown"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -104,15 +87,15 @@ def machine() -> dict[str, Any]:
     qemu = subprocess.run(
         ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
     ).stdout.splitlines()
-    return {
-        "os": _os_release(),
-        "kernel": platform.release(),
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "qemu": qemu[0] if qemu else "unknown",
-        "python": platform.python_version(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
+    return Machine(
+        os=_os_release(),
+        kernel=platform.release(),
+        cpus=os.cpu_count(),
+        cpu=cpu,
+        qemu=qemu[0] if qemu else "unknown",
+        python=platform.python_version(),
+        load_average=[round(x, 2) for x in os.getloadavg()],
+    )
 
 
 def _os_release() -> str:
@@ -123,11 +106,9 @@ def _os_release() -> str:
     return platform.system()
 
 
-async def run_matrix(
-    plan: Plan, say: Say, on_run: Callable[[dict[str, Any]], None] | None = None
-) -> dict[str, Any]:
-    """Run ``plan`` on a fresh lab; returns ``{"plan", "machine", "runs", "summary"}``.
-    ``on_run`` gets each run as it ends (to keep what a long matrix did so far)."""
+async def run_matrix(plan: Plan, say: Say, on_run: Callable[[Run], None] | None = None) -> Results:
+    """Run ``plan`` on a fresh lab; returns its plan, the machine, the runs and their
+    summary. ``on_run`` gets each run as it ends (to keep what a long matrix did so far)."""
     from devagent.lab.lab import Lab
 
     for strategy in plan.strategies:
@@ -144,7 +125,7 @@ async def run_matrix(
         await asyncio.to_thread(Lab.load(LAB).down)
     say(f"making a 2-host lab {LAB!r}; {plan.count} migrations to run")
     lab = await asyncio.to_thread(Lab.up, name=LAB, hosts=2, link_rate=plan.links[0])
-    runs: list[dict[str, Any]] = []
+    runs: list[Run] = []
     try:
         a, b = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts[:2])
         for link in plan.links:
@@ -170,20 +151,20 @@ async def run_matrix(
     finally:
         say(f"removing the lab {LAB!r}")
         await asyncio.to_thread(lab.down)
-    meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    meta["duration_s"] = round(time.time() - started, 1)
-    return {"plan": asdict(plan), "machine": meta, "runs": runs, "summary": summarize(runs)}
+    meta.load_average_end = [round(x, 2) for x in os.getloadavg()]
+    meta.duration_s = round(time.time() - started, 1)
+    return Results(plan=plan, machine=meta, runs=runs, summary=summarize(runs))
 
 
-def describe(run: dict[str, Any]) -> str:
-    r = run["report"]
-    head = f"{run['link']} {run['workload']} {run['strategy']} run {run['run'] + 1}: "
-    if r.get("status") != "completed":
-        return head + f"FAILED: {r.get('error')}"
+def describe(run: Run) -> str:
+    r = run.report
+    head = f"{run.link} {run.workload} {run.strategy} run {run.run + 1}: "
+    if r.status != "completed":
+        return head + f"FAILED: {r.error}"
     return head + (
-        f"switchover {fmt(r.get('time_to_switchover_s'))} s, total {fmt(r.get('total_time_s'))}"
-        f" s (limit {fmt(r.get('limit_s'))} s), gap {fmt(r.get('max_io_gap_ms'), 0)} ms, "
-        f"heartbeat gap {fmt(run.get('hb_gap_ms'), 0)} ms, integrity {r.get('integrity')}"
+        f"switchover {fmt(r.time_to_switchover_s)} s, total {fmt(r.total_time_s)}"
+        f" s (limit {fmt(r.limit_s)} s), gap {fmt(r.max_io_gap_ms, 0)} ms, "
+        f"heartbeat gap {fmt(run.hb_gap_ms, 0)} ms, integrity {r.integrity}"
     )
 
 
@@ -196,7 +177,7 @@ class Guest:
     error: str | None = None
 
 
-def vm_request(plan: Plan, workload: str, strategy: str, name: str) -> dict[str, Any]:
+def vm_request(plan: Plan, workload: str, strategy: str, name: str) -> VmBody:
     return {
         "name": name,
         "ram_mb": plan.ram_mb,
@@ -243,13 +224,20 @@ async def one_run(
     strategy: str,
     index: int,
     guest: Guest,
-) -> dict[str, Any]:
+) -> Run:
     """Resume ``guest`` on ``a``, let it do three seconds of steady I/O, migrate it to ``b``
     with ``strategy``, remove it."""
     name = guest.name
-    result: dict[str, Any] = {"link": link, "workload": workload, "strategy": strategy,
-                              "run": index, "vm": name, "boot_s": guest.boot_s}  # fmt: skip
-    beats: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}
+
+    def failed(error: str) -> MigrationReport:
+        """The report of a migration the bench itself could not run or gave up on."""
+        return MigrationReport(vm=name, source=a.name, destination=b.name, storage=strategy,
+                               status="failed", error=error)  # fmt: skip
+
+    report: MigrationReport | None = None
+    setup_s: float | None = None
+    migrate_s: float | None = None
+    beats: dict[str, list[Heartbeat]] = {"a": [], "b": []}
     t0 = began = time.time()
     try:
         if guest.error is not None:
@@ -258,7 +246,7 @@ async def one_run(
             await client.post(f"/v1/vms/{name}/resume")
         await wait_heartbeats(a, name, BASELINE_BEATS, with_io=workload != "idle", timeout=60)
         t0 = time.time()
-        result["setup_s"] = round(t0 - began, 1)  # the resume and the steady baseline
+        setup_s = round(t0 - began, 1)  # the resume and the steady baseline
         run_timeout = max(RUN_TIMEOUT_S, RUN_LIMITS * _rough_limit(plan, rate))
         collector = asyncio.create_task(
             _collect(a, name, t0 - 3.0, beats["a"], run_timeout + COLLECT_SPARE_S)
@@ -267,40 +255,46 @@ async def one_run(
             report = await asyncio.wait_for(
                 migrate(a, b, name, storage=strategy, link_rate_bps=rate), run_timeout
             )
-            result["report"] = report.to_json()
         except TimeoutError:
-            result["report"] = {"status": "failed", "error": "the migration did not finish "
-                                "in time (the bench gave up on it)"}  # fmt: skip
+            report = failed("the migration did not finish in time (the bench gave up on it)")
         finally:
-            result["migrate_s"] = round(time.time() - t0, 1)  # the migrate call, report and all
+            migrate_s = round(time.time() - t0, 1)  # the migrate call, report and all
             collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await collector
         with contextlib.suppress(DevagentError):
             async with DaemonClient(b) as client:
-                got = await client.get(f"/v1/vms/{name}/heartbeats", since=t0 - 3.0)
-            beats["b"] = got["heartbeats"]
+                got = await client.get_as(f"/v1/vms/{name}/heartbeats", Heartbeats, since=t0 - 3.0)
+            beats["b"] = got.heartbeats
     except DevagentError as err:
-        result.setdefault("report", {"status": "failed", "error": f"bench: {err}"})
+        if report is None:
+            report = failed(f"bench: {err}")
     finally:
         for host in (a, b):
             with contextlib.suppress(DevagentError):
                 async with DaemonClient(host) as client:
                     await client.delete(f"/v1/vms/{name}")
-    result["timeline"] = [
-        [round(beat["host_time"] - t0, 3), beat["ops"], host]
-        for host, its in beats.items()
-        for beat in its
-    ]
-    result["timeline"].sort()
-    result["ratio"] = run_ratio(result["report"])  # total_time_s / limit_s
-    result["wall_s"] = round(time.time() - began, 1)  # resume to removal: what the run cost
-    end = result["report"].get("total_time_s")
-    with_io = workload != "idle"
-    result["hb_gap_ms"] = (
-        heartbeat_gap_ms(result["timeline"], end, with_io=with_io) if end else None
+    timeline = sorted(
+        (TimelinePoint(round(beat.host_time - t0, 3), beat.ops, host)
+         for host, its in beats.items() for beat in its),
+        key=lambda point: (point.t, point.ops, point.host),
+    )  # fmt: skip
+    end = report.total_time_s
+    return Run(
+        link=link,
+        workload=workload,
+        strategy=strategy,
+        run=index,
+        vm=name,
+        boot_s=guest.boot_s,
+        setup_s=setup_s,
+        report=report,
+        migrate_s=migrate_s,
+        timeline=timeline,
+        ratio=run_ratio(report),  # total_time_s / limit_s
+        wall_s=round(time.time() - began, 1),  # resume to removal: what the run cost
+        hb_gap_ms=heartbeat_gap_ms(timeline, end, with_io=workload != "idle") if end else None,
     )
-    return result
 
 
 def _rough_limit(plan: Plan, rate: int) -> float:
@@ -310,7 +304,7 @@ def _rough_limit(plan: Plan, rate: int) -> float:
 
 
 async def _collect(
-    at: Endpoint, name: str, since: float, into: list[dict[str, Any]], timeout: float
+    at: Endpoint, name: str, since: float, into: list[Heartbeat], timeout: float
 ) -> None:
     """Keep the source's heartbeats as they come, until the VM is gone from the source
     (the run cancels this once its migration ended; ``timeout`` bounds it regardless)."""
@@ -319,14 +313,14 @@ async def _collect(
         async def gone() -> bool:
             nonlocal since
             try:
-                got = await client.get(f"/v1/vms/{name}/heartbeats", since=since)
+                got = await client.get_as(f"/v1/vms/{name}/heartbeats", Heartbeats, since=since)
             except NotFound:
                 return True
             except DevagentError:
                 return False  # a busy daemon: ask again
-            for beat in got["heartbeats"]:
+            for beat in got.heartbeats:
                 into.append(beat)
-                since = max(since, float(beat["host_time"]))
+                since = max(since, beat.host_time)
             return False
 
         with contextlib.suppress(WaitTimeout):

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import click
+import msgspec
 
 from devagent.benchplots import plots
 from devagent.benchstats import ALL_STRATEGIES, markdown, rederive, summarize
+from devagent.benchtypes import Plan, Rederived, Results, Run, read_results
 from devagent.cli.common import err, json_option, print_json, run
-from devagent.migbench import FULL, QUICK, Plan, command_line, run_matrix
+from devagent.errors import UsageError
+from devagent.migbench import FULL, QUICK, command_line, run_matrix
+from devagent.wire import to_json
 
 
 def _split(text: str | None) -> tuple[str, ...] | None:
@@ -47,7 +49,7 @@ def migrate_bench_cmd(
     the medians, the best strategy's total_time_s / limit_s, and devagent's I/O gap against
     each QEMU baseline's. Makes its own lab and always removes it."""
     plan = QUICK if quick else FULL
-    plan = replace(
+    plan = msgspec.structs.replace(
         plan,
         runs=runs or plan.runs,
         links=_split(links) or plan.links,
@@ -57,66 +59,57 @@ def migrate_bench_cmd(
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     result = _restored(stored) if stored is not None else _measured(plan, out_dir)
-    table = markdown(result["summary"])
+    table = markdown(result.summary)
     if out_dir is not None:
-        (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+        (out_dir / "results.json").write_text(json.dumps(to_json(result), indent=1))
         (out_dir / "results.md").write_text(table)
-        made = plots(result["summary"], result["runs"], out_dir)
+        made = plots(result.summary, result.runs, out_dir)
         err.print(f"wrote {out_dir}/results.json, results.md and {len(made)} plots")
     if as_json:
-        print_json(result)
+        print_json(to_json(result))
     else:
         click.echo(table)
     lost = [
-        r for r in result["runs"]
-        if r["report"].get("status") == "completed" and (
-            r["report"].get("integrity") != "ok"
-            or r["report"].get("guest_io_errors") or r["report"].get("guest_verify_failures"))
+        r.report for r in result.runs
+        if r.report.status == "completed" and (
+            r.report.integrity != "ok"
+            or r.report.guest_io_errors or r.report.guest_verify_failures)
     ]  # fmt: skip
     sys.exit(1 if lost else 0)
 
 
-def _measured(plan: Plan, out_dir: Path | None) -> dict[str, Any]:
+def _measured(plan: Plan, out_dir: Path | None) -> Results:
     partial = None
     if out_dir is not None:
         partial = out_dir / "runs-so-far.jsonl"
         partial.write_text("")
 
-    def keep(one: dict[str, Any]) -> None:
+    def keep(one: Run) -> None:
         if partial is not None:
-            with partial.open("a") as f:
-                f.write(json.dumps(one) + "\n")
+            with partial.open("ab") as f:
+                f.write(msgspec.json.encode(one) + b"\n")
 
     def say(text: str) -> None:
         err.print(text, highlight=False, soft_wrap=True)
 
     result = run(run_matrix(plan, say=say, on_run=keep))
-    result["command"] = command_line()
+    result.command = command_line()
     return result
 
 
-def _restored(path: Path) -> dict[str, Any]:
+def _restored(path: Path) -> Results:
     """A stored matrix (results.json) or its runs so far (runs-so-far.jsonl), each run's
     heartbeat figures worked out again, summarized anew."""
     try:
-        text = path.read_text()
-        if path.suffix == ".jsonl":
-            result: dict[str, Any] = {
-                "runs": [json.loads(line) for line in text.splitlines() if line]
-            }
-        else:
-            result = json.loads(text)
-        runs = result["runs"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise click.ClickException(f"{path}: not a bench migrate result ({error})") from error
+        result = read_results(path.read_bytes(), jsonl=path.suffix == ".jsonl", what=str(path))
+    except (OSError, UsageError) as error:
+        raise click.ClickException(f"not a bench migrate result: {error}") from error
     changed = {}
-    for one in runs:
-        if not isinstance(one, dict) or "report" not in one:
-            raise click.ClickException(f"{path}: a run without a report")
+    for one in result.runs:
         names = rederive(one)
         if names:
-            changed[one.get("vm", "?")] = names
-    result["summary"] = summarize(runs)
-    result["rederived"] = {"from": str(path), "command": command_line(), "changed": changed}
-    err.print(f"{len(runs)} runs from {path}; figures worked out anew in {len(changed)}")
+            changed[one.vm] = names
+    result.summary = summarize(result.runs)
+    result.rederived = Rederived(source=str(path), command=command_line(), changed=changed)
+    err.print(f"{len(result.runs)} runs from {path}; figures worked out anew in {len(changed)}")
     return result
