@@ -198,7 +198,7 @@ async def test_nic_swap_under_a_running_stream_loses_nothing(lab: Lab, state_dir
         await asyncio.sleep(2)
         again = await asyncio.to_thread(stream.finish)
     print(f"after the agent's restart: {again}")
-    assert again["reset"] is False and again["intact"] and again["received"] > 256 << 10, again
+    assert not again.reset and again.intact and again.received > 256 << 10, again
     assert nic["agent"]["uplink"]["name"] == "swap0" and nic["agent"]["vm_connected"]
 
     # A daemon restart adopts the VM with its NIC's agent, untouched.
