@@ -242,8 +242,11 @@ async def test_max_in_flight_bounds_requests_even_when_buffered(tmp_path: Path) 
     try:
         async with await NbdClient.connect(unix=sock, export="mem") as client:
             writes = [asyncio.create_task(client.write(i * 512, b"z" * 512)) for i in range(40)]
-            await until(lambda: backend.started == 4)
-            await asyncio.sleep(0.05)
+            (connection,) = agent.server
+            # four running and the connection no longer reading: from here on only a server
+            # that ignored its bound could start a fifth
+            await until(lambda: backend.started >= 4 and connection.reading_paused, "the bound")
+            await asyncio.sleep(0)  # a fifth task started by mistake would run now
             assert backend.started == 4 and agent.journal.in_flight == 4
             backend.release.set()
             await asyncio.gather(*writes)  # the rest were read and served as slots freed
@@ -265,7 +268,10 @@ async def test_a_client_that_never_negotiates_is_closed(
         writer.close()
         assert any("no handshake within" in r.getMessage() for r in caplog.records)
         async with await NbdClient.connect(unix=sock, export="disk") as client:
-            await asyncio.sleep(0.4)  # negotiated clients are not subject to it
+            # negotiated clients are not subject to it: asleep past the handshake deadline
+            # (the loop runs timers in deadline order: the connection's, armed before the
+            # handshake, would have fired first)
+            await asyncio.sleep(agent.handshake_timeout)
             assert await client.read(0, 2) == bytes([0, 1])
     finally:
         await agent.stop()

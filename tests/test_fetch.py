@@ -175,8 +175,12 @@ async def test_concurrent_reads_of_one_chunk_fetch_it_once(
 ) -> None:
     remote.hold_all = True
     readers = [asyncio.create_task(fetch.read(5 * CHUNK + i * 512, 512)) for i in range(20)]
-    await until(lambda: len(remote.reads) >= 1, "the first fetch")
-    await asyncio.sleep(0.05)  # give the other readers every chance to fetch too
+    # every reader at the chunk's lock (the first holds it, fetching): only a reader that
+    # skipped the lock, or did not look again once it held it, could fetch a second time
+    await until(
+        lambda: fetch.lock_users(5) == 20 or remote.chunk_reads(5) > 1, "readers at the lock"
+    )
+    assert remote.chunk_reads(5) == 1
     remote.release.set()
     results = await asyncio.gather(*readers)
     assert remote.chunk_reads(5) == 1
@@ -216,7 +220,10 @@ async def test_a_write_racing_a_fetch_of_its_chunk_wins(fetch: Fetch, remote: Fa
     await until(lambda: remote.reads != [], "the fetch")
     writer = asyncio.create_task(fetch.write(4 * CHUNK, b"\x33" * CHUNK))
     partial = asyncio.create_task(fetch.write(4 * CHUNK + 10, b"\x44" * 10))
-    await asyncio.sleep(0.05)
+    await until(
+        lambda: fetch.lock_users(4) == 3 or writer.done() or partial.done(),
+        "both writes at the chunk's lock",
+    )
     assert not writer.done() and not partial.done()  # ordered behind the fetch
     remote.release.set()
     await asyncio.gather(writer, partial)
@@ -293,7 +300,12 @@ async def test_the_copier_yields_to_on_demand_fetches(tmp_path: Path) -> None:
         demand = asyncio.create_task(backend.read(50 * CHUNK, 4096))
         await until(lambda: (50 * CHUNK, CHUNK) in remote.reads, "the demand fetch")
         seen = len(remote.reads)
-        await asyncio.sleep(0.1)
+        # the copier's one worker parked behind the demand: from here on only a copier that
+        # did not yield could read anything
+        await until(
+            lambda: backend.demand.yielding == 1 or len(remote.reads) > seen + 1,
+            "the copier yielding",
+        )
         assert len(remote.reads) <= seen + 1  # at most the batch already under way
         assert not demand.done()
         remote.release.set()

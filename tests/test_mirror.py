@@ -400,10 +400,17 @@ async def test_an_active_mirror_converges_with_nothing_dirty_and_the_target_flus
     fill(source, 0, 0x02, count=SIZE // CHUNK)
     mirror = Mirrored(source, target, chunk_size=CHUNK, max_copy=CHUNK)
     stop = asyncio.Event()
+    dirty_after: list[int] = []  # dirty bytes after each write sent once CONVERGED
+    twenty_after = asyncio.Event()
 
     async def writer() -> None:  # the guest writes throughout, with no hold at any point
         while not stop.is_set():
+            converged = mirror.state is S.CONVERGED
             await mirror.write(rng.randrange(0, SIZE - 4096, 512), rng.randbytes(4096))
+            if converged:
+                dirty_after.append(mirror.dirty_bytes)
+                if len(dirty_after) == 20:
+                    twenty_after.set()
             await asyncio.sleep(0)
 
     load = asyncio.create_task(writer())
@@ -412,7 +419,8 @@ async def test_an_active_mirror_converges_with_nothing_dirty_and_the_target_flus
         assert mirror.state is S.CONVERGED and mirror.dirty_bytes == 0
         assert target.log[-1][0] in ("flush", "write")  # flushed; write-through may follow
         assert "flush" in [op for op, _, _ in target.log]
-        await asyncio.sleep(0.01)  # more guest writes, each on both sides
+        await asyncio.wait_for(twenty_after.wait(), 30)  # more guest writes, on both sides
+        assert dirty_after[:20] == [0] * 20
         assert mirror.dirty_bytes == 0
     finally:
         stop.set()

@@ -18,6 +18,7 @@ from agent_fakes import read_bytes
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Local
 from devagent.nbd.client import NbdClient
+from devagent.process import wait_exit
 
 
 def test_the_real_clients_are_installed() -> None:
@@ -213,25 +214,17 @@ async def test_our_client_against_qemu_nbd(tmp_path: Path) -> None:
     """The asyncio client (the future Remote backend's) talks to a foreign server too."""
     image = tmp_path / "q.img"
     make_sparse(image, SIZE, {2 * MiB: b"\x33" * MiB})
-    sock = tmp_path / "q.sock"
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-nbd",
-        "-f",
-        "raw",
-        "-x",
-        "q",
-        "-k",
-        str(sock),
-        "-t",
-        str(image),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    sock, pid_file = tmp_path / "q.sock", tmp_path / "q.pid"
+    # --fork: the parent exits once the server listens (its exit is the readiness event)
+    parent = await asyncio.create_subprocess_exec(
+        "qemu-nbd", "-f", "raw", "-x", "q", "-k", str(sock), "-t", "--fork",
+        f"--pid-file={pid_file}", str(image),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(parent.communicate(), 30)
+    assert parent.returncode == 0, err
+    server = int(pid_file.read_text())
     try:
-        for _ in range(300):
-            if sock.exists():
-                break
-            await asyncio.sleep(0.05)
         async with await NbdClient.connect(unix=sock, export="q") as client:
             assert client.size == SIZE and client.structured and client.contexts
             await asyncio.gather(
@@ -244,5 +237,5 @@ async def test_our_client_against_qemu_nbd(tmp_path: Path) -> None:
             assert extents[0][1] & 1  # a hole at 1 MiB
             assert any(flags == 0 for _, flags in extents)  # data at 2 MiB
     finally:
-        proc.terminate()
-        await proc.wait()
+        os.kill(server, signal.SIGTERM)
+        await wait_exit(server, 30, "qemu-nbd")

@@ -148,7 +148,12 @@ async def test_a_peer_killed_and_restarted_mid_stream_loses_nothing(
         first.wait()
         await until(lambda: not remote.connected, "the Remote noticing the loss")
         stalled = done
-        await asyncio.sleep(0.2)
+        # every task through the gate waits for a connection: from here on only a Remote
+        # that answered without its peer could complete anything
+        await until(
+            lambda: remote.waiting == min(48, len(blocks) - done),
+            "every request through the gate waiting for a connection",
+        )
         assert done - stalled < 48  # nothing completes without a peer (bar replies in transit)
         agent_process(port)  # a new agent on the same port and image
         results = await asyncio.gather(*tasks)
@@ -216,7 +221,7 @@ async def test_close_fails_waiters_and_never_hangs(image: Path) -> None:
     await served.stop()
     await until(lambda: not remote.connected, "the Remote noticing the stop")
     waiters = [asyncio.create_task(remote.read(0, BLOCK)) for _ in range(5)]
-    await asyncio.sleep(0.05)
+    await until(lambda: remote.waiting == 5, "the reads waiting for a connection")
     await asyncio.wait_for(remote.close(), 10)  # a hang guard, not a timing assertion
     for waiter in waiters:
         with pytest.raises(BackendError) as failed:

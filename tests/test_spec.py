@@ -28,6 +28,7 @@ from devagent.agent.serve import serve
 from devagent.agent.spec import check_spec, open_backend
 from devagent.errors import PeerError, UsageError
 from devagent.nbd.client import NbdClient
+from devagent.wait import wait_until
 
 SIZE = 4 << 20
 
@@ -208,11 +209,9 @@ async def test_swap_through_the_control_api_then_local(
             assert seen["kind"] in ("fetch", "local")  # it may already have finished
             if seen["kind"] == "fetch":
                 assert seen["size"] == SIZE and seen["remote"]["connected"] is True
-            for _ in range(3000):  # then_local: the agent swaps itself to Local(replica)
-                _, body = await control(ctl, "GET", "/status")
-                if body["backend_status"]["kind"] == "local":
-                    break
-                await asyncio.sleep(0.01)
+            agent = ready[0]  # then_local: the agent swaps itself to Local(replica)
+            await asyncio.wait_for(agent.duties.wait(agent.backend), 30)
+            _, body = await control(ctl, "GET", "/status")
             assert body["backend_status"] == {
                 "kind": "local",
                 "path": str(replica),
@@ -287,12 +286,14 @@ async def test_agent_serve_backend_json_with_a_real_client(
     )
     assert await asyncio.wait_for(nbdcopy.wait(), 60) == 0
     assert out.read_bytes() == source.read_bytes()
-    for _ in range(3000):
+
+    async def local_status() -> Any:
         _, body = await control(ctl, "GET", "/status")
-        if body["backend_status"]["kind"] == "local":
-            break
-        await asyncio.sleep(0.01)
-    assert body["backend_status"]["path"] == str(replica)
+        return body["backend_status"] if body["backend_status"]["kind"] == "local" else None
+
+    # another process: its control API is the only one to ask
+    seen = await wait_until(local_status, timeout=30, what="the agent's swap to Local")
+    assert seen["path"] == str(replica)
     assert replica.read_bytes() == source.read_bytes()
     os.kill(proc.pid, signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
@@ -373,6 +374,8 @@ async def test_swap_a_local_disk_for_a_remote_one_under_a_client(tmp_path: Path)
 
             async def writer() -> None:
                 for i in range(200):
+                    if i == 190:  # the last ten go once the swap has answered, however slow
+                        await swapped.wait()
                     after = swapped.is_set()
                     await client.write(i * 4096, bytes([i + 1]) * 4096)
                     written.append((i, after))
@@ -470,12 +473,11 @@ async def test_then_local_under_a_pipelined_client_loses_and_hangs_nothing(
                         after_local += 1
 
             async def watch() -> None:
-                while True:
-                    _, body = await control(ctl, "GET", "/status")
-                    if body["backend_status"]["kind"] == "local":
-                        went_local.set()
-                        return
-                    await asyncio.sleep(0.02)
+                agent = ready[0]
+                await agent.duties.wait(agent.backend)
+                _, body = await control(ctl, "GET", "/status")
+                assert body["backend_status"]["kind"] == "local"
+                went_local.set()
 
             await asyncio.wait_for(asyncio.gather(watch(), *(worker(w) for w in range(16))), 60)
             final = await client.read(0, SIZE)
@@ -501,7 +503,9 @@ async def test_retire_answers_once_nothing_can_land_any_more(tmp_path: Path) -> 
     client = await NbdClient.connect(unix=sock, export="receive")
     writes = [asyncio.create_task(client.write(i * 65536, bytes([i + 1]) * 65536))
               for i in range(32)]  # fmt: skip
-    await asyncio.sleep(0)  # sent, some still in flight at the agent
+    # One yield, no more: each write task runs (in creation order, before this one resumes)
+    # up to sending its request, and the agent takes them while /retire is on its way.
+    await asyncio.sleep(0)
     status, body = await control(ctl, "POST", "/retire")
     assert status == 200 and body["retired"] is True
     done = await asyncio.gather(*writes, return_exceptions=True)

@@ -1,5 +1,6 @@
 """What a Fetch backend's requests use beside its replica: per-chunk locks (a fetch and a
-write of one chunk never overlap), the pacer that keeps its copies under a rate limit, the
+write of one chunk never overlap), the demand gate (the copier yields to on-demand fetches),
+the pacer that keeps its copies under a rate limit, the
 remote's zero ranges (chunks the copier need not move), and the early answer of a read;
 and the chunk helpers a mirror shares (runs of chunks, a backend's zero ranges)."""
 
@@ -9,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,11 @@ class ChunkLocks:
     def __len__(self) -> int:
         return len(self._slots)
 
+    def users(self, index: int) -> int:
+        """How many requests hold chunk ``index``'s lock or wait for it."""
+        slot = self._slots.get(index)
+        return 0 if slot is None else slot.users
+
     @contextlib.asynccontextmanager
     async def hold(self, chunks: Sequence[int]) -> AsyncIterator[None]:
         users: list[int] = []
@@ -56,6 +62,38 @@ class ChunkLocks:
                 slot.users -= 1
                 if not slot.users:
                     del self._slots[index]
+
+
+class DemandGate:
+    """On-demand fetches first: the copier's workers wait while any is pending."""
+
+    def __init__(self) -> None:
+        self.pending = 0  # on-demand fetches under way
+        self.yielding = 0  # copier workers waiting for them to end
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """Count an on-demand fetch for the duration of the block."""
+        self.pending += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.pending -= 1
+            if not self.pending:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """The copier's turn: return once no on-demand fetch is pending."""
+        if self._idle.is_set():
+            return
+        self.yielding += 1
+        try:
+            await self._idle.wait()
+        finally:
+            self.yielding -= 1
 
 
 class Pacer:

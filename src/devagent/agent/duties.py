@@ -61,6 +61,13 @@ class Duties:
             self._tasks.pop(id(fetch), None)
             await old.close()
 
+    async def wait(self, backend: Backend) -> None:
+        """Return once ``backend``'s duty has ended (at once if it has none): for then_local,
+        once the agent serves ``Local(replica)``, or once the duty gave up."""
+        task = self._tasks.get(id(backend))
+        if task is not None:
+            await asyncio.wait([task])
+
     async def cancel(self, backend: Backend) -> None:
         task = self._tasks.pop(id(backend), None)
         if task is not None and task is not asyncio.current_task():

@@ -44,7 +44,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from devagent.agent.backend import Backend, BackendError, Extent, Local
-from devagent.agent.chunks import ChunkLocks, EarlyRead, Pacer, RemoteZeroes, log_lost_store
+from devagent.agent.chunks import (
+    ChunkLocks,
+    DemandGate,
+    EarlyRead,
+    Pacer,
+    RemoteZeroes,
+    log_lost_store,
+)
 from devagent.agent.messages import FetchStatus
 from devagent.agent.presence import HEADER_SIZE as HEADER_SIZE  # a lab test reads it here
 from devagent.agent.presence import PresenceMap
@@ -114,9 +121,7 @@ class Fetch(Backend):
         self._map = PresenceMap(presence_path(self.path), self._size, chunk_size, fresh=fresh)
         self._local = Local(self.path)
         self._locks = ChunkLocks()
-        self._demand = 0
-        self._demand_idle = asyncio.Event()
-        self._demand_idle.set()
+        self.demand = DemandGate()  # on-demand fetches first (its counts say who waits)
         self._unsynced: set[int] = set()
         self._sync_lock = asyncio.Lock()
         self._sync_task: asyncio.Task[None] | None = None
@@ -166,6 +171,10 @@ class Fetch(Backend):
     @property
     def copier_running(self) -> bool:
         return self._copier is not None and not self._copier.done()
+
+    def lock_users(self, index: int) -> int:
+        """Requests holding chunk ``index``'s lock or waiting for it."""
+        return self._locks.users(index)
 
     async def settle(self) -> None:
         """Return once the locked work under way has ended (a read answered early may still
@@ -289,18 +298,6 @@ class Fetch(Backend):
         if not task.cancelled():
             task.exception()  # retrieved: the awaiting caller, if any, got it too
 
-    @contextlib.contextmanager
-    def _on_demand(self) -> Iterator[None]:
-        """Count an on-demand fetch: the copier waits while any is pending."""
-        self._demand += 1
-        self._demand_idle.clear()
-        try:
-            yield
-        finally:
-            self._demand -= 1
-            if not self._demand:
-                self._demand_idle.set()
-
     async def _fetch_store(self, chunks: Sequence[int], early: EarlyRead | None = None) -> int:
         """Copy ``chunks`` (locked, absent) from the remote into the replica; bytes moved.
         ``early`` gets its bytes as soon as a fetched piece holds them all."""
@@ -362,7 +359,7 @@ class Fetch(Backend):
         return await self._local.read(offset, length)
 
     async def _fill(self, chunks: Sequence[int], early: EarlyRead | None = None) -> None:
-        with self._on_demand():
+        with self.demand.counted():
             async with self._locks.hold(chunks):
                 missing = [c for c in chunks if not self._map.is_present(c)]
                 if missing:
@@ -401,7 +398,7 @@ class Fetch(Backend):
         """Run ``op`` (which writes [offset, offset+length)) over ``absent`` chunks, first
         storing the parts of partly covered ones that ``op`` does not write."""
         partial = [c for c in absent if not self._covers(c, offset, length)]
-        with self._on_demand() if partial else contextlib.nullcontext():
+        with self.demand.counted() if partial else contextlib.nullcontext():
             async with self._locks.hold(absent):
                 still = [c for c in absent if not self._map.is_present(c)]
                 await asyncio.gather(
@@ -529,7 +526,7 @@ class Fetch(Backend):
 
     async def _copy_worker(self) -> None:
         while True:
-            await self._demand_idle.wait()
+            await self.demand.wait_idle()
             batch = self._next_batch()
             if batch is None:
                 return
@@ -558,7 +555,7 @@ class Fetch(Backend):
         )
         if self._pacer is not None and data_bytes:
             await self._pacer.take(data_bytes)
-        await self._demand_idle.wait()
+        await self.demand.wait_idle()
         async with self._locks.hold(batch):
             missing = [c for c in batch if not self._map.is_present(c)]
             if not missing:

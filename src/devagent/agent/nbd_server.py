@@ -24,7 +24,7 @@ import functools
 import logging
 import os
 import socket
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
 
@@ -249,6 +249,11 @@ class NbdConnection(asyncio.Protocol):
             self._update_reading()
 
     @property
+    def reading_paused(self) -> bool:
+        """Backpressure is on: the connection reads no more requests until it drains."""
+        return self._paused_reading
+
+    @property
     def is_unix(self) -> bool:
         """A connection on a unix socket: the local QEMU, not a peer agent."""
         if self.transport is None:
@@ -427,6 +432,10 @@ class NbdServer:
 
     def __len__(self) -> int:
         return len(self._connections)
+
+    def __iter__(self) -> Iterator[NbdConnection]:
+        """The open connections."""
+        return iter(list(self._connections))
 
     def connected(self, connection: NbdConnection) -> int:
         """Count ``connection`` in; returns its number (for the log of a unix peer)."""

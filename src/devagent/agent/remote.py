@@ -94,6 +94,7 @@ class Remote(Backend):
         self._watchers: set[asyncio.Task[None]] = set()
         self._closers: set[asyncio.Task[None]] = set()
         self._disconnected_at: float | None = None
+        self._waiting = 0
         self.log = log.getChild(export or "default")
 
     @classmethod
@@ -115,6 +116,11 @@ class Remote(Backend):
     @property
     def connected(self) -> bool:
         return self._client is not None
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection (the peer is away)."""
+        return self._waiting
 
     @property
     def size(self) -> int:
@@ -297,6 +303,7 @@ class Remote(Backend):
                 raise BackendError(f"{self!r} is closed", Errno.ESHUTDOWN)
             client = self._client
             if client is None:
+                self._waiting += 1
                 try:
                     async with asyncio.timeout_at(deadline):
                         await self._ready.wait()
@@ -304,6 +311,8 @@ class Remote(Backend):
                     raise self._timed_out(
                         command, offset, length, f"down: {self.last_error}"
                     ) from None
+                finally:
+                    self._waiting -= 1
                 continue
             try:
                 async with asyncio.timeout_at(deadline):
