@@ -44,7 +44,7 @@ from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport
 from devagent.vocab import Step
 from devagent.wait import WaitTimeout, wait_until
-from devagent.wire import convert
+from devagent.wire import from_peer
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class MigrationJob:
             return await self.plan.commit(self, handover)
         except StateError:  # committed already: our earlier try got through
             raw = await self.peer.get(f"/v1/vms/{self.managed.name}")
-            vm = convert(raw, VmStatus, what="the destination's VM status")
+            vm = from_peer(raw, VmStatus, what="the destination's VM status")
             if vm.state != "running" or vm.resumed_at is None:
                 raise
             return CommitAnswer(resumed_at=vm.resumed_at)

@@ -44,7 +44,7 @@ from devagent.errors import DevagentError, PeerError, StateError
 from devagent.net.messages import ForwardAnswer, NetStatus, StopForwardAnswer
 from devagent.report import MigrationReport
 from devagent.vocab import DestinationStep, Step
-from devagent.wire import convert
+from devagent.wire import from_peer
 
 #: The network has learned the guest's new place once nothing came to forward for this
 #: long after the destination's announce (QEMU's announce rounds come 50, 150, 300 ms in).
@@ -118,7 +118,7 @@ class NetMigration:
         for nic in self.managed.nics:
             try:
                 raw = await nic.call("POST", "/forward", {"peer": self.peers[nic.node]})
-                answer = convert(raw, ForwardAnswer, what=f"{nic.describe()}: its forward")
+                answer = from_peer(raw, ForwardAnswer, what=f"{nic.describe()}: its forward")
             except DevagentError as err:  # past the switchover: say it, go on
                 self.log.error("%s cannot forward to %s: %s", nic.describe(), self.peers, err)
                 continue
@@ -146,7 +146,7 @@ class NetMigration:
                 await asyncio.sleep(POLL_S)
             if forward is not None:
                 raw = await nic.call("POST", "/stop-forward")
-                stopped = convert(raw, StopForwardAnswer, what=f"{nic.describe()}: its stop")
+                stopped = from_peer(raw, StopForwardAnswer, what=f"{nic.describe()}: its stop")
                 self.log.info("%s stopped forwarding: %s", nic.describe(), stopped)
         self.forwarding = False
         self.mark(Step.NET_FORWARD_STOPPED)
@@ -164,7 +164,7 @@ class NetMigration:
             if now.net_frames_lost != then.net_frames_lost:
                 self.log.warning("%s lost frames: %s", nic.describe(), now.lost)
         raw = await peer.get(f"/v1/vms/{self.managed.name}/devices")
-        devices = convert(raw, Devices, what="the destination's devices").devices
+        devices = from_peer(raw, Devices, what="the destination's devices").devices
         for device in devices:
             if isinstance(device, NicRow) and device.agent is not None:
                 agent = device.agent  # new for this migration: all its figures count
@@ -191,4 +191,4 @@ class NetMigration:
 async def _status(nic: NicLink) -> NetStatus:
     """A net agent's ``GET /status``, decoded."""
     raw = await nic.call("GET", "/status")
-    return convert(raw, NetStatus, what=f"{nic.describe()}: its status")
+    return from_peer(raw, NetStatus, what=f"{nic.describe()}: its status")

@@ -40,7 +40,7 @@ from devagent.daemon.nics import NicIdentity
 from devagent.errors import PeerError, UsageError
 from devagent.vocab import Step, Strategy
 from devagent.wait import wait_until
-from devagent.wire import convert, to_json
+from devagent.wire import from_peer, to_json
 
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
 #: Passes a pre-copy mirror makes before it goes write-through anyway (a guest that dirties
@@ -161,7 +161,7 @@ class AgentPlan(Plan):
             job.source_disk = RemoteDisk(address=agent.tcp_address, export=agent.export)
             job.disk_size = (await agent.status()).size
         raw = await job.peer.post("/v1/incoming", to_json(self.incoming(job)))
-        answer = convert(raw, IncomingAnswer, what="the destination's answer")
+        answer = from_peer(raw, IncomingAnswer, what="the destination's answer")
         target = None
         if answer.disk_address is not None and answer.disk_export is not None:
             target = RemoteDisk(address=answer.disk_address, export=answer.disk_export)
@@ -177,7 +177,7 @@ class AgentPlan(Plan):
     async def commit(self, job: JobView, handover: Handover | None) -> CommitAnswer:
         body = to_json(self.commit_request(job, handover))
         raw = await job.peer.post(f"/v1/incoming/{job.managed.name}/commit", body)
-        return convert(raw, CommitAnswer, what="the destination's commit")
+        return from_peer(raw, CommitAnswer, what="the destination's commit")
 
     async def fence(self, job: JobView) -> None:
         if self.moves_disk:
@@ -247,7 +247,7 @@ class FetchingPlan(AgentPlan):
         except PeerError as err:  # the destination's daemon restarts, say: ask again
             job.log.warning("waiting for the disk on %s: %s", job.report.destination, err)
             return False
-        devices = convert(answer, Devices, what="the destination's devices").devices
+        devices = from_peer(answer, Devices, what="the destination's devices").devices
         device = next((d for d in devices if isinstance(d, DiskRow)), None)
         if device is None:
             raise PeerError(f"VM {job.managed.name} has no disk on {job.report.destination}")

@@ -43,7 +43,7 @@ from devagent.qemu.answers import BlockJobInfo, JobInfo
 from devagent.report import limit_seconds
 from devagent.vocab import Strategy
 from devagent.wait import wait_until
-from devagent.wire import convert, to_json
+from devagent.wire import from_peer, to_json
 
 MIRROR_JOB = "bn-mirror"
 STREAM_JOB = "bn-stream"
@@ -117,12 +117,12 @@ class QemuPlan(Plan):
 
     async def prepare(self, job: JobView) -> Prepared:
         raw = await job.peer.post("/v1/baselines/incoming", to_json(self.incoming(job)))
-        answer = convert(raw, BaselineAnswer, what="the destination's answer")
+        answer = from_peer(raw, BaselineAnswer, what="the destination's answer")
         return Prepared(uri=answer.uri, nbd=answer.nbd)
 
     async def commit(self, job: JobView, handover: Handover | None) -> CommitAnswer:
         raw = await job.peer.post(f"/v1/baselines/incoming/{job.managed.name}/commit")
-        return convert(raw, CommitAnswer, what="the destination's commit")
+        return from_peer(raw, CommitAnswer, what="the destination's commit")
 
     def disk_bytes_moved(self, job: JobView) -> int | None:
         return None  # QEMU's block jobs count holes as progress

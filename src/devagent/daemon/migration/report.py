@@ -12,7 +12,7 @@ from devagent.qemu.answers import MigrationInfo
 from devagent.report import fill_io_measures, fill_link_measures, io_series
 from devagent.vocab import Step
 from devagent.wait import WaitTimeout, wait_until
-from devagent.wire import convert
+from devagent.wire import from_peer
 
 BASELINE_S = 3.0  # steady-state window before the migration, for io_rate_ratio
 SETTLE_BEATS = 5  # heartbeats with I/O the destination must show before the report closes
@@ -111,7 +111,7 @@ async def settle(job: JobView, resumed_at: float) -> list[Heartbeat]:
     async def steady() -> bool:
         nonlocal beats
         raw = await job.peer.get(f"/v1/vms/{vm.name}/heartbeats", since=job.started_at)
-        beats = convert(raw["heartbeats"], list[Heartbeat], what="the destination's heartbeats")
+        beats = from_peer(raw["heartbeats"], list[Heartbeat], what="the destination's heartbeats")
         after = [b for b in beats if b.host_time > resumed_at and (b.ops > 0 or not wants_io)]
         return len(after) >= SETTLE_BEATS
 

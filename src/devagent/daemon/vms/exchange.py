@@ -29,7 +29,7 @@ from devagent.daemon.agents import AgentProcess
 from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.net.messages import NetStatus, SwapAnswer
 from devagent.report import largest_gap
-from devagent.wire import convert, to_json
+from devagent.wire import from_peer, to_json
 
 from .incoming import fetch_home
 
@@ -62,10 +62,10 @@ async def mirror_and_pivot(
         with contextlib.suppress(PeerError, StateError):
             await agent.call("POST", "/mirror/cancel")
         raise
-    done = convert(raw, CutoverAnswer, what=f"{agent.title()}: its cutover")
+    done = from_peer(raw, CutoverAnswer, what=f"{agent.title()}: its cutover")
     await asyncio.sleep(SETTLE_S)  # a pause on purpose, not a poll
     raw = await agent.call("GET", "/completions", since=done.held_from - 1.0)
-    times = convert(raw, CompletionsAnswer, what=f"{agent.title()}: its completions").completions
+    times = from_peer(raw, CompletionsAnswer, what=f"{agent.title()}: its completions").completions
     gap = largest_gap(times, done.held_from - SETTLE_S, done.held_from + done.held_s + SETTLE_S)
     return DiskExchange(
         vm=managed.name,
@@ -81,7 +81,7 @@ async def mirror_and_pivot(
 
 async def _disk_size(agent: AgentProcess) -> int:
     raw = await agent.call("GET", "/status")
-    return convert(raw, StatusAnswer, what=f"{agent.title()}: its status").size
+    return from_peer(raw, StatusAnswer, what=f"{agent.title()}: its status").size
 
 
 async def swap_disk(
@@ -152,12 +152,12 @@ async def swap_nic(managed: ManagedVm, node: str, tap: str) -> NicSwap:
         raise UsageError(f"VM {managed.name}'s {node} already uses tap {tap}")
     started = time.time()
     what = f"{nic.title()}: its status"
-    before = convert(await nic.call("GET", "/status"), NetStatus, what=what)
+    before = from_peer(await nic.call("GET", "/status"), NetStatus, what=what)
     raw = await nic.call("POST", "/swap", {"uplink": {"kind": "tap", "name": tap}})
-    swapped = convert(raw, SwapAnswer, what=f"{nic.title()}: its swap")
+    swapped = from_peer(raw, SwapAnswer, what=f"{nic.title()}: its swap")
     old, nic.tap = nic.tap, tap  # a restarted agent opens the new tap
     managed.save()
-    after = convert(await nic.call("GET", "/status"), NetStatus, what=what)
+    after = from_peer(await nic.call("GET", "/status"), NetStatus, what=what)
     managed.log.info("%s: uplink %s replaced by %s", nic.describe(), old, tap)
     return NicSwap(
         vm=managed.name,

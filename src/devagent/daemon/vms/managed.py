@@ -33,7 +33,7 @@ from devagent.guest.probe import ConsoleParser, DiskDigest, Heartbeat, Paused, P
 from devagent.net.messages import NetStatus
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import Vm, VmState
-from devagent.wire import convert
+from devagent.wire import from_peer
 
 from .config import image_digest
 from .request import VmRequest
@@ -308,7 +308,7 @@ class ManagedVm:
         times: list[float] = []
         for agent in self.agents:
             raw = await agent.call("GET", "/completions", since=since)
-            answer = convert(raw, CompletionsAnswer, what=f"{agent.title()}: its completions")
+            answer = from_peer(raw, CompletionsAnswer, what=f"{agent.title()}: its completions")
             if not answer.complete:
                 log.info("VM %s: the journal of %s no longer reaches back", self.name, agent.node)
                 return None
@@ -369,7 +369,7 @@ async def _quick_status(agent: Supervised, into: type[T]) -> tuple[T | None, str
     """An agent's ``GET /status`` answer as an ``into``, or (None, why it is shown
     unreachable)."""
     try:
-        return convert(await agent.quick_status(), into, what=f"{agent.title()}: its status"), ""
+        return from_peer(await agent.quick_status(), into, what=f"{agent.title()}: its status"), ""
     except TimeoutError:
         return None, f"unreachable (no answer in {STATUS_TIMEOUT_S:g} s)"
     except (PeerError, StateError) as err:

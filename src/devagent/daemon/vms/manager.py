@@ -30,7 +30,7 @@ from devagent.guestnet import AddressLedger, GuestNetwork, mac_for, tap_name
 from devagent.lab.procs import terminate, under_path
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState, pid_alive
-from devagent.wire import convert, decode
+from devagent.wire import decode, from_peer
 
 from .config import GuestBoot, TestGuest, build_config, disk_spec
 from .managed import ManagedVm, VmRole
@@ -155,7 +155,7 @@ class VmManager:
             raw = await client.post(
                 "/v1/exports", {"name": request.name, "size": request.disk_size}
             )
-        export = convert(raw, ExportServed, what=f"host {peer.name}'s new export")
+        export = from_peer(raw, ExportServed, what=f"host {peer.name}'s new export")
         return RemoteSpec(address=export.address, export=export.export)
 
     def _add(
