@@ -37,7 +37,7 @@ from devagent.client import Endpoint
 from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
 from devagent.daemon.migration.context import HostContext, Peer
 from devagent.daemon.vms.request import VmRequest
-from devagent.errors import DevagentError, PeerError, StateError
+from devagent.errors import DevagentError, NotFound, PeerError, StateError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo, RamInfo, answer
 from devagent.qemu.config import VmConfig
@@ -224,9 +224,12 @@ class FakeDiskAgent:
         self.failures: Failures = {}
         self.mirror_state = "converged"
         self.mirrors: list[MirrorRequest] = []
+        self.everything: list[str] | None = None  # a log shared with the QEMU fake, in order
 
     def _called(self, route: str) -> None:
         self.calls.append(route)
+        if self.everything is not None:
+            self.everything.append(f"agent {route}")
         _fail(self.failures, route.removeprefix("GET "))
 
     async def status(self) -> StatusAnswer:
@@ -299,6 +302,8 @@ class FakeDestination:
         self.requests: list[str] = []
         self.failures: Failures = {}
         self.polls_until_local = 2
+        self.replica_grows = True  # each look at the replica finds more of it present
+        self.present = 0
         self.source: FakeQemu | None = None  # whose NBD export a stream reads
         self.commit_lands_before_failing = False
 
@@ -315,10 +320,11 @@ class FakeDestination:
         if path.endswith("/devices"):
             self.polls_until_local -= 1
             kind = "local" if self.polls_until_local <= 0 else "fetch"
+            self.present += 4096 if self.replica_grows else 0
             agent = StatusAnswer(
                 export="disk0", size=4 << 20, state="serving", connections=1, addresses=[],
                 journal=journal(), pid=2, backend="Fetch", held=False,
-                backend_status=fetch_status(kind, 1, 4 << 20),
+                backend_status=fetch_status(kind, self.present, 4 << 20),
             )  # fmt: skip
             row = DiskRow(vm="v1", device="disk0", image="/replica.img", state="serving",
                           agent=agent)  # fmt: skip
@@ -369,8 +375,14 @@ class FakeHost:
     destination: FakeDestination = field(default_factory=FakeDestination)
     released: list[str] = field(default_factory=list)
     failures: Failures = field(default_factory=dict)
+    vms: set[str] = field(default_factory=lambda: {"v1"})
 
     async def release(self, name: str, delete_disk: bool) -> None:
+        """As the VM manager removes a VM: out of its table first, then its processes and
+        files (which may fail)."""
+        if name not in self.vms:
+            raise NotFound(f"no VM {name!r} on host a")
+        self.vms.discard(name)
         _fail(self.failures, "release")
         self.released.append(name)
 
@@ -396,6 +408,8 @@ def make_job(
     if strategy is Strategy.SHARED:
         vm.request = vm.request.replace(disk=str(image))
     host = FakeHost()
+    for agent in vm.agents:
+        agent.everything = vm.vm.commands
     host.destination.source = vm.vm
     request = MigrateRequest(
         to=Endpoint(url="http://b", name="b"), storage=strategy, link_rate_bps=10**9

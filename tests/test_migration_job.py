@@ -28,13 +28,13 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 def rolled_back(vm: FakeVm, host: FakeHost) -> None:
     assert vm.vm.status == "running" and not vm.vm.exited, vm.vm.commands
     assert host.destination.vms == {}, host.destination.requests
-    assert host.released == []
+    assert vm.name in host.vms  # nothing released here
     assert vm.role == "running"
 
 
 def moved(vm: FakeVm, host: FakeHost) -> None:
     assert host.destination.vms == {vm.name: "running"}
-    assert host.released == [vm.name]
+    assert vm.name not in host.vms  # released here
     assert vm.role.startswith("migrated") and vm.vm.exited
 
 
@@ -170,7 +170,7 @@ async def test_a_commit_the_destination_refuses_for_good_fails_after_its_deadlin
     await job.run()
     assert job.phase is Phase.FAILED
     assert "commit failed for" in (job.report.error or "")
-    assert host.released == []  # the source keeps the only copy of the disk
+    assert vm.name in host.vms  # the source keeps the only copy of the disk
     assert "/fence" in vm.agents[0].calls and vm.vm.status == "postmigrate"
 
 
@@ -181,3 +181,59 @@ async def test_a_second_migration_of_a_migrating_vm_is_refused(tmp_path: Path) -
     assert job.phase is Phase.FAILED and "paused" in (job.report.error or "")
     with pytest.raises(StateError):
         job._move(Phase.COMPLETED)
+
+
+async def test_a_release_that_failed_half_way_is_done_when_tried_again(tmp_path: Path) -> None:
+    job, vm, host = make_job(tmp_path, Strategy.POSTCOPY)
+    host.failures["release"] = [PeerError("the agent would not stop")]  # after leaving the table
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    moved(vm, host)
+
+
+@pytest.mark.parametrize("strategy", [Strategy.HYBRID, Strategy.QEMU_MIRROR])
+async def test_a_roll_back_ends_the_disk_copy_in_its_plan_s_order(
+    tmp_path: Path, strategy: Strategy
+) -> None:
+    """devagent's mirror stops before QEMU's migration is cancelled (the guest then runs
+    again, and none of its writes may go on towards the destination); QEMU's own mirror
+    job ends after the migration it belongs to, as libvirt does."""
+    job, vm, host = make_job(tmp_path, strategy)
+    vm.vm.statuses = ("active", "failed")
+    await job.run()
+    assert job.phase is Phase.FAILED
+    rolled_back(vm, host)
+    log = vm.vm.commands
+    if strategy is Strategy.HYBRID:
+        assert log.index("agent /mirror/cancel") < log.index("migrate_cancel")
+    else:
+        assert log.index("migrate_cancel") < log.index("blockdev-del")
+
+
+async def test_a_roll_back_that_cannot_resume_the_guest_says_so(tmp_path: Path) -> None:
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    vm.agents[0].failures["/mirror/stop"] = PeerError("agent gone")
+    vm.vm.failures["cont"] = PeerError("QEMU said no")
+    await job.run()
+    assert job.phase is Phase.FAILED
+    error = job.report.error or ""
+    assert "agent gone" in error and "resuming the guest on the source failed" in error
+    assert host.destination.vms == {}
+
+
+async def test_a_slow_tail_is_waited_out_while_it_grows_and_not_once_it_stalls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("devagent.daemon.migration.plans.DISK_STALL_S", 0.05)
+    monkeypatch.setattr("devagent.daemon.migration.plans.POLL_S", 0.01)
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    host.destination.polls_until_local = 30  # 0.3 s in all: far past the stall limit
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    (tmp_path / "b").mkdir()
+    stalled, vm, host = make_job(tmp_path / "b", Strategy.HYBRID)
+    host.destination.polls_until_local = 30
+    host.destination.replica_grows = False
+    await stalled.run()
+    assert stalled.phase is Phase.FAILED and "no progress" in (stalled.report.error or "")
+    assert vm.name in host.vms  # the source still serves the disk: not released

@@ -10,6 +10,7 @@ QEMU or a lab.
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
@@ -260,3 +261,10 @@ class JobView(Protocol):
     async def quietly(self, step: Awaitable[Any]) -> None: ...
 
     async def check_peer(self) -> None: ...
+
+
+def free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((address, 0))
+        port: int = s.getsockname()[1]
+        return port

@@ -6,7 +6,8 @@ rolls back.
               agent that reads through to the source (or, shared, the same image), a
               receiver agent for a push, the NICs' agents holding frames
 ``commit``    ``POST /v1/incoming/NAME/commit``: ready the disk (a Fetch replica seeded with
-              what the push landed, or the complete replica as Local), run the guest
+              what the push landed, or the complete replica as Local), run the guest; once
+              per VM (:class:`Commits`: a repeat gets the first one's answer)
 ``abort``     ``DELETE /v1/incoming/NAME``: remove all of it
 
 The VM manager does the making and the readying (:mod:`devagent.daemon.vms.incoming`); this
@@ -15,28 +16,24 @@ module owns the messages and the order.
 
 from __future__ import annotations
 
-import socket
+import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from devagent.daemon.migration.context import free_port
 from devagent.daemon.migration.messages import (
     CommitAnswer,
     CommitRequest,
     IncomingAnswer,
     IncomingRequest,
 )
+from devagent.daemon.vms import ManagedVm, VmRole
 from devagent.daemon.vms import incoming as incoming_vm
 from devagent.errors import StateError, UsageError
 
 if TYPE_CHECKING:
     from devagent.daemon.host import Host
-
-
-def free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
@@ -69,20 +66,44 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
     )
 
 
-async def commit(host: Host, name: str, request: CommitRequest) -> CommitAnswer:
+async def ready(managed: ManagedVm, request: CommitRequest) -> CommitAnswer:
     """The RAM arrived: ready the disk, run the guest; when it resumed, and each step."""
-    managed = host.vms.get(name)
-    if managed.role != "incoming":
-        raise StateError(f"VM {managed.name} is not an incoming VM")
     fetch = request.fetch.spec(str(managed.image)) if request.fetch is not None else None
     steps = await incoming_vm.commit_incoming(managed, fetch, local=request.local)
     resumed_at = steps.pop("resumed_at")
     return CommitAnswer(resumed_at=resumed_at, steps=steps, vm=managed.api_status())
 
 
+Ready = Callable[[ManagedVm, CommitRequest], Awaitable[CommitAnswer]]
+
+
+class Commits:
+    """One commit per incoming VM. The source tries a commit again when its answer was
+    lost (a connection cut, a daemon that restarts): the repeat waits for the first one
+    and gets its answer, rather than readying the disk a second time. The commit runs
+    shielded from the request that asked for it, so a client that goes away cannot stop it
+    half-way."""
+
+    def __init__(self, host: Host, ready: Ready = ready) -> None:
+        self.host = host
+        self._ready = ready
+        self._commits: dict[str, tuple[ManagedVm, asyncio.Future[CommitAnswer]]] = {}
+
+    async def commit(self, name: str, request: CommitRequest) -> CommitAnswer:
+        managed = self.host.vms.get(name)
+        known = self._commits.get(name)
+        if known is not None and known[0] is managed:  # this VM's commit, asked again
+            return await asyncio.shield(known[1])
+        if managed.role is not VmRole.INCOMING:
+            raise StateError(f"VM {managed.name} is not an incoming VM")
+        done = asyncio.ensure_future(self._ready(managed, request))
+        self._commits[name] = (managed, done)
+        return await asyncio.shield(done)
+
+
 async def abort(host: Host, name: str) -> None:
     """The source rolled back: remove the incoming VM and all it made here."""
     managed = host.vms.get(name)
-    if managed.role != "incoming":
+    if managed.role is not VmRole.INCOMING:
         raise StateError(f"VM {name} is not an incoming VM: refusing to remove it")
     await host.vms.remove(name)

@@ -38,7 +38,7 @@ from devagent.daemon.migration.net import NetMigration
 from devagent.daemon.migration.plans import Handover, Plan, Prepared
 from devagent.daemon.migration.ram import migrate_ram
 from devagent.daemon.migration.report import BASELINE_S, finish_report
-from devagent.errors import DevagentError, PeerError, StateError
+from devagent.errors import DevagentError, NotFound, PeerError, StateError
 from devagent.qemu.answers import MigrationInfo
 from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport
@@ -106,6 +106,7 @@ class MigrationJob:
         self.source_disk: RemoteDisk | None = None
         self.disk_size = 0
         self.bytes_before: int | None = None
+        self.cleanup_failures: list[str] = []  # roll-back steps that failed, for the report
         self._next_check = time.monotonic() + PEER_CHECK_S
         # The NICs' steps (hold, forward, hand-over), for a VM that has NICs.
         self.net = NetMigration(managed, self.report, self.mark, self.log) if managed.nics else None
@@ -135,11 +136,21 @@ class MigrationJob:
         self.progress.disk_done, self.progress.disk_left = done, left
 
     async def quietly(self, step: Awaitable[Any]) -> None:
-        """Run a best-effort step of a roll-back: its failure is logged, not raised."""
+        """Run an undo step of a roll-back that may find nothing to undo (a mirror that never
+        started, say): its failure is logged, and does not stop the others."""
         try:
             await step
         except DevagentError as err:
             self.log.info("migration %s: clean-up step failed: %s", self.id, err)
+
+    async def surely(self, step: Awaitable[Any], what: str) -> None:
+        """Run a roll-back step that must work (the guest resumed, the destination emptied):
+        its failure does not stop the others, and is logged and said in the report."""
+        try:
+            await step
+        except DevagentError as err:
+            self.log.error("migration %s: %s failed: %s", self.id, what, err)
+            self.cleanup_failures.append(f"{what} failed: {err}")
 
     async def check_peer(self) -> None:
         """The destination's daemon must see the migration through: asked every
@@ -183,6 +194,8 @@ class MigrationJob:
             self._fail(f"internal error: {err!r}")
 
     def _fail(self, message: str) -> None:
+        if self.cleanup_failures:
+            message += f" (and then: {'; '.join(self.cleanup_failures)})"
         self.log.error("migration %s failed: %s", self.id, message)
         self.report.status = "failed"
         self.report.error = message
@@ -279,12 +292,17 @@ class MigrationJob:
         if not self.plan.source_qemu_serves:
             await self.plan.until_released(self)
         allocated = allocated_bytes(self.managed.image) if self.plan.moves_disk else 0
-        await self.forward(
-            lambda: self.host.release(self.managed.name, self.plan.moves_disk),
-            what=f"the release of VM {self.managed.name} here",
-        )
+        await self.forward(self._release, what=f"the release of VM {self.managed.name} here")
         self.mark(Step.RELEASED)
         await finish_report(self, committed, done, source_done, allocated)
+
+    async def _release(self) -> None:
+        """Remove what is left of the VM here; a removal that got part-way before it failed
+        has taken the VM out of the host's table already, and is done when tried again."""
+        try:
+            await self.host.release(self.managed.name, self.plan.moves_disk)
+        except NotFound:
+            self.log.info("VM %s was removed here already", self.managed.name)
 
     async def forward(self, step: Callable[[], Awaitable[T]], *, what: str) -> T:
         """Past the switchover: run ``step()`` until it succeeds (a peer or an agent that
@@ -304,13 +322,18 @@ class MigrationJob:
         destination."""
         vm = self.managed.vm
         self.log.warning("rolling back migration %s: %s", self.id, cause)
-        await self.quietly(vm.qmp("migrate_cancel"))
-        await self.plan.roll_back(self)
+        if self.plan.cancels_ram_first:  # QEMU's own jobs end once its migration has
+            await self.quietly(vm.qmp("migrate_cancel"))
+            await self.plan.roll_back(self)
+        else:  # no guest write may go on towards the destination once the guest runs again
+            await self.plan.roll_back(self)
+            await self.quietly(vm.qmp("migrate_cancel"))
         if self.net is not None:  # the guest stays here: what was held for it is delivered
             await self.net.roll_back()
-        await self.quietly(self._resume_source())
+        await self.surely(self._resume_source(), "resuming the guest on the source")
         if self._peer is not None:
-            await self.quietly(self._peer.delete(f"/v1/incoming/{self.managed.name}"))
+            remove = self._peer.delete(f"/v1/incoming/{self.managed.name}")
+            await self.surely(remove, f"removing the incoming VM on {self.report.destination}")
 
     async def _resume_source(self) -> None:
         """Run the guest here again if the migration had stopped it."""

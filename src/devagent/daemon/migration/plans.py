@@ -19,7 +19,9 @@ qcow2 header at launch, say); a push lands in a receiver agent beside it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,7 +41,7 @@ from devagent.daemon.migration.messages import (
 from devagent.daemon.nics import NicIdentity
 from devagent.errors import PeerError, UsageError
 from devagent.vocab import Step, Strategy
-from devagent.wait import wait_until
+from devagent.wait import WaitTimeout, wait_until
 from devagent.wire import from_peer, to_json
 
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
@@ -55,7 +57,8 @@ HYBRID_PUSH_PARALLEL = 2
 HYBRID_PUSH_COPY = 256 << 10
 COPY_BATCH_MAX = COPY_BATCH  # the most a background copy asks (the Fetch backend's default)
 COPY_AHEAD_S = 0.02  # how much link time the copier keeps in flight per worker
-DISK_WAIT_S = 600.0  # a mirror's convergence, a replica's completion
+DISK_WAIT_S = 600.0  # a mirror's convergence
+DISK_STALL_S = 600.0  # a replica that stops growing for this long never completes
 POLL_S = 0.1
 
 
@@ -85,6 +88,10 @@ class Plan:
     moves_disk: ClassVar[bool] = True
     #: QEMU pauses before the switchover for :meth:`at_pre_switchover`.
     pauses_before_switchover: ClassVar[bool] = False
+    #: A roll-back cancels QEMU's migration before the plan's own steps (QEMU's block jobs),
+    #: or after them (devagent's mirror stops first: no write goes on towards the
+    #: destination once QEMU runs the guest again).
+    cancels_ram_first: ClassVar[bool] = False
     #: The source still serves the disk to the destination after the switchover.
     serves_after_switchover: ClassVar[bool] = False
     #: ...and its QEMU is what serves it (QEMU's own NBD export): it stops only once the
@@ -234,14 +241,20 @@ class FetchingPlan(AgentPlan):
         return CommitRequest(fetch=fetch)
 
     async def until_released(self, job: JobView) -> None:
-        """Wait until the destination's replica is complete and served as Local."""
-        await wait_until(
-            lambda: self._disk_local(job), timeout=DISK_WAIT_S, interval=POLL_S,
-            what=f"VM {job.managed.name}'s disk to be local on {job.report.destination}",
-        )  # fmt: skip
+        """Wait until the destination's replica is complete and served as Local: as long as
+        it grows (a slow link's tail takes what it takes), and :data:`DISK_STALL_S` at most
+        without progress."""
+        progress = _Progress()
+        while not await self._disk_local(job, progress):
+            if progress.stalled_for() > DISK_STALL_S:
+                raise WaitTimeout(
+                    f"VM {job.managed.name}'s replica on {job.report.destination}",
+                    DISK_STALL_S, f"no progress past {progress.present} bytes",
+                )  # fmt: skip
+            await asyncio.sleep(POLL_S)
         job.mark(Step.DISK_LOCAL)
 
-    async def _disk_local(self, job: JobView) -> bool:
+    async def _disk_local(self, job: JobView, progress: _Progress) -> bool:
         try:
             answer = await job.peer.get(f"/v1/vms/{job.managed.name}/devices")
         except PeerError as err:  # the destination's daemon restarts, say: ask again
@@ -254,11 +267,27 @@ class FetchingPlan(AgentPlan):
         backend = device.agent.backend_status if device.agent is not None else None
         fetch = backend if isinstance(backend, FetchStatus) else device.last_fetch
         if fetch is not None:
+            progress.saw(fetch.present_bytes)
             job.disk_progress(fetch.present_bytes, fetch.size - fetch.present_bytes)
             job.progress.disk_bytes_moved = (
                 fetch.fetched_on_demand_bytes + fetch.fetched_in_background_bytes
             )
         return isinstance(backend, LocalStatus)
+
+
+class _Progress:
+    """How far a replica got, and since when it has not grown."""
+
+    def __init__(self) -> None:
+        self.present = -1
+        self.since = time.monotonic()
+
+    def saw(self, present: int) -> None:
+        if present > self.present:
+            self.present, self.since = present, time.monotonic()
+
+    def stalled_for(self) -> float:
+        return time.monotonic() - self.since
 
 
 class PostcopyPlan(FetchingPlan):

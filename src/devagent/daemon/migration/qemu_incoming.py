@@ -16,6 +16,7 @@ import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from devagent.daemon.migration.context import free_port
 from devagent.daemon.migration.messages import (
     BaselineAnswer,
     BaselineIncoming,
@@ -27,11 +28,11 @@ from devagent.daemon.migration.qemu_plans import (
     EXPORT_NAME,
     JOB_TIMEOUT_S,
     STREAM_JOB,
-    free_port,
     wait_job,
 )
-from devagent.daemon.vms import ManagedVm
+from devagent.daemon.vms import ManagedVm, VmRole
 from devagent.daemon.vms import incoming as incoming_vm
+from devagent.daemon.vms.incoming import ARRIVAL_TIMEOUT_S
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import DiskSpec, NbdSource
@@ -40,8 +41,6 @@ from devagent.wait import wait_until
 
 if TYPE_CHECKING:
     from devagent.daemon.host import Host
-
-ARRIVAL_TIMEOUT_S = 30.0
 
 
 async def prepare(host: Host, incoming: BaselineIncoming) -> BaselineAnswer:
@@ -122,7 +121,7 @@ def _is_stream(managed: ManagedVm) -> bool:
 async def commit(managed: ManagedVm) -> CommitAnswer:
     """The RAM arrived; run the guest. A mirror's target stops being served first; a stream
     starts right after."""
-    if managed.role != "incoming":
+    if managed.role is not VmRole.INCOMING:
         raise StateError(f"VM {managed.name} is not an incoming VM")
     vm = managed.vm
 

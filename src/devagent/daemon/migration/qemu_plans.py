@@ -26,10 +26,9 @@ journals, ``max_io_gap_ms`` comes from the probe's heartbeats and ``io_gap_sourc
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
-from devagent.daemon.migration.context import JobView, Qemu
+from devagent.daemon.migration.context import JobView, Qemu, free_port
 from devagent.daemon.migration.messages import (
     BaselineAnswer,
     BaselineIncoming,
@@ -56,13 +55,6 @@ JOB_TIMEOUT_S = 590.0
 POLL_S = 0.1
 
 
-def free_port(address: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((address, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 async def wait_job(vm: Qemu, job_id: str, timeout: float) -> JobInfo:
     """Wait until QMP job ``job_id`` (made with ``auto-dismiss: false``) concludes; dismiss it
     and return its last ``query-jobs`` entry; raise with QEMU's error if it failed."""
@@ -87,6 +79,7 @@ class QemuPlan(Plan):
     """A QEMU-only flow: no agent, QEMU's block layer moves the raw image."""
 
     mode = "mirror"
+    cancels_ram_first = True
 
     def check(self, job: JobView) -> None:
         vm = job.managed
@@ -210,12 +203,8 @@ class QemuCorStreamPlan(QemuPlan):
         self.source_export: NbdAddress | None = None  # the running disk, served read-only
 
     async def prepare(self, job: JobView) -> Prepared:
-        self.source_export = await self._export_disk(job)
-        try:
-            return await super().prepare(job)
-        except BaseException:
-            await self.roll_back(job)
-            raise
+        self.source_export = await self._export_disk(job)  # a failure: the roll-back ends it
+        return await super().prepare(job)
 
     def incoming(self, job: JobView) -> BaselineIncoming:
         incoming = super().incoming(job)

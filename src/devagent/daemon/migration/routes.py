@@ -57,6 +57,7 @@ class MigrationRoutes:
     def __init__(self, host: Host) -> None:
         self.host = host
         self.jobs: dict[str, MigrationJob] = {}
+        self.commits = destination.Commits(host)  # the destination's, one per incoming VM
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1/vms/{name}/migrate", self.migrate)
@@ -101,7 +102,7 @@ class MigrationRoutes:
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
         commit = await read(request, CommitRequest)
-        return answer(await destination.commit(self.host, request.match_info["name"], commit))
+        return answer(await self.commits.commit(request.match_info["name"], commit))
 
     async def abort_incoming(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
