@@ -122,10 +122,6 @@ class Strategy(StrEnum):
     def is_baseline(self) -> bool:
         return self.value.startswith("qemu-")
 
-    @property
-    def moves_disk(self) -> bool:
-        return self is not Strategy.SHARED
-
     @classmethod
     def parse(cls, text: str) -> Strategy:
         try:

@@ -58,10 +58,6 @@ def delete_tap(name: str) -> None:
     _ip("link", "del", name)
 
 
-def tap_exists(name: str) -> bool:
-    return _ip("link", "show", "dev", name).returncode == 0
-
-
 class NicIdentity(msgspec.Struct):
     """What makes a VM's NIC the same on another host: its node, address and MAC (a
     migration's destination makes it again from these)."""

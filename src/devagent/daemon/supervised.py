@@ -156,8 +156,9 @@ class Supervised:
         timeout: float = 60.0,
         **params: Param,
     ) -> Any:
-        """:meth:`ask`'s untyped form: ``body`` any JSON value, the answer parsed JSON. For
-        the callers not typed yet (the NICs'); a disk agent has a method per route
+        """:meth:`ask`'s untyped form: ``body`` any JSON value, the answer parsed JSON,
+        which the caller decodes into its type at once (the NICs' steps, the exchange's
+        cutover); a disk agent has a method per route for the others
         (:class:`devagent.daemon.agents.AgentProcess`)."""
         raw = await self._exchange(method, path, _encoded(body), timeout, params)
         try:

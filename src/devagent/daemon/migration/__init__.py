@@ -1,6 +1,7 @@
 """Live migration: where each step of moving a VM between hosts is.
 
-Source daemon (``POST /v1/vms/NAME/migrate`` → :func:`start_job`):
+Source daemon (``POST /v1/vms/NAME/migrate``: :class:`.routes.MigrationRoutes` →
+:func:`new_job` → ``job.start()``):
 
 * :mod:`.job`       the one job for every strategy: prepare → before RAM → RAM →
                     switchover (fence) → commit → finish (release, report); roll-back before

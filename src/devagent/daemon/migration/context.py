@@ -71,7 +71,8 @@ class Qemu(Protocol):
 
 
 class AgentLink(Protocol):
-    """A NIC's agent, through its control socket (untyped yet: the net agent's messages)."""
+    """An agent through its control socket, as the NICs' steps call it: a route and a JSON
+    body, the answer decoded by the caller into :mod:`devagent.net.messages`' types."""
 
     @property
     def node(self) -> str: ...
@@ -186,11 +187,6 @@ class HostContext:
     connect: Callable[[Endpoint], AbstractAsyncContextManager[Peer]] = connect
     #: Bytes on the host's link so far (None where it cannot be told).
     link_bytes: Callable[[], int | None] = field(default=lambda: None)
-
-    @property
-    def loopback(self) -> bool:
-        """A loopback lab: every host shares the machine's one network stack."""
-        return self.address.startswith("127.")
 
     @classmethod
     def of(cls, host: Any) -> HostContext:

@@ -29,6 +29,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from enum import Enum
+from pathlib import Path
 from typing import Any, TypeVar
 
 from devagent.api_types import MigrationProgress, MigrationStatus, VmStatus
@@ -88,8 +89,7 @@ class MigrationJob:
         self.phase = Phase.PREPARING
         self.started_at = time.time()
         self.finished_at: float | None = None
-        #: The steps' figures (:class:`MigrationProgress`'s fields), written by the plans and
-        #: :mod:`.ram` as a dict until they write the typed one.
+        #: The steps' figures so far, written by the plans and :mod:`.ram`.
         self.progress = MigrationProgress()
         dest = request.destination
         self.report = MigrationReport(
@@ -352,9 +352,9 @@ class MigrationJob:
             await vm.qmp("cont")
 
 
-def allocated_bytes(path: Any) -> int:
+def allocated_bytes(path: Path) -> int:
     """Bytes a (sparse) image really holds."""
     try:
-        return int(path.stat().st_blocks) * 512
+        return path.stat().st_blocks * 512
     except OSError:
         return 0

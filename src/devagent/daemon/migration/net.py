@@ -40,7 +40,7 @@ from collections.abc import Callable
 
 from devagent.api_types import Devices, NicRow
 from devagent.daemon.migration.context import MigratingVm, NicLink, Peer
-from devagent.errors import DevagentError, PeerError, StateError
+from devagent.errors import DevagentError, PeerError
 from devagent.net.messages import ForwardAnswer, NetStatus, StopForwardAnswer
 from devagent.report import MigrationReport
 from devagent.vocab import DestinationStep, Step
@@ -180,10 +180,10 @@ class NetMigration:
         """Before the switchover: the guest stays here; deliver what was held for it."""
         for nic in self.managed.nics:
             if self.held:
-                with contextlib.suppress(DevagentError, StateError):
+                with contextlib.suppress(DevagentError):
                     await nic.call("POST", "/release")
             if self.forwarding:
-                with contextlib.suppress(DevagentError, StateError):
+                with contextlib.suppress(DevagentError):
                     await nic.call("POST", "/stop-forward")
         self.held = self.forwarding = False
 

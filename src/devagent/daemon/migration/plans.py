@@ -76,7 +76,6 @@ class Prepared:
 class Handover:
     """What the source's disk hands the destination at the switchover."""
 
-    pushed_bytes: int = 0
     present: str = ""  # base64 bits of the chunks the push landed
     chunk_size: int = FETCH_CHUNK
 
@@ -328,7 +327,7 @@ class PrecopyPlan(AgentPlan):
         job.mark(Step.MIRROR_ENDED)
         pushed = cut.mirror.copied_bytes
         job.progress.disk_bytes_pushed = pushed
-        return Handover(pushed_bytes=pushed)
+        return Handover()
 
     def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
         return CommitRequest(local=True)
@@ -365,7 +364,6 @@ class HybridPlan(FetchingPlan):
         pushed = stopped.mirror.copied_bytes
         job.progress.disk_bytes_pushed = pushed
         return Handover(
-            pushed_bytes=pushed,
             present=clean_chunks(stopped.dirty, stopped.chunks),
             chunk_size=stopped.chunk_size,
         )

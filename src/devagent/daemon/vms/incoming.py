@@ -3,9 +3,10 @@ incoming VM is prepared (:func:`prepare_incoming`, or :func:`add_incoming` for t
 QEMU-only baselines), it arrives and runs (:func:`commit_incoming`), its disk becomes
 local (:func:`await_local`, also for :func:`fetch_home`).
 
-These were methods of the VM manager and of the managed VM; they are functions taking
-them, unchanged in behaviour, so that they can move into the migration package as they
-are. They use the manager's internals (``_lock``, ``_add``, ``_launch``) as its methods did.
+The migration's own logic (the messages, the once-only commit, the order) is
+:mod:`devagent.daemon.migration.destination`; this module makes and readies the VM. Its
+functions take the manager or the VM, and use the manager's internals (``_lock``, ``_add``,
+``_launch``) as its own methods do.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from devagent.errors import DevagentError, NotFound, PeerError, StateError, Usag
 from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
+from devagent.vocab import DestinationStep
 
 from .managed import ManagedVm, VmRole
 from .request import VmRequest
@@ -135,7 +137,8 @@ async def add_incoming(
     manager: VmManager, request: VmRequest, config: VmConfig, image: Path
 ) -> ManagedVm:
     """Start QEMU with ``config`` as given, waiting for its VM to arrive, with no agent:
-    the QEMU-only baselines build their own block graph (devagent.daemon.baselines).
+    QEMU's own strategies build their own block graph
+    (:mod:`devagent.daemon.migration.qemu_incoming`).
     ``image``, made by the caller in this host's disks folder, goes if the VM never
     arrives."""
     async with manager._lock:
@@ -166,22 +169,22 @@ async def commit_incoming(
     background; a task watches it complete. With ``local`` (precopy) the replica is
     complete already and the agent swaps to it. Nothing runs the guest before the disk
     is ready: QEMU was started paused (``-S``)."""
-    steps = {"commit": time.time()}
+    steps: dict[str, float] = {DestinationStep.COMMIT: time.time()}
     deadline = time.time() + ARRIVAL_TIMEOUT_S
     while (await vm.vm.query("query-status", StatusInfo)).status == "inmigrate":
         if vm.vm.exited or time.time() > deadline:
             raise PeerError(f"VM {vm.name}: the migration did not arrive")
         await asyncio.sleep(0.002)  # the guest is paused meanwhile: look often
-    steps["arrived"] = time.time()
+    steps[DestinationStep.ARRIVED] = time.time()
     if vm.receiver is not None:
-        steps["receiver_retired"] = await _retire_receiver(vm, vm.receiver)
+        steps[DestinationStep.RECEIVER_RETIRED] = await _retire_receiver(vm, vm.receiver)
     if local:
         agent = vm.agent_for("disk0")
         await agent.swap(LocalSpec(path=str(vm.image)))
-        steps["disk_swapped"] = time.time()
+        steps[DestinationStep.DISK_SWAPPED] = time.time()
         agent.backend = None
     if fetch is not None:
-        steps["disk_swapped"] = await _swap_to_fetch(vm, fetch)
+        steps[DestinationStep.DISK_SWAPPED] = await _swap_to_fetch(vm, fetch)
     if vm.vm.state is not VmState.RUNNING:
         await vm.vm.qmp("cont")
     await vm.wait_running(timeout=ARRIVAL_TIMEOUT_S)
@@ -234,12 +237,12 @@ async def release_nics(vm: ManagedVm) -> dict[str, float]:
             vm.log.error("%s: release failed: %s", nic.describe(), err)
             continue
         vm.log.info("%s released: %s", nic.describe(), released)
-    steps = {"nic_released": time.time()}
+    steps: dict[str, float] = {DestinationStep.NIC_RELEASED: time.time()}
     try:
         await vm.vm.qmp("announce-self", initial=50, max=550, rounds=5, step=100)
     except DevagentError as err:
         vm.log.error("VM %s: announce-self failed: %s", vm.name, err)
-    steps["nic_announced"] = time.time()
+    steps[DestinationStep.NIC_ANNOUNCED] = time.time()
     return steps
 
 
