@@ -1,15 +1,18 @@
-"""What the agents' control APIs share (a block agent's, :mod:`devagent.agent.control`, and
-a net agent's, :mod:`devagent.net.control`): JSON errors whose status says what kind of
-error it was."""
+"""What the HTTP JSON APIs share (a block agent's control API, :mod:`devagent.agent.control`;
+a net agent's, :mod:`devagent.net.control`; the daemon's, :mod:`devagent.daemon.api`): a body
+decoded once into its type (:func:`body_as`), an answer encoded once (:func:`answer`), and
+JSON errors whose status says what kind of error it was."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
+import msgspec
 from aiohttp import web
 
 from devagent.errors import DevagentError, PeerError, StateError, UsageError
+from devagent.wire import decode
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +38,21 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         status = next((code for kind, code in STATUS if isinstance(err, kind)), 500)
         log.info("%s %s -> %d: %s", request.method, request.path, status, err)
         return json_error(status, str(err))
+
+
+T = TypeVar("T")
+
+
+async def body_as(request: web.Request, into: type[T]) -> T:
+    """The request's JSON body as an ``into`` (no body is ``{}``): a body that does not fit
+    is a :class:`UsageError` naming the field's path. The app's ``client_max_size`` bounds
+    what is read."""
+    raw = await request.read() if request.can_read_body else b""
+    return decode(raw or b"{}", into)
+
+
+def answer(message: object, status: int = 200) -> web.Response:
+    """``message`` (a Struct, a dataclass) as the JSON answer: encoded once, here."""
+    return web.Response(
+        body=msgspec.json.encode(message), status=status, content_type="application/json"
+    )

@@ -35,7 +35,6 @@ import contextlib
 import os
 from pathlib import Path
 
-import msgspec
 from aiohttp import web
 
 from devagent.agent.agent import BlockAgent
@@ -45,35 +44,24 @@ from devagent.agent.messages import (
     RetireAnswer,
     StopAnswer,
     SwapRequest,
-    decode,
 )
-from devagent.control_api import errors
+from devagent.control_api import answer, body_as, errors
 from devagent.errors import UsageError
 
 AGENT_KEY = web.AppKey("agent", BlockAgent)
 STOP_KEY = web.AppKey("stop", asyncio.Event)
 
 
-def _answer(message: msgspec.Struct, status: int = 200) -> web.Response:
-    return web.Response(
-        body=msgspec.json.encode(message), status=status, content_type="application/json"
-    )
-
-
-async def _body(request: web.Request) -> bytes:
-    return await request.read() if request.can_read_body else b""
-
-
 async def _status(request: web.Request) -> web.Response:
-    return _answer(request.app[AGENT_KEY].status())
+    return answer(request.app[AGENT_KEY].status())
 
 
 async def _quiesce(request: web.Request) -> web.Response:
-    return _answer(await request.app[AGENT_KEY].quiesce())
+    return answer(await request.app[AGENT_KEY].quiesce())
 
 
 async def _resume(request: web.Request) -> web.Response:
-    return _answer(request.app[AGENT_KEY].resume())
+    return answer(request.app[AGENT_KEY].resume())
 
 
 async def _completions(request: web.Request) -> web.Response:
@@ -81,43 +69,43 @@ async def _completions(request: web.Request) -> web.Response:
         since = float(request.query.get("since", "0"))
     except ValueError:
         raise UsageError("'since' must be a number") from None
-    return _answer(request.app[AGENT_KEY].completions(since))
+    return answer(request.app[AGENT_KEY].completions(since))
 
 
 async def _swap(request: web.Request) -> web.Response:
-    body = decode(await _body(request), SwapRequest)
-    return _answer(await request.app[AGENT_KEY].swap_to(body.backend))
+    body = await body_as(request, SwapRequest)
+    return answer(await request.app[AGENT_KEY].swap_to(body.backend))
 
 
 async def _mirror(request: web.Request) -> web.Response:
-    body = decode(await _body(request), MirrorRequest)
-    return _answer(await request.app[AGENT_KEY].start_mirror(body), status=202)
+    body = await body_as(request, MirrorRequest)
+    return answer(await request.app[AGENT_KEY].start_mirror(body), status=202)
 
 
 async def _mirror_cutover(request: web.Request) -> web.Response:
-    body = decode(await _body(request), CutoverRequest)
-    return _answer(await request.app[AGENT_KEY].cutover_mirror(body.keep_source))
+    body = await body_as(request, CutoverRequest)
+    return answer(await request.app[AGENT_KEY].cutover_mirror(body.keep_source))
 
 
 async def _mirror_cancel(request: web.Request) -> web.Response:
-    return _answer(await request.app[AGENT_KEY].cancel_mirror())
+    return answer(await request.app[AGENT_KEY].cancel_mirror())
 
 
 async def _mirror_stop(request: web.Request) -> web.Response:
-    return _answer(await request.app[AGENT_KEY].stop_mirror())
+    return answer(await request.app[AGENT_KEY].stop_mirror())
 
 
 async def _flush(request: web.Request) -> web.Response:
-    return _answer(await request.app[AGENT_KEY].flush())
+    return answer(await request.app[AGENT_KEY].flush())
 
 
 async def _fence(request: web.Request) -> web.Response:
-    return _answer(await request.app[AGENT_KEY].fence())
+    return answer(await request.app[AGENT_KEY].fence())
 
 
 async def _stop(request: web.Request) -> web.Response:
     request.app[STOP_KEY].set()
-    return _answer(StopAnswer(stopping=True))
+    return answer(StopAnswer(stopping=True))
 
 
 async def _retire(request: web.Request) -> web.Response:
@@ -129,7 +117,7 @@ async def _retire(request: web.Request) -> web.Response:
     await request.app[AGENT_KEY].stop()
     request.app[STOP_KEY].set()
     took = asyncio.get_running_loop().time() - started
-    return _answer(RetireAnswer(retired=True, took_s=round(took, 6)))
+    return answer(RetireAnswer(retired=True, took_s=round(took, 6)))
 
 
 def build_control_app(agent: BlockAgent, stop: asyncio.Event) -> web.Application:

@@ -36,7 +36,7 @@ from devagent.agent.defaults import (
     MIRROR_PARALLEL,
     MIRROR_PASSES,
 )
-from devagent.errors import DevagentError, UsageError
+from devagent.errors import DevagentError
 from devagent.vocab import parse_address
 
 T = TypeVar("T")
@@ -293,21 +293,3 @@ class StopAnswer(msgspec.Struct):
 class RetireAnswer(msgspec.Struct):
     retired: bool
     took_s: float
-
-
-# -- the edge ---------------------------------------------------------------------------
-
-
-def decode(raw: bytes, kind: type[T]) -> T:
-    """``raw`` JSON as a ``kind`` (no body: ``{}``); a bad one is a UsageError naming the
-    field's path."""
-    try:
-        return msgspec.json.decode(raw or b"{}", type=kind)
-    except msgspec.ValidationError as err:
-        raise UsageError(f"bad request body: {err}") from None
-    except msgspec.DecodeError as err:
-        raise UsageError(f"the body must be JSON: {err}") from None
-
-
-def encode(message: msgspec.Struct) -> bytes:
-    return msgspec.json.encode(message)

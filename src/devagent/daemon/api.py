@@ -47,7 +47,6 @@ import hmac
 import logging
 from pathlib import Path
 
-import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
@@ -65,7 +64,7 @@ from devagent.api_types import (
     VerifyAnswer,
     VmList,
 )
-from devagent.control_api import STATUS, json_error
+from devagent.control_api import STATUS, answer, json_error
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
 from devagent.daemon.migration.routes import MigrationRoutes
@@ -100,14 +99,6 @@ _STATUS: tuple[tuple[type[DevagentError], int], ...] = (
     (NotFound, 404),
     *STATUS,
 )
-
-
-def answer(message: object, status: int = 200) -> web.Response:
-    """``message`` (a Struct of :mod:`devagent.api_types`, a dataclass) as the JSON answer:
-    encoded once, here."""
-    return web.Response(
-        body=msgspec.json.encode(message), status=status, content_type="application/json"
-    )
 
 
 def token_middleware(token: str) -> Middleware:

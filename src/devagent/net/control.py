@@ -33,10 +33,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import msgspec
 from aiohttp import web
 
-from devagent.control_api import errors
+from devagent.control_api import answer, body_as, errors
 from devagent.net.agent import NetAgent
 from devagent.net.messages import (
     ForwardAnswer,
@@ -47,7 +46,6 @@ from devagent.net.messages import (
     SwapAnswer,
     SwapRequest,
     UplinkSpec,
-    decode,
 )
 from devagent.net.uplink import Uplink, open_uplink
 
@@ -61,41 +59,33 @@ STOP_KEY = web.AppKey("stop", asyncio.Event)
 OPENER_KEY: web.AppKey[UplinkOpener] = web.AppKey("opener")
 
 
-def _answer(message: msgspec.Struct) -> web.Response:
-    return web.Response(body=msgspec.json.encode(message), content_type="application/json")
-
-
-async def _body(request: web.Request) -> bytes:
-    return await request.read() if request.can_read_body else b""
-
-
 async def _status(request: web.Request) -> web.Response:
-    return _answer(request.app[AGENT_KEY].stats())
+    return answer(request.app[AGENT_KEY].stats())
 
 
 async def _hold(request: web.Request) -> web.Response:
-    body = decode(await _body(request), HoldRequest)
+    body = await body_as(request, HoldRequest)
     agent = request.app[AGENT_KEY]
     agent.hold(max_frames=body.max_frames, max_bytes=body.max_bytes)
-    return _answer(HoldAnswer(held=True, hold=agent.stats().hold))
+    return answer(HoldAnswer(held=True, hold=agent.stats().hold))
 
 
 async def _release(request: web.Request) -> web.Response:
-    return _answer(request.app[AGENT_KEY].release())
+    return answer(request.app[AGENT_KEY].release())
 
 
 async def _forward(request: web.Request) -> web.Response:
-    host, port = decode(await _body(request), ForwardRequest).hostport()
+    host, port = (await body_as(request, ForwardRequest)).hostport()
     handed_over = await request.app[AGENT_KEY].forward(host, port)
-    return _answer(ForwardAnswer(forwarding=f"{host}:{port}", handed_over=handed_over))
+    return answer(ForwardAnswer(forwarding=f"{host}:{port}", handed_over=handed_over))
 
 
 async def _stop_forward(request: web.Request) -> web.Response:
-    return _answer(await request.app[AGENT_KEY].stop_forward())
+    return answer(await request.app[AGENT_KEY].stop_forward())
 
 
 async def _swap(request: web.Request) -> web.Response:
-    body = decode(await _body(request), SwapRequest)
+    body = await body_as(request, SwapRequest)
     new = request.app[OPENER_KEY](body.uplink)
     agent = request.app[AGENT_KEY]
     try:
@@ -103,12 +93,12 @@ async def _swap(request: web.Request) -> web.Response:
     except BaseException:
         await new.close()
         raise
-    return _answer(SwapAnswer(old=repr(old), new=repr(new)))
+    return answer(SwapAnswer(old=repr(old), new=repr(new)))
 
 
 async def _stop(request: web.Request) -> web.Response:
     request.app[STOP_KEY].set()
-    return _answer(StopAnswer(stopping=True))
+    return answer(StopAnswer(stopping=True))
 
 
 def build_control_app(

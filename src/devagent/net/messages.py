@@ -13,7 +13,7 @@ from typing import Annotated, TypeVar
 
 import msgspec
 
-from devagent.errors import DevagentError, UsageError
+from devagent.errors import DevagentError
 from devagent.vocab import parse_hostport
 
 T = TypeVar("T")
@@ -153,17 +153,3 @@ class SwapAnswer(msgspec.Struct):
 
 class StopAnswer(msgspec.Struct):
     stopping: bool
-
-
-# -- the edge ---------------------------------------------------------------------------
-
-
-def decode(raw: bytes, kind: type[T]) -> T:
-    """``raw`` JSON as a ``kind`` (no body: ``{}``); a bad one is a UsageError naming the
-    field's path."""
-    try:
-        return msgspec.json.decode(raw or b"{}", type=kind)
-    except msgspec.ValidationError as err:
-        raise UsageError(f"bad request body: {err}") from None
-    except msgspec.DecodeError as err:
-        raise UsageError(f"the body must be JSON: {err}") from None

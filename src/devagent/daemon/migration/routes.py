@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypeVar
 
-import msgspec
 from aiohttp import web
 
 from devagent.api_types import Migrations, Removed
+from devagent.control_api import answer, body_as
 from devagent.daemon.migration import destination, new_job, qemu_incoming
 from devagent.daemon.migration.context import HostContext
 from devagent.daemon.migration.job import MigrationJob
@@ -30,25 +30,11 @@ from devagent.daemon.migration.messages import (
 )
 from devagent.errors import NotFound, StateError
 from devagent.qemu.vm import VmState
-from devagent.wire import decode
 
 if TYPE_CHECKING:
     from devagent.daemon.host import Host
 
 T = TypeVar("T")
-
-
-async def read(request: web.Request, into: type[T]) -> T:
-    """The request's body as an ``into`` (an empty body is ``{}``); the app's
-    ``client_max_size`` bounds it."""
-    return decode(await request.read() or b"{}", into)
-
-
-def answer(message: object, status: int = 200) -> web.Response:
-    """``message`` (a Struct, a dataclass) as the JSON answer: encoded once, here."""
-    return web.Response(
-        body=msgspec.json.encode(message), status=status, content_type="application/json"
-    )
 
 
 class MigrationRoutes:
@@ -74,7 +60,7 @@ class MigrationRoutes:
 
     async def migrate(self, request: web.Request) -> web.Response:
         managed = self.host.vms.get(request.match_info["name"])
-        migration = await read(request, MigrateRequest)
+        migration = await body_as(request, MigrateRequest)
         busy = [j for j in self.jobs.values() if j.managed is managed and j.finished_at is None]
         if busy:
             raise StateError(f"VM {managed.name} is already migrating (job {busy[0].id})")
@@ -97,11 +83,11 @@ class MigrationRoutes:
     # -- destination -------------------------------------------------------------------------
 
     async def prepare_incoming(self, request: web.Request) -> web.Response:
-        reply = await destination.prepare(self.host, await read(request, IncomingRequest))
+        reply = await destination.prepare(self.host, await body_as(request, IncomingRequest))
         return answer(reply, status=201)
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
-        commit = await read(request, CommitRequest)
+        commit = await body_as(request, CommitRequest)
         return answer(await self.commits.commit(request.match_info["name"], commit))
 
     async def abort_incoming(self, request: web.Request) -> web.Response:
@@ -110,7 +96,7 @@ class MigrationRoutes:
         return answer(Removed(name=name, state="removed"))
 
     async def prepare_baseline(self, request: web.Request) -> web.Response:
-        reply = await qemu_incoming.prepare(self.host, await read(request, BaselineIncoming))
+        reply = await qemu_incoming.prepare(self.host, await body_as(request, BaselineIncoming))
         return answer(reply, status=201)
 
     async def commit_baseline(self, request: web.Request) -> web.Response:
