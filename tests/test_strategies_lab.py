@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from devagent.api_types import MigrationStatus, VmStatus
 from devagent.client import DaemonClient
 from devagent.guest.build import GuestImage
 from devagent.lab.lab import Lab
-from devagent.orchestrate import locate_vm, migrate, start_vm, wait_heartbeats
+from devagent.orchestrate import follow_migration, locate_vm, migrate, start_vm, wait_heartbeats
 from devagent.report import MigrationReport
+from devagent.wait import wait_until
 from tests.conftest import clean_lab, processes_mentioning, two_hosts, until_steady
 
 pytestmark = [pytest.mark.vm, pytest.mark.lab]
@@ -141,3 +143,36 @@ async def test_a_users_own_guest_moves_with_every_strategy(
         assert where.name == destination.name and status.state == "running"
         compared = await tool("qemu-img", "compare", "-q", str(reference), status.disk)
         assert compared.returncode == 0, f"{strategy}: {compared.stdout}{compared.stderr}"
+
+
+async def test_a_source_agent_killed_in_the_post_copy_tail_is_restarted(lab: Lab) -> None:
+    """The destination reads what it lacks through the source's agent after the
+    switchover. That agent SIGKILLed there is restarted by its daemon on the same port
+    (the copy left behind is supervised while it serves its disk): the destination's
+    Remote reconnects, and the migration ends with no guest error and the disk intact."""
+    a, b = two_hosts(lab)
+    lab.shape("a", "100mbit")  # a tail of several seconds: 256 MiB written to fetch
+    await start_vm(a, {"name": "tail1", "disk_size": "512M", "storage": "local",
+                       "workload": "moderate,prefill=256M"})  # fmt: skip
+    await until_steady(a, "tail1")
+    async with DaemonClient(a) as client:
+        agent_pid = (await client.get_as("/v1/vms/tail1", VmStatus)).agents[0].pid
+        body = {"to": b.to_json(), "storage": "postcopy", "link_rate_bps": 100_000_000}
+        job = await client.post_as("/v1/vms/tail1/migrate", MigrationStatus, body)
+
+        async def in_the_tail() -> MigrationStatus | None:
+            now = await client.get_as(f"/v1/migrations/{job.id}", MigrationStatus)
+            assert now.finished_at is None, now.report.error  # still in its tail
+            return now if "resumed" in now.report.timeline else None
+
+        await wait_until(in_the_tail, timeout=120, interval=0.05, what="the switchover")
+        assert agent_pid is not None
+        os.kill(agent_pid, signal.SIGKILL)
+        report = await follow_migration(client, job.id)
+    print(f"\nsource agent killed in the tail: total {report.total_time_s} s, max I/O gap "
+          f"{report.max_io_gap_ms} ms at {report.max_io_gap_at_s} s, {report.error}")  # fmt: skip
+    assert report.status == "completed", report.error
+    assert (report.guest_io_errors, report.guest_verify_failures) == (0, 0)
+    assert report.integrity == "ok"
+    log = (lab.host("a").dir / "devagentd.log").read_text()
+    assert "agent for disk0 died" in log and "tail1" in log  # it was restarted, not waited out

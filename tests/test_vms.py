@@ -213,3 +213,26 @@ async def test_wait_exit_follows_the_pidfd() -> None:
             proc.kill()
         await proc.wait()
     assert await wait_exit(proc.pid, 0.1)  # reaped: no such process
+
+
+def test_a_copy_left_behind_keeps_its_disk_agents_supervised_while_it_serves(
+    tmp_path: Path,
+) -> None:
+    """A source agent that dies during a post-copy tail is restarted (the destination reads
+    through it); once the copy serves nothing, or for a VM whose QEMU is gone, none is."""
+    from devagent.daemon.vms.manager import _supervised
+
+    agent = AgentProcess(vm="v1", node="disk0", image="/img", run_dir=str(tmp_path))
+    nic = NicAgent(vm="v1", node="net0", run_dir=str(tmp_path), address="10.0.0.100/24",
+                   mac="52:54:00:00:00:64", tap="t0")  # fmt: skip
+    managed = _managed(tmp_path, VmRole.RUNNING, [agent])
+    managed.nics = [nic]
+    managed.vm.state = VmState.RUNNING
+    assert _supervised(managed) == [agent, nic]
+    managed.migrated_away(serves_disk=True)
+    managed.vm.state = VmState.FAILED  # its QEMU killed past the switchover
+    assert managed.serves_disk and _supervised(managed) == [agent]
+    done = _managed(tmp_path, VmRole.RUNNING, [agent])
+    done.migrated_away(serves_disk=False)
+    done.vm.state = VmState.STOPPED
+    assert not done.serves_disk and _supervised(done) == []

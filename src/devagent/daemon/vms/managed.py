@@ -143,6 +143,12 @@ class ManagedVm:
         self._move_role(RoleEvent.MIGRATED_AWAY)
         self._serves_disk = serves_disk
 
+    @property
+    def serves_disk(self) -> bool:
+        """A copy left behind by a migration whose disk the destination still reads through
+        its agents (a post-copy tail): they are supervised although its QEMU is gone."""
+        return self._role is VmRole.MIGRATED and self._serves_disk
+
     def shown_state(self) -> str:
         """The state the API shows: QEMU's, but for a copy left behind by a migration
         (whose QEMU is stopped or killed) what that copy is."""

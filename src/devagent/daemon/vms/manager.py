@@ -373,12 +373,7 @@ class VmManager:
         """Restart every agent of a live VM that died; returns what it restarted."""
         restarted = []
         for managed in list(self.vms.values()):
-            if managed.vm.state not in (VmState.RUNNING, VmState.PAUSED, VmState.INCOMING):
-                continue  # not launched yet (its agents are being started), or going away
-            if managed.vm.exited:
-                continue
-            agents: list[AgentProcess | NicAgent] = [*managed.agents, *managed.nics]
-            for agent in agents:
+            for agent in _supervised(managed):
                 if agent.pid is None or agent.alive:
                     continue  # never started, or alive
                 log.error(
@@ -397,3 +392,16 @@ class VmManager:
                 managed.save()
                 restarted.append(f"{managed.name}/{agent.node}")
         return restarted
+
+
+def _supervised(managed: ManagedVm) -> list[AgentProcess | NicAgent]:
+    """The agents of ``managed`` its daemon keeps alive: all of a live VM's; a copy left
+    behind by a migration keeps its disk agents while the destination reads through them
+    (its QEMU is gone: nothing of it writes, and a restarted agent serves the same port)."""
+    if managed.serves_disk:
+        return list(managed.agents)
+    if managed.vm.state not in (VmState.RUNNING, VmState.PAUSED, VmState.INCOMING):
+        return []  # not launched yet (its agents are being started), or going away
+    if managed.vm.exited:
+        return []
+    return [*managed.agents, *managed.nics]
