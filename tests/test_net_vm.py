@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 
 from devagent.guest.build import GuestImage
+from devagent.lab.net import pin_bridge_address
 from devagent.qemu.config import NicSpec, VmConfig
 from devagent.qemu.vm import Vm
 from tests.conftest import namespaces, processes_mentioning
@@ -73,6 +74,7 @@ def netns() -> Iterator[Namespace]:
     try:
         ip("-n", ns.name, "link", "set", "lo", "up")
         ip("-n", ns.name, "link", "add", "br0", "type", "bridge")
+        pin_bridge_address("br0", ns.name)  # taps come and go: its MAC must not follow them
         ip("-n", ns.name, "addr", "add", f"{HOST_IP}/24", "dev", "br0")
         ip("-n", ns.name, "link", "set", "br0", "up")
         ns.add_tap("tap0")
@@ -226,11 +228,16 @@ async def test_swap_and_agent_restart_under_a_live_stream(
 
     # The agent dies mid-stream and a new one takes its place: QEMU, the stream server,
     # takes the new connection; TCP in the guest and the namespace retransmits the rest.
+    # The stream is paced (3 s at 1 MiB/s), so the kill lands in its middle: unpaced, a
+    # quiet machine had echoed all of it before the kill came (the new agent then carried
+    # nothing, and the test failed).
+    paced = str(1 << 20)
     echo = asyncio.create_task(
-        asyncio.to_thread(netns.client, "echo", GUEST_IP, "7", str(size), "12")
+        asyncio.to_thread(netns.client, "echo", GUEST_IP, "7", str(size), "12", paced)
     )
     before = status["counters"]["to_vm_bytes"]
     await agent.status_when(lambda s: s["counters"]["to_vm_bytes"] > before + (256 << 10))
+    assert not echo.done()
     agent.stop(signal.SIGKILL)
     agent.tap = "tap1"
     agent.start(Path(status["vm_socket"]))
