@@ -149,10 +149,13 @@ class AgentPlan(Plan):
             )
 
     def incoming(self, job: JobView) -> IncomingRequest:
+        """What the destination makes: the same image when the disk stays (both hosts see
+        it), or a replica reading through to the source's disk, with a receiver for a push."""
         vm = job.managed
         return IncomingRequest(
             request=vm.request,
             config=vm.config,
+            image=None if self.moves_disk else str(vm.image),
             backend=job.source_disk,
             size=job.disk_size,
             receive=self.strategy in (Strategy.PRECOPY, Strategy.HYBRID),
@@ -209,15 +212,6 @@ class SharedPlan(AgentPlan):
                 f"VM {vm.name}'s disk is local to host {job.host.name}: the 'shared' strategy "
                 "needs a disk both hosts see (vm start --storage shared)"
             )
-
-    def incoming(self, job: JobView) -> IncomingRequest:
-        vm = job.managed
-        return IncomingRequest(
-            request=vm.request,
-            config=vm.config,
-            image=str(vm.image),  # the destination sees it too
-            nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
-        )
 
     def disk_bytes_moved(self, job: JobView) -> int | None:
         return 0
