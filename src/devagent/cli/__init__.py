@@ -38,6 +38,7 @@ def main() -> None:
 def _register() -> None:
     from devagent.cli.agent_cmd import agent_group, bench_cmd
     from devagent.cli.bench_cmd import migrate_bench_cmd
+    from devagent.cli.chaos_cmd import chaos_cmd
     from devagent.cli.demo_cmd import demo_cmd
     from devagent.cli.device_cmd import device_group
     from devagent.cli.guest_cmd import guest_group
@@ -54,6 +55,7 @@ def _register() -> None:
         device_group,
         migrate_cmd,
         demo_cmd,
+        chaos_cmd,
     ):
         main.add_command(command)
     agent_group.add_command(net_agent_cmd)

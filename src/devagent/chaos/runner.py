@@ -1,0 +1,318 @@
+"""``devagent chaos``: migrations with one fault each, on a 3-host lab of its own.
+
+Hosts ``a`` and ``b`` take turns as source and destination; ``c`` is where the NIC's ping
+and echo come from. Each host's replica space is its own small filesystem
+(:class:`~.faults.ReplicaSpace`). A test guest (ioprobe, one NIC) per workload is booted
+when first needed and suspended between its runs; one that went wrong is removed, and the
+next run of its workload boots a fresh one.
+
+A run: resume the guest, shape the link, start the migration, wait for the drawn phase and
+delay, do the fault (it lasts its while and ends), follow the migration to its end (through
+a daemon that restarts), let the hosts settle, check every invariant (:mod:`.checks`), then
+migrate the VM once more without a fault: that must succeed. A :class:`~.record.RunRecord`
+per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from devagent.api_types import MigrationStatus
+from devagent.chaos import checks
+from devagent.chaos.draw import RunPlan, Target, phase_at, phase_start
+from devagent.chaos.faults import Injected, Injector, ReplicaSpace
+from devagent.chaos.record import Outcome, RunRecord, expected_outcomes
+from devagent.client import DaemonClient, Endpoint
+from devagent.errors import DevagentError, NotFound
+from devagent.lab.lab import Lab
+from devagent.orchestrate import migrate, start_vm, wait_heartbeats, wait_past_phase
+from devagent.report import MigrationReport
+from devagent.vocab import Step, parse_rate
+from devagent.wait import WaitTimeout, wait_until
+
+log = logging.getLogger(__name__)
+
+LAB = "chaos"
+DISK = "512M"
+PREFILL = "192M"  # a post-copy tail or a mirror of seconds at either link rate
+RAM_MB = 128
+RUN_TIMEOUT_S = 600.0  # a migration not ended by then is a violation of its own
+POLL_S = 0.05
+Say = Callable[[str], None]
+
+
+@dataclass
+class Guest:
+    name: str
+    workload: str
+    at: str  # the host it runs on
+
+
+@dataclass
+class Scene:
+    """The chaos lab: its hosts' endpoints, the replica spaces, the guest under test."""
+
+    lab: Lab
+    endpoints: dict[str, Endpoint]
+    injector: Injector
+    say: Say
+    guests: dict[str, Guest] = field(default_factory=dict)  # by workload, suspended
+    booted: int = 0
+    spaces: dict[str, ReplicaSpace] = field(default_factory=dict)
+
+    @classmethod
+    def up(cls, say: Say) -> Scene:
+        lab = Lab.up(name=LAB, hosts=3, link_rate="1gbit")
+        spaces: dict[str, ReplicaSpace] = {}
+        try:
+            for host in ("a", "b"):
+                space = ReplicaSpace(checks.space_of(lab, host), lab.dir / f"space-{host}.ext4")
+                spaces[host] = space
+                space.make()
+        except BaseException:
+            for space in spaces.values():
+                space.remove()
+            lab.down()
+            raise
+        endpoints = {h.name: Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts}
+        return cls(lab, endpoints, Injector(lab, spaces), say, spaces=spaces)
+
+    def down(self) -> None:
+        with contextlib.suppress(DevagentError):
+            self.lab.down()  # its processes go first: then nothing holds the spaces
+        for space in self.spaces.values():
+            space.remove()
+
+    def refresh(self) -> None:
+        """The endpoints again (a restarted daemon has a new pid, the same address)."""
+        for host in self.lab.hosts:
+            self.endpoints[host.name] = Endpoint(url=host.url, token=self.lab.token,
+                                                 name=host.name)  # fmt: skip
+
+
+async def guest_for(scene: Scene, plan: RunPlan) -> Guest:
+    """The guest for ``plan``'s workload: resumed if one was kept, else booted."""
+    guest = scene.guests.get(plan.workload)
+    if guest is not None:
+        async with DaemonClient(scene.endpoints[guest.at]) as client:
+            await client.post(f"/v1/vms/{guest.name}/resume")
+        await wait_heartbeats(scene.endpoints[guest.at], guest.name, 10)
+        return guest
+    scene.booted += 1
+    name = f"cv{scene.booted}"
+    scene.say(f"booting {name} ({plan.workload}) on host a")
+    body = {"name": name, "ram_mb": RAM_MB, "disk_size": DISK, "storage": "local", "nic": True,
+            "workload": f"{plan.workload},prefill={PREFILL}"}  # fmt: skip
+    await start_vm(scene.endpoints["a"], body)
+    await wait_past_phase(scene.endpoints["a"], name, "prefill")
+    await wait_heartbeats(scene.endpoints["a"], name, 20)
+    guest = scene.guests[plan.workload] = Guest(name, plan.workload, "a")
+    return guest
+
+
+async def put_away(scene: Scene, guest: Guest, healthy: bool) -> None:
+    """After a run: a healthy guest is suspended for a later run of its workload (it costs
+    no CPU meanwhile); any other is removed from every host."""
+    if healthy:
+        async with DaemonClient(scene.endpoints[guest.at]) as client:
+            await client.post(f"/v1/vms/{guest.name}/suspend")
+        return
+    scene.guests.pop(guest.workload, None)
+    for endpoint in scene.endpoints.values():
+        with contextlib.suppress(DevagentError):
+            async with DaemonClient(endpoint) as client:
+                await client.delete(f"/v1/vms/{guest.name}")
+
+
+async def one_run(scene: Scene, plan: RunPlan) -> RunRecord:
+    began = time.time()
+    guest = await guest_for(scene, plan)
+    source, destination = guest.at, ("b" if guest.at == "a" else "a")
+    record = RunRecord(plan=plan, vm=guest.name, source=source, destination=destination)
+    try:
+        await _run(scene, plan, guest, record)
+    except DevagentError as err:
+        record.violations.append(f"the run could not go on: {err}")
+    record.wall_s = round(time.time() - began, 1)
+    try:
+        await put_away(scene, guest, record.ok)
+    except DevagentError as err:
+        record.violations.append(f"the guest could not be suspended after the run: {err}")
+        await put_away(scene, guest, False)
+    return record
+
+
+async def _run(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -> None:
+    rate = parse_rate(plan.link)
+    for host in ("a", "b"):
+        await asyncio.to_thread(scene.lab.shape, host, rate)
+    source, destination = scene.endpoints[record.source], scene.endpoints[record.destination]
+    body = {"to": destination.to_json(), "storage": plan.strategy.value, "link_rate_bps": rate}
+    started = time.time()
+    async with DaemonClient(source) as client:
+        job = await client.post_as(f"/v1/vms/{guest.name}/migrate", MigrationStatus, body)
+    record.migration_id = job.id
+    fault = asyncio.create_task(_fault(scene, plan, record, started))
+    try:
+        record.report = await _follow(scene, record)
+    finally:
+        injected = await fault
+    scene.refresh()
+    record.fault_detail, record.fault_error = injected.detail, injected.error
+    if injected.at:
+        record.fault_at_s = round(injected.at - started, 3)
+        timeline = record.report.timeline if record.report else {}
+        record.phase_hit = phase_at(timeline, record.fault_at_s, plan.strategy)
+    await _check(scene, plan, guest, record)
+
+
+async def _fault(scene: Scene, plan: RunPlan, record: RunRecord, started: float) -> Injected:
+    """Wait for the drawn phase (and delay), then do the fault; its record."""
+    try:
+        await _until_phase(scene, record, phase_start(plan.strategy, plan.phase))
+        await asyncio.sleep(plan.delay_s)
+        pid = await _target_pid(scene, record, plan.target)
+    except DevagentError as err:
+        return Injected(plan.fault, error=f"the fault's moment never came: {err}")
+    return await scene.injector.inject(plan, record.source, record.destination, pid)
+
+
+async def _until_phase(scene: Scene, record: RunRecord, first: Step | None) -> None:
+    """Until the migration's timeline has step ``first`` (or the migration ended)."""
+    if first is None:
+        return
+    async with DaemonClient(scene.endpoints[record.source]) as client:
+
+        async def reached() -> bool:
+            now = await client.get_as(f"/v1/migrations/{record.migration_id}", MigrationStatus)
+            return first in now.report.timeline or now.finished_at is not None
+
+        await wait_until(reached, timeout=RUN_TIMEOUT_S, what=f"step {first}", interval=POLL_S)
+
+
+async def _target_pid(scene: Scene, record: RunRecord, target: Target | None) -> int | None:
+    """The target's process now (a destination's agent may still be starting: waited for)."""
+    if target is None:
+        return None
+    if target in (Target.SOURCE_DAEMON, Target.DESTINATION_DAEMON):
+        host = record.source if target is Target.SOURCE_DAEMON else record.destination
+        return scene.lab.host(host).pid
+    host = record.source if target.value.startswith("source") else record.destination
+
+    async def found() -> int | None:
+        status = await checks.vm_on(scene.endpoints[host], record.vm)
+        if status is None:
+            return None
+        if target is Target.DESTINATION_QEMU:
+            return status.pid
+        rows = status.nics if target.value.endswith("-net") else status.agents
+        return rows[0].pid if rows and rows[0].alive else None
+
+    try:
+        return await wait_until(found, timeout=5.0, what=f"the {target}", interval=0.02)
+    except WaitTimeout:
+        return None
+
+
+async def _follow(scene: Scene, record: RunRecord) -> MigrationReport | None:
+    """The migration's report once it ended; through a source daemon that restarts. None
+    when the source lost it."""
+
+    async def ended() -> MigrationReport | bool | None:
+        try:
+            async with DaemonClient(scene.endpoints[record.source]) as client:
+                now = await client.get_as(f"/v1/migrations/{record.migration_id}", MigrationStatus)
+        except NotFound:
+            return False  # a restarted daemon that does not know it
+        except DevagentError:
+            scene.refresh()
+            return None  # a daemon that restarts or does not answer: ask again
+        return now.report if now.finished_at is not None else None
+
+    got = await wait_until(ended, timeout=RUN_TIMEOUT_S, what="the migration's end", interval=0.2)
+    if got is False:
+        record.violations.append(f"host {record.source} forgot migration {record.migration_id}")
+        return None
+    assert isinstance(got, MigrationReport)
+    return got
+
+
+async def _check(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -> None:
+    outcome, problems = await checks.settle(
+        scene.lab, scene.endpoints, guest.name, record.source, record.destination
+    )
+    record.outcome = outcome
+    record.violations.extend(problems)
+    if outcome == Outcome.UNKNOWN:
+        return
+    if outcome not in expected_outcomes(record.phase_hit):
+        record.violations.append(f"{outcome} after a fault in phase {record.phase_hit}")
+    report = record.report
+    if report is not None:
+        said = Outcome.COMPLETED if report.status == "completed" else Outcome.ROLLED_BACK
+        if said != outcome:
+            record.violations.append(f"the report says {report.status}, the VM is {outcome}")
+        errors = (report.guest_io_errors, report.guest_verify_failures)
+        integrity = report.integrity if report.status == "completed" else None
+        record.violations.extend(checks.report_violations("migration", errors, integrity))
+    guest.at = record.destination if outcome == Outcome.COMPLETED else record.source
+    here = scene.endpoints[guest.at]
+    record.violations.extend(await checks.answers(scene.lab, here, guest.name, "c"))
+    if record.violations:
+        return
+    other = scene.endpoints["b" if guest.at == "a" else "a"]
+    follow = await migrate(here, other, guest.name, storage=plan.strategy.value,
+                           link_rate_bps=parse_rate(plan.link))  # fmt: skip
+    record.follow_up = follow
+    if follow.status != "completed":
+        record.violations.append(f"the next migration failed: {follow.error}")
+        return
+    guest.at = other.name
+    errors = (follow.guest_io_errors, follow.guest_verify_failures)
+    record.violations.extend(checks.report_violations("next migration", errors, follow.integrity))
+
+
+async def run_chaos(
+    plans: list[RunPlan],
+    *,
+    minutes: float | None,
+    out: Path | None,
+    say: Say,
+    on_record: Callable[[RunRecord], None],
+) -> list[RunRecord]:
+    """Every run of ``plans`` (until ``minutes`` are up) on a lab of its own, removed after.
+    Each record goes to ``on_record`` and, with ``out``, to ``out/runs.jsonl`` as it ends;
+    a violated run's timeline is drawn there too."""
+    import msgspec
+
+    from devagent.plot import plot_timeline
+
+    deadline = None if minutes is None else time.monotonic() + minutes * 60
+    say(f"making the chaos lab ({LAB}: hosts a, b, c)")
+    scene = await asyncio.to_thread(Scene.up, say)
+    records: list[RunRecord] = []
+    try:
+        for plan in plans:
+            if deadline is not None and time.monotonic() > deadline:
+                say(f"{minutes:g} minutes are up: stopping after {len(records)} runs")
+                break
+            record = await one_run(scene, plan)
+            records.append(record)
+            on_record(record)
+            if out is not None:
+                with (out / "runs.jsonl").open("ab") as jsonl:
+                    jsonl.write(msgspec.json.encode(record) + b"\n")
+                if not record.ok and record.report is not None:
+                    plot = out / f"run-{plan.index:03d}-{plan.fault}.png"
+                    with contextlib.suppress(Exception):  # a plot never stops the runs
+                        await asyncio.to_thread(plot_timeline, record.report, plot)
+    finally:
+        say(f"removing the chaos lab {LAB!r}")
+        await asyncio.to_thread(scene.down)
+    return records

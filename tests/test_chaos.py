@@ -1,0 +1,94 @@
+"""The chaos command's pure parts: the runs drawn from a seed, the phase a fault landed in,
+the outcomes a phase allows, the table."""
+
+from __future__ import annotations
+
+import pytest
+
+from devagent.chaos.draw import (
+    FAULTS,
+    Phase,
+    draw,
+    parse_faults,
+    parse_strategies,
+    phase_at,
+    phases_of,
+)
+from devagent.chaos.record import Outcome, RunRecord, expected_outcomes, markdown, table
+from devagent.errors import UsageError
+from devagent.vocab import Strategy
+
+
+def test_the_same_seed_draws_the_same_runs_and_another_seed_others() -> None:
+    faults, strategies = parse_faults(None), parse_strategies(None)
+    assert draw(1, 40, faults, strategies) == draw(1, 40, faults, strategies)
+    assert draw(1, 40, faults, strategies) != draw(2, 40, faults, strategies)
+
+
+def test_every_fault_comes_once_before_any_comes_twice() -> None:
+    runs = draw(7, len(FAULTS) + 3, parse_faults(None), parse_strategies(None))
+    assert sorted(r.fault for r in runs[: len(FAULTS)]) == sorted(FAULTS)
+
+
+def test_a_drawn_phase_is_one_its_strategy_goes_through() -> None:
+    for run in draw(3, 200, parse_faults(None), parse_strategies(None)):
+        assert run.phase in phases_of(run.strategy)
+        assert run.link in ("100mbit", "1gbit") and run.workload in ("moderate", "heavy")
+    assert Phase.TAIL not in phases_of(Strategy.PRECOPY)
+    assert Phase.MIRROR not in phases_of(Strategy.POSTCOPY)
+
+
+def test_faults_and_strategies_are_chosen_by_name_or_prefix() -> None:
+    assert parse_faults("kill-source") == ("kill-source-agent", "kill-source-daemon",
+                                           "kill-source-net")  # fmt: skip
+    assert parse_faults("link-down,disk") == ("link-down", "disk-full", "disk-readonly")
+    with pytest.raises(UsageError, match="no fault 'explode'"):
+        parse_faults("explode")
+    assert parse_strategies("hybrid") == (Strategy.HYBRID,)
+    with pytest.raises(UsageError, match="not shared"):
+        parse_strategies("shared")
+
+
+def test_the_phase_a_fault_landed_in_is_read_from_the_timeline() -> None:
+    timeline = {"destination_ready": 0.5, "ram_started": 0.6, "ram_completed": 2.0,
+                "resumed": 2.2, "disk_local": 9.0, "released": 9.3}  # fmt: skip
+    hybrid, precopy = Strategy.HYBRID, Strategy.PRECOPY
+    assert phase_at(timeline, 0.2, hybrid) is Phase.PREPARE
+    assert phase_at(timeline, 1.0, hybrid) is Phase.RAM
+    assert phase_at(timeline, 2.1, hybrid) is Phase.SWITCHOVER
+    assert phase_at(timeline, 5.0, hybrid) is Phase.TAIL
+    assert phase_at(timeline, 9.1, hybrid) is Phase.RELEASE
+    assert phase_at(timeline, 12.0, hybrid) is Phase.AFTER
+    assert phase_at({"destination_ready": 0.4}, 3.0, hybrid) is Phase.PREPARE  # no further
+    mirrored = {"destination_ready": 0.5, "mirror_started": 0.6, "ram_started": 4.0,
+                "resumed": 6.2, "committed": 6.3, "released": 6.6}  # fmt: skip
+    assert phase_at(mirrored, 1.0, precopy) is Phase.MIRROR
+    assert phase_at(mirrored, 6.4, precopy) is Phase.RELEASE
+
+
+def test_after_the_switchover_only_completed_is_allowed() -> None:
+    assert expected_outcomes(Phase.RAM) == (Outcome.COMPLETED, Outcome.ROLLED_BACK)
+    assert expected_outcomes(Phase.SWITCHOVER) == (Outcome.COMPLETED, Outcome.ROLLED_BACK)
+    assert expected_outcomes(Phase.TAIL) == (Outcome.COMPLETED,)
+    assert expected_outcomes(Phase.RELEASE) == (Outcome.COMPLETED,)
+
+
+def test_the_table_counts_runs_and_violations_per_fault_and_phase() -> None:
+    plans = draw(1, 3, ("link-down",), (Strategy.HYBRID,))
+    records = [
+        RunRecord(plan=plans[0], vm="v", source="a", destination="b", phase_hit=Phase.RAM),
+        RunRecord(
+            plan=plans[1],
+            vm="v",
+            source="b",
+            destination="a",
+            phase_hit=Phase.RAM,
+            violations=["lost a write"],
+        ),
+        RunRecord(plan=plans[2], vm="v", source="a", destination="b", phase_hit=Phase.TAIL),
+    ]
+    cells = table(records)
+    assert (cells["link-down"]["ram"].runs, cells["link-down"]["ram"].violations) == (2, 1)
+    text = markdown(records)
+    assert "| link-down | 2 (1 violated) | 1 |" in text
+    assert "3 runs, 1 with an invariant violated." in text
