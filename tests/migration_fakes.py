@@ -285,8 +285,11 @@ class FakeVm:
     config: VmConfig = field(default_factory=lambda: VmConfig(name="v1", ram_mb=64))
     heartbeats: list[Heartbeat] = field(default_factory=list)
     role: str = "running"
+    completions_error: PeerError | None = None  # the agent's journal cannot be read
 
     async def completions_since(self, since: float) -> list[float] | None:
+        if self.completions_error is not None:
+            raise self.completions_error
         return None
 
     def migrated_away(self, *, serves_disk: bool = True) -> None:

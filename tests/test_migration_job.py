@@ -161,6 +161,19 @@ async def test_a_failure_after_the_switchover_goes_forward(
         assert vm.vm.killed and Step.SOURCE_FENCED in job.report.timeline
 
 
+async def test_a_source_agent_that_died_after_the_switchover_costs_a_figure_not_the_migration(
+    tmp_path: Path,
+) -> None:
+    """Its journal is gone with it (a restarted agent starts a new one): the migration
+    completes, the copy here is marked migrated, and the report says what it lacks."""
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    vm.completions_error = PeerError("agent v1/disk0 unreachable")
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    moved(vm, host)
+    assert vm.role.startswith("migrated")
+
+
 async def test_a_commit_the_destination_refuses_for_good_fails_after_its_deadline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from devagent.api_types import MigrationProgress, MigrationStatus, VmStatus
 from devagent.daemon.migration.context import HostContext, MigratingVm, Peer
 from devagent.daemon.migration.messages import CommitAnswer, MigrateRequest, RemoteDisk
-from devagent.daemon.migration.net import NetMigration
+from devagent.daemon.migration.net import NET_MEASURES, NetMigration
 from devagent.daemon.migration.plans import Handover, Plan, Prepared
 from devagent.daemon.migration.ram import migrate_ram
 from devagent.daemon.migration.report import BASELINE_S, finish_report
@@ -276,11 +276,14 @@ class MigrationJob:
             return CommitAnswer(resumed_at=vm.resumed_at)
 
     async def finish(self, committed: CommitAnswer, done: MigrationInfo) -> None:
-        """After the guest runs on the destination: hand over, release, report."""
-        if self.net is not None:  # until the network has learned the guest's new place
-            await self.net.finish(self.peer, committed.steps)
-        source_done = await self.managed.completions_since(self.started_at - BASELINE_S)
+        """After the guest runs on the destination: hand over, release, report. The copy
+        here is marked migrated first: nothing that fails from here on may leave it looking
+        like the VM's running instance."""
         self.managed.migrated_away(serves_disk=self.plan.serves_after_switchover)
+        if self.net is not None:  # until the network has learned the guest's new place
+            await self.past_switchover(self.net.finish(self.peer, committed.steps),
+                                       "the NICs' hand-over", *NET_MEASURES)  # fmt: skip
+        source_done = await self._completions()
         with contextlib.suppress(PeerError, StateError):  # QEMU's final figures
             done = await self.managed.vm.migration_outcome()
         if self.plan.source_qemu_serves:
@@ -295,6 +298,26 @@ class MigrationJob:
         await self.forward(self._release, what=f"the release of VM {self.managed.name} here")
         self.mark(Step.RELEASED)
         await finish_report(self, committed, done, source_done, allocated)
+
+    async def past_switchover(self, step: Awaitable[Any], what: str, *figures: str) -> None:
+        """A step past the switchover that the guest does not need (a figure, the NICs'
+        hand-over once the destination announced the guest): its failure (an agent that
+        died, restarted by its supervisor) is logged and said in the report, as the
+        figures it would have given; the migration goes on."""
+        try:
+            await step
+        except DevagentError as err:
+            self.log.warning("migration %s: %s failed: %s", self.id, what, err)
+            self.report.mark_missing(f"{what} failed: {err}", *figures)
+
+    async def _completions(self) -> list[float] | None:
+        """The source agents' completions (for the largest I/O gap); None when an agent
+        cannot say (one that died and was restarted has a new journal)."""
+        try:
+            return await self.managed.completions_since(self.started_at - BASELINE_S)
+        except DevagentError as err:
+            self.log.warning("migration %s: the source's completions: %s", self.id, err)
+            return None
 
     async def _release(self) -> None:
         """Remove what is left of the VM here; a removal that got part-way before it failed
