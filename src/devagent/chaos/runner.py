@@ -44,6 +44,7 @@ PREFILL = "192M"  # a post-copy tail or a mirror of seconds at either link rate
 RAM_MB = 128
 RUN_TIMEOUT_S = 600.0  # a migration not ended by then is a violation of its own
 POLL_S = 0.05
+LOST = "lost"  # what following a migration the source forgot gives
 Say = Callable[[str], None]
 
 
@@ -84,10 +85,9 @@ class Scene:
         return cls(lab, endpoints, Injector(lab, spaces), say, spaces=spaces)
 
     def down(self) -> None:
-        with contextlib.suppress(DevagentError):
-            self.lab.down()  # its processes go first: then nothing holds the spaces
-        for space in self.spaces.values():
+        for space in self.spaces.values():  # detached at once, gone once its users are
             space.remove()
+        self.lab.down()
 
     def refresh(self) -> None:
         """The endpoints again (a restarted daemon has a new pid, the same address)."""
@@ -224,19 +224,19 @@ async def _follow(scene: Scene, record: RunRecord) -> MigrationReport | None:
     """The migration's report once it ended; through a source daemon that restarts. None
     when the source lost it."""
 
-    async def ended() -> MigrationReport | bool | None:
+    async def ended() -> MigrationReport | str | None:
         try:
             async with DaemonClient(scene.endpoints[record.source]) as client:
                 now = await client.get_as(f"/v1/migrations/{record.migration_id}", MigrationStatus)
         except NotFound:
-            return False  # a restarted daemon that does not know it
+            return LOST  # a restarted daemon that does not know it
         except DevagentError:
             scene.refresh()
             return None  # a daemon that restarts or does not answer: ask again
         return now.report if now.finished_at is not None else None
 
     got = await wait_until(ended, timeout=RUN_TIMEOUT_S, what="the migration's end", interval=0.2)
-    if got is False:
+    if got == LOST:
         record.violations.append(f"host {record.source} forgot migration {record.migration_id}")
         return None
     assert isinstance(got, MigrationReport)
