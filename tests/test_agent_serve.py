@@ -16,7 +16,7 @@ from devagent.agent.agent import AgentState, BlockAgent
 from devagent.agent.backend import Local
 from devagent.agent.journal import JournalClosed, JournalState
 from devagent.errors import PeerError, UsageError
-from devagent.nbd.client import NbdClient, NbdRequestFailed
+from devagent.nbd.client import TCP_USER_TIMEOUT_MS, NbdClient, NbdRequestFailed
 from devagent.nbd.proto import CLIENT_FLAGS, Errno
 
 SIZE = 4 << 20
@@ -227,6 +227,11 @@ async def test_tcp_listener(image: Path) -> None:
             assert await client.read(1, 2) == bytes([1, 2])
             peer = client._writer.get_extra_info("sockname")
             assert peer[0] == "127.0.0.1"
+            # A cut link is noticed in seconds, not after TCP's own retransmission back-off.
+            tcp = client._writer.get_extra_info("socket")
+            user_timeout = tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+            assert user_timeout == TCP_USER_TIMEOUT_MS
+            assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         assert f"tcp:127.0.0.1:{port}" in agent.addresses
     finally:
         await agent.stop()

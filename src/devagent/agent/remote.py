@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 STATUS_MAX = 1 << 30
 #: How long ``close`` waits for a polite NBD disconnect before it drops the socket.
 CLOSE_GRACE = 2.0
+#: While reconnecting, each dial has this long: a SYN lost to a cut link is given up soon
+#: and a new one sent, so that a link that comes back is used within about a second and a
+#: half (with ``backoff_max`` between dials).
+RECONNECT_DIAL_S = 1.0
 
 
 class RemoteState(enum.Enum):
@@ -71,7 +75,7 @@ class Remote(Backend):
         io_timeout: float = 120.0,
         connect_timeout: float = 10.0,
         backoff_min: float = 0.05,
-        backoff_max: float = 2.0,
+        backoff_max: float = 0.5,
     ) -> None:
         self._kind, self._where, self._port = parse_address(address)
         if io_timeout <= 0:
@@ -152,15 +156,17 @@ class Remote(Backend):
 
     # -- connection ------------------------------------------------------------------------
 
-    async def _dial(self) -> NbdClient:
+    async def _dial(self, timeout: float | None = None) -> NbdClient:
+        """One connection and handshake, in ``timeout`` (default ``connect_timeout``)."""
+        timeout = self.connect_timeout if timeout is None else timeout
         if self._kind == "unix":
             coro = NbdClient.connect(unix=self._where, export=self.export)
         else:
             coro = NbdClient.connect(host=self._where, port=self._port, export=self.export)
         try:
-            return await asyncio.wait_for(coro, self.connect_timeout)
+            return await asyncio.wait_for(coro, timeout)
         except TimeoutError:
-            raise PeerError(f"no NBD handshake within {self.connect_timeout:.0f} s") from None
+            raise PeerError(f"no NBD handshake within {timeout:g} s") from None
         except OSError as err:  # a handshake cut short by a reset
             raise PeerError(f"handshake failed: {err}") from err
 
@@ -231,7 +237,7 @@ class Remote(Backend):
             attempts += 1
             client: NbdClient | None = None
             try:
-                client = await self._dial()
+                client = await self._dial(RECONNECT_DIAL_S)
                 if client.size != self._size:
                     raise PeerError(f"export size changed from {self._size} to {client.size} bytes")
                 if client.flags & TransmissionFlag.SEND_FLUSH:
