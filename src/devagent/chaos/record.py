@@ -28,6 +28,9 @@ class RunRecord(msgspec.Struct, omit_defaults=True):
     fault_at_s: float | None = None  # from the migrate command
     fault_detail: str = ""
     fault_error: str | None = None  # the fault could not be done
+    fault_s: float | None = None  # how long it lasted (a cut, a stop, a full disk)
+    #: From the fault's end to the guest's first I/O after it (heartbeats, either host).
+    io_resumed_s: float | None = None
     migration_id: str | None = None
     report: MigrationReport | None = None
     follow_up: MigrationReport | None = None  # the next migration, without a fault

@@ -31,7 +31,13 @@ from devagent.chaos.record import Outcome, RunRecord, expected_outcomes
 from devagent.client import DaemonClient, Endpoint
 from devagent.errors import DevagentError, NotFound
 from devagent.lab.lab import Lab
-from devagent.orchestrate import migrate, start_vm, wait_heartbeats, wait_past_phase
+from devagent.orchestrate import (
+    heartbeats_since,
+    migrate,
+    start_vm,
+    wait_heartbeats,
+    wait_past_phase,
+)
 from devagent.report import MigrationReport
 from devagent.vocab import Step, parse_rate
 from devagent.wait import WaitTimeout, wait_until
@@ -169,7 +175,23 @@ async def _run(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -> 
         record.fault_at_s = round(injected.at - started, 3)
         timeline = record.report.timeline if record.report else {}
         record.phase_hit = phase_at(timeline, record.fault_at_s, plan.strategy)
+    if injected.at and injected.ended_at and injected.error is None:
+        record.fault_s = round(injected.ended_at - injected.at, 3)
+        record.io_resumed_s = await _io_resumed(scene, record, injected.ended_at)
     await _check(scene, plan, guest, record)
+
+
+async def _io_resumed(scene: Scene, record: RunRecord, since: float) -> float | None:
+    """Seconds from ``since`` to the guest's first I/O after it, on either host."""
+    first: float | None = None
+    for host in (record.source, record.destination):
+        with contextlib.suppress(DevagentError):
+            async with DaemonClient(scene.endpoints[host]) as client:
+                beats = await heartbeats_since(client, record.vm, since)
+            with_io = [b.host_time for b in beats if b.ops]
+            if with_io and (first is None or with_io[0] < first):
+                first = with_io[0]
+    return None if first is None else round(first - since, 3)
 
 
 async def _fault(scene: Scene, plan: RunPlan, record: RunRecord, started: float) -> Injected:
