@@ -24,10 +24,12 @@ from devagent.daemon.migration.context import HostContext
 from devagent.daemon.migration.job import MigrationJob
 from devagent.daemon.migration.messages import (
     BaselineIncoming,
+    CommitAnswer,
     CommitRequest,
     IncomingRequest,
     MigrateRequest,
 )
+from devagent.daemon.vms import ManagedVm
 from devagent.errors import NotFound, StateError
 from devagent.qemu.vm import VmState
 
@@ -92,7 +94,7 @@ class MigrationRoutes:
 
     async def abort_incoming(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        await destination.abort(self.host, name)
+        await self.commits.abort(name)
         return answer(Removed(name=name, state="removed"))
 
     async def prepare_baseline(self, request: web.Request) -> web.Response:
@@ -100,9 +102,14 @@ class MigrationRoutes:
         return answer(reply, status=201)
 
     async def commit_baseline(self, request: web.Request) -> web.Response:
-        managed = self.host.vms.get(request.match_info["name"])
-        return answer(await qemu_incoming.commit(managed))
+        name = request.match_info["name"]
+        return answer(await self.commits.commit(name, CommitRequest(), using=_baseline_ready))
 
     async def stream_done(self, request: web.Request) -> web.Response:
         managed = self.host.vms.get(request.match_info["name"])
         return answer(await qemu_incoming.stream_done(managed))
+
+
+async def _baseline_ready(managed: ManagedVm, request: CommitRequest) -> CommitAnswer:
+    """A QEMU-only strategy's commit (its request carries nothing)."""
+    return await qemu_incoming.commit(managed)
