@@ -31,6 +31,7 @@ from devagent.agent.messages import (
     MirrorStatus,
     MirrorStopped,
     StatusAnswer,
+    UnfenceAnswer,
 )
 from devagent.api_types import Devices, DiskRow, VmStatus
 from devagent.client import Endpoint
@@ -48,10 +49,12 @@ from devagent.wire import to_json
 T = TypeVar("T")
 
 
-def vm_status(name: str, state: str, *, resumed_at: float | None = None) -> VmStatus:
+def vm_status(
+    name: str, state: str, *, resumed_at: float | None = None, role: str = "running"
+) -> VmStatus:
     """A VM's status as a daemon answers it (a VM without agents, NICs or probe)."""
     return VmStatus(
-        name=name, state=state, role="running", pid=1, ram_mb=256, disk="/disk.img", agents=[],
+        name=name, state=state, role=role, pid=1, ram_mb=256, disk="/disk.img", agents=[],
         nics=[], storage="local", workload=None, probe=False, started_at=resumed_at,
         resumed_at=resumed_at, first_heartbeat_at=None, last_heartbeat=None,
     )  # fmt: skip
@@ -225,6 +228,7 @@ class FakeDiskAgent:
         self.mirror_state = "converged"
         self.mirrors: list[MirrorRequest] = []
         self.everything: list[str] | None = None  # a log shared with the QEMU fake, in order
+        self.fenced = False
 
     def _called(self, route: str) -> None:
         self.calls.append(route)
@@ -248,7 +252,13 @@ class FakeDiskAgent:
 
     async def fence(self) -> FenceAnswer:
         self._called("/fence")
+        self.fenced = True
         return FenceAnswer(fenced=True, dropped=0)
+
+    async def unfence(self) -> UnfenceAnswer:
+        self._called("/unfence")
+        was, self.fenced = self.fenced, False
+        return UnfenceAnswer(unfenced=was, listening=["unix:/run/disk0.nbd"] if was else [])
 
     async def mirror(self, request: MirrorRequest) -> MirrorStarted:
         self._called("/mirror")
@@ -273,9 +283,10 @@ class FakeDiskAgent:
 
 @dataclass
 class FakeVm:
-    """The migrating VM (the daemon's ManagedVm)."""
+    """The migrating VM (the daemon's ManagedVm); its job's record goes in ``run_dir``."""
 
     image: Path
+    run_dir: Path
     vm: FakeQemu = field(default_factory=FakeQemu)
     agents: list[FakeDiskAgent] = field(default_factory=lambda: [FakeDiskAgent()])
     name: str = "v1"
@@ -286,6 +297,7 @@ class FakeVm:
     heartbeats: list[Heartbeat] = field(default_factory=list)
     role: str = "running"
     completions_error: PeerError | None = None  # the agent's journal cannot be read
+    serves_disk: bool = False
 
     async def completions_since(self, since: float) -> list[float] | None:
         if self.completions_error is not None:
@@ -293,26 +305,39 @@ class FakeVm:
         return None
 
     def migrated_away(self, *, serves_disk: bool = True) -> None:
-        self.role = "migrated, serving its disk" if serves_disk else "migrated"
+        if self.role != "running":
+            raise StateError(f"fake VM is {self.role}: it cannot have migrated away")
+        self.role, self.serves_disk = "migrated", serves_disk
 
 
 class FakeDestination:
-    """The destination daemon: what it holds of each VM (``incoming`` until committed,
-    then ``running``), and every request it got."""
+    """The destination daemon: the role of each VM it holds (``incoming`` until committed,
+    ``committing`` while a commit runs, then ``running``), and every request it got (also in
+    ``everything``, when a test shares a log with the source's fakes)."""
 
     def __init__(self) -> None:
         self.vms: dict[str, str] = {}
         self.requests: list[str] = []
+        self.everything: list[str] | None = None
         self.failures: Failures = {}
         self.polls_until_local = 2
         self.replica_grows = True  # each look at the replica finds more of it present
         self.present = 0
         self.source: FakeQemu | None = None  # whose NBD export a stream reads
         self.commit_lands_before_failing = False
+        self.bodies: dict[str, Any] = {}  # the last body of each POST, by path
+        #: A commit the source asked before it died runs here: an abort is refused, and the
+        #: VM is ``committing`` (paused) for one look, then ``running``.
+        self.commit_under_way = False
+
+    def _asked(self, request: str) -> None:
+        self.requests.append(request)
+        if self.everything is not None:
+            self.everything.append(f"peer {request}")
+        _fail(self.failures, request)
 
     async def get(self, path: str, **params: Any) -> Any:
-        self.requests.append(f"GET {path}")
-        _fail(self.failures, f"GET {path}")
+        self._asked(f"GET {path}")
         if path == "/v1/health":
             return {"name": "b"}
         if path.endswith("/heartbeats"):  # the guest's probe, steady on the destination
@@ -334,15 +359,21 @@ class FakeDestination:
             return to_json(Devices(devices=[row]))
         if path.startswith("/v1/vms/"):
             name = path.split("/")[3]
-            return to_json(vm_status(name, str(self.vms.get(name)), resumed_at=time.time()))
+            if name not in self.vms:
+                raise NotFound(f"host b: no VM {name!r}")
+            role = self.vms[name]
+            state = {"running": "running", "committing": "paused"}.get(role, "incoming")
+            if role == "committing":  # the commit under way ends: the guest runs next look
+                self.vms[name] = "running"
+            return to_json(vm_status(name, state, resumed_at=time.time(), role=role))
         return {}
 
     async def post(self, path: str, body: Any = None) -> Any:
-        self.requests.append(f"POST {path}")
         parts = path.split("/")
         if path.endswith("/commit") and self.commit_lands_before_failing:
             self.vms[parts[-2]] = "running"
-        _fail(self.failures, f"POST {path}")
+        self.bodies[path] = body
+        self._asked(f"POST {path}")
         if path in ("/v1/incoming", "/v1/baselines/incoming"):
             name = body["request"]["name"]
             if name in self.vms:
@@ -367,10 +398,18 @@ class FakeDestination:
         return {}
 
     async def delete(self, path: str) -> Any:
-        self.requests.append(f"DELETE {path}")
-        _fail(self.failures, f"DELETE {path}")
-        self.vms.pop(path.rsplit("/", 1)[-1], None)
-        return {}
+        """``DELETE /v1/incoming/NAME``: removed only while incoming (as the real one)."""
+        self._asked(f"DELETE {path}")
+        name = path.rsplit("/", 1)[-1]
+        if name not in self.vms:
+            raise NotFound(f"host b: no VM {name!r}")
+        if self.commit_under_way:
+            self.vms[name], self.commit_under_way = "committing", False
+            raise StateError(f"host b: VM {name}'s commit is under way here")
+        if self.vms[name] != "incoming":
+            raise StateError(f"host b: VM {name} is not an incoming VM ({self.vms[name]})")
+        del self.vms[name]
+        return {"name": name, "state": "removed"}
 
 
 @dataclass
@@ -405,7 +444,7 @@ def make_job(
 ) -> tuple[MigrationJob, FakeVm, FakeHost]:
     image = tmp_path / "disk.img"
     image.write_bytes(b"\0" * 4096)
-    vm = vm or FakeVm(image=image)
+    vm = vm or FakeVm(image=image, run_dir=tmp_path)
     if strategy.is_baseline:
         vm.agents, vm.request = [], vm.request.replace(disk=None)  # the test guest
     if strategy is Strategy.SHARED:

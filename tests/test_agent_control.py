@@ -112,3 +112,33 @@ async def test_fence_is_a_state_of_the_agent(rig: tuple[TestClient, BlockAgent, 
     assert (await client.post("/fence")).status == 200  # again: nothing more to drop
     await agent.listen_tcp("127.0.0.1", 0)  # peers may still be served
     assert agent.state is AgentState.FENCED
+
+
+async def test_unfence_serves_the_local_vm_again_and_is_idempotent(
+    rig: tuple[TestClient, BlockAgent, Path],
+) -> None:
+    """A migration rolled back after a daemon restart: the fenced agent serves its unix
+    socket again, where it was (QEMU's NBD client reconnects there)."""
+    client, agent, tmp_path = rig
+    socket = tmp_path / "disk.sock"
+    nothing = await (await client.post("/unfence")).json()  # never fenced: nothing to undo
+    assert nothing == {"unfenced": False, "listening": []} and agent.state is AgentState.SERVING
+    await client.post("/fence")
+    assert not socket.exists()
+    answer = await (await client.post("/unfence")).json()
+    assert answer == {"unfenced": True, "listening": [f"unix:{socket}"]}
+    assert agent.state is AgentState.SERVING and f"unix:{socket}" in agent.addresses
+    reader, writer = await asyncio.open_unix_connection(str(socket))
+    try:
+        assert await asyncio.wait_for(reader.readexactly(8), 5.0) == b"NBDMAGIC"  # served
+    finally:
+        writer.close()
+    assert agent.lifecycle.history == [AgentState.CREATED, AgentState.SERVING,
+                                       AgentState.FENCED, AgentState.SERVING]  # fmt: skip
+    again = await (await client.post("/unfence")).json()
+    assert again == {"unfenced": False, "listening": []}  # its socket is not opened twice
+    await client.post("/fence")  # and it can be fenced again
+    assert not socket.exists() and agent.state is AgentState.FENCED
+    await agent.stop()
+    stopped = await client.post("/unfence")
+    assert stopped.status == 409 and "is stopped: cannot unfence" in (await stopped.json())["error"]

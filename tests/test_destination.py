@@ -1,6 +1,7 @@
 """The destination's commit happens once per incoming VM: a repeat (the source trying again
 after a lost answer) waits for the first one and gets its answer, and a client that goes
-away cannot stop it half-way."""
+away cannot stop it half-way. A commit and an abort exclude each other: a source daemon that
+restarted and asks for the abort while the last commit runs is refused."""
 
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class FakeVms:
         if name not in self.table:
             raise NotFound(f"no VM {name!r}")
         return self.table[name]
+
+    async def remove(self, name: str) -> None:
+        del self.table[name]
 
 
 @dataclass
@@ -94,3 +98,38 @@ async def test_a_vm_that_is_not_incoming_is_refused_and_a_new_one_commits_anew()
     host.vms.table["v1"] = FakeVm("v1")
     assert (await made.commit("v1", CommitRequest())).resumed_at == 102.0
     assert readier.runs == 2
+
+
+async def test_an_abort_is_refused_while_the_commit_runs_and_once_it_began() -> None:
+    host, readier = FakeHost(), Readier()
+    host.vms.table["v1"] = FakeVm("v1")
+    made = commits(host, readier)
+    committing = asyncio.create_task(made.commit("v1", CommitRequest()))
+    await asyncio.sleep(0)
+    with pytest.raises(StateError, match="commit is under way"):
+        await made.abort("v1")
+    assert "v1" in host.vms.table
+    readier.go.set()
+    await committing
+    with pytest.raises(StateError, match="not an incoming VM"):  # it runs here now
+        await made.abort("v1")
+    host.vms.table["v1"] = FakeVm("v1", VmRole.COMMITTING)  # a restarted daemon's: no Commits
+    with pytest.raises(StateError, match="not an incoming VM"):
+        await commits(host, readier).abort("v1")
+    host.vms.table["v2"] = FakeVm("v2")  # never committed: removed
+    await made.abort("v2")
+    assert "v2" not in host.vms.table
+
+
+async def test_a_baseline_commit_is_once_only_and_excludes_the_abort_too() -> None:
+    host, devagents, qemus = FakeHost(), Readier(), Readier()
+    host.vms.table["v1"] = FakeVm("v1")
+    made = commits(host, devagents)
+    first = asyncio.create_task(made.commit("v1", CommitRequest(), using=qemus))
+    await asyncio.sleep(0)
+    with pytest.raises(StateError, match="commit is under way"):
+        await made.abort("v1")
+    qemus.go.set()
+    again = await made.commit("v1", CommitRequest(), using=qemus)  # the first one's answer
+    assert (await first).resumed_at == again.resumed_at == 101.0
+    assert (qemus.runs, devagents.runs) == (1, 0)

@@ -86,14 +86,26 @@ def _managed(tmp_path: Path, role: VmRole, agents: list[AgentProcess] | None = N
     return ManagedVm(request, config, tmp_path, role, Path("/img"), agents)
 
 
+def _saved_role(run_dir: Path) -> str:
+    role: str = json.loads((run_dir / "vm.json").read_text())["role"]
+    return role
+
+
 def test_the_role_moves_only_as_the_table_says(tmp_path: Path) -> None:
     arriving = _managed(tmp_path, VmRole.INCOMING)
+    with pytest.raises(StateError, match=r"is incoming here .* cannot have arrived"):
+        arriving.arrived()  # not without the commit's mark
+    arriving.commit_began()
+    assert _saved_role(tmp_path) == "committing"  # saved at once, before the guest runs
+    with pytest.raises(StateError, match="cannot have begun its commit"):
+        arriving.commit_began()
     arriving.arrived()
     assert arriving.role is VmRole.RUNNING
     with pytest.raises(StateError, match=r"is running here \(QEMU new\): it cannot have arrived"):
         arriving.arrived()
     arriving.migrated_away()
     assert arriving.role is VmRole.MIGRATED and arriving.role == "migrated"
+    assert _saved_role(tmp_path) == "migrated"  # a restarted daemon keeps the copy
     with pytest.raises(StateError, match=r"migrated here .* cannot have migrated away"):
         arriving.migrated_away()
     legacy = _managed(tmp_path, "running")  # the migration code assigns strings for now

@@ -86,7 +86,10 @@ class VmStatus(msgspec.Struct):
 
     name: str
     state: str  # QEMU's, or what a copy left behind by a migration is
-    role: str  # devagent.daemon.vms.VmRole
+    #: devagent.daemon.vms.VmRole. On a migration's destination: "incoming" until its commit
+    #: began, "committing" from then on (the guest runs here, or is about to: no way back),
+    #: "running" once it arrived; a source daemon that restarted asks this.
+    role: str
     pid: int | None
     ram_mb: int
     disk: str  # the image's path, or "host NAME (remote)"

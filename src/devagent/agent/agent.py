@@ -4,6 +4,7 @@ asks of it. The NBD protocol itself is served by :mod:`devagent.agent.nbd_server
 The agent's own lifecycle is one table::
 
     CREATED --listen--> SERVING --fence--> FENCED (the local VM's unix sockets refused)
+                        SERVING <--unfence-- FENCED (a migration rolled back after all)
     CREATED | SERVING | FENCED --stop--> STOPPING --stopped--> STOPPED
 
 plus the operations each state allows (a swap, a TCP listener after the fence). Beside it,
@@ -44,6 +45,7 @@ from devagent.agent.messages import (
     ResumeAnswer,
     StatusAnswer,
     SwapAnswer,
+    UnfenceAnswer,
 )
 from devagent.agent.mirror_job import JobState, MirrorJob
 from devagent.agent.nbd_server import NbdServer
@@ -67,6 +69,7 @@ class AgentEvent(enum.Enum):
     LISTEN_TCP = "listen on TCP"
     SWAP = "swap its backend"
     FENCE = "fence the local VM"
+    UNFENCE = "unfence the local VM"
     STOP = "stop"
     STOPPED = "finish stopping"
 
@@ -84,6 +87,8 @@ TRANSITIONS: dict[tuple[AgentState, AgentEvent], AgentState] = {
     (_S.CREATED, _E.FENCE): _S.FENCED,
     (_S.SERVING, _E.FENCE): _S.FENCED,
     (_S.FENCED, _E.FENCE): _S.FENCED,
+    (_S.FENCED, _E.UNFENCE): _S.SERVING,
+    (_S.SERVING, _E.UNFENCE): _S.SERVING,  # nothing fenced: nothing to undo
     (_S.CREATED, _E.STOP): _S.STOPPING,
     (_S.SERVING, _E.STOP): _S.STOPPING,
     (_S.FENCED, _E.STOP): _S.STOPPING,
@@ -158,6 +163,18 @@ class BlockAgent:
         dropped = self.server.close_unix()
         log.info("export %r fenced: %d local connection(s) dropped", self.export_name, dropped)
         return dropped
+
+    async def unfence_local(self) -> tuple[bool, list[str]]:
+        """Undo :meth:`fence_local`: serve the local VM's unix sockets again, where they were
+        (its QEMU's NBD client reconnects by itself). Only for a migration that rolled back
+        before the destination ran the guest: the VM here is again the only writer. Returns
+        whether it was fenced, and the addresses served again."""
+        fenced = self.state is AgentState.FENCED
+        self.lifecycle.require(AgentEvent.UNFENCE)
+        reopened = await self.server.reopen_unix() if fenced else []
+        self.lifecycle.fire(AgentEvent.UNFENCE)
+        log.info("export %r unfenced: serving %s again", self.export_name, reopened)
+        return fenced, reopened
 
     async def swap_backend(
         self, new: Backend, *, before_switch: Callable[[], Awaitable[object]] | None = None
@@ -285,6 +302,10 @@ class BlockAgent:
 
     async def fence(self) -> FenceAnswer:
         return FenceAnswer(fenced=True, dropped=await self.fence_local())
+
+    async def unfence(self) -> UnfenceAnswer:
+        was_fenced, listening = await self.unfence_local()
+        return UnfenceAnswer(unfenced=was_fenced, listening=listening)
 
     def _running_job(self) -> MirrorJob:
         job = self.mirror_job

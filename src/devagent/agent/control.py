@@ -19,6 +19,8 @@ agent without ever sitting in the data path.
     POST /mirror/stop             the same, answering the chunks the target may still lack
     POST /flush                   make what was written durable now
     POST /fence                   refuse the local VM instance (its unix sockets) for good
+    POST /unfence                 serve its unix sockets again (a migration rolled back
+                                  after a daemon restart); nothing to do when not fenced
     POST /stop                    stop serving (answer or fail every request), then exit
     POST /retire                  the same, answering once nothing is in flight any more
 
@@ -103,6 +105,10 @@ async def _fence(request: web.Request) -> web.Response:
     return answer(await request.app[AGENT_KEY].fence())
 
 
+async def _unfence(request: web.Request) -> web.Response:
+    return answer(await request.app[AGENT_KEY].unfence())
+
+
 async def _stop(request: web.Request) -> web.Response:
     request.app[STOP_KEY].set()
     return answer(StopAnswer(stopping=True))
@@ -135,6 +141,7 @@ def build_control_app(agent: BlockAgent, stop: asyncio.Event) -> web.Application
     app.router.add_post("/mirror/stop", _mirror_stop)
     app.router.add_post("/flush", _flush)
     app.router.add_post("/fence", _fence)
+    app.router.add_post("/unfence", _unfence)
     app.router.add_post("/stop", _stop)
     app.router.add_post("/retire", _retire)
     return app

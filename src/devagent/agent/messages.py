@@ -286,6 +286,14 @@ class FenceAnswer(msgspec.Struct):
     dropped: int
 
 
+class UnfenceAnswer(msgspec.Struct):
+    """``POST /unfence``: whether the agent was fenced, and the unix sockets it serves again
+    (none when it was not fenced)."""
+
+    unfenced: bool
+    listening: list[str]
+
+
 class StopAnswer(msgspec.Struct):
     stopping: bool
 

@@ -427,6 +427,7 @@ class NbdServer:
         self.addresses: list[str] = []
         self._servers: list[asyncio.Server] = []
         self._unix_paths: list[Path] = []
+        self._fenced_paths: list[Path] = []  # unix sockets closed by a fence, to reopen
         self._connections: set[NbdConnection] = set()
         self._accepted = 0
 
@@ -474,11 +475,18 @@ class NbdServer:
             server.close()
             self._servers.remove(server)
         self._remove_unix_paths()
+        self._fenced_paths += self._unix_paths
+        self._unix_paths = []
         self.addresses = [a for a in self.addresses if not a.startswith("unix:")]
         dropped = [c for c in self._connections if c.is_unix]
         for connection in dropped:
             connection.close()
         return len(dropped)
+
+    async def reopen_unix(self) -> list[str]:
+        """Serve again the unix sockets :meth:`close_unix` closed; returns their addresses."""
+        paths, self._fenced_paths = self._fenced_paths, []
+        return [await self.listen_unix(path) for path in paths]
 
     def stop_listening(self) -> None:
         for server in self._servers:

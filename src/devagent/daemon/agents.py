@@ -31,6 +31,7 @@ from devagent.agent.messages import (
     StatusAnswer,
     SwapAnswer,
     SwapRequest,
+    UnfenceAnswer,
 )
 from devagent.daemon.supervised import Supervised
 from devagent.wire import convert, to_json
@@ -125,6 +126,10 @@ class AgentProcess(Supervised):
 
     async def fence(self) -> FenceAnswer:
         return await self.ask("POST", "/fence", into=FenceAnswer)
+
+    async def unfence(self) -> UnfenceAnswer:
+        """Serve the VM's QEMU again after a fence (a roll-back after a daemon restart)."""
+        return await self.ask("POST", "/unfence", into=UnfenceAnswer)
 
     async def retire(self, *, timeout: float = 60.0) -> RetireAnswer:
         return await self.ask("POST", "/retire", into=RetireAnswer, timeout=timeout)

@@ -292,5 +292,7 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_post("/v1/exports", create_export)
     r.add_delete("/v1/exports/{name}", delete_export)
     r.add_post("/v1/exports/{name}/digest", export_digest)
-    MigrationRoutes(host).add_to(r)  # migrate, migrations, incoming, baselines
+    migrations = MigrationRoutes(host)
+    migrations.add_to(r)  # migrate, migrations, incoming, baselines
+    app.on_startup.append(migrations.on_startup)  # unsettled migrations taken up again
     return app

@@ -205,6 +205,15 @@ class Vm:
         )
         await self._connect(5.0)
 
+    def gone(self, pid: int) -> None:
+        """A QEMU that exited while no daemon watched it (found dead on a restart): nothing
+        to talk to or stop, and :attr:`exited` says so. For a VM kept for what still
+        depends on it (its agents serving a migration's destination)."""
+        self.require(VmState.NEW)
+        self.pid = pid
+        self._move(VmState.STOPPED)
+        self._exited.set()
+
     async def _connect(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         qmp = await wait_until(

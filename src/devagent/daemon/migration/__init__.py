@@ -13,6 +13,9 @@ Source daemon (``POST /v1/vms/NAME/migrate``: :class:`.routes.MigrationRoutes` â
 * :mod:`.report`    the report, built the same way for every strategy
 * :mod:`.context`   the narrow view of the host, VM, agents and peer a job needs (fakes in
                     the unit tests stand in for them)
+* :mod:`.record`    the job's phase and findings, saved before each move (``migration.json``)
+* :mod:`.recovery`  after a daemon restart: each unsettled job taken up again, forward or
+                    back as the destination's commit began or not
 
 Destination daemon: :mod:`.destination` (devagent's strategies: ``/v1/incoming``) and
 :mod:`.qemu_incoming` (QEMU's: ``/v1/baselines/incoming``).
@@ -23,7 +26,7 @@ Messages between them: :mod:`.messages`; step names: :class:`devagent.vocab.Step
 from __future__ import annotations
 
 from devagent.daemon.migration.context import HostContext, MigratingVm
-from devagent.daemon.migration.job import MigrationJob, Phase
+from devagent.daemon.migration.job import MigrationJob
 from devagent.daemon.migration.messages import MigrateRequest
 from devagent.daemon.migration.plans import (
     HybridPlan,
@@ -37,6 +40,7 @@ from devagent.daemon.migration.qemu_plans import (
     QemuMirrorActivePlan,
     QemuMirrorPlan,
 )
+from devagent.daemon.migration.record import Phase
 from devagent.vocab import Strategy
 
 PLANS: dict[Strategy, type[Plan]] = {

@@ -26,6 +26,7 @@ from devagent.agent.messages import (
     MirrorStarted,
     MirrorStopped,
     StatusAnswer,
+    UnfenceAnswer,
 )
 from devagent.api_types import MigrationProgress
 from devagent.client import DaemonClient, Endpoint
@@ -107,6 +108,8 @@ class DiskAgentLink(Protocol):
 
     async def fence(self) -> FenceAnswer: ...
 
+    async def unfence(self) -> UnfenceAnswer: ...
+
     async def mirror(self, request: MirrorRequest) -> MirrorStarted: ...
 
     async def cutover(
@@ -151,6 +154,12 @@ class MigratingVm(Protocol):
 
     @property
     def image(self) -> Path: ...
+
+    @property
+    def run_dir(self) -> Path: ...  # where the job keeps its record
+
+    @property
+    def role(self) -> str: ...  # devagent.daemon.vms.VmRole
 
     @property
     def heartbeats(self) -> Iterable[Heartbeat]: ...

@@ -8,10 +8,13 @@ rolls back.
 ``commit``    ``POST /v1/incoming/NAME/commit``: ready the disk (a Fetch replica seeded with
               what the push landed, or the complete replica as Local), run the guest; once
               per VM (:class:`Commits`: a repeat gets the first one's answer)
-``abort``     ``DELETE /v1/incoming/NAME``: remove all of it
+``abort``     ``DELETE /v1/incoming/NAME``: remove all of it, unless its commit is under way
+              or began (then the guest runs here: refused, 409)
 
 The VM manager does the making and the readying (:mod:`devagent.daemon.vms.incoming`); this
-module owns the messages and the order.
+module owns the messages and the order. This host decides the switchover: a commit and an
+abort of one VM exclude each other here, so a source daemon that restarted and asks for the
+abort either gets it (the guest never runs here) or is refused (it goes forward).
 """
 
 from __future__ import annotations
@@ -82,28 +85,42 @@ class Commits:
     lost (a connection cut, a daemon that restarts): the repeat waits for the first one
     and gets its answer, rather than readying the disk a second time. The commit runs
     shielded from the request that asked for it, so a client that goes away cannot stop it
-    half-way."""
+    half-way. ``using``: another way to ready the VM (QEMU's own strategies'), under the
+    same once-only rule and the same exclusion of an abort."""
 
     def __init__(self, host: Host, ready: Ready = ready) -> None:
         self.host = host
         self._ready = ready
         self._commits: dict[str, tuple[ManagedVm, asyncio.Future[CommitAnswer]]] = {}
 
-    async def commit(self, name: str, request: CommitRequest) -> CommitAnswer:
+    async def commit(
+        self, name: str, request: CommitRequest, using: Ready | None = None
+    ) -> CommitAnswer:
         managed = self.host.vms.get(name)
         known = self._commits.get(name)
         if known is not None and known[0] is managed:  # this VM's commit, asked again
             return await asyncio.shield(known[1])
         if managed.role is not VmRole.INCOMING:
             raise StateError(f"VM {managed.name} is not an incoming VM")
-        done = asyncio.ensure_future(self._ready(managed, request))
+        done = asyncio.ensure_future((using or self._ready)(managed, request))
         self._commits[name] = (managed, done)
         return await asyncio.shield(done)
 
+    async def abort(self, name: str) -> None:
+        """The source rolled back: remove the incoming VM, unless its commit is under way
+        (whose answer the source lost: it runs the guest here, and the source must go
+        forward) or began."""
+        managed = self.host.vms.get(name)
+        known = self._commits.get(name)
+        if known is not None and known[0] is managed and not known[1].done():
+            raise StateError(f"VM {name}'s commit is under way here: refusing to remove it")
+        await abort(self.host, name)
+
 
 async def abort(host: Host, name: str) -> None:
-    """The source rolled back: remove the incoming VM and all it made here."""
+    """The source rolled back: remove the incoming VM and all it made here (not one whose
+    commit began: its guest runs here)."""
     managed = host.vms.get(name)
     if managed.role is not VmRole.INCOMING:
-        raise StateError(f"VM {name} is not an incoming VM: refusing to remove it")
+        raise StateError(f"VM {name} is not an incoming VM ({managed.role}): refusing to remove it")
     await host.vms.remove(name)

@@ -17,7 +17,17 @@ everything it made. After it the job only goes forward: the guest runs on the de
 and a step that fails for a passing reason (a peer that restarts, an agent restarted by its
 supervisor) is tried again until its deadline.
 
-The job's life is one :class:`Phase` moved through one table.
+The point of no return is the destination's: its commit is recorded there as begun before
+the guest runs. Until then the source's QEMU (running, or paused once RAM completed) holds
+the whole guest and the source's agent the whole disk, so a roll-back is always safe. A
+daemon that restarts mid-migration therefore asks the destination (:mod:`.recovery`): the
+commit began there, the job goes forward from where it was; it never began, the destination
+removes its incoming VM (it refuses while a commit is under way) and only then does the
+source undo its steps, the fence included, and run the guest again. Either way the guest
+ends running on exactly one host.
+
+The job's life is one :class:`Phase` moved through one table; each move is saved first in
+the VM's folder (:mod:`.record`), so that a restarted daemon knows where the job was.
 """
 
 from __future__ import annotations
@@ -28,7 +38,6 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +47,15 @@ from devagent.daemon.migration.messages import CommitAnswer, MigrateRequest, Rem
 from devagent.daemon.migration.net import NET_MEASURES, NetMigration
 from devagent.daemon.migration.plans import Handover, Plan, Prepared
 from devagent.daemon.migration.ram import migrate_ram
+from devagent.daemon.migration.record import (
+    NEXT,
+    MigrationRecord,
+    Phase,
+    remove_record,
+    save_record,
+)
 from devagent.daemon.migration.report import BASELINE_S, finish_report
+from devagent.daemon.vms.managed import VmRole
 from devagent.errors import DevagentError, NotFound, PeerError, StateError
 from devagent.qemu.answers import MigrationInfo
 from devagent.qemu.vm import VmState
@@ -54,25 +71,6 @@ T = TypeVar("T")
 FORWARD_RETRY_S = 120.0
 FORWARD_RETRY_PAUSE_S = 0.5
 PEER_CHECK_S = 0.3  # how often the destination daemon is checked while RAM or a disk moves
-
-
-class Phase(Enum):
-    PREPARING = "preparing"
-    RAM = "ram"
-    SWITCHOVER = "switchover"
-    FINISHING = "finishing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-
-
-_NEXT: dict[Phase, frozenset[Phase]] = {
-    Phase.PREPARING: frozenset({Phase.RAM, Phase.FAILED}),
-    Phase.RAM: frozenset({Phase.SWITCHOVER, Phase.FAILED}),
-    Phase.SWITCHOVER: frozenset({Phase.FINISHING, Phase.FAILED}),
-    Phase.FINISHING: frozenset({Phase.COMPLETED, Phase.FAILED}),
-    Phase.COMPLETED: frozenset(),
-    Phase.FAILED: frozenset(),
-}
 
 
 class MigrationJob:
@@ -106,6 +104,7 @@ class MigrationJob:
         self.source_disk: RemoteDisk | None = None
         self.disk_size = 0
         self.bytes_before: int | None = None
+        self.handover: Handover | None = None  # the plan's, at the switchover
         self.cleanup_failures: list[str] = []  # roll-back steps that failed, for the report
         self._next_check = time.monotonic() + PEER_CHECK_S
         # The NICs' steps (hold, forward, hand-over), for a VM that has NICs.
@@ -120,12 +119,36 @@ class MigrationJob:
         return self._peer
 
     def _move(self, phase: Phase) -> None:
-        if phase not in _NEXT[self.phase]:
+        """Move to ``phase``, saved first: the record never says less than the job did."""
+        if phase not in NEXT[self.phase]:
             raise StateError(
                 f"migration {self.id}: no transition {self.phase.value} -> {phase.value}"
             )
+        if phase is Phase.COMPLETED:
+            remove_record(self.managed.run_dir)  # settled (the release took the folder)
+        else:
+            self.record(phase)
         self.log.info("migration %s to %s: %s", self.id, self.report.destination, phase.value)
         self.phase = phase
+
+    def record(self, phase: Phase) -> None:
+        """Save the job as it stands, at ``phase`` (:mod:`.record`)."""
+        record = MigrationRecord(
+            id=self.id, request=self.request, phase=phase, started_at=self.started_at,
+            report=self.report, progress=self.progress, source_disk=self.source_disk,
+            disk_size=self.disk_size, bytes_before=self.bytes_before,
+            nic_peers=dict(self.net.peers) if self.net is not None else {},
+            handover=self.handover,
+        )  # fmt: skip
+        save_record(self.managed.run_dir, record)
+
+    def settle(self) -> None:
+        """A roll-back ended: the migration is settled unless one of its steps failed (then
+        the record stays, and a daemon restart tries the roll-back again)."""
+        if self.cleanup_failures:
+            self.log.warning("migration %s: its record is kept for a retry", self.id)
+            return
+        remove_record(self.managed.run_dir)
 
     def mark(self, step: str, at: float | None = None) -> None:
         """Note on the report's timeline that ``step`` was reached (now, or at ``at``)."""
@@ -206,18 +229,19 @@ class MigrationJob:
         self.managed.vm.require(VmState.RUNNING)
         self.plan.check(self)
         self.bytes_before = self.host.link_bytes()
+        self.record(Phase.PREPARING)
         async with self.host.connect(self.request.destination) as peer:
             self._peer = peer
             try:
                 prepared = await self.prepare()
                 await self.plan.before_ram(self, prepared)
                 done = await self.ram(prepared)
-                handover = await self.plan.at_switchover(self)
+                self.handover = await self.plan.at_switchover(self)
             except BaseException as err:
                 await self.roll_back(err)
                 raise
             await self.switch_over()
-            committed = await self.commit(handover)
+            committed = await self.commit(self.handover)
             await self.finish(committed, done)
         self.report.status = "completed"
         self._move(Phase.COMPLETED)
@@ -269,17 +293,29 @@ class MigrationJob:
         try:
             return await self.plan.commit(self, handover)
         except StateError:  # committed already: our earlier try got through
-            raw = await self.peer.get(f"/v1/vms/{self.managed.name}")
-            vm = from_peer(raw, VmStatus, what="the destination's VM status")
-            if vm.state != "running" or vm.resumed_at is None:
+            committed = await self.commit_seen()
+            if committed is None:
                 raise
-            return CommitAnswer(resumed_at=vm.resumed_at)
+            return committed
+
+    async def commit_seen(self) -> CommitAnswer | None:
+        """The commit as the destination's VM status tells it; None if its guest does not
+        run there. A commit under way there (begun, the guest not running yet) is a
+        :class:`PeerError`: :meth:`forward` asks again."""
+        raw = await self.peer.get(f"/v1/vms/{self.managed.name}")
+        vm = from_peer(raw, VmStatus, what="the destination's VM status")
+        if vm.role == VmRole.COMMITTING and vm.state != "running":
+            raise PeerError(f"VM {vm.name}'s commit is under way on {self.report.destination}")
+        if vm.state != "running" or vm.resumed_at is None:
+            return None
+        return CommitAnswer(resumed_at=vm.resumed_at)
 
     async def finish(self, committed: CommitAnswer, done: MigrationInfo) -> None:
         """After the guest runs on the destination: hand over, release, report. The copy
         here is marked migrated first: nothing that fails from here on may leave it looking
         like the VM's running instance."""
-        self.managed.migrated_away(serves_disk=self.plan.serves_after_switchover)
+        if self.managed.role != VmRole.MIGRATED:  # (a restarted daemon may find it so)
+            self.managed.migrated_away(serves_disk=self.plan.serves_after_switchover)
         if self.net is not None:  # until the network has learned the guest's new place
             await self.past_switchover(self.net.finish(self.peer, committed.steps),
                                        "the NICs' hand-over", *NET_MEASURES)  # fmt: skip
@@ -343,8 +379,19 @@ class MigrationJob:
     async def roll_back(self, cause: BaseException) -> None:
         """Before the switchover: keep the VM on the source, leave nothing on the
         destination."""
-        vm = self.managed.vm
         self.log.warning("rolling back migration %s: %s", self.id, cause)
+        await self.undo_source()
+        if self._peer is not None:
+            remove = self.remove_incoming()
+            await self.surely(remove, f"removing the incoming VM on {self.report.destination}")
+        self.settle()
+
+    async def undo_source(self, *, unknown: bool = False) -> None:
+        """The source's half of a roll-back: the plan's disk work undone (a push or mirror
+        stopped, a fence lifted), QEMU's migration cancelled, the NICs' frames delivered,
+        the guest running again. ``unknown``: after a daemon restart nothing says what the
+        NICs' agents hold or forward, so all of it is undone."""
+        vm = self.managed.vm
         if self.plan.cancels_ram_first:  # QEMU's own jobs end once its migration has
             await self.quietly(vm.qmp("migrate_cancel"))
             await self.plan.roll_back(self)
@@ -352,11 +399,15 @@ class MigrationJob:
             await self.plan.roll_back(self)
             await self.quietly(vm.qmp("migrate_cancel"))
         if self.net is not None:  # the guest stays here: what was held for it is delivered
-            await self.net.roll_back()
+            await self.net.roll_back(unknown=unknown)
         await self.surely(self._resume_source(), "resuming the guest on the source")
-        if self._peer is not None:
-            remove = self._peer.delete(f"/v1/incoming/{self.managed.name}")
-            await self.surely(remove, f"removing the incoming VM on {self.report.destination}")
+
+    async def remove_incoming(self) -> None:
+        """The destination removes its incoming VM (one it no longer has is removed)."""
+        try:
+            await self.peer.delete(f"/v1/incoming/{self.managed.name}")
+        except NotFound:
+            self.log.info("no incoming VM %s on %s", self.managed.name, self.report.destination)
 
     async def _resume_source(self) -> None:
         """Run the guest here again if the migration had stopped it."""

@@ -153,6 +153,10 @@ class NetMigration:
         await self._figures(peer)
 
     async def _figures(self, peer: Peer) -> None:
+        if any(nic.node not in self.before for nic in self.managed.nics):
+            reason = "the counters before the migration died with a daemon that restarted"
+            self.report.mark_missing(reason, *NET_MEASURES)
+            return
         buffered = forwarded = lost = 0
         for nic in self.managed.nics:
             now, then = await _status(nic), self.before[nic.node]
@@ -176,8 +180,12 @@ class NetMigration:
         self.report.net_frames_forwarded = forwarded
         self.report.net_frames_lost = lost
 
-    async def roll_back(self) -> None:
-        """Before the switchover: the guest stays here; deliver what was held for it."""
+    async def roll_back(self, *, unknown: bool = False) -> None:
+        """Before the switchover: the guest stays here; deliver what was held for it.
+        ``unknown``: a daemon that restarted cannot tell whether the agents hold or
+        forward; both are undone (an agent with nothing to undo refuses: ignored)."""
+        if unknown:
+            self.held = self.forwarding = True
         for nic in self.managed.nics:
             if self.held:
                 with contextlib.suppress(DevagentError):

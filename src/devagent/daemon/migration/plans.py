@@ -194,8 +194,13 @@ class AgentPlan(Plan):
             job.mark(Step.SOURCE_FENCED)
 
     async def roll_back(self, job: JobView) -> None:
-        for agent in job.managed.agents:  # a disk mirror to the destination stops
+        """A disk mirror to the destination stops; a fence is lifted (one there can be only
+        when a restarted daemon rolls back: the destination never ran the guest, so the
+        VM here is still the only writer)."""
+        for agent in job.managed.agents:
             await job.quietly(agent.cancel_mirror())
+        if self.moves_disk:
+            await job.quietly(job.managed.agents[0].unfence())
 
 
 class SharedPlan(AgentPlan):

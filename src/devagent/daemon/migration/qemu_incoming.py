@@ -32,7 +32,7 @@ from devagent.daemon.migration.qemu_plans import (
 )
 from devagent.daemon.vms import ManagedVm, VmRole
 from devagent.daemon.vms import incoming as incoming_vm
-from devagent.daemon.vms.incoming import ARRIVAL_TIMEOUT_S
+from devagent.daemon.vms.arrival import ARRIVAL_TIMEOUT_S
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import DiskSpec, NbdSource
@@ -134,6 +134,7 @@ async def commit(managed: ManagedVm) -> CommitAnswer:
                      what=f"VM {managed.name}'s migration to arrive")  # fmt: skip
     if not _is_stream(managed):
         await vm.qmp("nbd-server-stop")  # the mirror is done: nobody writes the disk but us
+    managed.commit_began()  # saved before the guest runs: the point of no return
     if vm.state is not VmState.RUNNING:
         await vm.qmp("cont")
     await managed.wait_running(timeout=30.0)

@@ -1,5 +1,7 @@
 """The daemon API's migration routes: thin adapters that decode a message, call one step of
 :mod:`.job` (source), :mod:`.destination` or :mod:`.qemu_incoming`, and encode the answer.
+When the daemon starts (its VMs adopted), the migrations a previous daemon left unsettled as
+their source are taken up again under their own ids (:mod:`.recovery`).
 
     POST   /v1/vms/{name}/migrate             start a migration (MigrateRequest) → 202
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
@@ -24,10 +26,13 @@ from devagent.daemon.migration.context import HostContext
 from devagent.daemon.migration.job import MigrationJob
 from devagent.daemon.migration.messages import (
     BaselineIncoming,
+    CommitAnswer,
     CommitRequest,
     IncomingRequest,
     MigrateRequest,
 )
+from devagent.daemon.migration.recovery import recovered_jobs
+from devagent.daemon.vms import ManagedVm
 from devagent.errors import NotFound, StateError
 from devagent.qemu.vm import VmState
 
@@ -57,6 +62,20 @@ class MigrationRoutes:
         router.add_post("/v1/baselines/incoming/{name}/stream-done", self.stream_done)
 
     # -- source ------------------------------------------------------------------------------
+
+    async def recover(self, host: HostContext | None = None) -> list[MigrationJob]:
+        """After a daemon restart, once its VMs are adopted: take up every unsettled
+        migration this host was the source of, each under its own id, so that a client
+        following ``GET /v1/migrations/{id}`` sees it again (``host``: the tests' fake)."""
+        context = host if host is not None else HostContext.of(self.host)
+        jobs = recovered_jobs(context, list(self.host.vms.vms.values()))
+        for job in jobs:
+            self.jobs[job.id] = job
+            job.start()
+        return jobs
+
+    async def on_startup(self, app: web.Application) -> None:
+        await self.recover()
 
     async def migrate(self, request: web.Request) -> web.Response:
         managed = self.host.vms.get(request.match_info["name"])
@@ -92,7 +111,7 @@ class MigrationRoutes:
 
     async def abort_incoming(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        await destination.abort(self.host, name)
+        await self.commits.abort(name)
         return answer(Removed(name=name, state="removed"))
 
     async def prepare_baseline(self, request: web.Request) -> web.Response:
@@ -100,9 +119,14 @@ class MigrationRoutes:
         return answer(reply, status=201)
 
     async def commit_baseline(self, request: web.Request) -> web.Response:
-        managed = self.host.vms.get(request.match_info["name"])
-        return answer(await qemu_incoming.commit(managed))
+        name = request.match_info["name"]
+        return answer(await self.commits.commit(name, CommitRequest(), using=_baseline_ready))
 
     async def stream_done(self, request: web.Request) -> web.Response:
         managed = self.host.vms.get(request.match_info["name"])
         return answer(await qemu_incoming.stream_done(managed))
+
+
+async def _baseline_ready(managed: ManagedVm, request: CommitRequest) -> CommitAnswer:
+    """A QEMU-only strategy's commit (its request carries nothing)."""
+    return await qemu_incoming.commit(managed)

@@ -6,6 +6,8 @@
   commands, role, status, record);
 - :mod:`.exchange`: device dynamic exchange under a running VM;
 - :mod:`.incoming`: the migration's destination half (and a disk coming home);
+- :mod:`.arrival`: what follows a commit's mark (the guest run here, its NICs released, a
+  fetched replica watched until Local), on a commit and after a daemon restart;
 - :mod:`.manager`: every VM of the host (``VmManager``: start, remove, adoption,
   supervision).
 """

@@ -1,12 +1,14 @@
 """The migration's destination half, and bringing a disk home from another host: an
 incoming VM is prepared (:func:`prepare_incoming`, or :func:`add_incoming` for the
 QEMU-only baselines), it arrives and runs (:func:`commit_incoming`), its disk becomes
-local (:func:`await_local`, also for :func:`fetch_home`).
+local (:func:`~.arrival.await_local`, also for :func:`fetch_home`).
 
-The migration's own logic (the messages, the once-only commit, the order) is
-:mod:`devagent.daemon.migration.destination`; this module makes and readies the VM. Its
-functions take the manager or the VM, and use the manager's internals (``_lock``, ``_add``,
-``_launch``) as its own methods do.
+A commit is recorded as begun in ``vm.json`` before the guest runs; what follows the mark
+(:func:`~.arrival.go_live`), and the watch of a fetched replica, are :mod:`.arrival`'s, which
+a daemon that restarts uses too. The migration's own logic (the messages, the once-only
+commit, the order) is :mod:`devagent.daemon.migration.destination`; this module makes and
+readies the VM. Its functions take the manager or the VM, and use the manager's internals
+(``_lock``, ``_add``, ``_launch``) as its own methods do.
 """
 
 from __future__ import annotations
@@ -19,28 +21,23 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import msgspec
-
 from devagent.agent.fetch import presence_path
 from devagent.agent.messages import (
     BackendSpec,
     FetchSpec,
-    FetchStatus,
     LocalSpec,
-    LocalStatus,
     RemoteSpec,
-    StatusAnswer,
 )
 from devagent.api_types import DiskExchange
 from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicIdentity
-from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import VmConfig
-from devagent.qemu.vm import VmState
 from devagent.vocab import DestinationStep
 
+from .arrival import ARRIVAL_TIMEOUT_S, await_local, go_live
 from .managed import ManagedVm, VmRole
 from .request import VmRequest
 
@@ -48,10 +45,6 @@ if TYPE_CHECKING:
     from .manager import VmManager
 
 log = logging.getLogger(__name__)
-
-ARRIVAL_TIMEOUT_S = 30.0
-#: A replica being filled that makes no progress for this long never becomes local.
-FETCH_STALL_S = 3600.0
 
 
 # --- the manager's side ------------------------------------------------------------------------
@@ -185,13 +178,8 @@ async def commit_incoming(
         agent.backend = None
     if fetch is not None:
         steps[DestinationStep.DISK_SWAPPED] = await _swap_to_fetch(vm, fetch)
-    if vm.vm.state is not VmState.RUNNING:
-        await vm.vm.qmp("cont")
-    await vm.wait_running(timeout=ARRIVAL_TIMEOUT_S)
-    if vm.nics:
-        steps.update(await release_nics(vm))
-    vm.arrived()
-    vm.save()
+    vm.commit_began()  # saved before the guest runs: the point of no return
+    steps.update(await go_live(vm))
     assert vm.vm.resumed_at is not None
     return {**steps, "resumed_at": vm.vm.resumed_at}
 
@@ -222,28 +210,6 @@ async def _swap_to_fetch(vm: ManagedVm, spec: FetchSpec) -> float:
     agent.backend = spec
     vm.fetching = asyncio.create_task(await_local(vm, agent))
     return swapped
-
-
-async def release_nics(vm: ManagedVm) -> dict[str, float]:
-    """An arrived VM runs: its NICs' agents (held since they started) deliver what they
-    kept, and QEMU announces the guest's MAC so that the network learns its new place
-    (QEMU also announced it as the migration loaded; once more now that frames flow)."""
-    # Past the switchover: a failure here is logged, it does not fail the migration.
-    for nic in vm.nics:
-        nic.hold = False  # a restarted agent starts unheld from now on
-        try:
-            released = await nic.call("POST", "/release")
-        except DevagentError as err:  # its hold ended already, or the agent restarts
-            vm.log.error("%s: release failed: %s", nic.describe(), err)
-            continue
-        vm.log.info("%s released: %s", nic.describe(), released)
-    steps: dict[str, float] = {DestinationStep.NIC_RELEASED: time.time()}
-    try:
-        await vm.vm.qmp("announce-self", initial=50, max=550, rounds=5, step=100)
-    except DevagentError as err:
-        vm.log.error("VM %s: announce-self failed: %s", vm.name, err)
-    steps[DestinationStep.NIC_ANNOUNCED] = time.time()
-    return steps
 
 
 async def fetch_home(
@@ -281,38 +247,4 @@ async def fetch_home(
         held_ms=round(swapped.hold_s * 1000, 3),
         backend=status.backend,
         released=peer.name,
-    )
-
-
-async def await_local(vm: ManagedVm, agent: AgentProcess) -> StatusAnswer:
-    """Wait until ``agent``'s Fetch replica is complete and the agent serves it as
-    ``Local``; then a restarted agent opens the replica as Local too. Gives up when the
-    replica makes no progress for :data:`FETCH_STALL_S` (an agent that died is restarted
-    by the supervisor meanwhile, and resumes the fetch)."""
-    present = -1
-    deadline = time.monotonic() + FETCH_STALL_S
-    while time.monotonic() < deadline:
-        try:
-            status = await agent.status()
-        except PeerError:  # the agent died: the supervisor restarts it, resuming the fetch
-            await asyncio.sleep(0.2)
-            continue
-        backend = status.backend_status
-        if isinstance(backend, FetchStatus):
-            vm.last_fetch = backend
-            if backend.present_bytes > present:
-                present = backend.present_bytes
-                deadline = time.monotonic() + FETCH_STALL_S
-        if isinstance(backend, LocalStatus):
-            if vm.last_fetch is not None:  # the figures as the replica completed
-                vm.last_fetch = msgspec.structs.replace(
-                    vm.last_fetch, present_bytes=vm.last_fetch.size, complete=True
-                )
-            agent.backend = None
-            vm.save()
-            return status
-        await asyncio.sleep(0.1)
-    raise PeerError(
-        f"VM {vm.name}: the replica of {agent.node} made no progress for {FETCH_STALL_S:g} s "
-        "and never became local"
     )

@@ -3,10 +3,15 @@ its probe said on the console (heartbeats, answers to commands), its agents and 
 record ``vm.json``, and the status the API shows.
 
 The VM's part in a migration is its **role** (:class:`VmRole`), one enum moved only by the
-events of :data:`ROLE_TRANSITIONS` (an arrival, a departure); the state the API shows comes
-from the role and QEMU's own state together (:meth:`ManagedVm.shown_state`): a copy left
-behind by a migration says so, and whether it still serves the disk to the destination,
-rather than the ``failed`` or ``stopped`` of its killed QEMU.
+events of :data:`ROLE_TRANSITIONS` (a commit that begins, an arrival, a departure); the state
+the API shows comes from the role and QEMU's own state together
+(:meth:`ManagedVm.shown_state`): a copy left behind by a migration says so, and whether it
+still serves the disk to the destination, rather than the ``failed`` or ``stopped`` of its
+killed QEMU.
+
+The moves a daemon restart must know of are saved in ``vm.json`` as they happen: an incoming
+VM's commit is recorded as begun (``committing``) *before* its guest runs here, the point of
+no return of a migration, and a copy left behind is recorded as ``migrated``.
 
 Device exchange lives in :mod:`.exchange`, the migration's destination half in
 :mod:`.incoming`; both are functions taking a ManagedVm.
@@ -54,19 +59,29 @@ class VmRole(StrEnum):
 
     RUNNING = "running"  # the guest lives here
     INCOMING = "incoming"  # a migration is arriving here; the guest still lives on the source
+    #: The destination began the commit: the guest runs here from now on (or is about to);
+    #: there is no way back, and a daemon that restarts goes forward with it.
+    COMMITTING = "committing"
     MIGRATED = "migrated"  # the guest migrated away: this copy is left behind
 
 
 class RoleEvent(StrEnum):
+    COMMIT_BEGAN = "begun its commit"  # the RAM and the disk are ready: the guest runs next
     ARRIVED = "arrived"  # the incoming migration completed: the guest lives here now
     MIGRATED_AWAY = "migrated away"  # past the switchover: the guest lives on the destination
 
 
 #: The only moves of a role; anything else is a :class:`StateError`.
 ROLE_TRANSITIONS: dict[tuple[VmRole, RoleEvent], VmRole] = {
-    (VmRole.INCOMING, RoleEvent.ARRIVED): VmRole.RUNNING,
+    (VmRole.INCOMING, RoleEvent.COMMIT_BEGAN): VmRole.COMMITTING,
+    (VmRole.COMMITTING, RoleEvent.ARRIVED): VmRole.RUNNING,
     (VmRole.RUNNING, RoleEvent.MIGRATED_AWAY): VmRole.MIGRATED,
 }
+
+#: A migration's record in a source VM's folder while the migration is unsettled
+#: (:mod:`devagent.daemon.migration.record`): the VM is kept on a daemon restart, even with
+#: its QEMU gone, for the migration to be taken up again.
+MIGRATION_RECORD = "migration.json"
 
 
 class ManagedVm:
@@ -132,6 +147,13 @@ class ManagedVm:
         self.log.info("VM %s: %s -> %s (%s)", self.name, self._role, new, event)
         self._role = new
 
+    def commit_began(self) -> None:
+        """The migration's point of no return, made durable before the guest runs here: a
+        daemon that restarts from now on runs the guest here rather than discarding it (the
+        source's daemon, asking, goes forward)."""
+        self._move_role(RoleEvent.COMMIT_BEGAN)
+        self.save()
+
     def arrived(self) -> None:
         """The incoming migration completed: the guest lives here now."""
         self._move_role(RoleEvent.ARRIVED)
@@ -139,9 +161,11 @@ class ManagedVm:
     def migrated_away(self, *, serves_disk: bool = True) -> None:
         """Past the switchover the guest lives on the destination: this copy is left
         behind. ``serves_disk``: its agents still serve the disk to the destination (a
-        postcopy tail) until the disk is local there and this copy is removed."""
+        postcopy tail) until the disk is local there and this copy is removed. Saved at
+        once: a daemon that restarts keeps the copy for the migration to finish."""
         self._move_role(RoleEvent.MIGRATED_AWAY)
         self._serves_disk = serves_disk
+        self.save()
 
     @property
     def serves_disk(self) -> bool:
@@ -333,6 +357,7 @@ class ManagedVm:
             "agents": [a.to_json() for a in self.agents],
             "nics": [n.to_json() for n in self.nics],
             "receiver": self.receiver.to_json() if self.receiver else None,
+            "resumed_at": self.vm.resumed_at,  # the source's read-back after a restart
         }
         tmp = self.run_dir / "vm.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))

@@ -1,11 +1,23 @@
 """Every VM of one host (:class:`VmManager`): starting one (its disk, NICs, agents and QEMU),
 removing one, adopting them all after a daemon restart, and restarting the agents that die.
 
-Each VM's folder ``<host dir>/vms/<name>/`` holds ``vm.json`` (request, configuration, pid),
-QEMU's sockets and logs; a daemon that restarts adopts every VM whose QEMU still runs, so a
-daemon restart never touches a guest. One lock orders the changes to the set of VMs; what
-is slow and needs no order (finding the test guest, asking QEMU its version) is done
-before it, in a thread.
+Each VM's folder ``<host dir>/vms/<name>/`` holds ``vm.json`` (request, configuration, pid,
+role), QEMU's sockets and logs; a daemon that restarts adopts every VM whose QEMU still runs,
+so a daemon restart never touches a guest. A migration under way when the daemon stopped
+follows one rule, its point of no return being the destination's commit (recorded as begun
+before the guest runs there):
+
+* an incoming VM whose commit never began is discarded: the guest still lives on the
+  source, whose daemon rolls the migration back;
+* one whose commit began goes forward: it is adopted and runs (``cont`` if it was still
+  paused), its NICs are released, and the watch that serves its replica as Local once
+  fetched is started again;
+* a source VM whose folder holds an unsettled migration record is kept even when its QEMU
+  is gone (its agents may still serve the disk to the destination): the daemon's migration
+  routes take that migration up again (:mod:`devagent.daemon.migration.recovery`).
+
+One lock orders the changes to the set of VMs; what is slow and needs no order (finding the
+test guest, asking QEMU its version) is done before it, in a thread.
 """
 
 from __future__ import annotations
@@ -21,19 +33,20 @@ from pathlib import Path
 import msgspec
 
 from devagent.agent.fetch import presence_path
-from devagent.agent.messages import BackendSpec, RemoteSpec
+from devagent.agent.messages import BackendSpec, FetchSpec, RemoteSpec
 from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent, NicIdentity, delete_tap, make_tap
-from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.guestnet import AddressLedger, GuestNetwork, mac_for, tap_name
 from devagent.lab.procs import terminate, under_path
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState, pid_alive
 from devagent.wire import decode, from_peer
 
+from .arrival import await_local, go_live
 from .config import GuestBoot, TestGuest, build_config, disk_spec
-from .managed import ManagedVm, VmRole
+from .managed import MIGRATION_RECORD, ManagedVm, VmRole
 from .request import VmRequest
 
 log = logging.getLogger(__name__)
@@ -57,6 +70,7 @@ class _Record(msgspec.Struct):
     agents: list[AgentProcess] = msgspec.field(default_factory=list)
     nics: list[NicAgent] = msgspec.field(default_factory=list)
     receiver: AgentProcess | None = None
+    resumed_at: float | None = None  # the guest's last RESUME this daemon saw
 
     @classmethod
     def read(cls, path: Path) -> _Record:
@@ -324,7 +338,9 @@ class VmManager:
 
     async def adopt_all(self) -> None:
         """After a daemon restart: take over every VM whose QEMU still runs, with its agents;
-        remove what a start or a migration the daemon never saw through left behind."""
+        finish the arrival of a VM whose commit began; keep a source VM whose migration is
+        unsettled; remove what a start or a migration whose commit never began left behind
+        (the module's docstring says the rule)."""
         for folder in sorted((self.root / "vms").glob("*")):
             if folder.is_dir() and not (folder / "vm.json").exists():
                 log.warning("%s has no record (a start that never finished): removing it", folder)
@@ -338,16 +354,18 @@ class VmManager:
             await self._adopt(record, record_path.parent)
 
     async def _adopt(self, record: _Record, folder: Path) -> None:
+        """One VM's record after a restart, by the rule of the module's docstring."""
         name, pid = record.request.name, record.pid
         if record.role is VmRole.INCOMING:
-            # A migration this daemon never saw through: the VM still runs on its source.
+            # Its commit never began: the guest still lives on the source, which rolls back.
             log.warning("VM %s was arriving when the daemon stopped: discarding it", name)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             await record.kill_helpers()
             await self._discard(folder, Path(record.image))
             return
-        if not pid_alive(pid):
+        alive, migrating = pid_alive(pid), (folder / MIGRATION_RECORD).exists()
+        if not alive and not migrating:
             log.info("VM %s (pid %d) is gone; forgetting it", name, pid)
             await record.kill_helpers()
             shutil.rmtree(folder, ignore_errors=True)
@@ -361,12 +379,21 @@ class VmManager:
             record.request, record.config, folder, record.role, Path(record.image),
             record.agents, record.nics,
         )  # fmt: skip
-        try:
-            await managed.vm.adopt(pid)
-        except PeerError as err:
-            log.warning("cannot adopt VM %s: %s", name, err)
-            return
+        if alive:
+            try:
+                await managed.vm.adopt(pid)
+            except PeerError as err:
+                log.warning("cannot adopt VM %s: %s", name, err)
+                return
+            if record.resumed_at is not None and managed.vm.state is VmState.RUNNING:
+                managed.vm.resumed_at = record.resumed_at  # not the adoption's time
+        else:  # kept for its migration, taken up again once the daemon serves
+            log.warning("VM %s (pid %d) is gone, but a migration of it is unsettled", name, pid)
+            managed.vm.gone(pid)
         self.vms[name] = managed
+        if record.role is VmRole.COMMITTING and alive:
+            await _finish_arrival(managed)
+        _watch_replica(managed)
         log.info("adopted VM %s (pid %d, %s)", name, pid, managed.vm.state.value)
 
     async def supervise_once(self) -> list[str]:
@@ -392,6 +419,31 @@ class VmManager:
                 managed.save()
                 restarted.append(f"{managed.name}/{agent.node}")
         return restarted
+
+
+async def _finish_arrival(managed: ManagedVm) -> None:
+    """A VM whose commit began before the daemon stopped: the guest lives here now (the
+    source's daemon goes forward), so it runs, paused or not."""
+    log.warning("VM %s: its commit had begun when the daemon stopped: running it here",
+                managed.name)  # fmt: skip
+    try:
+        await go_live(managed)
+    except DevagentError as err:
+        log.error("VM %s: its arrival could not be finished: %s", managed.name, err)
+
+
+def _watch_replica(managed: ManagedVm) -> None:
+    """A migration's replica still being fetched (a Fetch backend, on a VM whose disk does
+    not live on another host): watch it become Local again, as the commit did, so that a
+    restarted agent opens the complete replica rather than reaching for a source that is
+    gone by then."""
+    if managed.vm.exited or managed.request.disk_from is not None:
+        return
+    for agent in managed.agents:
+        if isinstance(agent.backend, FetchSpec):
+            managed.log.info("VM %s: watching its replica of %s again", managed.name, agent.node)
+            managed.fetching = asyncio.create_task(await_local(managed, agent))
+            return
 
 
 def _supervised(managed: ManagedVm) -> list[AgentProcess | NicAgent]:
