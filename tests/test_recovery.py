@@ -38,6 +38,7 @@ from devagent.daemon.vms import ManagedVm, VmManager, VmRequest, VmRole
 from devagent.daemon.vms import manager as manager_module
 from devagent.daemon.vms.incoming import commit_incoming
 from devagent.errors import PeerError, StateError
+from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import DiskSpec, VmConfig
 from devagent.qemu.vm import Vm, VmState
 from devagent.report import MigrationReport
@@ -429,3 +430,32 @@ async def test_a_source_vm_whose_qemu_is_gone_is_kept_only_for_its_migration(
         assert managed.vm.exited and managed.role is VmRole.MIGRATED and managed.serves_disk
     else:
         assert manager.vms == {} and not folder.exists()
+
+
+async def test_a_source_qemu_whose_migration_completed_unwatched_is_adopted_as_migrated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RAM completed while no daemon watched: QEMU says ``postmigrate``. Adopting it must
+    not fail (it once raised "no transition launching -> migrated" and kept the daemon
+    from starting at all)."""
+
+    async def query(vm: Vm, command: str, into: Any, **args: Any) -> Any:
+        return StatusInfo(status="postmigrate", running=False)
+
+    monkeypatch.setattr(Vm, "query", query)
+    vm = Vm(VmConfig(name="v1"), tmp_path)
+    vm._move(VmState.LAUNCHING)
+    assert await vm.refresh_state() is VmState.MIGRATED
+
+
+async def test_one_vm_that_cannot_be_adopted_does_not_keep_the_daemon_from_starting(
+    tmp_path: Path, sleeper: asyncio.subprocess.Process, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def adopt(vm: Vm, pid: int) -> None:
+        raise StateError(f"VM {vm.config.name}: no transition launching -> nowhere")
+
+    monkeypatch.setattr(Vm, "adopt", adopt)
+    write_vm_json(tmp_path, "running", sleeper.pid, [])
+    manager = VmManager("a", tmp_path, None, "127.0.0.1")
+    await manager.adopt_all()  # logged, not raised
+    assert manager.vms == {}

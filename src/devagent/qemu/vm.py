@@ -58,8 +58,17 @@ class VmState(Enum):
 
 _TRANSITIONS: dict[VmState, frozenset[VmState]] = {
     VmState.NEW: frozenset({VmState.LAUNCHING, VmState.STOPPED}),
+    # (MIGRATED: a QEMU adopted after a daemon restart, whose outgoing migration completed
+    # while no daemon watched)
     VmState.LAUNCHING: frozenset(
-        {VmState.RUNNING, VmState.PAUSED, VmState.INCOMING, VmState.FAILED, VmState.STOPPING}
+        {
+            VmState.RUNNING,
+            VmState.PAUSED,
+            VmState.INCOMING,
+            VmState.MIGRATED,
+            VmState.FAILED,
+            VmState.STOPPING,
+        }
     ),
     VmState.INCOMING: frozenset(
         {VmState.RUNNING, VmState.PAUSED, VmState.FAILED, VmState.STOPPING}

@@ -351,7 +351,10 @@ class VmManager:
             except (OSError, ValueError, KeyError, TypeError, UsageError) as err:
                 log.warning("cannot read %s: %s", record_path, err)
                 continue
-            await self._adopt(record, record_path.parent)
+            try:
+                await self._adopt(record, record_path.parent)
+            except DevagentError as err:  # one VM's trouble never keeps the daemon down
+                log.error("cannot adopt VM %s: %s", record.request.name, err)
 
     async def _adopt(self, record: _Record, folder: Path) -> None:
         """One VM's record after a restart, by the rule of the module's docstring."""
