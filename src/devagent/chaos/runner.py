@@ -123,6 +123,17 @@ async def guest_for(scene: Scene, plan: RunPlan) -> Guest:
     return guest
 
 
+async def ensure_daemons(scene: Scene) -> None:
+    """Every host's daemon up before a run, as a service manager keeps it (one that a run
+    left down is started again; one that will not start ends the chaos: its error says
+    why)."""
+    for host in scene.lab.hosts:
+        if not scene.lab.daemon_alive(host.name):
+            scene.say(f"host {host.name}'s daemon is down: starting it again")
+            await asyncio.to_thread(scene.lab.restart_daemon, host.name)
+    scene.refresh()
+
+
 async def put_away(scene: Scene, guest: Guest, healthy: bool) -> None:
     """After a run: a healthy guest is suspended for a later run of its workload (it costs
     no CPU meanwhile); any other is removed from every host."""
@@ -139,6 +150,7 @@ async def put_away(scene: Scene, guest: Guest, healthy: bool) -> None:
 
 async def one_run(scene: Scene, plan: RunPlan) -> RunRecord:
     began = time.time()
+    await ensure_daemons(scene)
     guest = await guest_for(scene, plan)
     source, destination = guest.at, ("b" if guest.at == "a" else "a")
     record = RunRecord(plan=plan, vm=guest.name, source=source, destination=destination)
