@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from agent_fakes import read_bytes
+from devagent.agent import backend as backend_module
+from devagent.agent import space
 from devagent.agent.backend import BackendError, Extent, Local, nbd_errno
 from devagent.nbd.proto import Errno
 
@@ -109,3 +111,60 @@ def test_missing_file_is_a_backend_error(tmp_path: Path) -> None:
 )
 def test_os_errors_map_to_nbd_errnos(err: int, errno: Errno) -> None:
     assert nbd_errno(OSError(err, os.strerror(err))) is errno
+
+
+class NoRoom:
+    """``os.pwritev`` failing with ``err`` for its first ``times`` calls (a full or
+    read-only filesystem), then writing."""
+
+    def __init__(self, err: int, times: int) -> None:
+        self.err, self.left, self.calls = err, times, 0
+        self.real = os.pwritev
+
+    def __call__(self, fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        self.calls += 1
+        if self.left > 0:
+            self.left -= 1
+            raise OSError(self.err, os.strerror(self.err))
+        return self.real(fd, buffers, offset, flags)
+
+
+@pytest.mark.parametrize("err", [errno_mod.ENOSPC, errno_mod.EROFS, errno_mod.EDQUOT])
+async def test_a_write_with_no_room_is_held_until_there_is_room(
+    local: Local, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, err: int
+) -> None:
+    monkeypatch.setattr(backend_module, "SPACE_RETRY_S", 0.01)
+    no_room = NoRoom(err, times=3)
+    monkeypatch.setattr(os, "pwritev", no_room)
+    local.inline_writes = False
+    await local.write(8192, b"\x5a" * 4096)  # no error: it waited for room
+    monkeypatch.undo()
+    assert no_room.calls == 4
+    assert await local.read(8192, 4096) == b"\x5a" * 4096
+    said = [r.getMessage() for r in caplog.records if r.name == "devagent.agent.space"]
+    assert len(said) == 2  # once when the hold began, once when writes went on
+    assert "holding writes until there is room again" in said[0]
+    assert "writes go on" in said[1]
+
+
+async def test_a_write_held_past_the_io_timeout_fails_with_its_reason(
+    local: Local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(space, "HOLD_S", 0.1)
+    monkeypatch.setattr(backend_module, "SPACE_RETRY_S", 0.02)
+    monkeypatch.setattr(os, "pwritev", NoRoom(errno_mod.ENOSPC, times=10_000))
+    local.inline_writes = False
+    with pytest.raises(BackendError, match="No space left on device") as failed:
+        await local.write(0, b"x" * 4096)
+    assert failed.value.errno is Errno.ENOSPC
+
+
+async def test_other_write_errors_are_not_held(
+    local: Local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    no_room = NoRoom(errno_mod.EIO, times=1)
+    monkeypatch.setattr(os, "pwritev", no_room)
+    local.inline_writes = False
+    with pytest.raises(BackendError, match="Input/output error"):
+        await local.write(0, b"x" * 4096)
+    assert no_room.calls == 1

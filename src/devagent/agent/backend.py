@@ -39,6 +39,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from devagent.agent.space import HOLD_S as SPACE_HOLD_S
+from devagent.agent.space import RETRY_S as SPACE_RETRY_S
+from devagent.agent.space import SpaceHold, is_space_error
 from devagent.errors import DevagentError
 from devagent.nbd.proto import Errno
 
@@ -200,6 +203,7 @@ class Local(Backend):
         self._batch: list[_Job] = []
         self.inline_writes = inline_writes
         self._inline_off_until = 0.0
+        self._space = SpaceHold(str(self.path))  # writes waiting for room
 
     def __repr__(self) -> str:
         return f"Local({str(self.path)!r})"
@@ -242,17 +246,46 @@ class Local(Backend):
             self._pool.submit(self._run_batch, loop, batch[start : start + BATCH_MAX])
 
     def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Job]) -> None:
-        """In a pool thread: run the calls, then settle their futures in one loop wake-up."""
+        """In a pool thread: run the calls, then settle their futures in one loop wake-up.
+        A call that failed for want of room is held (:mod:`.space`), not failed."""
         results: list[tuple[_Future, Any, BaseException | None]] = []
-        for what, fn, future in batch:
+        for job in batch:
+            what, fn, future = job
             try:
                 results.append((future, fn(), None))
             except OSError as err:
+                if is_space_error(err) and not self._read_only:
+                    loop.call_soon_threadsafe(self._hold, loop, job, err)
+                    continue
                 failed = BackendError(f"{what} on {self.path}: {err.strerror}", nbd_errno(err))
                 results.append((future, None, failed))
             except Exception as err:
                 results.append((future, None, err))
-        loop.call_soon_threadsafe(_settle, results)
+        loop.call_soon_threadsafe(self._settle, results)
+
+    def _settle(self, results: list[tuple[_Future, Any, BaseException | None]]) -> None:
+        if self._space.holding:
+            for future, _, _ in results:
+                self._space.done(id(future))
+        _settle(results)
+
+    def _hold(self, loop: asyncio.AbstractEventLoop, job: _Job, err: OSError) -> None:
+        """On the loop: try ``job`` again in a while, or fail it once held too long."""
+        what, _, future = job
+        if future.cancelled() or self._closed:
+            self._space.done(id(future))
+            _settle([(future, None, BackendError(f"{self!r} is closed", Errno.ESHUTDOWN))])
+        elif self._space.failed(id(future), err):
+            loop.call_later(SPACE_RETRY_S, self._retry, loop, job)
+        else:
+            message = f"{what} on {self.path}: {err.strerror} for {SPACE_HOLD_S:.0f} s"
+            _settle([(future, None, BackendError(message, nbd_errno(err)))])
+
+    def _retry(self, loop: asyncio.AbstractEventLoop, job: _Job) -> None:
+        if self._closed:
+            self._hold(loop, job, OSError(errno_mod.ESHUTDOWN, "closed"))
+        else:
+            self._pool.submit(self._run_batch, loop, [job])
 
     def read_nowait(self, offset: int, length: int) -> bytearray | None:
         """The bytes if the page cache holds them all (never blocks), else None."""
