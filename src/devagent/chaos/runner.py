@@ -45,14 +45,20 @@ from devagent.wait import WaitTimeout, wait_until
 log = logging.getLogger(__name__)
 
 LAB = "chaos"
-DISK = "512M"
-PREFILL = "192M"  # a post-copy tail or a mirror of seconds at either link rate
 RAM_MB = 128
 RUN_TIMEOUT_S = 600.0  # a migration not ended by then is a violation of its own
 POLL_S = 0.05
 FOLLOW_UP_LINK = "1gbit"
 LOST = "lost"  # what following a migration the source forgot gives
 Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class GuestShape:
+    """The test guest's disk, and how much of it the probe writes before the runs."""
+
+    disk: str = "512M"
+    prefill: str = "192M"  # a post-copy tail or a mirror of seconds at either link rate
 
 
 @dataclass
@@ -70,6 +76,7 @@ class Scene:
     endpoints: dict[str, Endpoint]
     injector: Injector
     say: Say
+    shape: GuestShape = GuestShape()
     guests: dict[str, Guest] = field(default_factory=dict)  # by workload, suspended
     booted: int = 0
     spaces: dict[str, ReplicaSpace] = field(default_factory=dict)
@@ -114,8 +121,9 @@ async def guest_for(scene: Scene, plan: RunPlan) -> Guest:
     scene.booted += 1
     name = f"cv{scene.booted}"
     scene.say(f"booting {name} ({plan.workload}) on host a")
-    body = {"name": name, "ram_mb": RAM_MB, "disk_size": DISK, "storage": "local", "nic": True,
-            "workload": f"{plan.workload},prefill={PREFILL}"}  # fmt: skip
+    shape = scene.shape
+    body = {"name": name, "ram_mb": RAM_MB, "disk_size": shape.disk, "storage": "local",
+            "nic": True, "workload": f"{plan.workload},prefill={shape.prefill}"}  # fmt: skip
     await start_vm(scene.endpoints["a"], body)
     await wait_past_phase(scene.endpoints["a"], name, "prefill")
     await wait_heartbeats(scene.endpoints["a"], name, 20)
@@ -322,6 +330,7 @@ async def run_chaos(
     out: Path | None,
     say: Say,
     on_record: Callable[[RunRecord], None],
+    shape: GuestShape = GuestShape(),
 ) -> list[RunRecord]:
     """Every run of ``plans`` (until ``minutes`` are up) on a lab of its own, removed after.
     Each record goes to ``on_record`` and, with ``out``, to ``out/runs.jsonl`` as it ends;
@@ -333,6 +342,7 @@ async def run_chaos(
     deadline = None if minutes is None else time.monotonic() + minutes * 60
     say(f"making the chaos lab ({LAB}: hosts a, b, c)")
     scene = await asyncio.to_thread(Scene.up, say)
+    scene.shape = shape
     records: list[RunRecord] = []
     try:
         for plan in plans:

@@ -1,0 +1,55 @@
+"""A short chaos on a real 3-host lab: a fixed seed, each class of fault once (a SIGKILL,
+a SIGSTOP, a daemon killed and restarted, the link cut, the destination's replica space
+full, then read-only), every invariant checked after each run by ``devagent chaos``'s own
+checks: the VM on exactly one host and answering over its NIC, no guest I/O error, the disk
+intact, nothing left on the other host, the outcome the phase allows, the next migration
+successful."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from devagent.chaos.draw import draw, parse_strategies
+from devagent.chaos.record import RunRecord, markdown
+from devagent.chaos.runner import GuestShape, run_chaos
+from devagent.guest.build import GuestImage
+from tests.conftest import namespaces, processes_mentioning
+
+pytestmark = [pytest.mark.vm, pytest.mark.lab]
+
+#: One fault of each class (drawn in this order by the seed's shuffle: the set matters).
+FAULTS = (
+    "kill-source-agent",
+    "stop-destination-agent",
+    "kill-source-daemon",
+    "link-down",
+    "disk-full",
+    "disk-readonly",
+)
+SEED = 13
+
+
+async def test_a_short_chaos_keeps_every_invariant(
+    state_dir: Path, guest: GuestImage, tmp_path: Path
+) -> None:
+    plans = draw(SEED, len(FAULTS), FAULTS, parse_strategies(None))
+    assert sorted(p.fault for p in plans) == sorted(FAULTS)  # each class once
+    seen: list[RunRecord] = []
+    records = await run_chaos(
+        plans, minutes=None, out=tmp_path, say=print, on_record=seen.append,
+        shape=GuestShape(disk="256M", prefill="96M"),
+    )  # fmt: skip
+    print("\n" + markdown(records))
+    for record in records:
+        print(f"{record.plan.fault} in {record.phase_hit}: {record.outcome}, fault "
+              f"{record.fault_detail or record.fault_error}, I/O again "
+              f"{record.io_resumed_s} s after it, {record.wall_s} s")  # fmt: skip
+    assert len(records) == len(FAULTS) and seen == records
+    assert [r.violations for r in records if not r.ok] == []
+    assert all(r.fault_error is None for r in records)
+    assert (tmp_path / "runs.jsonl").read_text().count("\n") == len(FAULTS)
+    # The chaos lab is gone, with everything it ran.
+    assert processes_mentioning(str(state_dir)) == []
+    assert not [ns for ns in namespaces() if ns.startswith("da-chaos")]
