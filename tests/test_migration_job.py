@@ -14,6 +14,7 @@ import pytest
 
 from devagent.daemon.migration import job as job_module
 from devagent.daemon.migration.job import Phase
+from devagent.daemon.vms.request import VmRequest
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.vocab import Step, Strategy
 from migration_fakes import FakeHost, FakeVm, make_job
@@ -172,6 +173,27 @@ async def test_a_source_agent_that_died_after_the_switchover_costs_a_figure_not_
     assert job.phase is Phase.COMPLETED, job.report.error
     moved(vm, host)
     assert vm.role.startswith("migrated")
+
+
+@pytest.mark.parametrize("lasting", [False, True])
+async def test_a_report_figure_the_destination_cannot_give_never_fails_the_migration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lasting: bool
+) -> None:
+    """After the release (its daemon restarting, say): asked again; a figure still missing
+    then is said missing, and the migration stays completed."""
+    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.2)
+    monkeypatch.setattr(job_module, "FORWARD_RETRY_PAUSE_S", 0.01)
+    image = tmp_path / "disk.img"
+    vm = FakeVm(image=image, run_dir=tmp_path, request=VmRequest(name="v1"))  # the test guest
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID, vm=vm)
+    error = PeerError("host b unreachable: connection refused")
+    host.destination.failures["POST /v1/vms/v1/integrity"] = error if lasting else [error]
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    if lasting:
+        assert job.report.integrity is None and "integrity" in job.report.missing
+    else:
+        assert job.report.integrity == "ok"
 
 
 async def test_a_commit_the_destination_refuses_for_good_fails_after_its_deadline(

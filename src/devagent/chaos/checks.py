@@ -14,7 +14,7 @@ import asyncio
 import subprocess
 from pathlib import Path
 
-from devagent.api_types import VmStatus
+from devagent.api_types import Integrity, VmStatus
 from devagent.chaos.record import Outcome
 from devagent.client import DaemonClient, Endpoint
 from devagent.errors import DevagentError, NotFound
@@ -106,8 +106,8 @@ def _roles(seen: dict[str, VmStatus | None]) -> str:
 
 
 async def answers(lab: Lab, at: Endpoint, name: str, client_host: str) -> list[str]:
-    """The VM's probe goes on without an error, and its NIC answers a ping and an echo
-    from ``client_host``."""
+    """The VM's probe goes on without an error, its disk holds what the guest last wrote,
+    and its NIC answers a ping and an echo from ``client_host``."""
     found: list[str] = []
     try:
         beats = await wait_heartbeats(at, name, 10, timeout=30)
@@ -116,6 +116,13 @@ async def answers(lab: Lab, at: Endpoint, name: str, client_host: str) -> list[s
     last = beats[-1]
     if last.errors or last.verify_failures:
         found.append(f"guest I/O errors {last.errors}, verify failures {last.verify_failures}")
+    try:
+        async with DaemonClient(at) as client:
+            checked = await client.post_as(f"/v1/vms/{name}/integrity", Integrity)
+        if checked.integrity != "ok":
+            found.append(f"integrity on {at.name}: {checked.integrity}")
+    except DevagentError as err:
+        found.append(f"integrity on {at.name} could not be checked: {err}")
     status = await vm_on(at, name)
     if status is None or not status.nics:
         return [*found, f"VM {name} has no NIC on {at.name}"]

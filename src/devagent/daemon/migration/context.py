@@ -267,6 +267,8 @@ class JobView(Protocol):
 
     async def check_peer(self) -> None: ...
 
+    async def forward(self, step: Callable[[], Awaitable[T]], *, what: str) -> T: ...
+
 
 def free_port(address: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

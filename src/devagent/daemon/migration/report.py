@@ -4,9 +4,13 @@ journals where the VM has agents, the probe's heartbeats always), then integrity
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from devagent.daemon.migration.context import JobView
 from devagent.daemon.migration.messages import CommitAnswer
 from devagent.daemon.migration.net import NET_MEASURES
+from devagent.errors import DevagentError, PeerError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo
 from devagent.report import fill_io_measures, fill_link_measures, io_series
@@ -34,8 +38,10 @@ async def finish_report(
     dest_beats = await settle(job, resumed_at)
     completions = None
     if source_done is not None:
-        answer = await job.peer.get(f"/v1/vms/{vm.name}/completions", since=t0 - BASELINE_S)
-        if answer.get("completions") is not None:
+        answer = await _ask(job, lambda: job.peer.get(f"/v1/vms/{vm.name}/completions",
+                                                      since=t0 - BASELINE_S),
+                            "the destination's completions")  # fmt: skip
+        if answer is not None and answer.get("completions") is not None:
             completions = [*source_done, *answer["completions"]]
     report.time_to_switchover_s = round(resumed_at - t0, 3)
     report.total_time_s = round(released_at - t0, 3)
@@ -63,10 +69,27 @@ async def finish_report(
         report.mark_missing("the VM has no NIC", *NET_MEASURES)
     report.mark_missing("no pinger ran (devagent demo --net runs one)", "ping_max_gap_ms")
     if vm.request.has_probe:
-        answer = await job.peer.post(f"/v1/vms/{vm.name}/integrity")
-        report.integrity = str(answer["integrity"])
+        what = "the destination's integrity check"
+        answer = await _ask(job, lambda: job.peer.post(f"/v1/vms/{vm.name}/integrity"), what)
+        if answer is not None:
+            report.integrity = str(answer["integrity"])
+        else:
+            report.missing["integrity"] = f"{what} could not be had"
     else:
         report.missing["integrity"] = "no ioprobe in the guest to say what it last wrote"
+
+
+async def _ask(
+    job: JobView, call: Callable[[], Awaitable[dict[str, Any]]], what: str
+) -> dict[str, Any] | None:
+    """A figure from the destination once the source is released: asked again while its
+    daemon restarts; None (logged) when it cannot be had. A figure never fails a
+    migration that has completed."""
+    try:
+        return await job.forward(call, what=what)
+    except DevagentError as err:
+        job.log.warning("migration %s: %s failed: %s", job.id, what, err)
+        return None
 
 
 def _fill_io(
@@ -110,7 +133,10 @@ async def settle(job: JobView, resumed_at: float) -> list[Heartbeat]:
 
     async def steady() -> bool:
         nonlocal beats
-        raw = await job.peer.get(f"/v1/vms/{vm.name}/heartbeats", since=job.started_at)
+        try:
+            raw = await job.peer.get(f"/v1/vms/{vm.name}/heartbeats", since=job.started_at)
+        except PeerError:  # a destination daemon that restarts: ask again
+            return False
         beats = from_peer(raw["heartbeats"], list[Heartbeat], what="the destination's heartbeats")
         after = [b for b in beats if b.host_time > resumed_at and (b.ops > 0 or not wants_io)]
         return len(after) >= SETTLE_BEATS
