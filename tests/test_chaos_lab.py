@@ -1,6 +1,6 @@
 """A short chaos on a real 3-host lab: a fixed seed, each class of fault once (a SIGKILL,
-a SIGSTOP, a daemon killed and restarted, the link cut, the destination's replica space
-full, then read-only), every invariant checked after each run by ``devagent chaos``'s own
+a SIGSTOP, a daemon killed and restarted, the destination's QEMU killed, the link cut, the
+destination's replica space full, then read-only), every invariant checked after each run by ``devagent chaos``'s own
 checks: the VM on exactly one host and answering over its NIC, no guest I/O error, the disk
 intact, nothing left on the other host, the outcome the phase allows, the next migration
 successful."""
@@ -24,6 +24,7 @@ FAULTS = (
     "kill-source-agent",
     "stop-destination-agent",
     "kill-source-daemon",
+    "kill-destination-qemu",
     "link-down",
     "disk-full",
     "disk-readonly",

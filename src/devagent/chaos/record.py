@@ -31,6 +31,7 @@ class RunRecord(msgspec.Struct, omit_defaults=True):
     fault_s: float | None = None  # how long it lasted (a cut, a stop, a full disk)
     #: From the fault's end to the guest's first I/O after it (heartbeats, either host).
     io_resumed_s: float | None = None
+    restarted_on: str | None = None  # the host where the VM was booted again after a crash
     migration_id: str | None = None
     report: MigrationReport | None = None
     follow_up: MigrationReport | None = None  # the next migration, without a fault

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from devagent.api_types import MigrationStatus
 from devagent.chaos import checks
-from devagent.chaos.draw import RunPlan, Target, phase_at, phase_start
+from devagent.chaos.draw import Action, RunPlan, Target, phase_at, phase_start
 from devagent.chaos.faults import Injected, Injector, ReplicaSpace
 from devagent.chaos.record import Outcome, RunRecord, expected_outcomes
 from devagent.client import DaemonClient, Endpoint
@@ -199,7 +199,23 @@ async def _run(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -> 
     if injected.at and injected.ended_at and injected.error is None:
         record.fault_s = round(injected.ended_at - injected.at, 3)
         record.io_resumed_s = await _io_resumed(scene, record, injected.ended_at)
+    if plan.target is Target.DESTINATION_QEMU and plan.action is Action.KILL:
+        await _restart_crashed(scene, record)
     await _check(scene, plan, guest, record)
+
+
+async def _restart_crashed(scene: Scene, record: RunRecord) -> None:
+    """A QEMU killed is a VM crash: where the VM's QEMU died, boot it again, as its
+    operator would (``devagent vm restart``). Killed before the switchover, it was the
+    incoming copy: the guest runs on at the source, and nothing is restarted."""
+    for host in (record.destination, record.source):
+        status = await checks.vm_on(scene.endpoints[host], record.vm)
+        if status is not None and status.role == "running" and status.state == "failed":
+            async with DaemonClient(scene.endpoints[host]) as client:
+                await client.post(f"/v1/vms/{record.vm}/restart")
+            record.restarted_on = host
+            await wait_past_phase(scene.endpoints[host], record.vm, "prefill")
+            return
 
 
 async def _io_resumed(scene: Scene, record: RunRecord, since: float) -> float | None:

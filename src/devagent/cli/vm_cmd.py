@@ -230,3 +230,24 @@ def suspend(name: str, as_json: bool, lab_name: str) -> None:
 def resume(name: str, as_json: bool, lab_name: str) -> None:
     """Let a suspended VM NAME run again (QMP cont)."""
     _set_suspended(name, lab_name, False, as_json)
+
+
+@vm_group.command("restart")
+@click.argument("name")
+@json_option
+@lab_option
+def restart(name: str, as_json: bool, lab_name: str) -> None:
+    """Boot VM NAME again where it was, after its QEMU died (a crash, a kill): the same
+    devices, its disk as its agent serves it, with every write the guest saw acknowledged.
+    The guest boots afresh: what it held in memory is gone."""
+
+    async def go() -> tuple[Endpoint, VmStatus]:
+        endpoint, _ = await locate_vm(lab_endpoints(lab_name), name)
+        async with DaemonClient(endpoint) as client:
+            return endpoint, await client.post_as(f"/v1/vms/{name}/restart", VmStatus)
+
+    endpoint, status = run(go())
+    if as_json:
+        print_json({"host": endpoint.name, **to_json(status)})
+    else:
+        err.print(f"VM {name} restarted on host {endpoint.name} (pid {status.pid})")

@@ -24,6 +24,7 @@ The table below is every route :func:`build_app` registers, no more, no less
     POST   /v1/vms/{name}/probe               {"command": "pause"|"resume"|"verify"}
     POST   /v1/vms/{name}/suspend             stop the guest's vCPUs (QMP stop)
     POST   /v1/vms/{name}/resume              let a suspended guest run again (QMP cont)
+    POST   /v1/vms/{name}/restart             boot a VM whose QEMU died again, on its disk
     POST   /v1/vms/{name}/integrity           disk equals what the guest last wrote?
     POST   /v1/vms/{name}/migrate             start a migration (MigrateRequest) → 202
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
@@ -240,6 +241,11 @@ async def resume_vm(request: web.Request) -> web.Response:
     return answer(managed.api_status())
 
 
+async def restart_vm(request: web.Request) -> web.Response:
+    managed = await host_of(request).vms.restart(request.match_info["name"])
+    return answer(managed.api_status())
+
+
 async def integrity(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     return answer(Integrity(integrity=await managed.check_integrity()))
@@ -287,6 +293,7 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_post("/v1/vms/{name}/probe", probe_command)
     r.add_post("/v1/vms/{name}/suspend", suspend_vm)
     r.add_post("/v1/vms/{name}/resume", resume_vm)
+    r.add_post("/v1/vms/{name}/restart", restart_vm)
     r.add_post("/v1/vms/{name}/integrity", integrity)
     r.add_get("/v1/exports", list_exports)
     r.add_post("/v1/exports", create_export)

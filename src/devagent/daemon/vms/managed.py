@@ -154,6 +154,16 @@ class ManagedVm:
         self._move_role(RoleEvent.COMMIT_BEGAN)
         self.save()
 
+    def fresh_instance(self) -> None:
+        """After its QEMU died: a new QEMU for the same VM and devices, to boot (not to
+        migrate into, not paused), its probe heard anew."""
+        extra = tuple(a for a in self.config.extra_args if a != "-S")
+        self.config = self.config.replace(incoming=False, extra_args=extra)
+        self.parser = ConsoleParser() if self.request.has_probe else None
+        self.heartbeats.clear()
+        self.vm = Vm(self.config, self.run_dir,
+                     on_console=self._on_console if self.parser else None)  # fmt: skip
+
     def arrived(self) -> None:
         """The incoming migration completed: the guest lives here now."""
         self._move_role(RoleEvent.ARRIVED)

@@ -334,6 +334,28 @@ class VmManager:
                 "VM %s: could not remove its disk on host %s: %s", managed.name, peer.name, err
             )
 
+    async def restart(self, name: str) -> ManagedVm:
+        """Boot VM ``name`` again on this host after its QEMU died (a crash, a kill): the
+        same devices, its disk as its agent serves it (every write the guest saw
+        acknowledged is there, a replica still being fetched goes on filling). What the
+        guest held in memory is gone: it boots afresh."""
+        async with self._lock:
+            managed = self.get(name)
+            if managed.role is not VmRole.RUNNING or not managed.vm.exited:
+                raise StateError(
+                    f"VM {name} is {managed.shown_state()} on host {self.host_name}: only a "
+                    "VM whose QEMU died is restarted"
+                )
+            managed.fresh_instance()
+            for helper in [*managed.agents, *managed.nics]:
+                if not helper.alive:
+                    await helper.start()
+            await managed.vm.launch()
+            managed.save()
+        log.warning("VM %s restarted on host %s after its QEMU died (pid %s)",
+                    name, self.host_name, managed.vm.pid)  # fmt: skip
+        return managed
+
     # --- after a daemon restart, and while it runs ---------------------------------------------
 
     async def adopt_all(self) -> None:
@@ -457,6 +479,6 @@ def _supervised(managed: ManagedVm) -> list[AgentProcess | NicAgent]:
         return list(managed.agents)
     if managed.vm.state not in (VmState.RUNNING, VmState.PAUSED, VmState.INCOMING):
         return []  # not launched yet (its agents are being started), or going away
-    if managed.vm.exited:
-        return []
+    if managed.vm.exited:  # a crashed VM's disk agents hold its data and serve its restart
+        return list(managed.agents) if managed.role is VmRole.RUNNING else []
     return [*managed.agents, *managed.nics]
