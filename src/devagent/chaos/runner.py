@@ -90,6 +90,10 @@ class Scene:
                 space = ReplicaSpace(checks.space_of(lab, host), lab.dir / f"space-{host}.ext4")
                 spaces[host] = space
                 space.make()
+            # A daemon runs in its host's namespaces, mounts included, made as it started
+            # (``ip netns exec``): started again, it and all it starts see the spaces.
+            for host in ("a", "b"):
+                lab.restart_daemon(host)
         except BaseException:
             for space in spaces.values():
                 space.remove()
