@@ -86,7 +86,23 @@ class ReplicaSpace:
         Path(f"/sys/fs/ext4/{name}/trigger_fs_error").write_text("chaos: a failing disk\n")
 
     def writable_again(self) -> None:
+        """Remount it read-write; an ext4 that went read-only on an error refuses: then it
+        stays so until :meth:`replace` (as a failed disk stays failed until replaced)."""
         _run("mount", "-o", "remount,rw", str(self.mountpoint))
+
+    def writable(self) -> bool:
+        probe = self.mountpoint / ".chaos-probe"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError:
+            return False
+        return True
+
+    def replace(self) -> None:
+        """A new filesystem in place of this one (the old one goes once nothing uses it)."""
+        self.remove()
+        self.make()
 
 
 @dataclass
@@ -178,8 +194,9 @@ class Injector:
                 space.unfill()
             return
         await asyncio.to_thread(space.break_readonly)
-        done.detail = f"{space.mountpoint} read-only for {lasting:g} s"
+        done.detail = f"{space.mountpoint} read-only (an ext4 error), for {lasting:g} s at least"
+        await asyncio.sleep(lasting)
         try:
-            await asyncio.sleep(lasting)
-        finally:
             await asyncio.to_thread(space.writable_again)
+        except EnvironmentProblem:
+            done.detail += ": it stays read-only until the run's end, when it is replaced"

@@ -146,6 +146,21 @@ async def ensure_daemons(scene: Scene) -> None:
     scene.refresh()
 
 
+async def replace_broken_spaces(scene: Scene) -> None:
+    """A replica space that a fault left read-only is replaced, as an operator replaces a
+    failed disk: the guests on that host are removed first (the next run of their workload
+    boots a fresh one), and the host's daemon starts again to see the new filesystem."""
+    for host, space in scene.spaces.items():
+        if await asyncio.to_thread(space.writable):
+            continue
+        scene.say(f"host {host}'s replica space is read-only: replacing it")
+        for guest in [g for g in scene.guests.values() if g.at == host]:
+            await put_away(scene, guest, healthy=False)
+        await asyncio.to_thread(space.replace)
+        await asyncio.to_thread(scene.lab.restart_daemon, host)
+        scene.refresh()
+
+
 async def put_away(scene: Scene, guest: Guest, healthy: bool) -> None:
     """After a run: a healthy guest is suspended for a later run of its workload (it costs
     no CPU meanwhile); any other is removed from every host."""
@@ -171,6 +186,9 @@ async def one_run(scene: Scene, plan: RunPlan) -> RunRecord:
     except DevagentError as err:
         record.violations.append(f"the run could not go on: {err}")
     record.wall_s = round(time.time() - began, 1)
+    await replace_broken_spaces(scene)
+    if guest.workload not in scene.guests:  # it lived on a broken space: gone with it
+        return record
     try:
         await put_away(scene, guest, record.ok)
     except DevagentError as err:
