@@ -1,9 +1,9 @@
 """A short chaos on a real 3-host lab: a fixed seed, each class of fault once (a SIGKILL,
 a SIGSTOP, a daemon killed and restarted, the destination's QEMU killed, the link cut, the
-destination's replica space full, then read-only), every invariant checked after each run by ``devagent chaos``'s own
-checks: the VM on exactly one host and answering over its NIC, no guest I/O error, the disk
-intact, nothing left on the other host, the outcome the phase allows, the next migration
-successful."""
+destination's replica space full), every invariant checked after each run by
+``devagent chaos``'s own checks: the VM on exactly one host and answering over its NIC, no
+guest I/O error, the disk intact, nothing left on the other host, the outcome the phase
+allows, the next migration successful."""
 
 from __future__ import annotations
 
