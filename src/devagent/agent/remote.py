@@ -279,7 +279,10 @@ class Remote(Backend):
     def _timed_out(self, command: Command, offset: int, length: int, why: str) -> BackendError:
         self.timeouts += 1
         self.log.error(
-            "%s %d+%d to %s export %r failed after io_timeout %.1f s: %s",
+            "%s %d+%d to %s export %r failed after io_timeout %.1f s: %s. Every write the guest "
+            "saw acknowledged is kept (this one was not: it failed); the agent keeps "
+            "redialing, and I/O goes on once %s answers: bring its link or agent back, or "
+            "raise io_timeout for longer outages",
             command.name,
             offset,
             length,
@@ -287,6 +290,7 @@ class Remote(Backend):
             self.export,
             self.io_timeout,
             why,
+            self.address,
         )
         return BackendError(
             f"{command.name} to {self.address} export {self.export!r} timed out after "
