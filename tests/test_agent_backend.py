@@ -11,7 +11,6 @@ import pytest
 
 from agent_fakes import read_bytes
 from devagent.agent import backend as backend_module
-from devagent.agent import space
 from devagent.agent.backend import BackendError, Extent, Local, nbd_errno
 from devagent.nbd.proto import Errno
 
@@ -147,16 +146,23 @@ async def test_a_write_with_no_room_is_held_until_there_is_room(
     assert "writes go on" in said[1]
 
 
-async def test_a_write_held_past_the_io_timeout_fails_with_its_reason(
-    local: Local, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("hold_s", [0.1, 0.0])
+async def test_a_write_held_past_its_bound_fails_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hold_s: float
 ) -> None:
-    monkeypatch.setattr(space, "HOLD_S", 0.1)
+    """After the I/O timeout; at once for a migration's target (``space_hold_s=0``)."""
     monkeypatch.setattr(backend_module, "SPACE_RETRY_S", 0.02)
-    monkeypatch.setattr(os, "pwritev", NoRoom(errno_mod.ENOSPC, times=10_000))
-    local.inline_writes = False
-    with pytest.raises(BackendError, match="No space left on device") as failed:
-        await local.write(0, b"x" * 4096)
+    no_room = NoRoom(errno_mod.ENOSPC, times=10_000)
+    monkeypatch.setattr(os, "pwritev", no_room)
+    (tmp_path / "t.img").write_bytes(bytes(MiB))
+    local = Local(tmp_path / "t.img", inline_writes=False, space_hold_s=hold_s)
+    try:
+        with pytest.raises(BackendError, match="No space left on device") as failed:
+            await local.write(0, b"x" * 4096)
+    finally:
+        await local.close()
     assert failed.value.errno is Errno.ENOSPC
+    assert (no_room.calls > 1) == (hold_s > 0)
 
 
 async def test_other_write_errors_are_not_held(

@@ -66,7 +66,8 @@ def test_specs_are_validated_with_clear_errors() -> None:
         "kind": "local",
         "path": "/x",
         "read_only": False,
-    }  # the same JSON as ever
+        "space_hold_s": 120.0,
+    }
     fetch = check_spec(
         {"kind": "fetch", "path": "/r", "remote": {"kind": "remote", "address": "tcp:h:1"}}
     )

@@ -188,6 +188,7 @@ class Local(Backend):
         read_only: bool = False,
         workers: int = 4,
         inline_writes: bool = True,
+        space_hold_s: float = SPACE_HOLD_S,
     ) -> None:
         self.path = Path(path)
         self._read_only = read_only
@@ -203,7 +204,7 @@ class Local(Backend):
         self._batch: list[_Job] = []
         self.inline_writes = inline_writes
         self._inline_off_until = 0.0
-        self._space = SpaceHold(str(self.path))  # writes waiting for room
+        self._space = SpaceHold(str(self.path), space_hold_s)  # writes waiting for room
 
     def __repr__(self) -> str:
         return f"Local({str(self.path)!r})"
@@ -278,7 +279,7 @@ class Local(Backend):
         elif self._space.failed(id(future), err):
             loop.call_later(SPACE_RETRY_S, self._retry, loop, job)
         else:
-            message = f"{what} on {self.path}: {err.strerror} for {SPACE_HOLD_S:.0f} s"
+            message = f"{what} on {self.path}: {err.strerror}"
             _settle([(future, None, BackendError(message, nbd_errno(err)))])
 
     def _retry(self, loop: asyncio.AbstractEventLoop, job: _Job) -> None:

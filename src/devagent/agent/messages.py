@@ -51,6 +51,10 @@ class LocalSpec(msgspec.Struct, tag="local", tag_field="kind", forbid_unknown_fi
 
     path: str
     read_only: bool = False
+    #: How long a write that finds no room (a full or read-only filesystem) is held before
+    #: it fails. 0 for a migration's target before the switchover: no guest waits on it,
+    #: and its migration rolls back at once with the reason.
+    space_hold_s: float = 120.0
 
 
 class RemoteSpec(msgspec.Struct, tag="remote", tag_field="kind", forbid_unknown_fields=True):

@@ -30,10 +30,14 @@ def is_space_error(err: OSError) -> bool:
 
 class SpaceHold:
     """The writes of one file held for room: when each began to wait, and the log lines.
-    ``clock`` is for tests."""
+    ``hold_s`` (default :data:`HOLD_S`; 0: never held) bounds each wait; ``clock`` is for
+    tests."""
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, path: str, hold_s: float | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.path = path
+        self.hold_s = HOLD_S if hold_s is None else hold_s
         self.clock = clock
         self._since: dict[int, float] = {}  # a held write's id -> when it first failed
         self._began: float | None = None  # when the current hold began
@@ -45,7 +49,9 @@ class SpaceHold:
 
     def failed(self, key: int, err: OSError) -> bool:
         """Write ``key`` failed with ``err`` (a space error): True to try it again in
-        :data:`RETRY_S`, False when it has waited :data:`HOLD_S` already (then fail it)."""
+        :data:`RETRY_S`, False when it has waited ``hold_s`` already (then fail it)."""
+        if self.hold_s <= 0:
+            return False
         now = self.clock()
         since = self._since.setdefault(key, now)
         if since == now:
@@ -54,9 +60,9 @@ class SpaceHold:
             self._began = now
             log.warning(
                 "%s: %s: holding writes until there is room again (at most %.0f s each)",
-                self.path, err.strerror, HOLD_S,
+                self.path, err.strerror, self.hold_s,
             )  # fmt: skip
-        if now - since < HOLD_S:
+        if now - since < self.hold_s:
             return True
         del self._since[key]
         if not self._since:

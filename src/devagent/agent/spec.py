@@ -48,7 +48,7 @@ def check_spec(spec: object, *, where: str = "backend") -> BackendSpec:
 async def open_backend(spec: BackendSpec) -> Backend:
     """Open the backend ``spec`` describes (a fetch backend's copier starts if asked)."""
     if isinstance(spec, LocalSpec):
-        return Local(spec.path, read_only=spec.read_only)
+        return Local(spec.path, read_only=spec.read_only, space_hold_s=spec.space_hold_s)
     if isinstance(spec, RemoteSpec):
         return await Remote.open(
             spec.address,

@@ -38,8 +38,10 @@ async def vm_on(endpoint: Endpoint, name: str) -> VmStatus | None:
             return None
 
 
-def leftovers(lab: Lab, host: str, name: str) -> list[str]:
-    """What a host still holds of VM ``name``: processes, files, its tap."""
+def leftovers(lab: Lab, host: str, name: str, readonly: bool = False) -> list[str]:
+    """What a host still holds of VM ``name``: processes, files, its tap. On a replica space
+    gone ``readonly`` a replica cannot be removed: it is not counted (it goes with the
+    space's replacement)."""
     found: list[str] = []
     where = lab.host(host)
     folder = where.dir / "vms" / name
@@ -49,7 +51,7 @@ def leftovers(lab: Lab, host: str, name: str) -> list[str]:
     if folder.exists():
         found.append(f"{folder} exists")
     images = sorted(p.name for p in (where.dir / "disks").glob(f"{name}.img*"))
-    if images:
+    if images and not readonly:
         found.append(f"replica files {images}")
     if where.netns is not None:
         tap = tap_name(name, "net0")
@@ -60,10 +62,16 @@ def leftovers(lab: Lab, host: str, name: str) -> list[str]:
 
 
 async def settle(
-    lab: Lab, endpoints: dict[str, Endpoint], name: str, source: str, destination: str
+    lab: Lab,
+    endpoints: dict[str, Endpoint],
+    name: str,
+    source: str,
+    destination: str,
+    readonly: frozenset[str] = frozenset(),
 ) -> tuple[str, list[str]]:
     """Wait until the VM runs on one of ``source``/``destination`` and the other holds
-    nothing of it; the outcome that shows, and what still is wrong after :data:`SETTLE_S`."""
+    nothing of it (``readonly``: hosts whose replica space went read-only); the outcome
+    that shows, and what still is wrong after :data:`SETTLE_S`."""
     problems: list[str] = []
 
     async def steady() -> str | None:
@@ -83,7 +91,8 @@ async def settle(
         other = destination if here == source else source
         if seen[other] is not None:
             problems.append(f"host {other} still has the VM ({_roles(seen)})")
-        problems.extend(f"host {other}: {left}" for left in leftovers(lab, other, name))
+        left = leftovers(lab, other, name, readonly=other in readonly)
+        problems.extend(f"host {other}: {thing}" for thing in left)
         state = seen[here]
         assert state is not None
         if state.state != "running":

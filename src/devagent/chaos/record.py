@@ -36,6 +36,7 @@ class RunRecord(msgspec.Struct, omit_defaults=True):
     report: MigrationReport | None = None
     follow_up: MigrationReport | None = None  # the next migration, without a fault
     violations: list[str] = msgspec.field(default_factory=list)
+    notes: list[str] = msgspec.field(default_factory=list)  # what the checks let pass, and why
     wall_s: float = 0.0
 
     @property

@@ -325,8 +325,13 @@ async def _follow(scene: Scene, record: RunRecord) -> MigrationReport | None:
 
 
 async def _check(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -> None:
+    readonly = frozenset(
+        [h for h, space in scene.spaces.items() if not await asyncio.to_thread(space.writable)]
+    )
+    if readonly:
+        record.notes.append(f"replica space read-only on {', '.join(sorted(readonly))}")
     outcome, problems = await checks.settle(
-        scene.lab, scene.endpoints, guest.name, record.source, record.destination
+        scene.lab, scene.endpoints, guest.name, record.source, record.destination, readonly
     )
     record.outcome = outcome
     record.violations.extend(problems)

@@ -81,6 +81,8 @@ async def prepare_incoming(
         paused = image is None
         if image is None:
             image = _new_replica(manager, request.name, size)
+            if backend is None:  # a mirror's target: no room is a roll-back, not a wait
+                backend = target_spec(image)
         managed = manager._add(
             request, image, VmRole.INCOMING, config=config, backend=backend,
             paused=paused, incoming_nics=nics or [],
@@ -92,9 +94,17 @@ async def prepare_incoming(
                 image=str(image),
                 run_dir=str(managed.run_dir),
                 listen_address=manager.address,
+                backend=target_spec(image),
             )
     await _launch_with_receiver(manager, managed)
     return managed
+
+
+def target_spec(image: Path) -> LocalSpec:
+    """A new replica as a migration's target before the switchover: no guest waits on it,
+    so a write that finds no room fails at once (the migration rolls back with the reason)
+    instead of being held; the commit swaps to a spec that holds."""
+    return LocalSpec(path=str(image), space_hold_s=0.0)
 
 
 def _new_replica(manager: VmManager, name: str, size: int) -> Path:

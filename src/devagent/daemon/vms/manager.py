@@ -303,8 +303,7 @@ class VmManager:
         if (managed.role is VmRole.INCOMING and made_here) or (
             delete_disk and request.disk is None and request.disk_from is None
         ):
-            for path in (managed.image, presence_path(managed.image)):
-                path.unlink(missing_ok=True)
+            _delete(managed.image)
         if request.disk_from is not None and managed.role is VmRole.RUNNING:
             await self._release_remote_disk(managed)
         if not keep_dir:
@@ -319,8 +318,7 @@ class VmManager:
         if self.network is not None:  # the tap a NIC would have had (named after the VM)
             await asyncio.to_thread(delete_tap, tap_name(folder.name, "net0"))
         if image.is_relative_to(self.root / "disks"):
-            for path in (image, presence_path(image)):
-                path.unlink(missing_ok=True)
+            _delete(image)
         shutil.rmtree(folder, ignore_errors=True)
 
     async def _release_remote_disk(self, managed: ManagedVm) -> None:
@@ -469,6 +467,17 @@ def _watch_replica(managed: ManagedVm) -> None:
             managed.log.info("VM %s: watching its replica of %s again", managed.name, agent.node)
             managed.fetching = asyncio.create_task(await_local(managed, agent))
             return
+
+
+def _delete(image: Path) -> None:
+    """Remove a replica devagent made and its presence file; one that cannot be removed (a
+    filesystem gone read-only) is logged and left for the operator: the rest of a removal
+    goes on."""
+    for path in (image, presence_path(image)):
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            log.error("cannot remove %s: %s (left for the operator)", path, err.strerror)
 
 
 def _supervised(managed: ManagedVm) -> list[AgentProcess | NicAgent]:
