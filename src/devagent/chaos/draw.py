@@ -158,7 +158,12 @@ def parse_strategies(text: str | None) -> tuple[Strategy, ...]:
 
 
 def draw(
-    seed: int, runs: int, faults: Sequence[str], strategies: Sequence[Strategy]
+    seed: int,
+    runs: int,
+    faults: Sequence[str],
+    strategies: Sequence[Strategy],
+    links: Sequence[str] = LINKS,
+    workloads: Sequence[str] = WORKLOADS,
 ) -> list[RunPlan]:
     """``runs`` runs from ``seed``. Faults take turns (every fault once before any twice,
     each round shuffled), so that a short run still covers each fault."""
@@ -182,8 +187,8 @@ def draw(
             RunPlan(
                 index=index,
                 strategy=strategy,
-                link=rng.choice(LINKS),
-                workload=rng.choice(WORKLOADS),
+                link=rng.choice(list(links)),
+                workload=rng.choice(list(workloads)),
                 fault=fault,
                 phase=phase,
                 delay_s=round(rng.uniform(0.0, PHASE_DELAY_S[phase]), 3),
