@@ -198,8 +198,9 @@ def stop(name: str, as_json: bool, lab_name: str) -> None:
         err.print(f"VM {name} stopped on host {endpoint.name}")
 
 
-def _set_suspended(name: str, lab_name: str, suspended: bool, as_json: bool) -> None:
-    verb = "suspend" if suspended else "resume"
+def _vm_action(name: str, lab_name: str, verb: str, as_json: bool) -> VmStatus:
+    """``POST /v1/vms/NAME/VERB`` on the host that runs VM NAME; says so, returns its
+    status."""
 
     async def go() -> tuple[Endpoint, VmStatus]:
         endpoint, _ = await locate_vm(lab_endpoints(lab_name), name)
@@ -210,7 +211,8 @@ def _set_suspended(name: str, lab_name: str, suspended: bool, as_json: bool) -> 
     if as_json:
         print_json({"host": endpoint.name, **to_json(status)})
     else:
-        err.print(f"VM {name} {verb}d on host {endpoint.name}")
+        err.print(f"VM {name} {verb.rstrip('e')}ed on host {endpoint.name}")
+    return status
 
 
 @vm_group.command("suspend")
@@ -220,7 +222,7 @@ def _set_suspended(name: str, lab_name: str, suspended: bool, as_json: bool) -> 
 def suspend(name: str, as_json: bool, lab_name: str) -> None:
     """Stop VM NAME's vCPUs where it runs (QMP stop): it does nothing, costs no CPU and keeps
     its devices; `vm resume` lets it go on. A suspended VM is not migrated."""
-    _set_suspended(name, lab_name, True, as_json)
+    _vm_action(name, lab_name, "suspend", as_json)
 
 
 @vm_group.command("resume")
@@ -229,7 +231,7 @@ def suspend(name: str, as_json: bool, lab_name: str) -> None:
 @lab_option
 def resume(name: str, as_json: bool, lab_name: str) -> None:
     """Let a suspended VM NAME run again (QMP cont)."""
-    _set_suspended(name, lab_name, False, as_json)
+    _vm_action(name, lab_name, "resume", as_json)
 
 
 @vm_group.command("restart")
@@ -240,14 +242,4 @@ def restart(name: str, as_json: bool, lab_name: str) -> None:
     """Boot VM NAME again where it was, after its QEMU died (a crash, a kill): the same
     devices, its disk as its agent serves it, with every write the guest saw acknowledged.
     The guest boots afresh: what it held in memory is gone."""
-
-    async def go() -> tuple[Endpoint, VmStatus]:
-        endpoint, _ = await locate_vm(lab_endpoints(lab_name), name)
-        async with DaemonClient(endpoint) as client:
-            return endpoint, await client.post_as(f"/v1/vms/{name}/restart", VmStatus)
-
-    endpoint, status = run(go())
-    if as_json:
-        print_json({"host": endpoint.name, **to_json(status)})
-    else:
-        err.print(f"VM {name} restarted on host {endpoint.name} (pid {status.pid})")
+    _vm_action(name, lab_name, "restart", as_json)
