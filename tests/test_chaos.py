@@ -10,6 +10,7 @@ from devagent.chaos.draw import (
     Phase,
     draw,
     parse_faults,
+    parse_phases,
     parse_strategies,
     phase_at,
     phases_of,
@@ -47,6 +48,18 @@ def test_faults_and_strategies_are_chosen_by_name_or_prefix() -> None:
     assert parse_strategies("hybrid") == (Strategy.HYBRID,)
     with pytest.raises(UsageError, match="not shared"):
         parse_strategies("shared")
+
+
+def test_phases_narrow_the_draw_to_the_strategies_that_go_through_them() -> None:
+    runs = draw(5, 30, parse_faults(None), parse_strategies(None), phases=parse_phases("mirror"))
+    assert {(r.strategy, r.phase) for r in runs} == {(Strategy.PRECOPY, Phase.MIRROR)}
+    both = draw(5, 60, parse_faults(None), parse_strategies(None),
+                phases=parse_phases("switchover,tail"))  # fmt: skip
+    assert {r.phase for r in both} == {Phase.SWITCHOVER, Phase.TAIL}
+    with pytest.raises(UsageError, match="no strategy goes through mirror"):
+        draw(5, 3, parse_faults(None), parse_strategies("hybrid"), phases=(Phase.MIRROR,))
+    with pytest.raises(UsageError, match="no phase boot"):
+        parse_phases("ram,boot")
 
 
 def test_the_phase_a_fault_landed_in_is_read_from_the_timeline() -> None:

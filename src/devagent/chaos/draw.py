@@ -146,6 +146,18 @@ def parse_faults(text: str | None) -> tuple[str, ...]:
     return tuple(chosen)
 
 
+def parse_phases(text: str | None) -> tuple[Phase, ...]:
+    """``--phases``: comma-separated phase names (default all)."""
+    if not text:
+        return tuple(PHASE_STEPS)
+    names = [w.strip() for w in text.split(",") if w.strip()]
+    known = [p.value for p in PHASE_STEPS]
+    wrong = [n for n in names if n not in known]
+    if wrong:
+        raise UsageError(f"no phase {', '.join(wrong)}: the phases are {', '.join(known)}")
+    return tuple(Phase(n) for n in names)
+
+
 def parse_strategies(text: str | None) -> tuple[Strategy, ...]:
     if not text:
         return DEVAGENT_STRATEGIES
@@ -164,9 +176,14 @@ def draw(
     strategies: Sequence[Strategy],
     links: Sequence[str] = LINKS,
     workloads: Sequence[str] = WORKLOADS,
+    phases: Sequence[Phase] = tuple(PHASE_STEPS),
 ) -> list[RunPlan]:
     """``runs`` runs from ``seed``. Faults take turns (every fault once before any twice,
-    each round shuffled), so that a short run still covers each fault."""
+    each round shuffled), so that a short run still covers each fault. ``phases`` narrows
+    the phases a fault may be aimed at (a strategy without any of them is not drawn)."""
+    strategies = [s for s in strategies if set(phases_of(s)) & set(phases)]
+    if not strategies:
+        raise UsageError(f"no strategy goes through {', '.join(phases)}")
     rng = random.Random(seed)
     plans: list[RunPlan] = []
     order: list[str] = []
@@ -175,8 +192,8 @@ def draw(
             order = list(faults)
             rng.shuffle(order)
         fault = order.pop()
-        strategy = rng.choice(list(strategies))
-        phase = rng.choice(phases_of(strategy))
+        strategy = rng.choice(strategies)
+        phase = rng.choice([p for p in phases_of(strategy) if p in phases])
         action = FAULTS[fault][0]
         duration = {
             Action.KILL: 2.0,

@@ -11,9 +11,18 @@ import click
 import msgspec
 from rich.table import Table
 
-from devagent.chaos.draw import FAULTS, draw, parse_faults, parse_strategies
+from devagent.chaos.draw import (
+    FAULTS,
+    LINKS,
+    WORKLOADS,
+    draw,
+    parse_faults,
+    parse_phases,
+    parse_strategies,
+)
 from devagent.chaos.record import RunRecord, cell_text, columns, markdown, table
 from devagent.cli.common import err, json_option, out, print_json, run
+from devagent.errors import UsageError
 
 
 @click.command("chaos")
@@ -25,6 +34,12 @@ from devagent.cli.common import err, json_option, out, print_json, run
               f"link-down, …); default all: {', '.join(FAULTS)}.")  # fmt: skip
 @click.option("--strategies", help="Comma-separated, among hybrid, postcopy, precopy "
               "(default all three).")  # fmt: skip
+@click.option("--phases", help="Comma-separated phases the faults are aimed at, among "
+              "prepare, mirror, ram, switchover, tail, release (default all).")  # fmt: skip
+@click.option("--links", type=click.Choice(["100mbit", "1gbit", "both"]), default="both",
+              show_default=True, help="The link rate(s) drawn from.")  # fmt: skip
+@click.option("--workloads", type=click.Choice(["moderate", "heavy", "both"]), default="both",
+              show_default=True, help="The guest workload(s) drawn from.")  # fmt: skip
 @click.option("--minutes", type=float, help="Stop starting runs after this many minutes.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write runs.jsonl, table.md and a plot per violation here.")  # fmt: skip
@@ -34,6 +49,9 @@ def chaos_cmd(
     seed: int,
     faults: str | None,
     strategies: str | None,
+    phases: str | None,
+    links: str,
+    workloads: str,
     minutes: float | None,
     out_dir: Path | None,
     as_json: bool,
@@ -52,7 +70,15 @@ def chaos_cmd(
     invariant. The lab is removed at the end."""
     from devagent.chaos.runner import run_chaos
 
-    plans = draw(seed, runs, parse_faults(faults), parse_strategies(strategies))
+    try:
+        plans = draw(
+            seed, runs, parse_faults(faults), parse_strategies(strategies),
+            links=LINKS if links == "both" else (links,),
+            workloads=WORKLOADS if workloads == "both" else (workloads,),
+            phases=parse_phases(phases),
+        )  # fmt: skip
+    except UsageError as error:
+        raise click.UsageError(str(error)) from error
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "runs.jsonl").write_text("")
