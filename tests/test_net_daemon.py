@@ -16,7 +16,7 @@ from typing import Any, cast
 import msgspec
 import pytest
 
-from devagent.api_types import Devices, DiskRow, NicRow
+from devagent.api_types import Announced, Devices, DiskRow, NicRow
 from devagent.daemon.migration.net import MAX_FORWARD_S, QUIET_S, NetMigration, forwarding_done
 from devagent.daemon.netstat import is_link
 from devagent.daemon.nics import NicAgent, NicIdentity
@@ -307,6 +307,13 @@ class FakeQemu:
 
 
 class FakePeer:
+    def __init__(self) -> None:
+        self.posts: list[str] = []
+
+    async def post(self, path: str, body: Any = None) -> Any:
+        self.posts.append(path)
+        return to_json(Announced(announced_at=time.time() - QUIET_S))
+
     async def get(self, path: str, **params: Any) -> dict[str, Any]:
         disk = DiskRow(vm="v", device="disk0", image="/img", state="direct")
         nic = NicRow(vm="v", device="net0", address="10.213.7.100/24", mac="52:54:00:d5:07:64",
@@ -331,7 +338,9 @@ async def test_the_nic_steps_in_order_and_the_figures() -> None:
     await net.hold()  # and its pre-switchover pause
     assert qemu.commands == [] and marks == ["net_held"]
     await net.switched_over()
-    await net.finish(cast(Any, FakePeer()), {"nic_announced": time.time() - QUIET_S})
+    peer = FakePeer()
+    await net.finish(cast(Any, peer), {"nic_announced": time.time() - QUIET_S}, time.time())
+    assert peer.posts == []  # the announce came as the commit was heard: the network heard it
     assert [c for c in nic.calls if not c.startswith("GET")] == [
         "/hold", "/forward", "/stop-forward",
     ]  # fmt: skip
@@ -339,6 +348,22 @@ async def test_the_nic_steps_in_order_and_the_figures() -> None:
     assert (report.net_frames_buffered, report.net_frames_forwarded, report.net_frames_lost) == (
         5, 3, 0,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("steps", [{"nic_announced": time.time() - 20}, {}])
+async def test_an_announce_made_while_the_link_was_cut_is_made_again(
+    steps: dict[str, float],
+) -> None:
+    """The commit's answer came long after the destination announced (a cut link), or a
+    restarted daemon does not know when it did: the destination announces again."""
+    net, _, _, marks, _ = fake_migration()
+    await net.start()
+    net.prepared({"net0": "tcp:10.213.7.2:4242"})
+    await net.switched_over()
+    peer = FakePeer()
+    await net.finish(cast(Any, peer), steps, time.time())
+    assert peer.posts == ["/v1/vms/v/announce"]
+    assert marks == ["net_forward_started", "net_announced_again", "net_forward_stopped"]
 
 
 async def test_a_destination_without_the_nic_agent_is_refused() -> None:

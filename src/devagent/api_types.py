@@ -121,6 +121,12 @@ class Completions(msgspec.Struct):
     completions: list[float] | None
 
 
+class Announced(msgspec.Struct):
+    """``POST /v1/vms/NAME/announce``: when QEMU was asked to announce the guest's MACs."""
+
+    announced_at: float
+
+
 class Integrity(msgspec.Struct):
     """ "ok", or "mismatch: …" saying both digests."""
 

@@ -155,6 +155,7 @@ class Step(StrEnum):
     NET_FORWARD_STARTED = "net_forward_started"
     RESUMED = "resumed"  # the guest runs on the destination
     COMMITTED = "committed"  # the destination answered the commit
+    NET_ANNOUNCED_AGAIN = "net_announced_again"  # the destination's first announce was doubtful
     NET_FORWARD_STOPPED = "net_forward_stopped"
     DISK_LOCAL = "disk_local"  # postcopy, hybrid: the destination's replica is complete
     RELEASED = "released"  # nothing of the VM is left on the source

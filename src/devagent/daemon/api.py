@@ -25,6 +25,7 @@ The table below is every route :func:`build_app` registers, no more, no less
     POST   /v1/vms/{name}/suspend             stop the guest's vCPUs (QMP stop)
     POST   /v1/vms/{name}/resume              let a suspended guest run again (QMP cont)
     POST   /v1/vms/{name}/restart             boot a VM whose QEMU died again, on its disk
+    POST   /v1/vms/{name}/announce            QEMU announces the guest's MACs (RARP)
     POST   /v1/vms/{name}/integrity           disk equals what the guest last wrote?
     POST   /v1/vms/{name}/migrate             start a migration (MigrateRequest) → 202
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
@@ -52,6 +53,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from devagent.api_types import (
+    Announced,
     Completions,
     Devices,
     Exports,
@@ -70,6 +72,7 @@ from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
 from devagent.daemon.migration.routes import MigrationRoutes
 from devagent.daemon.vms import exchange
+from devagent.daemon.vms.arrival import announce
 from devagent.daemon.vms.request import (
     ATTACH_RULES,
     PROBE_RULES,
@@ -246,6 +249,13 @@ async def restart_vm(request: web.Request) -> web.Response:
     return answer(managed.api_status())
 
 
+async def announce_vm(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    if not managed.nics:
+        raise UsageError(f"VM {managed.name} has no NIC to announce")
+    return answer(Announced(announced_at=await announce(managed)))
+
+
 async def integrity(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     return answer(Integrity(integrity=await managed.check_integrity()))
@@ -294,6 +304,7 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_post("/v1/vms/{name}/suspend", suspend_vm)
     r.add_post("/v1/vms/{name}/resume", resume_vm)
     r.add_post("/v1/vms/{name}/restart", restart_vm)
+    r.add_post("/v1/vms/{name}/announce", announce_vm)
     r.add_post("/v1/vms/{name}/integrity", integrity)
     r.add_get("/v1/exports", list_exports)
     r.add_post("/v1/exports", create_export)

@@ -105,6 +105,7 @@ class MigrationJob:
         self.disk_size = 0
         self.bytes_before: int | None = None
         self.handover: Handover | None = None  # the plan's, at the switchover
+        self.committed_at: float | None = None  # when the destination's commit was heard
         self.cleanup_failures: list[str] = []  # roll-back steps that failed, for the report
         self._next_check = time.monotonic() + PEER_CHECK_S
         # The NICs' steps (hold, forward, hand-over), for a VM that has NICs.
@@ -285,7 +286,8 @@ class MigrationJob:
         for step, at in committed.steps.items():
             self.mark(f"destination_{step}", at)
         self.mark(Step.RESUMED, committed.resumed_at)
-        self.mark(Step.COMMITTED)
+        self.committed_at = time.time()
+        self.mark(Step.COMMITTED, self.committed_at)
         self._move(Phase.FINISHING)
         return committed
 
@@ -317,7 +319,8 @@ class MigrationJob:
         if self.managed.role != VmRole.MIGRATED:  # (a restarted daemon may find it so)
             self.managed.migrated_away(serves_disk=self.plan.serves_after_switchover)
         if self.net is not None:  # until the network has learned the guest's new place
-            await self.past_switchover(self.net.finish(self.peer, committed.steps),
+            heard_at = self.committed_at or time.time()  # (read back after a restart)
+            await self.past_switchover(self.net.finish(self.peer, committed.steps, heard_at),
                                        "the NICs' hand-over", *NET_MEASURES)  # fmt: skip
         source_done = await self._completions()
         with contextlib.suppress(PeerError, StateError):  # QEMU's final figures

@@ -19,6 +19,12 @@ The order (each step on the report's timeline)::
   agent (still held: the guest does not run there yet).
 * The destination resumes the guest, releases its agent (its kept frames in order) and has
   QEMU announce the guest's MAC (``announce-self``); the bridges learn the guest's new port.
+* The destination's announce may have been lost: one made while the source could not
+  reach the destination (the commit's answer came more than :data:`ANNOUNCE_TRUST_S` after
+  it: a link cut), or one a restarted source daemon knows nothing of, may have gone
+  nowhere, and the bridges would send the guest's frames to the source for as long as they
+  remember it there (minutes). The source then asks the destination to announce again,
+  now that it answers, and waits for quiet after that announce.
 * The source stops forwarding when the network has learned the new place, by
   :func:`forwarding_done`: no unicast frame came to forward for :data:`QUIET_S` after the
   destination's announce, or :data:`MAX_FORWARD_S` after it whatever comes.  (Broadcast and
@@ -38,7 +44,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from devagent.api_types import Devices, NicRow
+from devagent.api_types import Announced, Devices, NicRow
 from devagent.daemon.migration.context import MigratingVm, NicLink, Peer
 from devagent.errors import DevagentError, PeerError
 from devagent.net.messages import ForwardAnswer, NetStatus, StopForwardAnswer
@@ -52,6 +58,9 @@ QUIET_S = 0.5
 #: Forwarding stops at the latest this long after the announce (a chatty broadcast
 #: neighbour must not keep the source busy for ever).
 MAX_FORWARD_S = 10.0
+#: An announce made longer than this before the source heard the commit's answer may have
+#: gone into a cut link (QEMU's announce rounds take 1.25 s).
+ANNOUNCE_TRUST_S = 1.0
 POLL_S = 0.05
 NET_MEASURES = ("net_frames_buffered", "net_frames_forwarded", "net_frames_lost")
 
@@ -132,10 +141,13 @@ class NetMigration:
         self.held = False
         self.mark(Step.NET_FORWARD_STARTED)
 
-    async def finish(self, peer: Peer, steps: dict[str, float]) -> None:
-        """After the destination announced the guest: stop forwarding once the network has
-        learned its place (:func:`forwarding_done`), then write the report's net figures."""
-        announced_at = float(steps.get(DestinationStep.NIC_ANNOUNCED, time.time()))
+    async def finish(self, peer: Peer, steps: dict[str, float], heard_at: float) -> None:
+        """After the destination announced the guest (and the source heard its commit at
+        ``heard_at``): stop forwarding once the network has learned its place
+        (:func:`forwarding_done`), then write the report's net figures."""
+        announced_at = steps.get(DestinationStep.NIC_ANNOUNCED)  # none read back after a restart
+        if announced_at is None or announced_at < heard_at - ANNOUNCE_TRUST_S:
+            announced_at = await self._announce_again(peer, announced_at or heard_at)
         for nic in self.managed.nics:
             while True:
                 forward = (await _status(nic)).forward
@@ -151,6 +163,18 @@ class NetMigration:
         self.forwarding = False
         self.mark(Step.NET_FORWARD_STOPPED)
         await self._figures(peer)
+
+    async def _announce_again(self, peer: Peer, announced_at: float) -> float:
+        """The destination's announce may have gone into a cut link: it announces again."""
+        self.log.warning("VM %s: the destination announced it while it could not be reached: "
+                         "asking for another announce", self.managed.name)  # fmt: skip
+        try:
+            raw = await peer.post(f"/v1/vms/{self.managed.name}/announce")
+        except DevagentError as err:
+            self.log.error("VM %s: the second announce failed: %s", self.managed.name, err)
+            return announced_at
+        self.mark(Step.NET_ANNOUNCED_AGAIN)
+        return from_peer(raw, Announced, what="the destination's announce").announced_at
 
     async def _figures(self, peer: Peer) -> None:
         if any(nic.node not in self.before for nic in self.managed.nics):

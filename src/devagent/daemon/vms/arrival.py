@@ -54,11 +54,19 @@ async def release_nics(vm: ManagedVm) -> dict[str, float]:
         vm.log.info("%s released: %s", nic.describe(), released)
     steps: dict[str, float] = {DestinationStep.NIC_RELEASED: time.time()}
     try:
-        await vm.vm.qmp("announce-self", initial=50, max=550, rounds=5, step=100)
+        steps[DestinationStep.NIC_ANNOUNCED] = await announce(vm)
     except DevagentError as err:
         vm.log.error("VM %s: announce-self failed: %s", vm.name, err)
-    steps[DestinationStep.NIC_ANNOUNCED] = time.time()
+        steps[DestinationStep.NIC_ANNOUNCED] = time.time()
     return steps
+
+
+async def announce(vm: ManagedVm) -> float:
+    """QEMU announces the guest's MAC on each NIC (RARP, 5 rounds over 1.25 s), so that the
+    bridges learn where the guest is; returns when it was asked."""
+    at = time.time()
+    await vm.vm.qmp("announce-self", initial=50, max=550, rounds=5, step=100)
+    return at
 
 
 async def await_local(vm: ManagedVm, agent: AgentProcess) -> StatusAnswer:
