@@ -14,7 +14,7 @@ import pytest
 from devagent.daemon.migration.destination import Commits
 from devagent.daemon.migration.messages import CommitAnswer, CommitRequest
 from devagent.daemon.vms import VmRole
-from devagent.errors import NotFound, StateError
+from devagent.errors import NotFound, PeerError, StateError
 
 
 @dataclass
@@ -72,6 +72,44 @@ async def test_a_repeated_commit_waits_for_the_first_and_gets_its_answer() -> No
     later = await made.commit("v1", CommitRequest())  # after it: the same answer
     assert readier.runs == 1
     assert [a.resumed_at for a in [*answers, later]] == [101.0, 101.0, 101.0]
+
+
+class FailingOnce(Readier):
+    """The first commit fails: before its point of no return (a disk the agent could not
+    reach), or after it (the VM committing when the failure came)."""
+
+    def __init__(self, role_on_failure: VmRole) -> None:
+        super().__init__()
+        self.go.set()
+        self.role_on_failure = role_on_failure
+
+    async def __call__(self, vm: Any, request: CommitRequest) -> CommitAnswer:
+        if self.runs == 0:
+            self.runs += 1
+            vm.role = self.role_on_failure
+            raise PeerError("cannot reach NBD export 'disk0': no NBD handshake within 10 s")
+        return await super().__call__(vm, request)
+
+
+async def test_a_commit_that_failed_before_it_began_runs_again_when_asked_again() -> None:
+    host, readier = FakeHost(), FailingOnce(VmRole.INCOMING)
+    host.vms.table["v1"] = FakeVm("v1")
+    made = commits(host, readier)
+    with pytest.raises(PeerError, match="no NBD handshake"):
+        await made.commit("v1", CommitRequest())
+    assert (await made.commit("v1", CommitRequest())).resumed_at == 102.0
+    assert (await made.commit("v1", CommitRequest())).resumed_at == 102.0  # once it worked
+    assert readier.runs == 2
+
+
+async def test_a_commit_that_failed_past_its_point_of_no_return_is_not_run_again() -> None:
+    host, readier = FakeHost(), FailingOnce(VmRole.COMMITTING)
+    host.vms.table["v1"] = FakeVm("v1")
+    made = commits(host, readier)
+    for _ in range(2):
+        with pytest.raises(PeerError, match="no NBD handshake"):
+            await made.commit("v1", CommitRequest())
+    assert readier.runs == 1
 
 
 async def test_a_commit_whose_client_went_away_runs_to_its_end() -> None:

@@ -196,17 +196,50 @@ async def test_a_report_figure_the_destination_cannot_give_never_fails_the_migra
         assert job.report.integrity == "ok"
 
 
-async def test_a_commit_the_destination_refuses_for_good_fails_after_its_deadline(
+@pytest.mark.parametrize("strategy", [Strategy.POSTCOPY, Strategy.HYBRID, Strategy.PRECOPY])
+async def test_a_commit_that_never_began_by_its_deadline_rolls_back_after_the_switchover(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strategy: Strategy
+) -> None:
+    """The destination's agent cannot reach the source's disk (a link cut at the
+    switchover, longer than the commit's deadline): the guest never ran there, so the
+    incoming VM is removed and the guest runs here again, its disk unfenced."""
+    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    job, vm, host = make_job(tmp_path, strategy)
+    host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("no NBD handshake")
+    await job.run()
+    assert job.phase is Phase.FAILED
+    assert "rolled back after the switchover" in (job.report.error or ""), job.report.error
+    rolled_back(vm, host)
+    calls = vm.agents[0].calls
+    assert calls.index("/fence") < calls.index("/unfence") and not vm.agents[0].fenced
+    assert not (tmp_path / "migration.json").exists()  # settled
+
+
+async def test_a_commit_that_began_when_its_answer_never_came_goes_forward(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
     job, vm, host = make_job(tmp_path, Strategy.POSTCOPY)
-    host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("QEMU died there")
+    host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("connection reset")
+    host.destination.commit_under_way = True  # the removal is refused: it began there
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    assert "/unfence" not in vm.agents[0].calls
+
+
+async def test_a_destination_gone_at_the_commit_leaves_the_guest_paused_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    job, vm, host = make_job(tmp_path, Strategy.POSTCOPY)
+    host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("unreachable")
+    host.destination.failures["DELETE /v1/incoming/v1"] = PeerError("unreachable")
     await job.run()
     assert job.phase is Phase.FAILED
-    assert "commit failed for" in (job.report.error or "")
-    assert vm.name in host.vms  # the source keeps the only copy of the disk
-    assert "/fence" in vm.agents[0].calls and vm.vm.status == "postmigrate"
+    assert "stays paused on a until host b answers" in (job.report.error or ""), job.report.error
+    assert vm.name in host.vms and vm.vm.status == "postmigrate"  # no second runner
+    assert "/fence" in vm.agents[0].calls and "/unfence" not in vm.agents[0].calls
+    assert (tmp_path / "migration.json").exists()  # a daemon restart asks again
 
 
 async def test_a_second_migration_of_a_migrating_vm_is_refused(tmp_path: Path) -> None:

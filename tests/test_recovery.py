@@ -94,7 +94,8 @@ async def test_a_roll_back_removes_the_record_and_a_failure_past_the_switchover_
     monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
     (tmp_path / "b").mkdir()
     forward, vm, host = make_job(tmp_path / "b", Strategy.POSTCOPY)
-    host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("QEMU died there")
+    host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("unreachable")
+    host.destination.failures["DELETE /v1/incoming/v1"] = PeerError("unreachable")
     await forward.run()
     assert forward.phase is Phase.FAILED
     kept = load_record(vm.run_dir)  # a daemon restart takes it up again

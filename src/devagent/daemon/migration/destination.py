@@ -83,7 +83,9 @@ Ready = Callable[[ManagedVm, CommitRequest], Awaitable[CommitAnswer]]
 class Commits:
     """One commit per incoming VM. The source tries a commit again when its answer was
     lost (a connection cut, a daemon that restarts): the repeat waits for the first one
-    and gets its answer, rather than readying the disk a second time. The commit runs
+    and gets its answer, rather than readying the disk a second time. A commit that failed
+    before it began (the VM still incoming: the agent could not reach the source's disk
+    through a cut link, say) is run again when asked again. The commit runs
     shielded from the request that asked for it, so a client that goes away cannot stop it
     half-way. ``using``: another way to ready the VM (QEMU's own strategies'), under the
     same once-only rule and the same exclusion of an abort."""
@@ -98,8 +100,8 @@ class Commits:
     ) -> CommitAnswer:
         managed = self.host.vms.get(name)
         known = self._commits.get(name)
-        if known is not None and known[0] is managed:  # this VM's commit, asked again
-            return await asyncio.shield(known[1])
+        if known is not None and known[0] is managed and not _failed_early(known[1], managed):
+            return await asyncio.shield(known[1])  # this VM's commit, asked again
         if managed.role is not VmRole.INCOMING:
             raise StateError(f"VM {managed.name} is not an incoming VM")
         done = asyncio.ensure_future((using or self._ready)(managed, request))
@@ -115,6 +117,12 @@ class Commits:
         if known is not None and known[0] is managed and not known[1].done():
             raise StateError(f"VM {name}'s commit is under way here: refusing to remove it")
         await abort(self.host, name)
+
+
+def _failed_early(commit: asyncio.Future[CommitAnswer], managed: ManagedVm) -> bool:
+    """The commit failed before its point of no return: it may be tried again."""
+    failed = commit.done() and not commit.cancelled() and commit.exception() is not None
+    return failed and managed.role is VmRole.INCOMING
 
 
 async def abort(host: Host, name: str) -> None:

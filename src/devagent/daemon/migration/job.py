@@ -13,9 +13,11 @@ each step. The steps, in order (each a method here)::
 
 The rule on failure: before the switchover (RAM not completed, or the plan's switchover step
 failed) the job rolls back: the VM runs on the source untouched, and the destination removes
-everything it made. After it the job only goes forward: the guest runs on the destination,
-and a step that fails for a passing reason (a peer that restarts, an agent restarted by its
-supervisor) is tried again until its deadline.
+everything it made. After it the job goes forward: the guest runs on the destination, and a
+step that fails for a passing reason (a peer that restarts, an agent restarted by its
+supervisor, a link cut) is tried again until its deadline. The one way back after the
+switchover is a commit that could not be done by its deadline and never began: the
+destination removes its incoming VM, and the source runs the guest again.
 
 The point of no return is the destination's: its commit is recorded there as begun before
 the guest runs. Until then the source's QEMU (running, or paused once RAM completed) holds
@@ -278,11 +280,14 @@ class MigrationJob:
         self._move(Phase.SWITCHOVER)
 
     async def commit(self, handover: Handover | None) -> CommitAnswer:
-        """The destination runs the guest. Past the switchover there is no way back: a
-        commit whose answer was lost is read back from the VM's state there."""
-        committed = await self.forward(
-            lambda: self._commit_once(handover), what="the destination's commit"
-        )
+        """The destination runs the guest. A commit whose answer was lost is read back from
+        the VM's state there; one that cannot be done is undone (:meth:`commit_failed`)."""
+        try:
+            committed = await self.forward(
+                lambda: self._commit_once(handover), what="the destination's commit"
+            )
+        except DevagentError as err:
+            committed = await self.commit_failed(err)
         for step, at in committed.steps.items():
             self.mark(f"destination_{step}", at)
         self.mark(Step.RESUMED, committed.resumed_at)
@@ -299,6 +304,38 @@ class MigrationJob:
             if committed is None:
                 raise
             return committed
+
+    async def commit_failed(self, err: DevagentError) -> CommitAnswer:
+        """The destination could not commit (for :data:`FORWARD_RETRY_S`). Until its commit
+        began the source still holds the whole guest (QEMU paused, the disk fenced): the
+        destination removes its incoming VM, and the guest runs here again (the migration
+        fails, rolled back). A destination whose commit began refuses the removal: its
+        guest runs there, and the job goes forward after all. One that cannot be reached
+        either leaves the guest paused here, the job's record kept: a daemon restart asks
+        again (:mod:`.recovery`)."""
+        dest = self.report.destination
+        self.log.error("migration %s: %s; rolling back unless the commit began on %s",
+                       self.id, err, dest)  # fmt: skip
+        try:
+            await self.forward(self.remove_incoming, what=f"removing the incoming VM on {dest}")
+        except StateError:  # its commit is under way or began: the guest runs there
+            return await self.forward(self.read_back, what="the destination's commit")
+        except DevagentError as gone:
+            raise PeerError(
+                f"{err}; and then {gone}: VM {self.managed.name} stays paused on "
+                f"{self.report.source} until host {dest} answers (restart devagentd here "
+                "to ask it again)"
+            ) from gone
+        await self.undo_source()
+        self.settle()
+        raise PeerError(f"rolled back after the switchover: {err}") from err
+
+    async def read_back(self) -> CommitAnswer:
+        """The commit as the destination tells it once its guest runs there."""
+        committed = await self.commit_seen()
+        if committed is None:
+            raise StateError(f"VM {self.managed.name} does not run on {self.report.destination}")
+        return committed
 
     async def commit_seen(self) -> CommitAnswer | None:
         """The commit as the destination's VM status tells it; None if its guest does not

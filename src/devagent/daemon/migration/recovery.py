@@ -42,7 +42,6 @@ from devagent.api_types import VmStatus
 from devagent.daemon.migration import plan_for
 from devagent.daemon.migration.context import HostContext, MigratingVm
 from devagent.daemon.migration.job import FORWARD_RETRY_S, MigrationJob
-from devagent.daemon.migration.messages import CommitAnswer
 from devagent.daemon.migration.net import NetMigration
 from devagent.daemon.migration.plans import Plan
 from devagent.daemon.migration.record import (
@@ -194,16 +193,10 @@ class RecoveredJob(MigrationJob):
         if self.phase is Phase.SWITCHOVER:
             committed = await self.commit(self.handover)  # read back if it began
         else:
-            committed = await self.forward(self._read_back, what="the destination's commit")
+            committed = await self.forward(self.read_back, what="the destination's commit")
         done = MigrationInfo(status="completed")  # finish reads QEMU's own if it still runs
         await self.finish(committed, done)
         self._note_restart()
-
-    async def _read_back(self) -> CommitAnswer:
-        committed = await self.commit_seen()
-        if committed is None:
-            raise StateError(f"VM {self.managed.name} does not run on {self.report.destination}")
-        return committed
 
     def _note_restart(self) -> None:
         """Leave out what the old daemon took with it, and say so."""
