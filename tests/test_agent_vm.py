@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 
+from devagent.api_types import Integrity, VmStatus
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.errors import StateError
 from devagent.guest.build import GuestImage
 from devagent.lab.lab import Lab
-from devagent.orchestrate import start_vm, wait_heartbeats
+from devagent.orchestrate import start_vm, wait_heartbeats, wait_past_phase
 from devagent.report import largest_gap
+from devagent.wait import wait_until
 
 pytestmark = [pytest.mark.vm]
 
@@ -94,3 +96,36 @@ async def test_an_agent_killed_under_a_writing_guest_is_restarted(lab: Lab) -> N
     gap = largest_gap(with_io, killed_at - 1, max(with_io))
     assert gap is not None
     print(f"\nagent SIGKILLed and restarted: largest guest I/O gap {gap * 1000:.0f} ms")
+
+
+async def test_a_vm_whose_qemu_was_killed_boots_again_on_its_disk_intact(lab: Lab) -> None:
+    """A crash (QEMU SIGKILLed under a writing guest): the agent keeps the disk with every
+    acknowledged write; ``restart`` boots the guest again on it, its probe adopting what
+    the crashed boot wrote, and the disk holds exactly what the guest wrote since."""
+    host = lab.hosts[0]
+    a = Endpoint(url=host.url, token=lab.token, name=host.name)
+    request = {"name": "c1", "disk_size": "64M", "workload": "moderate,rate=300,span=16M"}
+    await start_vm(a, request)
+    await wait_heartbeats(a, "c1", 10)
+    async with DaemonClient(a) as client:
+        before = await client.get_as("/v1/vms/c1", VmStatus)
+        assert before.pid is not None
+        os.kill(before.pid, signal.SIGKILL)
+        crashed = await wait_until(lambda: _state(client, "c1", "failed"), timeout=10,
+                                   what="the daemon to see QEMU die")  # fmt: skip
+        assert crashed.agents[0].alive  # the disk stays served
+        again = await client.post_as("/v1/vms/c1/restart", VmStatus)
+        assert again.pid not in (None, before.pid)
+    await wait_past_phase(a, "c1", "prefill")
+    beats = await wait_heartbeats(a, "c1", 10)
+    assert beats[-1].errors == 0 and beats[-1].verify_failures == 0
+    async with DaemonClient(a) as client:
+        checked = await client.post_as("/v1/vms/c1/integrity", Integrity)
+        verified = (await client.post("/v1/vms/c1/probe", {"command": "verify"}))["event"]
+    assert checked.integrity == "ok"
+    assert verified["failures"] == 0 and verified["blocks"] >= beats[-1].written_blocks
+
+
+async def _state(client: DaemonClient, name: str, state: str) -> VmStatus | None:
+    status = await client.get_as(f"/v1/vms/{name}", VmStatus)
+    return status if status.state == state else None

@@ -23,6 +23,7 @@ from devagent.guest.probe import (
     HEADER,
     MAGIC,
     MAX_LINE,
+    Adopted,
     ConsoleParser,
     Heartbeat,
     Paused,
@@ -114,6 +115,11 @@ def test_heartbeat_has_every_field_and_the_host_time() -> None:
             "IOPROBE-VERIFIED",
             {"blocks": 667, "failures": 0, "digest": "2647bb60b8501008"},
             Verified(667, 0, "2647bb60b8501008", 2.0),
+        ),
+        (
+            "IOPROBE-ADOPTED",
+            {"blocks": 640, "torn": 1, "failed_reads": 0, "digest": "2647bb60b8501008"},
+            Adopted(640, 1, 0, "2647bb60b8501008", 2.0),
         ),
         (
             "IOPROBE-FATAL",
@@ -466,11 +472,51 @@ def test_ioprobe_verify_finds_a_block_changed_behind_its_back(
     assert beat.verify_failures == 1
 
 
+def test_ioprobe_adopts_the_disk_an_earlier_run_left_after_a_crash(
+    host_ioprobe: Path, tmp_path: Path
+) -> None:
+    """A run killed mid-workload (a crash), one block torn behind its back; a new run with
+    ``adopt`` starts from what the disk holds: its digest is the disk's, it keeps writing,
+    and its reads of adopted blocks verify."""
+    image = tmp_path / "disk.raw"
+    with image.open("wb") as f:
+        f.truncate(4 << 20)
+    first = ProbeRun(host_ioprobe, "rand:50:4096:3000:0:1048576", image)
+    try:
+        first.wait_for(Heartbeat, 3)
+    finally:
+        first.close()  # SIGKILL: a crash
+    data = image.read_bytes()
+    valid = disk_digest(image)
+    torn = next(i for i in range(len(data) // 4096) if data[i * 4096 : i * 4096 + 8] == MAGIC)
+    with image.open("r+b") as f:
+        f.seek(torn * 4096 + 100)
+        f.write(bytes([data[torn * 4096 + 100] ^ 0xFF]))
+    found = disk_digest(image)
+    assert found.invalid_crc_blocks == 1 and found.valid_blocks == valid.valid_blocks - 1
+    again = ProbeRun(host_ioprobe, "rand:50:4096:3000:0:1048576:adopt", image)
+    try:
+        [adopted] = again.wait_for(Adopted)
+        assert adopted == Adopted(found.valid_blocks, 1, 0, found.digest, 0.0)
+        beats = [b for b in again.wait_for(Heartbeat, 3) if isinstance(b, Heartbeat)]
+        assert sum(b.ops for b in beats) > 0 and beats[-1].verify_failures == 0
+        again.send("pause")
+        [paused] = again.wait_for(Paused)
+        assert isinstance(paused, Paused) and paused.digest == disk_digest(image).digest
+        again.send("verify")
+        [verified] = again.wait_for(Verified)
+        assert isinstance(verified, Verified) and verified.failures == 0
+        assert verified.blocks >= found.valid_blocks
+    finally:
+        again.close()
+
+
 def test_ioprobe_says_why_it_cannot_start(host_ioprobe: Path, tmp_path: Path) -> None:
     for spec, device in (
         ("rand:50:4096:0:0:0", tmp_path / "missing.raw"),
         ("rand:500:4096:0:0:0", tmp_path / "missing.raw"),
         ("rand:50:1000:0:0:0", tmp_path / "missing.raw"),
+        ("rand:50:4096:0:0:0:adopted", tmp_path),  # a device, but a seventh field unknown
     ):
         done = subprocess.run(
             [str(host_ioprobe), spec, str(device)], capture_output=True, timeout=10
@@ -478,6 +524,8 @@ def test_ioprobe_says_why_it_cannot_start(host_ioprobe: Path, tmp_path: Path) ->
         events, _ = parse_all(done.stdout)
         assert done.returncode != 0
         assert [type(e) for e in events] == [ProbeFatal]
+        if device == tmp_path:
+            assert isinstance(events[0], ProbeFatal) and "bad spec" in events[0].message
 
 
 def test_block_header_layout_matches_ioprobe(host_ioprobe: Path, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
  * ioprobe: devagent's in-guest I/O prober.
  *
  * Usage: ioprobe SPEC DEVICE
- *   SPEC = pattern:read_pct:block_size:rate:span:prefill
+ *   SPEC = pattern:read_pct:block_size:rate:span:prefill[:adopt]
  *     pattern     rand | seq | idle
  *     read_pct    0..100, share of ops that read (a read falls back to a write
  *                 when no block has been written yet)
@@ -11,6 +11,10 @@
  *     span        bytes of the device used from offset 0, 0 = the whole device
  *                 (a span larger than the device is clamped to it)
  *     prefill     bytes written sequentially (generation 1) before the workload
+ *     adopt       (a guest booted again on a disk an earlier probe wrote, after a
+ *                 crash) read the span first and take every valid block found as
+ *                 written, at its generation: the digest then covers the disk as
+ *                 found plus what this run writes; prefill skips adopted blocks
  *
  * O_DIRECT, queue depth 1. Every written block starts with a 32-byte header,
  * little-endian: magic "DAGPROBE" (8), block index (u64), generation (u64),
@@ -27,6 +31,7 @@
  * and reads commands from stdin, so heartbeats go on while an op is stuck, the
  * workload is paused, the disk is prefilled or verified. Output lines:
  *   IOPROBE-START {...}     once, after the device is opened
+ *   IOPROBE-ADOPTED {...}   once, with adopt: blocks taken, torn ones, the digest
  *   IOPROBE {...}           heartbeat
  *   IOPROBE-ERR {...}       an I/O error or a short read/write
  *   IOPROBE-VFAIL {...}     a read block that is not what was last written
@@ -71,6 +76,7 @@ struct spec {
     uint64_t rate;
     uint64_t span;
     uint64_t prefill;
+    int adopt;
 };
 
 /* Set once before the worker starts. */
@@ -358,10 +364,61 @@ static void do_pause_sync(void) {
          digest, written, total);
 }
 
+#define ADOPT_CHUNK (1 << 20)
+
+static void fatal(const char *what, int err);
+
+/* Takes the valid blocks of the span as written (see adopt in the header). A block
+ * with the magic and its own index whose crc does not match is counted as torn (a
+ * write the crash cut) and left unwritten: the host's digest skips it too. */
+static void adopt_disk(void) {
+    uint64_t bs = g_spec.block_size, per = ADOPT_CHUNK / bs, torn = 0, failed = 0;
+    unsigned char *chunk;
+    if (per == 0)
+        per = 1;
+    if (posix_memalign((void **)&chunk, 4096, per * bs) != 0)
+        fatal("allocate adopt buffer", ENOMEM);
+    for (uint64_t first = 0; first < g_nblocks; first += per) {
+        uint64_t count = g_nblocks - first < per ? g_nblocks - first : per;
+        ssize_t ret = pread(g_fd, chunk, count * bs, (off_t)(first * bs));
+        if (ret != (ssize_t)(count * bs)) {
+            report_io_error("adopt-read", first, ret, errno);
+            failed++;
+            continue;
+        }
+        for (uint64_t k = 0; k < count; k++) {
+            const unsigned char *b = chunk + k * bs;
+            uint64_t index = first + k, gen = get_le64(b + 16);
+            if (memcmp(b, MAGIC, 8) != 0 || get_le64(b + 8) != index || gen == 0 ||
+                gen > UINT32_MAX)
+                continue;
+            if (get_le32(b + 24) != crc32_buf(b + HEADER_SIZE, bs - HEADER_SIZE)) {
+                torn++;
+                continue;
+            }
+            g_gen[index] = (uint32_t)gen;
+            pthread_mutex_lock(&g_mu);
+            g_written[g_written_blocks++] = (uint32_t)index;
+            g_digest ^= block_hash(index, gen);
+            pthread_mutex_unlock(&g_mu);
+        }
+    }
+    free(chunk);
+    emit("IOPROBE-ADOPTED {\"blocks\":%" PRIu64 ",\"torn\":%" PRIu64 ",\"failed_reads\":%" PRIu64
+         ",\"digest\":\"%016" PRIx64 "\"}",
+         g_written_blocks, torn, failed, g_digest);
+}
+
 static void *worker(void *arg) {
     (void)arg;
     int paused = 0;
     uint64_t prefill_next = 0;
+    if (g_spec.adopt) {
+        pthread_mutex_lock(&g_mu);
+        g_phase = PHASE_PREFILL;
+        pthread_mutex_unlock(&g_mu);
+        adopt_disk();
+    }
     int64_t interval = g_spec.rate > 0 ? (int64_t)(1000000000ULL / g_spec.rate) : 0;
     int64_t next_op = now_ns();
     for (;;) {
@@ -404,7 +461,9 @@ static void *worker(void *arg) {
         }
         pthread_mutex_unlock(&g_mu);
         if (prefilling) {
-            write_block(prefill_next++);
+            uint64_t index = prefill_next++;
+            if (g_gen[index] == 0) /* not adopted */
+                write_block(index);
             next_op = now_ns();
             continue;
         }
@@ -511,18 +570,19 @@ static int parse_u64(const char *s, uint64_t *out) {
 
 static int parse_spec(const char *text, struct spec *sp) {
     char buf[256];
-    char *fields[6];
+    char *fields[7];
     int n = 0;
     if (strlen(text) >= sizeof buf)
         return -1;
     strcpy(buf, text);
     for (char *tok = strtok(buf, ":"); tok != NULL; tok = strtok(NULL, ":")) {
-        if (n == 6)
+        if (n == 7)
             return -1;
         fields[n++] = tok;
     }
-    if (n != 6)
+    if (n != 6 && !(n == 7 && strcmp(fields[6], "adopt") == 0))
         return -1;
+    sp->adopt = n == 7;
     if (strcmp(fields[0], "rand") == 0)
         sp->pattern = PAT_RAND;
     else if (strcmp(fields[0], "seq") == 0)
@@ -552,7 +612,8 @@ static void fatal(const char *what, int err) {
 
 int main(int argc, char **argv) {
     if (argc != 3) {
-        fprintf(stderr, "usage: ioprobe pattern:read_pct:block_size:rate:span:prefill DEVICE\n");
+        fprintf(stderr,
+                "usage: ioprobe pattern:read_pct:block_size:rate:span:prefill[:adopt] DEVICE\n");
         emit("IOPROBE-FATAL {\"message\":\"usage: ioprobe SPEC DEVICE\"}");
         return 2;
     }

@@ -140,6 +140,19 @@ class Verified:
 
 
 @dataclass(frozen=True)
+class Adopted:
+    """A probe started with ``adopt`` (a guest booted again after a crash) took the disk's
+    valid blocks as written (``IOPROBE-ADOPTED``): how many, how many torn (a crash-cut
+    write: header right, payload not), reads that failed, and the digest it starts from."""
+
+    blocks: int
+    torn: int
+    failed_reads: int
+    digest: str
+    host_time: float
+
+
+@dataclass(frozen=True)
 class ProbeFatal:
     """ioprobe could not run and exited (``IOPROBE-FATAL``)."""
 
@@ -148,7 +161,15 @@ class ProbeFatal:
 
 
 ProbeEvent = (
-    Ready | Started | Heartbeat | ProbeError | VerifyFailure | Paused | Verified | ProbeFatal
+    Ready
+    | Started
+    | Heartbeat
+    | ProbeError
+    | VerifyFailure
+    | Paused
+    | Verified
+    | Adopted
+    | ProbeFatal
 )
 
 # Each tag: the event class and its fields with their JSON types (all but host_time).
@@ -193,6 +214,10 @@ _SCHEMAS: dict[str, tuple[type[Any], dict[str, type]]] = {
     ),
     "IOPROBE-PAUSED": (Paused, {"digest": str, "written_blocks": int, "ops_total": int}),
     "IOPROBE-VERIFIED": (Verified, {"blocks": int, "failures": int, "digest": str}),
+    "IOPROBE-ADOPTED": (
+        Adopted,
+        {"blocks": int, "torn": int, "failed_reads": int, "digest": str},
+    ),
     "IOPROBE-FATAL": (ProbeFatal, {"message": str}),
 }
 

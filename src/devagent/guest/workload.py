@@ -176,3 +176,13 @@ def _parse_int(value: str, what: str) -> int:
     if not value.isdigit():
         raise UsageError(f"{what} {value!r} is not a whole number")
     return int(value)
+
+
+def adopting(command_line: str) -> str:
+    """``command_line`` with its probe told to adopt the disk as it finds it (``adopt``:
+    a guest booted again after a crash, on the disk the crashed boot's probe wrote)."""
+    words = command_line.split()
+    for i, word in enumerate(words):
+        if word.startswith(f"{KERNEL_ARG}=") and not word.endswith(":adopt"):
+            words[i] = f"{word}:adopt"
+    return " ".join(words)

@@ -35,6 +35,7 @@ from devagent.daemon.nics import NicAgent
 from devagent.daemon.supervised import STATUS_TIMEOUT_S, Supervised
 from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.guest.probe import ConsoleParser, DiskDigest, Heartbeat, Paused, ProbeEvent, Verified
+from devagent.guest.workload import adopting
 from devagent.net.messages import NetStatus
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import Vm, VmState
@@ -156,9 +157,11 @@ class ManagedVm:
 
     def fresh_instance(self) -> None:
         """After its QEMU died: a new QEMU for the same VM and devices, to boot (not to
-        migrate into, not paused), its probe heard anew."""
+        migrate into, not paused), its probe heard anew; the probe adopts the disk as the
+        crashed boot left it, so that its digest (and ``integrity``) go on covering it."""
         extra = tuple(a for a in self.config.extra_args if a != "-S")
-        self.config = self.config.replace(incoming=False, extra_args=extra)
+        append = adopting(self.config.append) if self.config.append else None
+        self.config = self.config.replace(incoming=False, extra_args=extra, append=append)
         self.parser = ConsoleParser() if self.request.has_probe else None
         self.heartbeats.clear()
         self.vm = Vm(self.config, self.run_dir,
