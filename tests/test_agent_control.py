@@ -16,6 +16,8 @@ from devagent.agent.control import build_control_app
 from devagent.agent.hold import HoldState
 from devagent.agent.mirror_job import JobState
 from devagent.errors import StateError
+from devagent.nbd.client import NbdClient
+from devagent.wait import wait_until
 
 SIZE = 1 << 20
 
@@ -142,3 +144,38 @@ async def test_unfence_serves_the_local_vm_again_and_is_idempotent(
     await agent.stop()
     stopped = await client.post("/unfence")
     assert stopped.status == 409 and "is stopped: cannot unfence" in (await stopped.json())["error"]
+
+
+async def test_cancelling_a_mirror_whose_target_vanished_frees_the_guest_at_once(
+    rig: tuple[TestClient, BlockAgent, Path],
+) -> None:
+    """The target's agent went away while the mirror writes through (a destination removed
+    by a roll-back): the guest's write waits on the target's reconnects, for up to the
+    remote's I/O timeout (120 s); a cancel closes the target first, so the write and the
+    cancel both end at once, the guest's data on the source."""
+    client, _, tmp_path = rig
+    target_image = tmp_path / "target.img"
+    target_image.write_bytes(bytes(SIZE))
+    target = BlockAgent(Local(target_image), "receive")
+    host, port = await target.listen_tcp("127.0.0.1")
+    spec = {"kind": "remote", "address": f"tcp:{host}:{port}", "export": "receive"}
+    body = {"target": spec, "converge_bytes": SIZE, "active": True}
+    assert (await client.post("/mirror", json=body)).status == 202
+
+    async def through() -> bool:
+        status = await (await client.get("/status")).json()
+        return status["backend_status"]["state"] == "converged"
+
+    await wait_until(through, timeout=10, what="the mirror to write through")
+    await target.stop()  # gone: the mirror's target reconnects in vain
+    guest = await NbdClient.connect(unix=tmp_path / "disk.sock", export="disk")
+    try:
+        write = asyncio.create_task(guest.write(0, b"\x5a" * 4096))
+        await asyncio.sleep(0.5)
+        assert not write.done()  # held on the target
+        cancelled = await asyncio.wait_for(client.post("/mirror/cancel"), 10)
+        assert cancelled.status == 200
+        await asyncio.wait_for(write, 10)
+        assert await guest.read(0, 4096) == b"\x5a" * 4096
+    finally:
+        await guest.close()

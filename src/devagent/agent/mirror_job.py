@@ -142,7 +142,12 @@ class MirrorJob:
         )
 
     async def cancel(self) -> MirrorCancelled:
-        """Stop the mirror and go on serving its source."""
+        """Stop the mirror and go on serving its source. The target is closed first: the
+        copy is given up, so nothing it would still get matters, and a target that no
+        longer answers (a destination removed, a cut link) fails at once rather than hold
+        the copies in flight, the guest's write-through writes and the swap back for the
+        remote's I/O timeout."""
+        await self.mirror.target.close()
         mirror = await self._end()
         return MirrorCancelled(cancelled=True, mirror=mirror.stats())
 
