@@ -84,6 +84,11 @@ class BackendError(DevagentError):
         self.errno = errno
 
 
+class NoRoom(BackendError):
+    """A write found the disk under a backend full or read-only (ENOSPC, EDQUOT, EROFS)
+    and was not held (``space_hold_s`` 0, or held that long already)."""
+
+
 _ERRNO_MAP = {
     errno_mod.EPERM: Errno.EPERM,
     errno_mod.EACCES: Errno.EPERM,
@@ -280,7 +285,7 @@ class Local(Backend):
             loop.call_later(SPACE_RETRY_S, self._retry, loop, job)
         else:
             message = f"{what} on {self.path}: {err.strerror}"
-            _settle([(future, None, BackendError(message, nbd_errno(err)))])
+            _settle([(future, None, NoRoom(message, nbd_errno(err)))])
 
     def _retry(self, loop: asyncio.AbstractEventLoop, job: _Job) -> None:
         if self._closed:

@@ -3,9 +3,9 @@
 The replica is a sparse file the size of the remote device; a presence bitmap beside it
 (``<replica>.present``, one bit per chunk) says which chunks the replica holds.  A present
 chunk is served from the replica only; an absent one is first copied from the remote.
-Nothing is ever written to the remote.
+Nothing is written to the remote, except while the replica has no room (spilling, below).
 
-Requests:
+Requests (while the replica takes writes):
 
 - A read of absent chunks fetches them (one remote read per run of absent chunks), stores
   them, marks them present, then answers from the replica (copy-on-read).
@@ -23,6 +23,24 @@ Requests:
   pool finishes a write whatever happens to the coroutine that asked for it, so a lock must
   not be released before the write is really done.
 
+Spilling. A replica whose filesystem is full or went read-only (a write of the replica fails
+with ENOSPC, EDQUOT or EROFS: :class:`NoRoom`) does not fail the guest, nor hold it: the
+Fetch *spills*, serving the guest from the remote by remote access until there is room:
+
+- the copier stops filling; present chunks are no longer served lock-free, and the mode
+  changes once the lock-free writes in flight have ended;
+- a write goes to the remote, its range locked: the present chunks it touches are written
+  back to the remote first (the replica may hold newer bytes), then the write goes there,
+  then those chunks are forgotten (absent again: read from the remote from now on);
+- a read takes present chunks from the replica and absent ones from the remote, storing
+  nothing; a TRIM is dropped (it is advisory); a FLUSH flushes the remote too;
+- every second a probe file beside the replica asks for a chunk's room; once it gets it the
+  Fetch fills again (after the spilled writes in flight end), and the chunks forgotten
+  meanwhile are fetched back like any absent chunk.
+
+So the guest never sees the full disk, and the remote always holds every byte the replica
+does not.
+
 Durability (what survives an agent kill, a host crash): :mod:`devagent.agent.presence`.
 The background copier (``start_copier``) walks the absent chunks in order with a few workers
 (``copy_workers`` batches of ``copy_batch`` bytes in flight: enough to fill a LAN link, few
@@ -38,12 +56,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from devagent.agent.backend import Backend, BackendError, Extent, Local
+from devagent.agent.backend import Backend, BackendError, Extent, Local, NoRoom
 from devagent.agent.chunks import (
     ChunkLocks,
     DemandGate,
@@ -63,6 +82,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FETCH_MAX = 8 << 20
+ROOM_PROBE_S = 1.0  # how often a spilling Fetch asks whether its replica has room again
 
 
 def _runs(chunks: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -87,6 +107,26 @@ def _make_replica(path: Path, size: int) -> bool:
     if path.stat().st_size != size:
         raise UsageError(f"replica {path} is {path.stat().st_size} bytes, the remote {size}")
     return False
+
+
+class _Count:
+    """Operations in flight, and an event set while there are none."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        self.n += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.n -= 1
+            if not self.n:
+                self.idle.set()
 
 
 class Fetch(Backend):
@@ -119,7 +159,7 @@ class Fetch(Backend):
         self.rate_limit = rate_limit
         fresh = _make_replica(self.path, self._size)
         self._map = PresenceMap(presence_path(self.path), self._size, chunk_size, fresh=fresh)
-        self._local = Local(self.path)
+        self._local = Local(self.path, space_hold_s=0)  # no room: NoRoom at once (we spill)
         self._locks = ChunkLocks()
         self.demand = DemandGate()  # on-demand fetches first (its counts say who waits)
         self._unsynced: set[int] = set()
@@ -137,6 +177,17 @@ class Fetch(Backend):
         self.fetched_on_demand = 0
         self.fetched_in_background = 0
         self.skipped_as_zero = 0
+        # Spilling (see the module docstring): why, since when, how much; the fast path's
+        # writes in flight and the spilled ones, each counted so a mode change waits for them.
+        self.spilling: str | None = None
+        self.spilled_bytes = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._room_prober: asyncio.Task[None] | None = None
+        self._fast = True  # present chunks served lock-free
+        self._fast_writes = _Count()
+        self._spill_writes = _Count()
+        self._remote_unflushed = False
         self.log = log.getChild(self.path.name)
         self._seed(seed, fresh)
 
@@ -201,6 +252,8 @@ class Fetch(Backend):
             copier=self.copier_running,
             rate_limit=self.rate_limit,
             remote=remote_status() if callable(remote_status) else repr(self.remote),
+            spilling=self.spilling,
+            spilled_bytes=self.spilled_bytes,
         )
 
     # -- chunk arithmetic --------------------------------------------------------------------
@@ -331,8 +384,10 @@ class Fetch(Backend):
         """Inline only where every chunk is present with its bit durable already (nothing to
         persist after the write)."""
         chunks = self._chunks(offset, len(data))
-        if self._absent(offset, len(data)) or (
-            self._unsynced and any(c in self._unsynced for c in chunks)
+        if (
+            not self._fast
+            or self._absent(offset, len(data))
+            or (self._unsynced and any(c in self._unsynced for c in chunks))
         ):
             return False
         return self._local.write_nowait(offset, data)
@@ -344,6 +399,8 @@ class Fetch(Backend):
         absent = self._absent(offset, length)
         if not absent:
             return await self._local.read(offset, length)
+        if self.spilling is not None:
+            return await self._guarded(self._read_through(offset, length))
         early = EarlyRead(offset, length)
         job = asyncio.ensure_future(self._guarded(self._fill(absent, early)))
         racing: set[asyncio.Future[Any]] = {early.future, job}
@@ -355,7 +412,10 @@ class Fetch(Backend):
         if early.future.done():
             job.add_done_callback(log_lost_store)
             return early.future.result()
-        await job
+        try:
+            await job
+        except NoRoom:  # the replica filled up meanwhile: spilling now
+            return await self._guarded(self._read_through(offset, length))
         return await self._local.read(offset, length)
 
     async def _fill(self, chunks: Sequence[int], early: EarlyRead | None = None) -> None:
@@ -365,52 +425,117 @@ class Fetch(Backend):
                 if missing:
                     if early is not None and len(missing) != len(chunks):
                         early = None  # part of the range is in the replica already
-                    moved = await self._fetch_store(missing, early)
+                    try:
+                        moved = await self._fetch_store(missing, early)
+                    except NoRoom as err:
+                        await self._spill(err)
+                        raise
                     self.fetched_on_demand += moved
                     self._mark_fetched(missing)
 
+    async def _read_through(self, offset: int, length: int) -> bytes:
+        """While spilling: present chunks from the replica, absent ones from the remote
+        (their locks held: a fetch or a spilled write of one is ordered with this read)."""
+        async with self._locks.hold(self._absent(offset, length)):
+            parts = [
+                await (self._local if present else self.remote).read(start, stop - start)
+                for start, stop, present in self._pieces(offset, length)
+            ]
+        return b"".join(bytes(p) for p in parts)
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """``[offset, offset+length)`` cut where presence changes: (start, stop, present)."""
+        pieces: list[tuple[int, int, bool]] = []
+        end = offset + length
+        for index in self._chunks(offset, length):
+            start, stop = max(offset, self._span(index)[0]), min(end, self._span(index)[1])
+            present = self._map.is_present(index)
+            if pieces and pieces[-1][2] == present and pieces[-1][1] == start:
+                pieces[-1] = (pieces[-1][0], stop, present)
+            else:
+                pieces.append((start, stop, present))
+        return pieces
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        absent = self._absent(offset, len(data))
-        if absent:
-            await self._guarded(
-                self._overwrite(offset, len(data), absent, lambda: self._local.write(offset, data))
-            )
-        else:
-            await self._local.write(offset, data)
-            self._persist_written(offset, len(data))
+        await self._write(offset, len(data), lambda to: to.write(offset, data))
         if fua:
             await self.flush()
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
-        def zero() -> Awaitable[None]:
-            return self._local.write_zeroes(offset, length, may_trim)
+        await self._write(offset, length, lambda to: to.write_zeroes(offset, length, may_trim))
 
-        absent = self._absent(offset, length)
-        if absent:
-            await self._guarded(self._overwrite(offset, length, absent, zero))
-        else:
-            await zero()
-            self._persist_written(offset, length)
-
-    async def _overwrite(
-        self, offset: int, length: int, absent: Sequence[int], op: Callable[[], Awaitable[None]]
+    async def _write(
+        self, offset: int, length: int, op: Callable[[Backend], Awaitable[None]]
     ) -> None:
-        """Run ``op`` (which writes [offset, offset+length)) over ``absent`` chunks, first
-        storing the parts of partly covered ones that ``op`` does not write."""
-        partial = [c for c in absent if not self._covers(c, offset, length)]
-        with self.demand.counted() if partial else contextlib.nullcontext():
-            async with self._locks.hold(absent):
-                still = [c for c in absent if not self._map.is_present(c)]
-                await asyncio.gather(
-                    *(
-                        self._store_uncovered(c, offset, length)
-                        for c in still
-                        if not self._covers(c, offset, length)
-                    )
-                )
-                await op()
-                self._mark_written(still)
+        """``op`` writes [offset, offset+length) on the backend it is given: the replica
+        when every chunk is present (lock-free), else under the chunks' locks
+        (:meth:`_write_locked`); a replica with no room spills."""
+        if self._fast and not self._absent(offset, length):
+            try:
+                with self._fast_writes.counted():
+                    await op(self._local)
                 self._persist_written(offset, length)
+                return
+            except NoRoom as err:
+                await self._spill(err)
+        await self._guarded(self._write_locked(offset, length, op))
+
+    async def _write_locked(
+        self, offset: int, length: int, op: Callable[[Backend], Awaitable[None]]
+    ) -> None:
+        chunks = list(self._chunks(offset, length))
+        partial = [
+            c for c in chunks if not self._map.is_present(c) and not self._covers(c, offset, length)
+        ]
+        counted = partial and self.spilling is None
+        with self.demand.counted() if counted else contextlib.nullcontext():
+            async with self._locks.hold(chunks):
+                if self.spilling is None:
+                    try:
+                        await self._write_replica(offset, length, op)
+                        return
+                    except NoRoom as err:
+                        await self._spill(err)
+                await self._write_remote(chunks, offset, length, op)
+
+    async def _write_replica(
+        self, offset: int, length: int, op: Callable[[Backend], Awaitable[None]]
+    ) -> None:
+        """(Locked.) Store the parts of partly covered absent chunks that ``op`` does not
+        write, then run it on the replica."""
+        still = [c for c in self._chunks(offset, length) if not self._map.is_present(c)]
+        await asyncio.gather(
+            *(self._store_uncovered(c, offset, length)
+              for c in still if not self._covers(c, offset, length))
+        )  # fmt: skip
+        await op(self._local)
+        self._mark_written(still)
+        self._persist_written(offset, length)
+
+    async def _write_remote(
+        self,
+        chunks: Sequence[int],
+        offset: int,
+        length: int,
+        op: Callable[[Backend], Awaitable[None]],
+    ) -> None:
+        """(Locked, spilling.) The present chunks go back to the remote, the write goes
+        there, and those chunks are forgotten."""
+        with self._spill_writes.counted():
+            present = [c for c in chunks if self._map.is_present(c)]
+            for first, last in _runs(present):
+                start, end = self._span(first)[0], self._span(last)[1]
+                for pos in range(start, end, FETCH_MAX):
+                    stop = min(pos + FETCH_MAX, end)
+                    data = await self._local.read(pos, stop - pos)
+                    await self.remote.write(pos, bytes(data))
+            self._remote_unflushed = True
+            await op(self.remote)
+            if present:
+                self._map.forget(present)
+                self._unsynced.difference_update(present)
+                self._all_present.clear()
+            self.spilled_bytes += length
 
     async def _store_uncovered(self, index: int, offset: int, length: int) -> None:
         start, end = self._span(index)
@@ -422,12 +547,19 @@ class Fetch(Backend):
             await self._local.write(offset + length, bytes(data[offset + length - start :]))
 
     async def trim(self, offset: int, length: int) -> None:
-        absent = self._absent(offset, length)
-        if not absent:
-            await self._local.trim(offset, length)
-            self._persist_written(offset, length)
+        """Advisory: dropped while spilling, or when the replica has no room to punch."""
+        if self.spilling is not None:
             return
-        await self._guarded(self._trim_locked(offset, length, absent))
+        absent = self._absent(offset, length)
+        try:
+            if not absent and self._fast:
+                with self._fast_writes.counted():
+                    await self._local.trim(offset, length)
+                self._persist_written(offset, length)
+                return
+            await self._guarded(self._trim_locked(offset, length, absent))
+        except NoRoom as err:
+            await self._spill(err)
 
     async def _trim_locked(self, offset: int, length: int, absent: Sequence[int]) -> None:
         async with self._locks.hold(absent):
@@ -448,7 +580,73 @@ class Fetch(Backend):
             self._persist_written(offset, length)
 
     async def flush(self) -> None:
-        await self._sync_fetched(bitmap_too=True)
+        """The replica and its bitmap synced; and the remote flushed when spilled writes
+        went there. A replica that refuses while spilling (read-only) is logged: its
+        bytes are the page cache's until there is room again."""
+        if self._remote_unflushed:
+            self._remote_unflushed = False
+            try:
+                await self.remote.flush()
+            except BaseException:
+                self._remote_unflushed = True
+                raise
+        try:
+            await self._sync_fetched(bitmap_too=True)
+        except (BackendError, OSError) as err:
+            if self.spilling is None:
+                raise
+            self.log.warning("replica %s: flush failed while spilling: %s", self.path, err)
+
+    # -- spilling ----------------------------------------------------------------------------
+
+    async def _spill(self, err: NoRoom) -> None:
+        """The replica has no room: serve the guest from the remote until it has (see the
+        module docstring). Returns once no lock-free write is in flight."""
+        if self.spilling is None:
+            self.spilling = str(err)
+            self._room.clear()
+            self._fast = False
+            self.log.warning(
+                "replica %s has no room (%s): the guest's I/O goes to %r by remote access, "
+                "and the replica stops filling, until there is room again "
+                "(free some space, or remount the filesystem read-write)",
+                self.path, err, self.remote,
+            )  # fmt: skip
+            if self._room_prober is None or self._room_prober.done():
+                self._room_prober = asyncio.create_task(self._await_room())
+        await self._fast_writes.idle.wait()
+
+    async def _await_room(self) -> None:
+        """Every :data:`ROOM_PROBE_S`, ask for a chunk's room beside the replica; once
+        given, fill again (after the spilled writes in flight)."""
+        began = time.monotonic()
+        while not self._closed:
+            await asyncio.sleep(ROOM_PROBE_S)
+            if await asyncio.to_thread(self._has_room):
+                break
+        else:
+            return
+        self.spilling = None
+        await self._spill_writes.idle.wait()
+        self._fast = True
+        self._room.set()
+        self.log.warning(
+            "replica %s has room again after %.1f s: it fills again (%d bytes spilled to the "
+            "remote so far)", self.path, time.monotonic() - began, self.spilled_bytes,
+        )  # fmt: skip
+
+    def _has_room(self) -> bool:
+        probe = self.path.with_name(f".{self.path.name}.room")
+        try:
+            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.chunk_size)
+            finally:
+                os.close(fd)
+                probe.unlink()
+        except OSError:
+            return False
+        return True
 
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         """From the replica where present, from the remote where absent (possibly shorter
@@ -526,15 +724,22 @@ class Fetch(Backend):
 
     async def _copy_worker(self) -> None:
         while True:
+            await self._room.wait()
             await self.demand.wait_idle()
             batch = self._next_batch()
             if batch is None:
-                return
+                if self._room.is_set() and self.complete:
+                    return
+                self._cursor = 0  # chunks spilled behind the cursor: round again
+                continue
             delay = 0.05
             while True:
                 try:
                     await self._guarded(self._copy_batch(batch))
                     break
+                except NoRoom as err:
+                    await self._spill(err)
+                    await self._room.wait()
                 except BackendError as err:
                     self.log.warning(
                         "copier: chunks %d..%d: %s (retrying in %.2f s)",
@@ -578,6 +783,8 @@ class Fetch(Backend):
         if self._closed:
             return
         self._closed = True
+        if self._room_prober is not None:
+            self._room_prober.cancel()
         await self.stop_copier()
         await self.remote.close()  # pending fetches fail at once instead of waiting
         if self._jobs:

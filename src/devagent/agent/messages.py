@@ -187,6 +187,10 @@ class FetchStatus(msgspec.Struct, tag="fetch", tag_field="kind"):
     copier: bool
     rate_limit: float | None
     remote: RemoteStatus | str  # a local source has no status: its repr
+    #: Why the replica takes no writes now (full, read-only): the guest's writes go to the
+    #: remote meanwhile. None: it takes them.
+    spilling: str | None = None
+    spilled_bytes: int = 0  # guest bytes written to the remote for want of room, in all
 
 
 class MirrorStatus(msgspec.Struct, tag="mirror", tag_field="kind"):

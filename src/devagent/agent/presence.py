@@ -22,6 +22,10 @@ Durability — what survives what:
   for a chunk first written partly, its fetched remainder too.  Agent crashes never.
 - A chunk never reads as present unless its data is in the replica: the in-memory bit is set
   only after the data's ``pwrite`` returned.
+- A chunk goes absent again only when the replica had no room for a guest write to it (the
+  Fetch *spills* it to the remote): its bit is cleared, in memory and in the file, after the
+  remote holds the chunk and the write. The file's blocks are allocated when it is made, so
+  that a full filesystem still takes a bit's change.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class PresenceMap:
                 packed = _HEADER.pack(MAGIC, VERSION, size, chunk_size)
                 os.pwrite(self._fd, packed.ljust(HEADER_SIZE, b"\0"), 0)
                 os.ftruncate(self._fd, HEADER_SIZE + n_bytes)
+                os.posix_fallocate(self._fd, 0, HEADER_SIZE + n_bytes)  # room for every bit
                 bits = bytes(n_bytes)
             else:
                 if len(header) < _HEADER.size:
@@ -125,7 +130,29 @@ class PresenceMap:
                 self.durable[byte] |= mask
                 lo, hi = min(lo, byte), max(hi, byte)
         if hi >= lo:
-            os.pwrite(self._fd, self.durable[lo : hi + 1], HEADER_SIZE + lo)
+            try:
+                os.pwrite(self._fd, self.durable[lo : hi + 1], HEADER_SIZE + lo)
+            except OSError as err:  # a filesystem gone read-only: its replica is lost anyway
+                log.error("%s: cannot write bits: %s", self.path, err)
+
+    def forget(self, chunks: Sequence[int]) -> None:
+        """These chunks are no longer in the replica (spilled): clear their bits, in the
+        file at once. A file that refuses (a read-only filesystem) is logged: this agent
+        knows better in memory, and the replica cannot be trusted after a restart anyway."""
+        lo, hi = len(self.durable), -1
+        for index in chunks:
+            byte, mask = index >> 3, 1 << (index & 7)
+            if self.present[byte] & mask:
+                self.present[byte] &= ~mask
+                self.count -= 1
+            if self.durable[byte] & mask:
+                self.durable[byte] &= ~mask
+                lo, hi = min(lo, byte), max(hi, byte)
+        if hi >= lo:
+            try:
+                os.pwrite(self._fd, self.durable[lo : hi + 1], HEADER_SIZE + lo)
+            except OSError as err:
+                log.error("%s: cannot clear the bits of spilled chunks: %s", self.path, err)
 
     def sync(self) -> None:
         os.fdatasync(self._fd)
