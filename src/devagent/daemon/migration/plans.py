@@ -245,9 +245,11 @@ class FetchingPlan(AgentPlan):
         progress = _Progress()
         while not await self._disk_local(job, progress):
             if progress.stalled_for() > DISK_STALL_S:
+                why = f": it has no room ({progress.spilling})" if progress.spilling else ""
                 raise WaitTimeout(
                     f"VM {job.managed.name}'s replica on {job.report.destination}",
-                    DISK_STALL_S, f"no progress past {progress.present} bytes",
+                    DISK_STALL_S, f"no progress past {progress.present} bytes{why}; the VM "
+                    f"runs there on this host's disk, which stays served",
                 )  # fmt: skip
             await asyncio.sleep(POLL_S)
         job.mark(Step.DISK_LOCAL)
@@ -265,6 +267,13 @@ class FetchingPlan(AgentPlan):
         backend = device.agent.backend_status if device.agent is not None else None
         fetch = backend if isinstance(backend, FetchStatus) else device.last_fetch
         if fetch is not None:
+            if fetch.spilling is not None and progress.spilling is None:
+                job.log.warning(
+                    "VM %s's replica on %s has no room (%s): the VM runs there on this "
+                    "host's disk by remote access, and the migration waits for room",
+                    job.managed.name, job.report.destination, fetch.spilling,
+                )  # fmt: skip
+            progress.spilling = fetch.spilling
             progress.saw(fetch.present_bytes)
             job.disk_progress(fetch.present_bytes, fetch.size - fetch.present_bytes)
             job.progress.disk_bytes_moved = (
@@ -279,6 +288,7 @@ class _Progress:
     def __init__(self) -> None:
         self.present = -1
         self.since = time.monotonic()
+        self.spilling: str | None = None  # why the replica takes no writes, while it does not
 
     def saw(self, present: int) -> None:
         if present > self.present:
