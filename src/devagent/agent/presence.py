@@ -98,6 +98,7 @@ class PresenceMap:
         self.durable = bytearray(bits)
         self.count = sum(bin(b).count("1") for b in bits)
         self.new = fresh or not header  # made now, not read back from an earlier run
+        self._refused = False  # the file refused a cleared bit (said once)
 
     @property
     def present_bytes(self) -> int:
@@ -151,8 +152,11 @@ class PresenceMap:
         if hi >= lo:
             try:
                 os.pwrite(self._fd, self.durable[lo : hi + 1], HEADER_SIZE + lo)
+                self._refused = False
             except OSError as err:
-                log.error("%s: cannot clear the bits of spilled chunks: %s", self.path, err)
+                if not self._refused:  # once per episode: a read-only filesystem refuses all
+                    log.error("%s: cannot clear the bits of spilled chunks: %s", self.path, err)
+                self._refused = True
 
     def sync(self) -> None:
         os.fdatasync(self._fd)
