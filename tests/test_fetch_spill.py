@@ -5,6 +5,7 @@ filesystem has room again it fills again and ends complete, equal to what the gu
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -163,3 +164,46 @@ async def test_writes_racing_the_replica_filling_up_are_all_kept(
         assert (small_fs / "replica.img").read_bytes() == model
     finally:
         await fetch.close()
+
+
+async def test_a_replica_complete_before_the_spill_fills_again_after_it(
+    small_fs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copier had finished (the replica complete, its zero chunks holes) when the space
+    filled up: a write into a hole spills and forgets its chunk; once there is room the
+    copier runs again and the replica ends complete and right."""
+    monkeypatch.setattr(fetch_module, "ROOM_PROBE_S", 0.05)
+    data = pattern()
+    data[CHUNK * 8 : CHUNK * 24] = bytes(CHUNK * 16)  # zeroes: holes in the replica
+    remote = WritableRemote(data)
+    model = bytearray(data)
+    await asyncio.to_thread(grow, small_fs)
+    fetch = Fetch(small_fs / "replica.img", remote, chunk_size=CHUNK)
+    filler = small_fs / "filler"
+    try:
+        fetch.start_copier()
+        await asyncio.wait_for(fetch.wait_complete(), 30)
+        await asyncio.to_thread(_fill_up, filler)
+        await fetch.write(CHUNK * 10, b"\x77" * 4096)  # into a hole: no room
+        model[CHUNK * 10 : CHUNK * 10 + 4096] = b"\x77" * 4096
+        assert fetch.spilling is not None and not fetch.complete
+        assert await fetch.read(CHUNK * 10, CHUNK) == model[CHUNK * 10 : CHUNK * 11]
+        filler.unlink()
+        await until(lambda: fetch.spilling is None, "room again")
+        await asyncio.wait_for(fetch.wait_complete(), 30)
+        assert (small_fs / "replica.img").read_bytes() == model
+    finally:
+        await fetch.close()
+
+
+def _fill_up(filler: Path) -> None:
+    """Take every free block of the filesystem."""
+    with filler.open("wb") as f:
+        size = 1 << 20
+        taken = 0
+        while size >= 4096:
+            try:
+                os.posix_fallocate(f.fileno(), taken, size)
+                taken += size
+            except OSError:
+                size //= 2

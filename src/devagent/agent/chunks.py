@@ -148,6 +148,10 @@ class RemoteZeroes:
             zeros = [(s, e) for s, e, z in self._known if z and e > start and s < end]
         return [i for i in batch if any(s <= span(i)[0] and span(i)[1] <= e for s, e in zeros)]
 
+    def forget(self) -> None:
+        """The remote was written (a spilled write): what it said of its zeroes is old."""
+        self._known = []
+
     async def _ask(self, start: int) -> None:
         try:
             length = min(STATUS_WINDOW, self.remote.size - start)

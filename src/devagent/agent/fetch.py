@@ -188,6 +188,7 @@ class Fetch(Backend):
         self._fast_writes = _Count()
         self._spill_writes = _Count()
         self._remote_unflushed = False
+        self._remote_writes = 0  # spilled writes so far: a zero map asked before one is old
         self.log = log.getChild(self.path.name)
         self._seed(seed, fresh)
 
@@ -530,6 +531,8 @@ class Fetch(Backend):
                     data = await self._local.read(pos, stop - pos)
                     await self.remote.write(pos, bytes(data))
             self._remote_unflushed = True
+            self._remote_writes += 1
+            self._zeroes.forget()
             await op(self.remote)
             if present:
                 self._map.forget(present)
@@ -630,6 +633,8 @@ class Fetch(Backend):
         await self._spill_writes.idle.wait()
         self._fast = True
         self._room.set()
+        if self._copier is not None and self._copier.done() and not self.complete:
+            self.start_copier()  # it had ended (the replica was complete) before the spill
         self.log.warning(
             "replica %s has room again after %.1f s: it fills again (%d bytes spilled to the "
             "remote so far)", self.path, time.monotonic() - began, self.spilled_bytes,
@@ -752,6 +757,7 @@ class Fetch(Backend):
                     delay = min(delay * 2, 5.0)
 
     async def _copy_batch(self, batch: Sequence[int]) -> None:
+        writes = self._remote_writes
         zero = set(await self._zeroes.chunks(batch, self._span))
         data_bytes = sum(
             self._span(c)[1] - self._span(c)[0]
@@ -765,6 +771,8 @@ class Fetch(Backend):
             missing = [c for c in batch if not self._map.is_present(c)]
             if not missing:
                 return
+            if writes != self._remote_writes:  # a spilled write since: the zeroes are old
+                zero = set()
             fetch = [c for c in missing if c not in zero]
             for first, last in _runs([c for c in missing if c in zero]):
                 start, end = self._span(first)[0], self._span(last)[1]
