@@ -8,13 +8,18 @@ import asyncio
 import os
 import random
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
-from devagent.agent import fetch as fetch_module
+from devagent.agent import spill as spill_module
+from devagent.agent.backend import Backend, Extent, NoRoom
+from devagent.agent.duties import Duties
 from devagent.agent.fetch import Fetch
+from devagent.agent.messages import FetchSpec, RemoteSpec
+from devagent.nbd.proto import Errno
 from test_fetch import CHUNK, SIZE, FakeRemote, pattern, until
 
 
@@ -65,7 +70,7 @@ async def spilling(
     small_fs: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[Fetch, WritableRemote, bytearray]]:
     """A Fetch filling up its replica until it has no room: spilling."""
-    monkeypatch.setattr(fetch_module, "ROOM_PROBE_S", 0.05)
+    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.05)
     remote = WritableRemote(pattern())
     fetch = Fetch(small_fs / "replica.img", remote, chunk_size=CHUNK)
     fetch.start_copier()
@@ -136,7 +141,7 @@ async def test_writes_racing_the_replica_filling_up_are_all_kept(
     """Guest writes in flight, lock-free on present chunks and locked on absent ones, while
     the copier fills the replica up and the Fetch starts spilling, then fills again: every
     write is kept (each task owns its own 4 KiB blocks, so the model is exact)."""
-    monkeypatch.setattr(fetch_module, "ROOM_PROBE_S", 0.05)
+    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.05)
     remote = WritableRemote(pattern())
     fetch = Fetch(small_fs / "replica.img", remote, chunk_size=CHUNK)
     model = bytearray(pattern())
@@ -172,7 +177,7 @@ async def test_a_replica_complete_before_the_spill_fills_again_after_it(
     """The copier had finished (the replica complete, its zero chunks holes) when the space
     filled up: a write into a hole spills and forgets its chunk; once there is room the
     copier runs again and the replica ends complete and right."""
-    monkeypatch.setattr(fetch_module, "ROOM_PROBE_S", 0.05)
+    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.05)
     data = pattern()
     data[CHUNK * 8 : CHUNK * 24] = bytes(CHUNK * 16)  # zeroes: holes in the replica
     remote = WritableRemote(data)
@@ -207,3 +212,177 @@ def _fill_up(filler: Path) -> None:
                 taken += size
             except OSError:
                 size //= 2
+
+
+# --- races, on a replica made to refuse writes (its Local instrumented) -------------------
+
+
+class GatedRemote(WritableRemote):
+    """Writes at some offsets wait for ``write_release``; block-status answers for
+    ``status_gate`` (computed at once, delivered later)."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        super().__init__(data)
+        self.hold_write_at: set[int] = set()
+        self.write_release = asyncio.Event()
+        self.status_gate: asyncio.Event | None = None
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        if offset in self.hold_write_at:
+            await self.write_release.wait()
+        await super().write(offset, data, fua)
+
+    async def block_status(self, offset: int, length: int) -> list[Extent]:
+        answer = await super().block_status(offset, length)
+        if self.status_gate is not None:
+            await self.status_gate.wait()
+        return answer
+
+
+class Refusing:
+    """The replica's writes: NoRoom while ``full`` (only into ``chunks``, if given), and
+    held at ``hold`` offsets until ``gate``."""
+
+    def __init__(self, fetch: Fetch) -> None:
+        self.full = False
+        self.chunks: set[int] | None = None
+        self.hold: set[int] = set()
+        self.gate = asyncio.Event()
+        self._write = fetch._local.write
+        fetch._local.write = self.write  # type: ignore[method-assign]
+
+    async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        if offset in self.hold:
+            await self.gate.wait()
+        if self.full and (self.chunks is None or offset // CHUNK in self.chunks):
+            raise NoRoom("write: No space left on device", Errno.ENOSPC)
+        await self._write(offset, data, fua)
+
+
+async def test_a_lock_free_write_in_flight_when_the_spill_begins_is_kept(tmp_path: Path) -> None:
+    fetch = Fetch(tmp_path / "r.img", GatedRemote(pattern()), chunk_size=CHUNK)
+    try:
+        await fetch.read(0, CHUNK)  # chunk 0 present
+        await fetch.flush()
+        replica = Refusing(fetch)
+        replica.hold, replica.full, replica.chunks = {0}, True, {5}
+        first = asyncio.create_task(fetch.write(0, b"A" * 4096))  # lock-free, in flight
+        await asyncio.sleep(0.01)
+        spill = asyncio.create_task(fetch.write(5 * CHUNK, b"B" * 4096))  # no room: spills
+        await until(lambda: fetch.spilling is not None, "the spill")
+        same_chunk = asyncio.create_task(fetch.write(4096, b"C" * 4096))  # spilled
+        await asyncio.sleep(0.01)
+        replica.gate.set()
+        await asyncio.gather(first, spill, same_chunk)
+        assert await fetch.read(0, 8192) == b"A" * 4096 + b"C" * 4096
+    finally:
+        await fetch.close()
+
+
+async def test_a_spill_while_the_prober_ends_the_last_one_keeps_spilling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.01)
+    remote = GatedRemote(pattern())
+    fetch = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK)
+    room = [False]
+    monkeypatch.setattr(fetch.spill, "has_room", lambda: room[0])
+    try:
+        replica = Refusing(fetch)
+        replica.full = True
+        await fetch.write(3 * CHUNK, b"x" * 4096)
+        remote.hold_write_at = {7 * CHUNK}
+        held = asyncio.create_task(fetch.write(7 * CHUNK, b"a" * 4096))  # spilled, held
+        await asyncio.sleep(0.01)
+        room[0] = True
+        await until(lambda: fetch.spilling is None, "the prober to see room")
+        room[0] = False
+        await fetch.write(9 * CHUNK, b"b" * 4096)  # no room again while the prober waits
+        remote.write_release.set()
+        await held
+        await asyncio.sleep(0.1)
+        assert fetch.spilling is not None and not fetch.spill.fast  # still spilling, locked
+        replica.full, room[0] = False, True
+        await until(lambda: fetch.spilling is None and fetch.spill.fast, "room, for good")
+        assert await fetch.read(9 * CHUNK, 4096) == b"b" * 4096
+    finally:
+        await fetch.close()
+
+
+async def test_a_zero_map_asked_before_a_spilled_write_never_punches_it(tmp_path: Path) -> None:
+    data = pattern()
+    data[10 * CHUNK : 11 * CHUNK] = bytes(CHUNK)  # the remote's chunk 10 reads zeroes
+    remote = GatedRemote(data)
+    fetch = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK)
+    try:
+        await fetch.read(0, CHUNK)
+        replica = Refusing(fetch)
+        remote.status_gate = asyncio.Event()
+        asking = asyncio.create_task(fetch._copy_batch([0]))  # its zero map is on its way
+        await asyncio.sleep(0.01)
+        replica.full = True
+        await fetch.write(10 * CHUNK, b"W" * 4096)  # spilled to the remote
+        remote.status_gate.set()  # the old answer lands now
+        await asyncio.gather(asking)
+        replica.full = False
+        await fetch._copy_batch([10])
+        assert await fetch.read(10 * CHUNK, 4096) == b"W" * 4096
+    finally:
+        await fetch.close()
+
+
+async def test_then_local_waits_while_a_spill_made_the_replica_incomplete(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica was complete, its swap to Local under way, when a write into a hole
+    spilled and forgot its chunk: the swap waits until the replica is whole again."""
+    data = pattern()
+    data[10 * CHUNK : 11 * CHUNK] = bytes(CHUNK)
+    fetch = Fetch(tmp_path / "r.img", GatedRemote(data), chunk_size=CHUNK)
+    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.01)
+    room = [False]
+    monkeypatch.setattr(fetch.spill, "has_room", lambda: room[0])
+
+    class Agent:
+        export_name = "disk"
+        backend: Backend = fetch
+
+        async def swap_backend(
+            self, new: Backend, *, before_switch: Callable[[], Awaitable[object]] | None = None
+        ) -> Backend:
+            if before_switch is not None:
+                await before_switch()
+            old, self.backend = self.backend, new
+            return old
+
+    agent = Agent()
+    flushing = asyncio.Event()
+    flush = fetch._local.flush
+
+    async def slow_flush() -> None:
+        await flushing.wait()
+        await flush()
+
+    try:
+        fetch.start_copier()
+        await until(lambda: fetch.complete, "the replica complete")
+        await fetch.settle()
+        fetch._local.flush = slow_flush  # type: ignore[method-assign]
+        duties = Duties(cast(Any, agent))
+        spec = FetchSpec(path=str(fetch.path), remote=RemoteSpec(address="tcp:h:1", export="e"),
+                         copier=True, then_local=True)  # fmt: skip
+        duties.start(fetch, spec)
+        await asyncio.sleep(0.01)  # then_local waits in wait_complete's flush
+        replica = Refusing(fetch)
+        replica.full, replica.chunks = True, {10}
+        await fetch.write(10 * CHUNK, b"W" * 4096)  # into a hole: spilled, chunk forgotten
+        flushing.set()
+        await asyncio.sleep(0.2)
+        assert agent.backend is fetch  # not swapped while a chunk is on the remote only
+        replica.full, room[0] = False, True  # the prober sees room, the copier runs again
+        await until(lambda: agent.backend is not fetch, "the swap to Local")
+        assert await agent.backend.read(10 * CHUNK, 4096) == b"W" * 4096
+        await agent.backend.close()
+    finally:
+        flushing.set()
+        await fetch.close()

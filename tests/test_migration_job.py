@@ -305,3 +305,51 @@ async def test_a_slow_tail_is_waited_out_while_it_grows_and_not_once_it_stalls(
     await stalled.run()
     assert stalled.phase is Phase.FAILED and "no progress" in (stalled.report.error or "")
     assert vm.name in host.vms  # the source still serves the disk: not released
+
+
+async def test_a_removal_refused_while_a_commit_not_yet_begun_runs_is_asked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The destination's commit still runs (its answer lost), not begun: it refuses the
+    removal, and its VM does not run yet; the source asks again until the commit settles
+    (here it ends well: the migration completes)."""
+    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.2)
+    job, _, host = make_job(tmp_path, Strategy.POSTCOPY)
+    dest = host.destination
+    dest.failures["POST /v1/incoming/v1/commit"] = PeerError("connection reset")
+    looks = 0
+    get = dest.get
+
+    async def refuse(path: str) -> None:
+        dest._asked(f"DELETE {path}")
+        raise StateError("host b: VM v1's commit is under way here: refusing to remove it")
+
+    async def commit_ends_later(path: str, **params: object) -> object:
+        nonlocal looks
+        if path == "/v1/vms/v1":
+            looks += 1
+            if looks >= 3:
+                dest.vms["v1"] = "running"
+        return await get(path, **params)
+
+    monkeypatch.setattr(dest, "delete", refuse)
+    monkeypatch.setattr(dest, "get", commit_ends_later)
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    assert dest.requests.count("DELETE /v1/incoming/v1") >= 2
+
+
+async def test_a_commit_never_done_leaves_the_incoming_vm_when_the_source_qemu_is_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fence failed, so the source's QEMU was killed: the incoming VM holds the only
+    copy of the guest, and is never removed."""
+    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    job, vm, host = make_job(tmp_path, Strategy.POSTCOPY)
+    vm.agents[0].failures["/fence"] = PeerError("agent unreachable")
+    host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("no NBD handshake")
+    await job.run()
+    assert job.phase is Phase.FAILED and vm.vm.exited
+    assert host.destination.vms == {"v1": "incoming"}
+    assert "the source's QEMU is gone" in (job.report.error or "")
+    assert (tmp_path / "migration.json").exists()

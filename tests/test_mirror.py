@@ -9,6 +9,7 @@ import random
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -16,7 +17,7 @@ from agent_fakes import MemoryBackend
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Backend, BackendError, Extent, Local
 from devagent.agent.mirror import DIRTY_BITMAP, Mirrored
-from devagent.agent.mirror_job import cutover
+from devagent.agent.mirror_job import JobEvent, MirrorJob, cutover
 from devagent.agent.mirror_states import MirrorEvent, MirrorFailed, MirrorState, MirrorStateError
 from devagent.agent.state import DeviceState
 from devagent.errors import PeerError
@@ -648,3 +649,37 @@ async def test_real_mirror_over_tcp_with_qemu_io_writing(pair: Pair, sync: bool)
     await run_qemu_io(pair.sock, ["write -P 0x5a 0 4096", "flush"])
     with pair.dst.open("rb") as f:
         assert f.read(4096) == b"\x5a" * 4096
+
+
+async def test_a_cancel_fails_no_guest_write_of_a_sync_mirror(tmp_path: Path) -> None:
+    """In sync mode a guest write is answered once both sides have it; a cancel closes
+    the target under a write in flight: the write is the source's alone, not an EIO."""
+    source, target = Disk(), Disk()
+    landed = target.write
+
+    async def slow(offset: int, data: bytes, fua: bool = False) -> None:  # a far target
+        await asyncio.sleep(0.05)
+        await landed(offset, data, fua)
+
+    target.write = slow  # type: ignore[method-assign]
+
+    class Agent:
+        export_name = "disk"
+
+        def __init__(self, backend: Backend) -> None:
+            self.backend = backend
+
+        async def swap_backend(self, new: Backend, **_: object) -> Backend:
+            old, self.backend = self.backend, new
+            return old
+
+    mirror = Mirrored(source, target, sync=True)
+    job = MirrorJob(cast(Any, Agent(mirror)))
+    job._mirror, job._task = mirror, asyncio.create_task(mirror.run())
+    job.lifecycle.fire(JobEvent.STARTED)
+    await asyncio.sleep(0.1)
+    write = asyncio.create_task(mirror.write(0, b"\x5a" * 4096))
+    await asyncio.sleep(0.01)
+    await job.cancel()
+    await write  # no BackendError
+    assert await source.read(0, 4096) == b"\x5a" * 4096

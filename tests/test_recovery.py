@@ -460,3 +460,22 @@ async def test_one_vm_that_cannot_be_adopted_does_not_keep_the_daemon_from_start
     manager = VmManager("a", tmp_path, None, "127.0.0.1")
     await manager.adopt_all()  # logged, not raised
     assert manager.vms == {}
+
+
+def test_the_logs_of_a_vm_leaving_the_host_are_kept_and_the_oldest_pruned(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manager_module, "LOGS_KEPT", 2)
+    logs = tmp_path / "logs"
+    for n in range(3):
+        run_dir = tmp_path / f"vm{n}"
+        run_dir.mkdir()
+        (run_dir / "qemu.log").write_text(f"boot {n}\n")
+        (run_dir / "qmp.sock").write_text("")
+        manager_module.keep_logs(run_dir, logs, f"vm{n}-migrated")
+        assert not (run_dir / "qemu.log").exists() and (run_dir / "qmp.sock").exists()
+    kept = sorted(logs.iterdir())
+    assert [p.name.split("-")[0] for p in kept] == ["vm1", "vm2"]  # the oldest went
+    assert (kept[-1] / "qemu.log").read_text() == "boot 2\n"
+    manager_module.keep_logs(tmp_path / "vm0", logs, "vm0-running")  # nothing left: no folder
+    assert len(list(logs.iterdir())) == 2

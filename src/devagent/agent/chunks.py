@@ -134,6 +134,7 @@ class RemoteZeroes:
         self.remote = remote
         self._lock = asyncio.Lock()
         self._known: list[tuple[int, int, bool]] = []  # (start, end, zero) from the remote
+        self._epoch = 0  # :meth:`forget`s so far
 
     async def chunks(
         self, batch: Sequence[int], span: Callable[[int], tuple[int, int]]
@@ -149,10 +150,13 @@ class RemoteZeroes:
         return [i for i in batch if any(s <= span(i)[0] and span(i)[1] <= e for s, e in zeros)]
 
     def forget(self) -> None:
-        """The remote was written (a spilled write): what it said of its zeroes is old."""
+        """The remote was written (a spilled write): what it said of its zeroes is old,
+        and so is any answer still on its way."""
         self._known = []
+        self._epoch += 1
 
     async def _ask(self, start: int) -> None:
+        epoch = self._epoch
         try:
             length = min(STATUS_WINDOW, self.remote.size - start)
             extents = await self.remote.block_status(start, length)
@@ -160,6 +164,8 @@ class RemoteZeroes:
             log.debug("remote block status failed: %s", err)
             extents = []
         self._known = []
+        if epoch != self._epoch:  # the remote was written while we asked: say nothing
+            return
         pos = start
         for extent in extents:
             self._known.append((pos, pos + extent.length, extent.zero))

@@ -20,6 +20,10 @@ log = logging.getLogger(__name__)
 THEN_LOCAL_RETRY_S = 1.0
 
 
+class _NotWhole(DevagentError):
+    """The replica lost a chunk to a spill since it was complete."""
+
+
 class Duties:
     """The duties of one agent's backends, one task per backend at most."""
 
@@ -39,14 +43,28 @@ class Duties:
         except DevagentError as err:
             log.error("replica %s: cannot make it durable, staying on Fetch: %s", fetch.path, err)
             return
+
+        async def still_whole() -> None:  # under the swap's hold: no request in flight
+            if not fetch.complete or fetch.spilling is not None:
+                raise _NotWhole(f"replica {fetch.path} spilled: {fetch.spilling}")
+
         while self.agent.backend is fetch:
             local = Local(fetch.path)
             try:
-                old = await self.agent.swap_backend(local)
+                old = await self.agent.swap_backend(local, before_switch=still_whole)
             except StateError as err:  # held by /quiesce, say: try again shortly
                 await local.close()
                 log.info("replica %s complete, swap to Local put off: %s", fetch.path, err)
                 await asyncio.sleep(THEN_LOCAL_RETRY_S)
+                continue
+            except _NotWhole as err:  # a write spilled meanwhile: wait until whole again
+                await local.close()
+                log.info("%s: staying on Fetch until it is whole again", err)
+                try:
+                    await fetch.wait_complete()
+                except DevagentError as failed:
+                    log.error("replica %s: staying on Fetch: %s", fetch.path, failed)
+                    return
                 continue
             except BaseException:
                 await local.close()

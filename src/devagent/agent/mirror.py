@@ -1,15 +1,13 @@
 """Mirror: push a live device to another backend (pre-copy storage migration, device swap).
 
-:class:`Mirrored` is a backend the agent swaps in under a running guest.  The guest is served
-by ``source``; every write-class request marks its chunks in a dirty :class:`Bitmap`; the copy
-job (``run``) pushes dirty chunks to ``target`` until few are left; ``finish`` (guest I/O
-quiesced) pushes the rest and flushes the target; :func:`cutover` does quiesce → finish →
-point the agent at the target → resume in one go.
+:class:`Mirrored` is a backend the agent swaps in under a running guest, served by ``source``;
+every write-class request marks its chunks in a dirty :class:`Bitmap`; ``run`` pushes dirty
+chunks to ``target`` until few are left; ``finish`` (I/O quiesced) pushes the rest and flushes
+the target (:func:`cutover`: quiesce, finish, point the agent at the target, resume).
 
-The dirty bitmap means "the target may lack these bytes".  It starts all set (or as handed
-over); the first pass clears the chunks ``source.block_status`` reports as zero, since **the
-target is assumed to start zero-filled** (pass ``target_zeroed=False`` and those ranges get
-``write_zeroes`` on the target instead).
+The dirty bitmap means "the target may lack these bytes": all set at first (or as handed
+over); the first pass clears the chunks the source reports as zero, **the target assumed
+zero-filled** (``target_zeroed=False``: those ranges get ``write_zeroes`` there instead).
 
 Ordering rules (each one is what makes a copy never leave a stale byte on the target):
 
@@ -33,12 +31,11 @@ Ordering rules (each one is what makes a copy never leave a stale byte on the ta
    FUA on both sides and a guest FLUSH flushes both, so an acknowledged durable write is
    durable on both copies.
 
-Failures: an error on the target (or reading the source for a copy) fails the *job*: state
-FAILED, ``run``/``finish`` raise :class:`MirrorFailed`, the bitmap still records what the
-target lacks, and the guest goes on being served by the source, unharmed.  The one exception
-is ``sync=True``: there a guest write is acknowledged only when both copies have it, so a
-write whose target half failed is answered EIO (the job is FAILED; later writes go to the
-source only).  A write whose *source* half failed answers the source's error as usual.
+Failures: an error on the target (or reading the source for a copy) fails the *job* (FAILED,
+``run``/``finish`` raise :class:`MirrorFailed`, the bitmap says what the target lacks); the
+guest goes on, served by the source.  Except with ``sync=True`` (a write is acknowledged once
+both copies have it): a write whose target half failed is answered EIO, unless the mirror was
+abandoned (a cancel).  A write whose *source* half failed answers the source's error.
 """
 
 from __future__ import annotations
@@ -129,6 +126,7 @@ class Mirrored(Backend):
         self._through_seq = 0
         self._untracked_writes = 0  # source-only writes in flight (they mark after landing)
         self._through = sync  # write-through: guest writes go to both sides
+        self._abandoned = False  # given up on purpose: the target's errors fail no guest write
         self._pulse = asyncio.Event()
         self._settled = asyncio.Event()
         self._sweep_lock = asyncio.Lock()
@@ -350,8 +348,7 @@ class Mirrored(Backend):
         self._settle_both(source, target, chunks)
 
     def _settle_both(self, source: object, target: object, chunks: range) -> None:
-        """Answer a request done on both sides: the source's error wins; a target error fails
-        the job and, in sync mode only, the request (EIO)."""
+        """The source's error wins; a target error fails the job (and in sync mode the write)."""
         if isinstance(source, BaseException):
             if not isinstance(target, BaseException):
                 self._mark(chunks)  # the target has bytes the source may not
@@ -361,8 +358,13 @@ class Mirrored(Backend):
         if isinstance(target, BaseException):
             self._mark(chunks)
             self._fail(target)
-            if self.sync:
+            if self.sync and not self._abandoned:
                 raise BackendError(f"mirror target failed: {target}", Errno.EIO) from target
+
+    def abandon(self) -> None:
+        """Given up (a cancel): the target's errors fail no guest write, even in sync mode."""
+        self._abandoned = True
+        self._fail(StateError("the mirror was cancelled"), logging.INFO)
 
     async def close(self) -> None:
         """Close the source, and the target unless :func:`cutover` handed it to the agent.
@@ -386,11 +388,9 @@ class Mirrored(Backend):
         counts the passes of every call.  Raises MirrorFailed.
 
         ``active``: once the dirty set is that small (or the passes ran out: write-through
-        always converges), guest writes start going to both sides, the last dirty chunks
-        are copied and the target is flushed, all without holding the guest's I/O; only
-        then CONVERGED.  ``finish`` then has
-        nothing left to copy and only the writes since to flush: a switchover's hold is
-        short whatever the disk's size.
+        always converges), guest writes go to both sides, the last dirty chunks are copied
+        and the target flushed, without holding the guest's I/O; only then CONVERGED. So
+        ``finish`` has only the writes since to flush: a short hold whatever the disk's size.
         """
         if self.state is MirrorState.FAILED:
             raise self._failed_error()

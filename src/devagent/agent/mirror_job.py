@@ -147,6 +147,7 @@ class MirrorJob:
         longer answers (a destination removed, a cut link) fails at once rather than hold
         the copies in flight, the guest's write-through writes and the swap back for the
         remote's I/O timeout."""
+        self.mirror.abandon()
         await self.mirror.target.close()
         mirror = await self._end()
         return MirrorCancelled(cancelled=True, mirror=mirror.stats())

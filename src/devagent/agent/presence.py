@@ -75,7 +75,11 @@ class PresenceMap:
                 packed = _HEADER.pack(MAGIC, VERSION, size, chunk_size)
                 os.pwrite(self._fd, packed.ljust(HEADER_SIZE, b"\0"), 0)
                 os.ftruncate(self._fd, HEADER_SIZE + n_bytes)
-                os.posix_fallocate(self._fd, 0, HEADER_SIZE + n_bytes)  # room for every bit
+                try:
+                    os.posix_fallocate(self._fd, 0, HEADER_SIZE + n_bytes)  # room for each bit
+                except OSError as err:
+                    message = f"no room for the presence bitmap {path}: {err.strerror}"
+                    raise UsageError(message) from err
                 bits = bytes(n_bytes)
             else:
                 if len(header) < _HEADER.size:

@@ -310,25 +310,45 @@ class MigrationJob:
         began the source still holds the whole guest (QEMU paused, the disk fenced): the
         destination removes its incoming VM, and the guest runs here again (the migration
         fails, rolled back). A destination whose commit began refuses the removal: its
-        guest runs there, and the job goes forward after all. One that cannot be reached
-        either leaves the guest paused here, the job's record kept: a daemon restart asks
-        again (:mod:`.recovery`)."""
-        dest = self.report.destination
+        guest runs there, and the job goes forward after all. One that cannot be reached,
+        or a source whose QEMU is gone (killed when a fence failed), leaves the guest
+        paused where it is, the job's record kept: a daemon restart asks again
+        (:mod:`.recovery`)."""
+        dest, name = self.report.destination, self.managed.name
+        if self.managed.vm.exited:  # the incoming VM holds the only copy of the guest
+            raise PeerError(
+                f"{err}; the source's QEMU is gone, so VM {name} stays paused on {dest} "
+                "until its commit works (restart devagentd here to ask it again)"
+            ) from err
         self.log.error("migration %s: %s; rolling back unless the commit began on %s",
                        self.id, err, dest)  # fmt: skip
         try:
-            await self.forward(self.remove_incoming, what=f"removing the incoming VM on {dest}")
-        except StateError:  # its commit is under way or began: the guest runs there
-            return await self.forward(self.read_back, what="the destination's commit")
+            committed = await self.forward(
+                self._remove_or_read_back, what=f"removing the incoming VM on {dest}"
+            )
         except DevagentError as gone:
             raise PeerError(
-                f"{err}; and then {gone}: VM {self.managed.name} stays paused on "
-                f"{self.report.source} until host {dest} answers (restart devagentd here "
-                "to ask it again)"
+                f"{err}; and then {gone}: VM {name} stays paused on {self.report.source} "
+                f"until host {dest} answers (restart devagentd here to ask it again)"
             ) from gone
-        await self.undo_source()
+        if committed is not None:  # its commit began after all: the guest runs there
+            return committed
+        await self.undo_source(unknown=True)  # (a restarted job knows not what the NICs do)
         self.settle()
         raise PeerError(f"rolled back after the switchover: {err}") from err
+
+    async def _remove_or_read_back(self) -> CommitAnswer | None:
+        """The incoming VM removed (None), or the commit as it went if it began there. A
+        commit still under way there, not begun yet, refuses both for now: asked again."""
+        try:
+            await self.remove_incoming()
+            return None
+        except StateError:
+            committed = await self.commit_seen()  # a PeerError while it is committing
+        if committed is None:
+            raise PeerError(f"VM {self.managed.name}'s commit is under way on "
+                            f"{self.report.destination}, not begun yet")  # fmt: skip
+        return committed
 
     async def read_back(self) -> CommitAnswer:
         """The commit as the destination tells it once its guest runs there."""

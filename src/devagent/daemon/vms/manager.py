@@ -28,6 +28,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import msgspec
@@ -307,6 +308,7 @@ class VmManager:
         if request.disk_from is not None and managed.role is VmRole.RUNNING:
             await self._release_remote_disk(managed)
         if not keep_dir:
+            keep_logs(managed.run_dir, self.root / "logs", f"{name}-{managed.role}")
             shutil.rmtree(managed.run_dir, ignore_errors=True)
         log.info("VM %s removed from host %s", name, self.host_name)
 
@@ -467,6 +469,32 @@ def _watch_replica(managed: ManagedVm) -> None:
             managed.log.info("VM %s: watching its replica of %s again", managed.name, agent.node)
             managed.fetching = asyncio.create_task(await_local(managed, agent))
             return
+
+
+#: The folders of logs kept from VMs removed from this host (the newest ones).
+LOGS_KEPT = 50
+
+
+def keep_logs(run_dir: Path, logs: Path, label: str) -> None:
+    """Keep the logs of a VM leaving this host (QEMU's, its console's, its agents') in
+    ``logs/<label>-<time>/``, for a later look at what happened; the oldest beyond
+    :data:`LOGS_KEPT` go. Best effort: a failure is logged, the removal goes on."""
+    try:
+        found = sorted(run_dir.glob("*.log"))
+        if not found:
+            return
+        now = time.time()
+        stamp = (
+            time.strftime("%Y%m%d-%H%M%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
+        )
+        kept = logs / f"{label}-{stamp}"
+        kept.mkdir(parents=True, exist_ok=True)
+        for path in found:
+            shutil.move(path, kept / path.name)
+        for old in sorted(logs.iterdir(), key=lambda p: p.stat().st_mtime)[:-LOGS_KEPT]:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        log.warning("cannot keep the logs of %s: %s", run_dir, err)
 
 
 def _delete(image: Path) -> None:
