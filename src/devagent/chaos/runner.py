@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -366,6 +367,23 @@ async def _check(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -
     record.violations.extend(checks.report_violations("next migration", errors, follow.integrity))
 
 
+def save_logs(lab: Lab, vm: str | None, into: Path) -> None:
+    """Copy VM ``vm``'s logs from hosts a and b (its folder's, and those its hosts kept when
+    it left them) into ``into/<host>/``; with no ``vm``, each host's daemon log. Best effort:
+    the lab goes right after."""
+    for host in ("a", "b", "c"):
+        folder = lab.host(host).dir
+        if vm is None:
+            found = [folder / "devagentd.log"]
+        else:
+            found = [*(folder / "vms" / vm).glob("*.log"), *(folder / "logs").glob(f"{vm}-*/*")]
+        for path in found:
+            with contextlib.suppress(OSError):
+                target = into / host / path.relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+
+
 async def run_chaos(
     plans: list[RunPlan],
     *,
@@ -402,7 +420,12 @@ async def run_chaos(
                     plot = out / f"run-{plan.index:03d}-{plan.fault}.png"
                     with contextlib.suppress(Exception):  # a plot never stops the runs
                         await asyncio.to_thread(plot_timeline, record.report, plot)
+                if not record.ok:
+                    where = out / f"run-{plan.index:03d}-logs"
+                    await asyncio.to_thread(save_logs, scene.lab, record.vm, where)
     finally:
+        if out is not None:  # each daemon's log, for a look at a violation afterwards
+            await asyncio.to_thread(save_logs, scene.lab, None, out)
         say(f"removing the chaos lab {LAB!r}")
         await asyncio.to_thread(scene.down)
     return records
