@@ -353,6 +353,10 @@ async def _check(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -
     record.violations.extend(await checks.answers(scene.lab, here, guest.name, "c"))
     if record.violations:
         return
+    await replace_broken_spaces(scene)  # as an operator would, before migrating there again
+    if guest.workload not in scene.guests:
+        return  # it lived on the broken space: gone with it
+    here = scene.endpoints[guest.at]  # (a replaced space's daemon started again)
     other = scene.endpoints["b" if guest.at == "a" else "a"]
     for host in ("a", "b"):  # the next migration's link: the fast one (it only has to work)
         await asyncio.to_thread(scene.lab.shape, host, FOLLOW_UP_LINK)

@@ -108,12 +108,20 @@ def target_spec(image: Path) -> LocalSpec:
 
 
 def _new_replica(manager: VmManager, name: str, size: int) -> Path:
+    """A new sparse replica of ``size`` bytes in this host's disks folder; a folder with no
+    room, or read-only, is a clear :class:`PeerError` (the migration rolls back with it)."""
     image = manager.root / "disks" / f"{name}.img"
-    image.parent.mkdir(parents=True, exist_ok=True)
-    for stale in (image, presence_path(image)):
-        stale.unlink(missing_ok=True)
-    with image.open("wb") as f:
-        f.truncate(size)
+    try:
+        image.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (image, presence_path(image)):
+            stale.unlink(missing_ok=True)
+        with image.open("wb") as f:
+            f.truncate(size)
+    except OSError as err:
+        raise PeerError(
+            f"host {manager.host_name} cannot make the replica of VM {name} in "
+            f"{image.parent}: {err.strerror}"
+        ) from err
     return image
 
 
