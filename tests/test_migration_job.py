@@ -8,6 +8,7 @@ strategy's steps in order, and a failure at every step, each checked against the
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -353,3 +354,18 @@ async def test_a_commit_never_done_leaves_the_incoming_vm_when_the_source_qemu_i
     assert host.destination.vms == {"v1": "incoming"}
     assert "the source's QEMU is gone" in (job.report.error or "")
     assert (tmp_path / "migration.json").exists()
+
+
+async def test_a_destination_whose_qemu_died_before_the_commit_rolls_back_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its commit can never work (409, not a passing failure): no 120 s of asking again
+    with the guest paused; the incoming VM is removed and the guest runs here again."""
+    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 1000.0)
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    host.destination.failures["POST /v1/incoming/v1/commit"] = StateError(
+        "host b: VM v1's incoming QEMU exited: it cannot commit here"
+    )
+    await asyncio.wait_for(job.run(), 30)  # a hang guard, not a timing
+    assert job.phase is Phase.FAILED and "rolled back" in (job.report.error or "")
+    rolled_back(vm, host)
