@@ -386,3 +386,35 @@ async def test_then_local_waits_while_a_spill_made_the_replica_incomplete(
     finally:
         flushing.set()
         await fetch.close()
+
+
+async def test_a_write_whose_spill_ended_while_it_waited_goes_to_the_replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """W finds no room and starts a spill, which waits for a slow lock-free write; room
+    comes back meanwhile and the spill ends: W must not write back and forget its chunk
+    (a lock-free write landing there afterwards would be lost), it goes to the replica."""
+    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.01)
+    remote = GatedRemote(pattern())
+    fetch = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK)
+    room = [False]
+    monkeypatch.setattr(fetch.spill, "has_room", lambda: room[0])
+    try:
+        await fetch.read(0, CHUNK)  # chunk 0 present, chunk 1 absent
+        await fetch.flush()
+        replica = Refusing(fetch)
+        replica.hold, replica.full, replica.chunks = {0}, True, {1}
+        slow = asyncio.create_task(fetch.write(0, b"F" * 4096))  # lock-free, held
+        await asyncio.sleep(0.01)
+        w = asyncio.create_task(fetch.write(CHUNK, b"W" * 4096))  # locked: no room, spills
+        await until(lambda: fetch.spilling is not None, "the spill")
+        replica.full, room[0] = False, True
+        await until(lambda: fetch.spilling is None, "the spill to end")
+        replica.gate.set()
+        await asyncio.gather(slow, w)
+        assert remote.writes == 0 and fetch.spilled_bytes == 0  # nothing went to the remote
+        assert fetch.present_bytes == 2 * CHUNK  # nothing forgotten
+        assert await fetch.read(0, 4096) == b"F" * 4096
+        assert await fetch.read(CHUNK, 4096) == b"W" * 4096
+    finally:
+        await fetch.close()

@@ -46,10 +46,16 @@ class Duties:
 
         async def still_whole() -> None:  # under the swap's hold: no request in flight
             if not fetch.complete or fetch.spilling is not None:
-                raise _NotWhole(f"replica {fetch.path} spilled: {fetch.spilling}")
+                why = fetch.spilling or "chunks it spilled are on the remote only"
+                raise _NotWhole(f"replica {fetch.path} is not whole: {why}")
 
         while self.agent.backend is fetch:
-            local = Local(fetch.path)
+            try:
+                local = Local(fetch.path)
+            except DevagentError as err:  # (a read-only space refuses to open it)
+                log.info("replica %s: cannot open it as Local yet: %s", fetch.path, err)
+                await asyncio.sleep(THEN_LOCAL_RETRY_S)
+                continue
             try:
                 old = await self.agent.swap_backend(local, before_switch=still_whole)
             except StateError as err:  # held by /quiesce, say: try again shortly
@@ -61,6 +67,7 @@ class Duties:
                 await local.close()
                 log.info("%s: staying on Fetch until it is whole again", err)
                 try:
+                    await fetch.spill.room.wait()  # complete but spilling: room first
                     await fetch.wait_complete()
                 except DevagentError as failed:
                     log.error("replica %s: staying on Fetch: %s", fetch.path, failed)

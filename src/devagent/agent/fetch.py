@@ -17,8 +17,9 @@ Requests (while the replica takes writes):
 - Every chunk operation that may run while a chunk is absent holds that chunk's lock
   (taken in ascending order: no deadlock), and re-checks presence once it holds it.  So
   concurrent reads of one chunk fetch it once (the second finds it present), and a fetch
-  and a write of one chunk are ordered: a fetch can never overwrite a newer write.  Present
-  chunks never go absent again, so requests on present chunks take no lock at all.
+  and a write of one chunk are ordered: a fetch can never overwrite a newer write.  While
+  the replica takes writes, present chunks never go absent again, so requests on present
+  chunks take no lock at all (a spill forgets chunks: then writes lock them all, below).
 - The locked part of a request runs as its own task, shielded from cancellation: the thread
   pool finishes a write whatever happens to the coroutine that asked for it, so a lock must
   not be released before the write is really done.
@@ -55,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -68,8 +68,6 @@ from devagent.agent.chunks import (
 from devagent.agent.presence import HEADER_SIZE as HEADER_SIZE  # a lab test reads it here
 from devagent.agent.presence import presence_path as presence_path  # the daemon's import
 from devagent.agent.replica import FETCH_MAX, Replica, runs
-
-log = logging.getLogger(__name__)
 
 
 class Fetch(Replica):
@@ -192,13 +190,13 @@ class Fetch(Replica):
         counted = partial and self.spilling is None
         with self.demand.counted() if counted else contextlib.nullcontext():
             async with self._locks.hold(chunks):
-                if self.spilling is None:
+                while self.spilling is None:  # (the spill may end while _spill waits)
                     try:
                         await self._write_replica(offset, length, op)
                         return
                     except NoRoom as err:
                         await self._spill(err)
-                await self._write_remote(chunks, offset, length, op)
+                await self._write_remote(chunks, offset, length, op)  # counted at once
 
     async def _write_replica(
         self, offset: int, length: int, op: Callable[[Backend], Awaitable[None]]
@@ -300,13 +298,14 @@ class Fetch(Replica):
         """The replica and its bitmap synced; and the remote flushed when spilled writes
         went there. A replica that refuses while spilling (read-only) is logged: its
         bytes are the page cache's until there is room again."""
-        if self.spill.remote_unflushed:
-            self.spill.remote_unflushed = False
-            try:
-                await self.remote.flush()
-            except BaseException:
-                self.spill.remote_unflushed = True
-                raise
+        async with self._remote_flush:  # a second FLUSH waits for the first's, then looks
+            if self.spill.remote_unflushed:
+                self.spill.remote_unflushed = False
+                try:
+                    await self.remote.flush()
+                except BaseException:
+                    self.spill.remote_unflushed = True
+                    raise
         try:
             await self._sync_fetched(bitmap_too=True)
         except (BackendError, OSError) as err:

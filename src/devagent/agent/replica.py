@@ -1,7 +1,8 @@
 """The replica side of a :class:`~devagent.agent.fetch.Fetch`: the sparse file, its presence
 bitmap (:mod:`devagent.agent.presence`), the chunk arithmetic, marking chunks present and
-syncing their bits, and running locked work to its end. The requests, the spill and the
-copier are :class:`~devagent.agent.fetch.Fetch`'s own."""
+syncing their bits, running locked work to its end, and the spill's state
+(:mod:`devagent.agent.spill`). The requests, what a spill does to them, and the copier are
+:class:`~devagent.agent.fetch.Fetch`'s own."""
 
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ class Replica(Backend):
         self.skipped_as_zero = 0
         self.log = log.getChild(self.path.name)
         self.spill = Spill(self.path, chunk_size, self.log)  # the state while it has no room
+        self._remote_flush = asyncio.Lock()  # one flush of spilled writes at a time
         self._seed(seed, fresh)
 
     def _seed(self, seed: Sequence[int], fresh: bool) -> None:

@@ -372,8 +372,8 @@ async def _check(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -
 
 
 def save_logs(lab: Lab, vm: str | None, into: Path) -> None:
-    """Copy VM ``vm``'s logs from hosts a and b (its folder's, and those its hosts kept when
-    it left them) into ``into/<host>/``; with no ``vm``, each host's daemon log. Best effort:
+    """Copy VM ``vm``'s logs from each host (its folder's, and those a host kept when it left
+    it) into ``into/<host>/``; with no ``vm``, each host's daemon log. Best effort:
     the lab goes right after."""
     for host in ("a", "b", "c"):
         folder = lab.host(host).dir
