@@ -259,6 +259,17 @@ class Refusing:
         await self._write(offset, data, fua)
 
 
+def with_room_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, remote: GatedRemote
+) -> tuple[Fetch, GatedRemote, list[bool]]:
+    """A Fetch of ``remote`` whose probe for room says what ``room[0]`` says, asked often."""
+    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.01)
+    fetch = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK)
+    room = [False]
+    monkeypatch.setattr(fetch.spill, "has_room", lambda: room[0])
+    return fetch, remote, room
+
+
 async def test_a_lock_free_write_in_flight_when_the_spill_begins_is_kept(tmp_path: Path) -> None:
     fetch = Fetch(tmp_path / "r.img", GatedRemote(pattern()), chunk_size=CHUNK)
     try:
@@ -282,11 +293,7 @@ async def test_a_lock_free_write_in_flight_when_the_spill_begins_is_kept(tmp_pat
 async def test_a_spill_while_the_prober_ends_the_last_one_keeps_spilling(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.01)
-    remote = GatedRemote(pattern())
-    fetch = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK)
-    room = [False]
-    monkeypatch.setattr(fetch.spill, "has_room", lambda: room[0])
+    fetch, remote, room = with_room_switch(tmp_path, monkeypatch, GatedRemote(pattern()))
     try:
         replica = Refusing(fetch)
         replica.full = True
@@ -338,10 +345,7 @@ async def test_then_local_waits_while_a_spill_made_the_replica_incomplete(
     spilled and forgot its chunk: the swap waits until the replica is whole again."""
     data = pattern()
     data[10 * CHUNK : 11 * CHUNK] = bytes(CHUNK)
-    fetch = Fetch(tmp_path / "r.img", GatedRemote(data), chunk_size=CHUNK)
-    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.01)
-    room = [False]
-    monkeypatch.setattr(fetch.spill, "has_room", lambda: room[0])
+    fetch, _, room = with_room_switch(tmp_path, monkeypatch, GatedRemote(data))
 
     class Agent:
         export_name = "disk"
@@ -394,11 +398,7 @@ async def test_a_write_whose_spill_ended_while_it_waited_goes_to_the_replica(
     """W finds no room and starts a spill, which waits for a slow lock-free write; room
     comes back meanwhile and the spill ends: W must not write back and forget its chunk
     (a lock-free write landing there afterwards would be lost), it goes to the replica."""
-    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.01)
-    remote = GatedRemote(pattern())
-    fetch = Fetch(tmp_path / "r.img", remote, chunk_size=CHUNK)
-    room = [False]
-    monkeypatch.setattr(fetch.spill, "has_room", lambda: room[0])
+    fetch, remote, room = with_room_switch(tmp_path, monkeypatch, GatedRemote(pattern()))
     try:
         await fetch.read(0, CHUNK)  # chunk 0 present, chunk 1 absent
         await fetch.flush()

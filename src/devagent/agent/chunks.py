@@ -64,34 +64,49 @@ class ChunkLocks:
                     del self._slots[index]
 
 
+class Count:
+    """Operations in flight, and an event set while there are none."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @contextlib.contextmanager
+    def counted(self) -> Iterator[None]:
+        """Count one operation for the duration of the block."""
+        self.n += 1
+        self.idle.clear()
+        try:
+            yield
+        finally:
+            self.n -= 1
+            if not self.n:
+                self.idle.set()
+
+
 class DemandGate:
     """On-demand fetches first: the copier's workers wait while any is pending."""
 
     def __init__(self) -> None:
-        self.pending = 0  # on-demand fetches under way
+        self._fetches = Count()  # on-demand fetches under way
         self.yielding = 0  # copier workers waiting for them to end
-        self._idle = asyncio.Event()
-        self._idle.set()
 
-    @contextlib.contextmanager
-    def counted(self) -> Iterator[None]:
+    @property
+    def pending(self) -> int:
+        return self._fetches.n
+
+    def counted(self) -> contextlib.AbstractContextManager[None]:
         """Count an on-demand fetch for the duration of the block."""
-        self.pending += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self.pending -= 1
-            if not self.pending:
-                self._idle.set()
+        return self._fetches.counted()
 
     async def wait_idle(self) -> None:
         """The copier's turn: return once no on-demand fetch is pending."""
-        if self._idle.is_set():
+        if self._fetches.idle.is_set():
             return
         self.yielding += 1
         try:
-            await self._idle.wait()
+            await self._fetches.idle.wait()
         finally:
             self.yielding -= 1
 

@@ -16,34 +16,15 @@ room again meanwhile keeps the spill (the prober goes on); else ``fast`` on, ``r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+from devagent.agent.chunks import Count
+
 ROOM_PROBE_S = 1.0  # how often a spilling Fetch asks whether its replica has room again
-
-
-class Count:
-    """Operations in flight, and an event set while there are none."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    @contextlib.contextmanager
-    def counted(self) -> Iterator[None]:
-        self.n += 1
-        self.idle.clear()
-        try:
-            yield
-        finally:
-            self.n -= 1
-            if not self.n:
-                self.idle.set()
 
 
 class Spill:
