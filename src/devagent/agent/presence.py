@@ -102,7 +102,7 @@ class PresenceMap:
         self.durable = bytearray(bits)
         self.count = sum(bin(b).count("1") for b in bits)
         self.new = fresh or not header  # made now, not read back from an earlier run
-        self._refused = False  # the file refused a cleared bit (said once)
+        self._refused = False  # the file refused a bit's write (said once)
 
     @property
     def present_bytes(self) -> int:
@@ -134,11 +134,7 @@ class PresenceMap:
             if self.present[byte] & mask and not self.durable[byte] & mask:
                 self.durable[byte] |= mask
                 lo, hi = min(lo, byte), max(hi, byte)
-        if hi >= lo:
-            try:
-                os.pwrite(self._fd, self.durable[lo : hi + 1], HEADER_SIZE + lo)
-            except OSError as err:  # a filesystem gone read-only: its replica is lost anyway
-                log.error("%s: cannot write bits: %s", self.path, err)
+        self._write(lo, hi)
 
     def forget(self, chunks: Sequence[int]) -> None:
         """These chunks are no longer in the replica (spilled): clear their bits, in the
@@ -153,14 +149,21 @@ class PresenceMap:
             if self.durable[byte] & mask:
                 self.durable[byte] &= ~mask
                 lo, hi = min(lo, byte), max(hi, byte)
-        if hi >= lo:
-            try:
-                os.pwrite(self._fd, self.durable[lo : hi + 1], HEADER_SIZE + lo)
-                self._refused = False
-            except OSError as err:
-                if not self._refused:  # once per episode: a read-only filesystem refuses all
-                    log.error("%s: cannot clear the bits of spilled chunks: %s", self.path, err)
-                self._refused = True
+        self._write(lo, hi)
+
+    def _write(self, lo: int, hi: int) -> None:
+        """Bytes ``lo..hi`` of the durable bits into the file (none if ``hi < lo``). A file
+        that refuses (a filesystem gone read-only: its replica is lost anyway) is logged
+        once per episode."""
+        if hi < lo:
+            return
+        try:
+            os.pwrite(self._fd, self.durable[lo : hi + 1], HEADER_SIZE + lo)
+            self._refused = False
+        except OSError as err:
+            if not self._refused:
+                log.error("%s: cannot write the presence bits: %s", self.path, err)
+            self._refused = True
 
     def sync(self) -> None:
         os.fdatasync(self._fd)

@@ -182,11 +182,11 @@ async def commit_incoming(
     is ready: QEMU was started paused (``-S``)."""
     steps: dict[str, float] = {DestinationStep.COMMIT: time.time()}
     deadline = time.time() + ARRIVAL_TIMEOUT_S
-    if vm.vm.exited:  # for good: the source need not ask again (it rolls back at once)
-        raise StateError(f"VM {vm.name}'s incoming QEMU exited: it cannot commit here")
-    while (await vm.vm.query("query-status", StatusInfo)).status == "inmigrate":
-        if vm.vm.exited:
+    while True:
+        if vm.vm.exited:  # for good: the source need not ask again (it rolls back at once)
             raise StateError(f"VM {vm.name}'s incoming QEMU exited: it cannot commit here")
+        if (await vm.vm.query("query-status", StatusInfo)).status != "inmigrate":
+            break
         if time.time() > deadline:
             raise PeerError(f"VM {vm.name}: the migration did not arrive")
         await asyncio.sleep(0.002)  # the guest is paused meanwhile: look often
