@@ -7,6 +7,8 @@ import pytest
 
 from devagent.chaos.draw import (
     FAULTS,
+    NO_FAULT,
+    Action,
     Phase,
     draw,
     parse_faults,
@@ -50,6 +52,14 @@ def test_faults_and_strategies_are_chosen_by_name_or_prefix() -> None:
         parse_strategies("shared")
 
 
+def test_none_draws_migrations_without_a_fault_and_is_never_drawn_unasked() -> None:
+    assert NO_FAULT not in parse_faults(None) and NO_FAULT not in parse_faults("all")
+    runs = draw(1, 5, parse_faults("none"), parse_strategies("hybrid"))
+    assert {(r.fault, r.action, r.target) for r in runs} == {(NO_FAULT, Action.NONE, None)}
+    with pytest.raises(UsageError, match="give it alone"):
+        parse_faults("none,link-down")
+
+
 def test_phases_narrow_the_draw_to_the_strategies_that_go_through_them() -> None:
     runs = draw(5, 30, parse_faults(None), parse_strategies(None), phases=parse_phases("mirror"))
     assert {(r.strategy, r.phase) for r in runs} == {(Strategy.PRECOPY, Phase.MIRROR)}
@@ -84,6 +94,7 @@ def test_after_the_switchover_only_completed_is_allowed() -> None:
     assert expected_outcomes(Phase.SWITCHOVER) == (Outcome.COMPLETED, Outcome.ROLLED_BACK)
     assert expected_outcomes(Phase.TAIL) == (Outcome.COMPLETED,)
     assert expected_outcomes(Phase.RELEASE) == (Outcome.COMPLETED,)
+    assert expected_outcomes(None, faulted=False) == (Outcome.COMPLETED,)
 
 
 def test_the_table_counts_runs_and_violations_per_fault_and_phase() -> None:

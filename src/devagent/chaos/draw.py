@@ -24,6 +24,7 @@ class Action(StrEnum):
     LINK_DOWN = "link"  # the destination's link down for 1 to 30 s
     DISK_FULL = "disk-full"  # the destination's replica space filled up, for a while
     DISK_READONLY = "disk-readonly"  # the destination's replica space read-only, for a while
+    NONE = "none"  # no fault: a plain migration, the next run's brings the guest back
 
 
 class Target(StrEnum):
@@ -43,6 +44,9 @@ FAULTS: dict[str, tuple[Action, Target | None]] = {
     "disk-full": (Action.DISK_FULL, None),
     "disk-readonly": (Action.DISK_READONLY, None),
 }
+#: ``--faults none``: migrations without a fault, back and forth (a ping-pong). Never drawn
+#: unless asked for by name.
+NO_FAULT = "none"
 
 
 class Phase(StrEnum):
@@ -81,7 +85,7 @@ BEFORE_SWITCHOVER = frozenset({Phase.PREPARE, Phase.MIRROR, Phase.RAM})
 DEVAGENT_STRATEGIES = (Strategy.HYBRID, Strategy.POSTCOPY, Strategy.PRECOPY)
 LINKS = ("100mbit", "1gbit")
 WORKLOADS = ("moderate", "heavy")
-FAULT_GROUPS = {"all": tuple(FAULTS)}
+FAULT_GROUPS = {"all": tuple(FAULTS), NO_FAULT: (NO_FAULT,)}
 
 
 def phases_of(strategy: Strategy) -> tuple[Phase, ...]:
@@ -118,23 +122,27 @@ class RunPlan(msgspec.Struct, frozen=True):
     strategy: Strategy
     link: str
     workload: str
-    fault: str  # a key of FAULTS
+    fault: str  # a key of FAULTS, or NO_FAULT
     phase: Phase
     delay_s: float  # into the phase
     duration_s: float  # how long a stop, a cut or a disk condition lasts
 
     @property
     def action(self) -> Action:
-        return FAULTS[self.fault][0]
+        return _kind(self.fault)[0]
 
     @property
     def target(self) -> Target | None:
-        return FAULTS[self.fault][1]
+        return _kind(self.fault)[1]
+
+
+def _kind(fault: str) -> tuple[Action, Target | None]:
+    return (Action.NONE, None) if fault == NO_FAULT else FAULTS[fault]
 
 
 def parse_faults(text: str | None) -> tuple[str, ...]:
     """``--faults``: names of :data:`FAULTS`, or prefixes of them (``kill``, ``stop-source``),
-    or ``all``; comma-separated."""
+    or ``all``, or ``none`` (:data:`NO_FAULT`, alone); comma-separated."""
     if not text:
         return tuple(FAULTS)
     chosen: list[str] = []
@@ -143,6 +151,8 @@ def parse_faults(text: str | None) -> tuple[str, ...]:
         if not group:
             raise UsageError(f"no fault {word!r}: the faults are {', '.join(FAULTS)}")
         chosen.extend(f for f in group if f not in chosen)
+    if NO_FAULT in chosen and len(chosen) > 1:
+        raise UsageError(f"--faults {NO_FAULT} runs migrations without a fault: give it alone")
     return tuple(chosen)
 
 
@@ -194,7 +204,7 @@ def draw(
         fault = order.pop()
         strategy = rng.choice(strategies)
         phase = rng.choice([p for p in phases_of(strategy) if p in phases])
-        action = FAULTS[fault][0]
+        action = _kind(fault)[0]
         duration = {
             Action.KILL: 2.0,
             Action.STOP: 10.0,

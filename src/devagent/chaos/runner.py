@@ -256,6 +256,8 @@ async def _io_resumed(scene: Scene, record: RunRecord, since: float) -> float | 
 
 async def _fault(scene: Scene, plan: RunPlan, record: RunRecord, started: float) -> Injected:
     """Wait for the drawn phase (and delay), then do the fault; its record."""
+    if plan.action is Action.NONE:
+        return Injected(plan.fault, detail="no fault")
     try:
         await _until_phase(scene, record, phase_start(plan.strategy, plan.phase))
         await asyncio.sleep(plan.delay_s)
@@ -338,8 +340,10 @@ async def _check(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -
     record.violations.extend(problems)
     if outcome == Outcome.UNKNOWN:
         return
-    if outcome not in expected_outcomes(record.phase_hit):
-        record.violations.append(f"{outcome} after a fault in phase {record.phase_hit}")
+    faulted = plan.action is not Action.NONE
+    if outcome not in expected_outcomes(record.phase_hit, faulted=faulted):
+        cause = f"a fault in phase {record.phase_hit}" if faulted else "a migration without fault"
+        record.violations.append(f"{outcome} after {cause}")
     report = record.report
     if report is not None:
         said = Outcome.COMPLETED if report.status == "completed" else Outcome.ROLLED_BACK
@@ -351,7 +355,7 @@ async def _check(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -
     guest.at = record.destination if outcome == Outcome.COMPLETED else record.source
     here = scene.endpoints[guest.at]
     record.violations.extend(await checks.answers(scene.lab, here, guest.name, "c"))
-    if record.violations:
+    if record.violations or not faulted:  # without a fault, the next run brings it back
         return
     await replace_broken_spaces(scene)  # as an operator would, before migrating there again
     if guest.workload not in scene.guests:

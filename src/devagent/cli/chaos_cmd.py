@@ -14,6 +14,7 @@ from rich.table import Table
 from devagent.chaos.draw import (
     FAULTS,
     LINKS,
+    NO_FAULT,
     WORKLOADS,
     draw,
     parse_faults,
@@ -31,7 +32,9 @@ from devagent.errors import UsageError
 @click.option("--seed", type=int, default=1, show_default=True,
               help="The seed the runs are drawn from: the same seed, the same runs.")  # fmt: skip
 @click.option("--faults", help="Comma-separated fault names or prefixes (kill, stop-source, "
-              f"link-down, …); default all: {', '.join(FAULTS)}.")  # fmt: skip
+              f"link-down, …); default all: {', '.join(FAULTS)}. 'none' alone: "
+              "migrations without a fault, back and forth (a ping-pong), each checked "
+              "the same way.")  # fmt: skip
 @click.option("--strategies", help="Comma-separated, among hybrid, postcopy, precopy "
               "(default all three).")  # fmt: skip
 @click.option("--phases", help="Comma-separated phases the faults are aimed at, among "
@@ -105,10 +108,14 @@ def chaos_cmd(
 
 def describe(record: RunRecord) -> str:
     plan = record.plan
+    what = (
+        "no fault" if plan.fault == NO_FAULT else
+        f"{plan.fault} in {record.phase_hit or plan.phase} "
+        f"({record.fault_detail or record.fault_error})"
+    )  # fmt: skip
     head = (
-        f"run {plan.index}: {plan.strategy} {plan.link} {plan.workload}, {plan.fault} in "
-        f"{record.phase_hit or plan.phase} ({record.fault_detail or record.fault_error}): "
-        f"{record.outcome}, {record.wall_s} s"
+        f"run {plan.index}: {plan.strategy} {plan.link} {plan.workload} "
+        f"{record.source}→{record.destination}, {what}: {record.outcome}, {record.wall_s} s"
     )
     if record.ok:
         return head
