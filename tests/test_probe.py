@@ -108,8 +108,13 @@ def test_heartbeat_has_every_field_and_the_host_time() -> None:
         ),
         (
             "IOPROBE-PAUSED",
-            {"digest": "fe7f20e779bf557a", "written_blocks": 821, "ops_total": 1693},
-            Paused("fe7f20e779bf557a", 821, 1693, 2.0),
+            {
+                "digest": "fe7f20e779bf557a",
+                "written_blocks": 821,
+                "ops_total": 1693,
+                "table_digest": "fe7f20e779bf557a",
+            },
+            Paused("fe7f20e779bf557a", 821, 1693, "fe7f20e779bf557a", 2.0),
         ),
         (
             "IOPROBE-VERIFIED",
@@ -250,7 +255,7 @@ TRANSCRIPT = b"".join(
         line("IOPROBE-VERIFIED", {"blocks": 93, "failures": 0, "digest": "cd128d1ae3ed0f34"}),
         line("IOPROBE", {**HEARTBEAT, "hb": 8}, end=b"\n"),
         line("IOPROBE-PAUSED", {"digest": "cd128d1ae3ed0f34", "written_blocks": 93,
-                                "ops_total": 160}),
+                                "ops_total": 160, "table_digest": "cd128d1ae3ed0f34"}),
     ]
 )  # fmt: skip
 
@@ -432,6 +437,7 @@ def test_ioprobe_runs_pauses_and_the_disk_holds_its_digest(
     [paused] = run.wait_for(Paused)
     assert isinstance(paused, Paused)
     assert paused.written_blocks >= 256  # the 1 MiB prefill at least
+    assert paused.table_digest == paused.digest  # its memory agrees with itself
     on_disk = disk_digest(image)
     assert on_disk.digest == paused.digest
     assert on_disk.valid_blocks == paused.written_blocks

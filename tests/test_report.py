@@ -10,6 +10,7 @@ from devagent.report import (
     fill_io_measures,
     limit_seconds,
     max_io_gap_s,
+    ops_lost,
     ops_rate,
 )
 
@@ -22,6 +23,7 @@ class B:
     verify_failures: int = 0
     lat_max_us: int = 1000
     lat_p99_us: int = 800
+    ops_total: int = 0
 
 
 def beats(times: list[float], **kw: int) -> list[B]:
@@ -123,3 +125,11 @@ def test_an_idle_guest_has_no_io_gap_even_with_journal_completions() -> None:
     fill_io_measures(busy, beats([t / 10 for t in range(40)]), start=2.0, end=3.0,
                      baseline_start=0.0, completions=[1.9, 2.1, 2.5, 2.6])  # fmt: skip
     assert busy.max_io_gap_ms == 400.0 and busy.max_io_gap_at_s == 0.1
+
+
+def test_ops_lost_is_how_far_the_guest_went_back_across_the_switchover() -> None:
+    source = [B(1.0, ops_total=100), B(1.1, ops_total=140)]
+    assert ops_lost(source, [B(1.5, ops_total=141), B(1.6, ops_total=150)]) == 0
+    assert ops_lost(source, [B(1.5, ops_total=140)]) == 0  # no op in between: not lost
+    assert ops_lost(source, [B(1.5, ops_total=137), B(1.6, ops_total=150)]) == 3
+    assert ops_lost(source, []) is None and ops_lost([], source) is None

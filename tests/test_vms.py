@@ -20,6 +20,7 @@ from devagent.daemon.supervised import wait_exit
 from devagent.daemon.vms import ManagedVm, VmManager, VmRequest, VmRole
 from devagent.daemon.vms.request import decode_vm_request
 from devagent.errors import StateError, UsageError
+from devagent.guest.probe import Paused
 from devagent.guestnet import AddressLedger, GuestNetwork
 from devagent.qemu.config import DiskSpec, VmConfig
 from devagent.qemu.vm import VmState
@@ -248,3 +249,30 @@ def test_a_copy_left_behind_keeps_its_disk_agents_supervised_while_it_serves(
     done.migrated_away(serves_disk=False)
     done.vm.state = VmState.STOPPED
     assert not done.serves_disk and _supervised(done) == []
+
+
+# --- integrity ----------------------------------------------------------------------------------
+
+
+async def test_integrity_says_when_the_guest_memory_disagrees_with_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe's running digest against its block table's: a guest that resumed from
+    memory with a lost update fails integrity even when its disk matches that digest."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 16))  # no probe block: the empty digest
+    managed = _managed(tmp_path, VmRole.RUNNING)
+    managed.image = image
+    empty = "0" * 16
+    answers: list[Paused] = []
+
+    async def probe(command: str, timeout: float = 30.0) -> Paused:
+        return answers[0]
+
+    monkeypatch.setattr(managed, "probe_command", probe)
+    answers.append(Paused(empty, 0, 5, empty, 1.0))
+    assert await managed.check_integrity() == "ok"
+    answers[0] = Paused(empty, 0, 5, "00000000000000ff", 1.0)
+    found = await managed.check_integrity()
+    assert found.startswith("mismatch: the guest's memory disagrees with itself")
+    assert "00000000000000ff" in found

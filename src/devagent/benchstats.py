@@ -133,6 +133,7 @@ def strategy_row(its: Sequence[Run]) -> StrategyRow:
         limit_s=med(lambda r: r.limit_s),
         guest_io_errors=_most(r.guest_io_errors for r in done),
         guest_verify_failures=_most(r.guest_verify_failures for r in done),
+        guest_ops_lost=_most(r.guest_ops_lost for r in done),
         net_frames_buffered=med(lambda r: r.net_frames_buffered),
         net_frames_forwarded=med(lambda r: r.net_frames_forwarded),
         net_frames_lost=med(lambda r: r.net_frames_lost),
@@ -190,7 +191,8 @@ def markdown(summary: Sequence[Scenario]) -> str:
                 f"| {fmt(r.guest_p99_latency_ms, 0)} | {fmt(r.io_rate_ratio)} "
                 f"| {fmt(moved / 1e6 if moved is not None else None, 0)} "
                 f"| {fmt(r.guest_io_errors)} / {fmt(r.guest_verify_failures)} "
-                f"| {r.integrity_ok}/{r.completed} ok |"
+                f"| {r.integrity_ok}/{r.completed} ok"
+                f"{f', {r.guest_ops_lost} guest ops lost' if r.guest_ops_lost else ''} |"
             )
         lines.append("")
         if scenario.best and scenario.best_ratio is not None:

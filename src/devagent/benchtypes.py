@@ -83,7 +83,7 @@ class Run(msgspec.Struct, kw_only=True):
     hb_gap_ms: float | None = None  # the largest heartbeat gap, the same way for all
 
 
-class StrategyRow(msgspec.Struct, kw_only=True):
+class StrategyRow(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One strategy in one scenario: medians over its completed runs (None: no run had the
     measure), the most guest errors in one run, how many runs kept their data, its errors."""
 
@@ -100,6 +100,8 @@ class StrategyRow(msgspec.Struct, kw_only=True):
     limit_s: float | None
     guest_io_errors: int | None  # the most in one run
     guest_verify_failures: int | None  # the most in one run
+    #: The most in one run (None, and left out of the JSON: runs older than the measure).
+    guest_ops_lost: int | None = None
     net_frames_buffered: float | None
     net_frames_forwarded: float | None
     net_frames_lost: float | None

@@ -27,6 +27,7 @@ MEASURES = (
     "limit_s",
     "guest_io_errors",
     "guest_verify_failures",
+    "guest_ops_lost",
     "integrity",
     "net_frames_buffered",
     "net_frames_forwarded",
@@ -46,6 +47,8 @@ class Beat(Protocol):
     def errors(self) -> int: ...
     @property
     def verify_failures(self) -> int: ...
+    @property
+    def ops_total(self) -> int: ...
     @property
     def lat_max_us(self) -> int: ...
     @property
@@ -74,6 +77,11 @@ class MigrationReport:
     limit_s: float | None = None
     guest_io_errors: int | None = None
     guest_verify_failures: int | None = None
+    #: How many I/O operations the guest went back by across the switchover: the most the
+    #: source's heartbeats counted less the fewest the destination's count. Must be 0: the
+    #: guest resumed from older memory than it had shown (what it did since is forgotten,
+    #: while the disk may hold its writes).
+    guest_ops_lost: int | None = None
     integrity: str | None = None
     #: Frames for the guest the NICs' agents kept during the switchover (both hosts).
     net_frames_buffered: int | None = None
@@ -111,6 +119,14 @@ class MigrationReport:
         for name in names:
             if getattr(self, name) is None:
                 self.missing[name] = reason
+
+
+def ops_lost(source: Sequence[Beat], destination: Sequence[Beat]) -> int | None:
+    """``guest_ops_lost``: 0 when the destination's probe went on from where the source's
+    left off; None without heartbeats on both sides."""
+    if not source or not destination:
+        return None
+    return max(0, max(b.ops_total for b in source) - min(b.ops_total for b in destination))
 
 
 def largest_gap(times: Iterable[float], start: float, end: float) -> float | None:

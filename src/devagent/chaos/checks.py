@@ -23,6 +23,7 @@ from devagent.lab import procs
 from devagent.lab.lab import Lab
 from devagent.lab.traffic import EchoStream, wait_for_ping
 from devagent.orchestrate import wait_heartbeats
+from devagent.report import MigrationReport
 from devagent.wait import WaitTimeout, wait_until
 
 SETTLE_S = 60.0  # how long the hosts may take to reach a steady state after a run
@@ -154,12 +155,18 @@ def _echo(netns: str, address: str) -> list[str]:
     return [] if echoed.intact else [f"the echo over the NIC is not intact: {echoed}"]
 
 
-def report_violations(label: str, report_errors: tuple[int | None, int | None],
-                      integrity: str | None) -> list[str]:  # fmt: skip
-    errors, failures = report_errors
+def report_violations(label: str, report: MigrationReport) -> list[str]:
+    """What a migration's report shows wrong: guest I/O errors or verify failures, guest
+    I/O forgotten across the switchover, a disk that is not what the guest last wrote (a
+    completed migration's)."""
+    errors, failures = report.guest_io_errors, report.guest_verify_failures
     found = []
     if errors or failures:
         found.append(f"{label}: guest I/O errors {errors}, verify failures {failures}")
+    if report.guest_ops_lost:
+        found.append(f"{label}: the guest went back {report.guest_ops_lost} I/O operations "
+                     "across the switchover (it resumed from older memory)")  # fmt: skip
+    integrity = report.integrity if report.status == "completed" else None
     if integrity not in (None, "ok"):
         found.append(f"{label}: integrity {integrity}")
     return found

@@ -349,9 +349,7 @@ async def _check(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -
         said = Outcome.COMPLETED if report.status == "completed" else Outcome.ROLLED_BACK
         if said != outcome:
             record.violations.append(f"the report says {report.status}, the VM is {outcome}")
-        errors = (report.guest_io_errors, report.guest_verify_failures)
-        integrity = report.integrity if report.status == "completed" else None
-        record.violations.extend(checks.report_violations("migration", errors, integrity))
+        record.violations.extend(checks.report_violations("migration", report))
     guest.at = record.destination if outcome == Outcome.COMPLETED else record.source
     here = scene.endpoints[guest.at]
     record.violations.extend(await checks.answers(scene.lab, here, guest.name, "c"))
@@ -371,8 +369,7 @@ async def _check(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -
         record.violations.append(f"the next migration failed: {follow.error}")
         return
     guest.at = other.name
-    errors = (follow.guest_io_errors, follow.guest_verify_failures)
-    record.violations.extend(checks.report_violations("next migration", errors, follow.integrity))
+    record.violations.extend(checks.report_violations("next migration", follow))
 
 
 def save_logs(lab: Lab, vm: str | None, into: Path) -> None:

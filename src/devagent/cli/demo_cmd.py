@@ -141,11 +141,13 @@ def demo_cmd(
 
 
 def healthy(reports: list[MigrationReport]) -> bool:
-    """Every migration completed with no guest error or verify failure, integrity ok."""
+    """Every migration completed with no guest error or verify failure, no guest I/O
+    forgotten, integrity ok."""
     return all(
         r.status == "completed"
         and r.guest_io_errors == 0
         and r.guest_verify_failures == 0
+        and not r.guest_ops_lost
         and r.integrity == "ok"
         for r in reports
     )

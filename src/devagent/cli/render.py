@@ -21,7 +21,7 @@ UNITS = {
     "net_frames_lost": "frames",
     "ping_max_gap_ms": "ms",
 }
-MUST_BE_ZERO = ("guest_io_errors", "guest_verify_failures", "net_frames_lost")
+MUST_BE_ZERO = ("guest_io_errors", "guest_verify_failures", "guest_ops_lost", "net_frames_lost")
 #: Shown only for a VM with a NIC.
 NET = ("net_frames_buffered", "net_frames_forwarded", "net_frames_lost", "ping_max_gap_ms")
 

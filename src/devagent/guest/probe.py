@@ -126,6 +126,9 @@ class Paused:
     digest: str
     written_blocks: int
     ops_total: int
+    #: The digest worked out anew from the probe's block table: equal to ``digest`` unless
+    #: the guest's memory lost an update (a migration that dropped a page, say).
+    table_digest: str
     host_time: float
 
 
@@ -212,7 +215,10 @@ _SCHEMAS: dict[str, tuple[type[Any], dict[str, type]]] = {
             "reason": str,
         },
     ),
-    "IOPROBE-PAUSED": (Paused, {"digest": str, "written_blocks": int, "ops_total": int}),
+    "IOPROBE-PAUSED": (
+        Paused,
+        {"digest": str, "written_blocks": int, "ops_total": int, "table_digest": str},
+    ),
     "IOPROBE-VERIFIED": (Verified, {"blocks": int, "failures": int, "digest": str}),
     "IOPROBE-ADOPTED": (
         Adopted,
@@ -292,7 +298,7 @@ class ConsoleParser:
         if not isinstance(data, dict) or not _fields_ok(data, fields):
             self.garbage_lines += 1
             return None
-        if "digest" in fields and not _DIGEST_RE.fullmatch(data["digest"]):
+        if any(k.endswith("digest") and not _DIGEST_RE.fullmatch(data[k]) for k in fields):
             self.garbage_lines += 1
             return None
         if cls is Heartbeat and data["phase"] not in PHASES:

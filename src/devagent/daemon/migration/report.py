@@ -14,7 +14,7 @@ from devagent.daemon.migration.net import NET_MEASURES
 from devagent.errors import DevagentError, PeerError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo
-from devagent.report import fill_io_measures, fill_link_measures, io_series
+from devagent.report import fill_io_measures, fill_link_measures, io_series, ops_lost
 from devagent.vocab import Step
 from devagent.wait import WaitTimeout, wait_until
 from devagent.wire import from_peer
@@ -115,6 +115,9 @@ def _fill_io(
         end + 1.0,
         t0,
     )
+    report.guest_ops_lost = ops_lost(source_beats, dest_beats)
+    if report.guest_ops_lost is None:
+        report.missing["guest_ops_lost"] = "no heartbeats from one of the hosts"
     fill_io_measures(
         report,
         [*source_beats, *dest_beats],

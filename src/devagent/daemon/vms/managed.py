@@ -270,6 +270,12 @@ class ManagedVm:
                 digest = (await asyncio.to_thread(image_digest, self.image)).digest
         finally:
             await self.probe_command("resume")
+        if paused.table_digest != paused.digest:  # the guest's memory lost an update
+            return (
+                f"mismatch: the guest's memory disagrees with itself (its running digest "
+                f"{paused.digest}, its block table's {paused.table_digest}); the disk holds "
+                f"{digest}"
+            )
         if digest == paused.digest:
             return "ok"
         return f"mismatch: the guest last wrote digest {paused.digest}, the disk holds {digest}"
