@@ -462,6 +462,50 @@ async def test_an_active_mirror_that_cannot_keep_up_goes_write_through_and_conve
     assert target.data == source.data
 
 
+async def test_an_active_mirror_goes_write_through_after_the_first_pass_that_falls_behind() -> None:
+    """A pass after which the guest dirtied more than half of what it copied: more passes
+    would each copy about as much again, so an active mirror goes write-through at once
+    rather than after all its passes; a guest that dirties little gets its passes."""
+    source, target = Disk(), Disk()
+    fill(source, 0, 0x03, count=SIZE // CHUNK)
+    mirror = Mirrored(source, target, chunk_size=CHUNK, max_copy=CHUNK)
+    rng = random.Random(6)
+    guest: list[asyncio.Task[None]] = []
+
+    budget = [2 * (SIZE // CHUNK)]  # about the first pass's worth (write-through writes
+    # reach this hook too: without a budget they would dirty more for ever)
+
+    async def dirty_two(offset: int, length: int) -> None:  # two new dirty chunks per copy
+        for _ in range(min(2, budget[0])):
+            budget[0] -= 1
+            at = rng.randrange(0, SIZE // CHUNK) * CHUNK
+            guest.append(asyncio.create_task(mirror.write(at, rng.randbytes(4096))))
+        await asyncio.sleep(0)
+
+    target.after_write = dirty_two
+    assert await mirror.run(converge_bytes=0, max_passes=20, active=True)
+    target.after_write = None
+    await asyncio.gather(*guest)
+    assert mirror.passes == 1 and mirror.state is S.CONVERGED and mirror.dirty_bytes == 0
+    assert target.data == source.data
+
+    calm_target = Disk()
+    calm = Mirrored(source, calm_target, chunk_size=CHUNK, max_copy=CHUNK)
+    writes = 0
+
+    async def dirty_few(offset: int, length: int) -> None:  # a write every fourth copy
+        nonlocal writes
+        writes += 1
+        if writes % 4 == 0 and writes < 2 * (SIZE // CHUNK):
+            guest.append(asyncio.create_task(calm.write(offset, rng.randbytes(4096))))
+        await asyncio.sleep(0)
+
+    calm_target.after_write = dirty_few
+    assert await calm.run(converge_bytes=0, max_passes=20, active=True)
+    await asyncio.gather(*guest)
+    assert calm.passes >= 2  # not behind: it went on copying
+
+
 async def test_finish_flushes_the_target_after_the_last_copy() -> None:
     source, target = Disk(), Disk()
     fill(source, 7, 0x07)

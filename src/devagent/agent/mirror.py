@@ -387,10 +387,12 @@ class Mirrored(Backend):
         ran out (the state stays COPYING; call ``run`` again, or ``finish``).  ``passes``
         counts the passes of every call.  Raises MirrorFailed.
 
-        ``active``: once the dirty set is that small (or the passes ran out: write-through
-        always converges), guest writes go to both sides, the last dirty chunks are copied
-        and the target flushed, without holding the guest's I/O; only then CONVERGED. So
-        ``finish`` has only the writes since to flush: a short hold whatever the disk's size.
+        ``active``: once the dirty set is that small (or the passes ran out, or a pass fell
+        behind: write-through always converges), guest writes go to both sides, the last
+        dirty chunks are copied and the target flushed, without holding the guest's I/O;
+        only then CONVERGED. So ``finish`` has only the writes since to flush: a short hold
+        whatever the disk's size. A pass falls behind when the guest dirtied more than half
+        of what it copied meanwhile: more passes would copy about as much again, each.
         """
         if self.state is MirrorState.FAILED:
             raise self._failed_error()
@@ -404,12 +406,15 @@ class Mirrored(Backend):
         self._running = True
         try:
             await self._guard(self._sweep())
-            done = 0
+            done, behind = 0, False
             while self.state is MirrorState.COPYING:
                 converged = done > 0 and self.dirty_bytes <= limit
-                if converged or done >= max_passes:
+                if converged or done >= max_passes or behind:
                     if not converged:
-                        self.log.info("no convergence after %d passes", done)
+                        self.log.info(
+                            "no convergence after %d passes%s", done,
+                            " (the guest dirties faster than a pass copies)" if behind else "",
+                        )  # fmt: skip
                         if not active:
                             return False
                     # Write-through converges whatever the guest's write rate: the dirty set
@@ -422,7 +427,9 @@ class Mirrored(Backend):
                     return True
                 self.passes += 1
                 done += 1
+                copied_before = self.copied_bytes
                 await self._guard(self._copy_pass(self._dirty_chunks(), throttle=True))
+                behind = active and self.dirty_bytes * 2 > self.copied_bytes - copied_before
                 self.log.debug(
                     "pass %d: %d bytes copied, %d dirty",
                     self.passes,
