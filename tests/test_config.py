@@ -8,8 +8,9 @@ import pytest
 
 from devagent.client import Endpoint
 from devagent.daemon.vms import VmRequest, parse_size
+from devagent.daemon.vms.config import build_config
 from devagent.errors import UsageError
-from devagent.qemu.config import DiskSpec, VmConfig
+from devagent.qemu.config import TCG_RAM_EXTRA_KB, DiskSpec, VmConfig, ram_extra_kb
 
 
 def test_direct_kernel_boot_with_a_file_disk() -> None:
@@ -44,6 +45,20 @@ def test_firmware_boot_of_a_qcow2_over_nbd_incoming() -> None:
     assert blockdev["file"]["reconnect-delay"] == 5
     assert args[args.index("-incoming") + 1] == "defer"
     assert "bootindex=1" in args[args.index("-device") + 1]
+
+
+def test_a_tcg_guest_gets_ram_that_is_not_a_whole_number_of_256_kib() -> None:
+    """QEMU 7.2 loses a TCG guest's stores in a RAM migration when its RAM block is a
+    whole number of 256 KiB (see TCG_RAM_EXTRA_KB): such a guest gets 8 KiB more."""
+    request = VmRequest(name="u", disk="/img", ram_mb=256)
+    config = build_config(request, DiskSpec(path="/img"))
+    assert (config.accel, config.ram_extra_kb) == ("tcg", TCG_RAM_EXTRA_KB)
+    args = config.qemu_args()
+    ram = args[args.index("-m") + 1]
+    assert ram == "262152K" and (262152 * 1024) % (256 * 1024) != 0
+    assert ram_extra_kb("kvm") == 0
+    old = VmConfig(name="v", ram_mb=256)  # a record from before: its RAM as it was
+    assert old.qemu_args()[old.qemu_args().index("-m") + 1] == "256"
 
 
 def test_config_round_trips_json() -> None:

@@ -72,16 +72,6 @@ SWEEP_WINDOW = 64 * 1024 * 1024
 DIRTY_BITMAP = "mirror-dirty"
 
 
-def _initial_dirty(n_chunks: int, dirty: Bitmap | None) -> Bitmap:
-    """The dirty set a mirror starts with: the one handed over, else every chunk."""
-    if dirty is not None and dirty.n_bits != n_chunks:
-        raise UsageError(f"dirty bitmap has {dirty.n_bits} bits for {n_chunks}")
-    bits = bytearray(dirty.to_bytes() if dirty else b"\xff" * ((n_chunks + 7) // 8))
-    if n_chunks & 7:  # no bit past the last chunk: count() counts every bit
-        bits[-1] &= (1 << (n_chunks & 7)) - 1
-    return Bitmap(n_chunks, bytes(bits))
-
-
 class Mirrored(Backend):
     """Serves ``source`` and mirrors it to ``target`` (see the module docstring)."""
 
@@ -118,7 +108,7 @@ class Mirrored(Backend):
         self._clock = clock
         self._sleep = sleep
         self.n_chunks = (source.size + chunk_size - 1) // chunk_size
-        self._dirty = _initial_dirty(self.n_chunks, dirty)
+        self._dirty = Bitmap.copy_or_full(self.n_chunks, dirty, what="dirty bitmap")
         self._swept = dirty is not None  # a handed-over set already says what the target lacks
         self._copying: set[int] = set()
         self._writing: Counter[int] = Counter()
@@ -394,14 +384,7 @@ class Mirrored(Backend):
         whatever the disk's size. A pass falls behind when the guest dirtied more than half
         of what it copied meanwhile: more passes would copy about as much again, each.
         """
-        if self.state is MirrorState.FAILED:
-            raise self._failed_error()
-        if self._running:
-            raise MirrorStateError("the mirror job is already running")
-        if self.state is MirrorState.CONVERGED:
-            self._transition(MirrorEvent.RECOPY)
-        elif self.state is not MirrorState.COPYING:
-            raise MirrorStateError(f"cannot run a mirror that is {self.state.value}")
+        self._begin_run()
         limit = 0 if self.sync else converge_bytes
         self._running = True
         try:
@@ -425,22 +408,32 @@ class Mirrored(Backend):
                             break
                     self._transition(MirrorEvent.CONVERGE)
                     return True
-                self.passes += 1
                 done += 1
-                copied_before = self.copied_bytes
-                await self._guard(self._copy_pass(self._dirty_chunks(), throttle=True))
-                behind = active and self.dirty_bytes * 2 > self.copied_bytes - copied_before
-                self.log.debug(
-                    "pass %d: %d bytes copied, %d dirty",
-                    self.passes,
-                    self.copied_bytes,
-                    self.dirty_bytes,
-                )
+                copied = await self._pass()
+                behind = active and self.dirty_bytes * 2 > copied
             if self._is(MirrorState.FAILED):
                 raise self._failed_error()
             return not self._is(MirrorState.COPYING)
         finally:
             self._running = False
+
+    def _begin_run(self) -> None:
+        if self.state is MirrorState.FAILED:
+            raise self._failed_error()
+        if self._running:
+            raise MirrorStateError("the mirror job is already running")
+        if self.state is MirrorState.CONVERGED:
+            self._transition(MirrorEvent.RECOPY)
+        elif self.state is not MirrorState.COPYING:
+            raise MirrorStateError(f"cannot run a mirror that is {self.state.value}")
+
+    async def _pass(self) -> int:
+        """Copy what is dirty once; the bytes that took."""
+        self.passes, before = self.passes + 1, self.copied_bytes
+        await self._guard(self._copy_pass(self._dirty_chunks(), throttle=True))
+        self.log.debug("pass %d: %d bytes copied, %d dirty", self.passes, self.copied_bytes,
+                       self.dirty_bytes)  # fmt: skip
+        return self.copied_bytes - before
 
     async def finish(self) -> None:
         """Make target == source and flush the target; then state FINISHED.

@@ -44,6 +44,17 @@ class Bitmap:
             )
         self._bits = bytearray(data) if data is not None else bytearray(n_bytes)
 
+    @classmethod
+    def copy_or_full(cls, n_bits: int, given: Bitmap | None, *, what: str) -> Bitmap:
+        """A copy of ``given`` (which must have ``n_bits``), else every bit set (and none
+        past the last: ``count`` counts every bit)."""
+        if given is not None and given.n_bits != n_bits:
+            raise UsageError(f"{what} has {given.n_bits} bits for {n_bits}")
+        bits = bytearray(given.to_bytes() if given else b"\xff" * ((n_bits + 7) // 8))
+        if n_bits & 7:
+            bits[-1] &= (1 << (n_bits & 7)) - 1
+        return cls(n_bits, bytes(bits))
+
     def _check(self, index: int) -> None:
         if not 0 <= index < self.n_bits:
             raise UsageError(f"bit {index} outside a bitmap of {self.n_bits}")

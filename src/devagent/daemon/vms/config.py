@@ -21,7 +21,7 @@ from devagent.guest.build import GuestImage, load_guest
 from devagent.guest.probe import DiskDigest, disk_digest
 from devagent.guest.workload import parse_workload
 from devagent.qemu.accel import Accel, choose_accel
-from devagent.qemu.config import DiskFormat, DiskSpec, NicSpec, VmConfig
+from devagent.qemu.config import DiskFormat, DiskSpec, NicSpec, VmConfig, ram_extra_kb
 
 from .request import VmRequest
 
@@ -109,6 +109,7 @@ def build_config(
         return VmConfig(
             name=request.name,
             ram_mb=request.ram_mb,
+            ram_extra_kb=ram_extra_kb(guest.accel),
             accel=guest.accel,
             kernel=str(guest.image.kernel),
             initrd=str(guest.image.initrd),
@@ -120,6 +121,8 @@ def build_config(
     return VmConfig(
         name=request.name,
         ram_mb=request.ram_mb,
+        accel="tcg",
+        ram_extra_kb=ram_extra_kb("tcg"),
         kernel=request.kernel,
         initrd=request.initrd,
         append=request.append,
