@@ -61,7 +61,7 @@ def test_device_rows_are_told_apart_by_their_kind() -> None:
 
 def test_probe_answers_name_the_command_they_answer() -> None:
     paused = PauseAnswer(
-        event=Paused(digest="ab", written_blocks=1, ops_total=2, table_digest="ab", host_time=3.0)
+        event=Paused(digest="ab", written_blocks=1, ops_total=2, host_time=3.0, table_digest="ab")
     )
     assert again(paused, ProbeAnswer) == paused  # type: ignore[arg-type]
     resumed = ResumeAnswer(event=BEAT)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from devagent.chaos.checks import report_violations
 from devagent.chaos.draw import (
     FAULTS,
     NO_FAULT,
@@ -19,6 +20,7 @@ from devagent.chaos.draw import (
 )
 from devagent.chaos.record import Outcome, RunRecord, expected_outcomes, markdown, table
 from devagent.errors import UsageError
+from devagent.report import MigrationReport
 from devagent.vocab import Strategy
 
 
@@ -116,3 +118,21 @@ def test_the_table_counts_runs_and_violations_per_fault_and_phase() -> None:
     text = markdown(records)
     assert "| link-down | 2 (1 violated) | 1 |" in text
     assert "3 runs, 1 with an invariant violated." in text
+
+
+def test_a_report_violates_with_guest_errors_ops_lost_or_a_completed_mismatch() -> None:
+    def report(**kw: object) -> MigrationReport:
+        base = {"guest_io_errors": 0, "guest_verify_failures": 0, "guest_ops_lost": 0,
+                "integrity": "ok", "status": "completed"}  # fmt: skip
+        return MigrationReport(vm="v", source="a", destination="b", storage="hybrid",
+                               **{**base, **kw})  # type: ignore[arg-type]  # fmt: skip
+
+    assert report_violations("m", report()) == []
+    assert report_violations("m", report(guest_ops_lost=None, integrity=None)) == []
+    [lost] = report_violations("m", report(guest_ops_lost=3))
+    assert "went back 3 I/O operations" in lost
+    [failed] = report_violations("m", report(guest_verify_failures=1))
+    assert failed == "m: guest I/O errors 0, verify failures 1"
+    assert report_violations("m", report(integrity="mismatch: x")) == ["m: integrity mismatch: x"]
+    # A rolled-back migration's destination integrity says nothing of the guest's disk.
+    assert report_violations("m", report(integrity="mismatch: x", status="rolled back")) == []

@@ -114,7 +114,7 @@ def test_heartbeat_has_every_field_and_the_host_time() -> None:
                 "ops_total": 1693,
                 "table_digest": "fe7f20e779bf557a",
             },
-            Paused("fe7f20e779bf557a", 821, 1693, "fe7f20e779bf557a", 2.0),
+            Paused("fe7f20e779bf557a", 821, 1693, 2.0, "fe7f20e779bf557a"),
         ),
         (
             "IOPROBE-VERIFIED",
@@ -188,6 +188,8 @@ def test_binary_garbage_does_not_stop_the_next_line() -> None:
         b'IOPROBE-VERIFIED {"blocks":true,"failures":0,"digest":"2647bb60b8501008"}',  # bool
         b'IOPROBE-VERIFIED {"blocks":1.5,"failures":0,"digest":"2647bb60b8501008"}',  # float
         b'IOPROBE-VERIFIED {"blocks":1,"failures":0,"digest":"XYZ"}',  # digest not 16 hex
+        b'IOPROBE-PAUSED {"digest":"fe7f20e779bf557a","written_blocks":1,"ops_total":2,'
+        b'"table_digest":"nope"}',  # an optional digest, but not 16 hex
         b'IOPROBE-BADCMD {"command":"bogus"}',  # a tag this parser does not know
         b"IOPROBE",
     ],
@@ -202,6 +204,14 @@ def test_heartbeat_with_an_unknown_phase_is_garbage() -> None:
     events, parser = parse_all(line("IOPROBE", {**HEARTBEAT, "phase": "dancing"}))
     assert events == []
     assert parser.garbage_lines == 1
+
+
+def test_a_pause_answer_from_a_probe_older_than_its_table_digest_is_taken() -> None:
+    """A guest booted before the probe printed ``table_digest`` still runs that probe."""
+    old = {"digest": "fe7f20e779bf557a", "written_blocks": 821, "ops_total": 1693}
+    events, parser = parse_all(line("IOPROBE-PAUSED", old))
+    assert events == [Paused("fe7f20e779bf557a", 821, 1693, 1.0)]
+    assert parser.garbage_lines == 0
 
 
 def test_extra_fields_are_ignored() -> None:

@@ -19,7 +19,7 @@ from devagent.daemon.nics import NicAgent
 from devagent.daemon.supervised import wait_exit
 from devagent.daemon.vms import ManagedVm, VmManager, VmRequest, VmRole
 from devagent.daemon.vms.request import decode_vm_request
-from devagent.errors import StateError, UsageError
+from devagent.errors import PeerError, StateError, UsageError
 from devagent.guest.probe import Paused
 from devagent.guestnet import AddressLedger, GuestNetwork
 from devagent.qemu.config import DiskSpec, VmConfig
@@ -270,9 +270,30 @@ async def test_integrity_says_when_the_guest_memory_disagrees_with_itself(
         return answers[0]
 
     monkeypatch.setattr(managed, "probe_command", probe)
-    answers.append(Paused(empty, 0, 5, empty, 1.0))
+    answers.append(Paused(empty, 0, 5, 1.0, empty))
     assert await managed.check_integrity() == "ok"
-    answers[0] = Paused(empty, 0, 5, "00000000000000ff", 1.0)
+    answers[0] = Paused(empty, 0, 5, 1.0, "00000000000000ff")
     found = await managed.check_integrity()
     assert found.startswith("mismatch: the guest's memory disagrees with itself")
     assert "00000000000000ff" in found
+    answers[0] = Paused(empty, 0, 5, 1.0)  # a probe older than the table digest
+    assert await managed.check_integrity() == "ok"
+
+
+async def test_a_pause_left_unanswered_is_followed_by_a_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe may have paused all the same: it is told to go on."""
+    managed = _managed(tmp_path, VmRole.RUNNING)
+    sent: list[str] = []
+
+    async def probe(command: str, timeout: float = 30.0) -> Paused:
+        sent.append(command)
+        if command == "pause":
+            raise PeerError("VM v1: ioprobe did not answer 'pause' in 30 s")
+        raise StateError("and the resume fails too")
+
+    monkeypatch.setattr(managed, "probe_command", probe)
+    with pytest.raises(PeerError, match="did not answer 'pause'"):
+        await managed.check_integrity()
+    assert sent == ["pause", "resume"]

@@ -381,8 +381,8 @@ class Mirrored(Backend):
         behind: write-through always converges), guest writes go to both sides, the last
         dirty chunks are copied and the target flushed, without holding the guest's I/O;
         only then CONVERGED. So ``finish`` has only the writes since to flush: a short hold
-        whatever the disk's size. A pass falls behind when the guest dirtied more than half
-        of what it copied meanwhile: more passes would copy about as much again, each.
+        whatever the disk's size. A pass falls behind when the guest dirtied over half of
+        what it copied: passes would each copy half as much again; write-through, once.
         """
         self._begin_run()
         limit = 0 if self.sync else converge_bytes

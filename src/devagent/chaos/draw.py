@@ -149,7 +149,9 @@ def parse_faults(text: str | None) -> tuple[str, ...]:
     for word in (w.strip() for w in text.split(",") if w.strip()):
         group = FAULT_GROUPS.get(word) or tuple(f for f in FAULTS if f.startswith(word))
         if not group:
-            raise UsageError(f"no fault {word!r}: the faults are {', '.join(FAULTS)}")
+            raise UsageError(
+                f"no fault {word!r}: the faults are {', '.join(FAULTS)}; or {NO_FAULT} alone"
+            )
         chosen.extend(f for f in group if f not in chosen)
     if NO_FAULT in chosen and len(chosen) > 1:
         raise UsageError(f"--faults {NO_FAULT} runs migrations without a fault: give it alone")

@@ -126,10 +126,11 @@ class Paused:
     digest: str
     written_blocks: int
     ops_total: int
-    #: The digest worked out anew from the probe's block table: equal to ``digest`` unless
-    #: the guest's memory lost an update (a migration that dropped a page, say).
-    table_digest: str
     host_time: float
+    #: The digest worked out anew from the probe's block table: equal to ``digest`` unless
+    #: the guest's memory lost an update (a migration that dropped a page, say). None from
+    #: a probe older than that (a guest booted before it still runs one).
+    table_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,9 @@ ProbeEvent = (
 )
 
 # Each tag: the event class and its fields with their JSON types (all but host_time).
-_SCHEMAS: dict[str, tuple[type[Any], dict[str, type]]] = {
+#: A field an older probe does not print: absent is None.
+_OPTIONAL_STR = (str, type(None))
+_SCHEMAS: dict[str, tuple[type[Any], dict[str, Any]]] = {
     "IOPROBE": (
         Heartbeat,
         {
@@ -217,7 +220,7 @@ _SCHEMAS: dict[str, tuple[type[Any], dict[str, type]]] = {
     ),
     "IOPROBE-PAUSED": (
         Paused,
-        {"digest": str, "written_blocks": int, "ops_total": int, "table_digest": str},
+        {"digest": str, "written_blocks": int, "ops_total": int, "table_digest": _OPTIONAL_STR},
     ),
     "IOPROBE-VERIFIED": (Verified, {"blocks": int, "failures": int, "digest": str}),
     "IOPROBE-ADOPTED": (
@@ -298,17 +301,21 @@ class ConsoleParser:
         if not isinstance(data, dict) or not _fields_ok(data, fields):
             self.garbage_lines += 1
             return None
-        if any(k.endswith("digest") and not _DIGEST_RE.fullmatch(data[k]) for k in fields):
+        if any(_bad_digest(data.get(k)) for k in fields if k.endswith("digest")):
             self.garbage_lines += 1
             return None
         if cls is Heartbeat and data["phase"] not in PHASES:
             self.garbage_lines += 1
             return None
-        event: ProbeEvent = cls(**{name: data[name] for name in fields}, host_time=host_time)
+        event: ProbeEvent = cls(**{name: data.get(name) for name in fields}, host_time=host_time)
         return event
 
 
-def _fields_ok(data: dict[str, Any], fields: dict[str, type]) -> bool:
+def _bad_digest(value: object) -> bool:
+    return value is not None and not (isinstance(value, str) and _DIGEST_RE.fullmatch(value))
+
+
+def _fields_ok(data: dict[str, Any], fields: dict[str, Any]) -> bool:
     for name, kind in fields.items():
         value = data.get(name)
         if kind is int:

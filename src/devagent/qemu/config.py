@@ -176,8 +176,10 @@ def ram_extra_kb(accel: str) -> int:
     return TCG_RAM_EXTRA_KB if accel == "tcg" else 0
 
 
-class VmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """Everything needed to start (or receive) the same VM on any host."""
+class VmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Everything needed to start (or receive) the same VM on any host. Its JSON leaves out
+    what is at its default, so that a field added later (``ram_extra_kb``) reaches a daemon
+    that does not know it only when it matters."""
 
     name: str
     ram_mb: int = 256

@@ -117,7 +117,10 @@ def _fill_io(
     )
     report.guest_ops_lost = ops_lost(source_beats, dest_beats)
     if report.guest_ops_lost is None:
-        report.missing["guest_ops_lost"] = "no heartbeats from one of the hosts"
+        report.missing["guest_ops_lost"] = (
+            "no heartbeats from one of the hosts" if job.managed.request.has_probe
+            else "no ioprobe in the guest"
+        )  # fmt: skip
     fill_io_measures(
         report,
         [*source_beats, *dest_beats],

@@ -20,6 +20,7 @@ Device exchange lives in :mod:`.exchange`, the migration's destination half in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections import deque
@@ -33,7 +34,7 @@ from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.supervised import STATUS_TIMEOUT_S, Supervised
-from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.guest.probe import ConsoleParser, DiskDigest, Heartbeat, Paused, ProbeEvent, Verified
 from devagent.guest.workload import adopting
 from devagent.net.messages import NetStatus
@@ -258,7 +259,12 @@ class ManagedVm:
     async def check_integrity(self) -> str:
         """Pause the probe, compare the disk with what the guest last wrote (the probe's
         digest over the generation of every block it wrote), then let the probe go on."""
-        paused = await self.probe_command("pause")
+        try:
+            paused = await self.probe_command("pause")
+        except PeerError:  # unanswered: it may have paused all the same
+            with contextlib.suppress(DevagentError):
+                await self.probe_command("resume")
+            raise
         assert isinstance(paused, Paused)
         try:
             if self.request.disk_from is not None:  # the disk lives on the peer: ask it
@@ -270,7 +276,7 @@ class ManagedVm:
                 digest = (await asyncio.to_thread(image_digest, self.image)).digest
         finally:
             await self.probe_command("resume")
-        if paused.table_digest != paused.digest:  # the guest's memory lost an update
+        if paused.table_digest not in (None, paused.digest):  # its memory lost an update
             return (
                 f"mismatch: the guest's memory disagrees with itself (its running digest "
                 f"{paused.digest}, its block table's {paused.table_digest}); the disk holds "
