@@ -329,6 +329,9 @@ class FakeDestination:
         #: A commit the source asked before it died runs here: an abort is refused, and the
         #: VM is ``committing`` (paused) for one look, then ``running``.
         self.commit_under_way = False
+        #: The incoming QEMU dies as the commit begins: the VM is then a crashed VM here
+        #: (role running, QEMU failed), and the commit answers 409.
+        self.crash_as_commit_begins = False
 
     def _asked(self, request: str) -> None:
         self.requests.append(request)
@@ -362,6 +365,8 @@ class FakeDestination:
             if name not in self.vms:
                 raise NotFound(f"host b: no VM {name!r}")
             role = self.vms[name]
+            if role == "crashed":
+                return to_json(vm_status(name, "failed", role="running"))
             state = {"running": "running", "committing": "paused"}.get(role, "incoming")
             if role == "committing":  # the commit under way ends: the guest runs next look
                 self.vms[name] = "running"
@@ -393,6 +398,9 @@ class FakeDestination:
             name = parts[-2]
             if self.vms.get(name) != "incoming":
                 raise StateError(f"VM {name} is not an incoming VM")
+            if self.crash_as_commit_begins:
+                self.vms[name] = "crashed"
+                raise StateError(f"host b: VM {name} crashed here as its commit began")
             self.vms[name] = "running"
             return {"resumed_at": time.time(), "steps": {"arrived": time.time()}}
         return {}

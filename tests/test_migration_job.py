@@ -9,6 +9,7 @@ strategy's steps in order, and a failure at every step, each checked against the
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,23 @@ async def test_a_failure_after_the_switchover_goes_forward(
     assert job.report.timeline[Step.DISK_LOCAL] <= job.report.timeline[Step.RELEASED]
     if fault == "/fence":
         assert vm.vm.killed and Step.SOURCE_FENCED in job.report.timeline
+
+
+@pytest.mark.parametrize("strategy", [Strategy.HYBRID, Strategy.PRECOPY])
+async def test_a_destination_qemu_that_dies_as_its_commit_begins_is_a_crash_there(
+    tmp_path: Path, strategy: Strategy
+) -> None:
+    """Past the point of no return the guest lives on the destination: its QEMU's death
+    there is a crash of the VM there (restarted there), and the source goes forward at
+    once rather than leaving the guest paused here."""
+    job, vm, host = make_job(tmp_path, strategy)
+    host.destination.crash_as_commit_begins = True
+    started = time.monotonic()
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    assert time.monotonic() - started < 30  # not the 120 s of asking again
+    assert host.destination.vms == {vm.name: "crashed"}
+    assert vm.name not in host.vms and vm.role.startswith("migrated")
 
 
 async def test_a_source_agent_that_died_after_the_switchover_costs_a_figure_not_the_migration(

@@ -365,6 +365,11 @@ class MigrationJob:
         vm = from_peer(raw, VmStatus, what="the destination's VM status")
         if vm.role == VmRole.COMMITTING and vm.state != "running":
             raise PeerError(f"VM {vm.name}'s commit is under way on {self.report.destination}")
+        if vm.role == VmRole.RUNNING and vm.state == "failed":  # it crashed there, past its
+            # commit: the guest lives there (restarted there), so the job goes forward
+            self.log.error("migration %s: VM %s crashed on %s after its commit began",
+                           self.id, vm.name, self.report.destination)  # fmt: skip
+            return CommitAnswer(resumed_at=vm.resumed_at or time.time())
         if vm.state != "running" or vm.resumed_at is None:
             return None
         return CommitAnswer(resumed_at=vm.resumed_at)

@@ -32,7 +32,7 @@ from devagent.api_types import DiskExchange
 from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicIdentity
-from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import VmConfig
 from devagent.vocab import DestinationStep
@@ -201,7 +201,17 @@ async def commit_incoming(
     if fetch is not None:
         steps[DestinationStep.DISK_SWAPPED] = await _swap_to_fetch(vm, fetch)
     vm.commit_began()  # saved before the guest runs: the point of no return
-    steps.update(await go_live(vm))
+    try:
+        steps.update(await go_live(vm))
+    except DevagentError as err:
+        if not vm.vm.exited:
+            raise
+        # Past the point of no return the guest lives here: its QEMU's death is a crash of
+        # the VM on this host (``vm restart`` boots it on its disk), not a way back. The
+        # source, told so (a 409), reads the commit back from the VM's status.
+        vm.arrived()
+        vm.save()
+        raise StateError(f"VM {vm.name} crashed here as its commit began: {err}") from err
     assert vm.vm.resumed_at is not None
     return {**steps, "resumed_at": vm.vm.resumed_at}
 
