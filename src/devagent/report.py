@@ -115,6 +115,21 @@ class MigrationReport:
         """A saved report (keys it does not know are left out)."""
         return convert(data, cls, what="a migration report")
 
+    def damage(self) -> list[str]:
+        """What the guest lost, as sentences (none: intact as far as the report tells):
+        I/O errors or verify failures, I/O forgotten across the switchover, and for a
+        completed migration a disk that is not what the guest last wrote."""
+        errors, failures = self.guest_io_errors, self.guest_verify_failures
+        found = []
+        if errors or failures:
+            found.append(f"guest I/O errors {errors}, verify failures {failures}")
+        if self.guest_ops_lost:
+            found.append(f"the guest went back {self.guest_ops_lost} I/O operations across "
+                         "the switchover (it resumed from older memory)")  # fmt: skip
+        if self.status == "completed" and self.integrity not in (None, "ok"):
+            found.append(f"integrity {self.integrity}")
+        return found
+
     def mark_missing(self, reason: str, *names: str) -> None:
         for name in names:
             if getattr(self, name) is None:

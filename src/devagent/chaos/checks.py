@@ -156,20 +156,8 @@ def _echo(netns: str, address: str) -> list[str]:
 
 
 def report_violations(label: str, report: MigrationReport) -> list[str]:
-    """What a migration's report shows wrong: guest I/O errors or verify failures, guest
-    I/O forgotten across the switchover, a disk that is not what the guest last wrote (a
-    completed migration's)."""
-    errors, failures = report.guest_io_errors, report.guest_verify_failures
-    found = []
-    if errors or failures:
-        found.append(f"{label}: guest I/O errors {errors}, verify failures {failures}")
-    if report.guest_ops_lost:
-        found.append(f"{label}: the guest went back {report.guest_ops_lost} I/O operations "
-                     "across the switchover (it resumed from older memory)")  # fmt: skip
-    integrity = report.integrity if report.status == "completed" else None
-    if integrity not in (None, "ok"):
-        found.append(f"{label}: integrity {integrity}")
-    return found
+    """What a migration's report shows the guest lost (:meth:`MigrationReport.damage`)."""
+    return [f"{label}: {what}" for what in report.damage()]
 
 
 def space_of(lab: Lab, host: str) -> Path:

@@ -71,10 +71,7 @@ def migrate_bench_cmd(
         click.echo(table)
     lost = [
         r.report for r in result.runs
-        if r.report.status == "completed" and (
-            r.report.integrity != "ok"
-            or r.report.guest_io_errors or r.report.guest_verify_failures
-            or r.report.guest_ops_lost)
+        if r.report.status == "completed" and (r.report.integrity != "ok" or r.report.damage())
     ]  # fmt: skip
     sys.exit(1 if lost else 0)
 
