@@ -37,7 +37,7 @@ from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import VmConfig
 from devagent.vocab import DestinationStep
 
-from .arrival import ARRIVAL_TIMEOUT_S, await_local, go_live
+from .arrival import ARRIVAL_TIMEOUT_S, await_local, go_live, release_nics
 from .managed import ManagedVm, VmRole
 from .request import VmRequest
 
@@ -209,6 +209,8 @@ async def commit_incoming(
         # Past the point of no return the guest lives here: its QEMU's death is a crash of
         # the VM on this host (``vm restart`` boots it on its disk), not a way back. The
         # source, told so (a 409), reads the commit back from the VM's status.
+        if vm.nics:  # held since they started: a restarted guest's frames must flow
+            await release_nics(vm)
         vm.arrived()
         vm.save()
         raise StateError(f"VM {vm.name} crashed here as its commit began: {err}") from err
