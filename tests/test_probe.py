@@ -214,6 +214,28 @@ def test_a_pause_answer_from_a_probe_older_than_its_table_digest_is_taken() -> N
     assert parser.garbage_lines == 0
 
 
+def test_a_pause_answer_gives_each_device_its_digest() -> None:
+    body = {
+        "digest": "0000000000000003", "written_blocks": 9, "ops_total": 20,
+        "table_digest": "0000000000000003",
+        "disks": {"disk0": "0000000000000001", "disk1": "0000000000000002"},
+    }  # fmt: skip
+    [paused], _ = parse_all(line("IOPROBE-PAUSED", body))
+    assert isinstance(paused, Paused)
+    assert paused.digest_of("disk1", only=False) == "0000000000000002"
+    assert paused.digest_of("disk7", only=False) is None
+    older = Paused("0000000000000003", 9, 20, 1.0)  # one digest for the VM's one disk
+    assert older.digest_of("disk0", only=True) == "0000000000000003"
+    assert older.digest_of("disk0", only=False) is None
+
+
+@pytest.mark.parametrize("disks", [{"disk0": "xyz"}, {"disk0": 3}, ["0000000000000001"]])
+def test_a_pause_answer_with_a_bad_device_digest_is_garbage(disks: object) -> None:
+    body = {"digest": "0000000000000003", "written_blocks": 9, "ops_total": 20, "disks": disks}
+    events, parser = parse_all(line("IOPROBE-PAUSED", body))
+    assert events == [] and parser.garbage_lines == 1
+
+
 def test_extra_fields_are_ignored() -> None:
     events, _ = parse_all(line("IOPROBE", {**HEARTBEAT, "new_field": 1}))
     assert [type(e) for e in events] == [Heartbeat]
@@ -386,9 +408,9 @@ def host_ioprobe(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class ProbeRun:
     """ioprobe on a file, its stdout parsed, its stdin ours."""
 
-    def __init__(self, binary: Path, spec: str, image: Path):
+    def __init__(self, binary: Path, spec: str, *devices: Path | str):
         self.proc = subprocess.Popen(
-            [str(binary), spec, str(image)],
+            [str(binary), spec, *map(str, devices)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -527,6 +549,41 @@ def test_ioprobe_adopts_the_disk_an_earlier_run_left_after_a_crash(
         again.close()
 
 
+def test_ioprobe_writes_every_device_and_each_holds_its_own_digest(
+    host_ioprobe: Path, tmp_path: Path
+) -> None:
+    """Three devices of three sizes, by name: each is prefilled and written, the pause
+    answer's digest of each is that device's own, the total is theirs together."""
+    images = {name: tmp_path / f"{name}.raw" for name in ("disk0", "disk1", "disk2")}
+    for size, image in zip((4, 8, 2), images.values(), strict=True):
+        with image.open("wb") as f:
+            f.truncate(size << 20)
+    run = ProbeRun(
+        host_ioprobe, "rand:50:4096:3000:0:524288", *(f"{n}={i}" for n, i in images.items())
+    )
+    try:
+        [started] = run.wait_for(Started)
+        assert isinstance(started, Started)
+        assert (started.device, started.blocks) == ("disk0,disk1,disk2", 3584)
+        run.wait_for(Heartbeat, 5)
+        run.send("pause")
+        [paused] = run.wait_for(Paused)
+        run.send("verify")
+        [verified] = run.wait_for(Verified)
+    finally:
+        run.close()
+    assert isinstance(paused, Paused) and isinstance(verified, Verified)
+    on_disk = {name: disk_digest(image) for name, image in images.items()}
+    assert paused.disks == {name: found.digest for name, found in on_disk.items()}
+    assert all(found.valid_blocks >= 128 for found in on_disk.values())  # each prefilled
+    together = 0
+    for found in on_disk.values():
+        together ^= int(found.digest, 16)
+    assert paused.digest == paused.table_digest == f"{together:016x}"
+    assert paused.written_blocks == sum(f.valid_blocks for f in on_disk.values())
+    assert verified == Verified(paused.written_blocks, 0, paused.digest, 0.0)
+
+
 def test_ioprobe_says_why_it_cannot_start(host_ioprobe: Path, tmp_path: Path) -> None:
     for spec, device in (
         ("rand:50:4096:0:0:0", tmp_path / "missing.raw"),
@@ -542,6 +599,12 @@ def test_ioprobe_says_why_it_cannot_start(host_ioprobe: Path, tmp_path: Path) ->
         assert [type(e) for e in events] == [ProbeFatal]
         if device == tmp_path:
             assert isinstance(events[0], ProbeFatal) and "bad spec" in events[0].message
+    bad_name = subprocess.run(
+        [str(host_ioprobe), "rand:50:4096:0:0:0", f'"x"={tmp_path}/a'],
+        capture_output=True, timeout=10,
+    )  # fmt: skip
+    [fatal], _ = parse_all(bad_name.stdout)
+    assert isinstance(fatal, ProbeFatal) and "device name" in fatal.message
 
 
 def test_block_header_layout_matches_ioprobe(host_ioprobe: Path, tmp_path: Path) -> None:

@@ -1,20 +1,29 @@
 /*
  * ioprobe: devagent's in-guest I/O prober.
  *
- * Usage: ioprobe SPEC DEVICE
+ * Usage: ioprobe SPEC DEVICE [DEVICE ...]
+ *   DEVICE = PATH or NAME=PATH (NAME, without '/', names it in the output; the
+ *     test guest uses the disk's serial, its node on the host)
  *   SPEC = pattern:read_pct:block_size:rate:span:prefill[:adopt]
  *     pattern     rand | seq | idle
  *     read_pct    0..100, share of ops that read (a read falls back to a write
  *                 when no block has been written yet)
  *     block_size  bytes per op, a power of two, 512..1048576
  *     rate        target ops/s, 0 = as fast as the device answers
- *     span        bytes of the device used from offset 0, 0 = the whole device
+ *     span        bytes of each device used from offset 0, 0 = the whole device
  *                 (a span larger than the device is clamped to it)
- *     prefill     bytes written sequentially (generation 1) before the workload
+ *     prefill     bytes written sequentially (generation 1) on each device before
+ *                 the workload
  *     adopt       (a guest booted again on a disk an earlier probe wrote, after a
  *                 crash) read the span first and take every valid block found as
  *                 written, at its generation: the digest then covers the disk as
  *                 found plus what this run writes; prefill skips adopted blocks
+ *
+ * Several devices share the workload: op k goes to device k mod N (so the rate is
+ * the sum over them), prefill takes them in turn. Each has its own block table
+ * and digest; the output's digest and block counts are over all of them (with
+ * one device, exactly that device's), and the pause answer adds each device's
+ * digest by name ("disks"), which the host compares with each disk's image.
  *
  * O_DIRECT, queue depth 1. Every written block starts with a 32-byte header,
  * little-endian: magic "DAGPROBE" (8), block index (u64), generation (u64),
@@ -62,6 +71,7 @@
 #define MAX_LAT_SAMPLES 8192
 #define MAX_DETAIL_LINES_PER_HB 20
 #define CMD_QUEUE 16
+#define MAX_DISKS 16
 
 static const char MAGIC[8] = {'D', 'A', 'G', 'P', 'R', 'O', 'B', 'E'};
 
@@ -80,18 +90,33 @@ struct spec {
     int adopt;
 };
 
+/* One device. Set once before the worker starts, but for: gen, seq_cursor,
+ * prefill_next (the worker's own) and written_blocks, digest (guarded by g_mu). */
+struct disk {
+    const char *name;
+    const char *path;
+    int fd;
+    uint64_t bytes;
+    uint64_t nblocks;
+    uint64_t prefill_blocks;
+    uint32_t *gen;     /* last generation written, per block; 0 = never */
+    uint32_t *written; /* indices of blocks written at least once */
+    uint64_t written_blocks;
+    uint64_t digest;
+    uint64_t seq_cursor;
+    uint64_t prefill_next;
+};
+
 /* Set once before the worker starts. */
 static struct spec g_spec;
-static int g_fd = -1;
-static uint64_t g_nblocks;
-static uint64_t g_prefill_blocks;
+static struct disk g_disks[MAX_DISKS];
+static unsigned g_ndisks;
 static int64_t g_start_ns;
 
 /* Owned by the worker thread only. */
-static uint32_t *g_gen;      /* last generation written, per block; 0 = never */
-static uint32_t *g_written;  /* indices of blocks written at least once */
 static unsigned char *g_buf; /* aligned I/O buffer */
 static uint64_t g_rng = 0x853c49e6748fea9bULL;
+static unsigned g_next_disk; /* the device the next workload op goes to */
 
 /* Shared, guarded by g_mu. */
 static pthread_mutex_t g_mu = PTHREAD_MUTEX_INITIALIZER;
@@ -100,7 +125,7 @@ static enum phase g_phase = PHASE_IDLE;
 static uint64_t g_iv_ops, g_iv_reads, g_iv_writes, g_iv_lat_max;
 static uint32_t g_lat[MAX_LAT_SAMPLES];
 static unsigned g_nlat;
-static uint64_t g_ops_total, g_errors, g_vfails, g_written_blocks, g_digest;
+static uint64_t g_ops_total, g_errors, g_vfails;
 static unsigned g_detail_lines; /* ERR/VFAIL lines printed since the last heartbeat */
 static int g_cmds[CMD_QUEUE];
 static unsigned g_cmd_head, g_cmd_tail;
@@ -127,6 +152,15 @@ static void emit(const char *fmt, ...) {
     fputc('\n', stdout);
     fflush(stdout);
     pthread_mutex_unlock(&g_out_mu);
+}
+
+/* Blocks written and the digest, over every device (call with g_mu held). */
+static void totals(uint64_t *written, uint64_t *digest) {
+    *written = *digest = 0;
+    for (unsigned d = 0; d < g_ndisks; d++) {
+        *written += g_disks[d].written_blocks;
+        *digest ^= g_disks[d].digest;
+    }
 }
 
 /* A detail line (ERR, VFAIL) unless too many were printed since the last heartbeat. */
@@ -225,19 +259,21 @@ static void record_op(int is_read, int64_t lat_ns) {
         g_lat[g_nlat++] = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
 }
 
-static void report_io_error(const char *op, uint64_t index, ssize_t ret, int err) {
+static void report_io_error(const struct disk *dk, const char *op, uint64_t index, ssize_t ret,
+                            int err) {
     pthread_mutex_lock(&g_mu);
     g_errors++;
     pthread_mutex_unlock(&g_mu);
     if (detail_allowed())
-        emit("IOPROBE-ERR {\"op\":\"%s\",\"block\":%" PRIu64 ",\"ret\":%zd,\"errno\":%d,"
-             "\"message\":\"%s\"}",
-             op, index, ret, ret < 0 ? err : 0, ret < 0 ? strerror(err) : "short transfer");
+        emit("IOPROBE-ERR {\"disk\":\"%s\",\"op\":\"%s\",\"block\":%" PRIu64
+             ",\"ret\":%zd,\"errno\":%d,\"message\":\"%s\"}",
+             dk->name, op, index, ret, ret < 0 ? err : 0,
+             ret < 0 ? strerror(err) : "short transfer");
 }
 
 /* Checks a block just read; returns 0 when it is what was last written there. */
-static int check_block(const unsigned char *buf, uint64_t index, uint64_t expected_gen,
-                       int count_failure) {
+static int check_block(const struct disk *dk, const unsigned char *buf, uint64_t index,
+                       uint64_t expected_gen, int count_failure) {
     const char *reason = NULL;
     uint64_t found_index = get_le64(buf + 8);
     uint64_t found_gen = get_le64(buf + 16);
@@ -259,119 +295,138 @@ static int check_block(const unsigned char *buf, uint64_t index, uint64_t expect
         pthread_mutex_unlock(&g_mu);
     }
     if (detail_allowed())
-        emit("IOPROBE-VFAIL {\"block\":%" PRIu64 ",\"expected_gen\":%" PRIu64
+        emit("IOPROBE-VFAIL {\"disk\":\"%s\",\"block\":%" PRIu64 ",\"expected_gen\":%" PRIu64
              ",\"found_gen\":%" PRIu64 ",\"found_index\":%" PRIu64 ",\"found_crc\":%" PRIu32
              ",\"crc\":%" PRIu32 ",\"reason\":\"%s\"}",
-             index, expected_gen, found_gen, found_index, found_crc, crc, reason);
+             dk->name, index, expected_gen, found_gen, found_index, found_crc, crc, reason);
     return -1;
 }
 
-static void write_block(uint64_t index) {
+static void write_block(struct disk *dk, uint64_t index) {
     uint64_t bs = g_spec.block_size;
-    uint64_t old_gen = g_gen[index];
+    uint64_t old_gen = dk->gen[index];
     uint64_t gen = old_gen + 1;
     fill_block(g_buf, index, gen);
     int64_t t0 = now_ns();
-    ssize_t ret = pwrite(g_fd, g_buf, bs, (off_t)(index * bs));
+    ssize_t ret = pwrite(dk->fd, g_buf, bs, (off_t)(index * bs));
     int err = errno;
     int64_t lat = now_ns() - t0;
     if (ret != (ssize_t)bs) {
         /* The old generation stays the expected one: the write is taken as not done. */
-        report_io_error("write", index, ret, err);
+        report_io_error(dk, "write", index, ret, err);
         return;
     }
-    g_gen[index] = (uint32_t)gen;
+    dk->gen[index] = (uint32_t)gen;
     pthread_mutex_lock(&g_mu);
     if (old_gen == 0)
-        g_written[g_written_blocks++] = (uint32_t)index;
+        dk->written[dk->written_blocks++] = (uint32_t)index;
     else
-        g_digest ^= block_hash(index, old_gen);
-    g_digest ^= block_hash(index, gen);
+        dk->digest ^= block_hash(index, old_gen);
+    dk->digest ^= block_hash(index, gen);
     record_op(0, lat);
     pthread_mutex_unlock(&g_mu);
 }
 
-static void read_block(uint64_t index) {
+static void read_block(struct disk *dk, uint64_t index) {
     uint64_t bs = g_spec.block_size;
     int64_t t0 = now_ns();
-    ssize_t ret = pread(g_fd, g_buf, bs, (off_t)(index * bs));
+    ssize_t ret = pread(dk->fd, g_buf, bs, (off_t)(index * bs));
     int err = errno;
     int64_t lat = now_ns() - t0;
     if (ret != (ssize_t)bs) {
-        report_io_error("read", index, ret, err);
+        report_io_error(dk, "read", index, ret, err);
         return;
     }
     pthread_mutex_lock(&g_mu);
     record_op(1, lat);
     pthread_mutex_unlock(&g_mu);
-    check_block(g_buf, index, g_gen[index], 1);
+    check_block(dk, g_buf, index, dk->gen[index], 1);
 }
 
-static uint64_t g_seq_cursor;
-
 static void workload_op(void) {
+    struct disk *dk = &g_disks[g_next_disk];
+    g_next_disk = (g_next_disk + 1) % g_ndisks;
     int want_read = (rng_next() % 100) < g_spec.read_pct;
     uint64_t written;
     pthread_mutex_lock(&g_mu);
-    written = g_written_blocks;
+    written = dk->written_blocks;
     pthread_mutex_unlock(&g_mu);
     if (g_spec.pattern == PAT_SEQ) {
-        uint64_t index = g_seq_cursor;
-        g_seq_cursor = (g_seq_cursor + 1) % g_nblocks;
-        if (want_read && g_gen[index] != 0)
-            read_block(index);
+        uint64_t index = dk->seq_cursor;
+        dk->seq_cursor = (dk->seq_cursor + 1) % dk->nblocks;
+        if (want_read && dk->gen[index] != 0)
+            read_block(dk, index);
         else
-            write_block(index);
+            write_block(dk, index);
         return;
     }
     if (want_read && written > 0)
-        read_block(g_written[rng_next() % written]);
+        read_block(dk, dk->written[rng_next() % written]);
     else
-        write_block(rng_next() % g_nblocks);
+        write_block(dk, rng_next() % dk->nblocks);
 }
 
 static void do_verify(void) {
-    uint64_t written, failures = 0, digest = 0;
-    pthread_mutex_lock(&g_mu);
-    written = g_written_blocks;
-    pthread_mutex_unlock(&g_mu);
-    for (uint64_t k = 0; k < written; k++) {
-        uint64_t index = g_written[k];
-        uint64_t bs = g_spec.block_size;
-        ssize_t ret = pread(g_fd, g_buf, bs, (off_t)(index * bs));
-        if (ret != (ssize_t)bs) {
-            report_io_error("verify-read", index, ret, errno);
-            failures++;
-            continue;
+    uint64_t blocks = 0, failures = 0, digest = 0;
+    for (unsigned d = 0; d < g_ndisks; d++) {
+        struct disk *dk = &g_disks[d];
+        uint64_t written;
+        pthread_mutex_lock(&g_mu);
+        written = dk->written_blocks;
+        pthread_mutex_unlock(&g_mu);
+        blocks += written;
+        for (uint64_t k = 0; k < written; k++) {
+            uint64_t index = dk->written[k];
+            uint64_t bs = g_spec.block_size;
+            ssize_t ret = pread(dk->fd, g_buf, bs, (off_t)(index * bs));
+            if (ret != (ssize_t)bs) {
+                report_io_error(dk, "verify-read", index, ret, errno);
+                failures++;
+                continue;
+            }
+            if (check_block(dk, g_buf, index, dk->gen[index], 1) != 0)
+                failures++;
+            else
+                digest ^= block_hash(index, dk->gen[index]);
         }
-        if (check_block(g_buf, index, g_gen[index], 1) != 0)
-            failures++;
-        else
-            digest ^= block_hash(index, g_gen[index]);
     }
     emit("IOPROBE-VERIFIED {\"blocks\":%" PRIu64 ",\"failures\":%" PRIu64
          ",\"digest\":\"%016" PRIx64 "\"}",
-         written, failures, digest);
+         blocks, failures, digest);
 }
 
-/* The digest worked out anew from the block table (the worker's own: call it from the
- * worker). It equals the running g_digest unless the guest's memory lost an update. */
-static uint64_t table_digest(void) {
+/* A device's digest worked out anew from its block table (the worker's own: call it from
+ * the worker). It equals the running digest unless the guest's memory lost an update. */
+static uint64_t table_digest(const struct disk *dk) {
     uint64_t digest = 0;
-    for (uint64_t k = 0; k < g_written_blocks; k++)
-        digest ^= block_hash(g_written[k], g_gen[g_written[k]]);
+    for (uint64_t k = 0; k < dk->written_blocks; k++)
+        digest ^= block_hash(dk->written[k], dk->gen[dk->written[k]]);
     return digest;
 }
 
 static void do_pause_sync(void) {
-    if (fdatasync(g_fd) != 0)
-        report_io_error("fdatasync", 0, -1, errno);
+    /* name, 16 hex digits and the JSON around them, for each device */
+    char per_disk[MAX_DISKS * 320];
+    size_t at = 0;
+    uint64_t table = 0;
+    for (unsigned d = 0; d < g_ndisks; d++) {
+        struct disk *dk = &g_disks[d];
+        if (fdatasync(dk->fd) != 0)
+            report_io_error(dk, "fdatasync", 0, -1, errno);
+        table ^= table_digest(dk);
+        pthread_mutex_lock(&g_mu);
+        uint64_t digest = dk->digest;
+        pthread_mutex_unlock(&g_mu);
+        at += (size_t)snprintf(per_disk + at, sizeof per_disk - at, "%s\"%.64s\":\"%016" PRIx64 "\"",
+                               d ? "," : "", dk->name, digest);
+    }
     pthread_mutex_lock(&g_mu);
-    uint64_t digest = g_digest, written = g_written_blocks, total = g_ops_total;
+    uint64_t digest, written, total = g_ops_total;
+    totals(&written, &digest);
     pthread_mutex_unlock(&g_mu);
     emit("IOPROBE-PAUSED {\"digest\":\"%016" PRIx64 "\",\"written_blocks\":%" PRIu64
-         ",\"ops_total\":%" PRIu64 ",\"table_digest\":\"%016" PRIx64 "\"}",
-         digest, written, total, table_digest());
+         ",\"ops_total\":%" PRIu64 ",\"table_digest\":\"%016" PRIx64 "\",\"disks\":{%s}}",
+         digest, written, total, table, per_disk);
 }
 
 #define ADOPT_CHUNK (1 << 20)
@@ -381,19 +436,15 @@ static void fatal(const char *what, int err);
 /* Takes the valid blocks of the span as written (see adopt in the header). A block
  * with the magic and its own index whose crc does not match is counted as torn (a
  * write the crash cut) and left unwritten: the host's digest skips it too. */
-static void adopt_disk(void) {
-    uint64_t bs = g_spec.block_size, per = ADOPT_CHUNK / bs, torn = 0, failed = 0;
-    unsigned char *chunk;
-    if (per == 0)
-        per = 1;
-    if (posix_memalign((void **)&chunk, 4096, per * bs) != 0)
-        fatal("allocate adopt buffer", ENOMEM);
-    for (uint64_t first = 0; first < g_nblocks; first += per) {
-        uint64_t count = g_nblocks - first < per ? g_nblocks - first : per;
-        ssize_t ret = pread(g_fd, chunk, count * bs, (off_t)(first * bs));
+static void adopt_disk(struct disk *dk, unsigned char *chunk, uint64_t per, uint64_t *torn,
+                       uint64_t *failed) {
+    uint64_t bs = g_spec.block_size;
+    for (uint64_t first = 0; first < dk->nblocks; first += per) {
+        uint64_t count = dk->nblocks - first < per ? dk->nblocks - first : per;
+        ssize_t ret = pread(dk->fd, chunk, count * bs, (off_t)(first * bs));
         if (ret != (ssize_t)(count * bs)) {
-            report_io_error("adopt-read", first, ret, errno);
-            failed++;
+            report_io_error(dk, "adopt-read", first, ret, errno);
+            (*failed)++;
             continue;
         }
         for (uint64_t k = 0; k < count; k++) {
@@ -403,31 +454,58 @@ static void adopt_disk(void) {
                 gen > UINT32_MAX)
                 continue;
             if (get_le32(b + 24) != crc32_buf(b + HEADER_SIZE, bs - HEADER_SIZE)) {
-                torn++;
+                (*torn)++;
                 continue;
             }
-            g_gen[index] = (uint32_t)gen;
+            dk->gen[index] = (uint32_t)gen;
             pthread_mutex_lock(&g_mu);
-            g_written[g_written_blocks++] = (uint32_t)index;
-            g_digest ^= block_hash(index, gen);
+            dk->written[dk->written_blocks++] = (uint32_t)index;
+            dk->digest ^= block_hash(index, gen);
             pthread_mutex_unlock(&g_mu);
         }
     }
+}
+
+static void adopt_disks(void) {
+    uint64_t bs = g_spec.block_size, per = ADOPT_CHUNK / bs, torn = 0, failed = 0;
+    unsigned char *chunk;
+    if (per == 0)
+        per = 1;
+    if (posix_memalign((void **)&chunk, 4096, per * bs) != 0)
+        fatal("allocate adopt buffer", ENOMEM);
+    for (unsigned d = 0; d < g_ndisks; d++)
+        adopt_disk(&g_disks[d], chunk, per, &torn, &failed);
     free(chunk);
+    uint64_t written, digest;
+    pthread_mutex_lock(&g_mu);
+    totals(&written, &digest);
+    pthread_mutex_unlock(&g_mu);
     emit("IOPROBE-ADOPTED {\"blocks\":%" PRIu64 ",\"torn\":%" PRIu64 ",\"failed_reads\":%" PRIu64
          ",\"digest\":\"%016" PRIx64 "\"}",
-         g_written_blocks, torn, failed, g_digest);
+         written, torn, failed, digest);
+}
+
+/* The next device with a block left to prefill, in turn; NULL when all are prefilled. */
+static struct disk *prefill_turn(void) {
+    static unsigned turn;
+    for (unsigned k = 0; k < g_ndisks; k++) {
+        struct disk *dk = &g_disks[(turn + k) % g_ndisks];
+        if (dk->prefill_next < dk->prefill_blocks) {
+            turn = (turn + k + 1) % g_ndisks;
+            return dk;
+        }
+    }
+    return NULL;
 }
 
 static void *worker(void *arg) {
     (void)arg;
     int paused = 0;
-    uint64_t prefill_next = 0;
     if (g_spec.adopt) {
         pthread_mutex_lock(&g_mu);
         g_phase = PHASE_PREFILL;
         pthread_mutex_unlock(&g_mu);
-        adopt_disk();
+        adopt_disks();
     }
     int64_t interval = g_spec.rate > 0 ? (int64_t)(1000000000ULL / g_spec.rate) : 0;
     int64_t next_op = now_ns();
@@ -454,7 +532,8 @@ static void *worker(void *arg) {
             }
             pthread_mutex_lock(&g_mu);
         }
-        int prefilling = prefill_next < g_prefill_blocks;
+        struct disk *prefill = paused ? NULL : prefill_turn();
+        int prefilling = prefill != NULL;
         if (paused || (!prefilling && g_spec.pattern == PAT_IDLE)) {
             g_phase = PHASE_IDLE;
             pthread_cond_wait(&g_cv, &g_mu);
@@ -471,9 +550,9 @@ static void *worker(void *arg) {
         }
         pthread_mutex_unlock(&g_mu);
         if (prefilling) {
-            uint64_t index = prefill_next++;
-            if (g_gen[index] == 0) /* not adopted */
-                write_block(index);
+            uint64_t index = prefill->prefill_next++;
+            if (prefill->gen[index] == 0) /* not adopted */
+                write_block(prefill, index);
             next_op = now_ns();
             continue;
         }
@@ -506,8 +585,7 @@ static void heartbeat(uint64_t hb) {
     total = g_ops_total;
     errors = g_errors;
     vfails = g_vfails;
-    written = g_written_blocks;
-    digest = g_digest;
+    totals(&written, &digest);
     phase = g_phase;
     g_iv_ops = g_iv_reads = g_iv_writes = g_iv_lat_max = 0;
     g_nlat = 0;
@@ -620,11 +698,70 @@ static void fatal(const char *what, int err) {
     exit(1);
 }
 
+/* Opens argv's DEVICE (PATH or NAME=PATH) as g_disks[d], its block table made. */
+static void open_disk(unsigned d, char *arg) {
+    struct disk *dk = &g_disks[d];
+    char *eq = strchr(arg, '=');
+    dk->name = dk->path = arg;
+    if (eq != NULL && memchr(arg, '/', (size_t)(eq - arg)) == NULL) {
+        *eq = '\0';
+        dk->path = eq + 1;
+    }
+    for (const char *c = dk->name; *c; c++)
+        if (!(*c == '-' || *c == '_' || *c == '.' || *c == '/' || (*c >= '0' && *c <= '9') ||
+              (*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z')))
+            fatal("a device name may hold only letters, digits and -_./", 0);
+    dk->fd = open(dk->path, O_RDWR | O_DIRECT);
+    if (dk->fd < 0)
+        fatal("open device", errno);
+    struct stat st;
+    if (fstat(dk->fd, &st) != 0)
+        fatal("stat device", errno);
+    if (S_ISBLK(st.st_mode)) {
+        if (ioctl(dk->fd, BLKGETSIZE64, &dk->bytes) != 0)
+            fatal("device size", errno);
+    } else {
+        dk->bytes = (uint64_t)st.st_size;
+    }
+    uint64_t span = g_spec.span == 0 || g_spec.span > dk->bytes ? dk->bytes : g_spec.span;
+    dk->nblocks = span / g_spec.block_size;
+    if (dk->nblocks == 0 || dk->nblocks > UINT32_MAX)
+        fatal("span holds no block or too many blocks", 0);
+    dk->prefill_blocks = g_spec.prefill / g_spec.block_size;
+    if (dk->prefill_blocks > dk->nblocks)
+        dk->prefill_blocks = dk->nblocks;
+    dk->gen = calloc(dk->nblocks, sizeof *dk->gen);
+    dk->written = calloc(dk->nblocks, sizeof *dk->written);
+    if (dk->gen == NULL || dk->written == NULL)
+        fatal("allocate block table", ENOMEM);
+}
+
+/* IOPROBE-START: the devices' names, bytes and blocks summed, and each device. */
+static void emit_start(const char *spec) {
+    char names[MAX_DISKS * 72], each[MAX_DISKS * 160];
+    size_t at = 0, at_each = 0;
+    uint64_t bytes = 0, blocks = 0;
+    for (unsigned d = 0; d < g_ndisks; d++) {
+        const struct disk *dk = &g_disks[d];
+        bytes += dk->bytes;
+        blocks += dk->nblocks;
+        at += (size_t)snprintf(names + at, sizeof names - at, "%s%.64s", d ? "," : "", dk->name);
+        at_each += (size_t)snprintf(
+            each + at_each, sizeof each - at_each,
+            "%s{\"name\":\"%.64s\",\"device_bytes\":%" PRIu64 ",\"blocks\":%" PRIu64 "}",
+            d ? "," : "", dk->name, dk->bytes, dk->nblocks);
+    }
+    emit("IOPROBE-START {\"device\":\"%s\",\"device_bytes\":%" PRIu64 ",\"blocks\":%" PRIu64
+         ",\"block_size\":%" PRIu64 ",\"spec\":\"%s\",\"disks\":[%s]}",
+         names, bytes, blocks, g_spec.block_size, spec, each);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 3) {
-        fprintf(stderr,
-                "usage: ioprobe pattern:read_pct:block_size:rate:span:prefill[:adopt] DEVICE\n");
-        emit("IOPROBE-FATAL {\"message\":\"usage: ioprobe SPEC DEVICE\"}");
+    if (argc < 3 || argc - 2 > MAX_DISKS) {
+        fprintf(stderr, "usage: ioprobe pattern:read_pct:block_size:rate:span:prefill[:adopt] "
+                        "DEVICE [DEVICE ...] (at most %d; DEVICE = PATH or NAME=PATH)\n",
+                MAX_DISKS);
+        emit("IOPROBE-FATAL {\"message\":\"usage: ioprobe SPEC DEVICE [DEVICE ...]\"}");
         return 2;
     }
     g_start_ns = now_ns();
@@ -632,30 +769,9 @@ int main(int argc, char **argv) {
     g_rng ^= (uint64_t)g_start_ns;
     if (parse_spec(argv[1], &g_spec) != 0)
         fatal("bad spec", 0);
-    g_fd = open(argv[2], O_RDWR | O_DIRECT);
-    if (g_fd < 0)
-        fatal("open device", errno);
-    uint64_t dev_bytes = 0;
-    struct stat st;
-    if (fstat(g_fd, &st) != 0)
-        fatal("stat device", errno);
-    if (S_ISBLK(st.st_mode)) {
-        if (ioctl(g_fd, BLKGETSIZE64, &dev_bytes) != 0)
-            fatal("device size", errno);
-    } else {
-        dev_bytes = (uint64_t)st.st_size;
-    }
-    uint64_t span = g_spec.span == 0 || g_spec.span > dev_bytes ? dev_bytes : g_spec.span;
-    g_nblocks = span / g_spec.block_size;
-    if (g_nblocks == 0 || g_nblocks > UINT32_MAX)
-        fatal("span holds no block or too many blocks", 0);
-    g_prefill_blocks = g_spec.prefill / g_spec.block_size;
-    if (g_prefill_blocks > g_nblocks)
-        g_prefill_blocks = g_nblocks;
-    g_gen = calloc(g_nblocks, sizeof *g_gen);
-    g_written = calloc(g_nblocks, sizeof *g_written);
-    if (g_gen == NULL || g_written == NULL)
-        fatal("allocate block table", ENOMEM);
+    g_ndisks = (unsigned)(argc - 2);
+    for (unsigned d = 0; d < g_ndisks; d++)
+        open_disk(d, argv[2 + d]);
     if (posix_memalign((void **)&g_buf, 4096, g_spec.block_size) != 0)
         fatal("allocate buffer", ENOMEM);
 
@@ -664,9 +780,7 @@ int main(int argc, char **argv) {
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&g_cv, &ca);
 
-    emit("IOPROBE-START {\"device\":\"%s\",\"device_bytes\":%" PRIu64 ",\"blocks\":%" PRIu64
-         ",\"block_size\":%" PRIu64 ",\"spec\":\"%s\"}",
-         argv[2], dev_bytes, g_nblocks, g_spec.block_size, argv[1]);
+    emit_start(argv[1]);
 
     pthread_t tid;
     if (pthread_create(&tid, NULL, worker, NULL) != 0)

@@ -131,6 +131,16 @@ class Paused:
     #: the guest's memory lost an update (a migration that dropped a page, say). None from
     #: a probe older than that (a guest booted before it still runs one).
     table_digest: str | None = None
+    #: Each device's digest by its name (the disk's node in the test guest); None from a
+    #: probe older than several devices.
+    disks: dict[str, str] | None = None
+
+    def digest_of(self, name: str, *, only: bool) -> str | None:
+        """What the guest last wrote on device ``name``: its own digest, or for a probe
+        older than several devices the one digest there is (``only``: the VM's one disk)."""
+        if self.disks is None:
+            return self.digest if only else None
+        return self.disks.get(name)
 
 
 @dataclass(frozen=True)
@@ -179,6 +189,7 @@ ProbeEvent = (
 # Each tag: the event class and its fields with their JSON types (all but host_time).
 #: A field an older probe does not print: absent is None.
 _OPTIONAL_STR = (str, type(None))
+_OPTIONAL_DIGESTS = (dict, type(None))  # name → digest
 _SCHEMAS: dict[str, tuple[type[Any], dict[str, Any]]] = {
     "IOPROBE": (
         Heartbeat,
@@ -220,7 +231,13 @@ _SCHEMAS: dict[str, tuple[type[Any], dict[str, Any]]] = {
     ),
     "IOPROBE-PAUSED": (
         Paused,
-        {"digest": str, "written_blocks": int, "ops_total": int, "table_digest": _OPTIONAL_STR},
+        {
+            "digest": str,
+            "written_blocks": int,
+            "ops_total": int,
+            "table_digest": _OPTIONAL_STR,
+            "disks": _OPTIONAL_DIGESTS,
+        },
     ),
     "IOPROBE-VERIFIED": (Verified, {"blocks": int, "failures": int, "digest": str}),
     "IOPROBE-ADOPTED": (
@@ -302,6 +319,13 @@ class ConsoleParser:
             self.garbage_lines += 1
             return None
         if any(_bad_digest(data.get(k)) for k in fields if k.endswith("digest")):
+            self.garbage_lines += 1
+            return None
+        per_disk = data.get("disks") if "disks" in fields else None
+        if per_disk is not None and not all(
+            isinstance(k, str) and isinstance(v, str) and not _bad_digest(v)
+            for k, v in per_disk.items()
+        ):
             self.garbage_lines += 1
             return None
         if cls is Heartbeat and data["phase"] not in PHASES:
