@@ -37,7 +37,7 @@ from devagent.api_types import Devices, DiskRow, VmStatus
 from devagent.client import Endpoint
 from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
 from devagent.daemon.migration.context import HostContext, Peer
-from devagent.daemon.vms.request import VmRequest
+from devagent.daemon.vms.request import DiskRequest, VmRequest
 from devagent.errors import DevagentError, NotFound, PeerError, StateError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo, RamInfo, answer
@@ -292,12 +292,18 @@ class FakeVm:
     name: str = "v1"
     nics: list[Any] = field(default_factory=list)
     # a user's own guest (no probe) unless make_job says otherwise
-    request: VmRequest = field(default_factory=lambda: VmRequest(name="v1", disk="/user.img"))
+    request: VmRequest = field(
+        default_factory=lambda: VmRequest(name="v1", disks=(DiskRequest(image="/user.img"),))
+    )
     config: VmConfig = field(default_factory=lambda: VmConfig(name="v1", ram_mb=64))
     heartbeats: list[Heartbeat] = field(default_factory=list)
     role: str = "running"
     completions_error: PeerError | None = None  # the agent's journal cannot be read
     serves_disk: bool = False
+
+    @property
+    def images(self) -> dict[str, Path]:
+        return {"disk0": self.image}
 
     async def completions_since(self, since: float) -> list[float] | None:
         if self.completions_error is not None:
@@ -454,9 +460,9 @@ def make_job(
     image.write_bytes(b"\0" * 4096)
     vm = vm or FakeVm(image=image, run_dir=tmp_path)
     if strategy.is_baseline:
-        vm.agents, vm.request = [], vm.request.replace(disk=None)  # the test guest
+        vm.agents, vm.request = [], VmRequest(name=vm.name)  # the test guest
     if strategy is Strategy.SHARED:
-        vm.request = vm.request.replace(disk=str(image))
+        vm.request = vm.request.replace(disks=(DiskRequest(image=str(image)),))
     host = FakeHost()
     for agent in vm.agents:
         agent.everything = vm.vm.commands

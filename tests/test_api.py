@@ -10,7 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from devagent.daemon.api import HOST_KEY, build_app
 from devagent.daemon.host import Host
-from devagent.daemon.vms import ManagedVm, VmRequest, VmRole
+from devagent.daemon.vms import DiskRequest, ManagedVm, VmRequest, VmRole
 from devagent.qemu.config import DiskSpec, VmConfig
 
 TOKEN = "s3cret"
@@ -113,9 +113,11 @@ async def test_device_and_probe_bodies_are_typed(
     client: TestClient[object, object], tmp_path: Path
 ) -> None:
     host: Host = client.app[HOST_KEY]  # type: ignore[index]
-    request = VmRequest(name="v1", disk="/img")
+    request = VmRequest(name="v1", disks=(DiskRequest(image="/img"),))
     config = VmConfig(name="v1", disks=(DiskSpec(node="disk0", path="/img"),))
-    host.vms.vms["v1"] = ManagedVm(request, config, tmp_path, VmRole.RUNNING, Path("/img"))
+    host.vms.vms["v1"] = ManagedVm(
+        request, config, tmp_path, VmRole.RUNNING, {"disk0": Path("/img")}
+    )
     for path, sent, fragment in (
         ("/v1/vms/v1/devices/disk0/swap", {"to": 5}, "$.to"),
         ("/v1/vms/v1/devices/disk0/swap", {"to": "relative"}, "not an absolute path"),

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from devagent.client import Endpoint
-from devagent.daemon.vms import VmRequest, parse_size
-from devagent.daemon.vms.config import build_config
+from devagent.daemon.vms import DiskRequest, VmRequest, parse_size
+from devagent.daemon.vms.config import GuestBoot, build_config, disk_spec
 from devagent.errors import UsageError
+from devagent.guest.build import GuestImage
 from devagent.qemu.config import TCG_RAM_EXTRA_KB, DiskSpec, VmConfig, ram_extra_kb
 
 
@@ -47,11 +49,29 @@ def test_firmware_boot_of_a_qcow2_over_nbd_incoming() -> None:
     assert "bootindex=1" in args[args.index("-device") + 1]
 
 
+def test_several_disks_each_with_its_serial_and_the_probe_told_them_all() -> None:
+    request = VmRequest(name="t", disks=(DiskRequest(size=1 << 30), DiskRequest(size=1 << 29)))
+    disks = tuple(disk_spec(n, Path(f"/{n}.img"), None, "raw") for n in request.nodes())
+    guest = GuestBoot(GuestImage(Path("/k"), Path("/i"), "6.1"), "tcg")
+    config = build_config(request, disks, guest=guest)
+    args = config.qemu_args()
+    devices = [args[i + 1] for i, a in enumerate(args) if a == "-device"]
+    assert devices == [
+        "virtio-blk-pci,drive=disk0,id=vd0,serial=disk0",
+        "virtio-blk-pci,drive=disk1,id=vd1,serial=disk1",
+    ]
+    assert config.append is not None and " devagent.disks=disk0,disk1" in config.append
+    one = build_config(request.replace(disks=request.disks[:1]), disks[:1], guest=guest)
+    assert one.append is not None and "devagent.disks" not in one.append  # /dev/vda
+    old = DiskSpec(path="/x")  # a record from before serials: the same QEMU device
+    assert "serial" not in VmConfig(name="o", disks=(old,)).qemu_args()[-1]
+
+
 def test_a_tcg_guest_gets_ram_that_is_not_a_whole_number_of_256_kib() -> None:
     """QEMU 7.2 loses a TCG guest's stores in a RAM migration when its RAM block is a
     whole number of 256 KiB (see TCG_RAM_EXTRA_KB): such a guest gets 8 KiB more."""
-    request = VmRequest(name="u", disk="/img", ram_mb=256)
-    config = build_config(request, DiskSpec(path="/img"))
+    request = VmRequest(name="u", disks=(DiskRequest(image="/img"),), ram_mb=256)
+    config = build_config(request, (DiskSpec(path="/img"),))
     assert (config.accel, config.ram_extra_kb) == ("tcg", TCG_RAM_EXTRA_KB)
     args = config.qemu_args()
     ram = args[args.index("-m") + 1]

@@ -177,8 +177,9 @@ def test_a_vm_request_takes_a_nic() -> None:
     assert VmRequest.from_json({"name": "v"}).nics == 0
     assert VmRequest.from_json({"name": "v", "nic": True}).nics == 1
     assert VmRequest.from_json({"name": "v", "nics": 1}).nics == 1
+    assert VmRequest.from_json({"name": "v", "nics": 2}).nics == 2
     assert VmRequest.from_json({"name": "v", "nic": False}).nics == 0
-    for bad in ({"nic": "yes"}, {"nics": 2}, {"nics": True}, {"nic": True, "nics": 1}):
+    for bad in ({"nic": "yes"}, {"nics": 5}, {"nics": True}, {"nic": True, "nics": 1}):
         with pytest.raises(UsageError, match="'nic"):
             VmRequest.from_json({"name": "v", **bad})
     assert VmRequest.from_json(VmRequest.from_json({"name": "v", "nic": True}).to_json()).nics == 1
@@ -191,7 +192,8 @@ def test_the_guest_gets_its_nic_and_its_address(tmp_path: Path) -> None:
         vm="v", node="net0", run_dir=str(tmp_path), address="10.213.7.100/24",
         mac="52:54:00:d5:07:64", tap="dt0", made_tap="dt0",
     )  # fmt: skip
-    config = build_config(request, disk_spec(request, tmp_path / "d.img", None), (nic,))
+    disk = disk_spec("disk0", tmp_path / "d.img", None, "raw")
+    config = build_config(request, (disk,), (nic,))
     assert [n.stream_socket for n in config.nics] == [str(tmp_path / "net0.sock")]
     args = config.qemu_args()
     assert f"stream,id=net0,server=on,addr.type=unix,addr.path={tmp_path}/net0.sock" in args

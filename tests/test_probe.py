@@ -226,7 +226,7 @@ def test_a_pause_answer_gives_each_device_its_digest() -> None:
     assert paused.digest_of("disk7", only=False) is None
     older = Paused("0000000000000003", 9, 20, 1.0)  # one digest for the VM's one disk
     assert older.digest_of("disk0", only=True) == "0000000000000003"
-    assert older.digest_of("disk0", only=False) is None
+    assert older.digest_of("disk1", only=False) is None
 
 
 @pytest.mark.parametrize("disks", [{"disk0": "xyz"}, {"disk0": 3}, ["0000000000000001"]])

@@ -34,7 +34,7 @@ from devagent.daemon.migration.plans import Handover
 from devagent.daemon.migration.record import MigrationRecord, load_record, record_path
 from devagent.daemon.migration.recovery import RESTARTED, TAKEN_UP, recovered_jobs
 from devagent.daemon.migration.routes import MigrationRoutes
-from devagent.daemon.vms import ManagedVm, VmManager, VmRequest, VmRole
+from devagent.daemon.vms import DiskRequest, ManagedVm, VmManager, VmRequest, VmRole
 from devagent.daemon.vms import manager as manager_module
 from devagent.daemon.vms.incoming import commit_incoming
 from devagent.errors import PeerError, StateError
@@ -371,8 +371,8 @@ async def test_the_commit_is_saved_as_begun_before_the_guest_runs(
 
     monkeypatch.setattr(Vm, "qmp", qmp)
     config = VmConfig(name="v1", disks=(DiskSpec(node="disk0", path="/img"),))
-    managed = ManagedVm(VmRequest(name="v1", disk="/img"), config, tmp_path, VmRole.INCOMING,
-                        Path("/img"))  # fmt: skip
+    request = VmRequest(name="v1", disks=(DiskRequest(image="/img"),))
+    managed = ManagedVm(request, config, tmp_path, VmRole.INCOMING, {"disk0": Path("/img")})
     steps = await commit_incoming(managed, None)
     assert roles_at_cont == ["committing"]  # on disk before the guest ran: no way back
     assert managed.role is VmRole.RUNNING and steps["resumed_at"] == managed.vm.resumed_at

@@ -17,7 +17,7 @@ from aiohttp import web
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.supervised import wait_exit
-from devagent.daemon.vms import ManagedVm, VmManager, VmRequest, VmRole
+from devagent.daemon.vms import DiskRequest, ManagedVm, VmManager, VmRequest, VmRole
 from devagent.daemon.vms.request import decode_vm_request
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.guest.probe import Paused
@@ -35,7 +35,7 @@ from devagent.qemu.vm import VmState
         ({"name": "ok", "ram_mb": True}, "'ram_mb'", "$.ram_mb"),
         ({"name": "Bad!"}, "'name' must be 1-32 characters", "$.name"),
         ({"name": "ok", "storage": "cloud"}, "'storage' must be 'shared' or 'local'", "$.storage"),
-        ({"name": "ok", "nics": 2}, "'nics' must be 0 or 1", "$.nics"),
+        ({"name": "ok", "nics": 5}, "'nics' must be from 0 to 4", "$.nics"),
         ({"name": "ok", "nic": "yes"}, "'nic' must be true or false", "$.nic"),
         ({"name": "ok", "nic": True, "nics": 1}, "or give 'nics', not both", "$.nic"),
         ({"name": "ok", "disk_size": "1K"}, "'disk_size' must be from 1M to 1T", "$.disk_size"),
@@ -52,7 +52,11 @@ def test_a_bad_vm_request_names_the_field_and_its_path(body: Any, words: str, pa
 
 def test_a_vm_request_takes_sizes_the_nic_alias_and_keeps_the_cross_field_rules() -> None:
     request = decode_vm_request(b'{"name": "v", "disk_size": "2G", "nic": true}')
-    assert (request.disk_size, request.nics, request.workload) == (2 << 30, 1, "moderate")
+    assert (request.disks, request.nics, request.workload) == (
+        (DiskRequest(size=2 << 30),),
+        1,
+        "moderate",
+    )
     with pytest.raises(UsageError, match="missing required field `name`"):
         decode_vm_request(b"")  # an empty body is {}
     user = decode_vm_request(b'{"name": "u", "disk": "/img", "workload": "heavy"}')
@@ -65,6 +69,41 @@ def test_a_vm_request_takes_sizes_the_nic_alias_and_keeps_the_cross_field_rules(
         decode_vm_request(b'{"name": "u", "disk_size": "12Q"}')
 
 
+def test_a_vm_request_takes_several_disks_in_order() -> None:
+    """The user's images first (``disk``, one or a list), else a new first disk; then the
+    new data disks; or ``disks`` as a record writes it."""
+    test_guest = decode_vm_request(b'{"name": "v", "data_disks": ["2G", "512M"]}')
+    assert [d.size for d in test_guest.disks] == [1 << 30, 2 << 30, 512 << 20]
+    assert test_guest.nodes() == ["disk0", "disk1", "disk2"] and test_guest.has_probe
+    user = decode_vm_request(b'{"name": "u", "disk": ["/a.qcow2", "/b.raw"], "data_disks": ["1G"]}')
+    assert user.disks == (
+        DiskRequest(image="/a.qcow2"),
+        DiskRequest(image="/b.raw"),
+        DiskRequest(size=1 << 30),
+    )
+    assert not user.has_probe and user.disk("disk1").image == "/b.raw"
+    assert VmRequest.from_json(user.to_json()) == user  # a record's "disks"
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"data_disks": ["1K"]}, "'data_disks' must be from 1M to 1T (at $.data_disks[0])"),
+        ({"data_disks": ["1G"] * 8}, "a VM has 1 to 8 disks, not 9"),
+        ({"disk": "/a", "disk_size": "1G"}, "'disk_size' is for a new disk"),
+        ({"disks": [{"size": 1 << 30}], "disk": "/a"}, "give 'disks', or 'disk'"),
+        ({"disks": []}, "a VM has 1 to 8 disks, not 0"),
+        ({"disks": [{"size": 1 << 30, "image": "/a"}]}, "either a size (a new disk) or an image"),
+        ({"disk": 3}, "'disk' must be an image's path, or a list of them"),
+        ({"data_disks": ["1G"], "disk_from": {"url": "http://a"}}, "one new disk on the peer"),
+    ],
+)
+def test_a_bad_set_of_disks_is_refused_clearly(body: dict[str, Any], words: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        decode_vm_request(json.dumps({"name": "v", **body}).encode())
+    assert words in str(caught.value)
+
+
 def test_a_record_saved_by_the_previous_version_still_loads() -> None:
     """``vm.json`` as the dataclass ``VmRequest`` wrote it (``asdict``: every field)."""
     old = {
@@ -74,17 +113,20 @@ def test_a_record_saved_by_the_previous_version_still_loads() -> None:
         "nics": 1,
     }  # fmt: skip
     request = VmRequest.from_json(old)
-    assert request.to_json() == old
+    assert request.disks == (DiskRequest(size=1 << 30),)
+    assert VmRequest.from_json(request.to_json()) == request
     assert request.replace(disk_from=None).disk_from is None
+    user = VmRequest.from_json({**old, "disk": "/img", "disk_from": None})  # disk_size unused
+    assert user.disks == (DiskRequest(image="/img"),)
 
 
 # --- the role, and the state a VM shows --------------------------------------------------------
 
 
 def _managed(tmp_path: Path, role: VmRole, agents: list[AgentProcess] | None = None) -> ManagedVm:
-    request = VmRequest(name="v1", disk="/img")
+    request = VmRequest(name="v1", disks=(DiskRequest(image="/img"),))
     config = VmConfig(name="v1", disks=(DiskSpec(node="disk0", path="/img"),))
-    return ManagedVm(request, config, tmp_path, role, Path("/img"), agents)
+    return ManagedVm(request, config, tmp_path, role, {"disk0": Path("/img")}, agents)
 
 
 def _saved_role(run_dir: Path) -> str:
@@ -262,7 +304,7 @@ async def test_integrity_says_when_the_guest_memory_disagrees_with_itself(
     image = tmp_path / "disk.img"
     image.write_bytes(bytes(1 << 16))  # no probe block: the empty digest
     managed = _managed(tmp_path, VmRole.RUNNING)
-    managed.image = image
+    managed.images = {"disk0": image}
     empty = "0" * 16
     answers: list[Paused] = []
 
@@ -278,6 +320,31 @@ async def test_integrity_says_when_the_guest_memory_disagrees_with_itself(
     assert "00000000000000ff" in found
     answers[0] = Paused(empty, 0, 5, 1.0)  # a probe older than the table digest
     assert await managed.check_integrity() == "ok"
+
+
+async def test_integrity_is_checked_disk_by_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each disk against the digest the probe gives it by node; a disk that differs is
+    named, and one the probe never named is a mismatch, not a pass."""
+    managed = _managed(tmp_path, VmRole.RUNNING)
+    managed.images = {}
+    for node in ("disk0", "disk1"):
+        managed.images[node] = tmp_path / f"{node}.img"
+        managed.images[node].write_bytes(bytes(1 << 16))  # the empty digest
+    empty, other = "0" * 16, "00000000000000aa"
+    answer = Paused(empty, 0, 5, 1.0, empty, {"disk0": empty, "disk1": empty})
+
+    async def probe(command: str, timeout: float = 30.0) -> Paused:
+        return answer
+
+    monkeypatch.setattr(managed, "probe_command", probe)
+    assert await managed.check_integrity() == "ok"
+    answer = Paused(other, 0, 5, 1.0, other, {"disk0": empty, "disk1": other})
+    found = await managed.check_integrity()
+    assert found == f"mismatch: disk1: the guest last wrote digest {other}, the disk holds {empty}"
+    answer = Paused(empty, 0, 5, 1.0, empty, {"disk0": empty})
+    assert "disk1: the guest last wrote digest None" in await managed.check_integrity()
 
 
 async def test_a_pause_left_unanswered_is_followed_by_a_resume(

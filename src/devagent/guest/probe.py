@@ -136,11 +136,12 @@ class Paused:
     disks: dict[str, str] | None = None
 
     def digest_of(self, name: str, *, only: bool) -> str | None:
-        """What the guest last wrote on device ``name``: its own digest, or for a probe
-        older than several devices the one digest there is (``only``: the VM's one disk)."""
-        if self.disks is None:
-            return self.digest if only else None
-        return self.disks.get(name)
+        """What the guest last wrote on device ``name``: the digest when it is the probe's
+        ``only`` device (whatever the probe named it), else that device's own (None when
+        the probe named no such device, or is older than several devices)."""
+        if only:
+            return self.digest
+        return (self.disks or {}).get(name)
 
 
 @dataclass(frozen=True)

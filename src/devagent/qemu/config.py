@@ -87,7 +87,7 @@ class NbdSource(msgspec.Struct, frozen=True):
     export: str
 
 
-class DiskSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class DiskSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """One virtio disk. Exactly one of ``path`` (a file QEMU opens itself) or ``nbd_socket``
     (an NBD export on a unix socket, e.g. a device agent) says where its bytes are."""
 
@@ -104,6 +104,9 @@ class DiskSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     unmap: bool = False
     backing_nbd: NbdSource | None = None
     copy_on_read: bool = False
+    #: What the guest reads as the disk's serial (``/sys/block/vdX/serial``): its node,
+    #: so that the guest tells its disks apart (None in records from before it).
+    serial: str | None = None
 
     def __post_init__(self) -> None:
         if (self.path is None) == (self.nbd_socket is None):
@@ -219,6 +222,8 @@ class VmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
         for index, disk in enumerate(self.disks):
             args += ["-blockdev", msgspec.json.encode(disk.blockdev()).decode()]
             device = f"virtio-blk-pci,drive={disk.node},id=vd{index}"
+            if disk.serial:
+                device += f",serial={disk.serial}"
             if not self.kernel and index == 0:
                 device += ",bootindex=1"
             args += ["-device", device]

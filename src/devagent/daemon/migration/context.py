@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,7 +153,10 @@ class MigratingVm(Protocol):
     def config(self) -> VmConfig: ...
 
     @property
-    def image(self) -> Path: ...
+    def image(self) -> Path: ...  # the first disk's
+
+    @property
+    def images(self) -> Mapping[str, Path]: ...  # each disk's by node
 
     @property
     def run_dir(self) -> Path: ...  # where the job keeps its record

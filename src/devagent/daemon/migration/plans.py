@@ -133,11 +133,22 @@ class Plan:
         return (job.progress.disk_bytes_moved or 0) + (job.progress.disk_bytes_pushed or 0)
 
 
+def require_one_disk(job: JobView, strategy: Strategy) -> None:
+    """Refuse a VM of several disks (:class:`UsageError`): a migration moves one disk."""
+    disks = len(job.managed.images)
+    if disks > 1:
+        raise UsageError(
+            f"VM {job.managed.name} has {disks} disks: '{strategy}' migrates a VM of one disk "
+            "(moving several disks as one set is not built yet)"
+        )
+
+
 class AgentPlan(Plan):
     """devagent's strategies: the disk goes through the VM's device agent."""
 
     def check(self, job: JobView) -> None:
         vm = job.managed
+        require_one_disk(job, self.strategy)
         if not vm.agents:
             raise UsageError(
                 f"VM {vm.name} runs without a device agent: only 'shared' storage can migrate it"
@@ -210,9 +221,10 @@ class SharedPlan(AgentPlan):
     moves_disk = False
 
     def check(self, job: JobView) -> None:
+        require_one_disk(job, self.strategy)
         vm, shared = job.managed, job.host.shared_dir
-        in_shared = shared is not None and vm.image.is_relative_to(shared)
-        if not in_shared and vm.request.disk is None:
+        in_shared = shared is not None and all(i.is_relative_to(shared) for i in vm.images.values())
+        if not in_shared and not vm.request.own_images:
             raise UsageError(
                 f"VM {vm.name}'s disk is local to host {job.host.name}: the 'shared' strategy "
                 "needs a disk both hosts see (vm start --storage shared)"

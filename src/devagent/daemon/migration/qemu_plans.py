@@ -35,7 +35,7 @@ from devagent.daemon.migration.messages import (
     CommitAnswer,
     NbdAddress,
 )
-from devagent.daemon.migration.plans import Handover, Plan, Prepared
+from devagent.daemon.migration.plans import Handover, Plan, Prepared, require_one_disk
 from devagent.daemon.vms import image_format
 from devagent.errors import DevagentError, PeerError, UsageError
 from devagent.qemu.answers import BlockJobInfo, JobInfo
@@ -83,6 +83,7 @@ class QemuPlan(Plan):
 
     def check(self, job: JobView) -> None:
         vm = job.managed
+        require_one_disk(job, self.strategy)
         if vm.agents:
             raise UsageError(
                 f"VM {vm.name} runs with a device agent; the QEMU-only strategies need one "

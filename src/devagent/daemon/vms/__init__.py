@@ -17,10 +17,11 @@ from devagent.vocab import parse_size
 from .config import GuestBoot, TestGuest, build_config, disk_spec, image_digest, image_format
 from .managed import ManagedVm, RoleEvent, VmRole
 from .manager import VmManager
-from .request import NAME_RE, Storage, VmRequest, VmRequestBody
+from .request import NAME_RE, DiskRequest, Storage, VmRequest, VmRequestBody
 
 __all__ = [
     "NAME_RE",
+    "DiskRequest",
     "GuestBoot",
     "ManagedVm",
     "RoleEvent",

@@ -76,30 +76,32 @@ def image_digest(path: Path) -> DiskDigest:
         return disk_digest(raw)
 
 
-def disk_spec(request: VmRequest, image: Path, agent: AgentProcess | None) -> DiskSpec:
-    """The VM's disk: the agent's NBD export when it has one, else the image itself."""
-    fmt: DiskFormat = "raw" if request.disk is None else image_format(image)
+def disk_spec(node: str, image: Path, agent: AgentProcess | None, fmt: DiskFormat) -> DiskSpec:
+    """Disk ``node``: its agent's NBD export when it has one, else the image itself; the
+    guest sees the node as the disk's serial."""
     if agent is None:
-        return DiskSpec(node="disk0", path=str(image), format=fmt)
+        return DiskSpec(node=node, path=str(image), format=fmt, serial=node)
     return DiskSpec(
-        node="disk0",
+        node=node,
         nbd_socket=str(agent.nbd_socket),
         nbd_export=agent.export,
         format=fmt,
         reconnect_delay_s=NBD_RECONNECT_DELAY_S,
+        serial=node,
     )
 
 
 def build_config(
     request: VmRequest,
-    disk: DiskSpec,
+    disks: tuple[DiskSpec, ...],
     nics: tuple[NicAgent, ...] = (),
     *,
     guest: GuestBoot | None = None,
 ) -> VmConfig:
-    """The QEMU configuration for ``request`` with ``disk`` and the NICs ``nics``. The test
-    guest (``guest``, needed when the request runs it) is told its address on the kernel
-    command line: ``devagent.ip=``."""
+    """The QEMU configuration for ``request`` with ``disks`` and the NICs ``nics``. The test
+    guest (``guest``, needed when the request runs it) is told on the kernel command line
+    the address of each NIC in order (``devagent.ip=``) and, with several disks, the
+    serials of those its probe writes (``devagent.disks=``)."""
     specs = tuple(NicSpec(id=n.node, stream_socket=str(n.stream_socket), mac=n.mac) for n in nics)
     if request.has_probe:
         if guest is None:
@@ -114,8 +116,9 @@ def build_config(
             kernel=str(guest.image.kernel),
             initrd=str(guest.image.initrd),
             append=f"console=ttyS0 quiet panic=-1 {workload.to_kernel_arg()}"
-            + "".join(f" devagent.ip={n.address}" for n in nics[:1]),
-            disks=(disk,),
+            + (f" devagent.ip={','.join(n.address for n in nics)}" if nics else "")
+            + (f" devagent.disks={','.join(d.node for d in disks)}" if len(disks) > 1 else ""),
+            disks=disks,
             nics=specs,
         )
     return VmConfig(
@@ -126,6 +129,6 @@ def build_config(
         kernel=request.kernel,
         initrd=request.initrd,
         append=request.append,
-        disks=(disk,),
+        disks=disks,
         nics=specs,
     )

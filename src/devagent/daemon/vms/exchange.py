@@ -110,8 +110,7 @@ async def swap_disk(
     target = LocalSpec(path=str(path))
     result = await mirror_and_pivot(managed, agent, target, target_zeroed=zeroed, sync=sync)
     agent.image, agent.backend = str(path), None
-    if node == "disk0":
-        managed.image = path
+    managed.images[node] = path
     managed.save()
     return result
 
@@ -124,6 +123,11 @@ async def attach_remote(
     agent = managed.agent_for(node)
     if managed.request.disk_from is not None:
         raise StateError(f"VM {managed.name}'s disk already lives on another host")
+    if len(managed.images) > 1:  # where a disk lives is the VM's (request.disk_from)
+        raise UsageError(
+            f"VM {managed.name} has {len(managed.images)} disks: only a VM's one disk moves "
+            "to another host"
+        )
     size = await _disk_size(agent)
     async with DaemonClient(peer) as client:
         export = await client.post_as("/v1/exports", Export, {"name": managed.name, "size": size})

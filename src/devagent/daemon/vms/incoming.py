@@ -84,7 +84,8 @@ async def prepare_incoming(
             if backend is None:  # a mirror's target: no room is a roll-back, not a wait
                 backend = target_spec(image)
         managed = manager._add(
-            request, image, VmRole.INCOMING, config=config, backend=backend,
+            request, {"disk0": image}, VmRole.INCOMING, config=config,
+            backends={"disk0": backend} if backend is not None else None,
             paused=paused, incoming_nics=nics or [],
         )  # fmt: skip
         if receive:
@@ -159,7 +160,7 @@ async def add_incoming(
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
-        managed = ManagedVm(request, config, run_dir, VmRole.INCOMING, image)
+        managed = ManagedVm(request, config, run_dir, VmRole.INCOMING, {"disk0": image})
         manager.vms[request.name] = managed
     await manager._launch(managed)
     return managed
@@ -265,7 +266,7 @@ async def fetch_home(
     )  # fmt: skip
     swapped = await agent.swap(spec)
     agent.backend, agent.image = spec, str(path)  # a restarted agent resumes the fetch
-    vm.image = path
+    vm.images[node] = path
     vm.save()
     status = await await_local(vm, agent)
     peer = vm.request.disk_from

@@ -95,7 +95,7 @@ class ManagedVm:
         config: VmConfig,
         run_dir: Path,
         role: VmRole | str,
-        image: Path,
+        images: dict[str, Path],
         agents: list[AgentProcess] | None = None,
         nics: list[NicAgent] | None = None,
     ):
@@ -104,8 +104,9 @@ class ManagedVm:
         self.run_dir = run_dir
         self._role = VmRole(role)
         self._serves_disk = True  # when migrated: until its agents stop, the destination reads
-        self.image = image  # the disk image on this host, served by the agent (if any)
-        self.agents = agents or []
+        #: Each disk's image on this host by node, in order (served by its agent, if any).
+        self.images = dict(images)
+        self.agents = agents or []  # one block agent per disk
         self.nics = nics or []  # one net agent per NIC
         self.fetching: asyncio.Task[StatusAnswer] | None = None  # replica being filled
         self.last_fetch: FetchStatus | None = None  # its figures, kept once it is local
@@ -122,6 +123,18 @@ class ManagedVm:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def image(self) -> Path:
+        """The first disk's image (the VM's only disk where only one is allowed: a disk on
+        another host, QEMU's own strategies)."""
+        return next(iter(self.images.values()))
+
+    def image_of(self, node: str) -> Path:
+        try:
+            return self.images[node]
+        except KeyError:
+            raise NotFound(f"VM {self.name} has no disk {node!r}") from None
 
     # --- role ------------------------------------------------------------------------------
 
@@ -257,8 +270,9 @@ class ManagedVm:
             await asyncio.sleep(0.02)
 
     async def check_integrity(self) -> str:
-        """Pause the probe, compare the disk with what the guest last wrote (the probe's
-        digest over the generation of every block it wrote), then let the probe go on."""
+        """Pause the probe, compare each disk with what the guest last wrote there (the
+        probe's digest over the generation of every block it wrote), then let the probe
+        go on. ``ok``, or what differs."""
         try:
             paused = await self.probe_command("pause")
         except PeerError:  # unanswered: it may have paused all the same
@@ -267,24 +281,32 @@ class ManagedVm:
             raise
         assert isinstance(paused, Paused)
         try:
-            if self.request.disk_from is not None:  # the disk lives on the peer: ask it
-                peer = self.request.disk_from
-                async with DaemonClient(peer) as client:
-                    found = await client.post_as(f"/v1/exports/{self.name}/digest", DiskDigest)
-                digest = found.digest
-            else:
-                digest = (await asyncio.to_thread(image_digest, self.image)).digest
+            found = {node: await self._disk_digest(node) for node in self.images}
         finally:
             await self.probe_command("resume")
         if paused.table_digest not in (None, paused.digest):  # its memory lost an update
             return (
                 f"mismatch: the guest's memory disagrees with itself (its running digest "
-                f"{paused.digest}, its block table's {paused.table_digest}); the disk holds "
-                f"{digest}"
+                f"{paused.digest}, its block table's {paused.table_digest}); the disks hold "
+                + ", ".join(f"{node} {digest}" for node, digest in found.items())
             )
-        if digest == paused.digest:
-            return "ok"
-        return f"mismatch: the guest last wrote digest {paused.digest}, the disk holds {digest}"
+        only = len(found) == 1
+        wrong = [
+            f"{node}: the guest last wrote digest {paused.digest_of(node, only=only)}, the "
+            f"disk holds {digest}"
+            for node, digest in found.items()
+            if paused.digest_of(node, only=only) != digest
+        ]
+        return "ok" if not wrong else "mismatch: " + "; ".join(wrong)
+
+    async def _disk_digest(self, node: str) -> str:
+        """The probe's digest of disk ``node`` as this host (or the peer its disk lives on)
+        reads it."""
+        if self.request.disk_from is not None:  # the disk lives on the peer: ask it
+            async with DaemonClient(self.request.disk_from) as client:
+                found = await client.post_as(f"/v1/exports/{self.name}/digest", DiskDigest)
+            return found.digest
+        return (await asyncio.to_thread(image_digest, self.image_of(node))).digest
 
     def heartbeats_since(self, since: float) -> list[Heartbeat]:
         return [b for b in self.heartbeats if b.host_time > since]
@@ -318,7 +340,10 @@ class ManagedVm:
         ]
         if not self.agents:
             direct = "direct (QEMU opens the image; no agent)"
-            rows.append(DiskRow(vm=self.name, device="disk0", image=str(self.image), state=direct))
+            rows += [
+                DiskRow(vm=self.name, device=node, image=str(image), state=direct)
+                for node, image in self.images.items()
+            ]
         rows += [self._nic_row(n, *got) for n, got in zip(self.nics, nics, strict=True)]
         return rows
 
@@ -378,7 +403,7 @@ class ManagedVm:
             "config": self.config.to_json(),
             "pid": self.vm.pid,
             "role": self.role.value,
-            "image": str(self.image),
+            "images": {node: str(image) for node, image in self.images.items()},
             "agents": [a.to_json() for a in self.agents],
             "nics": [n.to_json() for n in self.nics],
             "receiver": self.receiver.to_json() if self.receiver else None,
@@ -391,7 +416,7 @@ class ManagedVm:
     def disk_location(self) -> str:
         if self.request.disk_from is not None:
             return f"host {self.request.disk_from.name} (remote)"
-        return str(self.image)
+        return ", ".join(map(str, self.images.values()))
 
     def api_status(self) -> VmStatus:
         """What the API says of the VM; it asks no agent (``alive`` is a signal 0)."""

@@ -30,6 +30,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -41,14 +42,14 @@ from devagent.daemon.nics import NicAgent, NicIdentity, delete_tap, make_tap
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.guestnet import AddressLedger, GuestNetwork, mac_for, tap_name
 from devagent.lab.procs import terminate, under_path
-from devagent.qemu.config import VmConfig
+from devagent.qemu.config import DiskFormat, VmConfig
 from devagent.qemu.vm import VmState, pid_alive
-from devagent.wire import decode, from_peer
+from devagent.wire import convert, decode, from_peer
 
 from .arrival import await_local, go_live
-from .config import GuestBoot, TestGuest, build_config, disk_spec
+from .config import GuestBoot, TestGuest, build_config, disk_spec, image_format
 from .managed import MIGRATION_RECORD, ManagedVm, VmRole
-from .request import VmRequest
+from .request import MAX_NICS, VmRequest, nic_node
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,8 @@ class _Record(msgspec.Struct):
     request: VmRequest
     config: VmConfig
     pid: int
-    image: str
+    images: dict[str, str] = msgspec.field(default_factory=dict)
+    image: str | None = None  # a record from before several disks: disk0's
     role: VmRole = VmRole.RUNNING
     agents: list[AgentProcess] = msgspec.field(default_factory=list)
     nics: list[NicAgent] = msgspec.field(default_factory=list)
@@ -75,10 +77,18 @@ class _Record(msgspec.Struct):
 
     @classmethod
     def read(cls, path: Path) -> _Record:
-        record = decode(path.read_bytes(), cls, what=str(path))
+        raw = decode(path.read_bytes(), dict[str, Any], what=str(path))
+        if "request" in raw:  # a request of any version, in today's form
+            raw["request"] = VmRequest.from_json(raw["request"]).to_json()
+        record = convert(raw, cls, what=str(path))
         if record.receiver is not None:  # an incoming VM's: discarded with the rest
             record.agents.append(record.receiver)
+        if record.image is not None and not record.images:
+            record.images = {"disk0": record.image}
         return record
+
+    def image_paths(self) -> dict[str, Path]:
+        return {node: Path(image) for node, image in self.images.items()}
 
     async def kill_helpers(self) -> None:
         for agent in self.agents:
@@ -124,20 +134,26 @@ class VmManager:
     def run_dir(self, name: str) -> Path:
         return self.root / "vms" / name
 
-    def disk_path(self, request: VmRequest) -> Path:
-        if request.disk is not None:
-            path = Path(request.disk)
-            if not path.exists():
-                raise NotFound(f"disk image {path} does not exist on host {self.host_name}")
-            return path
-        if request.storage == "shared":
-            if self.shared_dir is None:
-                raise UsageError(f"host {self.host_name} has no shared folder")
-            folder = self.shared_dir
-        else:
-            folder = self.root / "disks"
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{request.name}.img"
+    def disk_paths(self, request: VmRequest) -> dict[str, Path]:
+        """Where each disk of ``request`` is on this host: the user's own image, or the new
+        disk's file in the shared folder or this host's disks folder."""
+        paths = {}
+        for node, disk in zip(request.nodes(), request.disks, strict=True):
+            if disk.image is not None:
+                path = Path(disk.image)
+                if not path.exists():
+                    raise NotFound(f"disk image {path} does not exist on host {self.host_name}")
+                paths[node] = path
+                continue
+            if request.storage == "shared":
+                if self.shared_dir is None:
+                    raise UsageError(f"host {self.host_name} has no shared folder")
+                folder = self.shared_dir
+            else:
+                folder = self.root / "disks"
+            folder.mkdir(parents=True, exist_ok=True)
+            paths[node] = folder / disk_file(request.name, node)
+        return paths
 
     # --- starting ------------------------------------------------------------------------------
 
@@ -152,13 +168,16 @@ class VmManager:
                 remote = await self._remote_disk(request)
                 peer_name = request.disk_from.name if request.disk_from else "peer"
                 where = Path(f"/remote/{peer_name}/{request.name}")  # no local image here
-                managed = self._add(request, where, VmRole.RUNNING, None, remote, guest=guest)
+                managed = self._add(
+                    request, {"disk0": where}, VmRole.RUNNING, None, {"disk0": remote}, guest=guest
+                )
             else:
-                image = self.disk_path(request)
-                if request.disk is None and not image.exists():
-                    with image.open("wb") as f:
-                        f.truncate(request.disk_size)
-                managed = self._add(request, image, VmRole.RUNNING, None, guest=guest)
+                images = self.disk_paths(request)
+                for disk, image in zip(request.disks, images.values(), strict=True):
+                    if disk.image is None and not image.exists():
+                        with image.open("wb") as f:
+                            f.truncate(disk.size)
+                managed = self._add(request, images, VmRole.RUNNING, None, guest=guest)
         await self._launch(managed)
         return managed
 
@@ -168,7 +187,7 @@ class VmManager:
         peer = request.disk_from
         async with DaemonClient(peer) as client:
             raw = await client.post(
-                "/v1/exports", {"name": request.name, "size": request.disk_size}
+                "/v1/exports", {"name": request.name, "size": request.disks[0].size}
             )
         export = from_peer(raw, ExportServed, what=f"host {peer.name}'s new export")
         return RemoteSpec(address=export.address, export=export.export)
@@ -176,10 +195,10 @@ class VmManager:
     def _add(
         self,
         request: VmRequest,
-        image: Path,
+        images: dict[str, Path],
         role: VmRole,
         config: VmConfig | None,
-        backend: BackendSpec | None = None,
+        backends: dict[str, BackendSpec] | None = None,
         *,
         guest: GuestBoot | None = None,
         paused: bool = False,
@@ -190,30 +209,41 @@ class VmManager:
         if run_dir.exists():
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
-        agent = None
-        if request.agent:
-            agent = AgentProcess(
+        agents = {
+            node: AgentProcess(
                 vm=request.name,
-                node="disk0",
+                node=node,
                 image=str(image),
                 run_dir=str(run_dir),
                 listen_address=self.address,
-                backend=backend,
+                backend=(backends or {}).get(node),
             )
+            for node, image in images.items()
+            if request.agent
+        }
         for nic in nics:
             nic.run_dir = str(run_dir)
-        disk = disk_spec(request, image, agent)
+        # The format: a user's image says it; a new disk is raw; an incoming VM's replica
+        # has no header yet: the source's configuration says it.
+        formats: dict[str, DiskFormat] = {
+            node: "raw" if disk.image is None else image_format(images[node])
+            for node, disk in zip(request.nodes(), request.disks, strict=True)
+        } if config is None else {d.node: d.format for d in config.disks}  # fmt: skip
+        disks = tuple(
+            disk_spec(node, path, agents.get(node), formats[node]) for node, path in images.items()
+        )
         if config is None:
-            config = build_config(request, disk, tuple(nics), guest=guest)
-        else:  # an incoming VM: the source's configuration with this host's disk
-            disk = disk.replace(format=config.disks[0].format)  # a new replica has no header
+            config = build_config(request, disks, tuple(nics), guest=guest)
+        else:  # an incoming VM: the source's configuration with this host's disks
+            if config.disks and config.disks[0].serial is None:  # a VM from before serials
+                disks = tuple(d.replace(serial=None) for d in disks)
             extra = tuple(a for a in config.extra_args if a != "-S") + (("-S",) if paused else ())
-            config = config.replace(disks=(disk,), incoming=True, extra_args=extra)
+            config = config.replace(disks=disks, incoming=True, extra_args=extra)
             if nics:  # and this host's NIC sockets
                 local = {n.node: str(n.stream_socket) for n in nics}
                 specs = tuple(n.replace(stream_socket=local[n.id]) for n in config.nics)
                 config = config.replace(nics=specs)
-        managed = ManagedVm(request, config, run_dir, role, image, [agent] if agent else [], nics)
+        managed = ManagedVm(request, config, run_dir, role, images, list(agents.values()), nics)
         self.vms[request.name] = managed
         return managed
 
@@ -247,10 +277,13 @@ class VmManager:
             self.addresses.take_back(*(n.address for n in incoming))
             return [self._nic(request.name, n.node, n.address, n.mac, True) for n in incoming]
         in_use = [n.address for m in self.vms.values() for n in m.nics]
-        address = self.addresses.pick(network, in_use)
-        return [
-            self._nic(request.name, "net0", f"{address}/{network.prefix}", mac_for(address), False)
-        ]
+        nics = []
+        for index in range(wanted):
+            address = self.addresses.pick(network, in_use)
+            ip = f"{address}/{network.prefix}"
+            nics.append(self._nic(request.name, nic_node(index), ip, mac_for(address), False))
+            in_use.append(ip)
+        return nics
 
     def _nic(self, vm: str, node: str, address: str, mac: str, hold: bool) -> NicAgent:
         tap = tap_name(vm, node)
@@ -299,12 +332,12 @@ class VmManager:
             await nic.stop()
         if managed.role is VmRole.MIGRATED:  # it runs elsewhere with its address
             self.addresses.lend(*(n.address for n in managed.nics))
-        made_here = managed.image.is_relative_to(self.root / "disks")
         request = managed.request
-        if (managed.role is VmRole.INCOMING and made_here) or (
-            delete_disk and request.disk is None and request.disk_from is None
-        ):
-            _delete(managed.image)
+        for node, image in managed.images.items():
+            made_here = image.is_relative_to(self.root / "disks")
+            own = request.disk_from is not None or request.disk(node).image is not None
+            if (managed.role is VmRole.INCOMING and made_here) or (delete_disk and not own):
+                _delete(image)
         if request.disk_from is not None and managed.role is VmRole.RUNNING:
             await self._release_remote_disk(managed)
         if not keep_dir:
@@ -312,15 +345,17 @@ class VmManager:
             shutil.rmtree(managed.run_dir, ignore_errors=True)
         log.info("VM %s removed from host %s", name, self.host_name)
 
-    async def _discard(self, folder: Path, image: Path) -> None:
+    async def _discard(self, folder: Path, images: list[Path]) -> None:
         """Kill whatever still runs from a VM's folder, remove it, the tap made for its NIC
-        and the replica made for it on this host (never an image outside this host's own
+        and the replicas made for it on this host (never an image outside this host's own
         disks folder)."""
         await asyncio.to_thread(terminate, under_path(folder), 2.0, 2.0)
-        if self.network is not None:  # the tap a NIC would have had (named after the VM)
-            await asyncio.to_thread(delete_tap, tap_name(folder.name, "net0"))
-        if image.is_relative_to(self.root / "disks"):
-            _delete(image)
+        if self.network is not None:  # the taps its NICs would have had (named after it)
+            for index in range(MAX_NICS):
+                await asyncio.to_thread(delete_tap, tap_name(folder.name, nic_node(index)))
+        for image in images:
+            if image.is_relative_to(self.root / "disks"):
+                _delete(image)
         shutil.rmtree(folder, ignore_errors=True)
 
     async def _release_remote_disk(self, managed: ManagedVm) -> None:
@@ -366,7 +401,10 @@ class VmManager:
         for folder in sorted((self.root / "vms").glob("*")):
             if folder.is_dir() and not (folder / "vm.json").exists():
                 log.warning("%s has no record (a start that never finished): removing it", folder)
-                await self._discard(folder, self.root / "disks" / f"{folder.name}.img")
+                made = sorted((self.root / "disks").glob(f"{folder.name}.img")) + sorted(
+                    (self.root / "disks").glob(f"{folder.name}-disk*.img")
+                )
+                await self._discard(folder, made)
         for record_path in sorted((self.root / "vms").glob("*/vm.json")):
             try:
                 record = _Record.read(record_path)
@@ -387,7 +425,7 @@ class VmManager:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             await record.kill_helpers()
-            await self._discard(folder, Path(record.image))
+            await self._discard(folder, list(record.image_paths().values()))
             return
         alive, migrating = pid_alive(pid), (folder / MIGRATION_RECORD).exists()
         if not alive and not migrating:
@@ -401,7 +439,7 @@ class VmManager:
             log.error("VM %s: agent(s) for %s gone; its devices wait for them",
                       name, ", ".join(dead))  # fmt: skip
         managed = ManagedVm(
-            record.request, record.config, folder, record.role, Path(record.image),
+            record.request, record.config, folder, record.role, record.image_paths(),
             record.agents, record.nics,
         )  # fmt: skip
         if alive:
@@ -495,6 +533,12 @@ def keep_logs(run_dir: Path, logs: Path, label: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         log.warning("cannot keep the logs of %s: %s", run_dir, err)
+
+
+def disk_file(vm: str, node: str) -> str:
+    """The file name of a new disk devagent makes for VM ``vm``: ``NAME.img`` for its first,
+    ``NAME-diskN.img`` for the others."""
+    return f"{vm}.img" if node == "disk0" else f"{vm}-{node}.img"
 
 
 def _delete(image: Path) -> None:

@@ -28,6 +28,9 @@ from devagent.vocab import parse_size
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,31}$")
 Name = Annotated[str, msgspec.Meta(pattern=NAME_RE.pattern)]
 MIN_DISK_BYTES, MAX_DISK_BYTES = 1 << 20, 1 << 40
+MAX_DISKS = 8  # disk0 … disk7
+MAX_NICS = 4  # net0 … net3
+DEFAULT_DISK_BYTES = 1 << 30
 Storage = Literal["shared", "local"]
 T = TypeVar("T")
 
@@ -72,6 +75,30 @@ def usage_error(err: msgspec.ValidationError, rules: Mapping[str, str]) -> Usage
 # --- POST /v1/vms ------------------------------------------------------------------------------
 
 
+class DiskRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One disk of a VM: a new one of ``size`` bytes (made by the daemon, written by the test
+    guest's probe), or the user's own raw or qcow2 ``image``."""
+
+    size: int = 0
+    image: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.size == 0):
+            raise UsageError("a disk is either a size (a new disk) or an image, not both")
+        if self.image is None and not MIN_DISK_BYTES <= self.size <= MAX_DISK_BYTES:
+            raise UsageError("a disk's size must be from 1M to 1T")
+
+
+def disk_node(index: int) -> str:
+    """The node (QEMU's, the agent's, the guest's serial) of a VM's disk ``index``."""
+    return f"disk{index}"
+
+
+def nic_node(index: int) -> str:
+    """The node (QEMU's netdev, the net agent's) of a VM's NIC ``index``."""
+    return f"net{index}"
+
+
 class VmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a user asks for when starting a VM, checked (made from a :class:`VmRequestBody`
     or, in tests, directly; decoded directly, as a migration's messages carry it, its name
@@ -79,20 +106,23 @@ class VmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     name: Name
     ram_mb: Annotated[int, msgspec.Meta(ge=64, le=65536)] = 256
-    disk_size: int = 1 << 30
+    #: Its disks in order (``disk0``, ``disk1``, …): the first one boots a user's guest.
+    disks: tuple[DiskRequest, ...] = (DiskRequest(size=DEFAULT_DISK_BYTES),)
     workload: str | None = "moderate"
-    disk: str | None = None
     kernel: str | None = None
     initrd: str | None = None
     append: str | None = None
     storage: Storage = "shared"
     agent: bool = True  # False: QEMU opens the image itself (the QEMU-only baselines)
     disk_from: Endpoint | None = None  # the disk lives on this peer host
-    nics: int = 0  # NICs on this host's guest network (the test guest configures one)
+    nics: int = 0  # NICs on this host's guest network (the test guest configures each)
 
     @classmethod
     def from_json(cls, data: Any) -> VmRequest:
-        """A request from JSON already parsed (a saved record, a peer's payload)."""
+        """A request from JSON already parsed (a saved record, a peer's payload). A record
+        from before several disks wrote ``disk_size`` beside the image ``disk``: unused."""
+        if isinstance(data, dict) and data.get("disk") is not None:
+            data = {k: v for k, v in data.items() if k != "disk_size"}
         return convert(data, VmRequestBody, VM_RULES).request()
 
     def to_json(self) -> object:
@@ -104,7 +134,22 @@ class VmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     @property
     def has_probe(self) -> bool:
-        return self.disk is None
+        """The VM runs the test guest (its probe writes every disk): it has no user image."""
+        return not self.own_images
+
+    @property
+    def own_images(self) -> bool:
+        """Some disk is the user's own image (never deleted, never made by devagent)."""
+        return any(d.image is not None for d in self.disks)
+
+    def nodes(self) -> list[str]:
+        return [disk_node(i) for i in range(len(self.disks))]
+
+    def disk(self, node: str) -> DiskRequest:
+        for index, disk in enumerate(self.disks):
+            if disk_node(index) == node:
+                return disk
+        raise UsageError(f"VM {self.name} has no disk {node!r}")
 
 
 #: What each field of a VM request must be (the 400's wording).
@@ -112,31 +157,39 @@ VM_RULES: Mapping[str, str] = {
     "name": NAME_RULE,
     "ram_mb": "'ram_mb' must be an integer from 64 to 65536",
     "disk_size": "'disk_size' must be a size in bytes or with a K, M or G suffix",
+    "data_disks": "'data_disks' must be a list of sizes (in bytes or with a K, M or G suffix)",
+    "disk": "'disk' must be an image's path, or a list of them",
+    "disks": "'disks' must be a list of {'size': BYTES} or {'image': PATH}",
     "storage": "'storage' must be 'shared' or 'local'",
     "agent": "'agent' must be true or false",
     "nic": "'nic' must be true or false (or give 'nics', not both)",
-    "nics": "'nics' must be 0 or 1 (the test guest configures one NIC)",
+    "nics": f"'nics' must be from 0 to {MAX_NICS}",
     "disk_from": "'disk_from': a peer must be given as {'url': …, 'token': …}",
-    **{key: f"'{key}' must be a string" for key in ("workload", "disk", "kernel", "initrd")},
+    **{key: f"'{key}' must be a string" for key in ("workload", "kernel", "initrd")},
     "append": "'append' must be a string",
 }
 
 
 class VmRequestBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """The ``POST /v1/vms`` body as a client may write it."""
+    """The ``POST /v1/vms`` body as a client may write it. Its disks are either ``disks``
+    (a VM's record: each a size or an image) or, as a user writes them, ``disk`` (the
+    user's image, or several), else a new disk of ``disk_size``; then ``data_disks`` (new
+    disks of those sizes)."""
 
     name: Name
     ram_mb: Annotated[int, msgspec.Meta(ge=64, le=65536)] = 256
-    disk_size: int | str = 1 << 30  # bytes, or "1G"
+    disk_size: int | str | msgspec.UnsetType = msgspec.UNSET  # bytes, or "1G"
+    data_disks: list[int | str] = msgspec.field(default_factory=list)
+    disks: list[DiskRequest] | msgspec.UnsetType = msgspec.UNSET
     workload: str | None = "moderate"
-    disk: str | None = None
+    disk: str | list[str] | None = None
     kernel: str | None = None
     initrd: str | None = None
     append: str | None = None
     storage: Storage = "shared"
     agent: bool = True
     disk_from: Endpoint | None = None
-    nics: Annotated[int, msgspec.Meta(ge=0, le=1)] | msgspec.UnsetType = msgspec.UNSET
+    nics: Annotated[int, msgspec.Meta(ge=0, le=MAX_NICS)] | msgspec.UnsetType = msgspec.UNSET
     nic: bool | msgspec.UnsetType = msgspec.UNSET  # "nic": true is one NIC
 
     def request(self) -> VmRequest:
@@ -144,24 +197,50 @@ class VmRequestBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.nic is not msgspec.UNSET and self.nics is not msgspec.UNSET:
             raise UsageError(f"{VM_RULES['nic']} (at $.nic)")
         nics = int(self.nic) if self.nic is not msgspec.UNSET else (self.nics or 0)
-        size = parse_size(self.disk_size)
-        if not MIN_DISK_BYTES <= size <= MAX_DISK_BYTES:
-            raise UsageError("'disk_size' must be from 1M to 1T (at $.disk_size)")
-        if self.disk is None and (self.kernel or self.initrd):
+        disks = self._disks()
+        own = any(d.image is not None for d in disks)
+        if not own and (self.kernel or self.initrd):
             raise UsageError("'kernel'/'initrd' are for a user's own guest: give 'disk' too")
-        workload = None if self.disk is not None else self.workload  # a user's guest: no probe
+        workload = None if own else self.workload  # a user's guest: no probe
         if workload is not None:
             parse_workload(workload)  # raises UsageError when malformed
         disk_from = None
         if self.disk_from is not None:
             disk_from = self.disk_from
-            if self.disk is not None or not self.agent:
-                raise UsageError("'disk_from' makes a new disk on the peer: no 'disk' with it")
+            if own or not self.agent or len(disks) > 1:
+                raise UsageError("'disk_from' makes one new disk on the peer: no 'disk' with it")
         return VmRequest(
-            name=self.name, ram_mb=self.ram_mb, disk_size=size, workload=workload,
-            disk=self.disk, kernel=self.kernel, initrd=self.initrd, append=self.append,
+            name=self.name, ram_mb=self.ram_mb, disks=disks, workload=workload,
+            kernel=self.kernel, initrd=self.initrd, append=self.append,
             storage=self.storage, agent=self.agent, disk_from=disk_from, nics=nics,
         )  # fmt: skip
+
+    def _disks(self) -> tuple[DiskRequest, ...]:
+        if self.disks is not msgspec.UNSET:
+            if self.disk is not None or self.disk_size is not msgspec.UNSET or self.data_disks:
+                raise UsageError("give 'disks', or 'disk'/'disk_size'/'data_disks', not both")
+            disks = tuple(self.disks)
+        else:
+            images = [self.disk] if isinstance(self.disk, str) else self.disk or []
+            if images and self.disk_size is not msgspec.UNSET:
+                raise UsageError("'disk_size' is for a new disk: not with 'disk' (an image)")
+            first = [] if images else [_sized(self.disk_size, "disk_size")]
+            disks = (
+                *(DiskRequest(image=image) for image in images),
+                *first,
+                *(_sized(size, f"data_disks[{i}]") for i, size in enumerate(self.data_disks)),
+            )
+        if not 1 <= len(disks) <= MAX_DISKS:
+            raise UsageError(f"a VM has 1 to {MAX_DISKS} disks, not {len(disks)}")
+        return disks
+
+
+def _sized(size: int | str | msgspec.UnsetType, where: str) -> DiskRequest:
+    """A new disk of ``size`` (``DEFAULT_DISK_BYTES`` unset), its range checked."""
+    found = DEFAULT_DISK_BYTES if size is msgspec.UNSET else parse_size(size)
+    if not MIN_DISK_BYTES <= found <= MAX_DISK_BYTES:
+        raise UsageError(f"'{where.split('[')[0]}' must be from 1M to 1T (at $.{where})")
+    return DiskRequest(size=found)
 
 
 def decode_vm_request(raw: bytes) -> VmRequest:
