@@ -218,11 +218,11 @@ class FakeDiskAgent:
     """The source's disk agent: answers the control API's calls a job makes (recorded as
     their routes: ``/mirror``, ``GET /status``)."""
 
-    node = "disk0"
     tcp_address: str | None = "tcp:10.9.0.1:4000"
-    export = "disk0"
 
-    def __init__(self) -> None:
+    def __init__(self, node: str = "disk0", size: int = 4 << 20) -> None:
+        self.node = self.export = node
+        self.size = size
         self.calls: list[str] = []
         self.failures: Failures = {}
         self.mirror_state = "converged"
@@ -242,7 +242,7 @@ class FakeDiskAgent:
         stats = mirror_stats(1 << 20, self.mirror_state)
         backend = MirrorStatus(**msgspec.structs.asdict(stats), source=local, target=local)
         return StatusAnswer(
-            export=self.export, size=4 << 20, state="serving", connections=1, addresses=[],
+            export=self.export, size=self.size, state="serving", connections=1, addresses=[],
             journal=journal(), pid=1, backend="Mirror", held=False, backend_status=backend,
         )  # fmt: skip
 
@@ -303,7 +303,8 @@ class FakeVm:
 
     @property
     def images(self) -> dict[str, Path]:
-        return {"disk0": self.image}
+        """Each disk's image (one file for all: a fake's disks are never read)."""
+        return {agent.node: self.image for agent in self.agents} or {"disk0": self.image}
 
     async def completions_since(self, since: float) -> list[float] | None:
         if self.completions_error is not None:
@@ -332,6 +333,7 @@ class FakeDestination:
         self.source: FakeQemu | None = None  # whose NBD export a stream reads
         self.commit_lands_before_failing = False
         self.bodies: dict[str, Any] = {}  # the last body of each POST, by path
+        self.disks = ["disk0"]  # the incoming VM's, as the source described them
         #: A commit the source asked before it died runs here: an abort is refused, and the
         #: VM is ``committing`` (paused) for one look, then ``running``.
         self.commit_under_way = False
@@ -363,9 +365,11 @@ class FakeDestination:
                 journal=journal(), pid=2, backend="Fetch", held=False,
                 backend_status=fetch_status(kind, self.present, 4 << 20),
             )  # fmt: skip
-            row = DiskRow(vm="v1", device="disk0", image="/replica.img", state="serving",
-                          agent=agent)  # fmt: skip
-            return to_json(Devices(devices=[row]))
+            rows = [
+                DiskRow(vm="v1", device=node, image=f"/{node}.img", state="serving", agent=agent)
+                for node in self.disks
+            ]
+            return to_json(Devices(devices=list(rows)))
         if path.startswith("/v1/vms/"):
             name = path.split("/")[3]
             if name not in self.vms:
@@ -390,8 +394,16 @@ class FakeDestination:
             if name in self.vms:
                 raise StateError(f"VM {name!r} already exists")
             self.vms[name] = "incoming"
-            answer = {"uri": "tcp:10.9.0.2:5000", "disk_address": "tcp:10.9.0.2:4001",
-                      "disk_export": "receive"}  # fmt: skip
+            self.disks = [d["node"] for d in body.get("disks", [])] or ["disk0"]
+            targets = {
+                d["node"]: {
+                    "kind": "remote",
+                    "address": "tcp:10.9.0.2:4001",
+                    "export": f"receive-{d['node']}",
+                }
+                for d in body.get("disks", [])
+            }
+            answer = {"uri": "tcp:10.9.0.2:5000", "disk_targets": targets}  # fmt: skip
             if path.startswith("/v1/baselines"):
                 nbd = {"host": "10.9.0.2", "port": "10809", "export": "disk0"}
                 answer = {"uri": "tcp:10.9.0.2:5000", "nbd": nbd}

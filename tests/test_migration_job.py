@@ -16,10 +16,11 @@ import pytest
 
 from devagent.daemon.migration import job as job_module
 from devagent.daemon.migration.job import Phase
+from devagent.daemon.migration.plans import HYBRID_PUSH_SHARE
 from devagent.daemon.vms.request import VmRequest
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.vocab import Step, Strategy
-from migration_fakes import FakeHost, FakeVm, make_job
+from migration_fakes import FakeDiskAgent, FakeHost, FakeVm, make_job
 
 
 @pytest.fixture(autouse=True)
@@ -100,6 +101,67 @@ async def test_a_failure_before_the_switchover_rolls_back(
     if vm.agents and where != "prepare":
         assert "/mirror/cancel" in vm.agents[0].calls
         assert "/fence" not in vm.agents[0].calls
+
+
+SIZES = {"disk0": 4 << 20, "disk1": 8 << 20, "disk2": 2 << 20}
+
+
+def disk_set(tmp_path: Path) -> FakeVm:
+    """A VM of three disks of three sizes, each with its agent."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * 4096)
+    agents = [FakeDiskAgent(node, size) for node, size in SIZES.items()]
+    vm = FakeVm(image=image, run_dir=tmp_path, agents=agents)
+    vm.request = vm.request.replace(disks=vm.request.disks * len(SIZES))
+    return vm
+
+
+@pytest.mark.parametrize(
+    "strategy", [Strategy.SHARED, Strategy.POSTCOPY, Strategy.PRECOPY, Strategy.HYBRID]
+)
+async def test_a_set_of_disks_moves_as_one(tmp_path: Path, strategy: Strategy) -> None:
+    """Every disk is prepared on the destination, pushed or mirrored to its own target,
+    fenced at the switchover and fetched; the hybrid push shares its part of the link among
+    the disks by their size."""
+    job, vm, host = make_job(tmp_path, strategy, vm=disk_set(tmp_path))
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    moved(vm, host)
+    incoming = host.destination.bodies["/v1/incoming"]["disks"]
+    assert [d["node"] for d in incoming] == list(SIZES)
+    if strategy is Strategy.SHARED:
+        assert all(d["image"] for d in incoming) and not any(a.fenced for a in vm.agents)
+        return
+    assert [d["size"] for d in incoming] == list(SIZES.values())
+    assert [d["backend"]["export"] for d in incoming] == list(SIZES)
+    assert all(a.fenced for a in vm.agents)
+    commit = host.destination.bodies["/v1/incoming/v1/commit"]
+    if strategy is Strategy.PRECOPY:
+        assert commit["local"] is True
+    else:
+        assert list(commit["fetches"]) == list(SIZES)
+        assert [f["remote"]["export"] for f in commit["fetches"].values()] == list(SIZES)
+    if strategy in (Strategy.PRECOPY, Strategy.HYBRID):
+        targets = [a.mirrors[0].target for a in vm.agents]
+        assert [getattr(t, "export", None) for t in targets] == [f"receive-{n}" for n in SIZES]
+    if strategy is Strategy.HYBRID:
+        rates = [a.mirrors[0].rate_limit or 0 for a in vm.agents]
+        push = 10**9 / 8 * HYBRID_PUSH_SHARE
+        assert sum(rates) == pytest.approx(push)
+        assert rates[1] == pytest.approx(2 * rates[0]) and rates[0] == pytest.approx(2 * rates[2])
+        present = commit["fetches"]
+        assert all(present[n]["present"] for n in SIZES)  # what each push landed
+
+
+async def test_a_failure_of_one_disk_rolls_back_the_whole_set(tmp_path: Path) -> None:
+    """disk1's mirror cannot start: every disk's mirror is cancelled, none is fenced, and
+    the destination keeps nothing of any of them."""
+    job, vm, host = make_job(tmp_path, Strategy.PRECOPY, vm=disk_set(tmp_path))
+    vm.agents[1].failures["/mirror"] = PeerError("disk1's target is full")
+    await job.run()
+    assert job.phase is Phase.FAILED and "disk1's target is full" in (job.report.error or "")
+    rolled_back(vm, host)
+    assert all("/mirror/cancel" in a.calls and not a.fenced for a in vm.agents)
 
 
 async def test_qemu_failing_the_ram_migration_rolls_back(tmp_path: Path) -> None:

@@ -78,7 +78,9 @@ async def test_the_record_is_saved_before_each_phase_move_and_goes_once_settled(
     switchover = seen[2][2]
     assert switchover is not None and switchover.id == job.id
     assert switchover.handover is not None and switchover.handover.present  # the push's chunks
-    assert switchover.source_disk == RemoteDisk(address="tcp:10.9.0.1:4000", export="disk0")
+    assert switchover.source_disks == {
+        "disk0": RemoteDisk(address="tcp:10.9.0.1:4000", export="disk0")
+    }
     assert Step.RAM_COMPLETED in switchover.report.timeline
     assert not record_path(vm.run_dir).exists()  # settled
 
@@ -121,14 +123,14 @@ def left_behind(
     from the record, not started."""
     old, vm, host = make_job(tmp_path, strategy)
     if vm.agents:
-        old.source_disk = RemoteDisk(address="tcp:10.9.0.1:4000", export="disk0")
-        old.disk_size = 4 << 20
+        old.source_disks = {"disk0": RemoteDisk(address="tcp:10.9.0.1:4000", export="disk0")}
+        old.disk_sizes = {"disk0": 4 << 20}
     old.mark(Step.DESTINATION_READY)
     if phase is not Phase.PREPARING:
         old.mark(Step.RAM_COMPLETED)
         vm.vm.current = "completed"
     if phase in (Phase.SWITCHOVER, Phase.FINISHING) and strategy is Strategy.HYBRID:
-        old.handover = Handover(present=PRESENT, chunk_size=256 << 10)
+        old.handover = Handover(present={"disk0": PRESENT}, chunk_size=256 << 10)
     old.record(phase)
     vm.vm.status = QEMU_AT[phase]
     if vm.agents and phase is not Phase.PREPARING and old.plan.moves_disk:
@@ -259,7 +261,8 @@ async def test_a_source_whose_qemu_is_gone_commits_on_the_destination(tmp_path: 
     await job.run()
     went_forward(job, vm, host)
     body = host.destination.bodies["/v1/incoming/v1/commit"]
-    assert body["fetch"]["present"] == PRESENT and body["fetch"]["chunk_size"] == 256 << 10
+    fetch = body["fetches"]["disk0"]
+    assert fetch["present"] == PRESENT and fetch["chunk_size"] == 256 << 10
 
 
 async def test_a_source_whose_qemu_is_gone_before_the_switchover_says_so(tmp_path: Path) -> None:
@@ -410,8 +413,8 @@ async def test_a_destination_restart_runs_a_vm_whose_commit_began_and_watches_it
     assert qmp.sent == ["cont"] and managed.vm.state is VmState.RUNNING  # forward, only
     assert managed.role is VmRole.RUNNING and managed.api_status().role == "running"
     assert json.loads((folder / "vm.json").read_text())["role"] == "running"
-    assert managed.fetching is not None
-    await managed.fetching
+    assert list(managed.fetching) == ["disk0"]
+    await managed.fetching["disk0"]
     assert watched == ["disk0"]
 
 

@@ -33,6 +33,14 @@ def vm_group() -> None:
 @click.option(
     "--disk-size", default="1G", show_default=True, help="Size of the probe guest's disk."
 )
+@click.option(
+    "--data-disk",
+    "data_disks",
+    multiple=True,
+    metavar="SIZE",
+    help="Add a new disk of SIZE (repeatable: disk1, disk2, ...); the test guest's probe "
+    "writes and verifies every disk at once.",
+)
 @click.option("--ram", default="256M", show_default=True, help="Guest RAM (M or G suffix).")
 @click.option(
     "--workload",
@@ -52,15 +60,23 @@ def vm_group() -> None:
     "--disk-host",
     help="Put the disk on this other host: the VM uses it over the network (remote access).",
 )
-@click.option("--disk", "disk_image", help="Run your own guest from this image (raw or qcow2).")
+@click.option(
+    "--disk",
+    "disk_images",
+    multiple=True,
+    metavar="IMG",
+    help="Run your own guest from this image (raw or qcow2); repeat it for more disks, the "
+    "first one boots.",
+)
 @click.option("--kernel", help="With --disk: boot this kernel directly instead of the firmware.")
 @click.option("--initrd", help="With --kernel: the initrd.")
 @click.option("--append", help="With --kernel: the kernel command line.")
 @click.option(
     "--nic",
-    is_flag=True,
+    count=True,
     help="Give it a NIC on the host's guest network (an address of the lab's subnet, a tap on "
-    "the host's bridge, a net agent); the test guest serves echo on port 7, lines on 19.",
+    "the host's bridge, a net agent); repeat it for more (up to 4). The test guest serves "
+    "echo on port 7 and lines on 19 on each.",
 )
 @click.option(
     "--no-wait", is_flag=True, help="Return once QEMU runs, without waiting for the probe."
@@ -71,35 +87,38 @@ def start(
     name: str,
     host: str,
     disk_size: str,
+    data_disks: tuple[str, ...],
     ram: str,
     workload: str,
     storage: str,
     disk_host: str | None,
-    disk_image: str | None,
+    disk_images: tuple[str, ...],
     kernel: str | None,
     initrd: str | None,
     append: str | None,
-    nic: bool,
+    nic: int,
     no_wait: bool,
     as_json: bool,
     lab_name: str,
 ) -> None:
-    """Boot VM NAME on HOST: by default the test guest running ioprobe with WORKLOAD;
-    with --disk, your own guest (which has no probe, so fewer measures)."""
+    """Boot VM NAME on HOST: by default the test guest running ioprobe with WORKLOAD on
+    each of its disks; with --disk, your own guest (which has no probe, so fewer
+    measures). Its disks are disk0, disk1, ... in order (each its own device agent, the
+    guest reads the node as the disk's serial), its NICs net0, net1, ..."""
     from devagent.vocab import parse_size
 
     request: dict[str, object] = {
         "name": name,
         "ram_mb": parse_size(ram) >> 20,
-        "disk_size": parse_size(disk_size),
         "storage": storage,
+        "data_disks": [parse_size(size) for size in data_disks],
     }
     if nic:
-        request["nic"] = True
-    if disk_image:
-        request.update(disk=disk_image, kernel=kernel, initrd=initrd, append=append)
+        request["nics"] = nic
+    if disk_images:
+        request.update(disk=list(disk_images), kernel=kernel, initrd=initrd, append=append)
     else:
-        request["workload"] = workload
+        request.update(workload=workload, disk_size=parse_size(disk_size))
 
     async def go() -> Started:
         endpoint = endpoint_for(host, lab_name)

@@ -249,9 +249,10 @@ class JobView(Protocol):
     started_at: float
     bytes_before: int | None
     log: logging.Logger
-    #: The source's disk as the destination reaches it, and its size (the plan's prepare).
-    source_disk: RemoteDisk | None
-    disk_size: int
+    #: By node: each source disk as the destination reaches it, and its size (the plan's
+    #: prepare).
+    source_disks: dict[str, RemoteDisk]
+    disk_sizes: dict[str, int]
 
     @property
     def plan(self) -> PlanSteps: ...

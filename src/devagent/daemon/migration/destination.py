@@ -30,6 +30,7 @@ from devagent.daemon.migration.messages import (
     CommitRequest,
     IncomingAnswer,
     IncomingRequest,
+    RemoteDisk,
 )
 from devagent.daemon.vms import ManagedVm, VmRole
 from devagent.daemon.vms import incoming as incoming_vm
@@ -40,18 +41,18 @@ if TYPE_CHECKING:
 
 
 async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
-    """Start QEMU waiting for the VM, with its disk's and NICs' agents."""
-    if incoming.image is None and incoming.size <= 0:
-        raise UsageError("without 'image', give the disk's 'size' in bytes")
+    """Start QEMU waiting for the VM, with its disks' and NICs' agents."""
+    disks = []
+    for disk in incoming.disks:
+        if disk.image is None and disk.size <= 0:
+            raise UsageError(f"{disk.node}: without 'image', give the disk's 'size' in bytes")
+        disks.append(incoming_vm.IncomingDisk(
+            node=disk.node, image=Path(disk.image) if disk.image else None, size=disk.size,
+            backend=disk.backend.spec() if disk.backend is not None else None,
+            receive=disk.receive,
+        ))  # fmt: skip
     managed = await incoming_vm.prepare_incoming(
-        host.vms,
-        incoming.request,
-        incoming.config,
-        Path(incoming.image) if incoming.image else None,
-        size=incoming.size,
-        backend=incoming.backend.spec() if incoming.backend is not None else None,
-        receive=incoming.receive,
-        nics=incoming.nics,
+        host.vms, incoming.request, incoming.config, disks, nics=incoming.nics
     )
     uri = f"tcp:{host.address}:{free_port(host.address)}"
     try:
@@ -59,20 +60,25 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
     except BaseException:
         await host.vms.remove(managed.name)
         raise
-    receiver = managed.receiver or (managed.agents[0] if managed.agents else None)
+    targets = {}
+    for agent in managed.agents:  # where a push goes: the receiver, or the VM's agent
+        target = managed.receivers.get(agent.node, agent)
+        if target.tcp_address is not None:
+            targets[agent.node] = RemoteDisk(address=target.tcp_address, export=target.export)
     return IncomingAnswer(
         uri=uri,
-        disk_address=receiver.tcp_address if receiver else None,
-        disk_export=receiver.export if receiver else None,
+        disk_targets=targets,
         nic_peers={nic.node: nic.peer_address for nic in managed.nics if nic.peer_address},
         vm=managed.api_status(),
     )
 
 
 async def ready(managed: ManagedVm, request: CommitRequest) -> CommitAnswer:
-    """The RAM arrived: ready the disk, run the guest; when it resumed, and each step."""
-    fetch = request.fetch.spec(str(managed.image)) if request.fetch is not None else None
-    steps = await incoming_vm.commit_incoming(managed, fetch, local=request.local)
+    """The RAM arrived: ready the disks, run the guest; when it resumed, and each step."""
+    fetches = {
+        node: plan.spec(str(managed.image_of(node))) for node, plan in request.fetches.items()
+    }
+    steps = await incoming_vm.commit_incoming(managed, fetches, local=request.local)
     resumed_at = steps.pop("resumed_at")
     return CommitAnswer(resumed_at=resumed_at, steps=steps, vm=managed.api_status())
 

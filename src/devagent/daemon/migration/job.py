@@ -102,9 +102,9 @@ class MigrationJob:
         self.log = logging.getLogger(f"{__name__}.{managed.name}")
         self.task: asyncio.Task[None] | None = None
         self._peer: Peer | None = None
-        # What the plan learns on the way: the source's disk as the destination reaches it.
-        self.source_disk: RemoteDisk | None = None
-        self.disk_size = 0
+        # What the plan learns on the way: each source disk as the destination reaches it.
+        self.source_disks: dict[str, RemoteDisk] = {}
+        self.disk_sizes: dict[str, int] = {}
         self.bytes_before: int | None = None
         self.handover: Handover | None = None  # the plan's, at the switchover
         self.committed_at: float | None = None  # when the destination's commit was heard
@@ -138,8 +138,8 @@ class MigrationJob:
         """Save the job as it stands, at ``phase`` (:mod:`.record`)."""
         record = MigrationRecord(
             id=self.id, request=self.request, phase=phase, started_at=self.started_at,
-            report=self.report, progress=self.progress, source_disk=self.source_disk,
-            disk_size=self.disk_size, bytes_before=self.bytes_before,
+            report=self.report, progress=self.progress, source_disks=self.source_disks,
+            disk_sizes=self.disk_sizes, bytes_before=self.bytes_before,
             nic_peers=dict(self.net.peers) if self.net is not None else {},
             handover=self.handover,
         )  # fmt: skip
@@ -395,7 +395,11 @@ class MigrationJob:
         await (vm.kill() if self.plan.moves_disk else vm.stop())
         if not self.plan.source_qemu_serves:
             await self.plan.until_released(self)
-        allocated = allocated_bytes(self.managed.image) if self.plan.moves_disk else 0
+        allocated = (
+            sum(allocated_bytes(i) for i in self.managed.images.values())
+            if self.plan.moves_disk
+            else 0
+        )
         await self.forward(self._release, what=f"the release of VM {self.managed.name} here")
         self.mark(Step.RELEASED)
         await finish_report(self, committed, done, source_done, allocated)

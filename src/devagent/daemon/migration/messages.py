@@ -49,26 +49,33 @@ class RemoteDisk(msgspec.Struct, tag="remote", tag_field="kind"):
         return RemoteSpec(address=self.address, export=self.export)
 
 
-class IncomingRequest(Message):
-    """``POST /v1/incoming``: start an incoming QEMU for ``request``'s VM, paused.
+class IncomingDisk(Message):
+    """One disk of an incoming VM. ``image``: the disk is shared, the destination's agent
+    serves that same file. Otherwise a new replica of ``size`` bytes is made, served through
+    ``backend`` (reads go to the source until the switchover) and, with ``receive``, a
+    receiver agent takes a push."""
 
-    ``image``: the disk is shared, the destination's agent serves that same file. Otherwise
-    a new replica of ``size`` bytes is made, served through ``backend`` (reads go to the
-    source until the switchover) and, with ``receive``, a receiver agent takes a push."""
-
-    request: VmRequest
-    config: VmConfig  # the source's
+    node: str
     image: str | None = None
     size: int = 0
     backend: RemoteDisk | None = None
     receive: bool = False
+
+
+class IncomingRequest(Message):
+    """``POST /v1/incoming``: start an incoming QEMU for ``request``'s VM, paused, with an
+    agent for each of its ``disks`` (all of them, in the VM's order) and its ``nics``."""
+
+    request: VmRequest
+    config: VmConfig  # the source's
+    disks: list[IncomingDisk]
     nics: list[NicIdentity] = msgspec.field(default_factory=list)
 
 
 class IncomingAnswer(msgspec.Struct):
     uri: str  # for QEMU's ``migrate``
-    disk_address: str | None = None  # where a push goes (the receiver, or the VM's agent)
-    disk_export: str | None = None
+    #: Where each disk's push goes (its receiver, or the VM's agent), by node.
+    disk_targets: dict[str, RemoteDisk] = msgspec.field(default_factory=dict)
     nic_peers: dict[str, str] = msgspec.field(default_factory=dict)  # node -> tcp:HOST:PORT
     vm: VmStatus | None = None  # the incoming VM's status
 
@@ -93,10 +100,10 @@ class FetchPlan(msgspec.Struct, omit_defaults=True):
 
 
 class CommitRequest(Message):
-    """``POST /v1/incoming/NAME/commit``: the RAM arrived; ready the disk, run the guest."""
+    """``POST /v1/incoming/NAME/commit``: the RAM arrived; ready the disks, run the guest."""
 
-    local: bool = False  # precopy: the replica is complete, serve it as Local
-    fetch: FetchPlan | None = None  # postcopy, hybrid
+    local: bool = False  # precopy: every replica is complete, serve each as Local
+    fetches: dict[str, FetchPlan] = msgspec.field(default_factory=dict)  # by node: post-copy
 
 
 class CommitAnswer(msgspec.Struct):

@@ -13,8 +13,15 @@ hybrid     push at a share     stop the push, fence,       fetch what the push l
            of the link         hand its bitmap over
 =========  ==================  ==========================  ===========================
 
-The destination's QEMU reads through the source's agent until the switchover (it reads a
-qcow2 header at launch, say); a push lands in a receiver agent beside it.
+A VM's disks move as one set: each step acts on every disk at once (in parallel), a
+migration waits for the slowest, and a failure of any one rolls all of them back. The
+destination's QEMU reads through the source's agents until the switchover (it reads a
+qcow2 header at launch, say); a push lands in a receiver agent beside each disk's.
+
+The link is split so: a hybrid push takes :data:`HYBRID_PUSH_SHARE` of it while RAM
+migrates, shared among the disks by their size (so that each is as far along); after the
+switchover the disks' fetches share what RAM left, each copying in batches sized for its
+share (:func:`copy_batch`).
 """
 
 from __future__ import annotations
@@ -22,18 +29,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, TypeVar
 
 from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS, FETCH_CHUNK
-from devagent.agent.messages import FetchStatus, LocalStatus, MirrorRequest, MirrorStatus
+from devagent.agent.messages import (
+    FetchStatus,
+    LocalStatus,
+    MirrorRequest,
+    MirrorStarted,
+    MirrorStatus,
+)
 from devagent.api_types import Devices, DiskRow
-from devagent.daemon.migration.context import JobView
+from devagent.daemon.migration.context import DiskAgentLink, JobView
 from devagent.daemon.migration.messages import (
     CommitAnswer,
     CommitRequest,
     FetchPlan,
     IncomingAnswer,
+    IncomingDisk,
     IncomingRequest,
     NbdAddress,
     RemoteDisk,
@@ -60,6 +75,21 @@ COPY_AHEAD_S = 0.02  # how much link time the copier keeps in flight per worker
 DISK_WAIT_S = 600.0  # a mirror's convergence
 DISK_STALL_S = 600.0  # a replica that stops growing for this long never completes
 POLL_S = 0.1
+T = TypeVar("T")
+
+
+async def each_disk(job: JobView, step: Callable[[DiskAgentLink], Awaitable[T]]) -> dict[str, T]:
+    """``step`` on every disk's agent at once; its answers by node. All of them run to their
+    end (none is left half-done behind another's failure); then the first failure is
+    raised."""
+    agents = list(job.managed.agents)
+    done = await asyncio.gather(*(step(a) for a in agents), return_exceptions=True)
+    answers: dict[str, T] = {}
+    for agent, outcome in zip(agents, done, strict=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        answers[agent.node] = outcome
+    return answers
 
 
 @dataclass(frozen=True)
@@ -67,16 +97,18 @@ class Prepared:
     """The destination, ready: where RAM goes, and where a push or mirror lands."""
 
     uri: str
-    push_target: RemoteDisk | None = None  # devagent's push (the receiver agent)
+    #: devagent's push of each disk (its receiver agent), by node.
+    push_targets: dict[str, RemoteDisk] = field(default_factory=dict)
     nbd: NbdAddress | None = None  # a QEMU mirror's target export
     nic_peers: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
 class Handover:
-    """What the source's disk hands the destination at the switchover."""
+    """What the source's disks hand the destination at the switchover."""
 
-    present: str = ""  # base64 bits of the chunks the push landed
+    #: By node: base64 bits of the chunks the push landed.
+    present: dict[str, str] = field(default_factory=dict)
     chunk_size: int = FETCH_CHUNK
 
 
@@ -148,7 +180,6 @@ class AgentPlan(Plan):
 
     def check(self, job: JobView) -> None:
         vm = job.managed
-        require_one_disk(job, self.strategy)
         if not vm.agents:
             raise UsageError(
                 f"VM {vm.name} runs without a device agent: only 'shared' storage can migrate it"
@@ -160,32 +191,44 @@ class AgentPlan(Plan):
             )
 
     def incoming(self, job: JobView) -> IncomingRequest:
-        """What the destination makes: the same image when the disk stays (both hosts see
-        it), or a replica reading through to the source's disk, with a receiver for a push."""
+        """What the destination makes for each disk: the same image when the disk stays
+        (both hosts see it), or a replica reading through to the source's disk, with a
+        receiver for a push."""
         vm = job.managed
+        receive = self.strategy in (Strategy.PRECOPY, Strategy.HYBRID)
+        if self.moves_disk:
+            disks = [
+                IncomingDisk(node=node, size=size, backend=job.source_disks[node], receive=receive)
+                for node, size in job.disk_sizes.items()
+            ]
+        else:
+            disks = [IncomingDisk(node=node, image=str(image)) for node, image in vm.images.items()]
         return IncomingRequest(
             request=vm.request,
             config=vm.config,
-            image=None if self.moves_disk else str(vm.image),
-            backend=job.source_disk,
-            size=job.disk_size,
-            receive=self.strategy in (Strategy.PRECOPY, Strategy.HYBRID),
+            disks=disks,
             nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
         )
 
     async def prepare(self, job: JobView) -> Prepared:
         if self.moves_disk:
-            agent = job.managed.agents[0]
-            if agent.tcp_address is None:
-                raise PeerError(f"the agent of VM {job.managed.name} serves no peer on TCP")
-            job.source_disk = RemoteDisk(address=agent.tcp_address, export=agent.export)
-            job.disk_size = (await agent.status()).size
+            sizes = await each_disk(job, self._size)
+            job.disk_sizes = sizes
+            job.source_disks = {
+                a.node: RemoteDisk(address=a.tcp_address or "", export=a.export)
+                for a in job.managed.agents
+            }
         raw = await job.peer.post("/v1/incoming", to_json(self.incoming(job)))
         answer = from_peer(raw, IncomingAnswer, what="the destination's answer")
-        target = None
-        if answer.disk_address is not None and answer.disk_export is not None:
-            target = RemoteDisk(address=answer.disk_address, export=answer.disk_export)
-        return Prepared(uri=answer.uri, push_target=target, nic_peers=answer.nic_peers)
+        return Prepared(
+            uri=answer.uri, push_targets=answer.disk_targets, nic_peers=answer.nic_peers
+        )
+
+    @staticmethod
+    async def _size(agent: DiskAgentLink) -> int:
+        if agent.tcp_address is None:
+            raise PeerError(f"the agent of {agent.node} serves no peer on TCP")
+        return (await agent.status()).size
 
     async def before_ram(self, job: JobView, prepared: Prepared) -> None:
         for agent in job.managed.agents:  # leave the switchover's own flush little to do
@@ -201,17 +244,18 @@ class AgentPlan(Plan):
 
     async def fence(self, job: JobView) -> None:
         if self.moves_disk:
-            await job.managed.agents[0].fence()
+            await each_disk(job, lambda agent: agent.fence())
             job.mark(Step.SOURCE_FENCED)
 
     async def roll_back(self, job: JobView) -> None:
-        """A disk mirror to the destination stops; a fence is lifted (one there can be only
-        when a restarted daemon rolls back: the destination never ran the guest, so the
-        VM here is still the only writer)."""
+        """Each disk's mirror to the destination stops; a fence is lifted (one there can be
+        only when a restarted daemon rolls back: the destination never ran the guest, so
+        the VM here is still the only writer)."""
         for agent in job.managed.agents:
             await job.quietly(agent.cancel_mirror())
         if self.moves_disk:
-            await job.quietly(job.managed.agents[0].unfence())
+            for agent in job.managed.agents:
+                await job.quietly(agent.unfence())
 
 
 class SharedPlan(AgentPlan):
@@ -221,7 +265,6 @@ class SharedPlan(AgentPlan):
     moves_disk = False
 
     def check(self, job: JobView) -> None:
-        require_one_disk(job, self.strategy)
         vm, shared = job.managed, job.host.shared_dir
         in_shared = shared is not None and all(i.is_relative_to(shared) for i in vm.images.values())
         if not in_shared and not vm.request.own_images:
@@ -240,28 +283,33 @@ class FetchingPlan(AgentPlan):
     serves_after_switchover = True
 
     def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
-        assert job.source_disk is not None
         chunk = handover.chunk_size if handover is not None else FETCH_CHUNK
-        fetch = FetchPlan(
-            remote=job.source_disk,
-            chunk_size=chunk,
-            present=handover.present if handover is not None else "",
-            copy_batch=copy_batch(job.request.link_rate_bps, chunk),
-        )
-        return CommitRequest(fetch=fetch)
+        present = handover.present if handover is not None else {}
+        rate = job.request.link_rate_bps
+        share = rate // len(job.source_disks) if rate else None  # the disks copy at once
+        fetches = {
+            node: FetchPlan(
+                remote=source,
+                chunk_size=chunk,
+                present=present.get(node, ""),
+                copy_batch=copy_batch(share, chunk),
+            )
+            for node, source in job.source_disks.items()
+        }
+        return CommitRequest(fetches=fetches)
 
     async def until_released(self, job: JobView) -> None:
-        """Wait until the destination's replica is complete and served as Local: as long as
-        it grows (a slow link's tail takes what it takes), and :data:`DISK_STALL_S` at most
-        without progress."""
+        """Wait until every replica on the destination is complete and served as Local: as
+        long as they grow (a slow link's tail takes what it takes), and
+        :data:`DISK_STALL_S` at most without progress."""
         progress = _Progress()
         while not await self._disk_local(job, progress):
             if progress.stalled_for() > DISK_STALL_S:
                 why = f": it has no room ({progress.spilling})" if progress.spilling else ""
                 raise WaitTimeout(
-                    f"VM {job.managed.name}'s replica on {job.report.destination}",
+                    f"VM {job.managed.name}'s replicas on {job.report.destination}",
                     DISK_STALL_S, f"no progress past {progress.present} bytes{why}; the VM "
-                    f"runs there on this host's disk, which stays served",
+                    f"runs there on this host's disks, which stay served",
                 )  # fmt: skip
             await asyncio.sleep(POLL_S)
         job.mark(Step.DISK_LOCAL)
@@ -270,28 +318,38 @@ class FetchingPlan(AgentPlan):
         try:
             answer = await job.peer.get(f"/v1/vms/{job.managed.name}/devices")
         except PeerError as err:  # the destination's daemon restarts, say: ask again
-            job.log.warning("waiting for the disk on %s: %s", job.report.destination, err)
+            job.log.warning("waiting for the disks on %s: %s", job.report.destination, err)
             return False
         devices = from_peer(answer, Devices, what="the destination's devices").devices
-        device = next((d for d in devices if isinstance(d, DiskRow)), None)
-        if device is None:
-            raise PeerError(f"VM {job.managed.name} has no disk on {job.report.destination}")
-        backend = device.agent.backend_status if device.agent is not None else None
-        fetch = backend if isinstance(backend, FetchStatus) else device.last_fetch
-        if fetch is not None:
-            if fetch.spilling is not None and progress.spilling is None:
-                job.log.warning(
-                    "VM %s's replica on %s has no room (%s): the VM runs there on this "
-                    "host's disk by remote access, and the migration waits for room",
-                    job.managed.name, job.report.destination, fetch.spilling,
-                )  # fmt: skip
-            progress.spilling = fetch.spilling
-            progress.saw(fetch.present_bytes)
-            job.disk_progress(fetch.present_bytes, fetch.size - fetch.present_bytes)
-            job.progress.disk_bytes_moved = (
-                fetch.fetched_on_demand_bytes + fetch.fetched_in_background_bytes
+        disks = {d.device: d for d in devices if isinstance(d, DiskRow)}
+        missing = [node for node in job.managed.images if node not in disks]
+        if missing:
+            raise PeerError(
+                f"VM {job.managed.name} has no {', '.join(missing)} on {job.report.destination}"
             )
-        return isinstance(backend, LocalStatus)
+        local, present, moved, left, spilling = True, 0, 0, 0, None
+        for node in job.managed.images:
+            device = disks[node]
+            backend = device.agent.backend_status if device.agent is not None else None
+            local = local and isinstance(backend, LocalStatus)
+            fetch = backend if isinstance(backend, FetchStatus) else device.last_fetch
+            if fetch is None:
+                continue
+            spilling = spilling or (f"{node}: {fetch.spilling}" if fetch.spilling else None)
+            present += fetch.present_bytes
+            left += fetch.size - fetch.present_bytes
+            moved += fetch.fetched_on_demand_bytes + fetch.fetched_in_background_bytes
+        if spilling is not None and progress.spilling is None:
+            job.log.warning(
+                "VM %s's replicas on %s have no room (%s): the VM runs there on this "
+                "host's disks by remote access, and the migration waits for room",
+                job.managed.name, job.report.destination, spilling,
+            )  # fmt: skip
+        progress.spilling = spilling
+        progress.saw(present)
+        job.disk_progress(present, left)
+        job.progress.disk_bytes_moved = moved
+        return local
 
 
 class _Progress:
@@ -318,36 +376,37 @@ class PrecopyPlan(AgentPlan):
     strategy = Strategy.PRECOPY
 
     async def before_ram(self, job: JobView, prepared: Prepared) -> None:
-        assert prepared.push_target is not None
-        mirror = MirrorRequest(
-            target=prepared.push_target.spec(),
-            converge_bytes=PRECOPY_CONVERGE_BYTES,
-            active=True,  # converged, writes go to both copies
-            max_passes=PRECOPY_PASSES,
-        )
-        await job.managed.agents[0].mirror(mirror)
+        def mirror(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
+            return agent.mirror(MirrorRequest(
+                target=target_of(prepared, agent.node).spec(),
+                converge_bytes=PRECOPY_CONVERGE_BYTES,
+                active=True,  # converged, writes go to both copies
+                max_passes=PRECOPY_PASSES,
+            ))  # fmt: skip
+
+        await each_disk(job, mirror)
         job.mark(Step.MIRROR_STARTED)
         await wait_until(
             lambda: self._converged(job), timeout=DISK_WAIT_S, interval=POLL_S,
-            what=f"the disk mirror of VM {job.managed.name} to converge",
+            what=f"the disk mirrors of VM {job.managed.name} to converge",
         )  # fmt: skip
         job.mark(Step.DISK_CONVERGED)
         await super().before_ram(job, prepared)
 
     async def _converged(self, job: JobView) -> bool:
-        mirror = (await job.managed.agents[0].status()).backend_status
-        if not isinstance(mirror, MirrorStatus):
-            raise PeerError(f"the disk mirror ended: the agent serves {type(mirror).__name__}")
-        job.disk_progress(mirror.copied_bytes, mirror.dirty_bytes)
-        if mirror.state == "failed":
-            raise PeerError(f"the disk mirror failed: {mirror.error}")
-        return mirror.state in ("converged", "finished")
+        """Every disk's mirror converged (a failed one fails them all)."""
+        mirrors = await each_disk(job, _mirror_status)
+        copied = sum(m.copied_bytes for m in mirrors.values())
+        job.disk_progress(copied, sum(m.dirty_bytes for m in mirrors.values()))
+        for node, mirror in mirrors.items():
+            if mirror.state == "failed":
+                raise PeerError(f"the disk mirror of {node} failed: {mirror.error}")
+        return all(m.state in ("converged", "finished") for m in mirrors.values())
 
     async def at_switchover(self, job: JobView) -> Handover:
-        cut = await job.managed.agents[0].cutover(keep_source=True, timeout=DISK_WAIT_S)
+        cut = await each_disk(job, lambda a: a.cutover(keep_source=True, timeout=DISK_WAIT_S))
         job.mark(Step.MIRROR_ENDED)
-        pushed = cut.mirror.copied_bytes
-        job.progress.disk_bytes_pushed = pushed
+        job.progress.disk_bytes_pushed = sum(c.mirror.copied_bytes for c in cut.values())
         return Handover()
 
     def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
@@ -367,27 +426,50 @@ class HybridPlan(FetchingPlan):
         return max(1, int(job.request.link_rate_bps / 8 - self.push_rate(job)))
 
     async def before_ram(self, job: JobView, prepared: Prepared) -> None:
-        assert prepared.push_target is not None
         limited = bool(job.request.link_rate_bps) and HYBRID_PUSH_SHARE < 1
-        mirror = MirrorRequest(  # small copies: the switchover waits for those in flight
-            target=prepared.push_target.spec(),
-            parallel=HYBRID_PUSH_PARALLEL,
-            max_copy=HYBRID_PUSH_COPY,
-            rate_limit=self.push_rate(job) if limited else None,
-        )
-        await job.managed.agents[0].mirror(mirror)
+        total = sum(job.disk_sizes.values()) or 1
+
+        def push(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
+            share = job.disk_sizes.get(agent.node, 0) / total  # each disk as far along
+            return agent.mirror(MirrorRequest(  # small copies: the switchover waits for those
+                target=target_of(prepared, agent.node).spec(),  # in flight
+                parallel=HYBRID_PUSH_PARALLEL,
+                max_copy=HYBRID_PUSH_COPY,
+                rate_limit=max(1.0, self.push_rate(job) * share) if limited else None,
+            ))  # fmt: skip
+
+        await each_disk(job, push)
         job.mark(Step.MIRROR_STARTED)
         await super().before_ram(job, prepared)
 
     async def at_switchover(self, job: JobView) -> Handover:
-        stopped = await job.managed.agents[0].stop_mirror()
+        stopped = await each_disk(job, lambda agent: agent.stop_mirror())
         job.mark(Step.MIRROR_ENDED)
-        pushed = stopped.mirror.copied_bytes
-        job.progress.disk_bytes_pushed = pushed
+        job.progress.disk_bytes_pushed = sum(s.mirror.copied_bytes for s in stopped.values())
+        chunk_sizes = {s.chunk_size for s in stopped.values()}
+        if len(chunk_sizes) != 1:  # every agent makes its bitmap of FETCH_CHUNK chunks
+            raise PeerError(f"the disks' pushes use different chunks: {sorted(chunk_sizes)}")
         return Handover(
-            present=clean_chunks(stopped.dirty, stopped.chunks),
-            chunk_size=stopped.chunk_size,
+            present={node: clean_chunks(s.dirty, s.chunks) for node, s in stopped.items()},
+            chunk_size=chunk_sizes.pop(),
         )
+
+
+def target_of(prepared: Prepared, node: str) -> RemoteDisk:
+    """Where disk ``node``'s push or mirror lands on the destination."""
+    target = prepared.push_targets.get(node)
+    if target is None:
+        raise PeerError(f"the destination gave no target for {node}'s push")
+    return target
+
+
+async def _mirror_status(agent: DiskAgentLink) -> MirrorStatus:
+    mirror = (await agent.status()).backend_status
+    if not isinstance(mirror, MirrorStatus):
+        raise PeerError(
+            f"the disk mirror of {agent.node} ended: the agent serves {type(mirror).__name__}"
+        )
+    return mirror
 
 
 def clean_chunks(dirty_b64: str, chunks: int) -> str:

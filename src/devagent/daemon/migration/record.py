@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -67,9 +68,10 @@ class MigrationRecord(msgspec.Struct, kw_only=True):
     started_at: float
     report: MigrationReport  # the timeline and figures so far
     progress: MigrationProgress = msgspec.field(default_factory=MigrationProgress)
-    #: The plan's findings: the source's disk as the destination reaches it, its size.
-    source_disk: RemoteDisk | None = None
-    disk_size: int = 0
+    #: The plan's findings, by node: each source disk as the destination reaches it, and
+    #: its size.
+    source_disks: dict[str, RemoteDisk] = msgspec.field(default_factory=dict)
+    disk_sizes: dict[str, int] = msgspec.field(default_factory=dict)
     bytes_before: int | None = None  # the link's counter at the start
     nic_peers: dict[str, str] = msgspec.field(default_factory=dict)  # node -> HOST:PORT
     #: What the source's disk handed over at the switchover (the chunks a push landed),
@@ -97,12 +99,29 @@ def load_record(run_dir: Path) -> MigrationRecord | None:
     in the log: such a migration is left to the operator)."""
     path = record_path(run_dir)
     try:
-        return msgspec.json.decode(path.read_bytes(), type=MigrationRecord)
+        return msgspec.convert(_one_disk_record(msgspec.json.decode(path.read_bytes())),
+                               MigrationRecord)  # fmt: skip
     except FileNotFoundError:
         return None
-    except (OSError, msgspec.DecodeError) as err:
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError) as err:
         log.error("cannot read the migration record %s: %s", path, err)
         return None
+
+
+def _one_disk_record(raw: Any) -> Any:
+    """A record from before several disks (``source_disk``, ``disk_size``, a hand-over's
+    ``present`` as one string) in today's form: all of it was disk0's."""
+    if not isinstance(raw, dict):
+        return raw
+    if "source_disk" in raw:
+        source = raw.pop("source_disk")
+        raw["source_disks"] = {"disk0": source} if source else {}
+    if "disk_size" in raw:
+        raw["disk_sizes"] = {"disk0": raw.pop("disk_size")}
+    handover = raw.get("handover")
+    if isinstance(handover, dict) and isinstance(handover.get("present"), str):
+        handover["present"] = {"disk0": handover["present"]} if handover["present"] else {}
+    return raw
 
 
 def remove_record(run_dir: Path) -> None:

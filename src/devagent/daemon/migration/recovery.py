@@ -92,7 +92,7 @@ class RecoveredJob(MigrationJob):
         self.id, self.phase, self.started_at = record.id, record.phase, record.started_at
         self.report, self.progress = record.report, record.progress
         self.report.status, self.report.error = "running", None
-        self.source_disk, self.disk_size = record.source_disk, record.disk_size
+        self.source_disks, self.disk_sizes = record.source_disks, record.disk_sizes
         self.bytes_before, self.handover = record.bytes_before, record.handover
         if managed.nics:  # on this report, towards the destination's agents it was given
             self.net = NetMigration(managed, self.report, self.mark, self.log)

@@ -84,14 +84,15 @@ async def await_local(vm: ManagedVm, agent: AgentProcess) -> StatusAnswer:
             continue
         backend = status.backend_status
         if isinstance(backend, FetchStatus):
-            vm.last_fetch = backend
+            vm.last_fetch[agent.node] = backend
             if backend.present_bytes > present:
                 present = backend.present_bytes
                 deadline = time.monotonic() + FETCH_STALL_S
         if isinstance(backend, LocalStatus):
-            if vm.last_fetch is not None:  # the figures as the replica completed
-                vm.last_fetch = msgspec.structs.replace(
-                    vm.last_fetch, present_bytes=vm.last_fetch.size, complete=True
+            last = vm.last_fetch.get(agent.node)
+            if last is not None:  # the figures as the replica completed
+                vm.last_fetch[agent.node] = msgspec.structs.replace(
+                    last, present_bytes=last.size, complete=True
                 )
             agent.backend = None
             vm.save()

@@ -19,7 +19,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from devagent.agent.fetch import presence_path
 from devagent.agent.messages import (
@@ -39,7 +39,7 @@ from devagent.vocab import DestinationStep
 
 from .arrival import ARRIVAL_TIMEOUT_S, await_local, go_live, release_nics
 from .managed import ManagedVm, VmRole
-from .request import VmRequest
+from .request import VmRequest, disk_file
 
 if TYPE_CHECKING:
     from .manager import VmManager
@@ -50,27 +50,39 @@ log = logging.getLogger(__name__)
 # --- the manager's side ------------------------------------------------------------------------
 
 
+class IncomingDisk(NamedTuple):
+    """One disk of an incoming VM: the same ``image`` when both hosts see it, else a new
+    replica of ``size`` bytes served through ``backend`` (e.g. ``Remote`` to the source's
+    agent) or, with none, as ``Local`` (a mirror's target); ``receive``: a receiver agent
+    beside it takes a push."""
+
+    node: str
+    image: Path | None = None
+    size: int = 0
+    backend: BackendSpec | None = None
+    receive: bool = False
+
+
 async def prepare_incoming(
     manager: VmManager,
     request: VmRequest,
     config: VmConfig,
-    image: Path | None,
+    disks: list[IncomingDisk],
     *,
-    size: int = 0,
-    backend: BackendSpec | None = None,
-    receive: bool = False,
     nics: list[NicIdentity] | None = None,
 ) -> ManagedVm:
-    """Start QEMU waiting for ``config``'s VM to arrive by live migration.
-
-    With ``image`` (shared storage) this host's agent serves that same image. Without
-    it the disk moves: a new local replica of ``size`` bytes is made, served by the
-    agent through ``backend`` (e.g. ``Remote`` to the source's agent) or, with none, as
-    ``Local`` (a mirror's target); and QEMU stays paused after the migration (``-S``)
-    until :func:`commit_incoming` has the disk ready."""
+    """Start QEMU waiting for ``config``'s VM to arrive by live migration, with an agent
+    for each of its ``disks`` (the whole set, in the VM's order). When a disk moves, QEMU
+    stays paused after the migration (``-S``) until :func:`commit_incoming` has the disks
+    ready."""
     async with manager._lock:
         if request.name in manager.vms:
             raise StateError(f"VM {request.name!r} already exists on host {manager.host_name}")
+        if [d.node for d in disks] != request.nodes():
+            raise UsageError(
+                f"VM {request.name} has the disks {', '.join(request.nodes())}: 'disks' must "
+                "describe each, in order"
+            )
         if len(nics or []) != len(config.nics):
             raise UsageError(
                 f"VM {request.name} has {len(config.nics)} NIC(s): 'nics' must describe "
@@ -78,27 +90,47 @@ async def prepare_incoming(
             )
         if nics:  # before anything is made
             manager._require_network()
-        paused = image is None
-        if image is None:
-            image = _new_replica(manager, request.name, size)
-            if backend is None:  # a mirror's target: no room is a roll-back, not a wait
-                backend = target_spec(image)
-        managed = manager._add(
-            request, {"disk0": image}, VmRole.INCOMING, config=config,
-            backends={"disk0": backend} if backend is not None else None,
-            paused=paused, incoming_nics=nics or [],
-        )  # fmt: skip
-        if receive:
-            managed.receiver = AgentProcess(
-                vm=request.name,
-                node="receive",
-                image=str(image),
-                run_dir=str(managed.run_dir),
-                listen_address=manager.address,
-                backend=target_spec(image),
-            )
-    await _launch_with_receiver(manager, managed)
+        paused = any(d.image is None for d in disks)
+        images: dict[str, Path] = {}
+        backends: dict[str, BackendSpec] = {}
+        try:
+            for disk in disks:
+                images[disk.node] = disk.image or _new_replica(
+                    manager, request.name, disk.node, disk.size
+                )
+                backend = disk.backend
+                if disk.image is None and backend is None:  # a mirror's target: no room
+                    backend = target_spec(images[disk.node])  # is a roll-back, not a wait
+                if backend is not None:
+                    backends[disk.node] = backend
+            managed = manager._add(
+                request, images, VmRole.INCOMING, config=config, backends=backends,
+                paused=paused, incoming_nics=nics or [],
+            )  # fmt: skip
+        except BaseException:
+            _remove_replicas(disks, images)
+            raise
+        for disk in disks:
+            if disk.receive:
+                managed.receivers[disk.node] = AgentProcess(
+                    vm=request.name,
+                    node=f"receive-{disk.node}",
+                    image=str(images[disk.node]),
+                    run_dir=str(managed.run_dir),
+                    listen_address=manager.address,
+                    backend=target_spec(images[disk.node]),
+                )
+    await _launch_with_receivers(manager, managed)
     return managed
+
+
+def _remove_replicas(disks: list[IncomingDisk], images: dict[str, Path]) -> None:
+    """The replicas made for disks before one could not be: removed with the rest."""
+    for disk in disks:
+        if disk.image is None and disk.node in images:
+            for path in (images[disk.node], presence_path(images[disk.node])):
+                with contextlib.suppress(OSError):
+                    path.unlink(missing_ok=True)
 
 
 def target_spec(image: Path) -> LocalSpec:
@@ -108,10 +140,11 @@ def target_spec(image: Path) -> LocalSpec:
     return LocalSpec(path=str(image), space_hold_s=0.0)
 
 
-def _new_replica(manager: VmManager, name: str, size: int) -> Path:
-    """A new sparse replica of ``size`` bytes in this host's disks folder; a folder with no
-    room, or read-only, is a clear :class:`PeerError` (the migration rolls back with it)."""
-    image = manager.root / "disks" / f"{name}.img"
+def _new_replica(manager: VmManager, name: str, node: str, size: int) -> Path:
+    """A new sparse replica of disk ``node``, ``size`` bytes, in this host's disks folder;
+    a folder with no room, or read-only, is a clear :class:`PeerError` (the migration rolls
+    back with it)."""
+    image = manager.root / "disks" / disk_file(name, node)
     try:
         image.parent.mkdir(parents=True, exist_ok=True)
         for stale in (image, presence_path(image)):
@@ -120,25 +153,24 @@ def _new_replica(manager: VmManager, name: str, size: int) -> Path:
             f.truncate(size)
     except OSError as err:
         raise PeerError(
-            f"host {manager.host_name} cannot make the replica of VM {name} in "
+            f"host {manager.host_name} cannot make the replica of VM {name}'s {node} in "
             f"{image.parent}: {err.strerror}"
         ) from err
     return image
 
 
-async def _launch_with_receiver(manager: VmManager, managed: ManagedVm) -> None:
-    # The receiver starts beside the VM's own agent and QEMU: each agent takes a while
+async def _launch_with_receivers(manager: VmManager, managed: ManagedVm) -> None:
+    # The receivers start beside the VM's own agents and QEMU: each agent takes a while
     # to come up, and the migration waits for all of them.
-    receiver = managed.receiver
-    receiving = asyncio.ensure_future(receiver.start()) if receiver is not None else None
+    receivers = list(managed.receivers.values())
+    receiving = asyncio.gather(*(r.start() for r in receivers))
     try:
-        await manager._launch(managed)  # on failure it removes the VM (and its receiver)
-        if receiving is not None:
-            await receiving
+        await manager._launch(managed)  # on failure it removes the VM (and its receivers)
+        await receiving
     except BaseException:
-        if receiver is not None and receiving is not None:
-            receiving.cancel()
-            await asyncio.gather(receiving, return_exceptions=True)
+        receiving.cancel()
+        await asyncio.gather(receiving, return_exceptions=True)
+        for receiver in receivers:
             await receiver.kill()
         if managed.name in manager.vms:
             await manager.remove(managed.name)
@@ -170,16 +202,16 @@ async def add_incoming(
 
 
 async def commit_incoming(
-    vm: ManagedVm, fetch: FetchSpec | None, local: bool = False
+    vm: ManagedVm, fetches: dict[str, FetchSpec], local: bool = False
 ) -> dict[str, float]:
-    """The migration arrived: ready the disk, run the guest, return when it resumed
+    """The migration arrived: ready the disks, run the guest, return when it resumed
     (``resumed_at``) and when each step before it ended (wall clock).
 
-    With ``fetch`` (postcopy, hybrid) the agent swaps to that Fetch replica of the source's
-    disk (``fetch.remote``; ``fetch.path`` is the VM's image), seeded with the chunks a
-    mirror already pushed (``fetch.present``, base64 bits), copying the rest in the
-    background; a task watches it complete. With ``local`` (precopy) the replica is
-    complete already and the agent swaps to it. Nothing runs the guest before the disk
+    With ``fetches`` (postcopy, hybrid) each disk's agent swaps to its Fetch replica of the
+    source's disk (``fetch.remote``; ``fetch.path`` is the disk's image), seeded with the
+    chunks a mirror already pushed (``fetch.present``, base64 bits), copying the rest in the
+    background; a task watches each complete. With ``local`` (precopy) every replica is
+    complete already and each agent swaps to it. Nothing runs the guest before every disk
     is ready: QEMU was started paused (``-S``)."""
     steps: dict[str, float] = {DestinationStep.COMMIT: time.time()}
     deadline = time.time() + ARRIVAL_TIMEOUT_S
@@ -192,15 +224,15 @@ async def commit_incoming(
             raise PeerError(f"VM {vm.name}: the migration did not arrive")
         await asyncio.sleep(0.002)  # the guest is paused meanwhile: look often
     steps[DestinationStep.ARRIVED] = time.time()
-    if vm.receiver is not None:
-        steps[DestinationStep.RECEIVER_RETIRED] = await _retire_receiver(vm, vm.receiver)
+    if vm.receivers:
+        retired = await asyncio.gather(*(_retire_receiver(vm, n) for n in list(vm.receivers)))
+        steps[DestinationStep.RECEIVER_RETIRED] = max(retired)
     if local:
-        agent = vm.agent_for("disk0")
-        await agent.swap(LocalSpec(path=str(vm.image)))
+        await asyncio.gather(*(_swap_to_local(vm, node) for node in vm.images))
         steps[DestinationStep.DISK_SWAPPED] = time.time()
-        agent.backend = None
-    if fetch is not None:
-        steps[DestinationStep.DISK_SWAPPED] = await _swap_to_fetch(vm, fetch)
+    if fetches:
+        swapped = await asyncio.gather(*(_swap_to_fetch(vm, n, f) for n, f in fetches.items()))
+        steps[DestinationStep.DISK_SWAPPED] = max(swapped)
     vm.commit_began()  # saved before the guest runs: the point of no return
     try:
         steps.update(await go_live(vm))
@@ -219,31 +251,39 @@ async def commit_incoming(
     return {**steps, "resumed_at": vm.vm.resumed_at}
 
 
-async def _retire_receiver(vm: ManagedVm, receiver: AgentProcess) -> float:
-    """A push the source gave up at the switchover may still be on the wire: the
-    receiver stops now, its requests in flight finished, before the replica is served
-    (the source counts such chunks as missing: they are fetched). Its process exits off
-    the critical path. Returns when it stopped serving."""
+async def _retire_receiver(vm: ManagedVm, node: str) -> float:
+    """A push the source gave up at the switchover may still be on the wire: disk
+    ``node``'s receiver stops now, its requests in flight finished, before the replica is
+    served (the source counts such chunks as missing: they are fetched). Its process
+    exits off the critical path. Returns when it stopped serving."""
+    receiver = vm.receivers[node]
     try:
         await receiver.retire(timeout=30.0)
     except (PeerError, StateError) as err:
-        log.warning("VM %s: receiver unreachable (%s): killing it", vm.name, err)
+        log.warning("VM %s: receiver of %s unreachable (%s): killing it", vm.name, node, err)
         await receiver.kill()
     retired = time.time()
-    vm.retiring = asyncio.create_task(receiver.stop())
-    vm.receiver = None
+    vm.retiring.append(asyncio.create_task(receiver.stop()))
+    del vm.receivers[node]
     return retired
 
 
-async def _swap_to_fetch(vm: ManagedVm, spec: FetchSpec) -> float:
-    """The chunks the mirror pushed are in the replica (the receiver wrote them): the
-    agent serves them at once and makes them durable in the background. Returns when
-    the agent swapped."""
-    agent = vm.agent_for("disk0")
+async def _swap_to_local(vm: ManagedVm, node: str) -> None:
+    """Disk ``node``'s replica is complete (a mirror's target): its agent serves it."""
+    agent = vm.agent_for(node)
+    await agent.swap(LocalSpec(path=str(vm.image_of(node))))
+    agent.backend = None
+
+
+async def _swap_to_fetch(vm: ManagedVm, node: str, spec: FetchSpec) -> float:
+    """The chunks the mirror pushed are in disk ``node``'s replica (its receiver wrote
+    them): the agent serves them at once and makes them durable in the background.
+    Returns when the agent swapped."""
+    agent = vm.agent_for(node)
     await agent.swap(spec)
     swapped = time.time()
     agent.backend = spec
-    vm.fetching = asyncio.create_task(await_local(vm, agent))
+    vm.fetching[node] = asyncio.create_task(await_local(vm, agent))
     return swapped
 
 

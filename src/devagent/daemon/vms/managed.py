@@ -108,12 +108,14 @@ class ManagedVm:
         self.images = dict(images)
         self.agents = agents or []  # one block agent per disk
         self.nics = nics or []  # one net agent per NIC
-        self.fetching: asyncio.Task[StatusAnswer] | None = None  # replica being filled
-        self.last_fetch: FetchStatus | None = None  # its figures, kept once it is local
-        # An incoming VM's replica as a mirror's target, until the switchover (the VM's own
-        # agent forwards to the source meanwhile, so QEMU never sees a half-copied disk).
-        self.receiver: AgentProcess | None = None
-        self.retiring: asyncio.Task[None] | None = None  # the receiver, stopping
+        #: By node: a replica being filled, and its figures (kept once it is local).
+        self.fetching: dict[str, asyncio.Task[StatusAnswer]] = {}
+        self.last_fetch: dict[str, FetchStatus] = {}
+        # An incoming VM's replicas as a mirror's targets, by node, until the switchover
+        # (the VM's own agents forward to the source meanwhile, so QEMU never sees a
+        # half-copied disk).
+        self.receivers: dict[str, AgentProcess] = {}
+        self.retiring: list[asyncio.Task[None]] = []  # receivers, stopping
         self.heartbeats: deque[Heartbeat] = deque(maxlen=HEARTBEATS_KEPT)
         self.parser = ConsoleParser() if request.has_probe else None
         self.vm = Vm(config, run_dir, on_console=self._on_console if self.parser else None)
@@ -348,7 +350,7 @@ class ManagedVm:
         return rows
 
     def _disk_row(self, agent: AgentProcess, status: StatusAnswer | None, trouble: str) -> DiskRow:
-        last_fetch = self.last_fetch  # kept by .incoming from an agent's status
+        last_fetch = self.last_fetch.get(agent.node)  # kept from the agent's status
         return DiskRow(
             vm=self.name,
             device=agent.node,
@@ -406,7 +408,7 @@ class ManagedVm:
             "images": {node: str(image) for node, image in self.images.items()},
             "agents": [a.to_json() for a in self.agents],
             "nics": [n.to_json() for n in self.nics],
-            "receiver": self.receiver.to_json() if self.receiver else None,
+            "receivers": [r.to_json() for r in self.receivers.values()],
             "resumed_at": self.vm.resumed_at,  # the source's read-back after a restart
         }
         tmp = self.run_dir / "vm.json.tmp"

@@ -49,7 +49,7 @@ from devagent.wire import convert, decode, from_peer
 from .arrival import await_local, go_live
 from .config import GuestBoot, TestGuest, build_config, disk_spec, image_format
 from .managed import MIGRATION_RECORD, ManagedVm, VmRole
-from .request import MAX_NICS, VmRequest, nic_node
+from .request import MAX_NICS, VmRequest, disk_file, nic_node
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class _Record(msgspec.Struct):
     role: VmRole = VmRole.RUNNING
     agents: list[AgentProcess] = msgspec.field(default_factory=list)
     nics: list[NicAgent] = msgspec.field(default_factory=list)
-    receiver: AgentProcess | None = None
+    receivers: list[AgentProcess] = msgspec.field(default_factory=list)
+    receiver: AgentProcess | None = None  # a record from before several disks
     resumed_at: float | None = None  # the guest's last RESUME this daemon saw
 
     @classmethod
@@ -81,8 +82,8 @@ class _Record(msgspec.Struct):
         if "request" in raw:  # a request of any version, in today's form
             raw["request"] = VmRequest.from_json(raw["request"]).to_json()
         record = convert(raw, cls, what=str(path))
-        if record.receiver is not None:  # an incoming VM's: discarded with the rest
-            record.agents.append(record.receiver)
+        # An incoming VM's receivers: discarded with the rest.
+        record.agents += record.receivers + ([record.receiver] if record.receiver else [])
         if record.image is not None and not record.images:
             record.images = {"disk0": record.image}
         return record
@@ -320,12 +321,12 @@ class VmManager:
         if managed is None:
             raise NotFound(f"no VM {name!r} on host {self.host_name}")
         await managed.vm.stop()
-        if managed.fetching is not None:
-            managed.fetching.cancel()
-        if managed.receiver is not None:
-            await managed.receiver.stop()
-        if managed.retiring is not None:
-            await managed.retiring
+        for fetching in managed.fetching.values():
+            fetching.cancel()
+        for receiver in managed.receivers.values():
+            await receiver.stop()
+        for retiring in managed.retiring:
+            await retiring
         for agent in managed.agents:
             await agent.stop()
         for nic in managed.nics:  # its net agent, and the tap made for it
@@ -505,8 +506,7 @@ def _watch_replica(managed: ManagedVm) -> None:
     for agent in managed.agents:
         if isinstance(agent.backend, FetchSpec):
             managed.log.info("VM %s: watching its replica of %s again", managed.name, agent.node)
-            managed.fetching = asyncio.create_task(await_local(managed, agent))
-            return
+            managed.fetching[agent.node] = asyncio.create_task(await_local(managed, agent))
 
 
 #: The folders of logs kept from VMs removed from this host (the newest ones).
@@ -533,12 +533,6 @@ def keep_logs(run_dir: Path, logs: Path, label: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         log.warning("cannot keep the logs of %s: %s", run_dir, err)
-
-
-def disk_file(vm: str, node: str) -> str:
-    """The file name of a new disk devagent makes for VM ``vm``: ``NAME.img`` for its first,
-    ``NAME-diskN.img`` for the others."""
-    return f"{vm}.img" if node == "disk0" else f"{vm}-{node}.img"
 
 
 def _delete(image: Path) -> None:

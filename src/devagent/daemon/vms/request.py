@@ -94,6 +94,12 @@ def disk_node(index: int) -> str:
     return f"disk{index}"
 
 
+def disk_file(vm: str, node: str) -> str:
+    """The file name of a new disk devagent makes for VM ``vm`` (or a replica of it):
+    ``NAME.img`` for its first, ``NAME-diskN.img`` for the others."""
+    return f"{vm}.img" if node == "disk0" else f"{vm}-{node}.img"
+
+
 def nic_node(index: int) -> str:
     """The node (QEMU's netdev, the net agent's) of a VM's NIC ``index``."""
     return f"net{index}"
