@@ -77,16 +77,30 @@ def nothing_left_behind() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def clean_lab(name: str, state_dir: Path, hosts: int = 2) -> Iterator[Lab]:
+def clean_lab(
+    name: str, state_dir: Path, hosts: int = 2, *, show_logs: bool = False
+) -> Iterator[Lab]:
     """A lab of ``hosts`` namespace hosts (links at 1 Gbit/s) for one test: removed after
-    it, and checked to leave no process and no namespace behind."""
+    it, and checked to leave no process and no namespace behind. ``show_logs``: the end of
+    each daemon's log and each VM's logs are printed first (pytest shows them on a
+    failure)."""
     lab = Lab.up(name=name, hosts=hosts, link_rate="1gbit")
     try:
         yield lab
     finally:
+        if show_logs:
+            print_logs(lab)
         lab.down()
     assert processes_mentioning(str(state_dir)) == []
     assert not [ns for ns in namespaces() if ns.startswith(f"da-{name}")]
+
+
+def print_logs(lab: Lab, lines: int = 30) -> None:
+    for host in lab.hosts:
+        for log in [host.dir / "devagentd.log", *sorted(host.dir.glob("vms/*/*.log"))]:
+            with contextlib.suppress(OSError):
+                tail = log.read_text(errors="replace").splitlines()[-lines:]
+                print(f"--- {log}", *tail, sep="\n")
 
 
 def two_hosts(lab: Lab) -> tuple[Endpoint, Endpoint]:

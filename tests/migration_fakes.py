@@ -300,16 +300,26 @@ class FakeVm:
     role: str = "running"
     completions_error: PeerError | None = None  # the agent's journal cannot be read
     serves_disk: bool = False
+    io_pauses: dict[str, float] = field(default_factory=dict)
 
     @property
     def images(self) -> dict[str, Path]:
         """Each disk's image (one file for all: a fake's disks are never read)."""
         return {agent.node: self.image for agent in self.agents} or {"disk0": self.image}
 
-    async def completions_since(self, since: float) -> list[float] | None:
+    async def completions_by_disk(self, since: float) -> dict[str, list[float]] | None:
+        """With ``io_pauses`` (seconds by node): each disk completed I/O every 10 ms from
+        ``since`` on, but for that pause as the migration began (``since`` + 3 s)."""
         if self.completions_error is not None:
             raise self.completions_error
-        return None
+        if not self.io_pauses:
+            return None
+        start = since + 3.0
+        return {
+            node: [since + k / 100 for k in range(300)]
+            + [start + pause + k / 100 for k in range(50)]
+            for node, pause in self.io_pauses.items()
+        }
 
     def migrated_away(self, *, serves_disk: bool = True) -> None:
         if self.role != "running":
@@ -355,7 +365,7 @@ class FakeDestination:
             now = time.time()
             return {"heartbeats": [beat(now + i / 10) for i in range(6)]}
         if path.endswith("/completions"):
-            return {"completions": []}
+            return {"completions": [], "devices": {node: [] for node in self.disks}}
         if path.endswith("/devices"):
             self.polls_until_local -= 1
             kind = "local" if self.polls_until_local <= 0 else "fetch"
@@ -411,7 +421,7 @@ class FakeDestination:
         if path.endswith("/stream-done") and self.source is not None and self.source.exited:
             raise PeerError("host b: QEMU job bn-stream failed: Input/output error")
         if path.endswith("/integrity"):
-            return {"integrity": "ok"}
+            return {"integrity": "ok", "disks": {node: "ok" for node in self.disks}}
         if path.endswith("/commit"):
             name = parts[-2]
             if self.vms.get(name) != "incoming":

@@ -8,7 +8,6 @@ even on failure."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -27,7 +26,7 @@ from devagent.lab.layout import GUEST_BRIDGE
 from devagent.lab.traffic import EchoStream, wait_for_ping
 from devagent.orchestrate import migrate, start_vm, wait_heartbeats
 from devagent.report import MigrationReport
-from tests.conftest import namespaces, processes_mentioning
+from tests.conftest import clean_lab, processes_mentioning
 
 pytestmark = [pytest.mark.vm, pytest.mark.lab]
 
@@ -42,18 +41,8 @@ BODY = {
 
 @pytest.fixture
 def lab(state_dir: Path, guest: GuestImage) -> Iterator[Lab]:
-    lab = Lab.up(name=LAB, hosts=3, link_rate="1gbit")
-    try:
+    with clean_lab(LAB, state_dir, hosts=3, show_logs=True) as lab:
         yield lab
-    finally:
-        for host in lab.hosts:  # shown when the test fails
-            for log in [host.dir / "devagentd.log", *sorted(host.dir.glob("vms/*/*.log"))]:
-                with contextlib.suppress(OSError):
-                    tail = log.read_text(errors="replace").splitlines()[-20:]
-                    print(f"--- {log}", *tail, sep="\n")
-        lab.down()
-    assert processes_mentioning(str(state_dir)) == []
-    assert not [ns for ns in namespaces() if ns.startswith(f"da-{LAB}-")]
 
 
 def endpoint(lab: Lab, name: str) -> Endpoint:

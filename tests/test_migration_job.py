@@ -17,7 +17,7 @@ import pytest
 from devagent.daemon.migration import job as job_module
 from devagent.daemon.migration.job import Phase
 from devagent.daemon.migration.plans import HYBRID_PUSH_SHARE
-from devagent.daemon.vms.request import VmRequest
+from devagent.daemon.vms.request import DiskRequest, VmRequest
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.vocab import Step, Strategy
 from migration_fakes import FakeDiskAgent, FakeHost, FakeVm, make_job
@@ -129,6 +129,13 @@ async def test_a_set_of_disks_moves_as_one(tmp_path: Path, strategy: Strategy) -
     moved(vm, host)
     incoming = host.destination.bodies["/v1/incoming"]["disks"]
     assert [d["node"] for d in incoming] == list(SIZES)
+    rows = job.report.devices
+    assert [(r.node, r.kind) for r in rows] == [(node, "disk") for node in SIZES]
+    if strategy in (Strategy.HYBRID, Strategy.PRECOPY):
+        assert all(r.bytes_pushed for r in rows)
+        assert (job.report.disk_bytes_moved or 0) >= sum(r.bytes_pushed or 0 for r in rows)
+    if strategy in (Strategy.HYBRID, Strategy.POSTCOPY):  # each replica fetched, then local
+        assert all(r.bytes_fetched is not None and r.local_after_s for r in rows), rows
     if strategy is Strategy.SHARED:
         assert all(d["image"] for d in incoming) and not any(a.fenced for a in vm.agents)
         return
@@ -151,6 +158,21 @@ async def test_a_set_of_disks_moves_as_one(tmp_path: Path, strategy: Strategy) -
         assert rates[1] == pytest.approx(2 * rates[0]) and rates[0] == pytest.approx(2 * rates[2])
         present = commit["fetches"]
         assert all(present[n]["present"] for n in SIZES)  # what each push landed
+
+
+async def test_each_disk_has_its_own_row_of_figures(tmp_path: Path) -> None:
+    """Its largest I/O gap from its own agents' journals (the aggregate gap, over all the
+    disks' I/O together, hides one disk's pause while another's I/O goes on), and its own
+    integrity."""
+    vm = disk_set(tmp_path)
+    vm.request = VmRequest(name="v1", disks=(DiskRequest(size=4 << 20),) * 3)  # the test guest
+    vm.io_pauses = {"disk0": 0.05, "disk1": 0.7, "disk2": 0.2}
+    job, vm, _ = make_job(tmp_path, Strategy.HYBRID, vm=vm)
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    gaps = {r.node: r.max_io_gap_ms for r in job.report.devices}
+    assert gaps == pytest.approx({"disk0": 60, "disk1": 710, "disk2": 210}, abs=1)
+    assert [r.integrity for r in job.report.devices] == ["ok"] * 3
 
 
 async def test_a_failure_of_one_disk_rolls_back_the_whole_set(tmp_path: Path) -> None:

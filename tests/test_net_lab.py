@@ -6,7 +6,6 @@ swap to another tap under a running stream.  Everything goes, even on failure.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import os
 import signal
@@ -25,7 +24,7 @@ from devagent.lab.lab import Lab
 from devagent.lab.layout import GUEST_BRIDGE
 from devagent.lab.traffic import EchoStream, Pinger, ping_max_gap, wait_for_ping
 from devagent.orchestrate import locate_vm, migrate, start_vm
-from tests.conftest import namespaces, processes_mentioning
+from tests.conftest import clean_lab, processes_mentioning
 
 pytestmark = [
     pytest.mark.vm,
@@ -39,18 +38,8 @@ def lab(request: pytest.FixtureRequest, state_dir: Path, guest: GuestImage) -> I
     name = {"stream": "ntmig", "swap": "ntswp", "destination": "ntrb"}[
         request.node.name.split("_")[2]
     ]
-    lab = Lab.up(name=name, hosts=3, link_rate="1gbit")
-    try:
+    with clean_lab(name, state_dir, hosts=3, show_logs=True) as lab:
         yield lab
-    finally:
-        for host in lab.hosts:  # shown when the test fails
-            for log in [host.dir / "devagentd.log", *sorted(host.dir.glob("vms/*/agent-*.log"))]:
-                with contextlib.suppress(OSError):
-                    tail = log.read_text(errors="replace").splitlines()[-30:]
-                    print(f"--- {log}", *tail, sep="\n")
-        lab.down()
-    assert processes_mentioning(str(state_dir)) == []
-    assert not [ns for ns in namespaces() if ns.startswith(f"da-{name}-")]
 
 
 def ip(netns: str, *args: str) -> str:

@@ -313,13 +313,13 @@ async def test_integrity_says_when_the_guest_memory_disagrees_with_itself(
 
     monkeypatch.setattr(managed, "probe_command", probe)
     answers.append(Paused(empty, 0, 5, 1.0, empty))
-    assert await managed.check_integrity() == "ok"
+    assert (await managed.check_integrity()).integrity == "ok"
     answers[0] = Paused(empty, 0, 5, 1.0, "00000000000000ff")
-    found = await managed.check_integrity()
+    found = (await managed.check_integrity()).integrity
     assert found.startswith("mismatch: the guest's memory disagrees with itself")
     assert "00000000000000ff" in found
     answers[0] = Paused(empty, 0, 5, 1.0)  # a probe older than the table digest
-    assert await managed.check_integrity() == "ok"
+    assert (await managed.check_integrity()).integrity == "ok"
 
 
 async def test_integrity_is_checked_disk_by_disk(
@@ -339,12 +339,12 @@ async def test_integrity_is_checked_disk_by_disk(
         return answer
 
     monkeypatch.setattr(managed, "probe_command", probe)
-    assert await managed.check_integrity() == "ok"
+    assert (await managed.check_integrity()).integrity == "ok"
     answer = Paused(other, 0, 5, 1.0, other, {"disk0": empty, "disk1": other})
-    found = await managed.check_integrity()
+    found = (await managed.check_integrity()).integrity
     assert found == f"mismatch: disk1: the guest last wrote digest {other}, the disk holds {empty}"
     answer = Paused(empty, 0, 5, 1.0, empty, {"disk0": empty})
-    assert "disk1: the guest last wrote digest None" in await managed.check_integrity()
+    assert "disk1: the guest last wrote digest None" in (await managed.check_integrity()).integrity
 
 
 async def test_a_pause_left_unanswered_is_followed_by_a_resume(

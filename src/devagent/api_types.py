@@ -115,10 +115,11 @@ class Heartbeats(msgspec.Struct):
 
 
 class Completions(msgspec.Struct):
-    """Completion times of guest I/O on the VM's agents; None when they cannot tell (no
-    agent, or a journal that no longer reaches back)."""
+    """Completion times of guest I/O on the VM's agents, all of them and each disk's;
+    None when they cannot tell (no agent, or a journal that no longer reaches back)."""
 
     completions: list[float] | None
+    devices: dict[str, list[float]] | None = None  # by node
 
 
 class Announced(msgspec.Struct):
@@ -128,9 +129,10 @@ class Announced(msgspec.Struct):
 
 
 class Integrity(msgspec.Struct):
-    """ "ok", or "mismatch: …" saying both digests."""
+    """ "ok", or "mismatch: …" saying both digests; and the same for each disk."""
 
     integrity: str
+    disks: dict[str, str] | None = None  # by node
 
 
 # -- the probe's answers (tagged by the command they answer) ---------------------------
@@ -232,6 +234,8 @@ class MigrationProgress(msgspec.Struct, omit_defaults=True):
     disk_left: int | None = None
     disk_bytes_moved: int | None = None
     disk_bytes_pushed: int | None = None
+    #: Each disk's [done, left] bytes by node (the aggregate is ``disk_done``/``disk_left``).
+    disks: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
 
 
 class MigrationStatus(msgspec.Struct):

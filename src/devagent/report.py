@@ -56,6 +56,30 @@ class Beat(Protocol):
 
 
 @dataclass
+class DeviceMeasures:
+    """One device's row of a migration report (``devices``); a figure that does not apply
+    to its kind, or could not be had, is None."""
+
+    node: str
+    kind: str  # "disk" or "nic"
+    #: A disk: bytes its push or mirror copied before the switchover, and bytes fetched
+    #: after it (on demand and in the background).
+    bytes_pushed: int | None = None
+    bytes_fetched: int | None = None
+    #: A disk: seconds after the migrate command at which the destination served it from
+    #: its own complete replica (None when the disk does not move: shared storage).
+    local_after_s: float | None = None
+    #: A disk: the largest gap between two consecutive completed guest I/O requests on it
+    #: (its agents' journals on both hosts).
+    max_io_gap_ms: float | None = None
+    integrity: str | None = None  # a disk: "ok" when it holds what the guest last wrote
+    #: A NIC: frames its agents kept, forwarded and lost (as the aggregate measures).
+    frames_buffered: int | None = None
+    frames_forwarded: int | None = None
+    frames_lost: int | None = None
+
+
+@dataclass
 class MigrationReport:
     vm: str
     source: str
@@ -106,9 +130,20 @@ class MigrationReport:
     #: [seconds after the migrate command, host, ops in the beat, p99 ms, max latency ms].
     io_series: list[list[Any]] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)
+    #: One row per device (each disk, then each NIC), beside the aggregate measures.
+    devices: list[DeviceMeasures] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    def device(self, node: str, kind: str) -> DeviceMeasures:
+        """Device ``node``'s row, made (after the others) the first time it is asked."""
+        for row in self.devices:
+            if row.node == node:
+                return row
+        row = DeviceMeasures(node=node, kind=kind)
+        self.devices.append(row)
+        return row
 
     @classmethod
     def from_json(cls, data: object) -> MigrationReport:

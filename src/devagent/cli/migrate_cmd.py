@@ -20,7 +20,7 @@ from devagent.cli.common import (
     run,
 )
 from devagent.cli.progress import MigrationProgress
-from devagent.cli.render import report_table
+from devagent.cli.render import devices_table, report_table
 from devagent.client import DaemonClient
 from devagent.errors import NotFound
 from devagent.orchestrate import follow_migration, locate_vm, migrate
@@ -118,5 +118,7 @@ def show_report(report: MigrationReport, as_json: bool) -> None:
         print_json(report.to_json())
         return
     out.print(report_table(report))
+    if report.devices:
+        out.print(devices_table(report))
     if report.error:
         err.print(f"[red]migration failed:[/red] {report.error}")

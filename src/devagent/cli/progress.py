@@ -19,7 +19,7 @@ class MigrationProgress:
         self.phase: str | None = None
         self.bars: Progress | None = None
         self.ram_task: Any = None
-        self.disk_task: Any = None
+        self.disk_tasks: dict[str, Any] = {}  # by node, or "disk" for them all
 
     def __enter__(self) -> MigrationProgress:
         if self.enabled and err.is_terminal:
@@ -56,11 +56,14 @@ class MigrationProgress:
             if self.ram_task is None:
                 self.ram_task = self.bars.add_task("RAM ", total=figures.ram_total)
             self.bars.update(self.ram_task, completed=figures.ram_transferred or 0)
-        if figures.disk_done is not None:
-            total = figures.disk_done + (figures.disk_left or 0)
-            if self.disk_task is None:
-                self.disk_task = self.bars.add_task("disk", total=total)
-            self.bars.update(self.disk_task, completed=figures.disk_done, total=total)
+        # A bar per disk when there are several, else one for the disk.
+        disks = figures.disks if len(figures.disks) > 1 else {}
+        if not disks and figures.disk_done is not None:
+            disks = {"disk": (figures.disk_done, figures.disk_left or 0)}
+        for node, (done, left) in disks.items():
+            if node not in self.disk_tasks:
+                self.disk_tasks[node] = self.bars.add_task(f"{node:<5}", total=done + left)
+            self.bars.update(self.disk_tasks[node], completed=done, total=done + left)
 
 
 class Spinner:

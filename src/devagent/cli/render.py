@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from devagent.report import MEASURES, MigrationReport
+from devagent.report import MEASURES, DeviceMeasures, MigrationReport
 
 UNITS = {
     "time_to_switchover_s": "s",
@@ -24,6 +24,39 @@ UNITS = {
 MUST_BE_ZERO = ("guest_io_errors", "guest_verify_failures", "guest_ops_lost", "net_frames_lost")
 #: Shown only for a VM with a NIC.
 NET = ("net_frames_buffered", "net_frames_forwarded", "net_frames_lost", "ping_max_gap_ms")
+
+
+def devices_table(report: MigrationReport) -> Table:
+    """A row per device: a disk's bytes pushed and fetched, when it was local on the
+    destination, its own largest I/O gap and integrity; a NIC's frames."""
+    title = f"devices of {report.vm}: {report.source} → {report.destination}"
+    table = Table(title=title, title_justify="left")
+    for column in ("device", "pushed", "fetched", "local at", "largest gap", "integrity / lost"):
+        table.add_column(column, justify="left" if column == "device" else "right")
+    for row in report.devices:
+        table.add_row(*_device_cells(row))
+    return table
+
+
+def _device_cells(row: DeviceMeasures) -> list[str]:
+    def size(value: int | None) -> str:
+        return "—" if value is None else f"{value / (1 << 20):,.1f} MiB"
+
+    def unit(value: float | None, suffix: str) -> str:
+        return "—" if value is None else f"{value:g} {suffix}"
+
+    if row.kind == "nic":
+        lost = row.frames_lost
+        shown = "—" if lost is None else f"[{'green' if lost == 0 else 'red'}]{lost} frames[/]"
+        forwarded = "—" if row.frames_forwarded is None else f"{row.frames_forwarded} fwd"
+        return [f"{row.node} (NIC)", "", forwarded, "", "", shown]
+    integrity = row.integrity or "—"
+    if row.integrity is not None:
+        integrity = f"[{'green' if row.integrity == 'ok' else 'red'}]{row.integrity}[/]"
+    return [
+        row.node, size(row.bytes_pushed), size(row.bytes_fetched),
+        unit(row.local_after_s, "s"), unit(row.max_io_gap_ms, "ms"), integrity,
+    ]  # fmt: skip
 
 
 def report_table(report: MigrationReport) -> Table:

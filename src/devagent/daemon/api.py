@@ -59,7 +59,6 @@ from devagent.api_types import (
     Exports,
     Health,
     Heartbeats,
-    Integrity,
     PauseAnswer,
     ProbeAnswer,
     Removed,
@@ -212,7 +211,9 @@ async def attach_remote(request: web.Request) -> web.Response:
 
 async def completions(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
-    return answer(Completions(completions=await managed.completions_since(since_of(request))))
+    by_disk = await managed.completions_by_disk(since_of(request))
+    merged = sorted(t for times in by_disk.values() for t in times) if by_disk else None
+    return answer(Completions(completions=merged, devices=by_disk))
 
 
 def probe_answer(event: ProbeEvent) -> ProbeAnswer:
@@ -258,7 +259,7 @@ async def announce_vm(request: web.Request) -> web.Response:
 
 async def integrity(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
-    return answer(Integrity(integrity=await managed.check_integrity()))
+    return answer(await managed.check_integrity())
 
 
 async def create_export(request: web.Request) -> web.Response:

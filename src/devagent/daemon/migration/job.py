@@ -39,7 +39,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,6 +99,10 @@ class MigrationJob:
             storage=request.storage.value,
             link_rate_bps=request.link_rate_bps,
         )
+        for node in managed.images:  # a row per device: each disk, then each NIC
+            self.report.device(node, "disk")
+        for nic in managed.nics:
+            self.report.device(nic.node, "nic")
         self.log = logging.getLogger(f"{__name__}.{managed.name}")
         self.task: asyncio.Task[None] | None = None
         self._peer: Peer | None = None
@@ -158,8 +162,11 @@ class MigrationJob:
         when = time.time() if at is None else at
         self.report.timeline[str(step)] = round(when - self.started_at, 3)
 
-    def disk_progress(self, done: int, left: int) -> None:
-        self.progress.disk_done, self.progress.disk_left = done, left
+    def disk_progress(self, per_disk: Mapping[str, tuple[int, int]]) -> None:
+        """Each disk's bytes done and left, by node (and all of them together)."""
+        self.progress.disks = dict(per_disk)
+        self.progress.disk_done = sum(done for done, _ in per_disk.values())
+        self.progress.disk_left = sum(left for _, left in per_disk.values())
 
     async def quietly(self, step: Awaitable[Any]) -> None:
         """Run an undo step of a roll-back that may find nothing to undo (a mirror that never
@@ -415,11 +422,11 @@ class MigrationJob:
             self.log.warning("migration %s: %s failed: %s", self.id, what, err)
             self.report.mark_missing(f"{what} failed: {err}", *figures)
 
-    async def _completions(self) -> list[float] | None:
-        """The source agents' completions (for the largest I/O gap); None when an agent
-        cannot say (one that died and was restarted has a new journal)."""
+    async def _completions(self) -> dict[str, list[float]] | None:
+        """The source agents' completions by disk (for the largest I/O gaps); None when an
+        agent cannot say (one that died and was restarted has a new journal)."""
         try:
-            return await self.managed.completions_since(self.started_at - BASELINE_S)
+            return await self.managed.completions_by_disk(self.started_at - BASELINE_S)
         except DevagentError as err:
             self.log.warning("migration %s: the source's completions: %s", self.id, err)
             return None

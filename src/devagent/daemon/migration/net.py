@@ -181,28 +181,30 @@ class NetMigration:
             reason = "the counters before the migration died with a daemon that restarted"
             self.report.mark_missing(reason, *NET_MEASURES)
             return
-        buffered = forwarded = lost = 0
+        rows = {nic.node: self.report.device(nic.node, "nic") for nic in self.managed.nics}
         for nic in self.managed.nics:
-            now, then = await _status(nic), self.before[nic.node]
-            buffered += now.net_frames_buffered - then.net_frames_buffered
-            forwarded += now.net_frames_forwarded - then.net_frames_forwarded
-            lost += now.net_frames_lost - then.net_frames_lost
+            now, then, row = await _status(nic), self.before[nic.node], rows[nic.node]
+            row.frames_buffered = now.net_frames_buffered - then.net_frames_buffered
+            row.frames_forwarded = now.net_frames_forwarded - then.net_frames_forwarded
+            row.frames_lost = now.net_frames_lost - then.net_frames_lost
             if now.hold is not None:  # it could not forward: what it keeps never reaches the guest
-                lost += now.hold.frames
+                row.frames_lost += now.hold.frames
             if now.net_frames_lost != then.net_frames_lost:
                 self.log.warning("%s lost frames: %s", nic.describe(), now.lost)
         raw = await peer.get(f"/v1/vms/{self.managed.name}/devices")
         devices = from_peer(raw, Devices, what="the destination's devices").devices
         for device in devices:
-            if isinstance(device, NicRow) and device.agent is not None:
+            there = rows.get(device.device)
+            if isinstance(device, NicRow) and device.agent is not None and there is not None:
+                row = there
                 agent = device.agent  # new for this migration: all its figures count
-                buffered += agent.net_frames_buffered
-                lost += agent.net_frames_lost
+                row.frames_buffered = (row.frames_buffered or 0) + agent.net_frames_buffered
+                row.frames_lost = (row.frames_lost or 0) + agent.net_frames_lost
                 if agent.net_frames_lost:
                     self.log.warning("destination %s lost frames: %s", device.device, agent.lost)
-        self.report.net_frames_buffered = buffered
-        self.report.net_frames_forwarded = forwarded
-        self.report.net_frames_lost = lost
+        self.report.net_frames_buffered = sum(r.frames_buffered or 0 for r in rows.values())
+        self.report.net_frames_forwarded = sum(r.frames_forwarded or 0 for r in rows.values())
+        self.report.net_frames_lost = sum(r.frames_lost or 0 for r in rows.values())
 
     async def roll_back(self, *, unknown: bool = False) -> None:
         """Before the switchover: the guest stays here; deliver what was held for it.

@@ -327,17 +327,21 @@ class FetchingPlan(AgentPlan):
             raise PeerError(
                 f"VM {job.managed.name} has no {', '.join(missing)} on {job.report.destination}"
             )
-        local, present, moved, left, spilling = True, 0, 0, 0, None
+        local, present, moved, spilling = True, 0, 0, None
+        per_disk: dict[str, tuple[int, int]] = {}
         for node in job.managed.images:
-            device = disks[node]
+            device, row = disks[node], job.report.device(node, "disk")
             backend = device.agent.backend_status if device.agent is not None else None
             local = local and isinstance(backend, LocalStatus)
+            if isinstance(backend, LocalStatus) and row.local_after_s is None:
+                row.local_after_s = round(time.time() - job.started_at, 3)
             fetch = backend if isinstance(backend, FetchStatus) else device.last_fetch
             if fetch is None:
                 continue
+            row.bytes_fetched = fetch.fetched_on_demand_bytes + fetch.fetched_in_background_bytes
             spilling = spilling or (f"{node}: {fetch.spilling}" if fetch.spilling else None)
             present += fetch.present_bytes
-            left += fetch.size - fetch.present_bytes
+            per_disk[node] = (fetch.present_bytes, fetch.size - fetch.present_bytes)
             moved += fetch.fetched_on_demand_bytes + fetch.fetched_in_background_bytes
         if spilling is not None and progress.spilling is None:
             job.log.warning(
@@ -347,7 +351,7 @@ class FetchingPlan(AgentPlan):
             )  # fmt: skip
         progress.spilling = spilling
         progress.saw(present)
-        job.disk_progress(present, left)
+        job.disk_progress(per_disk)
         job.progress.disk_bytes_moved = moved
         return local
 
@@ -396,8 +400,7 @@ class PrecopyPlan(AgentPlan):
     async def _converged(self, job: JobView) -> bool:
         """Every disk's mirror converged (a failed one fails them all)."""
         mirrors = await each_disk(job, _mirror_status)
-        copied = sum(m.copied_bytes for m in mirrors.values())
-        job.disk_progress(copied, sum(m.dirty_bytes for m in mirrors.values()))
+        job.disk_progress({node: (m.copied_bytes, m.dirty_bytes) for node, m in mirrors.items()})
         for node, mirror in mirrors.items():
             if mirror.state == "failed":
                 raise PeerError(f"the disk mirror of {node} failed: {mirror.error}")
@@ -406,7 +409,7 @@ class PrecopyPlan(AgentPlan):
     async def at_switchover(self, job: JobView) -> Handover:
         cut = await each_disk(job, lambda a: a.cutover(keep_source=True, timeout=DISK_WAIT_S))
         job.mark(Step.MIRROR_ENDED)
-        job.progress.disk_bytes_pushed = sum(c.mirror.copied_bytes for c in cut.values())
+        pushed_bytes(job, {node: c.mirror.copied_bytes for node, c in cut.items()})
         return Handover()
 
     def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
@@ -445,7 +448,7 @@ class HybridPlan(FetchingPlan):
     async def at_switchover(self, job: JobView) -> Handover:
         stopped = await each_disk(job, lambda agent: agent.stop_mirror())
         job.mark(Step.MIRROR_ENDED)
-        job.progress.disk_bytes_pushed = sum(s.mirror.copied_bytes for s in stopped.values())
+        pushed_bytes(job, {node: s.mirror.copied_bytes for node, s in stopped.items()})
         chunk_sizes = {s.chunk_size for s in stopped.values()}
         if len(chunk_sizes) != 1:  # every agent makes its bitmap of FETCH_CHUNK chunks
             raise PeerError(f"the disks' pushes use different chunks: {sorted(chunk_sizes)}")
@@ -453,6 +456,13 @@ class HybridPlan(FetchingPlan):
             present={node: clean_chunks(s.dirty, s.chunks) for node, s in stopped.items()},
             chunk_size=chunk_sizes.pop(),
         )
+
+
+def pushed_bytes(job: JobView, pushed: dict[str, int]) -> None:
+    """What each disk's push or mirror copied, on its row and in all."""
+    for node, copied in pushed.items():
+        job.report.device(node, "disk").bytes_pushed = copied
+    job.progress.disk_bytes_pushed = sum(pushed.values())
 
 
 def target_of(prepared: Prepared, node: str) -> RemoteDisk:

@@ -165,7 +165,7 @@ class QemuMirrorPlan(QemuPlan):
         if found is None or found.status == "concluded":
             error = "it vanished" if found is None else found.error
             raise PeerError(f"the QEMU mirror stopped before it was ready: {error}")
-        job.disk_progress(found.offset, found.len - found.offset)
+        job.disk_progress({"disk0": (found.offset, found.len - found.offset)})
         return found.ready
 
     async def at_pre_switchover(self, job: JobView) -> None:

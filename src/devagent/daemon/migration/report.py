@@ -7,15 +7,21 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from devagent.api_types import Integrity
+from devagent.api_types import Completions, Integrity
 from devagent.daemon.migration.context import JobView
 from devagent.daemon.migration.messages import CommitAnswer
 from devagent.daemon.migration.net import NET_MEASURES
 from devagent.errors import DevagentError, PeerError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo
-from devagent.report import fill_io_measures, fill_link_measures, io_series, ops_lost
-from devagent.vocab import Step
+from devagent.report import (
+    fill_io_measures,
+    fill_link_measures,
+    io_series,
+    largest_gap,
+    ops_lost,
+)
+from devagent.vocab import DestinationStep, Step
 from devagent.wait import WaitTimeout, wait_until
 from devagent.wire import from_peer
 
@@ -28,7 +34,7 @@ async def finish_report(
     job: JobView,
     committed: CommitAnswer,
     done: MigrationInfo,
-    source_done: list[float] | None,
+    source_done: dict[str, list[float]] | None,
     allocated: int,
 ) -> None:
     """Fill ``job.report`` once the source is released."""
@@ -37,13 +43,8 @@ async def finish_report(
     released_at = t0 + report.timeline[Step.RELEASED]
     bytes_after = job.host.link_bytes()
     dest_beats = await settle(job, resumed_at)
-    completions = None
-    if source_done is not None:
-        answer = await _ask(job, lambda: job.peer.get(f"/v1/vms/{vm.name}/completions",
-                                                      since=t0 - BASELINE_S),
-                            "the destination's completions")  # fmt: skip
-        if answer is not None and answer.get("completions") is not None:
-            completions = [*source_done, *answer["completions"]]
+    by_disk = await _completions(job, source_done)
+    completions = sorted(t for times in by_disk.values() for t in times) if by_disk else None
     report.time_to_switchover_s = round(resumed_at - t0, 3)
     report.total_time_s = round(released_at - t0, 3)
     report.downtime_ms = done.downtime
@@ -66,6 +67,7 @@ async def finish_report(
         job.request.link_rate_bps,
     )  # fmt: skip
     _fill_io(job, dest_beats, resumed_at, released_at, completions)
+    _fill_disks(job, by_disk, end=max(released_at, resumed_at))
     if job.net is None:
         report.mark_missing("the VM has no NIC", *NET_MEASURES)
     report.mark_missing("no pinger ran (devagent demo --net runs one)", "ping_max_gap_ms")
@@ -75,12 +77,51 @@ async def finish_report(
             raw = await job.forward(
                 lambda: job.peer.post(f"/v1/vms/{vm.name}/integrity"), what=what
             )
-            report.integrity = from_peer(raw, Integrity, what=what).integrity
+            checked = from_peer(raw, Integrity, what=what)
+            report.integrity = checked.integrity
+            for node, verdict in (checked.disks or {}).items():
+                report.device(node, "disk").integrity = verdict
         except DevagentError as err:  # a figure never fails a migration that completed
             job.log.warning("migration %s: %s failed: %s", job.id, what, err)
             report.missing["integrity"] = f"{what} could not be had: {err}"
     else:
         report.missing["integrity"] = "no ioprobe in the guest to say what it last wrote"
+
+
+async def _completions(
+    job: JobView, source_done: dict[str, list[float]] | None
+) -> dict[str, list[float]] | None:
+    """Each disk's completions on both hosts, by node; None when a host cannot say."""
+    if source_done is None:
+        return None
+    name, since = job.managed.name, job.started_at - BASELINE_S
+    raw = await _ask(job, lambda: job.peer.get(f"/v1/vms/{name}/completions", since=since),
+                     "the destination's completions")  # fmt: skip
+    if raw is None:
+        return None
+    answer = from_peer(raw, Completions, what="the destination's completions")
+    if answer.completions is None:
+        return None
+    there = answer.devices or {}
+    return {node: [*times, *there.get(node, [])] for node, times in source_done.items()}
+
+
+def _fill_disks(job: JobView, by_disk: dict[str, list[float]] | None, *, end: float) -> None:
+    """Each disk's row: its own largest I/O gap, and (a replica made complete at the commit:
+    precopy) when it was local."""
+    report, t0 = job.report, job.started_at
+    swapped = report.timeline.get(f"destination_{DestinationStep.DISK_SWAPPED}")
+    for node in job.managed.images:
+        row = report.device(node, "disk")
+        if (
+            row.local_after_s is None
+            and job.plan.moves_disk
+            and not job.plan.serves_after_switchover
+        ):
+            row.local_after_s = swapped  # the replica was whole at the commit
+        found = largest_gap(by_disk[node], t0, end) if by_disk and node in by_disk else None
+        if found is not None:
+            row.max_io_gap_ms = round(found * 1000, 1)
 
 
 async def _ask(

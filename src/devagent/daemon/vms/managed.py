@@ -29,7 +29,15 @@ from pathlib import Path
 from typing import TypeVar
 
 from devagent.agent.messages import CompletionsAnswer, FetchStatus, StatusAnswer
-from devagent.api_types import AgentBrief, DeviceRow, DiskRow, NicBrief, NicRow, VmStatus
+from devagent.api_types import (
+    AgentBrief,
+    DeviceRow,
+    DiskRow,
+    Integrity,
+    NicBrief,
+    NicRow,
+    VmStatus,
+)
 from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
@@ -271,10 +279,10 @@ class ManagedVm:
                 )
             await asyncio.sleep(0.02)
 
-    async def check_integrity(self) -> str:
+    async def check_integrity(self) -> Integrity:
         """Pause the probe, compare each disk with what the guest last wrote there (the
         probe's digest over the generation of every block it wrote), then let the probe
-        go on. ``ok``, or what differs."""
+        go on. ``ok``, or what differs; and the same for each disk."""
         try:
             paused = await self.probe_command("pause")
         except PeerError:  # unanswered: it may have paused all the same
@@ -286,20 +294,25 @@ class ManagedVm:
             found = {node: await self._disk_digest(node) for node in self.images}
         finally:
             await self.probe_command("resume")
+        only = len(found) == 1
+        disks = {
+            node: "ok" if paused.digest_of(node, only=only) == digest else (
+                f"mismatch: the guest last wrote digest {paused.digest_of(node, only=only)}, "
+                f"the disk holds {digest}"
+            )
+            for node, digest in found.items()
+        }  # fmt: skip
         if paused.table_digest not in (None, paused.digest):  # its memory lost an update
-            return (
+            overall = (
                 f"mismatch: the guest's memory disagrees with itself (its running digest "
                 f"{paused.digest}, its block table's {paused.table_digest}); the disks hold "
                 + ", ".join(f"{node} {digest}" for node, digest in found.items())
             )
-        only = len(found) == 1
-        wrong = [
-            f"{node}: the guest last wrote digest {paused.digest_of(node, only=only)}, the "
-            f"disk holds {digest}"
-            for node, digest in found.items()
-            if paused.digest_of(node, only=only) != digest
-        ]
-        return "ok" if not wrong else "mismatch: " + "; ".join(wrong)
+        else:
+            wrong = [f"{node}: {v.removeprefix('mismatch: ')}" for node, v in disks.items()
+                     if v != "ok"]  # fmt: skip
+            overall = "ok" if not wrong else "mismatch: " + "; ".join(wrong)
+        return Integrity(integrity=overall, disks=disks)
 
     async def _disk_digest(self, node: str) -> str:
         """The probe's digest of disk ``node`` as this host (or the peer its disk lives on)
@@ -381,21 +394,22 @@ class ManagedVm:
             agent=status,
         )
 
-    async def completions_since(self, since: float) -> list[float] | None:
-        """Completion times of guest I/O on this host's agents after ``since``; None when the
-        VM has no agent, or an agent's journal no longer reaches back to ``since`` (a long
-        migration under heavy I/O): then only the probe's heartbeats tell."""
+    async def completions_by_disk(self, since: float) -> dict[str, list[float]] | None:
+        """Completion times of guest I/O on each disk's agent here after ``since``, by
+        node; None when the VM has no agent, or an agent's journal no longer reaches back
+        to ``since`` (a long migration under heavy I/O): then only the probe's heartbeats
+        tell."""
         if not self.agents:
             return None
-        times: list[float] = []
+        times: dict[str, list[float]] = {}
         for agent in self.agents:
             raw = await agent.call("GET", "/completions", since=since)
             answer = from_peer(raw, CompletionsAnswer, what=f"{agent.title()}: its completions")
             if not answer.complete:
                 log.info("VM %s: the journal of %s no longer reaches back", self.name, agent.node)
                 return None
-            times.extend(answer.completions)
-        return sorted(times)
+            times[agent.node] = sorted(answer.completions)
+        return times
 
     # --- record and status -----------------------------------------------------------------
 
