@@ -122,6 +122,26 @@ def test_markdown_has_one_table_per_scenario_and_a_row_per_strategy() -> None:
     assert "No strategy moving the disk" not in moderate
 
 
+def test_a_scenario_of_three_disks_is_its_own_beside_the_one_disk_one(tmp_path: Path) -> None:
+    """Runs of a guest with 3 disks make their own scenario (devagent's strategies only,
+    QEMU's move one disk), its total / limit shown beside the one-disk scenario's."""
+    one = [made_up(s, 0, 3.0, 2.0, 300) for s in ("qemu-mirror", "hybrid", "precopy")]
+    three = [msgspec.structs.replace(made_up(s, 1, 8.0, 4.0, 300), disks=3)
+             for s in ("hybrid", "precopy")]  # fmt: skip
+    summary = summarize(one + three)
+    assert [(s.disks, sorted(s.strategies)) for s in summary] == [
+        (1, ["hybrid", "precopy", "qemu-mirror"]), (3, ["hybrid", "precopy"])]  # fmt: skip
+    text = markdown(summary)
+    assert "### 1gbit, moderate, 3 disks" in text
+    assert ("Total / limit beside one disk's: `hybrid` 2.00 with 3 disks, 1.50 with one; "
+            "`precopy` 2.00 with 3 disks, 1.50 with one.") in text  # fmt: skip
+    made = plots(summary, one + three, tmp_path)
+    assert "bars-1gbit-moderate-3disks.png" in [p.name for p in made]
+    plan = msgspec.structs.replace(QUICK, disks=(1, 3))
+    assert plan.strategies_for(3) == ("shared", "postcopy", "precopy", "hybrid")
+    assert plan.count == 2 * (7 + 4)  # two links
+
+
 def test_plots_are_pngs(tmp_path: Path) -> None:
     runs = [made_up(s, 0, 3.0, 2.0, 300) for s in ("shared", "qemu-mirror", "postcopy")]
     made = plots(summarize(runs), runs, tmp_path)

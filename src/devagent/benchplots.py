@@ -31,7 +31,10 @@ def plots(summary: Sequence[Scenario], runs: Sequence[Run], out: Path) -> list[P
 
     made = []
     for scenario in summary:
-        tag = f"{scenario.link}-{scenario.workload}"
+        disks = f", {scenario.disks} disks" if scenario.disks > 1 else ""
+        tag = f"{scenario.link}-{scenario.workload}" + (
+            f"-{scenario.disks}disks" if scenario.disks > 1 else ""
+        )
         rows = scenario.strategies
         names = [s for s in ALL_STRATEGIES if s in rows]
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -47,14 +50,14 @@ def plots(summary: Sequence[Scenario], runs: Sequence[Run], out: Path) -> list[P
                 ax.legend()
             ax.set_title(label)
             ax.tick_params(axis="x", rotation=45)
-        fig.suptitle(f"{scenario.link}, {scenario.workload} (median of runs)")
+        fig.suptitle(f"{scenario.link}, {scenario.workload}{disks} (median of runs)")
         fig.tight_layout()
         path = out / f"bars-{tag}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         made.append(path)
         for strategy in names:
-            chosen = _median_run(runs, scenario.link, scenario.workload, strategy)
+            chosen = _median_run(runs, scenario, strategy)
             if chosen is None or chosen.timeline is None:
                 continue  # no run completed, or its heartbeats were not kept
             path = out / f"timeline-{tag}-{strategy}.png"
@@ -62,11 +65,12 @@ def plots(summary: Sequence[Scenario], runs: Sequence[Run], out: Path) -> list[P
     return made
 
 
-def _median_run(runs: Sequence[Run], link: str, workload: str, strategy: str) -> Run | None:
+def _median_run(runs: Sequence[Run], scenario: Scenario, strategy: str) -> Run | None:
     """The scenario's run of this strategy with the median ``total_time_s`` (the first of
     the two middle ones)."""
+    key = (scenario.link, scenario.workload, scenario.disks, strategy)
     its = [(r.report.total_time_s, n) for n, r in enumerate(runs)
-           if (r.link, r.workload, r.strategy) == (link, workload, strategy)
+           if (r.link, r.workload, r.disks, r.strategy) == key
            and r.report.total_time_s is not None]  # fmt: skip
     if not its:
         return None

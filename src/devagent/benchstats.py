@@ -72,15 +72,16 @@ def rederive(run: Run) -> list[str]:
 
 
 def summarize(runs: Sequence[Run]) -> list[Scenario]:
-    """One entry per (link, workload): each strategy's medians over its completed runs, the
-    best disk-moving strategy by median ``total_time_s / limit_s`` (``shared`` moves no
-    disk: it is the floor, not a contender), and devagent's gap against each baseline's."""
-    scenarios: dict[tuple[str, str], dict[str, list[Run]]] = {}
+    """One entry per (link, workload, disks): each strategy's medians over its completed
+    runs, the best disk-moving strategy by median ``total_time_s / limit_s`` (``shared``
+    moves no disk: it is the floor, not a contender), and devagent's gap against each
+    baseline's."""
+    scenarios: dict[tuple[str, str, int], dict[str, list[Run]]] = {}
     for run in runs:
-        key = (run.link, run.workload)
+        key = (run.link, run.workload, run.disks)
         scenarios.setdefault(key, {}).setdefault(run.strategy, []).append(run)
     out = []
-    for (link, workload), by_strategy in scenarios.items():
+    for (link, workload, disks), by_strategy in scenarios.items():
         rows = {strategy: strategy_row(its) for strategy, its in by_strategy.items()}
         contenders = {
             s: r.ratio
@@ -103,6 +104,7 @@ def summarize(runs: Sequence[Run]) -> list[Scenario]:
             Scenario(
                 link=link,
                 workload=workload,
+                disks=disks,
                 strategies=rows,
                 best=best,
                 best_ratio=contenders[best] if best else None,
@@ -110,6 +112,24 @@ def summarize(runs: Sequence[Run]) -> list[Scenario]:
             )
         )
     return out
+
+
+def beside_one_disk(scenario: Scenario, summary: Sequence[Scenario]) -> str:
+    """A set of disks' total / limit for each strategy beside the same scenario's with one
+    disk (its limit counts every disk's bytes, so the ratios compare)."""
+    one = next(
+        (s for s in summary
+         if (s.link, s.workload, s.disks) == (scenario.link, scenario.workload, 1)),
+        None,
+    )  # fmt: skip
+    cells = []
+    for strategy, row in scenario.strategies.items():
+        single = one.strategies.get(strategy) if one is not None else None
+        cells.append(
+            f"`{strategy}` {fmt(row.ratio)} with {scenario.disks} disks, "
+            f"{fmt(single.ratio if single else None)} with one"
+        )
+    return "Total / limit beside one disk's: " + "; ".join(cells) + "."
 
 
 def strategy_row(its: Sequence[Run]) -> StrategyRow:
@@ -176,7 +196,8 @@ def markdown(summary: Sequence[Scenario]) -> str:
     parts = []
     for scenario in summary:
         rows = scenario.strategies
-        lines = [f"### {scenario.link}, {scenario.workload}", "", TABLE_HEAD]
+        disks = f", {scenario.disks} disks" if scenario.disks > 1 else ""
+        lines = [f"### {scenario.link}, {scenario.workload}{disks}", "", TABLE_HEAD]
         for strategy in [s for s in ALL_STRATEGIES if s in rows] + sorted(
             set(rows) - set(ALL_STRATEGIES)
         ):
@@ -202,6 +223,8 @@ def markdown(summary: Sequence[Scenario]) -> str:
             )
         else:
             lines.append("No strategy moving the disk completed every run intact.")
+        if scenario.disks > 1:
+            lines.append(beside_one_disk(scenario, summary))
         failed = {s: r.errors for s, r in rows.items() if r.errors}
         for strategy, errors in failed.items():
             lines.append(f"`{strategy}` failed: {'; '.join(errors)}")

@@ -32,14 +32,25 @@ class Plan(msgspec.Struct, frozen=True):
     ram_mb: int
     prefill: str
     span: str | None = None  # None: the profile's own
+    #: How many disks the guest has, per scenario (each ``disk_size``, written by the
+    #: probe): 1, and e.g. 3 for a set of disks moved as one (devagent's strategies only:
+    #: QEMU's own move one disk).
+    disks: tuple[int, ...] = (1,)
 
     def workload_spec(self, workload: str) -> str:
         spec = f"{workload},prefill={self.prefill}"
         return spec if self.span is None or workload == "idle" else f"{spec},span={self.span}"
 
+    def strategies_for(self, disks: int) -> tuple[str, ...]:
+        """The strategies of a scenario with ``disks`` disks (QEMU's own move one)."""
+        if disks == 1:
+            return self.strategies
+        return tuple(s for s in self.strategies if s in ("shared", "postcopy", "precopy", "hybrid"))
+
     @property
     def count(self) -> int:
-        return len(self.links) * len(self.workloads) * len(self.strategies) * self.runs
+        per_link = sum(len(self.strategies_for(d)) for d in self.disks)
+        return len(self.links) * len(self.workloads) * per_link * self.runs
 
 
 class Machine(msgspec.Struct, kw_only=True):
@@ -72,6 +83,7 @@ class Run(msgspec.Struct, kw_only=True):
     strategy: str
     run: int  # its index among the scenario's runs of this strategy, from 0
     vm: str
+    disks: int = 1  # the guest's disks
     boot_s: float | None = None  # booting the guest and its prefill (with another at once)
     setup_s: float | None = None  # the resume and the steady baseline
     report: MigrationReport
@@ -112,12 +124,13 @@ class StrategyRow(msgspec.Struct, kw_only=True, omit_defaults=True):
     errors: list[str]
 
 
-class Scenario(msgspec.Struct, kw_only=True):
+class Scenario(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One link rate and workload: a row per strategy, the best strategy moving the disk
     (by median total / limit), and devagent's heartbeat gap ÷ each QEMU baseline's."""
 
     link: str
     workload: str
+    disks: int = 1
     strategies: dict[str, StrategyRow]
     best: str | None
     best_ratio: float | None

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import platform
 import shutil
@@ -132,18 +133,19 @@ async def run_matrix(plan: Plan, say: Say, on_run: Callable[[Run], None] | None 
             for host in ("a", "b"):
                 await asyncio.to_thread(lab.shape, host, link)
             rate = parse_rate(link)
-            for workload in plan.workloads:
+            for workload, disks in itertools.product(plan.workloads, plan.disks):
+                strategies = plan.strategies_for(disks)
                 for index in range(plan.runs):
                     first = len(runs) + 1
-                    names = {s: f"bn{first + i}" for i, s in enumerate(plan.strategies)}
-                    say(f"booting {len(names)} guests ({workload}) for run {index + 1} of "
-                        f"{link}")  # fmt: skip
-                    booted = await boot_round(a, plan, workload, names)
-                    for strategy in plan.strategies:
+                    names = {s: f"bn{first + i}" for i, s in enumerate(strategies)}
+                    say(f"booting {len(names)} guests ({workload}, {disks} disk(s)) for run "
+                        f"{index + 1} of {link}")  # fmt: skip
+                    booted = await boot_round(a, plan, workload, names, disks)
+                    for strategy in strategies:
                         n = len(runs) + 1
                         guest = booted[strategy]
                         run = await one_run(a, b, plan, link, rate, workload, strategy, index,
-                                            guest)  # fmt: skip
+                                            guest, disks)  # fmt: skip
                         runs.append(run)
                         say(f"[{n}/{plan.count}] {describe(run)}")
                         if on_run is not None:
@@ -158,7 +160,8 @@ async def run_matrix(plan: Plan, say: Say, on_run: Callable[[Run], None] | None 
 
 def describe(run: Run) -> str:
     r = run.report
-    head = f"{run.link} {run.workload} {run.strategy} run {run.run + 1}: "
+    disks = f" {run.disks} disks" if run.disks > 1 else ""
+    head = f"{run.link} {run.workload}{disks} {run.strategy} run {run.run + 1}: "
     if r.status != "completed":
         return head + f"FAILED: {r.error}"
     return head + (
@@ -178,11 +181,12 @@ class Guest:
     error: str | None = None
 
 
-def vm_request(plan: Plan, workload: str, strategy: str, name: str) -> VmBody:
+def vm_request(plan: Plan, workload: str, strategy: str, name: str, disks: int = 1) -> VmBody:
     return {
         "name": name,
         "ram_mb": plan.ram_mb,
         "disk_size": plan.disk_size,
+        "data_disks": [plan.disk_size] * (disks - 1),
         "workload": plan.workload_spec(workload),
         "storage": "shared" if strategy == "shared" else "local",
         "agent": strategy not in BASELINES,
@@ -190,7 +194,7 @@ def vm_request(plan: Plan, workload: str, strategy: str, name: str) -> VmBody:
 
 
 async def boot_round(
-    a: Endpoint, plan: Plan, workload: str, names: dict[str, str]
+    a: Endpoint, plan: Plan, workload: str, names: dict[str, str], disks: int = 1
 ) -> dict[str, Guest]:
     """Boot one round's guests on ``a``, BOOT_PARALLEL at a time (booting under TCG is the
     runs' largest fixed cost), each suspended once its prefill is done: a suspended guest
@@ -202,7 +206,7 @@ async def boot_round(
         began = time.time()
         async with gate:
             try:
-                await start_vm(a, vm_request(plan, workload, strategy, name))
+                await start_vm(a, vm_request(plan, workload, strategy, name, disks))
                 await wait_past_phase(a, name, "prefill")
                 async with DaemonClient(a) as client:
                     await client.post(f"/v1/vms/{name}/suspend")
@@ -225,6 +229,7 @@ async def one_run(
     strategy: str,
     index: int,
     guest: Guest,
+    disks: int = 1,
 ) -> Run:
     """Resume ``guest`` on ``a``, let it do three seconds of steady I/O, migrate it to ``b``
     with ``strategy``, remove it."""
@@ -248,7 +253,7 @@ async def one_run(
         await wait_heartbeats(a, name, BASELINE_BEATS, with_io=workload != "idle", timeout=60)
         t0 = time.time()
         setup_s = round(t0 - began, 1)  # the resume and the steady baseline
-        run_timeout = max(RUN_TIMEOUT_S, RUN_LIMITS * _rough_limit(plan, rate))
+        run_timeout = max(RUN_TIMEOUT_S, RUN_LIMITS * disks * _rough_limit(plan, rate))
         collector = asyncio.create_task(
             _collect(a, name, t0 - 3.0, beats["a"], run_timeout + COLLECT_SPARE_S)
         )
@@ -287,6 +292,7 @@ async def one_run(
         strategy=strategy,
         run=index,
         vm=name,
+        disks=disks,
         boot_s=guest.boot_s,
         setup_s=setup_s,
         report=report,

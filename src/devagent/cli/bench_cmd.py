@@ -28,6 +28,12 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 @click.option("--runs", type=click.IntRange(1, 20), help="Runs per scenario (median reported).")
 @click.option("--links", help="Link rates, comma-separated (default 1gbit,100mbit).")
 @click.option("--workloads", help="ioprobe profiles, comma-separated (idle,moderate,heavy).")
+@click.option(
+    "--disks",
+    help="Disks of the guest per scenario, comma-separated (default 1): '1,3' adds a "
+    "scenario whose guest has 3 disks, each of the plan's size, moved as one set by "
+    "devagent's strategies; its total / limit is shown beside the one-disk scenario's.",
+)
 @click.option("--strategies", help=f"Comma-separated, among {', '.join(ALL_STRATEGIES)}.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Write results.json, results.md and PNG plots here.")  # fmt: skip
@@ -41,6 +47,7 @@ def migrate_bench_cmd(
     runs: int | None,
     links: str | None,
     workloads: str | None,
+    disks: str | None,
     strategies: str | None,
     out_dir: Path | None,
     as_json: bool,
@@ -54,6 +61,7 @@ def migrate_bench_cmd(
         runs=runs or plan.runs,
         links=_split(links) or plan.links,
         workloads=_split(workloads) or plan.workloads,
+        disks=_disk_counts(disks) or plan.disks,
         strategies=_split(strategies) or plan.strategies,
     )
     if out_dir is not None:
@@ -74,6 +82,15 @@ def migrate_bench_cmd(
         if r.report.status == "completed" and (r.report.integrity != "ok" or r.report.damage())
     ]  # fmt: skip
     sys.exit(1 if lost else 0)
+
+
+def _disk_counts(text: str | None) -> tuple[int, ...] | None:
+    counts = _split(text)
+    if counts is None:
+        return None
+    if not all(c.isdigit() and 1 <= int(c) <= 8 for c in counts):
+        raise click.BadParameter(f"{text!r}: give disk counts from 1 to 8", param_hint="--disks")
+    return tuple(int(c) for c in counts)
 
 
 def _measured(plan: Plan, out_dir: Path | None) -> Results:

@@ -5,6 +5,9 @@ it to host b while ioprobe writes and verifies, prints the report, and removes t
 when a step fails. ``--migrations N`` moves it back and forth N times in a row (a→b, b→a, …),
 each verified, and prints one row per migration.
 
+``--disks N --nics M`` gives the guest N disks (its probe writes them all) and M NICs, all
+moved as one set; the report gains a row per device.
+
 ``--net`` runs the NIC's scenario on a 3-host lab instead: the guest with a NIC on host a,
 from host c a TCP echo stream checked byte for byte and a ping every 10 ms, through a live
 migration a → b; the report gains the NIC's figures and the longest gap in the pings.
@@ -53,7 +56,22 @@ BASELINE_BEATS = 30  # three seconds of steady guest I/O before migrating
     "switchover), postcopy, precopy, or shared (both hosts see one image; RAM only).",
 )
 @click.option("--link-rate", default="1gbit", show_default=True, help="Shape the hosts' links.")
-@click.option("--disk-size", default="1G", show_default=True)
+@click.option("--disk-size", default="1G", show_default=True, help="Size of each disk.")
+@click.option(
+    "--disks",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 8),
+    help="Give the guest this many disks (disk0, disk1, ...): its probe writes every one, "
+    "the migration moves them as one set, the report has a row for each.",
+)
+@click.option(
+    "--nics",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 4),
+    help="Give the guest this many NICs (net0, ...) on the hosts' guest network, moved with it.",
+)
 @click.option("--ram", default="256M", show_default=True)
 @click.option(
     "--workload",
@@ -86,6 +104,8 @@ def demo_cmd(
     storage: str,
     link_rate: str,
     disk_size: str,
+    disks: int,
+    nics: int,
     ram: str,
     workload: str,
     loopback: bool,
@@ -95,9 +115,11 @@ def demo_cmd(
     as_json: bool,
 ) -> None:
     """Run devagent's main job end to end on a fresh 2-host lab and print its report."""
+    if loopback and (net or nics):
+        raise click.UsageError("NICs need a namespace lab (guest NICs on host bridges)")
     if net:
-        if loopback:
-            raise click.UsageError("--net needs a namespace lab (guest NICs on host bridges)")
+        if disks > 1 or nics:
+            raise click.UsageError("--net has its own guest (one disk, one NIC)")
         report, stream = run(
             run_net_demo(
                 storage=storage, link_rate=link_rate, disk_size=disk_size, ram=ram,
@@ -124,6 +146,8 @@ def demo_cmd(
             loopback=loopback,
             verbose=not as_json,
             migrations=migrations,
+            disks=disks,
+            nics=nics,
         )
     )
     if migrations == 1:
@@ -142,13 +166,15 @@ def demo_cmd(
 
 def healthy(reports: list[MigrationReport]) -> bool:
     """Every migration completed with no guest error or verify failure, no guest I/O
-    forgotten, integrity ok."""
+    forgotten, integrity ok (every disk's), no frame lost on a NIC."""
     return all(
         r.status == "completed"
         and r.guest_io_errors == 0
         and r.guest_verify_failures == 0
         and not r.guest_ops_lost
         and r.integrity == "ok"
+        and all(d.integrity == "ok" for d in r.devices if d.kind == "disk")
+        and not r.net_frames_lost
         for r in reports
     )
 
@@ -278,6 +304,8 @@ async def run_demo(
     loopback: bool,
     verbose: bool,
     migrations: int = 1,
+    disks: int = 1,
+    nics: int = 0,
 ) -> list[MigrationReport]:
     """Every migration's report, in order; it stops after the first that is not healthy."""
 
@@ -295,8 +323,11 @@ async def run_demo(
             "workload": workload,
             # 'shared' needs the disk where both hosts see it; the others move it from a's own
             "storage": "shared" if storage == "shared" else "local",
+            "data_disks": [parse_size(disk_size)] * (disks - 1),
+            "nics": nics,
         }
-        with Spinner(f"booting {DEMO_VM} on host {a.name}", enabled=verbose) as spinner:
+        devices = f"{disks} disk{'s' if disks > 1 else ''}" + (f", {nics} NIC(s)" if nics else "")
+        with Spinner(f"booting {DEMO_VM} ({devices}) on host {a.name}", enabled=verbose) as spinner:
             booted = await start_vm(
                 a,
                 request,
