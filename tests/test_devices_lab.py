@@ -164,3 +164,68 @@ async def test_a_destination_killed_during_ram_leaves_the_whole_set_on_the_sourc
     async with DaemonClient(b) as client:
         assert (await client.get("/v1/vms"))["vms"] == []
     holds_nothing(lab, "b", "set2")
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["qemu-img", *args], capture_output=True, text=True, timeout=300)
+
+
+async def written(images: list[Path], at_least: int) -> None:
+    """Until each qcow2 image holds ``at_least`` bytes more than a new one and has not grown
+    for a second (the guest's prefill is done: it writes nothing more)."""
+    sizes: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = [image.stat().st_size for image in images]
+        if now == sizes and all(size > at_least for size in now):
+            return
+        sizes = now
+        await asyncio.sleep(1.0)
+    raise AssertionError(f"the guest's prefill did not end: {sizes}")
+
+
+async def test_a_users_guest_with_two_qcow2_disks_moves_byte_for_byte(
+    lab: Lab, guest: GuestImage, tmp_path: Path
+) -> None:
+    """The user's own guest (no probe for the host to read): two qcow2 disks, which its
+    kernel command line has the test guest's ioprobe prefill and then leave alone. A copy
+    of each is made while the VM is paused; after each migration (hybrid a→b, postcopy
+    b→a, precopy a→b) the disks the VM runs on equal those copies byte for byte."""
+    a = endpoint(lab, "a")
+    images = [lab.shared_dir / f"user-{n}.qcow2" for n in ("system", "data")]
+    for image in images:
+        assert qemu_img("create", "-q", "-f", "qcow2", str(image), "256M").returncode == 0
+    prefill = 32 << 20
+    append = (f"console=ttyS0 quiet devagent.probe=idle:0:4096:0:0:{prefill} "
+              "devagent.disks=disk0,disk1")  # fmt: skip
+    body = {
+        "name": "user2", "disk": [str(i) for i in images], "storage": "local",
+        "kernel": str(guest.kernel), "initrd": str(guest.initrd), "append": append,
+    }  # fmt: skip
+    await start_vm(a, body)
+    await written(images, prefill)
+    copies = [tmp_path / f"copy-{i.name}" for i in images]
+    async with DaemonClient(a) as client:
+        await client.post("/v1/vms/user2/suspend")
+        for image, copy in zip(images, copies, strict=True):
+            done = qemu_img("convert", "-U", "-f", "qcow2", "-O", "qcow2", str(image), str(copy))
+            assert done.returncode == 0, done.stderr
+        await client.post("/v1/vms/user2/resume")
+    hops = [("hybrid", "a", "b"), ("postcopy", "b", "a"), ("precopy", "a", "b")]
+    for strategy, there, here in hops:
+        report = await migrate(
+            endpoint(lab, there), endpoint(lab, here), "user2", storage=strategy,
+            link_rate_bps=LINK,
+        )  # fmt: skip
+        assert report.status == "completed", (strategy, report.error)
+        assert [d.node for d in report.devices] == ["disk0", "disk1"]
+        async with DaemonClient(endpoint(lab, here)) as client:
+            await client.post("/v1/vms/user2/suspend")  # nothing moves while it is compared
+            devices = (await client.get_as("/v1/vms/user2/devices", Devices)).devices
+            disks = [Path(d.image) for d in devices if isinstance(d, DiskRow)]
+            assert all(d.is_relative_to(lab.host(here).dir / "disks") for d in disks), disks
+            for disk, copy in zip(disks, copies, strict=True):
+                same = qemu_img("compare", "-U", "-f", "qcow2", "-F", "qcow2", str(copy), str(disk))
+                assert same.returncode == 0, (strategy, disk, same.stdout, same.stderr)
+            await client.post("/v1/vms/user2/resume")
+        holds_nothing(lab, there, "user2")

@@ -129,6 +129,27 @@ def _managed(tmp_path: Path, role: VmRole, agents: list[AgentProcess] | None = N
     return ManagedVm(request, config, tmp_path, role, {"disk0": Path("/img")}, agents)
 
 
+async def test_a_release_deletes_the_replicas_devagent_made_never_the_users_image(
+    tmp_path: Path,
+) -> None:
+    """A migrated user's guest: the replicas of its images on this host are devagent's
+    (deleted with the release); the user's image itself never is."""
+    manager = VmManager("a", tmp_path, None, "127.0.0.1")
+    users = tmp_path / "mine.qcow2"
+    replica = tmp_path / "disks" / "v1-disk1.img"
+    replica.parent.mkdir()
+    for path in (users, replica):
+        path.write_bytes(b"x")
+    request = VmRequest(name="v1", disks=(DiskRequest(image=str(users)),) * 2)
+    config = VmConfig(name="v1", disks=(DiskSpec(node="disk0", path=str(users)),))
+    folder = tmp_path / "vms" / "v1"
+    folder.mkdir(parents=True)
+    images = {"disk0": users, "disk1": replica}
+    manager.vms["v1"] = ManagedVm(request, config, folder, VmRole.RUNNING, images)
+    await manager.remove("v1", delete_disk=True)
+    assert users.exists() and not replica.exists()
+
+
 def _saved_role(run_dir: Path) -> str:
     role: str = json.loads((run_dir / "vm.json").read_text())["role"]
     return role

@@ -336,8 +336,10 @@ class VmManager:
         request = managed.request
         for node, image in managed.images.items():
             made_here = image.is_relative_to(self.root / "disks")
-            own = request.disk_from is not None or request.disk(node).image is not None
-            if (managed.role is VmRole.INCOMING and made_here) or (delete_disk and not own):
+            # The user's own image itself is never deleted; a replica of it devagent made
+            # (a migration's destination) is devagent's.
+            users = request.disk_from is not None or request.disk(node).image == str(image)
+            if (managed.role is VmRole.INCOMING and made_here) or (delete_disk and not users):
                 _delete(image)
         if request.disk_from is not None and managed.role is VmRole.RUNNING:
             await self._release_remote_disk(managed)
