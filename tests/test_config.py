@@ -10,6 +10,7 @@ import pytest
 from devagent.client import Endpoint
 from devagent.daemon.vms import DiskRequest, VmRequest, parse_size
 from devagent.daemon.vms.config import GuestBoot, build_config, disk_spec
+from devagent.daemon.vms.request import RemoteHome
 from devagent.errors import UsageError
 from devagent.guest.build import GuestImage
 from devagent.qemu.config import TCG_RAM_EXTRA_KB, DiskSpec, VmConfig, ram_extra_kb
@@ -116,7 +117,7 @@ def test_request_defaults_and_user_guest() -> None:
 def test_request_keeps_where_the_disk_lives() -> None:
     peer = {"url": "http://10.0.0.1:7480", "token": "t", "name": "a"}
     request = VmRequest.from_json({"name": "r", "disk_from": peer})
-    assert request.disk_from == Endpoint(**peer)
+    assert request.remote_disks() == {"disk0": RemoteHome(peer=Endpoint(**peer), export="r")}
     assert VmRequest.from_json(request.to_json()) == request
     with pytest.raises(UsageError, match="disk_from"):
         VmRequest.from_json({"name": "r", "disk_from": peer, "disk": "/x"})

@@ -125,6 +125,21 @@ async def test_three_disks_and_two_nics_move_as_one_set_with_each_strategy(lab: 
             holds_nothing(lab, there, "set1")
             assert len(taps(lab, here)) == 2
 
+    # Devices by node: disk2 alone moves to host c (remote access), then comes home.
+    c = endpoint(lab, "c")
+    async with DaemonClient(a) as client:
+        await client.post("/v1/vms/set1/devices/disk2/attach-remote", {"from": c.to_json()})
+        status = await client.get("/v1/vms/set1")
+        assert status["disk"].split(", ")[2] == "host c (remote)", status["disk"]
+        assert (await client.post_as("/v1/vms/set1/integrity", Integrity)).disks == {
+            node: "ok" for node in DISKS
+        }  # disk2's digest asked of host c
+        home = lab.host("a").dir / "disks" / "set1-disk2-home.img"
+        await client.post("/v1/vms/set1/devices/disk2/swap", {"to": str(home), "sync": True})
+        assert (await client.post_as("/v1/vms/set1/integrity", Integrity)).integrity == "ok"
+    async with DaemonClient(c) as client:
+        assert (await client.get("/v1/exports"))["exports"] == []
+
 
 def checked_hop(report: MigrationReport, hop: str) -> None:
     assert report.status == "completed", (hop, report.error)

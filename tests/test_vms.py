@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from devagent.client import Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.supervised import wait_exit
 from devagent.daemon.vms import DiskRequest, ManagedVm, VmManager, VmRequest, VmRole
-from devagent.daemon.vms.request import decode_vm_request
+from devagent.daemon.vms.request import RemoteHome, decode_vm_request
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.guest.probe import Paused
 from devagent.guestnet import AddressLedger, GuestNetwork
@@ -113,9 +114,11 @@ def test_a_record_saved_by_the_previous_version_still_loads() -> None:
         "nics": 1,
     }  # fmt: skip
     request = VmRequest.from_json(old)
-    assert request.disks == (DiskRequest(size=1 << 30),)
+    home = RemoteHome(peer=Endpoint(url="http://10.0.0.1:7480", token="t", name="a"), export="v1")
+    assert request.disks == (DiskRequest(size=1 << 30, lives_on=home),)
     assert VmRequest.from_json(request.to_json()) == request
-    assert request.replace(disk_from=None).disk_from is None
+    at_home = request.with_disk("disk0", DiskRequest(size=1 << 30))
+    assert at_home.remote_disks() == {}
     user = VmRequest.from_json({**old, "disk": "/img", "disk_from": None})  # disk_size unused
     assert user.disks == (DiskRequest(image="/img"),)
 
@@ -349,6 +352,7 @@ async def test_integrity_is_checked_disk_by_disk(
     """Each disk against the digest the probe gives it by node; a disk that differs is
     named, and one the probe never named is a mismatch, not a pass."""
     managed = _managed(tmp_path, VmRole.RUNNING)
+    managed.request = VmRequest(name="v1", disks=(DiskRequest(size=1 << 20),) * 2)
     managed.images = {}
     for node in ("disk0", "disk1"):
         managed.images[node] = tmp_path / f"{node}.img"

@@ -10,12 +10,13 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
 from devagent.api_types import Export
 from devagent.daemon.agents import AgentProcess
-from devagent.daemon.vms.request import MAX_DISK_BYTES, MIN_DISK_BYTES, NAME_RULE, Name, decode
+from devagent.daemon.vms.request import MAX_DISK_BYTES, MIN_DISK_BYTES, decode
 from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.vocab import parse_size
 
@@ -114,10 +115,15 @@ class ExportManager:
         )
 
 
+#: An export's name: its VM's (``NAME``), with its disk's node beyond the first disk's
+#: (``NAME-disk1``: :func:`~devagent.daemon.vms.request.export_name`).
+ExportName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")]
+
+
 class ExportRequest(msgspec.Struct, frozen=True):
     """The ``POST /v1/exports`` body: a new disk ``size`` bytes (or "1G") large."""
 
-    name: Name
+    name: ExportName
     size: int | str = 1 << 30
 
     def checked(self) -> tuple[str, int]:
@@ -129,7 +135,7 @@ class ExportRequest(msgspec.Struct, frozen=True):
 
 
 EXPORT_RULES = {
-    "name": NAME_RULE,
+    "name": "'name' must be 1-40 characters of a-z, 0-9 and '-'",
     "size": "'size' must be a size in bytes or with a K, M or G suffix",
 }
 

@@ -184,10 +184,11 @@ class AgentPlan(Plan):
             raise UsageError(
                 f"VM {vm.name} runs without a device agent: only 'shared' storage can migrate it"
             )
-        if vm.request.disk_from is not None:
+        remote = vm.request.remote_disks()
+        if remote:
             raise UsageError(
-                f"VM {vm.name}'s disk lives on another host: migrate it with 'shared' "
-                "(the disk stays where it is)"
+                f"VM {vm.name}'s {', '.join(remote)} lives on another host: migrate it with "
+                "'shared' (the disk stays where it is), or bring it home first (device swap)"
             )
 
     def incoming(self, job: JobView) -> IncomingRequest:

@@ -89,7 +89,7 @@ class QemuPlan(Plan):
                 f"VM {vm.name} runs with a device agent; the QEMU-only strategies need one "
                 "started with 'agent': false (QEMU opens its image itself)"
             )
-        if not vm.request.has_probe or vm.request.disk_from is not None:
+        if not vm.request.has_probe or vm.request.remote_disks():
             raise UsageError(
                 f"the QEMU-only strategies migrate the test guest on local storage: VM "
                 f"{vm.name} is not one"

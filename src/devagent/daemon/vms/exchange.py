@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from devagent.agent.messages import (
     BackendSpec,
     CompletionsAnswer,
@@ -32,6 +34,7 @@ from devagent.report import largest_gap
 from devagent.wire import from_peer, to_json
 
 from .incoming import fetch_home
+from .request import RemoteHome, export_name
 
 if TYPE_CHECKING:
     from .managed import ManagedVm
@@ -95,7 +98,7 @@ async def swap_disk(
     """Move the live disk onto ``path`` (a file or block device of this host) without the
     guest noticing. A disk that lives on another host comes home through a fetched replica
     instead of a mirror."""
-    if managed.request.disk_from is not None:
+    if managed.request.disk(node).lives_on is not None:
         return await fetch_home(managed, node, path, rate_limit=rate_limit)
     agent = managed.agent_for(node)
     if path.resolve() == Path(agent.image).resolve() and agent.backend is None:
@@ -121,16 +124,13 @@ async def attach_remote(
     """Remote device access for a running VM: move its disk to host ``peer`` (an export
     there) and go on using it from here, over the network."""
     agent = managed.agent_for(node)
-    if managed.request.disk_from is not None:
-        raise StateError(f"VM {managed.name}'s disk already lives on another host")
-    if len(managed.images) > 1:  # where a disk lives is the VM's (request.disk_from)
-        raise UsageError(
-            f"VM {managed.name} has {len(managed.images)} disks: only a VM's one disk moves "
-            "to another host"
-        )
+    disk = managed.request.disk(node)
+    if disk.lives_on is not None:
+        raise StateError(f"VM {managed.name}'s {node} already lives on another host")
     size = await _disk_size(agent)
+    name = export_name(managed.name, node)
     async with DaemonClient(peer) as client:
-        export = await client.post_as("/v1/exports", Export, {"name": managed.name, "size": size})
+        export = await client.post_as("/v1/exports", Export, {"name": name, "size": size})
     if export.address is None:
         raise PeerError(f"host {peer.name}: its export {export.name} has no address")
     target = RemoteSpec(address=export.address, export=export.export)
@@ -139,12 +139,13 @@ async def attach_remote(
     except BaseException:
         async with DaemonClient(peer) as client:
             with contextlib.suppress(PeerError, NotFound):
-                await client.delete(f"/v1/exports/{managed.name}")
+                await client.delete(f"/v1/exports/{name}")
         raise
     result.old_image = agent.image
     result.lives_on = peer.name
     agent.backend = target
-    managed.request = managed.request.replace(disk_from=peer)
+    home = RemoteHome(peer=peer, export=name)
+    managed.request = managed.request.with_disk(node, msgspec.structs.replace(disk, lives_on=home))
     managed.save()
     return result
 

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
+import msgspec
+
 from devagent.agent.fetch import presence_path
 from devagent.agent.messages import (
     BackendSpec,
@@ -294,8 +296,9 @@ async def fetch_home(
     serves from a local replica filled on demand (copy-on-read) and in the background,
     and switches to it as ``Local`` once complete; then the peer's export is removed."""
     agent = vm.agent_for(node)
-    remote = agent.backend
-    if vm.request.disk_from is None or not isinstance(remote, RemoteSpec):
+    remote, disk = agent.backend, vm.request.disk(node)
+    home = disk.lives_on
+    if home is None or not isinstance(remote, RemoteSpec):
         raise StateError(f"VM {vm.name}'s {node} does not live on another host")
     if path.exists():
         raise UsageError(f"{path} exists: a replica is made new")
@@ -309,12 +312,12 @@ async def fetch_home(
     vm.images[node] = path
     vm.save()
     status = await await_local(vm, agent)
-    peer = vm.request.disk_from
-    vm.request = vm.request.replace(disk_from=None)
+    vm.request = vm.request.with_disk(node, msgspec.structs.replace(disk, lives_on=None))
     vm.save()
+    peer = home.peer
     with contextlib.suppress(PeerError, NotFound):
         async with DaemonClient(peer) as client:
-            await client.delete(f"/v1/exports/{vm.name}")
+            await client.delete(f"/v1/exports/{home.export}")
     return DiskExchange(
         vm=vm.name,
         device=node,

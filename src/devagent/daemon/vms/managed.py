@@ -317,9 +317,10 @@ class ManagedVm:
     async def _disk_digest(self, node: str) -> str:
         """The probe's digest of disk ``node`` as this host (or the peer its disk lives on)
         reads it."""
-        if self.request.disk_from is not None:  # the disk lives on the peer: ask it
-            async with DaemonClient(self.request.disk_from) as client:
-                found = await client.post_as(f"/v1/exports/{self.name}/digest", DiskDigest)
+        home = self.request.disk(node).lives_on
+        if home is not None:  # the disk lives on the peer: ask it
+            async with DaemonClient(home.peer) as client:
+                found = await client.post_as(f"/v1/exports/{home.export}/digest", DiskDigest)
             return found.digest
         return (await asyncio.to_thread(image_digest, self.image_of(node))).digest
 
@@ -430,9 +431,12 @@ class ManagedVm:
         tmp.replace(self.run_dir / "vm.json")
 
     def disk_location(self) -> str:
-        if self.request.disk_from is not None:
-            return f"host {self.request.disk_from.name} (remote)"
-        return ", ".join(map(str, self.images.values()))
+        """Where the disks are: each image here, or ``host NAME (remote)``."""
+        remote = self.request.remote_disks()
+        return ", ".join(
+            f"host {remote[node].peer.name} (remote)" if node in remote else str(image)
+            for node, image in self.images.items()
+        )
 
     def api_status(self) -> VmStatus:
         """What the API says of the VM; it asks no agent (``alive`` is a signal 0)."""

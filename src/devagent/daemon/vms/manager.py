@@ -49,7 +49,7 @@ from devagent.wire import convert, decode, from_peer
 from .arrival import await_local, go_live
 from .config import GuestBoot, TestGuest, build_config, disk_spec, image_format
 from .managed import MIGRATION_RECORD, ManagedVm, VmRole
-from .request import MAX_NICS, VmRequest, disk_file, nic_node
+from .request import MAX_NICS, RemoteHome, VmRequest, disk_file, nic_node
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,9 @@ class VmManager:
         disk's file in the shared folder or this host's disks folder."""
         paths = {}
         for node, disk in zip(request.nodes(), request.disks, strict=True):
+            if disk.lives_on is not None:  # no image here
+                paths[node] = Path(f"/remote/{disk.lives_on.peer.name}/{disk.lives_on.export}")
+                continue
             if disk.image is not None:
                 path = Path(disk.image)
                 if not path.exists():
@@ -165,32 +168,23 @@ class VmManager:
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
-            if request.disk_from is not None:
-                remote = await self._remote_disk(request)
-                peer_name = request.disk_from.name if request.disk_from else "peer"
-                where = Path(f"/remote/{peer_name}/{request.name}")  # no local image here
-                managed = self._add(
-                    request, {"disk0": where}, VmRole.RUNNING, None, {"disk0": remote}, guest=guest
-                )
-            else:
-                images = self.disk_paths(request)
-                for disk, image in zip(request.disks, images.values(), strict=True):
-                    if disk.image is None and not image.exists():
-                        with image.open("wb") as f:
-                            f.truncate(disk.size)
-                managed = self._add(request, images, VmRole.RUNNING, None, guest=guest)
+            images = self.disk_paths(request)
+            remote: dict[str, BackendSpec] = {}
+            for node, home in request.remote_disks().items():
+                remote[node] = await self._remote_disk(home, request.disk(node).size)
+            for disk, image in zip(request.disks, images.values(), strict=True):
+                if disk.image is None and disk.lives_on is None and not image.exists():
+                    with image.open("wb") as f:
+                        f.truncate(disk.size)
+            managed = self._add(request, images, VmRole.RUNNING, None, remote, guest=guest)
         await self._launch(managed)
         return managed
 
-    async def _remote_disk(self, request: VmRequest) -> RemoteSpec:
-        """Have the peer host make the VM's disk and serve it; the backend spec to reach it."""
-        assert request.disk_from is not None
-        peer = request.disk_from
-        async with DaemonClient(peer) as client:
-            raw = await client.post(
-                "/v1/exports", {"name": request.name, "size": request.disks[0].size}
-            )
-        export = from_peer(raw, ExportServed, what=f"host {peer.name}'s new export")
+    async def _remote_disk(self, home: RemoteHome, size: int) -> RemoteSpec:
+        """Have the peer host make a new disk and serve it; the backend spec to reach it."""
+        async with DaemonClient(home.peer) as client:
+            raw = await client.post("/v1/exports", {"name": home.export, "size": size})
+        export = from_peer(raw, ExportServed, what=f"host {home.peer.name}'s new export")
         return RemoteSpec(address=export.address, export=export.export)
 
     def _add(
@@ -333,20 +327,27 @@ class VmManager:
             await nic.stop()
         if managed.role is VmRole.MIGRATED:  # it runs elsewhere with its address
             self.addresses.lend(*(n.address for n in managed.nics))
-        request = managed.request
-        for node, image in managed.images.items():
-            made_here = image.is_relative_to(self.root / "disks")
-            # The user's own image itself is never deleted; a replica of it devagent made
-            # (a migration's destination) is devagent's.
-            users = request.disk_from is not None or request.disk(node).image == str(image)
-            if (managed.role is VmRole.INCOMING and made_here) or (delete_disk and not users):
-                _delete(image)
-        if request.disk_from is not None and managed.role is VmRole.RUNNING:
-            await self._release_remote_disk(managed)
+        await self._remove_disks(managed, delete_disk)
         if not keep_dir:
             keep_logs(managed.run_dir, self.root / "logs", f"{name}-{managed.role}")
             shutil.rmtree(managed.run_dir, ignore_errors=True)
         log.info("VM %s removed from host %s", name, self.host_name)
+
+    async def _remove_disks(self, managed: ManagedVm, delete_disk: bool) -> None:
+        """The disks of a VM being removed: an incoming VM's new replicas, and with
+        ``delete_disk`` every disk devagent made (the user's own image itself never: a
+        replica of it that a migration made here is devagent's); a running VM's disks on
+        peer hosts are removed there."""
+        request = managed.request
+        for node, image in managed.images.items():
+            made_here = image.is_relative_to(self.root / "disks")
+            disk = request.disk(node)
+            users = disk.lives_on is not None or disk.image == str(image)
+            if (managed.role is VmRole.INCOMING and made_here) or (delete_disk and not users):
+                _delete(image)
+        if managed.role is VmRole.RUNNING:
+            for home in request.remote_disks().values():
+                await self._release_remote_disk(managed.name, home)
 
     async def _discard(self, folder: Path, images: list[Path]) -> None:
         """Kill whatever still runs from a VM's folder, remove it, the tap made for its NIC
@@ -361,16 +362,13 @@ class VmManager:
                 _delete(image)
         shutil.rmtree(folder, ignore_errors=True)
 
-    async def _release_remote_disk(self, managed: ManagedVm) -> None:
-        assert managed.request.disk_from is not None
-        peer = managed.request.disk_from
+    async def _release_remote_disk(self, name: str, home: RemoteHome) -> None:
         try:
-            async with DaemonClient(peer) as client:
-                await client.delete(f"/v1/exports/{managed.name}")
+            async with DaemonClient(home.peer) as client:
+                await client.delete(f"/v1/exports/{home.export}")
         except (PeerError, NotFound) as err:
-            log.warning(
-                "VM %s: could not remove its disk on host %s: %s", managed.name, peer.name, err
-            )
+            log.warning("VM %s: could not remove its disk %s on host %s: %s",
+                        name, home.export, home.peer.name, err)  # fmt: skip
 
     async def restart(self, name: str) -> ManagedVm:
         """Boot VM ``name`` again on this host after its QEMU died (a crash, a kill): the
@@ -503,10 +501,11 @@ def _watch_replica(managed: ManagedVm) -> None:
     not live on another host): watch it become Local again, as the commit did, so that a
     restarted agent opens the complete replica rather than reaching for a source that is
     gone by then."""
-    if managed.vm.exited or managed.request.disk_from is not None:
+    if managed.vm.exited:
         return
+    remote = managed.request.remote_disks()
     for agent in managed.agents:
-        if isinstance(agent.backend, FetchSpec):
+        if isinstance(agent.backend, FetchSpec) and agent.node not in remote:
             managed.log.info("VM %s: watching its replica of %s again", managed.name, agent.node)
             managed.fetching[agent.node] = asyncio.create_task(await_local(managed, agent))
 

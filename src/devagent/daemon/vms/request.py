@@ -75,12 +75,22 @@ def usage_error(err: msgspec.ValidationError, rules: Mapping[str, str]) -> Usage
 # --- POST /v1/vms ------------------------------------------------------------------------------
 
 
+class RemoteHome(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Where a disk lives when it is not on its VM's host: an export on a peer host, which
+    the VM reaches by remote access."""
+
+    peer: Endpoint
+    export: str  # the export's name there
+
+
 class DiskRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
     """One disk of a VM: a new one of ``size`` bytes (made by the daemon, written by the test
-    guest's probe), or the user's own raw or qcow2 ``image``."""
+    guest's probe), or the user's own raw or qcow2 ``image``; ``lives_on`` a peer host when
+    the VM uses it there by remote access."""
 
     size: int = 0
     image: str | None = None
+    lives_on: RemoteHome | None = None
 
     def __post_init__(self) -> None:
         if (self.image is None) == (self.size == 0):
@@ -92,6 +102,11 @@ class DiskRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_
 def disk_node(index: int) -> str:
     """The node (QEMU's, the agent's, the guest's serial) of a VM's disk ``index``."""
     return f"disk{index}"
+
+
+def export_name(vm: str, node: str) -> str:
+    """The name of the export that serves VM ``vm``'s disk ``node`` on a peer host."""
+    return vm if node == "disk0" else f"{vm}-{node}"
 
 
 def disk_file(vm: str, node: str) -> str:
@@ -120,7 +135,6 @@ class VmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     append: str | None = None
     storage: Storage = "shared"
     agent: bool = True  # False: QEMU opens the image itself (the QEMU-only baselines)
-    disk_from: Endpoint | None = None  # the disk lives on this peer host
     nics: int = 0  # NICs on this host's guest network (the test guest configures each)
 
     @classmethod
@@ -156,6 +170,22 @@ class VmRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
             if disk_node(index) == node:
                 return disk
         raise UsageError(f"VM {self.name} has no disk {node!r}")
+
+    def with_disk(self, node: str, disk: DiskRequest) -> VmRequest:
+        """The same request with disk ``node`` as ``disk`` (one that moved, say)."""
+        self.disk(node)  # it has such a disk
+        disks = tuple(
+            disk if n == node else d for n, d in zip(self.nodes(), self.disks, strict=True)
+        )
+        return self.replace(disks=disks)
+
+    def remote_disks(self) -> dict[str, RemoteHome]:
+        """The disks that live on a peer host (remote access), by node."""
+        return {
+            node: disk.lives_on
+            for node, disk in zip(self.nodes(), self.disks, strict=True)
+            if disk.lives_on is not None
+        }
 
 
 #: What each field of a VM request must be (the 400's wording).
@@ -210,15 +240,15 @@ class VmRequestBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         workload = None if own else self.workload  # a user's guest: no probe
         if workload is not None:
             parse_workload(workload)  # raises UsageError when malformed
-        disk_from = None
-        if self.disk_from is not None:
-            disk_from = self.disk_from
+        if self.disk_from is not None:  # its one disk, new, on that peer
             if own or not self.agent or len(disks) > 1:
                 raise UsageError("'disk_from' makes one new disk on the peer: no 'disk' with it")
+            home = RemoteHome(peer=self.disk_from, export=export_name(self.name, "disk0"))
+            disks = (msgspec.structs.replace(disks[0], lives_on=home),)
         return VmRequest(
             name=self.name, ram_mb=self.ram_mb, disks=disks, workload=workload,
             kernel=self.kernel, initrd=self.initrd, append=self.append,
-            storage=self.storage, agent=self.agent, disk_from=disk_from, nics=nics,
+            storage=self.storage, agent=self.agent, nics=nics,
         )  # fmt: skip
 
     def _disks(self) -> tuple[DiskRequest, ...]:
