@@ -37,7 +37,7 @@ from devagent.api_types import Devices, DiskRow, VmStatus
 from devagent.client import Endpoint
 from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
 from devagent.daemon.migration.context import HostContext, Peer
-from devagent.daemon.vms.request import DiskRequest, VmRequest
+from devagent.daemon.vms.request import DiskRequest, RemoteHome, VmRequest
 from devagent.errors import DevagentError, NotFound, PeerError, StateError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo, RamInfo, answer
@@ -203,7 +203,7 @@ def mirror_stats(copied: int, state: str = "finished") -> MirrorStats:
     )  # fmt: skip
 
 
-def fetch_status(kind: str, present: int, size: int) -> BackendStatus:
+def fetch_status(kind: str, present: int, size: int, spilling: str | None = None) -> BackendStatus:
     """A destination replica's backend: still fetching, or local once complete."""
     if kind == "local":
         return LocalStatus(path="/replica.img", read_only=False)
@@ -211,6 +211,7 @@ def fetch_status(kind: str, present: int, size: int) -> BackendStatus:
         path="/replica.img", size=size, chunk_size=64 << 10, present_bytes=present,
         complete=False, fetched_on_demand_bytes=1, fetched_in_background_bytes=2,
         skipped_as_zero_bytes=0, copier=True, rate_limit=None, remote="Remote(a)",
+        spilling=spilling,
     )  # fmt: skip
 
 
@@ -344,6 +345,8 @@ class FakeDestination:
         self.commit_lands_before_failing = False
         self.bodies: dict[str, Any] = {}  # the last body of each POST, by path
         self.disks = ["disk0"]  # the incoming VM's, as the source described them
+        #: Disks whose replica space went read-only: spilling for good, never local.
+        self.read_only: set[str] = set()
         #: A commit the source asked before it died runs here: an abort is refused, and the
         #: VM is ``committing`` (paused) for one look, then ``running``.
         self.commit_under_way = False
@@ -375,8 +378,16 @@ class FakeDestination:
                 journal=journal(), pid=2, backend="Fetch", held=False,
                 backend_status=fetch_status(kind, self.present, 4 << 20),
             )  # fmt: skip
+            stuck = msgspec.structs.replace(agent, backend_status=fetch_status(
+                "fetch", 4096, 4 << 20, "write on /r.img: Read-only file system"))  # fmt: skip
             rows = [
-                DiskRow(vm="v1", device=node, image=f"/{node}.img", state="serving", agent=agent)
+                DiskRow(
+                    vm="v1",
+                    device=node,
+                    image=f"/{node}.img",
+                    state="serving",
+                    agent=stuck if node in self.read_only else agent,
+                )
                 for node in self.disks
             ]
             return to_json(Devices(devices=list(rows)))
@@ -454,6 +465,11 @@ class FakeHost:
     released: list[str] = field(default_factory=list)
     failures: Failures = field(default_factory=dict)
     vms: set[str] = field(default_factory=lambda: {"v1"})
+    kept: list[tuple[str, str]] = field(default_factory=list)  # (VM, node) kept as exports
+
+    async def keep_disk(self, name: str, node: str) -> RemoteHome:
+        self.kept.append((name, node))
+        return RemoteHome(peer=Endpoint(url="http://a", name="a"), export=f"{name}-{node}")
 
     async def release(self, name: str, delete_disk: bool) -> None:
         """As the VM manager removes a VM: out of its table first, then its processes and
@@ -471,7 +487,7 @@ class FakeHost:
     def context(self) -> HostContext:
         return HostContext(
             name="a", address="127.0.0.1", shared_dir=None, release=self.release,
-            connect=self.connect,
+            connect=self.connect, keep_disk=self.keep_disk,
         )  # fmt: skip
 
 

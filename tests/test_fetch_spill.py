@@ -19,6 +19,7 @@ from devagent.agent.backend import Backend, Extent, NoRoom
 from devagent.agent.duties import Duties
 from devagent.agent.fetch import Fetch
 from devagent.agent.messages import FetchSpec, RemoteSpec
+from devagent.errors import StateError
 from devagent.nbd.proto import Errno
 from test_fetch import CHUNK, SIZE, FakeRemote, pattern, until
 
@@ -112,6 +113,42 @@ async def test_a_full_replica_spills_the_guests_io_to_the_remote_without_an_erro
         if not fetch._map.is_present(index):
             span = slice(index * CHUNK, (index + 1) * CHUNK)
             assert remote.data[span] == model[span]
+
+
+async def test_a_spilling_replica_hands_every_chunk_back_to_the_remote(
+    spilling: tuple[Fetch, WritableRemote, bytearray],
+) -> None:
+    """A replica that will not get room again (a read-only space): what it holds, the
+    guest's newer writes among it, goes back to the remote, and the remote alone then
+    holds the whole disk; the guest's I/O goes on meanwhile."""
+    fetch, remote, model = spilling
+    rng = random.Random(9)
+    present = [i for i in range(SIZE // CHUNK) if fetch._map.is_present(i)]
+    assert present
+    for index in present[:4]:  # the guest's writes on present chunks before the spill
+        data = rng.randbytes(4096)  # (through the replica: the space had room for them)
+        await fetch._local.write(index * CHUNK, data)
+        model[index * CHUNK : index * CHUNK + 4096] = data
+
+    async def guest() -> None:
+        for _ in range(50):
+            offset = rng.randrange(0, SIZE - 4096, 4096)
+            data = rng.randbytes(4096)
+            await fetch.write(offset, data)
+            model[offset : offset + 4096] = data
+
+    moved, _ = await asyncio.gather(fetch.write_back(), guest())
+    assert moved >= 4 * CHUNK and fetch.present_bytes == 0 and remote.flushes >= 1
+    assert remote.data == model
+
+
+async def test_a_replica_that_takes_writes_hands_nothing_back(tmp_path: Path) -> None:
+    fetch = Fetch(tmp_path / "replica.img", WritableRemote(pattern()), chunk_size=CHUNK)
+    try:
+        with pytest.raises(StateError, match="only while it spills"):
+            await fetch.write_back()
+    finally:
+        await fetch.close()
 
 
 async def test_once_there_is_room_again_the_replica_fills_and_ends_complete(

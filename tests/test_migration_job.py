@@ -175,6 +175,27 @@ async def test_each_disk_has_its_own_row_of_figures(tmp_path: Path) -> None:
     assert [r.integrity for r in job.report.devices] == ["ok"] * 3
 
 
+async def test_a_disk_whose_replica_space_went_read_only_stays_on_the_source(
+    tmp_path: Path,
+) -> None:
+    """After the switchover disk1's replica cannot be written, for good: disk1 is kept on
+    the source as an export the destination uses by remote access; the others come home;
+    the migration completes, and says where disk1 is and how to bring it home."""
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID, vm=disk_set(tmp_path))
+    host.destination.read_only = {"disk1"}
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    moved(vm, host)
+    assert host.kept == [("v1", "disk1")]
+    body = host.destination.bodies["/v1/vms/v1/devices/disk1/keep-remote"]
+    assert body == {"peer": {"url": "http://a", "token": "", "name": "a"}, "export": "v1-disk1"}
+    rows = {r.node: r for r in job.report.devices}
+    assert rows["disk1"].kept_on == "a" and rows["disk1"].local_after_s is None
+    assert rows["disk0"].kept_on is None and rows["disk0"].local_after_s is not None
+    [warning] = job.report.warnings
+    assert "disk1 stays on host a" in warning and "device swap v1 disk1" in warning
+
+
 async def test_a_failure_of_one_disk_rolls_back_the_whole_set(tmp_path: Path) -> None:
     """disk1's mirror cannot start: every disk's mirror is cancelled, none is fenced, and
     the destination keeps nothing of any of them."""

@@ -73,6 +73,9 @@ class DeviceMeasures:
     #: (its agents' journals on both hosts).
     max_io_gap_ms: float | None = None
     integrity: str | None = None  # a disk: "ok" when it holds what the guest last wrote
+    #: A disk the destination could not hold (its replica space read-only): it stays on
+    #: this host (the source), which the VM uses by remote access.
+    kept_on: str | None = None
     #: A NIC: frames its agents kept, forwarded and lost (as the aggregate measures).
     frames_buffered: int | None = None
     frames_forwarded: int | None = None
@@ -132,6 +135,8 @@ class MigrationReport:
     missing: dict[str, str] = field(default_factory=dict)
     #: One row per device (each disk, then each NIC), beside the aggregate measures.
     devices: list[DeviceMeasures] = field(default_factory=list)
+    #: What a completed migration did other than asked, and what the operator can do.
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from devagent.agent.backend import Backend
 from devagent.agent.duties import Duties
+from devagent.agent.fetch import Fetch
 from devagent.agent.hold import Hold
 from devagent.agent.journal import Journal
 from devagent.agent.lifecycle import Lifecycle
@@ -42,6 +43,7 @@ from devagent.agent.messages import (
     MirrorStarted,
     MirrorStopped,
     QuiesceAnswer,
+    RemoteSpec,
     ResumeAnswer,
     StatusAnswer,
     SwapAnswer,
@@ -258,12 +260,19 @@ class BlockAgent:
 
     async def swap_to(self, spec: BackendSpec) -> SwapAnswer:
         """Open the backend ``spec`` describes and make it this agent's; its duties start,
-        the old backend's end, the old backend is closed."""
+        the old backend's end, the old backend is closed. A Fetch replica that spills (it has
+        no room) swapped to its remote first hands every chunk it holds back to the remote
+        (the guest's I/O goes on), and again, held, at the switch: nothing the guest wrote
+        stays behind in the replica."""
         self._refuse_while_held("a swap")
+        handing_back = self._hands_back(spec)
+        if handing_back is not None:
+            await handing_back.write_back()
         new = await open_backend(spec)
         started = time.monotonic()
         try:
-            old = await self.swap_backend(new)
+            last = handing_back.write_back if handing_back is not None else None
+            old = await self.swap_backend(new, before_switch=last)
         except BaseException:
             await new.close()
             raise
@@ -275,6 +284,19 @@ class BlockAgent:
         except DevagentError as err:
             log.warning("closing the old backend %r failed: %s", old, err)
         return SwapAnswer(old=repr(old), new=repr(new), hold_s=round(hold_s, 6))
+
+    def _hands_back(self, spec: BackendSpec) -> Fetch | None:
+        """The Fetch that ``spec`` (its remote, served alone) takes over from; a Fetch that
+        takes writes refuses (its lock-free writes could land after a hand-back)."""
+        current = self.backend
+        if not isinstance(current, Fetch) or not isinstance(spec, RemoteSpec):
+            return None
+        if current.spilling is None:
+            raise UsageError(
+                f"export {self.export_name!r} serves a replica that takes writes: it goes to "
+                "its remote alone only while it spills (no room)"
+            )
+        return current
 
     async def start_mirror(self, request: MirrorRequest) -> MirrorStarted:
         """Mirror the device to ``request.target`` under the running guest."""

@@ -68,6 +68,7 @@ from devagent.agent.chunks import (
 from devagent.agent.presence import HEADER_SIZE as HEADER_SIZE  # a lab test reads it here
 from devagent.agent.presence import presence_path as presence_path  # the daemon's import
 from devagent.agent.replica import FETCH_MAX, Replica, runs
+from devagent.errors import StateError
 
 
 class Fetch(Replica):
@@ -314,6 +315,44 @@ class Fetch(Replica):
             self.log.warning("replica %s: flush failed while spilling: %s", self.path, err)
 
     # -- spilling ----------------------------------------------------------------------------
+
+    async def write_back(self) -> int:
+        """(Spilling.) Every chunk the replica holds goes back to the remote and is
+        forgotten, a run at a time under its chunks' locks (the guest's I/O goes on: while
+        spilling it goes to the remote, and nothing becomes present): the remote then holds
+        every byte, and the disk can be served from the remote alone. Returns the bytes
+        written back."""
+        if self.spilling is None:
+            raise StateError(
+                f"replica {self.path} takes writes: its chunks are handed back only while it "
+                "spills (a replica with no room)"
+            )
+        moved = 0
+        present = [c for c in range(self._map.n_chunks) if self._map.is_present(c)]
+        batch = max(1, FETCH_MAX // self.chunk_size)
+        for first, last in runs(present):
+            for start in range(first, last + 1, batch):
+                chunks = list(range(start, min(start + batch, last + 1)))
+                moved += await self._guarded(self._write_back(chunks))
+        await self.flush()  # the remote's copy made durable
+        return moved
+
+    async def _write_back(self, chunks: Sequence[int]) -> int:
+        async with self._locks.hold(chunks):
+            await self.spill.fast_writes.idle.wait()
+            present = [c for c in chunks if self._map.is_present(c)]
+            moved = 0
+            for first, last in runs(present):
+                start, end = self._span(first)[0], self._span(last)[1]
+                data = await self._local.read(start, end - start)
+                await self.remote.write(start, bytes(data))
+                moved += end - start
+            if present:
+                self.spill.remote_unflushed = True
+                self._map.forget(present)
+                self._unsynced.difference_update(present)
+                self._all_present.clear()
+            return moved
 
     async def _spill(self, err: NoRoom) -> None:
         """The replica has no room: serve the guest from the remote until it has (see the

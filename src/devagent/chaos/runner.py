@@ -51,6 +51,8 @@ RUN_TIMEOUT_S = 600.0  # a migration not ended by then is a violation of its own
 POLL_S = 0.05
 FOLLOW_UP_LINK = "1gbit"
 LOST = "lost"  # what following a migration the source forgot gives
+#: How long a QEMU killed (its VM crashed) may take to be seen by its daemon.
+CRASH_SEEN_S = 5.0
 Say = Callable[[str], None]
 
 
@@ -223,22 +225,29 @@ async def _run(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -> 
         record.fault_s = round(injected.ended_at - injected.at, 3)
         record.io_resumed_s = await _io_resumed(scene, record, injected.ended_at)
     if plan.target is Target.DESTINATION_QEMU and plan.action is Action.KILL:
-        await _restart_crashed(scene, record)
+        await _restart_crashed(scene, record, killed=injected.error is None and bool(injected.at))
     await _check(scene, plan, guest, record)
 
 
-async def _restart_crashed(scene: Scene, record: RunRecord) -> None:
+async def _restart_crashed(scene: Scene, record: RunRecord, *, killed: bool) -> None:
     """A QEMU killed is a VM crash: where the VM's QEMU died, boot it again, as its
     operator would (``devagent vm restart``). Killed before the switchover, it was the
-    incoming copy: the guest runs on at the source, and nothing is restarted."""
-    for host in (record.destination, record.source):
-        status = await checks.vm_on(scene.endpoints[host], record.vm)
-        if status is not None and status.role == "running" and status.state == "failed":
-            async with DaemonClient(scene.endpoints[host]) as client:
-                await client.post(f"/v1/vms/{record.vm}/restart")
-            record.restarted_on = host
-            await wait_past_phase(scene.endpoints[host], record.vm, "prefill")
+    incoming copy: the guest runs on at the source, and nothing is restarted. A kill that
+    landed once the migration had ended is seen by the daemon a moment later: it is waited
+    for (:data:`CRASH_SEEN_S` at most)."""
+    deadline = time.monotonic() + (CRASH_SEEN_S if killed else 0.0)
+    while True:
+        for host in (record.destination, record.source):
+            status = await checks.vm_on(scene.endpoints[host], record.vm)
+            if status is not None and status.role == "running" and status.state == "failed":
+                async with DaemonClient(scene.endpoints[host]) as client:
+                    await client.post(f"/v1/vms/{record.vm}/restart")
+                record.restarted_on = host
+                await wait_past_phase(scene.endpoints[host], record.vm, "prefill")
+                return
+        if time.monotonic() >= deadline:
             return
+        await asyncio.sleep(0.2)
 
 
 async def _io_resumed(scene: Scene, record: RunRecord, since: float) -> float | None:

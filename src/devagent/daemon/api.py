@@ -21,6 +21,9 @@ The table below is every route :func:`build_app` registers, no more, no less
     POST   /v1/vms/{name}/devices/{node}/swap {"to": PATH}: move the live disk onto PATH;
                                               for a NIC {"to": TAP}: make TAP its uplink
     POST   /v1/vms/{name}/devices/{node}/attach-remote {"from": PEER}: move it to a peer host
+    POST   /v1/vms/{name}/devices/{node}/keep-remote {"peer": PEER, "export": NAME}: (peer) a
+                                              migration's source keeps the disk (its replica
+                                              here cannot be written): serve it from there
     POST   /v1/vms/{name}/probe               {"command": "pause"|"resume"|"verify"}
     POST   /v1/vms/{name}/suspend             stop the guest's vCPUs (QMP stop)
     POST   /v1/vms/{name}/resume              let a suspended guest run again (QMP cont)
@@ -74,10 +77,12 @@ from devagent.daemon.vms import exchange
 from devagent.daemon.vms.arrival import announce
 from devagent.daemon.vms.request import (
     ATTACH_RULES,
+    KEEP_RULES,
     PROBE_RULES,
     SWAP_RULES,
     AttachRemoteBody,
     ProbeBody,
+    RemoteHome,
     SwapBody,
     decode,
     decode_vm_request,
@@ -209,6 +214,12 @@ async def attach_remote(request: web.Request) -> web.Response:
     return answer(await exchange.attach_remote(managed, node, attach.endpoint(), sync=attach.sync))
 
 
+async def keep_remote(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    home = decode(await raw_body(request), RemoteHome, KEEP_RULES)
+    return answer(await exchange.keep_remote(managed, request.match_info["node"], home))
+
+
 async def completions(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     by_disk = await managed.completions_by_disk(since_of(request))
@@ -290,6 +301,7 @@ def build_app(host: Host, token: str) -> web.Application:
         middlewares=[token_middleware(token), error_middleware], client_max_size=MAX_BODY
     )
     app[HOST_KEY] = host
+    host.token = token
     r = app.router
     r.add_get("/v1/health", health)
     r.add_get("/v1/vms", list_vms)
@@ -301,6 +313,7 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_get("/v1/vms/{name}/completions", completions)
     r.add_post("/v1/vms/{name}/devices/{node}/swap", swap_device)
     r.add_post("/v1/vms/{name}/devices/{node}/attach-remote", attach_remote)
+    r.add_post("/v1/vms/{name}/devices/{node}/keep-remote", keep_remote)
     r.add_post("/v1/vms/{name}/probe", probe_command)
     r.add_post("/v1/vms/{name}/suspend", suspend_vm)
     r.add_post("/v1/vms/{name}/resume", resume_vm)

@@ -66,11 +66,39 @@ class ExportManager:
         )
         return agent
 
+    async def take_over(self, name: str, agent: AgentProcess) -> AgentProcess:
+        """Make the disk a VM's ``agent`` serves an export ``name``: the agent stops, and an
+        export's agent serves the same image on the same address under the same export
+        name (a peer reading it reconnects, and goes on). The image stays where it is: it
+        goes when the export does."""
+        if name in self.exports:
+            raise StateError(f"export {name!r} already exists on host {self.host_name}")
+        folder = self.root / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        await agent.stop()
+        kept = AgentProcess(
+            vm=name, node=agent.node, image=agent.image, run_dir=str(folder),
+            listen_address=self.address, tcp_address=agent.tcp_address,
+        )  # fmt: skip
+        self.exports[name] = kept
+        try:
+            await kept.start()
+        except BaseException:
+            self.exports.pop(name, None)
+            raise
+        (folder / "export.json").write_text(json.dumps(kept.to_json()))
+        log.warning("export %s on host %s: VM %s's %s kept here (%s)",
+                    name, self.host_name, agent.vm, agent.node, kept.tcp_address)  # fmt: skip
+        return kept
+
     async def remove(self, name: str) -> None:
         agent = self.exports.pop(name, None)
         if agent is None:
             raise NotFound(f"no export {name!r} on host {self.host_name}")
         await agent.stop()
+        if not Path(agent.image).is_relative_to(self.root / name):  # a VM's disk, kept
+            Path(agent.image).unlink(missing_ok=True)
         shutil.rmtree(self.root / name, ignore_errors=True)
         log.info("export %s removed from host %s", name, self.host_name)
 

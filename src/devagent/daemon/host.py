@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devagent.client import Endpoint
 from devagent.daemon.exports import ExportManager
 from devagent.daemon.vms import VmManager
 from devagent.guestnet import GuestNetwork
@@ -18,12 +19,17 @@ class Host:
     root: Path
     shared_dir: Path | None = None
     network: GuestNetwork | None = None  # where VM NICs go (a lab host's bridge, addresses)
+    token: str = ""  # the API's bearer token (peers that call back this host use it)
     vms: VmManager = field(init=False)
     exports: ExportManager = field(init=False)
 
     def __post_init__(self) -> None:
         self.vms = VmManager(self.name, self.root, self.shared_dir, self.address, self.network)
         self.exports = ExportManager(self.name, self.root, self.address)
+
+    def endpoint(self) -> Endpoint:
+        """How peers reach this host's daemon."""
+        return Endpoint(url=f"http://{self.address}:{self.port}", token=self.token, name=self.name)
 
     @property
     def loopback(self) -> bool:

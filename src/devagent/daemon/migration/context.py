@@ -32,7 +32,7 @@ from devagent.api_types import MigrationProgress
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.migration.messages import MigrateRequest, RemoteDisk
 from devagent.daemon.netstat import link_bytes
-from devagent.daemon.vms.request import VmRequest
+from devagent.daemon.vms.request import RemoteHome, VmRequest, export_name
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo
 from devagent.qemu.config import VmConfig
@@ -199,6 +199,9 @@ class HostContext:
     connect: Callable[[Endpoint], AbstractAsyncContextManager[Peer]] = connect
     #: Bytes on the host's link so far (None where it cannot be told).
     link_bytes: Callable[[], int | None] = field(default=lambda: None)
+    #: Keep a migrated VM's disk here as an export (its destination cannot hold it):
+    #: (VM, node) → where the destination reaches it.
+    keep_disk: Callable[[str, str], Awaitable[RemoteHome]] | None = None
 
     @classmethod
     def of(cls, host: Any) -> HostContext:
@@ -208,12 +211,26 @@ class HostContext:
         async def release(name: str, delete_disk: bool) -> None:
             await host.vms.remove(name, delete_disk=delete_disk)
 
+        async def keep_disk(name: str, node: str) -> RemoteHome:
+            export = export_name(name, node)
+            home = RemoteHome(peer=host.endpoint(), export=export)
+            if export in host.exports.exports:  # kept already (a job taken up again)
+                return home
+            managed = host.vms.get(name)
+            agent = managed.agent_for(node)
+            managed.agents.remove(agent)  # the export's now: not the VM's to restart
+            managed.images.pop(node, None)  # nor to delete at its release
+            managed.save()
+            await host.exports.take_over(export, agent)
+            return home
+
         return cls(
             name=host.name,
             address=host.address,
             shared_dir=host.shared_dir,
             release=release,
             link_bytes=lambda: link_bytes(loopback),
+            keep_disk=keep_disk,
         )
 
 

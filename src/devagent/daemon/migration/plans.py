@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
+import functools
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -75,6 +78,9 @@ COPY_AHEAD_S = 0.02  # how much link time the copier keeps in flight per worker
 DISK_WAIT_S = 600.0  # a mirror's convergence
 DISK_STALL_S = 600.0  # a replica that stops growing for this long never completes
 POLL_S = 0.1
+#: A replica spilling for this reason never gets room again by itself (a filesystem that
+#: went read-only on an error stays so until an operator acts).
+READ_ONLY = os.strerror(errno.EROFS)
 T = TypeVar("T")
 
 
@@ -302,9 +308,14 @@ class FetchingPlan(AgentPlan):
     async def until_released(self, job: JobView) -> None:
         """Wait until every replica on the destination is complete and served as Local: as
         long as they grow (a slow link's tail takes what it takes), and
-        :data:`DISK_STALL_S` at most without progress."""
+        :data:`DISK_STALL_S` at most without progress. A replica whose space went read-only
+        can never be: that disk is kept here (:meth:`keep`)."""
         progress = _Progress()
         while not await self._disk_local(job, progress):
+            if progress.unwritable:
+                await self.keep(job, progress.unwritable)
+                progress.unwritable.clear()
+                continue
             if progress.stalled_for() > DISK_STALL_S:
                 why = f": it has no room ({progress.spilling})" if progress.spilling else ""
                 raise WaitTimeout(
@@ -332,6 +343,8 @@ class FetchingPlan(AgentPlan):
         per_disk: dict[str, tuple[int, int]] = {}
         for node in job.managed.images:
             device, row = disks[node], job.report.device(node, "disk")
+            if row.kept_on is not None:  # it stays here: nothing to wait for
+                continue
             backend = device.agent.backend_status if device.agent is not None else None
             local = local and isinstance(backend, LocalStatus)
             if isinstance(backend, LocalStatus) and row.local_after_s is None:
@@ -341,6 +354,8 @@ class FetchingPlan(AgentPlan):
                 continue
             row.bytes_fetched = fetch.fetched_on_demand_bytes + fetch.fetched_in_background_bytes
             spilling = spilling or (f"{node}: {fetch.spilling}" if fetch.spilling else None)
+            if fetch.spilling is not None and READ_ONLY in fetch.spilling:
+                progress.unwritable[node] = fetch.spilling
             present += fetch.present_bytes
             per_disk[node] = (fetch.present_bytes, fetch.size - fetch.present_bytes)
             moved += fetch.fetched_on_demand_bytes + fetch.fetched_in_background_bytes
@@ -356,6 +371,32 @@ class FetchingPlan(AgentPlan):
         job.progress.disk_bytes_moved = moved
         return local
 
+    async def keep(self, job: JobView, unwritable: dict[str, str]) -> None:
+        """The destination's replica of each of these disks cannot be written (its space
+        went read-only: it will not heal by itself). Each disk stays here instead, served
+        as an export to the destination, whose agent hands back what its replica held and
+        reads and writes it here (remote access); the VM's copy here is released all the
+        same, and the report says where the disk is and how to bring it home."""
+        keep_disk = job.host.keep_disk
+        if keep_disk is None:
+            raise PeerError("this host cannot keep a disk for another (no exports here)")
+        name, dest = job.managed.name, job.report.destination
+        for node, why in unwritable.items():
+            home = await keep_disk(name, node)
+            path, body = f"/v1/vms/{name}/devices/{node}/keep-remote", to_json(home)
+            await job.forward(
+                functools.partial(job.peer.post, path, body),
+                what=f"handing {node} over to {dest} by remote access",
+            )
+            job.report.device(node, "disk").kept_on = job.host.name
+            job.report.warnings.append(
+                f"{node} stays on host {job.host.name} (export {home.export}), which VM "
+                f"{name} on {dest} uses by remote access: its replica there cannot be "
+                f"written ({why}). Once {dest} has a writable disks folder, bring it home: "
+                f"devagent device swap {name} {node} --to PATH"
+            )
+            job.log.warning("migration %s: %s", job.id, job.report.warnings[-1])
+
 
 class _Progress:
     """How far a replica got, and since when it has not grown."""
@@ -364,6 +405,7 @@ class _Progress:
         self.present = -1
         self.since = time.monotonic()
         self.spilling: str | None = None  # why the replica takes no writes, while it does not
+        self.unwritable: dict[str, str] = {}  # disks whose space went read-only: why
 
     def saw(self, present: int) -> None:
         if present > self.present:

@@ -20,6 +20,7 @@ from devagent.agent.messages import (
     BackendSpec,
     CompletionsAnswer,
     CutoverAnswer,
+    FetchSpec,
     LocalSpec,
     MirrorRequest,
     RemoteSpec,
@@ -148,6 +149,38 @@ async def attach_remote(
     managed.request = managed.request.with_disk(node, msgspec.structs.replace(disk, lives_on=home))
     managed.save()
     return result
+
+
+async def keep_remote(managed: ManagedVm, node: str, home: RemoteHome) -> DiskExchange:
+    """A migration's source keeps disk ``node``: its replica here can never be written (a
+    read-only space). The agent hands what the replica holds back to the source (the
+    guest's I/O goes on, by remote access, as it did while the replica spilled), then serves
+    the disk from there alone; the disk is recorded as living on that peer (``device swap``
+    brings it home once this host has room). The stale replica stays where it is: its
+    space cannot even delete it."""
+    agent = managed.agent_for(node)
+    disk, fetch = managed.request.disk(node), agent.backend
+    if not isinstance(fetch, FetchSpec):
+        raise StateError(f"VM {managed.name}'s {node} is not a replica being fetched here")
+    started = time.time()
+    swapped = await agent.swap(fetch.remote)
+    agent.backend, agent.image = fetch.remote, str(home.path)
+    task = managed.fetching.pop(node, None)
+    if task is not None:
+        task.cancel()
+    stale = managed.images[node]
+    managed.images[node] = home.path
+    managed.request = managed.request.with_disk(node, msgspec.structs.replace(disk, lives_on=home))
+    managed.save()
+    managed.log.warning(
+        "VM %s: %s lives on host %s now (export %s), by remote access; the replica %s is "
+        "left where it is", managed.name, node, home.peer.name, home.export, stale,
+    )  # fmt: skip
+    return DiskExchange(
+        vm=managed.name, device=node, duration_s=round(time.time() - started, 3),
+        held_ms=round(swapped.hold_s * 1000, 3), backend=swapped.new,
+        old_image=str(stale), lives_on=home.peer.name,
+    )  # fmt: skip
 
 
 async def swap_nic(managed: ManagedVm, node: str, tap: str) -> NicSwap:

@@ -141,7 +141,7 @@ class VmManager:
         paths = {}
         for node, disk in zip(request.nodes(), request.disks, strict=True):
             if disk.lives_on is not None:  # no image here
-                paths[node] = Path(f"/remote/{disk.lives_on.peer.name}/{disk.lives_on.export}")
+                paths[node] = disk.lives_on.path
                 continue
             if disk.image is not None:
                 path = Path(disk.image)

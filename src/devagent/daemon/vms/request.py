@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
@@ -81,6 +82,11 @@ class RemoteHome(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     peer: Endpoint
     export: str  # the export's name there
+
+    @property
+    def path(self) -> Path:
+        """What the VM's record says of the disk's image: no path on the VM's host."""
+        return Path(f"/remote/{self.peer.name}/{self.export}")
 
 
 class DiskRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -315,6 +321,11 @@ class AttachRemoteBody(msgspec.Struct, frozen=True):
 ATTACH_RULES: Mapping[str, str] = {
     "from": "body must be {'from': {'url', 'token', 'name'}, 'sync': bool}",
     "sync": "'sync' must be true or false",
+}
+
+KEEP_RULES: Mapping[str, str] = {
+    "peer": "body must be {'peer': {'url', 'token', 'name'}, 'export': NAME}",
+    "export": "'export' must be the export's name on the peer",
 }
 
 ProbeCommand = Literal["pause", "resume", "verify"]
