@@ -11,6 +11,8 @@ Each check returns the violations it found, as sentences.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -39,10 +41,20 @@ async def vm_on(endpoint: Endpoint, name: str) -> VmStatus | None:
             return None
 
 
+def kept_images(host_dir: Path) -> set[str]:
+    """The images this host serves as exports (a disk kept for a VM on another host)."""
+    kept = set()
+    for record in host_dir.glob("exports/*/export.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            kept.add(Path(json.loads(record.read_text())["image"]).name)
+    return kept
+
+
 def leftovers(lab: Lab, host: str, name: str, readonly: bool = False) -> list[str]:
     """What a host still holds of VM ``name``: processes, files, its tap. On a replica space
     gone ``readonly`` a replica cannot be removed: it is not counted (it goes with the
-    space's replacement)."""
+    space's replacement); a disk the host keeps as an export for the VM (its replica space
+    elsewhere went read-only) is the VM's disk, not a leftover."""
     found: list[str] = []
     where = lab.host(host)
     folder = where.dir / "vms" / name
@@ -51,7 +63,10 @@ def leftovers(lab: Lab, host: str, name: str, readonly: bool = False) -> list[st
         found.append(f"processes {sorted(pids)} run from {folder}")
     if folder.exists():
         found.append(f"{folder} exists")
-    images = sorted(p.name for p in (where.dir / "disks").glob(f"{name}.img*"))
+    kept = kept_images(where.dir)
+    images = sorted(
+        p.name for p in (where.dir / "disks").glob(f"{name}*.img*") if p.name not in kept
+    )
     if images and not readonly:
         found.append(f"replica files {images}")
     if where.netns is not None:

@@ -157,11 +157,31 @@ async def replace_broken_spaces(scene: Scene) -> None:
         if await asyncio.to_thread(space.writable):
             continue
         scene.say(f"host {host}'s replica space is read-only: replacing it")
+        remote = []  # guests whose disks all live on another host: they go on there
         for guest in [g for g in scene.guests.values() if g.at == host]:
-            await put_away(scene, guest, healthy=False)
+            status = await checks.vm_on(scene.endpoints[host], guest.name)
+            if status is not None and all(d.endswith("(remote)") for d in status.disk.split(", ")):
+                remote.append((guest, [a.node for a in status.agents]))
+            else:
+                await put_away(scene, guest, healthy=False)
         await asyncio.to_thread(space.replace)
         await asyncio.to_thread(scene.lab.restart_daemon, host)
         scene.refresh()
+        for guest, nodes in remote:  # as the report said: bring each disk home
+            await bring_home(scene, guest, host, nodes)
+
+
+async def bring_home(scene: Scene, guest: Guest, host: str, nodes: list[str]) -> None:
+    """``devagent device swap VM NODE --to PATH`` for each disk of ``guest`` that lives on
+    another host, now that ``host`` has a writable disks folder again."""
+    async with DaemonClient(scene.endpoints[host]) as client:
+        for node in nodes:
+            suffix = "" if node == "disk0" else f"-{node}"
+            home = checks.space_of(scene.lab, host) / f"{guest.name}{suffix}.img"
+            scene.say(f"bringing {guest.name}'s {node} home to host {host}")
+            await client.post(
+                f"/v1/vms/{guest.name}/devices/{node}/swap", {"to": str(home), "sync": True}
+            )
 
 
 async def put_away(scene: Scene, guest: Guest, healthy: bool) -> None:
