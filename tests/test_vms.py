@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from devagent.agent.messages import FetchSpec, RemoteSpec, SwapAnswer
 from devagent.client import Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.supervised import wait_exit
-from devagent.daemon.vms import DiskRequest, ManagedVm, VmManager, VmRequest, VmRole
+from devagent.daemon.vms import DiskRequest, ManagedVm, VmManager, VmRequest, VmRole, exchange
 from devagent.daemon.vms.request import RemoteHome, decode_vm_request
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.guest.probe import Paused
@@ -389,3 +390,35 @@ async def test_a_pause_left_unanswered_is_followed_by_a_resume(
     with pytest.raises(PeerError, match="did not answer 'pause'"):
         await managed.check_integrity()
     assert sent == ["pause", "resume"]
+
+
+async def test_a_disk_kept_on_the_source_is_served_from_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """keep-remote: the agent goes from its Fetch replica to the replica's remote alone,
+    the disk is recorded as living on the source, and the replica's watch ends."""
+    remote = RemoteSpec(address="tcp:10.0.0.1:4000", export="disk0")
+    fetch = FetchSpec(path=str(tmp_path / "v1.img"), remote=remote, copier=True, then_local=True)
+    agent = AgentProcess(vm="v1", node="disk0", image=fetch.path, run_dir=str(tmp_path),
+                         backend=fetch)  # fmt: skip
+    managed = _managed(tmp_path, VmRole.RUNNING, [agent])
+    managed.request = VmRequest(name="v1")
+    swapped: list[object] = []
+
+    async def swap(backend: object) -> SwapAnswer:
+        swapped.append(backend)
+        return SwapAnswer(old="Fetch", new="Remote", hold_s=0.002)
+
+    monkeypatch.setattr(agent, "swap", swap)
+    watch = asyncio.create_task(asyncio.sleep(3600))
+    managed.fetching["disk0"] = watch
+    home = RemoteHome(peer=Endpoint(url="http://a", name="a"), export="v1")
+    done = await exchange.keep_remote(managed, "disk0", home)
+    await asyncio.sleep(0)
+    assert swapped == [remote] and agent.backend == remote and watch.cancelled()
+    assert managed.request.remote_disks() == {"disk0": home}
+    assert managed.images["disk0"] == Path("/remote/a/v1") and done.lives_on == "a"
+    saved = json.loads((tmp_path / "vm.json").read_text())
+    assert saved["request"]["disks"][0]["lives_on"]["export"] == "v1"
+    with pytest.raises(StateError, match="not a replica being fetched"):
+        await exchange.keep_remote(managed, "disk0", home)
