@@ -449,6 +449,39 @@ async def test_the_agent_connects_to_qemus_socket_and_reconnects_after_a_drop(
         await server.wait_closed()
 
 
+async def test_a_held_agent_finds_a_late_qemu_at_once(tmp_path: Path) -> None:
+    """An incoming VM's NIC: held from its start, its QEMU coming up later than the backoff
+    would wait out. Held, the agent tries often: it is connected well before its release,
+    so the frames it kept reach the guest (a 3-disk guest's postcopy once released its NIC
+    before the agent's next try, and lost the 21 frames kept)."""
+    path = tmp_path / "n0.sock"
+    uplink = MemoryUplink()
+    agent = NetAgent(uplink, vm="vm1", nic="n0")
+    agent.start()
+    agent.hold()
+    agent.connect_vm(path)
+    await asyncio.sleep(2.5)  # unheld, the backoff would be at its 1 s by now
+    connected: asyncio.Queue[FakeVm] = asyncio.Queue()
+
+    async def qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await connected.put(FakeVm(reader, writer))
+
+    server = await asyncio.start_unix_server(qemu, str(path))
+    try:
+        started = asyncio.get_running_loop().time()
+        vm = await asyncio.wait_for(connected.get(), 5)
+        assert asyncio.get_running_loop().time() - started < 0.3
+        uplink.inject(eth(1))
+        await until(lambda: agent.vm_link is not None)
+        assert agent.release().delivered == 1
+        assert await vm.receive(1) == [eth(1)]
+        await vm.close()
+    finally:
+        await agent.stop()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_a_second_vm_connection_is_refused(rig: Rig) -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     with pytest.raises(StateError):

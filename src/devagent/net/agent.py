@@ -226,7 +226,10 @@ class NetAgent:
                     log.info("[%s] waiting for QEMU on %s (%s)", self.label, path, err)
                     complained = True
                 await asyncio.sleep(pause)
-                pause = min(pause * 2, RECONNECT_MAX_S)
+                # Held (an incoming VM's NIC), the release is near and must find QEMU
+                # connected: its frames would be lost otherwise. Try often meanwhile.
+                held = self._hold is not None
+                pause = RECONNECT_MIN_S if held else min(pause * 2, RECONNECT_MAX_S)
                 continue
             complained, pause = False, RECONNECT_MIN_S
             await link.closed
