@@ -235,8 +235,9 @@ class Vm:
         self._tasks.append(
             asyncio.create_task(self._watch_events(qmp), name=f"{self.config.name}-qmp")
         )
-        if self.on_console is not None:
-            await self._connect_console()
+        # Read always, a guest without a probe too: a serial console nobody reads stalls
+        # the guest's writes to it (a user's guest that prints, ioprobe under it).
+        await self._connect_console()
         await self.refresh_state()
 
     async def _try_qmp(self, deadline: float) -> QMPClient | None:
@@ -283,10 +284,12 @@ class Vm:
         )
 
     async def _read_console(self, reader: asyncio.StreamReader) -> None:
+        """Hand what the guest prints to ``on_console``; without one, only ``console.log``
+        keeps it."""
         sink = self.on_console
-        assert sink is not None
         while data := await reader.read(65536):
-            sink(data, time.time())
+            if sink is not None:
+                sink(data, time.time())
 
     async def send_console(self, text: str) -> None:
         """Type ``text`` on the guest's serial console."""
