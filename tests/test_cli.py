@@ -81,7 +81,20 @@ def test_a_user_session_through_the_cli(cli_lab: str, guest: GuestImage, state_d
 
     # A user's own guest: a qcow2 image booted with a kernel, no ioprobe in it.
     image = state_dir / "labs" / cli_lab / "shared" / "user.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M"], check=True)
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "preallocation=metadata",
+            str(image),
+            "64M",
+        ],
+        check=True,
+    )
     cli(
         "vm", "start", "u1", "--host", "a", "--disk", str(image),
         "--kernel", str(guest.kernel), "--initrd", str(guest.initrd),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from devagent.client import Endpoint
 from devagent.daemon.vms import DiskRequest, VmRequest, parse_size
-from devagent.daemon.vms.config import GuestBoot, build_config, disk_spec
+from devagent.daemon.vms.config import GuestBoot, build_config, check_growable, disk_spec
 from devagent.daemon.vms.request import RemoteHome
 from devagent.errors import UsageError
 from devagent.guest.build import GuestImage
@@ -123,3 +124,20 @@ def test_request_keeps_where_the_disk_lives() -> None:
         VmRequest.from_json({"name": "r", "disk_from": peer, "disk": "/x"})
     with pytest.raises(UsageError, match="peer"):
         VmRequest.from_json({"name": "r", "disk_from": "a"})
+
+
+def test_a_qcow2_that_must_grow_is_refused_one_that_holds_its_disk_is_not(
+    tmp_path: Path,
+) -> None:
+    """Served by an agent (a fixed size) a qcow2 cannot grow: QEMU hangs the guest's first
+    write to a new cluster. Refused at start, saying how to make it right."""
+    grows, holds = tmp_path / "grows.qcow2", tmp_path / "holds.qcow2"
+    for image, options in ((grows, []), (holds, ["-o", "preallocation=metadata"])):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *options, str(image), "8M"],
+                       check=True)  # fmt: skip
+    with pytest.raises(UsageError, match="preallocation=metadata"):
+        check_growable(grows)
+    check_growable(holds)
+    raw = tmp_path / "d.raw"
+    raw.write_bytes(bytes(4096))
+    check_growable(raw)

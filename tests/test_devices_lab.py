@@ -186,12 +186,12 @@ def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def written(images: list[Path], at_least: int) -> None:
-    """Until each qcow2 image holds ``at_least`` bytes more than a new one and has not grown
-    for a second (the guest's prefill is done: it writes nothing more)."""
+    """Until each image holds ``at_least`` bytes on disk and has not grown for a second (the
+    guest's prefill is done: it writes nothing more)."""
     sizes: list[int] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        now = [image.stat().st_size for image in images]
+        now = [image.stat().st_blocks * 512 for image in images]
         if now == sizes and all(size > at_least for size in now):
             return
         sizes = now
@@ -208,8 +208,10 @@ async def test_a_users_guest_with_two_qcow2_disks_moves_byte_for_byte(
     b→a, precopy a→b) the disks the VM runs on equal those copies byte for byte."""
     a = endpoint(lab, "a")
     images = [lab.shared_dir / f"user-{n}.qcow2" for n in ("system", "data")]
-    for image in images:
-        assert qemu_img("create", "-q", "-f", "qcow2", str(image), "256M").returncode == 0
+    for image in images:  # (preallocated: through its agent a qcow2 cannot grow)
+        made = qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata",
+                        str(image), "256M")  # fmt: skip
+        assert made.returncode == 0, made.stderr
     prefill = 32 << 20
     append = (f"console=ttyS0 quiet devagent.probe=idle:0:4096:0:0:{prefill} "
               "devagent.disks=disk0,disk1")  # fmt: skip

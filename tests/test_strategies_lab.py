@@ -122,7 +122,9 @@ async def test_a_users_own_guest_moves_with_every_strategy(
     its disk arrives byte for byte each time (the guest itself never writes to it)."""
     a, b = two_hosts(lab)
     image = state_dir / "user.qcow2"
-    await tool("qemu-img", "create", "-q", "-f", "qcow2", str(image), "64M")
+    await tool(
+        "qemu-img", "create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", str(image), "64M"
+    )
     pattern = "write -P 0x5a 0 3M"  # data the destination must have, in qcow2 clusters
     await tool("qemu-io", "-f", "qcow2", "-c", pattern, str(image))
     reference = state_dir / "reference.qcow2"

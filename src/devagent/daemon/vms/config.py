@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
-from devagent.errors import NotFound, PeerError, StateError
+from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.guest.build import GuestImage, load_guest
 from devagent.guest.probe import DiskDigest, disk_digest
 from devagent.guest.workload import parse_workload
@@ -60,6 +60,24 @@ def image_format(path: Path) -> DiskFormat:
     except OSError as err:
         raise NotFound(f"disk image {path}: {err.strerror}") from err
     return "qcow2" if magic == b"QFI\xfb" else "raw"
+
+
+def check_growable(path: Path) -> None:
+    """A qcow2 image grows its file as the guest writes new clusters; served by an agent
+    (NBD: a fixed size) it cannot, and QEMU then hangs the guest's write. One whose file
+    is not as large as its disk (its metadata preallocated) is refused, saying how."""
+    if image_format(path) != "qcow2":
+        return
+    with path.open("rb") as f:
+        header = f.read(32)
+    virtual = int.from_bytes(header[24:32], "big")
+    if path.stat().st_size < virtual:
+        raise UsageError(
+            f"disk image {path} is a qcow2 that grows as the guest writes: served by an "
+            "agent its size is fixed, so it must hold its whole disk already (qemu-img "
+            "create -f qcow2 -o preallocation=metadata, or qemu-img convert -O qcow2 -o "
+            "preallocation=metadata), or be raw"
+        )
 
 
 def image_digest(path: Path) -> DiskDigest:

@@ -47,7 +47,7 @@ from devagent.qemu.vm import VmState, pid_alive
 from devagent.wire import convert, decode, from_peer
 
 from .arrival import await_local, go_live
-from .config import GuestBoot, TestGuest, build_config, disk_spec, image_format
+from .config import GuestBoot, TestGuest, build_config, check_growable, disk_spec, image_format
 from .managed import MIGRATION_RECORD, ManagedVm, VmRole
 from .request import MAX_NICS, RemoteHome, VmRequest, disk_file, nic_node
 
@@ -147,6 +147,8 @@ class VmManager:
                 path = Path(disk.image)
                 if not path.exists():
                     raise NotFound(f"disk image {path} does not exist on host {self.host_name}")
+                if request.agent:
+                    check_growable(path)
                 paths[node] = path
                 continue
             if request.storage == "shared":
