@@ -173,11 +173,16 @@ async def replace_broken_spaces(scene: Scene) -> None:
 
 async def bring_home(scene: Scene, guest: Guest, host: str, nodes: list[str]) -> None:
     """``devagent device swap VM NODE --to PATH`` for each disk of ``guest`` that lives on
-    another host, now that ``host`` has a writable disks folder again."""
+    another host, now that ``host`` can hold it again. The path is beside the replaced
+    space, not in it: the VM's agent runs since before the replacement, in the mount
+    namespace of the daemon that started it (``ip netns exec``), which the new filesystem
+    does not reach here."""
+    folder = scene.lab.host(host).dir / "home"
+    folder.mkdir(exist_ok=True)
     async with DaemonClient(scene.endpoints[host]) as client:
         for node in nodes:
             suffix = "" if node == "disk0" else f"-{node}"
-            home = checks.space_of(scene.lab, host) / f"{guest.name}{suffix}.img"
+            home = folder / f"{guest.name}{suffix}.img"
             scene.say(f"bringing {guest.name}'s {node} home to host {host}")
             await client.post(
                 f"/v1/vms/{guest.name}/devices/{node}/swap", {"to": str(home), "sync": True}
