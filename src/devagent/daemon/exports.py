@@ -14,6 +14,7 @@ from typing import Annotated
 
 import msgspec
 
+from devagent.agent.presence import presence_path
 from devagent.api_types import Export
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.vms.request import MAX_DISK_BYTES, MIN_DISK_BYTES, decode
@@ -77,6 +78,8 @@ class ExportManager:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         await agent.stop()
+        # A presence file beside it is a fetched replica's, complete long since: stale.
+        presence_path(Path(agent.image)).unlink(missing_ok=True)
         kept = AgentProcess(
             vm=name, node=agent.node, image=agent.image, run_dir=str(folder),
             listen_address=self.address, tcp_address=agent.tcp_address,
@@ -98,7 +101,8 @@ class ExportManager:
             raise NotFound(f"no export {name!r} on host {self.host_name}")
         await agent.stop()
         if not Path(agent.image).is_relative_to(self.root / name):  # a VM's disk, kept
-            Path(agent.image).unlink(missing_ok=True)
+            for path in (Path(agent.image), presence_path(Path(agent.image))):
+                path.unlink(missing_ok=True)
         shutil.rmtree(self.root / name, ignore_errors=True)
         log.info("export %s removed from host %s", name, self.host_name)
 
