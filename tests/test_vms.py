@@ -98,6 +98,7 @@ def test_a_vm_request_takes_several_disks_in_order() -> None:
         ({"disks": [{"size": 1 << 30, "image": "/a"}]}, "either a size (a new disk) or an image"),
         ({"disk": 3}, "'disk' must be an image's path, or a list of them"),
         ({"data_disks": ["1G"], "disk_from": {"url": "http://a"}}, "one new disk on the peer"),
+        ({"name": "web-disk1"}, "cannot end in -diskN"),  # VM web's disk1 file and export
     ],
 )
 def test_a_bad_set_of_disks_is_refused_clearly(body: dict[str, Any], words: str) -> None:
@@ -405,7 +406,7 @@ async def test_a_disk_kept_on_the_source_is_served_from_there(
     managed.request = VmRequest(name="v1")
     swapped: list[object] = []
 
-    async def swap(backend: object) -> SwapAnswer:
+    async def swap(backend: object, timeout: float = 60.0) -> SwapAnswer:
         swapped.append(backend)
         return SwapAnswer(old="Fetch", new="Remote", hold_s=0.002)
 
@@ -420,5 +421,8 @@ async def test_a_disk_kept_on_the_source_is_served_from_there(
     assert managed.images["disk0"] == Path("/remote/a/v1") and done.lives_on == "a"
     saved = json.loads((tmp_path / "vm.json").read_text())
     assert saved["request"]["disks"][0]["lives_on"]["export"] == "v1"
+    again = await exchange.keep_remote(managed, "disk0", home)  # an answer that was lost
+    assert again.lives_on == "a" and swapped == [remote]
+    other = RemoteHome(peer=Endpoint(url="http://c", name="c"), export="v1")
     with pytest.raises(StateError, match="not a replica being fetched"):
-        await exchange.keep_remote(managed, "disk0", home)
+        await exchange.keep_remote(managed, "disk0", other)

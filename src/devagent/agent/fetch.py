@@ -338,21 +338,27 @@ class Fetch(Replica):
         return moved
 
     async def _write_back(self, chunks: Sequence[int]) -> int:
+        """(As a spilled write, :meth:`_write_remote`: counted, the zero map forgotten.)"""
         async with self._locks.hold(chunks):
-            await self.spill.fast_writes.idle.wait()
-            present = [c for c in chunks if self._map.is_present(c)]
-            moved = 0
-            for first, last in runs(present):
-                start, end = self._span(first)[0], self._span(last)[1]
-                data = await self._local.read(start, end - start)
-                await self.remote.write(start, bytes(data))
-                moved += end - start
-            if present:
-                self.spill.remote_unflushed = True
-                self._map.forget(present)
-                self._unsynced.difference_update(present)
-                self._all_present.clear()
-            return moved
+            with self.spill.spilled_writes.counted():
+                await self.spill.fast_writes.idle.wait()
+                present = [c for c in chunks if self._map.is_present(c)]
+                moved = 0
+                self.spill.remote_writes += 1
+                self._zeroes.forget()
+                for first, last in runs(present):
+                    start, end = self._span(first)[0], self._span(last)[1]
+                    data = await self._local.read(start, end - start)
+                    await self.remote.write(start, bytes(data))
+                    moved += end - start
+                self.spill.remote_writes += 1
+                self._zeroes.forget()
+                if present:
+                    self.spill.remote_unflushed = True
+                    self._map.forget(present)
+                    self._unsynced.difference_update(present)
+                    self._all_present.clear()
+                return moved
 
     async def _spill(self, err: NoRoom) -> None:
         """The replica has no room: serve the guest from the remote until it has (see the

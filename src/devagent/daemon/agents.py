@@ -104,9 +104,10 @@ class AgentProcess(Supervised):
     async def completions(self, since: float) -> CompletionsAnswer:
         return await self.ask("GET", "/completions", into=CompletionsAnswer, since=since)
 
-    async def swap(self, backend: BackendSpec) -> SwapAnswer:
+    async def swap(self, backend: BackendSpec, *, timeout: float = 60.0) -> SwapAnswer:
         """Serve ``backend`` from now on (the guest's I/O held meanwhile)."""
-        return await self.ask("POST", "/swap", SwapRequest(backend=backend), into=SwapAnswer)
+        body = SwapRequest(backend=backend)
+        return await self.ask("POST", "/swap", body, into=SwapAnswer, timeout=timeout)
 
     async def mirror(self, request: MirrorRequest) -> MirrorStarted:
         return await self.ask("POST", "/mirror", request, into=MirrorStarted)

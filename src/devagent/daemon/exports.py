@@ -100,8 +100,13 @@ class ExportManager:
         if agent is None:
             raise NotFound(f"no export {name!r} on host {self.host_name}")
         await agent.stop()
-        if not Path(agent.image).is_relative_to(self.root / name):  # a VM's disk, kept
-            for path in (Path(agent.image), presence_path(Path(agent.image))):
+        image = Path(agent.image)
+        # A VM's disk kept here: devagent's own (in the disks folder) goes with the export;
+        # a user's own image never does.
+        if not image.is_relative_to(self.root / name) and image.is_relative_to(
+            self.root.parent / "disks"
+        ):
+            for path in (image, presence_path(image)):
                 path.unlink(missing_ok=True)
         shutil.rmtree(self.root / name, ignore_errors=True)
         log.info("export %s removed from host %s", name, self.host_name)

@@ -33,6 +33,7 @@ from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.migration.messages import MigrateRequest, RemoteDisk
 from devagent.daemon.netstat import link_bytes
 from devagent.daemon.vms.request import RemoteHome, VmRequest, export_name
+from devagent.errors import StateError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo
 from devagent.qemu.config import VmConfig
@@ -218,6 +219,9 @@ class HostContext:
                 return home
             managed = host.vms.get(name)
             agent = managed.agent_for(node)
+            if agent.backend is not None:  # not a whole disk here (still being fetched)
+                raise StateError(f"VM {name}'s {node} is not whole on this host: it cannot "
+                                 "be kept here")  # fmt: skip
             managed.agents.remove(agent)  # the export's now: not the VM's to restart
             managed.images.pop(node, None)  # nor to delete at its release
             managed.save()

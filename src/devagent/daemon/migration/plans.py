@@ -193,8 +193,8 @@ class AgentPlan(Plan):
         remote = vm.request.remote_disks()
         if remote:
             raise UsageError(
-                f"VM {vm.name}'s {', '.join(remote)} lives on another host: migrate it with "
-                "'shared' (the disk stays where it is), or bring it home first (device swap)"
+                f"VM {vm.name}'s {', '.join(remote)} lives on another host: bring it home "
+                "first (devagent device swap VM NODE --to PATH), then migrate"
             )
 
     def incoming(self, job: JobView) -> IncomingRequest:
@@ -334,14 +334,15 @@ class FetchingPlan(AgentPlan):
             return False
         devices = from_peer(answer, Devices, what="the destination's devices").devices
         disks = {d.device: d for d in devices if isinstance(d, DiskRow)}
-        missing = [node for node in job.managed.images if node not in disks]
+        nodes = job.managed.request.nodes()  # (a disk kept here is no longer in images)
+        missing = [node for node in nodes if node not in disks]
         if missing:
             raise PeerError(
                 f"VM {job.managed.name} has no {', '.join(missing)} on {job.report.destination}"
             )
         local, present, moved, spilling = True, 0, 0, None
         per_disk: dict[str, tuple[int, int]] = {}
-        for node in job.managed.images:
+        for node in nodes:
             device, row = disks[node], job.report.device(node, "disk")
             if row.kept_on is not None:  # it stays here: nothing to wait for
                 continue

@@ -151,6 +151,11 @@ async def attach_remote(
     return result
 
 
+#: How long an agent may take to hand a replica's chunks back to its source (a few GiB at
+#: 100 Mbit/s).
+HAND_BACK_S = 600.0
+
+
 async def keep_remote(managed: ManagedVm, node: str, home: RemoteHome) -> DiskExchange:
     """A migration's source keeps disk ``node``: its replica here can never be written (a
     read-only space). The agent hands what the replica holds back to the source (the
@@ -160,10 +165,13 @@ async def keep_remote(managed: ManagedVm, node: str, home: RemoteHome) -> DiskEx
     space cannot even delete it."""
     agent = managed.agent_for(node)
     disk, fetch = managed.request.disk(node), agent.backend
+    if disk.lives_on == home:  # asked again (its answer was lost): done already
+        return DiskExchange(vm=managed.name, device=node, duration_s=0.0, held_ms=0.0,
+                            backend=repr(agent.backend), lives_on=home.peer.name)  # fmt: skip
     if not isinstance(fetch, FetchSpec):
         raise StateError(f"VM {managed.name}'s {node} is not a replica being fetched here")
     started = time.time()
-    swapped = await agent.swap(fetch.remote)
+    swapped = await agent.swap(fetch.remote, timeout=HAND_BACK_S)  # (it writes back first)
     agent.backend, agent.image = fetch.remote, str(home.path)
     task = managed.fetching.pop(node, None)
     if task is not None:

@@ -239,6 +239,8 @@ class VmRequestBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         if self.nic is not msgspec.UNSET and self.nics is not msgspec.UNSET:
             raise UsageError(f"{VM_RULES['nic']} (at $.nic)")
         nics = int(self.nic) if self.nic is not msgspec.UNSET else (self.nics or 0)
+        if re.search(r"-disk[0-9]+$", self.name):  # another VM's disk file, its export
+            raise UsageError(f"a VM's name cannot end in -diskN (at $.name: {self.name!r})")
         disks = self._disks()
         own = any(d.image is not None for d in disks)
         if not own and (self.kernel or self.initrd):
