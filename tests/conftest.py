@@ -3,17 +3,20 @@ down — and checked to leave nothing behind — even when a test fails."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from devagent.client import Endpoint
+from devagent.client import DaemonClient, Endpoint
 from devagent.guest.build import GuestImage, build_guest
 from devagent.lab.lab import Lab
 from devagent.orchestrate import wait_heartbeats, wait_phase
@@ -93,6 +96,21 @@ def clean_lab(
         lab.down()
     assert processes_mentioning(str(state_dir)) == []
     assert not [ns for ns in namespaces() if ns.startswith(f"da-{name}")]
+
+
+async def kill_daemon_during_ram(lab: Lab, source: Endpoint, host: str) -> None:
+    """Once a migration from ``source`` is moving RAM (its destination made every agent),
+    SIGKILL host ``host``'s daemon."""
+    async with DaemonClient(source) as client:
+        deadline = time.monotonic() + 60
+        while not [j for j in (await client.get("/v1/migrations"))["migrations"]
+                   if j["phase"] == "ram"]:  # fmt: skip
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    pid = lab.host(host).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
 
 
 def print_logs(lab: Lab, lines: int = 30) -> None:

@@ -8,8 +8,6 @@ even on failure."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from devagent.lab.layout import GUEST_BRIDGE
 from devagent.lab.traffic import EchoStream, wait_for_ping
 from devagent.orchestrate import migrate, start_vm, wait_heartbeats
 from devagent.report import MigrationReport
-from tests.conftest import clean_lab, processes_mentioning
+from tests.conftest import clean_lab, kill_daemon_during_ram, processes_mentioning
 
 pytestmark = [pytest.mark.vm, pytest.mark.lab]
 
@@ -156,16 +154,8 @@ async def test_a_destination_killed_during_ram_leaves_the_whole_set_on_the_sourc
     await boot(lab, "set2")
     lab.shape("a", "50mbit")  # RAM long enough to be interrupted
     attempt = asyncio.create_task(migrate(a, b, "set2", storage="hybrid"))
+    await kill_daemon_during_ram(lab, a, "b")
     async with DaemonClient(a) as client:
-        deadline = time.monotonic() + 60
-        while not [j for j in (await client.get("/v1/migrations"))["migrations"]
-                   if j["phase"] == "ram"]:  # fmt: skip
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
-        b_daemon = lab.host("b").pid
-        assert b_daemon is not None
-        os.kill(b_daemon, signal.SIGKILL)
         failed = await attempt
         assert failed.status == "failed" and "host b" in (failed.error or ""), failed.error
         await wait_heartbeats(a, "set2", 10)  # the guest goes on here, on all three disks

@@ -24,7 +24,7 @@ from devagent.lab.lab import Lab
 from devagent.lab.layout import GUEST_BRIDGE
 from devagent.lab.traffic import EchoStream, Pinger, ping_max_gap, wait_for_ping
 from devagent.orchestrate import locate_vm, migrate, start_vm
-from tests.conftest import clean_lab, processes_mentioning
+from tests.conftest import clean_lab, kill_daemon_during_ram, processes_mentioning
 
 pytestmark = [
     pytest.mark.vm,
@@ -207,16 +207,7 @@ async def test_a_destination_that_dies_leaves_the_vm_and_its_nic_on_the_source(
     with EchoStream(netns_c, address, seed=13, rate=128 << 10) as stream:
         await asyncio.sleep(2)
         attempt = asyncio.create_task(migrate(a, b, "nvm3", storage="shared"))
-        async with DaemonClient(a) as client:  # b made the NIC's tap and agent: RAM moves
-            deadline = time.monotonic() + 60
-            while not [j for j in (await client.get("/v1/migrations"))["migrations"]
-                       if j["phase"] == "ram"]:  # fmt: skip
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
-        b_daemon = lab.host("b").pid
-        assert b_daemon is not None
-        os.kill(b_daemon, signal.SIGKILL)
+        await kill_daemon_during_ram(lab, a, "b")  # b made the NIC's tap and agent
         failed = await attempt
         await asyncio.sleep(2)  # the stream goes on from a
         echo = await asyncio.to_thread(stream.finish)
