@@ -14,10 +14,11 @@ from typing import Any, cast
 
 import pytest
 
+from devagent.agent import fetch as fetch_module
 from devagent.agent import spill as spill_module
 from devagent.agent.backend import Backend, Extent, NoRoom
 from devagent.agent.duties import Duties
-from devagent.agent.fetch import Fetch
+from devagent.agent.fetch import Fetch, NotWhole
 from devagent.agent.messages import FetchSpec, RemoteSpec
 from devagent.errors import StateError
 from devagent.nbd.proto import Errno
@@ -453,5 +454,34 @@ async def test_a_write_whose_spill_ended_while_it_waited_goes_to_the_replica(
         assert fetch.present_bytes == 2 * CHUNK  # nothing forgotten
         assert await fetch.read(0, 4096) == b"F" * 4096
         assert await fetch.read(CHUNK, 4096) == b"W" * 4096
+    finally:
+        await fetch.close()
+
+
+async def test_a_whole_replica_whose_space_went_read_only_is_not_served_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The replica is complete when its space turns read-only, before any write met it.
+    Asked whether it can be served alone (a migration's source is about to let it go), it
+    spills at once and says why: a guest's write then goes to the remote, and handing the
+    chunks back leaves the remote with every byte. (A filesystem with the replica open for
+    writing cannot be remounted read-only here: statvfs's answer is what is faked; the
+    chaos lab turns a real ext4 read-only.)"""
+    remote = WritableRemote(pattern())
+    fetch = Fetch(tmp_path / "replica.img", remote, chunk_size=CHUNK)
+    try:
+        fetch.start_copier()
+        await until(lambda: fetch.complete, "the replica complete")
+        await fetch.require_whole()  # whole and writable: nothing to say
+        monkeypatch.setattr(fetch_module, "_read_only", lambda path: path == fetch.path)
+        with pytest.raises(NotWhole, match="Read-only file system"):
+            await fetch.require_whole()
+        assert "Read-only file system" in (fetch.spilling or "")
+        await fetch.write(CHUNK + 512, b"W" * 4096)
+        model = bytearray(pattern())
+        model[CHUNK + 512 : CHUNK + 512 + 4096] = b"W" * 4096
+        assert remote.data[CHUNK : 2 * CHUNK] == model[CHUNK : 2 * CHUNK]
+        assert await fetch.write_back() > 0
+        assert bytes(remote.data) == bytes(model)
     finally:
         await fetch.close()

@@ -38,6 +38,7 @@ from devagent.agent.messages import (
     CutoverAnswer,
     FenceAnswer,
     FlushAnswer,
+    LocalSpec,
     MirrorCancelled,
     MirrorRequest,
     MirrorStarted,
@@ -263,15 +264,23 @@ class BlockAgent:
         the old backend's end, the old backend is closed. A Fetch replica that spills (it has
         no room) swapped to its remote first hands every chunk it holds back to the remote
         (the guest's I/O goes on), and again, held, at the switch: nothing the guest wrote
-        stays behind in the replica."""
+        stays behind in the replica. A Fetch swapped to its own replica as Local must be
+        whole (:meth:`Fetch.require_whole`), checked again at the switch."""
         self._refuse_while_held("a swap")
         handing_back = self._hands_back(spec)
         if handing_back is not None:
             await handing_back.write_back()
+        settling = self._settles(spec)
+        if settling is not None:  # (a read-only space would refuse to open it anyway)
+            await settling.require_whole()
         new = await open_backend(spec)
         started = time.monotonic()
         try:
-            last = handing_back.write_back if handing_back is not None else None
+            last: Callable[[], Awaitable[object]] | None = None
+            if handing_back is not None:
+                last = handing_back.write_back
+            elif settling is not None:
+                last = settling.require_whole  # again, with nothing in flight
             old = await self.swap_backend(new, before_switch=last)
         except BaseException:
             await new.close()
@@ -284,6 +293,17 @@ class BlockAgent:
         except DevagentError as err:
             log.warning("closing the old backend %r failed: %s", old, err)
         return SwapAnswer(old=repr(old), new=repr(new), hold_s=round(hold_s, 6))
+
+    def _settles(self, spec: BackendSpec) -> Fetch | None:
+        """The Fetch whose own replica ``spec`` serves alone (as Local): it must be whole."""
+        current = self.backend
+        if (
+            isinstance(current, Fetch)
+            and isinstance(spec, LocalSpec)
+            and (Path(spec.path) == current.path)
+        ):
+            return current
+        return None
 
     def _hands_back(self, spec: BackendSpec) -> Fetch | None:
         """The Fetch that ``spec`` (its remote, served alone) takes over from; a Fetch that

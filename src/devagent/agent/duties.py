@@ -9,7 +9,7 @@ import contextlib
 import logging
 
 from devagent.agent.backend import Backend, Local
-from devagent.agent.fetch import Fetch
+from devagent.agent.fetch import Fetch, NotWhole
 from devagent.agent.messages import BackendSpec, FetchSpec
 from devagent.agent.swapping import SwapsBackends
 from devagent.errors import DevagentError, StateError
@@ -18,10 +18,6 @@ log = logging.getLogger(__name__)
 
 #: How often ``then_local`` retries a swap the agent's state refused (a quiesce in progress).
 THEN_LOCAL_RETRY_S = 1.0
-
-
-class _NotWhole(DevagentError):
-    """The replica lost a chunk to a spill since it was complete."""
 
 
 class Duties:
@@ -44,11 +40,6 @@ class Duties:
             log.error("replica %s: cannot make it durable, staying on Fetch: %s", fetch.path, err)
             return
 
-        async def still_whole() -> None:  # under the swap's hold: no request in flight
-            if not fetch.complete or fetch.spilling is not None:
-                why = fetch.spilling or "chunks it spilled are on the remote only"
-                raise _NotWhole(f"replica {fetch.path} is not whole: {why}")
-
         while self.agent.backend is fetch:
             try:
                 local = Local(fetch.path)
@@ -57,13 +48,8 @@ class Duties:
                 await asyncio.sleep(THEN_LOCAL_RETRY_S)
                 continue
             try:
-                old = await self.agent.swap_backend(local, before_switch=still_whole)
-            except StateError as err:  # held by /quiesce, say: try again shortly
-                await local.close()
-                log.info("replica %s complete, swap to Local put off: %s", fetch.path, err)
-                await asyncio.sleep(THEN_LOCAL_RETRY_S)
-                continue
-            except _NotWhole as err:  # a write spilled meanwhile: wait until whole again
+                old = await self.agent.swap_backend(local, before_switch=fetch.require_whole)
+            except NotWhole as err:  # a write spilled meanwhile: wait until whole again
                 await local.close()
                 log.info("%s: staying on Fetch until it is whole again", err)
                 try:
@@ -72,6 +58,11 @@ class Duties:
                 except DevagentError as failed:
                     log.error("replica %s: staying on Fetch: %s", fetch.path, failed)
                     return
+                continue
+            except StateError as err:  # held by /quiesce, say: try again shortly
+                await local.close()
+                log.info("replica %s complete, swap to Local put off: %s", fetch.path, err)
+                await asyncio.sleep(THEN_LOCAL_RETRY_S)
                 continue
             except BaseException:
                 await local.close()

@@ -56,8 +56,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from devagent.agent.backend import Backend, BackendError, Extent, NoRoom
@@ -69,6 +72,14 @@ from devagent.agent.presence import HEADER_SIZE as HEADER_SIZE  # a lab test rea
 from devagent.agent.presence import presence_path as presence_path  # the daemon's import
 from devagent.agent.replica import FETCH_MAX, Replica, runs
 from devagent.errors import StateError
+
+
+class NotWhole(StateError):
+    """The replica cannot be served alone: chunks are absent, or it has no room."""
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 class Fetch(Replica):
@@ -313,6 +324,19 @@ class Fetch(Replica):
             if self.spilling is None:
                 raise
             self.log.warning("replica %s: flush failed while spilling: %s", self.path, err)
+
+    async def require_whole(self) -> None:
+        """Raise :class:`NotWhole` unless the replica can be served alone, as ``Local``:
+        every chunk present, none spilled, its filesystem writable. A filesystem found
+        read-only before any write met it makes the Fetch spill now (its status says so,
+        and a migration's source keeps the disk rather than let it go)."""
+        if self.spilling is not None:
+            raise NotWhole(f"replica {self.path} is not whole: {self.spilling}")
+        if not self.complete:
+            raise NotWhole(f"replica {self.path} is not complete")
+        if await asyncio.to_thread(_read_only, self.path):
+            await self._spill(NoRoom(f"replica {self.path}: {os.strerror(errno.EROFS)}"))
+            raise NotWhole(f"replica {self.path} is not whole: {self.spilling}")
 
     # -- spilling ----------------------------------------------------------------------------
 
