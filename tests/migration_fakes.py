@@ -204,12 +204,15 @@ def mirror_stats(copied: int, state: str = "finished") -> MirrorStats:
 
 
 def fetch_status(kind: str, present: int, size: int, spilling: str | None = None) -> BackendStatus:
-    """A destination replica's backend: still fetching, or local once complete."""
+    """A destination replica's backend: still fetching, whole (complete, not let go yet),
+    or local once the source let it go."""
     if kind == "local":
         return LocalStatus(path="/replica.img", read_only=False)
+    whole = kind == "whole"
     return FetchStatus(
-        path="/replica.img", size=size, chunk_size=64 << 10, present_bytes=present,
-        complete=False, fetched_on_demand_bytes=1, fetched_in_background_bytes=2,
+        path="/replica.img", size=size, chunk_size=64 << 10,
+        present_bytes=size if whole else present, complete=whole,
+        fetched_on_demand_bytes=1, fetched_in_background_bytes=2,
         skipped_as_zero_bytes=0, copier=True, rate_limit=None, remote="Remote(a)",
         spilling=spilling,
     )  # fmt: skip
@@ -347,6 +350,10 @@ class FakeDestination:
         self.disks = ["disk0"]  # the incoming VM's, as the source described them
         #: Disks whose replica space went read-only: spilling for good, never local.
         self.read_only: set[str] = set()
+        #: Disks whose space goes read-only as the source lets them go: the settle is
+        #: refused, and they spill from then on.
+        self.read_only_at_settle: set[str] = set()
+        self.settled: set[str] = set()  # replicas the source let go: served as Local
         #: A commit the source asked before it died runs here: an abort is refused, and the
         #: VM is ``committing`` (paused) for one look, then ``running``.
         self.commit_under_way = False
@@ -371,7 +378,7 @@ class FakeDestination:
             return {"completions": [], "devices": {node: [] for node in self.disks}}
         if path.endswith("/devices"):
             self.polls_until_local -= 1
-            kind = "local" if self.polls_until_local <= 0 else "fetch"
+            kind = "whole" if self.polls_until_local <= 0 else "fetch"
             self.present += 4096 if self.replica_grows else 0
             agent = StatusAnswer(
                 export="disk0", size=4 << 20, state="serving", connections=1, addresses=[],
@@ -380,16 +387,15 @@ class FakeDestination:
             )  # fmt: skip
             stuck = msgspec.structs.replace(agent, backend_status=fetch_status(
                 "fetch", 4096, 4 << 20, "write on /r.img: Read-only file system"))  # fmt: skip
-            rows = [
-                DiskRow(
-                    vm="v1",
-                    device=node,
-                    image=f"/{node}.img",
-                    state="serving",
-                    agent=stuck if node in self.read_only else agent,
-                )
-                for node in self.disks
-            ]
+            local = msgspec.structs.replace(agent, backend_status=fetch_status("local", 0, 0))
+
+            def row(node: str) -> DiskRow:
+                now = stuck if node in self.read_only else agent
+                now = local if node in self.settled else now
+                return DiskRow(vm="v1", device=node, image=f"/{node}.img", state="serving",
+                               agent=now)  # fmt: skip
+
+            rows = [row(node) for node in self.disks]
             return to_json(Devices(devices=list(rows)))
         if path.startswith("/v1/vms/"):
             name = path.split("/")[3]
@@ -410,6 +416,13 @@ class FakeDestination:
             self.vms[parts[-2]] = "running"
         self.bodies[path] = body
         self._asked(f"POST {path}")
+        if path.endswith("/settle"):
+            node = parts[-2]
+            if node in self.read_only_at_settle:
+                self.read_only.add(node)
+                raise StateError(f"replica /{node}.img is not whole: Read-only file system")
+            self.settled.add(node)
+            return {}
         if path in ("/v1/incoming", "/v1/baselines/incoming"):
             name = body["request"]["name"]
             if name in self.vms:

@@ -9,11 +9,13 @@ strategy's steps in order, and a failure at every step, each checked against the
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from pathlib import Path
 
 import pytest
 
+from devagent.agent.defaults import FETCH_CHUNK
 from devagent.daemon.migration import job as job_module
 from devagent.daemon.migration.job import Phase
 from devagent.daemon.migration.plans import HYBRID_PUSH_SHARE
@@ -143,11 +145,13 @@ async def test_a_set_of_disks_moves_as_one(tmp_path: Path, strategy: Strategy) -
     assert [d["backend"]["export"] for d in incoming] == list(SIZES)
     assert all(a.fenced for a in vm.agents)
     commit = host.destination.bodies["/v1/incoming/v1/commit"]
-    if strategy is Strategy.PRECOPY:
-        assert commit["local"] is True
-    else:
-        assert list(commit["fetches"]) == list(SIZES)
-        assert [f["remote"]["export"] for f in commit["fetches"].values()] == list(SIZES)
+    assert list(commit["fetches"]) == list(SIZES)
+    assert [f["remote"]["export"] for f in commit["fetches"].values()] == list(SIZES)
+    if strategy is Strategy.PRECOPY:  # each replica whole: every chunk present
+        for node, size in SIZES.items():
+            bits = base64.b64decode(commit["fetches"][node]["present"])
+            chunks = -(-size // FETCH_CHUNK)
+            assert sum(bin(b).count("1") for b in bits) == chunks and len(bits) == -(-chunks // 8)
     if strategy in (Strategy.PRECOPY, Strategy.HYBRID):
         targets = [a.mirrors[0].target for a in vm.agents]
         assert [getattr(t, "export", None) for t in targets] == [f"receive-{n}" for n in SIZES]
@@ -194,6 +198,28 @@ async def test_a_disk_whose_replica_space_went_read_only_stays_on_the_source(
     assert rows["disk0"].kept_on is None and rows["disk0"].local_after_s is not None
     [warning] = job.report.warnings
     assert "disk1 stays on host a" in warning and "device swap v1 disk1" in warning
+
+
+@pytest.mark.parametrize("strategy", [Strategy.PRECOPY, Strategy.POSTCOPY])
+async def test_a_replica_space_read_only_as_the_source_lets_go_keeps_that_disk(
+    tmp_path: Path, strategy: Strategy
+) -> None:
+    """Every replica is whole; the source lets each go (``settle``), and the destination
+    refuses disk2's: its space went read-only. Its replica spills from then on: disk2 stays
+    on the source; the others are served alone there (the settle is the point of no
+    return), and only then is the VM released here."""
+    job, vm, host = make_job(tmp_path, strategy, vm=disk_set(tmp_path))
+    host.destination.read_only_at_settle = {"disk2"}
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    assert host.kept == [("v1", "disk2")]
+    assert host.destination.settled == {"disk0", "disk1"}
+    asked = host.destination.requests
+    refused = asked.index("POST /v1/vms/v1/devices/disk2/settle")
+    assert asked.index("POST /v1/vms/v1/devices/disk2/keep-remote") > refused
+    assert job.report.timeline[Step.DISK_LOCAL] <= job.report.timeline[Step.RELEASED]
+    rows = {r.node: r for r in job.report.devices}
+    assert rows["disk2"].kept_on == "a" and rows["disk0"].local_after_s is not None
 
 
 async def test_a_failure_of_one_disk_rolls_back_the_whole_set(tmp_path: Path) -> None:

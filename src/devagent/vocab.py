@@ -157,7 +157,7 @@ class Step(StrEnum):
     COMMITTED = "committed"  # the destination answered the commit
     NET_ANNOUNCED_AGAIN = "net_announced_again"  # the destination's first announce was doubtful
     NET_FORWARD_STOPPED = "net_forward_stopped"
-    DISK_LOCAL = "disk_local"  # postcopy, hybrid: the destination's replica is complete
+    DISK_LOCAL = "disk_local"  # each replica serves alone there: the disks' point of no return
     RELEASED = "released"  # nothing of the VM is left on the source
 
 

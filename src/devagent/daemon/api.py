@@ -24,6 +24,8 @@ The table below is every route :func:`build_app` registers, no more, no less
     POST   /v1/vms/{name}/devices/{node}/keep-remote {"peer": PEER, "export": NAME}: (peer) a
                                               migration's source keeps the disk (its replica
                                               here cannot be written): serve it from there
+    POST   /v1/vms/{name}/devices/{node}/settle  (peer) a migration's source lets the disk
+                                              go: the complete replica here is the disk
     POST   /v1/vms/{name}/probe               {"command": "pause"|"resume"|"verify"}
     POST   /v1/vms/{name}/suspend             stop the guest's vCPUs (QMP stop)
     POST   /v1/vms/{name}/resume              let a suspended guest run again (QMP cont)
@@ -220,6 +222,11 @@ async def keep_remote(request: web.Request) -> web.Response:
     return answer(await exchange.keep_remote(managed, request.match_info["node"], home))
 
 
+async def settle(request: web.Request) -> web.Response:
+    managed = host_of(request).vms.get(request.match_info["name"])
+    return answer(await exchange.settle(managed, request.match_info["node"]))
+
+
 async def completions(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     by_disk = await managed.completions_by_disk(since_of(request))
@@ -314,6 +321,7 @@ def build_app(host: Host, token: str) -> web.Application:
     r.add_post("/v1/vms/{name}/devices/{node}/swap", swap_device)
     r.add_post("/v1/vms/{name}/devices/{node}/attach-remote", attach_remote)
     r.add_post("/v1/vms/{name}/devices/{node}/keep-remote", keep_remote)
+    r.add_post("/v1/vms/{name}/devices/{node}/settle", settle)
     r.add_post("/v1/vms/{name}/probe", probe_command)
     r.add_post("/v1/vms/{name}/suspend", suspend_vm)
     r.add_post("/v1/vms/{name}/resume", resume_vm)

@@ -78,7 +78,7 @@ async def ready(managed: ManagedVm, request: CommitRequest) -> CommitAnswer:
     fetches = {
         node: plan.spec(str(managed.image_of(node))) for node, plan in request.fetches.items()
     }
-    steps = await incoming_vm.commit_incoming(managed, fetches, local=request.local)
+    steps = await incoming_vm.commit_incoming(managed, fetches)
     resumed_at = steps.pop("resumed_at")
     return CommitAnswer(resumed_at=resumed_at, steps=steps, vm=managed.api_status())
 

@@ -89,10 +89,12 @@ class FetchPlan(msgspec.Struct, omit_defaults=True):
     copy_batch: Positive | None = None
 
     def spec(self, path: str) -> FetchSpec:
-        """The agent's backend for the replica at ``path``: fetched, then served as Local."""
+        """The agent's backend for the replica at ``path``: fetched; served as Local once
+        the source lets it go (``POST /v1/vms/NAME/devices/NODE/settle``), not before: until
+        then a replica whose space fails spills to the source, which keeps the disk."""
         spec = FetchSpec(
             path=path, remote=self.remote.spec(), chunk_size=self.chunk_size,
-            copier=True, then_local=True, present=self.present,
+            copier=True, present=self.present,
         )  # fmt: skip
         if self.copy_batch is not None:
             spec.copy_batch = self.copy_batch
@@ -102,8 +104,9 @@ class FetchPlan(msgspec.Struct, omit_defaults=True):
 class CommitRequest(Message):
     """``POST /v1/incoming/NAME/commit``: the RAM arrived; ready the disks, run the guest."""
 
-    local: bool = False  # precopy: every replica is complete, serve each as Local
-    fetches: dict[str, FetchPlan] = msgspec.field(default_factory=dict)  # by node: post-copy
+    #: By node: each disk's replica, served as a Fetch of the source's disk until the source
+    #: lets it go (a precopy's is complete: every chunk present).
+    fetches: dict[str, FetchPlan] = msgspec.field(default_factory=dict)
 
 
 class CommitAnswer(msgspec.Struct):

@@ -306,10 +306,10 @@ class FetchingPlan(AgentPlan):
         return CommitRequest(fetches=fetches)
 
     async def until_released(self, job: JobView) -> None:
-        """Wait until every replica on the destination is complete and served as Local: as
-        long as they grow (a slow link's tail takes what it takes), and
-        :data:`DISK_STALL_S` at most without progress. A replica whose space went read-only
-        can never be: that disk is kept here (:meth:`keep`)."""
+        """Wait until every replica on the destination is complete, then let each go (it
+        is served as Local there: :meth:`_settle`): as long as they grow (a slow link's tail
+        takes what it takes), and :data:`DISK_STALL_S` at most without progress. A replica
+        whose space went read-only can never be: that disk is kept here (:meth:`keep`)."""
         progress = _Progress()
         while not await self._disk_local(job, progress):
             if progress.unwritable:
@@ -342,13 +342,18 @@ class FetchingPlan(AgentPlan):
             )
         local, present, moved, spilling = True, 0, 0, None
         per_disk: dict[str, tuple[int, int]] = {}
+        unsettled: dict[str, bool] = {}  # replicas not served as Local yet: whole?
         for node in nodes:
             device, row = disks[node], job.report.device(node, "disk")
             if row.kept_on is not None:  # it stays here: nothing to wait for
                 continue
             backend = device.agent.backend_status if device.agent is not None else None
-            local = local and isinstance(backend, LocalStatus)
-            if isinstance(backend, LocalStatus) and row.local_after_s is None:
+            if not isinstance(backend, LocalStatus):
+                local = False
+                unsettled[node] = (
+                    isinstance(backend, FetchStatus) and backend.complete and not backend.spilling
+                )
+            elif row.local_after_s is None:
                 row.local_after_s = round(time.time() - job.started_at, 3)
             fetch = backend if isinstance(backend, FetchStatus) else device.last_fetch
             if fetch is None:
@@ -370,7 +375,30 @@ class FetchingPlan(AgentPlan):
         progress.saw(present)
         job.disk_progress(per_disk)
         job.progress.disk_bytes_moved = moved
+        if unsettled and all(unsettled.values()):
+            return await self._settle(job, list(unsettled))
         return local
+
+    async def _settle(self, job: JobView, nodes: list[str]) -> bool:
+        """Every replica is complete: the destination serves each alone from now on (it
+        checks, with the guest's I/O held, that each is whole and its space writable). This
+        is the point of no return: the guest writes there only, this host's copy goes stale,
+        and a space that fails there from now on fails the VM's only disk. Until every disk
+        answers, the source's disks serve as before; one that refuses (it spills now, its
+        agent restarts) is looked at again on the next poll."""
+        name = job.managed.name
+
+        async def settle(node: str) -> None:
+            await job.peer.post(f"/v1/vms/{name}/devices/{node}/settle")
+            row = job.report.device(node, "disk")
+            row.local_after_s = row.local_after_s or round(time.time() - job.started_at, 3)
+
+        done = await asyncio.gather(*(settle(n) for n in nodes), return_exceptions=True)
+        refused = [f"{n}: {e}" for n, e in zip(nodes, done, strict=True) if e is not None]
+        if refused:
+            job.log.info("VM %s's replicas on %s stay as they are for now: %s",
+                         name, job.report.destination, "; ".join(refused))  # fmt: skip
+        return not refused
 
     async def keep(self, job: JobView, unwritable: dict[str, str]) -> None:
         """The destination's replica of each of these disks cannot be written (its space
@@ -420,7 +448,10 @@ class PostcopyPlan(FetchingPlan):
     strategy = Strategy.POSTCOPY
 
 
-class PrecopyPlan(AgentPlan):
+class PrecopyPlan(FetchingPlan):
+    """The mirror makes each replica complete before RAM moves; it is served there as a
+    Fetch with every chunk present (nothing left to fetch) until this host lets it go."""
+
     strategy = Strategy.PRECOPY
 
     async def before_ram(self, job: JobView, prepared: Prepared) -> None:
@@ -454,10 +485,9 @@ class PrecopyPlan(AgentPlan):
         cut = await each_disk(job, lambda a: a.cutover(keep_source=True, timeout=DISK_WAIT_S))
         job.mark(Step.MIRROR_ENDED)
         pushed_bytes(job, {node: c.mirror.copied_bytes for node, c in cut.items()})
-        return Handover()
-
-    def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
-        return CommitRequest(local=True)
+        return Handover(present={
+            node: every_chunk(-(-size // FETCH_CHUNK)) for node, size in job.disk_sizes.items()
+        })  # fmt: skip
 
 
 class HybridPlan(FetchingPlan):
@@ -524,6 +554,11 @@ async def _mirror_status(agent: DiskAgentLink) -> MirrorStatus:
             f"the disk mirror of {agent.node} ended: the agent serves {type(mirror).__name__}"
         )
     return mirror
+
+
+def every_chunk(chunks: int) -> str:
+    """Base64 bits with each of ``chunks`` chunks present."""
+    return clean_chunks(base64.b64encode(bytes(-(-chunks // 8))).decode(), chunks)
 
 
 def clean_chunks(dirty_b64: str, chunks: int) -> str:

@@ -191,6 +191,30 @@ async def keep_remote(managed: ManagedVm, node: str, home: RemoteHome) -> DiskEx
     )  # fmt: skip
 
 
+async def settle(managed: ManagedVm, node: str) -> DiskExchange:
+    """A migration's source lets disk ``node`` go: the replica here, complete, is served
+    alone (as Local) from now on. The agent refuses (409) a replica that is not whole or
+    whose space went read-only (it spills then: the source keeps the disk instead, by
+    :func:`keep_remote`). Once it answers, the source's copy is stale: this is the
+    migration's point of no return for the disk. Asked again, it is done already."""
+    agent = managed.agent_for(node)
+    fetch = agent.backend
+    if fetch is None:  # served as Local already (its answer was lost, say)
+        return DiskExchange(vm=managed.name, device=node, duration_s=0.0, held_ms=0.0,
+                            backend=f"Local({str(managed.image_of(node))!r})")  # fmt: skip
+    if not isinstance(fetch, FetchSpec) or managed.request.disk(node).lives_on is not None:
+        raise StateError(f"VM {managed.name}'s {node} is not a migration's replica here")
+    started = time.time()
+    swapped = await agent.swap(LocalSpec(path=fetch.path))
+    agent.backend = None
+    managed.save()
+    managed.log.info("VM %s: %s settled on its replica %s", managed.name, node, fetch.path)
+    return DiskExchange(
+        vm=managed.name, device=node, duration_s=round(time.time() - started, 3),
+        held_ms=round(swapped.hold_s * 1000, 3), backend=swapped.new,
+    )  # fmt: skip
+
+
 async def swap_nic(managed: ManagedVm, node: str, tap: str) -> NicSwap:
     """Make the tap ``tap`` (on this host) a NIC's uplink without losing a frame."""
     nic = managed.nic_for(node)

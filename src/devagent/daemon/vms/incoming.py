@@ -203,18 +203,16 @@ async def add_incoming(
 # --- the VM's side -----------------------------------------------------------------------------
 
 
-async def commit_incoming(
-    vm: ManagedVm, fetches: dict[str, FetchSpec], local: bool = False
-) -> dict[str, float]:
+async def commit_incoming(vm: ManagedVm, fetches: dict[str, FetchSpec]) -> dict[str, float]:
     """The migration arrived: ready the disks, run the guest, return when it resumed
     (``resumed_at``) and when each step before it ended (wall clock).
 
-    With ``fetches`` (postcopy, hybrid) each disk's agent swaps to its Fetch replica of the
-    source's disk (``fetch.remote``; ``fetch.path`` is the disk's image), seeded with the
-    chunks a mirror already pushed (``fetch.present``, base64 bits), copying the rest in the
-    background; a task watches each complete. With ``local`` (precopy) every replica is
-    complete already and each agent swaps to it. Nothing runs the guest before every disk
-    is ready: QEMU was started paused (``-S``)."""
+    With ``fetches`` (every strategy that moves the disk) each disk's agent swaps to its
+    Fetch replica of the source's disk (``fetch.remote``; ``fetch.path`` is the disk's
+    image), seeded with the chunks a push or mirror already landed (``fetch.present``,
+    base64 bits: all of them after a precopy), copying the rest in the background; a task
+    watches each become Local (once the source lets it go). Nothing runs the guest before
+    every disk is ready: QEMU was started paused (``-S``)."""
     steps: dict[str, float] = {DestinationStep.COMMIT: time.time()}
     deadline = time.time() + ARRIVAL_TIMEOUT_S
     while True:
@@ -229,9 +227,6 @@ async def commit_incoming(
     if vm.receivers:
         retired = await asyncio.gather(*(_retire_receiver(vm, n) for n in list(vm.receivers)))
         steps[DestinationStep.RECEIVER_RETIRED] = max(retired)
-    if local:
-        await asyncio.gather(*(_swap_to_local(vm, node) for node in vm.images))
-        steps[DestinationStep.DISK_SWAPPED] = time.time()
     if fetches:
         swapped = await asyncio.gather(*(_swap_to_fetch(vm, n, f) for n, f in fetches.items()))
         steps[DestinationStep.DISK_SWAPPED] = max(swapped)
@@ -268,13 +263,6 @@ async def _retire_receiver(vm: ManagedVm, node: str) -> float:
     vm.retiring.append(asyncio.create_task(receiver.stop()))
     del vm.receivers[node]
     return retired
-
-
-async def _swap_to_local(vm: ManagedVm, node: str) -> None:
-    """Disk ``node``'s replica is complete (a mirror's target): its agent serves it."""
-    agent = vm.agent_for(node)
-    await agent.swap(LocalSpec(path=str(vm.image_of(node))))
-    agent.backend = None
 
 
 async def _swap_to_fetch(vm: ManagedVm, node: str, spec: FetchSpec) -> float:
