@@ -15,6 +15,7 @@ from devagent.chaos.draw import (
     parse_faults,
     parse_phases,
     parse_strategies,
+    past_no_return,
     phase_at,
     phases_of,
 )
@@ -85,10 +86,20 @@ def test_the_phase_a_fault_landed_in_is_read_from_the_timeline() -> None:
     assert phase_at(timeline, 9.1, hybrid) is Phase.RELEASE
     assert phase_at(timeline, 12.0, hybrid) is Phase.AFTER
     assert phase_at({"destination_ready": 0.4}, 3.0, hybrid) is Phase.PREPARE  # no further
-    mirrored = {"destination_ready": 0.5, "mirror_started": 0.6, "ram_started": 4.0,
-                "resumed": 6.2, "committed": 6.3, "released": 6.6}  # fmt: skip
+    mirrored = {"destination_ready": 0.5, "mirror_started": 0.6, "ram_started": 4.0, "ram_completed": 6.0,
+                "resumed": 6.2, "committed": 6.3, "disk_local": 6.4, "released": 6.6}  # fmt: skip
     assert phase_at(mirrored, 1.0, precopy) is Phase.MIRROR
-    assert phase_at(mirrored, 6.4, precopy) is Phase.RELEASE
+    assert phase_at(mirrored, 6.35, precopy) is Phase.SWITCHOVER  # not let go yet
+    assert phase_at(mirrored, 6.45, precopy) is Phase.RELEASE
+
+
+def test_a_read_only_space_is_not_aimed_past_the_point_of_no_return() -> None:
+    plans = draw(3, 40, ["disk-readonly", "disk-full"], parse_strategies(None))
+    assert {p.phase for p in plans if p.fault == "disk-full"} >= {Phase.RELEASE}
+    assert Phase.RELEASE not in {p.phase for p in plans if p.fault == "disk-readonly"}
+    assert past_no_return(Action.DISK_READONLY, Phase.AFTER)
+    assert not past_no_return(Action.DISK_READONLY, Phase.TAIL)
+    assert not past_no_return(Action.DISK_FULL, Phase.RELEASE)
 
 
 def test_after_the_switchover_only_completed_is_allowed() -> None:

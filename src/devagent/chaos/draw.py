@@ -95,19 +95,19 @@ def phases_of(strategy: Strategy) -> tuple[Phase, ...]:
     return (Phase.PREPARE, *middle, Phase.RELEASE)
 
 
-def phase_start(strategy: Strategy, phase: Phase) -> Step | None:
-    """The step that begins ``phase`` (None: the migrate command). A precopy's replica is
-    whole at the switchover: its release begins with the commit."""
-    if phase is Phase.RELEASE and strategy is Strategy.PRECOPY:
-        return Step.COMMITTED
-    return PHASE_STEPS[phase][0]
+def past_no_return(action: Action, phase: Phase | None) -> bool:
+    """A read-only replica space from the release on: the replica is the VM's only disk by
+    then (the source let it go), so the guest's writes fail as on any host whose disk
+    fails; no migration can help it. Such a fault is not drawn, and one that lands there
+    is recorded as such, not as a violation."""
+    return action is Action.DISK_READONLY and phase in (Phase.RELEASE, Phase.AFTER)
 
 
 def phase_at(timeline: dict[str, float], t: float, strategy: Strategy) -> Phase:
     """The phase a fault at ``t`` seconds (from the migrate command) landed in."""
     landed = Phase.PREPARE
     for phase in phases_of(strategy):
-        first = phase_start(strategy, phase)
+        first = PHASE_STEPS[phase][0]
         start = 0.0 if first is None else timeline.get(first)
         if start is not None and start <= t:
             landed = phase
@@ -205,8 +205,9 @@ def draw(
             rng.shuffle(order)
         fault = order.pop()
         strategy = rng.choice(strategies)
-        phase = rng.choice([p for p in phases_of(strategy) if p in phases])
         action = _kind(fault)[0]
+        aims = [p for p in phases_of(strategy) if p in phases and not past_no_return(action, p)]
+        phase = rng.choice(aims or [p for p in phases_of(strategy) if p in phases])
         duration = {
             Action.KILL: 2.0,
             Action.STOP: 10.0,

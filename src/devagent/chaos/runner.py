@@ -26,7 +26,14 @@ from pathlib import Path
 
 from devagent.api_types import MigrationStatus
 from devagent.chaos import checks
-from devagent.chaos.draw import Action, RunPlan, Target, phase_at, phase_start
+from devagent.chaos.draw import (
+    PHASE_STEPS,
+    Action,
+    RunPlan,
+    Target,
+    past_no_return,
+    phase_at,
+)
 from devagent.chaos.faults import Injected, Injector, ReplicaSpace
 from devagent.chaos.record import Outcome, RunRecord, expected_outcomes
 from devagent.client import DaemonClient, Endpoint
@@ -293,7 +300,7 @@ async def _fault(scene: Scene, plan: RunPlan, record: RunRecord, started: float)
     if plan.action is Action.NONE:
         return Injected(plan.fault, detail="no fault")
     try:
-        await _until_phase(scene, record, phase_start(plan.strategy, plan.phase))
+        await _until_phase(scene, record, PHASE_STEPS[plan.phase][0])
         await asyncio.sleep(plan.delay_s)
         pid = await _target_pid(scene, record, plan.target)
     except DevagentError as err:
@@ -385,6 +392,12 @@ async def _check(scene: Scene, plan: RunPlan, guest: Guest, record: RunRecord) -
             record.violations.append(f"the report says {report.status}, the VM is {outcome}")
         record.violations.extend(checks.report_violations("migration", report))
     guest.at = record.destination if outcome == Outcome.COMPLETED else record.source
+    if past_no_return(plan.action, record.phase_hit):
+        record.notes.append(
+            "the replica space went read-only once the replica was the VM's only disk: its "
+            "writes fail as on any host whose disk fails (not a migration's fault)"
+        )
+        return  # the guest goes with the space (replace_broken_spaces)
     here = scene.endpoints[guest.at]
     record.violations.extend(await checks.answers(scene.lab, here, guest.name, "c"))
     if record.violations or not faulted:  # without a fault, the next run brings it back
