@@ -86,8 +86,9 @@ def test_the_phase_a_fault_landed_in_is_read_from_the_timeline() -> None:
     assert phase_at(timeline, 9.1, hybrid) is Phase.RELEASE
     assert phase_at(timeline, 12.0, hybrid) is Phase.AFTER
     assert phase_at({"destination_ready": 0.4}, 3.0, hybrid) is Phase.PREPARE  # no further
-    mirrored = {"destination_ready": 0.5, "mirror_started": 0.6, "ram_started": 4.0, "ram_completed": 6.0,
-                "resumed": 6.2, "committed": 6.3, "disk_local": 6.4, "released": 6.6}  # fmt: skip
+    mirrored = {"destination_ready": 0.5, "mirror_started": 0.6, "ram_started": 4.0,
+                "ram_completed": 6.0, "resumed": 6.2, "committed": 6.3, "disk_local": 6.4,
+                "released": 6.6}  # fmt: skip
     assert phase_at(mirrored, 1.0, precopy) is Phase.MIRROR
     assert phase_at(mirrored, 6.35, precopy) is Phase.SWITCHOVER  # not let go yet
     assert phase_at(mirrored, 6.45, precopy) is Phase.RELEASE

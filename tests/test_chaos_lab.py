@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.vm, pytest.mark.lab]
 
 #: The faults, drawn with :data:`SEED`: with it the full space lands in a ``hybrid`` tail (the
 #: replica spills to the source), the link cut in a ``precopy`` release, the read-only space
-#: in a ``hybrid`` prepare (a read-only space after the switchover leaves the migration
-#: waiting for room: docs/RELIABILITY.md).
+#: in a ``hybrid`` prepare (one after the switchover keeps the disk on the source, which
+#: ``devagent chaos --faults disk-readonly --phases tail,switchover`` tries: docs/RELIABILITY.md).
 FAULTS = (
     "kill-source-agent",
     "stop-destination-agent",

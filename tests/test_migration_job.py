@@ -212,6 +212,7 @@ async def test_a_replica_space_read_only_as_the_source_lets_go_keeps_that_disk(
     host.destination.read_only_at_settle = {"disk2"}
     await job.run()
     assert job.phase is Phase.COMPLETED, job.report.error
+    moved(vm, host)
     assert host.kept == [("v1", "disk2")]
     assert host.destination.settled == {"disk0", "disk1"}
     asked = host.destination.requests

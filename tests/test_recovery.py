@@ -25,6 +25,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from devagent.agent.messages import FetchSpec, RemoteSpec, StatusAnswer
 from devagent.daemon.agents import AgentProcess
+from devagent.daemon.exports import ExportManager
 from devagent.daemon.host import Host
 from devagent.daemon.migration import job as job_module
 from devagent.daemon.migration.job import MigrationJob, Phase
@@ -434,6 +435,33 @@ async def test_a_source_vm_whose_qemu_is_gone_is_kept_only_for_its_migration(
         assert managed.vm.exited and managed.role is VmRole.MIGRATED and managed.serves_disk
     else:
         assert manager.vms == {} and not folder.exists()
+
+
+async def test_a_disk_kept_as_an_export_is_no_longer_its_vms_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """A keep the daemon's end interrupted: the export's agent ran and was recorded, the
+    VM's record still had the disk. The restart gives it to the export alone (the VM
+    neither restarts its agent on the export's address nor deletes its image); an export
+    whose agent never started is dropped (the VM's agent still serves the disk)."""
+    proc = await asyncio.create_subprocess_exec("true")
+    await proc.wait()  # the migrated VM's QEMU: gone
+    image = str(tmp_path / "disks" / "v1.img")
+    agent = AgentProcess(vm="v1", node="disk0", image=image, run_dir=str(tmp_path / "r"))
+    folder = write_vm_json(tmp_path, "migrated", proc.pid, [agent])
+    (folder / "migration.json").write_text("{}")
+    manager = VmManager("a", tmp_path, None, "127.0.0.1")
+    await manager.adopt_all(kept={"v1": image})
+    managed = manager.get("v1")
+    assert managed.agents == [] and "disk0" not in managed.images
+
+    exports = ExportManager("a", tmp_path, "127.0.0.1")
+    claimed = tmp_path / "exports" / "v2"
+    claimed.mkdir(parents=True)
+    never = AgentProcess(vm="v2", node="disk0", image=image, run_dir=str(claimed))
+    (claimed / "export.json").write_text(json.dumps(never.to_json()))
+    await exports.adopt_all()
+    assert exports.exports == {} and not claimed.exists()
 
 
 async def test_a_source_qemu_whose_migration_completed_unwatched_is_adopted_as_migrated(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -67,30 +68,42 @@ class ExportManager:
         )
         return agent
 
-    async def take_over(self, name: str, agent: AgentProcess) -> AgentProcess:
+    async def take_over(
+        self, name: str, agent: AgentProcess, forget: Callable[[], None]
+    ) -> AgentProcess:
         """Make the disk a VM's ``agent`` serves an export ``name``: the agent stops, and an
         export's agent serves the same image on the same address under the same export
-        name (a peer reading it reconnects, and goes on). The image stays where it is: it
-        goes when the export does."""
+        name (a peer reading it reconnects, and goes on); then ``forget`` takes the disk
+        out of the VM's record. The image stays where it is: it goes when the export does.
+
+        A daemon killed part-way loses nothing: the export's record is written before the
+        VM's agent stops, without a process (a restart drops it: the VM's agent, restarted
+        by its supervisor, still serves the disk, and the migration keeps it again); once
+        the export's agent runs it is recorded with it, and a restart adopts it and takes
+        the disk out of the VM's record (:func:`kept_disks`) if ``forget`` never ran."""
         if name in self.exports:
             raise StateError(f"export {name!r} already exists on host {self.host_name}")
         folder = self.root / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        await agent.stop()
-        # A presence file beside it is a fetched replica's, complete long since: stale.
-        presence_path(Path(agent.image)).unlink(missing_ok=True)
         kept = AgentProcess(
             vm=name, node=agent.node, image=agent.image, run_dir=str(folder),
             listen_address=self.address, tcp_address=agent.tcp_address,
         )  # fmt: skip
+        record = folder / "export.json"
+        record.write_text(json.dumps(kept.to_json()))  # claimed, not started: no pid
+        await agent.stop()
+        # A presence file beside it is a fetched replica's, complete long since: stale.
+        presence_path(Path(agent.image)).unlink(missing_ok=True)
         self.exports[name] = kept
         try:
             await kept.start()
         except BaseException:
             self.exports.pop(name, None)
+            shutil.rmtree(folder, ignore_errors=True)
             raise
-        (folder / "export.json").write_text(json.dumps(kept.to_json()))
+        record.write_text(json.dumps(kept.to_json()))
+        forget()
         log.warning("export %s on host %s: VM %s's %s kept here (%s)",
                     name, self.host_name, agent.vm, agent.node, kept.tcp_address)  # fmt: skip
         return kept
@@ -118,6 +131,11 @@ class ExportManager:
             except (OSError, ValueError, TypeError) as err:
                 log.warning("cannot read %s: %s", record, err)
                 continue
+            if agent.pid is None:  # a keep the daemon's end interrupted (take_over)
+                log.warning("export %s was never started: dropping its record (its VM's "
+                            "agent serves the disk)", agent.vm)  # fmt: skip
+                shutil.rmtree(record.parent, ignore_errors=True)
+                continue
             if agent.alive:
                 self.exports[agent.vm] = agent
                 log.info("adopted export %s (agent pid %s)", agent.vm, agent.pid)
@@ -138,6 +156,11 @@ class ExportManager:
                     continue
                 restarted.append(name)
         return restarted
+
+    def kept_disks(self) -> dict[str, str]:
+        """The image each export serves, by export name (a VM's disk kept here is
+        ``export_name(VM, node)``)."""
+        return {name: agent.image for name, agent in self.exports.items()}
 
     @staticmethod
     def status(agent: AgentProcess) -> Export:

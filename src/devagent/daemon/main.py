@@ -66,7 +66,7 @@ async def serve(args: argparse.Namespace) -> None:
     )
     await host.vms.warm_up()
     await host.exports.adopt_all()
-    await host.vms.adopt_all()
+    await host.vms.adopt_all(kept=host.exports.kept_disks())
     app = build_app(host, token)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -222,10 +222,13 @@ class HostContext:
             if agent.backend is not None:  # not a whole disk here (still being fetched)
                 raise StateError(f"VM {name}'s {node} is not whole on this host: it cannot "
                                  "be kept here")  # fmt: skip
-            managed.agents.remove(agent)  # the export's now: not the VM's to restart
-            managed.images.pop(node, None)  # nor to delete at its release
-            managed.save()
-            await host.exports.take_over(export, agent)
+
+            def forget() -> None:  # the export's now: not the VM's to restart or delete
+                managed.agents.remove(agent)
+                managed.images.pop(node, None)
+                managed.save()
+
+            await host.exports.take_over(export, agent, forget)
             return home
 
         return cls(

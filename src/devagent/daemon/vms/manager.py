@@ -29,6 +29,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ from devagent.wire import convert, decode, from_peer
 from .arrival import await_local, go_live
 from .config import GuestBoot, TestGuest, build_config, check_growable, disk_spec, image_format
 from .managed import MIGRATION_RECORD, ManagedVm, VmRole
-from .request import MAX_NICS, RemoteHome, VmRequest, disk_file, nic_node
+from .request import MAX_NICS, RemoteHome, VmRequest, disk_file, export_name, nic_node
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,18 @@ class _Record(msgspec.Struct):
         for nic in self.nics:
             await nic.kill()
             nic.remove_tap()
+
+
+def _drop_kept(record: _Record, kept: Mapping[str, str]) -> None:
+    """Take out of ``record`` each disk an export of this host serves (``kept``: image by
+    export name): a migration kept it here for its destination."""
+    name = record.request.name
+    for agent in list(record.agents):
+        if kept.get(export_name(name, agent.node)) == agent.image:
+            log.warning("VM %s: its %s is export %s's now", name, agent.node,
+                        export_name(name, agent.node))  # fmt: skip
+            record.agents.remove(agent)
+            record.images.pop(agent.node, None)
 
 
 class VmManager:
@@ -396,11 +409,13 @@ class VmManager:
 
     # --- after a daemon restart, and while it runs ---------------------------------------------
 
-    async def adopt_all(self) -> None:
+    async def adopt_all(self, kept: Mapping[str, str] | None = None) -> None:
         """After a daemon restart: take over every VM whose QEMU still runs, with its agents;
         finish the arrival of a VM whose commit began; keep a source VM whose migration is
         unsettled; remove what a start or a migration whose commit never began left behind
-        (the module's docstring says the rule)."""
+        (the module's docstring says the rule). ``kept``: the image of each export by name;
+        a disk an export serves is the export's, no longer its VM's (a keep the daemon's
+        end interrupted before the VM's record said so)."""
         for folder in sorted((self.root / "vms").glob("*")):
             if folder.is_dir() and not (folder / "vm.json").exists():
                 log.warning("%s has no record (a start that never finished): removing it", folder)
@@ -414,6 +429,7 @@ class VmManager:
             except (OSError, ValueError, KeyError, TypeError, UsageError) as err:
                 log.warning("cannot read %s: %s", record_path, err)
                 continue
+            _drop_kept(record, kept or {})
             try:
                 await self._adopt(record, record_path.parent)
             except DevagentError as err:  # one VM's trouble never keeps the daemon down
