@@ -9,7 +9,7 @@ import time
 import pytest
 
 from devagent.errors import PeerError
-from devagent.wait import WaitTimeout, wait_until, wait_until_blocking
+from devagent.wait import WaitTimeout, all_of, wait_until, wait_until_blocking
 
 
 async def test_returns_the_first_truthy_answer_of_a_sync_check() -> None:
@@ -52,3 +52,20 @@ def test_the_blocking_twin_has_the_same_contract() -> None:
     assert wait_until_blocking(lambda: next(answers), timeout=5, what="x", interval=0) == 7
     with pytest.raises(WaitTimeout, match=r"the port: not within 0\.02 s"):
         wait_until_blocking(lambda: None, timeout=0.02, what="the port")
+
+
+async def test_all_of_runs_every_step_to_its_end_before_raising_the_first_failure() -> None:
+    ended: list[str] = []
+
+    async def step(name: str, delay: float, fails: bool = False) -> str:
+        await asyncio.sleep(delay)
+        ended.append(name)
+        if fails:
+            raise PeerError(f"{name} failed")
+        return name
+
+    assert await all_of(step("a", 0.01), step("b", 0.0)) == ["a", "b"]
+    ended.clear()
+    with pytest.raises(PeerError, match="quick failed"):
+        await all_of(step("quick", 0.0, fails=True), step("slow", 0.05))
+    assert ended == ["quick", "slow"]  # the slow one was not left behind

@@ -22,7 +22,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from devagent.errors import PeerError
 
@@ -42,6 +42,16 @@ class WaitTimeout(PeerError):
         self.detail = detail
         message = f"{what}: not within {timeout:g} s"
         super().__init__(f"{message}; {detail}" if detail else message)
+
+
+async def all_of(*steps: Awaitable[T]) -> list[T]:
+    """Every one of ``steps`` at once, each run to its end (none is left half-done behind
+    another's failure); then the first failure is raised. Their results, in order."""
+    done = await asyncio.gather(*steps, return_exceptions=True)
+    for outcome in done:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return cast(list[T], done)
 
 
 @overload

@@ -59,7 +59,7 @@ from devagent.daemon.migration.messages import (
 from devagent.daemon.nics import NicIdentity
 from devagent.errors import PeerError, UsageError
 from devagent.vocab import Step, Strategy
-from devagent.wait import WaitTimeout, wait_until
+from devagent.wait import WaitTimeout, all_of, wait_until
 from devagent.wire import from_peer, to_json
 
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
@@ -89,13 +89,8 @@ async def each_disk(job: JobView, step: Callable[[DiskAgentLink], Awaitable[T]])
     end (none is left half-done behind another's failure); then the first failure is
     raised."""
     agents = list(job.managed.agents)
-    done = await asyncio.gather(*(step(a) for a in agents), return_exceptions=True)
-    answers: dict[str, T] = {}
-    for agent, outcome in zip(agents, done, strict=True):
-        if isinstance(outcome, BaseException):
-            raise outcome
-        answers[agent.node] = outcome
-    return answers
+    done = await all_of(*(step(a) for a in agents))
+    return {agent.node: answer for agent, answer in zip(agents, done, strict=True)}
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from devagent.errors import DevagentError, NotFound, PeerError, StateError, Usag
 from devagent.qemu.answers import StatusInfo
 from devagent.qemu.config import VmConfig
 from devagent.vocab import DestinationStep
+from devagent.wait import all_of
 
 from .arrival import ARRIVAL_TIMEOUT_S, await_local, go_live, release_nics
 from .managed import ManagedVm, VmRole
@@ -225,10 +226,10 @@ async def commit_incoming(vm: ManagedVm, fetches: dict[str, FetchSpec]) -> dict[
         await asyncio.sleep(0.002)  # the guest is paused meanwhile: look often
     steps[DestinationStep.ARRIVED] = time.time()
     if vm.receivers:
-        retired = await asyncio.gather(*(_retire_receiver(vm, n) for n in list(vm.receivers)))
+        retired = await all_of(*(_retire_receiver(vm, n) for n in list(vm.receivers)))
         steps[DestinationStep.RECEIVER_RETIRED] = max(retired)
     if fetches:
-        swapped = await asyncio.gather(*(_swap_to_fetch(vm, n, f) for n, f in fetches.items()))
+        swapped = await all_of(*(_swap_to_fetch(vm, n, f) for n, f in fetches.items()))
         steps[DestinationStep.DISK_SWAPPED] = max(swapped)
     vm.commit_began()  # saved before the guest runs: the point of no return
     try:
