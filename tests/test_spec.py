@@ -10,8 +10,9 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from devagent.agent.messages import FetchSpec, LocalSpec, RemoteSpec
 from devagent.agent.remote import Remote
 from devagent.agent.serve import serve
 from devagent.agent.spec import check_spec, open_backend
-from devagent.errors import PeerError, UsageError
+from devagent.errors import PeerError, StateError, UsageError
 from devagent.nbd.client import NbdClient
 from devagent.wait import wait_until
 
@@ -522,3 +523,32 @@ async def test_retire_answers_once_nothing_can_land_any_more(tmp_path: Path) -> 
     await asyncio.wait_for(task, 10)  # the agent's serve loop ends by itself
     with contextlib.suppress(Exception):
         await client.close()
+
+
+@pytest.fixture
+def read_only_space(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs holding ``disk.img`` (1 MiB), mounted read-only."""
+    space = tmp_path / "space"
+    space.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(space)], check=True)
+    try:
+        (space / "disk.img").write_bytes(bytes(1 << 20))
+        subprocess.run(["mount", "-o", "remount,ro", str(space)], check=True)
+        yield space
+    finally:
+        subprocess.run(["umount", "-l", str(space)], check=False)
+
+
+async def test_a_backend_on_a_read_only_space_cannot_be_opened_and_says_why(
+    tmp_path: Path, read_only_space: Path
+) -> None:
+    """A replica (Fetch) or a disk (Local) whose filesystem is read-only: a 409-kind error
+    naming the file and the reason (a migration's commit then rolls back at once), never an
+    unexpected one (the agent once answered 500, and the source retried for 120 s)."""
+    source = tmp_path / "source.img"
+    source.write_bytes(bytes(1 << 20))
+    replica = str(read_only_space / "replica.img")
+    fetch = FetchSpec(path=replica, remote=LocalSpec(path=str(source)))
+    for spec in (fetch, LocalSpec(path=str(read_only_space / "disk.img"))):
+        with pytest.raises(StateError, match=r"cannot open .*: Read-only file system"):
+            await open_backend(spec)

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 from devagent.agent.space import HOLD_S as SPACE_HOLD_S
 from devagent.agent.space import RETRY_S as SPACE_RETRY_S
 from devagent.agent.space import SpaceHold, is_space_error
-from devagent.errors import DevagentError
+from devagent.errors import DevagentError, StateError
 from devagent.nbd.proto import Errno
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,16 @@ _ERRNO_MAP = {
     errno_mod.ENOMEM: Errno.ENOMEM,
     errno_mod.EOPNOTSUPP: Errno.ENOTSUP,
 }
+
+
+def cannot_open(path: Path, err: OSError) -> DevagentError:
+    """Why a backend's file cannot be opened. A filesystem full or read-only is a state of
+    this host (:class:`StateError`, a 409: asking again at once will not help, and a
+    migration's commit rolls back at once rather than retry); anything else a backend
+    error."""
+    if is_space_error(err):
+        return StateError(f"cannot open {path}: {err.strerror}")
+    return BackendError(f"cannot open {path}: {err.strerror}", nbd_errno(err))
 
 
 def nbd_errno(err: OSError) -> Errno:
@@ -201,7 +211,7 @@ class Local(Backend):
         try:
             self._fd = os.open(self.path, flags)
         except OSError as err:
-            raise BackendError(f"cannot open {self.path}: {err.strerror}", nbd_errno(err)) from err
+            raise cannot_open(self.path, err) from err
         self._is_block = stat.S_ISBLK(os.fstat(self._fd).st_mode)
         self._size = os.lseek(self._fd, 0, os.SEEK_END)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="local-io")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import msgspec
 
-from devagent.agent.backend import Backend, Local
+from devagent.agent.backend import Backend, Local, cannot_open
 from devagent.agent.fetch import Fetch
 from devagent.agent.messages import (
     BackendSpec,
@@ -67,6 +67,9 @@ async def open_backend(spec: BackendSpec) -> Backend:
             copy_batch=spec.copy_batch,
             seed=bits_to_chunks(spec.present_bits(), 1 << 62),
         )
+    except OSError as err:  # its replica or presence file (a read-only space, say)
+        await source.close()
+        raise cannot_open(Path(spec.path), err) from err
     except BaseException:
         await source.close()
         raise
