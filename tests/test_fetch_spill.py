@@ -5,6 +5,7 @@ filesystem has room again it fills again and ends complete, equal to what the gu
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import subprocess
@@ -465,15 +466,20 @@ async def test_a_whole_replica_whose_space_went_read_only_is_not_served_alone(
     Asked whether it can be served alone (a migration's source is about to let it go), it
     spills at once and says why: a guest's write then goes to the remote, and handing the
     chunks back leaves the remote with every byte. (A filesystem with the replica open for
-    writing cannot be remounted read-only here: statvfs's answer is what is faked; the
-    chaos lab turns a real ext4 read-only.)"""
+    writing cannot be remounted read-only here: the probe's answer is what is faked; the
+    chaos lab turns a real ext4 read-only, and a full one is below.)"""
     remote = WritableRemote(pattern())
     fetch = Fetch(tmp_path / "replica.img", remote, chunk_size=CHUNK)
     try:
         fetch.start_copier()
         await until(lambda: fetch.complete, "the replica complete")
         await fetch.require_whole()  # whole and writable: nothing to say
-        monkeypatch.setattr(fetch_module, "_read_only", lambda path: path == fetch.path)
+
+        def read_only(replica: Path, chunk_size: int) -> OSError:
+            assert replica == fetch.path and chunk_size == CHUNK
+            return OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(fetch_module, "_no_room", read_only)
         with pytest.raises(NotWhole, match="Read-only file system"):
             await fetch.require_whole()
         assert "Read-only file system" in (fetch.spilling or "")
@@ -483,5 +489,30 @@ async def test_a_whole_replica_whose_space_went_read_only_is_not_served_alone(
         assert remote.data[CHUNK : 2 * CHUNK] == model[CHUNK : 2 * CHUNK]
         assert await fetch.write_back() > 0
         assert bytes(remote.data) == bytes(model)
+    finally:
+        await fetch.close()
+
+
+async def test_a_whole_replica_on_a_full_space_is_not_served_alone(
+    small_fs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Complete, but not a chunk's room left beside it: it spills (a write then goes to
+    the remote) rather than be served alone, where a write would wait for room."""
+    monkeypatch.setattr(spill_module, "ROOM_PROBE_S", 0.05)
+    remote = WritableRemote(pattern(1 << 20))
+    fetch = Fetch(small_fs / "replica.img", remote, chunk_size=CHUNK)
+    try:
+        fetch.start_copier()
+        await fetch.wait_complete()
+        await fetch.require_whole()
+        await asyncio.to_thread(_fill_up, small_fs / "filler")
+        with pytest.raises(NotWhole, match="No space left on device"):
+            await fetch.require_whole()
+        await fetch.write(0, b"F" * 4096)
+        assert remote.data[:4096] == b"F" * 4096
+        (small_fs / "filler").unlink()
+        await until(lambda: fetch.spilling is None and fetch.complete, "room and whole again")
+        await fetch.wait_complete()
+        await fetch.require_whole()
     finally:
         await fetch.close()

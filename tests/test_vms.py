@@ -9,12 +9,20 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from aiohttp import web
 
-from devagent.agent.messages import FetchSpec, RemoteSpec, SwapAnswer
+from devagent.agent.messages import (
+    FetchSpec,
+    LocalSpec,
+    LocalStatus,
+    RemoteSpec,
+    StatusAnswer,
+    SwapAnswer,
+)
 from devagent.client import Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
@@ -426,3 +434,48 @@ async def test_a_disk_kept_on_the_source_is_served_from_there(
     other = RemoteHome(peer=Endpoint(url="http://c", name="c"), export="v1")
     with pytest.raises(StateError, match="not a replica being fetched"):
         await exchange.keep_remote(managed, "disk0", other)
+
+
+@pytest.mark.parametrize("answer_lost", [False, True])
+async def test_a_settled_replica_is_recorded_as_local_before_the_source_hears_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer_lost: bool
+) -> None:
+    """settle: the agent swaps its Fetch to Local on the replica, and the VM's record says
+    so before the answer (a restarted agent opens the replica alone, never the source that
+    is let go next). An agent whose answer was lost but who swapped counts as settled; one
+    that did not is an error, and the record keeps the Fetch."""
+    remote = RemoteSpec(address="tcp:10.0.0.1:4000", export="disk0")
+    fetch = FetchSpec(path="/img", remote=remote)
+    agent = AgentProcess(vm="v1", node="disk0", image="/img", run_dir=str(tmp_path),
+                         backend=fetch)  # fmt: skip
+    managed = _managed(tmp_path, VmRole.RUNNING, [agent])
+    served: list[object] = []
+
+    async def swap(backend: object, timeout: float = 60.0) -> SwapAnswer:
+        served.append(backend)
+        if answer_lost:
+            raise PeerError("agent v1/disk0 unreachable")
+        return SwapAnswer(old="Fetch", new="Local", hold_s=0.004)
+
+    async def status(**_: Any) -> StatusAnswer:
+        local = LocalStatus(path="/img", read_only=False)
+        return cast(StatusAnswer, SimpleNamespace(backend_status=local))
+
+    monkeypatch.setattr(agent, "swap", swap)
+    monkeypatch.setattr(agent, "status", status)
+    done = await exchange.settle(managed, "disk0")
+    assert served == [LocalSpec(path="/img")] and agent.backend is None
+    assert json.loads((tmp_path / "vm.json").read_text())["agents"][0]["backend"] is None
+    assert done.held_ms == (0.0 if answer_lost else 4.0)
+    again = await exchange.settle(managed, "disk0")  # asked again: done already
+    assert again.duration_s == 0.0 and len(served) == 1
+
+    agent.backend, answer_lost = fetch, True
+
+    async def not_swapped(**_: Any) -> StatusAnswer:
+        return cast(StatusAnswer, SimpleNamespace(backend_status=None))
+
+    monkeypatch.setattr(agent, "status", not_swapped)
+    with pytest.raises(PeerError, match="unreachable"):
+        await exchange.settle(managed, "disk0")
+    assert agent.backend == fetch

@@ -271,8 +271,9 @@ class BlockAgent:
         if handing_back is not None:
             await handing_back.write_back()
         settling = self._settles(spec)
-        if settling is not None:  # (a read-only space would refuse to open it anyway)
+        if settling is not None:  # whole, and its data and bits durable (checked again, held)
             await settling.require_whole()
+            await settling.wait_complete()
         new = await open_backend(spec)
         started = time.monotonic()
         try:

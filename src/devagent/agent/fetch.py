@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -78,8 +77,20 @@ class NotWhole(StateError):
     """The replica cannot be served alone: chunks are absent, or it has no room."""
 
 
-def _read_only(path: Path) -> bool:
-    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+def _no_room(replica: Path, chunk_size: int) -> OSError | None:
+    """Why a chunk's blocks cannot be had beside ``replica`` (a full or read-only
+    filesystem), or None."""
+    probe = replica.with_name(f".{replica.name}.whole")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, chunk_size)
+        finally:
+            os.close(fd)
+            probe.unlink()
+    except OSError as err:
+        return err
+    return None
 
 
 class Fetch(Replica):
@@ -327,16 +338,21 @@ class Fetch(Replica):
 
     async def require_whole(self) -> None:
         """Raise :class:`NotWhole` unless the replica can be served alone, as ``Local``:
-        every chunk present, none spilled, its filesystem writable. A filesystem found
-        read-only before any write met it makes the Fetch spill now (its status says so,
-        and a migration's source keeps the disk rather than let it go)."""
+        every chunk present and its bit durable, none spilled, and room for a chunk beside
+        it (a probe file). A filesystem found full or read-only before a write met it makes
+        the Fetch spill now, saying why (a migration's source then waits for room, or keeps
+        a read-only one's disk, rather than let it go)."""
         if self.spilling is not None:
             raise NotWhole(f"replica {self.path} is not whole: {self.spilling}")
         if not self.complete:
             raise NotWhole(f"replica {self.path} is not complete")
-        if await asyncio.to_thread(_read_only, self.path):
-            await self._spill(NoRoom(f"replica {self.path}: {os.strerror(errno.EROFS)}"))
+        problem = await asyncio.to_thread(_no_room, self.path, self.chunk_size)
+        if problem is not None:
+            await self._spill(NoRoom(f"replica {self.path}: {problem.strerror}"))
             raise NotWhole(f"replica {self.path} is not whole: {self.spilling}")
+        if self._unsynced:
+            unsynced = len(self._unsynced)
+            raise NotWhole(f"replica {self.path}: the bits of {unsynced} chunks are not durable")
 
     # -- spilling ----------------------------------------------------------------------------
 

@@ -54,7 +54,7 @@ class Phase(StrEnum):
     MIRROR = "mirror"  # precopy: the mirror before RAM
     RAM = "ram"
     SWITCHOVER = "switchover"
-    TAIL = "tail"  # postcopy, hybrid: the fetch of what the destination still lacks
+    TAIL = "tail"  # from the guest's resume there until the source lets the replicas go
     RELEASE = "release"
     AFTER = "after"  # the fault came after the migration ended
 
@@ -89,10 +89,11 @@ FAULT_GROUPS = {"all": tuple(FAULTS), NO_FAULT: (NO_FAULT,)}
 
 
 def phases_of(strategy: Strategy) -> tuple[Phase, ...]:
-    """The phases a migration with ``strategy`` goes through."""
-    middle = (Phase.MIRROR, Phase.RAM, Phase.SWITCHOVER) if strategy is Strategy.PRECOPY else (
-        Phase.RAM, Phase.SWITCHOVER, Phase.TAIL)  # fmt: skip
-    return (Phase.PREPARE, *middle, Phase.RELEASE)
+    """The phases a migration with ``strategy`` goes through. A precopy's tail is short:
+    its replica is whole at the switchover, and the source lets it go (``disk_local``) once
+    the NICs' hand-over is done."""
+    mirror = (Phase.MIRROR,) if strategy is Strategy.PRECOPY else ()
+    return (Phase.PREPARE, *mirror, Phase.RAM, Phase.SWITCHOVER, Phase.TAIL, Phase.RELEASE)
 
 
 def past_no_return(action: Action, phase: Phase | None) -> bool:

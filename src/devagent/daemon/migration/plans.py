@@ -6,12 +6,16 @@ order for all of them (QEMU's own three are in :mod:`.qemu_plans`).
 plan       before RAM          at the switchover           after the commit
 =========  ==================  ==========================  ===========================
 shared     (flush)             —                           —
-postcopy   (flush)             fence                       fetch the rest, then release
-precopy    mirror, converge,   cut the mirror over, fence  release (the replica is whole)
-           write-through
-hybrid     push at a share     stop the push, fence,       fetch what the push left
-           of the link         hand its bitmap over
+postcopy   (flush)             fence                       fetch the rest, let go, release
+precopy    mirror, converge,   cut the mirror over, fence  let go (the replica is whole),
+           write-through                                   release
+hybrid     push at a share     stop the push, fence,       fetch what the push left, let
+           of the link         hand its bitmap over        go, release
 =========  ==================  ==========================  ===========================
+
+"Let go" (:meth:`FetchingPlan._settle`): until then each replica on the destination is a
+Fetch of this host's disk, its fallback (a replica with no room spills to it, one whose
+space went read-only keeps its disk here); from then on it is the VM's only disk.
 
 A VM's disks move as one set: each step acts on every disk at once (in parallel), a
 migration waits for the slowest, and a failure of any one rolls all of them back. The
@@ -280,7 +284,9 @@ class SharedPlan(AgentPlan):
 
 
 class FetchingPlan(AgentPlan):
-    """The destination fetches what it lacks after the switchover (postcopy, hybrid)."""
+    """After the switchover the destination serves each replica as a Fetch of this host's
+    disk, fetching what it lacks (postcopy, hybrid; precopy's lacks nothing), until this
+    host lets it go."""
 
     serves_after_switchover = True
 
@@ -313,6 +319,7 @@ class FetchingPlan(AgentPlan):
                 continue
             if progress.stalled_for() > DISK_STALL_S:
                 why = f": it has no room ({progress.spilling})" if progress.spilling else ""
+                why = why or (f": {progress.refused}" if progress.refused else "")
                 raise WaitTimeout(
                     f"VM {job.managed.name}'s replicas on {job.report.destination}",
                     DISK_STALL_S, f"no progress past {progress.present} bytes{why}; the VM "
@@ -371,10 +378,10 @@ class FetchingPlan(AgentPlan):
         job.disk_progress(per_disk)
         job.progress.disk_bytes_moved = moved
         if unsettled and all(unsettled.values()):
-            return await self._settle(job, list(unsettled))
+            return await self._settle(job, list(unsettled), progress)
         return local
 
-    async def _settle(self, job: JobView, nodes: list[str]) -> bool:
+    async def _settle(self, job: JobView, nodes: list[str], progress: _Progress) -> bool:
         """Every replica is complete: the destination serves each alone from now on (it
         checks, with the guest's I/O held, that each is whole and its space writable). This
         is the point of no return: the guest writes there only, this host's copy goes stale,
@@ -389,10 +396,11 @@ class FetchingPlan(AgentPlan):
             row.local_after_s = row.local_after_s or round(time.time() - job.started_at, 3)
 
         done = await asyncio.gather(*(settle(n) for n in nodes), return_exceptions=True)
-        refused = [f"{n}: {e}" for n, e in zip(nodes, done, strict=True) if e is not None]
-        if refused:
-            job.log.info("VM %s's replicas on %s stay as they are for now: %s",
-                         name, job.report.destination, "; ".join(refused))  # fmt: skip
+        refused = "; ".join(f"{n}: {e}" for n, e in zip(nodes, done, strict=True) if e is not None)
+        if refused and refused != progress.refused:
+            job.log.warning("VM %s's replicas on %s cannot be let go yet: %s",
+                            name, job.report.destination, refused)  # fmt: skip
+        progress.refused = refused or None
         return not refused
 
     async def keep(self, job: JobView, unwritable: dict[str, str]) -> None:
@@ -430,6 +438,7 @@ class _Progress:
         self.since = time.monotonic()
         self.spilling: str | None = None  # why the replica takes no writes, while it does not
         self.unwritable: dict[str, str] = {}  # disks whose space went read-only: why
+        self.refused: str | None = None  # why the destination refused the last settle
 
     def saw(self, present: int) -> None:
         if present > self.present:

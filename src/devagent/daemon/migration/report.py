@@ -21,7 +21,7 @@ from devagent.report import (
     largest_gap,
     ops_lost,
 )
-from devagent.vocab import DestinationStep, Step
+from devagent.vocab import Step
 from devagent.wait import WaitTimeout, wait_until
 from devagent.wire import from_peer
 
@@ -107,18 +107,11 @@ async def _completions(
 
 
 def _fill_disks(job: JobView, by_disk: dict[str, list[float]] | None, *, end: float) -> None:
-    """Each disk's row: its own largest I/O gap, and (a replica made complete at the commit:
-    precopy) when it was local."""
+    """Each disk's row: its own largest I/O gap (when it was let go, ``local_after_s``,
+    the wait for it wrote)."""
     report, t0 = job.report, job.started_at
-    swapped = report.timeline.get(f"destination_{DestinationStep.DISK_SWAPPED}")
     for node in job.managed.images:
         row = report.device(node, "disk")
-        if (
-            row.local_after_s is None
-            and job.plan.moves_disk
-            and not job.plan.serves_after_switchover
-        ):
-            row.local_after_s = swapped  # the replica was whole at the commit
         found = largest_gap(by_disk[node], t0, end) if by_disk and node in by_disk else None
         if found is not None:
             row.max_io_gap_ms = round(found * 1000, 1)

@@ -22,6 +22,7 @@ from devagent.agent.messages import (
     CutoverAnswer,
     FetchSpec,
     LocalSpec,
+    LocalStatus,
     MirrorRequest,
     RemoteSpec,
     StatusAnswer,
@@ -205,13 +206,19 @@ async def settle(managed: ManagedVm, node: str) -> DiskExchange:
     if not isinstance(fetch, FetchSpec) or managed.request.disk(node).lives_on is not None:
         raise StateError(f"VM {managed.name}'s {node} is not a migration's replica here")
     started = time.time()
-    swapped = await agent.swap(LocalSpec(path=fetch.path))
-    agent.backend = None
+    try:
+        held_ms = (await agent.swap(LocalSpec(path=fetch.path))).hold_s * 1000
+    except PeerError:  # its answer lost (the agent restarts, say): did it swap?
+        status = await agent.status()
+        if not isinstance(status.backend_status, LocalStatus):
+            raise
+        held_ms = 0.0  # (not known)
+    agent.backend = None  # before the answer: the source lets its copy go on it
     managed.save()
     managed.log.info("VM %s: %s settled on its replica %s", managed.name, node, fetch.path)
     return DiskExchange(
         vm=managed.name, device=node, duration_s=round(time.time() - started, 3),
-        held_ms=round(swapped.hold_s * 1000, 3), backend=swapped.new,
+        held_ms=round(held_ms, 3), backend=f"Local({fetch.path!r})",
     )  # fmt: skip
 
 

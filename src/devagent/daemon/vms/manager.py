@@ -515,10 +515,10 @@ async def _finish_arrival(managed: ManagedVm) -> None:
 
 
 def _watch_replica(managed: ManagedVm) -> None:
-    """A migration's replica still being fetched (a Fetch backend, on a VM whose disk does
-    not live on another host): watch it become Local again, as the commit did, so that a
-    restarted agent opens the complete replica rather than reaching for a source that is
-    gone by then."""
+    """A migration's replica not yet let go (a Fetch backend, on a VM whose disk does not
+    live on another host): watch it become Local again, as the commit did (once the
+    source lets it go), so that a restarted agent opens the replica alone rather than
+    reaching for a source that is gone by then."""
     if managed.vm.exited:
         return
     remote = managed.request.remote_disks()
