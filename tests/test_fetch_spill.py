@@ -475,11 +475,11 @@ async def test_a_whole_replica_whose_space_went_read_only_is_not_served_alone(
         await until(lambda: fetch.complete, "the replica complete")
         await fetch.require_whole()  # whole and writable: nothing to say
 
-        def read_only(replica: Path, chunk_size: int) -> OSError:
+        def read_only(replica: Path, chunk_size: int, probe: str = "room") -> OSError:
             assert replica == fetch.path and chunk_size == CHUNK
             return OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-        monkeypatch.setattr(fetch_module, "_no_room", read_only)
+        monkeypatch.setattr(fetch_module, "no_room", read_only)
         with pytest.raises(NotWhole, match="Read-only file system"):
             await fetch.require_whole()
         assert "Read-only file system" in (fetch.spilling or "")

@@ -56,10 +56,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from devagent.agent.backend import Backend, BackendError, Extent, NoRoom
@@ -70,27 +68,12 @@ from devagent.agent.chunks import (
 from devagent.agent.presence import HEADER_SIZE as HEADER_SIZE  # a lab test reads it here
 from devagent.agent.presence import presence_path as presence_path  # the daemon's import
 from devagent.agent.replica import FETCH_MAX, Replica, runs
+from devagent.agent.spill import no_room
 from devagent.errors import StateError
 
 
 class NotWhole(StateError):
     """The replica cannot be served alone: chunks are absent, or it has no room."""
-
-
-def _no_room(replica: Path, chunk_size: int) -> OSError | None:
-    """Why a chunk's blocks cannot be had beside ``replica`` (a full or read-only
-    filesystem), or None."""
-    probe = replica.with_name(f".{replica.name}.whole")
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, chunk_size)
-        finally:
-            os.close(fd)
-            probe.unlink()
-    except OSError as err:
-        return err
-    return None
 
 
 class Fetch(Replica):
@@ -346,7 +329,7 @@ class Fetch(Replica):
             raise NotWhole(f"replica {self.path} is not whole: {self.spilling}")
         if not self.complete:
             raise NotWhole(f"replica {self.path} is not complete")
-        problem = await asyncio.to_thread(_no_room, self.path, self.chunk_size)
+        problem = await asyncio.to_thread(no_room, self.path, self.chunk_size, "whole")
         if problem is not None:
             await self._spill(NoRoom(f"replica {self.path}: {problem.strerror}"))
             raise NotWhole(f"replica {self.path} is not whole: {self.spilling}")

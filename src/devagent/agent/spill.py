@@ -27,6 +27,22 @@ from devagent.agent.chunks import Count
 ROOM_PROBE_S = 1.0  # how often a spilling Fetch asks whether its replica has room again
 
 
+def no_room(replica: Path, chunk_size: int, probe: str = "room") -> OSError | None:
+    """Why a probe file beside ``replica`` (``.NAME.<probe>``: each asker its own) cannot
+    get a chunk's blocks (a full or read-only filesystem), or None when it can."""
+    probe_path = replica.with_name(f".{replica.name}.{probe}")
+    try:
+        fd = os.open(probe_path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, chunk_size)
+        finally:
+            os.close(fd)
+            probe_path.unlink()
+    except OSError as err:
+        return err
+    return None
+
+
 class Spill:
     """One replica's spill state (see the module docstring)."""
 
@@ -86,17 +102,7 @@ class Spill:
 
     def has_room(self) -> bool:
         """Whether a probe file beside the replica gets a chunk's blocks."""
-        probe = self.replica.with_name(f".{self.replica.name}.room")
-        try:
-            fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                os.posix_fallocate(fd, 0, self.chunk_size)
-            finally:
-                os.close(fd)
-                probe.unlink()
-        except OSError:
-            return False
-        return True
+        return no_room(self.replica, self.chunk_size) is None
 
     def close(self) -> None:
         self._closed = True
