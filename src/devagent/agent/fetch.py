@@ -321,10 +321,11 @@ class Fetch(Replica):
 
     async def require_whole(self) -> None:
         """Raise :class:`NotWhole` unless the replica can be served alone, as ``Local``:
-        every chunk present and its bit durable, none spilled, and room for a chunk beside
-        it (a probe file). A filesystem found full or read-only before a write met it makes
-        the Fetch spill now, saying why (a migration's source then waits for room, or keeps
-        a read-only one's disk, rather than let it go)."""
+        every chunk present and its bit durable (a sync now, for chunks fetched since the
+        last), none spilled, and room for a chunk beside it (a probe file). A filesystem
+        found full or read-only before a write met it makes the Fetch spill now, saying why
+        (a migration's source then waits for room, or keeps a read-only one's disk, rather
+        than let it go)."""
         if self.spilling is not None:
             raise NotWhole(f"replica {self.path} is not whole: {self.spilling}")
         if not self.complete:
@@ -333,9 +334,13 @@ class Fetch(Replica):
         if problem is not None:
             await self._spill(NoRoom(f"replica {self.path}: {problem.strerror}"))
             raise NotWhole(f"replica {self.path} is not whole: {self.spilling}")
-        if self._unsynced:
-            unsynced = len(self._unsynced)
-            raise NotWhole(f"replica {self.path}: the bits of {unsynced} chunks are not durable")
+        if self._unsynced:  # fetched lately: their bits wait for the next sync; now
+            try:
+                await self._sync_fetched()
+            except BackendError as err:
+                raise NotWhole(
+                    f"replica {self.path}: its bits cannot be made durable: {err}"
+                ) from err
 
     # -- spilling ----------------------------------------------------------------------------
 
