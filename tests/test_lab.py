@@ -39,8 +39,6 @@ from devagent.lab import (
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="namespaces need root")
 namespaces = [pytest.mark.lab, needs_root]
 
-NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
 
 # ---- fixtures and helpers -------------------------------------------------------------------
 
@@ -96,11 +94,15 @@ def make_lab() -> Iterator[Callable[..., Lab]]:
             assert leftovers(name, labdir, pids) == []
 
 
-def get_health(url: str, token: str | None) -> tuple[int, dict[str, object]]:
+def get_health(lab: Lab, url: str, token: str | None) -> tuple[int, dict[str, object]]:
+    """``GET /v1/health`` with ``token``, over HTTPS with the lab's operator certificate."""
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     request = urllib.request.Request(f"{url}/v1/health", headers=headers)
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=lab.client_context())
+    )
     try:
-        with NO_PROXY.open(request, timeout=5) as response:
+        with opener.open(request, timeout=5) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as err:
         return err.code, json.load(err)
@@ -241,11 +243,11 @@ def test_loopback_lab_runs_daemons_on_distinct_ports_and_down_kills_its_processe
     assert (lab.token_file.stat().st_mode & 0o777) == 0o600
     assert lab.shared_dir.is_dir()
     for host in lab.hosts:
-        assert get_health(host.url, lab.token) == (
+        assert get_health(lab, host.url, lab.token) == (
             200,
             {"host": host.name, "address": "127.0.0.1", "port": host.port},
         )
-        assert get_health(host.url, None)[0] == 401
+        assert get_health(lab, host.url, None)[0] == 401
     assert Lab.load("hllo").hosts == lab.hosts
     assert "hllo" in Lab.list()
     with pytest.raises(UsageError, match="loopback"):
@@ -326,12 +328,12 @@ def test_namespace_daemons_answer_health_with_the_token_only(ns_lab: Lab) -> Non
     for i, host in enumerate(ns_lab.hosts):
         assert ns_lab.subnet is not None
         assert host.address == str(ns_lab.subnet.network_address + i + 1)
-        assert get_health(host.url, ns_lab.token) == (
+        assert get_health(ns_lab, host.url, ns_lab.token) == (
             200,
             {"host": host.name, "address": host.address, "port": 7480},
         )
-        assert get_health(host.url, None)[0] == 401
-        assert get_health(host.url, "wrong")[0] == 401
+        assert get_health(ns_lab, host.url, None)[0] == 401
+        assert get_health(ns_lab, host.url, "wrong")[0] == 401
         assert ns_lab.daemon_alive(host)
 
 
@@ -404,7 +406,7 @@ def test_a_second_lab_never_gets_a_live_labs_subnet(ns_lab: Lab) -> None:
 def test_up_twice_is_a_clear_error(ns_lab: Lab) -> None:
     with pytest.raises(StateError, match=r"already exists.*lab down --name hlns"):
         Lab.up("hlns", hosts=2)
-    assert get_health(ns_lab.host("a").url, ns_lab.token)[0] == 200
+    assert get_health(ns_lab, ns_lab.host("a").url, ns_lab.token)[0] == 200
 
 
 @pytest.mark.lab

@@ -30,7 +30,8 @@ def lab(state_dir: Path, guest: GuestImage) -> Iterator[Lab]:
 
 async def test_the_real_daemon_refuses_no_token_and_bad_json(lab: Lab) -> None:
     a, _ = two_hosts(lab)
-    async with aiohttp.ClientSession() as session:
+    connector = aiohttp.TCPConnector(ssl=lab.client_context())
+    async with aiohttp.ClientSession(connector=connector) as session:
         async with session.get(f"{a.url}/v1/vms") as resp:
             assert resp.status == 401
         headers = {"Authorization": f"Bearer {lab.token}"}

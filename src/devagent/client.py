@@ -6,6 +6,10 @@
 JSON (for a caller that only passes it on). A request body is a Struct or plain JSON. A 4xx/5xx
 answer becomes the matching devagent error carrying the daemon's own message, and a daemon
 that cannot be reached becomes a :class:`PeerError` naming its URL.
+
+An ``https://`` daemon is called with this process's certificate (:func:`use_tls`: the CLI's
+operator certificate, a daemon's host certificate), and must present the certificate of the
+host its URL names.
 """
 
 from __future__ import annotations
@@ -18,9 +22,31 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 
-from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent import pki
+from devagent.errors import (
+    DevagentError,
+    Forbidden,
+    NotFound,
+    PeerError,
+    StateError,
+    UsageError,
+)
+from devagent.tls import Tls
 
 DEFAULT_TIMEOUT_S = 60.0
+_tls: Tls | None = None
+
+
+def use_tls(tls: Tls | None) -> None:
+    """The certificate this process calls ``https://`` daemons with."""
+    global _tls
+    _tls = tls
+
+
+def client_tls() -> Tls | None:
+    return _tls
+
+
 T = TypeVar("T")
 Params = Mapping[str, str | int | float]
 
@@ -46,6 +72,7 @@ class Endpoint(msgspec.Struct, frozen=True):
 
 _STATUS_ERRORS: dict[int, type[DevagentError]] = {
     400: UsageError,
+    403: Forbidden,
     404: NotFound,
     409: StateError,
     422: UsageError,
@@ -61,10 +88,19 @@ class DaemonClient:
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> DaemonClient:
+        connector = None
+        if self.endpoint.url.startswith("https://"):
+            if _tls is None:
+                raise StateError(
+                    f"host {self._who} speaks HTTPS and this process has no certificate "
+                    "(a lab's is found with --lab; see 'devagent pki')"
+                )
+            connector = aiohttp.TCPConnector(ssl=_tls.client)
         self._session = aiohttp.ClientSession(
             base_url=self.endpoint.url,
             headers={"Authorization": f"Bearer {self.endpoint.token}"},
             timeout=self._timeout,
+            connector=connector,
         )
         return self
 
@@ -107,6 +143,13 @@ class DaemonClient:
             raise PeerError(f"host {self._who}: {method} {path} answered badly: {err}") from None
 
     @property
+    def _server_name(self) -> str | None:
+        """The host whose certificate the daemon must present: the endpoint's name when it
+        is a host's (the hosts of a loopback lab share one address), else its URL's host."""
+        name = self.endpoint.name
+        return name if name and set(name) <= pki.NAME_CHARS else None
+
+    @property
     def _who(self) -> str:
         return self.endpoint.name or self.endpoint.url
 
@@ -120,7 +163,12 @@ class DaemonClient:
         headers = {"Content-Type": "application/json"} if data is not None else None
         try:
             async with self._session.request(
-                method, path, data=data, headers=headers, params=params or None
+                method,
+                path,
+                data=data,
+                headers=headers,
+                params=params or None,
+                server_hostname=self._server_name,
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:

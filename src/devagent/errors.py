@@ -4,6 +4,7 @@
     ├── UsageError                our caller asked for something wrong (bad name, bad size)
     ├── NotFound                  a VM, host, lab or file that is not there
     ├── StateError                an operation not allowed in the object's current state
+    ├── Forbidden                 the caller's certificate does not allow what it asked
     ├── PeerError                 a peer (daemon, agent, QEMU) answered badly or vanished
     │   └── ProtocolError         a peer sent bytes that break its protocol
     └── EnvironmentProblem        this machine lacks something (package, root, /dev/net/tun)
@@ -29,6 +30,11 @@ class NotFound(DevagentError):
 
 class StateError(DevagentError):
     """An operation was asked of an object in a state that does not allow it."""
+
+
+class Forbidden(DevagentError):
+    """The caller's certificate does not allow what it asked (an operator's route called
+    by a host, a peer route by another host than the one the request concerns)."""
 
 
 class PeerError(DevagentError):

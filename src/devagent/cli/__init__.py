@@ -45,6 +45,7 @@ def _register() -> None:
     from devagent.cli.lab_cmd import lab_group
     from devagent.cli.migrate_cmd import migrate_cmd
     from devagent.cli.net_cmd import net_agent_cmd
+    from devagent.cli.pki_cmd import pki_group
     from devagent.cli.vm_cmd import vm_group
 
     for command in (
@@ -56,6 +57,7 @@ def _register() -> None:
         migrate_cmd,
         demo_cmd,
         chaos_cmd,
+        pki_group,
     ):
         main.add_command(command)
     agent_group.add_command(net_agent_cmd)

@@ -9,15 +9,18 @@ import os
 import signal
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 
-from devagent.client import Endpoint
+from devagent.client import Endpoint, use_tls
 from devagent.errors import DevagentError, UsageError
+from devagent.tls import Tls
 
 T = TypeVar("T")
+TLS_DIR_ENV = "DEVAGENT_TLS_DIR"  # an operator's certificate folder, outside a lab
 
 out = Console()  # reports and tables: standard output
 err = Console(stderr=True)  # progress and messages: standard error
@@ -82,8 +85,11 @@ def lab_endpoints(lab_name: str) -> list[Endpoint]:
 
 
 def endpoint_for(host: str, lab_name: str) -> Endpoint:
-    """A host by its lab name (``a``) or, outside a lab, by URL with $DEVAGENT_TOKEN."""
+    """A host by its lab name (``a``) or, outside a lab, by URL with $DEVAGENT_TOKEN (and
+    for ``https://`` the operator certificate folder $DEVAGENT_TLS_DIR)."""
     if host.startswith(("http://", "https://")):
+        if host.startswith("https://") and os.environ.get(TLS_DIR_ENV):
+            use_tls(Tls(Path(os.environ[TLS_DIR_ENV])))
         return Endpoint(url=host.rstrip("/"), token=os.environ.get("DEVAGENT_TOKEN", ""), name=host)
     for endpoint in lab_endpoints(lab_name):
         if endpoint.name == host:

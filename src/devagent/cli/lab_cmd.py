@@ -72,6 +72,7 @@ def _print_status(status: dict[str, Any]) -> None:
     console = Console()
     console.print(table)
     console.print(f"token: {status['token_file']}   shared: {status['shared_dir']}")
+    console.print(f"certificates: {status.get('pki_dir') or 'none (--insecure)'}")
 
 
 @click.group("lab")
@@ -85,6 +86,12 @@ def lab_group() -> None:
 @click.option("--link-rate", default=None, help="shape every host's link, e.g. 100mbit, 1gbit")
 @click.option("--loopback", is_flag=True, help="no namespaces: daemons on 127.0.0.1 ports")
 @click.option("--subnet", default=None, help="IPv4 subnet for the lab (default: chosen)")
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="no certificates: plain HTTP and NBD between hosts (anyone on the network can "
+    "read the disks)",
+)
 @_name_option
 @click.option("--json", "as_json", is_flag=True, help="print only JSON")
 def up_cmd(
@@ -92,12 +99,24 @@ def up_cmd(
     link_rate: str | None,
     loopback: bool,
     subnet: str | None,
+    insecure: bool,
     name: str,
     as_json: bool,
 ) -> None:
-    """Make a lab and start one devagentd per host."""
+    """Make a lab and start one devagentd per host. The lab gets its own CA, a
+    certificate per host and one for its operator (the CLI's) under its folder's pki/:
+    every link between hosts is mutual TLS."""
     with _errors():
-        lab = Lab.up(name, hosts=hosts, link_rate=link_rate, loopback=loopback, subnet=subnet)
+        if insecure:
+            click.echo("warning: --insecure: the lab's hosts speak plaintext", err=True)
+        lab = Lab.up(
+            name,
+            hosts=hosts,
+            link_rate=link_rate,
+            loopback=loopback,
+            subnet=subnet,
+            insecure=insecure,
+        )
         status = lab.status()
     if as_json:
         click.echo(json.dumps(status, indent=2))

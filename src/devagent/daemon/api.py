@@ -1,6 +1,8 @@
 """The daemon's HTTP JSON API (aiohttp).
 
-Every route requires ``Authorization: Bearer TOKEN`` (401 otherwise). Errors are JSON objects
+Every route requires ``Authorization: Bearer TOKEN`` (401 otherwise) and, on HTTPS, a client
+certificate of the deployment's CA whose role allows the route (403 otherwise; see
+:mod:`devagent.daemon.auth`). Errors are JSON objects
 ``{"error": message}``: a bad request 400, an unknown VM or migration 404, an operation the
 object's state forbids 409, a failing peer or QEMU 502, a bug 500 (logged with its trace).
 Each answer is a type of :mod:`devagent.api_types`, encoded once (:func:`answer`).
@@ -50,12 +52,11 @@ The table below is every route :func:`build_app` registers, no more, no less
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Handler
 
 from devagent.api_types import (
     Announced,
@@ -72,6 +73,7 @@ from devagent.api_types import (
     VmList,
 )
 from devagent.control_api import STATUS, answer, json_error
+from devagent.daemon.auth import auth_middleware, require_source
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
 from devagent.daemon.migration.routes import MigrationRoutes
@@ -89,7 +91,7 @@ from devagent.daemon.vms.request import (
     decode,
     decode_vm_request,
 )
-from devagent.errors import DevagentError, NotFound, UsageError
+from devagent.errors import DevagentError, Forbidden, NotFound, UsageError
 from devagent.guest.probe import Heartbeat, Paused, ProbeEvent, Verified, disk_digest
 
 log = logging.getLogger(__name__)
@@ -106,22 +108,10 @@ class BodyTooLarge(UsageError):
 #: usage errors it is one of).
 _STATUS: tuple[tuple[type[DevagentError], int], ...] = (
     (BodyTooLarge, 413),
+    (Forbidden, 403),
     (NotFound, 404),
     *STATUS,
 )
-
-
-def token_middleware(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return json_error(401, "missing or wrong bearer token")
-        return await handler(request)
-
-    return check
 
 
 @web.middleware
@@ -219,11 +209,13 @@ async def attach_remote(request: web.Request) -> web.Response:
 async def keep_remote(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
     home = decode(await raw_body(request), RemoteHome, KEEP_RULES)
+    require_source(request, managed.source_host, f"keeping VM {managed.name}'s disk")
     return answer(await exchange.keep_remote(managed, request.match_info["node"], home))
 
 
 async def settle(request: web.Request) -> web.Response:
     managed = host_of(request).vms.get(request.match_info["name"])
+    require_source(request, managed.source_host, f"settling VM {managed.name}'s disk")
     return answer(await exchange.settle(managed, request.match_info["node"]))
 
 
@@ -304,9 +296,10 @@ async def delete_export(request: web.Request) -> web.Response:
 
 
 def build_app(host: Host, token: str) -> web.Application:
-    app = web.Application(
-        middlewares=[token_middleware(token), error_middleware], client_max_size=MAX_BODY
-    )
+    """The API of ``host``: with its TLS identity, callers are checked by certificate too
+    (:mod:`devagent.daemon.auth`)."""
+    auth = auth_middleware(token, tls=host.tls is not None)
+    app = web.Application(middlewares=[auth, error_middleware], client_max_size=MAX_BODY)
     app[HOST_KEY] = host
     host.token = token
     r = app.router

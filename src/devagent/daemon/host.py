@@ -9,6 +9,7 @@ from devagent.client import Endpoint
 from devagent.daemon.exports import ExportManager
 from devagent.daemon.vms import VmManager
 from devagent.guestnet import GuestNetwork
+from devagent.tls import Tls
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Host:
     shared_dir: Path | None = None
     network: GuestNetwork | None = None  # where VM NICs go (a lab host's bridge, addresses)
     token: str = ""  # the API's bearer token (peers that call back this host use it)
+    tls: Tls | None = None  # its certificate; None: --insecure, plain HTTP and NBD
     vms: VmManager = field(init=False)
     exports: ExportManager = field(init=False)
 
@@ -29,7 +31,17 @@ class Host:
 
     def endpoint(self) -> Endpoint:
         """How peers reach this host's daemon."""
-        return Endpoint(url=f"http://{self.address}:{self.port}", token=self.token, name=self.name)
+        scheme = "http" if self.tls is None else "https"
+        return Endpoint(url=f"{scheme}://{self.address}:{self.port}", token=self.token,
+                        name=self.name)  # fmt: skip
+
+    def agent_pids(self) -> list[int]:
+        """Every agent process of this host (its VMs' disks and NICs, receivers, exports)."""
+        pids = [a.pid for a in self.exports.exports.values()]
+        for managed in self.vms.vms.values():
+            pids += [a.pid for a in (*managed.agents, *managed.receivers.values())]
+            pids += [n.pid for n in managed.nics]
+        return [pid for pid in pids if pid is not None]
 
     @property
     def loopback(self) -> bool:

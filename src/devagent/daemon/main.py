@@ -6,15 +6,19 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 from aiohttp import web
 
+from devagent.client import use_tls
 from devagent.daemon.api import build_app
 from devagent.daemon.host import Host
+from devagent.errors import DevagentError
 from devagent.guestnet import GuestNetwork
+from devagent.tls import Tls
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +33,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dir", required=True, type=Path, help="this host's state folder")
     parser.add_argument(
         "--token-file", required=True, type=Path, help="file holding the API bearer token"
+    )
+    security = parser.add_mutually_exclusive_group(required=True)
+    security.add_argument(
+        "--tls-dir",
+        type=Path,
+        help="this host's certificate folder ('devagent pki issue HOST'): HTTPS with client "
+        "certificates, NBD with STARTTLS, TLS on every link; SIGHUP reads it again",
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain HTTP and NBD, the token the only guard: for a closed lab only",
     )
     parser.add_argument(
         "--shared-dir",
@@ -56,6 +72,13 @@ async def serve(args: argparse.Namespace) -> None:
     network = None
     if args.guest_bridge is not None:
         network = GuestNetwork.parse(args.guest_bridge, args.guest_addresses)
+    log = logging.getLogger("devagentd")
+    tls = None
+    if args.insecure:
+        log.warning("--insecure: plain HTTP and NBD; anyone on the network can read the disks")
+    else:
+        tls = Tls(args.tls_dir)
+        use_tls(tls)  # this daemon's calls to its peers carry its host certificate
     host = Host(
         name=args.host_name,
         address=addr,
@@ -63,6 +86,7 @@ async def serve(args: argparse.Namespace) -> None:
         root=args.dir,
         shared_dir=args.shared_dir,
         network=network,
+        tls=tls,
     )
     await host.vms.warm_up()
     await host.exports.adopt_all()
@@ -70,17 +94,37 @@ async def serve(args: argparse.Namespace) -> None:
     app = build_app(host, token)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, addr, int(port), reuse_address=True)
+    ssl = tls.server if tls is not None else None
+    site = web.TCPSite(runner, addr, int(port), reuse_address=True, ssl_context=ssl)
     await site.start()
-    logging.getLogger("devagentd").info("host %s listening on %s", args.host_name, args.listen)
+    scheme = "https" if tls is not None else "http"
+    log.info("host %s listening on %s://%s", args.host_name, scheme, args.listen)
     stop = asyncio.Event()
     supervisor = asyncio.create_task(supervise(host, stop), name="supervisor")
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_certificates, host)
     await stop.wait()
     await supervisor
     await runner.cleanup()
+
+
+def reload_certificates(host: Host) -> None:
+    """SIGHUP: read the host's certificates again, for the API and its agents' next
+    connections; running VMs and open connections are not touched."""
+    log = logging.getLogger("devagentd")
+    if host.tls is None:
+        log.info("SIGHUP: --insecure, no certificates to read")
+        return
+    try:
+        host.tls.reload()
+    except DevagentError as err:
+        log.error("SIGHUP: kept the certificates loaded before: %s", err)
+        return
+    for pid in host.agent_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGHUP)
 
 
 SUPERVISE_EVERY_S = 0.25

@@ -7,16 +7,18 @@ pids; this module only deals with one daemon process at a time.
 
 from __future__ import annotations
 
+import http.client
 import os
+import socket
+import ssl
 import subprocess
 import sys
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
 
-from devagent.errors import EnvironmentProblem, PeerError
+from devagent.errors import EnvironmentProblem, PeerError, StateError
 from devagent.lab.layout import LabHost, run_in_host
 from devagent.wait import wait_until_blocking
 
@@ -24,8 +26,6 @@ HEALTH_TIMEOUT_S = 30.0
 HEALTH_PROBE_TIMEOUT_S = 1.0
 HEALTH_RETRY_S = 0.1
 LOG_TAIL_LINES = 15
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def daemon_binary() -> Path:
@@ -76,16 +76,28 @@ class Health(msgspec.Struct):
     host: str | None = None
 
 
-def health(host: LabHost, token: str, timeout: float = 5.0) -> Health:
-    """``GET /v1/health`` of ``host``'s daemon, with the lab's token."""
-    request = urllib.request.Request(
-        f"{host.url}/v1/health", headers={"Authorization": f"Bearer {token}"}
-    )
+def health(
+    host: LabHost, token: str, timeout: float = 5.0, context: ssl.SSLContext | None = None
+) -> Health:
+    """``GET /v1/health`` of ``host``'s daemon, with the lab's token; over HTTPS with the
+    operator's certificate (``context``), the daemon presenting host ``host``'s (checked by
+    name: the hosts of a loopback lab share one address)."""
+    conn = http.client.HTTPConnection(host.address, host.port, timeout=timeout)
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            raw = response.read()
-    except OSError as err:  # URLError and HTTPError are OSErrors
+        if host.tls:
+            if context is None:
+                raise StateError(f"host {host.name} speaks HTTPS: give the operator's certificate")
+            sock = socket.create_connection((host.address, host.port), timeout=timeout)
+            conn.sock = context.wrap_socket(sock, server_hostname=host.name)
+        conn.request("GET", "/v1/health", headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        raw = response.read()
+    except OSError as err:  # ssl.SSLError and socket errors are OSErrors
         raise PeerError(f"host {host.name}: {host.url}/v1/health failed: {err}") from err
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise PeerError(f"host {host.name}: {host.url}/v1/health answered {response.status}")
     try:
         return msgspec.json.decode(raw, type=Health)
     except msgspec.DecodeError as err:
@@ -93,7 +105,12 @@ def health(host: LabHost, token: str, timeout: float = 5.0) -> Health:
 
 
 def wait_answering(
-    proc: subprocess.Popen[bytes], host: LabHost, token: str, lab: str, timeout: float
+    proc: subprocess.Popen[bytes],
+    host: LabHost,
+    token: str,
+    lab: str,
+    timeout: float,
+    context: ssl.SSLContext | None = None,
 ) -> None:
     """Until ``host``'s devagentd (``proc``) answers ``/v1/health`` as that host; raises at
     once if it exits or another daemon answers, and after ``timeout`` with its log's tail."""
@@ -106,7 +123,7 @@ def wait_answering(
                 f"{proc.returncode} before answering; last lines of {logfile}:\n" + tail(logfile)
             )
         try:
-            answer = health(host, token, timeout=HEALTH_PROBE_TIMEOUT_S)
+            answer = health(host, token, timeout=HEALTH_PROBE_TIMEOUT_S, context=context)
         except PeerError:
             return False
         if answer.host != host.name:

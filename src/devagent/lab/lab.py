@@ -31,12 +31,15 @@ import ipaddress
 import json
 import os
 import secrets
+import ssl
 import subprocess
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from devagent import pki
+from devagent.client import use_tls
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.lab import addressing, daemons, net, procs, teardown, topology
 from devagent.lab.addressing import DAEMON_PORT, LOOPBACK_ADDRESS
@@ -57,9 +60,11 @@ from devagent.lab.layout import (
     validate_name,
     veth_name,
 )
+from devagent.tls import Tls
 from devagent.vocab import parse_rate
 
 STATE_VERSION = 1
+OPERATOR = "operator"  # the name on a lab's operator certificate
 
 
 class LabState(enum.Enum):
@@ -87,6 +92,7 @@ class Lab:
         self.state = state
         self._hosts = list(hosts)
         self._token: str | None = None
+        self._tls: Tls | None = None
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self.log = log.getChild(name)
 
@@ -126,6 +132,27 @@ class Lab:
         return self.dir / "shared"
 
     @property
+    def pki_dir(self) -> Path:
+        """The lab's CA, its hosts' and its operator's certificates."""
+        return self.dir / "pki"
+
+    @property
+    def secure(self) -> bool:
+        """Its daemons speak HTTPS and its agents TLS (not made with ``--insecure``)."""
+        return all(h.tls for h in self._hosts)
+
+    def client_tls(self) -> Tls | None:
+        """The lab's operator certificate, None in an insecure lab."""
+        if self.secure and self._tls is None:
+            self._tls = Tls(pki.operator_dir(self.pki_dir, OPERATOR))
+        return self._tls
+
+    def _use(self) -> Lab:
+        """This process calls the lab's daemons with the lab's operator certificate."""
+        use_tls(self.client_tls())
+        return self
+
+    @property
     def token(self) -> str:
         if self._token is None:
             try:
@@ -161,6 +188,7 @@ class Lab:
             "mgmt_address": self.mgmt_address,
             "token_file": str(self.token_file),
             "shared_dir": str(self.shared_dir),
+            "pki_dir": str(self.pki_dir) if self.secure else None,
             "hosts": [host.to_json() for host in self._hosts],
         }
 
@@ -194,12 +222,13 @@ class Lab:
             raise NotFound(f"no lab named {name!r} ({path} is absent; labs: {labs})")
         try:
             data = json.loads(path.read_text())
-            return cls._from_json(name, data)
+            lab = cls._from_json(name, data)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise StateError(
                 f"state of lab {name!r} in {path} is unreadable ({err}); "
                 f"`devagent lab down --name {name}` removes what is left of it"
             ) from err
+        return lab._use() if lab.state is LabState.UP else lab
 
     # ---- bringing up -----------------------------------------------------------------------
 
@@ -211,9 +240,12 @@ class Lab:
         link_rate: str | int | None = None,
         loopback: bool = False,
         subnet: str | None = None,
+        insecure: bool = False,
     ) -> Lab:
         """Make the lab and start one devagentd per host; return when every daemon answers
-        ``/v1/health``. On any failure, tear down what was made and re-raise."""
+        ``/v1/health``. On any failure, tear down what was made and re-raise. The lab has its
+        own CA and a certificate per host (and one for its operator, this process's from
+        now on); ``insecure``: none, plain HTTP and NBD."""
         validate_name(name)
         if not 1 <= hosts <= MAX_HOSTS:
             raise UsageError(f"a lab has 1 to {MAX_HOSTS} hosts, not {hosts}")
@@ -235,7 +267,7 @@ class Lab:
             network = None
             ports = addressing.free_loopback_ports(name, hosts)
             lab_hosts = [
-                LabHost(h, LOOPBACK_ADDRESS, port, labdir / "hosts" / h)
+                LabHost(h, LOOPBACK_ADDRESS, port, labdir / "hosts" / h, tls=not insecure)
                 for h, port in zip(names, ports, strict=True)
             ]
         else:
@@ -249,6 +281,7 @@ class Lab:
                     netns=netns_name(name, h),
                     veth=veth_name(name, h),
                     link_rate_bps=rate,
+                    tls=not insecure,
                 )
                 for i, h in enumerate(names)
             ]
@@ -268,7 +301,7 @@ class Lab:
             except DevagentError as err:
                 lab.log.error("teardown after failed setup: %s", err)
             raise
-        return lab
+        return lab._use()
 
     def _build(self, binary: Path) -> None:
         self._save()
@@ -279,6 +312,11 @@ class Lab:
         self.shared_dir.mkdir()
         for host in self._hosts:
             host.dir.mkdir(parents=True)
+        if self.secure:
+            pki.init_ca(self.pki_dir, common_name=f"devagent lab {self.name} CA")
+            for host in self._hosts:
+                pki.issue_host(self.pki_dir, host.name, [host.address])
+            pki.issue_operator(self.pki_dir, OPERATOR)
         if not self.loopback:
             assert self.subnet is not None and self.bridge is not None
             assert self.mgmt_address is not None
@@ -295,6 +333,11 @@ class Lab:
         args = [
             *("--token-file", str(self.token_file), "--shared-dir", str(self.shared_dir)),
             *self._guest_network_args(host),
+            *(
+                ("--tls-dir", str(pki.host_dir(self.pki_dir, host.name)))
+                if host.tls
+                else ("--insecure",)
+            ),
         ]
         proc = daemons.start(binary, host, args)
         self._procs[host.name] = proc
@@ -322,7 +365,14 @@ class Lab:
             self._wait_answering(host, max(0.0, deadline - time.monotonic()))
 
     def _wait_answering(self, host: LabHost, timeout: float) -> None:
-        daemons.wait_answering(self._procs[host.name], host, self.token, self.name, timeout)
+        daemons.wait_answering(
+            self._procs[host.name], host, self.token, self.name, timeout, self.client_context()
+        )
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """The operator certificate's client context (None in an insecure lab)."""
+        tls = self.client_tls()
+        return None if tls is None else tls.client
 
     def restart_daemon(self, host: str | LabHost) -> LabHost:
         """Stop one host's devagentd and start it again (its VMs and agents must survive:
@@ -344,7 +394,7 @@ class Lab:
 
     def health(self, host: str | LabHost, timeout: float = 5.0) -> daemons.Health:
         """``GET /v1/health`` of a host's daemon, with the lab's token."""
-        return daemons.health(self.host(host), self.token, timeout)
+        return daemons.health(self.host(host), self.token, timeout, self.client_context())
 
     def daemon_alive(self, host: str | LabHost) -> bool:
         """Whether the host's recorded devagentd pid is alive and is still that daemon."""

@@ -55,10 +55,11 @@ class LabHost:
     veth: str | None = None
     pid: int | None = None
     link_rate_bps: int | None = None
+    tls: bool = True  # its daemon speaks HTTPS (False: a lab made with --insecure)
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.address}:{self.port}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +72,7 @@ class LabHost:
             "veth": self.veth,
             "pid": self.pid,
             "link_rate_bps": self.link_rate_bps,
+            "tls": self.tls,
         }
 
     @classmethod
@@ -84,6 +86,7 @@ class LabHost:
             veth=_opt_str(data.get("veth")),
             pid=_opt_int(data.get("pid")),
             link_rate_bps=_opt_int(data.get("link_rate_bps")),
+            tls=bool(data.get("tls", False)),
         )
 
 

@@ -54,6 +54,8 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
     managed = await incoming_vm.prepare_incoming(
         host.vms, incoming.request, incoming.config, disks, nics=incoming.nics
     )
+    managed.source_host = incoming.source or None
+    managed.save()
     uri = f"tcp:{host.address}:{free_port(host.address)}"
     try:
         await managed.vm.qmp("migrate-incoming", uri=uri)

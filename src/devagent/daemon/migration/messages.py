@@ -69,6 +69,9 @@ class IncomingRequest(Message):
     request: VmRequest
     config: VmConfig  # the source's
     disks: list[IncomingDisk]
+    #: The source host's name: on TLS, its certificate's; the VM's commit, abort, settle
+    #: and keep-remote are then that host's alone.
+    source: str = ""
     nics: list[NicIdentity] = msgspec.field(default_factory=list)
 
 
@@ -130,7 +133,8 @@ class BaselineIncoming(Message):
     config: VmConfig
     size: Positive
     mode: str  # "mirror" or "cor-stream"
-    source: NbdAddress | None = None  # cor-stream: the source's read-only export
+    source_export: NbdAddress | None = None  # cor-stream: the source's read-only export
+    source: str = ""  # the source host's name (as IncomingRequest's)
 
 
 class BaselineAnswer(msgspec.Struct, omit_defaults=True):

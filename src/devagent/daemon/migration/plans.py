@@ -214,6 +214,7 @@ class AgentPlan(Plan):
             config=vm.config,
             disks=disks,
             nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
+            source=job.host.name,
         )
 
     async def prepare(self, job: JobView) -> Prepared:

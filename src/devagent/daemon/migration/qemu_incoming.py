@@ -52,6 +52,8 @@ async def prepare(host: Host, incoming: BaselineIncoming) -> BaselineAnswer:
     config = incoming.config.replace(disks=(disk,), incoming=True, extra_args=extra)
     try:
         managed = await incoming_vm.add_incoming(host.vms, request, config, image)
+        managed.source_host = incoming.source or None
+        managed.save()
     except BaseException:
         image.unlink(missing_ok=True)
         raise
@@ -71,12 +73,12 @@ async def _disk(host: Host, name: str, incoming: BaselineIncoming) -> tuple[Path
         with image.open("wb") as f:
             f.truncate(incoming.size)
         return image, DiskSpec(node="disk0", path=str(image), format="raw", unmap=True)
-    if incoming.source is None:
-        raise UsageError("'cor-stream' needs 'source': {'host', 'port', 'export'}")
+    if incoming.source_export is None:
+        raise UsageError("'cor-stream' needs 'source_export': {'host', 'port', 'export'}")
     image = folder / f"{name}.qcow2"
     image.unlink(missing_ok=True)
     await asyncio.to_thread(_make_overlay, image, incoming.size)
-    source = incoming.source
+    source = incoming.source_export
     backing = NbdSource(host=source.host, port=source.port, export=source.export)
     disk = DiskSpec(
         node="disk0", path=str(image), format="qcow2", backing_nbd=backing, copy_on_read=True

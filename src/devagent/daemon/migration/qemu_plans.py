@@ -107,6 +107,7 @@ class QemuPlan(Plan):
             config=vm.config,
             size=vm.image.stat().st_size,
             mode=self.mode,
+            source=job.host.name,
         )
 
     async def prepare(self, job: JobView) -> Prepared:
@@ -209,7 +210,7 @@ class QemuCorStreamPlan(QemuPlan):
 
     def incoming(self, job: JobView) -> BaselineIncoming:
         incoming = super().incoming(job)
-        incoming.source = self.source_export
+        incoming.source_export = self.source_export
         return incoming
 
     async def _export_disk(self, job: JobView) -> NbdAddress:

@@ -21,6 +21,7 @@ from aiohttp import web
 
 from devagent.api_types import Migrations, Removed
 from devagent.control_api import answer, body_as
+from devagent.daemon.auth import require_source
 from devagent.daemon.migration import destination, new_job, qemu_incoming
 from devagent.daemon.migration.context import HostContext
 from devagent.daemon.migration.job import MigrationJob
@@ -102,29 +103,43 @@ class MigrationRoutes:
     # -- destination -------------------------------------------------------------------------
 
     async def prepare_incoming(self, request: web.Request) -> web.Response:
-        reply = await destination.prepare(self.host, await body_as(request, IncomingRequest))
+        incoming = await body_as(request, IncomingRequest)
+        require_source(request, incoming.source, f"VM {incoming.request.name} coming here")
+        reply = await destination.prepare(self.host, incoming)
         return answer(reply, status=201)
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
         commit = await body_as(request, CommitRequest)
-        return answer(await self.commits.commit(request.match_info["name"], commit))
+        name = self._from_its_source(request, "committing")
+        return answer(await self.commits.commit(name, commit))
 
     async def abort_incoming(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = self._from_its_source(request, "rolling back")
         await self.commits.abort(name)
         return answer(Removed(name=name, state="removed"))
 
     async def prepare_baseline(self, request: web.Request) -> web.Response:
-        reply = await qemu_incoming.prepare(self.host, await body_as(request, BaselineIncoming))
+        incoming = await body_as(request, BaselineIncoming)
+        require_source(request, incoming.source, f"VM {incoming.request.name} coming here")
+        reply = await qemu_incoming.prepare(self.host, incoming)
         return answer(reply, status=201)
 
     async def commit_baseline(self, request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+        name = self._from_its_source(request, "committing")
         return answer(await self.commits.commit(name, CommitRequest(), using=_baseline_ready))
 
     async def stream_done(self, request: web.Request) -> web.Response:
-        managed = self.host.vms.get(request.match_info["name"])
+        managed = self.host.vms.get(self._from_its_source(request, "streaming"))
         return answer(await qemu_incoming.stream_done(managed))
+
+    def _from_its_source(self, request: web.Request, what: str) -> str:
+        """The VM the peer route names; on TLS, the caller must be the host it comes from
+        (a VM not here is left to the route: it answers that)."""
+        name = request.match_info["name"]
+        managed = self.host.vms.vms.get(name)
+        if managed is not None:
+            require_source(request, managed.source_host, f"{what} VM {name}")
+        return name
 
 
 async def _baseline_ready(managed: ManagedVm, request: CommitRequest) -> CommitAnswer:

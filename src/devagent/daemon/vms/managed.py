@@ -123,6 +123,9 @@ class ManagedVm:
         # (the VM's own agents forward to the source meanwhile, so QEMU never sees a
         # half-copied disk).
         self.receivers: dict[str, AgentProcess] = {}
+        #: The host a migration brings (or brought) it from: the only one whose certificate
+        #: may commit, abort, settle or keep its disks (:mod:`devagent.daemon.auth`).
+        self.source_host: str | None = None
         self.retiring: list[asyncio.Task[None]] = []  # receivers, stopping
         self.heartbeats: deque[Heartbeat] = deque(maxlen=HEARTBEATS_KEPT)
         self.parser = ConsoleParser() if request.has_probe else None
@@ -425,6 +428,7 @@ class ManagedVm:
             "nics": [n.to_json() for n in self.nics],
             "receivers": [r.to_json() for r in self.receivers.values()],
             "resumed_at": self.vm.resumed_at,  # the source's read-back after a restart
+            "source_host": self.source_host,
         }
         tmp = self.run_dir / "vm.json.tmp"
         tmp.write_text(json.dumps(record, indent=1))

@@ -76,6 +76,7 @@ class _Record(msgspec.Struct):
     receivers: list[AgentProcess] = msgspec.field(default_factory=list)
     receiver: AgentProcess | None = None  # a record from before several disks
     resumed_at: float | None = None  # the guest's last RESUME this daemon saw
+    source_host: str | None = None  # the host a migration brought it from
 
     @classmethod
     def read(cls, path: Path) -> _Record:
@@ -461,6 +462,7 @@ class VmManager:
             record.request, record.config, folder, record.role, record.image_paths(),
             record.agents, record.nics,
         )  # fmt: skip
+        managed.source_host = record.source_host
         if alive:
             try:
                 await managed.vm.adopt(pid)
