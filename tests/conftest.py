@@ -81,13 +81,18 @@ def nothing_left_behind() -> Iterator[None]:
 
 @contextlib.contextmanager
 def clean_lab(
-    name: str, state_dir: Path, hosts: int = 2, *, show_logs: bool = False
+    name: str,
+    state_dir: Path,
+    hosts: int = 2,
+    *,
+    show_logs: bool = False,
+    insecure: bool = False,
 ) -> Iterator[Lab]:
     """A lab of ``hosts`` namespace hosts (links at 1 Gbit/s) for one test: removed after
     it, and checked to leave no process and no namespace behind. ``show_logs``: the end of
     each daemon's log and each VM's logs are printed first (pytest shows them on a
-    failure)."""
-    lab = Lab.up(name=name, hosts=hosts, link_rate="1gbit")
+    failure). ``insecure``: without certificates, all in plaintext."""
+    lab = Lab.up(name=name, hosts=hosts, link_rate="1gbit", insecure=insecure)
     try:
         yield lab
     finally:

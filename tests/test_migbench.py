@@ -17,6 +17,8 @@ from devagent.benchstats import (
     rederive,
     run_ratio,
     summarize,
+    tls_markdown,
+    tls_ratio,
 )
 from devagent.benchtypes import Run, StrategyRow
 from devagent.benchtypes import TimelinePoint as P
@@ -240,3 +242,14 @@ def test_bench_migrate_from_refuses_what_is_no_result(tmp_path: Path) -> None:
     bad.write_text('{"link": 1}\n')
     done = CliRunner().invoke(main, ["bench", "migrate", "--from", str(bad)])
     assert "runs-so-far.jsonl, line 1: Expected `str`, got `int` - at `$.link`" in done.output
+
+
+def test_the_tls_table_sets_each_strategy_beside_itself_in_plaintext() -> None:
+    secure = summarize([made_up("hybrid", 0, 10.5, 9.0, 150), made_up("postcopy", 1, 8, 9.0, 90)])
+    plain = summarize([made_up("hybrid", 0, 10.0, 9.0, 140), made_up("precopy", 1, 9, 9.0, 80)])
+    table = tls_markdown(secure, plain)
+    rows = [line for line in table.splitlines() if line.startswith("| 1gbit")]
+    assert rows == [
+        "| 1gbit | moderate | `hybrid` | 10.50 | 10.00 | 1.05 | 5.25 | 5.00 | 150 | 140 |"
+    ]
+    assert tls_ratio(secure[0].strategies["hybrid"], plain[0].strategies["hybrid"]) == 1.05

@@ -5,6 +5,7 @@ reconnection, and the control API."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import socket
 import struct
@@ -21,7 +22,9 @@ from devagent.net.codec import Limit, encode_frame
 from devagent.net.control import serve_control
 from devagent.net.messages import TapSpec
 from devagent.net.uplink import MemoryUplink, Uplink
+from devagent.tls import Tls, use_tls
 from net_fakes import FakeVm, LogEvent, eth, until
+from tls_helpers import make_pki
 
 
 class Rig:
@@ -560,3 +563,39 @@ async def test_control_api(rig: Rig, tmp_path: Path) -> None:
             assert stop.is_set()
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(("who", "forwards"), [("b", True), ("c", False)])
+async def test_the_peer_link_is_tls_and_admits_only_expected_hosts(
+    tmp_path: Path, who: str, forwards: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Host a's agent accepts peers over TLS only, from hosts a and b: b's frames arrive,
+    c's connection is closed before a frame passes, and a's agent goes on serving."""
+    certs = make_pki(tmp_path)
+    source, dest = await make_rig("src"), await make_rig("dst")
+    use_tls(certs.host(who))
+    try:
+        tls = Tls(certs.dir("a"), peers=("a", "b"))
+        host, port = await dest.agent.listen_peer("127.0.0.1", 0, tls=tls)
+        if forwards:
+            await source.agent.forward(host, port)
+            source.uplink.inject(eth(1))
+            assert await dest.vm.receive(1) == [eth(1)]
+        else:  # its handshake may end before a's check closes the link
+            with contextlib.suppress(PeerError):
+                await source.agent.forward(host, port)
+            await until(lambda: "host c is not among this one's peers (a, b)" in caplog.text)
+            await until(lambda: source.agent.stats().forward is None)
+        plain_reader, plain_writer = await asyncio.open_connection(host, port)
+        plain_writer.write(encode_frame(eth(2)))  # no TLS: closed, nothing gets through
+        assert await asyncio.wait_for(plain_reader.read(), 10) == b""
+        plain_writer.close()
+        dest.uplink.inject(eth(3))
+        expected = [eth(1), eth(3)] if forwards else [eth(3)]
+        assert await dest.vm.receive(len(expected)) == expected
+        assert dest.agent.counters["from_peer_frames"] == (1 if forwards else 0)
+    finally:
+        use_tls(None)
+        for made in (source, dest):
+            await made.vm.close()
+            await made.agent.stop()

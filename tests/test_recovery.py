@@ -80,7 +80,7 @@ async def test_the_record_is_saved_before_each_phase_move_and_goes_once_settled(
     assert switchover is not None and switchover.id == job.id
     assert switchover.handover is not None and switchover.handover.present  # the push's chunks
     assert switchover.source_disks == {
-        "disk0": RemoteDisk(address="tcp:10.9.0.1:4000", export="disk0")
+        "disk0": RemoteDisk(address="tcp:10.9.0.1:4000", export="disk0", host="a")
     }
     assert Step.RAM_COMPLETED in switchover.report.timeline
     assert not record_path(vm.run_dir).exists()  # settled

@@ -13,11 +13,12 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from devagent.client import DaemonClient, Endpoint, use_tls
+from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.api import build_app
 from devagent.daemon.host import Host
+from devagent.daemon.main import parse_args
 from devagent.errors import Forbidden, PeerError
-from devagent.tls import Tls
+from devagent.tls import Tls, use_tls
 from tls_helpers import Certs, make_pki
 
 TOKEN = "s3cret"
@@ -139,3 +140,14 @@ async def test_a_daemon_presenting_another_hosts_certificate_is_not_trusted(
     with pytest.raises(PeerError, match=r"certificate|hostname"):
         await served.call(served.certs.operator(), "GET", "/v1/health", name="b")
     await still_serves(served)
+
+
+def test_the_daemon_wants_certificates_or_an_explicit_insecure(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    base = ["--host-name", "a", "--listen", "127.0.0.1:1", "--dir", "/x", "--token-file", "/t"]
+    with pytest.raises(SystemExit):
+        parse_args(base)
+    assert "one of the arguments --tls-dir --insecure is required" in capsys.readouterr().err
+    assert parse_args([*base, "--insecure"]).insecure
+    assert parse_args([*base, "--tls-dir", "/p", "--tls-peer", "b"]).tls_peers == ["b"]

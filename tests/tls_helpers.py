@@ -1,5 +1,5 @@
 """A PKI for the TLS tests: the deployment's CA with hosts a, b, c and an operator, another
-CA's host, and an expired operator."""
+CA's host b, and an expired operator and host (``late``)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ class Certs:
     def expired(self) -> Tls:
         return Tls(pki.operator_dir(self.root, "expired"))
 
+    def dir(self, name: str) -> Path:
+        """Host ``name``'s folder (``late``: expired; ``stranger``: another CA's b)."""
+        if name == "stranger":
+            return pki.host_dir(self.other, "b")
+        return pki.host_dir(self.root, name)
+
 
 def make_pki(folder: Path, address: str = "127.0.0.1") -> Certs:
     root, other = folder / "pki", folder / "other-pki"
@@ -39,6 +45,7 @@ def make_pki(folder: Path, address: str = "127.0.0.1") -> Certs:
     now = datetime.datetime.now(datetime.UTC)
     gone = pki.Validity(now - datetime.timedelta(days=30), now - datetime.timedelta(days=1))
     pki.issue_operator(root, "expired", validity=gone)
+    pki.issue_host(root, "late", [address], validity=gone)
     pki.init_ca(other, common_name="another CA")
     pki.issue_host(other, "b", [address])
     return Certs(root, other)

@@ -248,3 +248,38 @@ def markdown(summary: Sequence[Scenario]) -> str:
                 lines.append(f"| `{mine}` | {cells} |")
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+TLS_HEAD = (
+    "| link | workload | strategy | total, TLS (s) | total, plaintext (s) | TLS / plaintext "
+    "| switchover, TLS (s) | switchover, plaintext (s) | max I/O gap, TLS (ms) "
+    "| max I/O gap, plaintext (ms) |\n|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def tls_ratio(secure: StrategyRow, plain: StrategyRow) -> float | None:
+    """A strategy's median total time with TLS over its median total in plaintext."""
+    if secure.total_time_s is None or not plain.total_time_s:
+        return None
+    return secure.total_time_s / plain.total_time_s
+
+
+def tls_markdown(secure: Sequence[Scenario], plain: Sequence[Scenario]) -> str:
+    """The cost of TLS: each scenario's strategies, with TLS and in plaintext, side by side."""
+    lines = [TLS_HEAD]
+    plain_by = {(s.link, s.workload, s.disks): s for s in plain}
+    for scenario in secure:
+        other = plain_by.get((scenario.link, scenario.workload, scenario.disks))
+        if other is None:
+            continue
+        for strategy in [s for s in ALL_STRATEGIES if s in scenario.strategies]:
+            a, b = scenario.strategies[strategy], other.strategies.get(strategy)
+            if b is None:
+                continue
+            lines.append(
+                f"| {scenario.link} | {scenario.workload} | `{strategy}` "
+                f"| {fmt(a.total_time_s)} | {fmt(b.total_time_s)} | {fmt(tls_ratio(a, b))} "
+                f"| {fmt(a.time_to_switchover_s)} | {fmt(b.time_to_switchover_s)} "
+                f"| {fmt(a.max_io_gap_ms, 0)} | {fmt(b.max_io_gap_ms, 0)} |"
+            )
+    return "\n".join(lines) + "\n"

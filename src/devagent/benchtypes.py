@@ -21,7 +21,7 @@ from devagent.report import MigrationReport
 from devagent.wire import convert
 
 
-class Plan(msgspec.Struct, frozen=True):
+class Plan(msgspec.Struct, frozen=True, omit_defaults=True):
     """What to run: every strategy, per link rate and workload, ``runs`` times."""
 
     links: tuple[str, ...]
@@ -36,6 +36,8 @@ class Plan(msgspec.Struct, frozen=True):
     #: probe): 1, and e.g. 3 for a set of disks moved as one (devagent's strategies only:
     #: QEMU's own move one disk).
     disks: tuple[int, ...] = (1,)
+    #: The lab without certificates: every link in plaintext (the TLS comparison's other half).
+    insecure: bool = False
 
     def workload_spec(self, workload: str) -> str:
         spec = f"{workload},prefill={self.prefill}"

@@ -7,9 +7,9 @@ JSON (for a caller that only passes it on). A request body is a Struct or plain 
 answer becomes the matching devagent error carrying the daemon's own message, and a daemon
 that cannot be reached becomes a :class:`PeerError` naming its URL.
 
-An ``https://`` daemon is called with this process's certificate (:func:`use_tls`: the CLI's
-operator certificate, a daemon's host certificate), and must present the certificate of the
-host its URL names.
+An ``https://`` daemon is called with this process's certificate (the CLI's operator
+certificate, a daemon's host certificate: :func:`devagent.tls.use_tls`), and must present the
+certificate of the host the endpoint names.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 
-from devagent import pki
 from devagent.errors import (
     DevagentError,
     Forbidden,
@@ -31,20 +30,9 @@ from devagent.errors import (
     StateError,
     UsageError,
 )
-from devagent.tls import Tls
+from devagent.tls import as_name, process_tls
 
 DEFAULT_TIMEOUT_S = 60.0
-_tls: Tls | None = None
-
-
-def use_tls(tls: Tls | None) -> None:
-    """The certificate this process calls ``https://`` daemons with."""
-    global _tls
-    _tls = tls
-
-
-def client_tls() -> Tls | None:
-    return _tls
 
 
 T = TypeVar("T")
@@ -58,6 +46,12 @@ class Endpoint(msgspec.Struct, frozen=True):
     url: str
     token: str = ""
     name: str = ""
+
+    @property
+    def host(self) -> str | None:
+        """The host it names, whose certificate its daemon must present (None: its name is
+        a URL; the URL's address is checked then)."""
+        return as_name(self.name)
 
     def to_json(self) -> dict[str, str]:
         return {"url": self.url, "token": self.token, "name": self.name}
@@ -90,12 +84,13 @@ class DaemonClient:
     async def __aenter__(self) -> DaemonClient:
         connector = None
         if self.endpoint.url.startswith("https://"):
-            if _tls is None:
+            tls = process_tls()
+            if tls is None:
                 raise StateError(
                     f"host {self._who} speaks HTTPS and this process has no certificate "
                     "(a lab's is found with --lab; see 'devagent pki')"
                 )
-            connector = aiohttp.TCPConnector(ssl=_tls.client)
+            connector = aiohttp.TCPConnector(ssl=tls.client)
         self._session = aiohttp.ClientSession(
             base_url=self.endpoint.url,
             headers={"Authorization": f"Bearer {self.endpoint.token}"},
@@ -143,13 +138,6 @@ class DaemonClient:
             raise PeerError(f"host {self._who}: {method} {path} answered badly: {err}") from None
 
     @property
-    def _server_name(self) -> str | None:
-        """The host whose certificate the daemon must present: the endpoint's name when it
-        is a host's (the hosts of a loopback lab share one address), else its URL's host."""
-        name = self.endpoint.name
-        return name if name and set(name) <= pki.NAME_CHARS else None
-
-    @property
     def _who(self) -> str:
         return self.endpoint.name or self.endpoint.url
 
@@ -168,7 +156,7 @@ class DaemonClient:
                 data=data,
                 headers=headers,
                 params=params or None,
-                server_hostname=self._server_name,
+                server_hostname=self.endpoint.host,  # a loopback lab's hosts share 127.0.0.1
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:

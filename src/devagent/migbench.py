@@ -44,6 +44,7 @@ from devagent.vocab import BASELINES, parse_rate
 from devagent.wait import WaitTimeout, wait_until
 
 LAB = "bnch"
+LAB_INSECURE = "bnpl"  # the plaintext lab of a TLS comparison
 BASELINE_BEATS = 30  # three seconds of steady guest I/O before migrating
 BOOT_PARALLEL = 2  # guests booted at once before a round: the machine's two cores
 RUN_TIMEOUT_S = 180.0  # a run longer than max(this, RUN_LIMITS x limit_s) is abandoned
@@ -121,11 +122,15 @@ async def run_matrix(plan: Plan, say: Say, on_run: Callable[[Run], None] | None 
         raise DevagentError("qemu-system-x86_64 is not installed (Debian package qemu-system-x86)")
     started = time.time()
     meta = machine()
-    if LAB in Lab.list():
-        say(f"removing the lab {LAB!r} a previous run left")
-        await asyncio.to_thread(Lab.load(LAB).down)
-    say(f"making a 2-host lab {LAB!r}; {plan.count} migrations to run")
-    lab = await asyncio.to_thread(Lab.up, name=LAB, hosts=2, link_rate=plan.links[0])
+    name = LAB_INSECURE if plan.insecure else LAB
+    if name in Lab.list():
+        say(f"removing the lab {name!r} a previous run left")
+        await asyncio.to_thread(Lab.load(name).down)
+    security = "in plaintext (--insecure)" if plan.insecure else "with TLS"
+    say(f"making a 2-host lab {name!r} {security}; {plan.count} migrations to run")
+    lab = await asyncio.to_thread(
+        Lab.up, name=name, hosts=2, link_rate=plan.links[0], insecure=plan.insecure
+    )
     runs: list[Run] = []
     try:
         a, b = (Endpoint(url=h.url, token=lab.token, name=h.name) for h in lab.hosts[:2])
@@ -151,7 +156,7 @@ async def run_matrix(plan: Plan, say: Say, on_run: Callable[[Run], None] | None 
                         if on_run is not None:
                             on_run(run)
     finally:
-        say(f"removing the lab {LAB!r}")
+        say(f"removing the lab {name!r}")
         await asyncio.to_thread(lab.down)
     meta.load_average_end = [round(x, 2) for x in os.getloadavg()]
     meta.duration_s = round(time.time() - started, 1)

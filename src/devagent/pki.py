@@ -15,7 +15,7 @@ as is to QEMU, qemu-img, qemu-nbd, nbdinfo and devagent's own processes::
 A host's certificate names the host (its common name and a DNS name in its SAN), and the
 addresses it is reached at (IP addresses in its SAN); it serves and it calls (extended key
 usage server and client). An operator's only calls. The organisational unit tells the two
-apart (:data:`HOST_UNIT`, :data:`OPERATOR_UNIT`): a peer route is for hosts only.
+apart (:class:`devagent.tls.Role`): a peer route is for hosts only.
 """
 
 from __future__ import annotations
@@ -33,18 +33,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devagent.errors import StateError, UsageError
+from devagent.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY, Role, as_name
 
 ORGANIZATION = "devagent"
-HOST_UNIT = "host"
-OPERATOR_UNIT = "operator"
+HOST_UNIT = Role.HOST.value
+OPERATOR_UNIT = Role.OPERATOR.value
 CA_DAYS = 3650
 LEAF_DAYS = 825
-CA_CERT = "ca-cert.pem"
 CA_KEY = "ca-key.pem"
-SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
-CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
-#: A host's or operator's name: what its certificate and the lab call it.
-NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
 
 
 @dataclass(frozen=True)
@@ -74,7 +70,7 @@ def operator_dir(pki: Path, name: str) -> Path:
 
 
 def check_name(name: str, what: str) -> str:
-    if not name or not set(name) <= NAME_CHARS or name[0] in "-.":
+    if as_name(name) is None:
         raise UsageError(f"{what} {name!r}: use lower-case letters, digits, '-' and '.'")
     return name
 

@@ -16,20 +16,27 @@ from __future__ import annotations
 import enum
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from devagent import pki
 from devagent.errors import EnvironmentProblem
 
 log = logging.getLogger(__name__)
 
+# The files of a certificate folder (QEMU's tls-creds-x509 layout; :mod:`devagent.pki` makes
+# them). This module does not import that one: agents load certificates, never make them.
+CA_CERT = "ca-cert.pem"
+SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
+CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
+
 
 class Role(enum.StrEnum):
-    HOST = pki.HOST_UNIT
-    OPERATOR = pki.OPERATOR_UNIT
+    """A certificate's organisational unit: what its holder is."""
+
+    HOST = "host"
+    OPERATOR = "operator"
 
 
 @dataclass(frozen=True)
@@ -47,8 +54,11 @@ class Tls:
     """A process's TLS identity, from a folder of :mod:`devagent.pki` (a host's holds a
     server and a client certificate, an operator's a client certificate only)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, peers: Iterable[str] = ()) -> None:
         self.folder = folder
+        #: The hosts whose certificates a server of this process admits (none: any host of
+        #: the CA). An operator's certificate is never a peer's.
+        self.peers = frozenset(peers)
         self.server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.server.verify_mode = ssl.CERT_REQUIRED
         self.client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # checks the host name
@@ -58,11 +68,11 @@ class Tls:
 
     @property
     def ca(self) -> Path:
-        return self.folder / pki.CA_CERT
+        return self.folder / CA_CERT
 
     @property
     def is_host(self) -> bool:
-        return (self.folder / pki.SERVER_CERT).exists()
+        return (self.folder / SERVER_CERT).exists()
 
     def reload(self) -> None:
         """Read the certificate, its key and the CA again. A CA added to the file is
@@ -72,10 +82,10 @@ class Tls:
                 context.load_verify_locations(cafile=str(self.ca))
             if self.is_host:
                 self.server.load_cert_chain(
-                    str(self.folder / pki.SERVER_CERT), str(self.folder / pki.SERVER_KEY)
+                    str(self.folder / SERVER_CERT), str(self.folder / SERVER_KEY)
                 )
             self.client.load_cert_chain(
-                str(self.folder / pki.CLIENT_CERT), str(self.folder / pki.CLIENT_KEY)
+                str(self.folder / CLIENT_CERT), str(self.folder / CLIENT_KEY)
             )
         except (OSError, ssl.SSLError) as err:
             raise EnvironmentProblem(
@@ -84,8 +94,40 @@ class Tls:
             ) from None
         log.info("certificates loaded from %s", self.folder)
 
-    def to_json(self) -> str:
-        return str(self.folder)
+    def refusal(self, peer: Peer | None) -> str | None:
+        """Why a connection whose certificate names ``peer`` is not served (None: it is)."""
+        if peer is None:
+            return "its certificate names no devagent host"
+        if peer.role is not Role.HOST:
+            return f"{peer} is not a host"
+        if self.peers and peer.name not in self.peers:
+            return (
+                f"host {peer.name} is not among this one's peers ({', '.join(sorted(self.peers))})"
+            )
+        return None
+
+
+#: What a host's or operator's name is made of (its certificate's and the lab's).
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+
+
+def as_name(text: str) -> str | None:
+    """``text`` if it is a host's name (not a URL or an address with a port), else None."""
+    return text if text and set(text) <= NAME_CHARS and text[0] not in "-." else None
+
+
+_process: Tls | None = None
+
+
+def use_tls(tls: Tls | None) -> None:
+    """The certificate this process connects with: a daemon's or an agent's host
+    certificate, the CLI's operator certificate (None: plaintext)."""
+    global _process
+    _process = tls
+
+
+def process_tls() -> Tls | None:
+    return _process
 
 
 def peer_of(cert: Mapping[str, Any] | None) -> Peer | None:

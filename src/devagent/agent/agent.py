@@ -55,6 +55,7 @@ from devagent.agent.nbd_server import NbdServer
 from devagent.agent.spec import backend_status, open_backend
 from devagent.errors import DevagentError, StateError, UsageError
 from devagent.nbd.codec import Export
+from devagent.tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -149,12 +150,14 @@ class BlockAgent:
         log.info("export %r serving on %s", self.export_name, address)
         return address
 
-    async def listen_tcp(self, host: str, port: int = 0) -> tuple[str, int]:
-        """Serve on TCP (port 0 picks a free one); returns the bound host and port."""
+    async def listen_tcp(self, host: str, port: int = 0, tls: Tls | None = None) -> tuple[str, int]:
+        """Serve on TCP (port 0 picks a free one), TLS required with ``tls``; returns the
+        bound host and port."""
         self.lifecycle.require(AgentEvent.LISTEN_TCP)
-        bound = await self.server.listen_tcp(host, port)
+        bound = await self.server.listen_tcp(host, port, tls)
         self.lifecycle.fire(AgentEvent.LISTEN_TCP)
-        log.info("export %r serving on tcp:%s:%d", self.export_name, *bound)
+        how = "TLS required" if tls is not None else "plaintext"
+        log.info("export %r serving on tcp:%s:%d (%s)", self.export_name, *bound, how)
         return bound
 
     async def fence_local(self) -> int:

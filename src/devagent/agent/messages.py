@@ -58,10 +58,13 @@ class LocalSpec(msgspec.Struct, tag="local", tag_field="kind", forbid_unknown_fi
 
 
 class RemoteSpec(msgspec.Struct, tag="remote", tag_field="kind", forbid_unknown_fields=True):
-    """A device another agent exports over NBD."""
+    """A device another agent exports over NBD. Over TCP from an agent with a certificate,
+    the connection turns to TLS and the server must present host ``host``'s certificate
+    (none named: one for the address's IP)."""
 
     address: str
     export: str = ""
+    host: str = ""
     io_timeout: Positive = IO_TIMEOUT_S
     connect_timeout: Positive = CONNECT_TIMEOUT_S
 

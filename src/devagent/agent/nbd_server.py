@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import socket
+import ssl
 from collections.abc import Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -31,14 +32,16 @@ from typing import Any, Protocol, cast
 from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.agent.journal import Entry, Journal, JournalClosed
 from devagent.nbd.codec import Bytes, Disconnect, Export, NeedData
-from devagent.nbd.proto import Command, CommandFlag, Errno, NbdProtocolError
+from devagent.nbd.proto import Command, CommandFlag, Errno, NbdProtocolError, Reply
 from devagent.nbd.server_codec import (
     BadRequest,
     Negotiated,
     OptionHandled,
     Request,
     ServerConnection,
+    StartTls,
 )
+from devagent.tls import Tls, peer_of_transport
 
 
 class ServedAgent(Protocol):
@@ -102,11 +105,14 @@ class _PeerAdapter(logging.LoggerAdapter[logging.Logger]):
 
 class NbdConnection(asyncio.Protocol):
     """One client connection: the codec's events become requests on the agent's journal and
-    backend, their results replies."""
+    backend, their results replies. With ``tls`` (a TCP connection of an agent that has a
+    certificate), TLS is required: the connection turns to TLS at the client's STARTTLS,
+    and is closed unless the client's certificate is a host's this agent admits."""
 
-    def __init__(self, agent: ServedAgent) -> None:
+    def __init__(self, agent: ServedAgent, tls: Tls | None = None) -> None:
         self.agent = agent
-        self.codec = ServerConnection({agent.export_name: agent.export})
+        self.tls = tls
+        self.codec = ServerConnection({agent.export_name: agent.export}, tls=tls is not None)
         self.transport: asyncio.Transport | None = None
         self.log: logging.LoggerAdapter[logging.Logger] = logging.LoggerAdapter(log, {})
         self.pending: dict[asyncio.Future[Any], Request | BadRequest] = {}
@@ -116,6 +122,8 @@ class NbdConnection(asyncio.Protocol):
         self._out: list[Bytes] = []  # replies not yet handed to the transport
         self._closing = False
         self._handshake_timer: asyncio.TimerHandle | None = None
+        self._tls_task: asyncio.Task[None] | None = None
+        self._address = "?"  # the peer's address (host:port) or unix#N
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -126,13 +134,17 @@ class NbdConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername") or f"unix#{number}"
         if isinstance(peer, tuple):
             peer = f"{peer[0]}:{peer[1]}"
-        child = log.getChild(self.agent.export_name or "default")
-        self.log = _PeerAdapter(child, {"peer": peer})
+        self._address = str(peer)
+        self.log = self._logger(self._address)
         self.log.debug("connected")
         self.transport.write(self.codec.data_to_send())
         self._handshake_timer = asyncio.get_running_loop().call_later(
             self.agent.handshake_timeout, self._handshake_expired
         )
+
+    def _logger(self, peer: str) -> logging.LoggerAdapter[logging.Logger]:
+        child = log.getChild(self.agent.export_name or "default")
+        return _PeerAdapter(child, {"peer": peer})
 
     def _handshake_expired(self) -> None:
         if self.codec.export is None and not self._closing:
@@ -198,6 +210,14 @@ class NbdConnection(asyncio.Protocol):
             elif isinstance(event, OptionHandled):
                 self._send_handshake()
                 self.log.debug("option %#x: %s", event.option, event.reply.name)
+                if event.reply is Reply.ERR_TLS_REQD:
+                    self.log.warning("refused option %#x: TLS is required", event.option)
+            elif isinstance(event, StartTls):
+                self._send_handshake()  # the ACK, the last plaintext
+                assert self.transport is not None
+                self.transport.pause_reading()  # the client's hello is the handshake's
+                self._tls_task = asyncio.create_task(self._start_tls(self.transport))
+                return
             elif isinstance(event, Negotiated):
                 self._send_handshake()
                 if self._handshake_timer is not None:
@@ -215,6 +235,35 @@ class NbdConnection(asyncio.Protocol):
                 self._close_when_idle()
                 return
         self._update_reading()
+
+    async def _start_tls(self, plain: asyncio.Transport) -> None:
+        """Run the TLS handshake on ``plain``, check the client's certificate, and go on
+        reading options on the TLS transport; close on any failure."""
+        assert self.tls is not None
+        loop = asyncio.get_running_loop()
+        try:
+            secure = await loop.start_tls(
+                plain, self, self.tls.server, server_side=True,
+                ssl_handshake_timeout=self.agent.handshake_timeout,
+            )  # fmt: skip
+        except (ssl.SSLError, OSError, TimeoutError) as err:
+            self.log.warning("closing: TLS handshake failed: %s", err)
+            plain.abort()
+            self.connection_lost(err)
+            return
+        if secure is None:  # closed meanwhile
+            return
+        peer = peer_of_transport(secure)
+        refusal = self.tls.refusal(peer)
+        if refusal is not None:
+            self.log.warning("closing: %s", refusal)
+            secure.abort()
+            return
+        self.transport = secure
+        self.log = self._logger(f"host {peer.name if peer else '?'} {self._address}")
+        self.log.debug("TLS established")
+        self.codec.tls_established()
+        self._pump()
 
     def _send_handshake(self) -> None:
         out = self.codec.data_to_send()
@@ -448,21 +497,24 @@ class NbdServer:
         self._connections.discard(connection)
 
     async def listen_unix(self, path: Path) -> str:
-        """Serve on a unix socket (replacing a stale socket file); returns its address."""
+        """Serve on a unix socket (replacing a stale socket file), plaintext, mode 0600;
+        returns its address."""
         with contextlib.suppress(FileNotFoundError):
             if path.is_socket():
                 path.unlink()
         loop = asyncio.get_running_loop()
         server = await loop.create_unix_server(lambda: NbdConnection(self.agent), str(path))
+        os.chmod(path, 0o600)  # plaintext for the VM's own QEMU: root's alone
         self._servers.append(server)
         self._unix_paths.append(path)
         self.addresses.append(f"unix:{path}")
         return f"unix:{path}"
 
-    async def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
-        """Serve on TCP (port 0 picks a free one); returns the bound host and port."""
+    async def listen_tcp(self, host: str, port: int, tls: Tls | None = None) -> tuple[str, int]:
+        """Serve on TCP (port 0 picks a free one), with ``tls`` required when given;
+        returns the bound host and port."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: NbdConnection(self.agent), host, port)
+        server = await loop.create_server(lambda: NbdConnection(self.agent, tls), host, port)
         self._servers.append(server)
         bound = server.sockets[0].getsockname()
         self.addresses.append(f"tcp:{bound[0]}:{bound[1]}")

@@ -36,6 +36,7 @@ from devagent.nbd.client import NbdClient, NbdRequestFailed
 from devagent.nbd.client_codec import Completed
 from devagent.nbd.codec import NO_FLAGS
 from devagent.nbd.proto import Command, CommandFlag, Errno, TransmissionFlag
+from devagent.tls import process_tls
 from devagent.vocab import parse_address
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,10 @@ class Remote(Backend):
         connect_timeout: float = 10.0,
         backoff_min: float = 0.05,
         backoff_max: float = 0.5,
+        host: str = "",
     ) -> None:
         self._kind, self._where, self._port = parse_address(address)
+        self.host = host  # whose certificate the server must present (TLS over TCP)
         if io_timeout <= 0:
             raise UsageError(f"io_timeout must be positive, got {io_timeout}")
         self.address = address
@@ -162,7 +165,11 @@ class Remote(Backend):
         if self._kind == "unix":
             coro = NbdClient.connect(unix=self._where, export=self.export)
         else:
-            coro = NbdClient.connect(host=self._where, port=self._port, export=self.export)
+            tls = process_tls()
+            coro = NbdClient.connect(
+                host=self._where, port=self._port, export=self.export,
+                tls=tls.client if tls is not None else None, server_name=self.host or None,
+            )  # fmt: skip
         try:
             return await asyncio.wait_for(coro, timeout)
         except TimeoutError:

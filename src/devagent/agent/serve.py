@@ -12,6 +12,7 @@ from devagent.agent.control import serve_control
 from devagent.agent.messages import BackendSpec
 from devagent.agent.spec import check_spec, open_backend, spec_for_image
 from devagent.errors import UsageError
+from devagent.tls import Tls
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,11 @@ async def serve(
     on_ready: Callable[[BlockAgent], None] | None = None,
     stop: asyncio.Event | None = None,
     control: str | Path | None = None,
+    tls: Tls | None = None,
 ) -> None:
     """Serve ``image`` (or the backend ``backend_spec`` describes: a spec, or its decoded
-    JSON) until ``stop`` is set or the task is cancelled, then stop cleanly."""
+    JSON) until ``stop`` is set or the task is cancelled, then stop cleanly. With ``tls``,
+    TCP clients must turn to TLS and present a host's certificate ``tls`` admits."""
     if unix is None and tcp is None:
         raise UsageError("give a unix socket path or a TCP address to listen on")
     if (image is None) == (backend_spec is None):
@@ -46,7 +49,7 @@ async def serve(
         if unix is not None:
             await agent.listen_unix(unix)
         if tcp is not None:
-            await agent.listen_tcp(*tcp)
+            await agent.listen_tcp(*tcp, tls=tls)
         if control is not None:
             runner = await serve_control(agent, Path(control), stop)
         if on_ready is not None:

@@ -55,6 +55,7 @@ async def open_backend(spec: BackendSpec) -> Backend:
             spec.export,
             io_timeout=spec.io_timeout,
             connect_timeout=spec.connect_timeout,
+            host=spec.host,
         )
     source = await open_backend(spec.remote)
     try:

@@ -11,7 +11,13 @@ import click
 from devagent.agent.agent import BlockAgent
 from devagent.agent.serve import serve
 from devagent.agent.spec import check_spec
-from devagent.cli.foreground import log_to_stderr, serve_until_signalled
+from devagent.cli.foreground import (
+    agent_tls,
+    log_to_stderr,
+    serve_until_signalled,
+    tls_dir_option,
+    tls_peer_option,
+)
 from devagent.errors import DevagentError
 from devagent.vocab import parse_hostport, parse_size
 
@@ -50,6 +56,8 @@ def agent_group() -> None:
     help="Also serve the control API (status, quiesce, resume) on this unix socket.",
 )
 @click.option("--label", default="", help="Put this text (e.g. 'vm=vm1 device=disk0') in logs.")
+@tls_dir_option
+@tls_peer_option
 def serve_cmd(
     image: Path | None,
     backend_json: str | None,
@@ -60,6 +68,8 @@ def serve_cmd(
     quiet: bool,
     control: Path | None,
     label: str,
+    tls_dir: Path | None,
+    tls_peers: tuple[str, ...],
 ) -> None:
     """Serve IMAGE (or the backend --backend-json describes: local, remote or fetch) over
     NBD in the foreground until SIGINT or SIGTERM, the way qemu-nbd would, but through
@@ -81,6 +91,8 @@ def serve_cmd(
     except DevagentError as err:
         raise click.BadParameter(str(err), param_hint="--tcp") from err
 
+    tls = agent_tls(tls_dir, tls_peers)
+
     def ready(agent: BlockAgent) -> None:
         for listening in agent.addresses:
             click.echo(f"listening on {listening}  ({_uri(agent, listening)})", err=False)
@@ -96,6 +108,7 @@ def serve_cmd(
             on_ready=ready,
             stop=stop,
             control=control,
+            tls=tls,
         )
 
     serve_until_signalled(main)
@@ -107,13 +120,24 @@ def serve_cmd(
 @click.option("--count-4k", default=40000, show_default=True, help="Requests per 4 KiB run.")
 @click.option("--count-1m", default=1000, show_default=True, help="Requests per 1 MiB run.")
 @click.option("--rounds", default=5, show_default=True, help="Runs per server (best counts).")
-def bench_cmd(as_json: bool, size: str, count_4k: int, count_1m: int, rounds: int) -> None:
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Both on TCP with TLS required (mutual x509, certificates made for the run).",
+)
+def bench_cmd(
+    as_json: bool, size: str, count_4k: int, count_1m: int, rounds: int, tls: bool
+) -> None:
     """Drive the agent and qemu-nbd with the same client; print both and their ratio."""
     from devagent.agent.bench import run_bench
 
     try:
         report = run_bench(
-            size=parse_size(size), count_small=count_4k, count_large=count_1m, rounds=rounds
+            size=parse_size(size),
+            count_small=count_4k,
+            count_large=count_1m,
+            rounds=rounds,
+            tls=tls,
         )
     except DevagentError as err:
         raise click.ClickException(str(err)) from err
@@ -126,7 +150,7 @@ def bench_cmd(as_json: bool, size: str, count_4k: int, count_1m: int, rounds: in
             f"{row['name']:<20} {row['unit']:>6} {row['agent']:>10.0f} "
             f"{row['qemu_nbd']:>10.0f} {row['ratio']:>7.2f}"
         )
-    click.echo(f"client: {report['client']}")
+    click.echo(f"transport: {report['transport']}; client: {report['client']}")
 
 
 if __name__ == "__main__":  # the daemon and the benchmark start agents this way: it is lean

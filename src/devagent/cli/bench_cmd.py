@@ -11,7 +11,7 @@ import click
 import msgspec
 
 from devagent.benchplots import plots
-from devagent.benchstats import ALL_STRATEGIES, markdown, rederive, summarize
+from devagent.benchstats import ALL_STRATEGIES, markdown, rederive, summarize, tls_markdown
 from devagent.benchtypes import Plan, Rederived, Results, Run, read_results
 from devagent.cli.common import err, json_option, print_json, run
 from devagent.errors import UsageError
@@ -40,6 +40,13 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 @click.option("--from", "stored", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Run nothing: summarize the runs of a results.json or runs-so-far.jsonl "
               "again, their heartbeat figures worked out anew by this version.")  # fmt: skip
+@click.option("--insecure", is_flag=True, help="A lab without certificates: plaintext links.")
+@click.option(
+    "--compare-tls",
+    is_flag=True,
+    help="Run the plan twice, with TLS and in plaintext (--insecure), and print the cost of "
+    "TLS: each strategy's total time with TLS over its total without (tls.md with --out).",
+)
 @json_option
 def migrate_bench_cmd(
     stored: Path | None,
@@ -50,6 +57,8 @@ def migrate_bench_cmd(
     disks: str | None,
     strategies: str | None,
     out_dir: Path | None,
+    insecure: bool,
+    compare_tls: bool,
     as_json: bool,
 ) -> None:
     """Migrate a fresh test guest with every strategy, per link rate and workload; print
@@ -63,7 +72,13 @@ def migrate_bench_cmd(
         workloads=_split(workloads) or plan.workloads,
         disks=_disk_counts(disks) or plan.disks,
         strategies=_split(strategies) or plan.strategies,
+        insecure=insecure,
     )
+    if compare_tls:
+        if insecure or stored is not None:
+            raise click.UsageError("--compare-tls runs both halves itself: drop --insecure/--from")
+        _compare_tls(plan, out_dir, as_json)
+        return
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     result = _restored(stored) if stored is not None else _measured(plan, out_dir)
@@ -82,6 +97,28 @@ def migrate_bench_cmd(
         if r.report.status == "completed" and (r.report.integrity != "ok" or r.report.damage())
     ]  # fmt: skip
     sys.exit(1 if lost else 0)
+
+
+def _compare_tls(plan: Plan, out_dir: Path | None, as_json: bool) -> None:
+    """The plan with TLS, then in plaintext; both results kept, the comparison printed."""
+    halves = {}
+    for name, insecure in (("tls", False), ("insecure", True)):
+        folder = out_dir / name if out_dir is not None else None
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+        half = _measured(msgspec.structs.replace(plan, insecure=insecure), folder)
+        if folder is not None:
+            (folder / "results.json").write_text(json.dumps(to_json(half), indent=1))
+            (folder / "results.md").write_text(markdown(half.summary))
+        halves[name] = half
+    table = tls_markdown(halves["tls"].summary, halves["insecure"].summary)
+    if out_dir is not None:
+        (out_dir / "tls.md").write_text(f"`{command_line()}`\n\n{table}")
+        err.print(f"wrote {out_dir}/tls.md and each half's results")
+    if as_json:
+        print_json({name: to_json(half) for name, half in halves.items()})
+    else:
+        click.echo(table)
 
 
 def _disk_counts(text: str | None) -> tuple[int, ...] | None:

@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 
-from devagent.client import Endpoint, use_tls
+from devagent.client import Endpoint
 from devagent.errors import DevagentError, UsageError
-from devagent.tls import Tls
+from devagent.tls import Tls, use_tls
 
 T = TypeVar("T")
 TLS_DIR_ENV = "DEVAGENT_TLS_DIR"  # an operator's certificate folder, outside a lab

@@ -8,11 +8,13 @@ import asyncio
 import logging
 import signal
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import click
 
 from devagent.errors import DevagentError
+from devagent.tls import Tls, process_tls, use_tls
 
 
 def log_to_stderr(quiet: bool, who: str) -> None:
@@ -21,6 +23,46 @@ def log_to_stderr(quiet: bool, who: str) -> None:
         level=logging.WARNING if quiet else logging.INFO,
         format=f"%(asctime)s %(levelname)s {who} %(name)s: %(message)s",
     )
+
+
+tls_dir_option = click.option(
+    "--tls-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="This host's certificate folder: TCP peers must turn to TLS and present a host's "
+    "certificate of its CA; connections to peers turn to TLS too. SIGHUP reads it again.",
+)
+tls_peer_option = click.option(
+    "--tls-peer",
+    "tls_peers",
+    multiple=True,
+    metavar="HOST",
+    help="With --tls-dir: admit only these hosts' certificates (default: any host's).",
+)
+
+
+def agent_tls(tls_dir: Path | None, peers: tuple[str, ...]) -> Tls | None:
+    """The agent's certificate, made this process's (its connections to peers use it)."""
+    if tls_dir is None:
+        if peers:
+            raise click.UsageError("--tls-peer goes with --tls-dir")
+        return None
+    try:
+        tls = Tls(tls_dir, peers)
+    except DevagentError as err:
+        raise click.ClickException(str(err)) from err
+    use_tls(tls)
+    return tls
+
+
+def reload_tls() -> None:
+    """SIGHUP: read this process's certificates again (its next connections use them)."""
+    tls = process_tls()
+    if tls is None:
+        return
+    try:
+        tls.reload()
+    except DevagentError as err:
+        logging.getLogger(__name__).error("SIGHUP: kept the certificates loaded before: %s", err)
 
 
 def serve_until_signalled(serve: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> None:
@@ -32,6 +74,7 @@ def serve_until_signalled(serve: Callable[[asyncio.Event], Coroutine[Any, Any, N
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload_tls)
         await serve(stop)
 
     try:

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
-from devagent.cli.foreground import log_to_stderr, serve_until_signalled
+from devagent.cli.foreground import (
+    agent_tls,
+    log_to_stderr,
+    serve_until_signalled,
+    tls_dir_option,
+    tls_peer_option,
+)
 from devagent.errors import DevagentError
 from devagent.net.agent import MAX_HOLD_S, NetAgent
 from devagent.net.messages import TapSpec
@@ -40,6 +46,8 @@ from devagent.vocab import parse_hostport
     help="Seconds after which a hold nobody released ends by itself.",
 )
 @click.option("--quiet", is_flag=True, help="Log warnings only.")
+@tls_dir_option
+@tls_peer_option
 def net_agent_cmd(
     vm_socket: Path,
     tap: str,
@@ -50,6 +58,8 @@ def net_agent_cmd(
     hold: bool,
     max_hold: float,
     quiet: bool,
+    tls_dir: Path | None,
+    tls_peers: tuple[str, ...],
 ) -> None:
     """Forward one VM NIC's frames between QEMU's stream netdev on --vm-socket and the tap
     --tap, in the foreground until SIGINT or SIGTERM; the agent reconnects to QEMU whenever
@@ -59,6 +69,8 @@ def net_agent_cmd(
         listen = parse_hostport(peer_listen) if peer_listen is not None else None
     except DevagentError as err:
         raise click.BadParameter(str(err), param_hint="--peer-listen") from err
+
+    tls = agent_tls(tls_dir, tls_peers)
 
     def ready(agent: NetAgent) -> None:
         peers = ", ".join(agent.peer_addresses) or "no peer port"
@@ -76,6 +88,7 @@ def net_agent_cmd(
             stop=stop,
             hold=hold,
             max_hold_s=max_hold,
+            tls=tls,
         )
 
     serve_until_signalled(main)

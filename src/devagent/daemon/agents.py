@@ -94,7 +94,7 @@ class AgentProcess(Supervised):
             argv += ["--tcp", f"{self.listen_address}:{port}"]
         if self.backend is not None:
             argv += ["--backend-json", msgspec.json.encode(self.backend).decode()]
-        return argv
+        return argv + self.tls_args()
 
     # --- the control API, one method per route ------------------------------------------
 

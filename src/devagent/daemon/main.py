@@ -13,12 +13,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from devagent.client import use_tls
 from devagent.daemon.api import build_app
 from devagent.daemon.host import Host
 from devagent.errors import DevagentError
 from devagent.guestnet import GuestNetwork
-from devagent.tls import Tls
+from devagent.tls import Tls, use_tls
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -45,6 +44,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--insecure",
         action="store_true",
         help="plain HTTP and NBD, the token the only guard: for a closed lab only",
+    )
+    parser.add_argument(
+        "--tls-peer",
+        dest="tls_peers",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="with --tls-dir: the hosts whose certificates this host's agents admit on NBD "
+        "(repeat; default: any host of the CA)",
     )
     parser.add_argument(
         "--shared-dir",
@@ -77,7 +85,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.insecure:
         log.warning("--insecure: plain HTTP and NBD; anyone on the network can read the disks")
     else:
-        tls = Tls(args.tls_dir)
+        tls = Tls(args.tls_dir, args.tls_peers)
         use_tls(tls)  # this daemon's calls to its peers carry its host certificate
     host = Host(
         name=args.host_name,

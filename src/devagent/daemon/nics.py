@@ -122,7 +122,7 @@ class NicAgent(Supervised):
             argv += ["--peer-listen", f"{self.peer_listen}:{port}"]
         if self.hold:
             argv += ["--hold", "--max-hold", str(INCOMING_MAX_HOLD_S)]
-        return argv
+        return argv + self.tls_args()
 
     def title(self) -> str:
         return f"net agent for {self.describe()}"

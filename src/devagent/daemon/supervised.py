@@ -23,6 +23,7 @@ import msgspec
 
 from devagent.errors import DevagentError, PeerError, StateError
 from devagent.qemu.vm import pid_alive
+from devagent.tls import process_tls
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,16 @@ class Supervised:
     # --- what each kind says ----------------------------------------------------------
     def argv(self) -> list[str]:
         raise NotImplementedError
+
+    @staticmethod
+    def tls_args() -> list[str]:
+        """The daemon's certificate and admitted peers, for an agent it starts (none on an
+        ``--insecure`` daemon): its TCP links to peers are TLS, as the daemon's are."""
+        tls = process_tls()
+        if tls is None:
+            return []
+        peers = [arg for peer in sorted(tls.peers) for arg in ("--tls-peer", peer)]
+        return ["--tls-dir", str(tls.folder), *peers]
 
     def title(self) -> str:
         return f"{self.kind} for VM {self.vm} device {self.node}"

@@ -39,7 +39,6 @@ from types import TracebackType
 from typing import Any
 
 from devagent import pki
-from devagent.client import use_tls
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.lab import addressing, daemons, net, procs, teardown, topology
 from devagent.lab.addressing import DAEMON_PORT, LOOPBACK_ADDRESS
@@ -60,7 +59,7 @@ from devagent.lab.layout import (
     validate_name,
     veth_name,
 )
-from devagent.tls import Tls
+from devagent.tls import Tls, use_tls
 from devagent.vocab import parse_rate
 
 STATE_VERSION = 1
@@ -333,16 +332,19 @@ class Lab:
         args = [
             *("--token-file", str(self.token_file), "--shared-dir", str(self.shared_dir)),
             *self._guest_network_args(host),
-            *(
-                ("--tls-dir", str(pki.host_dir(self.pki_dir, host.name)))
-                if host.tls
-                else ("--insecure",)
-            ),
+            *self._tls_args(host),
         ]
         proc = daemons.start(binary, host, args)
         self._procs[host.name] = proc
         self._replace_host(dataclasses.replace(host, pid=proc.pid))
         self.log.debug("host %s: devagentd pid %d", host.name, proc.pid)
+
+    def _tls_args(self, host: LabHost) -> builtins.list[str]:
+        """The host's certificate, and the lab's hosts as the peers its agents admit."""
+        if not host.tls:
+            return ["--insecure"]
+        peers = [arg for h in self._hosts for arg in ("--tls-peer", h.name)]
+        return ["--tls-dir", str(pki.host_dir(self.pki_dir, host.name)), *peers]
 
     def guest_addresses(self, host: str | LabHost) -> str | None:
         """The addresses host ``host`` gives its guests (``FIRST-LAST/PREFIX``), or None in

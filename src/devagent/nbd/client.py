@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from pathlib import Path
 
 from devagent.errors import PeerError, StateError
-from devagent.nbd.client_codec import ClientConnection, Completed, Ready
+from devagent.nbd.client_codec import ClientConnection, Completed, Ready, StartTls
 from devagent.nbd.codec import NO_FLAGS, NeedData
 from devagent.nbd.proto import BASE_ALLOCATION, Command, CommandFlag, Errno, TransmissionFlag
 
@@ -41,6 +42,16 @@ def notice_dead_links(sock: socket.socket | None) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+
+
+async def _start_tls(
+    writer: asyncio.StreamWriter, context: ssl.SSLContext, server_name: str | None
+) -> None:
+    """The TLS handshake of a connection whose STARTTLS the server acknowledged."""
+    try:
+        await writer.start_tls(context, server_hostname=server_name)
+    except (ssl.SSLError, OSError) as err:  # a certificate refused is an SSLError
+        raise PeerError(f"TLS with NBD server {server_name} failed: {err}") from err
 
 
 class NbdRequestFailed(PeerError):
@@ -79,8 +90,12 @@ class NbdClient:
         export: str = "",
         structured: bool = True,
         contexts: tuple[str, ...] = (BASE_ALLOCATION,),
+        tls: ssl.SSLContext | None = None,
+        server_name: str | None = None,
     ) -> NbdClient:
-        """Connect, negotiate with NBD_OPT_GO and return a client ready for requests."""
+        """Connect, negotiate with NBD_OPT_GO and return a client ready for requests.
+        With ``tls``: STARTTLS first, and the server must present the certificate of
+        ``server_name`` (default: ``host``); a server that refuses TLS is an error."""
         try:
             if unix is not None:
                 reader, writer = await asyncio.open_unix_connection(str(unix))
@@ -89,7 +104,9 @@ class NbdClient:
                 notice_dead_links(writer.get_extra_info("socket"))
         except OSError as err:
             raise PeerError(f"cannot connect to NBD server: {err}") from err
-        codec = ClientConnection(export, structured=structured, contexts=contexts)
+        codec = ClientConnection(
+            export, structured=structured, contexts=contexts, tls=tls is not None
+        )
         try:
             while True:
                 event = codec.next_event()
@@ -98,7 +115,11 @@ class NbdClient:
                     writer.write(out)
                 if isinstance(event, Ready):
                     break
-                if isinstance(event, NeedData):
+                if isinstance(event, StartTls):
+                    assert tls is not None
+                    await _start_tls(writer, tls, server_name or host)
+                    codec.tls_established()
+                elif isinstance(event, NeedData):
                     codec.receive_data(await reader.read(65536))
         except BaseException:
             writer.close()

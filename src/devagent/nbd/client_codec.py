@@ -50,6 +50,12 @@ from devagent.nbd.proto import (
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """The server acknowledged STARTTLS: the connection's owner runs the TLS handshake,
+    then calls :meth:`ClientConnection.tls_established` (options go on, encrypted)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Ready:
     """Client: the handshake succeeded; transmission can start."""
 
@@ -71,7 +77,7 @@ class Completed:
     extents: list[tuple[int, int]] | None = None
 
 
-ClientEvent = Ready | Completed
+ClientEvent = Ready | StartTls | Completed
 
 
 class ClientState(enum.Enum):
@@ -84,6 +90,7 @@ class ClientState(enum.Enum):
 _CLIENT_TRANSITIONS: dict[tuple[ClientState, type[object]], ClientState] = {
     (ClientState.AWAIT_GREETING, HandshakeFlag): ClientState.OPTIONS,
     (ClientState.OPTIONS, Ready): ClientState.TRANSMISSION,
+    (ClientState.OPTIONS, StartTls): ClientState.OPTIONS,
     (ClientState.TRANSMISSION, Completed): ClientState.TRANSMISSION,
     (ClientState.TRANSMISSION, Disconnect): ClientState.CLOSED,
     (ClientState.AWAIT_GREETING, Violation): ClientState.CLOSED,
@@ -113,12 +120,16 @@ class ClientConnection:
         *,
         structured: bool = True,
         contexts: Sequence[str] = (BASE_ALLOCATION,),
+        tls: bool = False,
     ) -> None:
         self.export_name = export_name
         self._buffer = Buffer()
         self._out = bytearray()
         self.state = ClientState.AWAIT_GREETING
         self._options: list[tuple[Option, bytes]] = []
+        self._tls_pending = False
+        if tls:  # first, and required: a refusal is an error, never a plaintext fallback
+            self._options.append((Option.STARTTLS, b""))
         if structured:
             self._options.append((Option.STRUCTURED_REPLY, b""))
             if contexts:
@@ -166,6 +177,13 @@ class ClientConnection:
         self._out.clear()
         return out
 
+    def tls_established(self) -> None:
+        """The TLS handshake after STARTTLS succeeded: the next option goes, encrypted."""
+        if not self._tls_pending:
+            raise NbdUsageError("client: TLS established without a STARTTLS")
+        self._tls_pending = False
+        self._send_next_option()
+
     @property
     def in_flight(self) -> int:
         return len(self._pending)
@@ -194,6 +212,8 @@ class ClientConnection:
                 self._send_next_option()
                 self._transition(HandshakeFlag(hs_flags & 3))
             elif self.state is ClientState.OPTIONS:
+                if self._tls_pending:
+                    return NEED_DATA
                 ready = self._parse_option_reply()
                 if ready is NEED_DATA:
                     return self._need_data()
@@ -215,7 +235,7 @@ class ClientConnection:
             raise self._violation(f"server closed the connection in state {self.state.value}")
         return NEED_DATA
 
-    def _parse_option_reply(self) -> Ready | NeedData | None:
+    def _parse_option_reply(self) -> Ready | StartTls | NeedData | None:
         raw = self._buffer.consume(OPTION_REPLY_HEADER.size)
         if raw is None:
             return NEED_DATA
@@ -248,6 +268,8 @@ class ClientConnection:
             return None
         if reply.is_error:
             text = payload.decode("utf-8", "replace")
+            if current is Option.STARTTLS:
+                raise self._violation(f"server refused TLS: {reply.name} {text}".rstrip())
             if current is Option.GO:
                 raise self._violation(
                     f"server refused export {self.export_name!r}: {reply.name} {text}"
@@ -261,6 +283,11 @@ class ClientConnection:
         self._options.pop(0)
         if current is Option.GO:
             return Ready(self.size, self.flags, self.structured, dict(self.contexts))
+        if current is Option.STARTTLS:
+            if self._buffer.pending:
+                raise self._violation("server sent data after its STARTTLS reply")
+            self._tls_pending = True
+            return StartTls()
         self._send_next_option()
         return None
 

@@ -73,6 +73,13 @@ class OptionHandled:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """The client asked for TLS and the ACK is queued: once it is sent, the connection's
+    owner runs the TLS handshake, then calls :meth:`ServerConnection.tls_established`.
+    Until then the codec parses nothing more."""
+
+
+@dataclass(frozen=True, slots=True)
 class Negotiated:
     """The handshake is over: transmission on ``export`` begins."""
 
@@ -106,7 +113,7 @@ class BadRequest:
     message: str
 
 
-ServerEvent = OptionHandled | Negotiated | Request | BadRequest | Disconnect
+ServerEvent = OptionHandled | StartTls | Negotiated | Request | BadRequest | Disconnect
 
 
 class ServerState(enum.Enum):
@@ -121,6 +128,7 @@ _SERVER_TRANSITIONS: dict[tuple[ServerState, type[object]], ServerState] = {
     (ServerState.AWAIT_CLIENT_FLAGS, Disconnect): ServerState.CLOSED,
     (ServerState.AWAIT_CLIENT_FLAGS, Violation): ServerState.CLOSED,
     (ServerState.OPTIONS, OptionHandled): ServerState.OPTIONS,
+    (ServerState.OPTIONS, StartTls): ServerState.OPTIONS,
     (ServerState.OPTIONS, Negotiated): ServerState.TRANSMISSION,
     (ServerState.OPTIONS, Disconnect): ServerState.CLOSED,
     (ServerState.OPTIONS, Violation): ServerState.CLOSED,
@@ -157,10 +165,19 @@ class _OptionInvalid(Exception):
 
 
 class ServerConnection:
-    """Server side of one NBD connection: fixed newstyle handshake, then transmission."""
+    """Server side of one NBD connection: fixed newstyle handshake, then transmission.
 
-    def __init__(self, exports: Mapping[str, Export]) -> None:
+    With ``tls``, TLS is offered and required (the NBD document's "TLS required" mode):
+    before ``NBD_OPT_STARTTLS`` every option but ``ABORT`` is answered
+    ``NBD_REP_ERR_TLS_REQD``, and ``NBD_OPT_EXPORT_NAME`` (which cannot be refused by a
+    reply) closes the connection. There is no way on without TLS.
+    """
+
+    def __init__(self, exports: Mapping[str, Export], *, tls: bool = False) -> None:
         self._exports = exports
+        self.tls_required = tls
+        self.tls_active = False
+        self._tls_pending = False  # STARTTLS acknowledged, the handshake not yet done
         self._buffer = Buffer()
         self._out = bytearray(
             GREETING.pack(
@@ -204,6 +221,12 @@ class ServerConnection:
         self._out.clear()
         return out
 
+    def tls_established(self) -> None:
+        """The TLS handshake that followed STARTTLS succeeded: options go on, encrypted."""
+        if not self._tls_pending:
+            raise NbdUsageError("server: TLS established without a STARTTLS")
+        self._tls_pending, self.tls_active = False, True
+
     @property
     def buffered(self) -> int:
         """Bytes received and not yet turned into events."""
@@ -217,7 +240,7 @@ class ServerConnection:
         Raises NbdProtocolError (and moves to CLOSED) when the stream cannot be parsed.
         """
         while True:
-            if self.state is ServerState.CLOSED:
+            if self.state is ServerState.CLOSED or self._tls_pending:
                 return NEED_DATA
             event: ServerEvent | NeedData | None
             if self.state is ServerState.AWAIT_CLIENT_FLAGS:
@@ -247,7 +270,7 @@ class ServerConnection:
         self._transition(ClientFlag(value))
         return None
 
-    def _parse_option(self) -> OptionHandled | Negotiated | Disconnect | NeedData:
+    def _parse_option(self) -> OptionHandled | StartTls | Negotiated | Disconnect | NeedData:
         raw = self._buffer.consume(OPTION_HEADER.size)
         if raw is None:
             return NEED_DATA
@@ -267,13 +290,19 @@ class ServerConnection:
         self._out += OPTION_REPLY_HEADER.pack(REPLY_MAGIC, option, reply, len(payload))
         self._out += payload
 
-    def _handle_option(self, option: int, data: bytes) -> OptionHandled | Negotiated | Disconnect:
-        if option == Option.EXPORT_NAME:
-            return self._export_name(data)
+    def _handle_option(
+        self, option: int, data: bytes
+    ) -> OptionHandled | StartTls | Negotiated | Disconnect:
         if option == Option.ABORT:
             self._reply(option, Reply.ACK)
             return Disconnect("abort")
+        if self.tls_required and not self.tls_active:
+            return self._before_tls(option, data)
+        if option == Option.EXPORT_NAME:
+            return self._export_name(data)
         try:
+            if option == Option.STARTTLS and self.tls_active:
+                raise _OptionInvalid("TLS is already on")
             if option == Option.LIST:
                 return self._list(data)
             if option in (Option.INFO, Option.GO):
@@ -294,6 +323,22 @@ class ServerConnection:
             return OptionHandled(option, err.reply)
         self._reply(option, Reply.ERR_UNSUP, f"option {option:#x} not supported".encode())
         return OptionHandled(option, Reply.ERR_UNSUP)
+
+    def _before_tls(self, option: int, data: bytes) -> OptionHandled | StartTls:
+        """An option on a connection that must first turn to TLS."""
+        if option == Option.STARTTLS:
+            if data:
+                self._reply(option, Reply.ERR_INVALID, b"STARTTLS carries no data")
+                return OptionHandled(option, Reply.ERR_INVALID)
+            if self._buffer.pending:
+                raise self._violation("data sent after STARTTLS before its reply")
+            self._reply(option, Reply.ACK)
+            self._tls_pending = True
+            return StartTls()
+        if option == Option.EXPORT_NAME:
+            raise self._violation("EXPORT_NAME before STARTTLS: TLS is required")
+        self._reply(option, Reply.ERR_TLS_REQD, b"TLS is required: send NBD_OPT_STARTTLS first")
+        return OptionHandled(option, Reply.ERR_TLS_REQD)
 
     def _enter_transmission(self, export: Export) -> Negotiated:
         self.export = export

@@ -62,6 +62,7 @@ from devagent.net.messages import (
     StopForwardAnswer,
 )
 from devagent.net.uplink import Uplink
+from devagent.tls import Tls, process_tls
 
 log = logging.getLogger(__name__)
 
@@ -236,11 +237,17 @@ class NetAgent:
             if self.state is AgentState.RUNNING:
                 await asyncio.sleep(RECONNECT_MIN_S)
 
-    async def listen_peer(self, host: str, port: int = 0) -> tuple[str, int]:
-        """Accept peer agents on TCP: frames they send go to the VM."""
+    async def listen_peer(
+        self, host: str, port: int = 0, tls: Tls | None = None
+    ) -> tuple[str, int]:
+        """Accept peer agents on TCP: frames they send go to the VM. With ``tls``, only over
+        TLS, from hosts ``tls`` admits."""
         self._require(AgentState.CREATED, AgentState.RUNNING)
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: Link(self, LinkRole.PEER, "?"), host, port)
+        server = await loop.create_server(
+            lambda: Link(self, LinkRole.PEER, "?", admit=tls), host, port,
+            ssl=tls.server if tls is not None else None,
+        )  # fmt: skip
         self._servers.append(server)
         bound = server.sockets[0].getsockname()
         self.peer_addresses.append(f"tcp:{bound[0]}:{bound[1]}")
@@ -417,11 +424,15 @@ class NetAgent:
             raise StateError(f"net agent {self.label} already forwards to {self._forward.peer}")
         loop = asyncio.get_running_loop()
         peer = f"{host}:{port}"
+        tls = process_tls()  # the peer then presents the certificate of its address
         try:
             _, link = await asyncio.wait_for(
-                loop.create_connection(lambda: Link(self, LinkRole.PEER, peer), host, port),
+                loop.create_connection(
+                    lambda: Link(self, LinkRole.PEER, peer), host, port,
+                    ssl=tls.client if tls is not None else None,
+                ),
                 timeout,
-            )
+            )  # fmt: skip
         except (OSError, TimeoutError) as err:
             raise PeerError(f"net agent {self.label}: cannot reach peer {peer}: {err}") from err
         if self.state is not AgentState.RUNNING or self._forward is not None:

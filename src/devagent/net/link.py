@@ -27,6 +27,7 @@ from devagent.net.codec import (
     StreamProtocolError,
     frame_header,
 )
+from devagent.tls import Tls, peer_of_transport
 
 log = logging.getLogger("devagent.net.agent")
 
@@ -64,10 +65,13 @@ class _LinkAdapter(logging.LoggerAdapter[logging.Logger]):
 class Link(asyncio.Protocol):
     """One framed stream connection: QEMU's, or a peer agent's."""
 
-    def __init__(self, agent: LinkOwner, role: LinkRole, name: str) -> None:
+    def __init__(
+        self, agent: LinkOwner, role: LinkRole, name: str, admit: Tls | None = None
+    ) -> None:
         self.agent = agent
         self.role = role
         self.name = name
+        self.admit = admit  # a TLS peer link's server side: whose certificates it admits
         self.decoder = FrameDecoder()
         self.transport: asyncio.Transport | None = None
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -86,6 +90,12 @@ class Link(asyncio.Protocol):
         if isinstance(peer, tuple):
             self.name = f"{peer[0]}:{peer[1]}"
             self.log.extra = {"where": f"{self.agent.label} {self.role.value} {self.name}"}
+        if self.admit is not None:
+            refusal = self.admit.refusal(peer_of_transport(transport))
+            if refusal is not None:
+                self.log.warning("closing: %s", refusal)
+                transport.abort()  # never up: its owner never hears of it
+                return
         self.agent.link_up(self)
 
     def data_received(self, data: bytes) -> None:

@@ -11,6 +11,7 @@ from devagent.net.agent import MAX_HOLD_S, NetAgent
 from devagent.net.control import UplinkOpener, serve_control
 from devagent.net.messages import UplinkSpec
 from devagent.net.uplink import open_uplink
+from devagent.tls import Tls
 
 
 async def serve(
@@ -26,6 +27,7 @@ async def serve(
     opener: UplinkOpener = open_uplink,
     hold: bool = False,
     max_hold_s: float = MAX_HOLD_S,
+    tls: Tls | None = None,
 ) -> None:
     """Attach to the uplink, connect to QEMU's stream socket ``vm_socket`` (and reconnect
     whenever it drops), accept peer agents on ``peer_listen``, serve ``control``."""
@@ -38,7 +40,7 @@ async def serve(
         if hold:
             agent.hold(reason="incoming")
         if peer_listen is not None:
-            await agent.listen_peer(*peer_listen)
+            await agent.listen_peer(*peer_listen, tls=tls)
         agent.connect_vm(vm_socket)
         if control is not None:
             runner = await serve_control(agent, Path(control), stop, opener)

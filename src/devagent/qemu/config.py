@@ -47,6 +47,7 @@ class NbdNode(BlockNode, tag="nbd"):
     server: UnixAddress | InetAddress
     export: str
     reconnect_delay: int = 0
+    tls_creds: str | None = None
 
 
 class FormatNode(BlockNode):
@@ -85,6 +86,7 @@ class NbdSource(msgspec.Struct, frozen=True):
     host: str
     port: str
     export: str
+    tls_creds: str | None = None  # the id of the QEMU's tls-creds-x509 client object
 
 
 class DiskSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -132,7 +134,10 @@ class DiskSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_def
             node.discard = node.detect_zeroes = "unmap"
         if self.backing_nbd is not None:
             nbd = self.backing_nbd
-            source = NbdNode(server=InetAddress(host=nbd.host, port=nbd.port), export=nbd.export)
+            source = NbdNode(
+                server=InetAddress(host=nbd.host, port=nbd.port), export=nbd.export,
+                tls_creds=nbd.tls_creds,
+            )  # fmt: skip
             node.backing = RawNode(file=source, node_name=f"{self.node}-source", read_only=True)
         if self.copy_on_read:
             return CopyOnReadNode(node_name=self.node, file=node)

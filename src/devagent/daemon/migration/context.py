@@ -39,6 +39,7 @@ from devagent.qemu.answers import MigrationInfo
 from devagent.qemu.config import VmConfig
 from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport
+from devagent.tls import Tls
 
 T = TypeVar("T")
 
@@ -203,6 +204,9 @@ class HostContext:
     #: Keep a migrated VM's disk here as an export (its destination cannot hold it):
     #: (VM, node) → where the destination reaches it.
     keep_disk: Callable[[str, str], Awaitable[RemoteHome]] | None = None
+    #: The host's certificate: QEMU's migration stream and NBD are TLS with it (None:
+    #: an --insecure daemon).
+    tls: Tls | None = None
 
     @classmethod
     def of(cls, host: Any) -> HostContext:
@@ -238,6 +242,7 @@ class HostContext:
             release=release,
             link_bytes=lambda: link_bytes(loopback),
             keep_disk=keep_disk,
+            tls=host.tls,
         )
 
 

@@ -32,6 +32,7 @@ from devagent.daemon.migration.messages import (
     IncomingRequest,
     RemoteDisk,
 )
+from devagent.daemon.migration.qemu_tls import migrate_incoming
 from devagent.daemon.vms import ManagedVm, VmRole
 from devagent.daemon.vms import incoming as incoming_vm
 from devagent.errors import StateError, UsageError
@@ -58,7 +59,7 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
     managed.save()
     uri = f"tcp:{host.address}:{free_port(host.address)}"
     try:
-        await managed.vm.qmp("migrate-incoming", uri=uri)
+        await migrate_incoming(managed.vm, uri, host.tls, incoming.source)
     except BaseException:
         await host.vms.remove(managed.name)
         raise
@@ -66,7 +67,9 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
     for agent in managed.agents:  # where a push goes: the receiver, or the VM's agent
         target = managed.receivers.get(agent.node, agent)
         if target.tcp_address is not None:
-            targets[agent.node] = RemoteDisk(address=target.tcp_address, export=target.export)
+            targets[agent.node] = RemoteDisk(
+                address=target.tcp_address, export=target.export, host=host.name
+            )
     return IncomingAnswer(
         uri=uri,
         disk_targets=targets,

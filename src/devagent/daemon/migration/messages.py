@@ -44,9 +44,10 @@ class RemoteDisk(msgspec.Struct, tag="remote", tag_field="kind"):
 
     address: str  # tcp:HOST:PORT
     export: str
+    host: str = ""  # the host serving it: whose certificate its agent must present
 
     def spec(self) -> RemoteSpec:
-        return RemoteSpec(address=self.address, export=self.export)
+        return RemoteSpec(address=self.address, export=self.export, host=self.host)
 
 
 class IncomingDisk(Message):

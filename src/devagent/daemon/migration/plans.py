@@ -222,7 +222,7 @@ class AgentPlan(Plan):
             sizes = await each_disk(job, self._size)
             job.disk_sizes = sizes
             job.source_disks = {
-                a.node: RemoteDisk(address=a.tcp_address or "", export=a.export)
+                a.node: RemoteDisk(address=a.tcp_address or "", export=a.export, host=job.host.name)
                 for a in job.managed.agents
             }
         raw = await job.peer.post("/v1/incoming", to_json(self.incoming(job)))

@@ -30,6 +30,12 @@ from devagent.daemon.migration.qemu_plans import (
     STREAM_JOB,
     wait_job,
 )
+from devagent.daemon.migration.qemu_tls import (
+    CLIENT_CREDS,
+    add_creds,
+    cli_client_creds,
+    migrate_incoming,
+)
 from devagent.daemon.vms import ManagedVm, VmRole
 from devagent.daemon.vms import incoming as incoming_vm
 from devagent.daemon.vms.arrival import ARRIVAL_TIMEOUT_S
@@ -49,6 +55,8 @@ async def prepare(host: Host, incoming: BaselineIncoming) -> BaselineAnswer:
     request = incoming.request
     image, disk = await _disk(host, request.name, incoming)
     extra = (*(a for a in incoming.config.extra_args if a != "-S"), "-S")
+    if host.tls is not None and incoming.mode == "cor-stream":  # its backing is over TLS
+        extra = (*extra, *cli_client_creds(host.tls))
     config = incoming.config.replace(disks=(disk,), incoming=True, extra_args=extra)
     try:
         managed = await incoming_vm.add_incoming(host.vms, request, config, image)
@@ -58,7 +66,7 @@ async def prepare(host: Host, incoming: BaselineIncoming) -> BaselineAnswer:
         image.unlink(missing_ok=True)
         raise
     try:
-        return await _listen(host, managed, incoming.mode)
+        return await _listen(host, managed, incoming.mode, incoming.source)
     except BaseException:
         await host.vms.remove(managed.name)
         raise
@@ -79,14 +87,15 @@ async def _disk(host: Host, name: str, incoming: BaselineIncoming) -> tuple[Path
     image.unlink(missing_ok=True)
     await asyncio.to_thread(_make_overlay, image, incoming.size)
     source = incoming.source_export
-    backing = NbdSource(host=source.host, port=source.port, export=source.export)
+    creds = CLIENT_CREDS if host.tls is not None else None
+    backing = NbdSource(host=source.host, port=source.port, export=source.export, tls_creds=creds)
     disk = DiskSpec(
         node="disk0", path=str(image), format="qcow2", backing_nbd=backing, copy_on_read=True
     )
     return image, disk
 
 
-async def _listen(host: Host, managed: ManagedVm, mode: str) -> BaselineAnswer:
+async def _listen(host: Host, managed: ManagedVm, mode: str, source: str) -> BaselineAnswer:
     vm = managed.vm
     caps = [{"capability": c, "state": True} for c in ("events", "late-block-activate")]
     await vm.qmp("migrate-set-capabilities", capabilities=caps)
@@ -94,7 +103,8 @@ async def _listen(host: Host, managed: ManagedVm, mode: str) -> BaselineAnswer:
     if mode == "mirror":
         port = free_port(host.address)
         addr = {"type": "inet", "data": {"host": host.address, "port": str(port)}}
-        await vm.qmp("nbd-server-start", addr=addr)
+        tls = {} if host.tls is None else await add_creds(vm, host.tls, "server", source)
+        await vm.qmp("nbd-server-start", addr=addr, **tls)
         # The export activates the incoming disk node (as libvirt relies on) so the
         # mirror can write it while migration is under way.
         await vm.qmp(
@@ -105,7 +115,7 @@ async def _listen(host: Host, managed: ManagedVm, mode: str) -> BaselineAnswer:
         )
         nbd = NbdAddress(host=host.address, port=str(port), export=EXPORT_NAME)
     uri = f"tcp:{host.address}:{free_port(host.address)}"
-    await vm.qmp("migrate-incoming", uri=uri)
+    await migrate_incoming(vm, uri, host.tls, source)
     return BaselineAnswer(uri=uri, nbd=nbd)
 
 

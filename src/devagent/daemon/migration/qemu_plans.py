@@ -36,6 +36,7 @@ from devagent.daemon.migration.messages import (
     NbdAddress,
 )
 from devagent.daemon.migration.plans import Handover, Plan, Prepared, require_one_disk
+from devagent.daemon.migration.qemu_tls import add_creds
 from devagent.daemon.vms import image_format
 from devagent.errors import DevagentError, PeerError, UsageError
 from devagent.qemu.answers import BlockJobInfo, JobInfo
@@ -132,9 +133,10 @@ class QemuMirrorPlan(QemuPlan):
         assert prepared.nbd is not None
         vm, nbd = job.managed.vm, prepared.nbd
         server = {"type": "inet", "host": nbd.host, "port": nbd.port}
+        tls = {} if job.host.tls is None else await add_creds(vm, job.host.tls, "client")
         await vm.qmp(
             "blockdev-add",
-            **{"driver": "nbd", "node-name": TARGET_NODE, "server": server},
+            **{"driver": "nbd", "node-name": TARGET_NODE, "server": server, **tls},
             export=nbd.export,
         )
         await vm.qmp(
@@ -218,7 +220,10 @@ class QemuCorStreamPlan(QemuPlan):
         vm, address = job.managed.vm, job.host.address
         port = free_port(address)
         addr = {"type": "inet", "data": {"host": address, "port": str(port)}}
-        await vm.qmp("nbd-server-start", addr=addr)
+        tls = {}
+        if job.host.tls is not None:  # the destination's QEMU alone may read it
+            tls = await add_creds(vm, job.host.tls, "server", job.request.to.host)
+        await vm.qmp("nbd-server-start", addr=addr, **tls)
         try:
             await vm.qmp(
                 "block-export-add",

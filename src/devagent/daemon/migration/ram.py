@@ -16,6 +16,7 @@ import time
 import msgspec
 
 from devagent.daemon.migration.context import Events, JobView
+from devagent.daemon.migration.qemu_tls import add_creds
 from devagent.errors import PeerError
 from devagent.qemu.answers import Event, MigrationInfo, event_of
 from devagent.vocab import Step
@@ -36,6 +37,8 @@ class Parameters(msgspec.Struct, rename="kebab", omit_defaults=True):
 
     max_bandwidth: int
     downtime_limit: int | None = None
+    tls_creds: str | None = None  # the stream is TLS: this client's credentials object
+    tls_hostname: str | None = None  # the host whose certificate the destination presents
 
 
 async def migrate_ram(job: JobView, uri: str) -> MigrationInfo:
@@ -49,6 +52,9 @@ async def migrate_ram(job: JobView, uri: str) -> MigrationInfo:
     ]
     await vm.qmp("migrate-set-capabilities", capabilities=to_json(capabilities))
     params = Parameters(job.plan.ram_bandwidth(job), job.request.downtime_limit_ms or None)
+    if job.host.tls is not None:
+        params.tls_creds = (await add_creds(vm, job.host.tls, "client"))["tls-creds"]
+        params.tls_hostname = job.request.to.host
     await vm.qmp("migrate-set-parameters", **to_json(params))
     with vm.listen("MIGRATION", "STOP") as events:
         await vm.qmp("migrate", uri=uri)

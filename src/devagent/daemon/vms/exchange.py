@@ -135,7 +135,7 @@ async def attach_remote(
         export = await client.post_as("/v1/exports", Export, {"name": name, "size": size})
     if export.address is None:
         raise PeerError(f"host {peer.name}: its export {export.name} has no address")
-    target = RemoteSpec(address=export.address, export=export.export)
+    target = RemoteSpec(address=export.address, export=export.export, host=peer.name)
     try:
         result = await mirror_and_pivot(managed, agent, target, target_zeroed=True, sync=sync)
     except BaseException:

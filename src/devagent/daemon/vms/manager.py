@@ -201,7 +201,7 @@ class VmManager:
         async with DaemonClient(home.peer) as client:
             raw = await client.post("/v1/exports", {"name": home.export, "size": size})
         export = from_peer(raw, ExportServed, what=f"host {home.peer.name}'s new export")
-        return RemoteSpec(address=export.address, export=export.export)
+        return RemoteSpec(address=export.address, export=export.export, host=home.peer.name)
 
     def _add(
         self,
