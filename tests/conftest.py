@@ -20,6 +20,7 @@ from devagent.client import DaemonClient, Endpoint
 from devagent.guest.build import GuestImage, build_guest
 from devagent.lab.lab import Lab
 from devagent.orchestrate import wait_heartbeats, wait_phase
+from devagent.tls import process_tls, use_tls
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +78,16 @@ def nothing_left_behind() -> Iterator[None]:
         subprocess.run(["ip", "netns", "delete", ns], check=False)
     assert leftovers == [], f"processes left behind: {leftovers}"
     assert stray_ns == [], f"namespaces left behind: {stray_ns}"
+
+
+@pytest.fixture(autouse=True)
+def the_process_certificate_stays_the_tests() -> Iterator[None]:
+    """The process's TLS identity (``devagent.tls.use_tls``: a lab up or loaded makes its
+    operator's this process's) is put back after each test, so that a test's lab does not
+    turn a later test's plain NBD connections to TLS."""
+    saved = process_tls()
+    yield
+    use_tls(saved)
 
 
 @contextlib.contextmanager

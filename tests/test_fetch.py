@@ -175,10 +175,14 @@ async def test_concurrent_reads_of_one_chunk_fetch_it_once(
 ) -> None:
     remote.hold_all = True
     readers = [asyncio.create_task(fetch.read(5 * CHUNK + i * 512, 512)) for i in range(20)]
-    # every reader at the chunk's lock (the first holds it, fetching): only a reader that
-    # skipped the lock, or did not look again once it held it, could fetch a second time
+    # every reader at the chunk's lock and the first, holding it, at the remote: only a
+    # reader that skipped the lock, or did not look again once it held it, could fetch a
+    # second time (the first may reach the remote after the last reader reached the lock)
     await until(
-        lambda: fetch.lock_users(5) == 20 or remote.chunk_reads(5) > 1, "readers at the lock"
+        lambda: (
+            (fetch.lock_users(5) == 20 and remote.chunk_reads(5) >= 1) or remote.chunk_reads(5) > 1
+        ),
+        "readers at the lock",
     )
     assert remote.chunk_reads(5) == 1
     remote.release.set()
