@@ -99,7 +99,7 @@ async def test_shared_storage_migration_a_to_b(lab: Lab) -> None:
 async def test_a_migration_to_a_dead_destination_leaves_the_vm_on_the_source(lab: Lab) -> None:
     a, _ = two_hosts(lab)
     await start_vm(a, {"name": "mig2", "disk_size": "64M", "workload": "moderate,span=16M"})
-    ghost = Endpoint(url="http://127.0.0.1:9", token=lab.token, name="ghost")
+    ghost = Endpoint(url="https://127.0.0.1:9", token=lab.token, name="ghost")
     report = await migrate(a, ghost, "mig2", storage="shared")
     assert report.status == "failed" and report.error and "ghost" in report.error
     _, vm = await locate_vm([a], "mig2")

@@ -3,7 +3,11 @@ refused, with what error, and that nothing changed and others are still served."
 
 from __future__ import annotations
 
+import contextlib
+import re
+import socket
 import ssl
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +21,7 @@ from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.api import build_app
 from devagent.daemon.host import Host
 from devagent.daemon.main import parse_args
-from devagent.errors import Forbidden, PeerError
+from devagent.errors import EnvironmentProblem, Forbidden, PeerError, StateError
 from devagent.tls import Tls, use_tls
 from tls_helpers import Certs, make_pki
 
@@ -151,3 +155,74 @@ def test_the_daemon_wants_certificates_or_an_explicit_insecure(
     assert "one of the arguments --tls-dir --insecure is required" in capsys.readouterr().err
     assert parse_args([*base, "--insecure"]).insecure
     assert parse_args([*base, "--tls-dir", "/p", "--tls-peer", "b"]).tls_peers == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("change", "refused"),
+    [
+        ({"config": {"name": "v", "extra_args": ["-drive", "file=/etc/shadow"]}},
+         "a peer may not give QEMU options: -drive file=/etc/shadow"),
+        ({"disks": [{"node": "disk0", "image": "/etc/passwd"}]},
+         "/etc/passwd: a shared disk must be in this host's shared folder"),
+    ],
+)  # fmt: skip
+async def test_a_source_host_may_not_choose_qemu_options_or_files_here(
+    served: Served, change: dict[str, Any], refused: str
+) -> None:
+    incoming = {"request": {"name": "v"}, "config": {"name": "v"}, "disks": [], "source": "b"}
+    with pytest.raises(Forbidden, match=re.escape(refused)):
+        await served.call(served.certs.host("b"), "POST", "/v1/incoming", incoming | change)
+    await still_serves(served)
+
+
+async def test_a_host_not_among_the_daemons_peers_is_refused(tmp_path: Path) -> None:
+    certs = make_pki(tmp_path)
+    host = Host(name="a", address="127.0.0.1", port=0, root=tmp_path / "a",
+                tls=Tls(certs.dir("a"), peers=("a", "b")))  # fmt: skip
+    assert host.tls is not None
+    runner = web.AppRunner(build_app(host, TOKEN))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=host.tls.server)
+    await site.start()
+    served = Served(host, f"https://127.0.0.1:{runner.addresses[0][1]}", certs)
+    try:
+        with pytest.raises(Forbidden, match="host c is not among this host's peers"):
+            await served.call(certs.host("c"), "GET", "/v1/vms")
+        assert await served.call(certs.host("b"), "GET", "/v1/vms") == {"vms": []}
+    finally:
+        use_tls(None)
+        await runner.cleanup()
+
+
+async def test_a_tls_process_never_sends_its_token_over_plain_http(served: Served) -> None:
+    use_tls(served.certs.operator())
+    plain = Endpoint(url=served.url.replace("https://", "http://"), token=TOKEN, name="a")
+    with pytest.raises(StateError, match="its token would cross the network in clear"):
+        async with DaemonClient(plain) as client:
+            await client.get("/v1/health")
+
+
+def test_a_reload_of_files_that_do_not_fit_keeps_the_certificate_loaded(
+    tmp_path: Path,
+) -> None:
+    certs = make_pki(tmp_path)
+    tls = certs.host("a")
+    folder = certs.dir("a")
+    (folder / "server-key.pem").write_bytes((certs.dir("b") / "server-key.pem").read_bytes())
+    with pytest.raises(EnvironmentProblem, match="cannot load the certificates"):
+        tls.reload()
+    # the live context still holds a's matching pair: a handshake works
+    client = certs.host("b").client
+    server_side, client_side = socket.socketpair()
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(
+            tls.server.wrap_socket(server_side, server_side=True, do_handshake_on_connect=False)
+        )
+        peer = stack.enter_context(
+            client.wrap_socket(client_side, server_hostname="a", do_handshake_on_connect=False)
+        )
+        done = threading.Thread(target=server.do_handshake)
+        done.start()
+        peer.do_handshake()
+        done.join(10)
+        assert peer.getpeercert() is not None

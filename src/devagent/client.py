@@ -83,6 +83,11 @@ class DaemonClient:
 
     async def __aenter__(self) -> DaemonClient:
         connector = None
+        if self.endpoint.url.startswith("http://") and process_tls() is not None:
+            raise StateError(
+                f"host {self._who}: {self.endpoint.url} is plain HTTP, and this process "
+                "speaks TLS: its token would cross the network in clear (use https://)"
+            )
         if self.endpoint.url.startswith("https://"):
             tls = process_tls()
             if tls is None:

@@ -127,8 +127,8 @@ def issue_host(
     folder = out if out is not None else host_dir(pki, host)
     cert, key = _leaf(pki, host, HOST_UNIT, san, usages, validity or Validity.days(LEAF_DAYS))
     for cert_name, key_name in ((SERVER_CERT, SERVER_KEY), (CLIENT_CERT, CLIENT_KEY)):
-        _write(folder / cert_name, cert)
-        _write(folder / key_name, key, mode=0o600)
+        _write(folder / key_name, key, mode=0o600)  # a reload between the two refuses the
+        _write(folder / cert_name, cert)  # pair that does not match, and keeps the old
     _write(folder / CA_CERT, (pki / CA_CERT).read_bytes())
     return folder
 
@@ -142,8 +142,8 @@ def issue_operator(
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
     folder = out if out is not None else operator_dir(pki, name)
     cert, key = _leaf(pki, name, OPERATOR_UNIT, [], usages, validity or Validity.days(LEAF_DAYS))
-    _write(folder / CLIENT_CERT, cert)
     _write(folder / CLIENT_KEY, key, mode=0o600)
+    _write(folder / CLIENT_CERT, cert)
     _write(folder / CA_CERT, (pki / CA_CERT).read_bytes())
     return folder
 

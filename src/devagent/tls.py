@@ -55,7 +55,7 @@ class Tls:
     server and a client certificate, an operator's a client certificate only)."""
 
     def __init__(self, folder: Path, peers: Iterable[str] = ()) -> None:
-        self.folder = folder
+        self.folder = folder.resolve()  # agents run in other folders
         #: The hosts whose certificates a server of this process admits (none: any host of
         #: the CA). An operator's certificate is never a peer's.
         self.peers = frozenset(peers)
@@ -75,24 +75,28 @@ class Tls:
         return (self.folder / SERVER_CERT).exists()
 
     def reload(self) -> None:
-        """Read the certificate, its key and the CA again. A CA added to the file is
-        trusted from now on; one removed stays trusted until the process restarts."""
+        """Read the certificate, its key and the CA again. They are tried on fresh contexts
+        first: files that do not load (a key that does not match its certificate, half
+        rewritten) leave the loaded ones as they were. A CA added to the file is trusted
+        from now on; one removed stays trusted until the process restarts."""
         try:
-            for context in (self.server, self.client):
-                context.load_verify_locations(cafile=str(self.ca))
-            if self.is_host:
-                self.server.load_cert_chain(
-                    str(self.folder / SERVER_CERT), str(self.folder / SERVER_KEY)
-                )
-            self.client.load_cert_chain(
-                str(self.folder / CLIENT_CERT), str(self.folder / CLIENT_KEY)
-            )
+            trial_server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            trial_client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            for server, client in ((trial_server, trial_client), (self.server, self.client)):
+                self._load(server, client)
         except (OSError, ssl.SSLError) as err:
             raise EnvironmentProblem(
                 f"cannot load the certificates of {self.folder}: {err} "
                 "(make them with 'devagent pki init' and 'devagent pki issue')"
             ) from None
         log.info("certificates loaded from %s", self.folder)
+
+    def _load(self, server: ssl.SSLContext, client: ssl.SSLContext) -> None:
+        for context in (server, client):
+            context.load_verify_locations(cafile=str(self.ca))
+        if self.is_host:
+            server.load_cert_chain(str(self.folder / SERVER_CERT), str(self.folder / SERVER_KEY))
+        client.load_cert_chain(str(self.folder / CLIENT_CERT), str(self.folder / CLIENT_KEY))
 
     def refusal(self, peer: Peer | None) -> str | None:
         """Why a connection whose certificate names ``peer`` is not served (None: it is)."""

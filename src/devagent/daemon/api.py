@@ -73,7 +73,7 @@ from devagent.api_types import (
     VmList,
 )
 from devagent.control_api import STATUS, answer, json_error
-from devagent.daemon.auth import auth_middleware, require_source
+from devagent.daemon.auth import TLS_KEY, auth_middleware, require_source
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
 from devagent.daemon.migration.routes import MigrationRoutes
@@ -298,8 +298,9 @@ async def delete_export(request: web.Request) -> web.Response:
 def build_app(host: Host, token: str) -> web.Application:
     """The API of ``host``: with its TLS identity, callers are checked by certificate too
     (:mod:`devagent.daemon.auth`)."""
-    auth = auth_middleware(token, tls=host.tls is not None)
+    auth = auth_middleware(token, host.tls)
     app = web.Application(middlewares=[auth, error_middleware], client_max_size=MAX_BODY)
+    app[TLS_KEY] = host.tls is not None
     app[HOST_KEY] = host
     host.token = token
     r = app.router

@@ -22,7 +22,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from devagent.control_api import json_error
 from devagent.errors import Forbidden
-from devagent.tls import Peer, Role, peer_of_transport
+from devagent.tls import Peer, Role, Tls, peer_of_transport
 
 #: Routes a daemon calls on its peers as a migration's source or a remote disk's user.
 PEER_ROUTES = frozenset(
@@ -51,8 +51,14 @@ def route_of(request: web.Request) -> tuple[str, str]:
     return request.method, resource.canonical if resource is not None else request.path
 
 
-def auth_middleware(token: str, *, tls: bool) -> Middleware:
-    """The token, and with ``tls`` the caller's certificate, checked on every request."""
+#: Whether the app's daemon has a certificate (set by ``build_app``): a peer route then
+#: refuses a caller it cannot name, rather than take it for an --insecure one.
+TLS_KEY = web.AppKey("tls", bool)
+
+
+def auth_middleware(token: str, tls: Tls | None) -> Middleware:
+    """The token, and with ``tls`` the caller's certificate, checked on every request (a
+    host's must be one of ``tls.peers``, when the daemon names its peers)."""
     expected = f"Bearer {token}".encode()
 
     @web.middleware
@@ -60,9 +66,9 @@ def auth_middleware(token: str, *, tls: bool) -> Middleware:
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             return json_error(401, "missing or wrong bearer token")
-        if tls:
+        if tls is not None:
             peer = peer_of_transport(request.transport)
-            refusal = _refusal(peer, route_of(request))
+            refusal = _refusal(peer, route_of(request), tls)
             if refusal is not None:
                 return json_error(403, refusal)
         return await handler(request)
@@ -70,10 +76,12 @@ def auth_middleware(token: str, *, tls: bool) -> Middleware:
     return check
 
 
-def _refusal(peer: Peer | None, route: tuple[str, str]) -> str | None:
+def _refusal(peer: Peer | None, route: tuple[str, str], tls: Tls) -> str | None:
     method, path = route
     if peer is None:
         return "the client certificate names no devagent host or operator"
+    if peer.role is Role.HOST and tls.peers and peer.name not in tls.peers:
+        return f"host {peer.name} is not among this host's peers"
     if peer.role is Role.OPERATOR and route in PEER_ROUTES:
         return f"{method} {path} is a peer route: only a host's certificate may call it"
     if peer.role is Role.HOST and method != "GET" and route not in HOST_ROUTES:
@@ -84,9 +92,11 @@ def _refusal(peer: Peer | None, route: tuple[str, str]) -> str | None:
 def require_source(request: web.Request, source: str | None, what: str) -> None:
     """On a TLS daemon, the caller must be host ``source``: the one the peer route's request
     names, or the one the VM came from."""
-    peer = peer_of_transport(request.transport)
-    if peer is None:  # --insecure (on TLS, the middleware refused a call without a peer)
+    if not request.app[TLS_KEY]:  # --insecure
         return
+    peer = peer_of_transport(request.transport)
+    if peer is None:  # its connection is gone: nobody to act for
+        raise Forbidden(f"{what}: the caller's connection closed before it was checked")
     if not source:
         raise Forbidden(f"{what}: no source host is named, so host {peer.name} may not act")
     if peer.name != source:

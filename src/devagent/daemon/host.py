@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devagent.client import Endpoint
+from devagent.daemon.agents import AgentProcess
 from devagent.daemon.exports import ExportManager
+from devagent.daemon.nics import NicAgent
 from devagent.daemon.vms import VmManager
 from devagent.guestnet import GuestNetwork
 from devagent.tls import Tls
@@ -36,12 +38,16 @@ class Host:
                         name=self.name)  # fmt: skip
 
     def agent_pids(self) -> list[int]:
-        """Every agent process of this host (its VMs' disks and NICs, receivers, exports)."""
-        pids = [a.pid for a in self.exports.exports.values()]
+        """Every running agent process of this host (its VMs' disks and NICs, receivers,
+        exports) that has made its control socket: it catches SIGHUP from then on (before,
+        the signal would end it)."""
+        agents: list[AgentProcess | NicAgent] = [*self.exports.exports.values()]
         for managed in self.vms.vms.values():
-            pids += [a.pid for a in (*managed.agents, *managed.receivers.values())]
-            pids += [n.pid for n in managed.nics]
-        return [pid for pid in pids if pid is not None]
+            agents += [*managed.agents, *managed.receivers.values(), *managed.nics]
+        return [
+            a.pid for a in agents
+            if a.pid is not None and a.alive and a.control_socket.exists()
+        ]  # fmt: skip
 
     @property
     def loopback(self) -> bool:

@@ -35,25 +35,54 @@ from devagent.daemon.migration.messages import (
 from devagent.daemon.migration.qemu_tls import migrate_incoming
 from devagent.daemon.vms import ManagedVm, VmRole
 from devagent.daemon.vms import incoming as incoming_vm
-from devagent.errors import StateError, UsageError
+from devagent.errors import Forbidden, StateError, UsageError
+from devagent.qemu.config import VmConfig
 
 if TYPE_CHECKING:
     from devagent.daemon.host import Host
 
 
+def peer_config(config: VmConfig) -> VmConfig:
+    """The QEMU configuration a peer sent, without what only this host may decide: QEMU
+    options of its own (``-S`` and a TLS credentials object are this host's to add again),
+    and nothing else is taken."""
+    extra, args = [], list(config.extra_args)
+    while args:
+        arg = args.pop(0)
+        if arg == "-S":
+            continue
+        if arg == "-object" and args and args[0].startswith("tls-creds-x509,id=devagent-"):
+            args.pop(0)
+            continue
+        extra.append(arg)
+    if extra:
+        raise Forbidden(f"a peer may not give QEMU options: {' '.join(extra)}")
+    return config.replace(extra_args=())
+
+
+def shared_image(host: Host, image: str) -> Path:
+    """A shared disk a peer names: a file of this host's shared folder, nothing else."""
+    path = Path(image).resolve()
+    if host.shared_dir is None or not path.is_relative_to(host.shared_dir.resolve()):
+        raise Forbidden(f"{image}: a shared disk must be in this host's shared folder")
+    return path
+
+
 async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
     """Start QEMU waiting for the VM, with its disks' and NICs' agents."""
     disks = []
+    config = peer_config(incoming.config)
     for disk in incoming.disks:
         if disk.image is None and disk.size <= 0:
             raise UsageError(f"{disk.node}: without 'image', give the disk's 'size' in bytes")
         disks.append(incoming_vm.IncomingDisk(
-            node=disk.node, image=Path(disk.image) if disk.image else None, size=disk.size,
+            node=disk.node, image=shared_image(host, disk.image) if disk.image else None,
+            size=disk.size,
             backend=disk.backend.spec() if disk.backend is not None else None,
             receive=disk.receive,
         ))  # fmt: skip
     managed = await incoming_vm.prepare_incoming(
-        host.vms, incoming.request, incoming.config, disks, nics=incoming.nics
+        host.vms, incoming.request, config, disks, nics=incoming.nics
     )
     managed.source_host = incoming.source or None
     managed.save()

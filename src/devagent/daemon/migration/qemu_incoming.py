@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from devagent.daemon.migration.context import free_port
+from devagent.daemon.migration.destination import peer_config
 from devagent.daemon.migration.messages import (
     BaselineAnswer,
     BaselineIncoming,
@@ -54,10 +55,10 @@ async def prepare(host: Host, incoming: BaselineIncoming) -> BaselineAnswer:
         raise UsageError("'mode' must be 'mirror' or 'cor-stream'")
     request = incoming.request
     image, disk = await _disk(host, request.name, incoming)
-    extra = (*(a for a in incoming.config.extra_args if a != "-S"), "-S")
+    extra: tuple[str, ...] = ("-S",)  # a peer's own QEMU options are refused
     if host.tls is not None and incoming.mode == "cor-stream":  # its backing is over TLS
         extra = (*extra, *cli_client_creds(host.tls))
-    config = incoming.config.replace(disks=(disk,), incoming=True, extra_args=extra)
+    config = peer_config(incoming.config).replace(disks=(disk,), incoming=True, extra_args=extra)
     try:
         managed = await incoming_vm.add_incoming(host.vms, request, config, image)
         managed.source_host = incoming.source or None

@@ -42,8 +42,9 @@ async def add_creds(
                    endpoint=endpoint, dir=str(tls.folder), **{"verify-peer": True})  # fmt: skip
     if endpoint == "client" or peer is None:
         return {"tls-creds": creds}
-    await _replace(vm, AUTHZ, "authz-simple", identity=host_dn(peer))
-    return {"tls-creds": creds, "tls-authz": AUTHZ}
+    authz = f"{AUTHZ}-{peer}"  # one per host: one still in use names the same host
+    await _replace(vm, authz, "authz-simple", identity=host_dn(peer))
+    return {"tls-creds": creds, "tls-authz": authz}
 
 
 async def _replace(vm: Qmp, object_id: str, qom_type: str, **props: Any) -> None:
@@ -60,7 +61,8 @@ async def _replace(vm: Qmp, object_id: str, qom_type: str, **props: Any) -> None
 
 def cli_client_creds(tls: Tls) -> tuple[str, ...]:
     """The ``-object`` a QEMU needs at its start to open an NBD disk over TLS."""
-    return ("-object", f"tls-creds-x509,id={CLIENT_CREDS},endpoint=client,dir={tls.folder}")
+    folder = str(tls.folder).replace(",", ",,")  # QEMU's option syntax
+    return ("-object", f"tls-creds-x509,id={CLIENT_CREDS},endpoint=client,dir={folder}")
 
 
 async def migrate_incoming(vm: Qmp, uri: str, tls: Tls | None, source: str) -> None:

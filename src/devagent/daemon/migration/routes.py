@@ -34,7 +34,7 @@ from devagent.daemon.migration.messages import (
 )
 from devagent.daemon.migration.recovery import recovered_jobs
 from devagent.daemon.vms import ManagedVm
-from devagent.errors import NotFound, StateError
+from devagent.errors import NotFound, StateError, UsageError
 from devagent.qemu.vm import VmState
 
 if TYPE_CHECKING:
@@ -85,6 +85,11 @@ class MigrationRoutes:
         if busy:
             raise StateError(f"VM {managed.name} is already migrating (job {busy[0].id})")
         managed.vm.require(VmState.RUNNING)
+        if self.host.tls is not None and migration.to.host is None:
+            raise UsageError(
+                f"the destination {migration.to.name or migration.to.url!r} must be named by "
+                "its host name (its certificate's): the migration's TLS checks it"
+            )
         job = new_job(HostContext.of(self.host), managed, migration)
         self.jobs[job.id] = job
         job.start()
