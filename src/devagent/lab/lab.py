@@ -59,7 +59,7 @@ from devagent.lab.layout import (
     validate_name,
     veth_name,
 )
-from devagent.tls import Tls, use_tls
+from devagent.tls import Tls, process_tls, use_tls
 from devagent.vocab import parse_rate
 
 STATE_VERSION = 1
@@ -475,7 +475,8 @@ class Lab:
     # ---- tearing down ----------------------------------------------------------------------
 
     def down(self) -> None:
-        """Stop everything of this lab and remove it; see :meth:`destroy`."""
+        """Stop everything of this lab and remove it; see :meth:`destroy`. Its operator's
+        certificate stops being this process's."""
         try:
             Lab.destroy(self.name, known=self)
         finally:
@@ -483,6 +484,8 @@ class Lab:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=1)
             self.state = LabState.DOWN
+            if self._tls is not None and process_tls() is self._tls:
+                use_tls(None)
 
     def __enter__(self) -> Lab:
         return self
