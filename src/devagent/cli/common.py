@@ -8,7 +8,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,6 +72,18 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
+
+
+@contextmanager
+def click_errors() -> Iterator[None]:
+    """Show devagent's errors as click errors (exit 2 for misuse, 1 for the rest), for a
+    command that runs no coroutine (:func:`run` does this for those that do)."""
+    try:
+        yield
+    except UsageError as err:
+        raise click.UsageError(str(err)) from err
+    except DevagentError as err:
+        raise click.ClickException(str(err)) from err
 
 
 def print_json(data: Any) -> None:

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from devagent.errors import DevagentError, UsageError
+from devagent.cli.common import click_errors
 from devagent.lab import Lab, default_lab_name, format_rate
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Show devagent's errors as click errors (exit 2 for misuse, 1 for the rest)."""
-    try:
-        yield
-    except UsageError as err:
-        raise click.UsageError(str(err)) from err
-    except DevagentError as err:
-        raise click.ClickException(str(err)) from err
 
 
 def _name_option(func: F) -> F:
@@ -106,7 +94,7 @@ def up_cmd(
     """Make a lab and start one devagentd per host. The lab gets its own CA, a
     certificate per host and one for its operator (the CLI's) under its folder's pki/:
     every link between hosts is mutual TLS."""
-    with _errors():
+    with click_errors():
         if insecure:
             click.echo("warning: --insecure: the lab's hosts speak plaintext", err=True)
         lab = Lab.up(
@@ -130,7 +118,7 @@ def up_cmd(
 @click.option("--json", "as_json", is_flag=True, help="print only JSON")
 def down_cmd(name: str, all_labs: bool, as_json: bool) -> None:
     """Stop a lab's daemons and everything they started; delete its namespaces and state."""
-    with _errors():
+    with click_errors():
         removed = Lab.down_all() if all_labs else ([name] if Lab.destroy(name) else [])
     if as_json:
         click.echo(json.dumps({"removed": removed}))
@@ -145,7 +133,7 @@ def down_cmd(name: str, all_labs: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print only JSON")
 def status_cmd(name: str, as_json: bool) -> None:
     """Show a lab's hosts, addresses, daemons and link shaping."""
-    with _errors():
+    with click_errors():
         status = Lab.load(name).status()
     if as_json:
         click.echo(json.dumps(status, indent=2))

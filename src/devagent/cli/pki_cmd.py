@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import click
 
 from devagent import pki
-from devagent.errors import DevagentError, UsageError
+from devagent.cli.common import click_errors
 
 dir_option = click.option(
     "--dir",
@@ -69,14 +68,8 @@ def issue(
 
 
 def _report(make: Callable[[], Path], what: str, as_json: bool) -> None:
-    try:
+    with click_errors():
         path = make()
-    except UsageError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(2)
-    except DevagentError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(1)
     if as_json:
         click.echo(json.dumps({"kind": what, "path": str(path)}))
     else:
