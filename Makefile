@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio iproute2 libnbd-bin gcc make \
-                python3-venv iputils-ping tcpdump
+                python3-venv iputils-ping tcpdump openssl
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv guest demo test lint sizes unit clean

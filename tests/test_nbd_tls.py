@@ -17,6 +17,7 @@ import pytest
 
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Local
+from devagent.agent.bench import run_bench
 from devagent.agent.remote import Remote
 from devagent.errors import PeerError
 from devagent.nbd.client import NbdClient
@@ -187,3 +188,20 @@ async def test_remote_backend_against_qemu_nbd_with_tls(tmp_path: Path) -> None:
         await wait_exit(server, 30, "qemu-nbd")
     with image.open("rb") as disk:
         assert disk.read(65536) == b"\x44" * 65536
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tcp+tls", "unix"])
+def test_the_agent_bench_drives_both_servers(tmp_path: Path, tls: bool) -> None:
+    """``devagent bench agent [--tls]``, tiny: both servers answer every workload (the
+    figures themselves are the benchmark's, in docs/BENCHMARKS.md)."""
+    report = run_bench(
+        size=16 << 20, count_small=400, count_large=16, rounds=1, workdir=tmp_path, tls=tls
+    )
+    assert report["transport"] == ("tcp+tls" if tls else "unix")
+    assert report["client"].startswith("nbdcopy" if tls else "qemu-img bench")
+    small = "seq" if tls else "rand"
+    rows = report["results"]
+    assert [r["name"] for r in rows] == [
+        f"{small}read-4k-qd16", f"{small}write-4k-qd16", "seqread-1m-qd16", "seqwrite-1m-qd16",
+    ]  # fmt: skip
+    assert all(r["agent"] > 0 and r["qemu_nbd"] > 0 for r in rows), rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from devagent import pki
 from devagent.cli import main
 from devagent.errors import StateError, UsageError
-from devagent.tls import Peer, Role, Tls, peer_of
+from devagent.tls import DH_PARAMS, Peer, Role, Tls, peer_of
 
 
 def load(path: Path) -> x509.Certificate:
@@ -36,6 +37,17 @@ def test_a_host_certificate_names_the_host_and_its_addresses(tmp_path: Path) -> 
     for key in (folder / pki.SERVER_KEY, folder / pki.CLIENT_KEY, tmp_path / pki.CA_KEY):
         assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert Tls(folder).is_host
+
+
+def test_a_host_folder_holds_rfc_7919s_dh_group_for_qemu(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path)
+    folder = pki.issue_host(tmp_path, "a")
+    params = subprocess.run(
+        ["openssl", "pkeyparam", "-in", str(folder / DH_PARAMS), "-text", "-noout"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    assert "(2048 bit)" in params and "GROUP: ffdhe2048" in params  # openssl knows the group
+    assert not (pki.issue_operator(tmp_path, "alice") / DH_PARAMS).exists()  # no server
 
 
 def test_an_operator_certificate_only_calls(tmp_path: Path) -> None:

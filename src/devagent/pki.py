@@ -9,7 +9,7 @@ A PKI folder holds the CA and the identities it issued, in the layout QEMU's
 as is to QEMU, qemu-img, qemu-nbd, nbdinfo and devagent's own processes::
 
     DIR/ca-cert.pem  DIR/ca-key.pem                         the CA (its key mode 0600)
-    DIR/hosts/NAME/{ca-cert,server-cert,server-key,client-cert,client-key}.pem
+    DIR/hosts/NAME/{ca-cert,server-cert,server-key,client-cert,client-key,dh-params}.pem
     DIR/operators/NAME/{ca-cert,client-cert,client-key}.pem
 
 A host's certificate names the host (its common name and a DNS name in its SAN), and the
@@ -33,7 +33,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from devagent.errors import StateError, UsageError
-from devagent.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY, Role, as_name
+from devagent.tls import (
+    CA_CERT,
+    CLIENT_CERT,
+    CLIENT_KEY,
+    DH_PARAMS,
+    SERVER_CERT,
+    SERVER_KEY,
+    Role,
+    as_name,
+)
 
 ORGANIZATION = "devagent"
 HOST_UNIT = Role.HOST.value
@@ -41,6 +50,22 @@ OPERATOR_UNIT = Role.OPERATOR.value
 CA_DAYS = 3650
 LEAF_DAYS = 825
 CA_KEY = "ca-key.pem"
+
+#: RFC 7919's ``ffdhe2048`` group (appendix A.1), as PKCS#3 ``DHParameter`` PEM: what
+#: ``openssl genpkey -genparam -algorithm DH -pkeyopt group:ffdhe2048`` writes. A host's
+#: folder holds it as ``dh-params.pem``, so that QEMU's TLS server loads a known group
+#: instead of generating one each time (which a migration would wait for). Written out
+#: rather than made: ``cryptography`` deprecates finite-field DH.
+FFDHE2048_PEM = b"""\
+-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
 
 
 @dataclass(frozen=True)
@@ -130,6 +155,7 @@ def issue_host(
         _write(folder / key_name, key, mode=0o600)  # a reload between the two refuses the
         _write(folder / cert_name, cert)  # pair that does not match, and keeps the old
     _write(folder / CA_CERT, (pki / CA_CERT).read_bytes())
+    _write(folder / DH_PARAMS, FFDHE2048_PEM)
     return folder
 
 

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 CA_CERT = "ca-cert.pem"
 SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
+#: A server's Diffie-Hellman group for QEMU's GnuTLS. Without the file, QEMU makes new DH
+#: parameters each time it loads a server's credentials (a random 0.1-1 s and more).
+DH_PARAMS = "dh-params.pem"
 
 
 class Role(enum.StrEnum):

@@ -10,10 +10,14 @@ host the migration comes from, or goes to, passes QEMU's check of the client's c
 from __future__ import annotations
 
 import contextlib
+import logging
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from devagent.errors import PeerError
-from devagent.tls import Role, Tls
+from devagent.tls import DH_PARAMS, Role, Tls
+
+log = logging.getLogger(__name__)
 
 
 class Qmp(Protocol):
@@ -38,6 +42,8 @@ async def add_creds(
     host ``peer``; none named: any host of the CA); returns the ``migrate-set-parameters``
     or NBD arguments that use them."""
     creds = CLIENT_CREDS if endpoint == "client" else SERVER_CREDS
+    if endpoint == "server":
+        _warn_without_dh_params(tls.folder)
     await _replace(vm, creds, "tls-creds-x509",
                    endpoint=endpoint, dir=str(tls.folder), **{"verify-peer": True})  # fmt: skip
     if endpoint == "client" or peer is None:
@@ -45,6 +51,21 @@ async def add_creds(
     authz = f"{AUTHZ}-{peer}"  # one per host: one still in use names the same host
     await _replace(vm, authz, "authz-simple", identity=host_dn(peer))
     return {"tls-creds": creds, "tls-authz": authz}
+
+
+_warned: set[Path] = set()
+
+
+def _warn_without_dh_params(folder: Path) -> None:
+    """Once per folder: one without ``dh-params.pem`` (made before devagent wrote it) costs
+    each migration the time QEMU takes to generate DH parameters."""
+    if folder not in _warned and not (folder / DH_PARAMS).exists():
+        _warned.add(folder)
+        log.warning(
+            "%s holds no %s: QEMU generates Diffie-Hellman parameters for each incoming "
+            "migration (up to a second or more); 'devagent pki issue' writes the file",
+            folder, DH_PARAMS,
+        )  # fmt: skip
 
 
 async def _replace(vm: Qmp, object_id: str, qom_type: str, **props: Any) -> None:
