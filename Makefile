@@ -7,6 +7,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEB_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio iproute2 libnbd-bin gcc make \
                 python3-venv iputils-ping tcpdump openssl
+# libvirt's daemon and clients for `lab up --libvirt`, and what libvirt-python builds against;
+# without their recommends (no dnsmasq, no firewall, no daemon started by the packages).
+DEB_LIBVIRT := libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev \
+               pkg-config python3-dev
 PYTEST_ARGS ?=
 
 .PHONY: all deps venv guest demo test lint sizes unit clean
@@ -15,13 +19,19 @@ all: test
 
 # Debian packages: apt-get runs only when one of them is missing.
 deps:
-	@missing=$$(for p in $(DEB_PACKAGES); do \
-	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
-	  done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:" $$missing; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
-	fi
+	@$(call apt_install,$(DEB_PACKAGES),)
+	@$(call apt_install,$(DEB_LIBVIRT),--no-install-recommends)
+
+# $(call apt_install,PACKAGES,OPTIONS): apt-get runs only when one of them is missing.
+define apt_install
+missing=$$(for p in $(1); do \
+    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+  done); \
+if [ -n "$$missing" ]; then \
+  echo "installing Debian packages:" $$missing; \
+  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(2) $$missing; \
+fi
+endef
 
 # The virtual environment with devagent in editable mode; rebuilt when pyproject.toml changes.
 venv: $(VENV)/.installed

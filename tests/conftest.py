@@ -98,12 +98,16 @@ def clean_lab(
     *,
     show_logs: bool = False,
     insecure: bool = False,
+    with_libvirt: bool = False,
 ) -> Iterator[Lab]:
     """A lab of ``hosts`` namespace hosts (links at 1 Gbit/s) for one test: removed after
     it, and checked to leave no process and no namespace behind. ``show_logs``: the end of
     each daemon's log and each VM's logs are printed first (pytest shows them on a
-    failure). ``insecure``: without certificates, all in plaintext."""
-    lab = Lab.up(name=name, hosts=hosts, link_rate="1gbit", insecure=insecure)
+    failure). ``insecure``: without certificates, all in plaintext. ``with_libvirt``: a
+    libvirtd in each host."""
+    lab = Lab.up(
+        name=name, hosts=hosts, link_rate="1gbit", insecure=insecure, with_libvirt=with_libvirt
+    )
     try:
         yield lab
     finally:

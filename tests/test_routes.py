@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from devagent.agent import control as agent_control
-from devagent.daemon import api
+from devagent.daemon import api, libvirt_routes
 from devagent.daemon.host import Host
 from devagent.daemon.migration import routes as migration_routes
 from devagent.net import control as net_control
@@ -69,6 +69,12 @@ def test_the_migration_routes_table_is_every_migration_route(tmp_path: Path) -> 
     router = web.UrlDispatcher()
     migration_routes.MigrationRoutes(host(tmp_path)).add_to(router)
     assert_same(migration_routes, registered(router))
+
+
+def test_the_libvirt_routes_table_is_every_libvirt_route(tmp_path: Path) -> None:
+    router = web.UrlDispatcher()
+    libvirt_routes.LibvirtRoutes(host(tmp_path)).add_to(router)
+    assert_same(libvirt_routes, registered(router))
 
 
 def test_the_net_agent_control_table_is_every_route() -> None:

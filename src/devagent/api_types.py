@@ -28,6 +28,7 @@ Route → answer::
     GET    /v1/exports, POST /v1/exports       Exports, Export
     DELETE /v1/exports/{name}                  Removed ("removed")
     POST   /v1/exports/{name}/digest           devagent.guest.probe.DiskDigest
+    GET    /v1/libvirt                         Libvirt
 
 The peer-to-peer migration messages (``/v1/incoming``, ``/v1/baselines``) are
 :mod:`devagent.daemon.migration.messages`: only daemons read them.
@@ -271,3 +272,25 @@ class Export(msgspec.Struct):
 
 class Exports(msgspec.Struct):
     exports: list[Export]
+
+
+# -- libvirt ----------------------------------------------------------------------------
+
+
+class LibvirtDomain(msgspec.Struct):
+    """A domain of the host's libvirtd, as libvirt reports it."""
+
+    name: str
+    uuid: str
+    state: str  # libvirt's: "running", "paused", "shutoff", …
+    persistent: bool
+    last_event: str | None = None  # the last lifecycle event the daemon saw: "resumed/migrated"
+
+
+class Libvirt(msgspec.Struct):
+    """``GET /v1/libvirt``: the host's libvirtd as its daemon follows it (``uri`` None:
+    the daemon runs without ``--libvirt``)."""
+
+    uri: str | None
+    connected: bool
+    domains: list[LibvirtDomain]

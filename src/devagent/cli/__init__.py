@@ -43,6 +43,7 @@ def _register() -> None:
     from devagent.cli.device_cmd import device_group
     from devagent.cli.guest_cmd import guest_group
     from devagent.cli.lab_cmd import lab_group
+    from devagent.cli.libvirt_cmd import libvirt_group
     from devagent.cli.migrate_cmd import migrate_cmd
     from devagent.cli.net_cmd import net_agent_cmd
     from devagent.cli.pki_cmd import pki_group
@@ -58,6 +59,7 @@ def _register() -> None:
         demo_cmd,
         chaos_cmd,
         pki_group,
+        libvirt_group,
     ):
         main.add_command(command)
     agent_group.add_command(net_agent_cmd)

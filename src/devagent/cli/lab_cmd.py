@@ -61,6 +61,9 @@ def _print_status(status: dict[str, Any]) -> None:
     console.print(table)
     console.print(f"token: {status['token_file']}   shared: {status['shared_dir']}")
     console.print(f"certificates: {status.get('pki_dir') or 'none (--insecure)'}")
+    for host in status["hosts"]:
+        if host.get("libvirt_uri"):
+            console.print(f"libvirt of {host['name']}: virsh -c '{host['libvirt_uri']}'")
 
 
 @click.group("lab")
@@ -80,6 +83,13 @@ def lab_group() -> None:
     help="no certificates: plain HTTP and NBD between hosts (anyone on the network can "
     "read the disks)",
 )
+@click.option(
+    "--libvirt",
+    "with_libvirt",
+    is_flag=True,
+    help="a libvirtd in each host beside its devagentd (its own folders, host UUID and "
+    "address; TLS with the host's certificate): for libvirt-managed VMs",
+)
 @_name_option
 @click.option("--json", "as_json", is_flag=True, help="print only JSON")
 def up_cmd(
@@ -88,6 +98,7 @@ def up_cmd(
     loopback: bool,
     subnet: str | None,
     insecure: bool,
+    with_libvirt: bool,
     name: str,
     as_json: bool,
 ) -> None:
@@ -104,6 +115,7 @@ def up_cmd(
             loopback=loopback,
             subnet=subnet,
             insecure=insecure,
+            with_libvirt=with_libvirt,
         )
         status = lab.status()
     if as_json:

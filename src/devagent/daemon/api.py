@@ -47,6 +47,7 @@ The table below is every route :func:`build_app` registers, no more, no less
     POST   /v1/baselines/incoming             (peer) the same for a QEMU-only strategy
     POST   /v1/baselines/incoming/{name}/commit       (peer) the RAM arrived: run the guest
     POST   /v1/baselines/incoming/{name}/stream-done  (peer) wait for its block-stream
+    GET    /v1/libvirt                        the host's libvirtd and its domains
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ from devagent.control_api import STATUS, answer, json_error
 from devagent.daemon.auth import TLS_KEY, auth_middleware, require_source
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
+from devagent.daemon.libvirt_routes import LibvirtRoutes
 from devagent.daemon.migration.routes import MigrationRoutes
 from devagent.daemon.vms import exchange
 from devagent.daemon.vms.arrival import announce
@@ -329,4 +331,7 @@ def build_app(host: Host, token: str) -> web.Application:
     migrations = MigrationRoutes(host)
     migrations.add_to(r)  # migrate, migrations, incoming, baselines
     app.on_startup.append(migrations.on_startup)  # unsettled migrations taken up again
+    libvirt = LibvirtRoutes(host)
+    libvirt.add_to(r)
+    app.on_cleanup.append(libvirt.on_cleanup)
     return app

@@ -8,6 +8,7 @@ from pathlib import Path
 from devagent.client import Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.exports import ExportManager
+from devagent.daemon.libvirt_link import LibvirtLink
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.vms import VmManager
 from devagent.guestnet import GuestNetwork
@@ -24,6 +25,7 @@ class Host:
     network: GuestNetwork | None = None  # where VM NICs go (a lab host's bridge, addresses)
     token: str = ""  # the API's bearer token (peers that call back this host use it)
     tls: Tls | None = None  # its certificate; None: --insecure, plain HTTP and NBD
+    libvirt: LibvirtLink | None = None  # its libvirtd (devagentd --libvirt URI)
     vms: VmManager = field(init=False)
     exports: ExportManager = field(init=False)
 

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from devagent.daemon.api import build_app
 from devagent.daemon.host import Host
+from devagent.daemon.libvirt_link import LibvirtLink
 from devagent.errors import DevagentError
 from devagent.guestnet import GuestNetwork
 from devagent.tls import Tls, use_tls
@@ -61,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="folder every host of the lab sees (for the 'shared' storage baseline)",
     )
     parser.add_argument(
+        "--libvirt",
+        metavar="URI",
+        help="this host's libvirtd (e.g. qemu:///system): the daemon follows its domains' "
+        "events, and serves and moves the disks of the domains it adopts",
+    )
+    parser.add_argument(
         "--guest-bridge", help="bridge of this host that VM NICs' taps join (NICs need it)"
     )
     parser.add_argument(
@@ -95,7 +102,13 @@ async def serve(args: argparse.Namespace) -> None:
         shared_dir=args.shared_dir,
         network=network,
         tls=tls,
+        libvirt=LibvirtLink(args.libvirt, args.host_name) if args.libvirt else None,
     )
+    if host.libvirt is not None:
+        try:
+            await host.libvirt.open()
+        except DevagentError as err:  # opened again at its first use
+            log.warning("libvirt not reachable yet: %s", err)
     await host.vms.warm_up()
     await host.exports.adopt_all()
     await host.vms.adopt_all(kept=host.exports.kept_disks())

@@ -40,7 +40,7 @@ from typing import Any
 
 from devagent import pki
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
-from devagent.lab import addressing, daemons, net, procs, teardown, topology
+from devagent.lab import addressing, daemons, libvirt, net, procs, teardown, topology
 from devagent.lab.addressing import DAEMON_PORT, LOOPBACK_ADDRESS
 from devagent.lab.daemons import HEALTH_PROBE_TIMEOUT_S, HEALTH_TIMEOUT_S
 from devagent.lab.layout import (
@@ -240,11 +240,13 @@ class Lab:
         loopback: bool = False,
         subnet: str | None = None,
         insecure: bool = False,
+        with_libvirt: bool = False,
     ) -> Lab:
         """Make the lab and start one devagentd per host; return when every daemon answers
         ``/v1/health``. On any failure, tear down what was made and re-raise. The lab has its
         own CA and a certificate per host (and one for its operator, this process's from
-        now on); ``insecure``: none, plain HTTP and NBD."""
+        now on); ``insecure``: none, plain HTTP and NBD. ``with_libvirt``: a libvirtd beside
+        each devagentd (:mod:`devagent.lab.libvirt`), the daemon its client."""
         validate_name(name)
         if not 1 <= hosts <= MAX_HOSTS:
             raise UsageError(f"a lab has 1 to {MAX_HOSTS} hosts, not {hosts}")
@@ -253,6 +255,10 @@ class Lab:
             raise UsageError("a loopback lab has no links to shape: drop --link-rate")
         if loopback and subnet is not None:
             raise UsageError("a loopback lab has no subnet")
+        if loopback and with_libvirt:
+            raise UsageError("libvirt's hosts need namespaces: drop --loopback")
+        if with_libvirt:
+            libvirt.require_libvirt()
         binary = daemons.daemon_binary()
         if not loopback:
             require_root()
@@ -281,6 +287,7 @@ class Lab:
                     veth=veth_name(name, h),
                     link_rate_bps=rate,
                     tls=not insecure,
+                    libvirt=with_libvirt,
                 )
                 for i, h in enumerate(names)
             ]
@@ -320,6 +327,7 @@ class Lab:
             assert self.subnet is not None and self.bridge is not None
             assert self.mgmt_address is not None
             topology.make(self.subnet, self.bridge, self.mgmt_address, self._hosts)
+        self._start_libvirtds()
         for host in self._hosts:
             self._start_daemon(binary, host)
         self._save()
@@ -333,11 +341,29 @@ class Lab:
             *("--token-file", str(self.token_file), "--shared-dir", str(self.shared_dir)),
             *self._guest_network_args(host),
             *self._tls_args(host),
+            *self._libvirt_args(host),
         ]
         proc = daemons.start(binary, host, args)
         self._procs[host.name] = proc
         self._replace_host(dataclasses.replace(host, pid=proc.pid))
         self.log.debug("host %s: devagentd pid %d", host.name, proc.pid)
+
+    def _start_libvirtds(self) -> None:
+        """Each host's libvirtd, answering before its devagentd starts (it connects)."""
+        started = []
+        for host in self._hosts:
+            if host.libvirt:
+                certs = pki.host_dir(self.pki_dir, host.name) if host.tls else None
+                libvirt.configure(host, self._hosts, certs)
+                started.append((libvirt.start(host), host))
+        deadline = time.monotonic() + libvirt.START_TIMEOUT_S
+        for proc, host in started:
+            libvirt.wait_answering(proc, host, max(0.0, deadline - time.monotonic()))
+
+    def _libvirt_args(self, host: LabHost) -> builtins.list[str]:
+        if not host.libvirt:
+            return []
+        return ["--libvirt", libvirt.local_uri(host)]
 
     def _tls_args(self, host: LabHost) -> builtins.list[str]:
         """The host's certificate, and the lab's hosts as the peers its agents admit."""
@@ -452,6 +478,7 @@ class Lab:
         for host in self._hosts:
             row = host.to_json()
             row["guest_addresses"] = self.guest_addresses(host)
+            row["libvirt_uri"] = libvirt.local_uri(host) if host.libvirt else None
             row["alive"] = self.daemon_alive(host)
             try:
                 self.health(host, timeout=HEALTH_PROBE_TIMEOUT_S)

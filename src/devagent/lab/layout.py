@@ -56,6 +56,7 @@ class LabHost:
     pid: int | None = None
     link_rate_bps: int | None = None
     tls: bool = True  # its daemon speaks HTTPS (False: a lab made with --insecure)
+    libvirt: bool = False  # a libvirtd runs beside its devagentd (lab up --libvirt)
 
     @property
     def url(self) -> str:
@@ -73,6 +74,7 @@ class LabHost:
             "pid": self.pid,
             "link_rate_bps": self.link_rate_bps,
             "tls": self.tls,
+            "libvirt": self.libvirt,
         }
 
     @classmethod
@@ -87,6 +89,7 @@ class LabHost:
             pid=_opt_int(data.get("pid")),
             link_rate_bps=_opt_int(data.get("link_rate_bps")),
             tls=bool(data.get("tls", False)),
+            libvirt=bool(data.get("libvirt", False)),
         )
 
 
