@@ -27,7 +27,15 @@ from devagent.client import Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.supervised import wait_exit
-from devagent.daemon.vms import DiskRequest, ManagedVm, VmManager, VmRequest, VmRole, exchange
+from devagent.daemon.vms import (
+    DiskRequest,
+    ManagedVm,
+    VmManager,
+    VmRequest,
+    VmRole,
+    exchange,
+    incoming,
+)
 from devagent.daemon.vms.request import RemoteHome, decode_vm_request
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.guest.probe import Paused
@@ -190,6 +198,32 @@ def test_the_role_moves_only_as_the_table_says(tmp_path: Path) -> None:
     assert legacy.role is VmRole.MIGRATED
     with pytest.raises(StateError):
         _managed(tmp_path, "incoming").role = "migrated"
+
+
+async def test_a_qemu_killed_as_the_commit_began_is_a_crash_here_not_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its ``cont`` fails as its QMP socket closes, and its exit is known only a moment
+    later: the commit waits for that moment and records the crash (the guest lives here
+    now, ``vm restart`` boots it), rather than stay committing with a passing error that
+    the source would be given again at each try (a chaos run stuck for 310 s)."""
+    managed = _managed(tmp_path, VmRole.INCOMING)
+    vm = managed.vm
+
+    async def query(command: str, into: type[Any], **_: Any) -> Any:
+        return SimpleNamespace(status="paused")  # the RAM arrived
+
+    async def qmp(command: str, **_: Any) -> Any:
+        assert command == "cont"
+        asyncio.get_running_loop().call_later(0.2, vm._on_exit, -9)  # reaped a bit later
+        raise PeerError("VM v1: QMP cont failed: EOF")
+
+    monkeypatch.setattr(vm, "query", query)
+    monkeypatch.setattr(vm, "qmp", qmp)
+    with pytest.raises(StateError, match="VM v1 crashed here as its commit began"):
+        await incoming.commit_incoming(managed, {})
+    assert managed.role is VmRole.RUNNING and _saved_role(tmp_path) == "running"
+    assert vm.state is VmState.FAILED
 
 
 def test_a_copy_left_behind_says_it_migrated_and_serves_its_disk(tmp_path: Path) -> None:

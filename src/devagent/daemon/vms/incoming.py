@@ -49,6 +49,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How long after its QMP socket closed a killed QEMU's exit is known (its process reaped).
+EXIT_KNOWN_WITHIN_S = 2.0
+
 
 # --- the manager's side ------------------------------------------------------------------------
 
@@ -235,7 +238,9 @@ async def commit_incoming(vm: ManagedVm, fetches: dict[str, FetchSpec]) -> dict[
     try:
         steps.update(await go_live(vm))
     except DevagentError as err:
-        if not vm.vm.exited:
+        # A QEMU killed now fails ``cont`` (its QMP socket closes) a moment before its exit
+        # is known here: wait that moment, rather than take a crash for a passing error.
+        if not await vm.vm.wait_exit(EXIT_KNOWN_WITHIN_S):
             raise
         # Past the point of no return the guest lives here: its QEMU's death is a crash of
         # the VM on this host (``vm restart`` boots it on its disk), not a way back. The
