@@ -9,14 +9,16 @@ import re
 import shutil
 import subprocess
 import tempfile
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import clean_lab, processes_mentioning
-from devagent.api_types import Libvirt
+from devagent.api_types import Adopted, Libvirt
 from devagent.client import DaemonClient, Endpoint
+from devagent.errors import NotFound, StateError, UsageError
 from devagent.guest.build import load_guest
 from devagent.lab import libvirt
 from devagent.lab.lab import Lab
@@ -129,3 +131,67 @@ async def test_the_daemon_follows_its_domains_by_their_events(lab: Lab) -> None:
     await wait_until(gone, timeout=20, what="evdom gone from a", interval=0.1)
     log = (lab.host("a").dir / "devagentd.log").read_text()
     assert "libvirt domain evdom stopped/destroyed" in log  # the event, by name
+
+
+def file_domain_xml(name: str, image: Path) -> str:
+    """A persistent domain booting the test guest (no probe: it leaves its disk alone)
+    with ``image`` as its raw file disk vda."""
+    disk = (
+        "<disk type='file' device='disk'><driver name='qemu' type='raw'/>"
+        f"<source file='{image}'/><target dev='vda' bus='virtio'/><serial>sys</serial></disk>"
+    )
+    return domain_xml(name).replace("<devices>", f"<devices>{disk}")
+
+
+async def adopt(lab: Lab, host: str, domain: str) -> Adopted:
+    target = lab.host(host)
+    async with DaemonClient(Endpoint(url=target.url, token=lab.token, name=host)) as client:
+        return await client.post_as(f"/v1/libvirt/{domain}/adopt", Adopted)
+
+
+async def test_adopt_serves_a_running_domains_disk_by_an_agent(lab: Lab) -> None:
+    a = lab.host("a")
+    image = a.dir / "dom1.img"
+    content = bytes(range(256)) * 4096 * 16  # 16 MiB, every block different from zero
+    image.write_bytes(content)
+    xml = a.dir / "dom1.xml"
+    xml.write_text(file_domain_xml("dom1", image))
+    libvirt.virsh(a, "define", str(xml))
+    libvirt.virsh(a, "start", "dom1")
+    try:
+        adopted = await adopt(lab, "a", "dom1")
+        assert [d.node for d in adopted.disks] == ["vda"]
+        disk = adopted.disks[0]
+        assert disk.original == str(image) and disk.tcp_address
+        for flags in ((), ("--inactive",)):  # the running domain, and its definition
+            dumped = ET.fromstring(libvirt.virsh(a, "dumpxml", "dom1", *flags))
+            vda = next(
+                d
+                for d in dumped.iterfind("./devices/disk")
+                if d.find("target").get("dev") == "vda"  # type: ignore[union-attr]
+            )
+            assert vda.get("type") == "network", flags
+            assert vda.find("source/host").get("socket") == disk.socket, flags  # type: ignore[union-attr]
+            assert vda.findtext("serial") == "sys"
+        assert libvirt.virsh(a, "domstate", "dom1").strip() == "running"
+        assert Path(disk.image).read_bytes() == content  # the copy, whole
+        assert image.read_bytes() == content  # the original, left as it was
+        with pytest.raises(StateError, match="domain dom1 was adopted already"):
+            await adopt(lab, "a", "dom1")
+    finally:
+        libvirt.virsh(a, "destroy", "dom1")
+        libvirt.virsh(a, "undefine", "dom1")
+
+
+async def test_adopt_refuses_what_it_cannot_take_with_the_reason(lab: Lab) -> None:
+    with pytest.raises(NotFound, match=r"lookupByName\('nosuch'\): .*[Dd]omain not found"):
+        await adopt(lab, "a", "nosuch")
+    a = lab.host("a")
+    xml = a.dir / "nodisk.xml"
+    xml.write_text(domain_xml("nodisk"))
+    libvirt.virsh(a, "create", str(xml))
+    try:
+        with pytest.raises(UsageError, match="domain nodisk has no raw file disk"):
+            await adopt(lab, "a", "nodisk")
+    finally:
+        libvirt.virsh(a, "destroy", "nodisk")

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from devagent.daemon.libvirt_link import DomainEvent, LibvirtLink, event_names, state_name
-from devagent.errors import PeerError
+from devagent.errors import NotFound, PeerError
 from devagent.wait import WaitTimeout
 
 TEST_URI = "test:///default"  # holds one running domain, "test"
@@ -57,11 +57,14 @@ async def test_no_event_ends_the_wait_with_a_timeout(link: LibvirtLink) -> None:
         await link.wait_event(lambda e: e.event == "stopped", 0.2, "a stop that never comes")
 
 
-async def test_a_failing_call_is_a_peer_error_naming_the_host(link: LibvirtLink) -> None:
-    with pytest.raises(
-        PeerError, match=r"host a: libvirt lookupByName\('nosuch'\): Domain not found"
-    ):
+async def test_an_unknown_domain_is_not_found_naming_the_host(link: LibvirtLink) -> None:
+    with pytest.raises(NotFound, match=r"host a: libvirt lookupByName\('nosuch'\): Domain not"):
         await link.call("lookupByName", "nosuch")
+
+
+async def test_a_failing_call_is_a_peer_error_naming_the_host(link: LibvirtLink) -> None:
+    with pytest.raises(PeerError, match=r"host a: libvirt defineXML\('<domain>'\): .*Premature"):
+        await link.call("defineXML", "<domain>")
 
 
 async def test_an_unreachable_libvirt_is_a_peer_error() -> None:

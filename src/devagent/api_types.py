@@ -29,6 +29,7 @@ Route → answer::
     DELETE /v1/exports/{name}                  Removed ("removed")
     POST   /v1/exports/{name}/digest           devagent.guest.probe.DiskDigest
     GET    /v1/libvirt                         Libvirt
+    POST   /v1/libvirt/{name}/adopt            Adopted
 
 The peer-to-peer migration messages (``/v1/incoming``, ``/v1/baselines``) are
 :mod:`devagent.daemon.migration.messages`: only daemons read them.
@@ -294,3 +295,21 @@ class Libvirt(msgspec.Struct):
     uri: str | None
     connected: bool
     domains: list[LibvirtDomain]
+
+
+class AdoptedDisk(msgspec.Struct):
+    """A disk of a libvirt domain an agent of the host serves since its adoption."""
+
+    node: str  # the disk's target ("vda")
+    original: str  # the file the domain used before (left as it was at the pivot)
+    image: str  # the agent's replica, the disk from now on
+    socket: str  # the agent's unix socket, the domain's disk source
+    export: str
+    tcp_address: str | None  # where peers reach it ("tcp:HOST:PORT")
+
+
+class Adopted(msgspec.Struct):
+    """``POST /v1/libvirt/{name}/adopt``: the domain's disks, each served by an agent."""
+
+    domain: str
+    disks: list[AdoptedDisk]

@@ -26,6 +26,9 @@ class Host:
     token: str = ""  # the API's bearer token (peers that call back this host use it)
     tls: Tls | None = None  # its certificate; None: --insecure, plain HTTP and NBD
     libvirt: LibvirtLink | None = None  # its libvirtd (devagentd --libvirt URI)
+    #: The agents serving the disks of the libvirt domains adopted here, by domain (not
+    #: yet recorded on disk: a restarted daemon does not know them).
+    adopted: dict[str, list[AgentProcess]] = field(default_factory=dict)
     vms: VmManager = field(init=False)
     exports: ExportManager = field(init=False)
 
@@ -44,6 +47,7 @@ class Host:
         exports) that has made its control socket: it catches SIGHUP from then on (before,
         the signal would end it)."""
         agents: list[AgentProcess | NicAgent] = [*self.exports.exports.values()]
+        agents += [agent for served in self.adopted.values() for agent in served]
         for managed in self.vms.vms.values():
             agents += [*managed.agents, *managed.receivers.values(), *managed.nics]
         return [

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from devagent.api_types import LibvirtDomain
-from devagent.errors import EnvironmentProblem, PeerError
+from devagent.errors import EnvironmentProblem, NotFound, PeerError
 from devagent.wait import WaitTimeout
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,7 @@ class LibvirtLink:
         self._conn: Any = None  # libvirt.virConnect (libvirt-python has no type hints)
         self._loop: asyncio.AbstractEventLoop | None = None  # where its events are handled
         self._callbacks: list[int] = []
+        self._opening = asyncio.Lock()
         self._waiters: list[tuple[Callable[[DomainEvent], bool], asyncio.Future[DomainEvent]]] = []
 
     @property
@@ -133,7 +134,8 @@ class LibvirtLink:
         return self._conn is not None
 
     async def open(self) -> None:
-        """Connect and subscribe to every domain's lifecycle events."""
+        """Connect, and subscribe to every domain's lifecycle and block-job events (one
+        opening at a time: calls that find the connection gone wait for the same one)."""
         try:
             import libvirt
         except ImportError as err:
@@ -142,10 +144,18 @@ class LibvirtLink:
             ) from err
         _start_events_thread()
         self._loop = asyncio.get_running_loop()
-        try:
-            conn = await asyncio.to_thread(libvirt.open, self.uri)
-        except libvirt.libvirtError as err:
-            raise PeerError(f"host {self.host_name}: libvirt at {self.uri}: {err}") from err
+        async with self._opening:
+            if self._conn is not None:
+                return
+            try:
+                self._conn = await asyncio.to_thread(self._connect, libvirt)
+            except libvirt.libvirtError as err:
+                raise PeerError(f"host {self.host_name}: libvirt at {self.uri}: {err}") from err
+        log.info("host %s: connected to libvirt at %s", self.host_name, self.uri)
+
+    def _connect(self, libvirt: Any) -> Any:
+        """The connection, its callbacks registered (libvirt's calls: in a thread)."""
+        conn = libvirt.open(self.uri)
         conn.registerCloseCallback(self._closed, None)
         self._callbacks = [
             conn.domainEventRegisterAny(None, kind, handler, None)
@@ -156,8 +166,7 @@ class LibvirtLink:
         ]
         with contextlib.suppress(libvirt.libvirtError):  # a local driver has none
             conn.setKeepAlive(5, 3)
-        self._conn = conn
-        log.info("host %s: connected to libvirt at %s", self.host_name, self.uri)
+        return conn
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -175,15 +184,21 @@ class LibvirtLink:
 
     async def call(self, method: str, *args: Any) -> Any:
         """``virConnect.method(*args)`` in a thread; a connection lost is opened again."""
-        import libvirt
-
         if self._conn is None:
             await self.open()
+        return await self.run(self._conn, method, *args)
+
+    async def run(self, target: Any, method: str, *args: Any) -> Any:
+        """``target.method(*args)`` (a libvirt object: a domain, the connection) in a
+        thread; libvirt's error as a :class:`PeerError` naming the host and the call."""
+        import libvirt
+
         try:
-            return await asyncio.to_thread(getattr(self._conn, method), *args)
+            return await asyncio.to_thread(getattr(target, method), *args)
         except libvirt.libvirtError as err:
             shown = ", ".join(repr(a) for a in args)
-            raise PeerError(f"host {self.host_name}: libvirt {method}({shown}): {err}") from err
+            kind = NotFound if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN else PeerError
+            raise kind(f"host {self.host_name}: libvirt {method}({shown}): {err}") from err
 
     async def domains(self) -> list[LibvirtDomain]:
         """Every domain libvirt knows here, with the last event the daemon saw of it."""

@@ -1,0 +1,194 @@
+"""Taking over a running libvirt domain's disks (``devagent libvirt adopt DOMAIN``), the
+guest running all along.
+
+For each of the domain's raw file disks, an agent of this host starts serving a new
+replica (a sparse file in the host's disks folder, the size of the disk), on a unix socket
+for the domain's QEMU and on TCP for peers. libvirt then copies the disk onto the agent's
+export and pivots to it (``virDomainBlockCopy`` to an NBD network disk, the destination
+reused as it is, a transient job; then ``virDomainBlockJobAbort`` with ``PIVOT`` once the
+copy is ``ready``): QEMU's mirror carries the guest's writes made during the copy, and the
+pivot is atomic for the guest. libvirt's live definition names the network disk from then
+on, and the persistent one is redefined to match, so that libvirt moves the domain without
+copying its disk (it counts an NBD disk as safe).
+
+A disk is copied, not served in place: an agent serving the very file QEMU's mirror writes
+to would race the mirror's copy against the guest's own writes. The original file is left
+as it was at the pivot; devagent never deletes it.
+
+A copy that fails (the job fails or is cancelled, the agent dies, no ``ready`` within
+:data:`COPY_TIMEOUT_S`) is cancelled without pivot: the domain keeps its file disk, and
+the agent and its replica are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from devagent.api_types import AdoptedDisk
+from devagent.daemon.agents import AgentProcess
+from devagent.daemon.libvirt_link import DomainEvent, LibvirtLink
+from devagent.errors import PeerError, StateError, UsageError
+
+log = logging.getLogger(__name__)
+
+COPY_TIMEOUT_S = 600.0
+# libvirt's flags (libvirt-python's constants, not imported here: the module stays loadable
+# without libvirt): the destination exists and is used as it is; the job is not kept in the
+# persistent definition; a pivot ends the copy; the inactive definition.
+BLOCK_COPY_REUSE_EXT = 2
+BLOCK_COPY_TRANSIENT_JOB = 4
+BLOCK_JOB_ABORT_PIVOT = 2
+XML_INACTIVE = 2
+
+
+@dataclass(frozen=True)
+class FileDisk:
+    """A disk of a domain's definition that devagent can take over."""
+
+    target: str  # the guest's device name ("vda"), libvirt's name of the disk
+    path: Path
+
+
+def file_disks(domain_xml: str, name: str) -> list[FileDisk]:
+    """The raw file disks of a domain's XML; other disks are refused by name (a qcow2
+    image, a disk that is already a network disk, a CD-ROM are left alone)."""
+    root = ET.fromstring(domain_xml)
+    found = []
+    for disk in root.iterfind("./devices/disk"):
+        if disk.get("device", "disk") != "disk":
+            continue
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev is None:
+            continue
+        driver = disk.find("driver")
+        kind = driver.get("type", "raw") if driver is not None else "raw"
+        source = disk.find("source")
+        if disk.get("type") != "file" or source is None or source.get("file") is None:
+            log.info("domain %s: disk %s is not a file disk: left alone", name, dev)
+            continue
+        if kind != "raw":
+            raise UsageError(
+                f"domain {name}: disk {dev} is a {kind} image; devagent takes over raw "
+                "disks only (convert it with qemu-img convert -O raw)"
+            )
+        found.append(FileDisk(target=dev, path=Path(str(source.get("file")))))
+    if not found:
+        raise UsageError(f"domain {name} has no raw file disk to take over")
+    return found
+
+
+def network_disk(agent: AgentProcess) -> ET.Element:
+    """The ``<disk>`` that reaches ``agent``'s export on its unix socket."""
+    disk = ET.Element("disk", type="network", device="disk")
+    ET.SubElement(disk, "driver", name="qemu", type="raw")
+    source = ET.SubElement(disk, "source", protocol="nbd", name=agent.export)
+    ET.SubElement(source, "host", transport="unix", socket=str(agent.nbd_socket))
+    return disk
+
+
+def redefined(domain_xml: str, agents: dict[str, AgentProcess]) -> str:
+    """``domain_xml`` with each disk of ``agents`` (by target) served by its agent, the
+    rest of each ``<disk>`` (target, bus, serial, address) kept."""
+    root = ET.fromstring(domain_xml)
+    for disk in root.iterfind("./devices/disk"):
+        target = disk.find("target")
+        agent = agents.get(target.get("dev", "") if target is not None else "")
+        if agent is None:
+            continue
+        served = network_disk(agent)
+        disk.set("type", "network")
+        for child in ("driver", "source"):
+            old = disk.find(child)
+            if old is not None:
+                disk.remove(old)
+        for index, child_element in enumerate(served):
+            disk.insert(index, child_element)
+    return ET.tostring(root, encoding="unicode")
+
+
+async def adopt(
+    link: LibvirtLink, name: str, disks_dir: Path, run_dir: Path, address: str
+) -> list[tuple[AdoptedDisk, AgentProcess]]:
+    """Take over domain ``name``'s raw file disks; see the module's description. Returns
+    each disk with the agent that serves it."""
+    dom = await link.call("lookupByName", name)
+    if not await link.run(dom, "isActive"):
+        raise StateError(f"domain {name} is not running: start it, then adopt it")
+    disks = file_disks(await link.run(dom, "XMLDesc", 0), name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    adopted: dict[str, AgentProcess] = {}
+    rows = []
+    for disk in disks:
+        agent = await _serve_replica(name, disk, disks_dir, run_dir, address)
+        try:
+            await _copy_and_pivot(link, dom, name, disk, agent)
+        except BaseException:
+            await agent.stop()
+            Path(agent.image).unlink(missing_ok=True)
+            raise
+        adopted[disk.target] = agent
+        rows.append((AdoptedDisk(
+            node=disk.target, original=str(disk.path), image=agent.image,
+            socket=str(agent.nbd_socket), export=agent.export, tcp_address=agent.tcp_address,
+        ), agent))  # fmt: skip
+    if await link.run(dom, "isPersistent"):
+        inactive = await link.run(dom, "XMLDesc", XML_INACTIVE)
+        await link.call("defineXML", redefined(inactive, adopted))
+    log.info("domain %s: disks %s served by agents", name, ", ".join(adopted))
+    return rows
+
+
+async def _serve_replica(
+    name: str, disk: FileDisk, disks_dir: Path, run_dir: Path, address: str
+) -> AgentProcess:
+    try:
+        size = disk.path.stat().st_size
+        disks_dir.mkdir(parents=True, exist_ok=True)
+        replica = disks_dir / f"{name}-{disk.target}.img"
+        with replica.open("xb") as out:  # never over a file already there
+            out.truncate(size)
+    except FileExistsError:
+        raise StateError(f"domain {name}: {replica} exists already (adopted before?)") from None
+    except OSError as err:
+        raise PeerError(f"domain {name}: disk {disk.target}: {err}") from err
+    agent = AgentProcess(
+        vm=name, node=disk.target, image=str(replica), run_dir=str(run_dir),
+        listen_address=address,
+    )  # fmt: skip
+    try:
+        await agent.start()
+    except BaseException:
+        replica.unlink(missing_ok=True)
+        raise
+    return agent
+
+
+async def _copy_and_pivot(
+    link: LibvirtLink, dom: Any, name: str, disk: FileDisk, agent: AgentProcess
+) -> None:
+    def ends(event: DomainEvent) -> bool:
+        return event.domain == name and event.event == "block-job" and event.disk == disk.target
+
+    ended = asyncio.ensure_future(link.wait_event(ends, COPY_TIMEOUT_S, f"copy of {disk.target}"))
+    await asyncio.sleep(0)  # the waiter is in place before libvirt can answer
+    try:
+        target_xml = ET.tostring(network_disk(agent), encoding="unicode")
+        flags = BLOCK_COPY_REUSE_EXT | BLOCK_COPY_TRANSIENT_JOB
+        await link.run(dom, "blockCopy", disk.target, target_xml, {}, flags)
+        log.info("domain %s: copying %s onto agent %s", name, disk.path, agent.nbd_socket)
+        event = await ended
+    except BaseException:
+        ended.cancel()
+        with contextlib.suppress(Exception):  # no job, or one already over
+            await link.run(dom, "blockJobAbort", disk.target, 0)
+        raise
+    if event.detail != "ready":
+        raise PeerError(f"domain {name}: the copy of disk {disk.target} ended {event.detail}")
+    await link.run(dom, "blockJobAbort", disk.target, BLOCK_JOB_ABORT_PIVOT)
