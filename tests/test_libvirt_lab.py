@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 
 from conftest import clean_lab, processes_mentioning
+from devagent import pki
 from devagent.api_types import Adopted, Libvirt
 from devagent.client import DaemonClient, Endpoint
 from devagent.errors import NotFound, StateError, UsageError
 from devagent.guest.build import load_guest
 from devagent.lab import libvirt
-from devagent.lab.lab import Lab
+from devagent.lab.lab import OPERATOR, Lab
+from devagent.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY
 from devagent.wait import wait_until
 
 pytestmark = [pytest.mark.lab, pytest.mark.vm]
@@ -98,6 +100,16 @@ def test_a_peer_reaches_a_libvirtd_over_tls_with_its_certificate(lab: Lab, tmp_p
     refused = peer_version(lab, "a", "b", tmp_path)
     assert refused.returncode != 0
     assert "TLS" in refused.stderr, refused.stderr
+    # The lab operator's certificate (the same CA): not a host's, not in its allowed DNs.
+    operator = pki.operator_dir(lab.pki_dir, OPERATOR)
+    as_operator = tmp_path / "operator"
+    as_operator.mkdir()
+    for theirs, ours in (("cacert.pem", CA_CERT), ("clientcert.pem", CLIENT_CERT),
+                         ("clientkey.pem", CLIENT_KEY)):  # fmt: skip
+        (as_operator / theirs).write_bytes((operator / ours).read_bytes())
+    refused = peer_version(lab, "a", "b", as_operator)
+    assert refused.returncode != 0, refused.stdout
+    assert "Running hypervisor" not in refused.stdout
 
 
 async def libvirt_status(lab: Lab, host: str) -> Libvirt:

@@ -82,3 +82,17 @@ def test_names_of_libvirt_numbers() -> None:
     assert event_names(42, 7) == ("42", "7")  # from a newer libvirt: kept as numbers
     assert state_name(1) == "running" and state_name(3) == "paused"
     assert str(DomainEvent("d", "block-job", "ready", 0.0, disk="vda")) == "block-job vda/ready"
+
+
+async def test_a_lost_connection_fails_its_waiters_and_opens_again(link: LibvirtLink) -> None:
+    waiting = asyncio.ensure_future(link.wait_event(lambda e: False, 30, "an event"))
+    await asyncio.sleep(0)
+    lost = link._conn
+    link._lost((object(), 1))  # an older connection's close: nothing to do
+    assert link.connected and not waiting.done()
+    link._lost((lost, 1))  # libvirt's close callback, as the daemon's loop gets it
+    assert not link.connected
+    with pytest.raises(PeerError, match="host a: libvirt went away"):
+        await waiting
+    assert {d.name for d in await link.domains()} >= {"test"}  # opened again
+    assert link.connected

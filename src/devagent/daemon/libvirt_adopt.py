@@ -33,7 +33,7 @@ from typing import Any
 from devagent.api_types import AdoptedDisk
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.libvirt_link import DomainEvent, LibvirtLink
-from devagent.errors import PeerError, StateError, UsageError
+from devagent.errors import DevagentError, PeerError, StateError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def network_disk(agent: AgentProcess) -> ET.Element:
 
 def redefined(domain_xml: str, agents: dict[str, AgentProcess]) -> str:
     """``domain_xml`` with each disk of ``agents`` (by target) served by its agent, the
-    rest of each ``<disk>`` (target, bus, serial, address) kept."""
+    rest of each ``<disk>`` (its driver's options, target, bus, serial, address) kept."""
     root = ET.fromstring(domain_xml)
     for disk in root.iterfind("./devices/disk"):
         target = disk.find("target")
@@ -104,54 +104,64 @@ def redefined(domain_xml: str, agents: dict[str, AgentProcess]) -> str:
             continue
         served = network_disk(agent)
         disk.set("type", "network")
-        for child in ("driver", "source"):
-            old = disk.find(child)
-            if old is not None:
-                disk.remove(old)
-        for index, child_element in enumerate(served):
-            disk.insert(index, child_element)
+        source = disk.find("source")
+        if source is not None:
+            disk.remove(source)
+        disk.insert(0, served.find("source"))  # type: ignore[arg-type]
+        driver = disk.find("driver")
+        if driver is None:
+            disk.insert(0, served.find("driver"))  # type: ignore[arg-type]
+        else:  # its cache, io, discard… kept, as the live definition keeps them
+            driver.set("type", "raw")
     return ET.tostring(root, encoding="unicode")
 
 
 async def adopt(
-    link: LibvirtLink, name: str, disks_dir: Path, run_dir: Path, address: str
-) -> list[tuple[AdoptedDisk, AgentProcess]]:
-    """Take over domain ``name``'s raw file disks; see the module's description. Returns
-    each disk with the agent that serves it."""
+    link: LibvirtLink,
+    name: str,
+    disks_dir: Path,
+    run_dir: Path,
+    address: str,
+    served: list[tuple[AdoptedDisk, AgentProcess]],
+) -> None:
+    """Take over domain ``name``'s raw file disks; see the module's description. Each disk
+    whose pivot is done is added to ``served`` at once, with its agent: a failure on a later
+    disk leaves the earlier ones served (the guest uses them), and says so."""
     dom = await link.call("lookupByName", name)
     if not await link.run(dom, "isActive"):
         raise StateError(f"domain {name} is not running: start it, then adopt it")
     disks = file_disks(await link.run(dom, "XMLDesc", 0), name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    adopted: dict[str, AgentProcess] = {}
-    rows = []
-    for disk in disks:
-        agent = await _serve_replica(name, disk, disks_dir, run_dir, address)
-        try:
-            await _copy_and_pivot(link, dom, name, disk, agent)
-        except BaseException:
-            await agent.stop()
-            Path(agent.image).unlink(missing_ok=True)
-            raise
-        adopted[disk.target] = agent
-        rows.append((AdoptedDisk(
-            node=disk.target, original=str(disk.path), image=agent.image,
-            socket=str(agent.nbd_socket), export=agent.export, tcp_address=agent.tcp_address,
-        ), agent))  # fmt: skip
-    if await link.run(dom, "isPersistent"):
-        inactive = await link.run(dom, "XMLDesc", XML_INACTIVE)
-        await link.call("defineXML", redefined(inactive, adopted))
-    log.info("domain %s: disks %s served by agents", name, ", ".join(adopted))
-    return rows
+    try:
+        for disk in disks:
+            size = (await link.run(dom, "blockInfo", disk.target))[0]  # as libvirt's QEMU sees it
+            agent = await _serve_replica(name, disk, size, disks_dir, run_dir, address)
+            if not await _copy_and_pivot(link, dom, name, disk, agent):
+                await agent.stop()
+                Path(agent.image).unlink(missing_ok=True)
+                raise PeerError(f"domain {name}: disk {disk.target} could not pivot to its agent")
+            served.append((AdoptedDisk(
+                node=disk.target, original=str(disk.path), image=agent.image,
+                socket=str(agent.nbd_socket), export=agent.export, tcp_address=agent.tcp_address,
+            ), agent))  # fmt: skip
+        if await link.run(dom, "isPersistent"):
+            inactive = await link.run(dom, "XMLDesc", XML_INACTIVE)
+            agents = {row.node: agent for row, agent in served}
+            await link.call("defineXML", redefined(inactive, agents))
+    except DevagentError as err:
+        if served:
+            nodes = ", ".join(row.node for row, _agent in served)
+            raise PeerError(f"{err} (disks {nodes} are served by their agents already)") from err
+        raise
+    log.info("domain %s: disks %s served by agents", name, ", ".join(r.node for r, _ in served))
 
 
 async def _serve_replica(
-    name: str, disk: FileDisk, disks_dir: Path, run_dir: Path, address: str
+    name: str, disk: FileDisk, size: int, disks_dir: Path, run_dir: Path, address: str
 ) -> AgentProcess:
+    replica = disks_dir / f"{name}-{disk.target}.img"
     try:
-        size = disk.path.stat().st_size
         disks_dir.mkdir(parents=True, exist_ok=True)
-        replica = disks_dir / f"{name}-{disk.target}.img"
         with replica.open("xb") as out:  # never over a file already there
             out.truncate(size)
     except FileExistsError:
@@ -172,7 +182,12 @@ async def _serve_replica(
 
 async def _copy_and_pivot(
     link: LibvirtLink, dom: Any, name: str, disk: FileDisk, agent: AgentProcess
-) -> None:
+) -> bool:
+    """Copy the disk onto ``agent`` and pivot to it. True once the domain's disk is the
+    agent's; False when it is still the file (the copy failed, cancelled). An error of the
+    pivot call itself is checked against the live definition: the pivot may have happened
+    (the guest then writes to the agent, which must stay)."""
+
     def ends(event: DomainEvent) -> bool:
         return event.domain == name and event.event == "block-job" and event.disk == disk.target
 
@@ -184,11 +199,31 @@ async def _copy_and_pivot(
         await link.run(dom, "blockCopy", disk.target, target_xml, {}, flags)
         log.info("domain %s: copying %s onto agent %s", name, disk.path, agent.nbd_socket)
         event = await ended
+        if event.detail != "ready":
+            log.error("domain %s: the copy of disk %s ended %s", name, disk.target, event.detail)
+            return False
+        await link.run(dom, "blockJobAbort", disk.target, BLOCK_JOB_ABORT_PIVOT)
+        return True
     except BaseException:
         ended.cancel()
+        if await _uses(link, dom, disk.target, agent):
+            raise PeerError(f"domain {name}: disk {disk.target} pivoted to its agent, then: "
+                            "an error (see the daemon's log)") from None  # fmt: skip
         with contextlib.suppress(Exception):  # no job, or one already over
             await link.run(dom, "blockJobAbort", disk.target, 0)
         raise
-    if event.detail != "ready":
-        raise PeerError(f"domain {name}: the copy of disk {disk.target} ended {event.detail}")
-    await link.run(dom, "blockJobAbort", disk.target, BLOCK_JOB_ABORT_PIVOT)
+
+
+async def _uses(link: LibvirtLink, dom: Any, target: str, agent: AgentProcess) -> bool:
+    """Whether the live definition's disk ``target`` is ``agent``'s socket (unknown: yes,
+    the agent is kept: a replica kept by mistake costs space, one deleted the guest's data)."""
+    try:
+        live = ET.fromstring(await link.run(dom, "XMLDesc", 0))
+    except (DevagentError, ET.ParseError):
+        return True
+    for disk in live.iterfind("./devices/disk"):
+        dev = disk.find("target")
+        host = disk.find("source/host")
+        if dev is not None and dev.get("dev") == target:
+            return host is not None and host.get("socket") == str(agent.nbd_socket)
+    return True

@@ -113,7 +113,11 @@ def _run_events() -> None:
     import libvirt
 
     while True:
-        libvirt.virEventRunDefaultImpl()
+        try:
+            libvirt.virEventRunDefaultImpl()
+        except Exception:  # the thread must outlive an error: without it, no event at all
+            log.exception("libvirt's event loop failed an iteration")
+            time.sleep(0.1)
 
 
 class LibvirtLink:
@@ -204,15 +208,22 @@ class LibvirtLink:
         """Every domain libvirt knows here, with the last event the daemon saw of it."""
         found = await self.call("listAllDomains", 0)
 
-        def describe(dom: Any) -> LibvirtDomain:
-            state, _reason = dom.state()
+        def describe(dom: Any) -> LibvirtDomain | None:
+            import libvirt
+
+            try:
+                state, _reason = dom.state()
+                persistent = bool(dom.isPersistent())
+            except libvirt.libvirtError:  # gone meanwhile (destroyed, migrated away)
+                return None
             last = self.last_events.get(dom.name())
             return LibvirtDomain(
                 name=dom.name(), uuid=dom.UUIDString(), state=state_name(state),
-                persistent=bool(dom.isPersistent()), last_event=str(last) if last else None,
+                persistent=persistent, last_event=str(last) if last else None,
             )  # fmt: skip
 
-        return await asyncio.to_thread(lambda: [describe(d) for d in found])
+        described = await asyncio.to_thread(lambda: [describe(d) for d in found])
+        return [d for d in described if d is not None]
 
     async def wait_event(
         self, wanted: Callable[[DomainEvent], bool], timeout: float, what: str
@@ -244,8 +255,8 @@ class LibvirtLink:
             DomainEvent(domain=dom.name(), event="block-job", detail=why, at=time.time(), disk=disk)
         )
 
-    def _closed(self, _conn: Any, reason: int, _opaque: Any) -> None:
-        self._on_loop(self._lost, reason)
+    def _closed(self, conn: Any, reason: int, _opaque: Any) -> None:
+        self._on_loop(self._lost, (conn, reason))
 
     def _hand_over(self, got: DomainEvent) -> None:
         self._on_loop(self._dispatch, got)
@@ -265,9 +276,23 @@ class LibvirtLink:
             if not future.done() and wanted(got):
                 future.set_result(got)
 
-    def _lost(self, reason: int) -> None:
+    def _lost(self, closed: tuple[Any, int]) -> None:
+        conn, reason = closed
+        if conn is not self._conn:  # an older connection's late word
+            return
+        self._conn = None
         log.warning(
             "host %s: the connection to libvirt at %s closed (reason %d); it is opened "
             "again at the next call", self.host_name, self.uri, reason,
         )  # fmt: skip
-        self._conn = None
+        for _wanted, future in self._waiters:  # no event of theirs can come now
+            if not future.done():
+                future.set_exception(PeerError(f"host {self.host_name}: libvirt went away"))
+        asyncio.get_running_loop().run_in_executor(None, _close_quietly, conn)
+
+
+def _close_quietly(conn: Any) -> None:
+    """A lost connection's resources freed (its callbacks hold it)."""
+    with contextlib.suppress(Exception):
+        conn.unregisterCloseCallback()
+        conn.close()

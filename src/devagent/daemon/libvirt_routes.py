@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from devagent.api_types import Adopted, Libvirt
+from devagent.api_types import Adopted, AdoptedDisk, Libvirt
 from devagent.control_api import answer
+from devagent.daemon.agents import AgentProcess
 from devagent.daemon.host import Host
 from devagent.daemon.libvirt_adopt import adopt
 from devagent.daemon.libvirt_link import LibvirtLink
@@ -48,9 +49,13 @@ class LibvirtRoutes:
         run_dir = host.root / "domains" / name  # its agents' sockets and logs
         if name in host.adopted:
             raise StateError(f"domain {name} was adopted already on host {host.name}")
-        rows = await adopt(self._link(), name, host.root / "disks", run_dir, host.address)
-        host.adopted[name] = [agent for _disk, agent in rows]
-        return answer(Adopted(domain=name, disks=[disk for disk, _agent in rows]), status=201)
+        served: list[tuple[AdoptedDisk, AgentProcess]] = []
+        try:
+            await adopt(self._link(), name, host.root / "disks", run_dir, host.address, served)
+        finally:  # the disks that pivoted are the agents', whatever came after
+            if served:
+                host.adopted[name] = [agent for _disk, agent in served]
+        return answer(Adopted(domain=name, disks=[disk for disk, _agent in served]), status=201)
 
     async def on_cleanup(self, _app: web.Application) -> None:
         if self.host.libvirt is not None:

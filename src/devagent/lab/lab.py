@@ -356,6 +356,7 @@ class Lab:
                 certs = pki.host_dir(self.pki_dir, host.name) if host.tls else None
                 libvirt.configure(host, self._hosts, certs)
                 started.append((libvirt.start(host), host))
+        self._procs.update({f"libvirtd-{host.name}": proc for proc, host in started})
         deadline = time.monotonic() + libvirt.START_TIMEOUT_S
         for proc, host in started:
             libvirt.wait_answering(proc, host, max(0.0, deadline - time.monotonic()))

@@ -50,8 +50,8 @@ LIBVIRT_PKI_NAMES = {
     "servercert.pem": SERVER_CERT,
     "serverkey.pem": SERVER_KEY,
 }
-#: How a libvirt server's ``tls_allowed_dn_list`` and QEMU's authz see a lab host's
-#: certificate (as :mod:`devagent.pki` writes it).
+#: How a libvirt server's ``tls_allowed_dn_list`` sees a lab host's certificate (as
+#: :mod:`devagent.pki` writes it): an operator's, or another host's, is refused.
 HOST_DN = "O={org},OU=host,CN={name}"
 
 
