@@ -38,13 +38,13 @@ from devagent.tls import (
     CLIENT_CERT,
     CLIENT_KEY,
     DH_PARAMS,
+    ORGANIZATION,
     SERVER_CERT,
     SERVER_KEY,
     Role,
     as_name,
 )
 
-ORGANIZATION = "devagent"
 HOST_UNIT = Role.HOST.value
 OPERATOR_UNIT = Role.OPERATOR.value
 CA_DAYS = 3650

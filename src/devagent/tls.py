@@ -42,6 +42,16 @@ class Role(enum.StrEnum):
     OPERATOR = "operator"
 
 
+#: Every certificate's organisation (:mod:`devagent.pki` writes it).
+ORGANIZATION = "devagent"
+
+
+def host_dn(host: str) -> str:
+    """Host ``host``'s certificate's subject as GnuTLS writes it: what QEMU's
+    ``authz-simple`` and libvirtd's ``tls_allowed_dn_list`` compare."""
+    return f"O={ORGANIZATION},OU={Role.HOST.value},CN={host}"
+
+
 @dataclass(frozen=True)
 class Peer:
     """Who a certificate says the other end is."""

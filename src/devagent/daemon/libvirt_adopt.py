@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,17 +56,21 @@ class FileDisk:
     path: Path
 
 
+def _disks(root: ET.Element) -> Iterator[tuple[str, ET.Element]]:
+    """Each ``<disk>`` of a domain's XML that has a target, with that target ("vda")."""
+    for disk in root.iterfind("./devices/disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev is not None:
+            yield dev, disk
+
+
 def file_disks(domain_xml: str, name: str) -> list[FileDisk]:
     """The raw file disks of a domain's XML; other disks are refused by name (a qcow2
     image, a disk that is already a network disk, a CD-ROM are left alone)."""
-    root = ET.fromstring(domain_xml)
     found = []
-    for disk in root.iterfind("./devices/disk"):
+    for dev, disk in _disks(ET.fromstring(domain_xml)):
         if disk.get("device", "disk") != "disk":
-            continue
-        target = disk.find("target")
-        dev = target.get("dev") if target is not None else None
-        if dev is None:
             continue
         driver = disk.find("driver")
         kind = driver.get("type", "raw") if driver is not None else "raw"
@@ -97,9 +102,8 @@ def redefined(domain_xml: str, agents: dict[str, AgentProcess]) -> str:
     """``domain_xml`` with each disk of ``agents`` (by target) served by its agent, the
     rest of each ``<disk>`` (its driver's options, target, bus, serial, address) kept."""
     root = ET.fromstring(domain_xml)
-    for disk in root.iterfind("./devices/disk"):
-        target = disk.find("target")
-        agent = agents.get(target.get("dev", "") if target is not None else "")
+    for dev, disk in _disks(root):
+        agent = agents.get(dev)
         if agent is None:
             continue
         served = network_disk(agent)
@@ -221,9 +225,8 @@ async def _uses(link: LibvirtLink, dom: Any, target: str, agent: AgentProcess) -
         live = ET.fromstring(await link.run(dom, "XMLDesc", 0))
     except (DevagentError, ET.ParseError):
         return True
-    for disk in live.iterfind("./devices/disk"):
-        dev = disk.find("target")
-        host = disk.find("source/host")
-        if dev is not None and dev.get("dev") == target:
+    for dev, disk in _disks(live):
+        if dev == target:
+            host = disk.find("source/host")
             return host is not None and host.get("socket") == str(agent.nbd_socket)
     return True

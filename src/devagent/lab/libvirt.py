@@ -23,12 +23,11 @@ import subprocess
 import uuid
 from pathlib import Path
 
-from devagent import pki
 from devagent.errors import EnvironmentProblem, PeerError
 from devagent.lab import net
 from devagent.lab.daemons import tail
 from devagent.lab.layout import LabHost
-from devagent.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY
+from devagent.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY, host_dn
 from devagent.wait import wait_until_blocking
 
 LIBVIRTD = "libvirtd"
@@ -50,9 +49,6 @@ LIBVIRT_PKI_NAMES = {
     "servercert.pem": SERVER_CERT,
     "serverkey.pem": SERVER_KEY,
 }
-#: How a libvirt server's ``tls_allowed_dn_list`` sees a lab host's certificate (as
-#: :mod:`devagent.pki` writes it): an operator's, or another host's, is refused.
-HOST_DN = "O={org},OU=host,CN={name}"
 
 
 def root(host: LabHost) -> Path:
@@ -108,9 +104,9 @@ def configure(host: LabHost, lab_hosts: list[LabHost], host_certs: Path | None) 
         pki_path(host).mkdir(exist_ok=True)
         for name, ours in LIBVIRT_PKI_NAMES.items():
             shutil.copy2(host_certs / ours, pki_path(host) / name)
-        admitted = ", ".join(
-            f'"{HOST_DN.format(org=pki.ORGANIZATION, name=h.name)}"' for h in lab_hosts
-        )
+        # tls_allowed_dn_list: the lab's hosts; an operator's certificate, or a stranger's,
+        # is refused
+        admitted = ", ".join(f'"{host_dn(h.name)}"' for h in lab_hosts)
         listen += [
             "listen_tls = 1", "listen_tcp = 0", 'auth_tls = "none"',
             f'key_file = "{host_certs / SERVER_KEY}"', f'cert_file = "{host_certs / SERVER_CERT}"',

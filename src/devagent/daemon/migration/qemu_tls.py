@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from devagent.errors import PeerError
-from devagent.tls import DH_PARAMS, Role, Tls
+from devagent.tls import DH_PARAMS, Tls, host_dn
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,6 @@ class Qmp(Protocol):
 CLIENT_CREDS = "devagent-tls-client"
 SERVER_CREDS = "devagent-tls-server"
 AUTHZ = "devagent-tls-peer"
-ORGANIZATION = "devagent"  # as devagent.pki writes it (not imported: it loads cryptography)
-
-
-def host_dn(host: str) -> str:
-    """Host ``host``'s certificate's subject as QEMU's x509 authz sees it."""
-    return f"O={ORGANIZATION},OU={Role.HOST.value},CN={host}"
 
 
 async def add_creds(
