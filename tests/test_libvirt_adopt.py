@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from devagent.daemon.agents import AgentProcess
-from devagent.daemon.libvirt_adopt import FileDisk, file_disks, redefined
+from devagent.daemon.libvirt_adopt import FileDisk, NbdSource, file_disks, redefined
 from devagent.errors import UsageError
 
 DOMAIN = """<domain type='qemu'><name>d1</name><devices>
@@ -46,7 +46,7 @@ def test_the_definition_points_the_disks_at_their_agents(tmp_path: Path) -> None
         node: AgentProcess(vm="d1", node=node, image=f"/r/{node}.img", run_dir=str(tmp_path))
         for node in ("vda", "vdc")
     }
-    root = ET.fromstring(redefined(DOMAIN, agents))
+    root = ET.fromstring(redefined(DOMAIN, {n: NbdSource.of(a) for n, a in agents.items()}))
     disks = {d.find("target").get("dev"): d for d in root.iterfind("./devices/disk")}  # type: ignore[union-attr]
     for node in ("vda", "vdc"):
         disk = disks[node]

@@ -308,6 +308,22 @@ class AdoptedDisk(msgspec.Struct):
     tcp_address: str | None  # where peers reach it ("tcp:HOST:PORT")
 
 
+class DomainDisk(msgspec.Struct):
+    """A disk of a libvirt domain served here, as its agent reports it."""
+
+    node: str
+    image: str  # the agent's replica
+    socket: str  # the domain's disk source
+    status: StatusAnswer
+
+
+class DomainDisks(msgspec.Struct):
+    """``GET /v1/libvirt/{name}/disks``: the disks this host's agents serve the domain."""
+
+    domain: str
+    disks: list[DomainDisk]
+
+
 class Adopted(msgspec.Struct):
     """``POST /v1/libvirt/{name}/adopt``: the domain's disks, each served by an agent."""
 

@@ -51,6 +51,14 @@ async def body_as(request: web.Request, into: type[T]) -> T:
     return decode(raw or b"{}", into)
 
 
+def since_of(request: web.Request) -> float:
+    """A route's ``since`` parameter: host time in seconds (none: 0)."""
+    try:
+        return float(request.query.get("since", "0"))
+    except ValueError:
+        raise UsageError("'since' must be a number (host time in seconds)") from None
+
+
 def answer(message: object, status: int = 200) -> web.Response:
     """``message`` (a Struct, a dataclass) as the JSON answer: encoded once, here."""
     return web.Response(

@@ -49,6 +49,11 @@ The table below is every route :func:`build_app` registers, no more, no less
     POST   /v1/baselines/incoming/{name}/stream-done  (peer) wait for its block-stream
     GET    /v1/libvirt                        the host's libvirtd and its domains
     POST   /v1/libvirt/{name}/adopt           serve a running domain's disks by agents
+    GET    /v1/libvirt/{name}/disks           the domain's disks as their agents say
+    GET    /v1/libvirt/{name}/completions?since=T  guest I/O completions on those agents
+    POST   /v1/libvirt/incoming               (peer) agents for a domain coming here
+    POST   /v1/libvirt/incoming/{name}/commit (peer) it arrived paused: ready, resume it
+    DELETE /v1/libvirt/incoming/{name}        (peer) roll back: remove its agents
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ from devagent.api_types import (
     VerifyAnswer,
     VmList,
 )
-from devagent.control_api import STATUS, answer, json_error
+from devagent.control_api import STATUS, answer, json_error, since_of
 from devagent.daemon.auth import TLS_KEY, auth_middleware, require_source
 from devagent.daemon.exports import ExportManager, parse_export_request
 from devagent.daemon.host import Host
@@ -143,13 +148,6 @@ async def raw_body(request: web.Request) -> bytes:
 
 def host_of(request: web.Request) -> Host:
     return request.app[HOST_KEY]
-
-
-def since_of(request: web.Request) -> float:
-    try:
-        return float(request.query.get("since", "0"))
-    except ValueError:
-        raise UsageError("'since' must be a number (host time in seconds)") from None
 
 
 async def health(request: web.Request) -> web.Response:

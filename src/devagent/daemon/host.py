@@ -8,9 +8,11 @@ from pathlib import Path
 from devagent.client import Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.exports import ExportManager
+from devagent.daemon.libvirt_incoming import IncomingDomain
 from devagent.daemon.libvirt_link import LibvirtLink
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.vms import VmManager
+from devagent.errors import StateError
 from devagent.guestnet import GuestNetwork
 from devagent.tls import Tls
 
@@ -26,15 +28,24 @@ class Host:
     token: str = ""  # the API's bearer token (peers that call back this host use it)
     tls: Tls | None = None  # its certificate; None: --insecure, plain HTTP and NBD
     libvirt: LibvirtLink | None = None  # its libvirtd (devagentd --libvirt URI)
+    #: How this host's libvirtd reaches a peer's for a migration ("{address}": the peer's).
+    libvirt_peer_uri: str = "qemu+tls://{address}/system"
     #: The agents serving the disks of the libvirt domains adopted here, by domain (not
     #: yet recorded on disk: a restarted daemon does not know them).
     adopted: dict[str, list[AgentProcess]] = field(default_factory=dict)
+    #: The libvirt domains on their way here, by name (their agents made, not committed).
+    incoming_domains: dict[str, IncomingDomain] = field(default_factory=dict)
     vms: VmManager = field(init=False)
     exports: ExportManager = field(init=False)
 
     def __post_init__(self) -> None:
         self.vms = VmManager(self.name, self.root, self.shared_dir, self.address, self.network)
         self.exports = ExportManager(self.name, self.root, self.address)
+
+    def require_libvirt(self) -> LibvirtLink:
+        if self.libvirt is None:
+            raise StateError(f"host {self.name} runs without libvirt (devagentd --libvirt)")
+        return self.libvirt
 
     def endpoint(self) -> Endpoint:
         """How peers reach this host's daemon."""
@@ -48,6 +59,8 @@ class Host:
         the signal would end it)."""
         agents: list[AgentProcess | NicAgent] = [*self.exports.exports.values()]
         agents += [agent for served in self.adopted.values() for agent in served]
+        for incoming in self.incoming_domains.values():
+            agents += [*incoming.agents.values(), *incoming.receivers.values()]
         for managed in self.vms.vms.values():
             agents += [*managed.agents, *managed.receivers.values(), *managed.nics]
         return [

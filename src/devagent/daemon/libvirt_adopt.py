@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from devagent.agent.messages import BackendSpec
 from devagent.api_types import AdoptedDisk
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.libvirt_link import DomainEvent, LibvirtLink
@@ -89,28 +90,40 @@ def file_disks(domain_xml: str, name: str) -> list[FileDisk]:
     return found
 
 
-def network_disk(agent: AgentProcess) -> ET.Element:
-    """The ``<disk>`` that reaches ``agent``'s export on its unix socket."""
+@dataclass(frozen=True)
+class NbdSource:
+    """An agent's export on its unix socket: what a domain's network disk names."""
+
+    export: str
+    socket: str
+
+    @classmethod
+    def of(cls, agent: AgentProcess) -> NbdSource:
+        return cls(export=agent.export, socket=str(agent.nbd_socket))
+
+
+def network_disk(source: NbdSource) -> ET.Element:
+    """The ``<disk>`` that reaches ``source``."""
     disk = ET.Element("disk", type="network", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="raw")
-    source = ET.SubElement(disk, "source", protocol="nbd", name=agent.export)
-    ET.SubElement(source, "host", transport="unix", socket=str(agent.nbd_socket))
+    nbd = ET.SubElement(disk, "source", protocol="nbd", name=source.export)
+    ET.SubElement(nbd, "host", transport="unix", socket=source.socket)
     return disk
 
 
-def redefined(domain_xml: str, agents: dict[str, AgentProcess]) -> str:
-    """``domain_xml`` with each disk of ``agents`` (by target) served by its agent, the
+def redefined(domain_xml: str, sources: dict[str, NbdSource]) -> str:
+    """``domain_xml`` with each disk of ``sources`` (by target) served by its agent, the
     rest of each ``<disk>`` (its driver's options, target, bus, serial, address) kept."""
     root = ET.fromstring(domain_xml)
     for dev, disk in _disks(root):
-        agent = agents.get(dev)
-        if agent is None:
+        source = sources.get(dev)
+        if source is None:
             continue
-        served = network_disk(agent)
+        served = network_disk(source)
         disk.set("type", "network")
-        source = disk.find("source")
-        if source is not None:
-            disk.remove(source)
+        old = disk.find("source")
+        if old is not None:
+            disk.remove(old)
         disk.insert(0, served.find("source"))  # type: ignore[arg-type]
         driver = disk.find("driver")
         if driver is None:
@@ -139,7 +152,7 @@ async def adopt(
     try:
         for disk in disks:
             size = (await link.run(dom, "blockInfo", disk.target))[0]  # as libvirt's QEMU sees it
-            agent = await _serve_replica(name, disk, size, disks_dir, run_dir, address)
+            agent = await serve_replica(name, disk.target, size, disks_dir, run_dir, address)
             if not await _copy_and_pivot(link, dom, name, disk, agent):
                 await agent.stop()
                 Path(agent.image).unlink(missing_ok=True)
@@ -150,8 +163,8 @@ async def adopt(
             ), agent))  # fmt: skip
         if await link.run(dom, "isPersistent"):
             inactive = await link.run(dom, "XMLDesc", XML_INACTIVE)
-            agents = {row.node: agent for row, agent in served}
-            await link.call("defineXML", redefined(inactive, agents))
+            sources = {row.node: NbdSource.of(agent) for row, agent in served}
+            await link.call("defineXML", redefined(inactive, sources))
     except DevagentError as err:
         if served:
             nodes = ", ".join(row.node for row, _agent in served)
@@ -160,21 +173,34 @@ async def adopt(
     log.info("domain %s: disks %s served by agents", name, ", ".join(r.node for r, _ in served))
 
 
-async def _serve_replica(
-    name: str, disk: FileDisk, size: int, disks_dir: Path, run_dir: Path, address: str
+def replica_path(disks_dir: Path, name: str, node: str) -> Path:
+    """Where domain ``name``'s disk ``node`` is kept on a host."""
+    return disks_dir / f"{name}-{node}.img"
+
+
+async def serve_replica(
+    name: str,
+    node: str,
+    size: int,
+    disks_dir: Path,
+    run_dir: Path,
+    address: str,
+    backend: BackendSpec | None = None,
 ) -> AgentProcess:
-    replica = disks_dir / f"{name}-{disk.target}.img"
+    """A new sparse replica of ``size`` bytes for domain ``name``'s disk ``node``, served by
+    an agent (as ``backend`` says; none: the replica as it is), on TCP at ``address`` too."""
+    replica = replica_path(disks_dir, name, node)
     try:
         disks_dir.mkdir(parents=True, exist_ok=True)
         with replica.open("xb") as out:  # never over a file already there
             out.truncate(size)
     except FileExistsError:
-        raise StateError(f"domain {name}: {replica} exists already (adopted before?)") from None
+        raise StateError(f"domain {name}: {replica} exists already") from None
     except OSError as err:
-        raise PeerError(f"domain {name}: disk {disk.target}: {err}") from err
+        raise PeerError(f"domain {name}: disk {node}: {err}") from err
     agent = AgentProcess(
-        vm=name, node=disk.target, image=str(replica), run_dir=str(run_dir),
-        listen_address=address,
+        vm=name, node=node, image=str(replica), run_dir=str(run_dir), listen_address=address,
+        backend=backend,
     )  # fmt: skip
     try:
         await agent.start()
@@ -198,7 +224,7 @@ async def _copy_and_pivot(
     ended = asyncio.ensure_future(link.wait_event(ends, COPY_TIMEOUT_S, f"copy of {disk.target}"))
     await asyncio.sleep(0)  # the waiter is in place before libvirt can answer
     try:
-        target_xml = ET.tostring(network_disk(agent), encoding="unicode")
+        target_xml = ET.tostring(network_disk(NbdSource.of(agent)), encoding="unicode")
         flags = BLOCK_COPY_REUSE_EXT | BLOCK_COPY_TRANSIENT_JOB
         await link.run(dom, "blockCopy", disk.target, target_xml, {}, flags)
         log.info("domain %s: copying %s onto agent %s", name, disk.path, agent.nbd_socket)

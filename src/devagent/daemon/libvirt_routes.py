@@ -5,19 +5,41 @@
     GET    /v1/libvirt                        the host's libvirtd: URI, connected, domains
     POST   /v1/libvirt/{name}/adopt           serve the running domain's file disks by
                                               agents of this host (copy, then pivot)
+    GET    /v1/libvirt/{name}/disks           the domain's disks as their agents here say
+    GET    /v1/libvirt/{name}/completions?since=T  guest I/O completions on those agents
+    POST   /v1/libvirt/incoming               (peer) agents for a domain libvirt brings
+                                              here (DomainIncoming)
+    POST   /v1/libvirt/incoming/{name}/commit (peer) it arrived, paused: ready the disks,
+                                              resume it (CommitRequest)
+    DELETE /v1/libvirt/incoming/{name}        (peer) roll back: remove its agents
+
+A domain's migration starts as a VM's does (``POST /v1/vms/{name}/migrate``,
+:class:`~devagent.daemon.migration.routes.MigrationRoutes`), which hands an adopted
+domain to :class:`~devagent.daemon.libvirt_migration.DomainMigration`.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from devagent.api_types import Adopted, AdoptedDisk, Libvirt
-from devagent.control_api import answer
+from devagent.api_types import (
+    Adopted,
+    AdoptedDisk,
+    Completions,
+    DomainDisk,
+    DomainDisks,
+    Libvirt,
+    Removed,
+)
+from devagent.control_api import answer, body_as, since_of
+from devagent.daemon import libvirt_incoming
 from devagent.daemon.agents import AgentProcess
+from devagent.daemon.auth import require_source
 from devagent.daemon.host import Host
 from devagent.daemon.libvirt_adopt import adopt
 from devagent.daemon.libvirt_link import LibvirtLink
-from devagent.errors import PeerError, StateError
+from devagent.daemon.migration.messages import CommitRequest, DomainIncoming
+from devagent.errors import NotFound, PeerError, StateError
 
 
 class LibvirtRoutes:
@@ -27,11 +49,14 @@ class LibvirtRoutes:
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_get("/v1/libvirt", self.status)
         router.add_post("/v1/libvirt/{name}/adopt", self.adopt)
+        router.add_get("/v1/libvirt/{name}/disks", self.disks)
+        router.add_get("/v1/libvirt/{name}/completions", self.completions)
+        router.add_post("/v1/libvirt/incoming", self.prepare_incoming)
+        router.add_post("/v1/libvirt/incoming/{name}/commit", self.commit_incoming)
+        router.add_delete("/v1/libvirt/incoming/{name}", self.abort_incoming)
 
     def _link(self) -> LibvirtLink:
-        if self.host.libvirt is None:
-            raise StateError(f"host {self.host.name} runs without libvirt (devagentd --libvirt)")
-        return self.host.libvirt
+        return self.host.require_libvirt()
 
     async def status(self, _request: web.Request) -> web.Response:
         link = self.host.libvirt
@@ -56,6 +81,56 @@ class LibvirtRoutes:
             if served:
                 host.adopted[name] = [agent for _disk, agent in served]
         return answer(Adopted(domain=name, disks=[disk for disk, _agent in served]), status=201)
+
+    def _served(self, name: str) -> list[AgentProcess]:
+        agents = self.host.adopted.get(name)
+        if agents is None:
+            raise NotFound(f"devagent serves no disk of domain {name} on host {self.host.name}")
+        return agents
+
+    async def disks(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        rows = [
+            DomainDisk(
+                node=a.node, image=a.image, socket=str(a.nbd_socket), status=await a.status()
+            )
+            for a in self._served(name)
+        ]
+        return answer(DomainDisks(domain=name, disks=rows))
+
+    async def completions(self, request: web.Request) -> web.Response:
+        since, times = since_of(request), {}
+        for agent in self._served(request.match_info["name"]):
+            found = await agent.completions(since)
+            if not found.complete:  # its journal no longer reaches back
+                return answer(Completions(completions=None))
+            times[agent.node] = sorted(found.completions)
+        return answer(Completions(completions=sorted(t for ts in times.values() for t in ts),
+                                  devices=times))  # fmt: skip
+
+    async def prepare_incoming(self, request: web.Request) -> web.Response:
+        incoming = await body_as(request, DomainIncoming)
+        require_source(request, incoming.source, f"domain {incoming.domain} coming here")
+        return answer(await libvirt_incoming.prepare(self.host, incoming), status=201)
+
+    async def commit_incoming(self, request: web.Request) -> web.Response:
+        commit = await body_as(request, CommitRequest)
+        name = self._from_its_source(request, "committing")
+        return answer(await libvirt_incoming.commit(self.host, name, commit))
+
+    async def abort_incoming(self, request: web.Request) -> web.Response:
+        name = self._from_its_source(request, "rolling back")
+        await libvirt_incoming.remove(self.host, name)
+        return answer(Removed(name=name, state="removed"))
+
+    def _from_its_source(self, request: web.Request, what: str) -> str:
+        """The incoming domain the peer route names; on TLS, the caller must be the host it
+        comes from (one not here is left to the route: it answers that)."""
+        name = request.match_info["name"]
+        made = self.host.incoming_domains.get(name)
+        if made is not None:
+            require_source(request, made.source, f"{what} domain {name}")
+        return name
 
     async def on_cleanup(self, _app: web.Application) -> None:
         if self.host.libvirt is not None:

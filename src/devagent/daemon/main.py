@@ -68,6 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "events, and serves and moves the disks of the domains it adopts",
     )
     parser.add_argument(
+        "--libvirt-peer-uri",
+        metavar="TEMPLATE",
+        help="how this host's libvirtd reaches a peer's for a migration, {address} the "
+        "peer's (default: qemu+tls://{address}/system; qemu+tcp:// with --insecure)",
+    )
+    parser.add_argument(
         "--guest-bridge", help="bridge of this host that VM NICs' taps join (NICs need it)"
     )
     parser.add_argument(
@@ -103,6 +109,8 @@ async def serve(args: argparse.Namespace) -> None:
         network=network,
         tls=tls,
         libvirt=LibvirtLink(args.libvirt, args.host_name) if args.libvirt else None,
+        libvirt_peer_uri=args.libvirt_peer_uri
+        or f"qemu+{'tcp' if args.insecure else 'tls'}://{{address}}/system",
     )
     if host.libvirt is not None:
         try:

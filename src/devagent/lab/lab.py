@@ -364,7 +364,8 @@ class Lab:
     def _libvirt_args(self, host: LabHost) -> builtins.list[str]:
         if not host.libvirt:
             return []
-        return ["--libvirt", libvirt.local_uri(host)]
+        return ["--libvirt", libvirt.local_uri(host),
+                "--libvirt-peer-uri", libvirt.peer_uri_template(host)]  # fmt: skip
 
     def _tls_args(self, host: LabHost) -> builtins.list[str]:
         """The host's certificate, and the lab's hosts as the peers its agents admit."""

@@ -68,9 +68,14 @@ def local_uri(host: LabHost) -> str:
 def peer_uri(host: LabHost, caller: LabHost) -> str:
     """How ``caller``'s libvirtd reaches ``host``'s (a peer-to-peer migration's connection):
     over TLS with ``caller``'s certificate, or plain TCP in an insecure lab."""
-    if host.tls:
-        return f"qemu+tls://{host.address}/system?pkipath={pki_path(caller)}"
-    return f"qemu+tcp://{host.address}/system"
+    return peer_uri_template(caller).format(address=host.address)
+
+
+def peer_uri_template(caller: LabHost) -> str:
+    """:func:`peer_uri` for any peer's ``{address}`` (the daemon's ``--libvirt-peer-uri``)."""
+    if caller.tls:
+        return f"qemu+tls://{{address}}/system?pkipath={pki_path(caller)}"
+    return "qemu+tcp://{address}/system"
 
 
 def pki_path(host: LabHost) -> Path:

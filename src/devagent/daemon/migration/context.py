@@ -271,7 +271,43 @@ class PlanSteps(Protocol):
     def disk_bytes_moved(self, job: JobView) -> int | None: ...
 
 
-class JobView(Protocol):
+class DiskOwner(Protocol):
+    """Whose disks a job moves: a VM of this daemon, or a libvirt domain it adopted."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def agents(self) -> Sequence[DiskAgentLink]: ...
+
+
+class DiskJob(Protocol):
+    """A migration job as devagent's disk steps see it (:mod:`.plans`' agent plans): the
+    same for a VM of this daemon (:class:`.job.MigrationJob`) and a libvirt domain
+    (:class:`devagent.daemon.libvirt_migration.DomainMigration`)."""
+
+    @property
+    def request(self) -> MigrateRequest: ...
+
+    @property
+    def managed(self) -> DiskOwner: ...
+
+    @property
+    def report(self) -> MigrationReport: ...
+
+    @property
+    def progress(self) -> MigrationProgress: ...
+
+    #: By node: each source disk as the destination reaches it, and its size.
+    source_disks: dict[str, RemoteDisk]
+    disk_sizes: dict[str, int]
+
+    def mark(self, step: str, at: float | None = None) -> None: ...
+
+    def disk_progress(self, per_disk: Mapping[str, tuple[int, int]]) -> None: ...
+
+
+class JobView(DiskJob, Protocol):
     """A migration job as its plan, RAM follower and report see it
     (:class:`.job.MigrationJob`): what it moves, where to, and its bookkeeping."""
 

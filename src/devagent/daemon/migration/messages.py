@@ -119,6 +119,31 @@ class CommitAnswer(msgspec.Struct):
     vm: VmStatus | None = None
 
 
+class DomainIncoming(Message):
+    """``POST /v1/libvirt/incoming``: agents for the disks of libvirt domain ``domain``,
+    which libvirt is about to migrate here (no QEMU: libvirt starts it). Each disk a new
+    replica of ``size`` bytes reading through to the source's agent (``backend``) until the
+    commit, with a receiver beside it for a push (``receive``)."""
+
+    domain: str
+    disks: list[IncomingDisk]
+    source: str = ""  # the source host's name (as IncomingRequest's)
+
+
+class DomainIncomingAnswer(msgspec.Struct):
+    #: By node: the unix socket the domain's disk names on this host (its XML rewritten).
+    sockets: dict[str, str]
+    #: Where each disk's push goes (its receiver), by node.
+    disk_targets: dict[str, RemoteDisk] = msgspec.field(default_factory=dict)
+
+
+class DomainCommitAnswer(msgspec.Struct):
+    resumed_at: float  # wall clock of libvirt's resume on the destination
+    #: QEMU's downtime as libvirt's job information gives it (None: it gave none).
+    downtime_ms: float | None = None
+    steps: dict[str, float] = msgspec.field(default_factory=dict)  # DestinationStep -> time
+
+
 class NbdAddress(msgspec.Struct):
     """A QEMU NBD server's export (the baselines)."""
 

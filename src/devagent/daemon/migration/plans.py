@@ -49,7 +49,7 @@ from devagent.agent.messages import (
     MirrorStatus,
 )
 from devagent.api_types import Devices, DiskRow
-from devagent.daemon.migration.context import DiskAgentLink, JobView
+from devagent.daemon.migration.context import DiskAgentLink, DiskJob, JobView
 from devagent.daemon.migration.messages import (
     CommitAnswer,
     CommitRequest,
@@ -88,7 +88,7 @@ READ_ONLY = os.strerror(errno.EROFS)
 T = TypeVar("T")
 
 
-async def each_disk(job: JobView, step: Callable[[DiskAgentLink], Awaitable[T]]) -> dict[str, T]:
+async def each_disk(job: DiskJob, step: Callable[[DiskAgentLink], Awaitable[T]]) -> dict[str, T]:
     """``step`` on every disk's agent at once; its answers by node. All of them run to their
     end (none is left half-done behind another's failure); then the first failure is
     raised."""
@@ -237,11 +237,14 @@ class AgentPlan(Plan):
             raise PeerError(f"the agent of {agent.node} serves no peer on TCP")
         return (await agent.status()).size
 
-    async def before_ram(self, job: JobView, prepared: Prepared) -> None:
+    async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
         for agent in job.managed.agents:  # leave the switchover's own flush little to do
             await agent.flush(timeout=DISK_WAIT_S)
 
-    def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
+    async def at_switchover(self, job: DiskJob) -> Handover | None:
+        return None
+
+    def commit_request(self, job: DiskJob, handover: Handover | None) -> CommitRequest:
         return CommitRequest()
 
     async def commit(self, job: JobView, handover: Handover | None) -> CommitAnswer:
@@ -249,7 +252,7 @@ class AgentPlan(Plan):
         raw = await job.peer.post(f"/v1/incoming/{job.managed.name}/commit", body)
         return from_peer(raw, CommitAnswer, what="the destination's commit")
 
-    async def fence(self, job: JobView) -> None:
+    async def fence(self, job: DiskJob) -> None:
         if self.moves_disk:
             await each_disk(job, lambda agent: agent.fence())
             job.mark(Step.SOURCE_FENCED)
@@ -291,7 +294,7 @@ class FetchingPlan(AgentPlan):
 
     serves_after_switchover = True
 
-    def commit_request(self, job: JobView, handover: Handover | None) -> CommitRequest:
+    def commit_request(self, job: DiskJob, handover: Handover | None) -> CommitRequest:
         chunk = handover.chunk_size if handover is not None else FETCH_CHUNK
         present = handover.present if handover is not None else {}
         rate = job.request.link_rate_bps
@@ -459,7 +462,7 @@ class PrecopyPlan(FetchingPlan):
 
     strategy = Strategy.PRECOPY
 
-    async def before_ram(self, job: JobView, prepared: Prepared) -> None:
+    async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
         def mirror(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
             return agent.mirror(MirrorRequest(
                 target=target_of(prepared, agent.node).spec(),
@@ -477,7 +480,7 @@ class PrecopyPlan(FetchingPlan):
         job.mark(Step.DISK_CONVERGED)
         await super().before_ram(job, prepared)
 
-    async def _converged(self, job: JobView) -> bool:
+    async def _converged(self, job: DiskJob) -> bool:
         """Every disk's mirror converged (a failed one fails them all)."""
         mirrors = await each_disk(job, _mirror_status)
         job.disk_progress({node: (m.copied_bytes, m.dirty_bytes) for node, m in mirrors.items()})
@@ -486,7 +489,7 @@ class PrecopyPlan(FetchingPlan):
                 raise PeerError(f"the disk mirror of {node} failed: {mirror.error}")
         return all(m.state in ("converged", "finished") for m in mirrors.values())
 
-    async def at_switchover(self, job: JobView) -> Handover:
+    async def at_switchover(self, job: DiskJob) -> Handover:
         cut = await each_disk(job, lambda a: a.cutover(keep_source=True, timeout=DISK_WAIT_S))
         job.mark(Step.MIRROR_ENDED)
         pushed_bytes(job, {node: c.mirror.copied_bytes for node, c in cut.items()})
@@ -498,7 +501,7 @@ class PrecopyPlan(FetchingPlan):
 class HybridPlan(FetchingPlan):
     strategy = Strategy.HYBRID
 
-    def push_rate(self, job: JobView) -> float:
+    def push_rate(self, job: DiskJob) -> float:
         """Bytes per second the push may take while RAM migrates."""
         return (job.request.link_rate_bps or 0) / 8 * HYBRID_PUSH_SHARE
 
@@ -507,7 +510,7 @@ class HybridPlan(FetchingPlan):
             return super().ram_bandwidth(job)
         return max(1, int(job.request.link_rate_bps / 8 - self.push_rate(job)))
 
-    async def before_ram(self, job: JobView, prepared: Prepared) -> None:
+    async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
         limited = bool(job.request.link_rate_bps) and HYBRID_PUSH_SHARE < 1
         total = sum(job.disk_sizes.values()) or 1
 
@@ -524,7 +527,7 @@ class HybridPlan(FetchingPlan):
         job.mark(Step.MIRROR_STARTED)
         await super().before_ram(job, prepared)
 
-    async def at_switchover(self, job: JobView) -> Handover:
+    async def at_switchover(self, job: DiskJob) -> Handover:
         stopped = await each_disk(job, lambda agent: agent.stop_mirror())
         job.mark(Step.MIRROR_ENDED)
         pushed_bytes(job, {node: s.mirror.copied_bytes for node, s in stopped.items()})
@@ -537,7 +540,7 @@ class HybridPlan(FetchingPlan):
         )
 
 
-def pushed_bytes(job: JobView, pushed: dict[str, int]) -> None:
+def pushed_bytes(job: DiskJob, pushed: dict[str, int]) -> None:
     """What each disk's push or mirror copied, on its row and in all."""
     for node, copied in pushed.items():
         job.report.device(node, "disk").bytes_pushed = copied

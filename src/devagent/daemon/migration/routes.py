@@ -3,7 +3,9 @@
 When the daemon starts (its VMs adopted), the migrations a previous daemon left unsettled as
 their source are taken up again under their own ids (:mod:`.recovery`).
 
-    POST   /v1/vms/{name}/migrate             start a migration (MigrateRequest) → 202
+    POST   /v1/vms/{name}/migrate             start a migration (MigrateRequest) → 202;
+                                              a libvirt domain adopted here:
+                                              :mod:`devagent.daemon.libvirt_migration`
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
     POST   /v1/incoming                       (peer) prepare an incoming VM (IncomingRequest)
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it (CommitRequest)
@@ -22,6 +24,7 @@ from aiohttp import web
 from devagent.api_types import Migrations, Removed
 from devagent.control_api import answer, body_as
 from devagent.daemon.auth import require_source
+from devagent.daemon.libvirt_migration import DomainMigration
 from devagent.daemon.migration import destination, new_job, qemu_incoming
 from devagent.daemon.migration.context import HostContext
 from devagent.daemon.migration.job import MigrationJob
@@ -48,7 +51,7 @@ class MigrationRoutes:
 
     def __init__(self, host: Host) -> None:
         self.host = host
-        self.jobs: dict[str, MigrationJob] = {}
+        self.jobs: dict[str, MigrationJob | DomainMigration] = {}
         self.commits = destination.Commits(host)  # the destination's, one per incoming VM
 
     def add_to(self, router: web.UrlDispatcher) -> None:
@@ -79,18 +82,23 @@ class MigrationRoutes:
         await self.recover()
 
     async def migrate(self, request: web.Request) -> web.Response:
-        managed = self.host.vms.get(request.match_info["name"])
+        name = request.match_info["name"]
         migration = await body_as(request, MigrateRequest)
-        busy = [j for j in self.jobs.values() if j.managed is managed and j.finished_at is None]
+        busy = [j for j in self.jobs.values() if j.managed.name == name and j.finished_at is None]
         if busy:
-            raise StateError(f"VM {managed.name} is already migrating (job {busy[0].id})")
-        managed.vm.require(VmState.RUNNING)
+            raise StateError(f"{name} is already migrating (job {busy[0].id})")
         if self.host.tls is not None and migration.to.host is None:
             raise UsageError(
                 f"the destination {migration.to.name or migration.to.url!r} must be named by "
                 "its host name (its certificate's): the migration's TLS checks it"
             )
-        job = new_job(HostContext.of(self.host), managed, migration)
+        job: MigrationJob | DomainMigration
+        if name not in self.host.vms.vms and name in self.host.adopted:  # a libvirt domain
+            job = DomainMigration(self.host, name, migration)
+        else:
+            managed = self.host.vms.get(name)
+            managed.vm.require(VmState.RUNNING)
+            job = new_job(HostContext.of(self.host), managed, migration)
         self.jobs[job.id] = job
         job.start()
         return answer(job.status(), status=202)

@@ -1,0 +1,483 @@
+"""A libvirt domain's migration from this host: devagent moves its disks, libvirt its RAM.
+
+The domain's disks are served by this host's agents (adopted here, or migrated here). Its
+disks move by devagent's own strategies, the very plans of :mod:`.migration.plans`; its
+RAM and definition move by libvirt. The steps::
+
+    prepare     the destination's daemon starts an agent per disk, reading through to ours,
+                and a receiver beside each for a push (``POST /v1/libvirt/incoming``)
+    before_ram  the plan: a push at a share of the link (hybrid), a mirror until it
+                converges (precopy), a flush
+    ram         libvirt migrates the domain, live and peer to peer
+                (``virDomainMigrateToURI3``), its live and persistent definitions rewritten
+                to name the destination's sockets, the source's undefined; it leaves the
+                guest paused there (``VIR_MIGRATE_PAUSED``): the switchover's gate, since
+                libvirt runs no hook at the switchover
+    switchover  the plan: the push stopped and its bitmap handed over, or the mirror cut
+                over; our agents fenced
+    commit      the destination swaps each agent to a Fetch of ours, seeded with what the
+                push landed, and resumes the guest
+    finish      once each replica there is whole and served alone, ours are released; the
+                report
+
+The rule on failure is the QEMU job's (:mod:`.migration.job`): until libvirt's migration
+completed the source holds the whole guest, and everything rolls back (libvirt's job
+aborted if it still runs, a push or mirror cancelled, a fence lifted, the destination's
+agents and replicas removed; libvirt runs the guest here again itself). Once it completed,
+libvirt has stopped the guest here for good: the job goes forward, each step tried again
+until its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit
+
+from devagent.agent.fetch import presence_path
+from devagent.agent.messages import FetchStatus, LocalStatus
+from devagent.api_types import Completions, DomainDisks, MigrationProgress, MigrationStatus
+from devagent.client import DaemonClient
+from devagent.daemon.agents import AgentProcess
+from devagent.daemon.libvirt_adopt import XML_INACTIVE, NbdSource, redefined
+from devagent.daemon.libvirt_link import DomainEvent
+from devagent.daemon.migration.context import PEER_TIMEOUT_S, Peer
+from devagent.daemon.migration.job import FORWARD_RETRY_PAUSE_S, FORWARD_RETRY_S, PEER_CHECK_S
+from devagent.daemon.migration.messages import (
+    DomainCommitAnswer,
+    DomainIncoming,
+    DomainIncomingAnswer,
+    IncomingDisk,
+    MigrateRequest,
+    RemoteDisk,
+)
+from devagent.daemon.migration.plans import (
+    DISK_STALL_S,
+    POLL_S,
+    FetchingPlan,
+    Handover,
+    HybridPlan,
+    PostcopyPlan,
+    PrecopyPlan,
+    Prepared,
+)
+from devagent.daemon.migration.report import BASELINE_S
+from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.report import MigrationReport, fill_io_measures, largest_gap
+from devagent.vocab import Step, Strategy
+from devagent.wait import WaitTimeout, wait_until
+from devagent.wire import from_peer, to_json
+
+if TYPE_CHECKING:
+    from devagent.daemon.host import Host
+    from devagent.daemon.libvirt_link import LibvirtLink
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+PLANS: dict[Strategy, type[FetchingPlan]] = {
+    Strategy.POSTCOPY: PostcopyPlan,
+    Strategy.PRECOPY: PrecopyPlan,
+    Strategy.HYBRID: HybridPlan,
+}
+# libvirt's ``virDomainMigrateFlags`` (libvirt-python's constants, not imported: the
+# module stays loadable without libvirt): live; peer to peer (this host's libvirtd
+# drives it); the guest left paused on the destination; defined there, undefined here;
+# the RAM stream over TLS (QEMU's, with libvirt's migrate_tls_x509_cert_dir).
+MIGRATE_LIVE = 1
+MIGRATE_PEER2PEER = 2
+MIGRATE_PAUSED = 4
+MIGRATE_PERSIST_DEST = 8
+MIGRATE_UNDEFINE_SOURCE = 16
+MIGRATE_TLS = 1 << 16
+XML_MIGRATABLE = 8
+STATE_RUNNING, STATE_PAUSED = 1, 3
+RAM_TIMEOUT_S = 3600.0
+
+
+@dataclass
+class Domain:
+    """The domain whose disks a job moves, as the plans see it (``DiskOwner``)."""
+
+    name: str
+    agents: list[AgentProcess]
+
+
+class DomainMigration:
+    """One libvirt domain's migration from this host (see the module's docstring)."""
+
+    def __init__(self, host: Host, name: str, request: MigrateRequest) -> None:
+        plan = PLANS.get(request.storage)
+        if plan is None:
+            raise UsageError(
+                f"domain {name}: a libvirt domain migrates by {', '.join(PLANS)} "
+                f"(its disks are served by agents, not shared), not {request.storage}"
+            )
+        self.plan = plan()
+        self.id = secrets.token_hex(4)
+        self.host = host
+        self.request = request
+        self.managed = Domain(name=name, agents=list(host.adopted[name]))
+        self.phase = "preparing"
+        self.started_at = time.time()
+        self.finished_at: float | None = None
+        self.progress = MigrationProgress()
+        dest = request.destination
+        self.report = MigrationReport(
+            vm=name, source=host.name, destination=dest.name or dest.url,
+            storage=request.storage.value, link_rate_bps=request.link_rate_bps,
+        )  # fmt: skip
+        for agent in self.managed.agents:
+            self.report.device(agent.node, "disk")
+        self.source_disks: dict[str, RemoteDisk] = {}
+        self.disk_sizes: dict[str, int] = {}
+        #: By node: the unix socket each disk's agent on the destination serves.
+        self.sockets: dict[str, str] = {}
+        self.log = logging.getLogger(f"{__name__}.{name}")
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def name(self) -> str:
+        return self.managed.name
+
+    # -- bookkeeping (the plans' DiskJob) ----------------------------------------------------
+
+    def mark(self, step: str, at: float | None = None) -> None:
+        when = time.time() if at is None else at
+        self.report.timeline[str(step)] = round(when - self.started_at, 3)
+
+    def disk_progress(self, per_disk: Mapping[str, tuple[int, int]]) -> None:
+        self.progress.disks = dict(per_disk)
+        self.progress.disk_done = sum(done for done, _ in per_disk.values())
+        self.progress.disk_left = sum(left for _, left in per_disk.values())
+
+    def status(self) -> MigrationStatus:
+        return MigrationStatus(
+            id=self.id, vm=self.name, phase=self.phase, started_at=self.started_at,
+            finished_at=self.finished_at, progress=self.progress, report=self.report,
+        )  # fmt: skip
+
+    def _move(self, phase: str) -> None:
+        self.log.info("migration %s of domain %s to %s: %s",
+                      self.id, self.name, self.report.destination, phase)  # fmt: skip
+        self.phase = phase
+
+    # -- the run -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.run(), name=f"migration-{self.id}")
+
+    async def run(self) -> None:
+        try:
+            await self._migrate()
+        except asyncio.CancelledError:
+            self._fail("cancelled")
+            raise
+        except DevagentError as err:
+            self._fail(str(err))
+        except Exception as err:  # a bug: keep the daemon up and say what happened
+            self.log.exception("migration %s crashed", self.id)
+            self._fail(f"internal error: {err!r}")
+
+    def _fail(self, message: str) -> None:
+        self.log.error("migration %s of domain %s failed: %s", self.id, self.name, message)
+        self.report.status, self.report.error = "failed", message
+        self.phase = "failed"
+        self.finished_at = time.time()
+
+    async def _migrate(self) -> None:
+        link = self.host.require_libvirt()
+        dom = await link.call("lookupByName", self.name)
+        if (await link.run(dom, "state"))[0] != STATE_RUNNING:
+            raise StateError(f"domain {self.name} is not running here")
+        async with DaemonClient(self.request.to, timeout=PEER_TIMEOUT_S) as peer:
+            prepared = await self._prepare(peer)
+            try:
+                await self.plan.before_ram(self, prepared)
+                await self._ram(link, dom, peer, prepared)
+            except BaseException as err:
+                await self._roll_back(link, peer, err)
+                raise
+            handover = await self._switch_over()
+            committed = await self._commit(peer, handover)
+            await self._finish(peer, committed)
+        self.report.status = "completed"
+        self._move("completed")
+        self.finished_at = time.time()
+
+    async def _prepare(self, peer: Peer) -> Prepared:
+        for agent in self.managed.agents:
+            if agent.tcp_address is None:
+                raise PeerError(f"domain {self.name}: the agent of {agent.node} serves no peer")
+            self.disk_sizes[agent.node] = (await agent.status()).size
+            self.source_disks[agent.node] = RemoteDisk(
+                address=agent.tcp_address, export=agent.export, host=self.host.name
+            )
+        receive = self.request.storage in (Strategy.PRECOPY, Strategy.HYBRID)
+        incoming = DomainIncoming(
+            domain=self.name,
+            source=self.host.name,
+            disks=[
+                IncomingDisk(node=node, size=size, backend=self.source_disks[node], receive=receive)
+                for node, size in self.disk_sizes.items()
+            ],
+        )
+        raw = await peer.post("/v1/libvirt/incoming", to_json(incoming))
+        answer = from_peer(raw, DomainIncomingAnswer, what="the destination's answer")
+        self.sockets = answer.sockets
+        self.mark(Step.DESTINATION_READY)
+        return Prepared(uri="", push_targets=answer.disk_targets)
+
+    async def _ram(self, link: LibvirtLink, dom: Any, peer: Peer, prepared: Prepared) -> None:
+        """libvirt migrates the domain and leaves it paused on the destination; our side is
+        watched meanwhile (the destination's daemon, a mirror), and libvirt's job aborted
+        when it fails."""
+        self._move("ram")
+        self.mark(Step.RAM_STARTED)
+        address = urlsplit(self.request.to.url).hostname or ""
+        sources = {node: NbdSource(export=node, socket=socket)
+                   for node, socket in self.sockets.items()}  # fmt: skip
+        live = await link.run(dom, "XMLDesc", XML_MIGRATABLE)
+        params: dict[str, Any] = {
+            "destination_xml": redefined(live, sources),
+            "migrate_uri": f"tcp://{address}",
+        }
+        flags = MIGRATE_LIVE | MIGRATE_PEER2PEER | MIGRATE_PAUSED | MIGRATE_PERSIST_DEST
+        if await link.run(dom, "isPersistent"):
+            inactive = await link.run(dom, "XMLDesc", XML_INACTIVE | XML_MIGRATABLE)
+            params["persistent_xml"] = redefined(inactive, sources)
+            flags |= MIGRATE_UNDEFINE_SOURCE
+        if self.host.tls is not None:
+            flags |= MIGRATE_TLS
+        rate = self._ram_rate()
+        if rate is not None:
+            params["bandwidth"] = max(1, rate >> 20)  # MiB/s
+        uri = self.host.libvirt_peer_uri.format(address=address)
+
+        def stops(event: DomainEvent) -> bool:
+            return event.domain == self.name and (event.event, event.detail) == (
+                "suspended", "migrated",
+            )  # fmt: skip
+
+        stopped = asyncio.ensure_future(link.wait_event(stops, RAM_TIMEOUT_S, "the switchover"))
+        migrating = asyncio.ensure_future(link.run(dom, "migrateToURI3", uri, params, flags))
+        try:
+            await self._watch(migrating, peer)
+        except BaseException:
+            if not migrating.done():
+                self.log.warning("migration %s: aborting libvirt's job", self.id)
+                with contextlib.suppress(DevagentError):
+                    await link.run(dom, "abortJob")
+                with contextlib.suppress(BaseException):
+                    await migrating
+            if not migrating.done() or migrating.exception() is not None:
+                raise
+            self.log.error("migration %s: libvirt's migration completed all the same: "
+                           "going forward", self.id)  # fmt: skip
+        finally:
+            if stopped.done() and not stopped.cancelled() and stopped.exception() is None:
+                self.mark(Step.SOURCE_STOPPED, stopped.result().at)
+            stopped.cancel()
+        self.mark(Step.RAM_COMPLETED)
+
+    def _ram_rate(self) -> int | None:
+        """Bytes per second libvirt's RAM migration may take: what the push leaves."""
+        if not self.request.link_rate_bps:
+            return None
+        rate = self.request.link_rate_bps / 8
+        if isinstance(self.plan, HybridPlan):
+            rate -= self.plan.push_rate(self)
+        return int(rate)
+
+    async def _watch(self, migrating: asyncio.Future[Any], peer: Peer) -> None:
+        """Until libvirt's call returns: the destination's daemon answers, a mirror goes on."""
+        while not migrating.done():
+            await asyncio.wait({migrating}, timeout=PEER_CHECK_S)
+            if migrating.done():
+                break
+            try:
+                await asyncio.wait_for(peer.get("/v1/health"), PEER_CHECK_S * 2)
+            except (PeerError, TimeoutError) as err:
+                raise PeerError(f"destination host {self.report.destination} vanished during "
+                                f"the migration: {err}") from err  # fmt: skip
+        migrating.result()  # libvirt's failure, raised
+
+    async def _roll_back(self, link: LibvirtLink, peer: Peer, cause: BaseException) -> None:
+        """Before the switchover: the disks as they were here, nothing left there. libvirt
+        runs the guest here again itself once its migration failed or was aborted."""
+        self.log.warning("rolling back migration %s: %s", self.id, cause)
+        for agent in self.managed.agents:
+            for undo in (agent.cancel_mirror, agent.unfence):
+                with contextlib.suppress(DevagentError):  # nothing to undo
+                    await undo()
+        try:
+            dom = await link.call("lookupByName", self.name)
+            state = (await link.run(dom, "state"))[0]
+            if state == STATE_PAUSED:
+                await link.run(dom, "resume")
+        except DevagentError as err:
+            self.log.error("migration %s: domain %s here: %s", self.id, self.name, err)
+        try:
+            await peer.delete(f"/v1/libvirt/incoming/{self.name}")
+        except NotFound:
+            pass
+        except DevagentError as err:
+            self.log.error("migration %s: removing the incoming domain on %s failed: %s",
+                           self.id, self.report.destination, err)  # fmt: skip
+
+    async def _switch_over(self) -> Handover:
+        """libvirt stopped the guest here for good: the disks' work here ends (a plan whose
+        step fails hands nothing over: the destination then fetches every chunk), and our
+        agents are fenced."""
+        self._move("switchover")
+        try:
+            handover = await self.plan.at_switchover(self) or Handover()
+        except DevagentError as err:
+            self.log.warning("migration %s: the push could not hand over (%s): the "
+                             "destination fetches every chunk", self.id, err)  # fmt: skip
+            for agent in self.managed.agents:
+                with contextlib.suppress(DevagentError):
+                    await agent.cancel_mirror()
+            handover = Handover()
+        try:
+            await self.plan.fence(self)
+        except DevagentError as err:  # libvirt killed the QEMU here: nothing writes
+            self.log.warning("migration %s: fencing failed: %s", self.id, err)
+        return handover
+
+    async def _commit(self, peer: Peer, handover: Handover) -> DomainCommitAnswer:
+        body = to_json(self.plan.commit_request(self, handover))
+        path = f"/v1/libvirt/incoming/{self.name}/commit"
+        raw = await self._forward(lambda: peer.post(path, body), what="the destination's commit")
+        committed = from_peer(raw, DomainCommitAnswer, what="the destination's commit")
+        for step, at in committed.steps.items():
+            self.mark(f"destination_{step}", at)
+        self.mark(Step.RESUMED, committed.resumed_at)
+        self.mark(Step.COMMITTED)
+        self._move("finishing")
+        return committed
+
+    async def _forward(self, step: Callable[[], Awaitable[T]], *, what: str) -> T:
+        """Past the switchover: ``step()`` until it works, :data:`FORWARD_RETRY_S` at most."""
+        deadline = time.monotonic() + FORWARD_RETRY_S
+        while True:
+            try:
+                return await step()
+            except PeerError as err:
+                if time.monotonic() > deadline:
+                    raise PeerError(f"{what} failed for {FORWARD_RETRY_S:.0f} s: {err}") from err
+                self.log.warning("%s failed, trying again: %s", what, err)
+            await asyncio.sleep(FORWARD_RETRY_PAUSE_S)
+
+    async def _finish(self, peer: Peer, committed: DomainCommitAnswer) -> None:
+        """The guest runs there: wait until each replica serves alone, release ours, report."""
+        self.host.adopted.pop(self.name, None)  # its disks are the destination's now
+        await self._until_local(peer)
+        since = self.started_at - BASELINE_S
+        here = await self._completions(since)
+        for agent in self.managed.agents:
+            with contextlib.suppress(DevagentError):
+                await agent.stop()
+            for path in (Path(agent.image), presence_path(Path(agent.image))):
+                path.unlink(missing_ok=True)
+        self.mark(Step.RELEASED)
+        there = await self._forward(
+            lambda: peer.get(f"/v1/libvirt/{self.name}/completions", since=since),
+            what="the destination's completions",
+        )
+        theirs = from_peer(there, Completions, what="the destination's completions").devices
+        self._fill_report(committed, here, theirs)
+
+    async def _until_local(self, peer: Peer) -> None:
+        """Every replica on the destination whole and served alone there (its agent goes
+        Local by itself): as long as they grow, :data:`DISK_STALL_S` without progress."""
+        state = {"present": -1, "since": time.monotonic()}
+
+        async def local() -> bool:
+            try:
+                raw = await peer.get(f"/v1/libvirt/{self.name}/disks")
+            except PeerError as err:  # its daemon restarts, say: ask again
+                self.log.warning("waiting for the disks on %s: %s", self.report.destination, err)
+                return False
+            disks = from_peer(raw, DomainDisks, what="the destination's disks").disks
+            per_disk, present, fetched, done = {}, 0, 0, True
+            for disk in disks:
+                backend = disk.status.backend_status
+                if isinstance(backend, FetchStatus):
+                    done = False
+                    per_disk[disk.node] = (backend.present_bytes,
+                                           backend.size - backend.present_bytes)  # fmt: skip
+                    present += backend.present_bytes
+                    row = self.report.device(disk.node, "disk")
+                    row.bytes_fetched = (backend.fetched_on_demand_bytes
+                                         + backend.fetched_in_background_bytes)  # fmt: skip
+                    fetched += row.bytes_fetched
+                elif not isinstance(backend, LocalStatus):
+                    done = False
+            self.disk_progress(per_disk)
+            self.progress.disk_bytes_moved = max(fetched, self.progress.disk_bytes_moved or 0)
+            if present > int(state["present"]):
+                state["present"], state["since"] = present, time.monotonic()
+            elif time.monotonic() - state["since"] > DISK_STALL_S:
+                raise WaitTimeout(f"domain {self.name}'s replicas on {self.report.destination}",
+                                  DISK_STALL_S, f"no progress past {present} bytes")  # fmt: skip
+            return done
+
+        await wait_until(local, timeout=RAM_TIMEOUT_S, interval=POLL_S,
+                         what=f"domain {self.name}'s disks local there")  # fmt: skip
+        self.mark(Step.DISK_LOCAL)
+
+    async def _completions(self, since: float) -> dict[str, list[float]] | None:
+        times = {}
+        try:
+            for agent in self.managed.agents:
+                found = await agent.completions(since)
+                if not found.complete:  # its journal no longer reaches back
+                    return None
+                times[agent.node] = found.completions
+        except DevagentError as err:
+            self.log.warning("migration %s: the source's completions: %s", self.id, err)
+            return None
+        return times
+
+    def _fill_report(
+        self,
+        committed: DomainCommitAnswer,
+        here: dict[str, list[float]] | None,
+        there: dict[str, list[float]] | None,
+    ) -> None:
+        report, t0 = self.report, self.started_at
+        released_at = t0 + report.timeline[Step.RELEASED]
+        report.time_to_switchover_s = round(committed.resumed_at - t0, 3)
+        report.total_time_s = round(released_at - t0, 3)
+        report.downtime_ms = committed.downtime_ms
+        stopped = report.timeline.get(Step.SOURCE_STOPPED)
+        if stopped is not None:
+            report.vm_pause_ms = round((committed.resumed_at - t0 - stopped) * 1000, 1)
+        else:
+            report.missing["vm_pause_ms"] = "libvirt sent no Suspended/Migrated event here"
+        report.disk_bytes_moved = (self.progress.disk_bytes_moved or 0) + (
+            self.progress.disk_bytes_pushed or 0
+        )
+        by_disk = None
+        if here is not None and there is not None:
+            by_disk = {node: sorted([*times, *there.get(node, [])]) for node, times in here.items()}
+        completions = sorted(t for times in (by_disk or {}).values() for t in times) or None
+        end = max(released_at, committed.resumed_at)
+        fill_io_measures(report, [], start=t0, end=end, baseline_start=t0 - BASELINE_S,
+                         completions=completions)  # fmt: skip
+        for node, times in (by_disk or {}).items():
+            gap = largest_gap(times, t0, end)
+            if gap is not None:
+                report.device(node, "disk").max_io_gap_ms = round(gap * 1000, 1)
+        report.missing.setdefault(
+            "integrity", "devagent reads no probe in a libvirt domain's guest yet"
+        )
