@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -116,6 +117,20 @@ def clean_lab(
         lab.down()
     assert processes_mentioning(str(state_dir)) == []
     assert not [ns for ns in namespaces() if ns.startswith(f"da-{name}")]
+
+
+@contextlib.contextmanager
+def private_lab(name: str, **options: Any) -> Iterator[Lab]:
+    """:func:`clean_lab` in a short private state root of its own (a module's lab)."""
+    root = Path(tempfile.mkdtemp(prefix=name, dir="/tmp"))
+    SESSION_DIRS.append(root)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("DEVAGENT_STATE", str(root))
+        try:
+            with clean_lab(name, root, **options) as made:
+                yield made
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 async def kill_daemon_during_ram(lab: Lab, source: Endpoint, host: str) -> None:

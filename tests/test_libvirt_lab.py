@@ -6,16 +6,14 @@ of it behind."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
-import tempfile
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import clean_lab, processes_mentioning
+from conftest import private_lab, processes_mentioning
 from devagent import pki
 from devagent.api_types import Adopted, Libvirt
 from devagent.client import DaemonClient, Endpoint
@@ -34,14 +32,8 @@ LAB = "tlv"
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
     """One lab for the module, in a short private state root of its own."""
-    root = Path(tempfile.mkdtemp(prefix="lv", dir="/tmp"))
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("DEVAGENT_STATE", str(root))
-        try:
-            with clean_lab(LAB, root, with_libvirt=True) as made:
-                yield made
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
+    with private_lab(LAB, with_libvirt=True) as made:
+        yield made
     assert not [p for p in processes_mentioning("libvirtd") if "--listen" in p]
 
 

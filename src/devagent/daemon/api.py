@@ -52,6 +52,7 @@ The table below is every route :func:`build_app` registers, no more, no less
     GET    /v1/libvirt/{name}/disks           the domain's disks as their agents say
     GET    /v1/libvirt/{name}/completions?since=T  guest I/O completions on those agents
     POST   /v1/libvirt/incoming               (peer) agents for a domain coming here
+    POST   /v1/libvirt/incoming/{name}/arrived  (peer) answers once libvirt moved it here
     POST   /v1/libvirt/incoming/{name}/commit (peer) it arrived paused: ready, resume it
     DELETE /v1/libvirt/incoming/{name}        (peer) roll back: remove its agents
 """

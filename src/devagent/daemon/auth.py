@@ -35,6 +35,10 @@ PEER_ROUTES = frozenset(
         ("POST", "/v1/baselines/incoming/{name}/stream-done"),
         ("POST", "/v1/vms/{name}/devices/{node}/keep-remote"),
         ("POST", "/v1/vms/{name}/devices/{node}/settle"),
+        ("POST", "/v1/libvirt/incoming"),
+        ("POST", "/v1/libvirt/incoming/{name}/arrived"),
+        ("POST", "/v1/libvirt/incoming/{name}/commit"),
+        ("DELETE", "/v1/libvirt/incoming/{name}"),
     }
 )
 HOST_ROUTES = PEER_ROUTES | {

@@ -8,7 +8,7 @@ from pathlib import Path
 from devagent.client import Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.exports import ExportManager
-from devagent.daemon.libvirt_incoming import IncomingDomain
+from devagent.daemon.libvirt_domains import IncomingDomain
 from devagent.daemon.libvirt_link import LibvirtLink
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.vms import VmManager

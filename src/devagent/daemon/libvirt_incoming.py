@@ -4,6 +4,9 @@ libvirt moves the domain here, readied once its RAM arrived, or removed on a rol
 ``prepare``   ``POST /v1/libvirt/incoming``: for each disk a new replica served by an agent
               that reads through to the source's agent (the domain's QEMU, started here by
               libvirt, connects to it before any RAM comes), and a receiver for a push
+``arrived``   ``POST /v1/libvirt/incoming/NAME/arrived``: answers once libvirt's migration
+              finished here, the guest paused (libvirt's ``Finish``; the source's QEMU has
+              stopped and flushed its disks by then)
 ``commit``    ``POST /v1/libvirt/incoming/NAME/commit``: libvirt moved the domain here and
               left it paused (``VIR_MIGRATE_PAUSED``): each agent swaps to a Fetch of the
               source's disk seeded with what the push landed, then libvirt resumes the
@@ -21,7 +24,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -29,6 +31,7 @@ from devagent.agent.fetch import presence_path
 from devagent.agent.messages import FetchSpec, LocalSpec
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.libvirt_adopt import serve_replica
+from devagent.daemon.libvirt_domains import IncomingDomain
 from devagent.daemon.migration.messages import (
     CommitRequest,
     DomainCommitAnswer,
@@ -48,21 +51,12 @@ log = logging.getLogger(__name__)
 #: libvirt's ``VIR_DOMAIN_JOB_STATS_COMPLETED``: the job that just ended (the incoming
 #: migration, its figures brought over from the source).
 JOB_STATS_COMPLETED = 1
-#: libvirt's ``virDomainState`` of a paused domain.
-STATE_PAUSED = 3
-
-
-@dataclass
-class IncomingDomain:
-    """A domain on its way here: its disks' agents, and the push receivers beside them."""
-
-    name: str
-    source: str
-    agents: dict[str, AgentProcess]
-    receivers: dict[str, AgentProcess] = field(default_factory=dict)
-    answer: DomainCommitAnswer | None = None  # the commit's, once it began and ended
-    committing: asyncio.Lock = field(default_factory=asyncio.Lock)
-    began: bool = False  # the commit began: the guest runs here (or is about to)
+#: libvirt's ``virDomainState`` of a paused domain, and the reason libvirt gives once its
+#: migration here finished with ``VIR_MIGRATE_PAUSED`` (an incoming one is paused for
+#: ``migration`` until then).
+STATE_PAUSED, PAUSED_USER = 3, 1
+ARRIVAL_TIMEOUT_S = 3600.0
+ARRIVAL_POLL_S = 0.005
 
 
 def run_dir(host: Host, name: str) -> Path:
@@ -114,6 +108,26 @@ async def prepare(host: Host, incoming: DomainIncoming) -> DomainIncomingAnswer:
     )
 
 
+async def arrived(host: Host, name: str) -> float:
+    """Wait until libvirt's migration of domain ``name`` finished here, the guest paused
+    (the source's QEMU stopped for good and its disks flushed); returns when."""
+    made = host.incoming_domains.get(name)
+    if made is None:
+        raise NotFound(f"no incoming domain {name} on host {host.name}")
+    link = host.require_libvirt()
+    deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
+    dom = None
+    while time.monotonic() < deadline:
+        try:
+            dom = dom or await link.call("lookupByName", name)
+            if tuple(await link.run(dom, "state")) == (STATE_PAUSED, PAUSED_USER):
+                return time.time()
+        except NotFound:  # libvirt has not made it here yet
+            dom = None
+        await asyncio.sleep(ARRIVAL_POLL_S)
+    raise PeerError(f"domain {name} did not arrive on host {host.name}")
+
+
 async def commit(host: Host, name: str, request: CommitRequest) -> DomainCommitAnswer:
     """libvirt moved the domain here, paused: ready the disks, run the guest. Once: a
     repeat (the source's answer lost) gets the first one's answer."""
@@ -135,11 +149,10 @@ async def _commit(host: Host, made: IncomingDomain, request: CommitRequest) -> D
     link = host.require_libvirt()
     steps: dict[str, float] = {DestinationStep.COMMIT: time.time()}
     dom = await link.call("lookupByName", made.name)
-    state, _reason = await link.run(dom, "state")
-    if state != STATE_PAUSED:
-        raise StateError(f"domain {made.name} is not here paused (state {state}): libvirt's "
-                         "migration did not arrive")  # fmt: skip
-    steps[DestinationStep.ARRIVED] = time.time()
+    state = tuple(await link.run(dom, "state"))
+    if state != (STATE_PAUSED, PAUSED_USER):
+        raise StateError(f"domain {made.name} is not here paused (state, reason {state}): "
+                         "libvirt's migration did not arrive")  # fmt: skip
     if made.receivers:
         await all_of(*(_retire(made, node) for node in list(made.receivers)))
         steps[DestinationStep.RECEIVER_RETIRED] = time.time()

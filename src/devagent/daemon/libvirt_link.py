@@ -200,7 +200,7 @@ class LibvirtLink:
         try:
             return await asyncio.to_thread(getattr(target, method), *args)
         except libvirt.libvirtError as err:
-            shown = ", ".join(repr(a) for a in args)
+            shown = ", ".join(_short(repr(a)) for a in args)
             kind = NotFound if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN else PeerError
             raise kind(f"host {self.host_name}: libvirt {method}({shown}): {err}") from err
 
@@ -289,6 +289,11 @@ class LibvirtLink:
             if not future.done():
                 future.set_exception(PeerError(f"host {self.host_name}: libvirt went away"))
         asyncio.get_running_loop().run_in_executor(None, _close_quietly, conn)
+
+
+def _short(text: str, most: int = 60) -> str:
+    """An argument as an error shows it (a domain's XML is not repeated in full)."""
+    return text if len(text) <= most else f"{text[: most - 1]}…"
 
 
 def _close_quietly(conn: Any) -> None:

@@ -51,6 +51,7 @@ from devagent.daemon.libvirt_link import DomainEvent
 from devagent.daemon.migration.context import PEER_TIMEOUT_S, Peer
 from devagent.daemon.migration.job import FORWARD_RETRY_PAUSE_S, FORWARD_RETRY_S, PEER_CHECK_S
 from devagent.daemon.migration.messages import (
+    Arrived,
     DomainCommitAnswer,
     DomainIncoming,
     DomainIncomingAnswer,
@@ -94,9 +95,9 @@ PLANS: dict[Strategy, type[FetchingPlan]] = {
 # the RAM stream over TLS (QEMU's, with libvirt's migrate_tls_x509_cert_dir).
 MIGRATE_LIVE = 1
 MIGRATE_PEER2PEER = 2
-MIGRATE_PAUSED = 4
 MIGRATE_PERSIST_DEST = 8
 MIGRATE_UNDEFINE_SOURCE = 16
+MIGRATE_PAUSED = 32
 MIGRATE_TLS = 1 << 16
 XML_MIGRATABLE = 8
 STATE_RUNNING, STATE_PAUSED = 1, 3
@@ -143,6 +144,7 @@ class DomainMigration:
         self.sockets: dict[str, str] = {}
         self.log = logging.getLogger(f"{__name__}.{name}")
         self.task: asyncio.Task[None] | None = None
+        self.migrating: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     @property
     def name(self) -> str:
@@ -268,25 +270,61 @@ class DomainMigration:
             )  # fmt: skip
 
         stopped = asyncio.ensure_future(link.wait_event(stops, RAM_TIMEOUT_S, "the switchover"))
-        migrating = asyncio.ensure_future(link.run(dom, "migrateToURI3", uri, params, flags))
+        self.migrating = asyncio.ensure_future(link.run(dom, "migrateToURI3", uri, params, flags))
+        arrival: asyncio.Future[Any] | None = None
         try:
-            await self._watch(migrating, peer)
+            event = await self._until(stopped, peer)
+            if event is not None:
+                self.mark(Step.SOURCE_STOPPED, event.at)
+            arrival = asyncio.ensure_future(peer.post(f"/v1/libvirt/incoming/{self.name}/arrived"))
+            raw = await self._until(arrival, peer)
+            raw = raw if raw is not None else await arrival
         except BaseException:
-            if not migrating.done():
-                self.log.warning("migration %s: aborting libvirt's job", self.id)
-                with contextlib.suppress(DevagentError):
-                    await link.run(dom, "abortJob")
-                with contextlib.suppress(BaseException):
-                    await migrating
-            if not migrating.done() or migrating.exception() is not None:
+            if arrival is not None:
+                arrival.cancel()
+            if not await self._abort(link, dom):
                 raise
-            self.log.error("migration %s: libvirt's migration completed all the same: "
-                           "going forward", self.id)  # fmt: skip
+            raw = None
         finally:
-            if stopped.done() and not stopped.cancelled() and stopped.exception() is None:
-                self.mark(Step.SOURCE_STOPPED, stopped.result().at)
             stopped.cancel()
-        self.mark(Step.RAM_COMPLETED)
+        if raw is not None:
+            self.mark(Step.RAM_COMPLETED, from_peer(raw, Arrived, what="the arrival").at)
+        else:
+            self.mark(Step.RAM_COMPLETED)
+
+    async def _until(self, wanted: asyncio.Future[T], peer: Peer) -> T | None:
+        """``wanted``'s result once it comes; None when libvirt's migration completed
+        first. libvirt's failure is raised, as is the destination's daemon vanishing."""
+        while True:
+            done, _ = await asyncio.wait(
+                {wanted, self.migrating}, timeout=PEER_CHECK_S,
+                return_when=asyncio.FIRST_COMPLETED,
+            )  # fmt: skip
+            if wanted in done:
+                return wanted.result()
+            if self.migrating in done:
+                self.migrating.result()  # libvirt's failure
+                return None
+            try:
+                await asyncio.wait_for(peer.get("/v1/health"), PEER_CHECK_S * 2)
+            except (PeerError, TimeoutError) as err:
+                raise PeerError(f"destination host {self.report.destination} vanished during "
+                                f"the migration: {err}") from err  # fmt: skip
+
+    async def _abort(self, link: LibvirtLink, dom: Any) -> bool:
+        """Our side failed during libvirt's migration: its job aborted, and awaited. True
+        when it completed all the same (the guest is the destination's: go forward)."""
+        if not self.migrating.done():
+            self.log.warning("migration %s: aborting libvirt's job", self.id)
+            with contextlib.suppress(DevagentError):
+                await link.run(dom, "abortJob")
+        with contextlib.suppress(BaseException):
+            await self.migrating
+        if self.migrating.cancelled() or self.migrating.exception() is not None:
+            return False
+        self.log.error("migration %s: libvirt's migration completed all the same: going "
+                       "forward", self.id)  # fmt: skip
+        return True
 
     def _ram_rate(self) -> int | None:
         """Bytes per second libvirt's RAM migration may take: what the push leaves."""
@@ -296,19 +334,6 @@ class DomainMigration:
         if isinstance(self.plan, HybridPlan):
             rate -= self.plan.push_rate(self)
         return int(rate)
-
-    async def _watch(self, migrating: asyncio.Future[Any], peer: Peer) -> None:
-        """Until libvirt's call returns: the destination's daemon answers, a mirror goes on."""
-        while not migrating.done():
-            await asyncio.wait({migrating}, timeout=PEER_CHECK_S)
-            if migrating.done():
-                break
-            try:
-                await asyncio.wait_for(peer.get("/v1/health"), PEER_CHECK_S * 2)
-            except (PeerError, TimeoutError) as err:
-                raise PeerError(f"destination host {self.report.destination} vanished during "
-                                f"the migration: {err}") from err  # fmt: skip
-        migrating.result()  # libvirt's failure, raised
 
     async def _roll_back(self, link: LibvirtLink, peer: Peer, cause: BaseException) -> None:
         """Before the switchover: the disks as they were here, nothing left there. libvirt
@@ -380,6 +405,11 @@ class DomainMigration:
     async def _finish(self, peer: Peer, committed: DomainCommitAnswer) -> None:
         """The guest runs there: wait until each replica serves alone, release ours, report."""
         self.host.adopted.pop(self.name, None)  # its disks are the destination's now
+        try:  # libvirt's call returns once it stopped the QEMU here (its Confirm)
+            await self.migrating
+        except DevagentError as err:
+            self.report.warnings.append(f"libvirt's migration ended with an error after "
+                                        f"the guest ran on the destination: {err}")  # fmt: skip
         await self._until_local(peer)
         since = self.started_at - BASELINE_S
         here = await self._completions(since)

@@ -9,6 +9,8 @@
     GET    /v1/libvirt/{name}/completions?since=T  guest I/O completions on those agents
     POST   /v1/libvirt/incoming               (peer) agents for a domain libvirt brings
                                               here (DomainIncoming)
+    POST   /v1/libvirt/incoming/{name}/arrived  (peer) answers once libvirt's migration
+                                              finished here (the guest paused)
     POST   /v1/libvirt/incoming/{name}/commit (peer) it arrived, paused: ready the disks,
                                               resume it (CommitRequest)
     DELETE /v1/libvirt/incoming/{name}        (peer) roll back: remove its agents
@@ -38,7 +40,7 @@ from devagent.daemon.auth import require_source
 from devagent.daemon.host import Host
 from devagent.daemon.libvirt_adopt import adopt
 from devagent.daemon.libvirt_link import LibvirtLink
-from devagent.daemon.migration.messages import CommitRequest, DomainIncoming
+from devagent.daemon.migration.messages import Arrived, CommitRequest, DomainIncoming
 from devagent.errors import NotFound, PeerError, StateError
 
 
@@ -52,6 +54,7 @@ class LibvirtRoutes:
         router.add_get("/v1/libvirt/{name}/disks", self.disks)
         router.add_get("/v1/libvirt/{name}/completions", self.completions)
         router.add_post("/v1/libvirt/incoming", self.prepare_incoming)
+        router.add_post("/v1/libvirt/incoming/{name}/arrived", self.arrived)
         router.add_post("/v1/libvirt/incoming/{name}/commit", self.commit_incoming)
         router.add_delete("/v1/libvirt/incoming/{name}", self.abort_incoming)
 
@@ -112,6 +115,10 @@ class LibvirtRoutes:
         incoming = await body_as(request, DomainIncoming)
         require_source(request, incoming.source, f"domain {incoming.domain} coming here")
         return answer(await libvirt_incoming.prepare(self.host, incoming), status=201)
+
+    async def arrived(self, request: web.Request) -> web.Response:
+        name = self._from_its_source(request, "waiting for")
+        return answer(Arrived(at=await libvirt_incoming.arrived(self.host, name)))
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
         commit = await body_as(request, CommitRequest)

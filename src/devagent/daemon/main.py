@@ -21,6 +21,21 @@ from devagent.guestnet import GuestNetwork
 from devagent.tls import Tls, use_tls
 
 
+def _libvirt_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--libvirt",
+        metavar="URI",
+        help="this host's libvirtd (e.g. qemu:///system): the daemon follows its domains' "
+        "events, and serves and moves the disks of the domains it adopts",
+    )
+    parser.add_argument(
+        "--libvirt-peer-uri",
+        metavar="TEMPLATE",
+        help="how this host's libvirtd reaches a peer's for a migration, {address} the "
+        "peer's (default: qemu+tls://{address}/system; qemu+tcp:// with --insecure)",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="devagentd",
@@ -61,18 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="folder every host of the lab sees (for the 'shared' storage baseline)",
     )
-    parser.add_argument(
-        "--libvirt",
-        metavar="URI",
-        help="this host's libvirtd (e.g. qemu:///system): the daemon follows its domains' "
-        "events, and serves and moves the disks of the domains it adopts",
-    )
-    parser.add_argument(
-        "--libvirt-peer-uri",
-        metavar="TEMPLATE",
-        help="how this host's libvirtd reaches a peer's for a migration, {address} the "
-        "peer's (default: qemu+tls://{address}/system; qemu+tcp:// with --insecure)",
-    )
+    _libvirt_arguments(parser)
     parser.add_argument(
         "--guest-bridge", help="bridge of this host that VM NICs' taps join (NICs need it)"
     )

@@ -137,6 +137,10 @@ class DomainIncomingAnswer(msgspec.Struct):
     disk_targets: dict[str, RemoteDisk] = msgspec.field(default_factory=dict)
 
 
+class Arrived(msgspec.Struct):
+    at: float  # wall clock when the destination saw the migration finished there
+
+
 class DomainCommitAnswer(msgspec.Struct):
     resumed_at: float  # wall clock of libvirt's resume on the destination
     #: QEMU's downtime as libvirt's job information gives it (None: it gave none).

@@ -1,0 +1,254 @@
+"""A libvirt domain moved by devagent and libvirt together: the test guest with its probe,
+its file disk adopted live on host ``a``, then migrated a→b→a by each of devagent's
+strategies (libvirt moving the RAM and the definition, devagent the disk), each hop with
+no guest error and the disk holding exactly what the guest last wrote; and a migration
+whose destination's libvirtd dies during the RAM rolled back, the guest running on ``a``
+with its disk served and nothing of it left on ``b``.
+
+The guest's console is a unix socket of the domain (a path under ``/var/lib/libvirt``,
+which is each host's own folder), logged to a file under ``/var/log/libvirt``: the test
+reads the probe there, as the daemon does for its own VMs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import print_logs, private_lab, processes_mentioning
+from devagent.agent.messages import LocalStatus
+from devagent.api_types import Adopted, DomainDisks, MigrationStatus
+from devagent.client import DaemonClient, Endpoint
+from devagent.guest.build import load_guest
+from devagent.guest.probe import (
+    ConsoleParser,
+    Heartbeat,
+    Paused,
+    ProbeError,
+    ProbeEvent,
+    VerifyFailure,
+    disk_digest,
+)
+from devagent.guest.workload import parse_workload
+from devagent.lab import libvirt
+from devagent.lab.lab import Lab
+from devagent.orchestrate import follow_migration
+from devagent.report import MigrationReport
+from devagent.wait import wait_until
+
+pytestmark = [pytest.mark.lab, pytest.mark.vm]
+
+LAB = "tlm"
+DOMAIN = "lvm"
+CONSOLE = f"/var/lib/libvirt/{DOMAIN}-console.sock"  # each host's own (its libvirt folder)
+CONSOLE_LOG = f"/var/log/libvirt/{DOMAIN}-console.log"
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    """One lab for the module, in a short private state root of its own."""
+    with private_lab(LAB, with_libvirt=True, show_logs=True) as made:
+        yield made
+
+
+def domain_xml(image: Path) -> str:
+    """The test guest, its probe writing and checking its disk vda (``image``, raw)."""
+    guest = load_guest()
+    probe = parse_workload("moderate,prefill=8M").to_kernel_arg()
+    return f"""<domain type='qemu'>
+  <name>{DOMAIN}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{guest.kernel}</kernel><initrd>{guest.initrd}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 {probe}</cmdline></os>
+  <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>
+      <source file='{image}'/><target dev='vda' bus='virtio'/></disk>
+    <serial type='unix'><source mode='bind' path='{CONSOLE}'/>
+      <log file='{CONSOLE_LOG}' append='on'/><target port='0'/></serial>
+  </devices>
+</domain>"""
+
+
+def endpoint(lab: Lab, host: str) -> Endpoint:
+    return Endpoint(url=lab.host(host).url, token=lab.token, name=host)
+
+
+def in_host(lab: Lab, host: str, path: str) -> Path:
+    """A path of a host's libvirt folders as this machine sees it."""
+    for sub, target in libvirt.MOUNTS.items():
+        if path.startswith(target + "/"):
+            return libvirt.root(lab.host(host)) / sub / path.removeprefix(target + "/")
+    raise AssertionError(path)
+
+
+def probe_events(lab: Lab) -> list[ProbeEvent]:
+    """Every probe event in the console logs of both hosts."""
+    events: list[ProbeEvent] = []
+    for host in ("a", "b"):
+        log = in_host(lab, host, CONSOLE_LOG)
+        if log.exists():
+            events += ConsoleParser().feed(log.read_bytes() + b"\n", time.time())
+    return events
+
+
+async def probe_command(lab: Lab, host: str, command: str) -> Paused | None:
+    """``command`` to the probe through the console of the domain on ``host``; ``pause``
+    waits for its answer."""
+    reader, writer = await asyncio.open_unix_connection(str(in_host(lab, host, CONSOLE)))
+    try:
+        writer.write(f"{command}\n".encode())
+        await writer.drain()
+        if command != "pause":
+            return None
+        parser = ConsoleParser()
+        async with asyncio.timeout(30):
+            while True:
+                data = await reader.read(4096)
+                assert data, "the console closed"
+                for event in parser.feed(data, time.time()):
+                    if isinstance(event, Paused):
+                        return event
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def domain_disks(lab: Lab, host: str) -> DomainDisks:
+    async with DaemonClient(endpoint(lab, host)) as client:
+        return await client.get_as(f"/v1/libvirt/{DOMAIN}/disks", DomainDisks)
+
+
+async def check_integrity(lab: Lab, host: str) -> None:
+    """The probe paused, its digest equal to the disk's on ``host``'s replica."""
+    paused = await probe_command(lab, host, "pause")
+    assert paused is not None
+    try:
+        (disk,) = (await domain_disks(lab, host)).disks
+        found = await asyncio.to_thread(disk_digest, Path(disk.image))
+        assert found.digest == paused.digest, f"on {host}: {found} vs the guest's {paused}"
+    finally:
+        await probe_command(lab, host, "resume")
+
+
+def domains(lab: Lab, host: str) -> set[str]:
+    return set(libvirt.virsh(lab.host(host), "list", "--name").split())
+
+
+async def migrate(lab: Lab, source: str, dest: str, storage: str) -> MigrationReport:
+    async with DaemonClient(endpoint(lab, source)) as client:
+        body = {"to": endpoint(lab, dest).to_json(), "storage": storage,
+                "link_rate_bps": 1_000_000_000}  # fmt: skip
+        job = await client.post_as(f"/v1/vms/{DOMAIN}/migrate", MigrationStatus, body)
+        return await follow_migration(client, job.id, timeout=120)
+
+
+async def wait_io(lab: Lab, since: float) -> None:
+    """The probe shows I/O after ``since`` (the guest runs, wherever it is)."""
+
+    def moving() -> bool:
+        return any(
+            isinstance(e, Heartbeat) and e.phase == "run" and e.ops and e.host_time > since
+            for e in probe_events(lab)
+        )
+
+    await wait_until(moving, timeout=60, interval=0.2, what="the probe's I/O")
+
+
+@pytest.fixture(scope="module")
+def adopted(lab: Lab) -> Adopted:
+    """The domain defined and started on a, its file disk adopted live (the module's
+    tests use it in turn: each leaves it running on a)."""
+    a = lab.host("a")
+    image = a.dir / f"{DOMAIN}.img"
+    with image.open("wb") as out:
+        out.truncate(64 << 20)
+    definition = a.dir / f"{DOMAIN}.xml"
+    definition.write_text(domain_xml(image))
+    libvirt.virsh(a, "define", str(definition))
+    libvirt.virsh(a, "start", DOMAIN)
+
+    async def adopt() -> Adopted:
+        await wait_io(lab, 0)
+        async with DaemonClient(endpoint(lab, "a")) as client:
+            return await client.post_as(f"/v1/libvirt/{DOMAIN}/adopt", Adopted)
+
+    return asyncio.run(adopt())
+
+
+async def test_a_libvirt_domain_migrates_by_each_strategy(lab: Lab, adopted: Adopted) -> None:
+    assert [d.node for d in adopted.disks] == ["vda"]
+    await check_integrity(lab, "a")
+    for storage in ("hybrid", "postcopy", "precopy"):
+        for source, dest in (("a", "b"), ("b", "a")):
+            report = await migrate(lab, source, dest, storage)
+            hop = f"{storage} {source}->{dest}"
+            assert report.status == "completed", f"{hop}: {report.error}"
+            assert report.vm_pause_ms is not None and report.max_io_gap_ms is not None, hop
+            assert domains(lab, dest) == {DOMAIN} and domains(lab, source) == set(), hop
+            (disk,) = (await domain_disks(lab, dest)).disks
+            assert isinstance(disk.status.backend_status, LocalStatus), hop  # whole, alone
+            persistent = ET.fromstring(
+                libvirt.virsh(lab.host(dest), "dumpxml", "--inactive", DOMAIN)
+            )
+            host = persistent.find("./devices/disk/source/host")
+            assert host is not None and host.get("socket") == disk.socket, hop
+            assert libvirt.virsh(lab.host(source), "list", "--all", "--name").strip() == "", hop
+            assert not list((lab.host(source).dir / "disks").glob(f"{DOMAIN}-*")), hop
+            await wait_io(lab, time.time())
+            await check_integrity(lab, dest)
+    events = probe_events(lab)
+    beats = [e for e in events if isinstance(e, Heartbeat)]
+    assert beats and not [e for e in events if isinstance(e, ProbeError | VerifyFailure)]
+    assert sum(b.errors for b in beats) == 0 and sum(b.verify_failures for b in beats) == 0
+
+
+def libvirtd_pid(lab: Lab, host: str) -> int:
+    pid_file = libvirt.root(lab.host(host)) / "run" / "libvirtd.pid"
+    return int(pid_file.read_text().strip())
+
+
+async def test_the_destinations_libvirtd_killed_during_ram_rolls_back(
+    lab: Lab, adopted: Adopted
+) -> None:
+    """The domain migrates from a to b with its RAM held to a slow rate; b's libvirtd is
+    killed while RAM moves."""
+    assert domains(lab, "a") == {DOMAIN}
+    async with DaemonClient(endpoint(lab, "a")) as client:
+        body = {"to": endpoint(lab, "b").to_json(), "storage": "hybrid",
+                "link_rate_bps": 40_000_000}  # RAM at ~3 MiB/s: seconds to kill in  # fmt: skip
+        job = await client.post_as(f"/v1/vms/{DOMAIN}/migrate", MigrationStatus, body)
+
+        async def ram_moving() -> bool:
+            status = await client.get_as(f"/v1/migrations/{job.id}", MigrationStatus)
+            return "ram_started" in status.report.timeline
+
+        await wait_until(ram_moving, timeout=60, interval=0.05, what="RAM moving")
+        await asyncio.sleep(1.0)
+        os.kill(libvirtd_pid(lab, "b"), signal.SIGKILL)
+        report = await follow_migration(client, job.id, timeout=120)
+    try:
+        assert report.status == "failed", report
+        assert "libvirt" in (report.error or ""), report.error
+        assert "ram_completed" not in report.timeline, report.timeline
+        assert domains(lab, "a") == {DOMAIN}
+        (disk,) = (await domain_disks(lab, "a")).disks
+        assert disk.status.state == "serving"
+        assert isinstance(disk.status.backend_status, LocalStatus)
+        await wait_io(lab, time.time())
+        await check_integrity(lab, "a")
+        b = lab.host("b")
+        assert not list((b.dir / "disks").glob(f"{DOMAIN}-*"))
+        assert not [p for p in processes_mentioning(str(b.dir)) if f"vm={DOMAIN}" in p]
+        assert not [p for p in processes_mentioning(DOMAIN) if "qemu" in p and str(b.dir) in p]
+    finally:
+        print_logs(lab)
