@@ -175,7 +175,7 @@ def edges_into(graph: dict[str, set[str]], source: str, target: str) -> set[tupl
 def test_the_graph_sees_imports_inside_functions_and_under_type_checking() -> None:
     runtime, typing = graphs()
     assert "devagent.lab.lab" in runtime["devagent.cli.common"]  # imported inside a function
-    assert "devagent.lab.lab" in typing["devagent.cli.demo_cmd"]  # TYPE_CHECKING …
+    assert "devagent.lab.lab" in typing["devagent.cli.demo_common"]  # TYPE_CHECKING …
     assert "devagent.errors" in runtime["devagent.vocab"]
 
 

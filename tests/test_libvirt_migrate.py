@@ -5,20 +5,17 @@ no guest error and the disk holding exactly what the guest last wrote; and a mig
 whose destination's libvirtd dies during the RAM rolled back, the guest running on ``a``
 with its disk served and nothing of it left on ``b``.
 
-The guest's console is a unix socket of the domain (a path under ``/var/lib/libvirt``,
-which is each host's own folder), logged to a file under ``/var/log/libvirt``: the test
-reads the probe there, as the daemon does for its own VMs."""
+The probe is read through the domain's console and its logs on both hosts
+(:mod:`devagent.lab.libvirt_guest`)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -26,18 +23,9 @@ from conftest import print_logs, private_lab, processes_mentioning
 from devagent.agent.messages import LocalStatus
 from devagent.api_types import Adopted, DomainDisks, MigrationStatus
 from devagent.client import DaemonClient, Endpoint
-from devagent.guest.build import load_guest
-from devagent.guest.probe import (
-    ConsoleParser,
-    Heartbeat,
-    Paused,
-    ProbeError,
-    ProbeEvent,
-    VerifyFailure,
-    disk_digest,
-)
 from devagent.guest.workload import parse_workload
 from devagent.lab import libvirt
+from devagent.lab import libvirt_guest as guest
 from devagent.lab.lab import Lab
 from devagent.orchestrate import follow_migration
 from devagent.report import MigrationReport
@@ -47,8 +35,6 @@ pytestmark = [pytest.mark.lab, pytest.mark.vm]
 
 LAB = "tlm"
 DOMAIN = "lvm"
-CONSOLE = f"/var/lib/libvirt/{DOMAIN}-console.sock"  # each host's own (its libvirt folder)
-CONSOLE_LOG = f"/var/log/libvirt/{DOMAIN}-console.log"
 
 
 @pytest.fixture(scope="module")
@@ -58,69 +44,8 @@ def lab() -> Iterator[Lab]:
         yield made
 
 
-def domain_xml(image: Path) -> str:
-    """The test guest, its probe writing and checking its disk vda (``image``, raw)."""
-    guest = load_guest()
-    probe = parse_workload("moderate,prefill=8M").to_kernel_arg()
-    return f"""<domain type='qemu'>
-  <name>{DOMAIN}</name><memory unit='MiB'>128</memory><vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{guest.kernel}</kernel><initrd>{guest.initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 {probe}</cmdline></os>
-  <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>
-      <source file='{image}'/><target dev='vda' bus='virtio'/></disk>
-    <serial type='unix'><source mode='bind' path='{CONSOLE}'/>
-      <log file='{CONSOLE_LOG}' append='on'/><target port='0'/></serial>
-  </devices>
-</domain>"""
-
-
 def endpoint(lab: Lab, host: str) -> Endpoint:
     return Endpoint(url=lab.host(host).url, token=lab.token, name=host)
-
-
-def in_host(lab: Lab, host: str, path: str) -> Path:
-    """A path of a host's libvirt folders as this machine sees it."""
-    for sub, target in libvirt.MOUNTS.items():
-        if path.startswith(target + "/"):
-            return libvirt.root(lab.host(host)) / sub / path.removeprefix(target + "/")
-    raise AssertionError(path)
-
-
-def probe_events(lab: Lab) -> list[ProbeEvent]:
-    """Every probe event in the console logs of both hosts."""
-    events: list[ProbeEvent] = []
-    for host in ("a", "b"):
-        log = in_host(lab, host, CONSOLE_LOG)
-        if log.exists():
-            events += ConsoleParser().feed(log.read_bytes() + b"\n", time.time())
-    return events
-
-
-async def probe_command(lab: Lab, host: str, command: str) -> Paused | None:
-    """``command`` to the probe through the console of the domain on ``host``; ``pause``
-    waits for its answer."""
-    reader, writer = await asyncio.open_unix_connection(str(in_host(lab, host, CONSOLE)))
-    try:
-        writer.write(f"{command}\n".encode())
-        await writer.drain()
-        if command != "pause":
-            return None
-        parser = ConsoleParser()
-        async with asyncio.timeout(30):
-            while True:
-                data = await reader.read(4096)
-                assert data, "the console closed"
-                for event in parser.feed(data, time.time()):
-                    if isinstance(event, Paused):
-                        return event
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
 
 
 async def domain_disks(lab: Lab, host: str) -> DomainDisks:
@@ -129,15 +54,9 @@ async def domain_disks(lab: Lab, host: str) -> DomainDisks:
 
 
 async def check_integrity(lab: Lab, host: str) -> None:
-    """The probe paused, its digest equal to the disk's on ``host``'s replica."""
-    paused = await probe_command(lab, host, "pause")
-    assert paused is not None
-    try:
-        (disk,) = (await domain_disks(lab, host)).disks
-        found = await asyncio.to_thread(disk_digest, Path(disk.image))
-        assert found.digest == paused.digest, f"on {host}: {found} vs the guest's {paused}"
-    finally:
-        await probe_command(lab, host, "resume")
+    """The probe paused: its digest equal to the disk's on ``host``'s replica."""
+    found = await guest.integrity(lab.host(host), endpoint(lab, host), DOMAIN)
+    assert found == "ok", f"on {host}: {found}"
 
 
 def domains(lab: Lab, host: str) -> set[str]:
@@ -154,28 +73,17 @@ async def migrate(lab: Lab, source: str, dest: str, storage: str) -> MigrationRe
 
 async def wait_io(lab: Lab, since: float) -> None:
     """The probe shows I/O after ``since`` (the guest runs, wherever it is)."""
-
-    def moving() -> bool:
-        return any(
-            isinstance(e, Heartbeat) and e.phase == "run" and e.ops and e.host_time > since
-            for e in probe_events(lab)
-        )
-
-    await wait_until(moving, timeout=60, interval=0.2, what="the probe's I/O")
+    await wait_until(
+        lambda: guest.running_since(lab.hosts, DOMAIN, since),
+        timeout=60, interval=0.2, what="the probe's I/O",
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def adopted(lab: Lab) -> Adopted:
     """The domain defined and started on a, its file disk adopted live (the module's
     tests use it in turn: each leaves it running on a)."""
-    a = lab.host("a")
-    image = a.dir / f"{DOMAIN}.img"
-    with image.open("wb") as out:
-        out.truncate(64 << 20)
-    definition = a.dir / f"{DOMAIN}.xml"
-    definition.write_text(domain_xml(image))
-    libvirt.virsh(a, "define", str(definition))
-    libvirt.virsh(a, "start", DOMAIN)
+    guest.define_and_start(lab.host("a"), DOMAIN, 64 << 20, parse_workload("moderate,prefill=8M"))
 
     async def adopt() -> Adopted:
         await wait_io(lab, 0)
@@ -206,10 +114,9 @@ async def test_a_libvirt_domain_migrates_by_each_strategy(lab: Lab, adopted: Ado
             assert not list((lab.host(source).dir / "disks").glob(f"{DOMAIN}-*")), hop
             await wait_io(lab, time.time())
             await check_integrity(lab, dest)
-    events = probe_events(lab)
-    beats = [e for e in events if isinstance(e, Heartbeat)]
-    assert beats and not [e for e in events if isinstance(e, ProbeError | VerifyFailure)]
-    assert sum(b.errors for b in beats) == 0 and sum(b.verify_failures for b in beats) == 0
+    errors = guest.GuestErrors.of(guest.probe_events(lab.hosts, DOMAIN))
+    assert errors.heartbeats > 0
+    assert (errors.io_errors, errors.verify_failures) == (0, 0), errors
 
 
 def libvirtd_pid(lab: Lab, host: str) -> int:

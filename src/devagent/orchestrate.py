@@ -99,6 +99,23 @@ async def locate_vm(endpoints: Sequence[Endpoint], name: str) -> tuple[Endpoint,
     raise NotFound(f"no host of the lab runs VM {name!r}")
 
 
+async def locate_source(endpoints: Sequence[Endpoint], name: str) -> Endpoint:
+    """The host that runs VM ``name``, or whose agents serve libvirt domain ``name``'s
+    disks (the host it runs on)."""
+    try:
+        return (await locate_vm(endpoints, name))[0]
+    except NotFound:
+        pass
+    for endpoint in endpoints:
+        async with DaemonClient(endpoint) as client:
+            try:
+                await client.get(f"/v1/libvirt/{name}/disks")
+            except NotFound:
+                continue
+            return endpoint
+    raise NotFound(f"no host of the lab runs VM {name!r} or serves a domain of that name")
+
+
 async def heartbeats_since(client: DaemonClient, name: str, since: float) -> list[Heartbeat]:
     """VM ``name``'s probe heartbeats that arrived after ``since`` (host time)."""
     return (await client.get_as(f"/v1/vms/{name}/heartbeats", Heartbeats, since=since)).heartbeats

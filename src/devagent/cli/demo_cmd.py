@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,7 @@ import click
 from rich.table import Table
 
 from devagent.cli.common import err, json_option, out, print_json, run
+from devagent.cli.demo_common import fresh_lab, healthy
 from devagent.cli.migrate_cmd import show_report
 from devagent.cli.progress import MigrationProgress, Spinner
 from devagent.client import Endpoint
@@ -35,7 +35,6 @@ from devagent.vocab import STRATEGIES, parse_size
 from devagent.wire import to_json
 
 if TYPE_CHECKING:
-    from devagent.lab.lab import Lab
     from devagent.lab.traffic import EchoResult
 
 DEMO_LAB = "demo"
@@ -99,6 +98,13 @@ BASELINE_BEATS = 30  # three seconds of steady guest I/O before migrating
     help="The NIC's scenario on 3 hosts: a TCP stream and a 10 ms ping from host c to the "
     "guest, checked through the migration a → b.",
 )
+@click.option(
+    "--libvirt",
+    is_flag=True,
+    help="The main job on a libvirt domain: a libvirtd in each host; the guest defined and "
+    "started by libvirt, its file disk adopted live, then migrated (libvirt moves the RAM, "
+    "devagent the disk).",
+)
 @json_option
 def demo_cmd(
     storage: str,
@@ -112,11 +118,15 @@ def demo_cmd(
     migrations: int,
     plot_file: Path | None,
     net: bool,
+    libvirt: bool,
     as_json: bool,
 ) -> None:
     """Run devagent's main job end to end on a fresh 2-host lab and print its report."""
-    if loopback and (net or nics):
-        raise click.UsageError("NICs need a namespace lab (guest NICs on host bridges)")
+    if loopback and (net or nics or libvirt):
+        raise click.UsageError("NICs and libvirt need a namespace lab")
+    if libvirt and (net or nics or disks > 1 or storage == "shared"):
+        raise click.UsageError("--libvirt runs a guest of one disk, no NIC, moved by "
+                               "hybrid, postcopy or precopy")  # fmt: skip
     if net:
         if disks > 1 or nics:
             raise click.UsageError("--net has its own guest (one disk, one NIC)")
@@ -136,6 +146,16 @@ def demo_cmd(
                 f"{'reset' if stream.reset else 'no reset'}"
             )
         sys.exit(0 if net_healthy(report, stream) else 1)
+    if libvirt:
+        from devagent.cli.libvirt_demo import run_libvirt_demo
+
+        say = err.print if not as_json else (lambda _text: None)
+        reports = run(run_libvirt_demo(
+            storage=storage, link_rate=link_rate, disk_size=disk_size, ram=ram,
+            workload=workload, migrations=migrations, say=say, verbose=not as_json,
+        ))  # fmt: skip
+        show_reports(reports, migrations, plot_file, as_json)
+        return
     reports = run(
         run_demo(
             storage=storage,
@@ -150,6 +170,14 @@ def demo_cmd(
             nics=nics,
         )
     )
+    show_reports(reports, migrations, plot_file, as_json)
+
+
+def show_reports(
+    reports: list[MigrationReport], migrations: int, plot_file: Path | None, as_json: bool
+) -> None:
+    """The report (one row per migration for several), the plot; the exit status says
+    whether every migration asked for was healthy."""
     if migrations == 1:
         show_report(reports[0], as_json)
     elif as_json:
@@ -164,40 +192,10 @@ def demo_cmd(
     sys.exit(0 if healthy(reports) and len(reports) == migrations else 1)
 
 
-def healthy(reports: list[MigrationReport]) -> bool:
-    """Every migration completed with no guest error or verify failure, no guest I/O
-    forgotten, integrity ok (every disk's), no frame lost on a NIC."""
-    return all(
-        r.status == "completed"
-        and r.guest_io_errors == 0
-        and r.guest_verify_failures == 0
-        and not r.guest_ops_lost
-        and r.integrity == "ok"
-        and all(d.integrity == "ok" for d in r.devices if d.kind == "disk")
-        and not r.net_frames_lost
-        for r in reports
-    )
-
-
 def net_healthy(report: MigrationReport, stream: EchoResult) -> bool:
     """The NIC's scenario went through: the migration healthy, the stream intact and never
     reset, no frame lost."""
     return healthy([report]) and stream.intact and not stream.reset and report.net_frames_lost == 0
-
-
-async def fresh_lab(
-    name: str, hosts: int, link_rate: str | None, *, loopback: bool, say: Callable[[str], None]
-) -> Lab:
-    """A new lab of ``hosts`` hosts named ``name``, removing one a previous run left."""
-    from devagent.lab.lab import Lab
-
-    if name in Lab.list():
-        say(f"removing the lab {name!r} a previous run left")
-        await asyncio.to_thread(Lab.load(name).down)
-    say(f"making a {hosts}-host lab (link {link_rate or 'unshaped'})")
-    return await asyncio.to_thread(
-        Lab.up, name=name, hosts=hosts, link_rate=link_rate, loopback=loopback
-    )
 
 
 async def run_net_demo(

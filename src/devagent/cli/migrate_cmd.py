@@ -23,7 +23,7 @@ from devagent.cli.progress import MigrationProgress
 from devagent.cli.render import devices_table, report_table
 from devagent.client import DaemonClient
 from devagent.errors import NotFound
-from devagent.orchestrate import follow_migration, locate_vm, migrate
+from devagent.orchestrate import follow_migration, locate_source, migrate
 from devagent.report import MigrationReport
 from devagent.vocab import STRATEGIES
 
@@ -66,6 +66,8 @@ def migrate_cmd(
 ) -> None:
     """Live-migrate VM NAME to host TO while its guest keeps doing I/O, then print the
     measures: time to switchover, downtime, largest I/O gap, guest errors, and more.
+    NAME may be a libvirt domain whose disks devagent serves (devagent libvirt adopt):
+    libvirt then moves its RAM and definition, devagent its disks.
     With --watch, follow a migration of NAME that is already running instead."""
     if watch == (to_host is not None):
         raise click.UsageError("give --to HOST to migrate, or --watch to follow a migration")
@@ -74,7 +76,7 @@ def migrate_cmd(
         if watch:
             return await watch_migration(name, lab_name, enabled=not as_json)
         assert to_host is not None
-        source, _ = await locate_vm(lab_endpoints(lab_name), name)
+        source = await locate_source(lab_endpoints(lab_name), name)
         destination = endpoint_for(to_host, lab_name)
         if destination.url == source.url:
             raise click.UsageError(f"VM {name} already runs on host {source.name}")

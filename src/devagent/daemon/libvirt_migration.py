@@ -49,7 +49,12 @@ from devagent.daemon.agents import AgentProcess
 from devagent.daemon.libvirt_adopt import XML_INACTIVE, NbdSource, redefined
 from devagent.daemon.libvirt_link import DomainEvent
 from devagent.daemon.migration.context import PEER_TIMEOUT_S, Peer
-from devagent.daemon.migration.job import FORWARD_RETRY_PAUSE_S, FORWARD_RETRY_S, PEER_CHECK_S
+from devagent.daemon.migration.job import (
+    FORWARD_RETRY_PAUSE_S,
+    FORWARD_RETRY_S,
+    PEER_CHECK_S,
+    allocated_bytes,
+)
 from devagent.daemon.migration.messages import (
     Arrived,
     DomainCommitAnswer,
@@ -70,8 +75,9 @@ from devagent.daemon.migration.plans import (
     Prepared,
 )
 from devagent.daemon.migration.report import BASELINE_S
+from devagent.daemon.netstat import link_bytes
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
-from devagent.report import MigrationReport, fill_io_measures, largest_gap
+from devagent.report import MigrationReport, fill_io_measures, fill_link_measures, largest_gap
 from devagent.vocab import Step, Strategy
 from devagent.wait import WaitTimeout, wait_until
 from devagent.wire import from_peer, to_json
@@ -142,6 +148,8 @@ class DomainMigration:
         self.disk_sizes: dict[str, int] = {}
         #: By node: the unix socket each disk's agent on the destination serves.
         self.sockets: dict[str, str] = {}
+        self.bytes_before: int | None = None  # the link's counters at the start
+        self.allocated = 0  # bytes the disks held here when released
         self.log = logging.getLogger(f"{__name__}.{name}")
         self.task: asyncio.Task[None] | None = None
         self.migrating: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
@@ -200,6 +208,8 @@ class DomainMigration:
         dom = await link.call("lookupByName", self.name)
         if (await link.run(dom, "state"))[0] != STATE_RUNNING:
             raise StateError(f"domain {self.name} is not running here")
+        self.report.ram_bytes = int((await link.run(dom, "info"))[1]) << 10  # KiB
+        self.bytes_before = link_bytes(self.host.loopback)
         async with DaemonClient(self.request.to, timeout=PEER_TIMEOUT_S) as peer:
             prepared = await self._prepare(peer)
             try:
@@ -416,6 +426,7 @@ class DomainMigration:
         for agent in self.managed.agents:
             with contextlib.suppress(DevagentError):
                 await agent.stop()
+            self.allocated += allocated_bytes(Path(agent.image))
             for path in (Path(agent.image), presence_path(Path(agent.image))):
                 path.unlink(missing_ok=True)
         self.mark(Step.RELEASED)
@@ -489,6 +500,10 @@ class DomainMigration:
         report.time_to_switchover_s = round(committed.resumed_at - t0, 3)
         report.total_time_s = round(released_at - t0, 3)
         report.downtime_ms = committed.downtime_ms
+        fill_link_measures(
+            report, self.bytes_before, link_bytes(self.host.loopback),
+            self.allocated + (report.ram_bytes or 0), self.request.link_rate_bps,
+        )  # fmt: skip
         stopped = report.timeline.get(Step.SOURCE_STOPPED)
         if stopped is not None:
             report.vm_pause_ms = round((committed.resumed_at - t0 - stopped) * 1000, 1)

@@ -1,0 +1,169 @@
+"""The test guest as a libvirt domain of a lab host (``lab up --libvirt``), its probe read
+and commanded through its console: what ``demo --libvirt`` and the tests run.
+
+The domain boots the test guest's kernel and initrd, its probe writing and checking its
+raw file disk ``vda``. Its console is a unix socket (:data:`CONSOLE`, under
+``/var/lib/libvirt``) logged to a file (:data:`CONSOLE_LOG`, under ``/var/log/libvirt``):
+both paths are each host's own (its libvirt folders, :data:`devagent.lab.libvirt.MOUNTS`),
+so the definition needs no rewriting when the domain moves. The daemon does not read a
+libvirt guest's probe: the lab does, here (its heartbeats from both hosts' logs, its digest
+through the console).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from devagent.api_types import DomainDisks
+from devagent.client import DaemonClient, Endpoint
+from devagent.errors import PeerError
+from devagent.guest.build import load_guest
+from devagent.guest.probe import (
+    ConsoleParser,
+    Heartbeat,
+    Paused,
+    ProbeError,
+    ProbeEvent,
+    VerifyFailure,
+    disk_digest,
+)
+from devagent.guest.workload import Workload
+from devagent.lab import libvirt
+from devagent.lab.layout import LabHost
+
+PROBE_TIMEOUT_S = 30.0
+
+
+def console(name: str) -> str:
+    """The domain's console socket, as its host's libvirt sees it."""
+    return f"/var/lib/libvirt/{name}-console.sock"
+
+
+def console_log(name: str) -> str:
+    return f"/var/log/libvirt/{name}-console.log"
+
+
+def domain_xml(name: str, image: Path, workload: Workload, ram_mb: int = 128) -> str:
+    """The test guest as domain ``name``, ``image`` its raw disk vda, its probe running
+    ``workload``."""
+    guest = load_guest()
+    return f"""<domain type='qemu'>
+  <name>{name}</name><memory unit='MiB'>{ram_mb}</memory><vcpu>1</vcpu>
+  <os><type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{guest.kernel}</kernel><initrd>{guest.initrd}</initrd>
+    <cmdline>console=ttyS0 quiet panic=-1 {workload.to_kernel_arg()}</cmdline></os>
+  <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>
+      <source file='{image}'/><target dev='vda' bus='virtio'/></disk>
+    <serial type='unix'><source mode='bind' path='{console(name)}'/>
+      <log file='{console_log(name)}' append='on'/><target port='0'/></serial>
+  </devices>
+</domain>"""
+
+
+def in_host(host: LabHost, path: str) -> Path:
+    """A path of a host's libvirt folders as this machine sees it."""
+    for sub, target in libvirt.MOUNTS.items():
+        if path.startswith(target + "/"):
+            return libvirt.root(host) / sub / path.removeprefix(target + "/")
+    raise ValueError(f"{path} is in none of libvirt's folders")
+
+
+def define_and_start(
+    host: LabHost, name: str, size: int, workload: Workload, ram_mb: int = 128
+) -> Path:
+    """Domain ``name`` defined and started on ``host``, a new sparse disk of ``size``
+    bytes in the host's folder; returns the disk's file."""
+    image = host.dir / f"{name}.img"
+    with image.open("xb") as out:
+        out.truncate(size)
+    definition = host.dir / f"{name}.xml"
+    definition.write_text(domain_xml(name, image, workload, ram_mb))
+    libvirt.virsh(host, "define", str(definition))
+    libvirt.virsh(host, "start", name)
+    return image
+
+
+def probe_events(hosts: list[LabHost], name: str) -> list[ProbeEvent]:
+    """Every probe event of domain ``name`` in its console logs on ``hosts``."""
+    events: list[ProbeEvent] = []
+    for host in hosts:
+        log = in_host(host, console_log(name))
+        if log.exists():
+            events += ConsoleParser().feed(log.read_bytes() + b"\n", time.time())
+    return events
+
+
+@dataclass(frozen=True)
+class GuestErrors:
+    """What the probe reported wrong, on every host the domain ran on."""
+
+    io_errors: int
+    verify_failures: int
+    heartbeats: int
+
+    @classmethod
+    def of(cls, events: list[ProbeEvent]) -> GuestErrors:
+        beats = [e for e in events if isinstance(e, Heartbeat)]
+        errors = max(sum(b.errors for b in beats), sum(isinstance(e, ProbeError) for e in events))
+        failures = max(
+            sum(b.verify_failures for b in beats),
+            sum(isinstance(e, VerifyFailure) for e in events),
+        )
+        return cls(io_errors=errors, verify_failures=failures, heartbeats=len(beats))
+
+
+def running_since(hosts: list[LabHost], name: str, since: float) -> bool:
+    """The probe wrote or read after ``since`` (wherever the domain runs)."""
+    return any(
+        isinstance(e, Heartbeat) and e.phase == "run" and e.ops > 0 and e.host_time > since
+        for e in probe_events(hosts, name)
+    )
+
+
+async def probe_command(host: LabHost, name: str, command: str) -> Paused | None:
+    """``command`` to the probe through the console of domain ``name`` on ``host``;
+    ``pause`` waits for its answer."""
+    path = in_host(host, console(name))
+    reader, writer = await asyncio.open_unix_connection(str(path))
+    try:
+        writer.write(f"{command}\n".encode())
+        await writer.drain()
+        if command != "pause":
+            return None
+        parser = ConsoleParser()
+        async with asyncio.timeout(PROBE_TIMEOUT_S):
+            while data := await reader.read(4096):
+                for event in parser.feed(data, time.time()):
+                    if isinstance(event, Paused):
+                        return event
+        raise PeerError(f"domain {name}'s console on {host.name} closed")
+    except TimeoutError:
+        raise PeerError(f"domain {name}'s probe did not answer {command!r}") from None
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def integrity(host: LabHost, endpoint: Endpoint, name: str) -> str:
+    """Pause the probe, compare its digest with the disk's on ``host`` (its agent's
+    replica), let it go on: ``ok``, or what differs."""
+    paused = await probe_command(host, name, "pause")
+    assert paused is not None
+    try:
+        async with DaemonClient(endpoint) as client:
+            disks = await client.get_as(f"/v1/libvirt/{name}/disks", DomainDisks)
+        (disk,) = disks.disks
+        found = await asyncio.to_thread(disk_digest, Path(disk.image))
+    finally:
+        await probe_command(host, name, "resume")
+    if found.digest == paused.digest:
+        return "ok"
+    return f"mismatch: the guest last wrote digest {paused.digest}, the disk holds {found.digest}"
