@@ -55,7 +55,8 @@ async def domain_disks(lab: Lab, host: str) -> DomainDisks:
 
 async def check_integrity(lab: Lab, host: str) -> None:
     """The probe paused: its digest equal to the disk's on ``host``'s replica."""
-    found = await guest.integrity(lab.host(host), endpoint(lab, host), DOMAIN)
+    image = await guest.served_image(endpoint(lab, host), DOMAIN)
+    found = await guest.integrity(lab.host(host), DOMAIN, image)
     assert found == "ok", f"on {host}: {found}"
 
 

@@ -43,7 +43,7 @@ def _register() -> None:
     from devagent.cli.device_cmd import device_group
     from devagent.cli.guest_cmd import guest_group
     from devagent.cli.lab_cmd import lab_group
-    from devagent.cli.libvirt_cmd import libvirt_group
+    from devagent.cli.libvirt_cmd import libvirt_bench_cmd, libvirt_group
     from devagent.cli.migrate_cmd import migrate_cmd
     from devagent.cli.net_cmd import net_agent_cmd
     from devagent.cli.pki_cmd import pki_group
@@ -70,3 +70,4 @@ def _register() -> None:
 
     bench_group.add_command(bench_cmd, name="agent")
     bench_group.add_command(migrate_bench_cmd, name="migrate")
+    bench_group.add_command(libvirt_bench_cmd, name="libvirt")

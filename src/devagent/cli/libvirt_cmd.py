@@ -1,7 +1,14 @@
 """``devagent libvirt``: the libvirt domains of a lab's hosts, as their daemons follow them
-(each daemon started with ``--libvirt URI``; ``lab up --libvirt`` does that)."""
+(each daemon started with ``--libvirt URI``; ``lab up --libvirt`` does that); and
+``devagent bench libvirt`` (:mod:`devagent.lab.libvirt_bench`)."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
 
 import click
 from rich.table import Table
@@ -9,6 +16,7 @@ from rich.table import Table
 from devagent.api_types import Adopted, Libvirt
 from devagent.cli.common import (
     endpoint_for,
+    err,
     json_option,
     lab_endpoints,
     lab_option,
@@ -17,7 +25,10 @@ from devagent.cli.common import (
     run,
 )
 from devagent.client import DaemonClient
+from devagent.vocab import parse_size
 from devagent.wire import to_json
+
+BENCH_LAB = "lvb"
 
 
 @click.group("libvirt")
@@ -79,3 +90,60 @@ def adopt_cmd(domain: str, host: str, as_json: bool, lab_name: str) -> None:
         table.add_row(disk.node, disk.original, disk.image, disk.socket, disk.tcp_address or "—")
     out.print(f"domain {adopted.domain} on host {host}: its disks are served by devagent")
     out.print(table)
+
+
+@click.command("libvirt")
+@click.option("--runs", default=1, show_default=True, type=click.IntRange(1, 10),
+              help="Migrations per method (medians reported).")  # fmt: skip
+@click.option("--link-rate", default="1gbit", show_default=True, help="Shape the hosts' links.")
+@click.option("--disk-size", default="1G", show_default=True)
+@click.option("--ram", default="256M", show_default=True)
+@click.option("--workload", default="moderate,prefill=256M", show_default=True,
+              help="The guest's ioprobe profile.")  # fmt: skip
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write results.json (every migration) and results.md here.")  # fmt: skip
+@json_option
+def libvirt_bench_cmd(
+    runs: int, link_rate: str, disk_size: str, ram: str, workload: str,
+    out_dir: Path | None, as_json: bool,
+) -> None:  # fmt: skip
+    """libvirt's own storage migration (virsh migrate --copy-storage-all, and with
+    --copy-storage-synchronous-writes) against devagent under libvirt (hybrid, postcopy,
+    precopy): the same guest, the same link, in one run, on a fresh 2-host lab with a
+    libvirtd in each host. One row per method: medians of total time, total / limit, the
+    guest's pause (libvirt's events), QEMU's downtime (libvirt's job info), guest errors,
+    and the destination's disk against the guest's digest."""
+    from devagent.cli.demo_common import fresh_lab
+    from devagent.guest.workload import parse_workload
+    from devagent.lab import libvirt_bench as bench
+
+    def say(text: str) -> None:
+        if not as_json:
+            err.print(text)
+
+    async def go() -> list[bench.BenchRow]:
+        lab = await fresh_lab(BENCH_LAB, 2, link_rate, loopback=False, say=say, libvirt=True)
+        try:
+            return await bench.LibvirtBench(
+                lab, parse_size(disk_size), parse_workload(workload), parse_size(ram) >> 20, say
+            ).run(runs)
+        finally:
+            say(f"removing the lab {BENCH_LAB!r}")
+            await asyncio.to_thread(lab.down)
+
+    started = time.monotonic()
+    rows = run(go())
+    table = bench.median_rows(rows)
+    results = {"link_rate": link_rate, "disk_size": disk_size, "ram": ram,
+               "workload": workload, "runs": runs, "wall_s": round(time.monotonic() - started),
+               "table": table, "migrations": [to_json(r) for r in rows]}  # fmt: skip
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out_dir / "results.md").write_text(bench.markdown(table) + "\n")
+    if as_json:
+        print_json(results)
+    else:
+        out.print(bench.markdown(table))
+    if any(r.error or r.guest_io_errors or r.guest_verify_failures for r in rows):
+        sys.exit(1)

@@ -92,7 +92,8 @@ async def _probe_figures(
     errors = guest.GuestErrors.of(guest.probe_events(hosts, report.vm))
     report.guest_io_errors, report.guest_verify_failures = errors.io_errors, errors.verify_failures
     try:
-        report.integrity = await guest.integrity(there, end, report.vm)
+        image = await guest.served_image(end, report.vm)
+        report.integrity = await guest.integrity(there, report.vm, image)
     except DevagentError as err:
         report.integrity = f"not checked: {err}"
     for row in report.devices:

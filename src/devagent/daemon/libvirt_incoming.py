@@ -49,8 +49,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: libvirt's ``VIR_DOMAIN_JOB_STATS_COMPLETED``: the job that just ended (the incoming
-#: migration, its figures brought over from the source).
-JOB_STATS_COMPLETED = 1
+#: migration, its figures brought over from the source), and ``KEEP_COMPLETED``: left for
+#: others to read too (a read clears them otherwise).
+JOB_STATS_COMPLETED = 1 | 2
 #: libvirt's ``virDomainState`` of a paused domain, and the reason libvirt gives once its
 #: migration here finished with ``VIR_MIGRATE_PAUSED`` (an incoming one is paused for
 #: ``migration`` until then).

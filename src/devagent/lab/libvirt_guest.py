@@ -152,16 +152,21 @@ async def probe_command(host: LabHost, name: str, command: str) -> Paused | None
             await writer.wait_closed()
 
 
-async def integrity(host: LabHost, endpoint: Endpoint, name: str) -> str:
-    """Pause the probe, compare its digest with the disk's on ``host`` (its agent's
-    replica), let it go on: ``ok``, or what differs."""
+async def served_image(endpoint: Endpoint, name: str) -> Path:
+    """The replica that host ``endpoint``'s agent serves as domain ``name``'s one disk."""
+    async with DaemonClient(endpoint) as client:
+        disks = await client.get_as(f"/v1/libvirt/{name}/disks", DomainDisks)
+    (disk,) = disks.disks
+    return Path(disk.image)
+
+
+async def integrity(host: LabHost, name: str, image: Path) -> str:
+    """Pause the probe of domain ``name`` on ``host``, compare its digest with ``image``'s
+    (the disk as that host holds it), let it go on: ``ok``, or what differs."""
     paused = await probe_command(host, name, "pause")
     assert paused is not None
     try:
-        async with DaemonClient(endpoint) as client:
-            disks = await client.get_as(f"/v1/libvirt/{name}/disks", DomainDisks)
-        (disk,) = disks.disks
-        found = await asyncio.to_thread(disk_digest, Path(disk.image))
+        found = await asyncio.to_thread(disk_digest, image)
     finally:
         await probe_command(host, name, "resume")
     if found.digest == paused.digest:
