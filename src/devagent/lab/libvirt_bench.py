@@ -11,11 +11,13 @@ converges under writes); the destination's image is made empty beforehand, as an
 would. Then its disk is adopted by devagent, and it moves by each of devagent's strategies
 (libvirt moving RAM and definition). The domain goes back and forth a → b → a …
 
-Each migration is measured with the same instruments whoever moves the disk: the total
-time (the migrate call, from this process); the guest's pause from libvirt's events as this
-process receives them (the source's ``Suspended/Migrated`` to the destination's
-``Resumed``); QEMU's downtime from libvirt's job information on the destination; the
-probe's errors on both hosts; the disk on the destination against the guest's digest.
+Each migration is measured with the same instruments whoever moves the disk: the total time
+(libvirt's migrate call, or devagent's report: up to the source's release); its floor
+``limit_s``, the guest's data (the blocks its probe wrote, and its RAM) over the link; the
+guest's pause from libvirt's events as this process receives them (the source's
+``Suspended/Migrated`` to the destination's ``Resumed``); QEMU's downtime from libvirt's
+job information on the destination; the probe's errors on both hosts; the disk on the
+destination against the guest's digest.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from devagent.api_types import Adopted
 from devagent.client import DaemonClient, Endpoint
 from devagent.daemon.libvirt_link import DomainEvent, LibvirtLink
 from devagent.errors import DevagentError
+from devagent.guest.probe import Heartbeat
 from devagent.guest.workload import Workload
 from devagent.lab import libvirt
 from devagent.lab import libvirt_guest as guest
@@ -44,6 +47,7 @@ from devagent.report import limit_seconds
 from devagent.wait import wait_until
 
 DOMAIN = "bench-domain"
+BLOCK = 4096  # the probe's block
 BOOT_TIMEOUT_S = 180.0
 SETTLE_S = 3.0  # steady guest I/O before each migration
 EVENT_TIMEOUT_S = 600.0
@@ -136,9 +140,11 @@ class LibvirtBench:
         row = BenchRow(method=method, source=self.where, destination=self.other)
         self.rows.append(row)
         self.say(f"{method}: {row.source} → {row.destination}")
-        before = guest.GuestErrors.of(guest.probe_events(self.lab.hosts, DOMAIN))
-        allocated = self.image.stat().st_blocks * 512 if self.image.exists() else 0
-        row.limit_s = limit_seconds(allocated + (self.ram_mb << 20), self.lab.link_rate_bps)
+        events = guest.probe_events(self.lab.hosts, DOMAIN)
+        before = guest.GuestErrors.of(events)
+        written = max((e.written_blocks for e in events if isinstance(e, Heartbeat)), default=0)
+        data = written * BLOCK + (self.ram_mb << 20)  # what the guest holds, whoever moves it
+        row.limit_s = limit_seconds(data, self.lab.link_rate_bps)
         stopped = self._event(row.source, "suspended", "migrated")
         resumed = self._event(row.destination, "resumed", None)
         await asyncio.sleep(0)  # the waiters are in place before anything happens
