@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from devagent.daemon.libvirt_link import DomainEvent, LibvirtLink, event_names, state_name
 from devagent.errors import NotFound, PeerError
+from devagent.libvirt_link import DomainEvent, LibvirtLink, event_names, state_name
 from devagent.wait import WaitTimeout
 
 TEST_URI = "test:///default"  # holds one running domain, "test"

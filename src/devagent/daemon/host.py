@@ -9,11 +9,11 @@ from devagent.client import Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.exports import ExportManager
 from devagent.daemon.libvirt_domains import IncomingDomain
-from devagent.daemon.libvirt_link import LibvirtLink
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.vms import VmManager
 from devagent.errors import StateError
 from devagent.guestnet import GuestNetwork
+from devagent.libvirt_link import LibvirtLink
 from devagent.tls import Tls
 
 

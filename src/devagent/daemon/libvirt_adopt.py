@@ -34,8 +34,8 @@ from typing import Any
 from devagent.agent.messages import BackendSpec
 from devagent.api_types import AdoptedDisk
 from devagent.daemon.agents import AgentProcess
-from devagent.daemon.libvirt_link import DomainEvent, LibvirtLink
 from devagent.errors import DevagentError, PeerError, StateError, UsageError
+from devagent.libvirt_link import DomainEvent, LibvirtLink
 
 log = logging.getLogger(__name__)
 

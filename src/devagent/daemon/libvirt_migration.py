@@ -47,7 +47,6 @@ from devagent.api_types import Completions, DomainDisks, MigrationProgress, Migr
 from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.libvirt_adopt import XML_INACTIVE, NbdSource, redefined
-from devagent.daemon.libvirt_link import DomainEvent
 from devagent.daemon.migration.context import PEER_TIMEOUT_S, Peer
 from devagent.daemon.migration.job import (
     FORWARD_RETRY_PAUSE_S,
@@ -77,6 +76,7 @@ from devagent.daemon.migration.plans import (
 from devagent.daemon.migration.report import BASELINE_S
 from devagent.daemon.netstat import link_bytes
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.libvirt_link import DomainEvent
 from devagent.report import MigrationReport, fill_io_measures, fill_link_measures, largest_gap
 from devagent.vocab import Step, Strategy
 from devagent.wait import WaitTimeout, wait_until
@@ -84,7 +84,7 @@ from devagent.wire import from_peer, to_json
 
 if TYPE_CHECKING:
     from devagent.daemon.host import Host
-    from devagent.daemon.libvirt_link import LibvirtLink
+    from devagent.libvirt_link import LibvirtLink
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """The daemon's routes for the libvirt domains of its host (``devagentd --libvirt URI``;
-:mod:`devagent.daemon.libvirt_link`). Every route of this table, no more
+:mod:`devagent.libvirt_link`). Every route of this table, no more
 (``tests/test_routes.py`` checks it both ways)::
 
     GET    /v1/libvirt                        the host's libvirtd: URI, connected, domains
@@ -39,9 +39,9 @@ from devagent.daemon.agents import AgentProcess
 from devagent.daemon.auth import require_source
 from devagent.daemon.host import Host
 from devagent.daemon.libvirt_adopt import adopt
-from devagent.daemon.libvirt_link import LibvirtLink
 from devagent.daemon.migration.messages import Arrived, CommitRequest, DomainIncoming
 from devagent.errors import NotFound, PeerError, StateError
+from devagent.libvirt_link import LibvirtLink
 
 
 class LibvirtRoutes:

@@ -15,9 +15,9 @@ from aiohttp import web
 
 from devagent.daemon.api import build_app
 from devagent.daemon.host import Host
-from devagent.daemon.libvirt_link import LibvirtLink
 from devagent.errors import DevagentError
 from devagent.guestnet import GuestNetwork
+from devagent.libvirt_link import LibvirtLink
 from devagent.tls import Tls, use_tls
 
 

@@ -34,7 +34,6 @@ from typing import Any
 
 from devagent.api_types import Adopted
 from devagent.client import DaemonClient, Endpoint
-from devagent.daemon.libvirt_link import DomainEvent, LibvirtLink
 from devagent.errors import DevagentError
 from devagent.guest.probe import Heartbeat
 from devagent.guest.workload import Workload
@@ -42,6 +41,7 @@ from devagent.lab import libvirt
 from devagent.lab import libvirt_guest as guest
 from devagent.lab.lab import Lab
 from devagent.lab.layout import LabHost
+from devagent.libvirt_link import DomainEvent, LibvirtLink
 from devagent.orchestrate import migrate
 from devagent.report import limit_seconds
 from devagent.wait import wait_until

@@ -1,6 +1,7 @@
-"""The host's libvirtd as devagentd follows it (``devagentd --libvirt URI``): one
-connection through ``libvirt-python``, and libvirt's events on it, so that the daemon
-follows domains by their events, never by polling them.
+"""A host's libvirtd as devagentd follows it (``devagentd --libvirt URI``; ``bench
+libvirt`` watches the lab's the same way): one connection through ``libvirt-python``, and
+libvirt's events on it, so that the daemon follows domains by their events, never by
+polling them.
 
 libvirt's events arrive on a thread of libvirt's own event loop, which hands each to the
 daemon's loop (``call_soon_threadsafe``). libvirt's calls block on their socket: each runs
