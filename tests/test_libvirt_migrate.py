@@ -19,10 +19,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import print_logs, private_lab, processes_mentioning
+from conftest import kill_daemon_during_ram, print_logs, private_lab, processes_mentioning
 from devagent.agent.messages import LocalStatus
 from devagent.api_types import Adopted, DomainDisks, MigrationStatus
 from devagent.client import DaemonClient, Endpoint
+from devagent.errors import StateError
 from devagent.guest.workload import parse_workload
 from devagent.lab import libvirt
 from devagent.lab import libvirt_guest as guest
@@ -120,6 +121,39 @@ async def test_a_libvirt_domain_migrates_by_each_strategy(lab: Lab, adopted: Ado
     assert (errors.io_errors, errors.verify_failures) == (0, 0), errors
 
 
+async def test_vm_start_libvirt_serves_a_new_domains_disk_from_the_start(lab: Lab) -> None:
+    """``vm start --libvirt``'s route: the test guest as a new domain of b's libvirtd, its
+    disk an agent's from the start; it migrates to a like an adopted one."""
+    name = "lvs"
+    async with DaemonClient(endpoint(lab, "b")) as client:
+        body = {"name": name, "disk_size": 32 << 20, "ram_mb": 128, "workload": "moderate"}
+        started = await client.post_as("/v1/libvirt/domains", Adopted, body)
+        with pytest.raises(StateError, match="lvs is here already"):
+            await client.post_as("/v1/libvirt/domains", Adopted, body)
+    try:
+        (disk,) = started.disks
+        assert domains(lab, "b") >= {name}
+        for flags in ((), ("--inactive",)):
+            xml = ET.fromstring(libvirt.virsh(lab.host("b"), "dumpxml", name, *flags))
+            nbd = xml.find("./devices/disk/source/host")
+            assert nbd is not None and nbd.get("socket") == disk.socket, flags
+        await wait_until(lambda: guest.running_since(lab.hosts, name, 0), timeout=60,
+                         interval=0.2, what=f"{name}'s probe")  # fmt: skip
+        async with DaemonClient(endpoint(lab, "b")) as client:
+            body = {"to": endpoint(lab, "a").to_json(), "storage": "postcopy"}
+            job = await client.post_as(f"/v1/vms/{name}/migrate", MigrationStatus, body)
+            report = await follow_migration(client, job.id, timeout=120)
+        assert report.status == "completed", report.error
+        assert name in domains(lab, "a") and name not in domains(lab, "b")
+        image = await guest.served_image(endpoint(lab, "a"), name)
+        assert await guest.integrity(lab.host("a"), name, image) == "ok"
+    finally:
+        for host in ("a", "b"):
+            if name in domains(lab, host):
+                libvirt.virsh(lab.host(host), "destroy", name)
+                libvirt.virsh(lab.host(host), "undefine", name)
+
+
 def libvirtd_pid(lab: Lab, host: str) -> int:
     pid_file = libvirt.root(lab.host(host)) / "run" / "libvirtd.pid"
     return int(pid_file.read_text().strip())
@@ -160,3 +194,36 @@ async def test_the_destinations_libvirtd_killed_during_ram_rolls_back(
         assert not [p for p in processes_mentioning(DOMAIN) if "qemu" in p and str(b.dir) in p]
     finally:
         print_logs(lab)
+        lab.restart_libvirtd("b")
+    # b's libvirtd, back, removes what its incoming migration had left: nothing of it stays
+    await wait_until(
+        lambda: DOMAIN not in libvirt.virsh(lab.host("b"), "list", "--all", "--name").split(),
+        timeout=30, interval=0.2, what=f"{DOMAIN} gone from b's libvirt",
+    )  # fmt: skip
+
+
+async def test_the_destinations_daemon_lost_during_ram_aborts_libvirts_job(
+    lab: Lab, adopted: Adopted
+) -> None:
+    """devagent's side fails while libvirt moves the RAM (b's devagentd killed): the
+    source aborts libvirt's job; the guest runs on a with its disk served."""
+    assert domains(lab, "a") >= {DOMAIN}
+    async with DaemonClient(endpoint(lab, "a")) as client:
+        body = {"to": endpoint(lab, "b").to_json(), "storage": "hybrid",
+                "link_rate_bps": 40_000_000}  # fmt: skip
+        job = await client.post_as(f"/v1/vms/{DOMAIN}/migrate", MigrationStatus, body)
+        await kill_daemon_during_ram(lab, endpoint(lab, "a"), "b")
+        report = await follow_migration(client, job.id, timeout=120)
+    try:
+        assert report.status == "failed"
+        assert "vanished" in (report.error or ""), report.error
+        assert DOMAIN in domains(lab, "a") and DOMAIN not in domains(lab, "b")
+        (disk,) = (await domain_disks(lab, "a")).disks
+        assert disk.status.state == "serving"
+        assert isinstance(disk.status.backend_status, LocalStatus)
+        await wait_io(lab, time.time())
+        await check_integrity(lab, "a")
+        log = (lab.host("a").dir / "devagentd.log").read_text()
+        assert f"migration {job.id}: aborting libvirt's job" in log
+    finally:
+        lab.restart_daemon("b")

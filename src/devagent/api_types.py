@@ -37,6 +37,8 @@ The peer-to-peer migration messages (``/v1/incoming``, ``/v1/baselines``) are
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from devagent.agent.messages import FetchStatus, StatusAnswer
@@ -306,6 +308,16 @@ class AdoptedDisk(msgspec.Struct):
     socket: str  # the agent's unix socket, the domain's disk source
     export: str
     tcp_address: str | None  # where peers reach it ("tcp:HOST:PORT")
+
+
+class DomainStart(msgspec.Struct, forbid_unknown_fields=True):
+    """``POST /v1/libvirt/domains``: the test guest as a new libvirt domain, its disk
+    served by an agent of the host from the start."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,31}$")]
+    disk_size: Annotated[int, msgspec.Meta(ge=1 << 20)]
+    ram_mb: Annotated[int, msgspec.Meta(ge=64, le=16384)] = 256
+    workload: str = "moderate"  # the probe's profile
 
 
 class DomainDisk(msgspec.Struct):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from devagent.api_types import Removed, VmList, VmStatus
+from devagent.api_types import Adopted, Removed, VmList, VmStatus
 from devagent.cli.common import (
     endpoint_for,
     err,
@@ -81,6 +81,12 @@ def vm_group() -> None:
 @click.option(
     "--no-wait", is_flag=True, help="Return once QEMU runs, without waiting for the probe."
 )
+@click.option(
+    "--libvirt",
+    is_flag=True,
+    help="Start the test guest as a libvirt domain of the host's libvirtd instead (lab up "
+    "--libvirt), its disk served by an agent from the start: migrate it as any VM.",
+)
 @json_option
 @lab_option
 def start(
@@ -98,6 +104,7 @@ def start(
     append: str | None,
     nic: int,
     no_wait: bool,
+    libvirt: bool,
     as_json: bool,
     lab_name: str,
 ) -> None:
@@ -107,6 +114,12 @@ def start(
     guest reads the node as the disk's serial), its NICs net0, net1, ..."""
     from devagent.vocab import parse_size
 
+    if libvirt:
+        if data_disks or disk_host or disk_images or nic:
+            raise click.UsageError("--libvirt starts the test guest with one disk and no NIC")
+        start_domain(name, host, parse_size(disk_size), parse_size(ram) >> 20, workload,
+                     as_json, lab_name)  # fmt: skip
+        return
     request: dict[str, object] = {
         "name": name,
         "ram_mb": parse_size(ram) >> 20,
@@ -262,3 +275,24 @@ def restart(name: str, as_json: bool, lab_name: str) -> None:
     devices, its disk as its agent serves it, with every write the guest saw acknowledged.
     The guest boots afresh: what it held in memory is gone."""
     _vm_action(name, lab_name, "restart", as_json)
+
+
+def start_domain(
+    name: str, host: str, size: int, ram_mb: int, workload: str, as_json: bool, lab_name: str
+) -> None:
+    """``vm start --libvirt``: the host's daemon serves a new disk and has libvirt define
+    and start the test guest on it."""
+    body = {"name": name, "disk_size": size, "ram_mb": ram_mb, "workload": workload}
+
+    async def go() -> Adopted:
+        async with DaemonClient(endpoint_for(host, lab_name)) as client:
+            return await client.post_as("/v1/libvirt/domains", Adopted, body)
+
+    with Spinner(f"libvirt starts {name} on {host}", enabled=not as_json):
+        started = run(go())
+    if as_json:
+        print_json(to_json(started))
+        return
+    (disk,) = started.disks
+    out.print(f"domain {name} runs on host {host} (libvirt), its disk {disk.node} served by "
+              f"devagent at {disk.socket}; its probe runs {workload}")  # fmt: skip

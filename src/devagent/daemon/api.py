@@ -48,6 +48,7 @@ The table below is every route :func:`build_app` registers, no more, no less
     POST   /v1/baselines/incoming/{name}/commit       (peer) the RAM arrived: run the guest
     POST   /v1/baselines/incoming/{name}/stream-done  (peer) wait for its block-stream
     GET    /v1/libvirt                        the host's libvirtd and its domains
+    POST   /v1/libvirt/domains                the test guest as a domain, disk served
     POST   /v1/libvirt/{name}/adopt           serve a running domain's disks by agents
     GET    /v1/libvirt/{name}/disks           the domain's disks as their agents say
     GET    /v1/libvirt/{name}/completions?since=T  guest I/O completions on those agents

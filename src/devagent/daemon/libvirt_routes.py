@@ -3,6 +3,8 @@
 (``tests/test_routes.py`` checks it both ways)::
 
     GET    /v1/libvirt                        the host's libvirtd: URI, connected, domains
+    POST   /v1/libvirt/domains                define and start the test guest as a domain
+                                              whose disk an agent serves (DomainStart)
     POST   /v1/libvirt/{name}/adopt           serve the running domain's file disks by
                                               agents of this host (copy, then pivot)
     GET    /v1/libvirt/{name}/disks           the domain's disks as their agents here say
@@ -30,17 +32,19 @@ from devagent.api_types import (
     Completions,
     DomainDisk,
     DomainDisks,
+    DomainStart,
     Libvirt,
     Removed,
 )
 from devagent.control_api import answer, body_as, since_of
-from devagent.daemon import libvirt_incoming
+from devagent.daemon import libvirt_incoming, libvirt_start
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.auth import require_source
 from devagent.daemon.host import Host
 from devagent.daemon.libvirt_adopt import adopt
 from devagent.daemon.migration.messages import Arrived, CommitRequest, DomainIncoming
 from devagent.errors import NotFound, PeerError, StateError
+from devagent.guest.workload import parse_workload
 from devagent.libvirt_link import LibvirtLink
 
 
@@ -50,6 +54,7 @@ class LibvirtRoutes:
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_get("/v1/libvirt", self.status)
+        router.add_post("/v1/libvirt/domains", self.start_domain)
         router.add_post("/v1/libvirt/{name}/adopt", self.adopt)
         router.add_get("/v1/libvirt/{name}/disks", self.disks)
         router.add_get("/v1/libvirt/{name}/completions", self.completions)
@@ -84,6 +89,18 @@ class LibvirtRoutes:
             if served:
                 host.adopted[name] = [agent for _disk, agent in served]
         return answer(Adopted(domain=name, disks=[disk for disk, _agent in served]), status=201)
+
+    async def start_domain(self, request: web.Request) -> web.Response:
+        start = await body_as(request, DomainStart)
+        host = self.host
+        if start.name in host.adopted or start.name in host.incoming_domains:
+            raise StateError(f"domain {start.name} is here already (host {host.name})")
+        disk, agent = await libvirt_start.start_domain(
+            self._link(), start.name, start.disk_size, parse_workload(start.workload),
+            start.ram_mb, host.root / "disks", host.root / "domains" / start.name, host.address,
+        )  # fmt: skip
+        host.adopted[start.name] = [agent]
+        return answer(Adopted(domain=start.name, disks=[disk]), status=201)
 
     def _served(self, name: str) -> list[AgentProcess]:
         agents = self.host.adopted.get(name)

@@ -417,6 +417,18 @@ class Lab:
         self._wait_answering(restarted, HEALTH_TIMEOUT_S)
         return restarted
 
+    def restart_libvirtd(self, host: str | LabHost) -> None:
+        """Start one host's libvirtd again (after it died: a test kills it), waiting until
+        it answers; its daemon's connection opens again at its next call."""
+        target = self.host(host)
+        old = self._procs.pop(f"libvirtd-{target.name}", None)
+        if old is not None and old.poll() is None:
+            old.terminate()
+            old.wait(timeout=10)
+        proc = libvirt.start(target)
+        self._procs[f"libvirtd-{target.name}"] = proc
+        libvirt.wait_answering(proc, target, libvirt.START_TIMEOUT_S)
+
     def _replace_host(self, new: LabHost) -> None:
         self._hosts = [new if h.name == new.name else h for h in self._hosts]
 

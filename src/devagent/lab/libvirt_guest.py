@@ -1,13 +1,12 @@
 """The test guest as a libvirt domain of a lab host (``lab up --libvirt``), its probe read
 and commanded through its console: what ``demo --libvirt`` and the tests run.
 
-The domain boots the test guest's kernel and initrd, its probe writing and checking its
-raw file disk ``vda``. Its console is a unix socket (:data:`CONSOLE`, under
-``/var/lib/libvirt``) logged to a file (:data:`CONSOLE_LOG`, under ``/var/log/libvirt``):
-both paths are each host's own (its libvirt folders, :data:`devagent.lab.libvirt.MOUNTS`),
-so the definition needs no rewriting when the domain moves. The daemon does not read a
-libvirt guest's probe: the lab does, here (its heartbeats from both hosts' logs, its digest
-through the console).
+The domain (:mod:`devagent.guest.domain`) boots the test guest's kernel and initrd, its
+probe writing and checking its raw file disk ``vda``. Its console's socket and log are in
+libvirt's folders, which in a lab are each host's own folders
+(:data:`devagent.lab.libvirt.MOUNTS`). The daemon does not read a libvirt guest's probe:
+the lab does, here (its heartbeats from both hosts' logs, its digest through the
+console).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from pathlib import Path
 from devagent.api_types import DomainDisks
 from devagent.client import DaemonClient, Endpoint
 from devagent.errors import PeerError
-from devagent.guest.build import load_guest
+from devagent.guest.domain import console, console_log, file_disk, probe_guest_domain
 from devagent.guest.probe import (
     ConsoleParser,
     Heartbeat,
@@ -36,35 +35,6 @@ from devagent.lab import libvirt
 from devagent.lab.layout import LabHost
 
 PROBE_TIMEOUT_S = 30.0
-
-
-def console(name: str) -> str:
-    """The domain's console socket, as its host's libvirt sees it."""
-    return f"/var/lib/libvirt/{name}-console.sock"
-
-
-def console_log(name: str) -> str:
-    return f"/var/log/libvirt/{name}-console.log"
-
-
-def domain_xml(name: str, image: Path, workload: Workload, ram_mb: int = 128) -> str:
-    """The test guest as domain ``name``, ``image`` its raw disk vda, its probe running
-    ``workload``."""
-    guest = load_guest()
-    return f"""<domain type='qemu'>
-  <name>{name}</name><memory unit='MiB'>{ram_mb}</memory><vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{guest.kernel}</kernel><initrd>{guest.initrd}</initrd>
-    <cmdline>console=ttyS0 quiet panic=-1 {workload.to_kernel_arg()}</cmdline></os>
-  <cpu mode='custom' match='exact'><model fallback='allow'>qemu64</model></cpu>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <disk type='file' device='disk'><driver name='qemu' type='raw' cache='none'/>
-      <source file='{image}'/><target dev='vda' bus='virtio'/></disk>
-    <serial type='unix'><source mode='bind' path='{console(name)}'/>
-      <log file='{console_log(name)}' append='on'/><target port='0'/></serial>
-  </devices>
-</domain>"""
 
 
 def in_host(host: LabHost, path: str) -> Path:
@@ -84,7 +54,7 @@ def define_and_start(
     with image.open("xb") as out:
         out.truncate(size)
     definition = host.dir / f"{name}.xml"
-    definition.write_text(domain_xml(name, image, workload, ram_mb))
+    definition.write_text(probe_guest_domain(name, file_disk(image), workload, ram_mb))
     libvirt.virsh(host, "define", str(definition))
     libvirt.virsh(host, "start", name)
     return image
