@@ -57,6 +57,33 @@ DETAILS: dict[str, tuple[str, ...]] = {
 }
 #: ``virConnectDomainEventBlockJobStatus``: a block job's events (``event`` "block-job").
 BLOCK_JOB_STATUSES = ("completed", "failed", "canceled", "ready")
+# libvirt's numbers that devagent passes or compares (libvirt-python's constants, not
+# imported at module level: this module loads without libvirt).
+#: ``virDomainState`` values, and ``virDomainPausedReason``: paused by a user's call (what a
+#: migration with ``VIR_MIGRATE_PAUSED`` leaves on its destination).
+STATE_RUNNING, STATE_PAUSED, PAUSED_USER = 1, 3, 1
+#: ``virDomainXMLFlags``: the inactive (persistent) definition; one fit for a migration.
+XML_INACTIVE, XML_MIGRATABLE = 2, 8
+#: ``virDomainGetJobStatsFlags``: the job that ended (its figures kept for other readers:
+#: a read clears them otherwise).
+JOB_STATS_COMPLETED = 1 | 2
+#: ``virDomainMigrateFlags``: live; peer to peer (the source's libvirtd drives it); defined
+#: on the destination, undefined on the source; left paused on the destination; every disk
+#: copied (libvirt's own storage migration), its mirror blocking each guest write until it
+#: reached the destination; the streams over TLS.
+MIGRATE_LIVE = 1
+MIGRATE_PEER2PEER = 2
+MIGRATE_PERSIST_DEST = 8
+MIGRATE_UNDEFINE_SOURCE = 16
+MIGRATE_PAUSED = 32
+MIGRATE_NON_SHARED_DISK = 64
+MIGRATE_TLS = 1 << 16
+MIGRATE_SYNCHRONOUS_WRITES = 1 << 18
+#: ``virDomainBlockCopyFlags``: the destination exists and is used as it is; the job is not
+#: kept in the persistent definition; ``virDomainBlockJobAbortFlags``: a pivot ends it.
+BLOCK_COPY_REUSE_EXT = 2
+BLOCK_COPY_TRANSIENT_JOB = 4
+BLOCK_JOB_ABORT_PIVOT = 2
 #: ``virDomainState``.
 STATES = ("nostate", "running", "blocked", "paused", "shutdown", "shutoff", "crashed",
           "pmsuspended")  # fmt: skip

@@ -68,13 +68,16 @@ async def run_libvirt_demo(
             await asyncio.sleep(BASELINE_S)
             count = f" ({index + 1} of {migrations})" if migrations > 1 else ""
             say(f"migrating {DEMO_DOMAIN} {source} → {destination} ({storage}){count}")
+            before = guest.GuestErrors.of(guest.probe_events(lab.hosts, DEMO_DOMAIN))
             with MigrationProgress(enabled=verbose) as progress:
                 report = await migrate(
                     ends[source], ends[destination], DEMO_DOMAIN, storage=storage,
                     link_rate_bps=lab.link_rate_bps, progress=progress,
                 )  # fmt: skip
             if report.status == "completed":
-                await _probe_figures(report, lab.hosts, hosts[destination], ends[destination])
+                await _probe_figures(
+                    report, before, lab.hosts, hosts[destination], ends[destination]
+                )
             reports.append(report)
             if not healthy([report]):
                 break
@@ -86,11 +89,17 @@ async def run_libvirt_demo(
 
 
 async def _probe_figures(
-    report: MigrationReport, hosts: list[LabHost], there: LabHost, end: Endpoint
+    report: MigrationReport,
+    before: guest.GuestErrors,
+    hosts: list[LabHost],
+    there: LabHost,
+    end: Endpoint,
 ) -> None:
-    """The probe's errors so far (both hosts' console logs), the disk's integrity there."""
+    """The probe's errors since ``before`` (both hosts' console logs), the disk's integrity
+    there."""
     errors = guest.GuestErrors.of(guest.probe_events(hosts, report.vm))
-    report.guest_io_errors, report.guest_verify_failures = errors.io_errors, errors.verify_failures
+    report.guest_io_errors = errors.io_errors - before.io_errors
+    report.guest_verify_failures = errors.verify_failures - before.verify_failures
     try:
         image = await guest.served_image(end, report.vm)
         report.integrity = await guest.integrity(there, report.vm, image)

@@ -9,6 +9,7 @@ from devagent.client import Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.exports import ExportManager
 from devagent.daemon.libvirt_domains import IncomingDomain
+from devagent.daemon.migration.messages import DomainCommitAnswer
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.vms import VmManager
 from devagent.errors import StateError
@@ -35,6 +36,8 @@ class Host:
     adopted: dict[str, list[AgentProcess]] = field(default_factory=dict)
     #: The libvirt domains on their way here, by name (their agents made, not committed).
     incoming_domains: dict[str, IncomingDomain] = field(default_factory=dict)
+    #: The last commit of each domain that came here, for a repeat whose answer was lost.
+    domain_commits: dict[str, DomainCommitAnswer] = field(default_factory=dict)
     vms: VmManager = field(init=False)
     exports: ExportManager = field(init=False)
 

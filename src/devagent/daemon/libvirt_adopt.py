@@ -35,18 +35,18 @@ from devagent.agent.messages import BackendSpec
 from devagent.api_types import AdoptedDisk
 from devagent.daemon.agents import AgentProcess
 from devagent.errors import DevagentError, PeerError, StateError, UsageError
-from devagent.libvirt_link import DomainEvent, LibvirtLink
+from devagent.libvirt_link import (
+    BLOCK_COPY_REUSE_EXT,
+    BLOCK_COPY_TRANSIENT_JOB,
+    BLOCK_JOB_ABORT_PIVOT,
+    XML_INACTIVE,
+    DomainEvent,
+    LibvirtLink,
+)
 
 log = logging.getLogger(__name__)
 
 COPY_TIMEOUT_S = 600.0
-# libvirt's flags (libvirt-python's constants, not imported here: the module stays loadable
-# without libvirt): the destination exists and is used as it is; the job is not kept in the
-# persistent definition; a pivot ends the copy; the inactive definition.
-BLOCK_COPY_REUSE_EXT = 2
-BLOCK_COPY_TRANSIENT_JOB = 4
-BLOCK_JOB_ABORT_PIVOT = 2
-XML_INACTIVE = 2
 
 
 @dataclass(frozen=True)

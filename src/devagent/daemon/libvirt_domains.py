@@ -8,7 +8,6 @@ import asyncio
 from dataclasses import dataclass, field
 
 from devagent.daemon.agents import AgentProcess
-from devagent.daemon.migration.messages import DomainCommitAnswer
 
 
 @dataclass
@@ -19,6 +18,5 @@ class IncomingDomain:
     source: str
     agents: dict[str, AgentProcess]
     receivers: dict[str, AgentProcess] = field(default_factory=dict)
-    answer: DomainCommitAnswer | None = None  # the commit's, once it began and ended
     committing: asyncio.Lock = field(default_factory=asyncio.Lock)
     began: bool = False  # the commit began: the guest runs here (or is about to)

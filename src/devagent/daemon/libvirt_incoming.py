@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,9 +38,11 @@ from devagent.daemon.migration.messages import (
     DomainCommitAnswer,
     DomainIncoming,
     DomainIncomingAnswer,
+    IncomingDisk,
     RemoteDisk,
 )
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
+from devagent.libvirt_link import JOB_STATS_COMPLETED, PAUSED_USER, STATE_PAUSED
 from devagent.vocab import DestinationStep
 from devagent.wait import all_of
 
@@ -48,14 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: libvirt's ``VIR_DOMAIN_JOB_STATS_COMPLETED``: the job that just ended (the incoming
-#: migration, its figures brought over from the source), and ``KEEP_COMPLETED``: left for
-#: others to read too (a read clears them otherwise).
-JOB_STATS_COMPLETED = 1 | 2
-#: libvirt's ``virDomainState`` of a paused domain, and the reason libvirt gives once its
-#: migration here finished with ``VIR_MIGRATE_PAUSED`` (an incoming one is paused for
-#: ``migration`` until then).
-STATE_PAUSED, PAUSED_USER = 3, 1
 ARRIVAL_TIMEOUT_S = 3600.0
 ARRIVAL_POLL_S = 0.005
 
@@ -65,36 +60,54 @@ def run_dir(host: Host, name: str) -> Path:
     return host.root / "domains" / name
 
 
+#: What a domain's name and a disk's target may be here (they go into file names).
+DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+DISK_TARGET = re.compile(r"^[a-z][a-z0-9]{0,15}$")
+
+
+def check_names(incoming: DomainIncoming) -> None:
+    """A peer's names, before they make any path: a refusal names what is wrong."""
+    name, nodes = incoming.domain, [d.node for d in incoming.disks]
+    if not DOMAIN_NAME.match(name):
+        raise UsageError(f"{name!r} is not a domain name devagent takes ({DOMAIN_NAME.pattern})")
+    if not nodes:
+        raise UsageError(f"domain {name}: 'disks' names none")
+    bad = [n for n in nodes if not DISK_TARGET.match(n)]
+    if bad or len(set(nodes)) != len(nodes):
+        raise UsageError(f"domain {name}: disk targets must be distinct, like vda: {nodes}")
+    for disk in incoming.disks:
+        if disk.backend is None or disk.size <= 0:
+            raise UsageError(f"domain {name}: disk {disk.node} needs 'backend' and 'size'")
+
+
 async def prepare(host: Host, incoming: DomainIncoming) -> DomainIncomingAnswer:
     """The agents for the domain's disks, each serving a new replica that reads through to
-    the source's agent; see the module's description."""
+    the source's agent; see the module's description. Each agent is the incoming domain's
+    as soon as it runs: a failure removes every one made."""
+    check_names(incoming)
     name = incoming.domain
     if name in host.adopted or name in host.incoming_domains:
         raise StateError(f"domain {name} is here already (host {host.name})")
-    if not incoming.disks:
-        raise UsageError(f"domain {name}: 'disks' names none")
     made = IncomingDomain(name=name, source=incoming.source, agents={})
     host.incoming_domains[name] = made
+    host.domain_commits.pop(name, None)  # an earlier stay's
     folder, disks_dir = run_dir(host, name), host.root / "disks"
+
+    async def serve(disk: IncomingDisk, backend: RemoteDisk) -> None:
+        made.agents[disk.node] = await serve_replica(
+            name, disk.node, disk.size, disks_dir, folder, host.address, backend=backend.spec()
+        )
+        if disk.receive:
+            image = made.agents[disk.node].image
+            made.receivers[disk.node] = receiver = AgentProcess(
+                vm=name, node=f"receive-{disk.node}", image=image, run_dir=str(folder),
+                listen_address=host.address, backend=LocalSpec(path=image, space_hold_s=0.0),
+            )  # fmt: skip
+            await receiver.start()
+
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for disk in incoming.disks:
-            if disk.backend is None or disk.size <= 0:
-                raise UsageError(f"domain {name}: disk {disk.node} needs 'backend' and 'size'")
-        agents = await all_of(*(
-            serve_replica(name, d.node, d.size, disks_dir, folder, host.address,
-                          backend=d.backend.spec())
-            for d in incoming.disks if d.backend is not None
-        ))  # fmt: skip
-        made.agents = {agent.node: agent for agent in agents}
-        for disk in incoming.disks:
-            if disk.receive:
-                image = made.agents[disk.node].image
-                made.receivers[disk.node] = AgentProcess(
-                    vm=name, node=f"receive-{disk.node}", image=image, run_dir=str(folder),
-                    listen_address=host.address, backend=LocalSpec(path=image, space_hold_s=0.0),
-                )  # fmt: skip
-        await all_of(*(r.start() for r in made.receivers.values()))
+        await all_of(*(serve(d, d.backend) for d in incoming.disks if d.backend is not None))
     except BaseException:
         await remove(host, name)
         raise
@@ -111,14 +124,17 @@ async def prepare(host: Host, incoming: DomainIncoming) -> DomainIncomingAnswer:
 
 async def arrived(host: Host, name: str) -> float:
     """Wait until libvirt's migration of domain ``name`` finished here, the guest paused
-    (the source's QEMU stopped for good and its disks flushed); returns when."""
+    (the source's QEMU stopped for good and its disks flushed); returns when. libvirt's
+    state is looked at every :data:`ARRIVAL_POLL_S` (its events say no more: the pause of
+    ``VIR_MIGRATE_PAUSED`` is a state); a domain removed meanwhile (rolled back) ends the
+    wait."""
     made = host.incoming_domains.get(name)
     if made is None:
         raise NotFound(f"no incoming domain {name} on host {host.name}")
     link = host.require_libvirt()
     deadline = time.monotonic() + ARRIVAL_TIMEOUT_S
     dom = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and host.incoming_domains.get(name) is made:
         try:
             dom = dom or await link.call("lookupByName", name)
             if tuple(await link.run(dom, "state")) == (STATE_PAUSED, PAUSED_USER):
@@ -131,19 +147,26 @@ async def arrived(host: Host, name: str) -> float:
 
 async def commit(host: Host, name: str, request: CommitRequest) -> DomainCommitAnswer:
     """libvirt moved the domain here, paused: ready the disks, run the guest. Once: a
-    repeat (the source's answer lost) gets the first one's answer."""
+    repeat (the source's answer lost) gets the first one's answer; one after a commit that
+    failed part-way takes it up where it stopped (the swaps done are not done again)."""
+    done = host.domain_commits.get(name)
+    if done is not None and name not in host.incoming_domains:
+        return done
     made = host.incoming_domains.get(name)
     if made is None:
         raise NotFound(f"no incoming domain {name} on host {host.name}")
+    if set(request.fetches) != set(made.agents):
+        wanted, given = ", ".join(made.agents), ", ".join(request.fetches)
+        raise UsageError(f"domain {name}: the commit must name a fetch for each of its disks "
+                         f"({wanted}), not {given}")  # fmt: skip
     async with made.committing:
-        if made.answer is not None:
-            return made.answer
-        if made.began:  # began, then failed: the guest is here; its state says the rest
-            raise StateError(f"domain {name}'s commit began here and failed: see its log")
-        made.answer = await _commit(host, made, request)
-    host.adopted[name] = list(made.agents.values())
-    del host.incoming_domains[name]
-    return made.answer
+        if name not in host.incoming_domains:  # committed while this one waited
+            return host.domain_commits[name]
+        answer = await _commit(host, made, request)
+        host.domain_commits[name] = answer
+        host.adopted[name] = list(made.agents.values())
+        del host.incoming_domains[name]
+    return answer
 
 
 async def _commit(host: Host, made: IncomingDomain, request: CommitRequest) -> DomainCommitAnswer:
@@ -151,20 +174,18 @@ async def _commit(host: Host, made: IncomingDomain, request: CommitRequest) -> D
     steps: dict[str, float] = {DestinationStep.COMMIT: time.time()}
     dom = await link.call("lookupByName", made.name)
     state = tuple(await link.run(dom, "state"))
-    if state != (STATE_PAUSED, PAUSED_USER):
+    if state != (STATE_PAUSED, PAUSED_USER) and not made.began:
         raise StateError(f"domain {made.name} is not here paused (state, reason {state}): "
                          "libvirt's migration did not arrive")  # fmt: skip
+    made.began = True  # from here on the guest runs here: no abort
     if made.receivers:
         await all_of(*(_retire(made, node) for node in list(made.receivers)))
         steps[DestinationStep.RECEIVER_RETIRED] = time.time()
-    missing = [node for node in made.agents if node not in request.fetches]
-    if missing:
-        raise UsageError(f"domain {made.name}: the commit names no fetch for {', '.join(missing)}")
-    made.began = True  # from here on the guest runs here: no abort
     await all_of(*(_swap(made, node, plan.spec(made.agents[node].image))
                    for node, plan in request.fetches.items()))  # fmt: skip
     steps[DestinationStep.DISK_SWAPPED] = time.time()
-    await link.run(dom, "resume")
+    if state[0] == STATE_PAUSED:
+        await link.run(dom, "resume")
     resumed_at = time.time()
     downtime = None
     with contextlib.suppress(DevagentError):  # a figure: its absence fails nothing
@@ -184,7 +205,12 @@ async def _retire(made: IncomingDomain, node: str) -> None:
         log.warning("domain %s: receiver of %s unreachable (%s): killing it", made.name, node, err)
         await receiver.kill()
         return
-    await receiver.stop()
+    exiting = asyncio.create_task(receiver.stop())  # its exit, off the guest's pause
+    _exiting.add(exiting)
+    exiting.add_done_callback(_exiting.discard)
+
+
+_exiting: set[asyncio.Task[None]] = set()  # retired receivers' exits under way
 
 
 async def _swap(made: IncomingDomain, node: str, spec: FetchSpec) -> None:
@@ -192,6 +218,8 @@ async def _swap(made: IncomingDomain, node: str, spec: FetchSpec) -> None:
     the source's agent, and serves it as Local by itself once whole."""
     spec.then_local = True
     agent = made.agents[node]
+    if isinstance(agent.backend, FetchSpec):  # swapped by an earlier try of this commit
+        return
     await agent.swap(spec)
     agent.backend = spec
 
@@ -202,13 +230,14 @@ async def remove(host: Host, name: str) -> None:
     made = host.incoming_domains.get(name)
     if made is None:
         raise NotFound(f"no incoming domain {name} on host {host.name}")
-    if made.began:
-        raise StateError(f"domain {name}'s commit began on host {host.name}: it runs here")
+    async with made.committing:  # a commit under way decides first
+        if made.began or host.incoming_domains.get(name) is not made:
+            raise StateError(f"domain {name}'s commit began on host {host.name}: it runs here")
+        del host.incoming_domains[name]
     for agent in [*made.receivers.values(), *made.agents.values()]:
         with contextlib.suppress(DevagentError):
             await agent.kill()
     for agent in made.agents.values():
         for path in (Path(agent.image), presence_path(Path(agent.image))):
             path.unlink(missing_ok=True)
-    del host.incoming_domains[name]
     log.info("incoming domain %s removed", name)

@@ -20,12 +20,14 @@ RAM and definition move by libvirt. The steps::
     finish      once each replica there is whole and served alone, ours are released; the
                 report
 
-The rule on failure is the QEMU job's (:mod:`.migration.job`): until libvirt's migration
-completed the source holds the whole guest, and everything rolls back (libvirt's job
-aborted if it still runs, a push or mirror cancelled, a fence lifted, the destination's
-agents and replicas removed; libvirt runs the guest here again itself). Once it completed,
-libvirt has stopped the guest here for good: the job goes forward, each step tried again
-until its deadline.
+The rule on failure is the QEMU job's (:mod:`.migration.job`): until the destination saw
+libvirt's migration arrive (``POST /v1/libvirt/incoming/NAME/arrived``), the source holds
+the whole guest, and everything rolls back (libvirt's job aborted if it still runs, a push
+or mirror cancelled, a fence lifted, the destination's agents and replicas removed; libvirt
+runs the guest here again itself). Once it arrived, libvirt has stopped the guest here for
+good: the job goes forward, its commit tried again until its deadline (the destination
+takes a commit up where an earlier try stopped). Should libvirt's call fail after that, and
+libvirt run the guest here again, it is destroyed here: the guest is the destination's.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from devagent.agent.messages import FetchStatus, LocalStatus
 from devagent.api_types import Completions, DomainDisks, MigrationProgress, MigrationStatus
 from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
-from devagent.daemon.libvirt_adopt import XML_INACTIVE, NbdSource, redefined
+from devagent.daemon.libvirt_adopt import NbdSource, redefined
 from devagent.daemon.migration.context import PEER_TIMEOUT_S, Peer
 from devagent.daemon.migration.job import (
     FORWARD_RETRY_PAUSE_S,
@@ -73,10 +75,23 @@ from devagent.daemon.migration.plans import (
     PrecopyPlan,
     Prepared,
 )
+from devagent.daemon.migration.record import NEXT, Phase
 from devagent.daemon.migration.report import BASELINE_S
 from devagent.daemon.netstat import link_bytes
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
-from devagent.libvirt_link import DomainEvent
+from devagent.libvirt_link import (
+    MIGRATE_LIVE,
+    MIGRATE_PAUSED,
+    MIGRATE_PEER2PEER,
+    MIGRATE_PERSIST_DEST,
+    MIGRATE_TLS,
+    MIGRATE_UNDEFINE_SOURCE,
+    STATE_PAUSED,
+    STATE_RUNNING,
+    XML_INACTIVE,
+    XML_MIGRATABLE,
+    DomainEvent,
+)
 from devagent.report import MigrationReport, fill_io_measures, fill_link_measures, largest_gap
 from devagent.vocab import Step, Strategy
 from devagent.wait import WaitTimeout, wait_until
@@ -90,23 +105,11 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-PLANS: dict[Strategy, type[FetchingPlan]] = {
+DOMAIN_PLANS: dict[Strategy, type[FetchingPlan]] = {
     Strategy.POSTCOPY: PostcopyPlan,
     Strategy.PRECOPY: PrecopyPlan,
     Strategy.HYBRID: HybridPlan,
 }
-# libvirt's ``virDomainMigrateFlags`` (libvirt-python's constants, not imported: the
-# module stays loadable without libvirt): live; peer to peer (this host's libvirtd
-# drives it); the guest left paused on the destination; defined there, undefined here;
-# the RAM stream over TLS (QEMU's, with libvirt's migrate_tls_x509_cert_dir).
-MIGRATE_LIVE = 1
-MIGRATE_PEER2PEER = 2
-MIGRATE_PERSIST_DEST = 8
-MIGRATE_UNDEFINE_SOURCE = 16
-MIGRATE_PAUSED = 32
-MIGRATE_TLS = 1 << 16
-XML_MIGRATABLE = 8
-STATE_RUNNING, STATE_PAUSED = 1, 3
 RAM_TIMEOUT_S = 3600.0
 
 
@@ -122,10 +125,10 @@ class DomainMigration:
     """One libvirt domain's migration from this host (see the module's docstring)."""
 
     def __init__(self, host: Host, name: str, request: MigrateRequest) -> None:
-        plan = PLANS.get(request.storage)
+        plan = DOMAIN_PLANS.get(request.storage)
         if plan is None:
             raise UsageError(
-                f"domain {name}: a libvirt domain migrates by {', '.join(PLANS)} "
+                f"domain {name}: a libvirt domain migrates by {', '.join(DOMAIN_PLANS)} "
                 f"(its disks are served by agents, not shared), not {request.storage}"
             )
         self.plan = plan()
@@ -133,7 +136,7 @@ class DomainMigration:
         self.host = host
         self.request = request
         self.managed = Domain(name=name, agents=list(host.adopted[name]))
-        self.phase = "preparing"
+        self.phase = Phase.PREPARING
         self.started_at = time.time()
         self.finished_at: float | None = None
         self.progress = MigrationProgress()
@@ -152,7 +155,7 @@ class DomainMigration:
         self.allocated = 0  # bytes the disks held here when released
         self.log = logging.getLogger(f"{__name__}.{name}")
         self.task: asyncio.Task[None] | None = None
-        self.migrating: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.migrating: asyncio.Future[Any] | None = None  # libvirt's call, once made
 
     @property
     def name(self) -> str:
@@ -171,13 +174,15 @@ class DomainMigration:
 
     def status(self) -> MigrationStatus:
         return MigrationStatus(
-            id=self.id, vm=self.name, phase=self.phase, started_at=self.started_at,
+            id=self.id, vm=self.name, phase=self.phase.value, started_at=self.started_at,
             finished_at=self.finished_at, progress=self.progress, report=self.report,
         )  # fmt: skip
 
-    def _move(self, phase: str) -> None:
+    def _move(self, phase: Phase) -> None:
+        if phase not in NEXT[self.phase]:
+            raise StateError(f"migration {self.id}: no move {self.phase.value} -> {phase.value}")
         self.log.info("migration %s of domain %s to %s: %s",
-                      self.id, self.name, self.report.destination, phase)  # fmt: skip
+                      self.id, self.name, self.report.destination, phase.value)  # fmt: skip
         self.phase = phase
 
     # -- the run -------------------------------------------------------------------------------
@@ -200,7 +205,7 @@ class DomainMigration:
     def _fail(self, message: str) -> None:
         self.log.error("migration %s of domain %s failed: %s", self.id, self.name, message)
         self.report.status, self.report.error = "failed", message
-        self.phase = "failed"
+        self.phase = Phase.FAILED
         self.finished_at = time.time()
 
     async def _migrate(self) -> None:
@@ -211,18 +216,19 @@ class DomainMigration:
         self.report.ram_bytes = int((await link.run(dom, "info"))[1]) << 10  # KiB
         self.bytes_before = link_bytes(self.host.loopback)
         async with DaemonClient(self.request.to, timeout=PEER_TIMEOUT_S) as peer:
-            prepared = await self._prepare(peer)
             try:
+                prepared = await self._prepare(peer)
                 await self.plan.before_ram(self, prepared)
-                await self._ram(link, dom, peer, prepared)
+                arrived = await self._ram(link, dom, peer)
             except BaseException as err:
                 await self._roll_back(link, peer, err)
                 raise
+            self.mark(Step.RAM_COMPLETED, arrived)
             handover = await self._switch_over()
             committed = await self._commit(peer, handover)
             await self._finish(peer, committed)
         self.report.status = "completed"
-        self._move("completed")
+        self._move(Phase.COMPLETED)
         self.finished_at = time.time()
 
     async def _prepare(self, peer: Peer) -> Prepared:
@@ -248,11 +254,12 @@ class DomainMigration:
         self.mark(Step.DESTINATION_READY)
         return Prepared(uri="", push_targets=answer.disk_targets)
 
-    async def _ram(self, link: LibvirtLink, dom: Any, peer: Peer, prepared: Prepared) -> None:
-        """libvirt migrates the domain and leaves it paused on the destination; our side is
-        watched meanwhile (the destination's daemon, a mirror), and libvirt's job aborted
-        when it fails."""
-        self._move("ram")
+    async def _ram(self, link: LibvirtLink, dom: Any, peer: Peer) -> float:
+        """libvirt migrates the domain and leaves it paused on the destination; returns when
+        the destination saw it arrive. The destination's daemon is watched meanwhile, and
+        libvirt's job aborted when it vanishes; a migration that arrived all the same goes
+        forward (returned, not raised)."""
+        self._move(Phase.RAM)
         self.mark(Step.RAM_STARTED)
         address = urlsplit(self.request.to.url).hostname or ""
         sources = {node: NbdSource(export=node, socket=socket)
@@ -269,9 +276,8 @@ class DomainMigration:
             flags |= MIGRATE_UNDEFINE_SOURCE
         if self.host.tls is not None:
             flags |= MIGRATE_TLS
-        rate = self._ram_rate()
-        if rate is not None:
-            params["bandwidth"] = max(1, rate >> 20)  # MiB/s
+        if self.request.link_rate_bps:
+            params["bandwidth"] = max(1, self.plan.ram_bandwidth(self) >> 20)  # MiB/s
         uri = self.host.libvirt_peer_uri.format(address=address)
 
         def stops(event: DomainEvent) -> bool:
@@ -280,7 +286,8 @@ class DomainMigration:
             )  # fmt: skip
 
         stopped = asyncio.ensure_future(link.wait_event(stops, RAM_TIMEOUT_S, "the switchover"))
-        self.migrating = asyncio.ensure_future(link.run(dom, "migrateToURI3", uri, params, flags))
+        migrating = asyncio.ensure_future(link.run(dom, "migrateToURI3", uri, params, flags))
+        self.migrating = migrating
         arrival: asyncio.Future[Any] | None = None
         try:
             event = await self._until(stopped, peer)
@@ -289,22 +296,22 @@ class DomainMigration:
             arrival = asyncio.ensure_future(peer.post(f"/v1/libvirt/incoming/{self.name}/arrived"))
             raw = await self._until(arrival, peer)
             raw = raw if raw is not None else await arrival
+            return from_peer(raw, Arrived, what="the destination's arrival").at
         except BaseException:
             if arrival is not None:
                 arrival.cancel()
             if not await self._abort(link, dom):
                 raise
-            raw = None
+            return time.time()  # it arrived all the same: forward
         finally:
             stopped.cancel()
-        if raw is not None:
-            self.mark(Step.RAM_COMPLETED, from_peer(raw, Arrived, what="the arrival").at)
-        else:
-            self.mark(Step.RAM_COMPLETED)
+            if stopped.done() and not stopped.cancelled():
+                stopped.exception()  # (a timeout: retrieved, said no more)
 
     async def _until(self, wanted: asyncio.Future[T], peer: Peer) -> T | None:
         """``wanted``'s result once it comes; None when libvirt's migration completed
         first. libvirt's failure is raised, as is the destination's daemon vanishing."""
+        assert self.migrating is not None
         while True:
             done, _ = await asyncio.wait(
                 {wanted, self.migrating}, timeout=PEER_CHECK_S,
@@ -324,39 +331,34 @@ class DomainMigration:
     async def _abort(self, link: LibvirtLink, dom: Any) -> bool:
         """Our side failed during libvirt's migration: its job aborted, and awaited. True
         when it completed all the same (the guest is the destination's: go forward)."""
-        if not self.migrating.done():
+        migrating = self.migrating
+        if migrating is None:
+            return False
+        if not migrating.done():
             self.log.warning("migration %s: aborting libvirt's job", self.id)
             with contextlib.suppress(DevagentError):
                 await link.run(dom, "abortJob")
-        with contextlib.suppress(BaseException):
-            await self.migrating
-        if self.migrating.cancelled() or self.migrating.exception() is not None:
+        with contextlib.suppress(Exception):  # its failure is the expected end
+            await asyncio.shield(migrating)
+        if migrating.cancelled() or migrating.exception() is not None:
             return False
         self.log.error("migration %s: libvirt's migration completed all the same: going "
                        "forward", self.id)  # fmt: skip
         return True
 
-    def _ram_rate(self) -> int | None:
-        """Bytes per second libvirt's RAM migration may take: what the push leaves."""
-        if not self.request.link_rate_bps:
-            return None
-        rate = self.request.link_rate_bps / 8
-        if isinstance(self.plan, HybridPlan):
-            rate -= self.plan.push_rate(self)
-        return int(rate)
-
     async def _roll_back(self, link: LibvirtLink, peer: Peer, cause: BaseException) -> None:
         """Before the switchover: the disks as they were here, nothing left there. libvirt
         runs the guest here again itself once its migration failed or was aborted."""
         self.log.warning("rolling back migration %s: %s", self.id, cause)
+        self.phase = Phase.FAILED  # (before the report says so: nothing moves it back)
         for agent in self.managed.agents:
             for undo in (agent.cancel_mirror, agent.unfence):
                 with contextlib.suppress(DevagentError):  # nothing to undo
                     await undo()
-        try:
+        try:  # libvirt resumes it after a failed migration; one it left paused, too
             dom = await link.call("lookupByName", self.name)
             state = (await link.run(dom, "state"))[0]
-            if state == STATE_PAUSED:
+            if state == STATE_PAUSED and (self.migrating is None or self.migrating.done()):
                 await link.run(dom, "resume")
         except DevagentError as err:
             self.log.error("migration %s: domain %s here: %s", self.id, self.name, err)
@@ -372,10 +374,10 @@ class DomainMigration:
         """libvirt stopped the guest here for good: the disks' work here ends (a plan whose
         step fails hands nothing over: the destination then fetches every chunk), and our
         agents are fenced."""
-        self._move("switchover")
+        self._move(Phase.SWITCHOVER)
         try:
             handover = await self.plan.at_switchover(self) or Handover()
-        except DevagentError as err:
+        except DevagentError as err:  # (its mirror failed, say)
             self.log.warning("migration %s: the push could not hand over (%s): the "
                              "destination fetches every chunk", self.id, err)  # fmt: skip
             for agent in self.managed.agents:
@@ -384,7 +386,7 @@ class DomainMigration:
             handover = Handover()
         try:
             await self.plan.fence(self)
-        except DevagentError as err:  # libvirt killed the QEMU here: nothing writes
+        except DevagentError as err:  # the QEMU here stopped for good; libvirt kills it
             self.log.warning("migration %s: fencing failed: %s", self.id, err)
         return handover
 
@@ -397,7 +399,7 @@ class DomainMigration:
             self.mark(f"destination_{step}", at)
         self.mark(Step.RESUMED, committed.resumed_at)
         self.mark(Step.COMMITTED)
-        self._move("finishing")
+        self._move(Phase.FINISHING)
         return committed
 
     async def _forward(self, step: Callable[[], Awaitable[T]], *, what: str) -> T:
@@ -414,21 +416,20 @@ class DomainMigration:
 
     async def _finish(self, peer: Peer, committed: DomainCommitAnswer) -> None:
         """The guest runs there: wait until each replica serves alone, release ours, report."""
-        self.host.adopted.pop(self.name, None)  # its disks are the destination's now
-        try:  # libvirt's call returns once it stopped the QEMU here (its Confirm)
-            await self.migrating
-        except DevagentError as err:
-            self.report.warnings.append(f"libvirt's migration ended with an error after "
-                                        f"the guest ran on the destination: {err}")  # fmt: skip
+        await self._confirmed()
         await self._until_local(peer)
         since = self.started_at - BASELINE_S
         here = await self._completions(since)
         for agent in self.managed.agents:
-            with contextlib.suppress(DevagentError):
+            try:
                 await agent.stop()
+            except DevagentError as err:  # its replica stays: it may still be served
+                self.report.warnings.append(f"the agent of {agent.node} here: {err}")
+                continue
             self.allocated += allocated_bytes(Path(agent.image))
             for path in (Path(agent.image), presence_path(Path(agent.image))):
                 path.unlink(missing_ok=True)
+        self.host.adopted.pop(self.name, None)  # its disks are the destination's now
         self.mark(Step.RELEASED)
         there = await self._forward(
             lambda: peer.get(f"/v1/libvirt/{self.name}/completions", since=since),
@@ -436,6 +437,29 @@ class DomainMigration:
         )
         theirs = from_peer(there, Completions, what="the destination's completions").devices
         self._fill_report(committed, here, theirs)
+
+    async def _confirmed(self) -> None:
+        """libvirt's call returns once it stopped the QEMU here (its Confirm). One that
+        failed after the guest ran there may have run the guest here again (libvirt does so
+        when it misses the destination's Finish): it is destroyed here, the guest being the
+        destination's."""
+        if self.migrating is None:
+            return
+        try:
+            await asyncio.shield(self.migrating)
+            return
+        except DevagentError as err:
+            failed = err
+        link = self.host.require_libvirt()
+        with contextlib.suppress(NotFound):
+            dom = await link.call("lookupByName", self.name)
+            if await link.run(dom, "isActive"):
+                self.log.error("migration %s: domain %s runs here again after libvirt's "
+                               "error; destroyed (it runs on %s)",
+                               self.id, self.name, self.report.destination)  # fmt: skip
+                await link.run(dom, "destroy")
+        self.report.warnings.append(f"libvirt's migration ended with an error after the guest "
+                                    f"ran on the destination: {failed}")  # fmt: skip
 
     async def _until_local(self, peer: Peer) -> None:
         """Every replica on the destination whole and served alone there (its agent goes

@@ -79,7 +79,7 @@ class LibvirtRoutes:
     async def adopt(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         host = self.host
-        run_dir = host.root / "domains" / name  # its agents' sockets and logs
+        run_dir = libvirt_incoming.run_dir(host, name)  # its agents' sockets and logs
         if name in host.adopted:
             raise StateError(f"domain {name} was adopted already on host {host.name}")
         served: list[tuple[AdoptedDisk, AgentProcess]] = []
@@ -97,7 +97,8 @@ class LibvirtRoutes:
             raise StateError(f"domain {start.name} is here already (host {host.name})")
         disk, agent = await libvirt_start.start_domain(
             self._link(), start.name, start.disk_size, parse_workload(start.workload),
-            start.ram_mb, host.root / "disks", host.root / "domains" / start.name, host.address,
+            start.ram_mb, host.root / "disks", libvirt_incoming.run_dir(host, start.name),
+            host.address,
         )  # fmt: skip
         host.adopted[start.name] = [agent]
         return answer(Adopted(domain=start.name, disks=[disk]), status=201)

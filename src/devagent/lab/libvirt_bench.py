@@ -41,7 +41,20 @@ from devagent.lab import libvirt
 from devagent.lab import libvirt_guest as guest
 from devagent.lab.lab import Lab
 from devagent.lab.layout import LabHost
-from devagent.libvirt_link import DomainEvent, LibvirtLink
+from devagent.libvirt_link import (
+    JOB_STATS_COMPLETED,
+    MIGRATE_LIVE,
+    MIGRATE_NON_SHARED_DISK,
+    MIGRATE_PEER2PEER,
+    MIGRATE_PERSIST_DEST,
+    MIGRATE_SYNCHRONOUS_WRITES,
+    MIGRATE_TLS,
+    MIGRATE_UNDEFINE_SOURCE,
+    XML_INACTIVE,
+    XML_MIGRATABLE,
+    DomainEvent,
+    LibvirtLink,
+)
 from devagent.orchestrate import migrate
 from devagent.report import limit_seconds
 from devagent.wait import wait_until
@@ -51,15 +64,7 @@ BLOCK = 4096  # the probe's block
 BOOT_TIMEOUT_S = 180.0
 SETTLE_S = 3.0  # steady guest I/O before each migration
 EVENT_TIMEOUT_S = 600.0
-#: libvirt's flags (see :mod:`devagent.daemon.libvirt_migration`), and the storage copy's:
-#: every disk copied; the copy's mirror blocks each guest write until it reached the
-#: destination (libvirt 8.0 and later).
-MIGRATE_BASE = 1 | 2 | 8 | 16  # live, peer to peer, persist there, undefine here
-MIGRATE_NON_SHARED_DISK = 64
-MIGRATE_TLS = 1 << 16
-MIGRATE_SYNCHRONOUS_WRITES = 1 << 18
-XML_INACTIVE, XML_MIGRATABLE = 2, 8
-JOB_STATS_COMPLETED = 1 | 2  # the job that ended; its figures kept for others
+MIGRATE_BASE = MIGRATE_LIVE | MIGRATE_PEER2PEER | MIGRATE_PERSIST_DEST | MIGRATE_UNDEFINE_SOURCE
 
 LIBVIRT_COPY = "libvirt copy-storage-all"
 LIBVIRT_COPY_SYNC = "libvirt copy-storage-all, synchronous writes"

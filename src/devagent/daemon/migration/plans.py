@@ -143,7 +143,7 @@ class Plan:
     async def before_ram(self, job: JobView, prepared: Prepared) -> None:
         """The disk's work while the guest runs on the source only."""
 
-    def ram_bandwidth(self, job: JobView) -> int:
+    def ram_bandwidth(self, job: DiskJob) -> int:
         """Bytes per second QEMU's RAM migration may take."""
         return (job.request.link_rate_bps or 8 << 33) // 8
 
@@ -505,7 +505,7 @@ class HybridPlan(FetchingPlan):
         """Bytes per second the push may take while RAM migrates."""
         return (job.request.link_rate_bps or 0) / 8 * HYBRID_PUSH_SHARE
 
-    def ram_bandwidth(self, job: JobView) -> int:
+    def ram_bandwidth(self, job: DiskJob) -> int:
         if not job.request.link_rate_bps:
             return super().ram_bandwidth(job)
         return max(1, int(job.request.link_rate_bps / 8 - self.push_rate(job)))
