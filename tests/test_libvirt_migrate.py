@@ -121,6 +121,23 @@ async def test_a_libvirt_domain_migrates_by_each_strategy(lab: Lab, adopted: Ado
     assert (errors.io_errors, errors.verify_failures) == (0, 0), errors
 
 
+async def test_a_restarted_daemon_serves_its_domains_again(lab: Lab, adopted: Adopted) -> None:
+    """The domain's record: a's daemon restarted knows the domain it serves (the same
+    agent, never stopped) and migrates it again."""
+    assert DOMAIN in domains(lab, "a")
+    (before,) = (await domain_disks(lab, "a")).disks
+    lab.restart_daemon("a")
+    (after,) = (await domain_disks(lab, "a")).disks
+    assert (after.image, after.status.pid) == (before.image, before.status.pid)
+    for source, dest in (("a", "b"), ("b", "a")):
+        report = await migrate(lab, source, dest, "postcopy")
+        assert report.status == "completed", report.error
+        await check_integrity(lab, dest)
+    record = lab.host("b").dir / "domains" / DOMAIN / "domain.json"
+    assert not record.exists()  # b let the domain go: its record with it
+    assert (lab.host("a").dir / "domains" / DOMAIN / "domain.json").exists()
+
+
 async def test_vm_start_libvirt_serves_a_new_domains_disk_from_the_start(lab: Lab) -> None:
     """``vm start --libvirt``'s route: the test guest as a new domain of b's libvirtd, its
     disk an agent's from the start; it migrates to a like an adopted one."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from devagent.client import Endpoint
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.exports import ExportManager
-from devagent.daemon.libvirt_domains import IncomingDomain
+from devagent.daemon.libvirt_domains import IncomingDomain, forget_domain, save_domain
 from devagent.daemon.migration.messages import DomainCommitAnswer
 from devagent.daemon.nics import NicAgent
 from devagent.daemon.vms import VmManager
@@ -31,8 +31,8 @@ class Host:
     libvirt: LibvirtLink | None = None  # its libvirtd (devagentd --libvirt URI)
     #: How this host's libvirtd reaches a peer's for a migration ("{address}": the peer's).
     libvirt_peer_uri: str = "qemu+tls://{address}/system"
-    #: The agents serving the disks of the libvirt domains adopted here, by domain (not
-    #: yet recorded on disk: a restarted daemon does not know them).
+    #: The agents serving the disks of the libvirt domains served here, by domain (adopted,
+    #: started or migrated here; recorded: :meth:`serve_domain`).
     adopted: dict[str, list[AgentProcess]] = field(default_factory=dict)
     #: The libvirt domains on their way here, by name (their agents made, not committed).
     incoming_domains: dict[str, IncomingDomain] = field(default_factory=dict)
@@ -44,6 +44,17 @@ class Host:
     def __post_init__(self) -> None:
         self.vms = VmManager(self.name, self.root, self.shared_dir, self.address, self.network)
         self.exports = ExportManager(self.name, self.root, self.address)
+
+    def serve_domain(self, name: str, agents: list[AgentProcess]) -> None:
+        """Domain ``name``'s disks are this host's from now on, served by ``agents``
+        (recorded: a restarted daemon takes them up again)."""
+        self.adopted[name] = agents
+        save_domain(self.root, name, agents)
+
+    def release_domain(self, name: str) -> list[AgentProcess]:
+        """Domain ``name``'s disks are no longer this host's: its agents, to stop."""
+        forget_domain(self.root, name)
+        return self.adopted.pop(name, [])
 
     def require_libvirt(self) -> LibvirtLink:
         if self.libvirt is None:

@@ -164,7 +164,7 @@ async def commit(host: Host, name: str, request: CommitRequest) -> DomainCommitA
             return host.domain_commits[name]
         answer = await _commit(host, made, request)
         host.domain_commits[name] = answer
-        host.adopted[name] = list(made.agents.values())
+        host.serve_domain(name, list(made.agents.values()))
         del host.incoming_domains[name]
     return answer
 

@@ -420,16 +420,17 @@ class DomainMigration:
         await self._until_local(peer)
         since = self.started_at - BASELINE_S
         here = await self._completions(since)
+        self.host.release_domain(self.name)  # (first: its supervisor restarts no agent)
         for agent in self.managed.agents:
             try:
                 await agent.stop()
-            except DevagentError as err:  # its replica stays: it may still be served
+            except DevagentError as err:  # its replica stays: its process may still run
                 self.report.warnings.append(f"the agent of {agent.node} here: {err}")
+                await agent.kill()
                 continue
             self.allocated += allocated_bytes(Path(agent.image))
             for path in (Path(agent.image), presence_path(Path(agent.image))):
                 path.unlink(missing_ok=True)
-        self.host.adopted.pop(self.name, None)  # its disks are the destination's now
         self.mark(Step.RELEASED)
         there = await self._forward(
             lambda: peer.get(f"/v1/libvirt/{self.name}/completions", since=since),

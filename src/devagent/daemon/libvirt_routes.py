@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from devagent.agent.messages import LocalStatus
 from devagent.api_types import (
     Adopted,
     AdoptedDisk,
@@ -87,7 +88,7 @@ class LibvirtRoutes:
             await adopt(self._link(), name, host.root / "disks", run_dir, host.address, served)
         finally:  # the disks that pivoted are the agents', whatever came after
             if served:
-                host.adopted[name] = [agent for _disk, agent in served]
+                host.serve_domain(name, [agent for _disk, agent in served])
         return answer(Adopted(domain=name, disks=[disk for disk, _agent in served]), status=201)
 
     async def start_domain(self, request: web.Request) -> web.Response:
@@ -100,7 +101,7 @@ class LibvirtRoutes:
             start.ram_mb, host.root / "disks", libvirt_incoming.run_dir(host, start.name),
             host.address,
         )  # fmt: skip
-        host.adopted[start.name] = [agent]
+        host.serve_domain(start.name, [agent])
         return answer(Adopted(domain=start.name, disks=[disk]), status=201)
 
     def _served(self, name: str) -> list[AgentProcess]:
@@ -111,12 +112,14 @@ class LibvirtRoutes:
 
     async def disks(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        rows = [
-            DomainDisk(
-                node=a.node, image=a.image, socket=str(a.nbd_socket), status=await a.status()
-            )
-            for a in self._served(name)
-        ]
+        agents, rows = self._served(name), []
+        for agent in agents:
+            status = await agent.status()
+            if isinstance(status.backend_status, LocalStatus) and agent.backend is not None:
+                agent.backend = None  # a fetched replica went Local: restarted so from now on
+                self.host.serve_domain(name, agents)
+            rows.append(DomainDisk(node=agent.node, image=agent.image,
+                                   socket=str(agent.nbd_socket), status=status))  # fmt: skip
         return answer(DomainDisks(domain=name, disks=rows))
 
     async def completions(self, request: web.Request) -> web.Response:

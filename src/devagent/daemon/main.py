@@ -15,6 +15,7 @@ from aiohttp import web
 
 from devagent.daemon.api import build_app
 from devagent.daemon.host import Host
+from devagent.daemon.libvirt_domains import adopt_domains, supervise_domains
 from devagent.errors import DevagentError
 from devagent.guestnet import GuestNetwork
 from devagent.libvirt_link import LibvirtLink
@@ -124,6 +125,7 @@ async def serve(args: argparse.Namespace) -> None:
     await host.vms.warm_up()
     await host.exports.adopt_all()
     await host.vms.adopt_all(kept=host.exports.kept_disks())
+    host.adopted.update(await adopt_domains(host.root))
     app = build_app(host, token)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
@@ -174,6 +176,7 @@ async def supervise(host: Host, stop: asyncio.Event) -> None:
         try:
             await host.exports.supervise_once()
             await host.vms.supervise_once()
+            await supervise_domains(host.adopted)
         except Exception:
             log.exception("supervision pass failed")
 
