@@ -10,12 +10,14 @@ libvirt moves the domain here, readied once its RAM arrived, or removed on a rol
 ``commit``    ``POST /v1/libvirt/incoming/NAME/commit``: libvirt moved the domain here and
               left it paused (``VIR_MIGRATE_PAUSED``): each agent swaps to a Fetch of the
               source's disk seeded with what the push landed, then libvirt resumes the
-              guest; once per domain (a repeat after it began gets the first answer)
+              guest; a repeat whose answer was lost gets the first one's, one after a try
+              that failed part-way takes it up where it stopped
 ``abort``     ``DELETE /v1/libvirt/incoming/NAME``: the agents and replicas removed (refused
               once the commit began: the guest runs here)
 
-A committed domain's agents become the host's adopted ones: its disks are served here from
-now on, each replica going Local by itself once whole (``then_local``).
+A committed domain's agents become the host's served ones (``Host.serve_domain``, recorded):
+its disks are served here from now on, each replica going Local by itself once whole
+(``then_local``).
 """
 
 from __future__ import annotations
