@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from devagent.agent.defaults import FETCH_CHUNK
-from devagent.daemon.migration import job as job_module
+from devagent.daemon.migration import running as running_module
 from devagent.daemon.migration.job import Phase
 from devagent.daemon.migration.plans import HYBRID_PUSH_SHARE
 from devagent.daemon.vms.request import DiskRequest, VmRequest
@@ -27,7 +27,7 @@ from migration_fakes import FakeDiskAgent, FakeHost, FakeVm, make_job
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_PAUSE_S", 0.001)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_PAUSE_S", 0.001)
     monkeypatch.setattr("devagent.daemon.migration.plans.POLL_S", 0.001)
 
 
@@ -335,8 +335,8 @@ async def test_a_report_figure_the_destination_cannot_give_never_fails_the_migra
 ) -> None:
     """After the release (its daemon restarting, say): asked again; a figure still missing
     then is said missing, and the migration stays completed."""
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.2)
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_PAUSE_S", 0.01)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_S", 0.2)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_PAUSE_S", 0.01)
     image = tmp_path / "disk.img"
     vm = FakeVm(image=image, run_dir=tmp_path, request=VmRequest(name="v1"))  # the test guest
     job, vm, host = make_job(tmp_path, Strategy.HYBRID, vm=vm)
@@ -357,7 +357,7 @@ async def test_a_commit_that_never_began_by_its_deadline_rolls_back_after_the_sw
     """The destination's agent cannot reach the source's disk (a link cut at the
     switchover, longer than the commit's deadline): the guest never ran there, so the
     incoming VM is removed and the guest runs here again, its disk unfenced."""
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_S", 0.05)
     job, vm, host = make_job(tmp_path, strategy)
     host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("no NBD handshake")
     await job.run()
@@ -372,7 +372,7 @@ async def test_a_commit_that_never_began_by_its_deadline_rolls_back_after_the_sw
 async def test_a_commit_that_began_when_its_answer_never_came_goes_forward(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_S", 0.05)
     job, vm, host = make_job(tmp_path, Strategy.POSTCOPY)
     host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("connection reset")
     host.destination.commit_under_way = True  # the removal is refused: it began there
@@ -384,7 +384,7 @@ async def test_a_commit_that_began_when_its_answer_never_came_goes_forward(
 async def test_a_destination_gone_at_the_commit_leaves_the_guest_paused_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_S", 0.05)
     job, vm, host = make_job(tmp_path, Strategy.POSTCOPY)
     host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("unreachable")
     host.destination.failures["DELETE /v1/incoming/v1"] = PeerError("unreachable")
@@ -467,7 +467,7 @@ async def test_a_removal_refused_while_a_commit_not_yet_begun_runs_is_asked_agai
     """The destination's commit still runs (its answer lost), not begun: it refuses the
     removal, and its VM does not run yet; the source asks again until the commit settles
     (here it ends well: the migration completes)."""
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.2)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_S", 0.2)
     job, _, host = make_job(tmp_path, Strategy.POSTCOPY)
     dest = host.destination
     dest.failures["POST /v1/incoming/v1/commit"] = PeerError("connection reset")
@@ -498,7 +498,7 @@ async def test_a_commit_never_done_leaves_the_incoming_vm_when_the_source_qemu_i
 ) -> None:
     """The fence failed, so the source's QEMU was killed: the incoming VM holds the only
     copy of the guest, and is never removed."""
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_S", 0.05)
     job, vm, host = make_job(tmp_path, Strategy.POSTCOPY)
     vm.agents[0].failures["/fence"] = PeerError("agent unreachable")
     host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("no NBD handshake")
@@ -514,7 +514,7 @@ async def test_a_destination_whose_qemu_died_before_the_commit_rolls_back_at_onc
 ) -> None:
     """Its commit can never work (409, not a passing failure): no 120 s of asking again
     with the guest paused; the incoming VM is removed and the guest runs here again."""
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 1000.0)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_S", 1000.0)
     job, vm, host = make_job(tmp_path, Strategy.HYBRID)
     host.destination.failures["POST /v1/incoming/v1/commit"] = StateError(
         "host b: VM v1's incoming QEMU exited: it cannot commit here"

@@ -28,6 +28,7 @@ from devagent.daemon.agents import AgentProcess
 from devagent.daemon.exports import ExportManager
 from devagent.daemon.host import Host
 from devagent.daemon.migration import job as job_module
+from devagent.daemon.migration import running as running_module
 from devagent.daemon.migration.job import MigrationJob, Phase
 from devagent.daemon.migration.messages import RemoteDisk
 from devagent.daemon.migration.net import NetMigration
@@ -51,7 +52,7 @@ PRESENT = "/w=="  # the chunks a hybrid push landed, as the switchover handed th
 
 @pytest.fixture(autouse=True)
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_PAUSE_S", 0.001)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_PAUSE_S", 0.001)
     monkeypatch.setattr("devagent.daemon.migration.plans.POLL_S", 0.001)
 
 
@@ -94,7 +95,7 @@ async def test_a_roll_back_removes_the_record_and_a_failure_past_the_switchover_
     vm.vm.statuses = ("active", "failed")
     await back.run()
     assert back.phase is Phase.FAILED and not record_path(vm.run_dir).exists()
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_S", 0.05)
     (tmp_path / "b").mkdir()
     forward, vm, host = make_job(tmp_path / "b", Strategy.POSTCOPY)
     host.destination.failures["POST /v1/incoming/v1/commit"] = PeerError("unreachable")
@@ -229,7 +230,7 @@ async def test_a_commit_under_way_on_the_destination_is_followed_forward(tmp_pat
 async def test_an_unreachable_destination_past_the_switchover_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_S", 0.05)
     job, vm, host = left_behind(tmp_path, Strategy.HYBRID, Phase.SWITCHOVER, "incoming")
     host.destination.failures["GET /v1/vms/v1"] = PeerError("connection refused")
     await job.run()
@@ -243,7 +244,7 @@ async def test_an_unreachable_destination_past_the_switchover_changes_nothing(
 async def test_an_unreachable_destination_never_asked_to_commit_is_rolled_back_here(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(job_module, "FORWARD_RETRY_S", 0.05)
+    monkeypatch.setattr(running_module, "FORWARD_RETRY_S", 0.05)
     job, vm, host = left_behind(tmp_path, Strategy.HYBRID, Phase.RAM, "incoming")
     host.destination.failures["GET /v1/vms/v1"] = PeerError("connection refused")
     await job.run()

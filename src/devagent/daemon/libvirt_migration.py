@@ -37,7 +37,6 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -50,12 +49,7 @@ from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.libvirt_adopt import NbdSource, redefined
 from devagent.daemon.migration.context import PEER_TIMEOUT_S, Peer
-from devagent.daemon.migration.job import (
-    FORWARD_RETRY_PAUSE_S,
-    FORWARD_RETRY_S,
-    PEER_CHECK_S,
-    allocated_bytes,
-)
+from devagent.daemon.migration.job import PEER_CHECK_S, allocated_bytes
 from devagent.daemon.migration.messages import (
     Arrived,
     DomainCommitAnswer,
@@ -77,6 +71,7 @@ from devagent.daemon.migration.plans import (
 )
 from devagent.daemon.migration.record import NEXT, Phase
 from devagent.daemon.migration.report import BASELINE_S
+from devagent.daemon.migration.running import RunningJob
 from devagent.daemon.netstat import link_bytes
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.libvirt_link import (
@@ -121,7 +116,7 @@ class Domain:
     agents: list[AgentProcess]
 
 
-class DomainMigration:
+class DomainMigration(RunningJob):
     """One libvirt domain's migration from this host (see the module's docstring)."""
 
     def __init__(self, host: Host, name: str, request: MigrateRequest) -> None:
@@ -161,17 +156,6 @@ class DomainMigration:
     def name(self) -> str:
         return self.managed.name
 
-    # -- bookkeeping (the plans' DiskJob) ----------------------------------------------------
-
-    def mark(self, step: str, at: float | None = None) -> None:
-        when = time.time() if at is None else at
-        self.report.timeline[str(step)] = round(when - self.started_at, 3)
-
-    def disk_progress(self, per_disk: Mapping[str, tuple[int, int]]) -> None:
-        self.progress.disks = dict(per_disk)
-        self.progress.disk_done = sum(done for done, _ in per_disk.values())
-        self.progress.disk_left = sum(left for _, left in per_disk.values())
-
     def status(self) -> MigrationStatus:
         return MigrationStatus(
             id=self.id, vm=self.name, phase=self.phase.value, started_at=self.started_at,
@@ -184,29 +168,6 @@ class DomainMigration:
         self.log.info("migration %s of domain %s to %s: %s",
                       self.id, self.name, self.report.destination, phase.value)  # fmt: skip
         self.phase = phase
-
-    # -- the run -------------------------------------------------------------------------------
-
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.run(), name=f"migration-{self.id}")
-
-    async def run(self) -> None:
-        try:
-            await self._migrate()
-        except asyncio.CancelledError:
-            self._fail("cancelled")
-            raise
-        except DevagentError as err:
-            self._fail(str(err))
-        except Exception as err:  # a bug: keep the daemon up and say what happened
-            self.log.exception("migration %s crashed", self.id)
-            self._fail(f"internal error: {err!r}")
-
-    def _fail(self, message: str) -> None:
-        self.log.error("migration %s of domain %s failed: %s", self.id, self.name, message)
-        self.report.status, self.report.error = "failed", message
-        self.phase = Phase.FAILED
-        self.finished_at = time.time()
 
     async def _migrate(self) -> None:
         link = self.host.require_libvirt()
@@ -393,7 +354,7 @@ class DomainMigration:
     async def _commit(self, peer: Peer, handover: Handover) -> DomainCommitAnswer:
         body = to_json(self.plan.commit_request(self, handover))
         path = f"/v1/libvirt/incoming/{self.name}/commit"
-        raw = await self._forward(lambda: peer.post(path, body), what="the destination's commit")
+        raw = await self.forward(lambda: peer.post(path, body), what="the destination's commit")
         committed = from_peer(raw, DomainCommitAnswer, what="the destination's commit")
         for step, at in committed.steps.items():
             self.mark(f"destination_{step}", at)
@@ -401,18 +362,6 @@ class DomainMigration:
         self.mark(Step.COMMITTED)
         self._move(Phase.FINISHING)
         return committed
-
-    async def _forward(self, step: Callable[[], Awaitable[T]], *, what: str) -> T:
-        """Past the switchover: ``step()`` until it works, :data:`FORWARD_RETRY_S` at most."""
-        deadline = time.monotonic() + FORWARD_RETRY_S
-        while True:
-            try:
-                return await step()
-            except PeerError as err:
-                if time.monotonic() > deadline:
-                    raise PeerError(f"{what} failed for {FORWARD_RETRY_S:.0f} s: {err}") from err
-                self.log.warning("%s failed, trying again: %s", what, err)
-            await asyncio.sleep(FORWARD_RETRY_PAUSE_S)
 
     async def _finish(self, peer: Peer, committed: DomainCommitAnswer) -> None:
         """The guest runs there: wait until each replica serves alone, release ours, report."""
@@ -432,7 +381,7 @@ class DomainMigration:
             for path in (Path(agent.image), presence_path(Path(agent.image))):
                 path.unlink(missing_ok=True)
         self.mark(Step.RELEASED)
-        there = await self._forward(
+        there = await self.forward(
             lambda: peer.get(f"/v1/libvirt/{self.name}/completions", since=since),
             what="the destination's completions",
         )

@@ -39,7 +39,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,6 +57,7 @@ from devagent.daemon.migration.record import (
     save_record,
 )
 from devagent.daemon.migration.report import BASELINE_S, finish_report
+from devagent.daemon.migration.running import RunningJob
 from devagent.daemon.vms.managed import VmRole
 from devagent.errors import DevagentError, NotFound, PeerError, StateError
 from devagent.qemu.answers import MigrationInfo
@@ -69,13 +70,10 @@ from devagent.wire import from_peer
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-#: After the switchover a failed step is tried again for this long.
-FORWARD_RETRY_S = 120.0
-FORWARD_RETRY_PAUSE_S = 0.5
 PEER_CHECK_S = 0.3  # how often the destination daemon is checked while RAM or a disk moves
 
 
-class MigrationJob:
+class MigrationJob(RunningJob):
     """One VM's migration from this host (see the module's docstring)."""
 
     def __init__(
@@ -157,17 +155,6 @@ class MigrationJob:
             return
         remove_record(self.managed.run_dir)
 
-    def mark(self, step: str, at: float | None = None) -> None:
-        """Note on the report's timeline that ``step`` was reached (now, or at ``at``)."""
-        when = time.time() if at is None else at
-        self.report.timeline[str(step)] = round(when - self.started_at, 3)
-
-    def disk_progress(self, per_disk: Mapping[str, tuple[int, int]]) -> None:
-        """Each disk's bytes done and left, by node (and all of them together)."""
-        self.progress.disks = dict(per_disk)
-        self.progress.disk_done = sum(done for done, _ in per_disk.values())
-        self.progress.disk_left = sum(left for _, left in per_disk.values())
-
     async def quietly(self, step: Awaitable[Any]) -> None:
         """Run an undo step of a roll-back that may find nothing to undo (a mirror that never
         started, say): its failure is logged, and does not stop the others."""
@@ -211,29 +198,10 @@ class MigrationJob:
 
     # -- the run -----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self.task = asyncio.create_task(self.run(), name=f"migration-{self.id}")
-
-    async def run(self) -> None:
-        try:
-            await self._migrate()
-        except asyncio.CancelledError:
-            self._fail("cancelled")
-            raise
-        except DevagentError as err:
-            self._fail(str(err))
-        except Exception as err:  # a bug: keep the daemon up and say what happened
-            self.log.exception("migration %s crashed", self.id)
-            self._fail(f"internal error: {err!r}")
-
     def _fail(self, message: str) -> None:
         if self.cleanup_failures:
             message += f" (and then: {'; '.join(self.cleanup_failures)})"
-        self.log.error("migration %s failed: %s", self.id, message)
-        self.report.status = "failed"
-        self.report.error = message
-        self.phase = Phase.FAILED
-        self.finished_at = time.time()
+        super()._fail(message)
 
     async def _migrate(self) -> None:
         self.managed.vm.require(VmState.RUNNING)
@@ -438,19 +406,6 @@ class MigrationJob:
             await self.host.release(self.managed.name, self.plan.moves_disk)
         except NotFound:
             self.log.info("VM %s was removed here already", self.managed.name)
-
-    async def forward(self, step: Callable[[], Awaitable[T]], *, what: str) -> T:
-        """Past the switchover: run ``step()`` until it succeeds (a peer or an agent that
-        restarts), for :data:`FORWARD_RETRY_S` at most."""
-        deadline = time.monotonic() + FORWARD_RETRY_S
-        while True:
-            try:
-                return await step()
-            except PeerError as err:
-                if time.monotonic() > deadline:
-                    raise PeerError(f"{what} failed for {FORWARD_RETRY_S:.0f} s: {err}") from err
-                self.log.warning("%s failed, trying again: %s", what, err)
-            await asyncio.sleep(FORWARD_RETRY_PAUSE_S)
 
     async def roll_back(self, cause: BaseException) -> None:
         """Before the switchover: keep the VM on the source, leave nothing on the

@@ -41,7 +41,7 @@ from enum import Enum
 from devagent.api_types import VmStatus
 from devagent.daemon.migration import plan_for
 from devagent.daemon.migration.context import HostContext, MigratingVm
-from devagent.daemon.migration.job import FORWARD_RETRY_S, MigrationJob
+from devagent.daemon.migration.job import MigrationJob
 from devagent.daemon.migration.net import NetMigration
 from devagent.daemon.migration.plans import Plan
 from devagent.daemon.migration.record import (
@@ -50,6 +50,7 @@ from devagent.daemon.migration.record import (
     Phase,
     load_record,
 )
+from devagent.daemon.migration.running import FORWARD_RETRY_S
 from devagent.daemon.vms.managed import VmRole
 from devagent.errors import NotFound, PeerError, StateError
 from devagent.qemu.answers import MigrationInfo
