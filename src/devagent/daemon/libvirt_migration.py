@@ -68,6 +68,7 @@ from devagent.daemon.migration.plans import (
     PostcopyPlan,
     PrecopyPlan,
     Prepared,
+    ReplicaProgress,
 )
 from devagent.daemon.migration.record import NEXT, Phase
 from devagent.daemon.migration.report import BASELINE_S
@@ -414,7 +415,7 @@ class DomainMigration(RunningJob):
     async def _until_local(self, peer: Peer) -> None:
         """Every replica on the destination whole and served alone there (its agent goes
         Local by itself): as long as they grow, :data:`DISK_STALL_S` without progress."""
-        state = {"present": -1, "since": time.monotonic()}
+        progress = ReplicaProgress()
 
         async def local() -> bool:
             try:
@@ -439,9 +440,8 @@ class DomainMigration(RunningJob):
                     done = False
             self.disk_progress(per_disk)
             self.progress.disk_bytes_moved = max(fetched, self.progress.disk_bytes_moved or 0)
-            if present > int(state["present"]):
-                state["present"], state["since"] = present, time.monotonic()
-            elif time.monotonic() - state["since"] > DISK_STALL_S:
+            progress.saw(present)
+            if progress.stalled_for() > DISK_STALL_S:
                 raise WaitTimeout(f"domain {self.name}'s replicas on {self.report.destination}",
                                   DISK_STALL_S, f"no progress past {present} bytes")  # fmt: skip
             return done

@@ -315,7 +315,7 @@ class FetchingPlan(AgentPlan):
         is served as Local there: :meth:`_settle`): as long as they grow (a slow link's tail
         takes what it takes), and :data:`DISK_STALL_S` at most without progress. A replica
         whose space went read-only can never be: that disk is kept here (:meth:`keep`)."""
-        progress = _Progress()
+        progress = ReplicaProgress()
         while not await self._disk_local(job, progress):
             if progress.unwritable:
                 await self.keep(job, progress.unwritable)
@@ -332,7 +332,7 @@ class FetchingPlan(AgentPlan):
             await asyncio.sleep(POLL_S)
         job.mark(Step.DISK_LOCAL)
 
-    async def _disk_local(self, job: JobView, progress: _Progress) -> bool:
+    async def _disk_local(self, job: JobView, progress: ReplicaProgress) -> bool:
         try:
             answer = await job.peer.get(f"/v1/vms/{job.managed.name}/devices")
         except PeerError as err:  # the destination's daemon restarts, say: ask again
@@ -385,7 +385,7 @@ class FetchingPlan(AgentPlan):
             return await self._settle(job, list(unsettled), progress)
         return local
 
-    async def _settle(self, job: JobView, nodes: list[str], progress: _Progress) -> bool:
+    async def _settle(self, job: JobView, nodes: list[str], progress: ReplicaProgress) -> bool:
         """Every replica is complete: the destination serves each alone from now on (it
         checks, with the guest's I/O held, that each is whole and its space writable). This
         is the point of no return: the guest writes there only, this host's copy goes stale,
@@ -434,7 +434,7 @@ class FetchingPlan(AgentPlan):
             job.log.warning("migration %s: %s", job.id, job.report.warnings[-1])
 
 
-class _Progress:
+class ReplicaProgress:
     """How far a replica got, and since when it has not grown."""
 
     def __init__(self) -> None:
