@@ -57,7 +57,7 @@ async def domain_disks(lab: Lab, host: str) -> DomainDisks:
 async def check_integrity(lab: Lab, host: str) -> None:
     """The probe paused: its digest equal to the disk's on ``host``'s replica."""
     image = await guest.served_image(endpoint(lab, host), DOMAIN)
-    found = await guest.integrity(lab.host(host), DOMAIN, image)
+    found = await guest.integrity(lab.hosts, lab.host(host), DOMAIN, image)
     assert found == "ok", f"on {host}: {found}"
 
 
@@ -163,7 +163,7 @@ async def test_vm_start_libvirt_serves_a_new_domains_disk_from_the_start(lab: La
         assert report.status == "completed", report.error
         assert name in domains(lab, "a") and name not in domains(lab, "b")
         image = await guest.served_image(endpoint(lab, "a"), name)
-        assert await guest.integrity(lab.host("a"), name, image) == "ok"
+        assert await guest.integrity(lab.hosts, lab.host("a"), name, image) == "ok"
     finally:
         for host in ("a", "b"):
             if name in domains(lab, host):

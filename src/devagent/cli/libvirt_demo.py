@@ -102,7 +102,7 @@ async def _probe_figures(
     report.guest_verify_failures = errors.verify_failures - before.verify_failures
     try:
         image = await guest.served_image(end, report.vm)
-        report.integrity = await guest.integrity(there, report.vm, image)
+        report.integrity = await guest.integrity(hosts, there, report.vm, image)
     except DevagentError as err:
         report.integrity = f"not checked: {err}"
     for row in report.devices:

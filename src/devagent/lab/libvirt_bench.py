@@ -160,7 +160,8 @@ class LibvirtBench:
             pause = (await resumed).at - (await stopped).at
             row.vm_pause_ms = round(pause * 1000, 1)
             row.downtime_ms = await self._downtime(row.destination)
-            row.integrity = await guest.integrity(self.host(self.where), DOMAIN, self.image)
+            there = self.host(self.where)
+            row.integrity = await guest.integrity(self.lab.hosts, there, DOMAIN, self.image)
         except DevagentError as err:
             row.error = str(err)
             self.say(f"  failed: {err}")

@@ -27,6 +27,7 @@ from devagent.guest.probe import (
     Paused,
     ProbeError,
     ProbeEvent,
+    Started,
     VerifyFailure,
     disk_digest,
 )
@@ -130,9 +131,10 @@ async def served_image(endpoint: Endpoint, name: str) -> Path:
     return Path(disk.image)
 
 
-async def integrity(host: LabHost, name: str, image: Path) -> str:
-    """Pause the probe of domain ``name`` on ``host``, compare its digest with ``image``'s
-    (the disk as that host holds it), let it go on: ``ok``, or what differs."""
+async def integrity(hosts: list[LabHost], host: LabHost, name: str, image: Path) -> str:
+    """Pause the probe of domain ``name`` on ``host`` (one of ``hosts``, where it may have
+    run), compare its digest with ``image``'s (the disk as that host holds it), let it go
+    on: ``ok``, or what differs and how often the probe started on each host."""
     paused = await probe_command(host, name, "pause")
     assert paused is not None
     try:
@@ -141,4 +143,12 @@ async def integrity(host: LabHost, name: str, image: Path) -> str:
         await probe_command(host, name, "resume")
     if found.digest == paused.digest:
         return "ok"
-    return f"mismatch: the guest last wrote digest {paused.digest}, the disk holds {found.digest}"
+    starts = {
+        other.name: sum(isinstance(e, Started) for e in probe_events([other], name))
+        for other in hosts
+    }
+    return (
+        f"mismatch: the guest last wrote digest {paused.digest} ({paused.written_blocks} "
+        f"blocks written, {paused.ops_total} ops, table digest {paused.table_digest}), the "
+        f"disk holds {found.digest}; the probe started {starts} times by host"
+    )
