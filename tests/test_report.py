@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
+
 from devagent.daemon.netstat import parse_proc_net_dev
 from devagent.report import (
     MigrationReport,
     fill_io_measures,
+    gap_before,
     limit_seconds,
     max_io_gap_s,
     ops_lost,
@@ -125,6 +128,45 @@ def test_an_idle_guest_has_no_io_gap_even_with_journal_completions() -> None:
     fill_io_measures(busy, beats([t / 10 for t in range(40)]), start=2.0, end=3.0,
                      baseline_start=0.0, completions=[1.9, 2.1, 2.5, 2.6])  # fmt: skip
     assert busy.max_io_gap_ms == 400.0 and busy.max_io_gap_at_s == 0.1
+
+
+def test_the_gap_excess_is_the_migrations_gap_less_the_guests_own_just_before() -> None:
+    """Same instrument both sides: a guest whose own I/O stops for 300 ms now and then, a
+    migration whose largest gap is 450 ms, adds 150 ms."""
+    done = [0.0, 0.1, 0.4, 0.6, 0.8, 1.0, 1.05, 1.5, 1.6, 2.0]  # own gap 0.1→0.4: 300 ms
+    report = MigrationReport(vm="v", source="a", destination="b", storage="hybrid")
+    fill_io_measures(report, beats([t / 10 for t in range(25)]), start=1.0, end=2.0,
+                     baseline_start=0.0, completions=done)  # fmt: skip
+    assert report.max_io_gap_ms == 450.0
+    assert report.io_gap_excess_ms == 150.0
+
+
+def test_the_window_before_is_as_long_as_the_migration_within_the_baseline() -> None:
+    times = [0.0, 0.8, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5]
+    assert gap_before(times, 1.5, 2.0, earliest=0.0) == pytest.approx(0.1)  # [1.0, 1.5]
+    assert gap_before(times, 1.5, 3.0, earliest=0.0) == pytest.approx(0.8)  # [0.0, 1.5]
+    assert gap_before(times, 1.5, 3.0, earliest=0.5) == pytest.approx(0.2)  # [0.5, 1.5]
+    assert gap_before([1.4], 1.5, 2.0, earliest=0.0) is None
+
+
+def test_a_guest_whose_own_gaps_are_longer_has_a_negative_excess() -> None:
+    series = beats([0.0, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0])
+    report = MigrationReport(vm="v", source="a", destination="b", storage="shared")
+    fill_io_measures(report, series, start=1.0, end=2.0, baseline_start=0.0)
+    assert report.io_gap_source == "probe heartbeats"
+    assert report.io_gap_excess_ms == pytest.approx(100.0 - 900.0)
+
+
+def test_no_io_before_the_migration_leaves_the_excess_missing() -> None:
+    report = MigrationReport(vm="v", source="a", destination="b", storage="hybrid")
+    fill_io_measures(report, [], start=1.0, end=2.0, baseline_start=0.0,
+                     completions=[0.5, 1.2, 1.9])  # fmt: skip
+    assert report.max_io_gap_ms == 700.0
+    assert report.io_gap_excess_ms is None
+    assert "before the migration" in report.missing["io_gap_excess_ms"]
+    idle = MigrationReport(vm="v", source="a", destination="b", storage="hybrid")
+    fill_io_measures(idle, beats([0.5, 1.5], ops=0), start=1.0, end=2.0, baseline_start=0.0)
+    assert "idle" in idle.missing["io_gap_excess_ms"]
 
 
 def test_ops_lost_is_how_far_the_guest_went_back_across_the_switchover() -> None:

@@ -146,6 +146,7 @@ def strategy_row(its: Sequence[Run]) -> StrategyRow:
         total_time_s=med(lambda r: r.total_time_s),
         downtime_ms=med(lambda r: r.downtime_ms),
         max_io_gap_ms=med(lambda r: r.max_io_gap_ms),
+        io_gap_excess_ms=med(lambda r: r.io_gap_excess_ms),
         guest_max_latency_ms=med(lambda r: r.guest_max_latency_ms),
         guest_p99_latency_ms=med(lambda r: r.guest_p99_latency_ms),
         io_rate_ratio=med(lambda r: r.io_rate_ratio),
@@ -185,9 +186,10 @@ def fmt(value: float | int | str | None, digits: int = 2) -> str:
 
 TABLE_HEAD = (
     "| strategy | runs ok | switchover s | total s | `limit_s` | total / limit | downtime ms "
-    "| `max_io_gap_ms` | heartbeat gap ms | guest max lat ms | guest p99 ms | I/O rate ratio "
+    "| `max_io_gap_ms` | `io_gap_excess_ms` | heartbeat gap ms | guest max lat ms "
+    "| guest p99 ms | I/O rate ratio "
     "| MB on the link | errors / verify | integrity |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"
 )
 
 
@@ -208,7 +210,8 @@ def markdown(summary: Sequence[Scenario]) -> str:
                 f"| {fmt(r.time_to_switchover_s)} | {fmt(r.total_time_s)} "
                 f"| {fmt(r.limit_s)} | {fmt(r.ratio)} "
                 f"| {fmt(r.downtime_ms, 0)} | {fmt(r.max_io_gap_ms, 0)} "
-                f"| {fmt(r.hb_gap_ms, 0)} | {fmt(r.guest_max_latency_ms, 0)} "
+                f"| {fmt(r.io_gap_excess_ms, 0)} | {fmt(r.hb_gap_ms, 0)} "
+                f"| {fmt(r.guest_max_latency_ms, 0)} "
                 f"| {fmt(r.guest_p99_latency_ms, 0)} | {fmt(r.io_rate_ratio)} "
                 f"| {fmt(moved / 1e6 if moved is not None else None, 0)} "
                 f"| {fmt(r.guest_io_errors)} / {fmt(r.guest_verify_failures)} "

@@ -107,6 +107,8 @@ class StrategyRow(msgspec.Struct, kw_only=True, omit_defaults=True):
     total_time_s: float | None
     downtime_ms: float | None
     max_io_gap_ms: float | None
+    #: None, and left out of the JSON: runs older than the measure.
+    io_gap_excess_ms: float | None = None
     guest_max_latency_ms: float | None
     guest_p99_latency_ms: float | None
     io_rate_ratio: float | None

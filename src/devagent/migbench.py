@@ -171,7 +171,8 @@ def describe(run: Run) -> str:
         return head + f"FAILED: {r.error}"
     return head + (
         f"switchover {fmt(r.time_to_switchover_s)} s, total {fmt(r.total_time_s)}"
-        f" s (limit {fmt(r.limit_s)} s), gap {fmt(r.max_io_gap_ms, 0)} ms, "
+        f" s (limit {fmt(r.limit_s)} s), gap {fmt(r.max_io_gap_ms, 0)} ms "
+        f"(excess {fmt(r.io_gap_excess_ms, 0)} ms), "
         f"heartbeat gap {fmt(run.hb_gap_ms, 0)} ms, integrity "
         + (r.integrity or f"unknown ({r.missing.get('integrity', 'not asked')})")
     )

@@ -20,6 +20,7 @@ MEASURES = (
     "total_time_s",
     "downtime_ms",
     "max_io_gap_ms",
+    "io_gap_excess_ms",
     "guest_max_latency_ms",
     "guest_p99_latency_ms",
     "io_rate_ratio",
@@ -97,6 +98,11 @@ class MigrationReport:
     #: QEMU's events (QEMU 7.2's ``downtime_ms`` here is often 0 when the guest did pause).
     vm_pause_ms: float | None = None
     max_io_gap_ms: float | None = None
+    #: What the migration added to the guest's own gaps: ``max_io_gap_ms`` less the
+    #: largest gap, on the same instrument, in a window as long as the migration just
+    #: before it (as much of that as the report's steady-state baseline holds). Negative:
+    #: the guest's own gaps were longer than any during the migration.
+    io_gap_excess_ms: float | None = None
     guest_max_latency_ms: float | None = None
     guest_p99_latency_ms: float | None = None
     io_rate_ratio: float | None = None
@@ -235,38 +241,32 @@ def fill_io_measures(
     the migration, [baseline_start, start] is the steady state it is compared with. With
     ``completions`` (the agents' journals on both hosts) ``max_io_gap_ms`` is exact rather
     than bounded below by the heartbeats' 100 ms period."""
-    if not beats and completions:
-        _fill_gap(report, largest_gap_at(completions, start, end), start)
-        report.io_gap_source = "agent journals"
     if not beats:
-        report.mark_missing(
-            "no probe heartbeats (the guest runs no ioprobe)",
+        if completions:
+            _fill_gaps(report, completions, "agent journals", start, end, baseline_start)
+        names = (
             "max_io_gap_ms",
+            "io_gap_excess_ms",
             "guest_max_latency_ms",
             "guest_p99_latency_ms",
             "io_rate_ratio",
             "guest_io_errors",
             "guest_verify_failures",
         )
+        unsaid = [name for name in names if name not in report.missing]
+        report.mark_missing("no probe heartbeats (the guest runs no ioprobe)", *unsaid)
         return
-    window = [b for b in beats if start <= b.host_time <= end]
     if not any(b.ops for b in beats if baseline_start <= b.host_time <= end):
         # An idle guest: the journals then hold only QEMU's own flushes, whose spacing
         # says nothing about the guest's I/O.
-        report.missing["max_io_gap_ms"] = "the guest did no I/O around the migration (idle)"
-        found = None
+        reason = "the guest did no I/O around the migration (idle)"
+        report.missing["max_io_gap_ms"] = report.missing["io_gap_excess_ms"] = reason
     elif completions:
-        found = largest_gap_at(completions, start, end)
-        report.io_gap_source = "agent journals"
+        _fill_gaps(report, completions, "agent journals", start, end, baseline_start)
     else:
-        found = largest_gap_at((b.host_time for b in beats if b.ops > 0), start, end)
-        report.io_gap_source = "probe heartbeats"
-    if found is not None:
-        _fill_gap(report, found, start)
-    else:
-        report.missing.setdefault(
-            "max_io_gap_ms", "the guest completed no I/O during the migration"
-        )
+        with_io = [b.host_time for b in beats if b.ops > 0]
+        _fill_gaps(report, with_io, "probe heartbeats", start, end, baseline_start)
+    window = [b for b in beats if start <= b.host_time <= end]
     if window:
         report.guest_max_latency_ms = round(max(b.lat_max_us for b in window) / 1000, 3)
         report.guest_p99_latency_ms = round(max(b.lat_p99_us for b in window) / 1000, 3)
@@ -280,10 +280,41 @@ def fill_io_measures(
     report.guest_verify_failures = last.verify_failures
 
 
-def _fill_gap(report: MigrationReport, found: tuple[float, float] | None, start: float) -> None:
-    if found is not None:
-        report.max_io_gap_ms = round(found[1] * 1000, 1)
-        report.max_io_gap_at_s = round(found[0] - start, 3)
+def gap_before(times: Iterable[float], start: float, end: float, earliest: float) -> float | None:
+    """The guest's own largest gap: between consecutive ``times`` inside the window as long
+    as [start, end] that ends at ``start``, begun no sooner than ``earliest`` (the oldest
+    time the instrument is known to hold); None with fewer than two times in it."""
+    since = max(earliest, start - (end - start))
+    inside = sorted(t for t in times if since <= t <= start)
+    if len(inside) < 2:
+        return None
+    return max(b - a for a, b in pairwise(inside))
+
+
+def _fill_gaps(
+    report: MigrationReport,
+    times: Sequence[float],
+    source: str,
+    start: float,
+    end: float,
+    baseline_start: float,
+) -> None:
+    """``max_io_gap_ms`` and ``io_gap_excess_ms`` from one instrument's ``times``."""
+    report.io_gap_source = source
+    found = largest_gap_at(times, start, end)
+    if found is None:
+        report.missing.setdefault(
+            "max_io_gap_ms", "the guest completed no I/O during the migration"
+        )
+        report.missing.setdefault("io_gap_excess_ms", "no I/O gap during the migration")
+        return
+    report.max_io_gap_ms = round(found[1] * 1000, 1)
+    report.max_io_gap_at_s = round(found[0] - start, 3)
+    own = gap_before(times, start, end, baseline_start)
+    if own is None:
+        report.missing["io_gap_excess_ms"] = f"no guest I/O in the {source} before the migration"
+    else:
+        report.io_gap_excess_ms = round((found[1] - own) * 1000, 1)
 
 
 def io_series(

@@ -274,7 +274,8 @@ async def run_net_demo(
 def round_trip_table(reports: list[MigrationReport]) -> Table:
     table = Table(title=f"{len(reports)} migrations in a row", title_justify="left")
     for column in ("#", "from → to", "status", "switchover s", "total s", "limit s",
-                   "downtime ms", "max I/O gap ms", "errors / verify", "integrity"):  # fmt: skip
+                   "downtime ms", "max I/O gap ms", "gap excess ms", "errors / verify",
+                   "integrity"):  # fmt: skip
         table.add_column(column, justify="left" if column in ("from → to", "status") else "right")
     for index, r in enumerate(reports, 1):
         table.add_row(
@@ -286,6 +287,7 @@ def round_trip_table(reports: list[MigrationReport]) -> Table:
             str(r.limit_s),
             str(r.downtime_ms),
             str(r.max_io_gap_ms),
+            str(r.io_gap_excess_ms),
             f"{r.guest_io_errors} / {r.guest_verify_failures}",
             str(r.integrity),
         )
@@ -369,7 +371,8 @@ async def run_demo(
             if migrations > 1:
                 say(
                     f"  {report.status}: switchover {report.time_to_switchover_s} s, total "
-                    f"{report.total_time_s} s, max I/O gap {report.max_io_gap_ms} ms, "
+                    f"{report.total_time_s} s, max I/O gap {report.max_io_gap_ms} ms "
+                    f"({report.io_gap_excess_ms} ms over the guest's own), "
                     f"errors {report.guest_io_errors}/{report.guest_verify_failures}, "
                     f"integrity {report.integrity}"
                 )

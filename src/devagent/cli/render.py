@@ -12,6 +12,7 @@ UNITS = {
     "downtime_ms": "ms",
     "vm_pause_ms": "ms",
     "max_io_gap_ms": "ms",
+    "io_gap_excess_ms": "ms",
     "guest_max_latency_ms": "ms",
     "guest_p99_latency_ms": "ms",
     "limit_s": "s",

@@ -204,7 +204,7 @@ class RecoveredJob(MigrationJob):
         report = self.report
         lost = list(HEARTBEAT_MEASURES) if self.managed.request.has_probe else []
         if report.io_gap_source == "probe heartbeats":  # the source's half died
-            lost.append("max_io_gap_ms")
+            lost += ["max_io_gap_ms", "io_gap_excess_ms"]
             report.max_io_gap_at_s = report.io_gap_source = None
         for name in lost:
             setattr(report, name, None)
