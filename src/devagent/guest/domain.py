@@ -43,7 +43,9 @@ def nbd_disk(export: str, socket: str) -> str:
 
 def probe_guest_domain(name: str, disk: str, workload: Workload, ram_mb: int = 128) -> str:
     """The test guest as domain ``name`` with ``disk`` (:func:`file_disk`,
-    :func:`nbd_disk`), its probe running ``workload``."""
+    :func:`nbd_disk`), its probe running ``workload``. Its RAM is whole MiB (libvirt rounds
+    it so): under TCG on QEMU before 9.0 its RAM migration can lose stores
+    (:data:`devagent.qemu.config.TCG_RAM_EXTRA_KB`), most in the guest's first seconds."""
     guest = load_guest()
     return f"""<domain type='qemu'>
   <name>{name}</name><memory unit='MiB'>{ram_mb}</memory><vcpu>1</vcpu>
