@@ -158,7 +158,10 @@ class Step(StrEnum):
     NET_ANNOUNCED_AGAIN = "net_announced_again"  # the destination's first announce was doubtful
     NET_FORWARD_STOPPED = "net_forward_stopped"
     DISK_LOCAL = "disk_local"  # each replica serves alone there: the disks' point of no return
-    RELEASED = "released"  # nothing of the VM is left on the source
+    #: The destination needs nothing of the source any more: no byte of the VM's devices
+    #: there that it still reads, no frame still to forward (``total_time_s`` ends here).
+    RELEASED = "released"
+    SOURCE_CLEANED = "source_cleaned"  # the source's QEMU, agents and copy of the VM gone
 
 
 class DestinationStep(StrEnum):

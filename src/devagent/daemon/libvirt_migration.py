@@ -365,9 +365,12 @@ class DomainMigration(RunningJob):
         return committed
 
     async def _finish(self, peer: Peer, committed: DomainCommitAnswer) -> None:
-        """The guest runs there: wait until each replica serves alone, release ours, report."""
+        """The guest runs there: libvirt's call ended (no guest here again), then each
+        replica serves alone there (the source is released: ``total_time_s`` ends); then
+        our agents and replicas go, and the report is made."""
         await self._confirmed()
         await self._until_local(peer)
+        self.mark(Step.RELEASED)
         since = self.started_at - BASELINE_S
         here = await self._completions(since)
         self.host.release_domain(self.name)  # (first: its supervisor restarts no agent)
@@ -381,7 +384,7 @@ class DomainMigration(RunningJob):
             self.allocated += allocated_bytes(Path(agent.image))
             for path in (Path(agent.image), presence_path(Path(agent.image))):
                 path.unlink(missing_ok=True)
-        self.mark(Step.RELEASED)
+        self.mark(Step.SOURCE_CLEANED)
         there = await self.forward(
             lambda: peer.get(f"/v1/libvirt/{self.name}/completions", since=since),
             what="the destination's completions",

@@ -12,7 +12,10 @@ would. Then its disk is adopted by devagent, and it moves by each of devagent's 
 (libvirt moving RAM and definition). The domain goes back and forth a → b → a …
 
 Each migration is measured with the same instruments whoever moves the disk: the total time
-(libvirt's migrate call, or devagent's report: up to the source's release); its floor
+(until the source is released, as devagent's report has it: no byte of the domain there
+that the destination still needs; for libvirt alone, whose copy ends before the switchover,
+the guest's resume on the destination; the source's clean-up after that is left out of
+both); its floor
 ``limit_s``, the guest's data (the blocks its probe wrote, and its RAM) over the link; the
 guest's pause from libvirt's events as this process receives them (the source's
 ``Suspended/Migrated`` to the destination's ``Resumed``); QEMU's downtime from libvirt's
@@ -155,8 +158,11 @@ class LibvirtBench:
         await asyncio.sleep(0)  # the waiters are in place before anything happens
         try:
             started = time.time()
-            row.total_s = await move() or round(time.time() - started, 3)
+            total = await move()
             self.where = row.destination
+            # libvirt alone: the disk copied before the switchover, nothing of the source
+            # is needed once the guest runs there (its Confirm, the source's clean-up, after)
+            row.total_s = total or round((await resumed).at - started, 3)
             pause = (await resumed).at - (await stopped).at
             row.vm_pause_ms = round(pause * 1000, 1)
             row.downtime_ms = await self._downtime(row.destination)
@@ -210,7 +216,7 @@ class LibvirtBench:
         await link.run(dom, "migrateToURI3", libvirt.peer_uri(dest, source), params, flags)
         old, self.image = self.image, target
         old.unlink(missing_ok=True)
-        return None  # the call's own time
+        return None  # the guest's resume on the destination
 
     async def devagent(self, strategy: str) -> float | None:
         """devagent under libvirt: the adopted domain moved by ``strategy``."""

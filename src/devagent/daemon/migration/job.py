@@ -350,33 +350,33 @@ class MigrationJob(RunningJob):
         return CommitAnswer(resumed_at=vm.resumed_at)
 
     async def finish(self, committed: CommitAnswer, done: MigrationInfo) -> None:
-        """After the guest runs on the destination: hand over, release, report. The copy
-        here is marked migrated first: nothing that fails from here on may leave it looking
-        like the VM's running instance."""
+        """After the guest runs on the destination: hand over, release, clean up, report.
+        The copy here is marked migrated first: nothing that fails from here on may leave it
+        looking like the VM's running instance. The source is released once the
+        destination needs nothing of it (``total_time_s`` ends there); its clean-up (QEMU
+        stopped, the agents and the copy removed) comes after, off that time."""
         if self.managed.role != VmRole.MIGRATED:  # (a restarted daemon may find it so)
             self.managed.migrated_away(serves_disk=self.plan.serves_after_switchover)
         if self.net is not None:  # until the network has learned the guest's new place
             heard_at = self.committed_at or time.time()  # (read back after a restart)
             await self.past_switchover(self.net.finish(self.peer, committed.steps, heard_at),
                                        "the NICs' hand-over", *NET_MEASURES)  # fmt: skip
+        await self.plan.until_released(self)
+        self.mark(Step.RELEASED)
         source_done = await self._completions()
         with contextlib.suppress(PeerError, StateError):  # QEMU's final figures
             done = await self.managed.vm.migration_outcome()
-        if self.plan.source_qemu_serves:
-            await self.plan.until_released(self)
         # The old instance: inert since the switchover (its disk flushed and inactivated).
         # After a fence its NBD client would wait out reconnect-delay on quit: kill it.
         vm = self.managed.vm
         await (vm.kill() if self.plan.moves_disk else vm.stop())
-        if not self.plan.source_qemu_serves:
-            await self.plan.until_released(self)
         allocated = (
             sum(allocated_bytes(i) for i in self.managed.images.values())
             if self.plan.moves_disk
             else 0
         )
         await self.forward(self._release, what=f"the release of VM {self.managed.name} here")
-        self.mark(Step.RELEASED)
+        self.mark(Step.SOURCE_CLEANED)
         await finish_report(self, committed, done, source_done, allocated)
 
     async def past_switchover(self, step: Awaitable[Any], what: str, *figures: str) -> None:
