@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -151,6 +154,31 @@ def bench_cmd(
             f"{row['qemu_nbd']:>10.0f} {row['ratio']:>7.2f}"
         )
     click.echo(f"transport: {report['transport']}; client: {report['client']}")
+
+
+@agent_group.command("standby", hidden=True)
+def standby_cmd() -> None:
+    """Wait, imports done, for the agent to become (``devagentd`` starts agents ahead this
+    way: devagent.daemon.standby): say ``ready``, read one JSON line from stdin with its
+    arguments (``serve ...``), working folder, log file and CPU priority, and run it. A
+    closed stdin (the daemon gone) ends it."""
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return
+    order = json.loads(line)
+    log = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for fd in (1, 2):
+        os.dup2(log, fd)
+    os.close(log)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.chdir(order["cwd"])
+    with contextlib.suppress(OSError):  # back from the standby's low priority
+        os.setpriority(os.PRIO_PROCESS, 0, int(order.get("nice", 0)))
+    agent_group.main(args=order["argv"], prog_name="devagent agent")
 
 
 if __name__ == "__main__":  # the daemon and the benchmark start agents this way: it is lean

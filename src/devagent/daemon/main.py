@@ -16,6 +16,7 @@ from aiohttp import web
 from devagent.daemon.api import build_app
 from devagent.daemon.host import Host
 from devagent.daemon.libvirt_domains import adopt_domains, supervise_domains
+from devagent.daemon.standby import StandbyPool, use_pool
 from devagent.errors import DevagentError
 from devagent.guestnet import GuestNetwork
 from devagent.libvirt_link import LibvirtLink
@@ -122,6 +123,10 @@ async def serve(args: argparse.Namespace) -> None:
             await host.libvirt.open()
         except DevagentError as err:  # opened again at its first use
             log.warning("libvirt not reachable yet: %s", err)
+    (host.root / "logs").mkdir(parents=True, exist_ok=True)
+    pool = StandbyPool(host.root / "logs" / "standby.log")
+    use_pool(pool)
+    pool.fill()  # agents started ahead: a new agent is up sooner
     await host.vms.warm_up()
     await host.exports.adopt_all()
     await host.vms.adopt_all(kept=host.exports.kept_disks())
@@ -143,6 +148,7 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     await supervisor
     await runner.cleanup()
+    await pool.close()
 
 
 def reload_certificates(host: Host) -> None:

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 
+from devagent.daemon import standby
 from devagent.errors import DevagentError, PeerError, StateError
 from devagent.qemu.vm import pid_alive
 from devagent.tls import process_tls
@@ -103,15 +104,22 @@ class Supervised:
         """Start the process; return once its control socket answers."""
         for path in self.sockets():
             path.unlink(missing_ok=True)
-        with self.log_file.open("ab") as out:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv(),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-                cwd=self.run_dir,
-            )
+        argv = self.argv()
+        pool = standby.pool()
+        ahead = pool.take() if pool is not None and argv[1:3] == ["-m", standby.MODULE] else None
+        if ahead is not None:  # started ahead, its imports done (:mod:`.standby`)
+            proc = ahead
+            await standby.become(proc, argv[3:], self.run_dir, self.log_file)
+        else:
+            with self.log_file.open("ab") as out:
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=out,
+                    start_new_session=True,
+                    cwd=self.run_dir,
+                )
         self.pid = proc.pid
         try:
             await self._wait_answering(proc)

@@ -1,0 +1,82 @@
+"""Agents started ahead (:mod:`devagent.daemon.standby`): a real standby process becomes a
+real agent that serves its image, logs to its own file and answers its control socket; with
+none ready an agent starts afresh; a closed pool leaves no process behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from devagent.daemon import standby
+from devagent.daemon.agents import AgentProcess
+from devagent.daemon.standby import StandbyPool
+from devagent.wait import wait_until
+
+
+@pytest.fixture
+async def pool(tmp_path: Path) -> AsyncIterator[StandbyPool]:
+    made = StandbyPool(tmp_path / "standby.log", size=1)
+    standby.use_pool(made)
+    try:
+        yield made
+    finally:
+        standby.use_pool(None)
+        await made.close()
+
+
+def _agent(tmp_path: Path) -> AgentProcess:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"\0" * (1 << 20))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    return AgentProcess(vm="v1", node="disk0", image=str(image), run_dir=str(run_dir))
+
+
+async def _ready(pool: StandbyPool) -> asyncio.subprocess.Process:
+    pool.fill()
+    await wait_until(lambda: bool(pool._ready), timeout=30, interval=0.05, what="a standby")
+    return pool._ready[0]
+
+
+async def test_a_standby_becomes_the_agent_and_another_is_made(
+    tmp_path: Path, pool: StandbyPool
+) -> None:
+    waiting = await _ready(pool)
+    agent = _agent(tmp_path)
+    await agent.start()
+    try:
+        assert agent.pid == waiting.pid  # the standby itself, not a new process
+        assert (await agent.status()).size == 1 << 20
+        assert os.getpriority(os.PRIO_PROCESS, waiting.pid) == os.getpriority(os.PRIO_PROCESS, 0)
+        assert "vm=v1 device=disk0" in agent.log_file.read_text()
+        replacement = await _ready(pool)
+        assert replacement.pid != waiting.pid
+        assert os.getpriority(os.PRIO_PROCESS, replacement.pid) == standby.STANDBY_NICE
+    finally:
+        await agent.stop()
+    assert not agent.alive
+
+
+async def test_with_no_standby_ready_an_agent_starts_afresh(tmp_path: Path) -> None:
+    empty = StandbyPool(tmp_path / "standby.log", size=0)
+    standby.use_pool(empty)
+    try:
+        agent = _agent(tmp_path)
+        await agent.start()
+        try:
+            assert (await agent.status()).size == 1 << 20
+        finally:
+            await agent.stop()
+    finally:
+        standby.use_pool(None)
+
+
+async def test_a_closed_pool_leaves_no_standby_running(pool: StandbyPool) -> None:
+    waiting = await _ready(pool)
+    await pool.close()
+    assert waiting.returncode is not None
+    assert pool.take() is None  # closed: none made again
