@@ -25,6 +25,7 @@ from devagent.agent.messages import (
     JournalStats,
     LocalStatus,
     MirrorCancelled,
+    MirrorRate,
     MirrorRequest,
     MirrorStarted,
     MirrorStats,
@@ -231,6 +232,7 @@ class FakeDiskAgent:
         self.failures: Failures = {}
         self.mirror_state = "converged"
         self.mirrors: list[MirrorRequest] = []
+        self.rates: list[float | None] = []  # each /mirror/rate, in order
         self.everything: list[str] | None = None  # a log shared with the QEMU fake, in order
         self.fenced = False
 
@@ -268,6 +270,11 @@ class FakeDiskAgent:
         self._called("/mirror")
         self.mirrors.append(request)
         return MirrorStarted(mirror=mirror_stats(0, "copying"), target="Remote(b)")
+
+    async def mirror_rate(self, rate_limit: float | None) -> MirrorRate:
+        self._called("/mirror/rate")
+        self.rates.append(rate_limit)
+        return MirrorRate(rate_limit=rate_limit)
 
     async def cutover(self, *, keep_source: bool = False, timeout: float = 60.0) -> CutoverAnswer:
         self._called("/mirror/cutover")

@@ -92,6 +92,11 @@ async def test_a_mirror_job_from_start_to_cancel(rig: tuple[TestClient, BlockAge
     assert status["backend_status"]["source"]["kind"] == "local"
     second = await client.post("/mirror", json={"target": {"kind": "local", "path": str(target)}})
     assert second.status == 409
+    rated = await client.post("/mirror/rate", json={"rate_limit": 1000000})
+    assert rated.status == 200 and (await rated.json()) == {"rate_limit": 1000000}
+    assert agent.mirror_job is not None and agent.mirror_job.mirror.pace.rate == 1000000
+    refused = await client.post("/mirror/rate", json={"rate_limit": -1})
+    assert refused.status == 400
     cancelled = await (await client.post("/mirror/cancel")).json()
     assert cancelled["cancelled"] is True and set(cancelled["mirror"]) >= {"copied_bytes"}
     job = agent.mirror_job
@@ -102,6 +107,7 @@ async def test_a_mirror_job_from_start_to_cancel(rig: tuple[TestClient, BlockAge
         JobState.ENDED,
     ]
     assert (await client.post("/mirror/stop")).status == 409  # ended
+    assert (await client.post("/mirror/rate", json={})).status == 409
 
 
 async def test_fence_is_a_state_of_the_agent(rig: tuple[TestClient, BlockAgent, Path]) -> None:

@@ -308,6 +308,19 @@ async def test_rate_limit_is_respected() -> None:
     assert (2 << 20) - 2 * CHUNK <= now[0] * rate <= 2 << 20
 
 
+async def test_a_new_rate_forgets_what_the_old_one_booked() -> None:
+    """A push slowed to a trickle, then given the link: it goes on at once, not after the
+    time the trickle had booked for what it sent."""
+    now = [0.0]
+    mirror = Mirrored(Disk(), Disk(), chunk_size=CHUNK, rate_limit=1.0, clock=lambda: now[0])
+    mirror.pace.charge(CHUNK)  # at 1 byte/s: booked until t = 65536 s
+    mirror.pace.set(1e9)
+    now[0] = 0.001
+    await asyncio.wait_for(mirror.pace.wait(), 1.0)
+    mirror.pace.charge(CHUNK)
+    assert mirror.pace._next_free == pytest.approx(0.001 + CHUNK / 1e9)
+
+
 async def test_target_failure_fails_the_job_and_the_source_keeps_serving() -> None:
     source, target = Disk(), Disk()
     fill(source, 0, 0x01, count=4)

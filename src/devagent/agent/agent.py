@@ -40,6 +40,7 @@ from devagent.agent.messages import (
     FlushAnswer,
     LocalSpec,
     MirrorCancelled,
+    MirrorRate,
     MirrorRequest,
     MirrorStarted,
     MirrorStopped,
@@ -338,6 +339,11 @@ class BlockAgent:
 
     async def stop_mirror(self) -> MirrorStopped:
         return await self._running_job().stop()
+
+    def mirror_rate(self, rate: MirrorRate) -> MirrorRate:
+        """The running mirror's copy rate, changed."""
+        self._running_job().mirror.pace.set(rate.rate_limit)
+        return rate
 
     async def flush(self) -> FlushAnswer:
         """Make everything written so far durable now (ahead of a switchover, whose own

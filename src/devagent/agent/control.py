@@ -17,6 +17,7 @@ agent without ever sitting in the data path.
                                   (``{"keep_source": true}``: go on serving the source)
     POST /mirror/cancel           stop mirroring, keep serving the source
     POST /mirror/stop             the same, answering the chunks the target may still lack
+    POST /mirror/rate             {"rate_limit"}: the background copy's bytes/s from now on
     POST /flush                   make what was written durable now
     POST /fence                   refuse the local VM instance (its unix sockets) for good
     POST /unfence                 serve its unix sockets again (a migration rolled back
@@ -42,6 +43,7 @@ from aiohttp import web
 from devagent.agent.agent import BlockAgent
 from devagent.agent.messages import (
     CutoverRequest,
+    MirrorRate,
     MirrorRequest,
     RetireAnswer,
     StopAnswer,
@@ -97,6 +99,11 @@ async def _mirror_stop(request: web.Request) -> web.Response:
     return answer(await request.app[AGENT_KEY].stop_mirror())
 
 
+async def _mirror_rate(request: web.Request) -> web.Response:
+    body = await body_as(request, MirrorRate)
+    return answer(request.app[AGENT_KEY].mirror_rate(body))
+
+
 async def _flush(request: web.Request) -> web.Response:
     return answer(await request.app[AGENT_KEY].flush())
 
@@ -139,6 +146,7 @@ def build_control_app(agent: BlockAgent, stop: asyncio.Event) -> web.Application
     app.router.add_post("/mirror/cutover", _mirror_cutover)
     app.router.add_post("/mirror/cancel", _mirror_cancel)
     app.router.add_post("/mirror/stop", _mirror_stop)
+    app.router.add_post("/mirror/rate", _mirror_rate)
     app.router.add_post("/flush", _flush)
     app.router.add_post("/fence", _fence)
     app.router.add_post("/unfence", _unfence)

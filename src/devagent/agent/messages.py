@@ -278,6 +278,13 @@ class MirrorCancelled(msgspec.Struct):
     mirror: MirrorStats
 
 
+class MirrorRate(msgspec.Struct):
+    """``POST /mirror/rate``: the bytes per second the background copy may move from now on
+    (None: no limit). The answer gives the same, as the mirror has it."""
+
+    rate_limit: Positive | None = None
+
+
 class MirrorStopped(msgspec.Struct):
     """``POST /mirror/stop``: the chunks the target may still lack, as base64 bits."""
 

@@ -57,6 +57,7 @@ from devagent.agent.mirror_states import (
     MirrorState,
     MirrorStateError,
 )
+from devagent.agent.pace import Pace
 from devagent.agent.state import Bitmap, DeviceState
 from devagent.errors import StateError, UsageError
 from devagent.nbd.proto import Errno
@@ -101,8 +102,8 @@ class Mirrored(Backend):
         self.chunk_size = chunk_size
         self.sync = sync
         self.parallel = parallel
-        #: Bytes per second the background copy may move (None: no limit); ``finish`` ignores it.
-        self.rate_limit = rate_limit
+        #: How fast the background copy may move (``finish`` ignores it); set again live.
+        self.pace = Pace(rate_limit, clock, sleep)
         self._max_run = max(1, max_copy // chunk_size)
         self._target_zeroed = target_zeroed
         self._clock = clock
@@ -121,7 +122,6 @@ class Mirrored(Backend):
         self._settled = asyncio.Event()
         self._sweep_lock = asyncio.Lock()
         self._running = False
-        self._next_free = 0.0
         self._zero_buf = b""
         self.state = MirrorState.COPYING
         self.history: list[MirrorState] = [self.state]
@@ -233,7 +233,7 @@ class Mirrored(Backend):
         return MirrorStats(
             state=self.state.value,
             sync=self.sync,
-            rate_limit=self.rate_limit,
+            rate_limit=self.pace.rate,
             copied_bytes=self.copied_bytes,
             zeroed_bytes=self.zeroed_bytes,
             dirty_bytes=self.dirty_bytes,
@@ -529,7 +529,7 @@ class Mirrored(Backend):
                 if self.state is MirrorState.FAILED:
                     return
                 if throttle:
-                    await self._throttle()
+                    await self.pace.wait()
                 claimed = self._claim(chunk)
                 if claimed is not None:
                     await self._copy(*claimed, throttle=throttle)
@@ -568,7 +568,7 @@ class Mirrored(Backend):
         chunks = range(first, first + count)
         offset, length = self._span(first, count)
         if throttle:
-            self._charge(length)
+            self.pace.charge(length)
         done = False
         try:
             for chunk in chunks:  # rule 1: clear before the read
@@ -590,11 +590,3 @@ class Mirrored(Backend):
         if len(self._zero_buf) < length:
             self._zero_buf = bytes(length)
         return self._zero_buf if len(self._zero_buf) == length else self._zero_buf[:length]
-
-    async def _throttle(self) -> None:
-        while self.rate_limit and (wait := self._next_free - self._clock()) > 0:
-            await self._sleep(wait)
-
-    def _charge(self, length: int) -> None:
-        if self.rate_limit:
-            self._next_free = max(self._next_free, self._clock()) + length / self.rate_limit

@@ -24,6 +24,7 @@ from devagent.agent.messages import (
     FenceAnswer,
     FlushAnswer,
     MirrorCancelled,
+    MirrorRate,
     MirrorRequest,
     MirrorStarted,
     MirrorStopped,
@@ -121,6 +122,10 @@ class AgentProcess(Supervised):
 
     async def stop_mirror(self) -> MirrorStopped:
         return await self.ask("POST", "/mirror/stop", into=MirrorStopped)
+
+    async def mirror_rate(self, rate_limit: float | None) -> MirrorRate:
+        return await self.ask("POST", "/mirror/rate", MirrorRate(rate_limit=rate_limit),
+                              into=MirrorRate)  # fmt: skip
 
     async def flush(self, *, timeout: float = 60.0) -> FlushAnswer:
         return await self.ask("POST", "/flush", into=FlushAnswer, timeout=timeout)

@@ -22,6 +22,7 @@ from devagent.agent.messages import (
     FenceAnswer,
     FlushAnswer,
     MirrorCancelled,
+    MirrorRate,
     MirrorRequest,
     MirrorStarted,
     MirrorStopped,
@@ -121,6 +122,8 @@ class DiskAgentLink(Protocol):
     async def cancel_mirror(self) -> MirrorCancelled: ...
 
     async def stop_mirror(self) -> MirrorStopped: ...
+
+    async def mirror_rate(self, rate_limit: float | None) -> MirrorRate: ...
 
 
 class NicLink(AgentLink, Protocol):
@@ -301,6 +304,11 @@ class DiskJob(Protocol):
     #: By node: each source disk as the destination reaches it, and its size.
     source_disks: dict[str, RemoteDisk]
     disk_sizes: dict[str, int]
+
+    #: Its ``progress`` follows QEMU's RAM migration as it goes (``ram_transferred``), so a
+    #: push can take what RAM leaves of the link.
+    @property
+    def follows_ram(self) -> bool: ...
 
     def mark(self, step: str, at: float | None = None) -> None: ...
 

@@ -76,6 +76,8 @@ PEER_CHECK_S = 0.3  # how often the destination daemon is checked while RAM or a
 class MigrationJob(RunningJob):
     """One VM's migration from this host (see the module's docstring)."""
 
+    follows_ram = True  # its RAM follower reads query-migrate as RAM moves
+
     def __init__(
         self, host: HostContext, managed: MigratingVm, request: MigrateRequest, plan: Plan
     ) -> None:

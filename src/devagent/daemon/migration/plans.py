@@ -22,10 +22,10 @@ migration waits for the slowest, and a failure of any one rolls all of them back
 destination's QEMU reads through the source's agents until the switchover (it reads a
 qcow2 header at launch, say); a push lands in a receiver agent beside each disk's.
 
-The link is split so: a hybrid push takes :data:`HYBRID_PUSH_SHARE` of it while RAM
-migrates, shared among the disks by their size (so that each is as far along); after the
-switchover the disks' fetches share what RAM left, each copying in batches sized for its
-share (:func:`copy_batch`).
+The link is split so: a hybrid push takes what RAM leaves of it while RAM migrates
+(:mod:`.share`), shared among the disks by their size (so that each is as far along);
+after the switchover the disks' fetches share the link, each copying in batches sized for
+its share (:func:`copy_batch`).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ from devagent.daemon.migration.messages import (
     NbdAddress,
     RemoteDisk,
 )
+from devagent.daemon.migration.share import FIXED_SHARE, LinkShare
 from devagent.daemon.nics import NicIdentity
 from devagent.errors import PeerError, UsageError
 from devagent.vocab import Step, Strategy
@@ -70,9 +71,6 @@ PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
 #: Passes a pre-copy mirror makes before it goes write-through anyway (a guest that dirties
 #: faster than the link copies would never leave 1 MiB behind).
 PRECOPY_PASSES = 8
-#: Hybrid: the share of a known link rate the disk push may take while RAM migrates (the
-#: RAM decides the switchover; what the push leaves is fetched after it).
-HYBRID_PUSH_SHARE = 0.25
 #: Hybrid push: copies in flight and bytes per copy. Stopping the push at the switchover
 #: waits for the copies in flight (nothing may land after it): 2 x 256 KiB is 4 ms at 1 Gbit/s.
 HYBRID_PUSH_PARALLEL = 2
@@ -499,35 +497,44 @@ class PrecopyPlan(FetchingPlan):
 
 
 class HybridPlan(FetchingPlan):
-    strategy = Strategy.HYBRID
+    """The disk pushed while RAM migrates, on what RAM leaves of the link
+    (:mod:`.share`); what the push had not landed at the switchover is fetched after it."""
 
-    def push_rate(self, job: DiskJob) -> float:
-        """Bytes per second the push may take while RAM migrates."""
-        return (job.request.link_rate_bps or 0) / 8 * HYBRID_PUSH_SHARE
+    strategy = Strategy.HYBRID
+    share: LinkShare | None = None
 
     def ram_bandwidth(self, job: DiskJob) -> int:
-        if not job.request.link_rate_bps:
+        if not job.request.link_rate_bps or job.follows_ram:  # RAM first, the push adapts
             return super().ram_bandwidth(job)
-        return max(1, int(job.request.link_rate_bps / 8 - self.push_rate(job)))
+        return max(1, int(job.request.link_rate_bps / 8 * (1 - FIXED_SHARE)))
 
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        limited = bool(job.request.link_rate_bps) and HYBRID_PUSH_SHARE < 1
-        total = sum(job.disk_sizes.values()) or 1
+        link = job.request.link_rate_bps
+        share = LinkShare(job, link / 8, job.follows_ram) if link else None
 
         def push(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
-            share = job.disk_sizes.get(agent.node, 0) / total  # each disk as far along
             return agent.mirror(MirrorRequest(  # small copies: the switchover waits for those
                 target=target_of(prepared, agent.node).spec(),  # in flight
                 parallel=HYBRID_PUSH_PARALLEL,
                 max_copy=HYBRID_PUSH_COPY,
-                rate_limit=max(1.0, self.push_rate(job) * share) if limited else None,
+                rate_limit=share.of(agent.node) if share is not None else None,
             ))  # fmt: skip
 
         await each_disk(job, push)
         job.mark(Step.MIRROR_STARTED)
+        if share is not None:
+            self.share = share
+            share.start()
         await super().before_ram(job, prepared)
 
+    async def roll_back(self, job: JobView) -> None:
+        if self.share is not None:
+            await self.share.stop()
+        await super().roll_back(job)
+
     async def at_switchover(self, job: DiskJob) -> Handover:
+        if self.share is not None:
+            await self.share.stop()
         stopped = await each_disk(job, lambda agent: agent.stop_mirror())
         job.mark(Step.MIRROR_ENDED)
         pushed_bytes(job, {node: s.mirror.copied_bytes for node, s in stopped.items()})

@@ -34,6 +34,8 @@ class RunningJob:
     progress: MigrationProgress
     log: logging.Logger
     task: asyncio.Task[None] | None
+    #: Its progress follows QEMU's RAM migration as it goes (see :class:`.context.DiskJob`).
+    follows_ram = False
 
     def mark(self, step: str, at: float | None = None) -> None:
         """Note on the report's timeline that ``step`` was reached (now, or at ``at``)."""

@@ -1,0 +1,117 @@
+"""How a hybrid push shares the link with QEMU's RAM migration: RAM first, the push takes
+what RAM leaves, measured as it goes.
+
+The RAM decides the switchover, so it may take the whole link (its bandwidth is the link's
+rate). The push starts at :data:`START_SHARE` of the link; then every :data:`EVERY_S` the
+RAM's rate over the last :data:`WINDOW_S` (``query-migrate``'s bytes transferred, which the
+RAM follower keeps in the job's progress) sets the push to what is left, less
+:data:`HEADROOM` of the link so that a RAM stream that could go faster finds room to, and
+at least :data:`FLOOR_SHARE`. A RAM migration slowed by its own work (zero pages, TLS,
+dirty-page scans) leaves the push most of the link; one that fills the link leaves it the
+floor. Each disk's push gets its part by size (each as far along). A job that does not
+follow QEMU's RAM figures (libvirt's) keeps the fixed :data:`FIXED_SHARE`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+
+from devagent.daemon.migration.context import DiskAgentLink, DiskJob
+from devagent.errors import DevagentError
+
+log = logging.getLogger(__name__)
+
+START_SHARE = 0.1  # of the link, for the push until the RAM's rate is known
+FLOOR_SHARE = 0.05
+HEADROOM = 0.15  # of the link, left free for the RAM to grow into
+FIXED_SHARE = 0.25  # where the RAM's rate is not followed
+EVERY_S = 0.1
+WINDOW_S = 0.3
+CHANGE = 0.1  # a new rate differing by less than this part of the old is not sent
+
+
+def push_rate(link: float, ram_rate: float | None) -> float:
+    """Bytes per second the push may take on a ``link`` bytes/s link beside a RAM stream
+    moving ``ram_rate`` (None: not known yet)."""
+    if ram_rate is None:
+        return link * START_SHARE
+    return min(link, max(link * FLOOR_SHARE, link * (1 - HEADROOM) - ram_rate))
+
+
+class RateMeter:
+    """A byte counter's rate over the last :data:`WINDOW_S`, from its readings."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: deque[tuple[float, int]] = deque()
+
+    def read(self, count: int) -> float | None:
+        now = self._clock()
+        seen = self._seen
+        seen.append((now, count))
+        while len(seen) > 2 and now - seen[1][0] >= WINDOW_S:
+            seen.popleft()
+        first_at, first = seen[0]
+        if now - first_at < EVERY_S / 2 or count < first:
+            return None
+        return (count - first) / (now - first_at)
+
+
+class LinkShare:
+    """The push's rate of each disk, kept to what RAM leaves while RAM migrates."""
+
+    def __init__(
+        self,
+        job: DiskJob,
+        link: float,
+        follows_ram: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.job = job
+        self.meter = RateMeter(clock)
+        self.link = link
+        self.follows_ram = follows_ram
+        total = sum(job.disk_sizes.values()) or 1
+        self.parts = {node: size / total for node, size in job.disk_sizes.items()}
+        self.rate = link * (START_SHARE if follows_ram else FIXED_SHARE)
+        self._task: asyncio.Task[None] | None = None
+
+    def of(self, node: str) -> float:
+        """Disk ``node``'s push rate now, bytes per second."""
+        return max(1.0, self.rate * self.parts.get(node, 0.0))
+
+    def start(self) -> None:
+        if self.follows_ram:
+            self._task = asyncio.get_running_loop().create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(EVERY_S)
+            await self.adjust()
+
+    async def adjust(self) -> None:
+        """One look at the RAM's progress; each push told its new rate if it moved."""
+        ram = self.meter.read(self.job.progress.ram_transferred or 0)
+        wanted = push_rate(self.link, ram)
+        if abs(wanted - self.rate) < self.rate * CHANGE:
+            return
+        self.rate = wanted
+        await asyncio.gather(*(self._tell(a) for a in self.job.managed.agents))
+
+    async def _tell(self, agent: DiskAgentLink) -> None:
+        try:
+            await agent.mirror_rate(self.of(agent.node))
+        except DevagentError as err:  # the push keeps its last rate: a figure, not a fault
+            log.warning("the push of %s kept its rate: %s", agent.node, err)
