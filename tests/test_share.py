@@ -34,7 +34,9 @@ def test_the_push_stays_between_its_floor_and_the_link(ram: float) -> None:
 def test_the_meter_gives_the_rate_over_its_window() -> None:
     now = [0.0]
     meter = RateMeter(clock=lambda: now[0])
-    assert meter.read(0) is None  # one reading says nothing
+    assert meter.read(0) is None  # RAM has not moved yet
+    assert meter.read(10_000_000) is None  # one reading says nothing
+    now[0] = 0.0
     for step in range(1, 11):  # 10 MB every 0.1 s: 100 MB/s
         now[0] = step * 0.1
         rate = meter.read(step * 10_000_000)
