@@ -34,6 +34,7 @@ from devagent.agent.messages import (
     SwapRequest,
     UnfenceAnswer,
 )
+from devagent.daemon import standby
 from devagent.daemon.supervised import Supervised
 from devagent.wire import convert, to_json
 
@@ -83,7 +84,7 @@ class AgentProcess(Supervised):
         # what an agent needs, so the agent is up sooner (a migration waits for it).
         source = [self.image] if self.backend is None else []  # else the spec says it
         argv = [
-            sys.executable, "-m", "devagent.cli.agent_cmd", "serve", *source,
+            sys.executable, "-m", standby.MODULE, "serve", *source,
             "--unix", str(self.nbd_socket),
             "--name", self.export,
             "--control", str(self.control_socket),

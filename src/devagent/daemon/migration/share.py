@@ -82,7 +82,7 @@ class LinkShare:
         self.follows_ram = follows_ram
         total = sum(job.disk_sizes.values()) or 1
         self.parts = {node: size / total for node, size in job.disk_sizes.items()}
-        self.rate = link * (START_SHARE if follows_ram else FIXED_SHARE)
+        self.rate = push_rate(link, None) if follows_ram else link * FIXED_SHARE
         self._task: asyncio.Task[None] | None = None
 
     def of(self, node: str) -> float:
