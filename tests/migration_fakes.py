@@ -231,6 +231,7 @@ class FakeDiskAgent:
         self.calls: list[str] = []
         self.failures: Failures = {}
         self.mirror_state = "converged"
+        self.writes_paced = False  # the mirror's guest outran it
         self.mirrors: list[MirrorRequest] = []
         self.rates: list[float | None] = []  # each /mirror/rate, in order
         self.everything: list[str] | None = None  # a log shared with the QEMU fake, in order
@@ -246,6 +247,7 @@ class FakeDiskAgent:
         self._called("GET /status")
         local = LocalStatus(path="/disk.img", read_only=False)
         stats = mirror_stats(1 << 20, self.mirror_state)
+        stats.writes_paced = self.writes_paced
         backend = MirrorStatus(**msgspec.structs.asdict(stats), source=local, target=local)
         return StatusAnswer(
             export=self.export, size=self.size, state="serving", connections=1, addresses=[],

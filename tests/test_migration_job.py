@@ -226,6 +226,23 @@ async def test_a_replica_space_read_only_as_the_source_lets_go_keeps_that_disk(
     assert rows["disk2"].kept_on == "a" and rows["disk0"].local_after_s is not None
 
 
+async def test_a_precopy_whose_guest_outran_its_mirror_says_so(tmp_path: Path) -> None:
+    """disk1's mirror reports that the guest's writes went to both sides before it
+    converged: the report's timeline has that step, once, before the convergence."""
+    job, vm, _ = make_job(tmp_path, Strategy.PRECOPY, vm=disk_set(tmp_path))
+    vm.agents[1].writes_paced = True
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    timeline = job.report.timeline
+    assert timeline[Step.MIRROR_STARTED] <= timeline[Step.DISK_WRITES_PACED]
+    assert timeline[Step.DISK_WRITES_PACED] <= timeline[Step.DISK_CONVERGED]
+
+    calm, _, _ = make_job(tmp_path, Strategy.PRECOPY, vm=disk_set(tmp_path))
+    await calm.run()
+    assert Step.DISK_CONVERGED in calm.report.timeline
+    assert Step.DISK_WRITES_PACED not in calm.report.timeline
+
+
 async def test_a_failure_of_one_disk_rolls_back_the_whole_set(tmp_path: Path) -> None:
     """disk1's mirror cannot start: every disk's mirror is cancelled, none is fenced, and
     the destination keeps nothing of any of them."""

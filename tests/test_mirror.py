@@ -14,6 +14,7 @@ from typing import Any, cast
 import pytest
 
 from agent_fakes import MemoryBackend
+from devagent.agent import mirror as mirror_mod
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Backend, BackendError, Extent, Local
 from devagent.agent.mirror import DIRTY_BITMAP, Mirrored
@@ -500,6 +501,7 @@ async def test_an_active_mirror_goes_write_through_after_the_first_pass_that_fal
     target.after_write = None
     await asyncio.gather(*guest)
     assert mirror.passes == 1 and mirror.state is S.CONVERGED and mirror.dirty_bytes == 0
+    assert mirror.writes_paced and mirror.stats().writes_paced
     assert target.data == source.data
 
     calm_target = Disk()
@@ -517,6 +519,40 @@ async def test_an_active_mirror_goes_write_through_after_the_first_pass_that_fal
     assert await calm.run(converge_bytes=0, max_passes=20, active=True)
     await asyncio.gather(*guest)
     assert calm.passes >= 2  # not behind: it went on copying
+    assert not calm.writes_paced
+
+
+async def test_an_active_pass_goes_write_through_as_soon_as_the_guest_outruns_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A guest that dirties again two chunks the pass has copied for each one it copies:
+    judged once the pass has copied BEHIND_AFTER bytes, its writes go to both sides from
+    then on, so it stops dirtying the disk anew in the middle of the first pass (at the
+    pass's end it would have dirtied most of it again); the dirt of a pass as calm as a
+    write per four copies never sends it there."""
+    monkeypatch.setattr(mirror_mod, "BEHIND_AFTER", 4 * CHUNK)
+    source, target = Disk(), Disk()
+    fill(source, 0, 0x03, count=SIZE // CHUNK)
+    mirror = Mirrored(source, target, chunk_size=CHUNK, max_copy=CHUNK)
+    rng = random.Random(7)
+    guest: list[asyncio.Task[None]] = []
+    budget = [2 * (SIZE // CHUNK)]
+
+    async def dirty_copied(offset: int, length: int) -> None:
+        for _ in range(min(2, budget[0])):  # somewhere the pass has already been
+            budget[0] -= 1
+            at = rng.randrange(0, offset // CHUNK + 1) * CHUNK
+            guest.append(asyncio.create_task(mirror.write(at, rng.randbytes(4096))))
+        await asyncio.sleep(0)
+
+    target.after_write = dirty_copied
+    assert await mirror.run(converge_bytes=0, max_passes=20, active=True)
+    target.after_write = None
+    await asyncio.gather(*guest)
+    assert mirror.writes_paced and mirror.passes == 1 and mirror.state is S.CONVERGED
+    # Dirtied anew: what it took to judge (4 copies, 4 in flight), not the whole disk.
+    assert 0 < mirror.redirtied_bytes <= 16 * CHUNK < SIZE // 2
+    assert target.data == source.data
 
 
 async def test_finish_flushes_the_target_after_the_last_copy() -> None:

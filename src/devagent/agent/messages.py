@@ -160,6 +160,8 @@ class MirrorStats(msgspec.Struct):
     dirty_bytes: int
     passes: int
     error: str | None
+    #: The guest outran the copy: its writes went to both sides before it converged.
+    writes_paced: bool = False
 
 
 class LocalStatus(msgspec.Struct, tag="local", tag_field="kind"):
@@ -207,6 +209,7 @@ class MirrorStatus(msgspec.Struct, tag="mirror", tag_field="kind"):
     error: str | None
     source: BackendStatus
     target: BackendStatus
+    writes_paced: bool = False  # as MirrorStats'
 
 
 class OtherStatus(msgspec.Struct, tag="other", tag_field="kind"):

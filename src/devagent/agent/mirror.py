@@ -48,6 +48,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.agent.chunks import chunk_runs, zero_ranges
+from devagent.agent.dirty import DirtySet
 from devagent.agent.messages import MirrorStats
 from devagent.agent.mirror_states import (
     TRANSITIONS,
@@ -71,6 +72,9 @@ MAX_COPY = 1024 * 1024
 SWEEP_WINDOW = 64 * 1024 * 1024
 #: Name of the dirty bitmap in an exported :class:`DeviceState`.
 DIRTY_BITMAP = "mirror-dirty"
+#: An active run judges a pass behind only once it has copied this much (a pass's first
+#: copies say little of the guest's write rate).
+BEHIND_AFTER = 8 * 1024 * 1024
 
 
 class Mirrored(Backend):
@@ -93,8 +97,6 @@ class Mirrored(Backend):
     ) -> None:
         if source.size != target.size:
             raise UsageError(f"mirror target is {target.size} bytes, the source {source.size}")
-        if chunk_size <= 0 or chunk_size & 511:
-            raise UsageError(f"chunk size {chunk_size} is not a positive multiple of 512")
         if parallel < 1:
             raise UsageError(f"parallel copies must be at least 1, not {parallel}")
         self.source = source
@@ -108,8 +110,8 @@ class Mirrored(Backend):
         self._target_zeroed = target_zeroed
         self._clock = clock
         self._sleep = sleep
-        self.n_chunks = (source.size + chunk_size - 1) // chunk_size
-        self._dirty = Bitmap.copy_or_full(self.n_chunks, dirty, what="dirty bitmap")
+        self._dirty = DirtySet(source.size, chunk_size, dirty)
+        self.n_chunks = self._dirty.n_chunks
         self._swept = dirty is not None  # a handed-over set already says what the target lacks
         self._copying: set[int] = set()
         self._writing: Counter[int] = Counter()
@@ -129,6 +131,10 @@ class Mirrored(Backend):
         self.copied_bytes = 0
         self.zeroed_bytes = 0
         self.passes = 0
+        #: An active run went write-through before converging: the guest dirtied faster than
+        #: the copy went, so its writes now go to both sides at the link's pace.
+        self.writes_paced = False
+        self._watch: tuple[int, int] | None = None  # a watched pass's (copied, redirtied)
         #: Set by :func:`cutover`: the agent now owns the target, ``close`` leaves it open.
         self.handed_over = False
         self.log = MirrorLog(log, {"mirror": f"{source!r} -> {target!r}"})
@@ -183,41 +189,18 @@ class Mirrored(Backend):
 
     # -- the dirty set ---------------------------------------------------------------------
 
-    def _chunks(self, offset: int, length: int) -> range:
-        if length <= 0:
-            return range(0)
-        return range(offset // self.chunk_size, (offset + length - 1) // self.chunk_size + 1)
-
-    def _mark(self, chunks: range) -> None:
-        for chunk in chunks:
-            self._dirty.set(chunk)
-
-    def _span(self, first: int, count: int) -> tuple[int, int]:
-        offset = first * self.chunk_size
-        return offset, min((first + count) * self.chunk_size, self.size) - offset
-
-    def _dirty_chunks(self) -> list[int]:
-        out: list[int] = []
-        for index, byte in enumerate(self._dirty.to_bytes()):
-            if byte:
-                base = index * 8
-                out.extend(base + bit for bit in range(8) if byte >> bit & 1)
-        return out
-
     def dirty_bitmap(self) -> Bitmap:
         """A copy of the chunks the target may lack (copies in flight count as dirty)."""
-        bitmap = Bitmap(self.n_chunks, self._dirty.to_bytes())
-        for chunk in self._copying:
-            bitmap.set(chunk)
-        return bitmap
+        return self._dirty.with_(self._copying)
 
     @property
     def dirty_bytes(self) -> int:
-        bitmap = self.dirty_bitmap()
-        total = bitmap.count() * self.chunk_size
-        if self.n_chunks and bitmap[self.n_chunks - 1]:
-            total -= self.n_chunks * self.chunk_size - self.size
-        return total
+        return self._dirty.bytes_of(self.dirty_bitmap())
+
+    @property
+    def redirtied_bytes(self) -> int:
+        """Bytes of chunks guest writes turned from clean to dirty: what the copy redoes."""
+        return self._dirty.redirtied_bytes
 
     def export_state(self) -> DeviceState:
         """The dirty set and counters as a :class:`DeviceState` (bitmap ``mirror-dirty``)."""
@@ -239,6 +222,7 @@ class Mirrored(Backend):
             dirty_bytes=self.dirty_bytes,
             passes=self.passes,
             error=None if self.error is None else str(self.error),
+            writes_paced=self.writes_paced,
         )
 
     # -- the guest's side: the Backend interface ---------------------------------------------
@@ -259,7 +243,7 @@ class Mirrored(Backend):
             return False
         if not self.source.write_nowait(offset, data):
             return False
-        self._mark(self._chunks(offset, len(data)))  # landed: rule 1
+        self._dirty.mark_written(self._dirty.chunks(offset, len(data)))  # landed: rule 1
         return True
 
     async def read(self, offset: int, length: int) -> bytes | bytearray:
@@ -269,14 +253,14 @@ class Mirrored(Backend):
         return await self.source.block_status(offset, length)
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
-        chunks = self._chunks(offset, len(data))
+        chunks = self._dirty.chunks(offset, len(data))
         if self._through:
             await self._write_both(offset, len(data), lambda b: b.write(offset, data, fua))
         else:
             await self._write_source(chunks, self.source.write(offset, data, fua))
 
     async def write_zeroes(self, offset: int, length: int, may_trim: bool = True) -> None:
-        chunks = self._chunks(offset, length)
+        chunks = self._dirty.chunks(offset, length)
         if self._through:
             await self._write_both(
                 offset, length, lambda b: b.write_zeroes(offset, length, may_trim)
@@ -285,7 +269,7 @@ class Mirrored(Backend):
             await self._write_source(chunks, self.source.write_zeroes(offset, length, may_trim))
 
     async def trim(self, offset: int, length: int) -> None:
-        chunks = self._chunks(offset, length)
+        chunks = self._dirty.chunks(offset, length)
         if self._through:  # rule 3: zeroes, so both sides read back the same
             await self._write_both(offset, length, lambda b: b.write_zeroes(offset, length, True))
         else:
@@ -301,19 +285,19 @@ class Mirrored(Backend):
         self._settle_both(source, target, range(0))
 
     async def _write_source(self, chunks: range, op: Awaitable[None]) -> None:
-        self._mark(chunks)
+        self._dirty.mark_written(chunks)
         self._untracked_writes += 1
         try:
             await op
         finally:  # even a failed write may have changed part of the source
-            self._mark(chunks)  # rule 1: after the source has it
+            self._dirty.mark_written(chunks)  # rule 1: after the source has it
             self._untracked_writes -= 1
             self._wake()
 
     async def _write_both(
         self, offset: int, length: int, op: Callable[[Backend], Awaitable[None]]
     ) -> None:
-        chunks = self._chunks(offset, length)
+        chunks = self._dirty.chunks(offset, length)
         end = offset + length
         while any(chunk in self._copying for chunk in chunks) or any(
             start < end and offset < stop for start, stop in self._through_ranges.values()
@@ -341,12 +325,12 @@ class Mirrored(Backend):
         """The source's error wins; a target error fails the job (and in sync mode the write)."""
         if isinstance(source, BaseException):
             if not isinstance(target, BaseException):
-                self._mark(chunks)  # the target has bytes the source may not
+                self._dirty.mark(chunks)  # the target has bytes the source may not
             raise source
         if isinstance(target, asyncio.CancelledError):
             raise target
         if isinstance(target, BaseException):
-            self._mark(chunks)
+            self._dirty.mark(chunks)
             self._fail(target)
             if self.sync and not self._abandoned:
                 raise BackendError(f"mirror target failed: {target}", Errno.EIO) from target
@@ -383,6 +367,10 @@ class Mirrored(Backend):
         only then CONVERGED. So ``finish`` has only the writes since to flush: a short hold
         whatever the disk's size. A pass falls behind when the guest dirtied over half of
         what it copied: passes would each copy half as much again; write-through, once.
+        An active pass judges that as it goes (from :data:`BEHIND_AFTER` bytes copied): the
+        guest's writes go through from the moment it outruns the copy, not a whole pass
+        later, so it does not dirty the disk over again meanwhile.  ``writes_paced`` says
+        that the guest's writes went through before the copy converged.
         """
         self._begin_run()
         limit = 0 if self.sync else converge_bytes
@@ -400,6 +388,7 @@ class Mirrored(Backend):
                         )  # fmt: skip
                         if not active:
                             return False
+                        self.writes_paced = True
                     # Write-through converges whatever the guest's write rate: the dirty set
                     # only shrinks (the guest writes at the pace of the slower copy).
                     if active:
@@ -409,8 +398,8 @@ class Mirrored(Backend):
                     self._transition(MirrorEvent.CONVERGE)
                     return True
                 done += 1
-                copied = await self._pass()
-                behind = active and self.dirty_bytes * 2 > copied
+                copied = await self._pass(watch=active)
+                behind = active and (self.writes_paced or self.dirty_bytes * 2 > copied)
             if self._is(MirrorState.FAILED):
                 raise self._failed_error()
             return not self._is(MirrorState.COPYING)
@@ -427,13 +416,36 @@ class Mirrored(Backend):
         elif self.state is not MirrorState.COPYING:
             raise MirrorStateError(f"cannot run a mirror that is {self.state.value}")
 
-    async def _pass(self) -> int:
-        """Copy what is dirty once; the bytes that took."""
+    async def _pass(self, *, watch: bool = False) -> int:
+        """Copy what is dirty once; the bytes that took.  ``watch``: go write-through as
+        soon as the guest outruns the copy (:meth:`_check_pace`)."""
         self.passes, before = self.passes + 1, self.copied_bytes
-        await self._guard(self._copy_pass(self._dirty_chunks(), throttle=True))
+        if watch and not self._through:
+            self._watch = (before, self.redirtied_bytes)
+        try:
+            await self._guard(self._copy_pass(self._dirty.listed(), throttle=True))
+        finally:
+            self._watch = None
         self.log.debug("pass %d: %d bytes copied, %d dirty", self.passes, self.copied_bytes,
                        self.dirty_bytes)  # fmt: skip
         return self.copied_bytes - before
+
+    def _check_pace(self) -> None:
+        """In a watched pass: once the guest has dirtied anew over half of what the pass
+        copied, its writes go to both sides from now on, at the link's pace."""
+        if self._watch is None:
+            return
+        copied = self.copied_bytes - self._watch[0]
+        dirtied = self.redirtied_bytes - self._watch[1]
+        if copied < BEHIND_AFTER or dirtied * 2 <= copied:
+            return
+        self._watch = None
+        self._through = True
+        self.writes_paced = True
+        self.log.info(
+            "the guest dirtied %d bytes anew while the pass copied %d: its writes go to both"
+            " sides from now on", dirtied, copied,
+        )  # fmt: skip
 
     async def finish(self) -> None:
         """Make target == source and flush the target; then state FINISHED.
@@ -460,7 +472,7 @@ class Mirrored(Backend):
         self._through = True
         while not self._is(MirrorState.FAILED):
             busy = self._copying.union(self._writing)
-            ready = [c for c in self._dirty_chunks() if c not in busy]
+            ready = [c for c in self._dirty.listed() if c not in busy]
             if ready:
                 await self._copy_pass(ready, throttle=throttle)
             elif self._copying or self._writing or self._untracked_writes:
@@ -490,30 +502,21 @@ class Mirrored(Backend):
             window = max(self.chunk_size, SWEEP_WINDOW // self.chunk_size * self.chunk_size)
             for start in range(0, self.size, window):
                 length = min(window, self.size - start)
-                claimed = [c for c in self._chunks(start, length) if c not in self._copying]
+                claimed = [c for c in self._dirty.chunks(start, length) if c not in self._copying]
                 self._copying.update(claimed)
                 for chunk in claimed:
-                    self._dirty.set(chunk, False)
+                    self._dirty.clear(chunk)
                 try:
                     zero = await zero_ranges(self.source, start, length)
-                    zero_chunks: set[int] = set()
-                    for offset, n in zero:
-                        first = -(-offset // self.chunk_size)
-                        stop = (offset + n) // self.chunk_size
-                        if offset + n == self.size:
-                            stop = self.n_chunks
-                        zero_chunks.update(range(first, stop))
-                    for chunk in claimed:
-                        if chunk not in zero_chunks:
-                            self._dirty.set(chunk)
+                    zero_chunks = self._dirty.within(zero)
+                    self._dirty.mark(c for c in claimed if c not in zero_chunks)
                     if not self._target_zeroed:
                         for first, count in chunk_runs(sorted(zero_chunks & set(claimed))):
-                            offset, n = self._span(first, count)
+                            offset, n = self._dirty.span(first, count)
                             await self.target.write_zeroes(offset, n, True)
                             self.zeroed_bytes += n
                 except BaseException:
-                    for chunk in claimed:
-                        self._dirty.set(chunk)
+                    self._dirty.mark(claimed)
                     raise
                 finally:
                     self._copying.difference_update(claimed)
@@ -566,13 +569,13 @@ class Mirrored(Backend):
 
     async def _copy(self, first: int, count: int, *, throttle: bool) -> None:
         chunks = range(first, first + count)
-        offset, length = self._span(first, count)
+        offset, length = self._dirty.span(first, count)
         if throttle:
             self.pace.charge(length)
         done = False
         try:
             for chunk in chunks:  # rule 1: clear before the read
-                self._dirty.set(chunk, False)
+                self._dirty.clear(chunk)
             data = await self.source.read(offset, length)
             if data == self._zeroes(length):
                 await self.target.write_zeroes(offset, length, True)
@@ -581,10 +584,11 @@ class Mirrored(Backend):
             done = True
         finally:
             if not done:
-                self._mark(chunks)
+                self._dirty.mark(chunks)
             self._copying.difference_update(chunks)
             self._wake()
         self.copied_bytes += length
+        self._check_pace()
 
     def _zeroes(self, length: int) -> bytes:
         if len(self._zero_buf) < length:

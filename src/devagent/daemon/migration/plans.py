@@ -485,6 +485,8 @@ class PrecopyPlan(FetchingPlan):
         for node, mirror in mirrors.items():
             if mirror.state == "failed":
                 raise PeerError(f"the disk mirror of {node} failed: {mirror.error}")
+            if mirror.writes_paced and Step.DISK_WRITES_PACED not in job.report.timeline:
+                job.mark(Step.DISK_WRITES_PACED)  # the agent's log says which disk, and when
         return all(m.state in ("converged", "finished") for m in mirrors.values())
 
     async def at_switchover(self, job: DiskJob) -> Handover:
