@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from devagent.agent.defaults import FETCH_CHUNK
+from devagent.agent.defaults import FETCH_CHUNK, MIRROR_CHUNK
 from devagent.daemon.migration import running as running_module
 from devagent.daemon.migration.job import Phase
-from devagent.daemon.migration.share import START_SHARE
+from devagent.daemon.migration.share import START_SHARE, copy_batch
 from devagent.daemon.vms.request import DiskRequest, VmRequest
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.vocab import Step, Strategy
@@ -155,6 +155,9 @@ async def test_a_set_of_disks_moves_as_one(tmp_path: Path, strategy: Strategy) -
             bits = base64.b64decode(commit["fetches"][node]["present"])
             chunks = -(-size // FETCH_CHUNK)
             assert sum(bin(b).count("1") for b in bits) == chunks and len(bits) == -(-chunks // 8)
+    if strategy is Strategy.PRECOPY:  # copies sized for each disk's part of the link
+        batch = copy_batch(10**9 // len(SIZES), MIRROR_CHUNK)
+        assert batch < 1 << 20 and all(a.mirrors[0].max_copy == batch for a in vm.agents)
     if strategy in (Strategy.PRECOPY, Strategy.HYBRID):
         targets = [a.mirrors[0].target for a in vm.agents]
         assert [getattr(t, "export", None) for t in targets] == [f"receive-{n}" for n in SIZES]

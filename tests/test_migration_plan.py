@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import base64
 
-from devagent.daemon.migration.plans import COPY_BATCH_MAX, FETCH_CHUNK, clean_chunks, copy_batch
+from devagent.daemon.migration.plans import FETCH_CHUNK, clean_chunks
+from devagent.daemon.migration.share import COPY_BATCH_MAX, copy_batch
 
 
 def test_the_copy_batch_follows_the_link_rate() -> None:

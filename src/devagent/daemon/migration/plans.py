@@ -25,7 +25,7 @@ qcow2 header at launch, say); a push lands in a receiver agent beside each disk'
 The link is split so: a hybrid push takes what RAM leaves of it while RAM migrates
 (:mod:`.share`), shared among the disks by their size (so that each is as far along);
 after the switchover the disks' fetches share the link, each copying in batches sized for
-its share (:func:`copy_batch`).
+its share (:func:`.share.copy_batch`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
-from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS, FETCH_CHUNK
+from devagent.agent.defaults import COPY_WORKERS, FETCH_CHUNK, MIRROR_CHUNK
 from devagent.agent.messages import (
     FetchStatus,
     LocalStatus,
@@ -60,7 +60,7 @@ from devagent.daemon.migration.messages import (
     NbdAddress,
     RemoteDisk,
 )
-from devagent.daemon.migration.share import FIXED_SHARE, LinkShare
+from devagent.daemon.migration.share import FIXED_SHARE, LinkShare, copy_batch, disk_link_rate
 from devagent.daemon.nics import NicIdentity
 from devagent.errors import PeerError, UsageError
 from devagent.vocab import Step, Strategy
@@ -75,8 +75,6 @@ PRECOPY_PASSES = 8
 #: waits for the copies in flight (nothing may land after it): 2 x 256 KiB is 4 ms at 1 Gbit/s.
 HYBRID_PUSH_PARALLEL = 2
 HYBRID_PUSH_COPY = 256 << 10
-COPY_BATCH_MAX = COPY_BATCH  # the most a background copy asks (the Fetch backend's default)
-COPY_AHEAD_S = 0.02  # how much link time the copier keeps in flight per worker
 DISK_WAIT_S = 600.0  # a mirror's convergence
 DISK_STALL_S = 600.0  # a replica that stops growing for this long never completes
 POLL_S = 0.1
@@ -295,8 +293,7 @@ class FetchingPlan(AgentPlan):
     def commit_request(self, job: DiskJob, handover: Handover | None) -> CommitRequest:
         chunk = handover.chunk_size if handover is not None else FETCH_CHUNK
         present = handover.present if handover is not None else {}
-        rate = job.request.link_rate_bps
-        share = rate // len(job.source_disks) if rate else None  # the disks copy at once
+        share = disk_link_rate(job)
         fetches = {
             node: FetchPlan(
                 remote=source,
@@ -461,12 +458,16 @@ class PrecopyPlan(FetchingPlan):
     strategy = Strategy.PRECOPY
 
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
+        share = disk_link_rate(job)
+
         def mirror(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
             return agent.mirror(MirrorRequest(
                 target=target_of(prepared, agent.node).spec(),
                 converge_bytes=PRECOPY_CONVERGE_BYTES,
-                active=True,  # converged, writes go to both copies
+                active=True,  # converged (or outrun), writes go to both copies
                 max_passes=PRECOPY_PASSES,
+                parallel=COPY_WORKERS,  # a guest write through waits behind little
+                max_copy=copy_batch(share, MIRROR_CHUNK),
             ))  # fmt: skip
 
         await each_disk(job, mirror)
@@ -585,16 +586,3 @@ def clean_chunks(dirty_b64: str, chunks: int) -> str:
     if chunks % 8:
         clean[-1] &= (1 << (chunks % 8)) - 1
     return base64.b64encode(bytes(clean)).decode()
-
-
-def copy_batch(link_rate_bps: int | None, chunk_size: int) -> int:
-    """Bytes per background copy request after the switchover: what the link moves in
-    ``COPY_AHEAD_S`` for each copy worker, so that a guest read fetched on demand waits
-    behind little of the copier's data (at 100 Mbit/s: 128 KiB, not 1 MiB)."""
-    if not link_rate_bps:
-        return COPY_BATCH_MAX
-    wanted = int(link_rate_bps / 8 * COPY_AHEAD_S / COPY_WORKERS)
-    batch = chunk_size
-    while batch * 2 <= min(wanted, COPY_BATCH_MAX):
-        batch *= 2
-    return batch
