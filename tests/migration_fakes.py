@@ -103,6 +103,8 @@ class FakeQemu:
         self.migrating: list[str] = []
         self.killed = self.stopped = False
         self.block_job_ready = True
+        self.parameters: list[dict[str, Any]] = []  # each migrate-set-parameters
+        self.passes = 0  # RAM's dirty-sync-count: one more per query-migrate while active
 
     @property
     def exited(self) -> bool:
@@ -142,10 +144,15 @@ class FakeQemu:
                 self.migrating.insert(self.migrating.index("completed"), "pre-switchover")
             self.current = "setup"
             return {}
+        if command == "migrate-set-parameters":
+            self.parameters.append(args)
+            return {}
         if command == "query-migrate":
             if self.migrating and self.current != "pre-switchover":
                 self._advance()
-            return {"status": getattr(self, "current", "none")}
+            status = getattr(self, "current", "none")
+            self.passes += status == "active"
+            return {"status": status, "ram": {"dirty-sync-count": self.passes}}
         if command == "migrate-continue":
             self.migrating = [s for s in self.migrating if s != "pre-switchover"] or ["completed"]
             self.current = "active"

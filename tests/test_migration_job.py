@@ -13,9 +13,11 @@ import base64
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from devagent.agent.defaults import FETCH_CHUNK, MIRROR_CHUNK
+from devagent.daemon.migration import ram as ram_module
 from devagent.daemon.migration import running as running_module
 from devagent.daemon.migration.job import Phase
 from devagent.daemon.migration.share import START_SHARE, copy_batch
@@ -244,6 +246,29 @@ async def test_a_precopy_whose_guest_outran_its_mirror_says_so(tmp_path: Path) -
     await calm.run()
     assert Step.DISK_CONVERGED in calm.report.timeline
     assert Step.DISK_WRITES_PACED not in calm.report.timeline
+
+
+async def test_the_downtime_limit_starts_tight_and_relaxes_if_ram_does_not_converge(
+    tmp_path: Path,
+) -> None:
+    """QEMU is asked for a 20 ms pause; still migrating after TIGHT_PASSES passes over RAM,
+    it gets its own default, once; a limit the request names is left alone."""
+    job, vm, _ = make_job(tmp_path, Strategy.POSTCOPY)
+    vm.vm.statuses = ("active",) * (ram_module.TIGHT_PASSES + 3) + ("completed",)
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    limits = [p["downtime-limit"] for p in vm.vm.parameters]
+    assert limits == [ram_module.DOWNTIME_TIGHT_MS, ram_module.DOWNTIME_RELAXED_MS]
+
+    quick, vm, _ = make_job(tmp_path, Strategy.POSTCOPY)
+    await quick.run()
+    assert [p["downtime-limit"] for p in vm.vm.parameters] == [ram_module.DOWNTIME_TIGHT_MS]
+
+    named, vm, _ = make_job(tmp_path, Strategy.POSTCOPY)
+    named.request = msgspec.structs.replace(named.request, downtime_limit_ms=100)
+    vm.vm.statuses = ("active",) * (ram_module.TIGHT_PASSES + 3) + ("completed",)
+    await named.run()
+    assert [p["downtime-limit"] for p in vm.vm.parameters] == [100]
 
 
 async def test_a_failure_of_one_disk_rolls_back_the_whole_set(tmp_path: Path) -> None:

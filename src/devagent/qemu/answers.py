@@ -30,6 +30,7 @@ class RamInfo(Answer):
     transferred: int = 0
     remaining: int = 0
     total: int | None = None
+    dirty_sync_count: int = 0  # the passes over the dirty pages so far
 
 
 class MigrationInfo(Answer):
