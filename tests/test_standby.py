@@ -14,6 +14,7 @@ import pytest
 from devagent.daemon import standby
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.standby import StandbyPool
+from devagent.process import autogroup_nice
 from devagent.wait import wait_until
 
 
@@ -56,6 +57,11 @@ async def test_a_standby_becomes_the_agent_and_another_is_made(
         replacement = await _ready(pool)
         assert replacement.pid != waiting.pid
         assert os.getpriority(os.PRIO_PROCESS, replacement.pid) == standby.STANDBY_NICE
+        if autogroup_nice("self") is not None:  # the kernel has autogroups
+            # The standby's session is weighed at the lowest priority too; the agent, at
+            # the daemon's own nice again.
+            assert autogroup_nice(replacement.pid) == standby.STANDBY_NICE
+            assert autogroup_nice(waiting.pid) == os.getpriority(os.PRIO_PROCESS, 0)
     finally:
         await agent.stop()
     assert not agent.alive

@@ -12,6 +12,10 @@ callers that own the child and no watcher does (the lab's sweeps).
 A process's exit is an event, not a poll: :func:`wait_exit` (async) and
 :func:`wait_all_exit` (blocking) watch a pidfd (``os.pidfd_open``, Linux 5.3), which becomes
 readable the moment the process exits, whether it is our child or not.
+
+A session's CPU priority: where the kernel groups each session's processes (autogroups,
+Debian's default), CFS shares the CPU between the groups first, and a process's nice only
+counts inside its own; :func:`set_autogroup_nice` sets the group's.
 """
 
 from __future__ import annotations
@@ -139,4 +143,28 @@ def wait_all_exit(pids: Iterable[int], timeout: float) -> set[int]:
     return left
 
 
-__all__ = ["alive", "reap", "stat_fields", "wait_all_exit", "wait_exit"]
+def set_autogroup_nice(pid: int | str, nice: int) -> None:
+    """The CPU priority of the autogroup of ``pid`` (a session's; no-op where the kernel
+    has none, or it may not be changed)."""
+    with contextlib.suppress(OSError):
+        (PROC / str(pid) / "autogroup").write_text(f"{nice}\n")
+
+
+def autogroup_nice(pid: int | str) -> int | None:
+    """The nice of the autogroup of ``pid`` (``/autogroup-42 nice 19``), None without one."""
+    try:
+        words = (PROC / str(pid) / "autogroup").read_text().split()
+    except OSError:
+        return None
+    return int(words[-1]) if len(words) == 3 and words[1] == "nice" else None
+
+
+__all__ = [
+    "alive",
+    "autogroup_nice",
+    "reap",
+    "set_autogroup_nice",
+    "stat_fields",
+    "wait_all_exit",
+    "wait_exit",
+]

@@ -22,6 +22,7 @@ from devagent.cli.foreground import (
     tls_peer_option,
 )
 from devagent.errors import DevagentError
+from devagent.process import set_autogroup_nice
 from devagent.vocab import parse_hostport, parse_size
 
 
@@ -176,8 +177,10 @@ def standby_cmd() -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
     os.chdir(order["cwd"])
+    nice = int(order.get("nice", 0))
     with contextlib.suppress(OSError):  # back from the standby's low priority
-        os.setpriority(os.PRIO_PROCESS, 0, int(order.get("nice", 0)))
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    set_autogroup_nice("self", nice)  # and its session's
     agent_group.main(args=order["argv"], prog_name="devagent agent")
 
 

@@ -6,7 +6,12 @@ importing what it runs (aiohttp alone is 0.1 s). A migration waits for the desti
 agents before RAM moves, so that time was on every migration's critical path. The daemon
 keeps :data:`POOL_SIZE` standby processes (``python -m devagent.cli.agent_cmd standby``):
 each imports the agent's modules at the lowest CPU priority (so making one steals little
-from a migration under way), says ``ready`` on its stdout, and blocks on its stdin. An agent
+from a migration under way), says ``ready`` on its stdout, and blocks on its stdin. A
+standby has a session of its own, which the kernel makes an autogroup of its own where
+autogroups are on (Debian's default), and CFS shares the CPU between autogroups before nice
+counts inside one: so the standby's autogroup gets the lowest priority too
+(``/proc/PID/autogroup``). With its plain ``nice`` alone, two standbys made at a
+migration's start took 80 % of both cores for 0.35 s and stalled the guest. An agent
 that starts takes one (:meth:`StandbyPool.take`): it is sent the agent's arguments, its
 working folder and its log file as one JSON line, goes back to the priority it was started
 with, and runs ``agent serve`` with them; the pool makes another in its place. With no
@@ -24,6 +29,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from devagent.process import set_autogroup_nice
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,7 @@ class StandbyPool:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=out,
                 start_new_session=True, cwd="/",
             )  # fmt: skip
+        set_autogroup_nice(proc.pid, STANDBY_NICE)
         assert proc.stdout is not None
         try:
             said = await asyncio.wait_for(proc.stdout.readline(), READY_TIMEOUT_S)
