@@ -105,6 +105,7 @@ class FakeQemu:
         self.block_job_ready = True
         self.parameters: list[dict[str, Any]] = []  # each migrate-set-parameters
         self.passes = 0  # RAM's dirty-sync-count: one more per query-migrate while active
+        self.throttle = 0  # auto-converge's cpu-throttle-percentage while active
 
     @property
     def exited(self) -> bool:
@@ -152,7 +153,9 @@ class FakeQemu:
                 self._advance()
             status = getattr(self, "current", "none")
             self.passes += status == "active"
-            return {"status": status, "ram": {"dirty-sync-count": self.passes}}
+            throttle = self.throttle if status == "active" else 0
+            ram = {"dirty-sync-count": self.passes}
+            return {"status": status, "ram": ram, "cpu-throttle-percentage": throttle}
         if command == "migrate-continue":
             self.migrating = [s for s in self.migrating if s != "pre-switchover"] or ["completed"]
             self.current = "active"

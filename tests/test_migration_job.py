@@ -12,6 +12,7 @@ import asyncio
 import base64
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -233,7 +234,8 @@ async def test_a_replica_space_read_only_as_the_source_lets_go_keeps_that_disk(
 
 async def test_a_precopy_whose_guest_outran_its_mirror_says_so(tmp_path: Path) -> None:
     """disk1's mirror reports that the guest's writes went to both sides before it
-    converged: the report's timeline has that step, once, before the convergence."""
+    converged: the report's timeline has that step, between the mirror's start and its
+    convergence; a mirror that converged unhurried leaves it out."""
     job, vm, _ = make_job(tmp_path, Strategy.PRECOPY, vm=disk_set(tmp_path))
     vm.agents[1].writes_paced = True
     await job.run()
@@ -251,10 +253,12 @@ async def test_a_precopy_whose_guest_outran_its_mirror_says_so(tmp_path: Path) -
 async def test_the_downtime_limit_starts_tight_and_relaxes_if_ram_does_not_converge(
     tmp_path: Path,
 ) -> None:
-    """QEMU is asked for a 20 ms pause; still migrating after TIGHT_PASSES passes over RAM,
-    it gets its own default, once; a limit the request names is left alone."""
+    """QEMU is asked for a 20 ms pause; still migrating after TIGHT_SYNCS dirty-page syncs,
+    it gets its own default, and only once; a migration that completes sooner keeps the
+    tight limit; a limit the request names is left alone."""
+    slow = ("active",) * (ram_module.TIGHT_SYNCS + 3) + ("completed",)
     job, vm, _ = make_job(tmp_path, Strategy.POSTCOPY)
-    vm.vm.statuses = ("active",) * (ram_module.TIGHT_PASSES + 3) + ("completed",)
+    vm.vm.statuses = slow
     await job.run()
     assert job.phase is Phase.COMPLETED, job.report.error
     limits = [p["downtime-limit"] for p in vm.vm.parameters]
@@ -266,9 +270,39 @@ async def test_the_downtime_limit_starts_tight_and_relaxes_if_ram_does_not_conve
 
     named, vm, _ = make_job(tmp_path, Strategy.POSTCOPY)
     named.request = msgspec.structs.replace(named.request, downtime_limit_ms=100)
-    vm.vm.statuses = ("active",) * (ram_module.TIGHT_PASSES + 3) + ("completed",)
+    vm.vm.statuses = slow
     await named.run()
     assert [p["downtime-limit"] for p in vm.vm.parameters] == [100]
+
+
+async def test_auto_converge_throttling_the_guest_relaxes_the_downtime_limit_at_once(
+    tmp_path: Path,
+) -> None:
+    """The guest's vCPUs throttled before TIGHT_SYNCS syncs: the tight limit was what kept
+    RAM from converging, so QEMU gets its own at the first look."""
+    job, vm, _ = make_job(tmp_path, Strategy.POSTCOPY)
+    vm.vm.statuses = ("active", "active", "completed")
+    vm.vm.throttle = 20
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    limits = [p["downtime-limit"] for p in vm.vm.parameters]
+    assert limits == [ram_module.DOWNTIME_TIGHT_MS, ram_module.DOWNTIME_RELAXED_MS]
+
+
+async def test_a_relax_that_fails_leaves_the_migration_going(tmp_path: Path) -> None:
+    job, vm, _ = make_job(tmp_path, Strategy.POSTCOPY)
+    vm.vm.statuses = ("active",) * (ram_module.TIGHT_SYNCS + 3) + ("completed",)
+    qmp = vm.vm.qmp
+
+    async def refusing(command: str, **args: Any) -> Any:
+        if command == "migrate-set-parameters" and vm.vm.parameters:
+            raise PeerError("QEMU refused the new parameters")
+        return await qmp(command, **args)
+
+    vm.vm.qmp = refusing  # type: ignore[method-assign]
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    assert [p["downtime-limit"] for p in vm.vm.parameters] == [ram_module.DOWNTIME_TIGHT_MS]
 
 
 async def test_a_failure_of_one_disk_rolls_back_the_whole_set(tmp_path: Path) -> None:

@@ -554,6 +554,22 @@ async def test_an_active_pass_goes_write_through_as_soon_as_the_guest_outruns_it
     assert 0 < mirror.redirtied_bytes <= 16 * CHUNK < SIZE // 2
     assert target.data == source.data
 
+    calm_target = Disk()
+    calm = Mirrored(source, calm_target, chunk_size=CHUNK, max_copy=CHUNK)
+    copies = 0
+
+    async def dirty_few(offset: int, length: int) -> None:  # a copied chunk every fourth copy
+        nonlocal copies
+        copies += 1
+        if copies % 4 == 0 and copies < SIZE // CHUNK:
+            guest.append(asyncio.create_task(calm.write(offset, rng.randbytes(4096))))
+        await asyncio.sleep(0)
+
+    calm_target.after_write = dirty_few
+    assert await calm.run(converge_bytes=0, max_passes=20, active=True)
+    await asyncio.gather(*guest)
+    assert calm.redirtied_bytes > 0 and not calm.writes_paced and calm.passes >= 2
+
 
 async def test_finish_flushes_the_target_after_the_last_copy() -> None:
     source, target = Disk(), Disk()

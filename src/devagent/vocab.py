@@ -145,9 +145,9 @@ class Step(StrEnum):
 
     DESTINATION_READY = "destination_ready"  # the incoming QEMU (and agents) listen
     MIRROR_STARTED = "mirror_started"  # precopy, hybrid: the push began
-    #: precopy: the guest dirtied the disk faster than the mirror copied it; from here its
-    #: writes go to both copies, at the link's pace (the report's ``io_rate_ratio`` says how
-    #: much that slowed it).
+    #: precopy: the guest dirtied the disk faster than the mirror copied it (or the passes
+    #: ran out); from here its writes go to both copies, at the link's pace (the report's
+    #: ``io_rate_ratio`` says how much that slowed it).
     DISK_WRITES_PACED = "disk_writes_paced"
     DISK_CONVERGED = "disk_converged"  # precopy: little left to copy, writes go to both
     RAM_STARTED = "ram_started"

@@ -160,7 +160,8 @@ class MirrorStats(msgspec.Struct):
     dirty_bytes: int
     passes: int
     error: str | None
-    #: The guest outran the copy: its writes went to both sides before it converged.
+    #: The guest's writes went to both sides before the copy converged (it outran the
+    #: copy, or the passes ran out).
     writes_paced: bool = False
 
 

@@ -17,7 +17,8 @@ Ordering rules (each one is what makes a copy never leave a stale byte on the ta
    chunk again after the clear (the next pass copies it again).
 2. At most one copy of a chunk is in flight (``_copying``): two copies of one chunk could
    land on the target in the wrong order, the older bytes last.
-3. Write-through (``sync=True``, and every mode from ``finish`` on): a guest write waits for
+3. Write-through (``sync=True``, an active ``run`` once converged or outrun, and every mode
+   from ``finish`` on): a guest write waits for
    a copy in flight on its chunks, then holds them (``_writing``; the copier skips held
    chunks) while it writes source and target concurrently.  The copier can then never put
    older bytes on top of the guest's newer ones, and the dirty set only shrinks.  A TRIM is
@@ -106,12 +107,12 @@ class Mirrored(Backend):
         self.parallel = parallel
         #: How fast the background copy may move (``finish`` ignores it); set again live.
         self.pace = Pace(rate_limit, clock, sleep)
+        self._dirty = DirtySet(source.size, chunk_size, dirty)  # checks chunk_size
+        self.n_chunks = self._dirty.n_chunks
         self._max_run = max(1, max_copy // chunk_size)
         self._target_zeroed = target_zeroed
         self._clock = clock
         self._sleep = sleep
-        self._dirty = DirtySet(source.size, chunk_size, dirty)
-        self.n_chunks = self._dirty.n_chunks
         self._swept = dirty is not None  # a handed-over set already says what the target lacks
         self._copying: set[int] = set()
         self._writing: Counter[int] = Counter()
@@ -131,8 +132,9 @@ class Mirrored(Backend):
         self.copied_bytes = 0
         self.zeroed_bytes = 0
         self.passes = 0
-        #: An active run went write-through before converging: the guest dirtied faster than
-        #: the copy went, so its writes now go to both sides at the link's pace.
+        #: An active run went write-through before converging (the guest dirtied faster
+        #: than the copy went, or its passes ran out): its writes go to both sides since, at
+        #: the link's pace. It stays set for the job's life.
         self.writes_paced = False
         self._watch: tuple[int, int] | None = None  # a watched pass's (copied, redirtied)
         #: Set by :func:`cutover`: the agent now owns the target, ``close`` leaves it open.

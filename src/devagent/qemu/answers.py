@@ -30,7 +30,7 @@ class RamInfo(Answer):
     transferred: int = 0
     remaining: int = 0
     total: int | None = None
-    dirty_sync_count: int = 0  # the passes over the dirty pages so far
+    dirty_sync_count: int = 0  # dirty-page syncs so far: one at setup, then one per pass
 
 
 class MigrationInfo(Answer):
@@ -42,6 +42,7 @@ class MigrationInfo(Answer):
     downtime: int | None = None
     total_time: int | None = None
     error_desc: str | None = None
+    cpu_throttle_percentage: int = 0  # auto-converge slowing the guest's vCPUs
 
 
 class StatusInfo(Answer):

@@ -9,10 +9,12 @@ it) the plan's and the NICs' steps run before QEMU is told to go on, once.
 
 The downtime limit, unless the request sets one, starts tight (:data:`DOWNTIME_TIGHT_MS`,
 where QEMU's default is 300 ms): QEMU stops the guest only once what is left to copy goes
-in that long, so the pause is the last few dirty pages, not the 3-7 MB a pass over RAM
-leaves dirty (one more pass, a few tens of ms at 1 Gbit/s, costs the guest nothing). A
-guest that dirties RAM too fast for that gets QEMU's default after
-:data:`TIGHT_PASSES` passes over RAM, before auto-converge would slow its vCPUs.
+in that long, so the pause is the last few dirty pages, not what a whole pass over RAM
+left dirty (one more pass, a few tens of ms at 1 Gbit/s, costs the guest nothing). A guest
+that dirties RAM too fast for that gets QEMU's default once QEMU has synced its dirty
+pages :data:`TIGHT_SYNCS` times (once at setup, then once per pass), or as soon as
+auto-converge starts slowing its vCPUs, whichever comes first: the tight limit must not
+be what throttles a guest that QEMU's own would have let finish.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from devagent.wire import to_json
 EVENT_WAIT_S = 0.1  # the longest the follower sleeps without a fresh query-migrate
 DOWNTIME_TIGHT_MS = 20
 DOWNTIME_RELAXED_MS = 300  # QEMU's default
-TIGHT_PASSES = 5
+TIGHT_SYNCS = 5
 
 
 class Capability(msgspec.Struct):
@@ -119,16 +121,23 @@ class RamFollower:
         progress.elapsed_s = round(time.time() - job.started_at, 3)
 
     async def relax(self, info: MigrationInfo) -> None:
-        """The tight downtime limit kept RAM for :data:`TIGHT_PASSES` passes: QEMU's own."""
-        passes = info.ram.dirty_sync_count if info.ram is not None else 0
-        if not self.tight or passes < TIGHT_PASSES or info.status != "active":
+        """QEMU's own downtime limit, once the tight one kept RAM migrating for
+        :data:`TIGHT_SYNCS` syncs or auto-converge began to throttle the guest. A relax
+        that fails leaves the tight limit: a figure, not a fault."""
+        syncs = info.ram.dirty_sync_count if info.ram is not None else 0
+        throttled = info.cpu_throttle_percentage > 0
+        if not self.tight or info.status != "active" or (syncs < TIGHT_SYNCS and not throttled):
             return
         self.tight, job = False, self.job
-        job.log.info("VM %s's RAM did not converge in %d ms after %d passes: downtime limit"
-                     " %d ms", job.managed.name, DOWNTIME_TIGHT_MS, passes,
-                     DOWNTIME_RELAXED_MS)  # fmt: skip
+        job.log.info("VM %s's RAM did not converge within %d ms (%d syncs, vCPUs throttled"
+                     " %d %%): downtime limit %d ms", job.managed.name, DOWNTIME_TIGHT_MS,
+                     syncs, info.cpu_throttle_percentage, DOWNTIME_RELAXED_MS)  # fmt: skip
         relaxed = Parameters(job.plan.ram_bandwidth(job), DOWNTIME_RELAXED_MS)
-        await job.managed.vm.qmp("migrate-set-parameters", **to_json(relaxed))
+        try:
+            await job.managed.vm.qmp("migrate-set-parameters", **to_json(relaxed))
+        except PeerError as err:
+            job.log.warning("VM %s kept its %d ms downtime limit: %s", job.managed.name,
+                            DOWNTIME_TIGHT_MS, err)  # fmt: skip
 
     async def stopped(self, event: Event) -> None:
         """QEMU stopped the guest for the switchover: note when, by QEMU's own clock (the
