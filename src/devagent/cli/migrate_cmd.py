@@ -44,7 +44,8 @@ from devagent.vocab import STRATEGIES
     "--downtime-limit",
     type=int,
     help="QEMU's downtime limit in ms, kept for the whole migration. Without it: 20 ms, "
-    "raised to QEMU's 300 ms if RAM has not converged after 5 passes.",
+    "raised to QEMU's 300 ms once RAM has not converged after 5 dirty-page syncs or the "
+    "guest's vCPUs are being throttled (devagent's own VMs; libvirt runs a domain's RAM).",
 )
 @click.option(
     "--watch",
