@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
@@ -85,12 +84,9 @@ async def migrate(lab: Lab, source: str, dest: str, storage: str) -> MigrationRe
         return await follow_migration(client, job.id, timeout=120)
 
 
-async def wait_io(lab: Lab, since: float) -> None:
-    """The probe shows I/O after ``since`` (the guest runs, wherever it is)."""
-    await wait_until(
-        lambda: guest.running_since(lab.hosts, DOMAIN, since),
-        timeout=60, interval=0.2, what="the probe's I/O",
-    )  # fmt: skip
+async def wait_io(lab: Lab) -> None:
+    """The probe does I/O from now on (the guest runs, wherever it is)."""
+    await guest.wait_io(lab.hosts, DOMAIN)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +96,7 @@ def adopted(lab: Lab) -> Adopted:
     guest.define_and_start(lab.host("a"), DOMAIN, 64 << 20, parse_workload("moderate,prefill=8M"))
 
     async def adopt() -> Adopted:
-        await wait_io(lab, 0)
+        await wait_io(lab)
         async with DaemonClient(endpoint(lab, "a")) as client:
             return await client.post_as(f"/v1/libvirt/{DOMAIN}/adopt", Adopted)
 
@@ -126,7 +122,7 @@ async def test_a_libvirt_domain_migrates_by_each_strategy(lab: Lab, adopted: Ado
             assert host is not None and host.get("socket") == disk.socket, hop
             assert libvirt.virsh(lab.host(source), "list", "--all", "--name").strip() == "", hop
             assert not list((lab.host(source).dir / "disks").glob(f"{DOMAIN}-*")), hop
-            await wait_io(lab, time.time())
+            await wait_io(lab)
             await check_integrity(lab, dest)
     errors = guest.GuestErrors.of(guest.probe_events(lab.hosts, DOMAIN))
     assert errors.heartbeats > 0
@@ -217,7 +213,7 @@ async def test_the_destinations_libvirtd_killed_during_ram_rolls_back(
         (disk,) = (await domain_disks(lab, "a")).disks
         assert disk.status.state == "serving"
         assert isinstance(disk.status.backend_status, LocalStatus)
-        await wait_io(lab, time.time())
+        await wait_io(lab)
         await check_integrity(lab, "a")
         b = lab.host("b")
         assert not list((b.dir / "disks").glob(f"{DOMAIN}-*"))
@@ -252,7 +248,7 @@ async def test_the_destinations_daemon_lost_during_ram_aborts_libvirts_job(
         (disk,) = (await domain_disks(lab, "a")).disks
         assert disk.status.state == "serving"
         assert isinstance(disk.status.backend_status, LocalStatus)
-        await wait_io(lab, time.time())
+        await wait_io(lab)
         await check_integrity(lab, "a")
         log = (lab.host("a").dir / "devagentd.log").read_text()
         assert f"migration {job.id}: aborting libvirt's job" in log

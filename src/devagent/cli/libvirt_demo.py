@@ -23,7 +23,6 @@ from devagent.lab.layout import LabHost
 from devagent.orchestrate import migrate
 from devagent.report import MigrationReport
 from devagent.vocab import parse_size
-from devagent.wait import wait_until
 
 LIBVIRT_DEMO_LAB = "lvdemo"
 DEMO_DOMAIN = "demo-domain"
@@ -54,10 +53,7 @@ async def run_libvirt_demo(
                 guest.define_and_start, hosts["a"], DEMO_DOMAIN, parse_size(disk_size), probe,
                 parse_size(ram) >> 20,
             )  # fmt: skip
-            await wait_until(
-                lambda: guest.running_since(lab.hosts, DEMO_DOMAIN, 0), timeout=BOOT_TIMEOUT_S,
-                interval=0.2, what=f"{DEMO_DOMAIN}'s probe to do I/O",
-            )  # fmt: skip
+            await guest.wait_io(lab.hosts, DEMO_DOMAIN, beats=1, timeout=BOOT_TIMEOUT_S)
         with Spinner(f"adopting {DEMO_DOMAIN}'s disk (copy onto an agent, pivot)", enabled=verbose):
             async with DaemonClient(ends["a"]) as client:
                 adopted = await client.post_as(f"/v1/libvirt/{DEMO_DOMAIN}/adopt", Adopted)

@@ -60,7 +60,6 @@ from devagent.libvirt_link import (
 )
 from devagent.orchestrate import migrate
 from devagent.report import limit_seconds
-from devagent.wait import wait_until
 
 DOMAIN = "bench-domain"
 BLOCK = 4096  # the probe's block
@@ -124,10 +123,7 @@ class LibvirtBench:
                 guest.define_and_start, self.host("a"), DOMAIN, self.size, self.workload,
                 self.ram_mb,
             )  # fmt: skip
-            await wait_until(
-                lambda: guest.running_since(self.lab.hosts, DOMAIN, 0), timeout=BOOT_TIMEOUT_S,
-                interval=0.2, what=f"{DOMAIN}'s probe to do I/O",
-            )  # fmt: skip
+            await guest.wait_io(self.lab.hosts, DOMAIN, beats=1, timeout=BOOT_TIMEOUT_S)
             for method, sync in ((LIBVIRT_COPY, False), (LIBVIRT_COPY_SYNC, True)):
                 for _ in range(runs):
                     await self.measure(method, functools.partial(self.libvirt_copy, sync))

@@ -34,6 +34,7 @@ from devagent.guest.probe import (
 from devagent.guest.workload import Workload
 from devagent.lab import libvirt
 from devagent.lab.layout import LabHost
+from devagent.wait import wait_until
 
 PROBE_TIMEOUT_S = 30.0
 
@@ -90,12 +91,23 @@ class GuestErrors:
         return cls(io_errors=errors, verify_failures=failures, heartbeats=len(beats))
 
 
-def running_since(hosts: list[LabHost], name: str, since: float) -> bool:
-    """The probe wrote or read after ``since`` (wherever the domain runs)."""
-    return any(
-        isinstance(e, Heartbeat) and e.phase == "run" and e.ops > 0 and e.host_time > since
+def io_beats(hosts: list[LabHost], name: str) -> int:
+    """How many of the probe's heartbeats so far saw it write or read (wherever the domain
+    ran): a count that grows while the guest does I/O. (An event's ``host_time`` here is
+    when the log was read, not when the guest wrote it: no use to tell old from new.)"""
+    return sum(
+        isinstance(e, Heartbeat) and e.phase == "run" and e.ops > 0
         for e in probe_events(hosts, name)
     )
+
+
+async def wait_io(hosts: list[LabHost], name: str, *, beats: int = 3, timeout: float = 60) -> None:
+    """Return once the probe has shown I/O in ``beats`` more heartbeats from now."""
+    before = io_beats(hosts, name)
+    await wait_until(
+        lambda: io_beats(hosts, name) >= before + beats, timeout=timeout, interval=0.2,
+        what=f"{name}'s probe to do I/O",
+    )  # fmt: skip
 
 
 async def probe_command(host: LabHost, name: str, command: str) -> Paused | None:
