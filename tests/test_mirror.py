@@ -476,6 +476,29 @@ async def test_an_active_mirror_that_cannot_keep_up_goes_write_through_and_conve
     assert target.data == source.data
 
 
+def dirty_two_per_copy(
+    mirror: Mirrored,
+    rng: random.Random,
+    guest: list[asyncio.Task[None]],
+    chunks_below: Callable[[int], int],
+) -> Callable[[int, int], Awaitable[None]]:
+    """A target's after_write hook: for each copy to the target, the guest writes two
+    chunks picked at random below chunks_below(the copy's offset), about the first
+    pass's worth in all (write-through writes reach the hook too: without a budget they
+    would dirty more for ever)."""
+    budget = 2 * (SIZE // CHUNK)
+
+    async def dirty(offset: int, length: int) -> None:
+        nonlocal budget
+        for _ in range(min(2, budget)):
+            budget -= 1
+            at = rng.randrange(0, chunks_below(offset)) * CHUNK
+            guest.append(asyncio.create_task(mirror.write(at, rng.randbytes(4096))))
+        await asyncio.sleep(0)
+
+    return dirty
+
+
 async def test_an_active_mirror_goes_write_through_after_the_first_pass_that_falls_behind() -> None:
     """A pass after which the guest dirtied more than half of what it copied: more passes
     would each copy about as much again, so an active mirror goes write-through at once
@@ -486,17 +509,7 @@ async def test_an_active_mirror_goes_write_through_after_the_first_pass_that_fal
     rng = random.Random(6)
     guest: list[asyncio.Task[None]] = []
 
-    budget = [2 * (SIZE // CHUNK)]  # about the first pass's worth (write-through writes
-    # reach this hook too: without a budget they would dirty more for ever)
-
-    async def dirty_two(offset: int, length: int) -> None:  # two new dirty chunks per copy
-        for _ in range(min(2, budget[0])):
-            budget[0] -= 1
-            at = rng.randrange(0, SIZE // CHUNK) * CHUNK
-            guest.append(asyncio.create_task(mirror.write(at, rng.randbytes(4096))))
-        await asyncio.sleep(0)
-
-    target.after_write = dirty_two
+    target.after_write = dirty_two_per_copy(mirror, rng, guest, lambda offset: SIZE // CHUNK)
     assert await mirror.run(converge_bytes=0, max_passes=20, active=True)
     target.after_write = None
     await asyncio.gather(*guest)
@@ -536,16 +549,8 @@ async def test_an_active_pass_goes_write_through_as_soon_as_the_guest_outruns_it
     mirror = Mirrored(source, target, chunk_size=CHUNK, max_copy=CHUNK)
     rng = random.Random(7)
     guest: list[asyncio.Task[None]] = []
-    budget = [2 * (SIZE // CHUNK)]
-
-    async def dirty_copied(offset: int, length: int) -> None:
-        for _ in range(min(2, budget[0])):  # somewhere the pass has already been
-            budget[0] -= 1
-            at = rng.randrange(0, offset // CHUNK + 1) * CHUNK
-            guest.append(asyncio.create_task(mirror.write(at, rng.randbytes(4096))))
-        await asyncio.sleep(0)
-
-    target.after_write = dirty_copied
+    # Somewhere the pass has already been.
+    target.after_write = dirty_two_per_copy(mirror, rng, guest, lambda offset: offset // CHUNK + 1)
     assert await mirror.run(converge_bytes=0, max_passes=20, active=True)
     target.after_write = None
     await asyncio.gather(*guest)
