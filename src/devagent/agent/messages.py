@@ -12,7 +12,7 @@ Backend specs are the tagged union :data:`BackendSpec` (tag field ``kind``)::
      "io_timeout": 120, "connect_timeout": 10}
     {"kind": "fetch",  "path": "/replica.img", "remote": {a local or remote spec},
      "chunk_size": 65536, "rate_limit": null, "copier": true, "then_local": false,
-     "copy_workers": 2, "copy_batch": 1048576, "present": BASE64}
+     "copy_workers": 3, "copy_batch": 1048576, "present": BASE64}
 
 A fetch's ``present`` (base64 bits, bit ``i & 7`` of byte ``i >> 3`` for chunk ``i``)
 names chunks already in the replica, e.g. pushed by a mirror before a switchover.

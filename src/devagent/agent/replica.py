@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from devagent.agent.backend import Backend, BackendError, Local
 from devagent.agent.chunks import ChunkLocks, DemandGate, EarlyRead, Pacer, RemoteZeroes
+from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS
 from devagent.agent.messages import FetchStatus
 from devagent.agent.presence import PresenceMap, presence_path
 from devagent.agent.spill import Spill
@@ -60,8 +61,8 @@ class Replica(Backend):
         *,
         chunk_size: int = 64 * 1024,
         rate_limit: float | None = None,
-        copy_workers: int = 2,
-        copy_batch: int = 1 << 20,
+        copy_workers: int = COPY_WORKERS,
+        copy_batch: int = COPY_BATCH,
         sync_batch: int = 256,
         sync_interval: float = 1.0,
         seed: Sequence[int] = (),

@@ -43,7 +43,7 @@ EVERY_S = 0.1
 WINDOW_S = 0.3
 CHANGE = 0.1  # a new rate differing by less than this part of the old is not sent
 COPY_BATCH_MAX = COPY_BATCH  # the most a background copy asks (the Fetch backend's default)
-COPY_AHEAD_S = 0.02  # how much link time the copier keeps in flight per worker
+COPY_AHEAD_S = 0.03  # how much link time the copier keeps in flight, all workers
 
 
 def push_rate(link: float, ram_rate: float | None) -> float:
@@ -140,9 +140,9 @@ def disk_link_rate(job: DiskJob) -> int | None:
 
 def copy_batch(link_rate_bps: int | None, chunk_size: int) -> int:
     """Bytes per background copy request after the switchover (and per copy of a
-    pre-copy's mirror): what the link moves in ``COPY_AHEAD_S`` for each copy worker, so
-    that a guest read fetched on demand (or a guest write going through) waits behind
-    little of the copier's data (at 100 Mbit/s: 64 KiB, not 1 MiB)."""
+    pre-copy's mirror): what the link moves in ``COPY_AHEAD_S``, shared by the copy
+    workers, so that a guest read fetched on demand (or a guest write going through) waits
+    behind little of the copier's data (at 100 Mbit/s: 64 KiB, not 1 MiB)."""
     if not link_rate_bps:
         return COPY_BATCH_MAX
     wanted = int(link_rate_bps / 8 * COPY_AHEAD_S / COPY_WORKERS)
