@@ -7,7 +7,7 @@ from __future__ import annotations
 FETCH_CHUNK = 64 << 10
 #: Batches a Fetch backend's background copier keeps in flight (and copies a pre-copy's
 #: mirror does). Two left the link idle while one batch was read, encrypted, decrypted and
-#: stored: 79-89 MB/s on a 1 Gbit/s link, and TLS slower than plaintext; with three the
+#: stored: 75-89 MB/s on a 1 Gbit/s link, and TLS slower than plaintext; with three the
 #: fetch takes the same time with TLS as without.
 COPY_WORKERS = 3
 #: Bytes one batch of the background copier asks of the remote.
