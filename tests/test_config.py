@@ -14,7 +14,13 @@ from devagent.daemon.vms.config import GuestBoot, build_config, check_growable, 
 from devagent.daemon.vms.request import RemoteHome
 from devagent.errors import UsageError
 from devagent.guest.build import GuestImage
-from devagent.qemu.config import TCG_RAM_EXTRA_KB, DiskSpec, VmConfig, ram_extra_kb
+from devagent.qemu.config import (
+    TCG_RAM_EXTRA_KB,
+    DiskSpec,
+    VmConfig,
+    qemu_release,
+    ram_extra_kb,
+)
 
 
 def test_direct_kernel_boot_with_a_file_disk() -> None:
@@ -69,20 +75,38 @@ def test_several_disks_each_with_its_serial_and_the_probe_told_them_all() -> Non
     assert "serial" not in VmConfig(name="o", disks=(old,)).qemu_args()[-1]
 
 
+QEMU_7_2 = "QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18)"
+QEMU_10 = "QEMU emulator version 10.0.6 (Debian 1:10.0.6+ds-0+deb13u2)"
+
+
 def test_a_tcg_guest_gets_ram_that_is_not_a_whole_number_of_256_kib() -> None:
     """QEMU 7.2 loses a TCG guest's stores in a RAM migration when its RAM block is a
     whole number of 256 KiB (see TCG_RAM_EXTRA_KB): such a guest gets 8 KiB more."""
     request = VmRequest(name="u", disks=(DiskRequest(image="/img"),), ram_mb=256)
-    config = build_config(request, (DiskSpec(path="/img"),))
+    config = build_config(request, (DiskSpec(path="/img"),), qemu=QEMU_7_2)
     assert (config.accel, config.ram_extra_kb) == ("tcg", TCG_RAM_EXTRA_KB)
     args = config.qemu_args()
     ram = args[args.index("-m") + 1]
     assert ram == "262152K" and (262152 * 1024) % (256 * 1024) != 0
-    assert ram_extra_kb("kvm") == 0
+    assert ram_extra_kb("kvm", QEMU_7_2) == 0
     old = VmConfig(name="v", ram_mb=256)  # a record from before: its RAM as it was
     assert old.qemu_args()[old.qemu_args().index("-m") + 1] == "256"
     # Sent to a daemon from before the field, a config that does not use it still fits.
     assert "ram_extra_kb" not in json.dumps(VmConfig(name="k", accel="kvm").to_json())
+
+
+def test_from_qemu_9_a_tcg_guest_gets_the_ram_it_asks() -> None:
+    """QEMU 9.0 fixed the fast path (one TLB walk per block): the extra 8 KiB would only
+    cost a walk per dirty page. A version not understood keeps the extra: safe first."""
+    request = VmRequest(name="u", disks=(DiskRequest(image="/img"),), ram_mb=256)
+    config = build_config(request, (DiskSpec(path="/img"),), qemu=QEMU_10)
+    assert config.ram_extra_kb == 0
+    assert config.qemu_args()[config.qemu_args().index("-m") + 1] == "256"
+    assert qemu_release(QEMU_10) == (10, 0) and qemu_release(QEMU_7_2) == (7, 2)
+    assert ram_extra_kb("tcg", "QEMU emulator version 9.0.0") == 0
+    assert ram_extra_kb("tcg", "QEMU emulator version 8.2.2") == TCG_RAM_EXTRA_KB
+    assert ram_extra_kb("tcg", "unknown") == TCG_RAM_EXTRA_KB
+    assert build_config(request, (DiskSpec(path="/img"),)).ram_extra_kb == TCG_RAM_EXTRA_KB
 
 
 def test_config_round_trips_json() -> None:

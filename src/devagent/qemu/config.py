@@ -7,6 +7,7 @@ JSON is built from QEMU's own node types (:class:`BlockNode` and its kinds), not
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 import msgspec
@@ -169,19 +170,36 @@ class NicSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return ["-netdev", netdev, "-device", device]
 
 
-#: RAM a TCG guest gets beyond its ``ram_mb``. QEMU before 9.0 (Debian 12 has 7.2) loses
-#: guest stores in a TCG guest's RAM migration: when a RAM block is a whole number of
+#: RAM a TCG guest gets beyond its ``ram_mb`` on QEMU before 9.0 (Debian 12 has 7.2), which
+#: loses guest stores in a TCG guest's RAM migration: when a RAM block is a whole number of
 #: 256 KiB, its dirty-bitmap sync takes a fast path that clears the bits without re-arming
 #: the TCG TLB's dirty trap, so later stores through that TLB entry are never sent (QEMU
-#: commit "physmem: Fix migration dirty bitmap coherency with TCG memory access", 2024).
+#: commit "physmem: Fix migration dirty bitmap coherency with TCG memory access", in 9.0).
 #: Seen here as a guest that read a block one generation newer than its own table said.
-#: A block of any other size takes the per-page path, which re-arms the trap.
+#: A block of any other size takes the per-page path, which re-arms the trap, but page by
+#: page: each dirty page costs a walk of every vCPU's TLB, under QEMU's global lock. The
+#: migration's first sync finds every page dirty, and held a 128 MiB guest's vCPU and I/O
+#: for about 100 ms here (perf: the migration thread in ``tlb_reset_dirty``). QEMU 9.0's
+#: fast path re-arms the trap with one walk per RAM block, so from 9.0 on the RAM is left
+#: as asked.
 TCG_RAM_EXTRA_KB = 8
+#: The first QEMU whose fast path is safe under TCG.
+TCG_DIRTY_SYNC_FIXED = (9, 0)
 
 
-def ram_extra_kb(accel: str) -> int:
-    """What a guest under ``accel`` gets beyond its ``ram_mb`` (see :data:`TCG_RAM_EXTRA_KB`)."""
-    return TCG_RAM_EXTRA_KB if accel == "tcg" else 0
+def qemu_release(version: str) -> tuple[int, int] | None:
+    """(major, minor) of ``qemu-system-x86_64 --version``'s first line, or None."""
+    found = re.search(r"version (\d+)\.(\d+)", version)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def ram_extra_kb(accel: str, qemu: str) -> int:
+    """What a guest under ``accel`` gets beyond its ``ram_mb`` on QEMU ``qemu`` (its version
+    line; see :data:`TCG_RAM_EXTRA_KB`). A version not understood gets the extra."""
+    if accel != "tcg":
+        return 0
+    release = qemu_release(qemu)
+    return 0 if release is not None and release >= TCG_DIRTY_SYNC_FIXED else TCG_RAM_EXTRA_KB
 
 
 class VmConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):

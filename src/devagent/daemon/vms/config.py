@@ -2,8 +2,9 @@
 image itself), its NICs, and for the test guest its kernel, initramfs and accelerator.
 
 :func:`build_config` is pure: what it needs of the machine (the test guest's files, whether
-KVM works, which asks ``qemu-system-x86_64 --version`` by subprocess) is found once by
-:class:`TestGuest`, off the event loop and before the VM manager takes its lock.
+KVM works, QEMU's version, which only ``qemu-system-x86_64 --version`` tells, by subprocess)
+is found once by :class:`TestGuest`, off the event loop and before the VM manager takes its
+lock.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.guest.build import GuestImage, load_guest
 from devagent.guest.probe import DiskDigest, disk_digest
 from devagent.guest.workload import parse_workload
-from devagent.qemu.accel import Accel, choose_accel
+from devagent.qemu.accel import Accel, choose_accel, qemu_version
 from devagent.qemu.config import DiskFormat, DiskSpec, NicSpec, VmConfig, ram_extra_kb
 
 from .request import VmRequest
@@ -43,6 +44,13 @@ class TestGuest:
 
     def __init__(self) -> None:
         self._accel: dict[str, Accel] = {}  # guest kernel version → accelerator
+        self._qemu: str | None = None
+
+    async def qemu(self) -> str:
+        """QEMU's version line (asked once)."""
+        if self._qemu is None:
+            self._qemu = await asyncio.to_thread(qemu_version)
+        return self._qemu
 
     async def find(self) -> GuestBoot:
         """The test guest (NotFound when it is not built) and its accelerator."""
@@ -115,11 +123,13 @@ def build_config(
     nics: tuple[NicAgent, ...] = (),
     *,
     guest: GuestBoot | None = None,
+    qemu: str = "",
 ) -> VmConfig:
     """The QEMU configuration for ``request`` with ``disks`` and the NICs ``nics``. The test
     guest (``guest``, needed when the request runs it) is told on the kernel command line
     the address of each NIC in order (``devagent.ip=``) and, with several disks, the
-    serials of those its probe writes (``devagent.disks=``)."""
+    serials of those its probe writes (``devagent.disks=``). ``qemu`` is QEMU's version
+    line: a TCG guest's RAM depends on it (:func:`ram_extra_kb`; not known: the safe side)."""
     specs = tuple(NicSpec(id=n.node, stream_socket=str(n.stream_socket), mac=n.mac) for n in nics)
     if request.has_probe:
         if guest is None:
@@ -129,7 +139,7 @@ def build_config(
         return VmConfig(
             name=request.name,
             ram_mb=request.ram_mb,
-            ram_extra_kb=ram_extra_kb(guest.accel),
+            ram_extra_kb=ram_extra_kb(guest.accel, qemu),
             accel=guest.accel,
             kernel=str(guest.image.kernel),
             initrd=str(guest.image.initrd),
@@ -143,7 +153,7 @@ def build_config(
         name=request.name,
         ram_mb=request.ram_mb,
         accel="tcg",
-        ram_extra_kb=ram_extra_kb("tcg"),
+        ram_extra_kb=ram_extra_kb("tcg", qemu),
         kernel=request.kernel,
         initrd=request.initrd,
         append=request.append,

@@ -181,6 +181,7 @@ class VmManager:
         if request.nics:  # before anything is made or looked for
             self._require_network()
         guest = await self.test_guest.find() if request.has_probe else None  # not under the lock
+        qemu = await self.test_guest.qemu()
         async with self._lock:
             if request.name in self.vms:
                 raise StateError(f"VM {request.name!r} already exists on host {self.host_name}")
@@ -192,7 +193,9 @@ class VmManager:
                 if disk.image is None and disk.lives_on is None and not image.exists():
                     with image.open("wb") as f:
                         f.truncate(disk.size)
-            managed = self._add(request, images, VmRole.RUNNING, None, remote, guest=guest)
+            managed = self._add(
+                request, images, VmRole.RUNNING, None, remote, guest=guest, qemu=qemu
+            )
         await self._launch(managed)
         return managed
 
@@ -212,6 +215,7 @@ class VmManager:
         backends: dict[str, BackendSpec] | None = None,
         *,
         guest: GuestBoot | None = None,
+        qemu: str = "",
         paused: bool = False,
         incoming_nics: list[NicIdentity] | None = None,
     ) -> ManagedVm:
@@ -244,7 +248,7 @@ class VmManager:
             disk_spec(node, path, agents.get(node), formats[node]) for node, path in images.items()
         )
         if config is None:
-            config = build_config(request, disks, tuple(nics), guest=guest)
+            config = build_config(request, disks, tuple(nics), guest=guest, qemu=qemu)
         else:  # an incoming VM: the source's configuration with this host's disks
             if config.disks and config.disks[0].serial is None:  # a VM from before serials
                 disks = tuple(d.replace(serial=None) for d in disks)
