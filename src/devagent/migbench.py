@@ -25,7 +25,6 @@ import itertools
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from devagent.client import DaemonClient, Endpoint
 from devagent.errors import DevagentError, NotFound
 from devagent.guest.probe import Heartbeat
 from devagent.orchestrate import VmBody, migrate, start_vm, wait_heartbeats, wait_past_phase
+from devagent.qemu.accel import qemu_version
 from devagent.report import MigrationReport
 from devagent.vocab import BASELINES, parse_rate
 from devagent.wait import WaitTimeout, wait_until
@@ -86,15 +86,12 @@ def machine() -> Machine:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    qemu = subprocess.run(
-        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
-    ).stdout.splitlines()
     return Machine(
         os=_os_release(),
         kernel=platform.release(),
         cpus=os.cpu_count(),
         cpu=cpu,
-        qemu=qemu[0] if qemu else "unknown",
+        qemu=qemu_version(),
         python=platform.python_version(),
         load_average=[round(x, 2) for x in os.getloadavg()],
     )

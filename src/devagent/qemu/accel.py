@@ -8,6 +8,7 @@ keyed by the kernel and QEMU versions, so it runs once per machine.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,9 @@ READY_MARK = b"DEVAGENT-READY"
 PROBE_TIMEOUT_S = 20.0
 
 
+@functools.cache  # one subprocess per process: the daemon's VMs and its KVM probe's cache key
 def qemu_version() -> str:
+    """The first line of ``qemu-system-x86_64 --version`` ("unknown" without one)."""
     try:
         out = subprocess.run(
             ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=True
