@@ -44,13 +44,10 @@ class TestGuest:
 
     def __init__(self) -> None:
         self._accel: dict[str, Accel] = {}  # guest kernel version → accelerator
-        self._qemu: str | None = None
 
     async def qemu(self) -> str:
-        """QEMU's version line (asked once)."""
-        if self._qemu is None:
-            self._qemu = await asyncio.to_thread(qemu_version)
-        return self._qemu
+        """QEMU's version line (a subprocess the first time: in a thread)."""
+        return await asyncio.to_thread(qemu_version)
 
     async def find(self) -> GuestBoot:
         """The test guest (NotFound when it is not built) and its accelerator."""
