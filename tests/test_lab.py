@@ -362,6 +362,15 @@ def test_links_are_shaped_both_ways_and_can_be_reshaped(ns_lab: Lab) -> None:
 
 
 @pytest.mark.lab
+def test_each_host_acknowledges_the_lab_at_once(ns_lab: Lab) -> None:
+    # QEMU's NBD server over TLS waits on delayed ACKs otherwise (net.ack_at_once)
+    assert ns_lab.subnet is not None
+    for host in ns_lab.hosts:
+        assert net.quick_acks(str(ns_lab.subnet), str(host.netns))
+    assert not net.quick_acks("10.255.255.0/24", str(ns_lab.hosts[0].netns))
+
+
+@pytest.mark.lab
 def test_hosts_reach_each_other_and_a_cut_link_stops_them(ns_lab: Lab) -> None:
     a, b = ns_lab.hosts
     assert connects(a, b)

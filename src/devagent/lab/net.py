@@ -60,7 +60,8 @@ class AddrInfo(msgspec.Struct):
 
 class IpItem(msgspec.Struct):
     """One object of ``ip -j`` output, as far as the lab reads it: a namespace (``name``), a
-    link (``ifname``, ``flags``, ``address``: its MAC), its addresses or a route (``dst``)."""
+    link (``ifname``, ``flags``, ``address``: its MAC), its addresses or a route (``dst``,
+    ``metrics``)."""
 
     name: str | None = None
     ifname: str | None = None
@@ -68,6 +69,7 @@ class IpItem(msgspec.Struct):
     address: str | None = None
     addr_info: list[AddrInfo] = msgspec.field(default_factory=list)
     dst: str | None = None
+    metrics: list[dict[str, int]] = msgspec.field(default_factory=list)  # a route's
 
 
 class QdiscOptions(msgspec.Struct):
@@ -150,6 +152,32 @@ def used_ipv4_networks() -> list[ipaddress.IPv4Network]:
             except ValueError:
                 continue
     return nets
+
+
+def ack_at_once(subnet: str, dev: str, src: str, netns: str) -> None:
+    """Make the route to ``subnet`` in ``netns`` acknowledge every segment at once
+    (``quickack 1``: no delayed ACKs).
+
+    QEMU 7.2 serving NBD over TLS writes a structured reply's header and its payload as two
+    TLS records on a socket with Nagle on; the second waits for the client's ACK of the
+    first, which the client delays by up to 40 ms. A stream of holes (``block-stream``
+    over a sparse disk) then crawls at ~30 requests a second. Without delayed ACKs the
+    wait is gone; devagent's own sockets (TCP_NODELAY) are not affected either way.
+    """
+    run(
+        [
+            *("ip", "-n", netns, "route", "change", subnet, "dev", dev),
+            *("proto", "kernel", "scope", "link", "src", src, "quickack", "1"),
+        ]
+    )
+
+
+def quick_acks(subnet: str, netns: str) -> bool:
+    """Whether the route to ``subnet`` in ``netns`` has ``quickack 1``."""
+    for route in _json(["ip", "-j", "-n", netns, "-4", "route", "show", subnet], IpItem):
+        if route.dst == subnet:
+            return any(m.get("quickack") == 1 for m in route.metrics)
+    return False
 
 
 def shape(dev: str, rate_bps: int | None, netns: str | None = None) -> None:

@@ -43,7 +43,8 @@ def make(
     subnet: ipaddress.IPv4Network, bridge: str, mgmt_address: str, hosts: Sequence[LabHost]
 ) -> None:
     """The bridge with the management address, then per host its namespace, veth and own
-    bridge, each link shaped to the host's ``link_rate_bps``."""
+    bridge (its route to the lab without delayed ACKs), each link shaped to the host's
+    ``link_rate_bps``."""
     prefix = subnet.prefixlen
     net.run(["ip", "link", "add", bridge, "type", "bridge"])
     net.pin_bridge_address(bridge)
@@ -68,6 +69,7 @@ def make(
         net.run(["ip", "-n", ns, "addr", "add", f"{host.address}/{prefix}", "dev", GUEST_BRIDGE])
         net.run(["ip", "-n", ns, "link", "set", NS_IFACE, "up"])
         net.run(["ip", "-n", ns, "link", "set", GUEST_BRIDGE, "up"])
+        net.ack_at_once(str(subnet), GUEST_BRIDGE, host.address, ns)  # see its docstring
         if host.link_rate_bps is not None:
             shape_link(host, host.link_rate_bps)
 
