@@ -5,15 +5,18 @@ the presence bitmap across an agent crash, progress."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from devagent.agent.backend import Backend, BackendError, Extent
-from devagent.agent.chunks import Pacer
+from devagent.agent.chunks import MIN_ZERO_SKIP, Pacer, data_parts
 from devagent.agent.fetch import Fetch
 from devagent.agent.presence import HEADER_SIZE, presence_path
 from devagent.errors import UsageError
@@ -280,8 +283,10 @@ async def test_the_copier_fills_everything_skipping_zero_ranges(tmp_path: Path) 
         await backend.wait_complete()
         assert backend.complete and backend.present_bytes == SIZE
         assert on_disk(backend.path) == data
-        assert backend.fetched_in_background == 3 * CHUNK
-        assert backend.skipped_as_zero == SIZE - 3 * CHUNK
+        # of chunks 10 and the last only their one data block each crossed
+        assert backend.fetched_in_background == CHUNK + 2 * 4096
+        assert backend.skipped_as_zero == SIZE - CHUNK - 2 * 4096
+        assert (10 * CHUNK, 4096) in remote.reads and (SIZE - 4096, 4096) in remote.reads
         fetched = sorted({off // CHUNK for off, _ in remote.reads})
         assert fetched == [0, 10, 63]
         assert all(durable_bits(backend.path, 64))
@@ -289,6 +294,35 @@ async def test_the_copier_fills_everything_skipping_zero_ranges(tmp_path: Path) 
     finally:
         await backend.close()
     assert remote.closed
+
+
+@given(
+    zeroes=st.lists(st.tuples(st.integers(0, 20_000), st.integers(0, 9_000)), max_size=8),
+    start=st.integers(0, 4_000),
+    length=st.integers(1, 24_000),
+)
+def test_data_parts_read_every_byte_outside_the_long_zero_ranges(
+    zeroes: list[tuple[int, int]], start: int, length: int
+) -> None:
+    end = start + length
+    zero = bytearray(30_000)
+    for at, n in zeroes:
+        zero[at : at + n] = b"\1" * len(zero[at : at + n])
+    ranges: list[tuple[int, int]] = []  # the sorted disjoint runs, as a block status says
+    for pos in range(30_000):
+        if zero[pos] and ranges and ranges[-1][1] == pos:
+            ranges[-1] = (ranges[-1][0], pos + 1)
+        elif zero[pos]:
+            ranges.append((pos, pos + 1))
+    parts = data_parts(start, end, ranges)
+    assert all(start <= a < b <= end for a, b in parts)
+    assert all(b1 < a2 for (_, b1), (a2, _) in itertools.pairwise(parts))
+    covered = {pos for a, b in parts for pos in range(a, b)}
+    assert all(pos in covered for pos in range(start, end) if not zero[pos])
+    gaps = [
+        (b1, a2) for (_, b1), (a2, _) in zip([(0, start), *parts], [*parts, (end, 0)], strict=True)
+    ]
+    assert all(b - a >= MIN_ZERO_SKIP and all(zero[a:b]) for a, b in gaps if b > a)
 
 
 async def test_the_copier_yields_to_on_demand_fetches(tmp_path: Path) -> None:

@@ -164,6 +164,13 @@ class RemoteZeroes:
             zeros = [(s, e) for s, e, z in self._known if z and e > start and s < end]
         return [i for i in batch if any(s <= span(i)[0] and span(i)[1] <= e for s, e in zeros)]
 
+    def zeroes_within(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The ranges of [``start``, ``end``) the remote's last answer said read zeroes (no
+        asking)."""
+        return [
+            (max(s, start), min(e, end)) for s, e, z in self._known if z and e > start and s < end
+        ]
+
     def forget(self) -> None:
         """The remote was written (a spilled write): what it said of its zeroes is old,
         and so is any answer still on its way."""
@@ -185,6 +192,27 @@ class RemoteZeroes:
         for extent in extents:
             self._known.append((pos, pos + extent.length, extent.zero))
             pos += extent.length
+
+
+#: A zero range shorter than this inside a fetched piece is read all the same.
+MIN_ZERO_SKIP = 4096
+
+
+def data_parts(start: int, end: int, zeroes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The ranges of [``start``, ``end``) outside the sorted, disjoint ``zeroes`` (those
+    shorter than :data:`MIN_ZERO_SKIP` count as data), neighbours merged."""
+    out: list[tuple[int, int]] = []
+    pos = start
+    for zs, ze in zeroes:
+        zs, ze = max(zs, start), min(ze, end)
+        if ze - zs < MIN_ZERO_SKIP:
+            continue
+        if zs > pos:
+            out.append((pos, zs))
+        pos = max(pos, ze)
+    if pos < end:
+        out.append((pos, end))
+    return out
 
 
 class EarlyRead:

@@ -49,7 +49,8 @@ enough that an on-demand fetch queued behind them on the same connection waits l
 yields to on-demand fetches (it waits while any is pending), keeps an optional rate limit,
 and asks the remote's ``block_status`` which ranges are zeroes: those chunks are punched in
 the replica (a no-op on a fresh sparse file; it also clears anything a crash left between a
-data write and its bit) and marked present without any data crossing the network.
+data write and its bit) and marked present without any data crossing the network; of a
+chunk only partly zero, only the data is read (the rest stored as zeroes).
 """
 
 from __future__ import annotations
@@ -515,7 +516,8 @@ class Fetch(Replica):
             missing = [c for c in batch if not self._map.is_present(c)]
             if not missing:
                 return
-            if writes != self.spill.remote_writes:  # a spilled write since: the zeroes are old
+            known = writes == self.spill.remote_writes  # else a spilled write made them old
+            if not known:
                 zero = set()
             fetch = [c for c in missing if c not in zero]
             for first, last in runs([c for c in missing if c in zero]):
@@ -523,8 +525,10 @@ class Fetch(Replica):
                 await self._local.write_zeroes(start, end - start, True)
                 self.skipped_as_zero += end - start
             if fetch:
-                moved = await self._fetch_store(fetch)
+                partly = self._zeroes.zeroes_within if known else None
+                moved = await self._fetch_store(fetch, known_zero=partly)
                 self.fetched_in_background += moved
+                self.skipped_as_zero += sum(b - a for a, b in map(self._span, fetch)) - moved
             self._mark_fetched(missing)
 
     # -- closing -----------------------------------------------------------------------------

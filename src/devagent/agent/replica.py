@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from devagent.agent.backend import Backend, BackendError, Local
-from devagent.agent.chunks import ChunkLocks, DemandGate, EarlyRead, Pacer, RemoteZeroes
+from devagent.agent.chunks import (
+    ChunkLocks,
+    DemandGate,
+    EarlyRead,
+    Pacer,
+    RemoteZeroes,
+    data_parts,
+)
 from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS
 from devagent.agent.messages import FetchStatus
 from devagent.agent.presence import PresenceMap, presence_path
@@ -273,24 +280,46 @@ class Replica(Backend):
         if not task.cancelled():
             task.exception()  # retrieved: the awaiting caller, if any, got it too
 
-    async def _fetch_store(self, chunks: Sequence[int], early: EarlyRead | None = None) -> int:
-        """Copy ``chunks`` (locked, absent) from the remote into the replica; bytes moved.
-        ``early`` gets its bytes as soon as a fetched piece holds them all."""
+    async def _fetch_store(
+        self,
+        chunks: Sequence[int],
+        early: EarlyRead | None = None,
+        known_zero: Callable[[int, int], list[tuple[int, int]]] | None = None,
+    ) -> int:
+        """Copy ``chunks`` (locked, absent) from the remote into the replica; bytes read
+        from the remote. ``early`` gets its bytes as soon as a fetched piece holds them all.
+        The ranges ``known_zero(start, end)`` names are not read: stored as zeroes (a chunk
+        the guest wrote 4 KiB of on a sparse disk crosses the link as 4 KiB)."""
 
         async def one(start: int, end: int) -> int:
-            data = await self.remote.read(start, end - start)
-            if early is not None:
-                early.offer(start, data)
-            await self._local.write(start, bytes(data))
-            return end - start
+            parts = [(start, end)]
+            if known_zero is not None:
+                parts = data_parts(start, end, known_zero(start, end))
+            if parts == [(start, end)]:
+                data = await self.remote.read(start, end - start)
+                if early is not None:
+                    early.offer(start, data)
+                await self._local.write(start, bytes(data))
+                return end - start
+            piece = bytearray(end - start)
+            reads = [self.remote.read(s, e - s) for s, e in parts]
+            for (s, e), got in zip(parts, await _all(reads), strict=True):
+                piece[s - start : e - start] = got
+            await self._local.write(start, bytes(piece))
+            return sum(e - s for s, e in parts)
 
         pieces: list[tuple[int, int]] = []
         for first, last in runs(chunks):
             start, end = self._span(first)[0], self._span(last)[1]
             for pos in range(start, end, FETCH_MAX):
                 pieces.append((pos, min(pos + FETCH_MAX, end)))
-        results = await asyncio.gather(*(one(s, e) for s, e in pieces), return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        return sum(r for r in results if isinstance(r, int))
+        return sum(await _all([one(s, e) for s, e in pieces]))
+
+
+async def _all(work: Sequence[Awaitable[T]]) -> list[T]:
+    """Every result of ``work``, run together; the first failure raised once all ended."""
+    results = await asyncio.gather(*work, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return [r for r in results if not isinstance(r, BaseException)]
