@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent_fakes import MemoryBackend
 from devagent.agent import mirror as mirror_mod
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Backend, BackendError, Extent, Local
+from devagent.agent.chunks import put_sparsely
 from devagent.agent.mirror import DIRTY_BITMAP, Mirrored
 from devagent.agent.mirror_job import JobEvent, MirrorJob, cutover
 from devagent.agent.mirror_states import MirrorEvent, MirrorFailed, MirrorState, MirrorStateError
@@ -144,8 +147,32 @@ async def test_a_write_into_a_hole_during_the_first_pass_is_copied() -> None:
 
     source.during_status = guest_write
     assert await mirror.run()
-    assert target.ops("write") == [(20 * CHUNK, CHUNK)]
+    assert target.ops("write") == [(20 * CHUNK, 4096)]  # the chunk's one block of data
+    assert target.ops("zero") == [(20 * CHUNK + 4096, CHUNK - 4096)]  # its hole, as one
     assert target.data == source.data
+
+
+@given(
+    blocks=st.lists(st.sampled_from(["zero", "data", "one byte"]), min_size=1, max_size=20),
+    tail=st.integers(0, 4095),
+)
+def test_a_copy_sends_its_zero_blocks_as_zeroes(blocks: list[str], tail: int) -> None:
+    data = bytearray()
+    for i, kind in enumerate(blocks):
+        block = bytearray(4096)
+        if kind == "data":
+            block[:] = bytes([i + 1]) * 4096
+        elif kind == "one byte":
+            block[4095] = 7
+        data += block
+    data += b"\x05" * tail
+    target = Disk(len(data) + 8192)
+    target.data[:] = b"\xee" * len(target.data)  # what was there before
+    asyncio.run(put_sparsely(target, 4096, data))
+    assert target.data[4096 : 4096 + len(data)] == data
+    assert target.data[:4096] == target.data[4096 + len(data) :][:4096] == b"\xee" * 4096
+    written = sum(n for _, n in target.ops("write"))
+    assert written == len(data) - 4096 * blocks.count("zero")  # zero blocks crossed as zeroes
 
 
 async def test_a_cancelled_run_leaves_its_chunks_dirty() -> None:
@@ -185,7 +212,8 @@ async def test_local_to_local_keeps_holes_and_marks_inline_writes(tmp_path: Path
         assert mirror.write_nowait(0, b"\x01" * 4096) is False  # write-through from now
         await mirror.write(0, b"\x01" * 4096)
         status = await mirror.target.block_status(0, SIZE)
-        assert Extent(SIZE - 9 * CHUNK, True, True) in status  # the tail stayed a hole
+        # the tail stayed a hole, from the end of chunk 8's one written block
+        assert Extent(SIZE - 8 * CHUNK - 4096, True, True) in status
     finally:
         await mirror.close()
     assert src.read_bytes() == dst.read_bytes()

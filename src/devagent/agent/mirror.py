@@ -48,7 +48,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 
 from devagent.agent.backend import Backend, BackendError, Extent
-from devagent.agent.chunks import chunk_runs, zero_ranges
+from devagent.agent.chunks import chunk_runs, put_sparsely, zero_ranges
 from devagent.agent.dirty import DirtySet
 from devagent.agent.messages import MirrorStats
 from devagent.agent.mirror_states import (
@@ -125,7 +125,6 @@ class Mirrored(Backend):
         self._settled = asyncio.Event()
         self._sweep_lock = asyncio.Lock()
         self._running = False
-        self._zero_buf = b""
         self.state = MirrorState.COPYING
         self.history: list[MirrorState] = [self.state]
         self.error: BaseException | None = None
@@ -578,11 +577,7 @@ class Mirrored(Backend):
         try:
             for chunk in chunks:  # rule 1: clear before the read
                 self._dirty.clear(chunk)
-            data = await self.source.read(offset, length)
-            if data == self._zeroes(length):
-                await self.target.write_zeroes(offset, length, True)
-            else:
-                await self.target.write(offset, bytes(data))
+            await put_sparsely(self.target, offset, await self.source.read(offset, length))
             done = True
         finally:
             if not done:
@@ -591,8 +586,3 @@ class Mirrored(Backend):
             self._wake()
         self.copied_bytes += length
         self._check_pace()
-
-    def _zeroes(self, length: int) -> bytes:
-        if len(self._zero_buf) < length:
-            self._zero_buf = bytes(length)
-        return self._zero_buf if len(self._zero_buf) == length else self._zero_buf[:length]

@@ -20,6 +20,7 @@ from devagent.agent.chunks import (
     Pacer,
     RemoteZeroes,
     data_parts,
+    gather_all,
 )
 from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS
 from devagent.agent.messages import FetchStatus
@@ -303,7 +304,7 @@ class Replica(Backend):
                 return end - start
             piece = bytearray(end - start)
             reads = [self.remote.read(s, e - s) for s, e in parts]
-            for (s, e), got in zip(parts, await _all(reads), strict=True):
+            for (s, e), got in zip(parts, await gather_all(reads), strict=True):
                 piece[s - start : e - start] = got
             await self._local.write(start, bytes(piece))
             return sum(e - s for s, e in parts)
@@ -313,13 +314,4 @@ class Replica(Backend):
             start, end = self._span(first)[0], self._span(last)[1]
             for pos in range(start, end, FETCH_MAX):
                 pieces.append((pos, min(pos + FETCH_MAX, end)))
-        return sum(await _all([one(s, e) for s, e in pieces]))
-
-
-async def _all(work: Sequence[Awaitable[T]]) -> list[T]:
-    """Every result of ``work``, run together; the first failure raised once all ended."""
-    results = await asyncio.gather(*work, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return [r for r in results if not isinstance(r, BaseException)]
+        return sum(await gather_all([one(s, e) for s, e in pieces]))
