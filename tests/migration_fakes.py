@@ -210,7 +210,7 @@ def journal() -> JournalStats:
 def mirror_stats(copied: int, state: str = "finished") -> MirrorStats:
     return MirrorStats(
         state=state, sync=False, rate_limit=None, copied_bytes=copied, zeroed_bytes=0,
-        dirty_bytes=0, passes=1, error=None,
+        dirty_bytes=0, passes=1, error=None, sent_bytes=copied,
     )  # fmt: skip
 
 

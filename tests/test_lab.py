@@ -303,6 +303,22 @@ def test_cli_up_twice_is_a_clear_error_and_status_down_work() -> None:
         Lab.destroy("hlcli")
 
 
+def test_quick_acks_reads_the_route_s_metrics_whatever_they_hold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shown = {
+        "da-x-a": '[{"dst":"10.1.2.0/24","metrics":[{"congctl":"bbr"},{"quickack":1}]}]',
+        "da-x-b": '[{"dst":"10.1.2.0/24","metrics":[{"quickack":0}]}]',
+        "da-x-c": '[{"dst":"10.1.2.0/24","dev":"br0","flags":[]}]',
+    }
+
+    def fake_run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.CompletedProcess(argv, 0, shown[argv[argv.index("-n") + 1]], "")
+
+    monkeypatch.setattr(net, "run", fake_run)
+    assert [net.quick_acks("10.1.2.0/24", ns) for ns in shown] == [True, False, False]
+
+
 # ---- namespace mode -------------------------------------------------------------------------
 
 

@@ -23,6 +23,7 @@ from devagent.agent.chunks import put_sparsely
 from devagent.agent.mirror import DIRTY_BITMAP, Mirrored
 from devagent.agent.mirror_job import JobEvent, MirrorJob, cutover
 from devagent.agent.mirror_states import MirrorEvent, MirrorFailed, MirrorState, MirrorStateError
+from devagent.agent.pace import Pace
 from devagent.agent.state import DeviceState
 from devagent.errors import PeerError
 from devagent.nbd.client import NbdClient, NbdRequestFailed
@@ -149,6 +150,7 @@ async def test_a_write_into_a_hole_during_the_first_pass_is_copied() -> None:
     assert await mirror.run()
     assert target.ops("write") == [(20 * CHUNK, 4096)]  # the chunk's one block of data
     assert target.ops("zero") == [(20 * CHUNK + 4096, CHUNK - 4096)]  # its hole, as one
+    assert (mirror.stats().copied_bytes, mirror.stats().sent_bytes) == (CHUNK, 4096)
     assert target.data == source.data
 
 
@@ -168,11 +170,29 @@ def test_a_copy_sends_its_zero_blocks_as_zeroes(blocks: list[str], tail: int) ->
     data += b"\x05" * tail
     target = Disk(len(data) + 8192)
     target.data[:] = b"\xee" * len(target.data)  # what was there before
-    asyncio.run(put_sparsely(target, 4096, data))
+    sent = asyncio.run(put_sparsely(target, 4096, data))
     assert target.data[4096 : 4096 + len(data)] == data
     assert target.data[:4096] == target.data[4096 + len(data) :][:4096] == b"\xee" * 4096
     written = sum(n for _, n in target.ops("write"))
-    assert written == len(data) - 4096 * blocks.count("zero")  # zero blocks crossed as zeroes
+    assert written == sent == len(data) - 4096 * blocks.count("zero")  # zeroes as zeroes
+
+
+async def test_a_pace_gives_back_what_a_copy_did_not_send() -> None:
+    now, slept = [10.0], []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pace = Pace(1000.0, clock=lambda: now[0], sleep=sleep)
+    pace.charge(1000)  # a 1000-byte copy booked: the next may start 1 s from now
+    pace.charge(-600)  # of which 600 bytes went as write_zeroes
+    await pace.wait()
+    assert slept == [pytest.approx(0.4)]
+    pace.charge(-5000)  # giving back more than is booked frees nothing past now
+    pace.charge(100)
+    await pace.wait()
+    assert slept[1:] == [pytest.approx(0.1)]
 
 
 async def test_a_cancelled_run_leaves_its_chunks_dirty() -> None:

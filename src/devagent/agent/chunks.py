@@ -247,20 +247,23 @@ def zero_blocks(data: bytes | bytearray) -> list[tuple[int, int]]:
     return out
 
 
-async def put_sparsely(target: Backend, offset: int, data: bytes | bytearray) -> None:
+async def put_sparsely(target: Backend, offset: int, data: bytes | bytearray) -> int:
     """Write ``data`` at ``offset`` of ``target``, its zero blocks as ``write_zeroes`` (a
-    chunk holding one written 4 KiB block of a sparse disk crosses the link as 4 KiB)."""
+    chunk holding one written 4 KiB block of a sparse disk crosses the link as 4 KiB);
+    the bytes written as data."""
     zeroes = zero_blocks(data)
     if zeroes == [(0, len(data))]:
         await target.write_zeroes(offset, len(data), True)
-        return
+        return 0
     if not zeroes:
         await target.write(offset, bytes(data))
-        return
+        return len(data)
+    parts = data_parts(0, len(data), zeroes)
     await gather_all([
         *(target.write_zeroes(offset + s, e - s, True) for s, e in zeroes),
-        *(target.write(offset + s, bytes(data[s:e])) for s, e in data_parts(0, len(data), zeroes)),
+        *(target.write(offset + s, bytes(data[s:e])) for s, e in parts),
     ])  # fmt: skip
+    return sum(e - s for s, e in parts)
 
 
 async def gather_all(work: Sequence[Awaitable[T]]) -> list[T]:

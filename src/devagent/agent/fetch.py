@@ -64,6 +64,7 @@ from typing import Any
 from devagent.agent.backend import Backend, BackendError, Extent, NoRoom
 from devagent.agent.chunks import (
     EarlyRead,
+    data_parts,
     log_lost_store,
 )
 from devagent.agent.presence import HEADER_SIZE as HEADER_SIZE  # a lab test reads it here
@@ -504,10 +505,11 @@ class Fetch(Replica):
     async def _copy_batch(self, batch: Sequence[int]) -> None:
         writes = self.spill.remote_writes
         zero = set(await self._zeroes.chunks(batch, self._span))
-        data_bytes = sum(
-            self._span(c)[1] - self._span(c)[0]
+        data_bytes = sum(  # what will cross the link: the chunks' data, not their zeroes
+            end - start
             for c in batch
             if c not in zero and not self._map.is_present(c)
+            for start, end in data_parts(*self._span(c), self._zeroes.zeroes_within(*self._span(c)))
         )
         if self._pacer is not None and data_bytes:
             await self._pacer.take(data_bytes)

@@ -163,6 +163,9 @@ class MirrorStats(msgspec.Struct):
     #: The guest's writes went to both sides before the copy converged (it outran the
     #: copy, or the passes ran out).
     writes_paced: bool = False
+    #: Of ``copied_bytes``, those sent as data (its 4 KiB blocks of zeroes went as
+    #: write_zeroes requests).
+    sent_bytes: int = 0
 
 
 class LocalStatus(msgspec.Struct, tag="local", tag_field="kind"):
@@ -211,6 +214,7 @@ class MirrorStatus(msgspec.Struct, tag="mirror", tag_field="kind"):
     source: BackendStatus
     target: BackendStatus
     writes_paced: bool = False  # as MirrorStats'
+    sent_bytes: int = 0  # as MirrorStats'
 
 
 class OtherStatus(msgspec.Struct, tag="other", tag_field="kind"):

@@ -128,7 +128,8 @@ class Mirrored(Backend):
         self.state = MirrorState.COPYING
         self.history: list[MirrorState] = [self.state]
         self.error: BaseException | None = None
-        self.copied_bytes = 0
+        self.copied_bytes = 0  # the chunks copied; of them, as data (the rest as zeroes):
+        self.sent_bytes = 0
         self.zeroed_bytes = 0
         self.passes = 0
         #: An active run went write-through before converging (the guest dirtied faster
@@ -219,6 +220,7 @@ class Mirrored(Backend):
             sync=self.sync,
             rate_limit=self.pace.rate,
             copied_bytes=self.copied_bytes,
+            sent_bytes=self.sent_bytes,
             zeroed_bytes=self.zeroed_bytes,
             dirty_bytes=self.dirty_bytes,
             passes=self.passes,
@@ -573,16 +575,18 @@ class Mirrored(Backend):
         offset, length = self._dirty.span(first, count)
         if throttle:
             self.pace.charge(length)
-        done = False
+        sent: int | None = None
         try:
             for chunk in chunks:  # rule 1: clear before the read
                 self._dirty.clear(chunk)
-            await put_sparsely(self.target, offset, await self.source.read(offset, length))
-            done = True
+            sent = await put_sparsely(self.target, offset, await self.source.read(offset, length))
         finally:
-            if not done:
+            if sent is None:
                 self._dirty.mark(chunks)
             self._copying.difference_update(chunks)
             self._wake()
+        if throttle:  # its zero blocks went as a few bytes each
+            self.pace.charge(sent - length)
         self.copied_bytes += length
+        self.sent_bytes += sent
         self._check_pace()

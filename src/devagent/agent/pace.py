@@ -32,5 +32,8 @@ class Pace:
             await self._sleep(wait)
 
     def charge(self, length: int) -> None:
-        if self.rate:
+        """Book ``length`` bytes (negative: give back some of what was booked)."""
+        if self.rate and length < 0:
+            self._next_free += length / self.rate
+        elif self.rate:
             self._next_free = max(self._next_free, self._clock()) + length / self.rate

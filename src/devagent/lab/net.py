@@ -60,8 +60,7 @@ class AddrInfo(msgspec.Struct):
 
 class IpItem(msgspec.Struct):
     """One object of ``ip -j`` output, as far as the lab reads it: a namespace (``name``), a
-    link (``ifname``, ``flags``, ``address``: its MAC), its addresses or a route (``dst``,
-    ``metrics``)."""
+    link (``ifname``, ``flags``, ``address``: its MAC), its addresses or a route (``dst``)."""
 
     name: str | None = None
     ifname: str | None = None
@@ -69,7 +68,14 @@ class IpItem(msgspec.Struct):
     address: str | None = None
     addr_info: list[AddrInfo] = msgspec.field(default_factory=list)
     dst: str | None = None
-    metrics: list[dict[str, int]] = msgspec.field(default_factory=list)  # a route's
+
+
+class Route(msgspec.Struct):
+    """One route of ``ip -j route show``, as far as :func:`quick_acks` reads it (a metric
+    may be a number or a word: ``congctl``)."""
+
+    dst: str | None = None
+    metrics: list[dict[str, object]] = msgspec.field(default_factory=list)
 
 
 class QdiscOptions(msgspec.Struct):
@@ -174,7 +180,7 @@ def ack_at_once(subnet: str, dev: str, src: str, netns: str) -> None:
 
 def quick_acks(subnet: str, netns: str) -> bool:
     """Whether the route to ``subnet`` in ``netns`` has ``quickack 1``."""
-    for route in _json(["ip", "-j", "-n", netns, "-4", "route", "show", subnet], IpItem):
+    for route in _json(["ip", "-j", "-n", netns, "-4", "route", "show", subnet], Route):
         if route.dst == subnet:
             return any(m.get("quickack") == 1 for m in route.metrics)
     return False

@@ -493,7 +493,7 @@ class PrecopyPlan(FetchingPlan):
     async def at_switchover(self, job: DiskJob) -> Handover:
         cut = await each_disk(job, lambda a: a.cutover(keep_source=True, timeout=DISK_WAIT_S))
         job.mark(Step.MIRROR_ENDED)
-        pushed_bytes(job, {node: c.mirror.copied_bytes for node, c in cut.items()})
+        pushed_bytes(job, {node: c.mirror.sent_bytes for node, c in cut.items()})
         return Handover(present={
             node: every_chunk(-(-size // FETCH_CHUNK)) for node, size in job.disk_sizes.items()
         })  # fmt: skip
@@ -540,7 +540,7 @@ class HybridPlan(FetchingPlan):
             await self.share.stop()
         stopped = await each_disk(job, lambda agent: agent.stop_mirror())
         job.mark(Step.MIRROR_ENDED)
-        pushed_bytes(job, {node: s.mirror.copied_bytes for node, s in stopped.items()})
+        pushed_bytes(job, {node: s.mirror.sent_bytes for node, s in stopped.items()})
         chunk_sizes = {s.chunk_size for s in stopped.values()}
         if len(chunk_sizes) != 1:  # every agent makes its bitmap of FETCH_CHUNK chunks
             raise PeerError(f"the disks' pushes use different chunks: {sorted(chunk_sizes)}")
@@ -551,7 +551,7 @@ class HybridPlan(FetchingPlan):
 
 
 def pushed_bytes(job: DiskJob, pushed: dict[str, int]) -> None:
-    """What each disk's push or mirror copied, on its row and in all."""
+    """What each disk's push or mirror sent as data, on its row and in all."""
     for node, copied in pushed.items():
         job.report.device(node, "disk").bytes_pushed = copied
     job.progress.disk_bytes_pushed = sum(pushed.values())
