@@ -13,12 +13,11 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from devagent.agent.backend import Backend, BackendError
 from devagent.errors import UsageError
-
-T = TypeVar("T")
+from devagent.wait import all_of
 
 log = logging.getLogger(__name__)
 
@@ -259,20 +258,11 @@ async def put_sparsely(target: Backend, offset: int, data: bytes | bytearray) ->
         await target.write(offset, bytes(data))
         return len(data)
     parts = data_parts(0, len(data), zeroes)
-    await gather_all([
+    await all_of(
         *(target.write_zeroes(offset + s, e - s, True) for s, e in zeroes),
         *(target.write(offset + s, bytes(data[s:e])) for s, e in parts),
-    ])  # fmt: skip
+    )
     return sum(e - s for s, e in parts)
-
-
-async def gather_all(work: Sequence[Awaitable[T]]) -> list[T]:
-    """Every result of ``work``, run together; the first failure raised once all ended."""
-    results = await asyncio.gather(*work, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-    return [r for r in results if not isinstance(r, BaseException)]
 
 
 class EarlyRead:

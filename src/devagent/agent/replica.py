@@ -20,13 +20,13 @@ from devagent.agent.chunks import (
     Pacer,
     RemoteZeroes,
     data_parts,
-    gather_all,
 )
 from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS
 from devagent.agent.messages import FetchStatus
 from devagent.agent.presence import PresenceMap, presence_path
 from devagent.agent.spill import Spill
 from devagent.errors import UsageError
+from devagent.wait import all_of
 
 log = logging.getLogger("devagent.agent.fetch")
 
@@ -304,7 +304,7 @@ class Replica(Backend):
                 return end - start
             piece = bytearray(end - start)
             reads = [self.remote.read(s, e - s) for s, e in parts]
-            for (s, e), got in zip(parts, await gather_all(reads), strict=True):
+            for (s, e), got in zip(parts, await all_of(*reads), strict=True):
                 piece[s - start : e - start] = got
             await self._local.write(start, bytes(piece))
             return sum(e - s for s, e in parts)
@@ -314,4 +314,4 @@ class Replica(Backend):
             start, end = self._span(first)[0], self._span(last)[1]
             for pos in range(start, end, FETCH_MAX):
                 pieces.append((pos, min(pos + FETCH_MAX, end)))
-        return sum(await gather_all([one(s, e) for s, e in pieces]))
+        return sum(await all_of(*(one(s, e) for s, e in pieces)))
