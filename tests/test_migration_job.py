@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from devagent.agent.defaults import FETCH_CHUNK, MIRROR_CHUNK
+from devagent.agent.messages import FlushAnswer
 from devagent.daemon.migration import ram as ram_module
 from devagent.daemon.migration import running as running_module
 from devagent.daemon.migration.job import Phase
@@ -25,6 +26,7 @@ from devagent.daemon.migration.share import START_SHARE, copy_batch
 from devagent.daemon.vms.request import DiskRequest, VmRequest
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.vocab import Step, Strategy
+from devagent.wait import wait_until
 from migration_fakes import FakeDiskAgent, FakeHost, FakeVm, make_job
 
 
@@ -106,6 +108,32 @@ async def test_a_failure_before_the_switchover_rolls_back(
     if vm.agents and where != "prepare":
         assert "/mirror/cancel" in vm.agents[0].calls
         assert "/fence" not in vm.agents[0].calls
+
+
+@pytest.mark.parametrize("strategy", [Strategy.SHARED, Strategy.POSTCOPY, Strategy.HYBRID])
+async def test_ram_starts_without_waiting_for_the_disks_early_flush(
+    tmp_path: Path, strategy: Strategy
+) -> None:
+    """The disks' flush as RAM starts only spares the switchover's own flush: RAM does not
+    wait for it (a flush that ends only once QEMU migrates would never end if it did); the
+    switchover waits for it."""
+    job, vm, _ = make_job(tmp_path, strategy)
+    agent = vm.agents[0]
+    flushed: list[int] = []
+
+    async def flush(*, timeout: float = 60.0) -> FlushAnswer:
+        agent.calls.append("/flush")
+        await wait_until(lambda: "migrate" in vm.vm.commands, timeout=10, what="RAM started")
+        await asyncio.sleep(0.05)
+        flushed.append(len(agent.calls))
+        return FlushAnswer(flushed_in_s=0.05)
+
+    agent.flush = flush  # type: ignore[method-assign]
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    assert flushed, "the early flush never ended"
+    if strategy is not Strategy.SHARED:
+        assert flushed[0] <= agent.calls.index("/fence")
 
 
 SIZES = {"disk0": 4 << 20, "disk1": 8 << 20, "disk2": 2 << 20}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import base64
 
-from devagent.daemon.migration.plans import FETCH_CHUNK, clean_chunks
+from devagent.agent.presence import clean_chunks
+from devagent.daemon.migration.plans import FETCH_CHUNK
 from devagent.daemon.migration.share import COPY_BATCH_MAX, copy_batch
 
 

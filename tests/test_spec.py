@@ -552,3 +552,36 @@ async def test_a_backend_on_a_read_only_space_cannot_be_opened_and_says_why(
     for spec in (fetch, LocalSpec(path=str(read_only_space / "disk.img"))):
         with pytest.raises(StateError, match=r"cannot open .*: Read-only file system"):
             await open_backend(spec)
+
+
+async def test_a_fetch_takes_over_the_connection_its_agent_reads_through(
+    source: Path, tmp_path: Path
+) -> None:
+    """A migration's destination agent reads through to the source until the switchover,
+    then swaps to a Fetch of that same export: the Fetch takes the open connection over
+    (no second dial, the old backend not closed); on other terms (another I/O timeout) it
+    dials its own, and the old connection closes."""
+    far = BlockAgent(Local(source, read_only=True), "src")
+    _, port = await far.listen_tcp("127.0.0.1", 0)
+    remote = RemoteSpec(address=f"tcp:127.0.0.1:{port}", export="src")
+    near = BlockAgent(await open_backend(remote), "disk")
+    try:
+        reading_through = near.backend
+        assert isinstance(reading_through, Remote)
+        await until(lambda: far.connections == 1, "the read-through connection")
+        await near.swap_to(FetchSpec(path=str(tmp_path / "a.img"), remote=remote, copier=False))
+        fetch = near.backend
+        assert isinstance(fetch, Fetch) and fetch.remote is reading_through
+        assert reading_through.connected and far.connections == 1
+        assert await fetch.read(SIZE - 4096, 4096) == source.read_bytes()[-4096:]
+
+        other = msgspec.structs.replace(remote, io_timeout=30.0)
+        await near.swap_to(FetchSpec(path=str(tmp_path / "b.img"), remote=other, copier=False))
+        second = near.backend
+        assert isinstance(second, Fetch) and second.remote is not reading_through
+        assert not reading_through.connected
+        await until(lambda: far.connections == 1, "the old connection closed, the new one up")
+        assert await second.read(0, 4096) == source.read_bytes()[:4096]
+    finally:
+        await near.stop()
+        await far.stop()

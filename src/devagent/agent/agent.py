@@ -278,7 +278,8 @@ class BlockAgent:
         if settling is not None:  # whole, and its data and bits durable (checked again, held)
             await settling.require_whole()
             await settling.wait_complete()
-        new = await open_backend(spec)
+        new = await open_backend(spec, current=self.backend)
+        taken_over = isinstance(new, Fetch) and new.remote is self.backend
         started = time.monotonic()
         try:
             last: Callable[[], Awaitable[object]] | None = None
@@ -288,13 +289,17 @@ class BlockAgent:
                 last = settling.require_whole  # again, with nothing in flight
             old = await self.swap_backend(new, before_switch=last)
         except BaseException:
-            await new.close()
+            if isinstance(new, Fetch):
+                await new.close(remote_too=not taken_over)
+            else:
+                await new.close()
             raise
         hold_s = time.monotonic() - started
         await self.duties.cancel(old)
         self.duties.start(new, spec)
         try:
-            await old.close()
+            if not taken_over:  # else the old backend lives on as the Fetch's remote
+                await old.close()
         except DevagentError as err:
             log.warning("closing the old backend %r failed: %s", old, err)
         return SwapAnswer(old=repr(old), new=repr(new), hold_s=round(hold_s, 6))

@@ -535,9 +535,10 @@ class Fetch(Replica):
 
     # -- closing -----------------------------------------------------------------------------
 
-    async def close(self) -> None:
+    async def close(self, *, remote_too: bool = True) -> None:
         """Stop the copier, let locked work end, persist what is synced, close everything
-        (the remote too)."""
+        (the remote too, unless ``remote_too`` is False: a Fetch given up before it served,
+        whose remote is still its agent's backend)."""
         if self._closed:
             return
         self._closed = True
@@ -548,7 +549,8 @@ class Fetch(Replica):
                 await self.remote.flush()
             except BackendError as err:
                 self.log.error("flushing the spilled writes on %r failed: %s", self.remote, err)
-        await self.remote.close()  # pending fetches fail at once instead of waiting
+        if remote_too:
+            await self.remote.close()  # pending fetches fail at once instead of waiting
         if self._jobs:
             await asyncio.gather(*list(self._jobs), return_exceptions=True)
         if self._sync_timer is not None:

@@ -30,6 +30,7 @@ Durability — what survives what:
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import struct
@@ -170,3 +171,17 @@ class PresenceMap:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def every_chunk(chunks: int) -> str:
+    """Base64 bits with each of ``chunks`` chunks present."""
+    return clean_chunks(base64.b64encode(bytes(-(-chunks // 8))).decode(), chunks)
+
+
+def clean_chunks(dirty_b64: str, chunks: int) -> str:
+    """The chunks a stopped mirror's target holds (not dirty), as base64 bits."""
+    dirty = base64.b64decode(dirty_b64)
+    clean = bytearray(~b & 0xFF for b in dirty)
+    if chunks % 8:
+        clean[-1] &= (1 << (chunks % 8)) - 1
+    return base64.b64encode(bytes(clean)).decode()

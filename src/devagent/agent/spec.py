@@ -28,7 +28,7 @@ from devagent.agent.messages import (
 )
 from devagent.agent.mirror import Mirrored
 from devagent.agent.presence import bits_to_chunks
-from devagent.agent.remote import Remote
+from devagent.agent.remote import Remote, RemoteState
 from devagent.errors import UsageError
 
 _SPEC: type[BackendSpec] = BackendSpec  # type: ignore[assignment]
@@ -45,8 +45,25 @@ def check_spec(spec: object, *, where: str = "backend") -> BackendSpec:
         raise UsageError(f"{where}: {err}") from None
 
 
-async def open_backend(spec: BackendSpec) -> Backend:
-    """Open the backend ``spec`` describes (a fetch backend's copier starts if asked)."""
+def serves(backend: Backend | None, spec: LocalSpec | RemoteSpec) -> Remote | None:
+    """``backend`` if it is an open connection to the very export ``spec`` names, on the
+    same terms (the certificate asked of the peer, the I/O timeout)."""
+    if not isinstance(backend, Remote) or not isinstance(spec, RemoteSpec):
+        return None
+    if backend.state is RemoteState.CLOSED:
+        return None
+    ours = (backend.address, backend.export, backend.host, backend.io_timeout)
+    return backend if ours == (spec.address, spec.export, spec.host, spec.io_timeout) else None
+
+
+async def open_backend(spec: BackendSpec, *, current: Backend | None = None) -> Backend:
+    """Open the backend ``spec`` describes (a fetch backend's copier starts if asked).
+
+    A Fetch whose remote ``current`` already serves (:func:`serves`: a migration's
+    destination agent reads through to the source until the switchover) takes that
+    connection over rather than dialling again: no new connection, TLS handshake or
+    close of the old one on the switchover's path. The caller must then not close
+    ``current`` (the Fetch owns it: ``new.remote is current``)."""
     if isinstance(spec, LocalSpec):
         return Local(spec.path, read_only=spec.read_only, space_hold_s=spec.space_hold_s)
     if isinstance(spec, RemoteSpec):
@@ -57,7 +74,8 @@ async def open_backend(spec: BackendSpec) -> Backend:
             connect_timeout=spec.connect_timeout,
             host=spec.host,
         )
-    source = await open_backend(spec.remote)
+    taken = serves(current, spec.remote)
+    source = taken or await open_backend(spec.remote)
     try:
         fetch = Fetch(
             spec.path,
@@ -69,10 +87,12 @@ async def open_backend(spec: BackendSpec) -> Backend:
             seed=bits_to_chunks(spec.present_bits(), 1 << 62),
         )
     except OSError as err:  # its replica or presence file (a read-only space, say)
-        await source.close()
+        if taken is None:
+            await source.close()
         raise cannot_open(Path(spec.path), err) from err
     except BaseException:
-        await source.close()
+        if taken is None:
+            await source.close()
         raise
     if spec.copier:
         fetch.start_copier()

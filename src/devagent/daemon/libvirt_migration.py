@@ -48,7 +48,7 @@ from devagent.api_types import Completions, DomainDisks, MigrationProgress, Migr
 from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.libvirt_adopt import NbdSource, redefined
-from devagent.daemon.migration.context import PEER_TIMEOUT_S, Peer
+from devagent.daemon.migration.context import PEER_TIMEOUT_S, Peer, ReplicaProgress
 from devagent.daemon.migration.job import PEER_CHECK_S, allocated_bytes
 from devagent.daemon.migration.messages import (
     Arrived,
@@ -68,7 +68,6 @@ from devagent.daemon.migration.plans import (
     PostcopyPlan,
     PrecopyPlan,
     Prepared,
-    ReplicaProgress,
 )
 from devagent.daemon.migration.record import NEXT, Phase
 from devagent.daemon.migration.report import BASELINE_S

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from dataclasses import dataclass, field
@@ -358,3 +359,21 @@ def free_port(address: str) -> int:
         s.bind((address, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+class ReplicaProgress:
+    """How far a replica got, and since when it has not grown."""
+
+    def __init__(self) -> None:
+        self.present = -1
+        self.since = time.monotonic()
+        self.spilling: str | None = None  # why the replica takes no writes, while it does not
+        self.unwritable: dict[str, str] = {}  # disks whose space went read-only: why
+        self.refused: str | None = None  # why the destination refused the last settle
+
+    def saw(self, present: int) -> None:
+        if present > self.present:
+            self.present, self.since = present, time.monotonic()
+
+    def stalled_for(self) -> float:
+        return time.monotonic() - self.since

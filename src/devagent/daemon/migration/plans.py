@@ -31,9 +31,10 @@ its share (:func:`.share.copy_batch`).
 from __future__ import annotations
 
 import asyncio
-import base64
+import contextlib
 import errno
 import functools
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -48,8 +49,9 @@ from devagent.agent.messages import (
     MirrorStarted,
     MirrorStatus,
 )
+from devagent.agent.presence import clean_chunks, every_chunk
 from devagent.api_types import Devices, DiskRow
-from devagent.daemon.migration.context import DiskAgentLink, DiskJob, JobView
+from devagent.daemon.migration.context import DiskAgentLink, DiskJob, JobView, ReplicaProgress
 from devagent.daemon.migration.messages import (
     CommitAnswer,
     CommitRequest,
@@ -62,7 +64,7 @@ from devagent.daemon.migration.messages import (
 )
 from devagent.daemon.migration.share import FIXED_SHARE, LinkShare, copy_batch, disk_link_rate
 from devagent.daemon.nics import NicIdentity
-from devagent.errors import PeerError, UsageError
+from devagent.errors import DevagentError, PeerError, UsageError
 from devagent.vocab import Step, Strategy
 from devagent.wait import WaitTimeout, all_of, wait_until
 from devagent.wire import from_peer, to_json
@@ -82,6 +84,7 @@ POLL_S = 0.1
 #: went read-only on an error stays so until an operator acts).
 READ_ONLY = os.strerror(errno.EROFS)
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 async def each_disk(job: DiskJob, step: Callable[[DiskAgentLink], Awaitable[T]]) -> dict[str, T]:
@@ -233,11 +236,17 @@ class AgentPlan(Plan):
             raise PeerError(f"the agent of {agent.node} serves no peer on TCP")
         return (await agent.status()).size
 
+    early_flush: asyncio.Task[None] | None = None
+
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        for agent in job.managed.agents:  # leave the switchover's own flush little to do
-            await agent.flush(timeout=DISK_WAIT_S)
+        """Each disk flushed as RAM starts, so that the switchover's own flush (QEMU's, as
+        it stops the guest) has little left to do. RAM does not wait for it; the switchover
+        does, and rolls back if it failed."""
+        self.early_flush = asyncio.create_task(_flush_each(job))
+        self.early_flush.add_done_callback(_log_failed_flush)
 
     async def at_switchover(self, job: DiskJob) -> Handover | None:
+        await self._flushed_early()
         return None
 
     def commit_request(self, job: DiskJob, handover: Handover | None) -> CommitRequest:
@@ -257,11 +266,25 @@ class AgentPlan(Plan):
         """Each disk's mirror to the destination stops; a fence is lifted (one there can be
         only when a restarted daemon rolls back: the destination never ran the guest, so
         the VM here is still the only writer)."""
+        await self._flushed_early(cancel=True)
         for agent in job.managed.agents:
             await job.quietly(agent.cancel_mirror())
         if self.moves_disk:
             for agent in job.managed.agents:
                 await job.quietly(agent.unfence())
+
+    async def _flushed_early(self, *, cancel: bool = False) -> None:
+        """The flush begun as RAM started, ended; its failure raised (the migration rolls
+        back), unless ``cancel`` (a roll-back does not wait for it)."""
+        if self.early_flush is None:
+            return
+        flushing, self.early_flush = self.early_flush, None
+        if not cancel:
+            await flushing
+            return
+        flushing.cancel()
+        with contextlib.suppress(asyncio.CancelledError, DevagentError):
+            await flushing
 
 
 class SharedPlan(AgentPlan):
@@ -429,24 +452,6 @@ class FetchingPlan(AgentPlan):
             job.log.warning("migration %s: %s", job.id, job.report.warnings[-1])
 
 
-class ReplicaProgress:
-    """How far a replica got, and since when it has not grown."""
-
-    def __init__(self) -> None:
-        self.present = -1
-        self.since = time.monotonic()
-        self.spilling: str | None = None  # why the replica takes no writes, while it does not
-        self.unwritable: dict[str, str] = {}  # disks whose space went read-only: why
-        self.refused: str | None = None  # why the destination refused the last settle
-
-    def saw(self, present: int) -> None:
-        if present > self.present:
-            self.present, self.since = present, time.monotonic()
-
-    def stalled_for(self) -> float:
-        return time.monotonic() - self.since
-
-
 class PostcopyPlan(FetchingPlan):
     strategy = Strategy.POSTCOPY
 
@@ -491,6 +496,7 @@ class PrecopyPlan(FetchingPlan):
         return all(m.state in ("converged", "finished") for m in mirrors.values())
 
     async def at_switchover(self, job: DiskJob) -> Handover:
+        await super().at_switchover(job)
         cut = await each_disk(job, lambda a: a.cutover(keep_source=True, timeout=DISK_WAIT_S))
         job.mark(Step.MIRROR_ENDED)
         pushed_bytes(job, {node: c.mirror.sent_bytes for node, c in cut.items()})
@@ -538,6 +544,7 @@ class HybridPlan(FetchingPlan):
     async def at_switchover(self, job: DiskJob) -> Handover:
         if self.share is not None:
             await self.share.stop()
+        await super().at_switchover(job)
         stopped = await each_disk(job, lambda agent: agent.stop_mirror())
         job.mark(Step.MIRROR_ENDED)
         pushed_bytes(job, {node: s.mirror.sent_bytes for node, s in stopped.items()})
@@ -548,6 +555,17 @@ class HybridPlan(FetchingPlan):
             present={node: clean_chunks(s.dirty, s.chunks) for node, s in stopped.items()},
             chunk_size=chunk_sizes.pop(),
         )
+
+
+async def _flush_each(job: DiskJob) -> None:
+    for agent in job.managed.agents:
+        await agent.flush(timeout=DISK_WAIT_S)
+
+
+def _log_failed_flush(task: asyncio.Task[None]) -> None:
+    """Said (and the exception taken) even when no switchover awaits it (a roll-back)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("flushing the disks as RAM started failed: %s", task.exception())
 
 
 def pushed_bytes(job: DiskJob, pushed: dict[str, int]) -> None:
@@ -572,17 +590,3 @@ async def _mirror_status(agent: DiskAgentLink) -> MirrorStatus:
             f"the disk mirror of {agent.node} ended: the agent serves {type(mirror).__name__}"
         )
     return mirror
-
-
-def every_chunk(chunks: int) -> str:
-    """Base64 bits with each of ``chunks`` chunks present."""
-    return clean_chunks(base64.b64encode(bytes(-(-chunks // 8))).decode(), chunks)
-
-
-def clean_chunks(dirty_b64: str, chunks: int) -> str:
-    """The chunks a stopped mirror's target holds (not dirty), as base64 bits."""
-    dirty = base64.b64decode(dirty_b64)
-    clean = bytearray(~b & 0xFF for b in dirty)
-    if chunks % 8:
-        clean[-1] &= (1 << (chunks % 8)) - 1
-    return base64.b64encode(bytes(clean)).decode()
