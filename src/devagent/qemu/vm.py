@@ -111,7 +111,7 @@ class Vm:
         self.state = VmState.NEW
         self.pid: int | None = None
         self.started_at: float | None = None
-        self.resumed_at: float | None = None  # host time of the last RESUME event
+        self.resumed_at: float | None = None  # QEMU's time of the last RESUME event
         self.log = logging.getLogger(f"{__name__}.{config.name}")
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: QMPClient | None = None
@@ -146,7 +146,8 @@ class Vm:
             wanted = ", ".join(s.value for s in states)
             raise StateError(f"VM {self.config.name} is {self.state.value}, needs {wanted}")
 
-    def _move(self, new: VmState) -> None:
+    def _move(self, new: VmState, at: float | None = None) -> None:
+        """To state ``new``; ``at``: when QEMU said so (its event's timestamp)."""
         if new == self.state:
             return
         if new not in _TRANSITIONS[self.state]:
@@ -156,7 +157,7 @@ class Vm:
         self.log.debug("state %s -> %s", self.state.value, new.value)
         self.state = new
         if new is VmState.RUNNING:
-            self.resumed_at = time.time()
+            self.resumed_at = at or time.time()
 
     # --- launch ----------------------------------------------------------------------
     def argv(self) -> list[str]:
@@ -312,7 +313,9 @@ class Vm:
         self.log.debug("event %s", event)
         name = event.event
         if name == "RESUME" and self.state in (VmState.PAUSED, VmState.INCOMING, VmState.MIGRATED):
-            self._move(VmState.RUNNING)
+            # When QEMU ran the guest, by its clock (this host's wall clock), not when this
+            # process got round to the event: the same clock as the source's STOP.
+            self._move(VmState.RUNNING, event.timestamp.at() if event.timestamp else None)
         elif name == "STOP" and self.state is VmState.RUNNING:
             self._move(VmState.PAUSED)
         elif name == "SHUTDOWN" and self.state not in (VmState.STOPPING, VmState.STOPPED):
