@@ -362,18 +362,37 @@ def free_port(address: str) -> int:
 
 
 class ReplicaProgress:
-    """How far a replica got, and since when it has not grown."""
+    """How far a replica got, since when it has not grown, and when to look again."""
 
-    def __init__(self) -> None:
+    #: The soonest a look follows the last one (each is a request to the destination).
+    SOONEST_LOOK_S = 0.01
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self.present = -1
-        self.since = time.monotonic()
+        self.since = clock()
+        self.missing = 0  # bytes the replicas still lacked at the last look
+        self.rate: float | None = None  # bytes per second they grew by between two looks
+        self._looked_at: float | None = None
         self.spilling: str | None = None  # why the replica takes no writes, while it does not
         self.unwritable: dict[str, str] = {}  # disks whose space went read-only: why
         self.refused: str | None = None  # why the destination refused the last settle
 
-    def saw(self, present: int) -> None:
+    def saw(self, present: int, missing: int = 0) -> None:
+        now = self._clock()
+        if self._looked_at is not None and present > self.present >= 0:
+            self.rate = (present - self.present) / max(now - self._looked_at, 1e-6)
+        self._looked_at, self.missing = now, missing
         if present > self.present:
-            self.present, self.since = present, time.monotonic()
+            self.present, self.since = present, now
 
     def stalled_for(self) -> float:
-        return time.monotonic() - self.since
+        return self._clock() - self.since
+
+    def next_look_in(self, longest: float) -> float:
+        """Seconds to the next look: ``longest``, or less when the replicas, growing as they
+        did, are due to be complete sooner (the source lets its disks go that much earlier;
+        a replica slower than that is looked at again as soon as it is due)."""
+        if not self.rate or self.missing <= 0:
+            return longest
+        return min(longest, max(self.SOONEST_LOOK_S, self.missing / self.rate))

@@ -347,7 +347,7 @@ class FetchingPlan(AgentPlan):
                     DISK_STALL_S, f"no progress past {progress.present} bytes{why}; the VM "
                     f"runs there on this host's disks, which stay served",
                 )  # fmt: skip
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(progress.next_look_in(POLL_S))
         job.mark(Step.DISK_LOCAL)
 
     async def _disk_local(self, job: JobView, progress: ReplicaProgress) -> bool:
@@ -396,7 +396,7 @@ class FetchingPlan(AgentPlan):
                 job.managed.name, job.report.destination, spilling,
             )  # fmt: skip
         progress.spilling = spilling
-        progress.saw(present)
+        progress.saw(present, missing=sum(missing for _, missing in per_disk.values()))
         job.disk_progress(per_disk)
         job.progress.disk_bytes_moved = moved
         if unsettled and all(unsettled.values()):
