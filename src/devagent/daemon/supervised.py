@@ -29,6 +29,9 @@ from devagent.tls import process_tls
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 15.0
+#: How often a starting process is looked at: a stat of its sockets (a migration's
+#: destination waits for its agents, a standby one is up in about 10 ms).
+START_LOOK_S = 0.005
 STOP_TIMEOUT_S = 10.0
 KILL_TIMEOUT_S = 2.0
 #: How long a status the API shows waits for an agent's answer.
@@ -131,7 +134,8 @@ class Supervised:
 
     async def _wait_answering(self, proc: asyncio.subprocess.Process) -> None:
         """Until its sockets exist and its control socket answers (nothing signals a
-        socket's creation: look every 20 ms), for :data:`START_TIMEOUT_S` at most."""
+        socket's creation: look every :data:`START_LOOK_S`), for :data:`START_TIMEOUT_S`
+        at most."""
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if proc.returncode is not None or not pid_alive(proc.pid):
@@ -140,7 +144,7 @@ class Supervised:
                 with contextlib.suppress(PeerError):
                     await self.check_started()
                     return
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(START_LOOK_S)
         raise PeerError(
             f"{self.title()} did not answer on {self.control_socket} within "
             f"{START_TIMEOUT_S:g} s: {self.tail()}"

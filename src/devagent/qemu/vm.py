@@ -39,7 +39,9 @@ ConsoleSink = Callable[[bytes, float], None]
 QEMU_BINARY = "qemu-system-x86_64"
 LAUNCH_TIMEOUT_S = 20.0
 QUIT_TIMEOUT_S = 10.0
-CONNECT_RETRY_S = 0.02  # QEMU listens on its QMP socket a moment after it creates it
+#: QEMU listens on its QMP socket a moment after it creates it; a look costs a stat (and a
+#: refused connect), and a migration's destination waits for it.
+CONNECT_RETRY_S = 0.005
 
 T = TypeVar("T")
 

@@ -12,8 +12,9 @@ guest dirties little, its pages are mostly zeroes) leaves the push the rest; one
 comes near the link leaves it the floor. The headroom is wide because the push costs the
 RAM more than its bytes' time on the link: it takes CPU from the QEMU that sends the RAM
 (reading, TLS on both ends). On two cores at 1 Gbit/s, RAM's phase grew by about 20 ms
-for each MB pushed beside it. Each disk's push gets its part by size (each as far along). A job that does not
-follow QEMU's RAM figures (libvirt's) keeps the fixed :data:`FIXED_SHARE`.
+for each MB pushed beside it. Each disk's push gets its part by size (each as far
+along). A job that does not follow QEMU's RAM figures (libvirt's) keeps the fixed
+:data:`FIXED_SHARE`.
 
 Background copies on a shaped link ask for little at a time (:func:`copy_batch`): a guest
 request behind them on the same connection waits for what is in flight.
