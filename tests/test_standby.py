@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from devagent.cli.agent_cmd import EXITING_NICE
 from devagent.daemon import standby
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.standby import StandbyPool
@@ -86,3 +89,32 @@ async def test_a_closed_pool_leaves_no_standby_running(pool: StandbyPool) -> Non
     await pool.close()
     assert waiting.returncode is not None
     assert pool.take() is None  # closed: none made again
+
+
+PRIORITIES = """
+from devagent.cli.agent_cmd import yield_while_exiting
+from devagent.process import autogroup_nice
+import os
+yield_while_exiting()
+print(os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice("self"))
+"""
+
+
+@pytest.mark.parametrize("own_session", [True, False])
+def test_a_stopped_agent_yields_the_cpu_only_in_its_own_session(own_session: bool) -> None:
+    """An agent the daemon started (its own session) drops to the lowest priority for its
+    exit; one started from a shell leaves the shell's session as it was."""
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    out = subprocess.run(
+        [sys.executable, "-c", PRIORITIES], capture_output=True, text=True, check=True,
+        start_new_session=own_session,
+    ).stdout.split()  # fmt: skip
+    has_autogroups = autogroup_nice("self") is not None
+    if own_session:
+        assert int(out[0]) == EXITING_NICE
+        if has_autogroups:
+            assert int(out[1]) == EXITING_NICE
+    else:
+        assert int(out[0]) == ours
+        if has_autogroups:
+            assert int(out[1]) == autogroup_nice("self")

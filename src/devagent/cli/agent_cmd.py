@@ -25,6 +25,21 @@ from devagent.errors import DevagentError
 from devagent.process import set_autogroup_nice
 from devagent.vocab import parse_hostport, parse_size
 
+#: The CPU priority of an agent that stopped serving, for the rest of its exit.
+EXITING_NICE = 19
+
+
+def yield_while_exiting() -> None:
+    """What is left once the agent stopped is its exit (tens of ms of the interpreter's
+    teardown), beside what its host does next: a migration's receiver retires just before
+    the guest resumes. An agent that leads its own session (the daemon starts them so)
+    yields from now on; one started from a shell leaves the shell's priority alone."""
+    if os.getsid(0) != os.getpid():
+        return
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, EXITING_NICE)
+    set_autogroup_nice("self", EXITING_NICE)
+
 
 def _uri(agent: BlockAgent, address: str) -> str:
     kind, _, rest = address.partition(":")
@@ -114,6 +129,7 @@ def serve_cmd(
             control=control,
             tls=tls,
         )
+        yield_while_exiting()
 
     serve_until_signalled(main)
 
