@@ -146,6 +146,9 @@ class Plan:
         """Bytes per second QEMU's RAM migration may take."""
         return (job.request.link_rate_bps or 8 << 33) // 8
 
+    def ram_active(self, job: DiskJob) -> None:
+        """QEMU's RAM migration left its setup (and the guest its stall at RAM's start)."""
+
     async def at_pre_switchover(self, job: JobView) -> None:
         """The guest stopped and its disk drained; QEMU waits for this before it goes on."""
 
@@ -239,11 +242,16 @@ class AgentPlan(Plan):
     early_flush: asyncio.Task[None] | None = None
 
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        """Each disk flushed as RAM starts, so that the switchover's own flush (QEMU's, as
-        it stops the guest) has little left to do. RAM does not wait for it; the switchover
-        does, and rolls back if it failed."""
-        self.early_flush = asyncio.create_task(_flush_each(job))
-        self.early_flush.add_done_callback(_log_failed_flush)
+        """Nothing: RAM starts at once (the disks' flush waits for it: :meth:`ram_active`)."""
+
+    def ram_active(self, job: DiskJob) -> None:
+        """Each disk flushed once RAM moves, so that the switchover's own flush (QEMU's, as
+        it stops the guest) has little left to do. Neither RAM's start waits for it nor
+        does it add to the guest's stall as RAM starts (QEMU's first dirty-page sync); the
+        switchover waits for it, and rolls back if it failed."""
+        if self.early_flush is None:
+            self.early_flush = asyncio.create_task(_flush_each(job))
+            self.early_flush.add_done_callback(_log_failed_flush)
 
     async def at_switchover(self, job: DiskJob) -> Handover | None:
         await self._flushed_early()

@@ -82,6 +82,7 @@ class RamFollower:
         self.job = job
         self.continued = False  # QEMU was told to go on past pre-switchover
         self.tight = not job.request.downtime_limit_ms  # DOWNTIME_TIGHT_MS, ours to relax
+        self.active = False  # QEMU left its setup (the plan was told)
 
     async def follow(self, events: Events) -> MigrationInfo:
         job, vm = self.job, self.job.managed.vm
@@ -91,6 +92,7 @@ class RamFollower:
             self._progress(info)
             if status == "completed":
                 return info
+            self.past_setup(status)
             await self.relax(info)
             if status == "pre-switchover":
                 await self.at_pre_switchover()
@@ -108,6 +110,15 @@ class RamFollower:
                 await self.stopped(event)
             elif event.event == "MIGRATION" and event.data.status == "pre-switchover":
                 await self.at_pre_switchover()  # at once: QEMU waits for it
+            elif event.event == "MIGRATION" and event.data.status:
+                self.past_setup(event.data.status)
+
+    def past_setup(self, status: str) -> None:
+        """Once RAM moves (QEMU's setup, and its first dirty-page sync, behind it): the
+        plan's work that waited for it (:meth:`Plan.ram_active`)."""
+        if not self.active and status not in ("none", "setup", "failed", "cancelled"):
+            self.active = True
+            self.job.plan.ram_active(self.job)
 
     def _progress(self, info: MigrationInfo) -> None:
         job = self.job
