@@ -47,5 +47,14 @@ def test_the_replicas_are_looked_at_again_when_they_are_due_to_be_complete() -> 
     now[0] += 0.1
     progress.saw(99 << 20, missing=1 << 19)  # 10 MiB/s, half a MiB: due in 50 ms
     assert progress.next_look_in(0.1) == pytest.approx(0.05)
-    progress.saw(99 << 20, missing=0)  # complete: settled on this look
+    now[0] += 0.1
+    progress.saw(99 << 20, missing=1 << 19)  # no growth since (a stall, a spill): no hurry
+    assert progress.next_look_in(0.1) == 0.1
+    now[0] += 0.1
+    progress.saw(100 << 20, missing=1 << 16)  # grew again, 64 KiB left: due in 6 ms
+    assert progress.next_look_in(0.1) == ReplicaProgress.SOONEST_LOOK_S
+    progress.lost_sight()  # a look that failed: no rate until two looks again
+    assert progress.next_look_in(0.1) == 0.1
+    now[0] += 0.1
+    progress.saw(100 << 20, missing=0)  # complete: settled on this look
     assert progress.next_look_in(0.1) == 0.1

@@ -549,8 +549,8 @@ class Fetch(Replica):
                 await self.remote.flush()
             except BackendError as err:
                 self.log.error("flushing the spilled writes on %r failed: %s", self.remote, err)
-        if remote_too:
-            await self.remote.close()  # pending fetches fail at once instead of waiting
+        if remote_too:  # pending fetches fail at once instead of waiting (else, a Fetch
+            await self.remote.close()  # that never served, they are few: they end as usual)
         if self._jobs:
             await asyncio.gather(*list(self._jobs), return_exceptions=True)
         if self._sync_timer is not None:

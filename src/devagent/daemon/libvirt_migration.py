@@ -7,7 +7,7 @@ RAM and definition move by libvirt. The steps::
     prepare     the destination's daemon starts an agent per disk, reading through to ours,
                 and a receiver beside each for a push (``POST /v1/libvirt/incoming``)
     before_ram  the plan: a push at a share of the link (hybrid), a mirror until it
-                converges (precopy), a flush
+                converges (precopy)
     ram         libvirt migrates the domain, live and peer to peer
                 (``virDomainMigrateToURI3``), its live and persistent definitions rewritten
                 to name the destination's sockets, the source's undefined; it leaves the
@@ -249,6 +249,7 @@ class DomainMigration(RunningJob):
         stopped = asyncio.ensure_future(link.wait_event(stops, RAM_TIMEOUT_S, "the switchover"))
         migrating = asyncio.ensure_future(link.run(dom, "migrateToURI3", uri, params, flags))
         self.migrating = migrating
+        self.plan.ram_active(self)  # (a domain's RAM is whole MiB: no long stall as it starts)
         arrival: asyncio.Future[Any] | None = None
         try:
             event = await self._until(stopped, peer)
@@ -312,6 +313,7 @@ class DomainMigration(RunningJob):
         runs the guest here again itself once its migration failed or was aborted."""
         self.log.warning("rolling back migration %s: %s", self.id, cause)
         self.phase = Phase.FAILED  # (before the report says so: nothing moves it back)
+        await self.plan.end_early_flush(cancel=True)
         for agent in self.managed.agents:
             for undo in (agent.cancel_mirror, agent.unfence):
                 with contextlib.suppress(DevagentError):  # nothing to undo

@@ -113,7 +113,9 @@ class Vm:
         self.state = VmState.NEW
         self.pid: int | None = None
         self.started_at: float | None = None
-        self.resumed_at: float | None = None  # QEMU's time of the last RESUME event
+        # When the guest last began to run: QEMU's time stamp on its RESUME event (this
+        # host's clock when the event had none, or a query found it running).
+        self.resumed_at: float | None = None
         self.log = logging.getLogger(f"{__name__}.{config.name}")
         self._proc: asyncio.subprocess.Process | None = None
         self._qmp: QMPClient | None = None

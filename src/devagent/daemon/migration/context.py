@@ -374,19 +374,25 @@ class ReplicaProgress:
         self.present = -1
         self.since = clock()
         self.missing = 0  # bytes the replicas still lacked at the last look
-        self.rate: float | None = None  # bytes per second they grew by between two looks
+        self.rate: float | None = None  # bytes per second they grew by between the last looks
         self._looked_at: float | None = None
+        self._last = -1  # bytes present at the last look
         self.spilling: str | None = None  # why the replica takes no writes, while it does not
         self.unwritable: dict[str, str] = {}  # disks whose space went read-only: why
         self.refused: str | None = None  # why the destination refused the last settle
 
     def saw(self, present: int, missing: int = 0) -> None:
         now = self._clock()
-        if self._looked_at is not None and present > self.present >= 0:
-            self.rate = (present - self.present) / max(now - self._looked_at, 1e-6)
-        self._looked_at, self.missing = now, missing
+        if self._looked_at is not None and self._last >= 0:
+            self.rate = max(0.0, (present - self._last) / max(now - self._looked_at, 1e-6))
+        self._looked_at, self._last, self.missing = now, present, missing
         if present > self.present:
             self.present, self.since = present, now
+
+    def lost_sight(self) -> None:
+        """A look that failed (the destination's daemon restarts, say): no rate to go by
+        until two looks again."""
+        self.rate, self._looked_at, self._last = None, None, -1
 
     def stalled_for(self) -> float:
         return self._clock() - self.since

@@ -4,8 +4,9 @@ One job for every strategy; the strategy's :class:`~.plans.Plan` says what the d
 each step. The steps, in order (each a method here)::
 
     prepare        the destination makes an incoming QEMU (and agents), paused
-    before_ram     plan: start a push or a mirror, wait for convergence, flush
-    ram            QEMU's RAM migration (:mod:`.ram`), the plan's pre-switchover step
+    before_ram     plan: start a push or a mirror, wait for convergence
+    ram            QEMU's RAM migration (:mod:`.ram`): once it moves, the plan's flush
+                   (:meth:`~.plans.AgentPlan.ram_active`); the plan's pre-switchover step
     switchover     plan: stop the push / cut the mirror over; then fence the source
     commit         the destination readies the disk and runs the guest
     finish         the NICs' hand-over, the old instance stopped, plan: wait until the disk

@@ -5,8 +5,8 @@ order for all of them (QEMU's own three are in :mod:`.qemu_plans`).
 =========  ==================  ==========================  ===========================
 plan       before RAM          at the switchover           after the commit
 =========  ==================  ==========================  ===========================
-shared     (flush)             —                           —
-postcopy   (flush)             fence                       fetch the rest, let go, release
+shared     —                   —                           —
+postcopy   —                   fence                       fetch the rest, let go, release
 precopy    mirror, converge,   cut the mirror over, fence  let go (the replica is whole),
            write-through                                   release
 hybrid     push at a share     stop the push, fence,       fetch what the push left, let
@@ -22,6 +22,9 @@ migration waits for the slowest, and a failure of any one rolls all of them back
 destination's QEMU reads through the source's agents until the switchover (it reads a
 qcow2 header at launch, say); a push lands in a receiver agent beside each disk's.
 
+Every plan's disks are flushed once RAM moves (:meth:`AgentPlan.ram_active`), so that
+QEMU's flush as it stops the guest has little left to do.
+
 The link is split so: a hybrid push takes what RAM leaves of it while RAM migrates
 (:mod:`.share`), shared among the disks by their size (so that each is as far along);
 after the switchover the disks' fetches share the link, each copying in batches sized for
@@ -31,7 +34,6 @@ its share (:func:`.share.copy_batch`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import functools
 import logging
@@ -64,7 +66,7 @@ from devagent.daemon.migration.messages import (
 )
 from devagent.daemon.migration.share import FIXED_SHARE, LinkShare, copy_batch, disk_link_rate
 from devagent.daemon.nics import NicIdentity
-from devagent.errors import DevagentError, PeerError, UsageError
+from devagent.errors import PeerError, UsageError
 from devagent.vocab import Step, Strategy
 from devagent.wait import WaitTimeout, all_of, wait_until
 from devagent.wire import from_peer, to_json
@@ -248,13 +250,13 @@ class AgentPlan(Plan):
         """Each disk flushed once RAM moves, so that the switchover's own flush (QEMU's, as
         it stops the guest) has little left to do. Neither RAM's start waits for it nor
         does it add to the guest's stall as RAM starts (QEMU's first dirty-page sync); the
-        switchover waits for it, and rolls back if it failed."""
+        switchover rolls back if it failed, and cancels it if it still runs."""
         if self.early_flush is None:
             self.early_flush = asyncio.create_task(_flush_each(job))
             self.early_flush.add_done_callback(_log_failed_flush)
 
     async def at_switchover(self, job: DiskJob) -> Handover | None:
-        await self._flushed_early()
+        await self.end_early_flush()
         return None
 
     def commit_request(self, job: DiskJob, handover: Handover | None) -> CommitRequest:
@@ -274,25 +276,26 @@ class AgentPlan(Plan):
         """Each disk's mirror to the destination stops; a fence is lifted (one there can be
         only when a restarted daemon rolls back: the destination never ran the guest, so
         the VM here is still the only writer)."""
-        await self._flushed_early(cancel=True)
+        await self.end_early_flush(cancel=True)
         for agent in job.managed.agents:
             await job.quietly(agent.cancel_mirror())
         if self.moves_disk:
             for agent in job.managed.agents:
                 await job.quietly(agent.unfence())
 
-    async def _flushed_early(self, *, cancel: bool = False) -> None:
-        """The flush begun as RAM started, ended; its failure raised (the migration rolls
-        back), unless ``cancel`` (a roll-back does not wait for it)."""
+    async def end_early_flush(self, *, cancel: bool = False) -> None:
+        """The flush begun as RAM moved, ended: its failure raised (the migration rolls
+        back). One still running is cancelled, not waited for: the guest is stopped by now,
+        and QEMU's own flush as it stopped made the disks durable (``cancel``: a roll-back
+        cancels it whatever its state)."""
         if self.early_flush is None:
             return
         flushing, self.early_flush = self.early_flush, None
-        if not cancel:
-            await flushing
+        if flushing.done() and not cancel:
+            flushing.result()
             return
         flushing.cancel()
-        with contextlib.suppress(asyncio.CancelledError, DevagentError):
-            await flushing
+        await asyncio.wait([flushing])  # (its failure is logged by _log_failed_flush)
 
 
 class SharedPlan(AgentPlan):
@@ -363,6 +366,7 @@ class FetchingPlan(AgentPlan):
             answer = await job.peer.get(f"/v1/vms/{job.managed.name}/devices")
         except PeerError as err:  # the destination's daemon restarts, say: ask again
             job.log.warning("waiting for the disks on %s: %s", job.report.destination, err)
+            progress.lost_sight()
             return False
         devices = from_peer(answer, Devices, what="the destination's devices").devices
         disks = {d.device: d for d in devices if isinstance(d, DiskRow)}

@@ -4,17 +4,17 @@ what RAM leaves, measured as it goes.
 The RAM decides the switchover, so it may take the whole link (its bandwidth is the link's
 rate). The push starts at :data:`START_SHARE` of the link, and stays there until RAM has
 moved its first bytes (before that nothing is known of it); then every :data:`EVERY_S` the
-RAM's rate over the last :data:`WINDOW_S` (``query-migrate``'s bytes transferred, which the
-RAM follower keeps in the job's progress) sets the push to what is left, less
+RAM's rate over the last :data:`WINDOW_S` (``query-migrate``'s bytes transferred, which
+the RAM follower keeps in the job's progress) sets the push to what is left, less
 :data:`HEADROOM` of the link so that a RAM stream that could go faster finds room to, and
 at least :data:`FLOOR_SHARE`. A RAM migration that moves less than half the link (its
-guest dirties little, its pages are mostly zeroes) leaves the push the rest; one that
-comes near the link leaves it the floor. The headroom is wide because the push costs the
-RAM more than its bytes' time on the link: it takes CPU from the QEMU that sends the RAM
-(reading, TLS on both ends). On two cores at 1 Gbit/s, RAM's phase grew by about 20 ms
-for each MB pushed beside it. Each disk's push gets its part by size (each as far
-along). A job that does not follow QEMU's RAM figures (libvirt's) keeps the fixed
-:data:`FIXED_SHARE`.
+guest dirties little, its pages are mostly zeroes) leaves the push what it does not use of
+that half; one that reaches half the link leaves it the floor. The headroom is wide
+because the push costs the RAM more than its bytes' time on the link: it takes CPU from
+the QEMU that sends the RAM (reading, TLS on both ends). On two cores at 1 Gbit/s, RAM's
+phase grew by about 20 ms for each MB pushed beside it. Each disk's push gets its part by
+size (each as far along). A job that does not follow QEMU's RAM figures (libvirt's) keeps
+the fixed :data:`FIXED_SHARE`.
 
 Background copies on a shaped link ask for little at a time (:func:`copy_batch`): a guest
 request behind them on the same connection waits for what is in flight.
