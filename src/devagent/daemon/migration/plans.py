@@ -22,9 +22,6 @@ migration waits for the slowest, and a failure of any one rolls all of them back
 destination's QEMU reads through the source's agents until the switchover (it reads a
 qcow2 header at launch, say); a push lands in a receiver agent beside each disk's.
 
-Every plan's disks are flushed once RAM moves (:meth:`AgentPlan.ram_active`), so that
-QEMU's flush as it stops the guest has little left to do.
-
 The link is split so: a hybrid push takes what RAM leaves of it while RAM migrates
 (:mod:`.share`), shared among the disks by their size (so that each is as far along);
 after the switchover the disks' fetches share the link, each copying in batches sized for
@@ -66,7 +63,7 @@ from devagent.daemon.migration.messages import (
 )
 from devagent.daemon.migration.share import FIXED_SHARE, LinkShare, copy_batch, disk_link_rate
 from devagent.daemon.nics import NicIdentity
-from devagent.errors import PeerError, UsageError
+from devagent.errors import DevagentError, PeerError, UsageError
 from devagent.vocab import Step, Strategy
 from devagent.wait import WaitTimeout, all_of, wait_until
 from devagent.wire import from_peer, to_json
@@ -253,7 +250,6 @@ class AgentPlan(Plan):
         switchover rolls back if it failed, and cancels it if it still runs."""
         if self.early_flush is None:
             self.early_flush = asyncio.create_task(_flush_each(job))
-            self.early_flush.add_done_callback(_log_failed_flush)
 
     async def at_switchover(self, job: DiskJob) -> Handover | None:
         await self.end_early_flush()
@@ -284,18 +280,18 @@ class AgentPlan(Plan):
                 await job.quietly(agent.unfence())
 
     async def end_early_flush(self, *, cancel: bool = False) -> None:
-        """The flush begun as RAM moved, ended: its failure raised (the migration rolls
-        back). One still running is cancelled, not waited for: the guest is stopped by now,
-        and QEMU's own flush as it stopped made the disks durable (``cancel``: a roll-back
-        cancels it whatever its state)."""
-        if self.early_flush is None:
-            return
+        """The flush begun as RAM moved, ended: its failure raised (a roll-back), or it is
+        cancelled if it still runs (the guest is stopped, QEMU flushed as it stopped it),
+        or whatever its state with ``cancel`` (a roll-back's)."""
         flushing, self.early_flush = self.early_flush, None
-        if flushing.done() and not cancel:
-            flushing.result()
+        if flushing is None:
             return
+        if flushing.done() and not cancel:
+            return flushing.result()  # its failure raised
         flushing.cancel()
-        await asyncio.wait([flushing])  # (its failure is logged by _log_failed_flush)
+        await asyncio.wait([flushing])
+        if not flushing.cancelled():
+            flushing.exception()  # taken (said by _flush_each)
 
 
 class SharedPlan(AgentPlan):
@@ -570,14 +566,12 @@ class HybridPlan(FetchingPlan):
 
 
 async def _flush_each(job: DiskJob) -> None:
-    for agent in job.managed.agents:
-        await agent.flush(timeout=DISK_WAIT_S)
-
-
-def _log_failed_flush(task: asyncio.Task[None]) -> None:
-    """Said (and the exception taken) even when no switchover awaits it (a roll-back)."""
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("flushing the disks as RAM started failed: %s", task.exception())
+    try:
+        for agent in job.managed.agents:
+            await agent.flush(timeout=DISK_WAIT_S)
+    except DevagentError as err:  # said now: a roll-back does not wait for it
+        log.warning("flushing the disks as RAM moved failed: %s", err)
+        raise
 
 
 def pushed_bytes(job: DiskJob, pushed: dict[str, int]) -> None:
