@@ -95,6 +95,10 @@ class Event(Answer):
     data: EventData = msgspec.field(default_factory=EventData)
     timestamp: Timestamp | None = None
 
+    def at(self) -> float | None:
+        """The host's wall clock when QEMU sent it (None: it came without a time stamp)."""
+        return self.timestamp.at() if self.timestamp is not None else None
+
 
 def answer(raw: object, into: type[T], *, what: str) -> T:
     """QMP's parsed JSON ``raw`` as an ``into``; :class:`PeerError` naming the bad field."""

@@ -319,7 +319,7 @@ class Vm:
         if name == "RESUME" and self.state in (VmState.PAUSED, VmState.INCOMING, VmState.MIGRATED):
             # When QEMU ran the guest, by its clock (this host's wall clock), not when this
             # process got round to the event: the same clock as the source's STOP.
-            self._move(VmState.RUNNING, event.timestamp.at() if event.timestamp else None)
+            self._move(VmState.RUNNING, event.at())
         elif name == "STOP" and self.state is VmState.RUNNING:
             self._move(VmState.PAUSED)
         elif name == "SHUTDOWN" and self.state not in (VmState.STOPPING, VmState.STOPPED):

@@ -153,8 +153,7 @@ class RamFollower:
     async def stopped(self, event: Event) -> None:
         """QEMU stopped the guest for the switchover: note when, by QEMU's own clock (the
         same host's wall clock); frames for the guest wait from now."""
-        at = event.timestamp.at() if event.timestamp is not None else None
-        self.job.mark(Step.SOURCE_STOPPED, at or None)
+        self.job.mark(Step.SOURCE_STOPPED, event.at() or None)
         if self.job.net is not None:
             await self.job.net.hold()
 
