@@ -33,6 +33,7 @@ from migration_fakes import FakeDiskAgent, FakeHost, FakeVm, make_job
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(running_module, "FORWARD_RETRY_PAUSE_S", 0.001)
     monkeypatch.setattr("devagent.daemon.migration.plans.POLL_S", 0.001)
+    monkeypatch.setattr("devagent.daemon.migration.pushing.POLL_S", 0.001)
 
 
 def rolled_back(vm: FakeVm, host: FakeHost) -> None:
@@ -55,8 +56,12 @@ async def test_every_strategy_runs_its_steps_in_order(tmp_path: Path, strategy: 
     assert job.phase is Phase.COMPLETED, job.report.error
     moved(vm, host)
     order = [step.value for step in Step]
-    steps = [s for s in job.report.timeline if s in order]
-    assert steps == sorted(steps, key=order.index), job.report.timeline
+    timeline = job.report.timeline
+    beside = Step.MIRROR_STARTED if strategy is Strategy.HYBRID else None  # starts with RAM
+    steps = [s for s in timeline if s in order and s != beside]
+    assert steps == sorted(steps, key=order.index), timeline
+    if beside is not None:
+        assert timeline[Step.RAM_STARTED] <= timeline[beside] <= timeline[Step.MIRROR_ENDED]
     assert {Step.DESTINATION_READY, Step.RAM_COMPLETED, Step.RESUMED, Step.RELEASED} <= set(steps)
     assert job.report.status == "completed" and job.report.downtime_ms == 42
     calls = vm.agents[0].calls if vm.agents else []
@@ -354,6 +359,62 @@ async def test_qemu_failing_the_ram_migration_rolls_back(tmp_path: Path) -> None
     await job.run()
     assert job.phase is Phase.FAILED and "QEMU migration failed" in (job.report.error or "")
     rolled_back(vm, host)
+
+
+async def test_the_hybrid_push_starts_beside_ram_and_the_switchover_waits_for_it(
+    tmp_path: Path,
+) -> None:
+    """RAM's ``migrate`` does not wait for the push to start (each dials the destination);
+    a push still starting when RAM completed is waited for before it is stopped."""
+    job, vm, _ = make_job(tmp_path, Strategy.HYBRID)
+    agent, qmp = vm.agents[0], vm.vm.qmp
+    started = asyncio.Event()
+    mirror = agent.mirror
+
+    async def slow_mirror(request: Any) -> Any:
+        await started.wait()
+        return await mirror(request)
+
+    async def watching(command: str, **args: Any) -> Any:
+        if command == "migrate":  # the push starts once RAM began
+            asyncio.get_running_loop().call_later(0.05, started.set)
+        return await qmp(command, **args)
+
+    agent.mirror = slow_mirror  # type: ignore[method-assign]
+    vm.vm.qmp = watching  # type: ignore[method-assign]
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    log = vm.vm.commands
+    assert log.index("migrate") < log.index("agent /mirror") < log.index("agent /mirror/stop")
+    timeline = job.report.timeline
+    assert timeline[Step.RAM_COMPLETED] <= timeline[Step.MIRROR_STARTED]
+
+
+async def test_a_push_that_cannot_start_rolls_back_before_ram_completes(tmp_path: Path) -> None:
+    """The push's start failed while RAM migrates: the job rolls back at RAM's next look,
+    not at the switchover."""
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    vm.agents[0].failures["/mirror"] = PeerError("the receiver refused the push")
+    vm.vm.statuses = ("active",) * 200 + ("completed",)
+    await job.run()
+    assert job.phase is Phase.FAILED, job.report.timeline
+    assert "the receiver refused the push" in (job.report.error or "")
+    assert Step.RAM_COMPLETED not in job.report.timeline
+    assert vm.vm.commands.count("query-migrate") < 20
+    rolled_back(vm, host)
+    assert "migrate_cancel" in vm.vm.commands and "/mirror/cancel" in vm.agents[0].calls
+
+
+async def test_qemu_set_up_for_ram_while_the_destination_is_prepared(tmp_path: Path) -> None:
+    """Setting QEMU up for RAM runs beside the destination's preparation, and its failure
+    rolls the migration back (the destination keeps nothing)."""
+    job, vm, host = make_job(tmp_path, Strategy.POSTCOPY)
+    vm.vm.failures["migrate-set-parameters"] = PeerError("QEMU refused the parameters")
+    await job.run()
+    assert job.phase is Phase.FAILED and "QEMU refused" in (job.report.error or "")
+    assert "POST /v1/incoming" in host.destination.requests
+    rolled_back(vm, host)
+    assert "migrate" not in vm.vm.commands
 
 
 async def test_a_destination_that_vanishes_during_ram_rolls_back(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ PRESENT = "/w=="  # the chunks a hybrid push landed, as the switchover handed th
 def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(running_module, "FORWARD_RETRY_PAUSE_S", 0.001)
     monkeypatch.setattr("devagent.daemon.migration.plans.POLL_S", 0.001)
+    monkeypatch.setattr("devagent.daemon.migration.pushing.POLL_S", 0.001)
 
 
 # --- the source's record -----------------------------------------------------------------------

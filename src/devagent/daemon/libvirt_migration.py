@@ -64,11 +64,10 @@ from devagent.daemon.migration.plans import (
     POLL_S,
     FetchingPlan,
     Handover,
-    HybridPlan,
     PostcopyPlan,
-    PrecopyPlan,
     Prepared,
 )
+from devagent.daemon.migration.pushing import HybridPlan, PrecopyPlan
 from devagent.daemon.migration.record import NEXT, Phase
 from devagent.daemon.migration.report import BASELINE_S
 from devagent.daemon.migration.running import RunningJob

@@ -28,13 +28,8 @@ from __future__ import annotations
 from devagent.daemon.migration.context import HostContext, MigratingVm
 from devagent.daemon.migration.job import MigrationJob
 from devagent.daemon.migration.messages import MigrateRequest
-from devagent.daemon.migration.plans import (
-    HybridPlan,
-    Plan,
-    PostcopyPlan,
-    PrecopyPlan,
-    SharedPlan,
-)
+from devagent.daemon.migration.plans import Plan, PostcopyPlan, SharedPlan
+from devagent.daemon.migration.pushing import HybridPlan, PrecopyPlan
 from devagent.daemon.migration.qemu_plans import (
     QemuCorStreamPlan,
     QemuMirrorActivePlan,

@@ -3,8 +3,9 @@
 One job for every strategy; the strategy's :class:`~.plans.Plan` says what the disk does at
 each step. The steps, in order (each a method here)::
 
-    prepare        the destination makes an incoming QEMU (and agents), paused
-    before_ram     plan: start a push or a mirror, wait for convergence
+    prepare        the destination makes an incoming QEMU (and agents), paused; QEMU here
+                   is set up for RAM meanwhile
+    before_ram     plan: start a push (beside RAM) or a mirror, wait for convergence
     ram            QEMU's RAM migration (:mod:`.ram`): once it moves, the plan's flush
                    (:meth:`~.plans.AgentPlan.ram_active`); the plan's pre-switchover step
     switchover     plan: stop the push / cut the mirror over; then fence the source
@@ -42,14 +43,14 @@ import secrets
 import time
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from devagent.api_types import MigrationProgress, MigrationStatus, VmStatus
 from devagent.daemon.migration.context import HostContext, MigratingVm, Peer
 from devagent.daemon.migration.messages import CommitAnswer, MigrateRequest, RemoteDisk
 from devagent.daemon.migration.net import NET_MEASURES, NetMigration
 from devagent.daemon.migration.plans import Handover, Plan, Prepared
-from devagent.daemon.migration.ram import migrate_ram
+from devagent.daemon.migration.ram import migrate_ram, set_up_ram
 from devagent.daemon.migration.record import (
     NEXT,
     MigrationRecord,
@@ -65,7 +66,7 @@ from devagent.qemu.answers import MigrationInfo
 from devagent.qemu.vm import VmState
 from devagent.report import MigrationReport
 from devagent.vocab import Step
-from devagent.wait import WaitTimeout, wait_until
+from devagent.wait import WaitTimeout, all_of, wait_until
 from devagent.wire import from_peer
 
 log = logging.getLogger(__name__)
@@ -229,6 +230,11 @@ class MigrationJob(RunningJob):
         self.finished_at = time.time()
 
     async def prepare(self) -> Prepared:
+        """The destination made ready; meanwhile QEMU here is set up for RAM."""
+        prepared, _ = await all_of(self._prepare_destination(), set_up_ram(self))
+        return cast(Prepared, prepared)
+
+    async def _prepare_destination(self) -> Prepared:
         if self.net is not None:
             await self.net.start()
         prepared = await self.plan.prepare(self)

@@ -1,6 +1,7 @@
 """devagent's four strategies as plans: each says what its disk does at each step of a
 migration, and :class:`~devagent.daemon.migration.job.MigrationJob` calls those steps in one
-order for all of them (QEMU's own three are in :mod:`.qemu_plans`).
+order for all of them (``precopy`` and ``hybrid``, which push the disk, are in
+:mod:`.pushing`; QEMU's own three in :mod:`.qemu_plans`).
 
 =========  ==================  ==========================  ===========================
 plan       before RAM          at the switchover           after the commit
@@ -9,8 +10,8 @@ shared     —                   —                           —
 postcopy   —                   fence                       fetch the rest, let go, release
 precopy    mirror, converge,   cut the mirror over, fence  let go (the replica is whole),
            write-through                                   release
-hybrid     push at a share     stop the push, fence,       fetch what the push left, let
-           of the link         hand its bitmap over        go, release
+hybrid     push (starts with   stop the push, fence,       fetch what the push left, let
+           RAM, beside it)     hand its bitmap over        go, release
 =========  ==================  ==========================  ===========================
 
 "Let go" (:meth:`FetchingPlan._settle`): until then each replica on the destination is a
@@ -40,15 +41,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
-from devagent.agent.defaults import COPY_WORKERS, FETCH_CHUNK, MIRROR_CHUNK
-from devagent.agent.messages import (
-    FetchStatus,
-    LocalStatus,
-    MirrorRequest,
-    MirrorStarted,
-    MirrorStatus,
-)
-from devagent.agent.presence import clean_chunks, every_chunk
+from devagent.agent.defaults import FETCH_CHUNK
+from devagent.agent.messages import FetchStatus, LocalStatus
 from devagent.api_types import Devices, DiskRow
 from devagent.daemon.migration.context import DiskAgentLink, DiskJob, JobView, ReplicaProgress
 from devagent.daemon.migration.messages import (
@@ -61,21 +55,13 @@ from devagent.daemon.migration.messages import (
     NbdAddress,
     RemoteDisk,
 )
-from devagent.daemon.migration.share import FIXED_SHARE, LinkShare, copy_batch, disk_link_rate
+from devagent.daemon.migration.share import copy_batch, disk_link_rate
 from devagent.daemon.nics import NicIdentity
 from devagent.errors import DevagentError, PeerError, UsageError
 from devagent.vocab import Step, Strategy
-from devagent.wait import WaitTimeout, all_of, wait_until
+from devagent.wait import WaitTimeout, all_of
 from devagent.wire import from_peer, to_json
 
-PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
-#: Passes a pre-copy mirror makes before it goes write-through anyway (a guest that dirties
-#: faster than the link copies would never leave 1 MiB behind).
-PRECOPY_PASSES = 8
-#: Hybrid push: copies in flight and bytes per copy. Stopping the push at the switchover
-#: waits for the copies in flight (nothing may land after it): 2 x 256 KiB is 4 ms at 1 Gbit/s.
-HYBRID_PUSH_PARALLEL = 2
-HYBRID_PUSH_COPY = 256 << 10
 DISK_WAIT_S = 600.0  # a mirror's convergence
 DISK_STALL_S = 600.0  # a replica that stops growing for this long never completes
 POLL_S = 0.1
@@ -147,6 +133,10 @@ class Plan:
 
     def ram_active(self, job: DiskJob) -> None:
         """QEMU's RAM migration left its setup (and the guest its stall at RAM's start)."""
+
+    def check_beside_ram(self) -> None:
+        """Raise the failure of the plan's work beside RAM (a flush, a push's start), if it
+        ended so: the migration rolls back without waiting for RAM to complete."""
 
     async def at_pre_switchover(self, job: JobView) -> None:
         """The guest stopped and its disk drained; QEMU waits for this before it goes on."""
@@ -250,6 +240,9 @@ class AgentPlan(Plan):
         switchover rolls back if it failed, and cancels it if it still runs."""
         if self.early_flush is None:
             self.early_flush = asyncio.create_task(_flush_each(job))
+
+    def check_beside_ram(self) -> None:
+        raise_failure(self.early_flush)
 
     async def at_switchover(self, job: DiskJob) -> Handover | None:
         await self.end_early_flush()
@@ -464,107 +457,6 @@ class PostcopyPlan(FetchingPlan):
     strategy = Strategy.POSTCOPY
 
 
-class PrecopyPlan(FetchingPlan):
-    """The mirror makes each replica complete before RAM moves; it is served there as a
-    Fetch with every chunk present (nothing left to fetch) until this host lets it go."""
-
-    strategy = Strategy.PRECOPY
-
-    async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        share = disk_link_rate(job)
-
-        def mirror(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
-            return agent.mirror(MirrorRequest(
-                target=target_of(prepared, agent.node).spec(),
-                converge_bytes=PRECOPY_CONVERGE_BYTES,
-                active=True,  # converged (or outrun), writes go to both copies
-                max_passes=PRECOPY_PASSES,
-                parallel=COPY_WORKERS,  # a guest write through waits behind little
-                max_copy=copy_batch(share, MIRROR_CHUNK),
-            ))  # fmt: skip
-
-        await each_disk(job, mirror)
-        job.mark(Step.MIRROR_STARTED)
-        await wait_until(
-            lambda: self._converged(job), timeout=DISK_WAIT_S, interval=POLL_S,
-            what=f"the disk mirrors of VM {job.managed.name} to converge",
-        )  # fmt: skip
-        job.mark(Step.DISK_CONVERGED)
-        await super().before_ram(job, prepared)
-
-    async def _converged(self, job: DiskJob) -> bool:
-        """Every disk's mirror converged (a failed one fails them all)."""
-        mirrors = await each_disk(job, _mirror_status)
-        job.disk_progress({node: (m.copied_bytes, m.dirty_bytes) for node, m in mirrors.items()})
-        for node, mirror in mirrors.items():
-            if mirror.state == "failed":
-                raise PeerError(f"the disk mirror of {node} failed: {mirror.error}")
-            if mirror.writes_paced and Step.DISK_WRITES_PACED not in job.report.timeline:
-                job.mark(Step.DISK_WRITES_PACED)  # the agent's log says which disk, and when
-        return all(m.state in ("converged", "finished") for m in mirrors.values())
-
-    async def at_switchover(self, job: DiskJob) -> Handover:
-        await super().at_switchover(job)
-        cut = await each_disk(job, lambda a: a.cutover(keep_source=True, timeout=DISK_WAIT_S))
-        job.mark(Step.MIRROR_ENDED)
-        pushed_bytes(job, {node: c.mirror.sent_bytes for node, c in cut.items()})
-        return Handover(present={
-            node: every_chunk(-(-size // FETCH_CHUNK)) for node, size in job.disk_sizes.items()
-        })  # fmt: skip
-
-
-class HybridPlan(FetchingPlan):
-    """The disk pushed while RAM migrates, on what RAM leaves of the link
-    (:mod:`.share`); what the push had not landed at the switchover is fetched after it."""
-
-    strategy = Strategy.HYBRID
-    share: LinkShare | None = None
-
-    def ram_bandwidth(self, job: DiskJob) -> int:
-        if not job.request.link_rate_bps or job.follows_ram:  # RAM first, the push adapts
-            return super().ram_bandwidth(job)
-        return max(1, int(job.request.link_rate_bps / 8 * (1 - FIXED_SHARE)))
-
-    async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        link = job.request.link_rate_bps
-        share = LinkShare(job, link / 8, job.follows_ram) if link else None
-
-        def push(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
-            return agent.mirror(MirrorRequest(  # small copies: the switchover waits for those
-                target=target_of(prepared, agent.node).spec(),  # in flight
-                parallel=HYBRID_PUSH_PARALLEL,
-                max_copy=HYBRID_PUSH_COPY,
-                rate_limit=share.of(agent.node) if share is not None else None,
-            ))  # fmt: skip
-
-        await each_disk(job, push)
-        job.mark(Step.MIRROR_STARTED)
-        if share is not None:
-            self.share = share
-            share.start()
-        await super().before_ram(job, prepared)
-
-    async def roll_back(self, job: JobView) -> None:
-        if self.share is not None:
-            await self.share.stop()
-        await super().roll_back(job)
-
-    async def at_switchover(self, job: DiskJob) -> Handover:
-        if self.share is not None:
-            await self.share.stop()
-        await super().at_switchover(job)
-        stopped = await each_disk(job, lambda agent: agent.stop_mirror())
-        job.mark(Step.MIRROR_ENDED)
-        pushed_bytes(job, {node: s.mirror.sent_bytes for node, s in stopped.items()})
-        chunk_sizes = {s.chunk_size for s in stopped.values()}
-        if len(chunk_sizes) != 1:  # every agent makes its bitmap of FETCH_CHUNK chunks
-            raise PeerError(f"the disks' pushes use different chunks: {sorted(chunk_sizes)}")
-        return Handover(
-            present={node: clean_chunks(s.dirty, s.chunks) for node, s in stopped.items()},
-            chunk_size=chunk_sizes.pop(),
-        )
-
-
 async def _flush_each(job: DiskJob) -> None:
     try:
         for agent in job.managed.agents:
@@ -574,25 +466,9 @@ async def _flush_each(job: DiskJob) -> None:
         raise
 
 
-def pushed_bytes(job: DiskJob, pushed: dict[str, int]) -> None:
-    """What each disk's push or mirror sent as data, on its row and in all."""
-    for node, copied in pushed.items():
-        job.report.device(node, "disk").bytes_pushed = copied
-    job.progress.disk_bytes_pushed = sum(pushed.values())
-
-
-def target_of(prepared: Prepared, node: str) -> RemoteDisk:
-    """Where disk ``node``'s push or mirror lands on the destination."""
-    target = prepared.push_targets.get(node)
-    if target is None:
-        raise PeerError(f"the destination gave no target for {node}'s push")
-    return target
-
-
-async def _mirror_status(agent: DiskAgentLink) -> MirrorStatus:
-    mirror = (await agent.status()).backend_status
-    if not isinstance(mirror, MirrorStatus):
-        raise PeerError(
-            f"the disk mirror of {agent.node} ended: the agent serves {type(mirror).__name__}"
-        )
-    return mirror
+def raise_failure(task: asyncio.Task[None] | None) -> None:
+    """``task``'s failure raised, if it ended with one."""
+    if task is not None and task.done() and not task.cancelled():
+        error = task.exception()
+        if error is not None:
+            raise error

@@ -53,8 +53,9 @@ class Parameters(msgspec.Struct, rename="kebab", omit_defaults=True):
     tls_hostname: str | None = None  # the host whose certificate the destination presents
 
 
-async def migrate_ram(job: JobView, uri: str) -> MigrationInfo:
-    """Run QEMU's RAM migration to ``uri``; return its last ``query-migrate``."""
+async def set_up_ram(job: JobView) -> None:
+    """QEMU's capabilities and parameters for the job's RAM migration (TLS credentials too),
+    set while the destination is prepared: ``migrate`` then starts RAM at once."""
     vm = job.managed.vm
     pause = job.plan.pauses_before_switchover or job.net is not None
     capabilities = [
@@ -70,6 +71,12 @@ async def migrate_ram(job: JobView, uri: str) -> MigrationInfo:
         params.tls_creds = (await add_creds(vm, job.host.tls, "client"))["tls-creds"]
         params.tls_hostname = job.request.to.host
     await vm.qmp("migrate-set-parameters", **to_json(params))
+
+
+async def migrate_ram(job: JobView, uri: str) -> MigrationInfo:
+    """Run QEMU's RAM migration to ``uri`` (set up by :func:`set_up_ram`); return its last
+    ``query-migrate``."""
+    vm = job.managed.vm
     with vm.listen("MIGRATION", "STOP") as events:
         await vm.qmp("migrate", uri=uri)
         return await RamFollower(job).follow(events)
@@ -102,6 +109,7 @@ class RamFollower:
             if vm.exited:
                 raise PeerError(f"source QEMU of VM {job.managed.name} exited during migration")
             await job.check_peer()
+            job.plan.check_beside_ram()
             try:
                 event = event_of(await asyncio.wait_for(events.get(), EVENT_WAIT_S))
             except TimeoutError:

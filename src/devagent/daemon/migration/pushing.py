@@ -1,0 +1,188 @@
+"""The two strategies that push each disk to a receiver on the destination before the
+switchover (the plans' table: :mod:`.plans`):
+
+``precopy``  a mirror makes each replica complete before RAM moves, then writes go to both
+             copies until the switchover cuts it over;
+``hybrid``   a push starts with RAM and runs beside it on what RAM leaves of the link
+             (:mod:`.share`); the switchover stops it and hands the destination the bitmap
+             of what it landed; the rest is fetched after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+
+from devagent.agent.defaults import COPY_WORKERS, FETCH_CHUNK, MIRROR_CHUNK
+from devagent.agent.messages import MirrorRequest, MirrorStarted, MirrorStatus
+from devagent.agent.presence import clean_chunks, every_chunk
+from devagent.daemon.migration.context import DiskAgentLink, DiskJob, JobView
+from devagent.daemon.migration.messages import RemoteDisk
+from devagent.daemon.migration.plans import (
+    DISK_WAIT_S,
+    POLL_S,
+    FetchingPlan,
+    Handover,
+    Prepared,
+    each_disk,
+    raise_failure,
+)
+from devagent.daemon.migration.share import FIXED_SHARE, LinkShare, copy_batch, disk_link_rate
+from devagent.errors import DevagentError, PeerError
+from devagent.vocab import Step, Strategy
+from devagent.wait import wait_until
+
+PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
+#: Passes a pre-copy mirror makes before it goes write-through anyway (a guest that dirties
+#: faster than the link copies would never leave 1 MiB behind).
+PRECOPY_PASSES = 8
+#: Hybrid push: copies in flight and bytes per copy. Stopping the push at the switchover
+#: waits for the copies in flight (nothing may land after it): 2 x 256 KiB is 4 ms at 1 Gbit/s.
+HYBRID_PUSH_PARALLEL = 2
+HYBRID_PUSH_COPY = 256 << 10
+
+
+class PrecopyPlan(FetchingPlan):
+    """The mirror makes each replica complete before RAM moves; it is served there as a
+    Fetch with every chunk present (nothing left to fetch) until this host lets it go."""
+
+    strategy = Strategy.PRECOPY
+
+    async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
+        share = disk_link_rate(job)
+
+        def mirror(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
+            return agent.mirror(MirrorRequest(
+                target=target_of(prepared, agent.node).spec(),
+                converge_bytes=PRECOPY_CONVERGE_BYTES,
+                active=True,  # converged (or outrun), writes go to both copies
+                max_passes=PRECOPY_PASSES,
+                parallel=COPY_WORKERS,  # a guest write through waits behind little
+                max_copy=copy_batch(share, MIRROR_CHUNK),
+            ))  # fmt: skip
+
+        await each_disk(job, mirror)
+        job.mark(Step.MIRROR_STARTED)
+        await wait_until(
+            lambda: self._converged(job), timeout=DISK_WAIT_S, interval=POLL_S,
+            what=f"the disk mirrors of VM {job.managed.name} to converge",
+        )  # fmt: skip
+        job.mark(Step.DISK_CONVERGED)
+        await super().before_ram(job, prepared)
+
+    async def _converged(self, job: DiskJob) -> bool:
+        """Every disk's mirror converged (a failed one fails them all)."""
+        mirrors = await each_disk(job, _mirror_status)
+        job.disk_progress({node: (m.copied_bytes, m.dirty_bytes) for node, m in mirrors.items()})
+        for node, mirror in mirrors.items():
+            if mirror.state == "failed":
+                raise PeerError(f"the disk mirror of {node} failed: {mirror.error}")
+            if mirror.writes_paced and Step.DISK_WRITES_PACED not in job.report.timeline:
+                job.mark(Step.DISK_WRITES_PACED)  # the agent's log says which disk, and when
+        return all(m.state in ("converged", "finished") for m in mirrors.values())
+
+    async def at_switchover(self, job: DiskJob) -> Handover:
+        await super().at_switchover(job)
+        cut = await each_disk(job, lambda a: a.cutover(keep_source=True, timeout=DISK_WAIT_S))
+        job.mark(Step.MIRROR_ENDED)
+        pushed_bytes(job, {node: c.mirror.sent_bytes for node, c in cut.items()})
+        return Handover(present={
+            node: every_chunk(-(-size // FETCH_CHUNK)) for node, size in job.disk_sizes.items()
+        })  # fmt: skip
+
+
+class HybridPlan(FetchingPlan):
+    """The disk pushed while RAM migrates, on what RAM leaves of the link
+    (:mod:`.share`); what the push had not landed at the switchover is fetched after it."""
+
+    strategy = Strategy.HYBRID
+    share: LinkShare | None = None
+
+    def ram_bandwidth(self, job: DiskJob) -> int:
+        if not job.request.link_rate_bps or job.follows_ram:  # RAM first, the push adapts
+            return super().ram_bandwidth(job)
+        return max(1, int(job.request.link_rate_bps / 8 * (1 - FIXED_SHARE)))
+
+    async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
+        """The push starts beside RAM, which does not wait for it (each dials the
+        destination); the switchover waits for it to have started."""
+        self.starting = asyncio.create_task(self._push(job, prepared))
+
+    starting: asyncio.Task[None] | None = None
+
+    def check_beside_ram(self) -> None:
+        super().check_beside_ram()
+        raise_failure(self.starting)
+
+    async def _started(self) -> None:
+        """The push started: its failure raised (a roll-back's is only taken)."""
+        starting, self.starting = self.starting, None
+        if starting is not None:
+            await asyncio.wait([starting])
+            starting.result()
+
+    async def _push(self, job: DiskJob, prepared: Prepared) -> None:
+        link = job.request.link_rate_bps
+        share = LinkShare(job, link / 8, job.follows_ram) if link else None
+
+        def push(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
+            return agent.mirror(MirrorRequest(  # small copies: the switchover waits for those
+                target=target_of(prepared, agent.node).spec(),  # in flight
+                parallel=HYBRID_PUSH_PARALLEL,
+                max_copy=HYBRID_PUSH_COPY,
+                rate_limit=share.of(agent.node) if share is not None else None,
+            ))  # fmt: skip
+
+        await each_disk(job, push)
+        job.mark(Step.MIRROR_STARTED)
+        if share is not None:
+            self.share = share
+            share.start()
+
+    async def roll_back(self, job: JobView) -> None:
+        with contextlib.suppress(DevagentError):  # (said by the job's failure, if it is its)
+            await self._started()  # a push that starts after the roll-back would go on
+        if self.share is not None:
+            await self.share.stop()
+        await super().roll_back(job)
+
+    async def at_switchover(self, job: DiskJob) -> Handover:
+        await self._started()
+        if self.share is not None:
+            await self.share.stop()
+        await super().at_switchover(job)
+        stopped = await each_disk(job, lambda agent: agent.stop_mirror())
+        job.mark(Step.MIRROR_ENDED)
+        pushed_bytes(job, {node: s.mirror.sent_bytes for node, s in stopped.items()})
+        chunk_sizes = {s.chunk_size for s in stopped.values()}
+        if len(chunk_sizes) != 1:  # every agent makes its bitmap of FETCH_CHUNK chunks
+            raise PeerError(f"the disks' pushes use different chunks: {sorted(chunk_sizes)}")
+        return Handover(
+            present={node: clean_chunks(s.dirty, s.chunks) for node, s in stopped.items()},
+            chunk_size=chunk_sizes.pop(),
+        )
+
+
+def pushed_bytes(job: DiskJob, pushed: dict[str, int]) -> None:
+    """What each disk's push or mirror sent as data, on its row and in all."""
+    for node, copied in pushed.items():
+        job.report.device(node, "disk").bytes_pushed = copied
+    job.progress.disk_bytes_pushed = sum(pushed.values())
+
+
+def target_of(prepared: Prepared, node: str) -> RemoteDisk:
+    """Where disk ``node``'s push or mirror lands on the destination."""
+    target = prepared.push_targets.get(node)
+    if target is None:
+        raise PeerError(f"the destination gave no target for {node}'s push")
+    return target
+
+
+async def _mirror_status(agent: DiskAgentLink) -> MirrorStatus:
+    mirror = (await agent.status()).backend_status
+    if not isinstance(mirror, MirrorStatus):
+        raise PeerError(
+            f"the disk mirror of {agent.node} ended: the agent serves {type(mirror).__name__}"
+        )
+    return mirror
