@@ -229,6 +229,60 @@ async def test_swap_through_the_control_api_then_local(
     assert not sock.exists() and not ctl.exists()
 
 
+async def _socket_of(path: Path) -> None:
+    for _ in range(1000):
+        if path.exists():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{path} never appeared")
+
+
+async def test_the_unix_socket_listens_before_the_backend_opens(
+    tmp_path: Path, source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that connects while the backend opens (QEMU started beside its agent, the
+    agent still dialling its remote peer) waits, and is served once it is open; a backend
+    that cannot open leaves no socket, and a client waiting sees its connection close."""
+    opened = asyncio.Event()
+
+    async def slow(spec: Any, **args: Any) -> Any:
+        await opened.wait()
+        if "nowhere" in str(spec):
+            raise PeerError("the source's agent cannot be reached")
+        return await open_backend(spec, **args)
+
+    monkeypatch.setattr("devagent.agent.serve.open_backend", slow)
+    sock, stop = tmp_path / "a.sock", asyncio.Event()
+    task = asyncio.create_task(serve(source, unix=sock, name="disk", stop=stop))
+    try:
+        await _socket_of(sock)
+        assert sock.stat().st_mode & 0o777 == 0o600
+        connecting = asyncio.create_task(NbdClient.connect(unix=sock, export="disk"))
+        await asyncio.sleep(0.05)
+        assert not connecting.done()  # in the backlog, no greeting yet
+        opened.set()
+        async with await asyncio.wait_for(connecting, 10) as client:
+            assert await client.read(0, 4096) == source.read_bytes()[:4096]
+    finally:
+        stop.set()
+        opened.set()
+        await asyncio.wait_for(task, 30)
+    assert not sock.exists()
+
+    opened.clear()
+    spec = {"kind": "local", "path": str(tmp_path / "nowhere.img")}
+    failing = asyncio.create_task(serve(backend_spec=spec, unix=sock, name="disk"))
+    await _socket_of(sock)
+    connecting = asyncio.create_task(NbdClient.connect(unix=sock, export="disk"))
+    await asyncio.sleep(0.05)
+    opened.set()
+    with pytest.raises(PeerError, match="cannot be reached"):
+        await asyncio.wait_for(failing, 10)
+    assert not sock.exists()
+    with pytest.raises(PeerError):
+        await asyncio.wait_for(connecting, 10)
+
+
 async def test_serve_needs_an_image_or_a_spec(tmp_path: Path, source: Path) -> None:
     with pytest.raises(UsageError):
         await serve(unix=tmp_path / "s")

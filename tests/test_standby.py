@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from devagent.agent.messages import RemoteSpec
 from devagent.cli.agent_cmd import EXITING_NICE
 from devagent.daemon import standby
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.standby import StandbyPool
+from devagent.daemon.supervised import until_listening
+from devagent.errors import PeerError
 from devagent.process import autogroup_nice
 from devagent.wait import wait_until
 
@@ -82,6 +85,41 @@ async def test_with_no_standby_ready_an_agent_starts_afresh(tmp_path: Path) -> N
             await agent.stop()
     finally:
         standby.use_pool(None)
+
+
+async def test_an_agent_listens_before_it_answers_and_a_failed_start_is_said(
+    tmp_path: Path, pool: StandbyPool
+) -> None:
+    """``listening`` is set once the agent's NBD socket listens (QEMU may start then); an
+    agent that exits first has its failure raised by :func:`until_listening`; one whose
+    backend cannot open (its remote peer refuses) removes the socket it listened on."""
+    await _ready(pool)
+    agent = _agent(tmp_path)
+    listens = asyncio.Event()
+    start = asyncio.ensure_future(agent.start(listens))
+    await until_listening([start], [listens])
+    assert agent.nbd_socket.exists()
+    await start
+    try:
+        assert (await agent.status()).size == 1 << 20
+    finally:
+        await agent.stop()
+
+    gone = AgentProcess(vm="v1", node="disk1", image=str(tmp_path / "nowhere.img"),
+                        run_dir=agent.run_dir)  # fmt: skip
+    listens = asyncio.Event()
+    start = asyncio.ensure_future(gone.start(listens))
+    with pytest.raises(PeerError, match="exited at start"):
+        await until_listening([start], [listens])
+    assert not listens.is_set()
+
+    refused = AgentProcess(
+        vm="v1", node="disk2", image=agent.image, run_dir=agent.run_dir,
+        backend=RemoteSpec(address="tcp:127.0.0.1:1", export="disk2"),
+    )  # fmt: skip
+    with pytest.raises(PeerError, match="exited at start"):
+        await refused.start(asyncio.Event())
+    assert not refused.nbd_socket.exists()
 
 
 async def test_a_closed_pool_leaves_no_standby_running(pool: StandbyPool) -> None:

@@ -21,6 +21,7 @@ import asyncio
 import enum
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -143,10 +144,13 @@ class BlockAgent:
 
     # -- serving ---------------------------------------------------------------------------
 
-    async def listen_unix(self, path: str | Path) -> str:
-        """Serve on a unix socket (replacing a stale socket file); returns its address."""
+    async def listen_unix(self, where: str | Path | socket.socket) -> str:
+        """Serve on a unix socket (a path, replacing a stale socket file there; or a socket
+        bound already: :func:`~.nbd_server.bind_unix`); returns its address."""
         self.lifecycle.require(AgentEvent.LISTEN_UNIX)
-        address = await self.server.listen_unix(Path(path))
+        address = await self.server.listen_unix(
+            where if isinstance(where, socket.socket) else Path(where)
+        )
         self.lifecycle.fire(AgentEvent.LISTEN_UNIX)
         log.info("export %r serving on %s", self.export_name, address)
         return address

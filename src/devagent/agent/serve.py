@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 from devagent.agent.agent import BlockAgent
 from devagent.agent.control import serve_control
 from devagent.agent.messages import BackendSpec
+from devagent.agent.nbd_server import bind_unix, drop_unix
 from devagent.agent.spec import check_spec, open_backend, spec_for_image
 from devagent.errors import UsageError
 from devagent.tls import Tls
@@ -21,7 +23,7 @@ async def serve(
     image: str | Path | None = None,
     *,
     backend_spec: BackendSpec | object = None,
-    unix: str | Path | None = None,
+    unix: str | Path | socket.socket | None = None,
     tcp: tuple[str, int] | None = None,
     name: str = "",
     read_only: bool = False,
@@ -32,7 +34,11 @@ async def serve(
 ) -> None:
     """Serve ``image`` (or the backend ``backend_spec`` describes: a spec, or its decoded
     JSON) until ``stop`` is set or the task is cancelled, then stop cleanly. With ``tls``,
-    TCP clients must turn to TLS and present a host's certificate ``tls`` admits."""
+    TCP clients must turn to TLS and present a host's certificate ``tls`` admits.
+
+    The unix socket (``unix``: a path, or a socket bound already) listens before the backend
+    opens (a remote one dials its peer): a client that connects meanwhile (the VM's QEMU,
+    started beside the agent) waits in its backlog and is served once the backend is."""
     if unix is None and tcp is None:
         raise UsageError("give a unix socket path or a TCP address to listen on")
     if (image is None) == (backend_spec is None):
@@ -40,14 +46,20 @@ async def serve(
     if backend_spec is not None and read_only:
         raise UsageError("read-only goes into the backend spec ('read_only' of a local one)")
     spec = check_spec(backend_spec) if image is None else spec_for_image(image, read_only)
-    backend = await open_backend(spec)
+    listener = bind_unix(Path(unix)) if isinstance(unix, (str, Path)) else unix
+    try:
+        backend = await open_backend(spec)
+    except BaseException:
+        if listener is not None:
+            drop_unix(listener)
+        raise
     agent = BlockAgent(backend, name)
     stop = stop if stop is not None else asyncio.Event()
     runner = None
     try:
         agent.duties.start(backend, spec)
-        if unix is not None:
-            await agent.listen_unix(unix)
+        if listener is not None:
+            await agent.listen_unix(listener)
         if tcp is not None:
             await agent.listen_tcp(*tcp, tls=tls)
         if control is not None:

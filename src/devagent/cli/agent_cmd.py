@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
 import click
 
 from devagent.agent.agent import BlockAgent
+from devagent.agent.nbd_server import bind_unix
 from devagent.agent.serve import serve
 from devagent.agent.spec import check_spec
 from devagent.cli.foreground import (
@@ -46,6 +48,13 @@ def _uri(agent: BlockAgent, address: str) -> str:
     if kind == "unix":
         return f"nbd+unix:///{agent.export_name}?socket={rest}"
     return f"nbd://{rest}/{agent.export_name}"
+
+
+def _bind(path: Path) -> socket.socket:
+    try:
+        return bind_unix(path)
+    except OSError as err:
+        raise click.ClickException(f"cannot listen on {path}: {err.strerror}") from err
 
 
 @click.group("agent")
@@ -110,6 +119,9 @@ def serve_cmd(
     except DevagentError as err:
         raise click.BadParameter(str(err), param_hint="--tcp") from err
 
+    # Listening first (QEMU, started beside the agent, may connect from now on), then the
+    # certificates and the backend.
+    listener = _bind(unix) if unix is not None else None
     tls = agent_tls(tls_dir, tls_peers)
 
     def ready(agent: BlockAgent) -> None:
@@ -120,7 +132,7 @@ def serve_cmd(
         await serve(
             image,
             backend_spec=spec,
-            unix=unix,
+            unix=listener,
             tcp=address,
             name=name,
             read_only=read_only,

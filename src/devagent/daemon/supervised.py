@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -103,8 +104,10 @@ class Supervised:
             return "(no log)"
         return " | ".join(text[-lines:])
 
-    async def start(self) -> None:
-        """Start the process; return once its control socket answers."""
+    async def start(self, listening: asyncio.Event | None = None) -> None:
+        """Start the process; return once its control socket answers. ``listening`` is set
+        as soon as its first socket exists (an agent's NBD socket, which listens before the
+        agent serves: its client may connect from then on)."""
         for path in self.sockets():
             path.unlink(missing_ok=True)
         argv = self.argv()
@@ -125,14 +128,16 @@ class Supervised:
                 )
         self.pid = proc.pid
         try:
-            await self._wait_answering(proc)
+            await self._wait_answering(proc, listening)
         except PeerError:
             await self.kill()
             raise
         asyncio.get_running_loop().create_task(proc.wait())  # reaped when it exits
         log.info("%s: pid %d", self.title(), self.pid)
 
-    async def _wait_answering(self, proc: asyncio.subprocess.Process) -> None:
+    async def _wait_answering(
+        self, proc: asyncio.subprocess.Process, listening: asyncio.Event | None
+    ) -> None:
         """Until its sockets exist and its control socket answers (nothing signals a
         socket's creation: look every :data:`START_LOOK_S`), for :data:`START_TIMEOUT_S`
         at most."""
@@ -140,6 +145,8 @@ class Supervised:
         while time.monotonic() < deadline:
             if proc.returncode is not None or not pid_alive(proc.pid):
                 raise PeerError(f"{self.title()} exited at start: {self.tail()}")
+            if listening is not None and self.sockets()[0].exists():
+                listening.set()
             if all(path.exists() for path in self.sockets()):
                 with contextlib.suppress(PeerError):
                     await self.check_started()
@@ -281,3 +288,18 @@ async def wait_exit(pid: int, timeout: float) -> bool:
         loop.remove_reader(fd)
         os.close(fd)
     return True
+
+
+async def until_listening(
+    starting: Sequence[asyncio.Future[None]], listening: Sequence[asyncio.Event]
+) -> None:
+    """Until each process :meth:`Supervised.start` starts listens (its ``listening`` set);
+    one whose start failed before: its failure raised."""
+    for start, listens in zip(starting, listening, strict=True):
+        heard: asyncio.Future[Any] = asyncio.ensure_future(listens.wait())
+        try:
+            await asyncio.wait([start, heard], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            heard.cancel()
+        if start.done():
+            start.result()

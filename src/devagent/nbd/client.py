@@ -121,6 +121,9 @@ class NbdClient:
                     codec.tls_established()
                 elif isinstance(event, NeedData):
                     codec.receive_data(await reader.read(65536))
+        except OSError as err:  # the server went away as the client negotiated
+            writer.close()
+            raise PeerError(f"NBD handshake failed: {err}") from err
         except BaseException:
             writer.close()
             raise

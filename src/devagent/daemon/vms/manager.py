@@ -40,11 +40,13 @@ from devagent.agent.messages import BackendSpec, FetchSpec, RemoteSpec
 from devagent.client import DaemonClient
 from devagent.daemon.agents import AgentProcess
 from devagent.daemon.nics import NicAgent, NicIdentity, delete_tap, make_tap
+from devagent.daemon.supervised import until_listening
 from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.guestnet import AddressLedger, GuestNetwork, mac_for, tap_name
 from devagent.lab.procs import terminate, under_path
 from devagent.qemu.config import DiskFormat, VmConfig
 from devagent.qemu.vm import VmState, pid_alive
+from devagent.wait import all_of
 from devagent.wire import convert, decode, from_peer
 
 from .arrival import await_local, go_live
@@ -310,18 +312,24 @@ class VmManager:
     # --- launching and removing ----------------------------------------------------------------
 
     async def _launch(self, managed: ManagedVm) -> None:
-        # The NICs' agents come up beside the disk's (each takes a while to start).
+        """The VM's agents and its NICs' all start at once (each takes a while), and QEMU
+        as soon as every disk's agent listens and the NICs are up: QEMU connects to each
+        agent as it starts, and waits there until the agent serves (its backend open, a
+        remote one once it reached its peer), while the agents finish their start."""
         nics = asyncio.ensure_future(self._start_nics(managed)) if managed.nics else None
+        listening = [asyncio.Event() for _ in managed.agents]
+        starting = [asyncio.ensure_future(agent.start(listens))
+                    for agent, listens in zip(managed.agents, listening, strict=True)]  # fmt: skip
         try:
-            for agent in managed.agents:
-                await agent.start()
+            await until_listening(starting, listening)
             if nics is not None:
                 await nics
-            await managed.vm.launch()
+            await all_of(*starting, managed.vm.launch())  # an agent's failure said first
         except BaseException:
             if nics is not None:
                 nics.cancel()
-                await asyncio.gather(nics, return_exceptions=True)
+            # (each start ends by itself, its process known, so that the removal ends it)
+            await asyncio.gather(*starting, *([nics] if nics else []), return_exceptions=True)
             await self.remove(managed.name)
             raise
         managed.save()
