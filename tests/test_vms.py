@@ -226,6 +226,35 @@ async def test_a_qemu_killed_as_the_commit_began_is_a_crash_here_not_an_error(
     assert vm.state is VmState.FAILED
 
 
+async def test_the_receivers_retire_while_qemu_still_loads_the_guest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source stopped its push before it asked for the commit: a push's receiver
+    retires at once, not after the migration arrived (here it never does)."""
+    managed = _managed(tmp_path, VmRole.INCOMING)
+    seen: list[str] = []
+
+    async def query(command: str, into: type[Any], **_: Any) -> Any:
+        seen.append("inmigrate")
+        return SimpleNamespace(status="inmigrate")
+
+    class Receiver:
+        async def retire(self, timeout: float) -> None:
+            seen.append("retired")
+
+        async def stop(self) -> None:
+            seen.append("stopped")
+
+    monkeypatch.setattr(managed.vm, "query", query)
+    monkeypatch.setattr(incoming, "ARRIVAL_TIMEOUT_S", 0.05)
+    managed.receivers["disk0"] = Receiver()  # type: ignore[assignment]
+    with pytest.raises(PeerError, match="did not arrive"):
+        await incoming.commit_incoming(managed, {})
+    last_look = max(i for i, step in enumerate(seen) if step == "inmigrate")
+    assert seen.index("retired") < last_look  # while QEMU was still inmigrate
+    assert managed.receivers == {}
+
+
 def test_a_copy_left_behind_says_it_migrated_and_serves_its_disk(tmp_path: Path) -> None:
     serving = AgentProcess(vm="v1", node="disk0", image="/img", run_dir=str(tmp_path))
     serving.pid = os.getpid()  # alive

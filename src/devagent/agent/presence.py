@@ -54,9 +54,17 @@ def presence_path(replica: str | Path) -> Path:
     return replica.with_name(replica.name + ".present")
 
 
+#: The set bits of each byte value, low bit first.
+_SET_BITS = tuple(tuple(i for i in range(8) if value >> i & 1) for value in range(256))
+
+
 def bits_to_chunks(bits: bytes, n_chunks: int) -> list[int]:
-    """The indexes of the set bits (bit ``i & 7`` of byte ``i >> 3``), below ``n_chunks``."""
-    return [i for i in range(min(len(bits) * 8, n_chunks)) if bits[i >> 3] & (1 << (i & 7))]
+    """The indexes of the set bits (bit ``i & 7`` of byte ``i >> 3``), below ``n_chunks``
+    (a byte at a time: a switchover's handover of a 1 GiB disk is 16 K chunks)."""
+    chunks = [(k << 3) + i for k, value in enumerate(bits) if value for i in _SET_BITS[value]]
+    while chunks and chunks[-1] >= n_chunks:
+        chunks.pop()
+    return chunks
 
 
 class PresenceMap:
@@ -126,6 +134,17 @@ class PresenceMap:
             if not self.present[index >> 3] & mask:
                 self.present[index >> 3] |= mask
                 self.count += 1
+
+    def mark_present_bits(self, bits: bytes) -> None:
+        """:meth:`mark_present` for the chunks whose bits are set in ``bits`` (those past
+        the last chunk ignored), all at once."""
+        n_bytes = len(self.present)
+        given = bytearray(bits[:n_bytes].ljust(n_bytes, b"\0"))
+        if n_bytes and self.n_chunks % 8:
+            given[-1] &= (1 << (self.n_chunks % 8)) - 1
+        merged = int.from_bytes(self.present, "little") | int.from_bytes(given, "little")
+        self.present[:] = merged.to_bytes(n_bytes, "little")
+        self.count = merged.bit_count()
 
     def persist(self, chunks: Sequence[int]) -> None:
         """Make these (present) bits durable: into the file at once (page cache)."""

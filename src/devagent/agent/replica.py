@@ -23,7 +23,7 @@ from devagent.agent.chunks import (
 )
 from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS
 from devagent.agent.messages import FetchStatus
-from devagent.agent.presence import PresenceMap, presence_path
+from devagent.agent.presence import PresenceMap, bits_to_chunks, presence_path
 from devagent.agent.spill import Spill
 from devagent.errors import UsageError
 from devagent.wait import all_of
@@ -73,7 +73,7 @@ class Replica(Backend):
         copy_batch: int = COPY_BATCH,
         sync_batch: int = 256,
         sync_interval: float = 1.0,
-        seed: Sequence[int] = (),
+        seed: Sequence[int] | bytes = (),
     ) -> None:
         if chunk_size < 4096 or chunk_size & (chunk_size - 1) or chunk_size > FETCH_MAX:
             raise UsageError(f"chunk size must be a power of two in 4 KiB..8 MiB: {chunk_size}")
@@ -112,12 +112,17 @@ class Replica(Backend):
         self._remote_flush = asyncio.Lock()  # one flush of spilled writes at a time
         self._seed(seed, fresh)
 
-    def _seed(self, seed: Sequence[int], fresh: bool) -> None:
+    def _seed(self, seed: Sequence[int] | bytes, fresh: bool) -> None:
         if self._map.new and seed:
             # Chunks some other means put in the replica already (a mirror's push before a
             # switchover): present now, durable after the next sync, exactly like fetched
             # ones. Only into a new bitmap: a restarted agent trusts what its file says.
-            self._mark_fetched([c for c in seed if 0 <= c < self._map.n_chunks])
+            # Given as bits, they are marked a byte at a time (the guest waits for this).
+            if isinstance(seed, bytes):
+                self._map.mark_present_bits(seed)
+                self._fetched(bits_to_chunks(seed, self._map.n_chunks))
+            else:
+                self._mark_fetched([c for c in seed if 0 <= c < self._map.n_chunks])
         counts = (self._map.count, self._map.n_chunks, " (new)" if fresh else "")
         self.log.info(
             "replica %s of %r: %d of %d chunks present%s", self.path, self.remote, *counts
@@ -211,6 +216,10 @@ class Replica(Backend):
     def _mark_fetched(self, chunks: Sequence[int]) -> None:
         """Fetched data is in the replica: serve it now, persist its bits after a sync."""
         self._map.mark_present(chunks)
+        self._fetched(chunks)
+
+    def _fetched(self, chunks: Sequence[int]) -> None:
+        """(Marked present already.) Their bits persisted after a sync."""
         self._unsynced.update(chunks)
         self._after_mark()
         if len(self._unsynced) >= self.sync_batch:

@@ -27,7 +27,6 @@ from devagent.agent.messages import (
     RemoteSpec,
 )
 from devagent.agent.mirror import Mirrored
-from devagent.agent.presence import bits_to_chunks
 from devagent.agent.remote import Remote, RemoteState
 from devagent.errors import UsageError
 
@@ -84,7 +83,7 @@ async def open_backend(spec: BackendSpec, *, current: Backend | None = None) -> 
             rate_limit=spec.rate_limit,
             copy_workers=spec.copy_workers,
             copy_batch=spec.copy_batch,
-            seed=bits_to_chunks(spec.present_bits(), 1 << 62),
+            seed=spec.present_bits(),
         )
     except OSError as err:  # its replica or presence file (a read-only space, say)
         if taken is None:

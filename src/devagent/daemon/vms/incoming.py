@@ -218,18 +218,14 @@ async def commit_incoming(vm: ManagedVm, fetches: dict[str, FetchSpec]) -> dict[
     watches each become Local (once the source lets it go). Nothing runs the guest before
     every disk is ready: QEMU was started paused (``-S``)."""
     steps: dict[str, float] = {DestinationStep.COMMIT: time.time()}
-    deadline = time.time() + ARRIVAL_TIMEOUT_S
-    while True:
-        if vm.vm.exited:  # for good: the source need not ask again (it rolls back at once)
-            raise StateError(f"VM {vm.name}'s incoming QEMU exited: it cannot commit here")
-        if (await vm.vm.query("query-status", StatusInfo)).status != "inmigrate":
-            break
-        if time.time() > deadline:
-            raise PeerError(f"VM {vm.name}: the migration did not arrive")
-        await asyncio.sleep(0.002)  # the guest is paused meanwhile: look often
-    steps[DestinationStep.ARRIVED] = time.time()
-    if vm.receivers:
-        retired = await all_of(*(_retire_receiver(vm, n) for n in list(vm.receivers)))
+    # The source stopped its pushes before it asked: the receivers retire while QEMU
+    # finishes loading the guest.
+    retiring = asyncio.ensure_future(all_of(*(_retire_receiver(vm, n) for n in list(vm.receivers))))
+    try:
+        steps[DestinationStep.ARRIVED] = await _arrival(vm)
+    finally:
+        await asyncio.wait([retiring])
+    if retired := retiring.result():
         steps[DestinationStep.RECEIVER_RETIRED] = max(retired)
     if fetches:
         swapped = await all_of(*(_swap_to_fetch(vm, n, f) for n, f in fetches.items()))
@@ -252,6 +248,19 @@ async def commit_incoming(vm: ManagedVm, fetches: dict[str, FetchSpec]) -> dict[
         raise StateError(f"VM {vm.name} crashed here as its commit began: {err}") from err
     assert vm.vm.resumed_at is not None
     return {**steps, "resumed_at": vm.vm.resumed_at}
+
+
+async def _arrival(vm: ManagedVm) -> float:
+    """When QEMU left ``inmigrate`` (the migration arrived whole)."""
+    deadline = time.time() + ARRIVAL_TIMEOUT_S
+    while True:
+        if vm.vm.exited:  # for good: the source need not ask again (it rolls back at once)
+            raise StateError(f"VM {vm.name}'s incoming QEMU exited: it cannot commit here")
+        if (await vm.vm.query("query-status", StatusInfo)).status != "inmigrate":
+            return time.time()
+        if time.time() > deadline:
+            raise PeerError(f"VM {vm.name}: the migration did not arrive")
+        await asyncio.sleep(0.002)  # the guest is paused meanwhile: look often
 
 
 async def _retire_receiver(vm: ManagedVm, node: str) -> float:
