@@ -327,6 +327,12 @@ async def test_agent_serve_backend_json_with_a_real_client(
     bad = await cli_agent("--backend-json", "{nope", "--unix", str(sock))
     _, err = await asyncio.wait_for(bad.communicate(), 30)
     assert bad.returncode == 2 and b"--backend-json" in err
+    empty = tmp_path / "no-certificates"
+    empty.mkdir()
+    uncertified = await cli_agent(str(source), "--unix", str(sock), "--tls-dir", str(empty))
+    _, err = await asyncio.wait_for(uncertified.communicate(), 30)
+    assert uncertified.returncode == 1 and b"Error" in err, err
+    assert not sock.exists()  # it listened first, and let go of it
     proc = await cli_agent(
         *("--backend-json", json.dumps(spec), "--unix", str(sock), "--control", str(ctl)),
         *("--name", "disk"),

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from devagent.agent.agent import BlockAgent
-from devagent.agent.nbd_server import bind_unix
+from devagent.agent.nbd_server import bind_unix, drop_unix
 from devagent.agent.serve import serve
 from devagent.agent.spec import check_spec
 from devagent.cli.foreground import (
@@ -122,7 +122,12 @@ def serve_cmd(
     # Listening first (QEMU, started beside the agent, may connect from now on), then the
     # certificates and the backend.
     listener = _bind(unix) if unix is not None else None
-    tls = agent_tls(tls_dir, tls_peers)
+    try:
+        tls = agent_tls(tls_dir, tls_peers)
+    except BaseException:
+        if listener is not None:
+            drop_unix(listener)
+        raise
 
     def ready(agent: BlockAgent) -> None:
         for listening in agent.addresses:
