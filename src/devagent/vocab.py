@@ -144,7 +144,7 @@ class Step(StrEnum):
     destination's own steps come back prefixed ``destination_``."""
 
     DESTINATION_READY = "destination_ready"  # the incoming QEMU (and agents) listen
-    MIRROR_STARTED = "mirror_started"  # the push began (precopy: before RAM; hybrid: with it)
+    MIRROR_STARTED = "mirror_started"  # precopy, hybrid: the push began
     #: precopy: the guest dirtied the disk faster than the mirror copied it (or the passes
     #: ran out); from here its writes go to both copies, at the link's pace (the report's
     #: ``io_rate_ratio`` says how much that slowed it).

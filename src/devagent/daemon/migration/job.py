@@ -5,7 +5,7 @@ each step. The steps, in order (each a method here)::
 
     prepare        the destination makes an incoming QEMU (and agents), paused; QEMU here
                    is set up for RAM meanwhile
-    before_ram     plan: start a push (beside RAM) or a mirror, wait for convergence
+    before_ram     plan: start a push or a mirror, wait for convergence
     ram            QEMU's RAM migration (:mod:`.ram`): once it moves, the plan's flush
                    (:meth:`~.plans.AgentPlan.ram_active`); the plan's pre-switchover step
     switchover     plan: stop the push / cut the mirror over; then fence the source

@@ -10,8 +10,8 @@ shared     —                   —                           —
 postcopy   —                   fence                       fetch the rest, let go, release
 precopy    mirror, converge,   cut the mirror over, fence  let go (the replica is whole),
            write-through                                   release
-hybrid     push (starts with   stop the push, fence,       fetch what the push left, let
-           RAM, beside it)     hand its bitmap over        go, release
+hybrid     push at a share     stop the push, fence,       fetch what the push left, let
+           of the link         hand its bitmap over        go, release
 =========  ==================  ==========================  ===========================
 
 "Let go" (:meth:`FetchingPlan._settle`): until then each replica on the destination is a
@@ -135,8 +135,8 @@ class Plan:
         """QEMU's RAM migration left its setup (and the guest its stall at RAM's start)."""
 
     def check_beside_ram(self) -> None:
-        """Raise the failure of the plan's work beside RAM (a flush, a push's start), if it
-        ended so: the migration rolls back without waiting for RAM to complete."""
+        """Raise the failure of the plan's work beside RAM (the disks' flush), if it ended
+        so: the migration rolls back without waiting for RAM to complete."""
 
     async def at_pre_switchover(self, job: JobView) -> None:
         """The guest stopped and its disk drained; QEMU waits for this before it goes on."""

@@ -3,15 +3,13 @@ switchover (the plans' table: :mod:`.plans`):
 
 ``precopy``  a mirror makes each replica complete before RAM moves, then writes go to both
              copies until the switchover cuts it over;
-``hybrid``   a push starts with RAM and runs beside it on what RAM leaves of the link
+``hybrid``   a push starts before RAM and runs beside it on what RAM leaves of the link
              (:mod:`.share`); the switchover stops it and hands the destination the bitmap
              of what it landed; the rest is fetched after.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from collections.abc import Awaitable
 
 from devagent.agent.defaults import COPY_WORKERS, FETCH_CHUNK, MIRROR_CHUNK
@@ -26,10 +24,9 @@ from devagent.daemon.migration.plans import (
     Handover,
     Prepared,
     each_disk,
-    raise_failure,
 )
 from devagent.daemon.migration.share import FIXED_SHARE, LinkShare, copy_batch, disk_link_rate
-from devagent.errors import DevagentError, PeerError
+from devagent.errors import PeerError
 from devagent.vocab import Step, Strategy
 from devagent.wait import wait_until
 
@@ -105,24 +102,8 @@ class HybridPlan(FetchingPlan):
         return max(1, int(job.request.link_rate_bps / 8 * (1 - FIXED_SHARE)))
 
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        """The push starts beside RAM, which does not wait for it (each dials the
-        destination); the switchover waits for it to have started."""
-        self.starting = asyncio.create_task(self._push(job, prepared))
-
-    starting: asyncio.Task[None] | None = None
-
-    def check_beside_ram(self) -> None:
-        super().check_beside_ram()
-        raise_failure(self.starting)
-
-    async def _started(self) -> None:
-        """The push started: its failure raised (a roll-back's is only taken)."""
-        starting, self.starting = self.starting, None
-        if starting is not None:
-            await asyncio.wait([starting])
-            starting.result()
-
-    async def _push(self, job: DiskJob, prepared: Prepared) -> None:
+        """The push starts before RAM: started beside it (each dialling the destination at
+        once, on two cores) RAM's phase grew by more than the push's start took."""
         link = job.request.link_rate_bps
         share = LinkShare(job, link / 8, job.follows_ram) if link else None
 
@@ -139,16 +120,14 @@ class HybridPlan(FetchingPlan):
         if share is not None:
             self.share = share
             share.start()
+        await super().before_ram(job, prepared)
 
     async def roll_back(self, job: JobView) -> None:
-        with contextlib.suppress(DevagentError):  # (said by the job's failure, if it is its)
-            await self._started()  # a push that starts after the roll-back would go on
         if self.share is not None:
             await self.share.stop()
         await super().roll_back(job)
 
     async def at_switchover(self, job: DiskJob) -> Handover:
-        await self._started()
         if self.share is not None:
             await self.share.stop()
         await super().at_switchover(job)
