@@ -54,7 +54,7 @@ def _bind(path: Path) -> socket.socket:
     try:
         return bind_unix(path)
     except OSError as err:
-        raise click.ClickException(f"cannot listen on {path}: {err.strerror}") from err
+        raise click.ClickException(f"cannot listen on {path}: {err.strerror or err}") from err
 
 
 @click.group("agent")

@@ -236,8 +236,9 @@ class AgentPlan(Plan):
     def ram_active(self, job: DiskJob) -> None:
         """Each disk flushed once RAM moves, so that the switchover's own flush (QEMU's, as
         it stops the guest) has little left to do. Neither RAM's start waits for it nor
-        does it add to the guest's stall as RAM starts (QEMU's first dirty-page sync); the
-        switchover rolls back if it failed, and cancels it if it still runs."""
+        does it add to the guest's stall as RAM starts (QEMU's first dirty-page sync); its
+        failure rolls back at RAM's next look (:meth:`check_beside_ram`), and the
+        switchover cancels it if it still runs."""
         if self.early_flush is None:
             self.early_flush = asyncio.create_task(_flush_each(job))
 

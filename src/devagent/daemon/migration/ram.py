@@ -170,6 +170,7 @@ class RamFollower:
         if self.continued:
             return  # the status is seen again until QEMU moves on
         job = self.job
+        job.plan.check_beside_ram()  # not past here with a failed flush: QEMU waits for us
         if job.net is not None:
             await job.net.hold()
         await job.plan.at_pre_switchover(job)

@@ -223,9 +223,10 @@ async def commit_incoming(vm: ManagedVm, fetches: dict[str, FetchSpec]) -> dict[
     retiring = asyncio.ensure_future(all_of(*(_retire_receiver(vm, n) for n in list(vm.receivers))))
     try:
         steps[DestinationStep.ARRIVED] = await _arrival(vm)
-    finally:
-        await asyncio.wait([retiring])
-    if retired := retiring.result():
+    except BaseException:  # said at once; the receivers retire by themselves
+        retiring.add_done_callback(lambda done: done.cancelled() or done.exception())
+        raise
+    if retired := await retiring:
         steps[DestinationStep.RECEIVER_RETIRED] = max(retired)
     if fetches:
         swapped = await all_of(*(_swap_to_fetch(vm, n, f) for n, f in fetches.items()))
