@@ -456,7 +456,8 @@ class FakeDestination:
                 }
                 for d in body.get("disks", [])
             }
-            answer = {"uri": "tcp:10.9.0.2:5000", "disk_targets": targets}  # fmt: skip
+            answer = {"uri": "tcp:10.9.0.2:5000", "disk_targets": targets,
+                      "listening": not body.get("early", False)}  # fmt: skip
             if path.startswith("/v1/baselines"):
                 nbd = {"host": "10.9.0.2", "port": "10809", "export": "disk0"}
                 answer = {"uri": "tcp:10.9.0.2:5000", "nbd": nbd}

@@ -1,7 +1,9 @@
 """The destination's commit happens once per incoming VM: a repeat (the source trying again
 after a lost answer) waits for the first one and gets its answer, and a client that goes
 away cannot stop it half-way. A commit and an abort exclude each other: a source daemon that
-restarted and asks for the abort while the last commit runs is refused."""
+restarted and asks for the abort while the last commit runs is refused. A prepare for a push
+may answer early, once its receivers serve: the rest of the start is then waited for apart
+(or ended by an abort)."""
 
 from __future__ import annotations
 
@@ -11,16 +13,25 @@ from typing import Any, cast
 
 import pytest
 
+from devagent.daemon.migration import destination
 from devagent.daemon.migration.destination import Commits
-from devagent.daemon.migration.messages import CommitAnswer, CommitRequest
+from devagent.daemon.migration.messages import (
+    CommitAnswer,
+    CommitRequest,
+    IncomingDisk,
+    IncomingRequest,
+)
 from devagent.daemon.vms import VmRole
+from devagent.daemon.vms.request import DiskRequest, VmRequest
 from devagent.errors import NotFound, PeerError, StateError
+from devagent.qemu.config import VmConfig
 
 
 @dataclass
 class FakeVm:
     name: str
     role: VmRole = VmRole.INCOMING
+    starting: asyncio.Future[Any] | None = None  # its start, done
 
 
 @dataclass
@@ -171,3 +182,164 @@ async def test_a_baseline_commit_is_once_only_and_excludes_the_abort_too() -> No
     again = await made.commit("v1", CommitRequest(), using=qemus)  # the first one's answer
     assert (await first).resumed_at == again.resumed_at == 101.0
     assert (qemus.runs, devagents.runs) == (1, 0)
+
+
+# -- an early prepare: the answer once the push's receivers serve ------------------------------
+
+
+@dataclass
+class StartingVm:
+    """An incoming VM as :func:`destination.prepare` reads it while its start goes on."""
+
+    name: str
+    role: VmRole = VmRole.INCOMING
+    starting: asyncio.Future[Any] | None = None
+    agents: list[Any] = field(default_factory=list)
+    receivers: dict[str, Any] = field(default_factory=dict)
+    nics: list[Any] = field(default_factory=list)
+    vm: Any = None
+
+    def api_status(self) -> None:
+        return None
+
+    def save(self) -> None:
+        pass
+
+
+@dataclass
+class StartingHost:
+    vms: Any = field(default_factory=lambda: StartingVms())
+    address: str = "127.0.0.1"
+    tls: Any = None
+    shared_dir: Any = None
+
+
+@dataclass
+class StartingVms:
+    vms: dict[str, StartingVm] = field(default_factory=dict)
+
+    def get(self, name: str) -> StartingVm:
+        if name not in self.vms:
+            raise NotFound(f"no VM {name!r}")
+        return self.vms[name]
+
+    async def remove(self, name: str) -> None:
+        if name not in self.vms:
+            raise NotFound(f"no VM {name!r}")
+        del self.vms[name]
+
+
+class Start:
+    """The incoming VM's start, step by step as the test says: the VM in the host's table
+    and its receivers serving (``receive``), then QEMU up (``listen``), or a failure; as
+    the VM manager, a start that fails or is cancelled removes its VM."""
+
+    def __init__(self, host: StartingHost) -> None:
+        self.host = host
+        self.receive, self.listen = asyncio.Event(), asyncio.Event()
+        self.fail: BaseException | None = None  # once QEMU starts
+        self.fail_early: BaseException | None = None  # before the receivers serve
+        self.cancelled = False
+
+    async def prepare_incoming(
+        self, manager: Any, request: Any, config: Any, disks: Any, *, receiving: asyncio.Event,
+        **rest: Any,
+    ) -> Any:  # fmt: skip
+        managed = StartingVm(request.name)
+        self.host.vms.vms[request.name] = managed
+        try:
+            if self.fail_early is not None:
+                raise self.fail_early
+            await self.receive.wait()
+            receiving.set()
+            await self.listen.wait()
+            if self.fail is not None:
+                raise self.fail
+        except BaseException as err:
+            self.cancelled = isinstance(err, asyncio.CancelledError)
+            await self.host.vms.remove(request.name)
+            raise
+        return managed
+
+    async def migrate_incoming(self, vm: Any, uri: str, tls: Any, source: str) -> None:
+        pass
+
+
+def incoming(early: bool) -> IncomingRequest:
+    return IncomingRequest(
+        request=VmRequest(name="v1", disks=(DiskRequest(size=1 << 20),)),
+        config=VmConfig(name="v1"),
+        disks=[IncomingDisk(node="disk0", size=1 << 20, receive=True)],
+        source="a",
+        early=early,
+    )
+
+
+@pytest.fixture
+def start(monkeypatch: pytest.MonkeyPatch) -> Start:
+    started = Start(StartingHost())
+    monkeypatch.setattr(destination.incoming_vm, "prepare_incoming", started.prepare_incoming)
+    monkeypatch.setattr(destination, "migrate_incoming", started.migrate_incoming)
+    monkeypatch.setattr(destination, "free_port", lambda address: 4999)
+    return started
+
+
+async def test_an_early_prepare_answers_once_the_receivers_serve(start: Start) -> None:
+    host = cast(Any, start.host)
+    preparing = asyncio.ensure_future(destination.prepare(host, incoming(early=True)))
+    await asyncio.sleep(0.05)
+    assert not preparing.done(), "answered before the receivers served"
+    start.receive.set()
+    answer = await asyncio.wait_for(preparing, 1)
+    assert answer.listening is False and answer.uri == "tcp:127.0.0.1:4999"
+    managed = host.vms.get("v1")
+    listening = asyncio.ensure_future(destination.until_listening(managed))
+    await asyncio.sleep(0.05)
+    assert not listening.done(), "listening before QEMU started"
+    start.listen.set()
+    await asyncio.wait_for(listening, 1)
+    await destination.until_listening(managed)  # asked again: at once
+
+
+async def test_a_prepare_that_is_not_early_answers_once_qemu_listens(start: Start) -> None:
+    preparing = asyncio.ensure_future(destination.prepare(cast(Any, start.host), incoming(False)))
+    start.receive.set()
+    await asyncio.sleep(0.05)
+    assert not preparing.done(), "answered before QEMU listened"
+    start.listen.set()
+    answer = await asyncio.wait_for(preparing, 1)
+    assert answer.listening is True
+
+
+async def test_a_start_that_fails_after_the_early_answer_is_told_to_the_source(
+    start: Start,
+) -> None:
+    host = cast(Any, start.host)
+    start.receive.set()
+    await destination.prepare(host, incoming(early=True))
+    managed = host.vms.get("v1")
+    start.fail = PeerError("QEMU exited: no such machine")
+    start.listen.set()
+    with pytest.raises(PeerError, match="no such machine"):
+        await destination.until_listening(managed)
+    assert host.vms.vms == {}  # the start removed it
+
+
+async def test_a_start_that_fails_before_the_receivers_serve_fails_the_prepare(
+    start: Start,
+) -> None:
+    start.fail_early = PeerError("the receiver could not open its replica")
+    with pytest.raises(PeerError, match="could not open"):
+        await asyncio.wait_for(destination.prepare(cast(Any, start.host), incoming(True)), 1)
+    assert start.host.vms.vms == {}
+
+
+async def test_an_abort_while_the_vm_starts_ends_its_start(start: Start) -> None:
+    host = cast(Any, start.host)
+    start.receive.set()
+    await destination.prepare(host, incoming(early=True))
+    managed = host.vms.get("v1")
+    await destination.abort(host, "v1")
+    assert start.cancelled and host.vms.vms == {}
+    with pytest.raises(StateError, match="given up"):  # the source's wait, if it still asks
+        await destination.until_listening(managed)

@@ -82,6 +82,8 @@ async def test_every_strategy_runs_its_steps_in_order(tmp_path: Path, strategy: 
     [
         (Strategy.HYBRID, "prepare", "POST /v1/incoming"),
         (Strategy.HYBRID, "mirror start", "/mirror"),
+        (Strategy.HYBRID, "the destination's start", "POST /v1/incoming/v1/listening"),
+        (Strategy.PRECOPY, "the destination's start", "POST /v1/incoming/v1/listening"),
         (Strategy.PRECOPY, "mirror start", "/mirror"),
         (Strategy.HYBRID, "flush", "/flush"),
         (Strategy.POSTCOPY, "ram", "migrate"),
@@ -108,6 +110,33 @@ async def test_a_failure_before_the_switchover_rolls_back(
     if vm.agents and where != "prepare":
         assert "/mirror/cancel" in vm.agents[0].calls
         assert "/fence" not in vm.agents[0].calls
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+async def test_a_push_starts_while_the_destinations_qemu_starts(
+    tmp_path: Path, strategy: Strategy
+) -> None:
+    """A push's destination answers once its receivers serve, its QEMU still starting: the
+    push starts then, RAM once that QEMU listens. The other strategies' destination answers
+    when it listens."""
+    job, vm, host = make_job(tmp_path, strategy)
+    log = host.destination.everything = vm.vm.commands  # the agents' calls and QMP's too
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    incoming = (
+        "peer POST /v1/baselines/incoming" if strategy.is_baseline else "peer POST /v1/incoming"
+    )
+    listening = "peer POST /v1/incoming/v1/listening"
+    timeline = job.report.timeline
+    if strategy in (Strategy.HYBRID, Strategy.PRECOPY):
+        assert host.destination.bodies["/v1/incoming"]["early"] is True
+        assert log.index(incoming) < log.index("agent /mirror") < log.index(listening)
+        assert log.index(listening) < log.index("migrate")
+        assert timeline[Step.MIRROR_STARTED] <= timeline[Step.DESTINATION_READY]
+        assert timeline[Step.DESTINATION_READY] <= timeline[Step.RAM_STARTED]
+    else:
+        assert listening not in log and log.index(incoming) < log.index("migrate")
+        assert timeline[Step.DESTINATION_READY] <= timeline[Step.RAM_STARTED]
 
 
 @pytest.mark.parametrize("strategy", [Strategy.SHARED, Strategy.POSTCOPY, Strategy.HYBRID])
@@ -199,9 +228,11 @@ async def test_a_set_of_disks_moves_as_one(tmp_path: Path, strategy: Strategy) -
         assert [getattr(t, "export", None) for t in targets] == [f"receive-{n}" for n in SIZES]
     if strategy is Strategy.HYBRID:
         rates = [a.mirrors[0].rate_limit or 0 for a in vm.agents]
-        push = 10**9 / 8 * START_SHARE  # until the RAM's rate is known
-        assert sum(rates) == pytest.approx(push)
+        assert sum(rates) == pytest.approx(10**9 / 8)  # while QEMU starts there, the link
         assert rates[1] == pytest.approx(2 * rates[0]) and rates[0] == pytest.approx(2 * rates[2])
+        told = [a.rates[0] or 0 for a in vm.agents]  # RAM first once it listens
+        assert sum(told) == pytest.approx(10**9 / 8 * START_SHARE)
+        assert told[1] == pytest.approx(2 * told[0]) and told[0] == pytest.approx(2 * told[2])
         present = commit["fetches"]
         assert all(present[n]["present"] for n in SIZES)  # what each push landed
 

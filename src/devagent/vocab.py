@@ -143,8 +143,10 @@ class Step(StrEnum):
     command), in the order they happen; the plot draws its phases from them. The
     destination's own steps come back prefixed ``destination_``."""
 
+    #: precopy, hybrid: the push began (once the destination's receivers serve: its QEMU
+    #: may still be starting)
+    MIRROR_STARTED = "mirror_started"
     DESTINATION_READY = "destination_ready"  # the incoming QEMU (and agents) listen
-    MIRROR_STARTED = "mirror_started"  # precopy, hybrid: the push began
     #: precopy: the guest dirtied the disk faster than the mirror copied it (or the passes
     #: ran out); from here its writes go to both copies, at the link's pace (the report's
     #: ``io_rate_ratio`` says how much that slowed it).

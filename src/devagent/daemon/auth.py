@@ -28,6 +28,7 @@ from devagent.tls import Peer, Role, Tls, peer_of_transport
 PEER_ROUTES = frozenset(
     {
         ("POST", "/v1/incoming"),
+        ("POST", "/v1/incoming/{name}/listening"),
         ("POST", "/v1/incoming/{name}/commit"),
         ("DELETE", "/v1/incoming/{name}"),
         ("POST", "/v1/baselines/incoming"),

@@ -8,6 +8,8 @@ rolls back.
 ``commit``    ``POST /v1/incoming/NAME/commit``: ready the disk (a Fetch replica seeded with
               what the push landed, or the complete replica as Local), run the guest; once
               per VM (:class:`Commits`: a repeat gets the first one's answer)
+``listening`` ``POST /v1/incoming/NAME/listening``: for a VM prepared ``early`` (its answer
+              came once its push's receivers served): once its QEMU listens for RAM
 ``abort``     ``DELETE /v1/incoming/NAME``: remove all of it, unless its commit is under way
               or began (then the guest runs here: refused, 409)
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from devagent.daemon.migration.context import free_port
 from devagent.daemon.migration.messages import (
@@ -69,7 +71,9 @@ def shared_image(host: Host, image: str) -> Path:
 
 
 async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
-    """Start QEMU waiting for the VM, with its disks' and NICs' agents."""
+    """Start QEMU waiting for the VM, with its disks' and NICs' agents. ``early``: answer
+    once the disks' receivers serve, and let the rest of the start go on
+    (:func:`until_listening` waits for it): a push may use the link while QEMU starts."""
     disks = []
     config = peer_config(incoming.config)
     for disk in incoming.disks:
@@ -81,17 +85,21 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
             backend=disk.backend.spec() if disk.backend is not None else None,
             receive=disk.receive,
         ))  # fmt: skip
-    managed = await incoming_vm.prepare_incoming(
-        host.vms, incoming.request, config, disks, nics=incoming.nics
-    )
-    managed.source_host = incoming.source or None
-    managed.save()
     uri = f"tcp:{host.address}:{free_port(host.address)}"
+    receiving = asyncio.Event()
+    starting = asyncio.ensure_future(_start(host, incoming, config, disks, uri, receiving))
     try:
-        await migrate_incoming(managed.vm, uri, host.tls, incoming.source)
-    except BaseException:
-        await host.vms.remove(managed.name)
+        await (_until_set(receiving, starting) if incoming.early else asyncio.shield(starting))
+    except BaseException:  # this request was given up: its VM goes
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
         raise
+    if starting.done():
+        managed = starting.result()  # (a start that failed raises here)
+    else:  # its start goes on: the source waits for it (:func:`until_listening`)
+        managed = host.vms.get(incoming.request.name)
+        managed.starting = starting
+        starting.add_done_callback(_retrieved)
     targets = {}
     for agent in managed.agents:  # where a push goes: the receiver, or the VM's agent
         target = managed.receivers.get(agent.node, agent)
@@ -104,7 +112,60 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
         disk_targets=targets,
         nic_peers={nic.node: nic.peer_address for nic in managed.nics if nic.peer_address},
         vm=managed.api_status(),
+        listening=starting.done(),
     )
+
+
+async def _start(
+    host: Host,
+    incoming: IncomingRequest,
+    config: VmConfig,
+    disks: list[incoming_vm.IncomingDisk],
+    uri: str,
+    receiving: asyncio.Event,
+) -> ManagedVm:
+    managed = await incoming_vm.prepare_incoming(
+        host.vms, incoming.request, config, disks,
+        nics=incoming.nics, source=incoming.source or None, receiving=receiving,
+    )  # fmt: skip
+    managed.save()
+    try:
+        await migrate_incoming(managed.vm, uri, host.tls, incoming.source)
+    except BaseException:
+        await host.vms.remove(managed.name)
+        raise
+    return managed
+
+
+async def _until_set(event: asyncio.Event, task: asyncio.Future[ManagedVm]) -> None:
+    """Until ``event`` is set or ``task`` ended, whichever comes first."""
+    waiting = asyncio.ensure_future(event.wait())
+    try:
+        either: set[asyncio.Future[Any]] = {waiting, task}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiting.cancel()
+
+
+def _retrieved(task: asyncio.Future[ManagedVm]) -> None:
+    """A start's failure is the source's to hear (:func:`until_listening`): not logged as
+    never retrieved when nobody asks."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def until_listening(managed: ManagedVm) -> None:
+    """An incoming VM answered early (:func:`prepare`): its QEMU listens for RAM (its
+    start's failure raised; the VM is gone then)."""
+    starting = managed.starting
+    if starting is None:
+        return
+    try:
+        await asyncio.shield(starting)
+    except asyncio.CancelledError:
+        if not starting.cancelled():  # this wait itself was
+            raise
+        raise StateError(f"VM {managed.name}'s start was given up: it is removed") from None
 
 
 async def ready(managed: ManagedVm, request: CommitRequest) -> CommitAnswer:
@@ -171,4 +232,9 @@ async def abort(host: Host, name: str) -> None:
     managed = host.vms.get(name)
     if managed.role is not VmRole.INCOMING:
         raise StateError(f"VM {name} is not an incoming VM ({managed.role}): refusing to remove it")
+    if managed.starting is not None and not managed.starting.done():
+        managed.starting.cancel()  # a start that fails removes its VM itself
+        await asyncio.gather(managed.starting, return_exceptions=True)
+        if name not in host.vms.vms:
+            return
     await host.vms.remove(name)

@@ -238,12 +238,14 @@ class MigrationJob(RunningJob):
         if self.net is not None:
             await self.net.start()
         prepared = await self.plan.prepare(self)
-        self.mark(Step.DESTINATION_READY)
+        if prepared.until_listening is None:  # (else once its QEMU listens)
+            self.mark(Step.DESTINATION_READY)
         if self.net is not None:
             self.net.prepared(prepared.nic_peers or {})
         return prepared
 
     async def ram(self, prepared: Prepared) -> MigrationInfo:
+        await prepared.listening()
         self._move(Phase.RAM)
         self.mark(Step.RAM_STARTED)
         done = await migrate_ram(self, prepared.uri)

@@ -74,6 +74,9 @@ class IncomingRequest(Message):
     #: and keep-remote are then that host's alone.
     source: str = ""
     nics: list[NicIdentity] = msgspec.field(default_factory=list)
+    #: Answer once the disks' receivers serve (a push may start), before QEMU listens:
+    #: ``POST /v1/incoming/NAME/listening`` then waits for the rest.
+    early: bool = False
 
 
 class IncomingAnswer(msgspec.Struct):
@@ -82,6 +85,8 @@ class IncomingAnswer(msgspec.Struct):
     disk_targets: dict[str, RemoteDisk] = msgspec.field(default_factory=dict)
     nic_peers: dict[str, str] = msgspec.field(default_factory=dict)  # node -> tcp:HOST:PORT
     vm: VmStatus | None = None  # the incoming VM's status
+    #: QEMU listens for RAM already (False: an ``early`` answer, its start goes on).
+    listening: bool = True
 
 
 class FetchPlan(msgspec.Struct, omit_defaults=True):

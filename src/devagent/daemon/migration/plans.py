@@ -90,6 +90,14 @@ class Prepared:
     push_targets: dict[str, RemoteDisk] = field(default_factory=dict)
     nbd: NbdAddress | None = None  # a QEMU mirror's target export
     nic_peers: dict[str, str] | None = None
+    #: Set when the destination answered once the push's receivers served, its QEMU still
+    #: starting (an ``early`` prepare): waits until that QEMU listens for RAM.
+    until_listening: Callable[[], Awaitable[None]] | None = None
+
+    async def listening(self) -> None:
+        """Until the destination's QEMU listens for RAM (a start that failed there raised)."""
+        if self.until_listening is not None:
+            await self.until_listening()
 
 
 @dataclass(frozen=True)
@@ -161,6 +169,17 @@ class Plan:
         return (job.progress.disk_bytes_moved or 0) + (job.progress.disk_bytes_pushed or 0)
 
 
+def _listening(job: JobView) -> Callable[[], Awaitable[None]]:
+    """The wait for an early-prepared destination's QEMU: asked of it once."""
+
+    async def until_listening() -> None:
+        if Step.DESTINATION_READY not in job.report.timeline:
+            await job.peer.post(f"/v1/incoming/{job.managed.name}/listening")
+            job.mark(Step.DESTINATION_READY)
+
+    return until_listening
+
+
 def require_one_disk(job: JobView, strategy: Strategy) -> None:
     """Refuse a VM of several disks (:class:`UsageError`): a migration moves one disk."""
     disks = len(job.managed.images)
@@ -206,6 +225,7 @@ class AgentPlan(Plan):
             disks=disks,
             nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
             source=job.host.name,
+            early=receive and self.moves_disk,  # the push starts while QEMU starts there
         )
 
     async def prepare(self, job: JobView) -> Prepared:
@@ -219,8 +239,9 @@ class AgentPlan(Plan):
         raw = await job.peer.post("/v1/incoming", to_json(self.incoming(job)))
         answer = from_peer(raw, IncomingAnswer, what="the destination's answer")
         return Prepared(
-            uri=answer.uri, push_targets=answer.disk_targets, nic_peers=answer.nic_peers
-        )
+            uri=answer.uri, push_targets=answer.disk_targets, nic_peers=answer.nic_peers,
+            until_listening=None if answer.listening else _listening(job),
+        )  # fmt: skip
 
     @staticmethod
     async def _size(agent: DiskAgentLink) -> int:

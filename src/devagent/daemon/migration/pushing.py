@@ -3,9 +3,10 @@ switchover (the plans' table: :mod:`.plans`):
 
 ``precopy``  a mirror makes each replica complete before RAM moves, then writes go to both
              copies until the switchover cuts it over;
-``hybrid``   a push starts before RAM and runs beside it on what RAM leaves of the link
-             (:mod:`.share`); the switchover stops it and hands the destination the bitmap
-             of what it landed; the rest is fetched after.
+``hybrid``   a push starts before RAM (with the whole link while the destination's QEMU
+             starts) and runs beside it on what RAM leaves of the link (:mod:`.share`);
+             the switchover stops it and hands the destination the bitmap of what it
+             landed; the rest is fetched after.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class PrecopyPlan(FetchingPlan):
 
         await each_disk(job, mirror)
         job.mark(Step.MIRROR_STARTED)
+        await prepared.listening()  # (long before the mirrors converge)
         await wait_until(
             lambda: self._converged(job), timeout=DISK_WAIT_S, interval=POLL_S,
             what=f"the disk mirrors of VM {job.managed.name} to converge",
@@ -102,10 +104,14 @@ class HybridPlan(FetchingPlan):
         return max(1, int(job.request.link_rate_bps / 8 * (1 - FIXED_SHARE)))
 
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        """The push starts before RAM: started beside it (each dialling the destination at
-        once, on two cores) RAM's phase grew by more than the push's start took."""
+        """The push starts as soon as the destination's receivers serve, with the whole
+        link while QEMU starts there (an early prepare), then what RAM leaves. Not beside
+        RAM's start: each dialling the destination at once, on two cores, RAM's phase grew
+        by more than the push's start took."""
         link = job.request.link_rate_bps
         share = LinkShare(job, link / 8, job.follows_ram) if link else None
+        if share is not None and prepared.until_listening:  # the link is the push's alone
+            share.rate = share.link  # until QEMU listens there
 
         def push(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
             return agent.mirror(MirrorRequest(  # small copies: the switchover waits for those
@@ -119,6 +125,9 @@ class HybridPlan(FetchingPlan):
         job.mark(Step.MIRROR_STARTED)
         if share is not None:
             self.share = share
+        await prepared.listening()
+        if share is not None:
+            await share.adjust()  # RAM first from here on
             share.start()
         await super().before_ram(job, prepared)
 

@@ -8,6 +8,7 @@ their source are taken up again under their own ids (:mod:`.recovery`).
                                               :mod:`devagent.daemon.libvirt_migration`
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
     POST   /v1/incoming                       (peer) prepare an incoming VM (IncomingRequest)
+    POST   /v1/incoming/{name}/listening      (peer) wait until its QEMU listens for RAM
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it (CommitRequest)
     DELETE /v1/incoming/{name}                (peer) roll back: remove it
     POST   /v1/baselines/incoming             (peer) the same for a QEMU-only strategy
@@ -59,6 +60,7 @@ class MigrationRoutes:
         router.add_get("/v1/migrations", self.list_migrations)
         router.add_get("/v1/migrations/{id}", self.get_migration)
         router.add_post("/v1/incoming", self.prepare_incoming)
+        router.add_post("/v1/incoming/{name}/listening", self.incoming_listening)
         router.add_post("/v1/incoming/{name}/commit", self.commit_incoming)
         router.add_delete("/v1/incoming/{name}", self.abort_incoming)
         router.add_post("/v1/baselines/incoming", self.prepare_baseline)
@@ -120,6 +122,11 @@ class MigrationRoutes:
         require_source(request, incoming.source, f"VM {incoming.request.name} coming here")
         reply = await destination.prepare(self.host, incoming)
         return answer(reply, status=201)
+
+    async def incoming_listening(self, request: web.Request) -> web.Response:
+        managed = self.host.vms.get(self._from_its_source(request, "starting"))
+        await destination.until_listening(managed)
+        return answer(managed.api_status())
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
         commit = await body_as(request, CommitRequest)

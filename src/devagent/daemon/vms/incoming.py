@@ -76,11 +76,15 @@ async def prepare_incoming(
     disks: list[IncomingDisk],
     *,
     nics: list[NicIdentity] | None = None,
+    source: str | None = None,
+    receiving: asyncio.Event | None = None,
 ) -> ManagedVm:
     """Start QEMU waiting for ``config``'s VM to arrive by live migration, with an agent
-    for each of its ``disks`` (the whole set, in the VM's order). When a disk moves, QEMU
-    stays paused after the migration (``-S``) until :func:`commit_incoming` has the disks
-    ready."""
+        for each of its ``disks`` (the whole set, in the VM's order). When a disk moves, QEMU
+        stays paused after the migration (``-S``) until :func:`commit_incoming` has the disks
+        ready. ``source``: the host it comes from (its commit, abort and the like are that host's
+    alone). ``receiving`` is set once the VM is in the host's table and its receivers (a
+        push's targets) serve, while QEMU and its agents may still be starting."""
     async with manager._lock:
         if request.name in manager.vms:
             raise StateError(f"VM {request.name!r} already exists on host {manager.host_name}")
@@ -116,18 +120,26 @@ async def prepare_incoming(
         except BaseException:
             _remove_replicas(disks, images)
             raise
-        for disk in disks:
-            if disk.receive:
-                managed.receivers[disk.node] = AgentProcess(
-                    vm=request.name,
-                    node=f"receive-{disk.node}",
-                    image=str(images[disk.node]),
-                    run_dir=str(managed.run_dir),
-                    listen_address=manager.address,
-                    backend=target_spec(images[disk.node]),
-                )
-    await _launch_with_receivers(manager, managed)
+        managed.source_host = source
+        managed.receivers = {
+            disk.node: _receiver(manager, managed, images[disk.node], disk.node)
+            for disk in disks
+            if disk.receive
+        }
+    await _launch_with_receivers(manager, managed, receiving)
     return managed
+
+
+def _receiver(manager: VmManager, managed: ManagedVm, image: Path, node: str) -> AgentProcess:
+    """The agent that takes disk ``node``'s push into its new replica ``image``."""
+    return AgentProcess(
+        vm=managed.name,
+        node=f"receive-{node}",
+        image=str(image),
+        run_dir=str(managed.run_dir),
+        listen_address=manager.address,
+        backend=target_spec(image),
+    )
 
 
 def _remove_replicas(disks: list[IncomingDisk], images: dict[str, Path]) -> None:
@@ -165,11 +177,19 @@ def _new_replica(manager: VmManager, name: str, node: str, size: int) -> Path:
     return image
 
 
-async def _launch_with_receivers(manager: VmManager, managed: ManagedVm) -> None:
+async def _launch_with_receivers(
+    manager: VmManager, managed: ManagedVm, served: asyncio.Event | None
+) -> None:
     # The receivers start beside the VM's own agents and QEMU: each agent takes a while
-    # to come up, and the migration waits for all of them.
+    # to come up. A push may start once they serve (``served``); RAM waits for all.
     receivers = list(managed.receivers.values())
-    receiving = asyncio.gather(*(r.start() for r in receivers))
+
+    async def receive() -> None:
+        await asyncio.gather(*(r.start() for r in receivers))
+        if served is not None:
+            served.set()
+
+    receiving = asyncio.ensure_future(receive())
     try:
         await manager._launch(managed)  # on failure it removes the VM (and its receivers)
         await receiving
