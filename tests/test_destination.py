@@ -22,6 +22,7 @@ from devagent.daemon.migration.messages import (
     IncomingRequest,
 )
 from devagent.daemon.vms import VmRole
+from devagent.daemon.vms import incoming as incoming_vm
 from devagent.daemon.vms.request import DiskRequest, VmRequest
 from devagent.errors import NotFound, PeerError, StateError
 from devagent.qemu.config import VmConfig
@@ -343,3 +344,39 @@ async def test_an_abort_while_the_vm_starts_ends_its_start(start: Start) -> None
     assert start.cancelled and host.vms.vms == {}
     with pytest.raises(StateError, match="given up"):  # the source's wait, if it still asks
         await destination.until_listening(managed)
+
+
+async def test_the_early_answer_waits_for_the_receivers_and_the_nics() -> None:
+    """The answer names each NIC's agent (the source forwards frames to it): the push may
+    start once the receivers serve and the NICs are up, QEMU still starting."""
+    go_nics, go_qemu, receivers_up = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    class Receiver:
+        async def start(self) -> None:
+            receivers_up.set()
+
+        async def kill(self) -> None:
+            pass
+
+    class Manager:
+        def __init__(self) -> None:
+            self.vms: dict[str, Any] = {}
+
+        async def _launch(self, managed: Any, nics_up: asyncio.Event) -> None:
+            await go_nics.wait()
+            nics_up.set()
+            await go_qemu.wait()
+
+    managed = StartingVm("v1", receivers={"disk0": Receiver()})
+    served = asyncio.Event()
+    launching = asyncio.ensure_future(
+        incoming_vm._launch_with_receivers(cast(Any, Manager()), cast(Any, managed), served)
+    )
+    await asyncio.wait_for(receivers_up.wait(), 1)
+    await asyncio.sleep(0.02)
+    assert not served.is_set(), "answered before the NICs were up"
+    go_nics.set()
+    await asyncio.wait_for(served.wait(), 1)
+    assert not launching.done()
+    go_qemu.set()
+    await asyncio.wait_for(launching, 1)

@@ -181,17 +181,20 @@ async def _launch_with_receivers(
     manager: VmManager, managed: ManagedVm, served: asyncio.Event | None
 ) -> None:
     # The receivers start beside the VM's own agents and QEMU: each agent takes a while
-    # to come up. A push may start once they serve (``served``); RAM waits for all.
+    # to come up. A push may start once they serve and the NICs are up (their agents'
+    # addresses go in the answer): ``served``; RAM waits for all.
     receivers = list(managed.receivers.values())
+    nics_up = asyncio.Event()
 
     async def receive() -> None:
         await asyncio.gather(*(r.start() for r in receivers))
+        await nics_up.wait()
         if served is not None:
             served.set()
 
     receiving = asyncio.ensure_future(receive())
     try:
-        await manager._launch(managed)  # on failure it removes the VM (and its receivers)
+        await manager._launch(managed, nics_up)  # on failure it removes the VM (and receivers)
         await receiving
     except BaseException:
         receiving.cancel()

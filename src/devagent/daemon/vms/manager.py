@@ -311,19 +311,22 @@ class VmManager:
 
     # --- launching and removing ----------------------------------------------------------------
 
-    async def _launch(self, managed: ManagedVm) -> None:
+    async def _launch(self, managed: ManagedVm, nics_up: asyncio.Event | None = None) -> None:
         """The VM's agents and its NICs' all start at once (each takes a while), and QEMU
-        as soon as every disk's agent listens and the NICs are up: QEMU connects to each
-        agent as it starts, and waits there until the agent serves (its backend open, a
-        remote one once it reached its peer), while the agents finish their start."""
+        as soon as every disk's agent listens and the NICs are up (``nics_up`` set then):
+        QEMU connects to each agent as it starts, and waits there until the agent serves
+        (its backend open, a remote one once it reached its peer), while the agents finish
+        their start."""
         nics = asyncio.ensure_future(self._start_nics(managed)) if managed.nics else None
         listening = [asyncio.Event() for _ in managed.agents]
         starting = [asyncio.ensure_future(agent.start(listens))
                     for agent, listens in zip(managed.agents, listening, strict=True)]  # fmt: skip
         try:
-            await until_listening(starting, listening)
             if nics is not None:
                 await nics
+            if nics_up is not None:
+                nics_up.set()
+            await until_listening(starting, listening)
             await all_of(*starting, managed.vm.launch())  # an agent's failure said first
         except BaseException:
             if nics is not None:
