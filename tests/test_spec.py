@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,6 +24,7 @@ import pytest
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Local
 from devagent.agent.fetch import Fetch
+from devagent.agent.listener import bind_unix, drop_unix
 from devagent.agent.messages import FetchSpec, LocalSpec, RemoteSpec
 from devagent.agent.remote import Remote
 from devagent.agent.serve import serve
@@ -288,6 +290,31 @@ async def test_serve_needs_an_image_or_a_spec(tmp_path: Path, source: Path) -> N
         await serve(unix=tmp_path / "s")
     with pytest.raises(UsageError):
         await serve(source, backend_spec={"kind": "local", "path": str(source)}, unix="s")
+    bound = bind_unix(tmp_path / "b.sock")  # given bound, serve's from its first line
+    with pytest.raises(UsageError):
+        await serve(unix=bound)
+    assert not (tmp_path / "b.sock").exists()
+
+
+def test_a_unix_socket_appears_listening_and_never_over_a_file(tmp_path: Path) -> None:
+    """The socket's file appears once it listens (bound under a staging name, renamed):
+    a client that sees it connects; mode 0600. A stale socket (an agent that died, in its
+    bind too) is replaced; a file that is not a socket is never replaced."""
+    path, staged = tmp_path / "a.sock", tmp_path / ".a.sock.new"
+    for stale in (path, staged):
+        with socket.socket(socket.AF_UNIX) as dead:
+            dead.bind(str(stale))
+    listener = bind_unix(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.sock"]
+    assert path.stat().st_mode & 0o777 == 0o600 and listener.path == path
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(path))
+    drop_unix(listener)
+    assert not path.exists()
+    path.write_text("someone's data")
+    with pytest.raises(OSError, match="not a socket"):
+        bind_unix(path)
+    assert path.read_text() == "someone's data" and not staged.exists()
 
 
 @pytest.fixture

@@ -21,7 +21,6 @@ import asyncio
 import enum
 import logging
 import os
-import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from devagent.agent.fetch import Fetch
 from devagent.agent.hold import Hold
 from devagent.agent.journal import Journal
 from devagent.agent.lifecycle import Lifecycle
+from devagent.agent.listener import UnixListener
 from devagent.agent.messages import (
     AgentStats,
     BackendSpec,
@@ -144,12 +144,12 @@ class BlockAgent:
 
     # -- serving ---------------------------------------------------------------------------
 
-    async def listen_unix(self, where: str | Path | socket.socket) -> str:
+    async def listen_unix(self, where: str | Path | UnixListener) -> str:
         """Serve on a unix socket (a path, replacing a stale socket file there; or a socket
-        bound already: :func:`~.nbd_server.bind_unix`); returns its address."""
+        bound already: :func:`~.listener.bind_unix`); returns its address."""
         self.lifecycle.require(AgentEvent.LISTEN_UNIX)
         address = await self.server.listen_unix(
-            where if isinstance(where, socket.socket) else Path(where)
+            where if isinstance(where, UnixListener) else Path(where)
         )
         self.lifecycle.fire(AgentEvent.LISTEN_UNIX)
         log.info("export %r serving on %s", self.export_name, address)

@@ -31,6 +31,7 @@ from typing import Any, Protocol, cast
 
 from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.agent.journal import Entry, Journal, JournalClosed
+from devagent.agent.listener import UnixListener, bind_unix
 from devagent.nbd.codec import Bytes, Disconnect, Export, NeedData
 from devagent.nbd.proto import Command, CommandFlag, Errno, NbdProtocolError, Reply
 from devagent.nbd.server_codec import (
@@ -64,8 +65,6 @@ class ServedAgent(Protocol):
 log = logging.getLogger(__name__)
 
 
-#: Connections a unix socket holds before they are accepted (QEMU's connect at its start).
-UNIX_BACKLOG = 16
 #: Replies with a payload this large are not coalesced with others.
 COALESCE_MAX = 64 * 1024
 #: Commands the reader starts without a task (``_read_at_once``, ``_start_write``).
@@ -466,34 +465,6 @@ class NbdConnection(asyncio.Protocol):
         return self.codec.reply_ok(handle)
 
 
-def bind_unix(path: Path) -> socket.socket:
-    """A listening unix socket at ``path`` (a stale socket file there replaced), mode 0600:
-    plaintext, for the VM's own QEMU, so root's alone. A client may connect as soon as it
-    returns; it waits in the backlog until the socket is served."""
-    with contextlib.suppress(FileNotFoundError):
-        if path.is_socket():
-            path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(str(path))
-        os.chmod(path, 0o600)  # before it listens: no one connects before
-        sock.listen(UNIX_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def drop_unix(sock: socket.socket) -> None:
-    """A socket of :func:`bind_unix` that will not be served: closed, its file removed (a
-    client waiting in its backlog sees the connection close)."""
-    path = sock.getsockname()
-    sock.close()
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-
-
 def _is_unix(server: asyncio.Server) -> bool:
     return any(sock.family == socket.AF_UNIX for sock in server.sockets)
 
@@ -526,13 +497,15 @@ class NbdServer:
     def disconnected(self, connection: NbdConnection) -> None:
         self._connections.discard(connection)
 
-    async def listen_unix(self, where: Path | socket.socket) -> str:
+    async def listen_unix(self, where: Path | UnixListener) -> str:
         """Serve on a unix socket (a path: bound now by :func:`bind_unix`; or one bound
         already), plaintext; returns its address."""
-        sock = where if isinstance(where, socket.socket) else bind_unix(where)
-        path = Path(sock.getsockname())
+        listener = where if isinstance(where, UnixListener) else bind_unix(where)
+        path = listener.path
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: NbdConnection(self.agent), sock=sock)
+        server = await loop.create_unix_server(
+            lambda: NbdConnection(self.agent), sock=listener.sock
+        )
         self._servers.append(server)
         self._unix_paths.append(path)
         self.addresses.append(f"unix:{path}")

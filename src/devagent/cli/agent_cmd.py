@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
 import click
 
 from devagent.agent.agent import BlockAgent
-from devagent.agent.nbd_server import bind_unix, drop_unix
+from devagent.agent.listener import UnixListener, bind_unix, drop_unix
 from devagent.agent.serve import serve
 from devagent.agent.spec import check_spec
 from devagent.cli.foreground import (
@@ -50,7 +49,7 @@ def _uri(agent: BlockAgent, address: str) -> str:
     return f"nbd://{rest}/{agent.export_name}"
 
 
-def _bind(path: Path) -> socket.socket:
+def _bind(path: Path) -> UnixListener:
     try:
         return bind_unix(path)
     except OSError as err:
