@@ -39,7 +39,7 @@ from devagent.client import Endpoint
 from devagent.daemon.migration import MigrateRequest, MigrationJob, new_job
 from devagent.daemon.migration.context import HostContext, Peer
 from devagent.daemon.vms.request import DiskRequest, RemoteHome, VmRequest
-from devagent.errors import DevagentError, NotFound, PeerError, StateError
+from devagent.errors import DevagentError, NotFound, PeerError, StateError, UsageError
 from devagent.guest.probe import Heartbeat
 from devagent.qemu.answers import MigrationInfo, RamInfo, answer
 from devagent.qemu.config import VmConfig
@@ -104,6 +104,7 @@ class FakeQemu:
         self.killed = self.stopped = False
         self.block_job_ready = True
         self.parameters: list[dict[str, Any]] = []  # each migrate-set-parameters
+        self.migrate_uri: str | None = None  # where ``migrate`` sent RAM
         self.passes = 0  # RAM's dirty-sync-count: one more per query-migrate while active
         self.throttle = 0  # auto-converge's cpu-throttle-percentage while active
 
@@ -140,6 +141,7 @@ class FakeQemu:
             self.pauses = caps.get("pause-before-switchover", False)
             return {}
         if command == "migrate":
+            self.migrate_uri = args.get("uri")
             self.migrating = list(self.statuses)
             if getattr(self, "pauses", False) and "completed" in self.migrating:
                 self.migrating.insert(self.migrating.index("completed"), "pre-switchover")
@@ -379,6 +381,9 @@ class FakeDestination:
         #: The incoming QEMU dies as the commit begins: the VM is then a crashed VM here
         #: (role running, QEMU failed), and the commit answers 409.
         self.crash_as_commit_begins = False
+        #: An early prepare is answered early (True), as soon as QEMU listens (None), or
+        #: refused as an unknown field (False: a destination of the version before it).
+        self.knows_early: bool | None = True
 
     def _asked(self, request: str) -> None:
         self.requests.append(request)
@@ -443,6 +448,8 @@ class FakeDestination:
             self.settled.add(node)
             return {}
         if path in ("/v1/incoming", "/v1/baselines/incoming"):
+            if "early" in body and self.knows_early is False:  # a destination of before
+                raise UsageError("Object contains unknown field `early` - at `$`")
             name = body["request"]["name"]
             if name in self.vms:
                 raise StateError(f"VM {name!r} already exists")
@@ -456,12 +463,15 @@ class FakeDestination:
                 }
                 for d in body.get("disks", [])
             }
-            answer = {"uri": "tcp:10.9.0.2:5000", "disk_targets": targets,
-                      "listening": not body.get("early", False)}  # fmt: skip
+            early = body.get("early", False) and self.knows_early  # RAM's URI comes later
+            answer = {"uri": "" if early else "tcp:10.9.0.2:5000", "disk_targets": targets,
+                      "listening": not early}  # fmt: skip
             if path.startswith("/v1/baselines"):
                 nbd = {"host": "10.9.0.2", "port": "10809", "export": "disk0"}
                 answer = {"uri": "tcp:10.9.0.2:5000", "nbd": nbd}
             return answer
+        if path.endswith("/listening"):
+            return {"uri": "tcp:10.9.0.2:5000", "listening": True}
         if path.endswith("/stream-done") and self.source is not None and self.source.exited:
             raise PeerError("host b: QEMU job bn-stream failed: Input/output error")
         if path.endswith("/integrity"):

@@ -194,7 +194,6 @@ class StartingVm:
 
     name: str
     role: VmRole = VmRole.INCOMING
-    starting: asyncio.Future[Any] | None = None
     agents: list[Any] = field(default_factory=list)
     receivers: dict[str, Any] = field(default_factory=dict)
     nics: list[Any] = field(default_factory=list)
@@ -205,14 +204,6 @@ class StartingVm:
 
     def save(self) -> None:
         pass
-
-
-@dataclass
-class StartingHost:
-    vms: Any = field(default_factory=lambda: StartingVms())
-    address: str = "127.0.0.1"
-    tls: Any = None
-    shared_dir: Any = None
 
 
 @dataclass
@@ -230,21 +221,30 @@ class StartingVms:
         del self.vms[name]
 
 
+@dataclass
+class StartingHost:
+    name: str = "b"
+    vms: StartingVms = field(default_factory=StartingVms)
+    address: str = "127.0.0.1"
+    tls: Any = None
+    shared_dir: Any = None
+
+
 class Start:
-    """The incoming VM's start, step by step as the test says: the VM in the host's table
-    and its receivers serving (``receive``), then QEMU up (``listen``), or a failure; as
-    the VM manager, a start that fails or is cancelled removes its VM."""
+    """The incoming VM's start, step by step as the test says: the VM in the host's table,
+    its receivers serving and its NICs up (``receive``), then QEMU up (``listen``), or a
+    failure; as the VM manager, a start that fails removes its VM."""
 
     def __init__(self, host: StartingHost) -> None:
         self.host = host
         self.receive, self.listen = asyncio.Event(), asyncio.Event()
         self.fail: BaseException | None = None  # once QEMU starts
         self.fail_early: BaseException | None = None  # before the receivers serve
-        self.cancelled = False
+        self.ports: list[int] = []  # RAM's port, as chosen
 
     async def prepare_incoming(
-        self, manager: Any, request: Any, config: Any, disks: Any, *, receiving: asyncio.Event,
-        **rest: Any,
+        self, manager: Any, request: Any, config: Any, disks: Any, *,
+        serving: asyncio.Future[Any], **rest: Any,
     ) -> Any:  # fmt: skip
         managed = StartingVm(request.name)
         self.host.vms.vms[request.name] = managed
@@ -252,15 +252,19 @@ class Start:
             if self.fail_early is not None:
                 raise self.fail_early
             await self.receive.wait()
-            receiving.set()
+            serving.set_result(managed)
             await self.listen.wait()
             if self.fail is not None:
                 raise self.fail
-        except BaseException as err:
-            self.cancelled = isinstance(err, asyncio.CancelledError)
+        except BaseException:
             await self.host.vms.remove(request.name)
             raise
         return managed
+
+    def free_port(self, address: str) -> int:
+        assert self.listen.is_set(), "RAM's port chosen before the agents bound theirs"
+        self.ports.append(4999)
+        return 4999
 
     async def migrate_incoming(self, vm: Any, uri: str, tls: Any, source: str) -> None:
         pass
@@ -281,49 +285,58 @@ def start(monkeypatch: pytest.MonkeyPatch) -> Start:
     started = Start(StartingHost())
     monkeypatch.setattr(destination.incoming_vm, "prepare_incoming", started.prepare_incoming)
     monkeypatch.setattr(destination, "migrate_incoming", started.migrate_incoming)
-    monkeypatch.setattr(destination, "free_port", lambda address: 4999)
+    monkeypatch.setattr(destination, "free_port", started.free_port)
     return started
 
 
+def prepare(start: Start, starts: destination.Starts, early: bool) -> Any:
+    return destination.prepare(cast(Any, start.host), starts, incoming(early))
+
+
 async def test_an_early_prepare_answers_once_the_receivers_serve(start: Start) -> None:
-    host = cast(Any, start.host)
-    preparing = asyncio.ensure_future(destination.prepare(host, incoming(early=True)))
+    starts = destination.Starts()
+    preparing = asyncio.ensure_future(prepare(start, starts, early=True))
     await asyncio.sleep(0.05)
     assert not preparing.done(), "answered before the receivers served"
     start.receive.set()
     answer = await asyncio.wait_for(preparing, 1)
-    assert answer.listening is False and answer.uri == "tcp:127.0.0.1:4999"
-    managed = host.vms.get("v1")
-    listening = asyncio.ensure_future(destination.until_listening(managed))
+    assert answer.listening is False and answer.uri == ""  # RAM's port not chosen yet
+    listening = asyncio.ensure_future(starts.listening("v1"))
     await asyncio.sleep(0.05)
     assert not listening.done(), "listening before QEMU started"
     start.listen.set()
-    await asyncio.wait_for(listening, 1)
-    await destination.until_listening(managed)  # asked again: at once
+    heard = await asyncio.wait_for(listening, 1)
+    assert heard.listening is True and heard.uri == "tcp:127.0.0.1:4999"
+    assert (await starts.listening("v1")).uri == heard.uri  # asked again: at once
+    assert starts.source_of("v1") == "a" and starts.source_of("v2") is None
 
 
 async def test_a_prepare_that_is_not_early_answers_once_qemu_listens(start: Start) -> None:
-    preparing = asyncio.ensure_future(destination.prepare(cast(Any, start.host), incoming(False)))
+    preparing = asyncio.ensure_future(prepare(start, destination.Starts(), early=False))
     start.receive.set()
     await asyncio.sleep(0.05)
     assert not preparing.done(), "answered before QEMU listened"
     start.listen.set()
     answer = await asyncio.wait_for(preparing, 1)
-    assert answer.listening is True
+    assert answer.listening is True and answer.uri == "tcp:127.0.0.1:4999"
 
 
 async def test_a_start_that_fails_after_the_early_answer_is_told_to_the_source(
-    start: Start,
+    start: Start, caplog: pytest.LogCaptureFixture
 ) -> None:
-    host = cast(Any, start.host)
+    """Also when the source asks after the start removed its VM: the reason is kept."""
+    starts = destination.Starts()
     start.receive.set()
-    await destination.prepare(host, incoming(early=True))
-    managed = host.vms.get("v1")
+    await prepare(start, starts, early=True)
     start.fail = PeerError("QEMU exited: no such machine")
     start.listen.set()
+    await asyncio.sleep(0.05)
+    assert start.host.vms.vms == {}  # the start removed it
     with pytest.raises(PeerError, match="no such machine"):
-        await destination.until_listening(managed)
-    assert host.vms.vms == {}  # the start removed it
+        await starts.listening("v1")
+    assert "the start of incoming VM v1 failed: QEMU exited" in caplog.text
+    with pytest.raises(NotFound):
+        await starts.listening("v9")
 
 
 async def test_a_start_that_fails_before_the_receivers_serve_fails_the_prepare(
@@ -331,19 +344,34 @@ async def test_a_start_that_fails_before_the_receivers_serve_fails_the_prepare(
 ) -> None:
     start.fail_early = PeerError("the receiver could not open its replica")
     with pytest.raises(PeerError, match="could not open"):
-        await asyncio.wait_for(destination.prepare(cast(Any, start.host), incoming(True)), 1)
+        await asyncio.wait_for(prepare(start, destination.Starts(), early=True), 1)
     assert start.host.vms.vms == {}
 
 
-async def test_an_abort_while_the_vm_starts_ends_its_start(start: Start) -> None:
-    host = cast(Any, start.host)
+async def test_a_vm_that_exists_here_is_refused_before_anything_starts(start: Start) -> None:
+    starts = destination.Starts()
     start.receive.set()
-    await destination.prepare(host, incoming(early=True))
-    managed = host.vms.get("v1")
-    await destination.abort(host, "v1")
-    assert start.cancelled and host.vms.vms == {}
-    with pytest.raises(StateError, match="given up"):  # the source's wait, if it still asks
-        await destination.until_listening(managed)
+    start.listen.set()
+    await prepare(start, starts, early=True)
+    with pytest.raises(StateError, match="already exists"):
+        await prepare(start, starts, early=True)
+    assert (await starts.listening("v1")).listening  # the first start's, kept
+
+
+async def test_an_abort_while_the_vm_starts_waits_for_its_start(start: Start) -> None:
+    """An abort waits for the start to end (cut short, a process it was spawning would be
+    unknown), then removes the VM; twice at once, both wait."""
+    starts = destination.Starts()
+    start.receive.set()
+    await prepare(start, starts, early=True)
+    settling = [asyncio.ensure_future(starts.settled("v1")) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    assert not any(s.done() for s in settling), "the abort went on while the VM started"
+    start.listen.set()
+    await asyncio.wait_for(asyncio.gather(*settling), 1)
+    assert (await starts.listening("v1")).listening  # not cancelled: it ended by itself
+    await destination.abort(cast(Any, start.host), "v1")
+    assert start.host.vms.vms == {}
 
 
 async def test_the_early_answer_waits_for_the_receivers_and_the_nics() -> None:
@@ -368,15 +396,15 @@ async def test_the_early_answer_waits_for_the_receivers_and_the_nics() -> None:
             await go_qemu.wait()
 
     managed = StartingVm("v1", receivers={"disk0": Receiver()})
-    served = asyncio.Event()
+    served: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     launching = asyncio.ensure_future(
         incoming_vm._launch_with_receivers(cast(Any, Manager()), cast(Any, managed), served)
     )
     await asyncio.wait_for(receivers_up.wait(), 1)
     await asyncio.sleep(0.02)
-    assert not served.is_set(), "answered before the NICs were up"
+    assert not served.done(), "answered before the NICs were up"
     go_nics.set()
-    await asyncio.wait_for(served.wait(), 1)
+    assert await asyncio.wait_for(served, 1) is managed
     assert not launching.done()
     go_qemu.set()
     await asyncio.wait_for(launching, 1)

@@ -22,7 +22,7 @@ from devagent.agent.messages import FlushAnswer
 from devagent.daemon.migration import ram as ram_module
 from devagent.daemon.migration import running as running_module
 from devagent.daemon.migration.job import Phase
-from devagent.daemon.migration.share import START_SHARE, copy_batch
+from devagent.daemon.migration.share import FIXED_SHARE, START_SHARE, copy_batch
 from devagent.daemon.vms.request import DiskRequest, VmRequest
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.vocab import Step, Strategy
@@ -128,6 +128,7 @@ async def test_a_push_starts_while_the_destinations_qemu_starts(
     )
     listening = "peer POST /v1/incoming/v1/listening"
     timeline = job.report.timeline
+    assert vm.vm.migrate_uri == "tcp:10.9.0.2:5000"  # (an early answer has none: the wait's)
     if strategy in (Strategy.HYBRID, Strategy.PRECOPY):
         assert host.destination.bodies["/v1/incoming"]["early"] is True
         assert log.index(incoming) < log.index("agent /mirror") < log.index(listening)
@@ -137,6 +138,44 @@ async def test_a_push_starts_while_the_destinations_qemu_starts(
     else:
         assert listening not in log and log.index(incoming) < log.index("migrate")
         assert timeline[Step.DESTINATION_READY] <= timeline[Step.RAM_STARTED]
+
+
+@pytest.mark.parametrize("knows_early", [False, None])
+async def test_a_destination_that_answers_once_qemu_listens_is_asked_no_more(
+    tmp_path: Path, knows_early: bool | None
+) -> None:
+    """A destination of the version before the early answer refuses the field: asked again
+    without it; one that answers once its QEMU listens is not asked to wait. The push then
+    starts at its first rate, never the whole link."""
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    host.destination.knows_early = knows_early
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    asked = host.destination.requests
+    assert asked.count("POST /v1/incoming") == (2 if knows_early is False else 1)
+    assert "POST /v1/incoming/v1/listening" not in asked
+    assert vm.vm.migrate_uri == "tcp:10.9.0.2:5000"
+    assert vm.agents[0].mirrors[0].rate_limit == pytest.approx(10**9 / 8 * START_SHARE)
+
+
+@pytest.mark.parametrize("knows_early", [True, None])
+async def test_a_push_that_does_not_follow_ram_keeps_its_fixed_share(
+    tmp_path: Path, knows_early: bool | None
+) -> None:
+    """A job that does not follow QEMU's RAM figures (libvirt's) pushes at its fixed share
+    once RAM may start (before, with an early answer, at the whole link): nothing lowers it
+    to a following push's start share."""
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    job.follows_ram = False  # type: ignore[misc]
+    host.destination.knows_early = knows_early
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    fixed, agent = 10**9 / 8 * FIXED_SHARE, vm.agents[0]
+    if knows_early:
+        assert agent.mirrors[0].rate_limit == pytest.approx(10**9 / 8)
+        assert agent.rates == [pytest.approx(fixed)]
+    else:
+        assert agent.mirrors[0].rate_limit == pytest.approx(fixed) and agent.rates == []
 
 
 @pytest.mark.parametrize("strategy", [Strategy.SHARED, Strategy.POSTCOPY, Strategy.HYBRID])

@@ -134,6 +134,8 @@ async def test_a_vms_commit_and_abort_are_its_source_hosts_alone(served: Served)
         await served.call(c, "DELETE", "/v1/incoming/v")
     with pytest.raises(Forbidden, match="settling VM v's disk concerns host b"):
         await served.call(c, "POST", "/v1/vms/v/devices/disk0/settle")
+    with pytest.raises(Forbidden, match="waiting for VM v's start: no source host is named"):
+        await served.call(c, "POST", "/v1/incoming/v/listening")  # (no start of it here)
     assert "v" in served.host.vms.vms
 
 

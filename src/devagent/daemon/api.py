@@ -42,9 +42,9 @@ The table below is every route :func:`build_app` registers, no more, no less
     POST   /v1/exports/{name}/digest          the probe's digest of an export's disk
     POST   /v1/incoming                       (peer) prepare an incoming VM → {"uri"}; with
                                               "nics", each NIC's agent, held → "nic_peers"
-                                              "early": answer once a push's receivers
-                                              serve, QEMU still starting → "listening": false
-    POST   /v1/incoming/{name}/listening      (peer) wait until its QEMU listens for RAM
+                                              "early": once a push's receivers serve and
+                                              the NICs are up → "listening": false, no uri
+    POST   /v1/incoming/{name}/listening      (peer) once its QEMU listens → {"uri"}
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it
     DELETE /v1/incoming/{name}                (peer) roll back: remove it
     POST   /v1/baselines/incoming             (peer) the same for a QEMU-only strategy

@@ -8,7 +8,8 @@ routes:
 - a **host** (another daemon) may read (every ``GET``) and call only what daemons ask of
   each other (:data:`HOST_ROUTES`); on a **peer route** (:data:`PEER_ROUTES`) its name must also be
   the host the request concerns: the source a ``/v1/incoming`` names, then the VM's recorded
-  source for that VM's commit, abort, settle and keep-remote (:func:`require_source`).
+  source for that VM's commit, abort, settle and keep-remote, and the source its start
+  recorded for the wait until its QEMU listens (:func:`require_source`).
 
 A daemon started with ``--insecure`` serves plain HTTP and checks the token only.
 """

@@ -37,8 +37,9 @@ MAX_HOSTS = 26
 
 UNIX_PATH_MAX = 107
 # Room left under a host folder for the daemon's sockets (vms/<vm>/<device>.sock and such):
-# below MIN we refuse, below WANTED we warn.
-SOCKET_ROOM_MIN = 24
+# below MIN we refuse, below WANTED we warn. (An agent binds its socket under a staging name
+# 5 bytes longer first: agent/listener.py.)
+SOCKET_ROOM_MIN = 29
 SOCKET_ROOM_WANTED = 48
 
 

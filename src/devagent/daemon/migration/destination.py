@@ -8,10 +8,12 @@ rolls back.
 ``commit``    ``POST /v1/incoming/NAME/commit``: ready the disk (a Fetch replica seeded with
               what the push landed, or the complete replica as Local), run the guest; once
               per VM (:class:`Commits`: a repeat gets the first one's answer)
-``listening`` ``POST /v1/incoming/NAME/listening``: for a VM prepared ``early`` (its answer
-              came once its push's receivers served): once its QEMU listens for RAM
-``abort``     ``DELETE /v1/incoming/NAME``: remove all of it, unless its commit is under way
-              or began (then the guest runs here: refused, 409)
+``listening`` ``POST /v1/incoming/NAME/listening``: for a VM prepared ``early`` (answered
+              once its push's receivers served and its NICs were up, QEMU still
+              starting): once its QEMU listens for RAM, the answer again with RAM's URI
+              (:class:`Starts`)
+``abort``     ``DELETE /v1/incoming/NAME``: remove all of it, once its start ended, unless its
+              commit is under way or began (then the guest runs here: refused, 409)
 
 The VM manager does the making and the readying (:mod:`devagent.daemon.vms.incoming`); this
 module owns the messages and the order. This host decides the switchover: a commit and an
@@ -22,6 +24,7 @@ abort either gets it (the guest never runs here) or is refused (it goes forward)
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,11 +40,13 @@ from devagent.daemon.migration.messages import (
 from devagent.daemon.migration.qemu_tls import migrate_incoming
 from devagent.daemon.vms import ManagedVm, VmRole
 from devagent.daemon.vms import incoming as incoming_vm
-from devagent.errors import Forbidden, StateError, UsageError
+from devagent.errors import Forbidden, NotFound, StateError, UsageError
 from devagent.qemu.config import VmConfig
 
 if TYPE_CHECKING:
     from devagent.daemon.host import Host
+
+log = logging.getLogger(__name__)
 
 
 def peer_config(config: VmConfig) -> VmConfig:
@@ -70,10 +75,11 @@ def shared_image(host: Host, image: str) -> Path:
     return path
 
 
-async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
+async def prepare(host: Host, starts: Starts, incoming: IncomingRequest) -> IncomingAnswer:
     """Start QEMU waiting for the VM, with its disks' and NICs' agents. ``early``: answer
-    once the disks' receivers serve, and let the rest of the start go on
-    (:func:`until_listening` waits for it): a push may use the link while QEMU starts."""
+    once the disks' receivers serve and the NICs are up, and let the rest of the start go
+    on (:meth:`Starts.listening` waits for it, and says where RAM goes): a push may use
+    the link while QEMU starts."""
     disks = []
     config = peer_config(incoming.config)
     for disk in incoming.disks:
@@ -85,21 +91,44 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
             backend=disk.backend.spec() if disk.backend is not None else None,
             receive=disk.receive,
         ))  # fmt: skip
+    name = incoming.request.name
+    if name in host.vms.vms:  # (its start's record is its source's to ask)
+        raise StateError(f"VM {name!r} already exists on host {host.name}")
+    serving: asyncio.Future[ManagedVm] = asyncio.get_running_loop().create_future()
+    start = starts.begin(name, incoming.source, _start(host, incoming, config, disks, serving))
+    if incoming.early:  # (a request given up leaves the start to end: an abort waits for it)
+        either: set[asyncio.Future[Any]] = {serving, start}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if start.done() or not incoming.early:
+        return await asyncio.shield(start)  # (a start that failed raises here)
+    return _answer(host, serving.result(), uri=None)
+
+
+async def _start(
+    host: Host,
+    incoming: IncomingRequest,
+    config: VmConfig,
+    disks: list[incoming_vm.IncomingDisk],
+    serving: asyncio.Future[ManagedVm],
+) -> IncomingAnswer:
+    managed = await incoming_vm.prepare_incoming(
+        host.vms, incoming.request, config, disks,
+        nics=incoming.nics, source=incoming.source or None, serving=serving,
+    )  # fmt: skip
+    managed.save()
+    # RAM's port chosen once every agent here bound its own (none can take it meanwhile)
     uri = f"tcp:{host.address}:{free_port(host.address)}"
-    receiving = asyncio.Event()
-    starting = asyncio.ensure_future(_start(host, incoming, config, disks, uri, receiving))
     try:
-        await (_until_set(receiving, starting) if incoming.early else asyncio.shield(starting))
-    except BaseException:  # this request was given up: its VM goes
-        starting.cancel()
-        await asyncio.gather(starting, return_exceptions=True)
+        await migrate_incoming(managed.vm, uri, host.tls, incoming.source)
+    except BaseException:
+        await host.vms.remove(managed.name)
         raise
-    if starting.done():
-        managed = starting.result()  # (a start that failed raises here)
-    else:  # its start goes on: the source waits for it (:func:`until_listening`)
-        managed = host.vms.get(incoming.request.name)
-        managed.starting = starting
-        starting.add_done_callback(_retrieved)
+    return _answer(host, managed, uri)
+
+
+def _answer(host: Host, managed: ManagedVm, uri: str | None) -> IncomingAnswer:
+    """What the source needs of the incoming VM: where its pushes and its NICs' frames go,
+    and where RAM goes (None: QEMU is still starting, an early answer)."""
     targets = {}
     for agent in managed.agents:  # where a push goes: the receiver, or the VM's agent
         target = managed.receivers.get(agent.node, agent)
@@ -108,64 +137,59 @@ async def prepare(host: Host, incoming: IncomingRequest) -> IncomingAnswer:
                 address=target.tcp_address, export=target.export, host=host.name
             )
     return IncomingAnswer(
-        uri=uri,
+        uri=uri or "",
         disk_targets=targets,
         nic_peers={nic.node: nic.peer_address for nic in managed.nics if nic.peer_address},
         vm=managed.api_status(),
-        listening=starting.done(),
+        listening=uri is not None,
     )
 
 
-async def _start(
-    host: Host,
-    incoming: IncomingRequest,
-    config: VmConfig,
-    disks: list[incoming_vm.IncomingDisk],
-    uri: str,
-    receiving: asyncio.Event,
-) -> ManagedVm:
-    managed = await incoming_vm.prepare_incoming(
-        host.vms, incoming.request, config, disks,
-        nics=incoming.nics, source=incoming.source or None, receiving=receiving,
-    )  # fmt: skip
-    managed.save()
-    try:
-        await migrate_incoming(managed.vm, uri, host.tls, incoming.source)
-    except BaseException:
-        await host.vms.remove(managed.name)
-        raise
-    return managed
+class Starts:
+    """Each incoming VM's start by name, from its prepare on, and the host it comes from:
+    an early prepare answers before the start ends; the source's wait for it
+    (:meth:`listening`) and an abort (:meth:`settled`) find it here, also once it failed
+    (its VM removed then: the reason is kept, and logged)."""
+
+    def __init__(self) -> None:
+        self._starts: dict[str, tuple[str | None, asyncio.Future[IncomingAnswer]]] = {}
+
+    def begin(
+        self, name: str, source: str | None, start: Awaitable[IncomingAnswer]
+    ) -> asyncio.Future[IncomingAnswer]:
+        known = self._starts.get(name)
+        if known is not None and not known[1].done():
+            raise StateError(f"VM {name!r} is starting here already")
+        task = asyncio.ensure_future(start)
+        task.add_done_callback(lambda done: _said(name, done))
+        self._starts[name] = (source or None, task)
+        return task
+
+    def source_of(self, name: str) -> str | None:
+        """The host VM ``name``'s last start here came from (None: none known)."""
+        known = self._starts.get(name)
+        return known[0] if known is not None else None
+
+    async def listening(self, name: str) -> IncomingAnswer:
+        """Until VM ``name``'s QEMU listens for RAM: its answer (with RAM's URI), or its
+        start's failure."""
+        known = self._starts.get(name)
+        if known is None:
+            raise NotFound(f"no VM {name!r} was started here")
+        return await asyncio.shield(known[1])
+
+    async def settled(self, name: str) -> None:
+        """Until VM ``name``'s start ended, however it ends. An abort waits for it rather
+        than cancel it: a start cut short while it spawns a process would not know it."""
+        known = self._starts.get(name)
+        if known is not None and not known[1].done():
+            await asyncio.wait({known[1]})
 
 
-async def _until_set(event: asyncio.Event, task: asyncio.Future[ManagedVm]) -> None:
-    """Until ``event`` is set or ``task`` ended, whichever comes first."""
-    waiting = asyncio.ensure_future(event.wait())
-    try:
-        either: set[asyncio.Future[Any]] = {waiting, task}
-        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        waiting.cancel()
-
-
-def _retrieved(task: asyncio.Future[ManagedVm]) -> None:
-    """A start's failure is the source's to hear (:func:`until_listening`): not logged as
-    never retrieved when nobody asks."""
-    if not task.cancelled():
-        task.exception()
-
-
-async def until_listening(managed: ManagedVm) -> None:
-    """An incoming VM answered early (:func:`prepare`): its QEMU listens for RAM (its
-    start's failure raised; the VM is gone then)."""
-    starting = managed.starting
-    if starting is None:
-        return
-    try:
-        await asyncio.shield(starting)
-    except asyncio.CancelledError:
-        if not starting.cancelled():  # this wait itself was
-            raise
-        raise StateError(f"VM {managed.name}'s start was given up: it is removed") from None
+def _said(name: str, start: asyncio.Future[IncomingAnswer]) -> None:
+    """A start that failed is logged (its source hears it too, if it asks)."""
+    if not start.cancelled() and start.exception() is not None:
+        log.warning("the start of incoming VM %s failed: %s", name, start.exception())
 
 
 async def ready(managed: ManagedVm, request: CommitRequest) -> CommitAnswer:
@@ -232,9 +256,4 @@ async def abort(host: Host, name: str) -> None:
     managed = host.vms.get(name)
     if managed.role is not VmRole.INCOMING:
         raise StateError(f"VM {name} is not an incoming VM ({managed.role}): refusing to remove it")
-    if managed.starting is not None and not managed.starting.done():
-        managed.starting.cancel()  # a start that fails removes its VM itself
-        await asyncio.gather(managed.starting, return_exceptions=True)
-        if name not in host.vms.vms:
-            return
     await host.vms.remove(name)

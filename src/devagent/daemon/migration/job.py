@@ -245,10 +245,10 @@ class MigrationJob(RunningJob):
         return prepared
 
     async def ram(self, prepared: Prepared) -> MigrationInfo:
-        await prepared.listening()
+        uri = await prepared.listening()
         self._move(Phase.RAM)
         self.mark(Step.RAM_STARTED)
-        done = await migrate_ram(self, prepared.uri)
+        done = await migrate_ram(self, uri)
         self.mark(Step.RAM_COMPLETED)  # QEMU stopped the guest and flushed its disk
         return done
 

@@ -74,13 +74,14 @@ class IncomingRequest(Message):
     #: and keep-remote are then that host's alone.
     source: str = ""
     nics: list[NicIdentity] = msgspec.field(default_factory=list)
-    #: Answer once the disks' receivers serve (a push may start), before QEMU listens:
-    #: ``POST /v1/incoming/NAME/listening`` then waits for the rest.
+    #: Answer once the disks' receivers serve and the NICs are up (a push may start),
+    #: before QEMU listens (``uri`` empty): ``POST /v1/incoming/NAME/listening`` then waits
+    #: for the rest, and answers again with ``uri``.
     early: bool = False
 
 
 class IncomingAnswer(msgspec.Struct):
-    uri: str  # for QEMU's ``migrate``
+    uri: str  # for QEMU's ``migrate`` (empty in an early answer)
     #: Where each disk's push goes (its receiver, or the VM's agent), by node.
     disk_targets: dict[str, RemoteDisk] = msgspec.field(default_factory=dict)
     nic_peers: dict[str, str] = msgspec.field(default_factory=dict)  # node -> tcp:HOST:PORT

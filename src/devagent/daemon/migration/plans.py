@@ -41,6 +41,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
+import msgspec
+
 from devagent.agent.defaults import FETCH_CHUNK
 from devagent.agent.messages import FetchStatus, LocalStatus
 from devagent.api_types import Devices, DiskRow
@@ -90,14 +92,15 @@ class Prepared:
     push_targets: dict[str, RemoteDisk] = field(default_factory=dict)
     nbd: NbdAddress | None = None  # a QEMU mirror's target export
     nic_peers: dict[str, str] | None = None
-    #: Set when the destination answered once the push's receivers served, its QEMU still
-    #: starting (an ``early`` prepare): waits until that QEMU listens for RAM.
-    until_listening: Callable[[], Awaitable[None]] | None = None
+    #: Set when the destination answered once the push's receivers served and its NICs
+    #: were up, its QEMU still starting (an ``early`` prepare; ``uri`` empty): waits until
+    #: that QEMU listens for RAM, and says where RAM goes.
+    until_listening: Callable[[], Awaitable[str]] | None = None
 
-    async def listening(self) -> None:
-        """Until the destination's QEMU listens for RAM (a start that failed there raised)."""
-        if self.until_listening is not None:
-            await self.until_listening()
+    async def listening(self) -> str:
+        """Until the destination's QEMU listens for RAM (a start that failed there raised):
+        where RAM goes."""
+        return self.uri if self.until_listening is None else await self.until_listening()
 
 
 @dataclass(frozen=True)
@@ -169,13 +172,17 @@ class Plan:
         return (job.progress.disk_bytes_moved or 0) + (job.progress.disk_bytes_pushed or 0)
 
 
-def _listening(job: JobView) -> Callable[[], Awaitable[None]]:
-    """The wait for an early-prepared destination's QEMU: asked of it once."""
+def _listening(job: JobView) -> Callable[[], Awaitable[str]]:
+    """The wait for an early-prepared destination's QEMU: asked of it once; RAM's URI."""
+    heard: list[str] = []
 
-    async def until_listening() -> None:
-        if Step.DESTINATION_READY not in job.report.timeline:
-            await job.peer.post(f"/v1/incoming/{job.managed.name}/listening")
+    async def until_listening() -> str:
+        if not heard:
+            raw = await job.peer.post(f"/v1/incoming/{job.managed.name}/listening")
+            answer = from_peer(raw, IncomingAnswer, what="the destination's start")
+            heard.append(answer.uri)
             job.mark(Step.DESTINATION_READY)
+        return heard[0]
 
     return until_listening
 
@@ -236,7 +243,14 @@ class AgentPlan(Plan):
                 a.node: RemoteDisk(address=a.tcp_address or "", export=a.export, host=job.host.name)
                 for a in job.managed.agents
             }
-        raw = await job.peer.post("/v1/incoming", to_json(self.incoming(job)))
+        incoming = self.incoming(job)
+        try:
+            raw = await job.peer.post("/v1/incoming", to_json(incoming))
+        except UsageError as err:  # a destination that knows no early answer: as before it
+            if not incoming.early or "early" not in str(err):
+                raise
+            older = msgspec.structs.replace(incoming, early=False)
+            raw = await job.peer.post("/v1/incoming", to_json(older))
         answer = from_peer(raw, IncomingAnswer, what="the destination's answer")
         return Prepared(
             uri=answer.uri, push_targets=answer.disk_targets, nic_peers=answer.nic_peers,

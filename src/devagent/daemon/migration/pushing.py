@@ -110,8 +110,9 @@ class HybridPlan(FetchingPlan):
         by more than the push's start took."""
         link = job.request.link_rate_bps
         share = LinkShare(job, link / 8, job.follows_ram) if link else None
-        if share is not None and prepared.until_listening:  # the link is the push's alone
-            share.rate = share.link  # until QEMU listens there
+        early = share is not None and prepared.until_listening is not None
+        if share is not None and early:  # the link is the push's alone until QEMU listens
+            share.rate = share.link  # there; then RAM first (its start's share)
 
         def push(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
             return agent.mirror(MirrorRequest(  # small copies: the switchover waits for those
@@ -127,7 +128,8 @@ class HybridPlan(FetchingPlan):
             self.share = share
         await prepared.listening()
         if share is not None:
-            await share.adjust()  # RAM first from here on
+            if early:
+                await share.restart()
             share.start()
         await super().before_ram(job, prepared)
 

@@ -8,7 +8,7 @@ their source are taken up again under their own ids (:mod:`.recovery`).
                                               :mod:`devagent.daemon.libvirt_migration`
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
     POST   /v1/incoming                       (peer) prepare an incoming VM (IncomingRequest)
-    POST   /v1/incoming/{name}/listening      (peer) wait until its QEMU listens for RAM
+    POST   /v1/incoming/{name}/listening      (peer) until its QEMU listens: IncomingAnswer
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it (CommitRequest)
     DELETE /v1/incoming/{name}                (peer) roll back: remove it
     POST   /v1/baselines/incoming             (peer) the same for a QEMU-only strategy
@@ -54,6 +54,7 @@ class MigrationRoutes:
         self.host = host
         self.jobs: dict[str, MigrationJob | DomainMigration] = {}
         self.commits = destination.Commits(host)  # the destination's, one per incoming VM
+        self.starts = destination.Starts()  # the destination's: each incoming VM's start
 
     def add_to(self, router: web.UrlDispatcher) -> None:
         router.add_post("/v1/vms/{name}/migrate", self.migrate)
@@ -120,13 +121,13 @@ class MigrationRoutes:
     async def prepare_incoming(self, request: web.Request) -> web.Response:
         incoming = await body_as(request, IncomingRequest)
         require_source(request, incoming.source, f"VM {incoming.request.name} coming here")
-        reply = await destination.prepare(self.host, incoming)
+        reply = await destination.prepare(self.host, self.starts, incoming)
         return answer(reply, status=201)
 
     async def incoming_listening(self, request: web.Request) -> web.Response:
-        managed = self.host.vms.get(self._from_its_source(request, "starting"))
-        await destination.until_listening(managed)
-        return answer(managed.api_status())
+        name = request.match_info["name"]  # (kept after a start that failed removed the VM)
+        require_source(request, self.starts.source_of(name), f"waiting for VM {name}'s start")
+        return answer(await self.starts.listening(name))
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
         commit = await body_as(request, CommitRequest)
@@ -135,6 +136,7 @@ class MigrationRoutes:
 
     async def abort_incoming(self, request: web.Request) -> web.Response:
         name = self._from_its_source(request, "rolling back")
+        await self.starts.settled(name)  # (an early-prepared VM may still be starting)
         await self.commits.abort(name)
         return answer(Removed(name=name, state="removed"))
 

@@ -77,14 +77,14 @@ async def prepare_incoming(
     *,
     nics: list[NicIdentity] | None = None,
     source: str | None = None,
-    receiving: asyncio.Event | None = None,
+    serving: asyncio.Future[ManagedVm] | None = None,
 ) -> ManagedVm:
     """Start QEMU waiting for ``config``'s VM to arrive by live migration, with an agent
-        for each of its ``disks`` (the whole set, in the VM's order). When a disk moves, QEMU
-        stays paused after the migration (``-S``) until :func:`commit_incoming` has the disks
-        ready. ``source``: the host it comes from (its commit, abort and the like are that host's
-    alone). ``receiving`` is set once the VM is in the host's table and its receivers (a
-        push's targets) serve, while QEMU and its agents may still be starting."""
+    for each of its ``disks`` (the whole set, in the VM's order). When a disk moves, QEMU
+    stays paused after the migration (``-S``) until :func:`commit_incoming` has the disks
+    ready. ``source``: the host it comes from (its commit, abort and the like are that
+    host's alone). ``serving`` is given the VM once its receivers (a push's targets)
+    serve and its NICs are up, while QEMU and its agents may still be starting."""
     async with manager._lock:
         if request.name in manager.vms:
             raise StateError(f"VM {request.name!r} already exists on host {manager.host_name}")
@@ -126,7 +126,7 @@ async def prepare_incoming(
             for disk in disks
             if disk.receive
         }
-    await _launch_with_receivers(manager, managed, receiving)
+    await _launch_with_receivers(manager, managed, serving)
     return managed
 
 
@@ -178,7 +178,7 @@ def _new_replica(manager: VmManager, name: str, node: str, size: int) -> Path:
 
 
 async def _launch_with_receivers(
-    manager: VmManager, managed: ManagedVm, served: asyncio.Event | None
+    manager: VmManager, managed: ManagedVm, served: asyncio.Future[ManagedVm] | None
 ) -> None:
     # The receivers start beside the VM's own agents and QEMU: each agent takes a while
     # to come up. A push may start once they serve and the NICs are up (their agents'
@@ -189,8 +189,8 @@ async def _launch_with_receivers(
     async def receive() -> None:
         await asyncio.gather(*(r.start() for r in receivers))
         await nics_up.wait()
-        if served is not None:
-            served.set()
+        if served is not None and not served.done():
+            served.set_result(managed)
 
     receiving = asyncio.ensure_future(receive())
     try:

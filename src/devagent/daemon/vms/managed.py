@@ -127,9 +127,6 @@ class ManagedVm:
         #: may commit, abort, settle or keep its disks (:mod:`devagent.daemon.auth`).
         self.source_host: str | None = None
         self.retiring: list[asyncio.Task[None]] = []  # receivers, stopping
-        #: An incoming VM whose receivers served before its QEMU listened: the rest of its
-        #: start (QEMU, its agents, ``migrate-incoming``), until it is done.
-        self.starting: asyncio.Future[ManagedVm] | None = None
         self.heartbeats: deque[Heartbeat] = deque(maxlen=HEARTBEATS_KEPT)
         self.parser = ConsoleParser() if request.has_probe else None
         self.vm = Vm(config, run_dir, on_console=self._on_console if self.parser else None)
