@@ -3,8 +3,8 @@ switchover (the plans' table: :mod:`.plans`):
 
 ``precopy``  a mirror makes each replica complete before RAM moves, then writes go to both
              copies until the switchover cuts it over;
-``hybrid``   a push starts before RAM (with the whole link while the destination's QEMU
-             starts) and runs beside it on what RAM leaves of the link (:mod:`.share`);
+``hybrid``   a push starts before RAM (while the destination's QEMU starts) and runs
+             beside it on what RAM leaves of the link (:mod:`.share`);
              the switchover stops it and hands the destination the bitmap of what it
              landed; the rest is fetched after.
 """
@@ -104,15 +104,14 @@ class HybridPlan(FetchingPlan):
         return max(1, int(job.request.link_rate_bps / 8 * (1 - FIXED_SHARE)))
 
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        """The push starts as soon as the destination's receivers serve, with the whole
-        link while QEMU starts there (an early prepare), then what RAM leaves. Not beside
-        RAM's start: each dialling the destination at once, on two cores, RAM's phase grew
-        by more than the push's start took."""
+        """The push starts as soon as the destination's receivers serve (an early prepare),
+        while QEMU starts there, at its first share: its dial and first sweep then take
+        nothing from RAM's start. Not at the whole link: the matrix of 2026-12-06 found
+        the destination's QEMU listening 30-70 ms later beside a push that took it. Not
+        beside RAM's start either: each dialling the destination at once, on two cores,
+        RAM's phase grew by more than the push's start took."""
         link = job.request.link_rate_bps
         share = LinkShare(job, link / 8, job.follows_ram) if link else None
-        early = share is not None and prepared.until_listening is not None
-        if share is not None and early:  # the link is the push's alone until QEMU listens
-            share.rate = share.link  # there; then RAM first (its start's share)
 
         def push(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
             return agent.mirror(MirrorRequest(  # small copies: the switchover waits for those
@@ -128,8 +127,6 @@ class HybridPlan(FetchingPlan):
             self.share = share
         await prepared.listening()
         if share is not None:
-            if early:
-                await share.restart()
             share.start()
         await super().before_ram(job, prepared)
 

@@ -2,9 +2,9 @@
 what RAM leaves, measured as it goes.
 
 The RAM decides the switchover, so it may take the whole link (its bandwidth is the link's
-rate). Before RAM starts, while the destination's QEMU starts (an early prepare), the
-push has the whole link; from RAM's start it has :data:`START_SHARE` of it, until RAM has
-moved its first bytes (before that nothing is known of it); then every :data:`EVERY_S` the
+rate). The push starts at :data:`START_SHARE` of the link (while the destination's QEMU
+starts, after an early prepare), and stays there until RAM has moved its first bytes
+(before that nothing is known of it); then every :data:`EVERY_S` the
 RAM's rate over the last :data:`WINDOW_S` (``query-migrate``'s bytes transferred, which
 the RAM follower keeps in the job's progress) sets the push to what is left, less
 :data:`HEADROOM` of the link so that a RAM stream that could go faster finds room to, and
@@ -97,17 +97,8 @@ class LinkShare:
         self.follows_ram = follows_ram
         total = sum(job.disk_sizes.values()) or 1
         self.parts = {node: size / total for node, size in job.disk_sizes.items()}
-        self.rate = self._first_rate()
+        self.rate = push_rate(link, None) if follows_ram else link * FIXED_SHARE
         self._task: asyncio.Task[None] | None = None
-
-    def _first_rate(self) -> float:
-        return push_rate(self.link, None) if self.follows_ram else self.link * FIXED_SHARE
-
-    async def restart(self) -> None:
-        """Back to the first rate (a push that had the link to itself before RAM), each push
-        told."""
-        self.rate = self._first_rate()
-        await asyncio.gather(*(self._tell(a) for a in self.job.managed.agents))
 
     def of(self, node: str) -> float:
         """Disk ``node``'s push rate now, bytes per second."""
