@@ -140,9 +140,9 @@ BASELINES: tuple[Strategy, ...] = tuple(s for s in Strategy if s.is_baseline)
 
 class Step(StrEnum):
     """A migration's steps as its report's ``timeline`` names them (seconds from the migrate
-    command), in the order they happen (but for a push to a destination that answers only
-    once its QEMU listens: ``destination_ready`` then comes first); the plot draws its
-    phases from them. The
+    command), in the order they happen (but ``destination_ready``, which comes before
+    ``mirror_started`` for ``hybrid``, after it for ``precopy``, whose mirror starts while
+    the destination's QEMU starts); the plot draws its phases from them. The
     destination's own steps come back prefixed ``destination_``."""
 
     #: precopy, hybrid: the push began (once the destination's receivers serve: its QEMU

@@ -232,7 +232,10 @@ class AgentPlan(Plan):
             disks=disks,
             nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
             source=job.host.name,
-            early=receive and self.moves_disk,  # the push starts while QEMU starts there
+            # precopy's mirror starts while QEMU starts there (RAM waits for it to converge
+            # anyway); not hybrid's push: beside the destination's start it delayed that
+            # QEMU, and RAM with it (docs/BENCHMARKS.md, the push while QEMU starts)
+            early=self.strategy is Strategy.PRECOPY and self.moves_disk,
         )
 
     async def prepare(self, job: JobView) -> Prepared:

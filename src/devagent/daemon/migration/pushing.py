@@ -1,10 +1,11 @@
 """The two strategies that push each disk to a receiver on the destination before the
 switchover (the plans' table: :mod:`.plans`):
 
-``precopy``  a mirror makes each replica complete before RAM moves, then writes go to both
-             copies until the switchover cuts it over;
-``hybrid``   a push starts before RAM (while the destination's QEMU starts) and runs
-             beside it on what RAM leaves of the link (:mod:`.share`);
+``precopy``  a mirror makes each replica complete before RAM moves (started as soon as the
+             destination's receivers serve, its QEMU still starting), then writes go to
+             both copies until the switchover cuts it over;
+``hybrid``   a push starts before RAM and runs beside it on what RAM leaves of the link
+             (:mod:`.share`);
              the switchover stops it and hands the destination the bitmap of what it
              landed; the rest is fetched after.
 """
@@ -104,12 +105,11 @@ class HybridPlan(FetchingPlan):
         return max(1, int(job.request.link_rate_bps / 8 * (1 - FIXED_SHARE)))
 
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        """The push starts as soon as the destination's receivers serve (an early prepare),
-        while QEMU starts there, at its first share: its dial and first sweep then take
-        nothing from RAM's start. Not at the whole link: the matrix of 2026-12-06 found
-        the destination's QEMU listening 30-70 ms later beside a push that took it. Not
-        beside RAM's start either: each dialling the destination at once, on two cores,
-        RAM's phase grew by more than the push's start took."""
+        """The push starts once the destination is ready, before RAM. Not while the
+        destination's QEMU starts (an early prepare, as precopy's mirror does): the matrix
+        of 2026-12-06 found that QEMU listening 30-70 ms later beside it, and RAM with it.
+        Not beside RAM's start either: each dialling the destination at once, on two
+        cores, RAM's phase grew by more than the push's start took."""
         link = job.request.link_rate_bps
         share = LinkShare(job, link / 8, job.follows_ram) if link else None
 

@@ -2,9 +2,8 @@
 what RAM leaves, measured as it goes.
 
 The RAM decides the switchover, so it may take the whole link (its bandwidth is the link's
-rate). The push starts at :data:`START_SHARE` of the link (while the destination's QEMU
-starts, after an early prepare), and stays there until RAM has moved its first bytes
-(before that nothing is known of it); then every :data:`EVERY_S` the
+rate). The push starts at :data:`START_SHARE` of the link, and stays there until RAM has
+moved its first bytes (before that nothing is known of it); then every :data:`EVERY_S` the
 RAM's rate over the last :data:`WINDOW_S` (``query-migrate``'s bytes transferred, which
 the RAM follower keeps in the job's progress) sets the push to what is left, less
 :data:`HEADROOM` of the link so that a RAM stream that could go faster finds room to, and
