@@ -32,20 +32,23 @@ from devagent.qemu.config import VmConfig
 class FakeVm:
     name: str
     role: VmRole = VmRole.INCOMING
-    starting: asyncio.Future[Any] | None = None  # its start, done
 
 
 @dataclass
 class FakeVms:
-    table: dict[str, FakeVm] = field(default_factory=dict)
+    """The host's VM table (``vms``, by name, as the VM manager's)."""
 
-    def get(self, name: str) -> FakeVm:
-        if name not in self.table:
+    vms: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str) -> Any:
+        if name not in self.vms:
             raise NotFound(f"no VM {name!r}")
-        return self.table[name]
+        return self.vms[name]
 
     async def remove(self, name: str) -> None:
-        del self.table[name]
+        if name not in self.vms:
+            raise NotFound(f"no VM {name!r}")
+        del self.vms[name]
 
 
 @dataclass
@@ -74,7 +77,7 @@ def commits(host: FakeHost, readier: Readier) -> Commits:
 
 async def test_a_repeated_commit_waits_for_the_first_and_gets_its_answer() -> None:
     host, readier = FakeHost(), Readier()
-    host.vms.table["v1"] = FakeVm("v1")
+    host.vms.vms["v1"] = FakeVm("v1")
     made = commits(host, readier)
     first = asyncio.create_task(made.commit("v1", CommitRequest()))
     again = asyncio.create_task(made.commit("v1", CommitRequest()))  # during the first
@@ -105,7 +108,7 @@ class FailingOnce(Readier):
 
 async def test_a_commit_that_failed_before_it_began_runs_again_when_asked_again() -> None:
     host, readier = FakeHost(), FailingOnce(VmRole.INCOMING)
-    host.vms.table["v1"] = FakeVm("v1")
+    host.vms.vms["v1"] = FakeVm("v1")
     made = commits(host, readier)
     with pytest.raises(PeerError, match="no NBD handshake"):
         await made.commit("v1", CommitRequest())
@@ -116,7 +119,7 @@ async def test_a_commit_that_failed_before_it_began_runs_again_when_asked_again(
 
 async def test_a_commit_that_failed_past_its_point_of_no_return_is_not_run_again() -> None:
     host, readier = FakeHost(), FailingOnce(VmRole.COMMITTING)
-    host.vms.table["v1"] = FakeVm("v1")
+    host.vms.vms["v1"] = FakeVm("v1")
     made = commits(host, readier)
     for _ in range(2):
         with pytest.raises(PeerError, match="no NBD handshake"):
@@ -126,54 +129,54 @@ async def test_a_commit_that_failed_past_its_point_of_no_return_is_not_run_again
 
 async def test_a_commit_whose_client_went_away_runs_to_its_end() -> None:
     host, readier = FakeHost(), Readier()
-    host.vms.table["v1"] = FakeVm("v1")
+    host.vms.vms["v1"] = FakeVm("v1")
     made = commits(host, readier)
     asked = asyncio.create_task(made.commit("v1", CommitRequest()))
     await asyncio.sleep(0)
     asked.cancel()  # the request's handler is cancelled: the commit is not
     readier.go.set()
     assert (await made.commit("v1", CommitRequest())).resumed_at == 101.0
-    assert host.vms.table["v1"].role is VmRole.RUNNING and readier.runs == 1
+    assert host.vms.vms["v1"].role is VmRole.RUNNING and readier.runs == 1
 
 
 async def test_a_vm_that_is_not_incoming_is_refused_and_a_new_one_commits_anew() -> None:
     host, readier = FakeHost(), Readier()
     readier.go.set()
-    host.vms.table["v1"] = FakeVm("v1", VmRole.RUNNING)
+    host.vms.vms["v1"] = FakeVm("v1", VmRole.RUNNING)
     made = commits(host, readier)
     with pytest.raises(StateError, match="not an incoming VM"):
         await made.commit("v1", CommitRequest())
-    host.vms.table["v1"] = FakeVm("v1")  # the VM came back here later: a new incoming VM
+    host.vms.vms["v1"] = FakeVm("v1")  # the VM came back here later: a new incoming VM
     await made.commit("v1", CommitRequest())
-    host.vms.table["v1"] = FakeVm("v1")
+    host.vms.vms["v1"] = FakeVm("v1")
     assert (await made.commit("v1", CommitRequest())).resumed_at == 102.0
     assert readier.runs == 2
 
 
 async def test_an_abort_is_refused_while_the_commit_runs_and_once_it_began() -> None:
     host, readier = FakeHost(), Readier()
-    host.vms.table["v1"] = FakeVm("v1")
+    host.vms.vms["v1"] = FakeVm("v1")
     made = commits(host, readier)
     committing = asyncio.create_task(made.commit("v1", CommitRequest()))
     await asyncio.sleep(0)
     with pytest.raises(StateError, match="commit is under way"):
         await made.abort("v1")
-    assert "v1" in host.vms.table
+    assert "v1" in host.vms.vms
     readier.go.set()
     await committing
     with pytest.raises(StateError, match="not an incoming VM"):  # it runs here now
         await made.abort("v1")
-    host.vms.table["v1"] = FakeVm("v1", VmRole.COMMITTING)  # a restarted daemon's: no Commits
+    host.vms.vms["v1"] = FakeVm("v1", VmRole.COMMITTING)  # a restarted daemon's: no Commits
     with pytest.raises(StateError, match="not an incoming VM"):
         await commits(host, readier).abort("v1")
-    host.vms.table["v2"] = FakeVm("v2")  # never committed: removed
+    host.vms.vms["v2"] = FakeVm("v2")  # never committed: removed
     await made.abort("v2")
-    assert "v2" not in host.vms.table
+    assert "v2" not in host.vms.vms
 
 
 async def test_a_baseline_commit_is_once_only_and_excludes_the_abort_too() -> None:
     host, devagents, qemus = FakeHost(), Readier(), Readier()
-    host.vms.table["v1"] = FakeVm("v1")
+    host.vms.vms["v1"] = FakeVm("v1")
     made = commits(host, devagents)
     first = asyncio.create_task(made.commit("v1", CommitRequest(), using=qemus))
     await asyncio.sleep(0)
@@ -207,24 +210,9 @@ class StartingVm:
 
 
 @dataclass
-class StartingVms:
-    vms: dict[str, StartingVm] = field(default_factory=dict)
-
-    def get(self, name: str) -> StartingVm:
-        if name not in self.vms:
-            raise NotFound(f"no VM {name!r}")
-        return self.vms[name]
-
-    async def remove(self, name: str) -> None:
-        if name not in self.vms:
-            raise NotFound(f"no VM {name!r}")
-        del self.vms[name]
-
-
-@dataclass
 class StartingHost:
     name: str = "b"
-    vms: StartingVms = field(default_factory=StartingVms)
+    vms: FakeVms = field(default_factory=FakeVms)
     address: str = "127.0.0.1"
     tls: Any = None
     shared_dir: Any = None
@@ -283,7 +271,7 @@ def incoming(early: bool) -> IncomingRequest:
 @pytest.fixture
 def start(monkeypatch: pytest.MonkeyPatch) -> Start:
     started = Start(StartingHost())
-    monkeypatch.setattr(destination.incoming_vm, "prepare_incoming", started.prepare_incoming)
+    monkeypatch.setattr(incoming_vm, "prepare_incoming", started.prepare_incoming)
     monkeypatch.setattr(destination, "migrate_incoming", started.migrate_incoming)
     monkeypatch.setattr(destination, "free_port", started.free_port)
     return started
