@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.agent.chunks import MIN_ZERO_SKIP, Pacer, data_parts
-from devagent.agent.fetch import Fetch
+from devagent.agent.fetch import ZERO_RUN_CHUNKS, Fetch
 from devagent.agent.presence import HEADER_SIZE, PresenceMap, bits_to_chunks, presence_path
 from devagent.errors import UsageError
 from devagent.nbd.proto import Errno
@@ -294,6 +294,39 @@ async def test_the_copier_fills_everything_skipping_zero_ranges(tmp_path: Path) 
     finally:
         await backend.close()
     assert remote.closed
+
+
+async def test_the_copier_takes_a_hole_in_a_few_big_batches(tmp_path: Path) -> None:
+    """A disk that is mostly hole (1 GiB holding 64 MiB, say): each hole goes in batches of
+    up to ZERO_RUN_CHUNKS chunks, a punch and a mark each, not one per copy batch (each
+    was a thread hop and a share of the syncs, seconds over a whole disk)."""
+    chunk, n = 4096, 8192  # 32 MiB; the copy batch is 1 MiB: 256 chunks
+    data = bytearray(n * chunk)
+    data[0:chunk] = pattern(chunk, 3)
+    data[5000 * chunk : 5001 * chunk] = pattern(chunk, 4)
+    remote = FakeRemote(data)
+    backend = Fetch(tmp_path / "r.img", remote, chunk_size=chunk)
+    punches: list[tuple[int, int]] = []
+    punch = backend._local.write_zeroes
+
+    async def counted(offset: int, length: int, may_trim: bool = True) -> None:
+        punches.append((offset, length))
+        await punch(offset, length, may_trim)
+
+    backend._local.write_zeroes = counted  # type: ignore[method-assign]
+    try:
+        backend.start_copier()
+        await backend.wait_complete()
+        assert on_disk(backend.path) == data
+        assert sorted({off // chunk for off, _ in remote.reads}) == [0, 5000]
+        assert backend.skipped_as_zero == (n - 2) * chunk
+        # the workers' first batches go before the remote's zeroes are known: then the
+        # holes 1..4999 and 5001..8191 in batches of at most 4096 chunks
+        assert len(punches) <= 8, punches
+        assert max(length for _, length in punches) == ZERO_RUN_CHUNKS * chunk
+        assert all(durable_bits(backend.path, n))
+    finally:
+        await backend.close()
 
 
 @given(

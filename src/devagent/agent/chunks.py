@@ -172,6 +172,11 @@ class RemoteZeroes:
         asking)."""
         return [(max(s, start), min(e, end)) for s, e in self._zeroes_over(start, end)]
 
+    def zero_until(self, offset: int) -> int:
+        """Where the zero extent ``offset`` lies in ends, by the remote's last answer (no
+        asking); ``offset`` itself when it is not known to read zeroes."""
+        return max((e for _, e in self._zeroes_over(offset, offset + 1)), default=offset)
+
     def _zeroes_over(self, start: int, end: int) -> list[tuple[int, int]]:
         """The known zero extents overlapping [``start``, ``end``), found by bisection: a
         window's answer holds thousands of extents on a disk written here and there."""

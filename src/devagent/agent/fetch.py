@@ -73,6 +73,11 @@ from devagent.agent.replica import FETCH_MAX, Replica, runs
 from devagent.agent.spill import no_room
 from devagent.errors import StateError
 
+#: The most chunks the copier takes at once where the remote reads zeroes (256 MiB of
+#: 64 KiB chunks): each batch is a punch, a mark and a share of the syncs, and a 1 GiB disk
+#: holding 64 MiB of data is mostly such chunks.
+ZERO_RUN_CHUNKS = 4096
+
 
 class NotWhole(StateError):
     """The replica cannot be served alone: chunks are absent, or it has no room."""
@@ -462,12 +467,20 @@ class Fetch(Replica):
         )
 
     def _next_batch(self) -> list[int] | None:
+        """The next absent chunks from the cursor: ``copy_batch`` bytes of them, or, where
+        the remote's last answer says they read zeroes, up to :data:`ZERO_RUN_CHUNKS` (one
+        punch and one mark for a whole hole, not one per batch)."""
         n = self._map.n_chunks
         index = self._cursor
         while index < n and self._map.is_present(index):
             index += 1
+        most = self._batch_chunks
+        if index < n:
+            start = self._span(index)[0]
+            zero_chunks = (self._zeroes.zero_until(start) - start) // self.chunk_size
+            most = max(most, min(ZERO_RUN_CHUNKS, zero_chunks))
         batch: list[int] = []
-        while index < n and len(batch) < self._batch_chunks and not self._map.is_present(index):
+        while index < n and len(batch) < most and not self._map.is_present(index):
             batch.append(index)
             index += 1
         self._cursor = index
@@ -522,6 +535,9 @@ class Fetch(Replica):
             if not known:
                 zero = set()
             fetch = [c for c in missing if c not in zero]
+            if len(batch) > self._batch_chunks and fetch:  # a hole no more: its data are
+                missing = [c for c in missing if c in zero]  # fetched on the next round
+                fetch = []
             for first, last in runs([c for c in missing if c in zero]):
                 start, end = self._span(first)[0], self._span(last)[1]
                 await self._local.write_zeroes(start, end - start, True)
