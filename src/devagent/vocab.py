@@ -145,8 +145,8 @@ class Step(StrEnum):
     the destination's QEMU starts); the plot draws its phases from them. The
     destination's own steps come back prefixed ``destination_``."""
 
-    #: precopy, hybrid: the push began (once the destination's receivers serve: its QEMU
-    #: may still be starting)
+    #: precopy, hybrid: the push began (precopy's once the destination's receivers serve,
+    #: its QEMU maybe still starting; hybrid's once that QEMU listens)
     MIRROR_STARTED = "mirror_started"
     DESTINATION_READY = "destination_ready"  # the incoming QEMU (and agents) listen
     #: precopy: the guest dirtied the disk faster than the mirror copied it (or the passes
