@@ -726,3 +726,22 @@ async def test_a_destination_whose_qemu_died_before_the_commit_rolls_back_at_onc
     await asyncio.wait_for(job.run(), 30)  # a hang guard, not a timing
     assert job.phase is Phase.FAILED and "rolled back" in (job.report.error or "")
     rolled_back(vm, host)
+
+
+@pytest.mark.parametrize(("qemu", "activates"), [("7.2.19", False), ("10.0.2", True)])
+async def test_cor_stream_activates_the_source_disk_again_on_qemu_10(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, qemu: str, activates: bool
+) -> None:
+    """QEMU 10.0's export of an inactive node refuses block status, which the destination's
+    block-stream asks for: the source activates its disk between RAM's end and the
+    destination's commit; older QEMU serves it inactive (and has no blockdev-set-active)."""
+    version = f"QEMU emulator version {qemu} (Debian)"
+    monkeypatch.setattr("devagent.daemon.migration.qemu_plans.qemu_version", lambda: version)
+    job, vm, host = make_job(tmp_path, Strategy.QEMU_COR_STREAM)
+    log = host.destination.everything = vm.vm.commands
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    assert ("blockdev-set-active" in log) is activates
+    if activates:
+        commit = "peer POST /v1/baselines/incoming/v1/commit"
+        assert log.index("migrate") < log.index("blockdev-set-active") < log.index(commit)

@@ -17,7 +17,8 @@ careful user (or libvirt) would:
     The source exports its disk read-only on its own NBD server. The destination's disk is
     a qcow2 overlay whose backing is an NBD node to that export, under a ``copy-on-read``
     filter; ``block-stream`` starts after the switchover, and the source is released when
-    it completes.
+    it completes. (From QEMU 10.0 the export of the disk QEMU inactivated at the end of
+    RAM refuses block status, which the stream needs: the source activates it again.)
 
 Before the switchover any failure rolls back as devagent's strategies do. With no agent
 journals, ``max_io_gap_ms`` comes from the probe's heartbeats and ``io_gap_source`` says so.
@@ -39,7 +40,9 @@ from devagent.daemon.migration.plans import Handover, Plan, Prepared, require_on
 from devagent.daemon.migration.qemu_tls import add_creds
 from devagent.daemon.vms import image_format
 from devagent.errors import DevagentError, PeerError, UsageError
+from devagent.qemu.accel import qemu_version
 from devagent.qemu.answers import BlockJobInfo, JobInfo
+from devagent.qemu.config import qemu_release
 from devagent.report import limit_seconds
 from devagent.vocab import Strategy
 from devagent.wait import wait_until
@@ -53,6 +56,9 @@ EXPORT_NAME = "disk0"
 READY_TIMEOUT_S = 1800.0  # a background mirror that never converges fails, clearly...
 READY_LIMITS = 5.0  # ...or after this many times what the link allows, when its rate is known
 JOB_TIMEOUT_S = 590.0
+#: The first QEMU whose NBD export of an inactive node answers only reads (block status
+#: fails with EPERM), and which has ``blockdev-set-active``.
+INACTIVE_EXPORTS_READ_ONLY = (10, 0)
 POLL_S = 0.1
 
 
@@ -235,6 +241,16 @@ class QemuCorStreamPlan(QemuPlan):
             await job.quietly(vm.qmp("nbd-server-stop"))
             raise
         return NbdAddress(host=address, port=str(port), export=EXPORT_NAME)
+
+    async def at_switchover(self, job: JobView) -> Handover | None:
+        """RAM completed and QEMU inactivated the disk. From 10.0 an export of an inactive
+        node still serves reads but refuses block status, which ``block-stream`` asks for:
+        activate the exported node again (the guest here stays stopped; only the export
+        reads it)."""
+        release = qemu_release(qemu_version())
+        if release is not None and release >= INACTIVE_EXPORTS_READ_ONLY:
+            await job.managed.vm.qmp("blockdev-set-active", **{"node-name": "disk0"}, active=True)
+        return None
 
     async def until_released(self, job: JobView) -> None:
         await job.peer.post(f"/v1/baselines/incoming/{job.managed.name}/stream-done")
