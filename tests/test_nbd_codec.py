@@ -28,6 +28,7 @@ from devagent.nbd.proto import (
     STRUCTURED_REPLY_MAGIC,
     U16,
     U32,
+    U64,
     ZERO_PAD,
     ChunkType,
     ClientFlag,
@@ -459,6 +460,61 @@ def test_pair_without_structured_replies() -> None:
     assert isinstance(read, Request)
     client.receive_data(b"".join(server.reply_read(read.handle, 0, b"xyz")))
     assert client.next_event() == Completed(handle, Command.READ, 0, data=b"xyz")
+
+
+def _chunk(handle: int, kind: ChunkType, payload: bytes, *, done: bool = False) -> bytes:
+    flags = ReplyFlag.DONE if done else 0
+    head = STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, flags, kind, handle, len(payload))
+    return head + payload
+
+
+@pytest.mark.parametrize(
+    ("chunks", "expected"),
+    [
+        pytest.param(  # one chunk, the whole read: taken as it is
+            [(ChunkType.OFFSET_DATA, U64.pack(100) + b"abcdefghijkl")],
+            b"abcdefghijkl",
+            id="whole",
+        ),
+        pytest.param(  # the whole read, then a NONE chunk carries DONE
+            [(ChunkType.OFFSET_DATA, U64.pack(100) + b"abcdefghijkl"), (ChunkType.NONE, b"")],
+            b"abcdefghijkl",
+            id="whole-then-none",
+        ),
+        pytest.param(  # data out of order around a hole
+            [
+                (ChunkType.OFFSET_DATA, U64.pack(108) + b"ijkl"),
+                (ChunkType.OFFSET_HOLE, U64.pack(100) + U32.pack(4)),
+                (ChunkType.OFFSET_DATA, U64.pack(104) + b"efgh"),
+                (ChunkType.NONE, b""),
+            ],
+            bytes(4) + b"efghijkl",
+            id="pieces",
+        ),
+        pytest.param(  # nothing but a hole
+            [(ChunkType.OFFSET_HOLE, U64.pack(100) + U32.pack(12))], bytes(12), id="hole"
+        ),
+    ],
+)
+def test_client_assembles_a_read_from_its_chunks(
+    chunks: list[tuple[ChunkType, bytes]], expected: bytes
+) -> None:
+    client, _server = pair()
+    handle, _ = client.request(Command.READ, 100, 12)
+    last = len(chunks) - 1
+    stream = [_chunk(handle, kind, body, done=i == last) for i, (kind, body) in enumerate(chunks)]
+    client.receive_data(b"".join(stream))
+    done = client.next_event()
+    assert done == Completed(handle, Command.READ, 0, data=expected)
+    assert isinstance(done.data, bytes) and client.in_flight == 0
+
+
+def test_client_refuses_a_data_chunk_outside_its_read() -> None:
+    client, _server = pair()
+    handle, _ = client.request(Command.READ, 100, 12)
+    client.receive_data(_chunk(handle, ChunkType.OFFSET_DATA, U64.pack(96) + b"abcd"))
+    with pytest.raises(NbdProtocolError, match="data chunk outside the request"):
+        client.next_event()
 
 
 def test_client_refuses_unknown_export() -> None:

@@ -93,6 +93,7 @@ class DemandGate:
     def __init__(self) -> None:
         self._fetches = Count()  # on-demand fetches under way
         self.yielding = 0  # copier workers waiting for them to end
+        self.yielded_s = 0.0  # how long the workers waited, summed over them
 
     @property
     def pending(self) -> int:
@@ -107,10 +108,12 @@ class DemandGate:
         if self._fetches.idle.is_set():
             return
         self.yielding += 1
+        began = time.monotonic()
         try:
             await self._fetches.idle.wait()
         finally:
             self.yielding -= 1
+            self.yielded_s += time.monotonic() - began
 
 
 class Pacer:

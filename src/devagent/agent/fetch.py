@@ -459,11 +459,15 @@ class Fetch(Replica):
         took = time.monotonic() - started
         moved = self.fetched_in_background - before
         self.log.info(
-            "copier done in %.2f s: %d bytes fetched (%.1f MB/s), %d skipped as zero",
+            "copier done in %.2f s: %d bytes fetched (%.1f MB/s), %d skipped as zero; "
+            "%d fetched on demand, %.2f s of the %d workers' time spent waiting for them",
             took,
             moved,
             moved / took / 1e6 if took > 0 else 0.0,
             self.skipped_as_zero,
+            self.fetched_on_demand,
+            self.demand.yielded_s,
+            self.copy_workers,
         )
 
     def _next_batch(self) -> list[int] | None:

@@ -104,10 +104,17 @@ class _Pending:
     command: Command
     offset: int
     length: int
-    data: bytearray | None = None
+    data: bytearray | None = None  # a READ's bytes as its chunks arrive
+    whole: bytes | None = None  # ...or all of them in one chunk
     extents: list[tuple[int, int]] | None = None
     error: int = 0
     message: str = ""
+
+    def read_data(self) -> bytes:
+        """The READ's answer once its last chunk is in (no chunk at all: zeroes)."""
+        if self.data is not None:
+            return bytes(self.data)
+        return self.whole if self.whole is not None else bytes(self.length)
 
 
 class ClientConnection:
@@ -333,6 +340,29 @@ class ClientConnection:
             return self._parse_chunk()
         raise self._violation(f"bad reply magic {magic:#x}")
 
+    def _take_data(self, pending: _Pending, size: int) -> None:
+        """An OFFSET_DATA chunk's payload (its offset, then ``size`` bytes) into ``pending``,
+        copied once from the receive buffer. The usual reply, one chunk that is the whole
+        read, becomes the answer's bytes as it is."""
+        (offset,) = self._buffer.unpack(U64) or (0,)
+        start = offset - pending.offset
+        if start < 0 or start + size > pending.length:
+            raise self._violation("data chunk outside the request")
+        if start == 0 and size == pending.length and pending.data is None is pending.whole:
+            pending.whole = self._buffer.consume(size)
+            return
+        if pending.data is None:
+            pending.data = bytearray(pending.length)
+            self._adopt_whole(pending)
+        self._buffer.consume_into(pending.data, start, size)
+
+    @staticmethod
+    def _adopt_whole(pending: _Pending) -> None:
+        """A chunk after a whole-read one (the server may send one): into ``data`` too."""
+        if pending.whole is not None and pending.data is not None:
+            pending.data[:] = pending.whole
+            pending.whole = None
+
     def _take_pending(self, handle: int) -> _Pending:
         pending = self._pending.get(handle)
         if pending is None:
@@ -356,29 +386,38 @@ class ClientConnection:
         return Completed(handle, pending.command, error, data=data)
 
     def _parse_chunk(self) -> Completed | NeedData | None:
-        raw = self._buffer.consume(STRUCTURED_REPLY.size)
-        if raw is None:
+        header = self._buffer.unpack(STRUCTURED_REPLY)
+        if header is None:
             return NEED_DATA
-        _, flags, kind, handle, length = STRUCTURED_REPLY.unpack(raw)
+        _, flags, kind, handle, length = header
         if length > MAX_PAYLOAD + 64:
             raise self._violation(f"reply chunk of {length} bytes")
-        payload = self._buffer.consume(length)
-        if payload is None:
+        if len(self._buffer) < length:
             self._buffer.rollback()
             return NEED_DATA
-        self._buffer.commit()
         pending = self._take_pending(handle)
         if kind == ChunkType.OFFSET_DATA and length > 8:
-            (offset,) = U64.unpack_from(payload)
-            start = offset - pending.offset
-            if start < 0 or start + length - 8 > pending.length:
-                raise self._violation("data chunk outside the request")
+            self._take_data(pending, length - 8)
+        else:
+            self._take_other(pending, kind, self._buffer.consume(length) or b"")
+        self._buffer.commit()
+        if not flags & ReplyFlag.DONE:
+            return None
+        del self._pending[handle]
+        data = None
+        if pending.command is Command.READ and not pending.error:
+            data = pending.read_data()
+        return Completed(
+            handle, pending.command, pending.error, pending.message, data, pending.extents
+        )
+
+    def _take_other(self, pending: _Pending, kind: int, payload: bytes) -> None:
+        """A reply chunk other than data: a hole, block status, an error, or none."""
+        length = len(payload)
+        if kind == ChunkType.OFFSET_HOLE and length == 12:
             if pending.data is None:
                 pending.data = bytearray(pending.length)
-            pending.data[start : start + length - 8] = payload[8:]
-        elif kind == ChunkType.OFFSET_HOLE and length == 12:
-            if pending.data is None:
-                pending.data = bytearray(pending.length)
+                self._adopt_whole(pending)
         elif kind == ChunkType.BLOCK_STATUS and length >= 12 and (length - 4) % 8 == 0:
             pending.extents = [EXTENT.unpack_from(payload, pos) for pos in range(4, length, 8)]
         elif kind & (1 << 15) and length >= ERROR_CHUNK.size:
@@ -387,12 +426,3 @@ class ClientConnection:
             pending.message = payload[6 : 6 + text_len].decode("utf-8", "replace")
         elif kind != ChunkType.NONE:
             raise self._violation(f"unexpected chunk type {kind:#x} of {length} bytes")
-        if not flags & ReplyFlag.DONE:
-            return None
-        del self._pending[handle]
-        data = None
-        if pending.command is Command.READ and not pending.error:
-            data = bytes(pending.data) if pending.data is not None else bytes(pending.length)
-        return Completed(
-            handle, pending.command, pending.error, pending.message, data, pending.extents
-        )

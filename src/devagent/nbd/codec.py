@@ -78,6 +78,13 @@ class Buffer:
         self._cursor += n
         return chunk
 
+    def consume_into(self, target: bytearray, start: int, n: int) -> None:
+        """Copy ``n`` bytes from the cursor into ``target[start:]`` (the caller saw that they
+        are here): one copy, no bytes object in between."""
+        with memoryview(self._data) as view:
+            target[start : start + n] = view[self._cursor : self._cursor + n]
+        self._cursor += n
+
     def unpack(self, fmt: struct.Struct) -> tuple[Any, ...] | None:
         """Unpack ``fmt`` at the cursor without copying, or ``None`` if it is not all here."""
         if len(self._data) - self._cursor < fmt.size:
