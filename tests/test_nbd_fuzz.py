@@ -8,12 +8,14 @@ import os
 import random
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_fakes import read_bytes
 from devagent.agent.agent import BlockAgent
 from devagent.agent.backend import Local
+from devagent.errors import PeerError
 from devagent.nbd.client import NbdClient
 from devagent.nbd.client_codec import ClientConnection
 from devagent.nbd.codec import Export, NeedData
@@ -198,3 +200,45 @@ async def test_live_agent_survives_mutated_streams(tmp_path: Path) -> None:
         await agent.stop()
     assert image.stat().st_size == SIZE
     assert len(read_bytes(image)) == SIZE
+
+
+async def _one_bad_server(tmp_path: Path, answer: bytes | None) -> asyncio.Server:
+    """A server that negotiates, reads one request and then sends ``answer`` (None: it
+    closes the connection instead)."""
+    tmp_path.mkdir(exist_ok=True)
+    sock = tmp_path / "bad.sock"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        server = ServerConnection({"disk": Export("disk", 1 << 20)})
+        while not any(isinstance(e, Request) for e in server_events(server)):
+            writer.write(server.data_to_send())
+            server.receive_data(await reader.read(65536))
+        if answer is not None:
+            writer.write(answer)
+        writer.close()
+
+    return await asyncio.start_unix_server(serve, str(sock))
+
+
+def server_events(server: ServerConnection) -> list[object]:
+    out: list[object] = []
+    while not isinstance(event := server.next_event(), NeedData):
+        out.append(event)
+    return out
+
+
+async def test_our_client_fails_its_requests_when_the_server_breaks_or_leaves(
+    tmp_path: Path,
+) -> None:
+    """Replies go to their waiters in the transport's callback: garbage from the server,
+    or its leaving, must still fail every waiter and end the connection."""
+    for answer, error in ((b"\x00" * 64, "magic"), (None, "closed the connection")):
+        folder = tmp_path / str(bool(answer))
+        async with await _one_bad_server(folder, answer):
+            client = await NbdClient.connect(unix=folder / "bad.sock", export="disk")
+            with pytest.raises(PeerError, match=error):
+                await asyncio.wait_for(client.read(0, 4096), 10)
+            await asyncio.wait_for(client.wait_closed(), 10)
+            with pytest.raises(PeerError, match="closed"):
+                await client.read(0, 1)
+            await client.close()

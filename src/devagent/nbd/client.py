@@ -1,10 +1,12 @@
 """A small asyncio NBD client over the pure codec: GO handshake, structured replies,
 pipelined requests matched by handle.
 
-Used by tests and by the ``Remote`` backend (an agent forwarding to another agent).  One
-reader task feeds the codec and resolves the waiter of each completed handle; writes go
-straight to the stream.  When the connection drops every waiter gets :class:`PeerError`,
-nobody hangs.
+Used by tests and by the ``Remote`` backend (an agent forwarding to another agent).  The
+handshake runs on asyncio streams; then a :class:`_Receiver` takes the transport's reading
+side: the bytes go from the transport (TLS decrypts into it) into the codec and each
+completed reply to its waiter, in the transport's own callback, with no reader task and no
+stream buffer in between. Writes go straight to the stream.  When the connection drops
+every waiter gets :class:`PeerError`, nobody hangs.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 TCP_USER_TIMEOUT_MS = 3000
 #: An idle connection is probed after 1 s of silence, each second, 3 times.
 KEEPALIVE = (1, 1, 3)
+#: What the transport may put in the receiver's buffer at once (TLS decrypts into it).
+RECEIVE_BUFFER = 256 << 10
 
 
 def notice_dead_links(sock: socket.socket | None) -> None:
@@ -67,18 +71,54 @@ class NbdRequestFailed(PeerError):
         self.errno = errno
 
 
+class _Receiver(asyncio.BufferedProtocol):
+    """The transport's protocol once the handshake is done: what arrives goes to the
+    client's codec at once. Flow control and the connection's loss also reach the stream
+    protocol it replaces (so the writer's ``drain`` and ``wait_closed`` keep working)."""
+
+    def __init__(self, client: NbdClient, previous: asyncio.BaseProtocol) -> None:
+        self._client = client
+        self._previous = previous
+        self._view = memoryview(bytearray(RECEIVE_BUFFER))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._client._received(self._view[:nbytes])
+
+    def eof_received(self) -> bool:
+        self._client._received(b"")
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._client._ended(PeerError(f"NBD connection: {exc}") if exc else None)
+        self._previous.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._previous.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._previous.resume_writing()
+
+
 class NbdClient:
     """An NBD connection in the transmission phase."""
 
     def __init__(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, codec: ClientConnection
     ) -> None:
-        self._reader = reader
         self._writer = writer
         self._codec = codec
         self._waiters: dict[int, asyncio.Future[Completed]] = {}
         self._closed_error: BaseException | None = None
-        self._task = asyncio.create_task(self._read_loop())
+        self._done = asyncio.get_running_loop().create_future()  # set when reading ends
+        # The server says nothing between its GO reply and our first request: the stream
+        # holds no unread byte to hand over.
+        transport = writer.transport
+        transport.set_protocol(_Receiver(self, transport.get_protocol()))
+        if reader.at_eof():
+            self._ended(None)
 
     @classmethod
     async def connect(
@@ -145,30 +185,36 @@ class NbdClient:
     def contexts(self) -> dict[int, str]:
         return dict(self._codec.contexts)
 
-    async def _read_loop(self) -> None:
-        error: BaseException = PeerError("NBD server closed the connection")
+    def _received(self, data: bytes | memoryview) -> None:
+        """Bytes from the transport (``b""``: the server's EOF): every reply they complete
+        goes to its waiter."""
+        if self._done.done():
+            return
         try:
-            while True:
-                data = await self._reader.read(1 << 20)
-                self._codec.receive_data(data)
-                while True:
-                    event = self._codec.next_event()
-                    if isinstance(event, NeedData):
-                        break
-                    if isinstance(event, Completed):
-                        waiter = self._waiters.pop(event.handle, None)
-                        if waiter is not None and not waiter.done():
-                            waiter.set_result(event)
-                if not data:
-                    break
-        except (PeerError, OSError) as err:
-            error = err if isinstance(err, PeerError) else PeerError(f"NBD connection: {err}")
-        finally:
-            self._closed_error = error
-            for waiter in self._waiters.values():
-                if not waiter.done():
-                    waiter.set_exception(error)
-            self._waiters.clear()
+            self._codec.receive_data(data)
+            while not isinstance(event := self._codec.next_event(), NeedData):
+                if isinstance(event, Completed):
+                    waiter = self._waiters.pop(event.handle, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(event)
+        except PeerError as err:  # the server broke the protocol: this connection is over
+            self._ended(err)
+            self._writer.transport.abort()
+            return
+        if not data:
+            self._ended(None)
+
+    def _ended(self, error: PeerError | None) -> None:
+        """Reading is over: every waiter fails with ``error`` (or: the server closed)."""
+        if self._done.done():
+            return
+        failure = error or PeerError("NBD server closed the connection")
+        self._closed_error = failure
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_exception(failure)
+        self._waiters.clear()
+        self._done.set_result(None)
 
     async def call(
         self,
@@ -229,7 +275,7 @@ class NbdClient:
 
     async def wait_closed(self) -> None:
         """Return once the connection is gone (the peer closed it, or :meth:`close`)."""
-        await asyncio.wait([self._task])
+        await asyncio.shield(self._done)
 
     def abort(self) -> None:
         """Drop the socket at once, without a polite NBD_CMD_DISC."""
@@ -245,9 +291,7 @@ class NbdClient:
         self._writer.close()
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+        self._ended(PeerError("NBD connection closed"))
 
     async def __aenter__(self) -> NbdClient:
         return self
