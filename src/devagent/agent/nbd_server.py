@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: Replies with a payload this large are not coalesced with others.
 COALESCE_MAX = 64 * 1024
+#: What the transport may put in a connection's buffer at once (TLS decrypts into it).
+RECEIVE_BUFFER = 256 << 10
 #: Commands the reader starts without a task (``_read_at_once``, ``_start_write``).
 _AT_ONCE = frozenset({Command.READ, Command.WRITE})
 
@@ -104,11 +106,13 @@ class _PeerAdapter(logging.LoggerAdapter[logging.Logger]):
         return f"[{peer}] {msg}", kwargs
 
 
-class NbdConnection(asyncio.Protocol):
+class NbdConnection(asyncio.BufferedProtocol):
     """One client connection: the codec's events become requests on the agent's journal and
     backend, their results replies. With ``tls`` (a TCP connection of an agent that has a
     certificate), TLS is required: the connection turns to TLS at the client's STARTTLS,
-    and is closed unless the client's certificate is a host's this agent admits."""
+    and is closed unless the client's certificate is a host's this agent admits. What
+    arrives lands in the connection's own buffer (TLS decrypts into it) and goes to the
+    codec from there: no bytes object per arrival."""
 
     def __init__(self, agent: ServedAgent, tls: Tls | None = None) -> None:
         self.agent = agent
@@ -125,6 +129,7 @@ class NbdConnection(asyncio.Protocol):
         self._handshake_timer: asyncio.TimerHandle | None = None
         self._tls_task: asyncio.Task[None] | None = None
         self._address = "?"  # the peer's address (host:port) or unix#N
+        self._received = memoryview(bytearray(RECEIVE_BUFFER))
 
     # -- asyncio callbacks -----------------------------------------------------------------
 
@@ -152,7 +157,13 @@ class NbdConnection(asyncio.Protocol):
             self.log.warning("closing: no handshake within %.0f s", self.agent.handshake_timeout)
             self._close_when_idle()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._received
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self._received[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         self.codec.receive_data(data)
         self._pump()
 
