@@ -348,7 +348,7 @@ class ClientConnection:
         start = offset - pending.offset
         if start < 0 or start + size > pending.length:
             raise self._violation("data chunk outside the request")
-        if start == 0 and size == pending.length and pending.data is None is pending.whole:
+        if start == 0 and size == pending.length and pending.data is None and pending.whole is None:
             pending.whole = self._buffer.consume(size)
             return
         if pending.data is None:
