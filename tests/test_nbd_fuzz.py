@@ -29,7 +29,7 @@ from devagent.nbd.proto import (
     Option,
 )
 from devagent.nbd.server_codec import BadRequest, Request, ServerConnection, ServerState
-from nbd_helpers import FLAGS, HANDSHAKE, go, meta, opt, req
+from nbd_helpers import FLAGS, HANDSHAKE, events, go, meta, opt, req
 
 SIZE = 1 << 20
 EXPORT = Export("disk", SIZE)
@@ -210,21 +210,17 @@ async def _one_bad_server(tmp_path: Path, answer: bytes | None) -> asyncio.Serve
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         server = ServerConnection({"disk": Export("disk", 1 << 20)})
-        while not any(isinstance(e, Request) for e in server_events(server)):
+        while not any(isinstance(e, Request) for e in events(server)):
             writer.write(server.data_to_send())
-            server.receive_data(await reader.read(65536))
+            data = await reader.read(65536)
+            if not data:  # the client left during the handshake
+                break
+            server.receive_data(data)
         if answer is not None:
             writer.write(answer)
         writer.close()
 
     return await asyncio.start_unix_server(serve, str(sock))
-
-
-def server_events(server: ServerConnection) -> list[object]:
-    out: list[object] = []
-    while not isinstance(event := server.next_event(), NeedData):
-        out.append(event)
-    return out
 
 
 async def test_our_client_fails_its_requests_when_the_server_breaks_or_leaves(
