@@ -32,7 +32,7 @@ from typing import Any, Protocol, cast
 from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.agent.journal import Entry, Journal, JournalClosed
 from devagent.agent.listener import UnixListener, bind_unix
-from devagent.nbd.codec import Bytes, Disconnect, Export, NeedData
+from devagent.nbd.codec import RECEIVE_BUFFER, Bytes, Disconnect, Export, NeedData
 from devagent.nbd.proto import Command, CommandFlag, Errno, NbdProtocolError, Reply
 from devagent.nbd.server_codec import (
     BadRequest,
@@ -67,8 +67,6 @@ log = logging.getLogger(__name__)
 
 #: Replies with a payload this large are not coalesced with others.
 COALESCE_MAX = 64 * 1024
-#: What the transport may put in a connection's buffer at once (TLS decrypts into it).
-RECEIVE_BUFFER = 256 << 10
 #: Commands the reader starts without a task (``_read_at_once``, ``_start_write``).
 _AT_ONCE = frozenset({Command.READ, Command.WRITE})
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from devagent.errors import PeerError, StateError
 from devagent.nbd.client_codec import ClientConnection, Completed, Ready, StartTls
-from devagent.nbd.codec import NO_FLAGS, NeedData
+from devagent.nbd.codec import NO_FLAGS, RECEIVE_BUFFER, NeedData
 from devagent.nbd.proto import BASE_ALLOCATION, Command, CommandFlag, Errno, TransmissionFlag
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,6 @@ log = logging.getLogger(__name__)
 TCP_USER_TIMEOUT_MS = 3000
 #: An idle connection is probed after 1 s of silence, each second, 3 times.
 KEEPALIVE = (1, 1, 3)
-#: What the transport may put in the receiver's buffer at once (TLS decrypts into it).
-RECEIVE_BUFFER = 256 << 10
 
 
 def notice_dead_links(sock: socket.socket | None) -> None:

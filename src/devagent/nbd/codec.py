@@ -45,6 +45,11 @@ NO_FLAGS = CommandFlag(0)
 PREFERRED_BLOCK = 4096
 
 
+#: What a transport may put in a connection's receive buffer at once, client's or server's
+#: (TLS decrypts into it); the bytes go to the codec's :class:`Buffer` from there.
+RECEIVE_BUFFER = 256 << 10
+
+
 class NeedData(enum.Enum):
     """Sentinel: the buffer holds no complete message yet."""
 
