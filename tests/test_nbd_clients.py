@@ -135,6 +135,25 @@ async def test_qemu_io_many_async_pattern_writes_and_verified_reads(
     assert "Pattern verification failed" in wrong
 
 
+async def test_reads_across_data_and_holes_come_back_whole(
+    export: tuple[BlockAgent, Path, str],
+) -> None:
+    """Reads spanning the image's data and its holes are answered as data and hole chunks:
+    QEMU's client and ours put them together (one read of each ends in a hole, one starts
+    in one, one is a hole alone)."""
+    _, image, uri = export
+    checks = [("0x11", MiB - 65536, 65536), ("0", MiB, 3 * MiB), ("0x22", 4 * MiB, 65536)]
+    commands = [arg for p, at, n in checks for arg in ("-c", f"read -P {p} {at} {n}")]
+    out = await run("qemu-io", "-f", "raw", "-r", *commands, uri)
+    assert "fail" not in out.lower() and out.count("read ") == 3, out
+    client = await NbdClient.connect(unix=image.parent / "agent.sock", export="disk")
+    try:
+        for at, n in ((MiB - 65536, 2 * 65536), (4 * MiB - 65536, 2 * 65536), (2 * MiB, 65536)):
+            assert await client.read(at, n) == read_bytes(image, at, n)
+    finally:
+        await client.close()
+
+
 async def test_nbdcopy_in_and_out(export: tuple[BlockAgent, Path, str], tmp_path: Path) -> None:
     _, image, uri = export
     source = tmp_path / "source.img"

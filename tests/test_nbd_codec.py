@@ -462,6 +462,34 @@ def test_pair_without_structured_replies() -> None:
     assert client.next_event() == Completed(handle, Command.READ, 0, data=b"xyz")
 
 
+def test_a_read_with_holes_sends_them_as_hole_chunks() -> None:
+    client, server = pair()
+    handle, parts = client.request(Command.READ, 4096, 5 * 4096)
+    server.receive_data(b"".join(parts))
+    (read,) = events(server)
+    assert isinstance(read, Request)
+    data = bytes(4096) + b"a" * 4096 + bytes(2 * 4096) + b"b" * 4096
+    holes = [(4096, 2 * 4096), (3 * 4096, 5 * 4096)]
+    raw = b"".join(server.reply_read(read.handle, 4096, data, holes))
+    # two hole chunks (12-byte payloads) and two data chunks: 8 KiB of data crossed, not 20
+    assert len(raw) == 4 * STRUCTURED_REPLY.size + 2 * 12 + 2 * (8 + 4096)
+    kinds, pos = [], 0
+    while pos < len(raw):
+        _magic, flags, kind, _handle, length = STRUCTURED_REPLY.unpack_from(raw, pos)
+        kinds.append((ChunkType(kind), bool(flags & ReplyFlag.DONE)))
+        pos += STRUCTURED_REPLY.size + length
+    assert kinds == [
+        (ChunkType.OFFSET_HOLE, False),
+        (ChunkType.OFFSET_DATA, False),
+        (ChunkType.OFFSET_HOLE, False),
+        (ChunkType.OFFSET_DATA, True),
+    ]
+    client.receive_data(raw)
+    assert client.next_event() == Completed(handle, Command.READ, 0, data=data)
+    all_hole = b"".join(server.reply_read(read.handle, 0, bytes(4096), [(0, 4096)]))
+    assert len(all_hole) == STRUCTURED_REPLY.size + 12  # no data chunk at all
+
+
 def _chunk(handle: int, kind: ChunkType, payload: bytes, *, done: bool = False) -> bytes:
     flags = ReplyFlag.DONE if done else 0
     head = STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, flags, kind, handle, len(payload))

@@ -150,6 +150,11 @@ class Backend(ABC):
         """Write at once if that cannot block for long; False if not done (then start_write)."""
         return False
 
+    def holes(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The ranges ``(start, end)`` of ``offset``..``offset + length`` that read as zeroes
+        because nothing is stored there, in order, known at once ([]: none, or not known)."""
+        return []
+
     def start_write(self, offset: int, data: bytes, fua: bool = False) -> asyncio.Future[Any]:
         """Start a write; the future is done when ``write`` would have returned.
 
@@ -434,6 +439,21 @@ class Local(Backend):
         if self._is_block:
             return [Extent(length)]
         return await self._run("block_status", lambda: self._scan(offset, length))
+
+    def holes(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The file's holes (``SEEK_DATA``/``SEEK_HOLE``: two calls for a range all data)."""
+        if self._is_block or self._closed:
+            return []
+        try:
+            extents = self._scan(offset, length)
+        except OSError:
+            return []
+        found, pos = [], offset
+        for extent in extents:
+            if extent.hole:
+                found.append((pos, pos + extent.length))
+            pos += extent.length
+        return found
 
     def _scan(self, offset: int, length: int) -> list[Extent]:
         end = offset + length

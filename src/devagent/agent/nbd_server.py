@@ -67,6 +67,9 @@ log = logging.getLogger(__name__)
 
 #: Replies with a payload this large are not coalesced with others.
 COALESCE_MAX = 64 * 1024
+#: A READ this long or longer is answered sparse (its holes as hole chunks): each costs
+#: the two ``lseek`` of :meth:`Backend.holes` (a 4 KiB guest read is left alone).
+SPARSE_READ_MIN = 16 * 1024
 #: Commands the reader starts without a task (``_read_at_once``, ``_start_write``).
 _AT_ONCE = frozenset({Command.READ, Command.WRITE})
 
@@ -368,8 +371,16 @@ class NbdConnection(asyncio.BufferedProtocol):
         if data is None:
             return False
         self.agent.journal.complete(entry)
-        self._write(self.codec.reply_read(request.handle, request.offset, data))
+        self._write(self._reply_read(request, data))
         return True
+
+    def _reply_read(self, request: Request, data: Bytes) -> list[Bytes]:
+        """A READ's reply: what the backend holds as holes goes as hole chunks (a chunk the
+        guest wrote 4 KiB of on a sparse disk crosses the link as 4 KiB, not 64)."""
+        holes: list[tuple[int, int]] = []
+        if self.codec.structured and request.length >= SPARSE_READ_MIN:
+            holes = self.agent.backend.holes(request.offset, request.length)
+        return self.codec.reply_read(request.handle, request.offset, data, holes)
 
     def _start_write(self, request: Request, entry: Entry) -> None:
         """A WRITE, with no task: done inline if the backend can do it without blocking
@@ -449,8 +460,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         command, handle = request.command, request.handle
         fua = bool(request.flags & CommandFlag.FUA)
         if command is Command.READ:
-            data = await backend.read(request.offset, request.length)
-            return self.codec.reply_read(handle, request.offset, data)
+            return self._reply_read(request, await backend.read(request.offset, request.length))
         if command is Command.WRITE:
             assert request.data is not None
             await backend.write(request.offset, request.data, fua)

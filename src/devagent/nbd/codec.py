@@ -39,6 +39,8 @@ Bytes = bytes | bytearray | memoryview
 BASE_ALLOCATION_ID = 1
 #: A structured reply header followed by the offset of an OFFSET_DATA chunk.
 DATA_CHUNK = struct.Struct(STRUCTURED_REPLY.format + "Q")
+#: A whole OFFSET_HOLE chunk: a structured reply header, the hole's offset and length.
+HOLE_CHUNK = struct.Struct(STRUCTURED_REPLY.format + "QI")
 #: No command flags.
 NO_FLAGS = CommandFlag(0)
 #: Preferred block size we advertise in NBD_INFO_BLOCK_SIZE.

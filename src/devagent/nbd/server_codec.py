@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from devagent.nbd.codec import (
     BASE_ALLOCATION_ID,
     DATA_CHUNK,
+    HOLE_CHUNK,
     NEED_DATA,
     PREFERRED_BLOCK,
     Buffer,
@@ -527,8 +528,12 @@ class ServerConnection:
         self._require_transmission()
         return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)]
 
-    def reply_read(self, handle: int, offset: int, data: Bytes) -> list[Bytes]:
-        """Success of a READ: the data in one chunk (or a simple reply)."""
+    def reply_read(
+        self, handle: int, offset: int, data: Bytes, holes: Sequence[tuple[int, int]] = ()
+    ) -> list[Bytes]:
+        """Success of a READ: the data in one chunk (or a simple reply). With structured
+        replies, ``holes`` (ranges ``(start, end)`` of the export inside the read, in order,
+        where ``data`` holds zeroes) go as hole chunks: their bytes never cross."""
         self._require_transmission()
         if not self.structured:
             return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data]
@@ -538,15 +543,29 @@ class ServerConnection:
                     STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.NONE, handle, 0
                 )
             ]
-        header = DATA_CHUNK.pack(
-            STRUCTURED_REPLY_MAGIC,
-            ReplyFlag.DONE,
-            ChunkType.OFFSET_DATA,
-            handle,
-            8 + len(data),
-            offset,
-        )
-        return [header, data]
+        end = offset + len(data)
+        pieces: list[tuple[int, int, bool]] = []  # start, end, a hole
+        pos = offset
+        for start, stop in holes:
+            if start > pos:
+                pieces.append((pos, start, False))
+            pieces.append((start, stop, True))
+            pos = stop
+        if pos < end:
+            pieces.append((pos, end, False))
+        view = memoryview(data)
+        parts: list[Bytes] = []
+        for start, stop, hole in pieces:
+            flags = ReplyFlag.DONE if stop == end else ReplyFlag(0)
+            if hole:
+                parts.append(HOLE_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ChunkType.OFFSET_HOLE,
+                                             handle, 12, start, stop - start))  # fmt: skip
+                continue
+            parts.append(DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ChunkType.OFFSET_DATA,
+                                         handle, 8 + stop - start, start))  # fmt: skip
+            whole = start == offset and stop == end
+            parts.append(data if whole else view[start - offset : stop - offset])
+        return parts
 
     def reply_error(
         self, handle: int, command: int, errno: Errno, message: str = ""
