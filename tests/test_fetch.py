@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.agent.chunks import MIN_ZERO_SKIP, Pacer, data_parts
-from devagent.agent.fetch import ZERO_RUN_CHUNKS, Fetch
+from devagent.agent.copier import SPARSE_PROBE, SPARSE_SPAN, ZERO_RUN_CHUNKS
+from devagent.agent.fetch import Fetch
 from devagent.agent.presence import HEADER_SIZE, PresenceMap, bits_to_chunks, presence_path
 from devagent.errors import UsageError
 from devagent.nbd.proto import Errno
@@ -50,10 +51,32 @@ class FakeRemote(Backend):
         self.latency: tuple[float, float] | None = None  # (min, max) seconds per read
         self.rng = random.Random(0)
         self.closed = False
+        self.sparse = False  # answers a read in pieces, its zero 4 KiB blocks left out
+        self.piece_reads: list[tuple[int, int]] = []
 
     @property
     def size(self) -> int:
         return len(self.data)
+
+    @property
+    def answers_sparsely(self) -> bool:
+        return self.sparse
+
+    async def read_pieces(self, offset: int, length: int) -> list[tuple[int, bytes]]:
+        self.piece_reads.append((offset, length))
+        data = self.data[offset : offset + length]
+        if not self.sparse:
+            return [(offset, bytes(data))]
+        pieces: list[tuple[int, bytes]] = []
+        for pos in range(0, length, 4096):
+            block = bytes(data[pos : pos + 4096])
+            if not any(block):
+                continue
+            if pieces and pieces[-1][0] + len(pieces[-1][1]) == offset + pos:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + block)
+            else:
+                pieces.append((offset + pos, block))
+        return pieces
 
     async def read(self, offset: int, length: int) -> bytes:
         self.reads.append((offset, length))
@@ -289,11 +312,44 @@ async def test_the_copier_fills_everything_skipping_zero_ranges(tmp_path: Path) 
         assert (10 * CHUNK, 4096) in remote.reads and (SIZE - 4096, 4096) in remote.reads
         fetched = sorted({off // CHUNK for off, _ in remote.reads})
         assert fetched == [0, 10, 63]
+        # and once some zeroes, to learn that this remote sends them as they are
+        assert remote.piece_reads == [(CHUNK, SPARSE_PROBE)]
         assert all(durable_bits(backend.path, 64))
         assert os.stat(backend.path).st_blocks * 512 < SIZE // 2  # still sparse
     finally:
         await backend.close()
     assert remote.closed
+
+
+async def test_from_a_remote_answering_sparsely_scattered_data_comes_in_few_reads(
+    tmp_path: Path,
+) -> None:
+    """A disk the guest wrote 4 KiB here and there: each batch spans many chunks and is
+    one read whose holes do not cross; the replica stays sparse and exact."""
+    chunk, n = 4096 * 4, 1024  # 16 MiB; the copy batch is 1 MiB: 64 chunks of it
+    data = bytearray(n * chunk)
+    data[0 : 8 * chunk] = pattern(8 * chunk, 5)  # dense at first, as a prefilled disk
+    scattered = range(8 * chunk + 4096, n * chunk, 5 * chunk + 4096)
+    for at in scattered:
+        data[at : at + 4096] = pattern(4096, at)
+    remote = FakeRemote(data)
+    remote.sparse = True
+    backend = Fetch(tmp_path / "r.img", remote, chunk_size=chunk)
+    try:
+        backend.start_copier()
+        await backend.wait_complete()
+        assert on_disk(backend.path) == data
+        assert backend.fetched_in_background == 8 * chunk + len(scattered) * 4096
+        assert backend.skipped_as_zero == n * chunk - backend.fetched_in_background
+        # ~200 pieces of 4 KiB, per piece a read of its own before: now the probe, the
+        # workers' first batches (taken before it answered), then one read per span
+        most = 1 + backend.copy_workers + n * chunk // SPARSE_SPAN
+        assert len(remote.piece_reads) <= most, remote.piece_reads
+        assert remote.reads == []  # every read of this remote in pieces
+        assert max(length for _, length in remote.piece_reads) <= SPARSE_SPAN
+        assert os.stat(backend.path).st_blocks * 512 < n * chunk // 4  # still sparse
+    finally:
+        await backend.close()
 
 
 async def test_the_copier_takes_a_hole_in_a_few_big_batches(tmp_path: Path) -> None:

@@ -469,8 +469,8 @@ def test_a_read_with_holes_sends_them_as_hole_chunks() -> None:
     (read,) = events(server)
     assert isinstance(read, Request)
     data = bytes(4096) + b"a" * 4096 + bytes(2 * 4096) + b"b" * 4096
-    holes = [(4096, 2 * 4096), (3 * 4096, 5 * 4096)]
-    raw = b"".join(server.reply_read(read.handle, 4096, data, holes))
+    pieces = [(2 * 4096, data[4096:8192]), (5 * 4096, data[4 * 4096 :])]
+    raw = b"".join(server.reply_read_pieces(read.handle, 4096, len(data), pieces))
     # two hole chunks (12-byte payloads) and two data chunks: 8 KiB of data crossed, not 20
     assert len(raw) == 4 * STRUCTURED_REPLY.size + 2 * 12 + 2 * (8 + 4096)
     kinds, pos = [], 0
@@ -486,7 +486,7 @@ def test_a_read_with_holes_sends_them_as_hole_chunks() -> None:
     ]
     client.receive_data(raw)
     assert client.next_event() == Completed(handle, Command.READ, 0, data=data)
-    all_hole = b"".join(server.reply_read(read.handle, 0, bytes(4096), [(0, 4096)]))
+    all_hole = b"".join(server.reply_read_pieces(read.handle, 0, 4096, []))
     assert len(all_hole) == STRUCTURED_REPLY.size + 12  # no data chunk at all
 
 

@@ -142,6 +142,12 @@ class Backend(ABC):
     def read_only(self) -> bool:
         return False
 
+    @property
+    def answers_sparsely(self) -> bool:
+        """A read of a range with holes costs only its data (a remote whose server sends
+        holes as hole chunks; a local file reads holes for free)."""
+        return False
+
     def read_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
         """The bytes at once if they can be had without blocking, else None (then use read)."""
         return None
@@ -165,6 +171,11 @@ class Backend(ABC):
 
     @abstractmethod
     async def read(self, offset: int, length: int) -> bytes | bytearray: ...
+
+    async def read_pieces(self, offset: int, length: int) -> list[tuple[int, bytes]]:
+        """A read as its data pieces (offset, bytes), in order, what reads zeroes maybe left
+        out: from a remote that answers sparsely, a mostly empty range costs its data."""
+        return [(offset, bytes(await self.read(offset, length)))]
 
     @abstractmethod
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None: ...

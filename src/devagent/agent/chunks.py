@@ -160,7 +160,8 @@ class RemoteZeroes:
     async def chunks(
         self, batch: Sequence[int], span: Callable[[int], tuple[int, int]]
     ) -> list[int]:
-        """The chunks of ``batch`` (``span(i)``: chunk ``i``'s byte range) that read zeroes."""
+        """The chunks of ``batch`` (ascending; ``span(i)``: chunk ``i``'s byte range) that
+        read zeroes."""
         start, end = span(batch[0])[0], span(batch[-1])[1]
         async with self._lock:
             known_from = self._known[0][0] if self._known else 0
@@ -168,7 +169,16 @@ class RemoteZeroes:
             if not (known_from <= start and end <= known_to):
                 await self._ask(start)
             zeros = self._zeroes_over(start, end)
-        return [i for i in batch if any(s <= span(i)[0] and span(i)[1] <= e for s, e in zeros)]
+        if zeros and zeros[0][0] <= start and end <= zeros[0][1]:
+            return list(batch)  # a hole's run, as the copier takes them
+        out, k = [], 0
+        for i in batch:  # both ascending: the first extent ending at or after the chunk
+            first, last = span(i)
+            while k < len(zeros) and zeros[k][1] < last:
+                k += 1
+            if k < len(zeros) and zeros[k][0] <= first:
+                out.append(i)
+        return out
 
     def zeroes_within(self, start: int, end: int) -> list[tuple[int, int]]:
         """The ranges of [``start``, ``end``) the remote's last answer said read zeroes (no

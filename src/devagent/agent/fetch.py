@@ -43,47 +43,34 @@ So the guest never sees the full disk, and the remote always holds every byte th
 does not.
 
 Durability (what survives an agent kill, a host crash): :mod:`devagent.agent.presence`.
-The background copier (``start_copier``) walks the absent chunks in order with a few workers
-(``copy_workers`` batches of ``copy_batch`` bytes in flight: enough to fill a LAN link, few
-enough that an on-demand fetch queued behind them on the same connection waits little),
-yields to on-demand fetches (it waits while any is pending), keeps an optional rate limit,
-and asks the remote's ``block_status`` which ranges are zeroes: those chunks are punched in
-the replica (a no-op on a fresh sparse file; it also clears anything a crash left between a
-data write and its bit) and marked present without any data crossing the network; of a
-chunk only partly zero, only the data is read (the rest stored as zeroes).
+The background copier: :mod:`devagent.agent.copier`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from devagent.agent.backend import Backend, BackendError, Extent, NoRoom
 from devagent.agent.chunks import (
     EarlyRead,
-    data_parts,
     log_lost_store,
 )
+from devagent.agent.copier import Copier
 from devagent.agent.presence import HEADER_SIZE as HEADER_SIZE  # a lab test reads it here
 from devagent.agent.presence import presence_path as presence_path  # the daemon's import
-from devagent.agent.replica import FETCH_MAX, Replica, runs
+from devagent.agent.replica import FETCH_MAX, runs
 from devagent.agent.spill import no_room
 from devagent.errors import StateError
-
-#: The most chunks the copier takes at once where the remote reads zeroes (256 MiB of
-#: 64 KiB chunks): each batch is a punch, a mark and a share of the syncs, and a 1 GiB disk
-#: holding 64 MiB of data is mostly such chunks.
-ZERO_RUN_CHUNKS = 4096
 
 
 class NotWhole(StateError):
     """The replica cannot be served alone: chunks are absent, or it has no room."""
 
 
-class Fetch(Replica):
+class Fetch(Copier):
     """A replica file filled from ``remote`` on demand and in the background."""
 
     # -- requests ----------------------------------------------------------------------------
@@ -429,129 +416,6 @@ class Fetch(Replica):
                 break
             pos = stop
         return out
-
-    # -- the background copier ---------------------------------------------------------------
-
-    def start_copier(self) -> None:
-        if self._closed or self.copier_running:
-            return
-        self._copier = asyncio.create_task(self._copy())
-
-    async def stop_copier(self) -> None:
-        copier, self._copier = self._copier, None
-        if copier is not None and not copier.done():
-            copier.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await copier
-
-    async def _copy(self) -> None:
-        started = time.monotonic()
-        before = self.fetched_in_background
-        self._cursor = 0
-        workers = [asyncio.create_task(self._copy_worker()) for _ in range(self.copy_workers)]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-        await self._sync_fetched(bitmap_too=True)
-        took = time.monotonic() - started
-        moved = self.fetched_in_background - before
-        self.log.info(
-            "copier done in %.2f s: %d bytes fetched (%.1f MB/s), %d skipped as zero; "
-            "%d fetched on demand, %.2f s of the %d workers' time spent waiting for them",
-            took,
-            moved,
-            moved / took / 1e6 if took > 0 else 0.0,
-            self.skipped_as_zero,
-            self.fetched_on_demand,
-            self.demand.yielded_s,
-            self.copy_workers,
-        )
-
-    def _next_batch(self) -> list[int] | None:
-        """The next absent chunks from the cursor: ``copy_batch`` bytes of them, or, where
-        the remote's last answer says they read zeroes, up to :data:`ZERO_RUN_CHUNKS` (one
-        punch and one mark for a whole hole, not one per batch)."""
-        n = self._map.n_chunks
-        index = self._cursor
-        while index < n and self._map.is_present(index):
-            index += 1
-        most = self._batch_chunks
-        if index < n:
-            start = self._span(index)[0]
-            zero_chunks = (self._zeroes.zero_until(start) - start) // self.chunk_size
-            most = max(most, min(ZERO_RUN_CHUNKS, zero_chunks))
-        batch: list[int] = []
-        while index < n and len(batch) < most and not self._map.is_present(index):
-            batch.append(index)
-            index += 1
-        self._cursor = index
-        return batch or None
-
-    async def _copy_worker(self) -> None:
-        while True:
-            await self.spill.room.wait()
-            await self.demand.wait_idle()
-            batch = self._next_batch()
-            if batch is None:
-                if self.spill.room.is_set() and self.complete:
-                    return
-                self._cursor = 0  # chunks spilled behind the cursor: round again
-                continue
-            delay = 0.05
-            while True:
-                try:
-                    await self._guarded(self._copy_batch(batch))
-                    break
-                except NoRoom as err:
-                    await self._spill(err)
-                    await self.spill.room.wait()
-                except BackendError as err:
-                    self.log.warning(
-                        "copier: chunks %d..%d: %s (retrying in %.2f s)",
-                        batch[0],
-                        batch[-1],
-                        err,
-                        delay,
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-
-    async def _copy_batch(self, batch: Sequence[int]) -> None:
-        writes = self.spill.remote_writes
-        zero = set(await self._zeroes.chunks(batch, self._span))
-        data_bytes = sum(  # what will cross the link: the chunks' data, not their zeroes
-            end - start
-            for c in batch
-            if c not in zero and not self._map.is_present(c)
-            for start, end in data_parts(*self._span(c), self._zeroes.zeroes_within(*self._span(c)))
-        )
-        if self._pacer is not None and data_bytes:
-            await self._pacer.take(data_bytes)
-        await self.demand.wait_idle()
-        async with self._locks.hold(batch):
-            missing = [c for c in batch if not self._map.is_present(c)]
-            if not missing:
-                return
-            known = writes == self.spill.remote_writes  # else a spilled write made them old
-            if not known:
-                zero = set()
-            fetch = [c for c in missing if c not in zero]
-            if len(batch) > self._batch_chunks and fetch:  # a hole no more: its data are
-                missing = [c for c in missing if c in zero]  # fetched on the next round
-                fetch = []
-            for first, last in runs([c for c in missing if c in zero]):
-                start, end = self._span(first)[0], self._span(last)[1]
-                await self._local.write_zeroes(start, end - start, True)
-                self.skipped_as_zero += end - start
-            if fetch:
-                partly = self._zeroes.zeroes_within if known else None
-                moved = await self._fetch_store(fetch, known_zero=partly)
-                self.fetched_in_background += moved
-                self.skipped_as_zero += sum(b - a for a, b in map(self._span, fetch)) - moved
-            self._mark_fetched(missing)
 
     # -- closing -----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from devagent.nbd.server_codec import (
     StartTls,
 )
 from devagent.tls import Tls, peer_of_transport
+from devagent.wait import all_of
 
 
 class ServedAgent(Protocol):
@@ -367,20 +368,31 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _read_at_once(self, request: Request, entry: Entry) -> bool:
         """Answer a READ the page cache can serve, with no task; False if it cannot (the
         caller then starts a task with the already admitted entry)."""
-        data = self.agent.backend.read_nowait(request.offset, request.length)
-        if data is None:
-            return False
+        backend, pieces = self.agent.backend, []
+        for at, length in self._data_ranges(request):
+            data = backend.read_nowait(at, length)
+            if data is None:
+                return False
+            pieces.append((at, data))
         self.agent.journal.complete(entry)
-        self._write(self._reply_read(request, data))
+        self._write(self.codec.reply_read_pieces(request.handle, request.offset,
+                                                 request.length, pieces))  # fmt: skip
         return True
 
-    def _reply_read(self, request: Request, data: Bytes) -> list[Bytes]:
-        """A READ's reply: what the backend holds as holes goes as hole chunks (a chunk the
-        guest wrote 4 KiB of on a sparse disk crosses the link as 4 KiB, not 64)."""
-        holes: list[tuple[int, int]] = []
+    def _data_ranges(self, request: Request) -> list[tuple[int, int]]:
+        """What a READ reads, (offset, length): all of it, or, where the backend holds
+        holes, only its data (the holes go as hole chunks: a chunk the guest wrote 4 KiB
+        of on a sparse disk crosses the link as 4 KiB, not 64)."""
+        offset, end = request.offset, request.offset + request.length
+        holes = []
         if self.codec.structured and request.length >= SPARSE_READ_MIN:
-            holes = self.agent.backend.holes(request.offset, request.length)
-        return self.codec.reply_read(request.handle, request.offset, data, holes)
+            holes = self.agent.backend.holes(offset, request.length)
+        ranges = []
+        for start, stop in [*holes, (end, end)]:
+            if start > offset:
+                ranges.append((offset, start - offset))
+            offset = stop
+        return ranges
 
     def _start_write(self, request: Request, entry: Entry) -> None:
         """A WRITE, with no task: done inline if the backend can do it without blocking
@@ -460,7 +472,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         command, handle = request.command, request.handle
         fua = bool(request.flags & CommandFlag.FUA)
         if command is Command.READ:
-            return self._reply_read(request, await backend.read(request.offset, request.length))
+            ranges = self._data_ranges(request)
+            datas = await all_of(*(backend.read(at, length) for at, length in ranges))
+            pieces = [(at, data) for (at, _), data in zip(ranges, datas, strict=True)]
+            return self.codec.reply_read_pieces(handle, request.offset, request.length, pieces)
         if command is Command.WRITE:
             assert request.data is not None
             await backend.write(request.offset, request.data, fua)

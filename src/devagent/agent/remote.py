@@ -101,6 +101,7 @@ class Remote(Backend):
         self._watchers: set[asyncio.Task[None]] = set()
         self._closers: set[asyncio.Task[None]] = set()
         self._disconnected_at: float | None = None
+        self._sparse = False  # the server answered a read with a hole chunk
         self._waiting = 0
         self.log = log.getChild(export or "default")
 
@@ -312,6 +313,7 @@ class Remote(Backend):
         length: int = 0,
         data: bytes | None = None,
         flags: CommandFlag = NO_FLAGS,
+        pieces: bool = False,
     ) -> Completed:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.io_timeout
@@ -333,7 +335,7 @@ class Remote(Backend):
                 continue
             try:
                 async with asyncio.timeout_at(deadline):
-                    return await client.call(command, offset, length, data, flags)
+                    return await client.call(command, offset, length, data, flags, pieces)
             except TimeoutError:
                 raise self._timed_out(command, offset, length, "no reply") from None
             except NbdRequestFailed as err:
@@ -348,12 +350,28 @@ class Remote(Backend):
                 self._lost(client, err)
                 self.retries += 1
 
+    @property
+    def answers_sparsely(self) -> bool:
+        """True once the server answered a read with a hole chunk (ours and QEMU's do)."""
+        return self._sparse
+
     async def read(self, offset: int, length: int) -> bytes:
         done = await self._call(Command.READ, offset, length)
+        self._note_holes()
         data = done.data if done.data is not None else b""
         if len(data) != length:
             raise BackendError(f"short read from {self.address}: {len(data)} of {length}")
         return data
+
+    async def read_pieces(self, offset: int, length: int) -> list[tuple[int, bytes]]:
+        """The read's data chunks as the server sent them, its holes left out."""
+        done = await self._call(Command.READ, offset, length, pieces=True)
+        self._note_holes()
+        return done.pieces or []
+
+    def _note_holes(self) -> None:
+        if not self._sparse and self._client is not None and self._client.holes_received:
+            self._sparse = True
 
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         flags = CommandFlag.FUA if fua else NO_FLAGS

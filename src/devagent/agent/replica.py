@@ -1,8 +1,8 @@
 """The replica side of a :class:`~devagent.agent.fetch.Fetch`: the sparse file, its presence
 bitmap (:mod:`devagent.agent.presence`), the chunk arithmetic, marking chunks present and
 syncing their bits, running locked work to its end, and the spill's state
-(:mod:`devagent.agent.spill`). The requests, what a spill does to them, and the copier are
-:class:`~devagent.agent.fetch.Fetch`'s own."""
+(:mod:`devagent.agent.spill`). The copier is :mod:`devagent.agent.copier`'s; the requests
+and what a spill does to them are :class:`~devagent.agent.fetch.Fetch`'s own."""
 
 from __future__ import annotations
 
@@ -103,6 +103,7 @@ class Replica(Backend):
         self._copier: asyncio.Task[None] | None = None
         self._cursor = 0
         self._zeroes = RemoteZeroes(remote)
+        self._sparse: bool | None = None  # the remote answers reads sparsely (None: not seen)
         self._closed = False
         self.fetched_on_demand = 0
         self.fetched_in_background = 0
@@ -289,6 +290,18 @@ class Replica(Backend):
         self._jobs.discard(task)
         if not task.cancelled():
             task.exception()  # retrieved: the awaiting caller, if any, got it too
+
+    async def _fetch_span(self, first: int, last: int) -> tuple[int, int]:
+        """Copy chunks ``first``..``last`` (locked, absent) in one read from a remote that
+        answers reads sparsely: a few KiB of data here and there over many chunks cross as
+        themselves and hole chunks, one request, not one per piece. The span is punched,
+        then its data written. The bytes of data, and the span's."""
+        start, end = self._span(first)[0], self._span(last)[1]
+        pieces = await self.remote.read_pieces(start, end - start)
+        if sum(len(data) for _, data in pieces) < end - start:
+            await self._local.write_zeroes(start, end - start, True)
+        await all_of(*(self._local.write(at, data) for at, data in pieces))
+        return sum(len(data) for _, data in pieces), end - start
 
     async def _fetch_store(
         self,

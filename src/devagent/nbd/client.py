@@ -183,6 +183,11 @@ class NbdClient:
     def contexts(self) -> dict[int, str]:
         return dict(self._codec.contexts)
 
+    @property
+    def holes_received(self) -> int:
+        """Hole chunks in the server's read replies so far (some servers never send any)."""
+        return self._codec.holes_received
+
     def _received(self, data: bytes | memoryview) -> None:
         """Bytes from the transport (``b""``: the server's EOF): every reply they complete
         goes to its waiter."""
@@ -221,11 +226,13 @@ class NbdClient:
         length: int = 0,
         data: bytes | None = None,
         flags: CommandFlag = NO_FLAGS,
+        pieces: bool = False,
     ) -> Completed:
-        """Send one request and wait for its reply (raises NbdRequestFailed on an error)."""
+        """Send one request and wait for its reply (raises NbdRequestFailed on an error);
+        ``pieces``: a READ's data chunks, holes left out (:meth:`ClientConnection.request`)."""
         if self._closed_error is not None:
             raise PeerError(f"NBD connection is closed: {self._closed_error}")
-        handle, parts = self._codec.request(command, offset, length, data, flags)
+        handle, parts = self._codec.request(command, offset, length, data, flags, pieces=pieces)
         waiter: asyncio.Future[Completed] = asyncio.get_running_loop().create_future()
         self._waiters[handle] = waiter
         try:

@@ -75,6 +75,7 @@ class Completed:
     message: str = ""
     data: bytes | None = None
     extents: list[tuple[int, int]] | None = None
+    pieces: list[tuple[int, bytes]] | None = None  # a READ asked in pieces: its data's
 
 
 ClientEvent = Ready | StartTls | Completed
@@ -109,6 +110,7 @@ class _Pending:
     extents: list[tuple[int, int]] | None = None
     error: int = 0
     message: str = ""
+    pieces: list[tuple[int, bytes]] | None = None  # data chunks as they come; holes dropped
 
     def read_data(self) -> bytes:
         """The READ's answer once its last chunk is in (no chunk at all: zeroes)."""
@@ -152,6 +154,7 @@ class ClientConnection:
         self._pending: dict[int, _Pending] = {}
         self._next_handle = 1
         self._eof = False
+        self.holes_received = 0  # OFFSET_HOLE chunks: the server answers reads sparsely
 
     def _meta_payload(self, contexts: Sequence[str]) -> bytes:
         name = self.export_name.encode()
@@ -308,8 +311,11 @@ class ClientConnection:
         data: Bytes | None = None,
         flags: CommandFlag = NO_FLAGS,
         handle: int | None = None,
+        pieces: bool = False,
     ) -> tuple[int, list[Bytes]]:
-        """Encode one request; returns its handle and the bytes to send."""
+        """Encode one request; returns its handle and the bytes to send. A READ asked in
+        ``pieces`` completes with its data chunks as (offset, bytes), its holes left out
+        (nothing the size of the read is made)."""
         if self.state is not ClientState.TRANSMISSION:
             raise NbdUsageError(f"client: cannot send requests in state {self.state.value}")
         if command is Command.WRITE:
@@ -323,7 +329,7 @@ class ClientConnection:
             raise NbdUsageError(f"handle {handle:#x} is still in flight")
         header = REQUEST.pack(REQUEST_MAGIC, flags, command, handle, offset, length)
         if command is not Command.DISC:
-            self._pending[handle] = _Pending(command, offset, length)
+            self._pending[handle] = _Pending(command, offset, length, pieces=[] if pieces else None)
         else:
             self._transition(Disconnect("disc"))
         return handle, ([header, data] if command is Command.WRITE and data else [header])
@@ -348,6 +354,9 @@ class ClientConnection:
         start = offset - pending.offset
         if start < 0 or start + size > pending.length:
             raise self._violation("data chunk outside the request")
+        if pending.pieces is not None:
+            pending.pieces.append((offset, self._buffer.consume(size) or b""))
+            return
         if start == 0 and size == pending.length and pending.data is None and pending.whole is None:
             pending.whole = self._buffer.consume(size)
             return
@@ -383,6 +392,8 @@ class ClientConnection:
                 return NEED_DATA
         self._buffer.commit()
         del self._pending[handle]
+        if pending.pieces is not None and data is not None:
+            return Completed(handle, pending.command, error, pieces=[(pending.offset, data)])
         return Completed(handle, pending.command, error, data=data)
 
     def _parse_chunk(self) -> Completed | NeedData | None:
@@ -405,17 +416,24 @@ class ClientConnection:
             return None
         del self._pending[handle]
         data = None
-        if pending.command is Command.READ and not pending.error:
+        if pending.command is Command.READ and not pending.error and pending.pieces is None:
             data = pending.read_data()
         return Completed(
-            handle, pending.command, pending.error, pending.message, data, pending.extents
+            handle,
+            pending.command,
+            pending.error,
+            pending.message,
+            data,
+            pending.extents,
+            pending.pieces,
         )
 
     def _take_other(self, pending: _Pending, kind: int, payload: bytes) -> None:
         """A reply chunk other than data: a hole, block status, an error, or none."""
         length = len(payload)
         if kind == ChunkType.OFFSET_HOLE and length == 12:
-            if pending.data is None:
+            self.holes_received += 1
+            if pending.data is None and pending.pieces is None:
                 pending.data = bytearray(pending.length)
                 self._adopt_whole(pending)
         elif kind == ChunkType.BLOCK_STATUS and length >= 12 and (length - 4) % 8 == 0:

@@ -528,43 +528,41 @@ class ServerConnection:
         self._require_transmission()
         return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)]
 
-    def reply_read(
-        self, handle: int, offset: int, data: Bytes, holes: Sequence[tuple[int, int]] = ()
+    def reply_read(self, handle: int, offset: int, data: Bytes) -> list[Bytes]:
+        """Success of a READ: the data in one chunk (or a simple reply)."""
+        return self.reply_read_pieces(handle, offset, len(data), [(offset, data)])
+
+    def reply_read_pieces(
+        self, handle: int, offset: int, length: int, pieces: Sequence[tuple[int, Bytes]]
     ) -> list[Bytes]:
-        """Success of a READ: the data in one chunk (or a simple reply). With structured
-        replies, ``holes`` (ranges ``(start, end)`` of the export inside the read, in order,
-        where ``data`` holds zeroes) go as hole chunks: their bytes never cross."""
+        """Success of a READ of ``length`` bytes at ``offset`` whose data are ``pieces``
+        ((offset, bytes), in order, inside the read): with structured replies, one data
+        chunk each and a hole chunk for each gap, whose zeroes never cross; without them,
+        every byte in a simple reply."""
         self._require_transmission()
         if not self.structured:
-            return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data]
-        if not data:
-            return [
-                STRUCTURED_REPLY.pack(
-                    STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE, ChunkType.NONE, handle, 0
-                )
-            ]
-        end = offset + len(data)
-        pieces: list[tuple[int, int, bool]] = []  # start, end, a hole
-        pos = offset
-        for start, stop in holes:
-            if start > pos:
-                pieces.append((pos, start, False))
-            pieces.append((start, stop, True))
-            pos = stop
-        if pos < end:
-            pieces.append((pos, end, False))
-        view = memoryview(data)
+            if len(pieces) == 1 and len(pieces[0][1]) == length:
+                return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), pieces[0][1]]
+            whole = bytearray(length)
+            for at, data in pieces:
+                whole[at - offset : at - offset + len(data)] = data
+            return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), whole]
+        if not length:
+            return [STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
+                                          ChunkType.NONE, handle, 0)]  # fmt: skip
+        end, pos = offset + length, offset
         parts: list[Bytes] = []
-        for start, stop, hole in pieces:
-            flags = ReplyFlag.DONE if stop == end else ReplyFlag(0)
-            if hole:
+        for at, data in [*pieces, (end, b"")]:
+            if at > pos:
+                flags = ReplyFlag.DONE if at == end else ReplyFlag(0)
                 parts.append(HOLE_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ChunkType.OFFSET_HOLE,
-                                             handle, 12, start, stop - start))  # fmt: skip
-                continue
-            parts.append(DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ChunkType.OFFSET_DATA,
-                                         handle, 8 + stop - start, start))  # fmt: skip
-            whole = start == offset and stop == end
-            parts.append(data if whole else view[start - offset : stop - offset])
+                                             handle, 12, pos, at - pos))  # fmt: skip
+            if data:
+                pos = at + len(data)
+                flags = ReplyFlag.DONE if pos == end else ReplyFlag(0)
+                parts.append(DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ChunkType.OFFSET_DATA,
+                                             handle, 8 + len(data), at))  # fmt: skip
+                parts.append(data)
         return parts
 
     def reply_error(
