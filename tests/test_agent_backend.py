@@ -66,14 +66,6 @@ async def test_block_status_from_seek_data_and_hole(local: Local) -> None:
     assert await local.block_status(2 * MiB + 4096, 4096) == [Extent(4096)]
 
 
-async def test_holes_name_what_reads_as_zeroes(local: Local) -> None:
-    assert local.holes(0, 8 * MiB) == [(0, 2 * MiB), (3 * MiB, 8 * MiB)]
-    assert local.holes(2 * MiB, MiB) == []  # all data
-    assert local.holes(2 * MiB - 4096, 8192) == [(2 * MiB - 4096, 2 * MiB)]
-    await local.close()
-    assert local.holes(0, 8 * MiB) == []  # closed: not known, never an error
-
-
 async def test_trim_and_write_zeroes_read_back_zero(local: Local) -> None:
     await local.trim(2 * MiB, MiB)
     assert await local.read(2 * MiB, 4096) == bytes(4096)

@@ -328,8 +328,8 @@ async def test_from_a_remote_answering_sparsely_scattered_data_comes_in_few_read
     one read whose holes do not cross; the replica stays sparse and exact."""
     chunk, n = 4096 * 4, 1024  # 16 MiB; the copy batch is 1 MiB: 64 chunks of it
     data = bytearray(n * chunk)
-    data[0 : 8 * chunk] = pattern(8 * chunk, 5)  # dense at first, as a prefilled disk
-    scattered = range(8 * chunk + 4096, n * chunk, 5 * chunk + 4096)
+    data[0 : 128 * chunk] = pattern(128 * chunk, 5)  # dense at first, as a prefilled disk
+    scattered = range(128 * chunk + 4096, n * chunk, 5 * chunk + 4096)
     for at in scattered:
         data[at : at + 4096] = pattern(4096, at)
     remote = FakeRemote(data)
@@ -339,14 +339,17 @@ async def test_from_a_remote_answering_sparsely_scattered_data_comes_in_few_read
         backend.start_copier()
         await backend.wait_complete()
         assert on_disk(backend.path) == data
-        assert backend.fetched_in_background == 8 * chunk + len(scattered) * 4096
+        assert backend.fetched_in_background == 128 * chunk + len(scattered) * 4096
         assert backend.skipped_as_zero == n * chunk - backend.fetched_in_background
-        # ~200 pieces of 4 KiB, per piece a read of its own before: now the probe, the
-        # workers' first batches (taken before it answered), then one read per span
+        # ~200 pieces of 4 KiB, per piece a read of its own before: now the probe, then
+        # one read per span
         most = 1 + backend.copy_workers + n * chunk // SPARSE_SPAN
         assert len(remote.piece_reads) <= most, remote.piece_reads
-        assert remote.reads == []  # every read of this remote in pieces
         assert max(length for _, length in remote.piece_reads) <= SPARSE_SPAN
+        batch = backend._batch_chunks * chunk  # where every chunk is data, batches as ever
+        assert all(length <= batch for at, length in remote.piece_reads if at < 128 * chunk)
+        # before the probe found zeroes to ask with, the data came in plain reads
+        assert all(at + length <= 128 * chunk for at, length in remote.reads), remote.reads
         assert os.stat(backend.path).st_blocks * 512 < n * chunk // 4  # still sparse
     finally:
         await backend.close()

@@ -8,7 +8,14 @@ import pytest
 
 from devagent.errors import ProtocolError
 from devagent.nbd.client_codec import ClientConnection, Completed, Ready
-from devagent.nbd.codec import BASE_ALLOCATION_ID, Buffer, Disconnect, Export, NeedData
+from devagent.nbd.codec import (
+    BASE_ALLOCATION_ID,
+    DATA_CHUNK,
+    Buffer,
+    Disconnect,
+    Export,
+    NeedData,
+)
 from devagent.nbd.proto import (
     BASE_ALLOCATION,
     CLIENT_FLAGS,
@@ -469,8 +476,7 @@ def test_a_read_with_holes_sends_them_as_hole_chunks() -> None:
     (read,) = events(server)
     assert isinstance(read, Request)
     data = bytes(4096) + b"a" * 4096 + bytes(2 * 4096) + b"b" * 4096
-    pieces = [(2 * 4096, data[4096:8192]), (5 * 4096, data[4 * 4096 :])]
-    raw = b"".join(server.reply_read_pieces(read.handle, 4096, len(data), pieces))
+    raw = b"".join(server.reply_read(read.handle, 4096, data, sparse=True))
     # two hole chunks (12-byte payloads) and two data chunks: 8 KiB of data crossed, not 20
     assert len(raw) == 4 * STRUCTURED_REPLY.size + 2 * 12 + 2 * (8 + 4096)
     kinds, pos = [], 0
@@ -486,8 +492,42 @@ def test_a_read_with_holes_sends_them_as_hole_chunks() -> None:
     ]
     client.receive_data(raw)
     assert client.next_event() == Completed(handle, Command.READ, 0, data=data)
-    all_hole = b"".join(server.reply_read_pieces(read.handle, 0, 4096, []))
+    all_hole = b"".join(server.reply_read(read.handle, 0, bytes(4096), sparse=True))
     assert len(all_hole) == STRUCTURED_REPLY.size + 12  # no data chunk at all
+    dense = server.reply_read(read.handle, 4096, data)  # not asked sparse: one data chunk
+    assert len(b"".join(dense)) == DATA_CHUNK.size + len(data)
+
+
+def _read_in_pieces(chunks: list[tuple[int, bytes]]) -> Completed:
+    """A READ of 16 KiB at 0 asked in pieces, answered with OFFSET_DATA ``chunks`` (offset,
+    bytes), the last one DONE."""
+    client, _server = pair()
+    handle, _parts = client.request(Command.READ, 0, 4 * 4096, pieces=True)
+    for n, (at, data) in enumerate(chunks):
+        client.receive_data(
+            _chunk(handle, ChunkType.OFFSET_DATA, U64.pack(at) + data, done=n == len(chunks) - 1)
+        )
+    event = client.next_event()
+    assert isinstance(event, Completed)
+    return event
+
+
+def test_a_read_in_pieces_gets_its_data_chunks_in_order_and_no_holes() -> None:
+    done = _read_in_pieces([(3 * 4096, b"d" * 4096), (0, b"a" * 4096)])
+    assert done.data is None and done.pieces == [(0, b"a" * 4096), (3 * 4096, b"d" * 4096)]
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [(0, b"a" * 4096), (0, b"a" * 4096)],  # the same chunk twice
+        [(0, b"a" * 8192), (4096, b"b" * 4096)],  # overlapping
+        [(0, b"a" * 8192), (8192, b"b" * 8192), (8192, b"c" * 4096)],  # more than the read
+    ],
+)
+def test_a_read_in_pieces_refuses_overlapping_chunks(chunks: list[tuple[int, bytes]]) -> None:
+    with pytest.raises(ProtocolError, match="overlap"):
+        _read_in_pieces(chunks)
 
 
 def _chunk(handle: int, kind: ChunkType, payload: bytes, *, done: bool = False) -> bytes:

@@ -99,6 +99,29 @@ async def test_many_concurrent_writes_and_reads(agent: tuple[BlockAgent, int], i
             assert data[b * BLOCK : (b + 1) * BLOCK] == payload[b]
 
 
+async def test_a_sparse_range_read_in_pieces_brings_only_its_data(
+    agent: tuple[BlockAgent, int],
+) -> None:
+    """Our server sends a read's zero blocks as hole chunks: read in pieces, a range of
+    scattered 4 KiB blocks is those blocks, and the remote learns it answers sparsely."""
+    _, port = agent
+    remote = await Remote.open(f"tcp:127.0.0.1:{port}", "disk")
+    try:
+        assert not remote.answers_sparsely
+        await remote.write_zeroes(0, 64 * BLOCK)
+        blocks = {3: b"c" * BLOCK, 4: b"d" * BLOCK, 40: b"x" * BLOCK}
+        for b, data in blocks.items():
+            await remote.write(b * BLOCK, data)
+        pieces = await remote.read_pieces(0, 64 * BLOCK)
+        assert pieces == [(3 * BLOCK, b"c" * BLOCK + b"d" * BLOCK), (40 * BLOCK, b"x" * BLOCK)]
+        assert remote.answers_sparsely
+        whole = await remote.read(0, 64 * BLOCK)  # a plain read still has every byte
+        assert whole[3 * BLOCK : 5 * BLOCK] == b"c" * BLOCK + b"d" * BLOCK
+        assert whole.count(0) == 61 * BLOCK
+    finally:
+        await remote.close()
+
+
 @pytest.fixture
 def agent_process(image: Path) -> Callable[[int], subprocess.Popen[bytes]]:
     started: list[subprocess.Popen[bytes]] = []

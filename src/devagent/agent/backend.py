@@ -144,8 +144,8 @@ class Backend(ABC):
 
     @property
     def answers_sparsely(self) -> bool:
-        """A read of a range with holes costs only its data (a remote whose server sends
-        holes as hole chunks; a local file reads holes for free)."""
+        """A remote whose server sends a read's zeroes as hole chunks: reading a range that
+        is mostly zeroes costs only its data (:meth:`read_pieces`)."""
         return False
 
     def read_nowait(self, offset: int, length: int) -> bytes | bytearray | None:
@@ -155,11 +155,6 @@ class Backend(ABC):
     def write_nowait(self, offset: int, data: bytes) -> bool:
         """Write at once if that cannot block for long; False if not done (then start_write)."""
         return False
-
-    def holes(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """The ranges ``(start, end)`` of ``offset``..``offset + length`` that read as zeroes
-        because nothing is stored there, in order, known at once ([]: none, or not known)."""
-        return []
 
     def start_write(self, offset: int, data: bytes, fua: bool = False) -> asyncio.Future[Any]:
         """Start a write; the future is done when ``write`` would have returned.
@@ -173,8 +168,8 @@ class Backend(ABC):
     async def read(self, offset: int, length: int) -> bytes | bytearray: ...
 
     async def read_pieces(self, offset: int, length: int) -> list[tuple[int, bytes]]:
-        """A read as its data pieces (offset, bytes), in order, what reads zeroes maybe left
-        out: from a remote that answers sparsely, a mostly empty range costs its data."""
+        """A read as its data pieces (offset, bytes), in order, disjoint; what reads zeroes
+        may be left out (from a remote that answers sparsely it is)."""
         return [(offset, bytes(await self.read(offset, length)))]
 
     @abstractmethod
@@ -450,21 +445,6 @@ class Local(Backend):
         if self._is_block:
             return [Extent(length)]
         return await self._run("block_status", lambda: self._scan(offset, length))
-
-    def holes(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """The file's holes (``SEEK_DATA``/``SEEK_HOLE``: two calls for a range all data)."""
-        if self._is_block or self._closed:
-            return []
-        try:
-            extents = self._scan(offset, length)
-        except OSError:
-            return []
-        found, pos = [], offset
-        for extent in extents:
-            if extent.hole:
-                found.append((pos, pos + extent.length))
-            pos += extent.length
-        return found
 
     def _scan(self, offset: int, length: int) -> list[Extent]:
         end = offset + length

@@ -12,7 +12,7 @@ batches; of a chunk only partly zero, only the data is read (the rest stored as 
 A disk the guest wrote 4 KiB of here and there is mostly such chunks. From a remote that
 answers reads sparsely (its server sends holes as hole chunks: devagent's agent and QEMU
 do; the copier learns it once, reading a few zeroes), a batch takes as many chunks as
-hold ``copy_batch`` bytes of data, up to :data:`SPARSE_SPAN` of them, and reads each run of
+hold ``copy_batch`` bytes of data, spanning up to :data:`SPARSE_SPAN`, and reads each run of
 them in one request: a per-piece read, lock and store cost more than the link's time for
 the piece.
 """
@@ -97,7 +97,7 @@ class Copier(Replica):
         index = self._cursor
         while index < n and self._map.is_present(index):
             index += 1
-        most, hole, budget = self._batch_chunks, False, 0
+        most, hole, budget = self._batch_chunks, False, None
         if index < n:
             start = self._span(index)[0]
             zero_chunks = (self._zeroes.zero_until(start) - start) // self.chunk_size
@@ -108,7 +108,7 @@ class Copier(Replica):
                 budget = self._batch_chunks * self.chunk_size
         batch: list[int] = []
         while index < n and len(batch) < most and not self._map.is_present(index):
-            if budget:
+            if budget is not None:
                 budget -= self._data_bytes(index)
                 if batch and budget < 0:
                     break
@@ -157,7 +157,8 @@ class Copier(Replica):
         if self._pacer is not None:
             start, end = self._span(batch[0])[0], self._span(batch[-1])[1]
             data = data_parts(start, end, self._zeroes.zeroes_within(start, end))
-            await self._pacer.take(sum(e - s for s, e in data))
+            if data:  # (a hole's batch waits for nobody)
+                await self._pacer.take(sum(e - s for s, e in data))
         if self._sparse is None:
             await self._learn_sparse(batch)
         await self.demand.wait_idle()
@@ -196,16 +197,19 @@ class Copier(Replica):
         for first, last in self._zeroes.zeroes_within(start, end):
             if last - first >= SPARSE_PROBE:
                 self._sparse = False  # while the one probe is out
-                with contextlib.suppress(BackendError):  # no answer: not sparse, then
+                try:
                     await self.remote.read_pieces(first, SPARSE_PROBE)
-                    self._sparse = self.remote.answers_sparsely
+                except BackendError:
+                    self._sparse = None  # no answer: a later batch asks again
+                    return
+                self._sparse = self.remote.answers_sparsely
                 self.log.info("the remote answers reads sparsely: %s", self._sparse)
                 return
 
     def _spans(self, missing: Sequence[int], fetch: Sequence[int]) -> list[tuple[int, int]]:
         """Where a batch holding chunks only partly data is read whole from a remote that
         answers reads sparsely: one request per run of its missing chunks (first and last
-        chunk to fetch of each). None where every chunk to fetch is all data."""
+        chunk to fetch of each); none where every chunk to fetch is all data."""
         if not fetch or all(self._data_bytes(c) == self.chunk_size for c in fetch):
             return []
         wanted = set(fetch)

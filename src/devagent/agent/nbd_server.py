@@ -43,7 +43,6 @@ from devagent.nbd.server_codec import (
     StartTls,
 )
 from devagent.tls import Tls, peer_of_transport
-from devagent.wait import all_of
 
 
 class ServedAgent(Protocol):
@@ -68,8 +67,8 @@ log = logging.getLogger(__name__)
 
 #: Replies with a payload this large are not coalesced with others.
 COALESCE_MAX = 64 * 1024
-#: A READ this long or longer is answered sparse (its holes as hole chunks): each costs
-#: the two ``lseek`` of :meth:`Backend.holes` (a 4 KiB guest read is left alone).
+#: A READ this long or longer is answered sparsely, its zero blocks as hole chunks (a look
+#: at each 4 KiB block; a guest's 4 KiB read is left alone).
 SPARSE_READ_MIN = 16 * 1024
 #: Commands the reader starts without a task (``_read_at_once``, ``_start_write``).
 _AT_ONCE = frozenset({Command.READ, Command.WRITE})
@@ -349,7 +348,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _write(self, parts: list[Bytes]) -> None:
         """Queue one reply: small replies of one loop iteration leave in one send; a large
         one goes at once (joining megabytes only costs copies)."""
-        if len(parts[-1]) >= COALESCE_MAX:
+        if len(parts) > 1 and sum(map(len, parts)) >= COALESCE_MAX:
             self._flush()
             if self.transport is not None and not self.transport.is_closing():
                 self.transport.writelines(parts)
@@ -368,31 +367,16 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _read_at_once(self, request: Request, entry: Entry) -> bool:
         """Answer a READ the page cache can serve, with no task; False if it cannot (the
         caller then starts a task with the already admitted entry)."""
-        backend, pieces = self.agent.backend, []
-        for at, length in self._data_ranges(request):
-            data = backend.read_nowait(at, length)
-            if data is None:
-                return False
-            pieces.append((at, data))
+        data = self.agent.backend.read_nowait(request.offset, request.length)
+        if data is None:
+            return False
         self.agent.journal.complete(entry)
-        self._write(self.codec.reply_read_pieces(request.handle, request.offset,
-                                                 request.length, pieces))  # fmt: skip
+        self._write(self._reply_read(request, data))
         return True
 
-    def _data_ranges(self, request: Request) -> list[tuple[int, int]]:
-        """What a READ reads, (offset, length): all of it, or, where the backend holds
-        holes, only its data (the holes go as hole chunks: a chunk the guest wrote 4 KiB
-        of on a sparse disk crosses the link as 4 KiB, not 64)."""
-        offset, end = request.offset, request.offset + request.length
-        holes = []
-        if self.codec.structured and request.length >= SPARSE_READ_MIN:
-            holes = self.agent.backend.holes(offset, request.length)
-        ranges = []
-        for start, stop in [*holes, (end, end)]:
-            if start > offset:
-                ranges.append((offset, start - offset))
-            offset = stop
-        return ranges
+    def _reply_read(self, request: Request, data: bytes | bytearray) -> list[Bytes]:
+        sparse = request.length >= SPARSE_READ_MIN
+        return self.codec.reply_read(request.handle, request.offset, data, sparse)
 
     def _start_write(self, request: Request, entry: Entry) -> None:
         """A WRITE, with no task: done inline if the backend can do it without blocking
@@ -472,10 +456,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         command, handle = request.command, request.handle
         fua = bool(request.flags & CommandFlag.FUA)
         if command is Command.READ:
-            ranges = self._data_ranges(request)
-            datas = await all_of(*(backend.read(at, length) for at, length in ranges))
-            pieces = [(at, data) for (at, _), data in zip(ranges, datas, strict=True)]
-            return self.codec.reply_read_pieces(handle, request.offset, request.length, pieces)
+            return self._reply_read(request, await backend.read(request.offset, request.length))
         if command is Command.WRITE:
             assert request.data is not None
             await backend.write(request.offset, request.data, fua)

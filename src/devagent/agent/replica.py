@@ -294,14 +294,15 @@ class Replica(Backend):
     async def _fetch_span(self, first: int, last: int) -> tuple[int, int]:
         """Copy chunks ``first``..``last`` (locked, absent) in one read from a remote that
         answers reads sparsely: a few KiB of data here and there over many chunks cross as
-        themselves and hole chunks, one request, not one per piece. The span is punched,
-        then its data written. The bytes of data, and the span's."""
+        themselves and hole chunks, one request, not one per piece. A span with zeroes is
+        punched, then its data written. The bytes of data, and the span's."""
         start, end = self._span(first)[0], self._span(last)[1]
         pieces = await self.remote.read_pieces(start, end - start)
-        if sum(len(data) for _, data in pieces) < end - start:
+        moved = sum(len(data) for _, data in pieces)  # (disjoint: the client saw to it)
+        if moved < end - start:
             await self._local.write_zeroes(start, end - start, True)
         await all_of(*(self._local.write(at, data) for at, data in pieces))
-        return sum(len(data) for _, data in pieces), end - start
+        return moved, end - start
 
     async def _fetch_store(
         self,

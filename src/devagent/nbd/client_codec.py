@@ -5,6 +5,7 @@ and structured replies reassembled into one :class:`Completed` each."""
 from __future__ import annotations
 
 import enum
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -111,6 +112,7 @@ class _Pending:
     error: int = 0
     message: str = ""
     pieces: list[tuple[int, bytes]] | None = None  # data chunks as they come; holes dropped
+    taken: int = 0  # bytes of data chunks so far (pieces: never more than the read)
 
     def read_data(self) -> bytes:
         """The READ's answer once its last chunk is in (no chunk at all: zeroes)."""
@@ -355,6 +357,9 @@ class ClientConnection:
         if start < 0 or start + size > pending.length:
             raise self._violation("data chunk outside the request")
         if pending.pieces is not None:
+            pending.taken += size
+            if pending.taken > pending.length:
+                raise self._violation("data chunks overlap: more data than the read")
             pending.pieces.append((offset, self._buffer.consume(size) or b""))
             return
         if start == 0 and size == pending.length and pending.data is None and pending.whole is None:
@@ -416,7 +421,9 @@ class ClientConnection:
             return None
         del self._pending[handle]
         data = None
-        if pending.command is Command.READ and not pending.error and pending.pieces is None:
+        if pending.pieces is not None:
+            self._order_pieces(pending.pieces)
+        elif pending.command is Command.READ and not pending.error:
             data = pending.read_data()
         return Completed(
             handle,
@@ -427,6 +434,14 @@ class ClientConnection:
             pending.extents,
             pending.pieces,
         )
+
+    def _order_pieces(self, pieces: list[tuple[int, bytes]]) -> None:
+        """A read's data chunks in order, none overlapping another (the server may send
+        them in any order, never overlapping)."""
+        pieces.sort(key=lambda piece: piece[0])
+        for (at, data), (after, _) in itertools.pairwise(pieces):
+            if at + len(data) > after:
+                raise self._violation("data chunks of one read overlap")
 
     def _take_other(self, pending: _Pending, kind: int, payload: bytes) -> None:
         """A reply chunk other than data: a hole, block status, an error, or none."""

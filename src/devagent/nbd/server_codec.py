@@ -22,6 +22,7 @@ from devagent.nbd.codec import (
     NeedData,
     Violation,
     decode_string,
+    zero_blocks,
 )
 from devagent.nbd.proto import (
     BASE_ALLOCATION,
@@ -528,41 +529,31 @@ class ServerConnection:
         self._require_transmission()
         return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle)]
 
-    def reply_read(self, handle: int, offset: int, data: Bytes) -> list[Bytes]:
-        """Success of a READ: the data in one chunk (or a simple reply)."""
-        return self.reply_read_pieces(handle, offset, len(data), [(offset, data)])
-
-    def reply_read_pieces(
-        self, handle: int, offset: int, length: int, pieces: Sequence[tuple[int, Bytes]]
+    def reply_read(
+        self, handle: int, offset: int, data: bytes | bytearray, sparse: bool = False
     ) -> list[Bytes]:
-        """Success of a READ of ``length`` bytes at ``offset`` whose data are ``pieces``
-        ((offset, bytes), in order, inside the read): with structured replies, one data
-        chunk each and a hole chunk for each gap, whose zeroes never cross; without them,
-        every byte in a simple reply."""
+        """Success of a READ: the data in one chunk (or a simple reply). ``sparse``, with
+        structured replies: its zero blocks (:func:`zero_blocks`) go as hole chunks, whose
+        zeroes never cross (a chunk the guest wrote 4 KiB of on a sparse disk: 4 KiB)."""
         self._require_transmission()
         if not self.structured:
-            if len(pieces) == 1 and len(pieces[0][1]) == length:
-                return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), pieces[0][1]]
-            whole = bytearray(length)
-            for at, data in pieces:
-                whole[at - offset : at - offset + len(data)] = data
-            return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), whole]
-        if not length:
+            return [SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, handle), data]
+        if not data:
             return [STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, ReplyFlag.DONE,
                                           ChunkType.NONE, handle, 0)]  # fmt: skip
-        end, pos = offset + length, offset
+        end, pos = len(data), 0
         parts: list[Bytes] = []
-        for at, data in [*pieces, (end, b"")]:
-            if at > pos:
-                flags = ReplyFlag.DONE if at == end else ReplyFlag(0)
-                parts.append(HOLE_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ChunkType.OFFSET_HOLE,
-                                             handle, 12, pos, at - pos))  # fmt: skip
-            if data:
-                pos = at + len(data)
-                flags = ReplyFlag.DONE if pos == end else ReplyFlag(0)
+        for start, stop in [*(zero_blocks(data) if sparse else ()), (end, end)]:
+            if start > pos:
+                flags = ReplyFlag.DONE if start == end else ReplyFlag(0)
                 parts.append(DATA_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ChunkType.OFFSET_DATA,
-                                             handle, 8 + len(data), at))  # fmt: skip
-                parts.append(data)
+                                             handle, 8 + start - pos, offset + pos))  # fmt: skip
+                parts.append(data if start - pos == end else memoryview(data)[pos:start])
+            if stop > start:
+                flags = ReplyFlag.DONE if stop == end else ReplyFlag(0)
+                parts.append(HOLE_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, ChunkType.OFFSET_HOLE,
+                                             handle, 12, offset + start, stop - start))  # fmt: skip
+            pos = stop
         return parts
 
     def reply_error(
