@@ -119,7 +119,10 @@ class Copier(Replica):
 
     def _data_bytes(self, index: int) -> int:
         """What chunk ``index`` holds besides zeroes, by the remote's last answer."""
-        start, end = self._span(index)
+        return self._data_in(*self._span(index))
+
+    def _data_in(self, start: int, end: int) -> int:
+        """What ``start``..``end`` holds besides zeroes, by the remote's last answer."""
         return sum(e - s for s, e in data_parts(start, end, self._zeroes.zeroes_within(start, end)))
 
     async def _copy_worker(self) -> None:
@@ -155,10 +158,9 @@ class Copier(Replica):
         writes = self.spill.remote_writes
         zero = set(await self._zeroes.chunks(batch, self._span))
         if self._pacer is not None:
-            start, end = self._span(batch[0])[0], self._span(batch[-1])[1]
-            data = data_parts(start, end, self._zeroes.zeroes_within(start, end))
+            data = self._data_in(*self._run_span(batch[0], batch[-1]))
             if data:  # (a hole's batch waits for nobody)
-                await self._pacer.take(sum(e - s for s, e in data))
+                await self._pacer.take(data)
         if self._sparse is None:
             await self._learn_sparse(batch)
         await self.demand.wait_idle()
@@ -176,7 +178,7 @@ class Copier(Replica):
             spans = self._spans(missing, fetch) if known and self._sparse else []
             inside = {c for first, last in spans for c in range(first, last + 1)}
             for first, last in runs([c for c in missing if c in zero and c not in inside]):
-                start, end = self._span(first)[0], self._span(last)[1]
+                start, end = self._run_span(first, last)
                 await self._local.write_zeroes(start, end - start, True)
                 self.skipped_as_zero += end - start
             if spans:
@@ -193,7 +195,7 @@ class Copier(Replica):
     async def _learn_sparse(self, batch: Sequence[int]) -> None:
         """Once, at the copy's first zeroes: does the remote answer a read's holes as hole
         chunks? A read of :data:`SPARSE_PROBE` of them tells (at worst they cross)."""
-        start, end = self._span(batch[0])[0], self._span(batch[-1])[1]
+        start, end = self._run_span(batch[0], batch[-1])
         for first, last in self._zeroes.zeroes_within(start, end):
             if last - first >= SPARSE_PROBE:
                 self._sparse = False  # while the one probe is out

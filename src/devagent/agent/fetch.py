@@ -235,7 +235,7 @@ class Fetch(Copier):
             await self.spill.fast_writes.idle.wait()
             present = [c for c in chunks if self._map.is_present(c)]
             for first, last in runs(present):
-                start, end = self._span(first)[0], self._span(last)[1]
+                start, end = self._run_span(first, last)
                 for pos in range(start, end, FETCH_MAX):
                     stop = min(pos + FETCH_MAX, end)
                     data = await self._local.read(pos, stop - pos)
@@ -369,7 +369,7 @@ class Fetch(Copier):
                 self.spill.remote_writes += 1
                 self._zeroes.forget()
                 for first, last in runs(present):
-                    start, end = self._span(first)[0], self._span(last)[1]
+                    start, end = self._run_span(first, last)
                     data = await self._local.read(start, end - start)
                     await self.remote.write(start, bytes(data))
                     moved += end - start

@@ -198,6 +198,10 @@ class Replica(Backend):
         start = index * self.chunk_size
         return start, min(start + self.chunk_size, self._size)
 
+    def _run_span(self, first: int, last: int) -> tuple[int, int]:
+        """The bytes of chunks ``first``..``last``."""
+        return self._span(first)[0], self._span(last)[1]
+
     def _chunks(self, offset: int, length: int) -> range:
         if length <= 0:
             return range(0)
@@ -296,7 +300,7 @@ class Replica(Backend):
         answers reads sparsely: a few KiB of data here and there over many chunks cross as
         themselves and hole chunks, one request, not one per piece. A span with zeroes is
         punched, then its data written. The bytes of data, and the span's."""
-        start, end = self._span(first)[0], self._span(last)[1]
+        start, end = self._run_span(first, last)
         pieces = await self.remote.read_pieces(start, end - start)
         moved = sum(len(data) for _, data in pieces)  # (disjoint: the client saw to it)
         if moved < end - start:
@@ -334,7 +338,7 @@ class Replica(Backend):
 
         pieces: list[tuple[int, int]] = []
         for first, last in runs(chunks):
-            start, end = self._span(first)[0], self._span(last)[1]
+            start, end = self._run_span(first, last)
             for pos in range(start, end, FETCH_MAX):
                 pieces.append((pos, min(pos + FETCH_MAX, end)))
         return sum(await all_of(*(one(s, e) for s, e in pieces)))
