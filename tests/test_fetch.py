@@ -355,6 +355,42 @@ async def test_from_a_remote_answering_sparsely_scattered_data_comes_in_few_read
         await backend.close()
 
 
+async def test_a_batch_steps_over_present_chunks(tmp_path: Path) -> None:
+    """Every other chunk already present (a hybrid push marks the zero chunks it passes):
+    a batch takes the absent chunks within its span, not one chunk at a time."""
+    chunk, n = 4096 * 4, 1024  # 16 MiB; a sparse batch spans 256 chunks
+    data = bytearray(n * chunk)
+    data[0 : 32 * chunk] = pattern(32 * chunk, 7)  # dense; then 32 zero chunks (the probe's)
+    odd = range(65, n, 2)  # 4 KiB of data each; the even chunks between are zero and present
+    for index in odd:
+        data[index * chunk : index * chunk + 4096] = pattern(4096, index)
+    remote = FakeRemote(data)
+    remote.sparse = True
+    backend = Fetch(tmp_path / "r.img", remote, chunk_size=chunk, seed=list(range(64, n, 2)))
+    batches: list[list[int]] = []
+    copy_batch = backend._copy_batch
+
+    async def counted(batch: list[int], hole: bool = False) -> None:
+        batches.append(list(batch))
+        await copy_batch(batch, hole)
+
+    backend._copy_batch = counted  # type: ignore[method-assign]
+    try:
+        backend.start_copier()
+        await backend.wait_complete()
+        assert on_disk(backend.path) == data
+        assert backend.fetched_in_background == 32 * chunk + len(odd) * 4096
+        scattered = [b for b in batches if b[0] >= 64]
+        assert {c for b in scattered for c in b} == set(odd)
+        # one batch per absent chunk before (480); the workers' first batches go before
+        # the probe (a copy batch's span, 64 chunks), then SPARSE_SPAN's 256
+        most = backend.copy_workers + 2 * n * chunk // SPARSE_SPAN
+        assert len(scattered) <= most, [len(b) for b in scattered]
+        assert all(b[-1] - b[0] < SPARSE_SPAN // chunk for b in batches)
+    finally:
+        await backend.close()
+
+
 async def test_the_copier_takes_a_hole_in_a_few_big_batches(tmp_path: Path) -> None:
     """A disk that is mostly hole (1 GiB holding 64 MiB, say): each hole goes in batches of
     up to ZERO_RUN_CHUNKS chunks, a punch and a mark each, not one per copy batch (each

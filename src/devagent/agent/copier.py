@@ -92,7 +92,9 @@ class Copier(Replica):
         remote's last answer says they read zeroes, up to :data:`ZERO_RUN_CHUNKS` (one
         punch and one mark for a whole hole, not one per batch); else ``copy_batch`` bytes
         of them, or, from a remote that answers reads sparsely, as many as hold
-        ``copy_batch`` bytes of data, spanning up to :data:`SPARSE_SPAN`."""
+        ``copy_batch`` bytes of data, spanning up to :data:`SPARSE_SPAN`. A batch steps
+        over present chunks within its span: a region where a hybrid push or the guest made
+        every other chunk present is copied in batches of many, not one chunk at a time."""
         n = self._map.n_chunks
         index = self._cursor
         while index < n and self._map.is_present(index):
@@ -107,12 +109,14 @@ class Copier(Replica):
                 most = max(1, SPARSE_SPAN // self.chunk_size)
                 budget = self._batch_chunks * self.chunk_size
         batch: list[int] = []
-        while index < n and len(batch) < most and not self._map.is_present(index):
-            if budget is not None:
-                budget -= self._data_bytes(index)
-                if batch and budget < 0:
-                    break
-            batch.append(index)
+        end = min(n, index + most)
+        while index < end:
+            if not self._map.is_present(index):
+                if budget is not None:
+                    budget -= self._data_bytes(index)
+                    if batch and budget < 0:
+                        break
+                batch.append(index)
             index += 1
         self._cursor = index
         return (batch, hole) if batch else None
@@ -158,7 +162,7 @@ class Copier(Replica):
         writes = self.spill.remote_writes
         zero = set(await self._zeroes.chunks(batch, self._span))
         if self._pacer is not None:
-            data = self._data_in(*self._run_span(batch[0], batch[-1]))
+            data = sum(self._data_in(*self._run_span(*run)) for run in runs(batch))
             if data:  # (a hole's batch waits for nobody)
                 await self._pacer.take(data)
         if self._sparse is None:
