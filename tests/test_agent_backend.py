@@ -79,6 +79,32 @@ async def test_trim_and_write_zeroes_read_back_zero(local: Local) -> None:
     assert await local.read(0, 8192) == bytes(8192)
 
 
+async def test_clear_punches_only_where_there_is_data(
+    local: Local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hole is left as it is (no fallocate: a journal transaction saved); a range
+    holding data anywhere, at its end too, or data just written and not yet flushed, is
+    punched and reads zeroes."""
+    punches: list[tuple[int, int]] = []
+    fallocate = backend_module._fallocate
+
+    def counted(fd: int, mode: int, offset: int, length: int) -> None:
+        punches.append((offset, length))
+        fallocate(fd, mode, offset, length)
+
+    monkeypatch.setattr(backend_module, "_fallocate", counted)
+    await local.clear(0, 2 * MiB)  # hole
+    await local.clear(4 * MiB, 4 * MiB)  # hole to the end of the file
+    assert punches == []
+    await local.clear(MiB, MiB + 4096)  # its last 4 KiB are data
+    await local.write(5 * MiB, b"\xff" * 4096)  # in the page cache only
+    await local.clear(4 * MiB, 2 * MiB)
+    assert punches == [(MiB, MiB + 4096), (4 * MiB, 2 * MiB)]
+    assert await local.read(2 * MiB, 4096) == bytes(4096)
+    assert await local.read(5 * MiB, 4096) == bytes(4096)
+    assert await local.read(2 * MiB + 4096, 4096) == b"\x5a" * 4096
+
+
 async def test_read_only_and_closed_backends_answer_with_errnos(tmp_path: Path) -> None:
     path = tmp_path / "ro.img"
     path.write_bytes(bytes(4096))

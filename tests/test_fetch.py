@@ -391,6 +391,32 @@ async def test_a_batch_steps_over_present_chunks(tmp_path: Path) -> None:
         await backend.close()
 
 
+async def test_the_copier_clears_what_a_crash_left_in_absent_chunks(tmp_path: Path) -> None:
+    """Bytes a crash left in the replica between a data write and its bit: where the
+    remote reads zeroes, the copier makes the replica read zeroes again (a clear that
+    finds data punches), in a hole's batch and in a span read sparsely alike."""
+    chunk, n = 4096 * 4, 512  # 8 MiB
+    data = bytearray(n * chunk)
+    data[0 : 32 * chunk] = pattern(32 * chunk, 9)
+    for index in range(40, 200, 8):  # 4 KiB here and there, then a hole to the end
+        data[index * chunk : index * chunk + 4096] = pattern(4096, index)
+    remote = FakeRemote(data)
+    remote.sparse = True
+    path = tmp_path / "r.img"
+    await Fetch(path, remote, chunk_size=chunk).close(remote_too=False)
+    with path.open("r+b") as f:
+        for index in (33, 48, 300):  # a zero chunk, one holding 4 KiB, one in the hole
+            f.seek(index * chunk + 8192)
+            f.write(b"\xee" * 4096)
+    backend = Fetch(path, remote, chunk_size=chunk)
+    try:
+        backend.start_copier()
+        await backend.wait_complete()
+        assert on_disk(backend.path) == data
+    finally:
+        await backend.close()
+
+
 async def test_the_copier_takes_a_hole_in_a_few_big_batches(tmp_path: Path) -> None:
     """A disk that is mostly hole (1 GiB holding 64 MiB, say): each hole goes in batches of
     up to ZERO_RUN_CHUNKS chunks, a punch and a mark each, not one per copy batch (each
@@ -402,13 +428,13 @@ async def test_the_copier_takes_a_hole_in_a_few_big_batches(tmp_path: Path) -> N
     remote = FakeRemote(data)
     backend = Fetch(tmp_path / "r.img", remote, chunk_size=chunk)
     punches: list[tuple[int, int]] = []
-    punch = backend._local.write_zeroes
+    clear = backend._local.clear
 
-    async def counted(offset: int, length: int, may_trim: bool = True) -> None:
+    async def counted(offset: int, length: int) -> None:
         punches.append((offset, length))
-        await punch(offset, length, may_trim)
+        await clear(offset, length)
 
-    backend._local.write_zeroes = counted  # type: ignore[method-assign]
+    backend._local.clear = counted  # type: ignore[method-assign]
     try:
         backend.start_copier()
         await backend.wait_complete()

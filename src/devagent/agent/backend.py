@@ -441,6 +441,27 @@ class Local(Backend):
 
         await self._run("write_zeroes", zero)
 
+    async def clear(self, offset: int, length: int) -> None:
+        """Make the range read zeroes, doing nothing where it is a hole already (a fresh
+        sparse replica's absent chunks are): a punch is a journal transaction, and on ext4
+        it waits for any commit under way (an ``fdatasync``'s), up to 100 ms here."""
+        self._require_writable("clear")
+        if not await self._run("clear", lambda: self._is_hole(offset, length)):
+            await self.write_zeroes(offset, length, True)
+
+    def _is_hole(self, offset: int, length: int) -> bool:
+        """(In a pool thread.) Whether the range is all hole (False: not known)."""
+        if self._is_block:
+            return False
+        try:
+            return os.lseek(self._fd, offset, os.SEEK_DATA) >= offset + length
+        except OSError as err:
+            if err.errno == errno_mod.ENXIO:  # no data after offset
+                return True
+            if err.errno in (errno_mod.EINVAL, errno_mod.EOPNOTSUPP):
+                return False
+            raise
+
     async def block_status(self, offset: int, length: int) -> list[Extent]:
         if self._is_block:
             return [Extent(length)]

@@ -4,10 +4,11 @@ It walks the absent chunks in order with a few workers (``copy_workers`` batches
 ``copy_batch`` bytes in flight: enough to fill a LAN link, few enough that an on-demand
 fetch queued behind them on the same connection waits little), yields to on-demand fetches
 (it waits while any is pending), keeps an optional rate limit, and asks the remote's
-``block_status`` which ranges are zeroes: those chunks are punched in the replica (a no-op
-on a fresh sparse file; it also clears anything a crash left between a data write and its
-bit) and marked present without any data crossing the network, a whole hole in a few big
-batches; of a chunk only partly zero, only the data is read (the rest stored as zeroes).
+``block_status`` which ranges are zeroes: those chunks are cleared in the replica (nothing
+done where the replica has a hole already, as a fresh sparse file has; else punched, which
+clears anything a crash left between a data write and its bit) and marked present without
+any data crossing the network, a whole hole in a few big batches; of a chunk only partly
+zero, only the data is read (the rest stored as zeroes).
 
 A disk the guest wrote 4 KiB of here and there is mostly such chunks. From a remote that
 answers reads sparsely (its server sends holes as hole chunks: devagent's agent and QEMU
@@ -30,7 +31,7 @@ from devagent.agent.replica import Replica, runs
 from devagent.wait import all_of
 
 #: The most chunks the copier takes at once where the remote reads zeroes (256 MiB of
-#: 64 KiB chunks): each batch is a punch, a mark and a share of the syncs, and a 1 GiB disk
+#: 64 KiB chunks): each batch is a clear, a mark and a share of the syncs, and a 1 GiB disk
 #: holding 64 MiB of data is mostly such chunks.
 ZERO_RUN_CHUNKS = 4096
 #: The most bytes one batch of a copy from a remote that answers reads sparsely spans (64
@@ -183,7 +184,7 @@ class Copier(Replica):
             inside = {c for first, last in spans for c in range(first, last + 1)}
             for first, last in runs([c for c in missing if c in zero and c not in inside]):
                 start, end = self._run_span(first, last)
-                await self._local.write_zeroes(start, end - start, True)
+                await self._local.clear(start, end - start)
                 self.skipped_as_zero += end - start
             if spans:
                 for moved, length in await all_of(*(self._fetch_span(*s) for s in spans)):
