@@ -93,12 +93,10 @@ async def test_clear_punches_only_where_there_is_data(
         fallocate(fd, mode, offset, length)
 
     monkeypatch.setattr(backend_module, "_fallocate", counted)
-    await local.clear(0, 2 * MiB)  # hole
-    await local.clear(4 * MiB, 4 * MiB)  # hole to the end of the file
+    await local.clear([(0, 2 * MiB), (4 * MiB, 8 * MiB)])  # holes, one to the file's end
     assert punches == []
-    await local.clear(MiB, MiB + 4096)  # its last 4 KiB are data
     await local.write(5 * MiB, b"\xff" * 4096)  # in the page cache only
-    await local.clear(4 * MiB, 2 * MiB)
+    await local.clear([(0, MiB), (MiB, 2 * MiB + 4096), (4 * MiB, 6 * MiB)])
     assert punches == [(MiB, MiB + 4096), (4 * MiB, 2 * MiB)]
     assert await local.read(2 * MiB, 4096) == bytes(4096)
     assert await local.read(5 * MiB, 4096) == bytes(4096)

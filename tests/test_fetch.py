@@ -430,9 +430,9 @@ async def test_the_copier_takes_a_hole_in_a_few_big_batches(tmp_path: Path) -> N
     punches: list[tuple[int, int]] = []
     clear = backend._local.clear
 
-    async def counted(offset: int, length: int) -> None:
-        punches.append((offset, length))
-        await clear(offset, length)
+    async def counted(ranges: list[tuple[int, int]]) -> None:
+        punches.extend((start, end - start) for start, end in ranges)
+        await clear(ranges)
 
     backend._local.clear = counted  # type: ignore[method-assign]
     try:

@@ -182,10 +182,12 @@ class Copier(Replica):
                 fetch = []
             spans = self._spans(missing, fetch) if known and self._sparse else []
             inside = {c for first, last in spans for c in range(first, last + 1)}
-            for first, last in runs([c for c in missing if c in zero and c not in inside]):
-                start, end = self._run_span(first, last)
-                await self._local.clear(start, end - start)
-                self.skipped_as_zero += end - start
+            zeroed = [
+                self._run_span(*run)
+                for run in runs([c for c in missing if c in zero and c not in inside])
+            ]
+            await self._local.clear(zeroed + [self._run_span(*span) for span in spans])
+            self.skipped_as_zero += sum(end - start for start, end in zeroed)
             if spans:
                 for moved, length in await all_of(*(self._fetch_span(*s) for s in spans)):
                     self.fetched_in_background += moved

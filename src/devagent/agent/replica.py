@@ -298,14 +298,12 @@ class Replica(Backend):
     async def _fetch_span(self, first: int, last: int) -> tuple[int, int]:
         """Copy chunks ``first``..``last`` (locked, absent) in one read from a remote that
         answers reads sparsely: a few KiB of data here and there over many chunks cross as
-        themselves and hole chunks, one request, not one per piece. A span with zeroes is
-        cleared (:meth:`Local.clear`), then its data written. The bytes of data, and the
+        themselves and hole chunks, one request, not one per piece. The caller cleared the
+        span (:meth:`Local.clear`): its data are written. The bytes of data, and the
         span's."""
         start, end = self._run_span(first, last)
         pieces = await self.remote.read_pieces(start, end - start)
         moved = sum(len(data) for _, data in pieces)  # (disjoint: the client saw to it)
-        if moved < end - start:
-            await self._local.clear(start, end - start)
         await all_of(*(self._local.write(at, data) for at, data in pieces))
         return moved, end - start
 
