@@ -96,11 +96,22 @@ async def test_clear_punches_only_where_there_is_data(
     await local.clear([(0, 2 * MiB), (4 * MiB, 8 * MiB)])  # holes, one to the file's end
     assert punches == []
     await local.write(5 * MiB, b"\xff" * 4096)  # in the page cache only
-    await local.clear([(0, MiB), (MiB, 2 * MiB + 4096), (4 * MiB, 6 * MiB)])
-    assert punches == [(MiB, MiB + 4096), (4 * MiB, 2 * MiB)]
+    # a hole; one whose last 4 KiB are data; one inside data; one with unflushed data
+    ranges = [(0, MiB), (MiB, 2 * MiB + 4096), (3 * MiB - 8192, 3 * MiB - 4096)]
+    await local.clear([*ranges, (4 * MiB, 6 * MiB)])
+    assert punches == [(MiB, MiB + 4096), (3 * MiB - 8192, 4096), (4 * MiB, 2 * MiB)]
     assert await local.read(2 * MiB, 4096) == bytes(4096)
+    assert await local.read(3 * MiB - 8192, 4096) == bytes(4096)
     assert await local.read(5 * MiB, 4096) == bytes(4096)
     assert await local.read(2 * MiB + 4096, 4096) == b"\x5a" * 4096
+    punches.clear()
+
+    def failing(fd: int, pos: int, how: int) -> int:
+        raise OSError(errno_mod.EIO, "lseek failed")
+
+    monkeypatch.setattr(backend_module.os, "lseek", failing)  # not known: punched to be sure
+    await local.clear([(0, MiB)])
+    assert punches == [(0, MiB)]
 
 
 async def test_read_only_and_closed_backends_answer_with_errnos(tmp_path: Path) -> None:

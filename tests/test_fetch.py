@@ -366,7 +366,14 @@ async def test_a_batch_steps_over_present_chunks(tmp_path: Path) -> None:
         data[index * chunk : index * chunk + 4096] = pattern(4096, index)
     remote = FakeRemote(data)
     remote.sparse = True
-    backend = Fetch(tmp_path / "r.img", remote, chunk_size=chunk, seed=list(range(64, n, 2)))
+    replica = tmp_path / "r.img"
+    replica.write_bytes(bytes(n * chunk))
+    with replica.open("r+b") as f:  # present chunks the guest wrote since: kept as they are
+        for index in (64, 100, 512, 1000):
+            f.seek(index * chunk)
+            f.write(b"\x77" * chunk)
+            data[index * chunk : (index + 1) * chunk] = b"\x77" * chunk
+    backend = Fetch(replica, remote, chunk_size=chunk, seed=list(range(64, n, 2)))
     batches: list[list[int]] = []
     copy_batch = backend._copy_batch
 
@@ -405,7 +412,8 @@ async def test_the_copier_clears_what_a_crash_left_in_absent_chunks(tmp_path: Pa
     path = tmp_path / "r.img"
     await Fetch(path, remote, chunk_size=chunk).close(remote_too=False)
     with path.open("r+b") as f:
-        for index in (33, 48, 300):  # a zero chunk, one holding 4 KiB, one in the hole
+        for index in (33, 48, 60, 300):  # zero chunks in and out of a span, one holding
+            # 4 KiB, one in the hole
             f.seek(index * chunk + 8192)
             f.write(b"\xee" * 4096)
     backend = Fetch(path, remote, chunk_size=chunk)
@@ -419,7 +427,7 @@ async def test_the_copier_clears_what_a_crash_left_in_absent_chunks(tmp_path: Pa
 
 async def test_the_copier_takes_a_hole_in_a_few_big_batches(tmp_path: Path) -> None:
     """A disk that is mostly hole (1 GiB holding 64 MiB, say): each hole goes in batches of
-    up to ZERO_RUN_CHUNKS chunks, a punch and a mark each, not one per copy batch (each
+    up to ZERO_RUN_CHUNKS chunks, a clear and a mark each, not one per copy batch (each
     was a thread hop and a share of the syncs, seconds over a whole disk)."""
     chunk, n = 4096, 8192  # 32 MiB; the copy batch is 1 MiB: 256 chunks
     data = bytearray(n * chunk)
@@ -427,11 +435,11 @@ async def test_the_copier_takes_a_hole_in_a_few_big_batches(tmp_path: Path) -> N
     data[5000 * chunk : 5001 * chunk] = pattern(chunk, 4)
     remote = FakeRemote(data)
     backend = Fetch(tmp_path / "r.img", remote, chunk_size=chunk)
-    punches: list[tuple[int, int]] = []
+    cleared: list[tuple[int, int]] = []
     clear = backend._local.clear
 
     async def counted(ranges: list[tuple[int, int]]) -> None:
-        punches.extend((start, end - start) for start, end in ranges)
+        cleared.extend((start, end - start) for start, end in ranges)
         await clear(ranges)
 
     backend._local.clear = counted  # type: ignore[method-assign]
@@ -443,8 +451,8 @@ async def test_the_copier_takes_a_hole_in_a_few_big_batches(tmp_path: Path) -> N
         assert backend.skipped_as_zero == (n - 2) * chunk
         # the workers' first batches go before the remote's zeroes are known: then the
         # holes 1..4999 and 5001..8191 in batches of at most 4096 chunks
-        assert len(punches) <= 8, punches
-        assert max(length for _, length in punches) == ZERO_RUN_CHUNKS * chunk
+        assert len(cleared) <= 8, cleared
+        assert max(length for _, length in cleared) == ZERO_RUN_CHUNKS * chunk
         assert all(durable_bits(backend.path, n))
     finally:
         await backend.close()

@@ -91,7 +91,7 @@ class Copier(Replica):
     def _next_batch(self) -> tuple[list[int], bool] | None:
         """The next absent chunks from the cursor, and whether they are a hole: where the
         remote's last answer says they read zeroes, up to :data:`ZERO_RUN_CHUNKS` (one
-        punch and one mark for a whole hole, not one per batch); else ``copy_batch`` bytes
+        clear and one mark for a whole hole, not one per batch); else ``copy_batch`` bytes
         of them, or, from a remote that answers reads sparsely, as many as hold
         ``copy_batch`` bytes of data, spanning up to :data:`SPARSE_SPAN`. A batch steps
         over present chunks within its span: a region where a hybrid push or the guest made
