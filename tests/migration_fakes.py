@@ -535,7 +535,7 @@ class FakeHost:
 
 
 def make_job(
-    tmp_path: Path, strategy: Strategy, *, vm: FakeVm | None = None
+    tmp_path: Path, strategy: Strategy, *, vm: FakeVm | None = None, link_rate_bps: int = 10**9
 ) -> tuple[MigrationJob, FakeVm, FakeHost]:
     image = tmp_path / "disk.img"
     image.write_bytes(b"\0" * 4096)
@@ -549,6 +549,6 @@ def make_job(
         agent.everything = vm.vm.commands
     host.destination.source = vm.vm
     request = MigrateRequest(
-        to=Endpoint(url="http://b", name="b"), storage=strategy, link_rate_bps=10**9
+        to=Endpoint(url="http://b", name="b"), storage=strategy, link_rate_bps=link_rate_bps
     )
     return new_job(host.context(), vm, request), vm, host

@@ -22,7 +22,7 @@ from devagent.agent.messages import FlushAnswer
 from devagent.daemon.migration import ram as ram_module
 from devagent.daemon.migration import running as running_module
 from devagent.daemon.migration.job import Phase
-from devagent.daemon.migration.share import FIXED_SHARE, START_SHARE, copy_batch
+from devagent.daemon.migration.share import FIXED_SHARE, START_SHARE, copy_batch, pushes_early
 from devagent.daemon.vms.request import DiskRequest, VmRequest
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.vocab import Step, Strategy
@@ -139,6 +139,26 @@ async def test_a_push_starts_while_the_destinations_qemu_starts(
     else:
         assert listening not in log and log.index(incoming) < log.index("migrate")
         assert timeline[Step.DESTINATION_READY] <= timeline[Step.RAM_STARTED]
+
+
+async def test_on_a_slow_link_the_push_has_it_while_the_destinations_qemu_starts(
+    tmp_path: Path,
+) -> None:
+    """At 100 Mbit/s the link, not the CPU, bounds a migration: hybrid's push starts once
+    the receivers serve, with the whole link, and is told RAM's first share once the
+    destination's QEMU listens, before RAM starts."""
+    link = 100 * 10**6
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID, link_rate_bps=link)
+    log = host.destination.everything = vm.vm.commands
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    assert host.destination.bodies["/v1/incoming"]["early"] is True
+    listening = "peer POST /v1/incoming/v1/listening"
+    assert log.index("agent /mirror") < log.index(listening) < log.index("migrate")
+    agent = vm.agents[0]
+    assert agent.mirrors[0].rate_limit == pytest.approx(link / 8)
+    assert agent.rates[0] == pytest.approx(link / 8 * START_SHARE)
+    assert pushes_early(link) and not pushes_early(10**9) and not pushes_early(None)
 
 
 @pytest.mark.parametrize("knows_early", [False, None])

@@ -57,7 +57,7 @@ from devagent.daemon.migration.messages import (
     NbdAddress,
     RemoteDisk,
 )
-from devagent.daemon.migration.share import copy_batch, disk_link_rate
+from devagent.daemon.migration.share import copy_batch, disk_link_rate, pushes_early
 from devagent.daemon.nics import NicIdentity
 from devagent.errors import DevagentError, PeerError, UsageError
 from devagent.vocab import Step, Strategy
@@ -233,9 +233,14 @@ class AgentPlan(Plan):
             nics=[NicIdentity(node=n.node, address=n.address, mac=n.mac) for n in vm.nics],
             source=job.host.name,
             # precopy's mirror starts while QEMU starts there (RAM waits for it to converge
-            # anyway); not hybrid's push: beside the destination's start it delayed that
-            # QEMU, and RAM with it (docs/BENCHMARKS.md, the push while QEMU starts)
-            early=self.strategy is Strategy.PRECOPY and self.moves_disk,
+            # anyway); hybrid's push only on a slow link: on a fast one, beside the
+            # destination's start, it delayed that QEMU, and RAM with it
+            # (docs/BENCHMARKS.md, the push while QEMU starts)
+            early=self.moves_disk
+            and (
+                self.strategy is Strategy.PRECOPY
+                or (self.strategy is Strategy.HYBRID and pushes_early(job.request.link_rate_bps))
+            ),
         )
 
     async def prepare(self, job: JobView) -> Prepared:

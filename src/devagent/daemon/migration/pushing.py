@@ -105,13 +105,17 @@ class HybridPlan(FetchingPlan):
         return max(1, int(job.request.link_rate_bps / 8 * (1 - FIXED_SHARE)))
 
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        """The push starts once the destination is ready, before RAM. Not while the
-        destination's QEMU starts (an early prepare, as precopy's mirror does): the matrix
-        of 2026-12-06 found that QEMU listening 30-70 ms later beside it, and RAM with it.
-        Not beside RAM's start either: each dialling the destination at once, on two
-        cores, RAM's phase grew by more than the push's start took."""
+        """The push starts before RAM: on a slow link as soon as the destination's
+        receivers serve, with the whole link while QEMU starts there (an early prepare,
+        :func:`.share.pushes_early`); on a fast one once that QEMU is ready, as beside its
+        start the push delayed it 30-70 ms (the matrix of 2026-12-06), and RAM with it.
+        Not beside RAM's start: each dialling the destination at once, on two cores,
+        RAM's phase grew by more than the push's start took."""
         link = job.request.link_rate_bps
         share = LinkShare(job, link / 8, job.follows_ram) if link else None
+        early = share is not None and prepared.until_listening is not None
+        if share is not None and early:  # the link is the push's alone until QEMU listens
+            share.rate = share.link  # there; then RAM first (its start's share)
 
         def push(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
             return agent.mirror(MirrorRequest(  # small copies: the switchover waits for those
@@ -127,6 +131,8 @@ class HybridPlan(FetchingPlan):
             self.share = share
         await prepared.listening()
         if share is not None:
+            if early:
+                await share.restart()
             share.start()
         await super().before_ram(job, prepared)
 
