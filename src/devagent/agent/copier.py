@@ -163,7 +163,7 @@ class Copier(Replica):
         writes = self.spill.remote_writes
         zero = set(await self._zeroes.chunks(batch, self._span))
         if self._pacer is not None:
-            data = sum(self._data_in(*self._run_span(*run)) for run in runs(batch))
+            data = sum(self._data_in(start, end) for start, end in self._byte_runs(batch))
             if data:  # (a hole's batch waits for nobody)
                 await self._pacer.take(data)
         if self._sparse is None:
@@ -182,10 +182,7 @@ class Copier(Replica):
                 fetch = []
             spans = self._spans(missing, fetch) if known and self._sparse else []
             inside = {c for first, last in spans for c in range(first, last + 1)}
-            zeroed = [
-                self._run_span(*run)
-                for run in runs([c for c in missing if c in zero and c not in inside])
-            ]
+            zeroed = self._byte_runs([c for c in missing if c in zero and c not in inside])
             await self._local.clear(zeroed + [self._run_span(*span) for span in spans])
             self.skipped_as_zero += sum(end - start for start, end in zeroed)
             if spans:

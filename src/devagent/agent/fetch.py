@@ -234,8 +234,7 @@ class Fetch(Copier):
             # these chunks: the write-back must read it.
             await self.spill.fast_writes.idle.wait()
             present = [c for c in chunks if self._map.is_present(c)]
-            for first, last in runs(present):
-                start, end = self._run_span(first, last)
+            for start, end in self._byte_runs(present):
                 for pos in range(start, end, FETCH_MAX):
                     stop = min(pos + FETCH_MAX, end)
                     data = await self._local.read(pos, stop - pos)
@@ -368,8 +367,7 @@ class Fetch(Copier):
                 moved = 0
                 self.spill.remote_writes += 1
                 self._zeroes.forget()
-                for first, last in runs(present):
-                    start, end = self._run_span(first, last)
+                for start, end in self._byte_runs(present):
                     data = await self._local.read(start, end - start)
                     await self.remote.write(start, bytes(data))
                     moved += end - start

@@ -202,6 +202,10 @@ class Replica(Backend):
         """The bytes of chunks ``first``..``last``."""
         return self._span(first)[0], self._span(last)[1]
 
+    def _byte_runs(self, chunks: Sequence[int]) -> list[tuple[int, int]]:
+        """The bytes of each run of consecutive chunks among ``chunks``."""
+        return [self._run_span(first, last) for first, last in runs(chunks)]
+
     def _chunks(self, offset: int, length: int) -> range:
         if length <= 0:
             return range(0)
@@ -336,8 +340,7 @@ class Replica(Backend):
             return sum(e - s for s, e in parts)
 
         pieces: list[tuple[int, int]] = []
-        for first, last in runs(chunks):
-            start, end = self._run_span(first, last)
+        for start, end in self._byte_runs(chunks):
             for pos in range(start, end, FETCH_MAX):
                 pieces.append((pos, min(pos + FETCH_MAX, end)))
         return sum(await all_of(*(one(s, e) for s, e in pieces)))
