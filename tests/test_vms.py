@@ -255,6 +255,43 @@ async def test_the_receivers_retire_while_qemu_still_loads_the_guest(
     assert managed.receivers == {}
 
 
+async def test_the_disks_swap_while_qemu_still_loads_the_guest_and_only_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source fenced its agents before it asked for the commit: each disk's agent
+    swaps to its Fetch replica while QEMU is still ``inmigrate`` (not after, on the
+    guest's pause). A commit asked again after one that failed (the migration did not
+    arrive in time) does not swap a disk a second time."""
+    seen: list[str] = []
+
+    class Agent:
+        node = "disk0"
+        backend: object = None
+
+        async def swap(self, spec: FetchSpec) -> None:
+            seen.append("swapped")
+
+    async def query(command: str, into: type[Any], **_: Any) -> Any:
+        seen.append("inmigrate")
+        return SimpleNamespace(status="inmigrate")
+
+    async def watch(vm: Any, agent: Any) -> None:
+        await asyncio.Event().wait()  # the replica's watch: until the VM goes
+
+    managed = _managed(tmp_path, VmRole.INCOMING, [cast(AgentProcess, Agent())])
+    monkeypatch.setattr(managed.vm, "query", query)
+    monkeypatch.setattr(incoming, "ARRIVAL_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(incoming, "await_local", watch)
+    fetch = FetchSpec(path=str(tmp_path / "replica"), remote=LocalSpec(path="/img"))
+    for _ in range(2):
+        with pytest.raises(PeerError, match="did not arrive"):
+            await incoming.commit_incoming(managed, {"disk0": fetch})
+    assert seen.count("swapped") == 1
+    assert seen.index("swapped") < seen.index("inmigrate", seen.index("swapped"))
+    assert managed.agent_for("disk0").backend == fetch
+    managed.fetching.pop("disk0").cancel()
+
+
 def test_a_copy_left_behind_says_it_migrated_and_serves_its_disk(tmp_path: Path) -> None:
     serving = AgentProcess(vm="v1", node="disk0", image="/img", run_dir=str(tmp_path))
     serving.pid = os.getpid()  # alive

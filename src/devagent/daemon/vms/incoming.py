@@ -238,22 +238,20 @@ async def commit_incoming(vm: ManagedVm, fetches: dict[str, FetchSpec]) -> dict[
     Fetch replica of the source's disk (``fetch.remote``; ``fetch.path`` is the disk's
     image), seeded with the chunks a push or mirror already landed (``fetch.present``,
     base64 bits: all of them after a precopy), copying the rest in the background; a task
-    watches each become Local (once the source lets it go). Nothing runs the guest before
-    every disk is ready: QEMU was started paused (``-S``)."""
+    watches each become Local (once the source lets it go). The disks are readied while
+    QEMU finishes loading the guest (:func:`_ready_disks`), not after. Nothing runs the
+    guest before every disk is ready and the migration arrived: QEMU was started paused
+    (``-S``)."""
     steps: dict[str, float] = {DestinationStep.COMMIT: time.time()}
-    # The source stopped its pushes before it asked: the receivers retire while QEMU
-    # finishes loading the guest.
-    retiring = asyncio.ensure_future(all_of(*(_retire_receiver(vm, n) for n in list(vm.receivers))))
+    readying = asyncio.ensure_future(_ready_disks(vm, fetches))
     try:
         steps[DestinationStep.ARRIVED] = await _arrival(vm)
-    except BaseException:  # said at once; the receivers retire by themselves
-        retiring.add_done_callback(lambda done: done.cancelled() or done.exception())
+    except BaseException:
+        # The disks' steps end first (a moment, normally): a commit asked again then finds
+        # them done (each disk swaps once), and an abort finds no swap under way.
+        await asyncio.gather(readying, return_exceptions=True)
         raise
-    if retired := await retiring:
-        steps[DestinationStep.RECEIVER_RETIRED] = max(retired)
-    if fetches:
-        swapped = await all_of(*(_swap_to_fetch(vm, n, f) for n, f in fetches.items()))
-        steps[DestinationStep.DISK_SWAPPED] = max(swapped)
+    steps.update(await readying)
     vm.commit_began()  # saved before the guest runs: the point of no return
     try:
         steps.update(await go_live(vm))
@@ -304,10 +302,27 @@ async def _retire_receiver(vm: ManagedVm, node: str) -> float:
     return retired
 
 
+async def _ready_disks(vm: ManagedVm, fetches: dict[str, FetchSpec]) -> dict[str, float]:
+    """The source stopped its pushes and fenced its agents before it asked for the
+    commit: each push's receiver retires, then each disk's agent swaps to its Fetch
+    replica, all while QEMU may still be loading the guest (the agent holds any request
+    QEMU makes meanwhile across its swap, as always). Returns when each step ended."""
+    steps: dict[str, float] = {}
+    if retired := await all_of(*(_retire_receiver(vm, n) for n in list(vm.receivers))):
+        steps[DestinationStep.RECEIVER_RETIRED] = max(retired)
+    if fetches:
+        swapped = await all_of(*(_swap_to_fetch(vm, n, f) for n, f in fetches.items()))
+        steps[DestinationStep.DISK_SWAPPED] = max(swapped)
+    return steps
+
+
 async def _swap_to_fetch(vm: ManagedVm, node: str, spec: FetchSpec) -> float:
     """The chunks the mirror pushed are in disk ``node``'s replica (its receiver wrote
     them): the agent serves them at once and makes them durable in the background.
-    Returns when the agent swapped."""
+    Returns when the agent swapped (at once for a disk an earlier try of the commit
+    swapped already)."""
+    if node in vm.fetching:
+        return time.time()
     agent = vm.agent_for(node)
     await agent.swap(spec)
     swapped = time.time()
