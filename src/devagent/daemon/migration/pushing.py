@@ -113,7 +113,7 @@ class HybridPlan(FetchingPlan):
         RAM's phase grew by more than the push's start took."""
         link = job.request.link_rate_bps
         share = LinkShare(job, link / 8, job.follows_ram) if link else None
-        early = share is not None and prepared.until_listening is not None
+        early = prepared.until_listening is not None
         if share is not None and early:  # the link is the push's alone until QEMU listens
             share.rate = share.link  # there; then RAM first (its start's share)
 

@@ -119,8 +119,7 @@ class LinkShare:
     async def restart(self) -> None:
         """Back to the first rate (a push that had the link to itself before RAM), each push
         told."""
-        self.rate = self._first_rate()
-        await asyncio.gather(*(self._tell(a) for a in self.job.managed.agents))
+        await self._set(self._first_rate())
 
     def of(self, node: str) -> float:
         """Disk ``node``'s push rate now, bytes per second."""
@@ -148,7 +147,11 @@ class LinkShare:
         wanted = push_rate(self.link, ram)
         if abs(wanted - self.rate) < self.rate * CHANGE:
             return
-        self.rate = wanted
+        await self._set(wanted)
+
+    async def _set(self, rate: float) -> None:
+        """The pushes' rate from now on, each push told."""
+        self.rate = rate
         await asyncio.gather(*(self._tell(a) for a in self.job.managed.agents))
 
     async def _tell(self, agent: DiskAgentLink) -> None:
