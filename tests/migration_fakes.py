@@ -107,6 +107,11 @@ class FakeQemu:
         self.migrate_uri: str | None = None  # where ``migrate`` sent RAM
         self.passes = 0  # RAM's dirty-sync-count: one more per query-migrate while active
         self.throttle = 0  # auto-converge's cpu-throttle-percentage while active
+        #: RAM stays active this long after ``migrate`` (its next statuses wait), moving
+        #: ``ram_rate`` bytes per second (``query-migrate``'s bytes transferred).
+        self.ram_for_s = 0.0
+        self.ram_rate = 0.0
+        self.migrated_at = 0.0
 
     @property
     def exited(self) -> bool:
@@ -123,6 +128,9 @@ class FakeQemu:
 
     def _advance(self) -> None:
         if not self.migrating:
+            return
+        if time.monotonic() - self.migrated_at < self.ram_for_s and self.migrating[0] == "active":
+            self.current = "active"  # RAM still moving
             return
         status = self.migrating.pop(0) if len(self.migrating) > 1 else self.migrating[0]
         if status in ("pre-switchover", "completed") and self.status == "running":
@@ -142,6 +150,7 @@ class FakeQemu:
             return {}
         if command == "migrate":
             self.migrate_uri = args.get("uri")
+            self.migrated_at = time.monotonic()
             self.migrating = list(self.statuses)
             if getattr(self, "pauses", False) and "completed" in self.migrating:
                 self.migrating.insert(self.migrating.index("completed"), "pre-switchover")
@@ -156,7 +165,8 @@ class FakeQemu:
             status = getattr(self, "current", "none")
             self.passes += status == "active"
             throttle = self.throttle if status == "active" else 0
-            ram = {"dirty-sync-count": self.passes}
+            moved = int(self.ram_rate * (time.monotonic() - self.migrated_at))
+            ram = {"dirty-sync-count": self.passes, "transferred": moved}
             return {"status": status, "ram": ram, "cpu-throttle-percentage": throttle}
         if command == "migrate-continue":
             self.migrating = [s for s in self.migrating if s != "pre-switchover"] or ["completed"]
@@ -532,6 +542,12 @@ class FakeHost:
             name="a", address="127.0.0.1", shared_dir=None, release=self.release,
             connect=self.connect, keep_disk=self.keep_disk,
         )  # fmt: skip
+
+
+#: A link on which hybrid's push starts before RAM (an early prepare), so that a test of
+#: the push's steps sees them; on 1 Gbit/s it begins only once RAM leaves it room, which
+#: the fake QEMU's RAM (no bytes moved) never does.
+PUSH_LINK = 100 * 10**6
 
 
 def make_job(

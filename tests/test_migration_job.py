@@ -22,11 +22,18 @@ from devagent.agent.messages import FlushAnswer
 from devagent.daemon.migration import ram as ram_module
 from devagent.daemon.migration import running as running_module
 from devagent.daemon.migration.job import Phase
-from devagent.daemon.migration.share import FIXED_SHARE, START_SHARE, copy_batch, pushes_early
+from devagent.daemon.migration.share import (
+    BEGIN_SHARE,
+    FIXED_SHARE,
+    HEADROOM,
+    START_SHARE,
+    copy_batch,
+    pushes_early,
+)
 from devagent.daemon.vms.request import DiskRequest, VmRequest
 from devagent.errors import PeerError, StateError, UsageError
 from devagent.vocab import Step, Strategy
-from migration_fakes import FakeDiskAgent, FakeHost, FakeVm, make_job
+from migration_fakes import PUSH_LINK, FakeDiskAgent, FakeHost, FakeVm, make_job
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +58,7 @@ def moved(vm: FakeVm, host: FakeHost) -> None:
 
 @pytest.mark.parametrize("strategy", list(Strategy))
 async def test_every_strategy_runs_its_steps_in_order(tmp_path: Path, strategy: Strategy) -> None:
-    job, vm, host = make_job(tmp_path, strategy)
+    job, vm, host = make_job(tmp_path, strategy, link_rate_bps=PUSH_LINK)
     await job.run()
     assert job.phase is Phase.COMPLETED, job.report.error
     moved(vm, host)
@@ -97,7 +104,7 @@ async def test_every_strategy_runs_its_steps_in_order(tmp_path: Path, strategy: 
 async def test_a_failure_before_the_switchover_rolls_back(
     tmp_path: Path, strategy: Strategy, where: str, what: str
 ) -> None:
-    job, vm, host = make_job(tmp_path, strategy)
+    job, vm, host = make_job(tmp_path, strategy, link_rate_bps=PUSH_LINK)
     error = PeerError(f"injected at {where}")
     if what.startswith("POST "):
         host.destination.failures[what] = error
@@ -159,6 +166,55 @@ async def test_on_a_slow_link_the_push_has_it_while_the_destinations_qemu_starts
     assert agent.mirrors[0].rate_limit == pytest.approx(link / 8)
     assert agent.rates[0] == pytest.approx(link / 8 * START_SHARE)
     assert pushes_early(link) and not pushes_early(10**9) and not pushes_early(None)
+
+
+async def test_on_a_fast_link_the_push_never_starts_beside_a_ram_that_fills_it(
+    tmp_path: Path,
+) -> None:
+    """At 1 Gbit/s RAM takes the link (QEMU's did, on two cores): hybrid's push does not
+    start beside it, and every chunk is fetched after the switchover."""
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    vm.vm.ram_for_s, vm.vm.ram_rate = 0.6, 110e6  # 110 of the link's 125 MB/s
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    calls = vm.agents[0].calls
+    assert "/mirror" not in calls and "/mirror/stop" not in calls and "/fence" in calls
+    assert not host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]["disk0"].get("present")
+    assert job.report.devices[0].bytes_pushed == 0
+    assert Step.MIRROR_STARTED not in job.report.timeline
+
+
+async def test_on_a_fast_link_the_push_begins_once_ram_leaves_it_room(tmp_path: Path) -> None:
+    """A RAM stream that leaves the link free (a guest of few pages to move) lets the push
+    begin beside it, at what RAM leaves less the headroom; it is stopped at the
+    switchover and hands over what it landed."""
+    link = 10**9
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID, link_rate_bps=link)
+    log = vm.agents[0].everything = vm.vm.commands
+    vm.vm.ram_for_s, vm.vm.ram_rate = 0.6, 1e6  # 1 of the link's 125 MB/s
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    assert log.index("migrate") < log.index("agent /mirror") < log.index("agent /mirror/stop")
+    assert log.index("agent /mirror/stop") < log.index("agent /fence")
+    rate = vm.agents[0].mirrors[0].rate_limit or 0
+    assert link / 8 * BEGIN_SHARE <= rate <= link / 8 * (1 - HEADROOM)
+    timeline = job.report.timeline
+    assert (
+        timeline[Step.RAM_STARTED] <= timeline[Step.MIRROR_STARTED] <= timeline[Step.MIRROR_ENDED]
+    )
+    assert host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]["disk0"]["present"]
+
+
+async def test_a_push_that_fails_as_it_begins_beside_ram_rolls_back(tmp_path: Path) -> None:
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    vm.vm.ram_for_s, vm.vm.ram_rate = 0.6, 1e6
+    vm.agents[0].failures["/mirror"] = PeerError("injected as the push began")
+    await job.run()
+    assert job.phase is Phase.FAILED and "as the push began" in (job.report.error or "")
+    rolled_back(vm, host)
+    calls = vm.agents[0].calls
+    assert "/mirror/cancel" in calls and "/fence" not in calls
+    assert "migrate_cancel" in vm.vm.commands  # before RAM ended
 
 
 @pytest.mark.parametrize("knows_early", [False, None])
@@ -244,7 +300,8 @@ async def test_a_set_of_disks_moves_as_one(tmp_path: Path, strategy: Strategy) -
     """Every disk is prepared on the destination, pushed or mirrored to its own target,
     fenced at the switchover and fetched; the hybrid push shares its part of the link among
     the disks by their size."""
-    job, vm, host = make_job(tmp_path, strategy, vm=disk_set(tmp_path))
+    link = PUSH_LINK if strategy is Strategy.HYBRID else 10**9
+    job, vm, host = make_job(tmp_path, strategy, vm=disk_set(tmp_path), link_rate_bps=link)
     await job.run()
     assert job.phase is Phase.COMPLETED, job.report.error
     moved(vm, host)
@@ -282,9 +339,11 @@ async def test_a_set_of_disks_moves_as_one(tmp_path: Path, strategy: Strategy) -
         assert [getattr(t, "export", None) for t in targets] == [f"receive-{n}" for n in SIZES]
     if strategy is Strategy.HYBRID:
         rates = [a.mirrors[0].rate_limit or 0 for a in vm.agents]
-        push = 10**9 / 8 * START_SHARE  # until the RAM's rate is known (QEMU starting too)
-        assert sum(rates) == pytest.approx(push)
+        assert sum(rates) == pytest.approx(link / 8)  # the whole link while QEMU starts there
         assert rates[1] == pytest.approx(2 * rates[0]) and rates[0] == pytest.approx(2 * rates[2])
+        told = [a.rates[0] or 0 for a in vm.agents]  # RAM's start: RAM first
+        assert sum(told) == pytest.approx(link / 8 * START_SHARE)
+        assert told[1] == pytest.approx(2 * told[0]) and told[0] == pytest.approx(2 * told[2])
         present = commit["fetches"]
         assert all(present[n]["present"] for n in SIZES)  # what each push landed
 
@@ -657,7 +716,7 @@ async def test_a_roll_back_ends_the_disk_copy_in_its_plan_s_order(
 
 
 async def test_a_roll_back_that_cannot_resume_the_guest_says_so(tmp_path: Path) -> None:
-    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID, link_rate_bps=PUSH_LINK)
     vm.agents[0].failures["/mirror/stop"] = PeerError("agent gone")
     vm.vm.failures["cont"] = PeerError("QEMU said no")
     await job.run()

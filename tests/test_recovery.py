@@ -45,7 +45,7 @@ from devagent.qemu.config import DiskSpec, VmConfig
 from devagent.qemu.vm import Vm, VmState
 from devagent.report import MigrationReport
 from devagent.vocab import Step, Strategy
-from migration_fakes import FakeHost, FakeVm, make_job
+from migration_fakes import PUSH_LINK, FakeHost, FakeVm, make_job
 
 PRESENT = "/w=="  # the chunks a hybrid push landed, as the switchover handed them over
 
@@ -63,7 +63,7 @@ def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_the_record_is_saved_before_each_phase_move_and_goes_once_settled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    job, vm, _ = make_job(tmp_path, Strategy.HYBRID)
+    job, vm, _ = make_job(tmp_path, Strategy.HYBRID, link_rate_bps=PUSH_LINK)
     seen: list[tuple[Phase, Phase, MigrationRecord | None]] = []
     save = job_module.save_record
 

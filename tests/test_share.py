@@ -96,3 +96,51 @@ async def test_a_job_that_does_not_follow_ram_keeps_a_fixed_share() -> None:
     await linked.stop()
     assert linked.of("disk0") == pytest.approx(LINK * share.FIXED_SHARE)
     assert agent.rates == []
+
+
+async def test_a_push_that_waits_for_room_begins_once_ram_leaves_it_and_only_once() -> None:
+    """On a fast link the push starts only once RAM leaves it :data:`share.BEGIN_SHARE` of
+    the link: not before RAM moves, not beside a RAM stream that fills the link; then at
+    what RAM leaves, and the agents are told its changes only once it has started."""
+    now = [0.0]
+    agent = FakeDiskAgent("disk0")
+    job = Job(managed=Owner([agent]), disk_sizes={"disk0": 1 << 30})
+    linked = LinkShare(job, LINK, follows_ram=True, clock=lambda: now[0])  # type: ignore[arg-type]
+    started: list[float] = []
+    going = asyncio.Event()
+
+    async def begin() -> None:
+        started.append(linked.of("disk0"))
+        await going.wait()
+
+    linked.start(begin)
+    await linked.stop()  # its follower stopped: the test takes each look itself
+
+    async def tick(ram_rate: float) -> None:
+        await linked.adjust()
+        await asyncio.sleep(0)  # a start begun runs
+        now[0] += share.EVERY_S
+        job.progress.ram_transferred += int(ram_rate * share.EVERY_S)
+
+    await tick(0)  # RAM has not moved: its rate unknown
+    for _ in range(5):  # RAM takes 110 of the 125 MB/s
+        await tick(110e6)
+    assert started == [] and not linked.pushing and linked.begun is None
+    for _ in range(5):  # RAM slows to 10 MB/s: room for the push
+        await tick(10e6)
+    assert len(started) == 1  # at the first look that saw room: what RAM left then
+    assert LINK * share.BEGIN_SHARE <= started[0] <= LINK * (1 - share.HEADROOM) - 10e6
+    assert not linked.pushing  # still starting: nobody told a rate
+    await tick(110e6)
+    await tick(110e6)
+    assert agent.rates == [] and len(started) == 1
+    stopping = asyncio.create_task(linked.stop())
+    await asyncio.sleep(0.01)
+    assert not stopping.done()  # the stop waits for the start begun
+    going.set()
+    await stopping
+    assert linked.pushing and len(started) == 1
+    for _ in range(4):  # started: told what RAM leaves from now on
+        await tick(10e6)
+    assert agent.rates[-1] == pytest.approx(LINK * (1 - share.HEADROOM) - 10e6)
+    assert len(started) == 1

@@ -4,8 +4,8 @@ switchover (the plans' table: :mod:`.plans`):
 ``precopy``  a mirror makes each replica complete before RAM moves (started as soon as the
              destination's receivers serve, its QEMU still starting), then writes go to
              both copies until the switchover cuts it over;
-``hybrid``   a push starts before RAM and runs beside it on what RAM leaves of the link
-             (:mod:`.share`);
+``hybrid``   a push runs beside RAM on what RAM leaves of the link (:mod:`.share`): on a
+             slow link it starts before RAM, on a fast one only once RAM leaves it room;
              the switchover stops it and hands the destination the bitmap of what it
              landed; the rest is fetched after.
 """
@@ -26,6 +26,7 @@ from devagent.daemon.migration.plans import (
     Handover,
     Prepared,
     each_disk,
+    raise_failure,
 )
 from devagent.daemon.migration.share import FIXED_SHARE, LinkShare, copy_batch, disk_link_rate
 from devagent.errors import PeerError
@@ -105,17 +106,35 @@ class HybridPlan(FetchingPlan):
         return max(1, int(job.request.link_rate_bps / 8 * (1 - FIXED_SHARE)))
 
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
-        """The push starts before RAM: on a slow link as soon as the destination's
-        receivers serve, with the whole link while QEMU starts there (an early prepare,
-        :func:`.share.pushes_early`); on a fast one once that QEMU is ready, as beside its
-        start the push delayed it 30-70 ms (the matrix of 2026-12-06), and RAM with it.
-        Not beside RAM's start: each dialling the destination at once, on two cores,
-        RAM's phase grew by more than the push's start took."""
+        """On a slow link the push starts as soon as the destination's receivers serve,
+        with the whole link while QEMU starts there (an early prepare,
+        :func:`.share.pushes_early`). On a fast one it waits: beside that QEMU's start it
+        delayed it 30-70 ms (the matrix of 2026-12-06), and beside RAM's start (each
+        dialling the destination at once) RAM's phase grew by more than the push's start
+        took; it begins once RAM leaves it room (:data:`.share.BEGIN_SHARE`), if ever.
+        Where the link's rate is not known, or RAM's not followed, it starts before RAM."""
         link = job.request.link_rate_bps
         share = LinkShare(job, link / 8, job.follows_ram) if link else None
         early = prepared.until_listening is not None
+        if share is not None and share.follows_ram and not early:
+            self.share = share
+            await prepared.listening()
+            share.start(begin=lambda: self._push(job, prepared, share))
+            return await super().before_ram(job, prepared)
         if share is not None and early:  # the link is the push's alone until QEMU listens
             share.rate = share.link  # there; then RAM first (its start's share)
+        await self._push(job, prepared, share)
+        if share is not None:
+            self.share = share
+        await prepared.listening()
+        if share is not None:
+            if early:
+                await share.restart()
+            share.start()
+        await super().before_ram(job, prepared)
+
+    async def _push(self, job: DiskJob, prepared: Prepared, share: LinkShare | None) -> None:
+        """Each disk's push started, at its part of ``share``'s rate (unlimited without)."""
 
         def push(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
             return agent.mirror(MirrorRequest(  # small copies: the switchover waits for those
@@ -127,14 +146,11 @@ class HybridPlan(FetchingPlan):
 
         await each_disk(job, push)
         job.mark(Step.MIRROR_STARTED)
-        if share is not None:
-            self.share = share
-        await prepared.listening()
-        if share is not None:
-            if early:
-                await share.restart()
-            share.start()
-        await super().before_ram(job, prepared)
+
+    def check_beside_ram(self) -> None:
+        super().check_beside_ram()
+        if self.share is not None:
+            raise_failure(self.share.begun)  # a push that began beside RAM and failed
 
     async def roll_back(self, job: JobView) -> None:
         if self.share is not None:
@@ -144,7 +160,11 @@ class HybridPlan(FetchingPlan):
     async def at_switchover(self, job: DiskJob) -> Handover:
         if self.share is not None:
             await self.share.stop()
+            raise_failure(self.share.begun)
         await super().at_switchover(job)
+        if self.share is not None and not self.share.pushing:  # RAM left it no room
+            pushed_bytes(job, dict.fromkeys(job.disk_sizes, 0))
+            return Handover()  # every chunk fetched
         stopped = await each_disk(job, lambda agent: agent.stop_mirror())
         job.mark(Step.MIRROR_ENDED)
         pushed_bytes(job, {node: s.mirror.sent_bytes for node, s in stopped.items()})

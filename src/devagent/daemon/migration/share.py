@@ -4,10 +4,13 @@ what RAM leaves, measured as it goes.
 The RAM decides the switchover, so it may take the whole link (its bandwidth is the link's
 rate). On a link no faster than :data:`EARLY_PUSH_MAX_BPS` the push starts while the
 destination's QEMU starts (an early prepare) and has the whole link until RAM starts: there
-the link, not the two cores, bounds the migration, and it would idle. From RAM's start (on
-a faster link, from its own start, once the destination's QEMU listens) the push has
-:data:`START_SHARE` of the link, and stays there until RAM has moved its first bytes
-(before that nothing is known of it); then every :data:`EVERY_S` the RAM's rate over the
+the link, not the two cores, bounds the migration, and it would idle. From RAM's start the
+push has :data:`START_SHARE` of the link, and stays there until RAM has moved its first
+bytes (before that nothing is known of it). On a faster link the push does not start
+before RAM: it begins only once RAM leaves it :data:`BEGIN_SHARE` of the link, and not at
+all if RAM fills the link until the switchover (beside such a RAM stream a push gains
+nothing, and its start and its copies cost RAM's phase more than the bytes they move).
+Every :data:`EVERY_S` the RAM's rate over the
 last :data:`WINDOW_S` (``query-migrate``'s bytes transferred, which
 the RAM follower keeps in the job's progress) sets the push to what is left, less
 :data:`HEADROOM` of the link so that a RAM stream that could go faster finds room to, and
@@ -31,7 +34,8 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS
 from devagent.daemon.migration.context import DiskAgentLink, DiskJob
@@ -47,6 +51,11 @@ START_SHARE = 0.02
 FLOOR_SHARE = 0.02
 HEADROOM = 0.5  # of the link, left free for the RAM to grow into (and its CPU)
 FIXED_SHARE = 0.25  # where the RAM's rate is not followed
+#: Of the link, what RAM must leave before a push that did not start early begins. At
+#: 1 Gbit/s on two cores QEMU's RAM took 85-110 MB/s of the 125 and the push had its 2 %
+#: floor: 1.5-2 MB pushed (of a disk fetched after all the same), for a RAM phase 30-60 ms
+#: longer and 15-25 ms more before RAM started (the matrices of 2026-12-06).
+BEGIN_SHARE = 0.1
 #: The fastest link on which the push starts before the destination's QEMU listens. At
 #: 1 Gbit/s it delayed that QEMU by 30-70 ms (CPU), and RAM with it; at 100 Mbit/s the link
 #: idled those 0.08-0.14 s.
@@ -112,6 +121,9 @@ class LinkShare:
         self.parts = {node: size / total for node, size in job.disk_sizes.items()}
         self.rate = self._first_rate()
         self._task: asyncio.Task[None] | None = None
+        self._begin: Callable[[], Coroutine[Any, Any, None]] | None = None
+        #: The start of a push that waited for room (:meth:`start`), once begun.
+        self.begun: asyncio.Task[None] | None = None
 
     def _first_rate(self) -> float:
         return push_rate(self.link, None) if self.follows_ram else self.link * FIXED_SHARE
@@ -125,16 +137,34 @@ class LinkShare:
         """Disk ``node``'s push rate now, bytes per second."""
         return max(1.0, self.rate * self.parts.get(node, 0.0))
 
-    def start(self) -> None:
+    @property
+    def pushing(self) -> bool:
+        """The push runs: started before RAM, or begun and started."""
+        if self._begin is None:
+            return True
+        begun = self.begun
+        return begun is not None and begun.done() and not begun.cancelled() and (
+            begun.exception() is None
+        )  # fmt: skip
+
+    def start(self, begin: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+        """Follow RAM's rate (a job that follows it). With ``begin`` the push has not
+        started: ``begin`` starts it, once, when RAM leaves it :data:`BEGIN_SHARE` of the
+        link (:attr:`begun`), and never if RAM fills the link until :meth:`stop`."""
+        self._begin = begin
         if self.follows_ram:
             self._task = asyncio.get_running_loop().create_task(self._follow())
 
     async def stop(self) -> None:
+        """No more changes; a push's start already begun, waited for (its failure is the
+        caller's to read in :attr:`begun`)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self.begun is not None:
+            await asyncio.wait([self.begun])
 
     async def _follow(self) -> None:
         while True:
@@ -145,6 +175,12 @@ class LinkShare:
         """One look at the RAM's progress; each push told its new rate if it moved."""
         ram = self.meter.read(self.job.progress.ram_transferred or 0)
         wanted = push_rate(self.link, ram)
+        if not self.pushing:
+            room = ram is not None and wanted >= self.link * BEGIN_SHARE
+            if room and self._begin is not None and self.begun is None:
+                self.rate = wanted  # what the push starts at
+                self.begun = asyncio.get_running_loop().create_task(self._begin())
+            return
         if abs(wanted - self.rate) < self.rate * CHANGE:
             return
         await self._set(wanted)
