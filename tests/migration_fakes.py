@@ -258,6 +258,7 @@ class FakeDiskAgent:
         self.rates: list[float | None] = []  # each /mirror/rate, in order
         self.everything: list[str] | None = None  # a log shared with the QEMU fake, in order
         self.fenced = False
+        self.zeroes = ""  # the fence's answer: the disk's holes, as base64 bits
 
     def _called(self, route: str) -> None:
         self.calls.append(route)
@@ -283,7 +284,7 @@ class FakeDiskAgent:
     async def fence(self) -> FenceAnswer:
         self._called("/fence")
         self.fenced = True
-        return FenceAnswer(fenced=True, dropped=0)
+        return FenceAnswer(fenced=True, dropped=0, zeroes=self.zeroes)
 
     async def unfence(self) -> UnfenceAnswer:
         self._called("/unfence")

@@ -8,10 +8,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from agent_fakes import read_bytes
 from devagent.agent import backend as backend_module
 from devagent.agent.backend import BackendError, Extent, Local, nbd_errno
+from devagent.agent.presence import bits_to_chunks, span_bits
 from devagent.nbd.proto import Errno
 
 MiB = 1 << 20
@@ -64,6 +67,39 @@ async def test_block_status_from_seek_data_and_hole(local: Local) -> None:
         Extent(5 * MiB, hole=True, zero=True),
     ]
     assert await local.block_status(2 * MiB + 4096, 4096) == [Extent(4096)]
+
+
+async def test_the_chunks_wholly_in_holes_are_the_ones_that_read_zeroes(tmp_path: Path) -> None:
+    """A fenced disk's holes, as bits of chunks (the switchover's hand-over): a chunk with any
+    data is not one, the file's short last chunk is when it is a hole; a scan out of time
+    says nothing; a block device has none known."""
+    chunk = 64 << 10
+    path = tmp_path / "disk.img"
+    with path.open("wb") as f:
+        f.truncate(10 * chunk + 1000)  # chunk 10: 1000 bytes
+        f.seek(2 * chunk + 5)
+        f.write(b"x")  # chunk 2
+        f.seek(6 * chunk - 2)
+        f.write(b"yyyy")  # chunks 5 and 6
+    backend = Local(path)
+    try:
+        bits = await backend.zero_chunks(chunk, budget_s=1.0)
+        assert bits_to_chunks(bits, 11) == [0, 1, 3, 4, 7, 8, 9, 10] and len(bits) == 2
+        assert await backend.zero_chunks(chunk, budget_s=0) == bytes(2)
+        backend._is_block = True
+        assert await backend.zero_chunks(chunk, budget_s=1.0) == bytes(2)
+    finally:
+        await backend.close()
+
+
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 300))), st.integers(1, 300))
+def test_span_bits_sets_the_chunks_of_each_span_and_no_other(
+    spans: list[tuple[int, int]], chunks: int
+) -> None:
+    spans = [(first, min(stop, chunks)) for first, stop in spans]  # (some empty)
+    bits = span_bits(spans, chunks)
+    assert len(bits) == -(-chunks // 8)
+    assert bits_to_chunks(bits, chunks) == sorted({c for a, b in spans for c in range(a, b)})
 
 
 async def test_trim_and_write_zeroes_read_back_zero(local: Local) -> None:

@@ -4,6 +4,7 @@ bad field's path, 409s from the hold's, the mirror job's and the agent's state t
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -113,7 +114,10 @@ async def test_a_mirror_job_from_start_to_cancel(rig: tuple[TestClient, BlockAge
 async def test_fence_is_a_state_of_the_agent(rig: tuple[TestClient, BlockAgent, Path]) -> None:
     client, agent, tmp_path = rig
     answer = await (await client.post("/fence")).json()
-    assert answer == {"fenced": True, "dropped": 0} and agent.state is AgentState.FENCED
+    assert answer["fenced"] is True and answer["dropped"] == 0
+    assert agent.state is AgentState.FENCED
+    chunks = SIZE // answer["chunk_size"]  # the disk's holes: none, it was written whole
+    assert base64.b64decode(answer["zeroes"]) == bytes(-(-chunks // 8))
     assert not (tmp_path / "disk.sock").exists()
     with pytest.raises(StateError, match="is fenced: cannot listen on a unix socket"):
         await agent.listen_unix(tmp_path / "again.sock")

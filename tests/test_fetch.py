@@ -19,7 +19,13 @@ from devagent.agent.backend import Backend, BackendError, Extent
 from devagent.agent.chunks import MIN_ZERO_SKIP, Pacer, data_parts
 from devagent.agent.copier import SPARSE_PROBE, SPARSE_SPAN, ZERO_RUN_CHUNKS
 from devagent.agent.fetch import Fetch
-from devagent.agent.presence import HEADER_SIZE, PresenceMap, bits_to_chunks, presence_path
+from devagent.agent.presence import (
+    HEADER_SIZE,
+    PresenceMap,
+    bits_to_chunks,
+    presence_path,
+    span_bits,
+)
 from devagent.errors import UsageError
 from devagent.nbd.proto import Errno
 
@@ -839,6 +845,36 @@ async def test_a_seed_given_as_bits_is_the_seed_given_as_chunks(tmp_path: Path) 
         assert presence_path(replica).read_bytes()[HEADER_SIZE:] == bytes(2)
         await fetch.flush()
         assert presence_path(replica).read_bytes()[HEADER_SIZE:] == bytes([0b10000101, 0b11])
+    finally:
+        await fetch.close()
+
+
+async def test_chunks_that_read_zeroes_on_both_sides_are_present_without_a_fetch(
+    tmp_path: Path,
+) -> None:
+    """The source's holes at the switchover (``zeroes``) are present at once where the
+    replica has a hole too (a fresh sparse file); where the replica holds data (a crash's
+    leftover, or a push's write the source then trimmed) they are fetched as any absent
+    chunk. A push's seed is present beside them."""
+    size, chunk = 8 * 65536, 65536
+    data = bytearray(size)
+    data[3 * chunk : 3 * chunk + 10] = b"D" * 10
+    source = FakeRemote(data)
+    replica = tmp_path / "replica.img"
+    with replica.open("wb") as f:
+        f.truncate(size)
+        f.seek(3 * chunk)
+        f.write(b"D" * 10)  # chunk 3 pushed
+        f.seek(5 * chunk)
+        f.write(b"M" * 100)  # chunk 5: a leftover
+    zeroes = span_bits([(0, 3), (4, 8)], 8)
+    fetch = Fetch(replica, source, chunk_size=chunk, seed=[3], zeroes=zeroes)
+    try:
+        assert fetch.present_bytes == 7 * chunk  # all but chunk 5
+        assert await fetch.read(0, 5 * chunk) == bytes(data[: 5 * chunk])
+        assert source.reads == []
+        assert await fetch.read(5 * chunk, chunk) == bytes(chunk)  # fetched: the leftover gone
+        assert source.reads
     finally:
         await fetch.close()
 

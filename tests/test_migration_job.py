@@ -184,6 +184,28 @@ async def test_on_a_fast_link_the_push_never_starts_beside_a_ram_that_fills_it(
     assert Step.MIRROR_STARTED not in job.report.timeline
 
 
+@pytest.mark.parametrize(
+    ("strategy", "link", "carried"),
+    [(Strategy.POSTCOPY, 10**9, True), (Strategy.HYBRID, 10**9, True),
+     (Strategy.HYBRID, PUSH_LINK, False)],  # (the fake push's chunks: 256 KiB)
+)  # fmt: skip
+async def test_the_disks_holes_at_the_fence_go_with_the_commit(
+    tmp_path: Path, strategy: Strategy, link: int, carried: bool
+) -> None:
+    """Each disk's holes, as its agent answered the fence (the disk can no longer change),
+    go to the destination with its fetch: those chunks need no fetch there. Not where the
+    hand-over counts other chunks than the fence's."""
+    job, vm, host = make_job(tmp_path, strategy, vm=disk_set(tmp_path), link_rate_bps=link)
+    for number, agent in enumerate(vm.agents):
+        agent.zeroes = base64.b64encode(bytes([number + 1])).decode()
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    fetches = host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]
+    given = [fetches[node].get("zeroes", "") for node in SIZES]
+    assert given == ([a.zeroes for a in vm.agents] if carried else ["", "", ""])
+    assert (fetches["disk0"]["chunk_size"] == FETCH_CHUNK) is carried
+
+
 async def test_on_a_fast_link_the_push_begins_once_ram_leaves_it_room(tmp_path: Path) -> None:
     """A RAM stream that leaves the link free (a guest of few pages to move) lets the push
     begin beside it, at what RAM leaves less the headroom; it is stopped at the

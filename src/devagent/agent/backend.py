@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from devagent.agent.presence import span_bits
 from devagent.agent.space import HOLD_S as SPACE_HOLD_S
 from devagent.agent.space import RETRY_S as SPACE_RETRY_S
 from devagent.agent.space import SpaceHold, is_space_error
@@ -471,6 +472,40 @@ class Local(Backend):
         if self._is_block:
             return [Extent(length)]
         return await self._run("block_status", lambda: self._scan(offset, length))
+
+    async def zero_chunks(self, chunk_size: int, budget_s: float) -> bytes:
+        """Bits (chunk ``i``: bit ``i & 7`` of byte ``i >> 3``) of the ``chunk_size`` chunks
+        wholly in a hole of the file: they read zeroes. Scanned from the start for
+        ``budget_s`` at most (past it, in a file of very many extents, nothing is set: not
+        known); none of a block device."""
+        chunks = -(-self._size // chunk_size)
+
+        def scan() -> bytes:
+            deadline, spans, pos = time.monotonic() + budget_s, [], 0
+            window = chunk_size * 4096  # chunk-aligned: a hole across windows loses nothing
+            while pos < self._size and time.monotonic() < deadline:
+                length = min(window, self._size - pos)
+                spans += self.hole_chunks(pos, length, chunk_size)
+                pos += length
+            return span_bits(spans, chunks)
+
+        return await self._run("zero_chunks", scan)
+
+    def hole_chunks(self, offset: int, length: int, chunk_size: int) -> list[tuple[int, int]]:
+        """The ``[first, stop)`` spans of the ``chunk_size`` chunks of the range that lie
+        wholly in a hole of the file (its short last chunk too); none of a block device.
+        It blocks (an ``lseek`` or two per extent): in a pool thread, or a few at a
+        replica's start."""
+        if self._is_block:
+            return []
+        spans, pos = [], offset
+        for extent in self._scan(offset, length):
+            end = pos + extent.length
+            if extent.hole:
+                stop = -(-end // chunk_size) if end == self._size else end // chunk_size
+                spans.append((-(-pos // chunk_size), stop))
+            pos = end
+        return spans
 
     def _scan(self, offset: int, length: int) -> list[Extent]:
         end = offset + length

@@ -86,7 +86,10 @@ class FetchSpec(msgspec.Struct, tag="fetch", tag_field="kind", forbid_unknown_fi
     then_local: bool = False
     copy_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = COPY_WORKERS
     copy_batch: int = COPY_BATCH
-    present: str = ""
+    present: str = ""  # base64 bits: chunks already in the replica (a push's)
+    #: Base64 bits: chunks that read zeroes on the remote (its holes, once it can no longer
+    #: change): present without a fetch where the replica reads zeroes too.
+    zeroes: str = ""
 
     def __post_init__(self) -> None:
         size = self.chunk_size
@@ -95,13 +98,22 @@ class FetchSpec(msgspec.Struct, tag="fetch", tag_field="kind", forbid_unknown_fi
         if not size <= self.copy_batch <= 32 << 20:
             raise ValueError(f"copy_batch: chunk_size..32 MiB, got {self.copy_batch}")
         self.present_bits()
+        self.zero_bits()
 
     def present_bits(self) -> bytes:
         """``present``, decoded."""
-        try:
-            return base64.b64decode(self.present, validate=True)
-        except (binascii.Error, ValueError) as err:
-            raise ValueError(f"present: not base64 bits: {err}") from None
+        return _bits("present", self.present)
+
+    def zero_bits(self) -> bytes:
+        """``zeroes``, decoded."""
+        return _bits("zeroes", self.zeroes)
+
+
+def _bits(name: str, text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise ValueError(f"{name}: not base64 bits: {err}") from None
 
 
 BackendSpec = LocalSpec | RemoteSpec | FetchSpec
@@ -308,8 +320,14 @@ class FlushAnswer(msgspec.Struct):
 
 
 class FenceAnswer(msgspec.Struct):
+    """``POST /fence``: the connections dropped, and the chunks of ``chunk_size`` that read
+    zeroes now (the disk's holes, as base64 bits; none known: empty), which the
+    destination need not fetch."""
+
     fenced: bool
     dropped: int
+    chunk_size: int = FETCH_CHUNK
+    zeroes: str = ""
 
 
 class UnfenceAnswer(msgspec.Struct):

@@ -34,7 +34,7 @@ import base64
 import logging
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from devagent.errors import UsageError
@@ -190,6 +190,25 @@ class PresenceMap:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def span_bits(spans: Iterable[tuple[int, int]], chunks: int) -> bytes:
+    """Bits with the chunks of each ``[first, stop)`` span set (an empty one, ``stop <=
+    first``, sets none), whole bytes at a time."""
+    bits = bytearray(-(-chunks // 8))
+    for first, stop in spans:
+        if stop <= first:
+            continue
+        while first < stop and first & 7:
+            bits[first >> 3] |= 1 << (first & 7)
+            first += 1
+        whole = (stop - first) >> 3
+        bits[first >> 3 : (first >> 3) + whole] = b"\xff" * whole
+        first += whole << 3
+        while first < stop:
+            bits[first >> 3] |= 1 << (first & 7)
+            first += 1
+    return bytes(bits)
 
 
 def every_chunk(chunks: int) -> str:

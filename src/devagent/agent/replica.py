@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from devagent.agent.chunks import (
 )
 from devagent.agent.defaults import COPY_BATCH, COPY_WORKERS
 from devagent.agent.messages import FetchStatus
-from devagent.agent.presence import PresenceMap, bits_to_chunks, presence_path
+from devagent.agent.presence import PresenceMap, bits_to_chunks, presence_path, span_bits
 from devagent.agent.spill import Spill
 from devagent.errors import UsageError
 from devagent.wait import all_of
@@ -74,6 +75,7 @@ class Replica(Backend):
         sync_batch: int = 256,
         sync_interval: float = 1.0,
         seed: Sequence[int] | bytes = (),
+        zeroes: bytes = b"",
     ) -> None:
         if chunk_size < 4096 or chunk_size & (chunk_size - 1) or chunk_size > FETCH_MAX:
             raise UsageError(f"chunk size must be a power of two in 4 KiB..8 MiB: {chunk_size}")
@@ -111,23 +113,44 @@ class Replica(Backend):
         self.log = log.getChild(self.path.name)
         self.spill = Spill(self.path, chunk_size, self.log)  # the state while it has no room
         self._remote_flush = asyncio.Lock()  # one flush of spilled writes at a time
-        self._seed(seed, fresh)
+        self._seed(seed, fresh, zeroes)
 
-    def _seed(self, seed: Sequence[int] | bytes, fresh: bool) -> None:
-        if self._map.new and seed:
-            # Chunks some other means put in the replica already (a mirror's push before a
-            # switchover): present now, durable after the next sync, exactly like fetched
-            # ones. Only into a new bitmap: a restarted agent trusts what its file says.
-            # Given as bits, they are marked a byte at a time (the guest waits for this).
-            if isinstance(seed, bytes):
-                self._map.mark_present_bits(seed)
-                self._fetched(bits_to_chunks(seed, self._map.n_chunks))
-            else:
-                self._mark_fetched([c for c in seed if 0 <= c < self._map.n_chunks])
-        counts = (self._map.count, self._map.n_chunks, " (new)" if fresh else "")
+    def _seed(self, seed: Sequence[int] | bytes, fresh: bool, zeroes: bytes) -> None:
+        """Chunks some other means put in the replica already (``seed``: a mirror's push
+        before a switchover), and those that read zeroes on both sides (``zeroes``, the
+        remote's holes, where the replica has a hole too): present now, durable after the
+        next sync, exactly like fetched ones. Only into a new bitmap: a restarted agent
+        trusts what its file says. Marked a byte at a time (the guest waits for this)."""
+        n_chunks, zero_count = self._map.n_chunks, 0
+        if self._map.new and (seed or zeroes):
+            bits = seed if isinstance(seed, bytes) else span_bits(
+                ((c, c + 1) for c in seed if 0 <= c < n_chunks), n_chunks
+            )  # fmt: skip
+            if zeroes:
+                both = self._zeroes_here_too(zeroes)
+                zero_count = int.from_bytes(both, "little").bit_count()
+                bits = bytes(a | b for a, b in zip_longest(bits, both, fillvalue=0))
+            self._map.mark_present_bits(bits)
+            self._fetched(bits_to_chunks(bits, n_chunks))
+        counts = (self._map.count, n_chunks, zero_count, " (new)" if fresh else "")
         self.log.info(
-            "replica %s of %r: %d of %d chunks present%s", self.path, self.remote, *counts
-        )
+            "replica %s of %r: %d of %d chunks present (%d as zeroes on both sides)%s",
+            self.path, self.remote, *counts,
+        )  # fmt: skip
+
+    def _zeroes_here_too(self, zeroes: bytes) -> bytes:
+        """Of the chunks set in ``zeroes``, those wholly in a hole of the replica (a fresh
+        sparse file's are; one some push wrote into is not), as bits: a look at the file
+        per run of them (one where the run is all hole)."""
+        size, step = self._size, self.chunk_size
+        spans = [
+            span
+            for first, last in runs(bits_to_chunks(zeroes, self._map.n_chunks))
+            for span in self._local.hole_chunks(
+                first * step, min((last + 1) * step, size) - first * step, step
+            )
+        ]
+        return span_bits(spans, self._map.n_chunks)
 
     def __repr__(self) -> str:
         return f"Fetch({str(self.path)!r}, {self.remote!r})"

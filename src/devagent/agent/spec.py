@@ -84,6 +84,7 @@ async def open_backend(spec: BackendSpec, *, current: Backend | None = None) -> 
             copy_workers=spec.copy_workers,
             copy_batch=spec.copy_batch,
             seed=spec.present_bits(),
+            zeroes=spec.zero_bits(),
         )
     except OSError as err:  # its replica or presence file (a read-only space, say)
         if taken is None:

@@ -97,6 +97,9 @@ class FetchPlan(msgspec.Struct, omit_defaults=True):
     chunk_size: Positive
     present: str = ""  # base64 bits: chunks a push already landed in the replica
     copy_batch: Positive | None = None
+    #: Base64 bits: chunks that read zeroes on the source at the switchover (its holes):
+    #: present without a fetch where the replica reads zeroes too.
+    zeroes: str = ""
 
     def spec(self, path: str) -> FetchSpec:
         """The agent's backend for the replica at ``path``: fetched; served as Local once
@@ -104,7 +107,7 @@ class FetchPlan(msgspec.Struct, omit_defaults=True):
         then a replica whose space fails spills to the source, which keeps the disk."""
         spec = FetchSpec(
             path=path, remote=self.remote.spec(), chunk_size=self.chunk_size,
-            copier=True, present=self.present,
+            copier=True, present=self.present, zeroes=self.zeroes,
         )  # fmt: skip
         if self.copy_batch is not None:
             spec.copy_batch = self.copy_batch

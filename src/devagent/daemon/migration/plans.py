@@ -44,7 +44,7 @@ from typing import ClassVar, TypeVar
 import msgspec
 
 from devagent.agent.defaults import FETCH_CHUNK
-from devagent.agent.messages import FetchStatus, LocalStatus
+from devagent.agent.messages import FenceAnswer, FetchStatus, LocalStatus
 from devagent.api_types import Devices, DiskRow
 from devagent.daemon.migration.context import DiskAgentLink, DiskJob, JobView, ReplicaProgress
 from devagent.daemon.migration.messages import (
@@ -272,6 +272,7 @@ class AgentPlan(Plan):
         return (await agent.status()).size
 
     early_flush: asyncio.Task[None] | None = None
+    fenced: dict[str, FenceAnswer] | None = None  # by node, once fenced
 
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
         """Nothing: RAM starts at once (the disks' flush waits for it: :meth:`ram_active`)."""
@@ -301,8 +302,9 @@ class AgentPlan(Plan):
         return from_peer(raw, CommitAnswer, what="the destination's commit")
 
     async def fence(self, job: DiskJob) -> None:
+        """Each disk fenced; what each answered (its holes) kept for the commit."""
         if self.moves_disk:
-            await each_disk(job, lambda agent: agent.fence())
+            self.fenced = await each_disk(job, lambda agent: agent.fence())
             job.mark(Step.SOURCE_FENCED)
 
     async def roll_back(self, job: JobView) -> None:
@@ -361,12 +363,14 @@ class FetchingPlan(AgentPlan):
         chunk = handover.chunk_size if handover is not None else FETCH_CHUNK
         present = handover.present if handover is not None else {}
         share = disk_link_rate(job)
+        fenced = self.fenced or {}
         fetches = {
             node: FetchPlan(
                 remote=source,
                 chunk_size=chunk,
                 present=present.get(node, ""),
                 copy_batch=copy_batch(share, chunk),
+                zeroes=_zeroes(fenced.get(node), chunk),
             )
             for node, source in job.source_disks.items()
         }
@@ -508,6 +512,11 @@ async def _flush_each(job: DiskJob) -> None:
     except DevagentError as err:  # said now: a roll-back does not wait for it
         log.warning("flushing the disks as RAM moved failed: %s", err)
         raise
+
+
+def _zeroes(fenced: FenceAnswer | None, chunk_size: int) -> str:
+    """The chunks a fenced disk reads as zeroes, if counted in ``chunk_size`` chunks."""
+    return fenced.zeroes if fenced is not None and fenced.chunk_size == chunk_size else ""
 
 
 def raise_failure(task: asyncio.Task[None] | None) -> None:

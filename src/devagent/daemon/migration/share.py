@@ -52,10 +52,11 @@ FLOOR_SHARE = 0.02
 HEADROOM = 0.5  # of the link, left free for the RAM to grow into (and its CPU)
 FIXED_SHARE = 0.25  # where the RAM's rate is not followed
 #: Of the link, what RAM must leave before a push that did not start early begins. At
-#: 1 Gbit/s on two cores QEMU's RAM took 85-110 MB/s of the 125 and the push had its 2 %
-#: floor: 1.5-2 MB pushed (of a disk fetched after all the same), for a RAM phase 30-60 ms
-#: longer and 15-25 ms more before RAM started (the matrices of 2026-12-06).
-BEGIN_SHARE = 0.1
+#: 1 Gbit/s on two cores QEMU's RAM took most of the 125 MB/s and the push had its 2 %
+#: floor: 1.5-7 MB pushed, for a RAM phase about 45 ms longer and RAM's start 13-32 ms
+#: later (the matrices of 2026-12-06). An idle guest's RAM (mostly zero pages) dips below
+#: half the link for a moment: a push begun then moved 4 MB and cost RAM's phase 45 ms.
+BEGIN_SHARE = 0.25
 #: The fastest link on which the push starts before the destination's QEMU listens. At
 #: 1 Gbit/s it delayed that QEMU by 30-70 ms (CPU), and RAM with it; at 100 Mbit/s the link
 #: idled those 0.08-0.14 s.
