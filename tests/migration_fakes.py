@@ -165,7 +165,8 @@ class FakeQemu:
             status = getattr(self, "current", "none")
             self.passes += status == "active"
             throttle = self.throttle if status == "active" else 0
-            moved = int(self.ram_rate * (time.monotonic() - self.migrated_at))
+            moving = min(time.monotonic() - self.migrated_at, self.ram_for_s)
+            moved = int(self.ram_rate * moving)
             ram = {"dirty-sync-count": self.passes, "transferred": moved}
             return {"status": status, "ram": ram, "cpu-throttle-percentage": throttle}
         if command == "migrate-continue":

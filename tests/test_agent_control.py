@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from devagent.agent.agent import AgentState, BlockAgent
 from devagent.agent.backend import Local
 from devagent.agent.control import build_control_app
+from devagent.agent.defaults import FETCH_CHUNK
 from devagent.agent.hold import HoldState
 from devagent.agent.mirror_job import JobState
 from devagent.errors import StateError
@@ -113,11 +114,12 @@ async def test_a_mirror_job_from_start_to_cancel(rig: tuple[TestClient, BlockAge
 
 async def test_fence_is_a_state_of_the_agent(rig: tuple[TestClient, BlockAgent, Path]) -> None:
     client, agent, tmp_path = rig
+    await agent.backend.write_zeroes(0, 9 * FETCH_CHUNK)  # punched: chunks 0-8 are holes
     answer = await (await client.post("/fence")).json()
     assert answer["fenced"] is True and answer["dropped"] == 0
     assert agent.state is AgentState.FENCED
-    chunks = SIZE // answer["chunk_size"]  # the disk's holes: none, it was written whole
-    assert base64.b64decode(answer["zeroes"]) == bytes(-(-chunks // 8))
+    assert answer["chunk_size"] == FETCH_CHUNK and SIZE == 16 * FETCH_CHUNK
+    assert base64.b64decode(answer["zeroes"]) == bytes([0xFF, 0b1])  # the disk's holes
     assert not (tmp_path / "disk.sock").exists()
     with pytest.raises(StateError, match="is fenced: cannot listen on a unix socket"):
         await agent.listen_unix(tmp_path / "again.sock")

@@ -868,13 +868,34 @@ async def test_chunks_that_read_zeroes_on_both_sides_are_present_without_a_fetch
         f.seek(5 * chunk)
         f.write(b"M" * 100)  # chunk 5: a leftover
     zeroes = span_bits([(0, 3), (4, 8)], 8)
-    fetch = Fetch(replica, source, chunk_size=chunk, seed=[3], zeroes=zeroes)
+    fetch = Fetch(replica, source, chunk_size=chunk, seed=[3], zeroes=zeroes, sync_interval=60)
     try:
         assert fetch.present_bytes == 7 * chunk  # all but chunk 5
+        # the zero chunks' bits durable at once (a hole needs no data sync), the pushed one's not
+        assert presence_path(replica).read_bytes()[HEADER_SIZE:] == bytes([0b11010111])
         assert await fetch.read(0, 5 * chunk) == bytes(data[: 5 * chunk])
         assert source.reads == []
         assert await fetch.read(5 * chunk, chunk) == bytes(chunk)  # fetched: the leftover gone
         assert source.reads
+        await fetch.settle()
+        await fetch.flush()
+        assert presence_path(replica).read_bytes()[HEADER_SIZE:] == bytes([0xFF])
+    finally:
+        await fetch.close()
+
+
+async def test_a_replica_that_has_no_time_to_look_at_its_holes_fetches_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The look at the replica's own holes has a bound (the guest waits for it): past it,
+    the remote's zero chunks are fetched as any absent chunk, never trusted unseen."""
+    monkeypatch.setattr("devagent.agent.replica.ZERO_CHECK_S", 0.0)
+    size, chunk = 8 * 65536, 65536
+    replica = tmp_path / "replica.img"
+    fetch = Fetch(replica, FakeRemote(bytes(size)), chunk_size=chunk,
+                  zeroes=span_bits([(0, 8)], 8))  # fmt: skip
+    try:
+        assert fetch.present_bytes == 0
     finally:
         await fetch.close()
 

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from devagent.agent.defaults import FETCH_CHUNK, MIRROR_CHUNK
-from devagent.agent.messages import FlushAnswer
+from devagent.agent.messages import FlushAnswer, MirrorRequest, MirrorStarted
 from devagent.daemon.migration import ram as ram_module
 from devagent.daemon.migration import running as running_module
 from devagent.daemon.migration.job import Phase
@@ -224,6 +224,31 @@ async def test_on_a_fast_link_the_push_begins_once_ram_leaves_it_room(tmp_path: 
     assert (
         timeline[Step.RAM_STARTED] <= timeline[Step.MIRROR_STARTED] <= timeline[Step.MIRROR_ENDED]
     )
+    assert host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]["disk0"]["present"]
+
+
+async def test_a_push_still_starting_at_the_switchover_is_waited_for_then_stopped(
+    tmp_path: Path,
+) -> None:
+    """RAM completes while the push it left room for is still starting: the switchover
+    waits for that start to end, then stops the push and hands over what it landed."""
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    vm.vm.ram_for_s, vm.vm.ram_rate = 1.0, 1e6
+    agent = vm.agents[0]
+    start_mirror = agent.mirror
+
+    async def slow_mirror(request: MirrorRequest) -> MirrorStarted:
+        started = await start_mirror(request)
+        await asyncio.sleep(1.5)  # begun about 0.4 s into RAM: still starting at its end
+        return started
+
+    agent.mirror = slow_mirror  # type: ignore[method-assign]
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    timeline = job.report.timeline
+    assert timeline[Step.RAM_COMPLETED] < timeline[Step.MIRROR_STARTED]
+    assert timeline[Step.MIRROR_STARTED] <= timeline[Step.MIRROR_ENDED]
+    assert agent.calls.index("/mirror/stop") < agent.calls.index("/fence")
     assert host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]["disk0"]["present"]
 
 

@@ -126,9 +126,9 @@ async def test_a_push_that_waits_for_room_begins_once_ram_leaves_it_and_only_onc
     for _ in range(5):  # RAM takes 110 of the 125 MB/s
         await tick(110e6)
     assert started == [] and not linked.pushing and linked.begun is None
-    for _ in range(5):  # RAM slows to 10 MB/s: room for the push
+    for _ in range(7):  # RAM slows to 10 MB/s: room for the push
         await tick(10e6)
-    assert len(started) == 1  # at the first look that saw room: what RAM left then
+    assert len(started) == 1  # once BEGIN_LOOKS looks in a row saw room: what RAM left then
     assert LINK * share.BEGIN_SHARE <= started[0] <= LINK * (1 - share.HEADROOM) - 10e6
     assert not linked.pushing  # still starting: nobody told a rate
     await tick(110e6)
@@ -144,3 +144,28 @@ async def test_a_push_that_waits_for_room_begins_once_ram_leaves_it_and_only_onc
         await tick(10e6)
     assert agent.rates[-1] == pytest.approx(LINK * (1 - share.HEADROOM) - 10e6)
     assert len(started) == 1
+
+
+async def test_a_ram_count_standing_still_a_moment_is_no_room() -> None:
+    """RAM's byte count stands still a look or two as RAM starts (QEMU 7.2's stall): a rate
+    of zero for a moment, which is not room for the push."""
+    now = [0.0]
+    job = Job(managed=Owner([FakeDiskAgent("disk0")]), disk_sizes={"disk0": 1 << 30})
+    linked = LinkShare(job, LINK, follows_ram=True, clock=lambda: now[0])  # type: ignore[arg-type]
+    started: list[float] = []
+
+    async def begin() -> None:
+        started.append(linked.rate)
+
+    linked.start(begin)
+    await linked.stop()  # the test takes each look itself
+    job.progress.ram_transferred = 1 << 20
+    for _ in range(share.BEGIN_LOOKS):  # the first reading, then the count still
+        await linked.adjust()
+        now[0] += share.EVERY_S
+    for _ in range(5):  # then RAM takes 110 of the 125 MB/s
+        job.progress.ram_transferred += int(110e6 * share.EVERY_S)
+        await linked.adjust()
+        now[0] += share.EVERY_S
+    await asyncio.sleep(0)
+    assert started == [] and linked.begun is None

@@ -138,6 +138,23 @@ def test_specs_are_validated_with_clear_errors() -> None:
             check_spec(spec)
 
 
+def test_a_fetch_spec_goes_without_its_defaults_and_restarts_without_its_seeds() -> None:
+    """The seeds (``present``, ``zeroes``: up to a bit per chunk) go to the agent that swaps
+    to the replica, not to its command line when restarted (its bitmap file knows then);
+    a field at its default is not sent at all."""
+    spec = FetchSpec(path="/r", remote=RemoteSpec(address="tcp:h:1"), present="AQ==",
+                     zeroes="Ag==")  # fmt: skip
+    sent = msgspec.json.decode(msgspec.json.encode(spec))
+    assert sent["present"] == "AQ==" and sent["zeroes"] == "Ag==" and "copier" not in sent
+    again = msgspec.json.decode(msgspec.json.encode(spec.without_seeds()))
+    assert "present" not in again and "zeroes" not in again
+    assert again["kind"] == "fetch" and again["path"] == "/r" and check_spec(again) == (
+        msgspec.structs.replace(spec, present="", zeroes="")
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="zeroes: not base64 bits"):
+        FetchSpec(path="/r", remote=RemoteSpec(address="tcp:h:1"), zeroes="#")
+
+
 async def test_open_backend_opens_each_kind(
     source: Path, source_agent: int, tmp_path: Path
 ) -> None:

@@ -63,8 +63,8 @@ from devagent.tls import Tls
 
 log = logging.getLogger(__name__)
 
-#: The longest the fence looks for the disk's holes: a 1 GiB disk of a few extents takes
-#: well under a millisecond; one of very many extents has the rest fetched as before.
+#: The longest the fence walks the disk's extents for its holes: a 1 GiB disk of a few
+#: extents takes well under a millisecond; one of very many has the rest fetched as before.
 HOLE_SCAN_S = 0.005
 
 
@@ -376,7 +376,7 @@ class BlockAgent:
         zeroes = await self.backend.zero_chunks(FETCH_CHUNK, HOLE_SCAN_S)
         return FenceAnswer(
             fenced=True, dropped=dropped, chunk_size=FETCH_CHUNK,
-            zeroes=base64.b64encode(zeroes).decode(),
+            zeroes=base64.b64encode(zeroes).decode() if any(zeroes) else "",
         )  # fmt: skip
 
     async def unfence(self) -> UnfenceAnswer:

@@ -475,31 +475,27 @@ class Local(Backend):
 
     async def zero_chunks(self, chunk_size: int, budget_s: float) -> bytes:
         """Bits (chunk ``i``: bit ``i & 7`` of byte ``i >> 3``) of the ``chunk_size`` chunks
-        wholly in a hole of the file: they read zeroes. Scanned from the start for
-        ``budget_s`` at most (past it, in a file of very many extents, nothing is set: not
-        known); none of a block device."""
+        wholly in a hole of the file: they read zeroes. The file's extents are walked from
+        its start for ``budget_s`` at most (past it, in a file of very many extents,
+        nothing more is set: not known); none of a block device."""
         chunks = -(-self._size // chunk_size)
+        deadline = time.monotonic() + budget_s
+        return await self._run("zero_chunks", lambda: span_bits(
+            self.hole_chunks(0, self._size, chunk_size, deadline), chunks
+        ))  # fmt: skip
 
-        def scan() -> bytes:
-            deadline, spans, pos = time.monotonic() + budget_s, [], 0
-            window = chunk_size * 4096  # chunk-aligned: a hole across windows loses nothing
-            while pos < self._size and time.monotonic() < deadline:
-                length = min(window, self._size - pos)
-                spans += self.hole_chunks(pos, length, chunk_size)
-                pos += length
-            return span_bits(spans, chunks)
-
-        return await self._run("zero_chunks", scan)
-
-    def hole_chunks(self, offset: int, length: int, chunk_size: int) -> list[tuple[int, int]]:
+    def hole_chunks(
+        self, offset: int, length: int, chunk_size: int, deadline: float | None = None
+    ) -> list[tuple[int, int]]:
         """The ``[first, stop)`` spans of the ``chunk_size`` chunks of the range that lie
-        wholly in a hole of the file (its short last chunk too); none of a block device.
+        wholly in a hole of the file (its short last chunk too), as far as the walk got by
+        ``deadline`` (``time.monotonic()``; None: the whole range); none of a block device.
         It blocks (an ``lseek`` or two per extent): in a pool thread, or a few at a
         replica's start."""
         if self._is_block:
             return []
         spans, pos = [], offset
-        for extent in self._scan(offset, length):
+        for extent in self._scan(offset, length, deadline):
             end = pos + extent.length
             if extent.hole:
                 stop = -(-end // chunk_size) if end == self._size else end // chunk_size
@@ -507,11 +503,12 @@ class Local(Backend):
             pos = end
         return spans
 
-    def _scan(self, offset: int, length: int) -> list[Extent]:
+    def _scan(self, offset: int, length: int, deadline: float | None = None) -> list[Extent]:
+        """The range's extents, in order; past ``deadline`` those found so far."""
         end = offset + length
         extents: list[Extent] = []
         pos = offset
-        while pos < end:
+        while pos < end and (deadline is None or time.monotonic() < deadline):
             try:
                 data = os.lseek(self._fd, pos, os.SEEK_DATA)
             except OSError as err:

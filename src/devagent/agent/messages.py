@@ -75,7 +75,9 @@ class RemoteSpec(msgspec.Struct, tag="remote", tag_field="kind", forbid_unknown_
             raise ValueError(f"address: {err}") from None
 
 
-class FetchSpec(msgspec.Struct, tag="fetch", tag_field="kind", forbid_unknown_fields=True):
+class FetchSpec(
+    msgspec.Struct, tag="fetch", tag_field="kind", forbid_unknown_fields=True, omit_defaults=True
+):
     """A local replica filled from ``remote`` on demand and in the background."""
 
     path: str
@@ -107,6 +109,12 @@ class FetchSpec(msgspec.Struct, tag="fetch", tag_field="kind", forbid_unknown_fi
     def zero_bits(self) -> bytes:
         """``zeroes``, decoded."""
         return _bits("zeroes", self.zeroes)
+
+    def without_seeds(self) -> FetchSpec:
+        """The same replica without ``present`` and ``zeroes``: what an agent restarts
+        with (its bitmap file says then what is present; the seeds, up to a bit per chunk,
+        would only lengthen its command line)."""
+        return msgspec.structs.replace(self, present="", zeroes="")
 
 
 def _bits(name: str, text: str) -> bytes:
@@ -321,7 +329,7 @@ class FlushAnswer(msgspec.Struct):
 
 class FenceAnswer(msgspec.Struct):
     """``POST /fence``: the connections dropped, and the chunks of ``chunk_size`` that read
-    zeroes now (the disk's holes, as base64 bits; none known: empty), which the
+    zeroes now (the disk's holes, as base64 bits; empty when none is known), which the
     destination need not fetch."""
 
     fenced: bool

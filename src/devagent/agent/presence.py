@@ -156,6 +156,12 @@ class PresenceMap:
                 lo, hi = min(lo, byte), max(hi, byte)
         self._write(lo, hi)
 
+    def persist_present(self) -> None:
+        """Make every present bit durable, the whole bitmap written at once (a new
+        replica's chunks that read zeroes on both sides: a hole needs no data sync)."""
+        self.durable[:] = self.present
+        self._write(0, len(self.durable) - 1)
+
     def forget(self, chunks: Sequence[int]) -> None:
         """These chunks are no longer in the replica (spilled): clear their bits, in the
         file at once. A file that refuses (a read-only filesystem) is logged: this agent

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from itertools import zip_longest
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,6 +34,9 @@ log = logging.getLogger("devagent.agent.fetch")
 T = TypeVar("T")
 
 FETCH_MAX = 8 << 20
+#: The longest a new replica looks for its own holes at its start (the guest, paused, waits
+#: for it): a fresh sparse file is one hole, a pushed one a hole between each pushed run.
+ZERO_CHECK_S = 0.02
 
 
 def runs(chunks: Sequence[int]) -> Iterator[tuple[int, int]]:
@@ -58,6 +61,12 @@ def _make_replica(path: Path, size: int) -> bool:
     if path.stat().st_size != size:
         raise UsageError(f"replica {path} is {path.stat().st_size} bytes, the remote {size}")
     return False
+
+
+def _int(bits: bytes | bytearray, n_bytes: int) -> int:
+    """The first ``n_bytes`` of ``bits`` (padded with zeroes) as one integer, chunk 0 its
+    lowest bit."""
+    return int.from_bytes(bits[:n_bytes].ljust(n_bytes, b"\0"), "little")
 
 
 class Replica(Backend):
@@ -116,41 +125,32 @@ class Replica(Backend):
         self._seed(seed, fresh, zeroes)
 
     def _seed(self, seed: Sequence[int] | bytes, fresh: bool, zeroes: bytes) -> None:
-        """Chunks some other means put in the replica already (``seed``: a mirror's push
-        before a switchover), and those that read zeroes on both sides (``zeroes``, the
-        remote's holes, where the replica has a hole too): present now, durable after the
-        next sync, exactly like fetched ones. Only into a new bitmap: a restarted agent
-        trusts what its file says. Marked a byte at a time (the guest waits for this)."""
-        n_chunks, zero_count = self._map.n_chunks, 0
-        if self._map.new and (seed or zeroes):
+        """Only into a new bitmap (a restarted agent trusts what its file says): the chunks
+        that read zeroes on both sides (``zeroes``, the remote's holes, where the replica
+        has a hole too), present and durable at once; then those some other means put in
+        the replica already (``seed``: a mirror's push before a switchover), present now
+        and durable after the next sync, exactly like fetched ones. All bits at once, in
+        whole bytes: the guest waits for this."""
+        n_chunks, n_bytes, zero_count = self._map.n_chunks, len(self._map.present), 0
+        if self._map.new and zeroes:
+            deadline = time.monotonic() + ZERO_CHECK_S  # (past it: fetched, as before)
+            here = self._local.hole_chunks(0, self._size, self.chunk_size, deadline)
+            both = _int(zeroes, n_bytes) & _int(span_bits(here, n_chunks), n_bytes)
+            zero_count = both.bit_count()
+            self._map.mark_present_bits(both.to_bytes(n_bytes, "little"))
+            self._map.persist_present()
+        if self._map.new and seed:
             bits = seed if isinstance(seed, bytes) else span_bits(
                 ((c, c + 1) for c in seed if 0 <= c < n_chunks), n_chunks
             )  # fmt: skip
-            if zeroes:
-                both = self._zeroes_here_too(zeroes)
-                zero_count = int.from_bytes(both, "little").bit_count()
-                bits = bytes(a | b for a, b in zip_longest(bits, both, fillvalue=0))
+            new = _int(bits, n_bytes) & ~_int(self._map.present, n_bytes)
             self._map.mark_present_bits(bits)
-            self._fetched(bits_to_chunks(bits, n_chunks))
+            self._fetched(bits_to_chunks(new.to_bytes(n_bytes, "little"), n_chunks))
         counts = (self._map.count, n_chunks, zero_count, " (new)" if fresh else "")
         self.log.info(
             "replica %s of %r: %d of %d chunks present (%d as zeroes on both sides)%s",
             self.path, self.remote, *counts,
         )  # fmt: skip
-
-    def _zeroes_here_too(self, zeroes: bytes) -> bytes:
-        """Of the chunks set in ``zeroes``, those wholly in a hole of the replica (a fresh
-        sparse file's are; one some push wrote into is not), as bits: a look at the file
-        per run of them (one where the run is all hole)."""
-        size, step = self._size, self.chunk_size
-        spans = [
-            span
-            for first, last in runs(bits_to_chunks(zeroes, self._map.n_chunks))
-            for span in self._local.hole_chunks(
-                first * step, min((last + 1) * step, size) - first * step, step
-            )
-        ]
-        return span_bits(spans, self._map.n_chunks)
 
     def __repr__(self) -> str:
         return f"Fetch({str(self.path)!r}, {self.remote!r})"

@@ -223,7 +223,7 @@ async def _swap(made: IncomingDomain, node: str, spec: FetchSpec) -> None:
     if isinstance(agent.backend, FetchSpec):  # swapped by an earlier try of this commit
         return
     await agent.swap(spec)
-    agent.backend = spec
+    agent.backend = spec.without_seeds()  # (what a restart of the agent is given)
 
 
 async def remove(host: Host, name: str) -> None:

@@ -111,8 +111,9 @@ class HybridPlan(FetchingPlan):
         :func:`.share.pushes_early`). On a fast one it waits: beside that QEMU's start it
         delayed it 30-70 ms (the matrix of 2026-12-06), and beside RAM's start (each
         dialling the destination at once) RAM's phase grew by more than the push's start
-        took; it begins once RAM leaves it room (:data:`.share.BEGIN_SHARE`), if ever.
-        Where the link's rate is not known, or RAM's not followed, it starts before RAM."""
+        took; it begins once RAM leaves it room (:data:`.share.BEGIN_SHARE`), if ever (so
+        too on a slow link whose destination did not answer early). Where the link's rate
+        is not known, or RAM's not followed, it starts before RAM."""
         link = job.request.link_rate_bps
         share = LinkShare(job, link / 8, job.follows_ram) if link else None
         early = prepared.until_listening is not None
@@ -155,12 +156,18 @@ class HybridPlan(FetchingPlan):
     async def roll_back(self, job: JobView) -> None:
         if self.share is not None:
             await self.share.stop()
+            begun = self.share.begun
+            if begun is not None and not begun.cancelled():
+                begun.exception()  # taken: the roll-back has its own cause to tell
         await super().roll_back(job)
 
     async def at_switchover(self, job: DiskJob) -> Handover:
         if self.share is not None:
             await self.share.stop()
-            raise_failure(self.share.begun)
+            begun = self.share.begun
+            if begun is not None and begun.cancelled():  # some disks' pushes may run
+                raise PeerError(f"the push of VM {job.managed.name}'s disks was cancelled")
+            raise_failure(begun)
         await super().at_switchover(job)
         if self.share is not None and not self.share.pushing:  # RAM left it no room
             pushed_bytes(job, dict.fromkeys(job.disk_sizes, 0))

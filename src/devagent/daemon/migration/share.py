@@ -7,7 +7,8 @@ destination's QEMU starts (an early prepare) and has the whole link until RAM st
 the link, not the two cores, bounds the migration, and it would idle. From RAM's start the
 push has :data:`START_SHARE` of the link, and stays there until RAM has moved its first
 bytes (before that nothing is known of it). On a faster link the push does not start
-before RAM: it begins only once RAM leaves it :data:`BEGIN_SHARE` of the link, and not at
+before RAM: it begins only once RAM leaves it :data:`BEGIN_SHARE` of the link
+(:data:`BEGIN_LOOKS` looks in a row), and not at
 all if RAM fills the link until the switchover (beside such a RAM stream a push gains
 nothing, and its start and its copies cost RAM's phase more than the bytes they move).
 Every :data:`EVERY_S` the RAM's rate over the
@@ -54,9 +55,13 @@ FIXED_SHARE = 0.25  # where the RAM's rate is not followed
 #: Of the link, what RAM must leave before a push that did not start early begins. At
 #: 1 Gbit/s on two cores QEMU's RAM took most of the 125 MB/s and the push had its 2 %
 #: floor: 1.5-7 MB pushed, for a RAM phase about 45 ms longer and RAM's start 13-32 ms
-#: later (the matrices of 2026-12-06). An idle guest's RAM (mostly zero pages) dips below
-#: half the link for a moment: a push begun then moved 4 MB and cost RAM's phase 45 ms.
+#: later (the matrices of 2026-12-06). A push begun 0.22 s into an idle guest's RAM (one
+#: look that saw room, RAM's count standing still as it started) moved 4 MB, and that RAM
+#: phase was 45 ms longer than `postcopy`'s beside it.
 BEGIN_SHARE = 0.25
+#: Looks in a row (of :data:`EVERY_S`) that must each see that room: RAM's byte count
+#: stands still a moment at times (its start's stall on QEMU 7.2), which is no room.
+BEGIN_LOOKS = 3
 #: The fastest link on which the push starts before the destination's QEMU listens. At
 #: 1 Gbit/s it delayed that QEMU by 30-70 ms (CPU), and RAM with it; at 100 Mbit/s the link
 #: idled those 0.08-0.14 s.
@@ -125,6 +130,7 @@ class LinkShare:
         self._begin: Callable[[], Coroutine[Any, Any, None]] | None = None
         #: The start of a push that waited for room (:meth:`start`), once begun.
         self.begun: asyncio.Task[None] | None = None
+        self._roomy = 0  # looks in a row that saw room for it
 
     def _first_rate(self) -> float:
         return push_rate(self.link, None) if self.follows_ram else self.link * FIXED_SHARE
@@ -151,7 +157,8 @@ class LinkShare:
     def start(self, begin: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
         """Follow RAM's rate (a job that follows it). With ``begin`` the push has not
         started: ``begin`` starts it, once, when RAM leaves it :data:`BEGIN_SHARE` of the
-        link (:attr:`begun`), and never if RAM fills the link until :meth:`stop`."""
+        link :data:`BEGIN_LOOKS` looks in a row (:attr:`begun`), and never if RAM fills
+        the link until :meth:`stop`."""
         self._begin = begin
         if self.follows_ram:
             self._task = asyncio.get_running_loop().create_task(self._follow())
@@ -178,7 +185,8 @@ class LinkShare:
         wanted = push_rate(self.link, ram)
         if not self.pushing:
             room = ram is not None and wanted >= self.link * BEGIN_SHARE
-            if room and self._begin is not None and self.begun is None:
+            self._roomy = self._roomy + 1 if room else 0
+            if self._roomy >= BEGIN_LOOKS and self._begin is not None and self.begun is None:
                 self.rate = wanted  # what the push starts at
                 self.begun = asyncio.get_running_loop().create_task(self._begin())
             return

@@ -326,7 +326,7 @@ async def _swap_to_fetch(vm: ManagedVm, node: str, spec: FetchSpec) -> float:
     agent = vm.agent_for(node)
     await agent.swap(spec)
     swapped = time.time()
-    agent.backend = spec
+    agent.backend = spec.without_seeds()  # (what a restart of the agent is given)
     vm.fetching[node] = asyncio.create_task(await_local(vm, agent))
     return swapped
 
