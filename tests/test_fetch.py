@@ -884,6 +884,20 @@ async def test_chunks_that_read_zeroes_on_both_sides_are_present_without_a_fetch
         await fetch.close()
 
 
+async def test_a_disk_that_is_all_hole_is_complete_at_once(tmp_path: Path) -> None:
+    """Every chunk reads zeroes on both sides: the replica is whole from its start (the
+    source lets it go at once), with nothing fetched."""
+    size, chunk = 8 * 65536, 65536
+    source = FakeRemote(bytes(size))
+    fetch = Fetch(tmp_path / "replica.img", source, chunk_size=chunk,
+                  zeroes=span_bits([(0, 8)], 8))  # fmt: skip
+    try:
+        await asyncio.wait_for(fetch.wait_complete(), 5)
+        assert fetch.complete and source.reads == []
+    finally:
+        await fetch.close()
+
+
 async def test_a_replica_that_has_no_time_to_look_at_its_holes_fetches_them(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

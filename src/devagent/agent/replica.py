@@ -139,6 +139,7 @@ class Replica(Backend):
             zero_count = both.bit_count()
             self._map.mark_present_bits(both.to_bytes(n_bytes, "little"))
             self._map.persist_present()
+            self._after_mark()  # (complete already, for a disk that is all hole)
         if self._map.new and seed:
             bits = seed if isinstance(seed, bytes) else span_bits(
                 ((c, c + 1) for c in seed if 0 <= c < n_chunks), n_chunks
