@@ -8,12 +8,11 @@ the link, not the two cores, bounds the migration, and it would idle. From RAM's
 push has :data:`START_SHARE` of the link, and stays there until RAM has moved its first
 bytes (before that nothing is known of it). On a faster link the push does not start
 before RAM: it begins only once RAM leaves it :data:`BEGIN_SHARE` of the link
-(:data:`BEGIN_LOOKS` looks in a row), and not at
-all if RAM fills the link until the switchover (beside such a RAM stream a push gains
-nothing, and its start and its copies cost RAM's phase more than the bytes they move).
-Every :data:`EVERY_S` the RAM's rate over the
-last :data:`WINDOW_S` (``query-migrate``'s bytes transferred, which
-the RAM follower keeps in the job's progress) sets the push to what is left, less
+(:data:`BEGIN_LOOKS` looks in a row), and not at all if RAM fills the link until the
+switchover (beside such a RAM stream a push gains nothing, and its start and its copies
+cost RAM's phase more than the bytes they move). Every :data:`EVERY_S` the RAM's rate over
+the last :data:`WINDOW_S` (``query-migrate``'s bytes transferred, which the RAM follower
+keeps in the job's progress) sets the push to what is left, less
 :data:`HEADROOM` of the link so that a RAM stream that could go faster finds room to, and
 at least :data:`FLOOR_SHARE`. A RAM migration that moves less than half the link (its
 guest dirties little, its pages are mostly zeroes) leaves the push what it does not use of
