@@ -117,21 +117,17 @@ class HybridPlan(FetchingPlan):
         link = job.request.link_rate_bps
         share = LinkShare(job, link / 8, job.follows_ram) if link else None
         early = prepared.until_listening is not None
-        if share is not None and share.follows_ram and not early:
-            self.share = share
-            await prepared.listening()
-            share.start(begin=lambda: self._push(job, prepared, share))
-            return await super().before_ram(job, prepared)
+        waits = share is not None and share.follows_ram and not early  # for room beside RAM
         if share is not None and early:  # the link is the push's alone until QEMU listens
             share.rate = share.link  # there; then RAM first (its start's share)
-        await self._push(job, prepared, share)
-        if share is not None:
-            self.share = share
+        if not waits:
+            await self._push(job, prepared, share)
+        self.share = share
         await prepared.listening()
         if share is not None:
             if early:
                 await share.restart()
-            share.start()
+            share.start(begin=(lambda: self._push(job, prepared, share)) if waits else None)
         await super().before_ram(job, prepared)
 
     async def _push(self, job: DiskJob, prepared: Prepared, share: LinkShare | None) -> None:
