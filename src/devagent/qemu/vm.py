@@ -422,7 +422,12 @@ class Vm:
         await self._close()
 
     async def kill(self) -> None:
+        """SIGKILL QEMU (the source's inert instance after a migration, a fence that
+        failed, a launch given up): asked for, so its exit is no surprise (not logged as
+        one)."""
         if self.pid is not None and not self.exited:
+            if VmState.STOPPING in _TRANSITIONS[self.state]:
+                self._move(VmState.STOPPING)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
             await self.wait_exit(5.0)
