@@ -467,13 +467,8 @@ class FakeDestination:
                 raise StateError(f"VM {name!r} already exists")
             self.vms[name] = "incoming"
             self.disks = [d["node"] for d in body.get("disks", [])] or ["disk0"]
-            targets = {
-                d["node"]: {
-                    "kind": "remote",
-                    "address": "tcp:10.9.0.2:4001",
-                    "export": f"receive-{d['node']}",
-                }
-                for d in body.get("disks", [])
+            targets = {  # (as the real one: the receiver, if asked for, or the VM's agent)
+                d["node"]: target(d["node"], d.get("receive", False)) for d in body.get("disks", [])
             }
             early = body.get("early", False) and self.knows_early  # RAM's URI comes later
             answer = {"uri": "" if early else "tcp:10.9.0.2:5000", "disk_targets": targets,
@@ -482,6 +477,10 @@ class FakeDestination:
                 nbd = {"host": "10.9.0.2", "port": "10809", "export": "disk0"}
                 answer = {"uri": "tcp:10.9.0.2:5000", "nbd": nbd}
             return answer
+        if path.endswith("/receivers"):
+            if self.vms.get(parts[-2]) != "incoming":
+                raise StateError(f"VM {parts[-2]}'s commit was asked here")
+            return {"disk_targets": {node: target(node, True) for node in body["nodes"]}}
         if path.endswith("/listening"):
             return {"uri": "tcp:10.9.0.2:5000", "listening": True}
         if path.endswith("/stream-done") and self.source is not None and self.source.exited:
@@ -512,6 +511,13 @@ class FakeDestination:
             raise StateError(f"host b: VM {name} is not an incoming VM ({self.vms[name]})")
         del self.vms[name]
         return {"name": name, "state": "removed"}
+
+
+def target(node: str, receiver: bool) -> dict[str, str]:
+    """Where the destination says disk ``node``'s push goes: its receiver, or (none asked
+    for) the VM's own agent."""
+    export = f"receive-{node}" if receiver else node
+    return {"kind": "remote", "address": "tcp:10.9.0.2:4001", "export": export}
 
 
 @dataclass

@@ -78,6 +78,12 @@ async def test_bad_migration_requests(client: TestClient[object, object]) -> Non
     assert resp.status == 400
     resp = await client.delete("/v1/incoming/ghost", headers=AUTH)
     assert resp.status == 404
+    resp = await client.post("/v1/incoming/ghost/receivers", json={"nodes": "disk0"}, headers=AUTH)
+    assert resp.status == 400 and "nodes" in (await resp.json())["error"]
+    resp = await client.post(
+        "/v1/incoming/ghost/receivers", json={"nodes": ["disk0"]}, headers=AUTH
+    )
+    assert resp.status == 404 and "ghost" in (await resp.json())["error"]
 
 
 async def test_oversized_body_is_refused(client: TestClient[object, object]) -> None:

@@ -106,6 +106,20 @@ class FailingOnce(Readier):
         return await super().__call__(vm, request)
 
 
+async def test_a_commit_asked_is_known_so_that_no_receiver_starts_after_it() -> None:
+    """The receivers a push asks for as it begins must not start once the commit (which
+    retires them) was asked: the route asks :meth:`Commits.known` first."""
+    host, readier = FakeHost(), Readier()
+    host.vms.vms["v1"] = FakeVm("v1")
+    made = commits(host, readier)
+    assert not made.known("v1")
+    committing = asyncio.create_task(made.commit("v1", CommitRequest()))
+    await asyncio.sleep(0)
+    assert made.known("v1")
+    readier.go.set()
+    await committing
+
+
 async def test_a_commit_that_failed_before_it_began_runs_again_when_asked_again() -> None:
     host, readier = FakeHost(), FailingOnce(VmRole.INCOMING)
     host.vms.vms["v1"] = FakeVm("v1")

@@ -31,7 +31,7 @@ from devagent.daemon.migration.share import (
     pushes_early,
 )
 from devagent.daemon.vms.request import DiskRequest, VmRequest
-from devagent.errors import PeerError, StateError, UsageError
+from devagent.errors import NotFound, PeerError, StateError, UsageError
 from devagent.vocab import Step, Strategy
 from migration_fakes import PUSH_LINK, FakeDiskAgent, FakeHost, FakeVm, make_job
 
@@ -166,6 +166,10 @@ async def test_on_a_slow_link_the_push_has_it_while_the_destinations_qemu_starts
     assert agent.mirrors[0].rate_limit == pytest.approx(link / 8)
     assert agent.rates[0] == pytest.approx(link / 8 * START_SHARE)
     assert pushes_early(link) and not pushes_early(10**9) and not pushes_early(None)
+    # its receiver started with the destination's QEMU: pushed to, never asked for later
+    assert host.destination.bodies["/v1/incoming"]["disks"][0]["receive"] is True
+    assert agent.mirrors[0].target.export == "receive-disk0"
+    assert "POST /v1/incoming/v1/receivers" not in host.destination.requests
 
 
 async def test_on_a_fast_link_the_push_never_starts_beside_a_ram_that_fills_it(
@@ -182,6 +186,10 @@ async def test_on_a_fast_link_the_push_never_starts_beside_a_ram_that_fills_it(
     assert not host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]["disk0"].get("present")
     assert job.report.devices[0].bytes_pushed == 0
     assert Step.MIRROR_STARTED not in job.report.timeline
+    # nor did the destination start a receiver for it: none asked at the prepare, nor later
+    disks = host.destination.bodies["/v1/incoming"]["disks"]
+    assert [d.get("receive", False) for d in disks] == [False]
+    assert "POST /v1/incoming/v1/receivers" not in host.destination.requests
 
 
 @pytest.mark.parametrize(
@@ -212,18 +220,23 @@ async def test_on_a_fast_link_the_push_begins_once_ram_leaves_it_room(tmp_path: 
     switchover and hands over what it landed."""
     link = 10**9
     job, vm, host = make_job(tmp_path, Strategy.HYBRID, link_rate_bps=link)
-    log = vm.agents[0].everything = vm.vm.commands
+    log = vm.agents[0].everything = host.destination.everything = vm.vm.commands
     vm.vm.ram_for_s, vm.vm.ram_rate = 0.6, 1e6  # 1 of the link's 125 MB/s
     await job.run()
     assert job.phase is Phase.COMPLETED, job.report.error
     assert log.index("migrate") < log.index("agent /mirror") < log.index("agent /mirror/stop")
     assert log.index("agent /mirror/stop") < log.index("agent /fence")
+    # its receiver, which the prepare did not start, asked for as it began, and pushed to
+    assert not host.destination.bodies["/v1/incoming"]["disks"][0].get("receive", False)
+    assert host.destination.bodies["/v1/incoming/v1/receivers"] == {"nodes": ["disk0"]}
+    assert log.index("peer POST /v1/incoming/v1/receivers") < log.index("agent /mirror")
+    assert vm.agents[0].mirrors[0].target.export == "receive-disk0"
     rate = vm.agents[0].mirrors[0].rate_limit or 0
     assert link / 8 * BEGIN_SHARE <= rate <= link / 8 * (1 - HEADROOM)
     timeline = job.report.timeline
-    assert (
-        timeline[Step.RAM_STARTED] <= timeline[Step.MIRROR_STARTED] <= timeline[Step.MIRROR_ENDED]
-    )
+    assert timeline[Step.RAM_STARTED] <= timeline[Step.RECEIVERS_STARTED]
+    assert timeline[Step.RECEIVERS_STARTED] <= timeline[Step.MIRROR_STARTED]
+    assert timeline[Step.MIRROR_STARTED] <= timeline[Step.MIRROR_ENDED]
     assert host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]["disk0"]["present"]
 
 
@@ -252,16 +265,41 @@ async def test_a_push_still_starting_at_the_switchover_is_waited_for_then_stoppe
     assert host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]["disk0"]["present"]
 
 
-async def test_a_push_that_fails_as_it_begins_beside_ram_rolls_back(tmp_path: Path) -> None:
+async def test_a_destination_that_starts_no_receivers_on_request_gets_no_push(
+    tmp_path: Path,
+) -> None:
+    """One of the version before the receivers route (404): the push that would begin
+    beside RAM does not, and every chunk is fetched after the switchover."""
+    job, vm, host = make_job(tmp_path, Strategy.HYBRID)
+    vm.vm.ram_for_s, vm.vm.ram_rate = 0.6, 1e6  # room for a push
+    host.destination.failures["POST /v1/incoming/v1/receivers"] = NotFound("host b: 404")
+    await job.run()
+    assert job.phase is Phase.COMPLETED, job.report.error
+    assert "POST /v1/incoming/v1/receivers" in host.destination.requests
+    calls = vm.agents[0].calls
+    assert "/mirror" not in calls and "/mirror/stop" not in calls and "/fence" in calls
+    assert not host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]["disk0"].get("present")
+    assert job.report.devices[0].bytes_pushed == 0
+
+
+@pytest.mark.parametrize("failing", ["its receivers' start", "its push's start"])
+async def test_a_push_that_fails_as_it_begins_beside_ram_rolls_back(
+    tmp_path: Path, failing: str
+) -> None:
     job, vm, host = make_job(tmp_path, Strategy.HYBRID)
     vm.vm.ram_for_s, vm.vm.ram_rate = 0.6, 1e6
-    vm.agents[0].failures["/mirror"] = PeerError("injected as the push began")
+    error = PeerError("injected as the push began")
+    if failing == "its receivers' start":
+        host.destination.failures["POST /v1/incoming/v1/receivers"] = error
+    else:
+        vm.agents[0].failures["/mirror"] = error
     await job.run()
     assert job.phase is Phase.FAILED and "as the push began" in (job.report.error or "")
     rolled_back(vm, host)
     calls = vm.agents[0].calls
     assert "/mirror/cancel" in calls and "/fence" not in calls
     assert "migrate_cancel" in vm.vm.commands  # before RAM ended
+    assert "DELETE /v1/incoming/v1" in host.destination.requests  # (its receivers with it)
 
 
 @pytest.mark.parametrize("knows_early", [False, None])

@@ -119,7 +119,8 @@ async def test_a_peer_route_is_for_the_host_the_request_names(served: Served) ->
 
 
 async def test_a_vms_commit_and_abort_are_its_source_hosts_alone(served: Served) -> None:
-    """VM v came from host b: host c may neither commit nor abort it."""
+    """VM v came from host b: host c may neither commit nor abort it, nor start receivers
+    for a push to it."""
 
     class Arriving:
         name, source_host = "v", "b"
@@ -132,6 +133,8 @@ async def test_a_vms_commit_and_abort_are_its_source_hosts_alone(served: Served)
         await served.call(c, "POST", "/v1/incoming/v/commit", {})
     with pytest.raises(Forbidden, match="rolling back VM v concerns host b"):
         await served.call(c, "DELETE", "/v1/incoming/v")
+    with pytest.raises(Forbidden, match="pushing to VM v concerns host b"):
+        await served.call(c, "POST", "/v1/incoming/v/receivers", {"nodes": ["disk0"]})
     with pytest.raises(Forbidden, match="settling VM v's disk concerns host b"):
         await served.call(c, "POST", "/v1/vms/v/devices/disk0/settle")
     with pytest.raises(Forbidden, match="waiting for VM v's start: no source host is named"):

@@ -584,3 +584,130 @@ async def test_a_settled_replica_is_recorded_as_local_before_the_source_hears_it
     with pytest.raises(PeerError, match="unreachable"):
         await exchange.settle(managed, "disk0")
     assert agent.backend == fetch
+
+
+class FakeReceiver:
+    """A receiver's process: its start waits for ``go`` (and fails with ``fail``); what
+    was done to it goes in ``seen``."""
+
+    tcp_address = "tcp:127.0.0.1:4001"
+
+    def __init__(self, node: str, seen: list[str], go: asyncio.Event) -> None:
+        self.node, self.seen, self.go = node, seen, go
+        self.export = f"receive-{node}"
+        self.fail: Exception | None = None
+
+    async def start(self) -> None:
+        self.seen.append(f"start {self.node}")
+        await self.go.wait()
+        if self.fail is not None:
+            raise self.fail
+        self.seen.append(f"serving {self.node}")
+
+    async def kill(self) -> None:
+        self.seen.append(f"kill {self.node}")
+
+    async def retire(self, timeout: float) -> None:
+        self.seen.append(f"retired {self.node}")
+
+    async def stop(self) -> None:
+        self.seen.append(f"stopped {self.node}")
+
+    def to_json(self) -> dict[str, str]:  # (saved with the VM)
+        return {"node": self.node}
+
+
+def _incoming_with_replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: Exception | None = None
+) -> tuple[VmManager, ManagedVm, list[str], asyncio.Event]:
+    """An incoming VM whose disk0 is a replica this host made, without receivers (a fast
+    link's hybrid prepare); receivers asked for are fakes that start once ``go`` is set."""
+    manager = VmManager("b", tmp_path, None, "127.0.0.1")
+    replica = tmp_path / "disks" / "v1-disk0.img"
+    replica.parent.mkdir()
+    replica.write_bytes(b"")
+    request = VmRequest(name="v1", disks=(DiskRequest(image="/img"),))
+    config = VmConfig(name="v1", disks=(DiskSpec(node="disk0", path=str(replica)),))
+    folder = tmp_path / "vms" / "v1"
+    folder.mkdir(parents=True)
+    managed = ManagedVm(request, config, folder, VmRole.INCOMING, {"disk0": replica})
+    manager.vms["v1"] = managed
+    seen: list[str] = []
+    go = asyncio.Event()
+
+    def receiver(_: Any, __: Any, image: Path, node: str) -> FakeReceiver:
+        seen.append(f"made {node}")
+        made = FakeReceiver(node, seen, go)
+        made.fail = fail
+        return made
+
+    monkeypatch.setattr(incoming, "_receiver", receiver)
+    return manager, managed, seen, go
+
+
+async def test_receivers_asked_for_as_a_push_begins_start_once_and_the_commit_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A push that begins beside RAM asks for its receivers then (the prepare made none):
+    asked twice at once, one starts; a commit that comes meanwhile retires it only once it
+    serves (its process known), never before."""
+    manager, managed, seen, go = _incoming_with_replica(tmp_path, monkeypatch)
+    asked = [asyncio.ensure_future(incoming.add_receivers(manager, managed, ["disk0"]))
+             for _ in range(2)]  # fmt: skip
+    readying = asyncio.ensure_future(incoming._ready_disks(managed, {}))
+    await asyncio.sleep(0.05)
+    assert not readying.done() and not any(a.done() for a in asked)
+    assert seen == ["made disk0", "start disk0"]
+    go.set()
+    await asyncio.wait_for(asyncio.gather(*asked), 1)
+    steps = await asyncio.wait_for(readying, 1)
+    await asyncio.gather(*managed.retiring)
+    assert seen == ["made disk0", "start disk0", "serving disk0", "retired disk0", "stopped disk0"]
+    assert "receiver_retired" in steps and managed.receivers == {}
+
+
+async def test_receivers_are_asked_for_replicas_of_an_incoming_vm_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager, managed, seen, _go = _incoming_with_replica(tmp_path, monkeypatch)
+    with pytest.raises(UsageError, match="no replica of 'disk9'"):
+        await incoming.add_receivers(manager, managed, ["disk9"])
+    managed.images["disk0"] = Path("/img")  # the user's own image, not one made here
+    with pytest.raises(UsageError, match="no replica of 'disk0'"):
+        await incoming.add_receivers(manager, managed, ["disk0"])
+    managed.images["disk0"] = tmp_path / "disks" / "v1-disk0.img"
+    managed.commit_began()  # (nothing lands here any more)
+    with pytest.raises(StateError, match="not an incoming VM"):
+        await incoming.add_receivers(manager, managed, ["disk0"])
+    assert seen == [] and managed.receivers == {}
+
+
+async def test_receivers_that_fail_to_start_are_killed_and_forgotten(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fail = PeerError("receive-disk0 exited at start: no room")
+    manager, managed, seen, go = _incoming_with_replica(tmp_path, monkeypatch, fail)
+    go.set()
+    with pytest.raises(PeerError, match="no room"):
+        await incoming.add_receivers(manager, managed, ["disk0"])
+    assert seen == ["made disk0", "start disk0", "kill disk0"] and managed.receivers == {}
+    with pytest.raises(PeerError, match="no room"):  # asked again: tried again
+        await incoming.add_receivers(manager, managed, ["disk0"])
+    assert seen.count("start disk0") == 2
+
+
+async def test_a_removal_waits_for_receivers_still_starting_then_stops_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The source rolled back while the receivers it asked for were starting: the VM's
+    removal stops them once their processes are known, rather than leave one running."""
+    manager, managed, seen, go = _incoming_with_replica(tmp_path, monkeypatch)
+    asked = asyncio.ensure_future(incoming.add_receivers(manager, managed, ["disk0"]))
+    await asyncio.sleep(0.02)
+    removing = asyncio.ensure_future(manager.remove("v1"))
+    await asyncio.sleep(0.05)
+    assert not removing.done()
+    go.set()
+    await asyncio.wait_for(removing, 1)
+    await asyncio.wait_for(asked, 1)
+    assert seen == ["made disk0", "start disk0", "serving disk0", "stopped disk0"]

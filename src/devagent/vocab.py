@@ -145,6 +145,9 @@ class Step(StrEnum):
     the destination's QEMU starts); the plot draws its phases from them. The
     destination's own steps come back prefixed ``destination_``."""
 
+    #: hybrid on a fast link: the receivers its push asked for as it began (once RAM left
+    #: it room) serve on the destination
+    RECEIVERS_STARTED = "receivers_started"
     #: precopy, hybrid: the push began (precopy's once the destination's receivers serve,
     #: its QEMU maybe still starting; hybrid's once that QEMU listens)
     MIRROR_STARTED = "mirror_started"

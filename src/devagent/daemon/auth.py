@@ -30,6 +30,7 @@ PEER_ROUTES = frozenset(
     {
         ("POST", "/v1/incoming"),
         ("POST", "/v1/incoming/{name}/listening"),
+        ("POST", "/v1/incoming/{name}/receivers"),
         ("POST", "/v1/incoming/{name}/commit"),
         ("DELETE", "/v1/incoming/{name}"),
         ("POST", "/v1/baselines/incoming"),

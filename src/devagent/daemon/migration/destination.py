@@ -8,6 +8,9 @@ rolls back.
 ``commit``    ``POST /v1/incoming/NAME/commit``: ready the disk (a Fetch replica seeded with
               what the push landed, or the complete replica as Local), run the guest; once
               per VM (:class:`Commits`: a repeat gets the first one's answer)
+``receivers`` ``POST /v1/incoming/NAME/receivers``: a receiver for each disk named, for a
+              push that begins once RAM moves (its prepare made none); refused once
+              the VM's commit was asked
 ``listening`` ``POST /v1/incoming/NAME/listening``: for a VM prepared ``early`` (answered
               once its push's receivers served and its NICs were up, QEMU still
               starting): once its QEMU listens for RAM, the answer again with RAM's URI
@@ -29,12 +32,14 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from devagent.daemon.agents import AgentProcess
 from devagent.daemon.migration.context import free_port
 from devagent.daemon.migration.messages import (
     CommitAnswer,
     CommitRequest,
     IncomingAnswer,
     IncomingRequest,
+    ReceiversAnswer,
     RemoteDisk,
 )
 from devagent.daemon.migration.qemu_tls import migrate_incoming
@@ -126,16 +131,30 @@ async def _start(
     return _answer(host, managed, uri)
 
 
+async def receivers(host: Host, name: str, nodes: list[str]) -> ReceiversAnswer:
+    """A receiver for each of ``nodes``' replicas, started now (a push that begins once
+    RAM moves); where each push goes."""
+    managed = host.vms.get(name)
+    await incoming_vm.add_receivers(host.vms, managed, nodes)
+    targets = {node: _target(host, managed.receivers[node]) for node in nodes}
+    return ReceiversAnswer(disk_targets={n: t for n, t in targets.items() if t is not None})
+
+
+def _target(host: Host, agent: AgentProcess) -> RemoteDisk | None:
+    """Where a peer reaches ``agent`` (None: it serves no peer on TCP)."""
+    if agent.tcp_address is None:
+        return None
+    return RemoteDisk(address=agent.tcp_address, export=agent.export, host=host.name)
+
+
 def _answer(host: Host, managed: ManagedVm, uri: str | None) -> IncomingAnswer:
     """What the source needs of the incoming VM: where its pushes and its NICs' frames go,
     and where RAM goes (None: QEMU is still starting, an early answer)."""
     targets = {}
     for agent in managed.agents:  # where a push goes: the receiver, or the VM's agent
-        target = managed.receivers.get(agent.node, agent)
-        if target.tcp_address is not None:
-            targets[agent.node] = RemoteDisk(
-                address=target.tcp_address, export=target.export, host=host.name
-            )
+        target = _target(host, managed.receivers.get(agent.node, agent))
+        if target is not None:
+            targets[agent.node] = target
     return IncomingAnswer(
         uri=uri or "",
         disk_targets=targets,
@@ -232,6 +251,11 @@ class Commits:
         done = asyncio.ensure_future((using or self._ready)(managed, request))
         self._commits[name] = (managed, done)
         return await asyncio.shield(done)
+
+    def known(self, name: str) -> bool:
+        """A commit of VM ``name`` was asked (it may have failed early: asked again, it
+        runs again)."""
+        return name in self._commits
 
     async def abort(self, name: str) -> None:
         """The source rolled back: remove the incoming VM, unless its commit is under way

@@ -90,6 +90,18 @@ class IncomingAnswer(msgspec.Struct):
     listening: bool = True
 
 
+class ReceiversRequest(Message):
+    """``POST /v1/incoming/NAME/receivers``: a receiver for each of ``nodes``' replicas, for
+    a push that begins only once RAM moves (its prepare asked for none)."""
+
+    nodes: list[str]
+
+
+class ReceiversAnswer(msgspec.Struct):
+    #: Where each disk's push goes (its receiver), by node.
+    disk_targets: dict[str, RemoteDisk] = msgspec.field(default_factory=dict)
+
+
 class FetchPlan(msgspec.Struct, omit_defaults=True):
     """Post-copy: the destination's agent fetches what it lacks from ``remote``."""
 

@@ -213,12 +213,17 @@ class AgentPlan(Plan):
                 "first (devagent device swap VM NODE --to PATH), then migrate"
             )
 
+    def receives(self, job: JobView) -> bool:
+        """Whether the destination's prepare starts a receiver for each disk (a push's or
+        a mirror's target)."""
+        return False
+
     def incoming(self, job: JobView) -> IncomingRequest:
         """What the destination makes for each disk: the same image when the disk stays
         (both hosts see it), or a replica reading through to the source's disk, with a
         receiver for a push."""
         vm = job.managed
-        receive = self.strategy in (Strategy.PRECOPY, Strategy.HYBRID)
+        receive = self.receives(job)
         if self.moves_disk:
             disks = [
                 IncomingDisk(node=node, size=size, backend=job.source_disks[node], receive=receive)

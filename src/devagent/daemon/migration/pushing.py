@@ -18,7 +18,7 @@ from devagent.agent.defaults import COPY_WORKERS, FETCH_CHUNK, MIRROR_CHUNK
 from devagent.agent.messages import MirrorRequest, MirrorStarted, MirrorStatus
 from devagent.agent.presence import clean_chunks, every_chunk
 from devagent.daemon.migration.context import DiskAgentLink, DiskJob, JobView
-from devagent.daemon.migration.messages import RemoteDisk
+from devagent.daemon.migration.messages import ReceiversAnswer, ReceiversRequest, RemoteDisk
 from devagent.daemon.migration.plans import (
     DISK_WAIT_S,
     POLL_S,
@@ -28,10 +28,17 @@ from devagent.daemon.migration.plans import (
     each_disk,
     raise_failure,
 )
-from devagent.daemon.migration.share import FIXED_SHARE, LinkShare, copy_batch, disk_link_rate
-from devagent.errors import PeerError
+from devagent.daemon.migration.share import (
+    FIXED_SHARE,
+    LinkShare,
+    copy_batch,
+    disk_link_rate,
+    pushes_early,
+)
+from devagent.errors import NotFound, PeerError
 from devagent.vocab import Step, Strategy
 from devagent.wait import wait_until
+from devagent.wire import from_peer, to_json
 
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
 #: Passes a pre-copy mirror makes before it goes write-through anyway (a guest that dirties
@@ -49,12 +56,15 @@ class PrecopyPlan(FetchingPlan):
 
     strategy = Strategy.PRECOPY
 
+    def receives(self, job: JobView) -> bool:
+        return True
+
     async def before_ram(self, job: DiskJob, prepared: Prepared) -> None:
         share = disk_link_rate(job)
 
         def mirror(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
             return agent.mirror(MirrorRequest(
-                target=target_of(prepared, agent.node).spec(),
+                target=target_of(prepared.push_targets, agent.node).spec(),
                 converge_bytes=PRECOPY_CONVERGE_BYTES,
                 active=True,  # converged (or outrun), writes go to both copies
                 max_passes=PRECOPY_PASSES,
@@ -99,6 +109,12 @@ class HybridPlan(FetchingPlan):
 
     strategy = Strategy.HYBRID
     share: LinkShare | None = None
+    #: The push's receivers could not be asked for as it began (a destination of the
+    #: version before them): no push, every chunk fetched after the switchover.
+    declined = False
+
+    def receives(self, job: JobView) -> bool:
+        return not receives_later(job)
 
     def ram_bandwidth(self, job: DiskJob) -> int:
         if not job.request.link_rate_bps or job.follows_ram:  # RAM first, the push adapts
@@ -121,21 +137,44 @@ class HybridPlan(FetchingPlan):
         if share is not None and early:  # the link is the push's alone until QEMU listens
             share.rate = share.link  # there; then RAM first (its start's share)
         if not waits:
-            await self._push(job, prepared, share)
+            await self._push(job, prepared.push_targets, share)
         self.share = share
         await prepared.listening()
         if share is not None:
             if early:
                 await share.restart()
-            share.start(begin=(lambda: self._push(job, prepared, share)) if waits else None)
+            share.start(begin=(lambda: self._begin(job, prepared, share)) if waits else None)
         await super().before_ram(job, prepared)
 
-    async def _push(self, job: DiskJob, prepared: Prepared, share: LinkShare | None) -> None:
-        """Each disk's push started, at its part of ``share``'s rate (unlimited without)."""
+    async def _begin(self, job: DiskJob, prepared: Prepared, share: LinkShare) -> None:
+        """The push that waited for RAM to leave it room, started: its receivers first,
+        where the prepare made none (:func:`receives_later`)."""
+        targets = prepared.push_targets
+        if receives_later(job):
+            try:
+                raw = await job.peer.post(
+                    f"/v1/incoming/{job.managed.name}/receivers",
+                    to_json(ReceiversRequest(nodes=list(job.disk_sizes))),
+                )
+            except NotFound as err:  # (or the VM is gone there: its commit will say so)
+                job.log.info("no push beside RAM: %s knows no receivers on request (%s)",
+                             job.report.destination, err)  # fmt: skip
+                self.declined = True
+                return
+            answer = from_peer(raw, ReceiversAnswer, what="the destination's receivers")
+            targets = answer.disk_targets
+            job.mark(Step.RECEIVERS_STARTED)
+        await self._push(job, targets, share)
+
+    async def _push(
+        self, job: DiskJob, targets: dict[str, RemoteDisk], share: LinkShare | None
+    ) -> None:
+        """Each disk's push started to its receiver in ``targets``, at its part of
+        ``share``'s rate (unlimited without)."""
 
         def push(agent: DiskAgentLink) -> Awaitable[MirrorStarted]:
             return agent.mirror(MirrorRequest(  # small copies: the switchover waits for those
-                target=target_of(prepared, agent.node).spec(),  # in flight
+                target=target_of(targets, agent.node).spec(),  # in flight
                 parallel=HYBRID_PUSH_PARALLEL,
                 max_copy=HYBRID_PUSH_COPY,
                 rate_limit=share.of(agent.node) if share is not None else None,
@@ -165,8 +204,8 @@ class HybridPlan(FetchingPlan):
                 raise PeerError(f"the push of VM {job.managed.name}'s disks was cancelled")
             raise_failure(begun)
         await super().at_switchover(job)
-        if self.share is not None and not self.share.pushing:  # RAM left it no room
-            pushed_bytes(job, dict.fromkeys(job.disk_sizes, 0))
+        if self.share is not None and (self.declined or not self.share.pushing):  # RAM left
+            pushed_bytes(job, dict.fromkeys(job.disk_sizes, 0))  # it no room, say
             return Handover()  # every chunk fetched
         stopped = await each_disk(job, lambda agent: agent.stop_mirror())
         job.mark(Step.MIRROR_ENDED)
@@ -187,9 +226,19 @@ def pushed_bytes(job: DiskJob, pushed: dict[str, int]) -> None:
     job.progress.disk_bytes_pushed = sum(pushed.values())
 
 
-def target_of(prepared: Prepared, node: str) -> RemoteDisk:
+def receives_later(job: JobView) -> bool:
+    """Whether a hybrid push asks for its receivers only as it begins: one that waits for
+    RAM to leave it room (a link faster than :data:`.share.EARLY_PUSH_MAX_BPS`, its RAM
+    followed), which most never do. A receiver started with the destination's QEMU is one
+    process more beside that start, and one more to retire at the switchover (it delayed
+    ``destination_ready`` and the commit by some ms each, for nothing)."""
+    link = job.request.link_rate_bps
+    return bool(link) and job.follows_ram and not pushes_early(link)
+
+
+def target_of(targets: dict[str, RemoteDisk], node: str) -> RemoteDisk:
     """Where disk ``node``'s push or mirror lands on the destination."""
-    target = prepared.push_targets.get(node)
+    target = targets.get(node)
     if target is None:
         raise PeerError(f"the destination gave no target for {node}'s push")
     return target

@@ -9,6 +9,7 @@ their source are taken up again under their own ids (:mod:`.recovery`).
     GET    /v1/migrations[/{id}]              migrations this host ran as the source
     POST   /v1/incoming                       (peer) prepare an incoming VM (IncomingRequest)
     POST   /v1/incoming/{name}/listening      (peer) until its QEMU listens: IncomingAnswer
+    POST   /v1/incoming/{name}/receivers      (peer) receivers for a push begun beside RAM
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it (CommitRequest)
     DELETE /v1/incoming/{name}                (peer) roll back: remove it
     POST   /v1/baselines/incoming             (peer) the same for a QEMU-only strategy
@@ -35,6 +36,7 @@ from devagent.daemon.migration.messages import (
     CommitRequest,
     IncomingRequest,
     MigrateRequest,
+    ReceiversRequest,
 )
 from devagent.daemon.migration.recovery import recovered_jobs
 from devagent.daemon.vms import ManagedVm
@@ -62,6 +64,7 @@ class MigrationRoutes:
         router.add_get("/v1/migrations/{id}", self.get_migration)
         router.add_post("/v1/incoming", self.prepare_incoming)
         router.add_post("/v1/incoming/{name}/listening", self.incoming_listening)
+        router.add_post("/v1/incoming/{name}/receivers", self.incoming_receivers)
         router.add_post("/v1/incoming/{name}/commit", self.commit_incoming)
         router.add_delete("/v1/incoming/{name}", self.abort_incoming)
         router.add_post("/v1/baselines/incoming", self.prepare_baseline)
@@ -128,6 +131,13 @@ class MigrationRoutes:
         name = request.match_info["name"]  # (kept after a start that failed removed the VM)
         require_source(request, self.starts.source_of(name), f"waiting for VM {name}'s start")
         return answer(await self.starts.listening(name))
+
+    async def incoming_receivers(self, request: web.Request) -> web.Response:
+        wanted = await body_as(request, ReceiversRequest)
+        name = self._from_its_source(request, "pushing to")
+        if self.commits.known(name):  # (its commit retires receivers: none may start after)
+            raise StateError(f"VM {name}'s commit was asked here: no push lands here now")
+        return answer(await destination.receivers(self.host, name, wanted.nodes), status=201)
 
     async def commit_incoming(self, request: web.Request) -> web.Response:
         commit = await body_as(request, CommitRequest)

@@ -123,6 +123,8 @@ class ManagedVm:
         # (the VM's own agents forward to the source meanwhile, so QEMU never sees a
         # half-copied disk).
         self.receivers: dict[str, AgentProcess] = {}
+        #: Receivers asked for once RAM moves (:func:`~.incoming.add_receivers`), starting.
+        self.receiving: asyncio.Task[None] | None = None
         #: The host a migration brings (or brought) it from: the only one whose certificate
         #: may commit, abort, settle or keep its disks (:mod:`devagent.daemon.auth`).
         self.source_host: str | None = None

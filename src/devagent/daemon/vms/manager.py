@@ -345,6 +345,8 @@ class VmManager:
         managed = self.vms.pop(name, None)
         if managed is None:
             raise NotFound(f"no VM {name!r} on host {self.host_name}")
+        if managed.receiving is not None:  # receivers starting: their processes known first
+            await asyncio.wait([managed.receiving])
         await managed.vm.stop()
         for fetching in managed.fetching.values():
             fetching.cancel()
