@@ -108,7 +108,8 @@ class FailingOnce(Readier):
 
 async def test_a_commit_asked_is_known_so_that_no_receiver_starts_after_it() -> None:
     """The receivers a push asks for as it begins must not start once the commit (which
-    retires them) was asked: the route asks :meth:`Commits.known` first."""
+    retires them) was asked: the route asks :meth:`Commits.known` first. A VM of that name
+    that comes back by a later migration is another VM: its receivers may start."""
     host, readier = FakeHost(), Readier()
     host.vms.vms["v1"] = FakeVm("v1")
     made = commits(host, readier)
@@ -118,6 +119,8 @@ async def test_a_commit_asked_is_known_so_that_no_receiver_starts_after_it() -> 
     assert made.known("v1")
     readier.go.set()
     await committing
+    host.vms.vms["v1"] = FakeVm("v1")  # the same name come back here by a later migration
+    assert not made.known("v1")
 
 
 async def test_a_commit_that_failed_before_it_began_runs_again_when_asked_again() -> None:

@@ -31,7 +31,7 @@ from devagent.daemon.migration.share import (
     pushes_early,
 )
 from devagent.daemon.vms.request import DiskRequest, VmRequest
-from devagent.errors import NotFound, PeerError, StateError, UsageError
+from devagent.errors import DevagentError, Forbidden, NotFound, PeerError, StateError, UsageError
 from devagent.vocab import Step, Strategy
 from migration_fakes import PUSH_LINK, FakeDiskAgent, FakeHost, FakeVm, make_job
 
@@ -265,34 +265,37 @@ async def test_a_push_still_starting_at_the_switchover_is_waited_for_then_stoppe
     assert host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]["disk0"]["present"]
 
 
-async def test_a_destination_that_starts_no_receivers_on_request_gets_no_push(
-    tmp_path: Path,
+@pytest.mark.parametrize(
+    "refusal",
+    [NotFound("host b: HTTP 404"),  # of the version before the route
+     Forbidden("host b: POST /v1/incoming/{name}/receivers needs an operator's certificate"),
+     PeerError("host b: receive-disk0 exited at start")],
+)  # fmt: skip
+async def test_a_destination_that_starts_no_receivers_gets_no_push(
+    tmp_path: Path, refusal: DevagentError
 ) -> None:
-    """One of the version before the receivers route (404): the push that would begin
-    beside RAM does not, and every chunk is fetched after the switchover."""
+    """The push that would begin beside RAM asks for its receivers; a destination that
+    starts none (one of the version before the route says 404, or 403 where TLS checks
+    routes) gets no push, and no rate is told to a push that never ran: every chunk is
+    fetched after the switchover, the migration goes on."""
     job, vm, host = make_job(tmp_path, Strategy.HYBRID)
     vm.vm.ram_for_s, vm.vm.ram_rate = 0.6, 1e6  # room for a push
-    host.destination.failures["POST /v1/incoming/v1/receivers"] = NotFound("host b: 404")
+    host.destination.failures["POST /v1/incoming/v1/receivers"] = refusal
     await job.run()
     assert job.phase is Phase.COMPLETED, job.report.error
     assert "POST /v1/incoming/v1/receivers" in host.destination.requests
     calls = vm.agents[0].calls
-    assert "/mirror" not in calls and "/mirror/stop" not in calls and "/fence" in calls
+    assert "/fence" in calls
+    assert not {"/mirror", "/mirror/rate", "/mirror/stop"} & set(calls)
     assert not host.destination.bodies["/v1/incoming/v1/commit"]["fetches"]["disk0"].get("present")
     assert job.report.devices[0].bytes_pushed == 0
+    assert Step.RECEIVERS_STARTED not in job.report.timeline
 
 
-@pytest.mark.parametrize("failing", ["its receivers' start", "its push's start"])
-async def test_a_push_that_fails_as_it_begins_beside_ram_rolls_back(
-    tmp_path: Path, failing: str
-) -> None:
+async def test_a_push_that_fails_as_it_begins_beside_ram_rolls_back(tmp_path: Path) -> None:
     job, vm, host = make_job(tmp_path, Strategy.HYBRID)
     vm.vm.ram_for_s, vm.vm.ram_rate = 0.6, 1e6
-    error = PeerError("injected as the push began")
-    if failing == "its receivers' start":
-        host.destination.failures["POST /v1/incoming/v1/receivers"] = error
-    else:
-        vm.agents[0].failures["/mirror"] = error
+    vm.agents[0].failures["/mirror"] = PeerError("injected as the push began")
     await job.run()
     assert job.phase is Phase.FAILED and "as the push began" in (job.report.error or "")
     rolled_back(vm, host)

@@ -109,9 +109,10 @@ async def test_a_push_that_waits_for_room_begins_once_ram_leaves_it_and_only_onc
     started: list[float] = []
     going = asyncio.Event()
 
-    async def begin() -> None:
+    async def begin() -> bool:
         started.append(linked.of("disk0"))
         await going.wait()
+        return True
 
     linked.start(begin)
     await linked.stop()  # its follower stopped: the test takes each look itself
@@ -144,6 +145,30 @@ async def test_a_push_that_waits_for_room_begins_once_ram_leaves_it_and_only_onc
         await tick(10e6)
     assert agent.rates[-1] == pytest.approx(LINK * (1 - share.HEADROOM) - 10e6)
     assert len(started) == 1
+
+
+async def test_a_push_that_could_not_begin_is_told_no_rate() -> None:
+    """Its start said False (the destination started no receivers for it): no push runs,
+    so none is told RAM's changes, and none begins again."""
+    now = [0.0]
+    agent = FakeDiskAgent("disk0")
+    job = Job(managed=Owner([agent]), disk_sizes={"disk0": 1 << 30})
+    linked = LinkShare(job, LINK, follows_ram=True, clock=lambda: now[0])  # type: ignore[arg-type]
+    begun: list[float] = []
+
+    async def begin() -> bool:
+        begun.append(now[0])
+        return False
+
+    linked.start(begin)
+    await linked.stop()  # the test takes each look itself
+    for rate in [10e6] * 6 + [60e6, 5e6] * 4:  # room, then a RAM rate that keeps moving
+        await linked.adjust()
+        await asyncio.sleep(0)
+        now[0] += share.EVERY_S
+        job.progress.ram_transferred += int(rate * share.EVERY_S)
+    assert len(begun) == 1 and not linked.pushing
+    assert agent.rates == []
 
 
 async def test_a_ram_count_standing_still_a_moment_is_no_room() -> None:

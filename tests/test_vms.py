@@ -620,17 +620,20 @@ class FakeReceiver:
 def _incoming_with_replica(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: Exception | None = None
 ) -> tuple[VmManager, ManagedVm, list[str], asyncio.Event]:
-    """An incoming VM whose disk0 is a replica this host made, without receivers (a fast
-    link's hybrid prepare); receivers asked for are fakes that start once ``go`` is set."""
+    """An incoming VM whose disk0 and disk1 are replicas this host made, without receivers
+    (a fast link's hybrid prepare); receivers asked for are fakes that start once ``go``
+    is set."""
     manager = VmManager("b", tmp_path, None, "127.0.0.1")
-    replica = tmp_path / "disks" / "v1-disk0.img"
-    replica.parent.mkdir()
-    replica.write_bytes(b"")
-    request = VmRequest(name="v1", disks=(DiskRequest(image="/img"),))
-    config = VmConfig(name="v1", disks=(DiskSpec(node="disk0", path=str(replica)),))
+    (tmp_path / "disks").mkdir()
+    replicas = {node: tmp_path / "disks" / f"v1-{node}.img" for node in ("disk0", "disk1")}
+    for replica in replicas.values():
+        replica.write_bytes(b"")
+    request = VmRequest(name="v1", disks=(DiskRequest(image="/img"),) * 2)
+    config = VmConfig(name="v1", disks=tuple(
+        DiskSpec(node=node, path=str(replica)) for node, replica in replicas.items()))  # fmt: skip
     folder = tmp_path / "vms" / "v1"
     folder.mkdir(parents=True)
-    managed = ManagedVm(request, config, folder, VmRole.INCOMING, {"disk0": replica})
+    managed = ManagedVm(request, config, folder, VmRole.INCOMING, replicas)
     manager.vms["v1"] = managed
     seen: list[str] = []
     go = asyncio.Event()
@@ -664,6 +667,23 @@ async def test_receivers_asked_for_as_a_push_begins_start_once_and_the_commit_wa
     await asyncio.gather(*managed.retiring)
     assert seen == ["made disk0", "start disk0", "serving disk0", "retired disk0", "stopped disk0"]
     assert "receiver_retired" in steps and managed.receivers == {}
+
+
+async def test_receivers_asked_for_while_others_start_are_refused_until_asked_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manager, managed, seen, go = _incoming_with_replica(tmp_path, monkeypatch)
+    first = asyncio.ensure_future(incoming.add_receivers(manager, managed, ["disk0"]))
+    await asyncio.sleep(0.02)
+    both = asyncio.ensure_future(incoming.add_receivers(manager, managed, ["disk0", "disk1"]))
+    await asyncio.sleep(0.02)
+    go.set()
+    await first
+    with pytest.raises(StateError, match="none of disk1 yet: ask again"):
+        await both
+    await incoming.add_receivers(manager, managed, ["disk0", "disk1"])
+    assert sorted(managed.receivers) == ["disk0", "disk1"]
+    assert seen.count("made disk0") == 1 and seen.count("made disk1") == 1
 
 
 async def test_receivers_are_asked_for_replicas_of_an_incoming_vm_only(

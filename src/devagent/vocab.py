@@ -142,8 +142,10 @@ class Step(StrEnum):
     """A migration's steps as its report's ``timeline`` names them (seconds from the migrate
     command), in the order they happen (but ``destination_ready``, which comes before
     ``mirror_started`` for ``hybrid``, after it for ``precopy``, whose mirror starts while
-    the destination's QEMU starts); the plot draws its phases from them. The
-    destination's own steps come back prefixed ``destination_``."""
+    the destination's QEMU starts; and on a fast link ``hybrid``'s ``receivers_started``
+    and ``mirror_started``, which come after ``ram_started``: its push begins once RAM
+    leaves it room, if ever); the plot draws its phases from them. The destination's own
+    steps come back prefixed ``destination_``."""
 
     #: hybrid on a fast link: the receivers its push asked for as it began (once RAM left
     #: it room) serve on the destination

@@ -253,9 +253,10 @@ class Commits:
         return await asyncio.shield(done)
 
     def known(self, name: str) -> bool:
-        """A commit of VM ``name`` was asked (it may have failed early: asked again, it
-        runs again)."""
-        return name in self._commits
+        """A commit of VM ``name``, the one here now, was asked (it may have failed early:
+        asked again, it runs again); not one of an earlier VM of that name."""
+        known = self._commits.get(name)
+        return known is not None and known[0] is self.host.vms.vms.get(name)
 
     async def abort(self, name: str) -> None:
         """The source rolled back: remove the incoming VM, unless its commit is under way

@@ -39,7 +39,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import msgspec
 
@@ -55,6 +55,8 @@ from devagent.daemon.migration.messages import (
     IncomingDisk,
     IncomingRequest,
     NbdAddress,
+    ReceiversAnswer,
+    ReceiversRequest,
     RemoteDisk,
 )
 from devagent.daemon.migration.share import copy_batch, disk_link_rate, pushes_early
@@ -96,6 +98,17 @@ class Prepared:
     #: were up, its QEMU still starting (an ``early`` prepare; ``uri`` empty): waits until
     #: that QEMU listens for RAM, and says where RAM goes.
     until_listening: Callable[[], Awaitable[str]] | None = None
+    #: Set where the prepare made no receivers (a push that may begin once RAM moves):
+    #: asks the destination for them; where each disk's push goes, or None if it starts
+    #: none (no push then).
+    receivers_later: Callable[[], Awaitable[dict[str, RemoteDisk] | None]] | None = None
+
+    async def targets(self) -> dict[str, RemoteDisk] | None:
+        """Where each disk's push goes: its receiver, started at the prepare or now (None:
+        the destination started none, see :attr:`receivers_later`)."""
+        if self.receivers_later is None:
+            return self.push_targets
+        return await self.receivers_later()
 
     async def listening(self) -> str:
         """Until the destination's QEMU listens for RAM (a start that failed there raised):
@@ -187,6 +200,29 @@ def _listening(job: JobView) -> Callable[[], Awaitable[str]]:
     return until_listening
 
 
+def _receivers_later(job: JobView) -> Callable[[], Awaitable[dict[str, RemoteDisk] | None]]:
+    """The ask for receivers once a push begins beside RAM (``POST
+    /v1/incoming/NAME/receivers``). A destination that answers with an error (one of the
+    version before the route: 404, or 403 where TLS checks the route) gets no push: it is
+    never needed, every chunk is fetched after the switchover instead."""
+
+    async def ask() -> dict[str, RemoteDisk] | None:
+        try:
+            raw = await job.peer.post(
+                f"/v1/incoming/{job.managed.name}/receivers",
+                to_json(ReceiversRequest(nodes=list(job.disk_sizes))),
+            )
+            answer = from_peer(raw, ReceiversAnswer, what="the destination's receivers")
+        except DevagentError as err:
+            job.log.warning("VM %s: no push beside RAM, %s started no receivers for it: %s",
+                            job.managed.name, job.report.destination, err)  # fmt: skip
+            return None
+        job.mark(Step.RECEIVERS_STARTED)
+        return answer.disk_targets
+
+    return ask
+
+
 def require_one_disk(job: JobView, strategy: Strategy) -> None:
     """Refuse a VM of several disks (:class:`UsageError`): a migration moves one disk."""
     disks = len(job.managed.images)
@@ -265,9 +301,11 @@ class AgentPlan(Plan):
             older = msgspec.structs.replace(incoming, early=False)
             raw = await job.peer.post("/v1/incoming", to_json(older))
         answer = from_peer(raw, IncomingAnswer, what="the destination's answer")
+        later = self.strategy is Strategy.HYBRID and not any(d.receive for d in incoming.disks)
         return Prepared(
             uri=answer.uri, push_targets=answer.disk_targets, nic_peers=answer.nic_peers,
             until_listening=None if answer.listening else _listening(job),
+            receivers_later=_receivers_later(job) if later else None,
         )  # fmt: skip
 
     @staticmethod
@@ -524,7 +562,7 @@ def _zeroes(fenced: FenceAnswer | None, chunk_size: int) -> str:
     return fenced.zeroes if fenced is not None and fenced.chunk_size == chunk_size else ""
 
 
-def raise_failure(task: asyncio.Task[None] | None) -> None:
+def raise_failure(task: asyncio.Task[Any] | None) -> None:
     """``task``'s failure raised, if it ended with one."""
     if task is not None and task.done() and not task.cancelled():
         error = task.exception()

@@ -18,7 +18,7 @@ from devagent.agent.defaults import COPY_WORKERS, FETCH_CHUNK, MIRROR_CHUNK
 from devagent.agent.messages import MirrorRequest, MirrorStarted, MirrorStatus
 from devagent.agent.presence import clean_chunks, every_chunk
 from devagent.daemon.migration.context import DiskAgentLink, DiskJob, JobView
-from devagent.daemon.migration.messages import ReceiversAnswer, ReceiversRequest, RemoteDisk
+from devagent.daemon.migration.messages import RemoteDisk
 from devagent.daemon.migration.plans import (
     DISK_WAIT_S,
     POLL_S,
@@ -35,10 +35,9 @@ from devagent.daemon.migration.share import (
     disk_link_rate,
     pushes_early,
 )
-from devagent.errors import NotFound, PeerError
+from devagent.errors import PeerError
 from devagent.vocab import Step, Strategy
 from devagent.wait import wait_until
-from devagent.wire import from_peer, to_json
 
 PRECOPY_CONVERGE_BYTES = 1 << 20  # what pre-copy leaves for the switchover
 #: Passes a pre-copy mirror makes before it goes write-through anyway (a guest that dirties
@@ -109,9 +108,6 @@ class HybridPlan(FetchingPlan):
 
     strategy = Strategy.HYBRID
     share: LinkShare | None = None
-    #: The push's receivers could not be asked for as it began (a destination of the
-    #: version before them): no push, every chunk fetched after the switchover.
-    declined = False
 
     def receives(self, job: JobView) -> bool:
         return not receives_later(job)
@@ -146,25 +142,14 @@ class HybridPlan(FetchingPlan):
             share.start(begin=(lambda: self._begin(job, prepared, share)) if waits else None)
         await super().before_ram(job, prepared)
 
-    async def _begin(self, job: DiskJob, prepared: Prepared, share: LinkShare) -> None:
-        """The push that waited for RAM to leave it room, started: its receivers first,
-        where the prepare made none (:func:`receives_later`)."""
-        targets = prepared.push_targets
-        if receives_later(job):
-            try:
-                raw = await job.peer.post(
-                    f"/v1/incoming/{job.managed.name}/receivers",
-                    to_json(ReceiversRequest(nodes=list(job.disk_sizes))),
-                )
-            except NotFound as err:  # (or the VM is gone there: its commit will say so)
-                job.log.info("no push beside RAM: %s knows no receivers on request (%s)",
-                             job.report.destination, err)  # fmt: skip
-                self.declined = True
-                return
-            answer = from_peer(raw, ReceiversAnswer, what="the destination's receivers")
-            targets = answer.disk_targets
-            job.mark(Step.RECEIVERS_STARTED)
+    async def _begin(self, job: DiskJob, prepared: Prepared, share: LinkShare) -> bool:
+        """The push that waited for RAM to leave it room, started (its receivers asked for
+        first, where the prepare made none); False if the destination started none."""
+        targets = await prepared.targets()
+        if targets is None:
+            return False
         await self._push(job, targets, share)
+        return True
 
     async def _push(
         self, job: DiskJob, targets: dict[str, RemoteDisk], share: LinkShare | None
@@ -204,8 +189,8 @@ class HybridPlan(FetchingPlan):
                 raise PeerError(f"the push of VM {job.managed.name}'s disks was cancelled")
             raise_failure(begun)
         await super().at_switchover(job)
-        if self.share is not None and (self.declined or not self.share.pushing):  # RAM left
-            pushed_bytes(job, dict.fromkeys(job.disk_sizes, 0))  # it no room, say
+        if self.share is not None and not self.share.pushing:  # RAM left it no room
+            pushed_bytes(job, dict.fromkeys(job.disk_sizes, 0))
             return Handover()  # every chunk fetched
         stopped = await each_disk(job, lambda agent: agent.stop_mirror())
         job.mark(Step.MIRROR_ENDED)
@@ -226,7 +211,7 @@ def pushed_bytes(job: DiskJob, pushed: dict[str, int]) -> None:
     job.progress.disk_bytes_pushed = sum(pushed.values())
 
 
-def receives_later(job: JobView) -> bool:
+def receives_later(job: DiskJob) -> bool:
     """Whether a hybrid push asks for its receivers only as it begins: one that waits for
     RAM to leave it room (a link faster than :data:`.share.EARLY_PUSH_MAX_BPS`, its RAM
     followed), which most never do. A receiver started with the destination's QEMU is one

@@ -126,9 +126,10 @@ class LinkShare:
         self.parts = {node: size / total for node, size in job.disk_sizes.items()}
         self.rate = self._first_rate()
         self._task: asyncio.Task[None] | None = None
-        self._begin: Callable[[], Coroutine[Any, Any, None]] | None = None
-        #: The start of a push that waited for room (:meth:`start`), once begun.
-        self.begun: asyncio.Task[None] | None = None
+        self._begin: Callable[[], Coroutine[Any, Any, bool]] | None = None
+        #: The start of a push that waited for room (:meth:`start`), once begun: True once
+        #: the push runs, False if it could not begin (no receivers for it).
+        self.begun: asyncio.Task[bool] | None = None
         self._roomy = 0  # looks in a row that saw room for it
 
     def _first_rate(self) -> float:
@@ -150,14 +151,15 @@ class LinkShare:
             return True
         begun = self.begun
         return begun is not None and begun.done() and not begun.cancelled() and (
-            begun.exception() is None
+            begun.exception() is None and begun.result()
         )  # fmt: skip
 
-    def start(self, begin: Callable[[], Coroutine[Any, Any, None]] | None = None) -> None:
+    def start(self, begin: Callable[[], Coroutine[Any, Any, bool]] | None = None) -> None:
         """Follow RAM's rate (a job that follows it). With ``begin`` the push has not
-        started: ``begin`` starts it, once, when RAM leaves it :data:`BEGIN_SHARE` of the
-        link :data:`BEGIN_LOOKS` looks in a row (:attr:`begun`), and never if RAM fills
-        the link until :meth:`stop`."""
+        started: ``begin`` starts it (True; False: it could not), once, when RAM leaves it
+        :data:`BEGIN_SHARE` of the link :data:`BEGIN_LOOKS` looks in a row (:attr:`begun`),
+        and never if RAM fills the link until :meth:`stop`. A push that could not begin is
+        told no rate."""
         self._begin = begin
         if self.follows_ram:
             self._task = asyncio.get_running_loop().create_task(self._follow())

@@ -147,6 +147,12 @@ async def add_receivers(manager: VmManager, managed: ManagedVm, nodes: list[str]
         wanted = [node for node in nodes if node not in managed.receivers]
         managed.receiving = asyncio.ensure_future(_start_receivers(manager, managed, wanted))
     await asyncio.shield(managed.receiving)
+    missing = [node for node in nodes if node not in managed.receivers]
+    if missing:  # (a start of others was under way: this one waited for it)
+        raise StateError(
+            f"VM {managed.name}: receivers of other disks were starting; none of "
+            f"{', '.join(missing)} yet: ask again"
+        )
 
 
 async def _start_receivers(manager: VmManager, managed: ManagedVm, nodes: list[str]) -> None:
