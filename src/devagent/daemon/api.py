@@ -45,6 +45,8 @@ The table below is every route :func:`build_app` registers, no more, no less
                                               "early": once a push's receivers serve and
                                               the NICs are up → "listening": false, no uri
     POST   /v1/incoming/{name}/listening      (peer) once its QEMU listens → {"uri"}
+    POST   /v1/incoming/{name}/receivers      (peer) {"nodes"}: receivers for a push that
+                                              begins beside RAM → {"disk_targets"}
     POST   /v1/incoming/{name}/commit         (peer) the VM arrived: keep it
     DELETE /v1/incoming/{name}                (peer) roll back: remove it
     POST   /v1/baselines/incoming             (peer) the same for a QEMU-only strategy
