@@ -135,13 +135,12 @@ async def add_receivers(manager: VmManager, managed: ManagedVm, nodes: list[str]
     whose prepare made none: most such pushes never begin). Each of ``nodes``, a disk whose
     replica this host made, gets one unless it has one; asked again while they start, the
     same start is waited for. A commit waits for a start under way before it retires them
-    (:func:`await_receivers`), and so does a removal."""
+    (:meth:`ManagedVm.receivers_started`), and so does a removal."""
     if managed.role is not VmRole.INCOMING:
         raise StateError(f"VM {managed.name} is not an incoming VM: no push lands here now")
-    made_here = manager.root / "disks"
     for node in nodes:
         image = managed.images.get(node)
-        if image is None or not image.is_relative_to(made_here):
+        if image is None or not manager.made_here(image):
             raise UsageError(f"VM {managed.name} has no replica of {node!r} here to push to")
     if managed.receiving is None or managed.receiving.done():
         wanted = [node for node in nodes if node not in managed.receivers]
@@ -166,13 +165,6 @@ async def _start_receivers(manager: VmManager, managed: ManagedVm, nodes: list[s
             managed.receivers.pop(node, None)
         raise
     managed.save()
-
-
-async def await_receivers(managed: ManagedVm) -> None:
-    """Until receivers asked for once RAM moved have started (or failed to): their
-    processes known, a commit retires them and a removal stops them."""
-    if managed.receiving is not None:
-        await asyncio.wait([managed.receiving])
 
 
 def _receiver(manager: VmManager, managed: ManagedVm, image: Path, node: str) -> AgentProcess:
@@ -353,7 +345,7 @@ async def _ready_disks(vm: ManagedVm, fetches: dict[str, FetchSpec]) -> dict[str
     replica, all while QEMU may still be loading the guest (the agent holds any request
     QEMU makes meanwhile across its swap, as always). Returns when each step ended."""
     steps: dict[str, float] = {}
-    await await_receivers(vm)  # (a push begun beside RAM: its receivers, still starting)
+    await vm.receivers_started()  # (a push begun beside RAM: its receivers, still starting)
     if retired := await all_of(*(_retire_receiver(vm, n) for n in list(vm.receivers))):
         steps[DestinationStep.RECEIVER_RETIRED] = max(retired)
     if fetches:

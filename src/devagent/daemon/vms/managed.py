@@ -177,6 +177,12 @@ class ManagedVm:
         self.log.info("VM %s: %s -> %s (%s)", self.name, self._role, new, event)
         self._role = new
 
+    async def receivers_started(self) -> None:
+        """Until receivers asked for once RAM moved have started (or failed to): their
+        processes known, a commit retires them and a removal stops them."""
+        if self.receiving is not None:
+            await asyncio.wait([self.receiving])
+
     def commit_began(self) -> None:
         """The migration's point of no return, made durable before the guest runs here: a
         daemon that restarts from now on runs the guest here rather than discarding it (the

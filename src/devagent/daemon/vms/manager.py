@@ -345,8 +345,7 @@ class VmManager:
         managed = self.vms.pop(name, None)
         if managed is None:
             raise NotFound(f"no VM {name!r} on host {self.host_name}")
-        if managed.receiving is not None:  # receivers starting: their processes known first
-            await asyncio.wait([managed.receiving])
+        await managed.receivers_started()  # (their processes known, to stop them below)
         await managed.vm.stop()
         for fetching in managed.fetching.values():
             fetching.cancel()
@@ -366,6 +365,10 @@ class VmManager:
             shutil.rmtree(managed.run_dir, ignore_errors=True)
         log.info("VM %s removed from host %s", name, self.host_name)
 
+    def made_here(self, image: Path) -> bool:
+        """A disk devagent made on this host (in its disks folder), never a user's image."""
+        return image.is_relative_to(self.root / "disks")
+
     async def _remove_disks(self, managed: ManagedVm, delete_disk: bool) -> None:
         """The disks of a VM being removed: an incoming VM's new replicas, and with
         ``delete_disk`` every disk devagent made (the user's own image itself never: a
@@ -373,7 +376,7 @@ class VmManager:
         peer hosts are removed there."""
         request = managed.request
         for node, image in managed.images.items():
-            made_here = image.is_relative_to(self.root / "disks")
+            made_here = self.made_here(image)
             disk = request.disk(node)
             users = disk.lives_on is not None or disk.image == str(image)
             if (managed.role is VmRole.INCOMING and made_here) or (delete_disk and not users):
@@ -391,7 +394,7 @@ class VmManager:
             for index in range(MAX_NICS):
                 await asyncio.to_thread(delete_tap, tap_name(folder.name, nic_node(index)))
         for image in images:
-            if image.is_relative_to(self.root / "disks"):
+            if self.made_here(image):
                 _delete(image)
         shutil.rmtree(folder, ignore_errors=True)
 
