@@ -101,8 +101,10 @@ def test_a_user_session_through_the_cli(cli_lab: str, guest: GuestImage, state_d
         "--append", "console=ttyS0 quiet",
     )  # fmt: skip
     # One terminal starts the migration, another follows it with --watch: the same report.
+    # It names the link's rate itself, over the lab's 100 Mbit/s.
+    rate = ["--link-rate", "1gbit"]
     started_migration = subprocess.Popen(
-        [DEVAGENT, "migrate", "u1", "--to", "b", "--storage", "hybrid", "--json"],
+        [DEVAGENT, "migrate", "u1", "--to", "b", "--storage", "hybrid", *rate, "--json"],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -120,6 +122,7 @@ def test_a_user_session_through_the_cli(cli_lab: str, guest: GuestImage, state_d
     assert watched is not None, "the migration ended before --watch found it"
     assert watched["time_to_switchover_s"] == user_report["time_to_switchover_s"]
     assert user_report["status"] == "completed"
+    assert user_report["link_rate_bps"] == 1_000_000_000
     assert user_report["downtime_ms"] is not None
     # Its agents' journals still give the I/O gap (long: that guest is idle) ...
     assert user_report["max_io_gap_ms"] is not None
@@ -148,6 +151,14 @@ def test_a_user_session_through_the_cli(cli_lab: str, guest: GuestImage, state_d
     stopped = cli_json("vm", "stop", "v1")
     assert stopped["host"] == "b"
     assert [v["name"] for v in cli_json("vm", "list")] == ["u1"]
+
+
+def test_a_bad_link_rate_is_refused_before_anything_runs() -> None:
+    bad = cli("migrate", "v1", "--to", "b", "--link-rate", "fast", check=False)
+    assert bad.returncode == 2
+    assert "bad link rate 'fast'" in bad.stderr and "Traceback" not in bad.stderr
+    watching = cli("migrate", "v1", "--watch", "--link-rate", "1gbit", check=False)
+    assert watching.returncode == 2 and "not one to --watch" in watching.stderr
 
 
 @pytest.mark.lab

@@ -9,6 +9,7 @@ import click
 
 from devagent.api_types import Migrations
 from devagent.cli.common import (
+    click_errors,
     endpoint_for,
     err,
     json_option,
@@ -25,7 +26,7 @@ from devagent.client import DaemonClient
 from devagent.errors import NotFound
 from devagent.orchestrate import follow_migration, locate_source, migrate
 from devagent.report import MigrationReport
-from devagent.vocab import STRATEGIES
+from devagent.vocab import STRATEGIES, parse_rate
 
 
 @click.command("migrate")
@@ -48,6 +49,14 @@ from devagent.vocab import STRATEGIES
     "guest's vCPUs are being throttled (devagent's own VMs; libvirt runs a domain's RAM).",
 )
 @click.option(
+    "--link-rate",
+    metavar="RATE",
+    help="The link's rate between the two hosts, e.g. 1gbit, 100mbit: QEMU's RAM may take "
+    "that much, and hybrid's push shares it with RAM (on a fast link it waits for room beside "
+    "RAM, on a slow one it starts at once). Default: the lab's shaped rate. Unknown (outside "
+    "a lab, or unshaped): RAM is not limited and hybrid's push starts before RAM, unpaced.",
+)
+@click.option(
     "--watch",
     is_flag=True,
     help="Do not start a migration: follow the one VM NAME is in now, to its report.",
@@ -65,6 +74,7 @@ def migrate_cmd(
     to_host: str | None,
     storage: str,
     downtime_limit: int | None,
+    link_rate: str | None,
     watch: bool,
     plot_file: Path | None,
     as_json: bool,
@@ -77,6 +87,10 @@ def migrate_cmd(
     With --watch, follow a migration of NAME that is already running instead."""
     if watch == (to_host is not None):
         raise click.UsageError("give --to HOST to migrate, or --watch to follow a migration")
+    if watch and link_rate is not None:
+        raise click.UsageError("--link-rate is for a migration to start, not one to --watch")
+    with click_errors():
+        rate = parse_rate(link_rate) if link_rate is not None else lab_link_rate(lab_name)
 
     async def go() -> MigrationReport:
         if watch:
@@ -92,7 +106,7 @@ def migrate_cmd(
                 destination,
                 name,
                 storage=storage,
-                link_rate_bps=lab_link_rate(lab_name),
+                link_rate_bps=rate,
                 downtime_limit_ms=downtime_limit,
                 progress=progress,
             )
