@@ -51,10 +51,9 @@ from devagent.vocab import STRATEGIES, parse_rate
 @click.option(
     "--link-rate",
     metavar="RATE",
-    help="The link's rate between the two hosts, e.g. 1gbit, 100mbit: QEMU's RAM may take "
-    "that much, and hybrid's push shares it with RAM (on a fast link it waits for room beside "
-    "RAM, on a slow one it starts at once). Default: the lab's shaped rate. Unknown (outside "
-    "a lab, or unshaped): RAM is not limited and hybrid's push starts before RAM, unpaced.",
+    help="The link's rate between the two hosts, e.g. 1gbit, 100mbit: RAM and hybrid's push "
+    "are paced to share it (README: how a migration runs). Default: the lab's shaped rate; "
+    "on an unshaped lab there is none, and neither is paced.",
 )
 @click.option(
     "--watch",
