@@ -88,8 +88,8 @@ def migrate_cmd(
         raise click.UsageError("give --to HOST to migrate, or --watch to follow a migration")
     if watch and link_rate is not None:
         raise click.UsageError("--link-rate is for a migration to start, not one to --watch")
-    with click_errors():
-        rate = parse_rate(link_rate) if link_rate is not None else lab_link_rate(lab_name)
+    with click_errors():  # a bad rate is refused before anything runs
+        told = parse_rate(link_rate) if link_rate is not None else None
 
     async def go() -> MigrationReport:
         if watch:
@@ -105,7 +105,7 @@ def migrate_cmd(
                 destination,
                 name,
                 storage=storage,
-                link_rate_bps=rate,
+                link_rate_bps=told if told is not None else lab_link_rate(lab_name),
                 downtime_limit_ms=downtime_limit,
                 progress=progress,
             )
